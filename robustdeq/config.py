@@ -1,0 +1,201 @@
+"""Typed configuration: frozen dataclasses and enums.
+
+Every config class accepts a mapping through :func:`from_dict`, which rejects unknown keys and
+coerces enum values from strings, so a typo such as ``stop_mode`` vs ``f_stop_mode`` is an error
+rather than silently ignored (a trap of other DEQ libraries).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Type, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+class StopMode(str, enum.Enum):
+    """How the residual ``||f(z) - z||`` is compared to the tolerance."""
+
+    ABS = "abs"
+    REL = "rel"
+
+
+class Select(str, enum.Enum):
+    """Which iterate a solve returns: the lowest-residual one, or the last one evaluated."""
+
+    BEST = "best"
+    LAST = "last"
+
+
+class SolverName(str, enum.Enum):
+    FIXED_POINT = "fixed_point"
+    ANDERSON = "anderson"
+    BROYDEN = "broyden"
+
+
+class Norm(str, enum.Enum):
+    """Threat model norm."""
+
+    LINF = "Linf"
+    L2 = "L2"
+
+
+def coerce_enum(enum_cls: Type[enum.Enum], value: Any, name: str) -> enum.Enum:
+    """Return ``enum_cls(value)`` or raise a :class:`ConfigError` listing the allowed values."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum_cls)
+        raise ConfigError(f"unknown {name} {value!r}; expected one of {allowed}") from None
+
+
+def _check_type(cls_name: str, fname: str, ftype: Any, value: Any) -> Any:
+    origin = typing.get_origin(ftype)
+    if isinstance(ftype, type) and issubclass(ftype, enum.Enum):
+        return coerce_enum(ftype, value, f"{cls_name}.{fname}")
+    if ftype is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if ftype is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if ftype is bool and isinstance(value, bool):
+        return value
+    if ftype is str and isinstance(value, str):
+        return value
+    if ftype in (int, float, bool, str):
+        raise ConfigError(
+            f"{cls_name}.{fname} must be {ftype.__name__}, got {type(value).__name__} {value!r}")
+    if origin is typing.Union:  # Optional[...] and unions: accept None or any member
+        args = typing.get_args(ftype)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(cls_name, fname, a, value)
+            except ConfigError as e:  # try the next member
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin in (tuple, list) and isinstance(value, (tuple, list)):
+        return tuple(value) if origin is tuple else list(value)
+    return value
+
+
+def from_dict(cls: Type[T], data: Mapping[str, Any] | T | None) -> T:
+    """Build the dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        return cls()
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; "
+            f"known options: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _check_type(cls.__name__, k, hints[k], v) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    """A JSON-friendly dict of a config dataclass (enums become their values)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, enum.Enum):
+            v = v.value
+        elif dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Settings of a fixed-point solve (forward or adjoint).
+
+    Defaults follow shared/ALGORITHMS.md: Anderson, memory 5, lambda 1e-4, relative tolerance 1e-3,
+    30 iterations, return the lowest-residual iterate.
+    """
+
+    name: SolverName = SolverName.ANDERSON
+    max_iter: int = 30
+    tol: float = 1e-3
+    stop_mode: StopMode = StopMode.REL
+    select: Select = Select.BEST
+    damping: float = 1.0        # fixed-point iteration: z <- (1 - tau) z + tau f(z)
+    m: int = 5                   # Anderson memory
+    lam: float = 1e-4            # Anderson regularisation
+    beta: float = 1.0            # Anderson mixing
+    memory: int = 0              # Broyden low-rank memory (0: max_iter)
+    eps: float = 1e-9            # denominator guard of the relative residual
+    divergence_factor: float = 1e6  # residual > factor * initial residual counts as divergence
+
+    def __post_init__(self):
+        for name, enum_cls in (("name", SolverName), ("stop_mode", StopMode), ("select", Select)):
+            object.__setattr__(self, name, coerce_enum(enum_cls, getattr(self, name),
+                                                       f"SolverConfig.{name}"))
+        if self.max_iter < 1:
+            raise ConfigError(f"SolverConfig.max_iter must be >= 1, got {self.max_iter}")
+        if not self.tol >= 0:
+            raise ConfigError(f"SolverConfig.tol must be >= 0, got {self.tol}")
+        if not 0 < self.damping <= 1:
+            raise ConfigError(f"SolverConfig.damping must be in (0, 1], got {self.damping}")
+        if self.m < 1:
+            raise ConfigError(f"SolverConfig.m must be >= 1, got {self.m}")
+        if self.lam < 0:
+            raise ConfigError(f"SolverConfig.lam must be >= 0, got {self.lam}")
+        if not 0 < self.beta <= 1:
+            raise ConfigError(f"SolverConfig.beta must be in (0, 1], got {self.beta}")
+        if self.memory < 0:
+            raise ConfigError(f"SolverConfig.memory must be >= 0, got {self.memory}")
+
+    def replace(self, **changes) -> "SolverConfig":
+        return from_dict(SolverConfig, {**to_dict(self), **changes})
+
+
+BACKWARD_DEFAULT = SolverConfig(max_iter=30, tol=1e-6)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of the trainer."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    grad_clip: float = 0.0
+    jac_reg: float = 0.0         # weight of the Hutchinson Jacobian penalty (0: off)
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise ConfigError(f"TrainConfig.epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.optimizer not in ("adam", "sgd", "adamw"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; expected 'adam', 'adamw' or 'sgd'")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; expected 'cosine' or 'constant'")
+
+
+__all__ = [
+    "StopMode", "Select", "SolverName", "Norm", "SolverConfig", "TrainConfig", "BACKWARD_DEFAULT",
+    "from_dict", "to_dict", "coerce_enum", "field",
+]

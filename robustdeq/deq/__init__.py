@@ -1,0 +1,1 @@
+"""The shared DEQ backbone: solvers, gradient estimators, cells, models and the model zoo."""

@@ -1,0 +1,241 @@
+"""Cells ``f(z, u)``, injections ``x -> u`` and heads ``z -> logits``.
+
+Every cell has ``forward(z, u) -> z_next`` (same shape as ``z``), ``init_state(u) -> z0``
+(zeros), and ``maskable()``: the names of its weight tensors that per-depth sparse masks of
+weight-tied models may act on.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations
+
+from ..errors import ConfigError
+
+_NORMS = ("none", "weight", "spectral")
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` inside the model (inputs stay in [0, 1])."""
+
+    def __init__(self, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return (x - self.mean.flatten()[0].to(x.dtype)) / self.std.flatten()[0].to(x.dtype)
+
+
+def _apply_norm(layer: nn.Module, norm: str, name: str = "weight") -> nn.Module:
+    if norm not in _NORMS:
+        raise ConfigError(f"unknown weight normalisation {norm!r}; expected one of {', '.join(_NORMS)}")
+    if norm == "weight":
+        return parametrizations.weight_norm(layer, name=name)
+    if norm == "spectral":
+        return parametrizations.spectral_norm(layer, name=name)
+    return layer
+
+
+class ScaledLinear(nn.Module):
+    """``y = scale * W x`` with an optional spectral normalisation of W (so ``||scale W||_2 <= scale``)."""
+
+    def __init__(self, dim: int, norm: str = "none", scale: float = 1.0, init_gain: float = 0.5):
+        super().__init__()
+        lin = nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():  # start at spectral norm init_gain: a contraction
+            lin.weight.mul_(init_gain / torch.linalg.matrix_norm(lin.weight, ord=2))
+        self.linear = _apply_norm(lin, norm)
+        self.norm = norm
+        self.scale = float(scale)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.scale * self.linear.weight
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(z, self.weight)
+
+
+class MLPCell(nn.Module):
+    """``f(z, u) = act(W z + u)``, act in {tanh, relu}; ``Lip_z(f) <= ||W||_2`` (act is 1-Lipschitz).
+
+    ``norm="spectral"`` with ``scale < 1`` makes the cell a contraction by construction (the
+    Lipschitz-constrained model of the certification table).
+    """
+
+    def __init__(self, hidden: int, act: str = "tanh", norm: str = "none", scale: float = 1.0,
+                 init_gain: float = 0.5):
+        super().__init__()
+        if act not in ("tanh", "relu"):
+            raise ConfigError(f"unknown activation {act!r}; expected 'tanh' or 'relu'")
+        self.hidden, self.act = hidden, act
+        self.W = ScaledLinear(hidden, norm=norm, scale=scale, init_gain=init_gain)
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        pre = self.W(z) + u
+        return torch.tanh(pre) if self.act == "tanh" else F.relu(pre)
+
+    def init_state(self, u: Tensor) -> Tensor:
+        return torch.zeros(u.shape[0], self.hidden, dtype=u.dtype, device=u.device)
+
+    def maskable(self) -> List[str]:
+        return [n for n, p in self.named_parameters() if p.dim() >= 2]
+
+    def weight_matrix(self) -> Tensor:
+        """The effective W (for certificates)."""
+        return self.W.weight
+
+
+class MLPInjection(nn.Module):
+    """``u = U normalize(flatten(x)) + b``."""
+
+    def __init__(self, in_features: int, hidden: int, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.normalize = Normalize((mean,), (std,))
+        self.linear = nn.Linear(in_features, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.normalize(x).flatten(1))
+
+
+class LinearHead(nn.Module):
+    def __init__(self, hidden: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, num_classes)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.linear(z.flatten(1))
+
+
+class ConvCell(nn.Module):
+    """MDEQ-style residual block with GroupNorm::
+
+        h = relu(GN1(conv1(z)));  h = GN2(conv2(h) + u);  f(z, u) = GN3(relu(z + h))
+
+    ``norm``: optional weight or spectral normalisation of both convolutions.
+    """
+
+    def __init__(self, channels: int, groups: int = 4, kernel: int = 3, norm: str = "none",
+                 init_gain: float = 0.5):
+        super().__init__()
+        if channels % groups:
+            raise ConfigError(f"channels ({channels}) must be divisible by groups ({groups})")
+        pad = kernel // 2
+        c1 = nn.Conv2d(channels, channels, kernel, padding=pad, bias=False)
+        c2 = nn.Conv2d(channels, channels, kernel, padding=pad, bias=False)
+        with torch.no_grad():
+            c1.weight.mul_(init_gain)
+            c2.weight.mul_(init_gain)
+        self.conv1, self.conv2 = _apply_norm(c1, norm), _apply_norm(c2, norm)
+        self.gn1 = nn.GroupNorm(groups, channels, affine=True)
+        self.gn2 = nn.GroupNorm(groups, channels, affine=True)
+        self.gn3 = nn.GroupNorm(groups, channels, affine=True)
+        self.channels = channels
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        h = F.relu(self.gn1(self.conv1(z)))
+        h = self.gn2(self.conv2(h) + u)
+        return self.gn3(F.relu(z + h))
+
+    def init_state(self, u: Tensor) -> Tensor:
+        return torch.zeros_like(u)
+
+    def maskable(self) -> List[str]:
+        return [n for n, p in self.named_parameters() if p.dim() == 4]
+
+
+class ConvInjection(nn.Module):
+    def __init__(self, in_channels: int, channels: int, mean: Sequence[float] = (0.0,),
+                 std: Sequence[float] = (1.0,)):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.normalize(x))
+
+
+class ConvHead(nn.Module):
+    """Average-pool to ``pool x pool``, flatten, linear."""
+
+    def __init__(self, channels: int, num_classes: int, pool: int = 2):
+        super().__init__()
+        self.pool = pool
+        self.linear = nn.Linear(channels * pool * pool, num_classes)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.linear(F.adaptive_avg_pool2d(z, self.pool).flatten(1))
+
+
+class MonotoneCell(nn.Module):
+    """Monotone operator DEQ cell (Winston & Kolter 2020), fully connected.
+
+    The equilibrium is ``z = relu(W z + u)`` with ``W = (1 - m) I - A^T A + B - B^T`` so that
+    ``I - W >= m I``: the fixed point exists and is unique for every ``u``. The cell's map is the
+    forward-backward splitting step (same fixed points)::
+
+        f(z, u) = relu((1 - a) z + a (W z + u)),   a = m / ||I - W||_2^2
+
+    which is a contraction with rate ``sqrt(1 - 2 a m + a^2 ||I - W||^2) < 1``: any solver converges
+    from any start. Call :meth:`prepare` after the weights change (``DEQClassifier.run`` does).
+    """
+
+    def __init__(self, hidden: int, m: float = 1.0, alpha: Optional[float] = None):
+        super().__init__()
+        if m <= 0:
+            raise ConfigError(f"MonotoneCell.m must be > 0, got {m}")
+        self.hidden, self.m = hidden, float(m)
+        self.A = nn.Parameter(torch.randn(hidden, hidden) / math.sqrt(hidden) * 0.5)
+        self.B = nn.Parameter(torch.randn(hidden, hidden) / math.sqrt(hidden) * 0.5)
+        self.fixed_alpha = alpha
+        self._alpha: Optional[float] = alpha
+
+    def W(self) -> Tensor:
+        eye = torch.eye(self.hidden, dtype=self.A.dtype, device=self.A.device)
+        return (1 - self.m) * eye - self.A.t() @ self.A + self.B - self.B.t()
+
+    def operator_norm(self) -> float:
+        """``||I - W||_2`` (exact, by SVD)."""
+        with torch.no_grad():
+            eye = torch.eye(self.hidden, dtype=self.A.dtype, device=self.A.device)
+            return float(torch.linalg.matrix_norm(eye - self.W(), ord=2))
+
+    def prepare(self) -> None:
+        if self.fixed_alpha is None:
+            L = self.operator_norm()
+            self._alpha = self.m / (L * L)
+        else:
+            self._alpha = self.fixed_alpha
+
+    @property
+    def alpha(self) -> float:
+        if self._alpha is None:
+            self.prepare()
+        return self._alpha
+
+    def contraction_rate(self) -> float:
+        """Upper bound on ``Lip_z`` of the splitting map (sound: exact norms)."""
+        a, L = self.alpha, self.operator_norm()
+        return math.sqrt(max(0.0, 1 - 2 * a * self.m + a * a * L * L))
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        a = self.alpha
+        W = self.W().to(z.dtype)
+        return F.relu((1 - a) * z + a * (F.linear(z, W) + u))
+
+    def init_state(self, u: Tensor) -> Tensor:
+        return torch.zeros(u.shape[0], self.hidden, dtype=u.dtype, device=u.device)
+
+    def maskable(self) -> List[str]:
+        return ["A", "B"]
+
+
+__all__ = ["Normalize", "ScaledLinear", "MLPCell", "MLPInjection", "LinearHead", "ConvCell",
+           "ConvInjection", "ConvHead", "MonotoneCell"]

@@ -1,0 +1,208 @@
+"""Gradient estimators: how the loss gradient flows through the fixed point.
+
+An estimator turns the (detached) solver output ``z*`` into a tensor with the value of an
+equilibrium state and a gradient path to the injection ``u`` (hence to ``x``) and to the
+parameters of the cell. It is chosen per model (``DEQClassifier(grad=...)``) and overridden per
+call without touching ``train()``/``eval()``::
+
+    with robustdeq.gradient(model, UnrolledGrad(steps=8)):
+        loss(model(x), y).backward()
+
+=================  ====================================================================
+``ImplicitGrad``   exact (IFT): solves the adjoint ``a = J^T a + g`` with its own solver
+``PhantomGrad``    k damped steps ``z <- (1 - tau) z + tau f(z)`` from detached z*
+``UnrolledGrad``   ``steps`` plain steps from a recorded state (default: from z*)
+``FullBackprop``   autograd through every solver iteration (memory grows with iterations)
+``NoGrad``         the state is detached; no gradient reaches ``x`` or the parameters
+=================  ====================================================================
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import BACKWARD_DEFAULT, SolverConfig, from_dict
+from ..errors import ConfigError, NonConvergenceWarning
+
+logger = logging.getLogger(__name__)
+
+CellFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class GradientEstimator:
+    """Base class. ``attach(f, u, z_star, trajectory)`` returns the state used for the read-out."""
+
+    #: the forward solve must keep the autograd graph (full backpropagation)
+    full_graph: bool = False
+
+    def required_record(self) -> List[int]:
+        """Trajectory steps the forward solve must record for this estimator."""
+        return []
+
+    def attach(self, f: CellFn, u: Tensor, z_star: Tensor,
+               trajectory: Optional[list] = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        d = {"name": type(self).__name__}
+        d.update({k: (v if not isinstance(v, SolverConfig) else v.name.value)
+                  for k, v in vars(self).items() if not k.startswith("_")})
+        return d
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class ImplicitGrad(GradientEstimator):
+    """Implicit-function-theorem gradient.
+
+    The output is ``f(z*, u)`` (one extra evaluation, carrying the graph to ``u`` and the
+    parameters); a backward hook replaces its upstream gradient ``g`` by the solution ``a`` of the
+    adjoint fixed point ``a = J^T a + g``, ``J = df/dz`` at z*, solved with ``solver`` (vector-
+    Jacobian products through one retained call of ``f``). Memory does not grow with iterations.
+    """
+
+    def __init__(self, solver: SolverConfig | dict | None = None):
+        self.solver = from_dict(SolverConfig, solver) if solver is not None else BACKWARD_DEFAULT
+        self.last_backward = None  # SolveResult of the latest adjoint solve (diagnostics)
+
+    def attach(self, f, u, z_star, trajectory=None):
+        z_star = z_star.detach()
+        z_out = f(z_star, u)
+        if not (torch.is_grad_enabled() and z_out.requires_grad):
+            return z_out
+        z0 = z_star.clone().requires_grad_(True)
+        with torch.enable_grad():
+            f0 = f(z0, u.detach())
+        from .solvers import get_solver  # local import: solvers <-> grad are peers
+        solver = get_solver(self.solver)
+        est = self
+
+        def hook(grad: Optional[Tensor]) -> Optional[Tensor]:
+            if grad is None:  # undefined upstream gradient: nothing to transform
+                return None
+
+            def adjoint_map(a: Tensor) -> Tensor:
+                vjp = torch.autograd.grad(f0, z0, a, retain_graph=True)[0]
+                return vjp + grad
+            with torch.no_grad():
+                res = solver.solve(adjoint_map, grad.detach())
+            est.last_backward = res
+            if not bool(res.converged.all()):
+                warnings.warn(
+                    f"implicit backward: adjoint solve did not converge for "
+                    f"{int((~res.converged).sum())}/{res.converged.numel()} samples "
+                    f"(max residual {float(res.residual.max()):.2e}, tol {solver.config.tol:g})",
+                    NonConvergenceWarning, stacklevel=2)
+            return res.z
+
+        z_out.register_hook(hook)
+        return z_out
+
+
+class PhantomGrad(GradientEstimator):
+    """Phantom gradient (Geng et al. 2021): ``k`` damped steps from detached z*, backpropagated."""
+
+    def __init__(self, k: int = 5, tau: float = 0.5):
+        if k < 1:
+            raise ConfigError(f"PhantomGrad.k must be >= 1, got {k}")
+        if not 0 < tau <= 1:
+            raise ConfigError(f"PhantomGrad.tau must be in (0, 1], got {tau}")
+        self.k, self.tau = int(k), float(tau)
+
+    def attach(self, f, u, z_star, trajectory=None):
+        z = z_star.detach()
+        for _ in range(self.k):
+            z = (1 - self.tau) * z + self.tau * f(z, u) if self.tau != 1 else f(z, u)
+        return z
+
+
+class UnrolledGrad(GradientEstimator):
+    """``steps`` undamped steps ``z <- f(z, u)`` with autograd, from the recorded state
+    ``from_state`` (a trajectory step index) or from z* when ``from_state`` is None."""
+
+    def __init__(self, steps: int = 8, from_state: Optional[int] = None):
+        if steps < 1:
+            raise ConfigError(f"UnrolledGrad.steps must be >= 1, got {steps}")
+        if from_state is not None and from_state < 0:
+            raise ConfigError(f"UnrolledGrad.from_state must be >= 0, got {from_state}")
+        self.steps, self.from_state = int(steps), from_state
+
+    def required_record(self):
+        return [] if self.from_state is None else [self.from_state]
+
+    def attach(self, f, u, z_star, trajectory=None):
+        if self.from_state is None:
+            z = z_star.detach()
+        else:
+            match = [t for t in (trajectory or []) if t.step == self.from_state]
+            if not match:
+                raise ConfigError(f"UnrolledGrad(from_state={self.from_state}): state not recorded")
+            z = match[0].z.detach()
+        for _ in range(self.steps):
+            z = f(z, u)
+        return z
+
+
+class FullBackprop(GradientEstimator):
+    """Backpropagation through every iteration of the forward solver (reference / checks)."""
+
+    full_graph = True
+
+    def attach(self, f, u, z_star, trajectory=None):
+        return z_star
+
+
+class NoGrad(GradientEstimator):
+    """No gradient: the equilibrium is detached from ``u`` and the parameters."""
+
+    def attach(self, f, u, z_star, trajectory=None):
+        return z_star.detach()
+
+
+ESTIMATORS = {
+    "ift": ImplicitGrad, "implicit": ImplicitGrad, "phantom": PhantomGrad,
+    "unrolled": UnrolledGrad, "full": FullBackprop, "none": NoGrad,
+}
+
+
+def make_estimator(spec, **options) -> GradientEstimator:
+    """An estimator from an instance or a name (``ift``, ``phantom``, ``unrolled``, ``full``, ``none``)."""
+    if isinstance(spec, GradientEstimator):
+        if options:
+            raise ConfigError("options given together with an estimator instance")
+        return spec
+    if not isinstance(spec, str) or spec not in ESTIMATORS:
+        raise ConfigError(f"unknown gradient estimator {spec!r}; expected one of {', '.join(ESTIMATORS)}")
+    try:
+        return ESTIMATORS[spec](**options)
+    except TypeError as e:
+        raise ConfigError(f"bad options for gradient estimator {spec!r}: {e}") from None
+
+
+@contextlib.contextmanager
+def gradient(model: nn.Module, estimator):
+    """Override the gradient estimator of every DEQ inside ``model`` for the ``with`` block."""
+    est = make_estimator(estimator)
+    targets = [m for m in model.modules() if hasattr(m, "_grad_stack")]
+    if not targets:
+        raise ConfigError(f"{type(model).__name__} contains no DEQ whose gradient can be chosen")
+    for m in targets:
+        m.check_estimator(est)
+        m._grad_stack.append(est)
+    try:
+        yield est
+    finally:
+        for m in targets:
+            m._grad_stack.pop()
+
+
+__all__ = ["GradientEstimator", "ImplicitGrad", "PhantomGrad", "UnrolledGrad", "FullBackprop",
+           "NoGrad", "ESTIMATORS", "make_estimator", "gradient"]

@@ -1,0 +1,205 @@
+"""``DEQClassifier``: injection -> fixed point of a cell -> head.
+
+Contract (shared/DESIGN.md): ``forward(x) -> logits`` in train and eval mode alike, with a
+gradient path to ``x`` whenever the chosen estimator provides one (every estimator but ``NoGrad``);
+``run(x) -> Equilibrium`` exposes the fixed point, the trajectory and solver statistics;
+``readout(z) -> logits`` turns any state into a prediction.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..config import SolverConfig, from_dict
+from ..errors import ConfigError, InputError, NonConvergenceWarning
+from .grad import GradientEstimator, ImplicitGrad, make_estimator
+from .solvers import RecordSpec, SolveResult, TrajectoryState, get_solver
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SolverStats:
+    """Per-sample solver statistics of one forward solve."""
+
+    residual: Tensor      # (B,) residual of the returned iterate
+    steps: Tensor         # (B,) evaluations of f used
+    converged: Tensor     # (B,) bool
+    diverged: Tensor      # (B,) bool
+    nfe: int              # evaluations of f for the batch
+
+    def summary(self) -> dict:
+        return {
+            "mean_steps": float(self.steps.float().mean()),
+            "converged_fraction": float(self.converged.float().mean()),
+            "diverged_fraction": float(self.diverged.float().mean()),
+            "mean_residual": float(self.residual.float().mean()),
+            "max_residual": float(self.residual.float().max()),
+            "nfe": int(self.nfe),
+        }
+
+    @staticmethod
+    def from_result(res: SolveResult) -> "SolverStats":
+        return SolverStats(res.residual.detach(), res.steps, res.converged, res.diverged, res.nfe)
+
+
+@dataclass
+class Equilibrium:
+    """What ``run`` returns: logits of the read-out state, that state ``z`` (with the gradient
+    path of the estimator), the raw solver output ``z_star``, the trajectory and the statistics."""
+
+    logits: Tensor
+    z: Tensor
+    z_star: Tensor
+    trajectory: List[TrajectoryState]
+    stats: SolverStats
+    u: Optional[Tensor] = None
+
+    def state(self, step: int) -> TrajectoryState:
+        for t in self.trajectory:
+            if t.step == step:
+                return t
+        raise ConfigError(f"state {step} was not recorded (recorded: {[t.step for t in self.trajectory]})")
+
+
+def _merge_record(record: RecordSpec, extra: Sequence[int]) -> RecordSpec:
+    if not extra:
+        return record
+    if isinstance(record, str) and record == "all":
+        return record
+    base = [] if record is None or record == "none" else ([record] if isinstance(record, int) else list(record))
+    return sorted(set(base) | set(extra))
+
+
+class DEQClassifier(nn.Module):
+    """A deep equilibrium classifier.
+
+    Args:
+        injection: ``x -> u`` (normalisation lives here).
+        cell: ``f(z, u)`` with ``init_state(u)``.
+        head: ``z -> logits``.
+        solver: forward :class:`SolverConfig` (or a dict of its options).
+        grad: default gradient estimator (instance or name); overridable per call with
+            :func:`robustdeq.gradient` or ``run(grad=...)``.
+        input_shape: per-sample input shape, checked on every call (``InputError`` otherwise).
+        validate_inputs: check shape, finiteness and the [0, 1] range of inputs.
+        warn_nonconvergence: emit :class:`NonConvergenceWarning` when samples do not converge.
+    """
+
+    def __init__(self, injection: nn.Module, cell: nn.Module, head: nn.Module, *,
+                 solver: Union[SolverConfig, dict, None] = None,
+                 grad: Union[GradientEstimator, str, None] = None,
+                 input_shape: Optional[Tuple[int, ...]] = None,
+                 validate_inputs: bool = True, warn_nonconvergence: bool = True):
+        super().__init__()
+        self.injection, self.cell, self.head = injection, cell, head
+        self.solver_config = from_dict(SolverConfig, solver)
+        self.grad = make_estimator(grad) if grad is not None else ImplicitGrad()
+        self.check_estimator(self.grad)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.validate_inputs = validate_inputs
+        self.warn_nonconvergence = warn_nonconvergence
+        self._grad_stack: List[GradientEstimator] = []
+        self.last_stats: Optional[SolverStats] = None
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def check_estimator(self, est: GradientEstimator) -> None:
+        if not isinstance(est, GradientEstimator):
+            raise ConfigError(f"not a gradient estimator: {est!r}")
+
+    @property
+    def estimator(self) -> GradientEstimator:
+        """The estimator in force (innermost ``gradient`` override, else the model's default)."""
+        return self._grad_stack[-1] if self._grad_stack else self.grad
+
+    def check_input(self, x: Tensor) -> Tensor:
+        if not self.validate_inputs:
+            return x
+        from ..data import validate_inputs
+        return validate_inputs(x, expected_shape=self.input_shape)
+
+    def inject(self, x: Tensor) -> Tensor:
+        return self.injection(x)
+
+    def f(self, z: Tensor, u: Tensor) -> Tensor:
+        return self.cell(z, u)
+
+    def readout(self, z: Tensor) -> Tensor:
+        """Logits of any state ``z`` (the final fixed point or an intermediate state)."""
+        return self.head(z)
+
+    def init_state(self, u: Tensor) -> Tensor:
+        return self.cell.init_state(u)
+
+    def prepare(self) -> None:
+        if hasattr(self.cell, "prepare"):
+            self.cell.prepare()
+
+    def unroll(self, u: Tensor, z: Tensor, steps: int, damping: float = 1.0) -> Tensor:
+        """``steps`` (damped) steps of ``f(., u)`` from ``z`` with autograd as enabled."""
+        for _ in range(steps):
+            fz = self.cell(z, u)
+            z = fz if damping == 1.0 else (1 - damping) * z + damping * fz
+        return z
+
+    # -- solving ----------------------------------------------------------------------------------
+    def solve(self, u: Tensor, *, z0: Optional[Tensor] = None, record: RecordSpec = None,
+              solver: Union[SolverConfig, dict, None] = None, keep_graph: bool = False) -> SolveResult:
+        """Solve ``z = f(z, u)``; without ``keep_graph`` the solve runs without autograd."""
+        cfg = self.solver_config if solver is None else from_dict(SolverConfig, solver)
+        self.prepare()
+        z0 = self.init_state(u) if z0 is None else z0
+        if z0.shape[0] != u.shape[0]:
+            raise InputError(f"z0 has batch size {z0.shape[0]} but the input has {u.shape[0]}")
+        slv = get_solver(cfg)
+        if keep_graph:
+            return slv.solve(lambda z: self.cell(z, u), z0, record=record)
+        with torch.no_grad():
+            ud = u.detach()
+            return slv.solve(lambda z: self.cell(z, ud), z0.detach(), record=record)
+
+    def run(self, x: Tensor, *, record: RecordSpec = None, z0: Optional[Tensor] = None,
+            grad: Union[GradientEstimator, str, None] = None,
+            solver: Union[SolverConfig, dict, None] = None) -> Equilibrium:
+        """Full forward pass returning the :class:`Equilibrium` (logits, z, trajectory, stats).
+
+        ``z0`` warm-starts the solver (e.g. from the previous attack step's fixed point).
+        """
+        x = self.check_input(x)
+        est = make_estimator(grad) if grad is not None else self.estimator
+        self.check_estimator(est)
+        u = self.inject(x)
+        rec = _merge_record(record, est.required_record())
+        result = self.solve(u, z0=z0, record=rec, solver=solver,
+                            keep_graph=est.full_graph and torch.is_grad_enabled())
+        z = est.attach(self.cell, u, result.z, result.trajectory)
+        logits = self.readout(z)
+        stats = SolverStats.from_result(result)
+        self.last_stats = stats
+        self._maybe_warn(stats)
+        return Equilibrium(logits=logits, z=z, z_star=result.z, trajectory=result.trajectory,
+                           stats=stats, u=u)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x).logits
+
+    def _maybe_warn(self, stats: SolverStats) -> None:
+        if not self.warn_nonconvergence:
+            return
+        n_bad = int((~stats.converged).sum())
+        if n_bad:
+            n_div = int(stats.diverged.sum())
+            warnings.warn(
+                f"forward solve: {n_bad}/{stats.converged.numel()} samples did not reach tol "
+                f"{self.solver_config.tol:g} in {self.solver_config.max_iter} iterations"
+                + (f" ({n_div} diverged)" if n_div else "")
+                + f"; max residual {float(stats.residual.max()):.2e}",
+                NonConvergenceWarning, stacklevel=3)
+
+
+__all__ = ["DEQClassifier", "Equilibrium", "SolverStats"]

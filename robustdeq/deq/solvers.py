@@ -1,0 +1,421 @@
+"""Steppable, batched fixed-point solvers: fixed-point iteration, Anderson acceleration, Broyden.
+
+Protocol (shared/DESIGN.md)::
+
+    solver = get_solver(SolverConfig(name="anderson"))
+    state = solver.init(f, z0)          # no evaluation of f yet
+    state = solver.step(f, state)       # evaluates f at the current iterate z_k, proposes z_{k+1}
+    result = solver.solve(f, z0, record="all")
+
+``f`` maps a batch of states ``(B, ...)`` to ``(B, ...)`` and may change between steps (input
+updates of inference-time defenses or of JIIO); call :meth:`Solver.reset` after a change to clear
+the quasi-Newton memory and the convergence flags.
+
+Semantics, stated once:
+
+- the iterate with step index ``k`` is ``z_k`` (``z_0`` is the initial state); step ``k`` evaluates
+  ``f(z_k)`` and measures its residual ``||f(z_k) - z_k||`` (absolute) or
+  ``||f(z_k) - z_k|| / (||f(z_k)|| + eps)`` (relative), per sample;
+- a sample whose residual reaches the tolerance is *frozen* at that iterate (per-sample convergence
+  mask); a sample whose residual is non-finite or grows by ``divergence_factor`` is marked
+  ``diverged`` and frozen at its last iterate; neither ever raises;
+- ``max_iter`` bounds the number of evaluations of ``f``; every returned iterate has a measured
+  residual; ``select="best"`` returns the lowest-residual iterate per sample, ``"last"`` the last
+  evaluated one;
+- a recorded trajectory state ``k`` holds, for each sample, what the solver holds at step ``k``: the
+  raw iterate ``z_k`` (never a best-so-far estimate), or the frozen iterate for samples that stopped
+  earlier (``TrajectoryState.active`` says which).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ..config import Select, SolverConfig, SolverName, StopMode, from_dict
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Fn = Callable[[Tensor], Tensor]
+RecordSpec = Union[None, str, int, Iterable[int]]
+
+
+@dataclass
+class TrajectoryState:
+    """One recorded solver state: the iterate ``z`` with its step index and residual."""
+
+    step: int
+    z: Tensor            # (B, ...) the raw iterate z_step (frozen iterate for stopped samples)
+    residual: Tensor     # (B,) residual of z (nan where it was not evaluated)
+    active: Tensor       # (B,) bool: the sample was still being iterated at this step
+
+
+@dataclass
+class SolverState:
+    """Everything a solver carries between steps (tensors are flattened to ``(B, D)``)."""
+
+    z: Tensor                      # the iterate to evaluate next, z_step
+    step: int                      # index of z
+    shape: torch.Size
+    best_z: Tensor
+    best_res: Tensor
+    best_step: Tensor
+    last_z: Optional[Tensor] = None
+    last_fz: Optional[Tensor] = None
+    last_res: Optional[Tensor] = None
+    res0: Optional[Tensor] = None
+    converged: Optional[Tensor] = None
+    diverged: Optional[Tensor] = None
+    steps: Optional[Tensor] = None  # per-sample number of evaluations until it stopped
+    nfe: int = 0
+    memory: Dict[str, object] = field(default_factory=dict)
+    residual_history: List[Tensor] = field(default_factory=list)
+
+    @property
+    def active(self) -> Tensor:
+        return ~(self.converged | self.diverged)
+
+    @property
+    def batch_size(self) -> int:
+        return self.z.shape[0]
+
+
+@dataclass
+class SolveResult:
+    """The outcome of a solve. ``z`` has the shape of ``z0``; per-sample tensors have shape (B,)."""
+
+    z: Tensor
+    residual: Tensor
+    converged: Tensor
+    diverged: Tensor
+    steps: Tensor                 # per-sample evaluations used (index of convergence + 1, or max)
+    best_step: Tensor             # step index of the returned iterate when select="best"
+    nfe: int
+    trajectory: List[TrajectoryState]
+    residual_history: Tensor      # (K, B) residual of z_k for k = 0..K-1
+    select: Select
+    fz: Optional[Tensor] = None   # f(z) of the last evaluated iterate (shape of z0)
+
+    @property
+    def converged_fraction(self) -> float:
+        return float(self.converged.float().mean()) if self.converged.numel() else 1.0
+
+
+def _flatten(f: Fn, shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    def f_flat(z: Tensor) -> Tensor:
+        return f(z.view(shape)).reshape(shape[0], -1)
+    return f_flat
+
+
+def _parse_record(record: RecordSpec, max_iter: int) -> Optional[set]:
+    """None -> record nothing; "all" -> everything; ints -> those steps. Returns a set or ALL."""
+    if record is None or (isinstance(record, str) and record == "none"):
+        return set()
+    if isinstance(record, str):
+        if record == "all":
+            return None
+        raise ConfigError(f"unknown record spec {record!r}; expected 'none', 'all' or step indices")
+    if isinstance(record, int):
+        record = [record]
+    steps = set()
+    for s in record:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise ConfigError(f"record steps must be non-negative ints, got {s!r}")
+        if s >= max_iter:
+            raise ConfigError(f"record step {s} is beyond max_iter={max_iter} (steps 0..{max_iter - 1})")
+        steps.add(s)
+    return steps
+
+
+class Solver:
+    """Base class: the bookkeeping shared by all solvers; subclasses implement :meth:`propose`."""
+
+    name = "base"
+
+    def __init__(self, config: Optional[SolverConfig] = None, **overrides):
+        cfg = config if config is not None else SolverConfig(name=SolverName(self.name))
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        self.config = cfg
+
+    # -- protocol -----------------------------------------------------------------------------
+    def init(self, f: Fn, z0: Tensor) -> SolverState:
+        """Start a solve at ``z0`` (B, ...). ``f`` is not evaluated until the first step."""
+        if z0.dim() < 1:
+            raise ConfigError("z0 must have a batch dimension")
+        b = z0.shape[0]
+        z = z0.reshape(b, -1)
+        dev = z.device
+        return SolverState(
+            z=z, step=0, shape=z0.shape,
+            best_z=z, best_res=torch.full((b,), float("inf"), device=dev, dtype=z.dtype),
+            best_step=torch.zeros(b, dtype=torch.long, device=dev),
+            converged=torch.zeros(b, dtype=torch.bool, device=dev),
+            diverged=torch.zeros(b, dtype=torch.bool, device=dev),
+            steps=torch.zeros(b, dtype=torch.long, device=dev),
+        )
+
+    def reset(self, state: SolverState) -> SolverState:
+        """Forget the solver memory and convergence flags (after ``f`` changed). Keeps ``z``."""
+        state.memory = {}
+        state.converged = torch.zeros_like(state.converged)
+        state.diverged = torch.zeros_like(state.diverged)
+        state.best_res = torch.full_like(state.best_res, float("inf"))
+        state.best_z = state.z
+        state.res0 = None
+        return state
+
+    def residual(self, z: Tensor, fz: Tensor) -> Tensor:
+        diff = (fz - z).norm(dim=1)
+        if self.config.stop_mode == StopMode.REL:
+            return diff / (fz.norm(dim=1) + self.config.eps)
+        return diff
+
+    def step(self, f: Fn, state: SolverState) -> SolverState:
+        """Evaluate ``f(z_k)``, update the per-sample flags and the best iterate, propose z_{k+1}."""
+        cfg = self.config
+        f_flat = _flatten(f, state.shape)
+        z = state.z
+        fz = f_flat(z)
+        state.nfe += 1
+        res = self.residual(z, fz).detach()
+        finite = torch.isfinite(res)
+        res = torch.where(finite, res, torch.full_like(res, float("inf")))
+        active_before = state.active
+        if state.res0 is None:
+            state.res0 = torch.where(finite, res, torch.ones_like(res))
+        # best iterate so far (only among active samples: frozen ones keep theirs)
+        improved = (res < state.best_res) & active_before
+        state.best_z = torch.where(improved[:, None], z, state.best_z)
+        state.best_res = torch.where(improved, res, state.best_res)
+        state.best_step = torch.where(improved, torch.full_like(state.best_step, state.step), state.best_step)
+        newly_conv = active_before & (res <= cfg.tol)
+        blown = active_before & ~newly_conv & (
+            ~finite | (res > cfg.divergence_factor * (state.res0 + cfg.eps)))
+        state.converged = state.converged | newly_conv
+        state.diverged = state.diverged | blown
+        state.steps = torch.where(active_before, torch.full_like(state.steps, state.step + 1), state.steps)
+        state.last_z, state.last_fz, state.last_res = z, fz, res
+        state.residual_history.append(res)
+        active = state.active
+        if bool(active.any()):
+            z_next = self.propose(state, z, fz)
+            z_next = torch.where(active[:, None], z_next, z)
+        else:
+            z_next = z
+        state.z = z_next
+        state.step += 1
+        return state
+
+    def propose(self, state: SolverState, z: Tensor, fz: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def finalize(self, state: SolverState, trajectory: Optional[List[TrajectoryState]] = None) -> SolveResult:
+        """Package the state into a :class:`SolveResult` according to ``select``."""
+        if state.last_z is None:
+            raise ConfigError("finalize() needs at least one step")
+        if self.config.select == Select.BEST:
+            # diverged samples may never have had a finite residual: fall back to the last iterate
+            has_best = torch.isfinite(state.best_res)
+            z = torch.where(has_best[:, None], state.best_z, state.last_z)
+            res = torch.where(has_best, state.best_res, state.last_res)
+            best_step = state.best_step
+        else:
+            z, res = state.last_z, state.last_res
+            best_step = torch.full_like(state.best_step, state.step - 1)
+        hist = torch.stack(state.residual_history) if state.residual_history else torch.empty(0)
+        return SolveResult(
+            z=z.view(state.shape), residual=res, converged=state.converged.clone(),
+            diverged=state.diverged.clone(), steps=state.steps.clone(), best_step=best_step,
+            nfe=state.nfe, trajectory=trajectory or [], residual_history=hist,
+            select=self.config.select, fz=state.last_fz.view(state.shape),
+        )
+
+    def solve(self, f: Fn, z0: Tensor, record: RecordSpec = None,
+              callback: Optional[Callable[[SolverState], None]] = None) -> SolveResult:
+        """Iterate until every sample converged or diverged, or ``max_iter`` evaluations.
+
+        ``record``: ``None``/"none", "all", or step indices (ints < max_iter). Requested steps after
+        the whole batch stopped are filled with the frozen iterates (no extra evaluations).
+        """
+        cfg = self.config
+        wanted = _parse_record(record, cfg.max_iter)
+        state = self.init(f, z0)
+        traj: List[TrajectoryState] = []
+        for _ in range(cfg.max_iter):
+            k = state.step
+            active_k = state.active
+            state = self.step(f, state)
+            if wanted is None or k in wanted:
+                traj.append(TrajectoryState(k, state.last_z.view(state.shape), state.last_res, active_k))
+            if callback is not None:
+                callback(state)
+            if not bool(state.active.any()):
+                break
+        if wanted:
+            done = {t.step for t in traj}
+            nan = torch.full_like(state.last_res, float("nan"))
+            inactive = torch.zeros_like(state.converged)
+            for k in sorted(wanted - done):
+                if k < cfg.max_iter:
+                    traj.append(TrajectoryState(k, state.last_z.view(state.shape), nan, inactive))
+        return self.finalize(state, traj)
+
+
+class FixedPointIteration(Solver):
+    """z_{k+1} = (1 - tau) z_k + tau f(z_k), tau = ``damping``."""
+
+    name = "fixed_point"
+
+    def propose(self, state, z, fz):
+        tau = self.config.damping
+        return fz if tau == 1.0 else (1 - tau) * z + tau * fz
+
+
+def _sanitize(z: Tensor, fz: Tensor):
+    """Replace non-finite rows so that one diverged sample cannot poison batched linear algebra."""
+    ok = torch.isfinite(z).all(dim=1) & torch.isfinite(fz).all(dim=1)
+    if bool(ok.all()):
+        return z, fz
+    z = torch.where(ok[:, None], z, torch.zeros_like(z))
+    fz = torch.where(ok[:, None], fz, z)
+    return z, fz
+
+
+class Anderson(Solver):
+    """Anderson acceleration (type II) with memory m, Tikhonov regularisation lam, mixing beta.
+
+    Solves, per sample, ``min_a ||sum_i a_i G_i||^2 + lam s ||a||^2`` s.t. ``sum_i a_i = 1`` (``s``
+    the mean squared residual in memory, which makes lam scale-free) through
+    the bordered (n+1)x(n+1) system, batched with ``torch.linalg.solve``.
+    """
+
+    name = "anderson"
+
+    def propose(self, state, z, fz):
+        cfg = self.config
+        z, fz = _sanitize(z, fz)
+        mem = state.memory
+        b, d = z.shape
+        m = cfg.m
+        if "X" not in mem:
+            mem["X"] = z.new_zeros(b, m, d)
+            mem["F"] = z.new_zeros(b, m, d)
+            mem["n"] = 0
+        X, F = mem["X"], mem["F"]
+        if torch.is_grad_enabled():  # keep autograd history valid for full backpropagation
+            X, F = X.clone(), F.clone()
+        slot = mem["n"] % m
+        X[:, slot] = z
+        F[:, slot] = fz
+        mem["X"], mem["F"] = X, F
+        mem["n"] += 1
+        n = min(mem["n"], m)
+        if n == 1:
+            return (1 - cfg.beta) * z + cfg.beta * fz if cfg.beta != 1 else fz
+        Xn, Fn = X[:, :n], F[:, :n]
+        G = Fn - Xn
+        H = torch.bmm(G, G.transpose(1, 2))
+        # regularisation relative to the mean squared residual in memory: scale invariant, so the
+        # acceleration does not fade as residuals shrink (an absolute lam dominates tiny G G^T)
+        scale = H.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+        H = H + (cfg.lam * scale)[:, None, None] * torch.eye(n, dtype=z.dtype, device=z.device)
+        A = z.new_zeros(b, n + 1, n + 1)
+        A[:, 0, 1:] = 1
+        A[:, 1:, 0] = 1
+        A[:, 1:, 1:] = H
+        rhs = z.new_zeros(b, n + 1, 1)
+        rhs[:, 0] = 1
+        alpha = torch.linalg.solve(A, rhs)[:, 1:, 0]          # (B, n)
+        z_f = torch.bmm(alpha[:, None], Fn)[:, 0]
+        if cfg.beta == 1.0:
+            return z_f
+        z_x = torch.bmm(alpha[:, None], Xn)[:, 0]
+        return cfg.beta * z_f + (1 - cfg.beta) * z_x
+
+
+class Broyden(Solver):
+    """Broyden's (good) method on g(z) = f(z) - z with a low-rank inverse-Jacobian estimate.
+
+    ``B = -I + U V^T`` (B approximates (J_f - I)^{-1}); the step is ``z <- z - B g(z)``; the update
+    ``B += (dz - B dg) dz^T B / (dz^T B dg)`` is stored as rank-one factors in a ring buffer of size
+    ``memory`` (default ``max_iter``).
+    """
+
+    name = "broyden"
+
+    @staticmethod
+    def _matvec(U, VT, v):  # B v
+        if U is None:
+            return -v
+        return -v + torch.einsum("bdm,bm->bd", U, torch.einsum("bmd,bd->bm", VT, v))
+
+    @staticmethod
+    def _rmatvec(U, VT, v):  # v^T B
+        if U is None:
+            return -v
+        return -v + torch.einsum("bm,bmd->bd", torch.einsum("bd,bdm->bm", v, U), VT)
+
+    def propose(self, state, z, fz):
+        cfg = self.config
+        z, fz = _sanitize(z, fz)
+        g = fz - z
+        mem = state.memory
+        b, d = z.shape
+        M = cfg.memory or cfg.max_iter
+        if "U" not in mem:
+            mem.update(U=z.new_zeros(b, d, M), VT=z.new_zeros(b, M, d), n=0, prev_z=None, prev_g=None)
+        U, VT = mem["U"], mem["VT"]
+        if mem["prev_z"] is not None:
+            dz = z - mem["prev_z"]
+            dg = g - mem["prev_g"]
+            Uu, VTu = (U, VT) if mem["n"] > 0 else (None, None)
+            vT = self._rmatvec(Uu, VTu, dz)
+            denom = (vT * dg).sum(dim=1, keepdim=True)
+            ok = denom.abs() > 1e-12 * (vT.norm(dim=1, keepdim=True) * dg.norm(dim=1, keepdim=True) + 1e-30)
+            safe = torch.where(ok, denom, torch.ones_like(denom))
+            u = torch.where(ok, (dz - self._matvec(Uu, VTu, dg)) / safe, torch.zeros_like(dz))
+            vT = torch.where(ok, vT, torch.zeros_like(vT))
+            if torch.is_grad_enabled():
+                U, VT = U.clone(), VT.clone()
+            slot = mem["n"] % M
+            U[:, :, slot] = u
+            VT[:, slot] = vT
+            mem["U"], mem["VT"] = U, VT
+            mem["n"] += 1
+        mem["prev_z"], mem["prev_g"] = z, g
+        Uu, VTu = (U, VT) if mem["n"] > 0 else (None, None)
+        return z - self._matvec(Uu, VTu, g)
+
+
+SOLVERS: Dict[str, type] = {
+    "fixed_point": FixedPointIteration,
+    "anderson": Anderson,
+    "broyden": Broyden,
+}
+
+
+def get_solver(config: Union[SolverConfig, dict, str, None] = None, **overrides) -> Solver:
+    """Return a solver for a config, a dict of options, or a solver name (``ConfigError`` if unknown)."""
+    if isinstance(config, str):
+        if config not in SOLVERS:
+            raise ConfigError(f"unknown solver {config!r}; expected one of {', '.join(SOLVERS)}")
+        config = SolverConfig(name=config)
+    cfg = from_dict(SolverConfig, config)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return SOLVERS[cfg.name.value](cfg)
+
+
+def solve(f: Fn, z0: Tensor, config: Union[SolverConfig, dict, str, None] = None,
+          record: RecordSpec = None, **overrides) -> SolveResult:
+    """One-call solve: ``get_solver(config, **overrides).solve(f, z0, record)``."""
+    return get_solver(config, **overrides).solve(f, z0, record=record)
+
+
+__all__ = ["TrajectoryState", "SolverState", "SolveResult", "Solver", "FixedPointIteration",
+           "Anderson", "Broyden", "SOLVERS", "get_solver", "solve"]

@@ -1,0 +1,160 @@
+"""Registry of ready architectures: ``build(name, **options) -> nn.Module``.
+
+Every model built here carries ``model.robustdeq_config = {"name": ..., "options": ...}`` (JSON
+friendly) so that a checkpoint can rebuild it. Unknown names and options are ``ConfigError``s.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .cells import (ConvCell, ConvHead, ConvInjection, LinearHead, MLPCell, MLPInjection,
+                    MonotoneCell, Normalize)
+from .model import DEQClassifier
+from .weight_tied import WeightTied
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+# builders defined in other subpackages, imported on first use
+_LAZY = {"lyadeq": "robustdeq.defenses.lyapunov"}
+
+
+def register(name: str):
+    def deco(fn):
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def names() -> list:
+    return sorted(set(_REGISTRY) | set(_LAZY))
+
+
+def build(name: str, **options) -> nn.Module:
+    if name not in _REGISTRY and name in _LAZY:
+        importlib.import_module(_LAZY[name])
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(names())}")
+    fn = _REGISTRY[name]
+    sig = inspect.signature(fn)
+    unknown = sorted(set(options) - set(sig.parameters))
+    if unknown:
+        raise ConfigError(f"unknown option(s) for model {name!r}: {', '.join(unknown)}; "
+                          f"known: {', '.join(sig.parameters)}")
+    model = fn(**options)
+    model.robustdeq_config = {"name": name, "options": _jsonable(options)}
+    return model
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, (int, float, str, bool)) or o is None:
+        return o
+    raise ConfigError(f"model option value {o!r} is not JSON-serialisable; pass plain values")
+
+
+def _n_in(in_shape: Sequence[int]) -> int:
+    return int(math.prod(in_shape))
+
+
+def _grad(grad, grad_options):
+    from .grad import make_estimator
+    return make_estimator(grad, **(grad_options or {}))
+
+
+@register("mlp_deq")
+def mlp_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, act="tanh", norm="none", scale=1.0,
+            init_gain=0.5, mean=0.0, std=1.0, solver: Optional[dict] = None, grad="ift",
+            grad_options: Optional[dict] = None) -> DEQClassifier:
+    """Fully connected DEQ: ``z = act(W z + U x + b)``; ``norm="spectral", scale<1`` gives a
+    Lipschitz-constrained (contractive) cell."""
+    return DEQClassifier(MLPInjection(_n_in(in_shape), hidden, mean, std),
+                         MLPCell(hidden, act=act, norm=norm, scale=scale, init_gain=init_gain),
+                         LinearHead(hidden, num_classes), solver=solver, grad=_grad(grad, grad_options),
+                         input_shape=tuple(in_shape))
+
+
+@register("conv_deq")
+def conv_deq(in_shape=(1, 8, 8), num_classes=10, channels=16, groups=4, norm="none", init_gain=0.5,
+             mean=(0.0,), std=(1.0,), pool=2, solver: Optional[dict] = None, grad="ift",
+             grad_options: Optional[dict] = None) -> DEQClassifier:
+    """MDEQ-style single-resolution convolutional DEQ with GroupNorm."""
+    mean = tuple(mean) if isinstance(mean, (list, tuple)) else (mean,)
+    std = tuple(std) if isinstance(std, (list, tuple)) else (std,)
+    return DEQClassifier(ConvInjection(in_shape[0], channels, mean, std),
+                         ConvCell(channels, groups=groups, norm=norm, init_gain=init_gain),
+                         ConvHead(channels, num_classes, pool), solver=solver,
+                         grad=_grad(grad, grad_options), input_shape=tuple(in_shape))
+
+
+@register("mon_deq")
+def mon_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, m=1.0, alpha: Optional[float] = None,
+            mean=0.0, std=1.0, solver: Optional[dict] = None, grad="ift",
+            grad_options: Optional[dict] = None) -> DEQClassifier:
+    """Fully connected monotone operator DEQ (unique fixed point for every input)."""
+    return DEQClassifier(MLPInjection(_n_in(in_shape), hidden, mean, std),
+                         MonotoneCell(hidden, m=m, alpha=alpha), LinearHead(hidden, num_classes),
+                         solver=solver or {"max_iter": 50}, grad=_grad(grad, grad_options),
+                         input_shape=tuple(in_shape))
+
+
+@register("weight_tied_mlp")
+def weight_tied_mlp(in_shape=(1, 8, 8), num_classes=10, hidden=64, depth=8, sparsity=0.5, seed=0,
+                    act="tanh", init_gain=0.5, mean=0.0, std=1.0) -> WeightTied:
+    """Weight-tied MLP with a distinct random sparse mask per depth (Song et al. 2023)."""
+    return WeightTied(MLPInjection(_n_in(in_shape), hidden, mean, std),
+                      MLPCell(hidden, act=act, init_gain=init_gain), LinearHead(hidden, num_classes),
+                      depth=depth, sparsity=sparsity, seed=seed, input_shape=tuple(in_shape))
+
+
+@register("weight_tied_conv")
+def weight_tied_conv(in_shape=(1, 8, 8), num_classes=10, channels=16, groups=4, depth=6,
+                     sparsity=0.5, seed=0, init_gain=0.5, pool=2) -> WeightTied:
+    return WeightTied(ConvInjection(in_shape[0], channels), ConvCell(channels, groups, init_gain=init_gain),
+                      ConvHead(channels, num_classes, pool), depth=depth, sparsity=sparsity, seed=seed,
+                      input_shape=tuple(in_shape))
+
+
+class FeedForward(nn.Module):
+    """A plain feed-forward classifier (baseline); checks its inputs like the DEQs do."""
+
+    def __init__(self, net: nn.Module, input_shape):
+        super().__init__()
+        self.net = net
+        self.input_shape = tuple(input_shape)
+
+    def forward(self, x):
+        from ..data import validate_inputs
+        return self.net(validate_inputs(x, expected_shape=self.input_shape))
+
+
+@register("ff_mlp")
+def ff_mlp(in_shape=(1, 8, 8), num_classes=10, hidden=64, layers=2) -> FeedForward:
+    mods = [nn.Flatten()]
+    d = _n_in(in_shape)
+    for _ in range(layers):
+        mods += [nn.Linear(d, hidden), nn.ReLU()]
+        d = hidden
+    mods.append(nn.Linear(d, num_classes))
+    return FeedForward(nn.Sequential(*mods), in_shape)
+
+
+@register("ff_cnn")
+def ff_cnn(in_shape=(1, 8, 8), num_classes=10, channels=16, blocks=2, groups=4, pool=2) -> FeedForward:
+    """A small CNN of a size similar to ``conv_deq`` (deep-network baseline)."""
+    mods = [nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.ReLU()]
+    for _ in range(blocks):
+        mods += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.ReLU()]
+    mods += [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(channels * pool * pool, num_classes)]
+    return FeedForward(nn.Sequential(*mods), in_shape)
+
+
+__all__ = ["build", "register", "names", "FeedForward"]

@@ -1,0 +1,49 @@
+"""Exceptions and warning classes used across robustdeq.
+
+Errors name the problem (which option, which shape, which file); warnings that matter for trust in
+a result (non-convergence of a solver, gradient masking) have dedicated classes so that users can
+filter or escalate them (``warnings.simplefilter("error", NonConvergenceWarning)``).
+"""
+from __future__ import annotations
+
+
+class RobustDEQError(Exception):
+    """Base class of every error raised by robustdeq."""
+
+
+class ConfigError(RobustDEQError, ValueError):
+    """An option is unknown, has the wrong type or an invalid value."""
+
+
+class InputError(RobustDEQError, ValueError):
+    """An input tensor has the wrong shape, non-finite values or values outside [0, 1]."""
+
+
+class CheckpointError(RobustDEQError):
+    """A checkpoint is missing, corrupted, foreign or unsafe to load."""
+
+
+class DataError(RobustDEQError):
+    """A dataset cannot be found or read."""
+
+
+class RobustDEQWarning(UserWarning):
+    """Base class of robustdeq's warnings."""
+
+
+class NonConvergenceWarning(RobustDEQWarning):
+    """A fixed-point solve did not reach its tolerance (or diverged) for some samples."""
+
+
+class GradientMaskingWarning(RobustDEQWarning):
+    """An evaluation check found a symptom of gradient masking or obfuscation."""
+
+
+class CertificationWarning(RobustDEQWarning):
+    """A certificate could not be established or rests on a loose assumption."""
+
+
+__all__ = [
+    "RobustDEQError", "ConfigError", "InputError", "CheckpointError", "DataError",
+    "RobustDEQWarning", "NonConvergenceWarning", "GradientMaskingWarning", "CertificationWarning",
+]

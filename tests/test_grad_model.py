@@ -1,0 +1,275 @@
+"""Gradient estimators and DEQClassifier against closed forms, gradcheck and torchdeq."""
+import pytest
+import torch
+from torch import nn
+
+import robustdeq as rd
+from robustdeq import (DEQClassifier, FullBackprop, ImplicitGrad, NoGrad, PhantomGrad,
+                       SolverConfig, UnrolledGrad, gradient)
+from robustdeq.deq import zoo
+from robustdeq.deq.cells import LinearHead, MLPCell, MLPInjection
+from robustdeq.deq.views import attack_view
+from robustdeq.errors import ConfigError, InputError, NonConvergenceWarning
+
+TIGHT = dict(name="anderson", max_iter=200, tol=1e-12, stop_mode="abs")
+TIGHT_BWD = SolverConfig(**TIGHT)
+
+
+class LinearCell(nn.Module):
+    """f(z, u) = A z + u: z* = (I - A)^{-1} u in closed form."""
+
+    def __init__(self, A):
+        super().__init__()
+        self.A = nn.Parameter(A.clone())
+
+    def forward(self, z, u):
+        return z @ self.A.T + u
+
+    def init_state(self, u):
+        return torch.zeros_like(u)
+
+
+def linear_deq(d_in=5, d=4, k=3, seed=0, grad=None):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    A = 0.6 * A / torch.linalg.matrix_norm(A, ord=2)
+    inj = nn.Linear(d_in, d, bias=False).double()
+    head = nn.Linear(d, k, bias=False).double()
+    return DEQClassifier(nn.Sequential(nn.Flatten(), inj), LinearCell(A), head, solver=TIGHT,
+                         grad=grad or ImplicitGrad(TIGHT_BWD), input_shape=(d_in,))
+
+
+def closed_form_input_grad(model, w):
+    """d(sum_b w . logits_b)/dx = B^T (I - A)^{-T} H^T w."""
+    A = model.cell.A.detach()
+    B = model.injection[1].weight.detach()
+    H = model.head.weight.detach()
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+    return B.T @ torch.linalg.solve((eye - A).T, H.T @ w)
+
+
+def test_linear_deq_fixed_point_and_ift_gradient_match_closed_form():
+    model = linear_deq()
+    x = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)
+    eq = model.run(x)
+    A = model.cell.A.detach()
+    u = model.injection(x).detach()
+    z_exact = torch.linalg.solve(torch.eye(4, dtype=torch.float64) - A, u.T).T
+    torch.testing.assert_close(eq.z_star, z_exact, atol=1e-10, rtol=0)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    (eq.logits @ w).sum().backward()
+    torch.testing.assert_close(x.grad, closed_form_input_grad(model, w).expand(3, 5), atol=1e-9, rtol=0)
+    # parameter gradient: dL/dA = a z*^T summed over the batch, a = (I - A)^{-T} H^T w
+    H = model.head.weight.detach()
+    a = torch.linalg.solve((torch.eye(4, dtype=torch.float64) - A).T, H.T @ w)
+    torch.testing.assert_close(model.cell.A.grad, torch.outer(a, z_exact.sum(0)), atol=1e-9, rtol=0)
+
+
+def small_mlp_deq(grad=None, act="tanh", seed=0):
+    torch.manual_seed(seed)
+    m = DEQClassifier(MLPInjection(6, 5), MLPCell(5, act=act, init_gain=0.7), LinearHead(5, 3),
+                      solver=TIGHT, grad=grad or ImplicitGrad(TIGHT_BWD), input_shape=(6,)).double()
+    return m
+
+
+def test_ift_gradcheck_input_and_params():
+    model = small_mlp_deq()
+    x = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: model(x), (x,), eps=1e-6, atol=1e-5)
+    W = model.cell.W.linear.weight
+    def f_of_w(wt):
+        with torch.no_grad():
+            W.copy_(wt)
+        return model(x.detach())
+    # parameter gradients through the hook vs finite differences
+    x0 = x.detach()
+    loss = model(x0).pow(2).sum()
+    (gW,) = torch.autograd.grad(loss, W)
+    eps = 1e-6
+    fd = torch.zeros_like(W)
+    base = W.detach().clone()
+    for i in range(W.shape[0]):
+        for j in range(W.shape[1]):
+            for sgn in (1, -1):
+                pert = base.clone(); pert[i, j] += sgn * eps
+                with torch.no_grad():
+                    W.copy_(pert)
+                    fd[i, j] += sgn * model(x0).pow(2).sum() / (2 * eps)
+    with torch.no_grad():
+        W.copy_(base)
+    torch.testing.assert_close(gW, fd, atol=1e-6, rtol=1e-5)
+
+
+def input_grad(model, x, est):
+    x = x.clone().requires_grad_(True)
+    with gradient(model, est):
+        model(x).pow(2).sum().backward()
+    return x.grad
+
+
+def test_phantom_and_unrolled_approach_exact_gradient():
+    model = small_mlp_deq()
+    x = torch.rand(4, 6, dtype=torch.float64)
+    exact = input_grad(model, x, ImplicitGrad(TIGHT_BWD))
+    errs_u = [(input_grad(model, x, UnrolledGrad(steps=k)) - exact).norm().item() for k in (1, 3, 10, 40)]
+    errs_p = [(input_grad(model, x, PhantomGrad(k=k, tau=0.5)) - exact).norm().item() for k in (1, 5, 20, 80)]
+    assert all(a > b for a, b in zip(errs_u, errs_u[1:])), errs_u
+    assert all(a > b for a, b in zip(errs_p, errs_p[1:])), errs_p
+    assert errs_u[-1] < 1e-6 * exact.norm().item() + 1e-9
+    assert errs_p[-1] < 1e-5 * exact.norm().item() + 1e-9
+    full = input_grad(model, x, FullBackprop())
+    torch.testing.assert_close(full, exact, atol=1e-8, rtol=1e-6)
+
+
+def test_nograd_and_unknown_estimator():
+    model = small_mlp_deq()
+    x = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
+    with gradient(model, NoGrad()):
+        out = model(x)
+    # only the head's parameters remain in the graph
+    assert not torch.autograd.grad(out.sum(), x, allow_unused=True)[0] is not None
+    with pytest.raises(ConfigError, match="unknown gradient estimator"):
+        with gradient(model, "magic"):
+            pass
+    with pytest.raises(ConfigError):
+        UnrolledGrad(steps=0)
+
+
+def test_gradient_override_is_scoped_and_mode_independent():
+    model = small_mlp_deq()
+    model.eval()
+    assert isinstance(model.estimator, ImplicitGrad)
+    with gradient(model, "phantom"):
+        assert isinstance(model.estimator, PhantomGrad)
+        with gradient(model, UnrolledGrad(3)):
+            assert isinstance(model.estimator, UnrolledGrad)
+        assert isinstance(model.estimator, PhantomGrad)
+    assert isinstance(model.estimator, ImplicitGrad)
+    assert not model.training
+    # eval mode keeps the input gradient (the TorchDEQ trap)
+    x = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
+    g = torch.autograd.grad(model(x).sum(), x)[0]
+    assert g.abs().sum() > 0
+
+
+def test_train_eval_flags_unchanged_by_any_call():
+    model = zoo.build("mlp_deq", hidden=16)
+    model.train()
+    model.head.eval()  # a mixed configuration must be preserved exactly
+    flags = {n: m.training for n, m in model.named_modules()}
+    x = torch.rand(3, 1, 8, 8)
+    model(x); model.run(x, record="all")
+    with gradient(model, "unrolled"):
+        model(x)
+    attack_view(model, state=2)(x)
+    attack_view(model, grad="phantom")(x).sum().backward()
+    assert flags == {n: m.training for n, m in model.named_modules()}
+
+
+def test_bad_inputs_raise_input_error():
+    model = zoo.build("mlp_deq", hidden=8)
+    with pytest.raises(InputError, match="shape"):
+        model(torch.rand(2, 1, 9, 9))
+    x = torch.rand(2, 1, 8, 8); x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="finite|NaN|nan"):
+        model(x)
+    with pytest.raises(InputError, match=r"\[0, 1\]|range"):
+        model(torch.rand(2, 1, 8, 8) * 2)
+    with pytest.raises(ConfigError, match="unknown option"):
+        zoo.build("mlp_deq", hiden=8)
+    with pytest.raises(ConfigError, match="unknown model"):
+        zoo.build("resnet")
+
+
+def test_nonconvergence_warning():
+    model = zoo.build("mlp_deq", hidden=16, solver={"max_iter": 2, "tol": 1e-12})
+    with pytest.warns(NonConvergenceWarning, match="did not reach tol"):
+        model(torch.rand(4, 1, 8, 8))
+
+
+def test_monotone_cell_unique_fixed_point_from_any_start():
+    model = zoo.build("mon_deq", hidden=12, m=0.5, solver={"max_iter": 400, "tol": 1e-9, "stop_mode": "abs"}).double()
+    # make it strongly non-symmetric / large so that a plain iteration of relu(Wz+u) would not converge
+    with torch.no_grad():
+        model.cell.A.mul_(3.0); model.cell.B.mul_(3.0)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    u = model.inject(x)
+    assert model.cell.contraction_rate() < 1
+    sols = []
+    for s in range(4):
+        z0 = 10 * torch.randn(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+        res = model.solve(u, z0=z0)
+        assert res.converged.all()
+        sols.append(res.z)
+    for z in sols[1:]:
+        torch.testing.assert_close(z, sols[0], atol=1e-7, rtol=0)
+    # it is a fixed point of the monotone DEQ equation z = relu(W z + u)
+    z = sols[0]
+    torch.testing.assert_close(z, torch.relu(z @ model.cell.W().T + u), atol=1e-7, rtol=0)
+    # monotonicity: I - W >= m I
+    W = model.cell.W().detach()
+    sym = 0.5 * ((torch.eye(12, dtype=W.dtype) - W) + (torch.eye(12, dtype=W.dtype) - W).T)
+    assert torch.linalg.eigvalsh(sym).min() >= 0.5 - 1e-9
+
+
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
+def test_trajectory_states_and_readout():
+    model = zoo.build("mlp_deq", hidden=16, solver={"name": "fixed_point", "max_iter": 12, "tol": 0})
+    x = torch.rand(3, 1, 8, 8)
+    eq = model.run(x, record="all")
+    assert [t.step for t in eq.trajectory] == list(range(12))
+    z3 = eq.state(3).z
+    view = attack_view(model, state=3, unroll=3)
+    torch.testing.assert_close(view(x), model.readout(z3))
+    # the straight-through gradient equals the gradient of the explicit 3-step unroll from z_0
+    xr = x.clone().requires_grad_(True)
+    g_view = torch.autograd.grad(view(xr).sum(), xr)[0]
+    xr2 = x.clone().requires_grad_(True)
+    u = model.inject(xr2)
+    z = model.unroll(u, model.init_state(u), 3)
+    g_ref = torch.autograd.grad(model.readout(z).sum(), xr2)[0]
+    torch.testing.assert_close(g_view, g_ref)
+
+
+def test_weight_tied_masks_and_interface():
+    m = zoo.build("weight_tied_mlp", hidden=16, depth=4, sparsity=0.5, seed=1)
+    name = m.masked_names[0]
+    masks = [m.mask(l, name) for l in range(4)]
+    for a in masks:
+        assert 0.4 < float(a.mean()) < 0.6
+    assert not torch.equal(masks[0], masks[1])
+    x = torch.rand(2, 1, 8, 8)
+    eq = m.run(x, record="all")
+    assert [t.step for t in eq.trajectory] == [0, 1, 2, 3, 4]
+    # layer l uses W * M_l: check against an explicit computation
+    u = m.inject(x)
+    z = torch.zeros(2, 16)
+    W = m.cell.W.weight
+    for l in range(4):
+        z = torch.tanh(z @ (W * m.mask(l, "W.linear.weight")).T + u)
+    torch.testing.assert_close(eq.z, z)
+    torch.testing.assert_close(eq.logits, m.readout(z))
+    with pytest.raises(ConfigError, match="weight-tied"):
+        with gradient(m, "ift"):
+            pass
+    # attack view of an intermediate layer: value and gradient of the explicit network
+    v = attack_view(m, state=2, unroll=2)
+    torch.testing.assert_close(v(x), m.readout(eq.state(2).z))
+
+
+@pytest.mark.integration
+def test_fixed_point_and_ift_gradient_agree_with_torchdeq():
+    torchdeq = pytest.importorskip("torchdeq")
+    model = small_mlp_deq()
+    x = torch.rand(3, 6, dtype=torch.float64, requires_grad=True)
+    ours = model.run(x)
+    g_ours = torch.autograd.grad(ours.logits.pow(2).sum(), x)[0]
+    deq = torchdeq.get_deq(f_solver="anderson", f_max_iter=200, f_tol=1e-12, f_stop_mode="abs",
+                           b_solver="anderson", b_max_iter=200, b_tol=1e-12, b_stop_mode="abs", ift=True)
+    deq.train()  # torchdeq's eval mode has no gradient path to the input
+    x2 = x.detach().clone().requires_grad_(True)
+    u = model.inject(x2)
+    zs, _ = deq(lambda z: model.cell(z, u), torch.zeros(3, 5, dtype=torch.float64))
+    torch.testing.assert_close(ours.z_star, zs[-1].detach(), atol=1e-9, rtol=0)
+    g_ref = torch.autograd.grad(model.readout(zs[-1]).pow(2).sum(), x2)[0]
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-8, rtol=1e-6)
