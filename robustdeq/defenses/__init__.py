@@ -1,0 +1,37 @@
+"""Defenses: inference-time wrappers (``x -> logits`` modules that declare ``randomized``,
+``dynamic``, ``differentiable`` and offer ``adaptive_views()``), robust architectures (LyaDEQ) and
+training objectives ``(model, x, y) -> (loss, scalars)``.
+
+Every name is imported on first use (module ``__getattr__``), so ``import robustdeq.defenses`` is
+cheap and a submodule is only loaded when one of its names is needed.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    # lyapunov.py: LyaDEQ
+    "LyaDEQ": ".lyapunov", "LyapunovFunction": ".lyapunov", "ICNN": ".lyapunov",
+    "SeparationHead": ".lyapunov", "LyapunovStability": ".lyapunov", "LyapunovTrace": ".lyapunov",
+    "lyapunov_decrease": ".lyapunov", "project_dynamics": ".lyapunov", "rehu": ".lyapunov",
+    # entropy.py: input-entropy reduction
+    "EntropyDefense": ".entropy", "EntropyResult": ".entropy", "prediction_entropy": ".entropy",
+    # objectives.py / jiio.py (adversarial training objectives, JIIO)
+    "PGDAT": ".objectives", "TRADES": ".objectives", "RandomStateObjective": ".objectives",
+    "JIIOAT": ".jiio", "optimize_inputs": ".jiio",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
