@@ -17,3 +17,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    # tiny models: one thread is much faster than two oversubscribed ones on a 2-core machine
+    torch.set_num_threads(1)

@@ -182,9 +182,14 @@ def test_bad_inputs_raise_input_error():
 
 
 def test_nonconvergence_warning():
-    model = zoo.build("mlp_deq", hidden=16, solver={"max_iter": 2, "tol": 1e-12})
+    import warnings
+    model = zoo.build("mlp_deq", hidden=16, solver={"max_iter": 2, "tol": 1e-12}).eval()
     with pytest.warns(NonConvergenceWarning, match="did not reach tol"):
         model(torch.rand(4, 1, 8, 8))
+    with warnings.catch_warnings():  # once per model: the next call only counts the event
+        warnings.simplefilter("error")
+        model(torch.rand(4, 1, 8, 8))
+    assert model.nonconvergence_events == 2
 
 
 def test_monotone_cell_unique_fixed_point_from_any_start():

@@ -52,11 +52,11 @@ class GradientEstimator:
     def describe(self) -> dict:
         d = {"name": type(self).__name__}
         d.update({k: (v if not isinstance(v, SolverConfig) else v.name.value)
-                  for k, v in vars(self).items() if not k.startswith("_")})
+                  for k, v in vars(self).items() if not k.startswith(("_", "last_"))})
         return d
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith(("_", "last_")))
         return f"{type(self).__name__}({args})"
 
 
@@ -72,6 +72,7 @@ class ImplicitGrad(GradientEstimator):
     def __init__(self, solver: SolverConfig | dict | None = None):
         self.solver = from_dict(SolverConfig, solver) if solver is not None else BACKWARD_DEFAULT
         self.last_backward = None  # SolveResult of the latest adjoint solve (diagnostics)
+        self._warned = False
 
     def attach(self, f, u, z_star, trajectory=None):
         z_star = z_star.detach()
@@ -95,11 +96,13 @@ class ImplicitGrad(GradientEstimator):
             with torch.no_grad():
                 res = solver.solve(adjoint_map, grad.detach())
             est.last_backward = res
-            if not bool(res.converged.all()):
+            if not bool(res.converged.all()) and not est._warned:
+                est._warned = True
                 warnings.warn(
                     f"implicit backward: adjoint solve did not converge for "
                     f"{int((~res.converged).sum())}/{res.converged.numel()} samples "
-                    f"(max residual {float(res.residual.max()):.2e}, tol {solver.config.tol:g})",
+                    f"(max residual {float(res.residual.max()):.2e}, tol {solver.config.tol:g}); "
+                    "further warnings from this estimator are suppressed",
                     NonConvergenceWarning, stacklevel=2)
             return res.z
 

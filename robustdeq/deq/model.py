@@ -106,6 +106,8 @@ class DEQClassifier(nn.Module):
         self.warn_nonconvergence = warn_nonconvergence
         self._grad_stack: List[GradientEstimator] = []
         self.last_stats: Optional[SolverStats] = None
+        self._warned = False
+        self.nonconvergence_events = 0
 
     # -- pieces -----------------------------------------------------------------------------------
     def check_estimator(self, est: GradientEstimator) -> None:
@@ -189,17 +191,31 @@ class DEQClassifier(nn.Module):
         return self.run(x).logits
 
     def _maybe_warn(self, stats: SolverStats) -> None:
-        if not self.warn_nonconvergence:
-            return
+        """Warn (once per model until :meth:`reset_warnings`) when samples did not converge.
+
+        Every occurrence is counted in ``nonconvergence_events`` and logged; in training mode the
+        event is logged only (short solves are common while training and are not a trust issue).
+        """
         n_bad = int((~stats.converged).sum())
-        if n_bad:
-            n_div = int(stats.diverged.sum())
-            warnings.warn(
-                f"forward solve: {n_bad}/{stats.converged.numel()} samples did not reach tol "
-                f"{self.solver_config.tol:g} in {self.solver_config.max_iter} iterations"
-                + (f" ({n_div} diverged)" if n_div else "")
-                + f"; max residual {float(stats.residual.max()):.2e}",
-                NonConvergenceWarning, stacklevel=3)
+        if not n_bad:
+            return
+        self.nonconvergence_events += 1
+        n_div = int(stats.diverged.sum())
+        msg = (f"forward solve: {n_bad}/{stats.converged.numel()} samples did not reach tol "
+               f"{self.solver_config.tol:g} in {self.solver_config.max_iter} iterations"
+               + (f" ({n_div} diverged)" if n_div else "")
+               + f"; max residual {float(stats.residual.max()):.2e}")
+        if self.training or not self.warn_nonconvergence or self._warned:
+            logger.debug(msg)
+            return
+        self._warned = True
+        warnings.warn(msg + " (further warnings from this model are suppressed; see "
+                      "model.nonconvergence_events and Equilibrium.stats)",
+                      NonConvergenceWarning, stacklevel=4)
+
+    def reset_warnings(self) -> None:
+        self._warned = False
+        self.nonconvergence_events = 0
 
 
 __all__ = ["DEQClassifier", "Equilibrium", "SolverStats"]
