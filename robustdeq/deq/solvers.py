@@ -169,8 +169,9 @@ class Solver:
         state.res0 = None
         return state
 
-    def residual(self, z: Tensor, fz: Tensor) -> Tensor:
-        diff = (fz - z).norm(dim=1)
+    def residual(self, z: Tensor, fz: Tensor, g: Optional[Tensor] = None) -> Tensor:
+        """Per-sample residual of ``z`` given ``fz = f(z)`` (``g = fz - z`` if already computed)."""
+        diff = (fz - z if g is None else g).norm(dim=1)
         if self.config.stop_mode == StopMode.REL:
             return diff / (fz.norm(dim=1) + self.config.eps)
         return diff
@@ -182,15 +183,19 @@ class Solver:
         z = state.z
         fz = f_flat(z)
         state.nfe += 1
-        res = self.residual(z, fz).detach()
+        g = fz - z
+        res = self.residual(z, fz, g).detach()
         finite = torch.isfinite(res)
-        res = torch.where(finite, res, torch.full_like(res, float("inf")))
+        all_finite = bool(finite.all())
+        if not all_finite:
+            res = torch.where(finite, res, torch.full_like(res, float("inf")))
         active_before = state.active
         if state.res0 is None:
             state.res0 = torch.where(finite, res, torch.ones_like(res))
         # best iterate so far (only among active samples: frozen ones keep theirs)
         improved = (res < state.best_res) & active_before
-        state.best_z = torch.where(improved[:, None], z, state.best_z)
+        if self.config.select == Select.BEST:
+            state.best_z = torch.where(improved[:, None], z, state.best_z)
         state.best_res = torch.where(improved, res, state.best_res)
         state.best_step = torch.where(improved, torch.full_like(state.best_step, state.step), state.best_step)
         newly_conv = active_before & (res <= cfg.tol)
@@ -202,16 +207,21 @@ class Solver:
         state.last_z, state.last_fz, state.last_res = z, fz, res
         state.residual_history.append(res)
         active = state.active
-        if bool(active.any()):
-            z_next = self.propose(state, z, fz)
-            z_next = torch.where(active[:, None], z_next, z)
+        n_active = int(active.sum())
+        if n_active:
+            if not all_finite:  # one diverged sample must not poison batched linear algebra
+                z, fz, g = _sanitize(z, fz, g, finite)
+            z_next = self.propose(state, z, fz, g)
+            if n_active < active.numel():
+                z_next = torch.where(active[:, None], z_next, state.last_z)
         else:
             z_next = z
         state.z = z_next
         state.step += 1
         return state
 
-    def propose(self, state: SolverState, z: Tensor, fz: Tensor) -> Tensor:  # pragma: no cover
+    def propose(self, state: SolverState, z: Tensor, fz: Tensor, g: Tensor) -> Tensor:  # pragma: no cover
+        """The next iterate from ``z``, ``fz = f(z)`` and ``g = fz - z`` (all (B, D), finite)."""
         raise NotImplementedError
 
     def finalize(self, state: SolverState, trajectory: Optional[List[TrajectoryState]] = None) -> SolveResult:
@@ -271,19 +281,16 @@ class FixedPointIteration(Solver):
 
     name = "fixed_point"
 
-    def propose(self, state, z, fz):
+    def propose(self, state, z, fz, g):
         tau = self.config.damping
         return fz if tau == 1.0 else (1 - tau) * z + tau * fz
 
 
-def _sanitize(z: Tensor, fz: Tensor):
-    """Replace non-finite rows so that one diverged sample cannot poison batched linear algebra."""
-    ok = torch.isfinite(z).all(dim=1) & torch.isfinite(fz).all(dim=1)
-    if bool(ok.all()):
-        return z, fz
-    z = torch.where(ok[:, None], z, torch.zeros_like(z))
-    fz = torch.where(ok[:, None], fz, z)
-    return z, fz
+def _sanitize(z: Tensor, fz: Tensor, g: Tensor, finite: Tensor):
+    """Zero the rows of non-finite samples (they are frozen; their proposal is discarded)."""
+    ok = finite[:, None]
+    z = torch.where(ok, z, torch.zeros_like(z))
+    return z, torch.where(ok, fz, z), torch.where(ok, g, torch.zeros_like(g))
 
 
 class Anderson(Solver):
@@ -296,46 +303,46 @@ class Anderson(Solver):
 
     name = "anderson"
 
-    def propose(self, state, z, fz):
+    def propose(self, state, z, fz, g):
         cfg = self.config
-        z, fz = _sanitize(z, fz)
         mem = state.memory
         b, d = z.shape
         m = cfg.m
-        if "X" not in mem:
-            mem["X"] = z.new_zeros(b, m, d)
-            mem["F"] = z.new_zeros(b, m, d)
+        if "F" not in mem:
+            mem["F"] = z.new_zeros(b, m, d)   # images f(X_i)
+            mem["G"] = z.new_zeros(b, m, d)   # residuals G_i = f(X_i) - X_i
             mem["n"] = 0
-        X, F = mem["X"], mem["F"]
+            A = z.new_zeros(b, m + 1, m + 1)  # bordered system, border filled once
+            A[:, 0, 1:] = 1
+            A[:, 1:, 0] = 1
+            rhs = z.new_zeros(b, m + 1, 1)
+            rhs[:, 0] = 1
+            mem["A"], mem["rhs"] = A, rhs
+            mem["eye"] = torch.eye(m, dtype=z.dtype, device=z.device)
+        F, G = mem["F"], mem["G"]
         if torch.is_grad_enabled():  # keep autograd history valid for full backpropagation
-            X, F = X.clone(), F.clone()
+            F, G = F.clone(), G.clone()
         slot = mem["n"] % m
-        X[:, slot] = z
         F[:, slot] = fz
-        mem["X"], mem["F"] = X, F
+        G[:, slot] = g
+        mem["F"], mem["G"] = F, G
         mem["n"] += 1
         n = min(mem["n"], m)
         if n == 1:
-            return (1 - cfg.beta) * z + cfg.beta * fz if cfg.beta != 1 else fz
-        Xn, Fn = X[:, :n], F[:, :n]
-        G = Fn - Xn
-        H = torch.bmm(G, G.transpose(1, 2))
+            return fz if cfg.beta == 1 else z + cfg.beta * g
+        Fn, Gn = (F, G) if n == m else (F[:, :n], G[:, :n])
+        H = torch.bmm(Gn, Gn.transpose(1, 2))
         # regularisation relative to the mean squared residual in memory: scale invariant, so the
         # acceleration does not fade as residuals shrink (an absolute lam dominates tiny G G^T)
         scale = H.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-        H = H + (cfg.lam * scale)[:, None, None] * torch.eye(n, dtype=z.dtype, device=z.device)
-        A = z.new_zeros(b, n + 1, n + 1)
-        A[:, 0, 1:] = 1
-        A[:, 1:, 0] = 1
-        A[:, 1:, 1:] = H
-        rhs = z.new_zeros(b, n + 1, 1)
-        rhs[:, 0] = 1
-        alpha = torch.linalg.solve(A, rhs)[:, 1:, 0]          # (B, n)
-        z_f = torch.bmm(alpha[:, None], Fn)[:, 0]
+        A = mem["A"][:, :n + 1, :n + 1].clone()
+        A[:, 1:, 1:] = H + (cfg.lam * scale)[:, None, None] * mem["eye"][:n, :n]
+        alpha = torch.linalg.solve(A, mem["rhs"][:, :n + 1])[:, 1:, 0]          # (B, n)
+        z_f = torch.bmm(alpha[:, None], Fn)[:, 0]              # sum_i a_i f(X_i)
         if cfg.beta == 1.0:
             return z_f
-        z_x = torch.bmm(alpha[:, None], Xn)[:, 0]
-        return cfg.beta * z_f + (1 - cfg.beta) * z_x
+        # beta f + (1 - beta) X  =  f - (1 - beta) G
+        return z_f - (1 - cfg.beta) * torch.bmm(alpha[:, None], Gn)[:, 0]
 
 
 class Broyden(Solver):
@@ -360,10 +367,8 @@ class Broyden(Solver):
             return -v
         return -v + torch.einsum("bm,bmd->bd", torch.einsum("bd,bdm->bm", v, U), VT)
 
-    def propose(self, state, z, fz):
+    def propose(self, state, z, fz, g):
         cfg = self.config
-        z, fz = _sanitize(z, fz)
-        g = fz - z
         mem = state.memory
         b, d = z.shape
         M = cfg.memory or cfg.max_iter
