@@ -135,6 +135,8 @@ def cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustdeq", description="Adversarial robustness of deep equilibrium models")
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the zoo's small models run fastest on one; 0 = torch default)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="train a DEQ on the bundled digits and report (default job)")
@@ -168,6 +170,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
     from .errors import RobustDEQError
     try:
         return int(args.func(args) or 0)
