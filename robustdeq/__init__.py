@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from .config import SolverConfig, Select, StopMode, SolverName, Norm  # noqa: E402
 from .errors import (  # noqa: E402
     RobustDEQError, ConfigError, InputError, CheckpointError, DataError,
-    NonConvergenceWarning, GradientMaskingWarning,
+    NonConvergenceWarning, GradientMaskingWarning, CertificationWarning,
 )
 from .deq.grad import (  # noqa: E402
     ImplicitGrad, PhantomGrad, UnrolledGrad, FullBackprop, NoGrad, gradient,
@@ -22,7 +22,7 @@ from .deq import zoo  # noqa: E402
 __all__ = [
     "__version__", "SolverConfig", "Select", "StopMode", "SolverName", "Norm",
     "RobustDEQError", "ConfigError", "InputError", "CheckpointError", "DataError",
-    "NonConvergenceWarning", "GradientMaskingWarning",
+    "NonConvergenceWarning", "GradientMaskingWarning", "CertificationWarning",
     "ImplicitGrad", "PhantomGrad", "UnrolledGrad", "FullBackprop", "NoGrad", "gradient",
     "DEQClassifier", "Equilibrium", "get_solver", "solve", "attack_view", "zoo",
 ]

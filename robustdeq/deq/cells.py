@@ -44,7 +44,11 @@ def _apply_norm(layer: nn.Module, norm: str, name: str = "weight") -> nn.Module:
 
 
 class ScaledLinear(nn.Module):
-    """``y = scale * W x`` with an optional spectral normalisation of W (so ``||scale W||_2 <= scale``)."""
+    """``y = scale * W x`` with an optional spectral normalisation of W.
+
+    PyTorch's spectral normalisation divides by a power-iteration *estimate* of ``||W||_2`` (a lower
+    bound), so ``||scale W||_2`` is only approximately ``scale`` (it converges during training);
+    certificates recompute the exact norm and never rely on it."""
 
     def __init__(self, dim: int, norm: str = "none", scale: float = 1.0, init_gain: float = 0.5):
         super().__init__()

@@ -1,0 +1,232 @@
+"""Sound Lipschitz bounds of ``x -> z* -> logits`` and certified L2 radii.
+
+Input units are the model's inputs (images in [0, 1], before the model's own normalisation).
+
+Bounds on ``Lip_x(z*)`` (L2):
+
+- contraction (rate ``L < 1``, see :mod:`.contraction`):
+  ``Lip_x(z*) <= Lip_u(f) Lip_x(inj) / (1 - L)`` (from ``||dz|| <= L ||dz|| + Lip_u ||du||``);
+- monotone cell (Pabbaraju, Winston & Kolter 2021): ``Lip_u(z*) <= 1 / m`` with ``I - W >= m I``;
+  the smaller of that and the splitting-map bound ``a / (1 - L)`` is used;
+- linear cell ``A z + u``: exact, ``z* = (I - A)^{-1} u``.
+
+``Lip_x(inj)`` of an ``MLPInjection`` ``U normalize(x) + b`` is ``||U diag(1/std)||_2``.
+
+Certified radius (per sample, label ``y``, read-out ``logits = W_o z + b_o``): the logit difference
+``g_j(x) = (w_y - w_j)^T z*(x) + (b_y - b_j)`` is Lipschitz with constant at most
+``P_yj = ||w_y - w_j||_2 Lip_x(z*)`` (exact linear: ``||(w_y - w_j)^T (I - A)^{-1} U'||_2``), so the
+prediction cannot change within ``radius = min_j g_j(x) / P_yj`` (**per-pair bound**, the one
+reported). It is never smaller than the global-constant radius ``M / (sqrt(2) L_logits)`` with
+``L_logits = ||W_o||_2 Lip_x(z*)`` (reported as ``radius_global``), since
+``||w_y - w_j|| <= sqrt(2) ||W_o||_2``.
+
+Solver error: the radius is certified for the exact equilibrium map. The margin is measured at the
+solver's ``z``, not at ``z*``; with residual ``r = ||f(z) - z||`` the certificate subtracts
+``|(w_y - w_j)^T (z - z*)| <= ||w_y - w_j|| r / (1 - L)`` (linear: ``||(w_y-w_j)^T (I-A)^{-1}|| r``)
+from each margin before dividing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from . import linalg
+from ._util import eval_mode, input_feature_scale, require_deq
+from .contraction import ContractionCertificate, contraction_certificate
+from .oracles import LinearCell
+
+
+@dataclass
+class LipschitzBound:
+    """Sound bounds on the Lipschitz constants of ``x -> z*`` and ``x -> logits`` (L2).
+
+    ``pair``: (C, C) bounds on the Lipschitz constant of ``logit_i - logit_j`` (diagonal 0);
+    ``pair_err``: (C, C) factors ``e_ij`` with ``|(logit_i - logit_j)(z) - (...)(z*)| <= e_ij ||f(z) - z||``.
+    ``available`` False (with ``reason``) when no sound bound is known for this model.
+    """
+
+    available: bool
+    method: str
+    reason: str
+    lip_x_z: Optional[float] = None
+    lip_logits: Optional[float] = None
+    exact: bool = False
+    pair: Optional[Tensor] = None
+    pair_err: Optional[Tensor] = None
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"available": self.available, "method": self.method, "reason": self.reason,
+                "lip_x_z": self.lip_x_z, "lip_logits": self.lip_logits, "exact": self.exact,
+                "details": self.details}
+
+
+def _injection_matrix(model: nn.Module) -> Optional[Tensor]:
+    """``U' = U diag(1/std)`` (hidden, n_in) in float64 when the injection is ``Normalize`` +
+    ``Linear`` (``MLPInjection``), else None."""
+    from ..deq.cells import MLPInjection
+    inj = getattr(model, "injection", None)
+    if not isinstance(inj, MLPInjection):
+        return None
+    U = inj.linear.weight.detach().to(torch.float64)
+    scale = input_feature_scale(inj, getattr(model, "input_shape", None), U.shape[1])
+    if scale is None:
+        return None
+    return U * scale.to(U.device)[None, :]
+
+
+def _head_affine(model: nn.Module):
+    """``(W_o (C, D), b_o (C,))`` in float64 when the read-out is affine in the flattened state:
+    ``LinearHead``, ``nn.Linear``, or a separation head ``classifier(Q flatten(z))`` (LyaDEQ's MLP
+    head: ``features`` a Flatten/Identity, ``separation`` a bias-free Linear, ``classifier`` a
+    Linear). None otherwise."""
+    from ..deq.cells import LinearHead
+    head = getattr(model, "head", None)
+    lin = None
+    if isinstance(head, LinearHead):
+        lin = head.linear
+    elif isinstance(head, nn.Linear):
+        lin = head
+    if lin is not None:
+        W = lin.weight.detach().to(torch.float64)
+        b = lin.bias.detach().to(torch.float64) if lin.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+        return W, b
+    feats, sep, cls = (getattr(head, k, None) for k in ("features", "separation", "classifier"))
+    if isinstance(feats, (nn.Flatten, nn.Identity)) and isinstance(sep, nn.Linear) and sep.bias is None \
+            and isinstance(cls, nn.Linear):
+        W = cls.weight.detach().to(torch.float64) @ sep.weight.detach().to(torch.float64)
+        b = cls.bias.detach().to(torch.float64) if cls.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+        return W, b
+    return None
+
+
+def _head_matrix(model: nn.Module) -> Optional[Tensor]:
+    """``W_o`` (C, D) of an affine read-out (see :func:`_head_affine`), else None."""
+    ab = _head_affine(model)
+    return None if ab is None else ab[0]
+
+
+def _pair_norms(Wo: Tensor) -> Tensor:
+    """(C, C) ``||w_i - w_j||_2`` for rows of ``Wo``."""
+    return torch.cdist(Wo, Wo) * (1.0 + linalg.REL_SLACK)
+
+
+def lipschitz_bound(model: nn.Module, contraction: Optional[ContractionCertificate] = None, *,
+                    spectral: str = "auto") -> LipschitzBound:
+    """Sound Lipschitz bounds of ``x -> z*`` and ``x -> logits`` of a DEQ (see module)."""
+    require_deq(model, "lipschitz_bound")
+    with eval_mode(model), torch.no_grad():
+        if hasattr(model, "prepare"):
+            model.prepare()
+        cert = contraction if contraction is not None else contraction_certificate(model, spectral=spectral)
+        Up = _injection_matrix(model)
+        Wo = _head_matrix(model)
+        if Up is None:
+            return LipschitzBound(False, "none", f"no Lipschitz bound for the injection "
+                                  f"{type(getattr(model, 'injection', None)).__name__} (needs an MLPInjection: Normalize + Linear)")
+        if Wo is None:
+            return LipschitzBound(False, "none", f"no Lipschitz bound for the head "
+                                  f"{type(getattr(model, 'head', None)).__name__} (needs a linear read-out)")
+        cell = model.cell
+        lip_inj = linalg.spectral_norm_bound(Up, spectral)
+        head_norm = linalg.spectral_norm_bound(Wo, spectral)
+        details = {"lip_injection": lip_inj.to_dict(), "head_norm": head_norm.to_dict(),
+                   "contraction": {"certified": cert.certified, "lip_z": cert.lip_z, "reason": cert.reason}}
+        if isinstance(cell, LinearCell):
+            A = cell.weight_matrix().detach().to(torch.float64)
+            eye = torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+            rho = linalg.spectral_radius(A)
+            if not rho < 1.0:
+                return LipschitzBound(False, "linear (exact)", f"rho(A) = {rho:.6g} >= 1: fixed-point "
+                                      "iteration does not converge; no certificate", details=details)
+            K = torch.linalg.inv(eye - A)            # z* = K u
+            KU = K @ Up                              # x -> z* (linear part)
+            diff = Wo[:, None, :] - Wo[None, :, :]   # (C, C, D): w_i - w_j
+            pair = (diff @ KU).norm(dim=-1) * (1.0 + linalg.REL_SLACK)
+            pair_err = (diff @ K).norm(dim=-1) * (1.0 + linalg.REL_SLACK)
+            lip_z = float(torch.linalg.matrix_norm(KU, ord=2))
+            lip_y = float(torch.linalg.matrix_norm(Wo @ KU, ord=2))
+            details["spectral_radius"] = rho
+            details["err_factor"] = float(torch.linalg.matrix_norm(K, ord=2)) * (1 + linalg.REL_SLACK)
+            return LipschitzBound(True, "linear (exact)", "x -> logits is affine: exact constants",
+                                  lip_x_z=lip_z * (1 + linalg.REL_SLACK), lip_logits=lip_y * (1 + linalg.REL_SLACK),
+                                  exact=True, pair=pair, pair_err=pair_err, details=details)
+        if not cert.certified:
+            return LipschitzBound(False, "none", f"no global certificate for the cell: {cert.reason}",
+                                  details=details)
+        L = float(cert.lip_z)
+        if cert.lip_u is None:
+            return LipschitzBound(False, "none", "the cell declares no Lipschitz constant in u",
+                                  details=details)
+        lip_u_z = float(cert.lip_u) / (1.0 - L)
+        method = "contraction"
+        if cert.monotone_m is not None and cert.monotone_m > 0:
+            pab = 1.0 / cert.monotone_m
+            details["monotone"] = {"pabbaraju": pab, "splitting": lip_u_z}
+            if pab < lip_u_z:
+                lip_u_z, method = pab, "monotone (Pabbaraju et al. 2021: ||U|| / m)"
+            else:
+                method = "monotone (splitting contraction)"
+        lip_z = lip_u_z * lip_inj.upper * (1.0 + linalg.REL_SLACK)
+        pn = _pair_norms(Wo)
+        err = 1.0 / (1.0 - L)
+        details["err_factor"] = err
+        return LipschitzBound(True, method, f"Lip_x(z*) <= {lip_z:.6g}", lip_x_z=lip_z,
+                              lip_logits=head_norm.upper * lip_z * (1.0 + linalg.REL_SLACK),
+                              exact=False, pair=pn * lip_z, pair_err=pn * err, details=details)
+
+
+@dataclass
+class RadiusResult:
+    """Per-sample certified L2 radii (B,) and their ingredients."""
+
+    radius: Tensor          # per-pair certified radius (0 when not certified)
+    radius_global: Tensor   # M_lower / (sqrt(2) L_logits)
+    margin: Tensor          # logit margin at the solver's z (label - best other)
+    margin_lower: Tensor    # margin lower bound at the exact z* (after the solver-error correction)
+    runner_up: Tensor       # class j attaining the minimum radius
+
+
+def certified_radius(bound: LipschitzBound, logits: Tensor, y: Tensor, residual: Tensor) -> RadiusResult:
+    """Certified L2 radii from logits at the solver's state, labels and absolute residuals.
+
+    Args:
+        bound: an available :class:`LipschitzBound`.
+        logits: (B, C) logits ``readout(z)``; y: (B,) labels (use predictions when unknown);
+        residual: (B,) ``||f(z) - z||_2`` of the state the logits were read from.
+    """
+    if not bound.available:
+        raise ConfigError(f"no Lipschitz bound available: {bound.reason}")
+    lg = logits.detach().to(torch.float64)
+    B, C = lg.shape
+    dev = lg.device
+    pair = bound.pair.to(dev)
+    pair_err = bound.pair_err.to(dev)
+    y = y.to(dev).long()
+    r = residual.detach().to(torch.float64).to(dev)
+    g = lg.gather(1, y[:, None]) - lg                       # (B, C): logit_y - logit_j
+    gl = g - pair_err[y] * r[:, None]                        # lower bound at the exact z*
+    P = pair[y]                                              # (B, C)
+    others = torch.ones(B, C, dtype=torch.bool, device=dev)
+    others[torch.arange(B, device=dev), y] = False
+    with torch.no_grad():
+        rad = torch.where(P > 0, gl.clamp_min(0) / P.clamp_min(1e-300), torch.where(gl > 0, torch.full_like(gl, math.inf), torch.zeros_like(gl)))
+        rad = torch.where(others, rad, torch.full_like(rad, math.inf))
+        radius, j = rad.min(dim=1)
+        big = torch.full_like(g, math.inf)
+        margin = torch.where(others, g, big).min(dim=1).values
+        margin_lower = torch.where(others, gl, big).min(dim=1).values
+        Lg = bound.lip_logits
+        radius_global = (margin_lower.clamp_min(0) / (math.sqrt(2.0) * Lg)) if Lg and Lg > 0 else \
+            torch.where(margin_lower > 0, torch.full_like(margin_lower, math.inf), torch.zeros_like(margin_lower))
+        radius = torch.where(margin_lower > 0, radius, torch.zeros_like(radius))
+    return RadiusResult(radius=radius, radius_global=radius_global, margin=margin,
+                        margin_lower=margin_lower, runner_up=j)
+
+
+__all__ = ["LipschitzBound", "lipschitz_bound", "RadiusResult", "certified_radius"]
