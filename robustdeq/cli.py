@@ -74,13 +74,12 @@ def train_model(model_name: str, model_options: dict, train_options: dict, *, da
 
 
 def cmd_train(args) -> int:
-    objective = None
-    if args.defense and args.defense != "none":
-        from .defenses.registry import make_objective  # noqa: WPS433 (lazy: heavy)
-        objective = make_objective(args.defense, **_json_arg(args.defense_options, "--defense-options"))
+    from .defenses.recipes import recipe
+    rec = recipe(args.defense, **_json_arg(args.defense_options, "--defense-options"))
+    objective = rec.objective
     model_opts = _json_arg(args.model_options, "--model-options")
-    if args.defense == "lyadeq":
-        args.model = "lyadeq"
+    if rec.model is not None:
+        args.model = rec.model
     model, hist, _ = train_model(args.model, model_opts,
                                  {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                                   **_json_arg(args.train_options, "--train-options")},
@@ -182,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-options", default=None, help='JSON, e.g. \'{"hidden": 64}\'')
     t.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10", "synthetic"])
     t.add_argument("--data-root", default=None, help="folder with MNIST idx / CIFAR-10 binary files")
-    t.add_argument("--defense", default="none", help="none, pgd-at, trades, trades-random-state, jiio-at, lyadeq, ...")
+    t.add_argument("--defense", default="none",
+                   help="none, pgd-at, pgd-at-random-state, trades, trades-random-state, jiio-at, lyadeq, lyadeq-at")
     t.add_argument("--defense-options", default=None, help="JSON options of the training objective")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=64)

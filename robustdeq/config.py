@@ -180,7 +180,6 @@ class TrainConfig:
     optimizer: str = "adam"
     schedule: str = "cosine"
     grad_clip: float = 0.0
-    jac_reg: float = 0.0         # weight of the Hutchinson Jacobian penalty (0: off)
     seed: int = 0
     log_every: int = 10
 

@@ -1,5 +1,6 @@
 """One trainer for every objective: standard, adversarial (PGD-AT, TRADES, random intermediate
-states, JIIO-AT) or any callable ``objective(model, x, y) -> (loss, scalars)``.
+states, JIIO-AT; see :mod:`robustdeq.defenses.objectives`, which also owns the Jacobian
+regularisation option) or any callable ``objective(model, x, y) -> (loss, scalars)``.
 
 It logs scalars to TensorBoard, shows tqdm progress when asked, evaluates clean accuracy and solver
 statistics after each epoch, writes a checkpoint every epoch (weights, optimizer, scheduler,
@@ -26,39 +27,6 @@ from .errors import CheckpointError, ConfigError, InputError
 logger = logging.getLogger(__name__)
 
 Objective = Callable[[nn.Module, Tensor, Tensor], Tuple[Tensor, Dict[str, float]]]
-
-
-class CrossEntropy:
-    """Standard training: cross-entropy of ``model(x)``."""
-
-    name = "standard"
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(1) == y).float().mean()
-        return loss, {"ce": float(loss.detach()), "train_acc": float(acc)}
-
-    def describe(self) -> dict:
-        return {"name": self.name}
-
-
-def jacobian_penalty(model: nn.Module, x: Tensor, samples: int = 1) -> Tensor:
-    """Hutchinson estimate of ``||J||_F^2 / D`` at the fixed point (Bai et al. 2021).
-
-    ``J = df/dz`` at z* of ``model`` (a DEQClassifier); differentiable in the parameters.
-    """
-    if not hasattr(model, "solve"):
-        raise ConfigError(f"Jacobian regularisation needs a DEQ with a solver, not {type(model).__name__}")
-    u = model.inject(x)
-    z = model.solve(u).z.detach().requires_grad_(True)
-    fz = model.f(z, u)
-    total = fz.new_zeros(())
-    for _ in range(samples):
-        eps = torch.randn_like(fz)
-        (vjp,) = torch.autograd.grad(fz, z, eps, create_graph=True, retain_graph=True)
-        total = total + vjp.pow(2).sum() / vjp.numel()
-    return total / samples
 
 
 @torch.no_grad()
@@ -107,7 +75,10 @@ class Trainer:
                  progress: bool = False, tensorboard: bool = True,
                  model_config: Optional[dict] = None, metadata: Optional[dict] = None):
         self.model = model
-        self.objective = objective or CrossEntropy()
+        if objective is None:
+            from .defenses.objectives import CrossEntropy
+            objective = CrossEntropy()
+        self.objective = objective
         self.config = from_dict(TrainConfig, config)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
@@ -240,10 +211,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss, scalars = self.objective(self.model, xb, yb)
             scalars = dict(scalars)
-            if cfg.jac_reg > 0:
-                pen = jacobian_penalty(self.model, xb)
-                loss = loss + cfg.jac_reg * pen
-                scalars["jac_penalty"] = float(pen.detach())
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite training loss at epoch {epoch}, batch {i}")
             loss.backward()
@@ -268,4 +235,4 @@ class Trainer:
         return rec
 
 
-__all__ = ["Trainer", "CrossEntropy", "jacobian_penalty", "evaluate_clean"]
+__all__ = ["Trainer", "evaluate_clean"]

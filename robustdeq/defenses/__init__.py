@@ -18,7 +18,12 @@ _LAZY = {
     "EntropyDefense": ".entropy", "EntropyResult": ".entropy", "prediction_entropy": ".entropy",
     # objectives.py / jiio.py (adversarial training objectives, JIIO)
     "PGDAT": ".objectives", "TRADES": ".objectives", "RandomStateObjective": ".objectives",
-    "JIIOAT": ".jiio", "optimize_inputs": ".jiio",
+    "JIIOAT": ".objectives", "CrossEntropy": ".objectives", "make_objective": ".objectives",
+    "OBJECTIVES": ".objectives",
+    "optimize_inputs": ".jiio", "jiio_attack": ".jiio", "JIIOConfig": ".jiio", "InputOptResult": ".jiio",
+    "Box": ".jiio", "LinfBall": ".jiio", "L2Ball": ".jiio", "Mask": ".jiio", "Intersection": ".jiio",
+    "threat_constraint": ".jiio",
+    "recipe": ".recipes", "RECIPES": ".recipes", "Recipe": ".recipes",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,551 @@
+"""Training objectives for (adversarial) training of DEQs: ``objective(model, x, y) -> (loss, scalars)``.
+
+=================  =====================================================================================
+``CrossEntropy``   standard training: CE on ``model(x)``
+``PGDAT``          PGD adversarial training (Madry et al. 2018): CE on PGD examples of the model itself
+``TRADES``         CE(h(x), y) + beta KL(softmax h(x) || softmax h(x')), x' from ``steps`` sign steps
+                   on the KL from x + 0.001 N(0, I) (Zhang et al. 2019; as in Yang et al. 2023)
+``JIIOAT``         inner maximisation by the JIIO augmented fixed point (robustdeq.defenses.jiio),
+                   CE at the fixed point re-solved at x + delta*, implicit backward warm-started
+                   from the attack's adjoint mu*
+=================  =====================================================================================
+
+Random intermediate states (RIS, Yang, Li, Pang, Liu 2023; ``state="random"``): in EVERY forward of
+the objective (the clean one, the adversarial one and every forward inside the attack generator)
+a budget ``n ~ U{1..N}`` is drawn (one per forward call shared by the batch, ``state_sampling=
+"batch"``, as in the paper's code; or one per sample, ``"sample"``), the model's solver runs exactly
+``n`` steps from ``z_0`` (``max_iter=n``, ``tol=0``: no early stop; ``z_n`` is the solver's n-th
+iterate), then ``phantom_steps`` damped steps ``z <- (1 - tau) z + tau f(z, u)`` with autograd
+(5 and 0.5 by default), and the loss is taken on ``readout(z)`` (the paper's code applies one
+undamped step ``f(z_n)`` before the damped ones; we follow ALGORITHMS.md §3 and apply only the
+damped steps). The draws of the latest call are kept in ``objective.sampled_states`` (a list of
+(B,) int tensors, one per forward) and summarised in the scalars ``state_mean/min/max``.
+
+Jacobian regularisation (``jac_reg > 0``; Bai et al. 2021): ``jac_reg * mean_b ||eps_b^T J_b||^2 / d``
+with ``eps ~ N(0, I)`` (``jac_probes`` probes), a Hutchinson estimate of ``||J||_F^2 / d`` with
+``J = df/dz`` at the (detached) state the loss is read from (``z*``, or the RIS state).
+
+Every inner attack runs with the model in eval mode and its parameters frozen; the modes of all
+submodules and the ``requires_grad`` flags are restored afterwards, and the training forward uses
+the mode the model had when the objective was called.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Norm, coerce_enum, from_dict
+from ..deq.grad import ImplicitGrad
+from ..deq.solvers import get_solver
+from ..deq.regularizers import jacobian_penalty
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Objective", "CrossEntropy", "PGDAT", "TRADES", "JIIOAT", "OBJECTIVES", "make_objective",
+    "jacobian_penalty", "ris_forward", "inner_pgd", "preserve_modes", "RandomStateObjective",
+]
+
+
+# ============================================================================== helpers
+@contextlib.contextmanager
+def preserve_modes(model: nn.Module, *, eval: bool = False, freeze: bool = False):
+    """Restore every submodule's ``training`` flag (and parameters' ``requires_grad``) on exit;
+    optionally switch to eval mode and freeze the parameters inside the block."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if eval:
+            model.eval()
+        if freeze:
+            for p, _ in flags:
+                p.requires_grad_(False)
+        yield model
+    finally:
+        for m, t in modes:
+            m.training = t
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _rand(shape, like: Tensor, gen: Optional[torch.Generator], kind: str = "normal") -> Tensor:
+    if gen is None:
+        t = torch.randn(shape, dtype=like.dtype, device=like.device) if kind == "normal" else \
+            torch.rand(shape, dtype=like.dtype, device=like.device)
+        return t
+    t = torch.randn(shape, generator=gen, dtype=like.dtype) if kind == "normal" else \
+        torch.rand(shape, generator=gen, dtype=like.dtype)
+    return t.to(like.device)
+
+
+def _bshape(x: Tensor) -> Tuple[int, ...]:
+    return (-1,) + (1,) * (x.dim() - 1)
+
+
+def _project(x_adv: Tensor, x: Tensor, eps: float, norm: Norm) -> Tensor:
+    d = x_adv - x
+    if norm == Norm.LINF:
+        d = d.clamp(-eps, eps)
+    else:
+        n = d.flatten(1).norm(dim=1).view(_bshape(x))
+        d = d * torch.clamp(eps / (n + 1e-12), max=1.0)
+    return (x + d).clamp(0.0, 1.0)
+
+
+def _ascent(g: Tensor, norm: Norm) -> Tensor:
+    if norm == Norm.LINF:
+        return g.sign()
+    return g / (g.flatten(1).norm(dim=1).view(_bshape(g)) + 1e-12)
+
+
+def inner_pgd(forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, eps: float, alpha: float,
+              steps: int, norm: Union[str, Norm] = "Linf", random_start: bool = True,
+              generator: Optional[torch.Generator] = None) -> Tensor:
+    """PGD on ``CE(forward(x'), y)`` inside ``B_eps(x) & [0, 1]`` (the inner loop of PGD-AT).
+
+    ``forward``: x -> logits (B, C). Linf: sign steps and clamp; L2: normalised steps and
+    projection onto the ball (random start as torchattacks: a random direction at radius
+    ``U(0, 1) eps``). Returns the detached adversarial batch, same shape as ``x``.
+    """
+    norm = coerce_enum(Norm, norm, "norm")
+    x = x.detach()
+    if random_start and eps > 0:
+        if norm == Norm.LINF:
+            d = (2 * _rand(x.shape, x, generator, "uniform") - 1) * eps
+        else:
+            d = _rand(x.shape, x, generator, "normal")
+            n = d.flatten(1).norm(dim=1).view(_bshape(x))
+            r = _rand((x.shape[0],), x, generator, "uniform").view(_bshape(x))
+            d = d / (n + 1e-12) * r * eps
+        x_adv = (x + d).clamp(0.0, 1.0)
+    else:
+        x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(forward(x_adv), y, reduction="sum")
+            g, = torch.autograd.grad(loss, x_adv)
+        x_adv = _project(x_adv.detach() + alpha * _ascent(g, norm), x, eps, norm)
+    return x_adv.detach()
+
+
+def ris_forward(model: nn.Module, x: Tensor, *, max_state: int, sampling: str = "batch",
+                phantom_steps: int = 5, phantom_tau: float = 0.5,
+                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One random-intermediate-state forward.
+
+    Returns ``(logits (B, C), z (state the logits are read from), u, n (B,) int64)``.
+    ``n ~ U{1..max_state}``, one draw shared by the batch (``"batch"``) or one per sample
+    (``"sample"``); ``z_n`` is the model solver's n-th iterate from ``init_state`` (no early stop),
+    then ``phantom_steps`` damped steps with autograd.
+    """
+    if not (hasattr(model, "solver_config") and hasattr(model, "f") and hasattr(model, "inject")):
+        raise ConfigError(f"random intermediate states need a DEQ with a solver; {type(model).__name__} has none")
+    x = model.check_input(x)
+    u = model.inject(x)
+    b = x.shape[0]
+    count = 1 if sampling == "batch" else b
+    if generator is None:
+        n = torch.randint(1, max_state + 1, (count,))
+    else:
+        n = torch.randint(1, max_state + 1, (count,), generator=generator)
+    n = n.expand(b).clone() if count == 1 else n
+    if hasattr(model, "prepare"):
+        model.prepare()
+    cfg = model.solver_config.replace(max_iter=int(n.max()), tol=0.0)
+    slv = get_solver(cfg)
+    with torch.no_grad():
+        ud = u.detach()
+        f = lambda z: model.f(z, ud)  # noqa: E731
+        state = slv.init(f, model.init_state(ud))
+        zn = state.z.clone()
+        n_dev = n.to(state.z.device)
+        for k in range(1, int(n.max()) + 1):
+            state = slv.step(f, state)
+            zn = torch.where((n_dev == k)[:, None], state.z, zn)
+        z = zn.view(state.shape)
+    for _ in range(phantom_steps):
+        fz = model.f(z, u)
+        z = fz if phantom_tau == 1.0 else (1 - phantom_tau) * z + phantom_tau * fz
+    return model.readout(z), z, u, n
+
+
+def _is_deq(model) -> bool:
+    return all(hasattr(model, a) for a in ("run", "solve", "inject", "f", "readout"))
+
+
+class _WarmForward:
+    """``x -> logits`` for PGD steps on a DEQ: the forward solve starts from the previous call's
+    fixed point and an implicit backward from the previous adjoint (same estimator otherwise)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.z_prev: Optional[Tensor] = None
+        self.est = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        from .jiio import WarmStartImplicitGrad
+        base = self.model.estimator
+        est = None
+        if type(base) is ImplicitGrad:
+            a_prev = None
+            if self.est is not None and self.est.last_backward is not None:
+                a_prev = self.est.last_backward.z
+            est = WarmStartImplicitGrad(a_prev, solver=base.solver)
+            self.est = est
+        z0 = self.z_prev if (self.z_prev is not None and self.z_prev.shape[0] == x.shape[0]
+                             and bool(torch.isfinite(self.z_prev).all())) else None
+        eq = self.model.run(x, z0=z0, grad=est)
+        self.z_prev = eq.z_star.detach()
+        return eq.logits
+
+
+# ============================================================================== base class
+_STATES = (None, "random")
+_SAMPLING = ("batch", "sample")
+
+
+@dataclass
+class Objective:
+    """Base of the training objectives. Subclasses implement :meth:`__call__`.
+
+    Common options: ``state`` (None: the final state / fixed point; "random": RIS),
+    ``state_sampling`` ("batch" | "sample"), ``max_state`` (N; default the model's forward
+    ``max_iter``, or 8), ``phantom_steps``/``phantom_tau``, ``jac_reg``/``jac_probes``, ``seed``
+    (a private generator for every random draw of the objective; None: the global RNG).
+    """
+
+    state: Optional[str] = None
+    state_sampling: str = "batch"
+    max_state: Optional[int] = None
+    phantom_steps: int = 5
+    phantom_tau: float = 0.5
+    jac_reg: float = 0.0
+    jac_probes: int = 1
+    seed: Optional[int] = None
+    sampled_states: List[Tensor] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    name = "objective"
+
+    def __post_init__(self):
+        if self.state not in _STATES:
+            raise ConfigError(f"unknown state {self.state!r} for {type(self).__name__}; expected None or 'random'")
+        if self.state_sampling not in _SAMPLING:
+            raise ConfigError(f"unknown state_sampling {self.state_sampling!r}; expected 'batch' or 'sample'")
+        if self.max_state is not None and (not isinstance(self.max_state, int) or self.max_state < 1):
+            raise ConfigError(f"max_state must be an int >= 1 or None, got {self.max_state!r}")
+        if not isinstance(self.phantom_steps, int) or self.phantom_steps < 1:
+            raise ConfigError(f"phantom_steps must be an int >= 1, got {self.phantom_steps!r}")
+        if not 0 < self.phantom_tau <= 1:
+            raise ConfigError(f"phantom_tau must be in (0, 1], got {self.phantom_tau}")
+        if not self.jac_reg >= 0:
+            raise ConfigError(f"jac_reg must be >= 0, got {self.jac_reg}")
+        if not isinstance(self.jac_probes, int) or self.jac_probes < 1:
+            raise ConfigError(f"jac_probes must be an int >= 1, got {self.jac_probes!r}")
+        self._gen = torch.Generator().manual_seed(int(self.seed)) if self.seed is not None else None
+
+    # -- forwards --------------------------------------------------------------------------------
+    def _n_states(self, model) -> int:
+        if self.max_state is not None:
+            return self.max_state
+        cfg = getattr(model, "solver_config", None)
+        return int(cfg.max_iter) if cfg is not None else 8
+
+    def forward_full(self, model: nn.Module, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(logits, z, u)``: logits in the objective's read-out (final state or RIS), with the
+        (detached) state and the injection for the Jacobian penalty when available."""
+        if self.state == "random":
+            logits, z, u, n = ris_forward(model, x, max_state=self._n_states(model),
+                                          sampling=self.state_sampling, phantom_steps=self.phantom_steps,
+                                          phantom_tau=self.phantom_tau, generator=self._gen)
+            self.sampled_states.append(n.detach().cpu())
+            return logits, z.detach(), u
+        if self.jac_reg > 0 and hasattr(model, "run"):
+            eq = model.run(x)
+            return eq.logits, eq.z_star, eq.u
+        return model(x), None, None
+
+    def forward(self, model: nn.Module, x: Tensor) -> Tensor:
+        """Logits in the objective's read-out (used inside the attack generators too)."""
+        if self.state == "random":
+            return self.forward_full(model, x)[0]
+        return model(x)
+
+    def _penalty(self, model, z, u, loss, scalars) -> Tensor:
+        if self.jac_reg > 0:
+            if z is None or u is None:
+                raise ConfigError(f"jac_reg needs a DEQ exposing its fixed point; {type(model).__name__} does not")
+            r = jacobian_penalty(model, z, u, self.jac_probes, self._gen)
+            scalars["jac"] = float(r.detach())
+            loss = loss + self.jac_reg * r
+        return loss
+
+    def _begin(self):
+        self.sampled_states = []
+
+    def _state_scalars(self, scalars: dict) -> dict:
+        if self.state == "random" and self.sampled_states:
+            n = torch.cat(self.sampled_states).float()
+            scalars["state_mean"] = float(n.mean())
+            scalars["state_min"] = float(n.min())
+            scalars["state_max"] = float(n.max())
+        return scalars
+
+    def describe(self) -> dict:
+        d = {"name": self.name}
+        for f in dataclasses.fields(self):
+            if f.init:
+                v = getattr(self, f.name)
+                d[f.name] = v.value if hasattr(v, "value") else v
+        return d
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _acc(logits: Tensor, y: Tensor) -> float:
+    return float((logits.detach().argmax(dim=1) == y).float().mean())
+
+
+# ============================================================================== objectives
+@dataclass
+class CrossEntropy(Objective):
+    """Standard training: ``CE(model(x), y)`` (or on a random intermediate state)."""
+
+    name = "ce"
+
+    def __call__(self, model, x, y):
+        self._begin()
+        logits, z, u = self.forward_full(model, x)
+        ce = F.cross_entropy(logits, y)
+        scalars = {"ce": float(ce.detach()), "acc": _acc(logits, y)}
+        loss = self._penalty(model, z, u, ce, scalars)
+        scalars["loss"] = float(loss.detach())
+        return loss, self._state_scalars(scalars)
+
+
+def _check_threat(obj, steps_min: int = 1):
+    obj.norm = coerce_enum(Norm, obj.norm, "norm")
+    if not obj.eps >= 0:
+        raise ConfigError(f"eps must be >= 0, got {obj.eps}")
+    if not isinstance(obj.steps, int) or obj.steps < steps_min:
+        raise ConfigError(f"steps must be an int >= {steps_min}, got {obj.steps!r}")
+    if obj.alpha is not None and not obj.alpha > 0:
+        raise ConfigError(f"alpha must be > 0, got {obj.alpha}")
+
+
+@dataclass
+class PGDAT(Objective):
+    """PGD adversarial training: CE on ``x' = PGD(x)`` (``steps`` steps of size ``alpha``,
+    default ``2.5 eps / steps``, in ``B_eps(x) & [0, 1]``), attack run in eval mode with the
+    model's gradient estimator (or through RIS forwards when ``state="random"``). With
+    ``warm_start`` (final-state attacks on a DEQ) step t's forward solve starts from step t-1's
+    fixed point and, for the implicit gradient, its adjoint solve from step t-1's adjoint."""
+
+    eps: float = 0.1
+    alpha: Optional[float] = None
+    steps: int = 7
+    norm: Union[str, Norm] = "Linf"
+    random_start: bool = True
+    warm_start: bool = True
+
+    name = "pgd_at"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_threat(self)
+
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+
+    def generate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """The adversarial batch (model in eval mode, frozen parameters, modes restored)."""
+        with preserve_modes(model, eval=True, freeze=True):
+            if self.state is None and self.warm_start and _is_deq(model):
+                forward = _WarmForward(model)
+            else:
+                forward = lambda xi: self.forward(model, xi)  # noqa: E731
+            return inner_pgd(forward, x, y, eps=self.eps, alpha=self.step_size,
+                             steps=self.steps, norm=self.norm, random_start=self.random_start,
+                             generator=self._gen)
+
+    def loss_at(self, model, x_adv, y):
+        """The outer loss on a given adversarial batch: ``(loss, scalars)``."""
+        logits, z, u = self.forward_full(model, x_adv)
+        ce = F.cross_entropy(logits, y)
+        scalars = {"ce_adv": float(ce.detach()), "acc_adv": _acc(logits, y)}
+        loss = self._penalty(model, z, u, ce, scalars)
+        scalars["loss"] = float(loss.detach())
+        return loss, scalars
+
+    def __call__(self, model, x, y):
+        self._begin()
+        x_adv = self.generate(model, x, y)
+        loss, scalars = self.loss_at(model, x_adv, y)
+        return loss, self._state_scalars(scalars)
+
+
+@dataclass
+class TRADES(Objective):
+    """TRADES: ``CE(h(x), y) + beta * KL(softmax h(x) || softmax h(x'))`` (KL summed over classes,
+    averaged over the batch, gradient through both terms), ``x'`` from ``steps`` ascent steps on the
+    KL (to the detached clean prediction, eval mode) starting at ``clip(x + 0.001 N(0, I), 0, 1)``;
+    step ``alpha`` default ``2.5 eps / steps`` (= 2/255 at 8/255 and 10 steps)."""
+
+    beta: float = 6.0
+    eps: float = 0.1
+    alpha: Optional[float] = None
+    steps: int = 10
+    norm: Union[str, Norm] = "Linf"
+
+    name = "trades"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_threat(self)
+        if not self.beta >= 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+
+    def generate(self, model: nn.Module, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        x = x.detach()
+        with preserve_modes(model, eval=True, freeze=True):
+            with torch.no_grad():
+                p_nat = F.softmax(self.forward(model, x), dim=1)
+            x_adv = (x + 0.001 * _rand(x.shape, x, self._gen, "normal")).clamp(0.0, 1.0)
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)
+                with torch.enable_grad():
+                    kl = F.kl_div(F.log_softmax(self.forward(model, x_adv), dim=1), p_nat, reduction="sum")
+                    g, = torch.autograd.grad(kl, x_adv)
+                x_adv = _project(x_adv.detach() + self.step_size * _ascent(g, self.norm), x, self.eps, self.norm)
+        return x_adv.detach()
+
+    def loss_at(self, model, x, x_adv, y):
+        """The outer TRADES loss for a given ``x'``: ``(loss, scalars)``."""
+        logits_nat, z, u = self.forward_full(model, x)
+        logits_adv = self.forward(model, x_adv)
+        ce = F.cross_entropy(logits_nat, y)
+        kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
+                      reduction="sum") / x.shape[0]
+        loss = ce + self.beta * kl
+        scalars = {"ce": float(ce.detach()), "kl": float(kl.detach()), "acc": _acc(logits_nat, y),
+                   "acc_adv": _acc(logits_adv, y)}
+        loss = self._penalty(model, z, u, loss, scalars)
+        scalars["loss"] = float(loss.detach())
+        return loss, scalars
+
+    def __call__(self, model, x, y):
+        self._begin()
+        x_adv = self.generate(model, x, y)
+        loss, scalars = self.loss_at(model, x, x_adv, y)
+        return loss, self._state_scalars(scalars)
+
+
+@dataclass
+class JIIOAT(Objective):
+    """JIIO adversarial training (Gurumurthy et al. 2021): the inner maximisation is the JIIO
+    augmented solve (``iters`` iterations of one f + one VJP; ``solver`` "fixed_point" or
+    "anderson", ``step`` default sign for Linf and normalised for L2, ``alpha`` default ``eps/4``);
+    the training loss is CE at the fixed point re-solved at ``x + delta*`` (warm-started from the
+    joint iterate), with the implicit backward warm-started from ``-mu*/B`` when the model's
+    estimator is :class:`~robustdeq.deq.grad.ImplicitGrad` and ``warm_start`` (the JIIO adjoint of
+    ``-CE_b`` rescaled to the mean CE), plus the optional Jacobian penalty at ``z*`` (the paper's
+    variant at a random point of the JIIO trajectory is not implemented). Adversarial examples
+    only, no clean term, as in the paper. Random intermediate states are not available for this
+    objective (``state`` must be None).
+    """
+
+    eps: float = 0.1
+    norm: Union[str, Norm] = "Linf"
+    iters: int = 20
+    alpha: Optional[float] = None
+    alpha_final: Optional[float] = None
+    step: Optional[str] = None
+    solver: str = "fixed_point"
+    m: int = 20
+    select: str = "best"
+    warm_start: bool = True
+
+    name = "jiio_at"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.state is not None:
+            raise ConfigError("JIIOAT does not support state='random' (the JIIO solve targets the fixed point)")
+        self.norm = coerce_enum(Norm, self.norm, "norm")
+        if not self.eps >= 0:
+            raise ConfigError(f"eps must be >= 0, got {self.eps}")
+        if not isinstance(self.iters, int) or self.iters < 1:
+            raise ConfigError(f"iters must be an int >= 1, got {self.iters!r}")
+        from .jiio import JIIOConfig  # validates step/solver/select/m
+        JIIOConfig(iters=self.iters, alpha=self.eps / 4 if self.alpha is None else self.alpha,
+                   alpha_final=self.alpha_final, step=self.step or "sign", solver=self.solver, m=self.m,
+                   select=self.select)
+        self.last_backward = None
+
+    def generate(self, model, x, y):
+        """``InputOptResult`` of the JIIO attack (eval mode, modes restored)."""
+        from .jiio import jiio_attack
+        with preserve_modes(model, eval=True):
+            return jiio_attack(model, x, y, eps=self.eps, norm=self.norm, iters=self.iters, alpha=self.alpha,
+                               alpha_final=self.alpha_final, step=self.step, solver=self.solver, m=self.m,
+                               select=self.select, resolve=False)
+
+    def __call__(self, model, x, y):
+        from .jiio import WarmStartImplicitGrad
+        self._begin()
+        r = self.generate(model, x, y)
+        x_adv = model.check_input(r.x)
+        est = model.estimator
+        if self.warm_start and type(est) is ImplicitGrad:
+            u = model.inject(x_adv)
+            sol = model.solve(u, z0=r.z_joint)
+            west = WarmStartImplicitGrad(-r.mu / x.shape[0], solver=est.solver)
+            z = west.attach(model.f, u, sol.z)
+            logits = model.readout(z)
+            z_star = sol.z
+            self.last_backward = west
+        else:
+            eq = model.run(x_adv, z0=r.z_joint)
+            logits, z_star, u = eq.logits, eq.z_star, eq.u
+        ce = F.cross_entropy(logits, y)
+        scalars = {"ce_adv": float(ce.detach()), "acc_adv": _acc(logits, y), "jiio_nfe": float(r.nfe),
+                   "jiio_residual": float(r.residual.mean())}
+        loss = self._penalty(model, z_star, u, ce, scalars)
+        scalars["loss"] = float(loss.detach())
+        return loss, scalars
+
+
+OBJECTIVES: Dict[str, type] = {"ce": CrossEntropy, "pgd_at": PGDAT, "trades": TRADES, "jiio_at": JIIOAT}
+
+
+def make_objective(spec: Union[str, Objective, None] = "ce", **options) -> Objective:
+    """An objective from a name ("ce", "pgd_at", "trades", "jiio_at") and options; unknown names
+    or options raise :class:`~robustdeq.errors.ConfigError`."""
+    if spec is None:
+        spec = "ce"
+    if isinstance(spec, Objective):
+        if options:
+            raise ConfigError("options given together with an objective instance")
+        return spec
+    if not isinstance(spec, str) or spec not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {spec!r}; expected one of {', '.join(OBJECTIVES)}")
+    return from_dict(OBJECTIVES[spec], options)
+
+
+def RandomStateObjective(base: str = "pgd_at", **options) -> Objective:  # noqa: N802 - factory
+    """Shortcut for ``make_objective(base, state="random", **options)`` (RIS training)."""
+    return make_objective(base, state="random", **options)
