@@ -138,6 +138,108 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- attack / eval
+WRAPPERS = ("none", "entropy")
+
+
+def _load_for_eval(args):
+    """Load a checkpoint (and wrap it in an inference-time defense), plus the evaluation data."""
+    from .checkpoint import load_model
+    model, ck = load_model(args.checkpoint)
+    model.eval()
+    dataset = args.dataset or json.loads(json.dumps(ck.metadata)).get("dataset", "digits")
+    x, y = _load_data(dataset, args.data_root, args.split, args.n)
+    model = wrap_model(model, args.wrap, _json_arg(args.wrap_options, "--wrap-options"))
+    return model, x, y
+
+
+def wrap_model(model, wrap: str, options: dict):
+    """Wrap ``model`` in the inference-time defense ``wrap`` ("none" returns it unchanged)."""
+    from .errors import ConfigError
+    if wrap not in WRAPPERS:
+        raise ConfigError(f"unknown inference-time defense {wrap!r}; expected one of {', '.join(WRAPPERS)}")
+    if wrap == "entropy":
+        from .defenses.entropy import EntropyDefense
+        return EntropyDefense(model, **options).eval()
+    return model
+
+
+def cmd_attack(args) -> int:
+    import torch
+    from . import attacks
+    model, x, y = _load_for_eval(args)
+    eps = _floats(args.eps)
+    if len(eps) != 1:
+        raise SystemExit(f"error: attack takes one --eps, got {args.eps!r}")
+    params = {"eps": eps[0], "norm": args.norm, "seed": args.seed, **_json_arg(args.options, "--options")}
+    if args.attack in ("pgd", "state"):
+        params.setdefault("steps", args.steps)
+    if args.grad and args.attack in ("pgd", "fgsm"):
+        params["grad"] = args.grad
+    atk = attacks.build(args.attack, model, **params)
+    t0 = time.perf_counter()
+    x_adv = atk(x, y)
+    dt = time.perf_counter() - t0
+    clean = attacks.accuracy(model, x, y)
+    robust_flags = attacks.predict(model, x_adv) == y
+    robust = float((robust_flags & (attacks.predict(model, x) == y)).float().mean())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"x_adv": x_adv.cpu(), "x": x.cpu(), "y": y.cpu(), "robust": robust_flags.cpu(),
+                "attack": json.dumps(atk.describe(), default=str)}, out)
+    print(_table([[atk.name, f"{clean:.4f}", f"{robust:.4f}", f"{dt:.1f}"]],
+                 ["attack", "clean accuracy", "robust accuracy", "time (s)"]))
+    print(f"\nwrote adversarial examples to {out} (load with torch.load(path, weights_only=True))")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval import evaluate
+    model, x, y = _load_for_eval(args)
+    rep = evaluate(model, x, y, threat=args.norm, eps=list(_floats(args.eps)), suite=args.suite,
+                   steps=args.steps, seed=args.seed, out_dir=args.out, resume=not args.no_resume,
+                   progress=not args.no_progress, tensorboard=bool(args.out))
+    print(rep.to_markdown())
+    if rep.fired:
+        print(f"\nchecks that fired: {', '.join(rep.fired)}")
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'report.json'}, report.md and plots")
+    return 0
+
+
+def cmd_harden(args) -> int:
+    """Evaluate a checkpoint with and without an inference-time defense, side by side."""
+    from .eval import evaluate
+    args_plain = argparse.Namespace(**{**vars(args), "wrap": "none"})
+    plain, x, y = _load_for_eval(args_plain)
+    defended = wrap_model(plain, args.wrap, _json_arg(args.wrap_options, "--wrap-options"))
+    rows = []
+    for name, m in (("as trained", plain), (f"+ {args.wrap}", defended)):
+        out = Path(args.out) / name.replace(" ", "_").replace("+", "with") if args.out else None
+        rep = evaluate(m, x, y, threat=args.norm, eps=list(_floats(args.eps)), suite=args.suite,
+                       steps=args.steps, seed=args.seed, out_dir=out, progress=not args.no_progress)
+        rows.append([name, f"{rep.clean_accuracy:.4f}"] + [f"{r.robust_accuracy:.4f}" for r in rep.results]
+                    + [", ".join(rep.fired) or "-"])
+    eps_cols = [f"robust @ {args.norm} {e:g}" for e in _floats(args.eps)]
+    print(_table(rows, ["model", "clean"] + eps_cols + ["checks fired"]))
+    return 0
+
+
+def _add_eval_args(p, *, eps_default: str) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("-n", type=int, default=200, help="number of samples (default 200)")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--eps", default=eps_default)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wrap", default="none", choices=list(WRAPPERS), help="inference-time defense")
+    p.add_argument("--wrap-options", default=None, help="JSON options of the inference-time defense")
+    p.add_argument("--no-progress", action="store_true")
+
+
 # ---------------------------------------------------------------------------------- certify
 def _floats(text: Optional[str]) -> tuple:
     if not text:
@@ -193,6 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--no-resume", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("attack", help="run one attack on a checkpoint and save the adversarial examples")
+    _add_eval_args(a, eps_default="0.1")
+    a.add_argument("--attack", default="pgd", help="fgsm, pgd, state, autoattack, torchattack, jiio")
+    a.add_argument("--grad", default=None, help="gradient for pgd/fgsm: ift, phantom, unrolled, full")
+    a.add_argument("--options", default=None, help="JSON, other attack parameters")
+    a.add_argument("--out", default="adversarial.pt")
+    a.set_defaults(func=cmd_attack)
+
+    e = sub.add_parser("eval", help="run an evaluation suite on a checkpoint and write the report")
+    _add_eval_args(e, eps_default="0.1,0.2")
+    e.add_argument("--suite", default="standard", choices=["quick", "standard", "full"])
+    e.add_argument("--out", default=None, help="folder for report.json, report.md, plots, partial results")
+    e.add_argument("--no-resume", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    h = sub.add_parser("harden", help="wrap a checkpoint in an inference-time defense and evaluate both")
+    _add_eval_args(h, eps_default="0.1,0.2")
+    h.set_defaults(wrap="entropy")
+    h.add_argument("--suite", default="quick", choices=["quick", "standard", "full"])
+    h.add_argument("--out", default=None)
+    h.set_defaults(func=cmd_harden)
 
     c = sub.add_parser("certify", help="certify stability and robustness of a checkpoint")
     c.add_argument("checkpoint")
