@@ -1,0 +1,20 @@
+"""Robustness evaluation: the harness (suites -> :class:`EvalReport`), gradient-masking and DEQ
+checks, and the report (versioned JSON, Markdown, plots, TensorBoard scalars).
+
+    from robustdeq.eval import evaluate
+    report = evaluate(model, x, y, threat="Linf", eps=[0.05, 0.1], suite="quick", out_dir="runs/e1")
+    print(report.to_markdown()); report.fired  # names of the checks that fired
+"""
+from __future__ import annotations
+
+from .checks import CHECKS, CheckConfig, CheckResult
+from .harness import (SUITES, AttackSpec, SuiteContext, build_suite, evaluate, trajectory_model,
+                      trajectory_stats, unit_seed)
+from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport
+
+__all__ = [
+    "evaluate", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "trajectory_model",
+    "trajectory_stats", "unit_seed",
+    "EvalReport", "EpsResult", "AttackResult", "SCHEMA_VERSION",
+    "CHECKS", "CheckConfig", "CheckResult",
+]

@@ -1,0 +1,989 @@
+"""The evaluation harness: ``evaluate(model, x, y, threat=..., eps=..., suite=...) -> EvalReport``.
+
+A *suite* is a list of :class:`AttackSpec` (name, factory, kind, scope). For every eps, every
+spec is run on every *target* its scope names (the plain model and, for an inference-time defense,
+each of its ``adaptive_views()``; or the underlying DEQ), the examples are always *judged on the
+model itself*, and a sample is robust only if it is classified correctly on the clean input and on
+the example of every attack unit: the per-sample worst case.
+
+Built-in suites (alpha = 2.5 eps / steps, seeds derived from ``seed``):
+
+- ``quick``: PGD with the implicit (IFT) gradient and PGD with an unrolled gradient
+  (``UnrolledGrad(8)``) for models holding a ``DEQClassifier``; PGD with the model's own gradient
+  otherwise (a weight-tied model backpropagates through its layers).
+- ``standard``: quick + intermediate-state attacks (Yang et al. 2022) on three states spread over
+  the clean trajectory + their ensemble attack + AutoAttack standard ("rand" for a model that
+  declares ``randomized``).
+- ``full``: standard + AutoAttack plus + a transfer attack crafted on the unrolled view
+  (``attack_view(deq, state=K, unroll=K)``: K solver steps from z0, backpropagated) and judged on
+  the model.
+
+With ``out_dir``, each finished (eps, attack unit) is written atomically to
+``out_dir/partial/`` (tensors with ``torch.save``, read back with ``weights_only=True``, plus a
+JSON sidecar); a later call with the same configuration (hash of model parameters, data, threat,
+eps, suite, steps, seed, batch size) skips the finished units and reloads their flags.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Norm, coerce_enum
+from ..errors import ConfigError, GradientMaskingWarning, InputError, NonConvergenceWarning
+from . import checks as _checks
+from .checks import CheckConfig, CheckResult, find_deq, margin
+from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+SUITES = ("quick", "standard", "full")
+KINDS = ("white-box", "black-box", "transfer")
+SCOPES = ("views", "model", "deq")
+NEEDS = ("any", "deq", "trajectory", "solver")
+
+Factory = Callable[..., Any]  # factory(target, *, eps, norm, steps, seed) -> Attack
+
+
+@dataclass
+class AttackSpec:
+    """One attack of a suite.
+
+    Args:
+        name: unique name (the unit key; ``name@view`` for adaptive views).
+        factory: ``factory(target, *, eps, norm, steps, seed) -> Attack`` (an object with
+            ``__call__(x, y) -> x_adv`` and ideally ``describe() -> dict``).
+        kind: "white-box", "black-box" or "transfer" (the black-box check compares them).
+        scope: "views": the model and each adaptive view of a defense; "model": the model only;
+            "deq": the underlying trajectory model (a DEQ or weight-tied model), judged on the model.
+        needs: "any"; "deq": the target must hold a ``DEQClassifier`` (the gradient estimator is
+            chosen); "trajectory": a model with ``run``/``readout`` (DEQ or weight-tied);
+            "solver": a ``DEQClassifier`` trajectory model.
+    """
+
+    name: str
+    factory: Factory
+    kind: str = "white-box"
+    scope: str = "views"
+    needs: str = "any"
+    description: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or "@" in self.name:
+            raise ConfigError(f"AttackSpec.name must be a non-empty string without '/' or '@', got {self.name!r}")
+        if not callable(self.factory):
+            raise ConfigError(f"AttackSpec.factory of {self.name!r} is not callable")
+        for attr, allowed in (("kind", KINDS), ("scope", SCOPES), ("needs", NEEDS)):
+            if getattr(self, attr) not in allowed:
+                raise ConfigError(f"AttackSpec.{attr} must be one of {allowed}, got {getattr(self, attr)!r}")
+
+
+@dataclass
+class SuiteContext:
+    """What the built-in suites need to know about the model (filled by ``evaluate``)."""
+
+    model: nn.Module
+    trajectory_model: Optional[nn.Module]
+    has_deq: bool
+    solver_model: bool
+    randomized: bool
+    horizon: Optional[int]        # states worth attacking: 1..horizon-1
+    max_state: Optional[int]      # largest recordable state index
+
+
+# -- built-in attack specs ------------------------------------------------------------------------
+def _pgd_factory(grad):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks import PGD
+        return PGD(target, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm, grad=grad, seed=seed)
+    return factory
+
+
+def _state_factory(states, ensemble: bool, judge: Optional[nn.Module]):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks import StateAttack
+        return StateAttack(target, eps=eps, alpha=2.5 * eps / steps, steps=steps, states=states,
+                           ensemble=ensemble, mode="unroll", norm=norm,
+                           judge=None if judge is target else judge, seed=seed)
+    return factory
+
+
+def _autoattack_factory(version: str):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks import AutoAttack
+        return AutoAttack(target, eps=eps, norm=norm, version=version, seed=seed)
+    return factory
+
+
+def _transfer_factory(k: int):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks import PGD
+        from ..deq.views import attack_view
+        surrogate = attack_view(target, state=k, unroll=k)
+        return PGD(surrogate, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm, seed=seed)
+    return factory
+
+
+def _square_factory(queries: int):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks import TorchAttack
+        return TorchAttack(target, "Square", eps=eps, norm=norm, n_queries=queries, seed=seed)
+    return factory
+
+
+def _spread_states(ctx: SuiteContext, n: int = 3) -> List[int]:
+    if ctx.horizon is None or ctx.max_state is None:
+        return []
+    hi = max(1, min(ctx.horizon - 1, ctx.max_state))
+    lo = max(1, hi // 4)
+    if n == 1 or hi == lo:
+        return [hi]
+    vals = {int(round(lo + (hi - lo) * i / (n - 1))) for i in range(n)}
+    return sorted(vals)
+
+
+def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
+    """The built-in spec(s) called ``name`` (``states`` expands to one spec per state)."""
+    from ..deq.grad import UnrolledGrad
+    judge = ctx.model
+    if name == "pgd":
+        return [AttackSpec("pgd", _pgd_factory(None), description="PGD, the model's own gradient")]
+    if name == "pgd-ift":
+        return [AttackSpec("pgd-ift", _pgd_factory("ift"), needs="deq",
+                           description="PGD with the implicit (IFT) gradient")]
+    if name == "pgd-unrolled":
+        return [AttackSpec("pgd-unrolled", _pgd_factory(UnrolledGrad(steps=8)), needs="deq",
+                           description="PGD with 8 unrolled steps from z*")]
+    if name == "pgd-phantom":
+        return [AttackSpec("pgd-phantom", _pgd_factory("phantom"), needs="deq",
+                           description="PGD with the phantom gradient (k=5, tau=0.5)")]
+    if name == "states":
+        return [AttackSpec(f"state-{k}", _state_factory(k, False, judge), scope="deq", needs="trajectory",
+                           description=f"intermediate-state attack on z_{k} (unrolled gradient)")
+                for k in _spread_states(ctx)]
+    if name.startswith("state-") and name[6:].isdigit():
+        k = int(name[6:])
+        return [AttackSpec(name, _state_factory(k, False, judge), scope="deq", needs="trajectory",
+                           description=f"intermediate-state attack on z_{k}")]
+    if name == "state-ensemble":
+        if ctx.horizon is None or ctx.max_state is None:
+            return []
+        ks = list(range(1, max(1, min(ctx.horizon, ctx.max_state)) + 1))
+        return [AttackSpec("state-ensemble", _state_factory(ks, True, judge), scope="deq",
+                           needs="trajectory",
+                           description=f"attack on the ensemble of the states 1..{ks[-1]}")]
+    if name == "autoattack":
+        version = "rand" if ctx.randomized else "standard"
+        return [AttackSpec("autoattack", _autoattack_factory(version),
+                           description=f"AutoAttack {version} (pyautoattack)")]
+    if name == "autoattack-plus":
+        return [AttackSpec("autoattack-plus", _autoattack_factory("plus"),
+                           description="AutoAttack plus (pyautoattack)")]
+    if name == "transfer-unrolled":
+        if ctx.horizon is None or ctx.max_state is None:
+            return []
+        k = max(1, min(ctx.horizon, ctx.max_state))
+        return [AttackSpec("transfer-unrolled", _transfer_factory(k), kind="transfer", scope="deq",
+                           needs="solver",
+                           description=f"PGD on the unrolled view ({k} steps from z0), judged on the model")]
+    if name == "square":
+        return [AttackSpec("square", _square_factory(1000), kind="black-box",
+                           description="Square attack, 1000 queries (torchattacks)")]
+    raise ConfigError(f"unknown attack {name!r} in suite; built-in attacks: pgd, pgd-ift, pgd-unrolled, "
+                      "pgd-phantom, states, state-<k>, state-ensemble, autoattack, autoattack-plus, "
+                      "transfer-unrolled, square")
+
+
+def suite_names(suite: str, ctx: SuiteContext) -> List[str]:
+    """Built-in spec names of a named suite for this model."""
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)} or a list of attacks")
+    names = ["pgd-ift", "pgd-unrolled"] if ctx.has_deq else ["pgd"]
+    if suite in ("standard", "full"):
+        if ctx.trajectory_model is not None:
+            names += ["states", "state-ensemble"]
+        names += ["autoattack"]
+    if suite == "full":
+        names += ["autoattack-plus"]
+        if ctx.solver_model:
+            names += ["transfer-unrolled"]
+    return names
+
+
+def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[AttackSpec]:
+    """Resolve ``suite`` (a name, or a list of specs / built-in names / factories)."""
+    if isinstance(suite, str):
+        items: List[Any] = suite_names(suite, ctx)
+    elif isinstance(suite, (list, tuple)):
+        items = list(suite)
+        if not items:
+            raise ConfigError("the suite is empty")
+    else:
+        raise ConfigError(f"suite must be {', '.join(SUITES)} or a list of attacks, got {type(suite).__name__}")
+    specs: List[AttackSpec] = []
+    for it in items:
+        if isinstance(it, AttackSpec):
+            specs.append(it)
+        elif isinstance(it, str):
+            specs.extend(builtin_spec(it, ctx))
+        elif callable(it):
+            name = getattr(it, "__name__", None)
+            if not name or name == "<lambda>":
+                raise ConfigError("a factory in the suite needs a name: wrap it in AttackSpec(name, factory)")
+            specs.append(AttackSpec(name, it))
+        else:
+            raise ConfigError(f"suite entries must be AttackSpec, built-in names or factories, got {it!r}")
+    seen = set()
+    for s in specs:
+        if s.name in seen:
+            raise ConfigError(f"attack name {s.name!r} appears twice in the suite")
+        seen.add(s.name)
+    return specs
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+@dataclass
+class _Unit:
+    key: str
+    spec: AttackSpec
+    view: str
+    target: nn.Module
+
+
+def _has_trajectory(m: nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("run", "readout", "inject", "unroll"))
+
+
+def trajectory_model(model: nn.Module) -> Optional[nn.Module]:
+    """The module whose trajectory the per-state statistics read: the model itself (a DEQ or
+    weight-tied model), or ``model.model`` for a wrapper (defense) without its own trajectory."""
+    if _has_trajectory(model):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and _has_trajectory(inner):
+        return inner
+    return None
+
+
+def _is_solver_model(m: Optional[nn.Module]) -> bool:
+    return m is not None and hasattr(m, "solve") and hasattr(m, "solver_config")
+
+
+def _device(model: nn.Module, fallback: torch.device) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return fallback
+
+
+def _hash_model(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        if isinstance(v, Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _hash_data(x: Tensor, y: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (x, y):
+        t = t.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _derive_seed(seed: int, *parts: Any) -> int:
+    h = hashlib.sha256(("/".join([str(seed)] + [str(p) for p in parts])).encode()).hexdigest()
+    return int(h[:8], 16)
+
+
+def unit_seed(seed: int, eps: float, key: str) -> int:
+    """The seed an attack unit gets: a hash of the base seed, the eps value and the unit key (the
+    same for a given eps whatever else the sweep holds)."""
+    return _derive_seed(seed, repr(float(eps)), key)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def _quiet(model: nn.Module, counter: Dict[str, int]):
+    """Silence per-call non-convergence warnings of the DEQs inside ``model`` (the harness
+    measures convergence itself) and count those raised by attacks and adjoint solves; every
+    other warning is re-emitted."""
+    flags = [(m, m.warn_nonconvergence) for m in model.modules() if hasattr(m, "warn_nonconvergence")]
+    for m, _ in flags:
+        m.warn_nonconvergence = False
+    try:
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for m, f in flags:
+            m.warn_nonconvergence = f
+    for w in rec:
+        if issubclass(w.category, NonConvergenceWarning):
+            counter["nonconvergence_warnings"] = counter.get("nonconvergence_warnings", 0) + 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _logits(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            out.append(model(x[i:i + batch_size]).detach())
+    return torch.cat(out)
+
+
+def _margins(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
+    return margin(_logits(model, x, batch_size).float(), y)
+
+
+def _summary(residual: Tensor, steps: Tensor, converged: Tensor, diverged: Tensor) -> Dict[str, float]:
+    res = residual.float()
+    finite = torch.isfinite(res)
+    return {
+        "mean_steps": float(steps.float().mean()),
+        "converged_fraction": float(converged.float().mean()),
+        "diverged_fraction": float(diverged.float().mean()),
+        "mean_residual": float(res[finite].mean()) if bool(finite.any()) else float("nan"),
+        "max_residual": float(res[finite].max()) if bool(finite.any()) else float("nan"),
+        "non_finite_residuals": int((~finite).sum()),
+    }
+
+
+def trajectory_stats(tmodel: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Dict[str, Any]:
+    """Per-state accuracy of ``readout(z_k)``, solver statistics and the mean residual per step.
+
+    For a DEQ every step ``0..max_iter-1`` is recorded (states after a sample stopped are its
+    frozen iterate, their residual that of the frozen iterate); for a weight-tied model the layer
+    outputs ``0..depth``. Returns ``{"per_state": {"steps", "accuracy"}, "solver": summary |
+    None, "residual_curve": [float] | None}``.
+    """
+    solver = _is_solver_model(tmodel)
+    record: Any = list(range(tmodel.solver_config.max_iter)) if solver else "all"
+    correct: Optional[Tensor] = None
+    steps_idx: Optional[List[int]] = None
+    res_sum: Optional[Tensor] = None
+    r_list, s_list, c_list, d_list = [], [], [], []
+    n = 0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            eq = tmodel.run(xb, record=record)
+            states = sorted(eq.trajectory, key=lambda t: t.step)
+            idx = [t.step for t in states]
+            if steps_idx is None:
+                steps_idx = idx
+                correct = torch.zeros(len(idx), dtype=torch.float64)
+            elif idx != steps_idx:  # cannot happen with explicit records; be safe
+                raise RuntimeError(f"recorded states differ between batches: {idx} vs {steps_idx}")
+            for j, t in enumerate(states):
+                correct[j] += float((tmodel.readout(t.z).argmax(dim=1) == yb).sum())
+            if solver:
+                R = torch.stack([t.residual.float() for t in states]).cpu()  # (K, B)
+                for k in range(1, R.shape[0]):  # forward-fill unevaluated steps
+                    R[k] = torch.where(torch.isfinite(R[k]), R[k], R[k - 1])
+                R = torch.nan_to_num(R, nan=float("nan"), posinf=float("nan"))
+                part = torch.nansum(R, dim=1).double()
+                res_sum = part if res_sum is None else res_sum + part
+                st = eq.stats
+                r_list.append(st.residual.detach().cpu())
+                s_list.append(st.steps.detach().cpu())
+                c_list.append(st.converged.detach().cpu())
+                d_list.append(st.diverged.detach().cpu())
+            n += xb.shape[0]
+    out: Dict[str, Any] = {"per_state": None, "solver": None, "residual_curve": None}
+    if steps_idx is not None and n:
+        out["per_state"] = {"steps": steps_idx, "accuracy": (correct / n).tolist()}
+    if solver and r_list:
+        out["solver"] = _summary(torch.cat(r_list), torch.cat(s_list), torch.cat(c_list), torch.cat(d_list))
+        out["residual_curve"] = (res_sum / n).tolist()
+    return out
+
+
+def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tuple[Tensor, int]:
+    """Project ``x_adv`` into the threat model; return it and the number of violating samples."""
+    b = x.shape[0]
+    delta = (x_adv - x).reshape(b, -1)
+    if norm == "Linf":
+        bad = delta.abs().amax(dim=1) > eps * (1 + 1e-5) + 1e-6
+    else:
+        bad = delta.norm(dim=1) > eps * (1 + 1e-5) + 1e-6
+    bad = bad | (x_adv.reshape(b, -1).amin(dim=1) < -1e-6) | (x_adv.reshape(b, -1).amax(dim=1) > 1 + 1e-6)
+    bad = bad | ~torch.isfinite(x_adv.reshape(b, -1)).all(dim=1)
+    nbad = int(bad.sum())
+    if nbad:
+        x_adv = torch.nan_to_num(x_adv, nan=0.0, posinf=1.0, neginf=0.0)
+        d = x_adv - x
+        if norm == "Linf":
+            d = d.clamp(-eps, eps)
+        else:
+            dn = d.reshape(b, -1).norm(dim=1).clamp_min(1e-30)
+            d = d * torch.clamp(eps / dn, max=1.0).view(-1, *([1] * (x.dim() - 1)))
+        x_adv = (x + d).clamp(0, 1)
+    return x_adv, nbad
+
+
+def _describe(atk: Any) -> Dict[str, Any]:
+    d = {}
+    if hasattr(atk, "describe"):
+        try:
+            d = dict(atk.describe())
+        except Exception as e:  # pragma: no cover - a third-party attack's describe failing
+            d = {"describe_error": repr(e)}
+    d.setdefault("name", getattr(atk, "name", type(atk).__name__))
+    d.setdefault("implementation", getattr(atk, "implementation", type(atk).__module__))
+    return d
+
+
+def _version(pkg: str) -> Optional[str]:
+    from importlib import metadata
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# -- incremental store ------------------------------------------------------------------------------
+class _PartialStore:
+    """Finished units under ``out_dir/partial``: ``e{i}_u{j}.pt`` (tensors) + ``.json`` (meta);
+    the JSON is written last and marks the unit as finished."""
+
+    def __init__(self, out_dir: Path, config_hash: str, config: dict, resume: bool):
+        self.dir = Path(out_dir) / "partial"
+        self.manifest = self.dir / "manifest.json"
+        if self.manifest.is_file():
+            try:
+                old = json.loads(self.manifest.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                old = {}
+            same = old.get("config_hash") == config_hash
+            if resume and not same and old:
+                raise ConfigError(
+                    f"{self.dir} holds a partial evaluation of a different configuration (hash "
+                    f"{str(old.get('config_hash'))[:12]} vs {config_hash[:12]}: model parameters, data, "
+                    "threat, eps, suite, steps, seed or batch size changed); use another out_dir or "
+                    "resume=False to overwrite it")
+            if not resume or not same:
+                self.clear()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.manifest, json.dumps(
+            {"schema_version": SCHEMA_VERSION, "config_hash": config_hash, "config": config}, indent=2))
+
+    def clear(self) -> None:
+        for p in list(self.dir.glob("e*_u*.pt")) + list(self.dir.glob("e*_u*.json")) + [self.manifest]:
+            if p.is_file():
+                p.unlink()
+
+    @staticmethod
+    def stem(ei: int, ui: int) -> str:
+        return f"e{ei:03d}_u{ui:03d}"
+
+    def load(self, ei: int, ui: int, key: str) -> Optional[Tuple[dict, Dict[str, Tensor]]]:
+        meta_p = self.dir / (self.stem(ei, ui) + ".json")
+        pt_p = self.dir / (self.stem(ei, ui) + ".pt")
+        if not (meta_p.is_file() and pt_p.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_p.read_text(encoding="utf-8"))
+            tensors = torch.load(pt_p, map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupted unit is recomputed
+            logger.warning("cannot read partial unit %s (%s); recomputing it", meta_p.name, e)
+            return None
+        if meta.get("key") != key:
+            return None
+        return meta, tensors
+
+    def save(self, ei: int, ui: int, meta: dict, tensors: Dict[str, Tensor]) -> None:
+        pt_p = self.dir / (self.stem(ei, ui) + ".pt")
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=pt_p.name + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, pt_p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        from .report import _json_safe
+        atomic_write_text(self.dir / (self.stem(ei, ui) + ".json"),
+                          json.dumps(_json_safe(meta), indent=2, allow_nan=False))
+
+
+# -- the harness ------------------------------------------------------------------------------------
+def _validate(model, x, y, threat, eps, steps, seed, batch_size):
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module mapping x -> logits, got {type(model).__name__}")
+    if y is None and isinstance(x, (tuple, list)) and len(x) == 2:
+        x, y = x
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise InputError("evaluate needs tensors x (N, ...) and y (N,) (or data=(x, y))")
+    if y.dtype != torch.int64 or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise InputError(f"y must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise InputError("evaluate needs at least one sample")
+    from ..data import validate_inputs
+    x = validate_inputs(x, expected_shape=getattr(model, "input_shape", None))
+    norm = coerce_enum(Norm, threat, "threat").value
+    eps_list = [eps] if not isinstance(eps, (list, tuple)) else list(eps)
+    if not eps_list:
+        raise ConfigError("eps must be a positive number or a non-empty list of them")
+    out = []
+    for e in eps_list:
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
+            raise ConfigError(f"eps values must be finite numbers > 0, got {e!r}")
+        out.append(float(e))
+    if len(set(out)) != len(out):
+        raise ConfigError(f"eps values must be distinct, got {out}")
+    for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+    return x, y, norm, out
+
+
+def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optional[Tensor] = None, *,
+             threat: Union[str, Norm] = "Linf", eps: Union[float, Sequence[float]],
+             suite: Union[str, Sequence[Any]] = "quick", steps: int = 20, seed: int = 0,
+             batch_size: int = 128, out_dir: Union[str, Path, None] = None, resume: bool = True,
+             progress: bool = False, checks: bool = True, check_config: Optional[CheckConfig] = None,
+             tensorboard: Union[bool, str, Path] = False, cascade: bool = False,
+             callback: Optional[Callable[[dict], None]] = None) -> EvalReport:
+    """Evaluate the robustness of ``model`` on ``(x, y)``.
+
+    Args:
+        model: ``x -> logits``: a DEQ, a weight-tied or feed-forward model, or an inference-time
+            defense (with ``adaptive_views()``: every view is attacked as well, judged on the
+            defense).
+        x: (N, C, H, W) inputs in [0, 1] (or ``(x, y)`` with ``y`` omitted); y: (N,) int64 labels.
+        threat: "Linf" or "L2". eps: one radius or a list (one report entry per eps).
+        suite: "quick", "standard", "full", or a list of :class:`AttackSpec`, built-in attack names
+            (see :func:`builtin_spec`) or named factories ``f(target, *, eps, norm, steps, seed)``.
+        steps: iterations of the iterative attacks (alpha = 2.5 eps / steps).
+        seed: base seed; every unit and check gets a seed derived from it.
+        batch_size: attack and prediction batch size.
+        out_dir: write ``partial/`` units as they finish, then ``report.json``, ``report.md`` and
+            plots. resume: skip units already in ``out_dir/partial`` for the same configuration.
+        progress: tqdm progress bar. checks: run the checks (:mod:`robustdeq.eval.checks`).
+        tensorboard: True (``out_dir/tensorboard``) or a log folder: write scalars.
+        cascade: run each attack only on the samples every earlier attack left robust (as
+            AutoAttack does: much cheaper with expensive attacks; the robust flags are the same
+            worst case, but an attack's accuracy *alone* is then undefined and reported as None).
+        callback: called after every finished unit with a dict (eps, key, accuracy, ...).
+
+    Returns:
+        :class:`EvalReport`.
+    """
+    t_start = time.perf_counter()
+    x, y, norm, eps_list = _validate(model, x, y, threat, eps, steps, seed, batch_size)
+    if not isinstance(cascade, bool):
+        raise ConfigError(f"cascade must be a bool, got {cascade!r}")
+    if tensorboard and out_dir is None and not isinstance(tensorboard, (str, Path)):
+        raise ConfigError("tensorboard=True needs out_dir (or pass a log folder as tensorboard=...)")
+    cfg = check_config if check_config is not None else CheckConfig()
+    if not isinstance(cfg, CheckConfig):
+        raise ConfigError(f"check_config must be a CheckConfig, got {type(check_config).__name__}")
+    device = _device(model, x.device)
+    x, y = x.detach().to(device), y.detach().to(device)
+    n = x.shape[0]
+    notes: List[str] = []
+    timings: Dict[str, float] = {}
+    counters: Dict[str, int] = {}
+
+    views: Dict[str, nn.Module] = {}
+    if hasattr(model, "adaptive_views"):
+        views = dict(model.adaptive_views())
+        for k, v in views.items():
+            if not isinstance(v, nn.Module) or not isinstance(k, str) or not k or "@" in k or "/" in k:
+                raise ConfigError(f"adaptive view {k!r} must be an nn.Module with a plain name")
+            if k in ("model", "deq"):
+                raise ConfigError(f"adaptive view name {k!r} is reserved")
+    tmodel = trajectory_model(model)
+    randomized = bool(getattr(model, "randomized", False))
+
+    with _eval_mode(model), _quiet(model, counters):
+        # -- clean ---------------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        with _seeded(_derive_seed(seed, "clean"), device):
+            clean_margin = _margins(model, x, y, batch_size)
+        clean_correct = clean_margin > 0
+        clean_acc = float(clean_correct.float().mean())
+        timings["clean"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        clean_traj = trajectory_stats(tmodel, x, y, batch_size) if tmodel is not None else None
+        timings["trajectory"] = time.perf_counter() - t0
+
+        # -- the suite -----------------------------------------------------------------------------
+        solver_model = _is_solver_model(tmodel)
+        if solver_model:
+            max_state = tmodel.solver_config.max_iter - 1
+            s = (clean_traj or {}).get("solver") or {}
+            horizon = int(math.ceil(s.get("mean_steps", max_state + 1)))
+            horizon = max(2, min(horizon, max_state + 1))
+        elif tmodel is not None and hasattr(tmodel, "depth"):
+            max_state = int(tmodel.depth)
+            horizon = int(tmodel.depth)
+        else:
+            max_state = horizon = None
+        ctx = SuiteContext(model=model, trajectory_model=tmodel, has_deq=find_deq(model) is not None,
+                           solver_model=solver_model, randomized=randomized, horizon=horizon,
+                           max_state=max_state)
+        specs = build_suite(suite, ctx)
+        if tmodel is not None and find_deq(model) is None:
+            notes.append(f"{type(tmodel).__name__} has no fixed-point solver whose gradient can be "
+                         "chosen: PGD runs with the model's own gradient (full backpropagation)")
+        if tmodel is None:
+            notes.append("the model exposes no trajectory: per-state accuracy, solver statistics and "
+                         "intermediate-state attacks do not apply")
+        units = _expand(specs, model, views, tmodel, notes)
+        if not units:
+            raise ConfigError("no attack of the suite applies to this model")
+        if isinstance(suite, str):
+            suite_label: Union[str, List[str]] = suite
+        else:
+            suite_label = [s.name for s in specs]
+
+        config = {
+            "schema_version": SCHEMA_VERSION, "model": _hash_model(model), "data": _hash_data(x, y),
+            "threat": norm, "eps": eps_list, "units": [u.key for u in units], "steps": steps,
+            "seed": seed, "batch_size": batch_size, "suite": suite_label, "cascade": cascade,
+        }
+        config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        store = _PartialStore(Path(out_dir), config_hash, config, resume) if out_dir is not None else None
+
+        # -- attacks -------------------------------------------------------------------------------
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(eps_list) * len(units), desc="evaluate", disable=not progress,
+                   leave=False)
+        results: List[EpsResult] = []
+        success_flags: Dict[float, Dict[str, Tensor]] = {}
+        t_attacks = 0.0
+        t_traj = timings["trajectory"]
+        try:
+            for ei, e in enumerate(eps_list):
+                t_eps = time.perf_counter()
+                robust = clean_correct.clone()
+                first: List[Optional[str]] = [None if c else "clean" for c in clean_correct.tolist()]
+                worst_margin = clean_margin.clone()
+                worst_x = x.clone()
+                attack_results: List[AttackResult] = []
+                success_flags[e] = {}
+                for ui, unit in enumerate(units):
+                    t0 = time.perf_counter()
+                    loaded = store.load(ei, ui, unit.key) if store is not None else None
+                    if loaded is not None:
+                        meta, tens = loaded
+                        adv_correct = tens["adv_correct"].to(device).bool()
+                        upd_idx = tens["upd_idx"].to(device).long()
+                        upd_x = tens["upd_x"].to(device=device, dtype=x.dtype)
+                        margin_u = tens["margin"].to(device)
+                        seconds, desc, viol = float(meta["seconds"]), meta["describe"], int(meta["violations"])
+                        resumed = True
+                    else:
+                        useed = unit_seed(seed, e, unit.key)
+                        attacked = robust.clone() if cascade else clean_correct
+                        with _seeded(useed, device):
+                            desc, x_adv, viol = _run_unit(unit, model, x, y, attacked, e, norm,
+                                                          steps, useed, batch_size)
+                            margin_u = torch.where(attacked, _margins(model, x_adv, y, batch_size),
+                                                   clean_margin)
+                        # samples not attacked (cascade: already broken) count as not broken by it
+                        adv_correct = clean_correct & (margin_u > 0)
+                        upd = attacked & (margin_u < worst_margin)
+                        upd_idx = upd.nonzero().flatten()
+                        upd_x = x_adv[upd_idx]
+                        seconds = time.perf_counter() - t0
+                        resumed = False
+                        if store is not None:
+                            store.save(ei, ui, {
+                                "key": unit.key, "spec": unit.spec.name, "view": unit.view,
+                                "kind": unit.spec.kind, "eps": e, "seconds": seconds,
+                                "describe": desc, "violations": viol},
+                                {"adv_correct": adv_correct, "margin": margin_u, "upd_idx": upd_idx,
+                                 "upd_x": upd_x})
+                    worst_margin[upd_idx] = margin_u[upd_idx]
+                    worst_x[upd_idx] = upd_x
+                    newly = robust & ~adv_correct
+                    for i in newly.nonzero().flatten().tolist():
+                        first[i] = unit.key
+                    robust = robust & adv_correct
+                    success_flags[e][unit.key] = clean_correct & ~adv_correct
+                    t_attacks += seconds
+                    if viol:
+                        notes.append(f"{unit.key} at eps {e:g}: {viol} examples left the threat model "
+                                     "and were projected back before judging")
+                    ar = AttackResult(key=unit.key, spec=unit.spec.name, view=unit.view, kind=unit.spec.kind,
+                                      accuracy=None if cascade else float(adv_correct.float().mean()),
+                                      cumulative_accuracy=float(robust.float().mean()),
+                                      new_successes=int(newly.sum()), seconds=seconds, describe=desc,
+                                      resumed=resumed, violations=viol)
+                    attack_results.append(ar)
+                    logger.info("eps %g %s: accuracy %.3f, worst case %.3f%s", e, unit.key, ar.accuracy,
+                                ar.cumulative_accuracy, " (resumed)" if resumed else "")
+                    bar.update(1)
+                    bar.set_postfix(eps=f"{e:g}", robust=f"{ar.cumulative_accuracy:.3f}")
+                    if callback is not None:
+                        callback({"eps": e, "eps_index": ei, "unit_index": ui, "key": unit.key,
+                                  "accuracy": ar.accuracy, "cumulative_accuracy": ar.cumulative_accuracy,
+                                  "resumed": resumed})
+                per_state = solver = rcurve = None
+                if tmodel is not None:
+                    t0 = time.perf_counter()
+                    adv_traj = trajectory_stats(tmodel, worst_x, y, batch_size)
+                    t_traj += time.perf_counter() - t0
+                    if clean_traj and clean_traj["per_state"] and adv_traj["per_state"]:
+                        per_state = {"steps": clean_traj["per_state"]["steps"],
+                                     "clean": clean_traj["per_state"]["accuracy"],
+                                     "adversarial": adv_traj["per_state"]["accuracy"]}
+                    if clean_traj and clean_traj["solver"] is not None:
+                        solver = {"clean": clean_traj["solver"], "adversarial": adv_traj["solver"]}
+                        rcurve = {"clean": clean_traj["residual_curve"],
+                                  "adversarial": adv_traj["residual_curve"]}
+                results.append(EpsResult(
+                    eps=e, robust_accuracy=float(robust.float().mean()), attacks=attack_results,
+                    robust=robust.tolist(), first_success=first, per_state=per_state, solver=solver,
+                    residual_curve=rcurve, seconds=time.perf_counter() - t_eps))
+        finally:
+            bar.close()
+        timings["attacks"] = t_attacks
+        timings["trajectory"] = t_traj
+
+        # -- checks --------------------------------------------------------------------------------
+        check_results: List[CheckResult] = []
+        if checks:
+            t0 = time.perf_counter()
+            check_results = _run_checks(model, views, x, y, norm, results, success_flags, units,
+                                        clean_correct, clean_traj, cfg, seed, device, notes, timings)
+            timings["checks"] = time.perf_counter() - t0
+
+    for c in check_results:  # outside the warning capture
+        if c.fired:
+            cat = NonConvergenceWarning if c.name == "non_convergence" else GradientMaskingWarning
+            warnings.warn(f"[{c.name}] {c.message}", cat, stacklevel=2)
+    if counters.get("nonconvergence_warnings"):
+        notes.append(f"{counters['nonconvergence_warnings']} non-convergence warnings were raised by "
+                     "attacks or adjoint solves during the evaluation (see the non_convergence check for "
+                     "the forward solves)")
+
+    provenance = _provenance(model, config, x, norm, eps_list, steps, seed, batch_size, suite_label,
+                             results, cfg, views, device, cascade)
+    timings["total"] = time.perf_counter() - t_start
+    report = EvalReport(
+        clean_accuracy=clean_acc, n_samples=n, threat=norm, eps=eps_list, suite=suite_label,
+        results=results,
+        clean={"accuracy": clean_acc,
+               "per_state": clean_traj["per_state"] if clean_traj else None,
+               "solver": clean_traj["solver"] if clean_traj else None,
+               "residual_curve": clean_traj["residual_curve"] if clean_traj else None},
+        checks=check_results, timings=timings, provenance=provenance, notes=notes,
+        config_hash=config_hash)
+    if out_dir is not None:
+        report.save(out_dir)
+    if tensorboard:
+        log_dir = Path(tensorboard) if isinstance(tensorboard, (str, Path)) else Path(out_dir) / "tensorboard"
+        report.write_tensorboard(log_dir)
+    return report
+
+
+def _expand(specs: List[AttackSpec], model: nn.Module, views: Dict[str, nn.Module],
+            tmodel: Optional[nn.Module], notes: List[str]) -> List[_Unit]:
+    units: List[_Unit] = []
+    for s in specs:
+        if s.scope == "views":
+            targets = [("model", model)] + list(views.items())
+        elif s.scope == "model":
+            targets = [("model", model)]
+        else:
+            if tmodel is None:
+                notes.append(f"{s.name} skipped: the model has no trajectory")
+                continue
+            targets = [("model" if tmodel is model else "deq", tmodel)]
+        for vname, target in targets:
+            if s.needs == "deq" and find_deq(target) is None:
+                notes.append(f"{s.name} skipped on {vname}: no DEQ whose gradient can be chosen")
+                continue
+            if s.needs == "trajectory" and not _has_trajectory(target):
+                notes.append(f"{s.name} skipped on {vname}: no trajectory")
+                continue
+            if s.needs == "solver" and not _is_solver_model(target):
+                notes.append(f"{s.name} skipped on {vname}: no fixed-point solver")
+                continue
+            key = s.name if vname == "model" else f"{s.name}@{vname}"
+            units.append(_Unit(key, s, vname, target))
+    return units
+
+
+def _run_unit(unit: _Unit, model: nn.Module, x: Tensor, y: Tensor, attacked: Tensor, eps: float,
+              norm: str, steps: int, seed: int, batch_size: int):
+    """Build the attack, run it on the samples ``attacked`` (N,) bool; returns (describe, x_adv,
+    violations); ``x_adv`` is ``x`` on the other samples."""
+    atk = unit.spec.factory(unit.target, eps=eps, norm=norm, steps=steps, seed=seed)
+    if not callable(atk):
+        raise ConfigError(f"the factory of {unit.spec.name!r} returned {type(atk).__name__}, not an attack")
+    desc = _describe(atk)
+    desc["target"] = unit.view
+    idx = attacked.nonzero().flatten()
+    x_adv = x.clone()
+    viol = 0
+    for i in range(0, idx.numel(), batch_size):
+        b = idx[i:i + batch_size]
+        xb = x[b]
+        xa = atk(xb, y[b])
+        if not isinstance(xa, Tensor) or xa.shape != xb.shape:
+            raise ConfigError(f"attack {unit.key!r} returned {type(xa).__name__} "
+                              f"{tuple(getattr(xa, 'shape', ()))} for inputs {tuple(xb.shape)}")
+        xa, nb = _check_ball(xa.detach().to(device=x.device, dtype=x.dtype), xb, eps, norm)
+        viol += nb
+        x_adv[b] = xa
+    return desc, x_adv, viol
+
+
+def _run_checks(model, views, x, y, norm, results, success_flags, units, clean_correct, clean_traj,
+                cfg: CheckConfig, seed: int, device, notes, timings) -> List[CheckResult]:
+    out: List[CheckResult] = []
+    n_sub = min(cfg.subset, x.shape[0])
+    xs, ys = x[:n_sub], y[:n_sub]
+    kinds = {u.key: u.spec.kind for u in units}
+
+    def run(name, fn):
+        if name not in cfg.enabled:
+            return
+        t0 = time.perf_counter()
+        try:
+            with _seeded(_derive_seed(seed, "check", name), device):
+                out.append(fn())
+            timings[f"check:{name}"] = time.perf_counter() - t0
+        except Exception as e:  # a check must not lose the evaluation; the failure is recorded
+            logger.exception("check %s failed", name)
+            out.append(CheckResult(name, False, f"skipped: the check raised {type(e).__name__}: {e}",
+                                   skipped=True))
+            notes.append(f"check {name} could not run: {type(e).__name__}: {e}")
+
+    run("randomized_output", lambda: _checks.check_randomized(model, xs, cfg, warn=False))
+    run("softmax_output", lambda: _checks.check_softmax(model, xs, cfg, warn=False))
+    run("zero_gradients", lambda: _checks.check_gradients(model, xs, ys, cfg, warn=False))
+
+    def black_box():
+        bb_keys = [k for k, kind in kinds.items() if kind in ("black-box", "transfer")]
+        wb_keys = [k for k, kind in kinds.items() if kind == "white-box"]
+        if bb_keys:
+            best = None
+            for r in results:
+                fl = success_flags[r.eps]
+                white = _any([fl[k] for k in wb_keys], clean_correct)
+                black = _any([fl[k] for k in bb_keys], clean_correct)
+                res = _checks.check_black_box(white, black, cfg, source=" + ".join(bb_keys), warn=False,
+                                              details={"eps": r.eps})
+                if best is None or (res.value or 0) > (best.value or 0):
+                    best = res
+            return best
+        if cfg.black_box_queries <= 0:
+            return _checks.skipped("black_box_stronger", "no black-box or transfer attack in the suite "
+                                   "and the Square probe is disabled")
+        e = max(r.eps for r in results)
+        white = _any([success_flags[e][k] for k in wb_keys], clean_correct)[:n_sub]
+        survivors = clean_correct[:n_sub] & ~white  # only these can show a black-box-only success
+        black = torch.zeros_like(white)
+        if bool(survivors.any()):
+            black[survivors] = _checks.square_probe(
+                model, xs[survivors], ys[survivors], eps=e, norm=norm, queries=cfg.black_box_queries,
+                seed=_derive_seed(seed, "square"))
+        return _checks.check_black_box(white, black, cfg, warn=False,
+                                       source=f"Square ({cfg.black_box_queries} queries)",
+                                       details={"eps": e})
+    run("black_box_stronger", black_box)
+    run("large_eps_not_chance", lambda: _checks.check_large_eps(
+        model, xs, ys, norm=norm, views=views, config=cfg, seed=_derive_seed(seed, "large_eps"),
+        warn=False))
+
+    def monotonic():
+        pick = min(results, key=lambda r: (abs(r.robust_accuracy - 0.5), r.eps))
+        sweep = {r.eps: r.robust_accuracy for r in results} if len(results) > 1 else None
+        return _checks.check_monotonic(model, xs, ys, eps=pick.eps, norm=norm, views=views, sweep=sweep,
+                                       config=cfg, seed=_derive_seed(seed, "monotonic"), warn=False)
+    run("non_monotonic", monotonic)
+
+    def convergence():
+        clean = clean_traj["solver"] if clean_traj else None
+        adv = {r.eps: r.solver["adversarial"] for r in results if r.solver}
+        return _checks.check_convergence(clean, adv, cfg, warn=False)
+    run("non_convergence", convergence)
+    run("estimator_disagreement", lambda: _checks.check_estimators(model, xs, ys, cfg, warn=False))
+    return out
+
+
+def _any(flags: List[Tensor], like: Tensor) -> Tensor:
+    out = torch.zeros_like(like, dtype=torch.bool)
+    for f in flags:
+        out = out | f
+    return out
+
+
+def _provenance(model, config, x, norm, eps_list, steps, seed, batch_size, suite_label, results,
+                cfg, views, device, cascade) -> Dict[str, Any]:
+    from .. import __version__
+    attacks = {}
+    if results:
+        for a in results[0].attacks:
+            attacks[a.key] = {"name": a.describe.get("name"), "implementation": a.describe.get("implementation"),
+                              "spec": a.spec, "view": a.view, "kind": a.kind}
+    return {
+        "versions": {"robustdeq": __version__, "torch": torch.__version__,
+                     "torchattacks": _version("torchattacks"), "pyautoattack": _version("pyautoattack"),
+                     "numpy": _version("numpy"), "python": sys.version.split()[0]},
+        "platform": platform.platform(), "device": str(device),
+        "seed": seed, "threat": norm, "eps": eps_list, "steps": steps, "batch_size": batch_size,
+        "alpha_rule": "2.5 * eps / steps", "suite": suite_label, "cascade": cascade, "attacks": attacks,
+        "model": {
+            "class": type(model).__name__,
+            "config": getattr(model, "robustdeq_config", None),
+            "parameters_sha256": config["model"],
+            "defense": ({"randomized": getattr(model, "randomized", None),
+                         "dynamic": getattr(model, "dynamic", None),
+                         "differentiable": getattr(model, "differentiable", None),
+                         "views": sorted(views)} if hasattr(model, "adaptive_views") else None),
+            "describe": model.describe() if hasattr(model, "describe") and callable(model.describe) else None,
+        },
+        "data": {"n": int(x.shape[0]), "shape": list(x.shape[1:]), "sha256": config["data"]},
+        "check_config": {k: (list(v) if isinstance(v, tuple) else v)
+                         for k, v in dataclasses.asdict(cfg).items()},
+    }
+
+
+__all__ = ["evaluate", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "builtin_spec",
+           "suite_names", "trajectory_model", "trajectory_stats", "unit_seed", "EvalReport"]

@@ -1,0 +1,267 @@
+"""Every check of robustdeq.eval.checks fires on a model built to trip it and stays silent on a
+plain trained DEQ."""
+import contextlib
+import copy
+import warnings
+
+import pytest
+import torch
+
+from robustdeq.errors import ConfigError, GradientMaskingWarning, NonConvergenceWarning
+from robustdeq.eval import CHECKS, CheckConfig, evaluate
+from robustdeq.eval import checks as C
+from robustdeq.eval.harness import AttackSpec, trajectory_stats
+
+from eval_helpers import (BudgetModel, NoisyModel, QuantizedModel, ReversedGradModel, SoftmaxModel,
+                          digits_subset, nonconverging_deq, trained_deq, trained_mlp,
+                          unstable_linear_deq)
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is much faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits_subset(32)
+
+
+@pytest.fixture(scope="module")
+def deq():
+    return trained_deq()
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return trained_mlp()
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)
+        yield
+
+
+# -- 1. randomised output -------------------------------------------------------------------------
+def test_randomized_fires_on_noisy_model(mlp, data):
+    x, _ = data
+    with pytest.warns(GradientMaskingWarning, match="randomized_output"):
+        r = C.check_randomized(NoisyModel(mlp), x)
+    assert r.fired and r.value > 1e-3
+
+
+def test_randomized_silent_on_deq(deq, data):
+    r = C.check_randomized(deq, data[0])
+    assert not r.fired and r.value == 0.0
+
+
+# -- 2. softmax ---------------------------------------------------------------------------------
+def test_softmax_fires(mlp, data):
+    with pytest.warns(GradientMaskingWarning, match="softmax"):
+        r = C.check_softmax(SoftmaxModel(mlp), data[0])
+    assert r.fired and r.value < 1e-4
+
+
+def test_softmax_silent_on_deq_and_on_log_probabilities(deq, mlp, data):
+    assert not C.check_softmax(deq, data[0]).fired
+
+    class LogSoftmax(torch.nn.Module):
+        def forward(self, x):
+            return torch.log_softmax(mlp(x), dim=1)
+    # log-probabilities are valid logits (shift-invariant losses): silent
+    assert not C.check_softmax(LogSoftmax(), data[0]).fired
+
+
+# -- 3. zero / non-finite gradients ------------------------------------------------------------------
+def test_zero_gradients_fires_on_quantized_input(mlp, data):
+    x, y = data
+    with pytest.warns(GradientMaskingWarning, match="zero_gradients"):
+        r = C.check_gradients(QuantizedModel(mlp), x, y)
+    assert r.fired and r.value == 1.0 and r.details["zero"] == x.shape[0]
+
+
+def test_nonfinite_gradients_fire(mlp, data):
+    class NaNGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return mlp(NaNGrad.apply(x))
+    with pytest.warns(GradientMaskingWarning):
+        r = C.check_gradients(M(), *data)
+    assert r.fired and r.details["non_finite"] == data[0].shape[0]
+
+
+def test_zero_gradients_silent_on_deq(deq, data):
+    r = C.check_gradients(deq, *data)
+    assert not r.fired and r.value == 0.0
+
+
+def test_input_gradients_match_finite_differences(mlp, data):
+    x, y = data[0][:2].double(), data[1][:2]
+    net = copy.deepcopy(mlp).double()
+    g = C.input_gradients(net, x, y)
+    h = 1e-6
+    for i in (10, 20, 43):
+        xp, xm = x.clone(), x.clone()
+        xp.view(2, -1)[:, i] += h
+        xm.view(2, -1)[:, i] -= h
+        fd = (C.margin(net(xp), y) - C.margin(net(xm), y)) / (2 * h)
+        assert torch.allclose(g.view(2, -1)[:, i], fd, atol=1e-6)
+
+
+# -- 4. black-box stronger ------------------------------------------------------------------------------
+def test_black_box_fires_on_misleading_gradient(mlp, data):
+    """White-box PGD follows the negated gradient and fails; a transfer attack from the honest
+    network (the black-box side) breaks most samples."""
+    x, y = data
+    model = ReversedGradModel(mlp)
+
+    def transfer(target, *, eps, norm, steps, seed):
+        from robustdeq.attacks import PGD
+        return PGD(mlp, eps=eps, steps=steps, norm=norm, seed=seed)
+    suite = ["pgd", AttackSpec("transfer", transfer, kind="transfer", scope="model")]
+    with pytest.warns(GradientMaskingWarning, match="black_box_stronger"):
+        rep = evaluate(model, x, y, eps=0.2, suite=suite, steps=10,
+                       check_config=CheckConfig(enabled=("black_box_stronger",)))
+    r = rep.check("black_box_stronger")
+    assert r.fired and r.details["black_box_only"] >= 10
+    res = rep.result()
+    assert res.attack("pgd").accuracy > res.attack("transfer").accuracy
+
+
+def test_black_box_square_probe_fires(mlp, data):
+    """Without black-box attacks in the suite the check runs torchattacks' Square itself."""
+    x, y = data
+    with pytest.warns(GradientMaskingWarning, match="black_box_stronger"):
+        rep = evaluate(ReversedGradModel(mlp), x, y, eps=0.3, suite="quick", steps=5,
+                       check_config=CheckConfig(enabled=("black_box_stronger",), black_box_queries=100))
+    r = rep.check("black_box_stronger")
+    assert r.fired and "Square" in r.details["source"]
+
+
+def test_black_box_pure_function():
+    white = torch.tensor([True, False, False, False])
+    assert not C.check_black_box(white, white.clone(), warn=False).fired
+    r = C.check_black_box(white, torch.tensor([True, True, False, False]), warn=False)
+    assert r.fired and r.details["black_box_only"] == 1 and r.value == 0.25
+    with pytest.raises(ConfigError):
+        C.check_black_box(white, torch.ones(3, dtype=torch.bool))
+
+
+# -- 5. large eps not at chance -----------------------------------------------------------------------
+def test_large_eps_fires_on_misleading_gradient(mlp, data):
+    with pytest.warns(GradientMaskingWarning, match="large_eps"):
+        r = C.check_large_eps(ReversedGradModel(mlp), *data)
+    assert r.fired and r.value > 0.5 and r.threshold == pytest.approx(0.2)
+
+
+def test_large_eps_silent_on_plain_models(mlp, deq, data):
+    assert not C.check_large_eps(mlp, *data).fired
+    with _quiet():
+        r = C.check_large_eps(deq, *data, norm="L2")
+    assert not r.fired and r.details["eps"] == 4.0
+
+
+# -- 6. robust accuracy rising with steps or eps --------------------------------------------------------
+def test_monotonic_fires_when_more_steps_help_the_model(mlp, data):
+    cfg = CheckConfig()
+    model = BudgetModel(mlp, budget=cfg.steps_short)
+    with pytest.warns(GradientMaskingWarning, match="non_monotonic"):
+        r = C.check_monotonic(model, *data, eps=0.1, config=cfg)
+    assert r.fired and r.details["accuracy_long"] > r.details["accuracy_short"] + cfg.monotonic_tol
+
+
+def test_monotonic_fires_when_larger_eps_helps_the_model(mlp, data):
+    """The model's gradient turns misleading after the first eps of the sweep."""
+    x, y = data
+    model = BudgetModel(mlp, budget=5)  # exactly the backward passes of PGD-5 on one batch
+    with pytest.warns(GradientMaskingWarning, match="non_monotonic"):
+        rep = evaluate(model, x, y, eps=[0.1, 0.3], suite=["pgd"], steps=5,
+                       check_config=CheckConfig(enabled=("non_monotonic",)))
+    r = rep.check("non_monotonic")
+    assert rep.robust_accuracy(0.3) > rep.robust_accuracy(0.1)
+    assert r.fired and "eps 0.3" in r.message
+
+
+def test_monotonic_silent_on_plain_models(mlp, deq, data):
+    assert not C.check_monotonic(mlp, *data, eps=0.1).fired
+    assert not C.check_monotonic(mlp, *data, eps=None, sweep={0.1: 0.5, 0.2: 0.3}).fired
+    assert C.check_monotonic(mlp, *data, eps=None, sweep={0.1: 0.3, 0.2: 0.5}, warn=False).fired
+    assert C.check_monotonic(mlp, *data, eps=None).skipped
+
+
+# -- 7. non-convergence ---------------------------------------------------------------------------------
+def test_nonconvergence_fires_on_starved_solver(data):
+    x, y = data
+    with _quiet():
+        stats = trajectory_stats(nonconverging_deq(), x, y, 64)
+    assert stats["solver"]["converged_fraction"] == 0.0
+    with pytest.warns(NonConvergenceWarning, match="non_convergence"):
+        r = C.check_convergence(stats["solver"], {})
+    assert r.fired and r.value == 1.0
+
+
+def test_nonconvergence_fires_on_adversarial_inputs_only():
+    clean = {"converged_fraction": 1.0}
+    r = C.check_convergence(clean, {0.1: {"converged_fraction": 0.8}}, warn=False)
+    assert r.fired and "adversarial eps=0.1" in r.message
+    assert C.check_convergence(None, {}).skipped
+
+
+def test_nonconvergence_silent_on_deq(deq, data):
+    stats = trajectory_stats(deq, *data, 64)
+    assert not C.check_convergence(stats["solver"], {}).fired
+
+
+# -- 8. estimator disagreement -------------------------------------------------------------------------
+def test_estimators_fire_on_unstable_fixed_point(data):
+    model = unstable_linear_deq()
+    with _quiet():
+        assert bool(model.run(data[0]).stats.converged.all())  # the solver does find z*
+    with pytest.warns(GradientMaskingWarning, match="estimator_disagreement"):
+        r = C.check_estimators(model, *data)
+    # sum_{k<8} (-1.5)^k < 0 while (1 + 1.5)^-1 > 0: opposite directions (closed form)
+    assert r.fired and r.value == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_estimators_silent_on_deq_and_skipped_without_deq(deq, mlp, data):
+    r = C.check_estimators(deq, *data)
+    assert not r.fired and r.value > 0.9
+    assert C.check_estimators(mlp, *data).skipped
+
+
+# -- all checks silent on a plain DEQ through the harness ---------------------------------------------
+def test_every_check_silent_on_plain_deq(deq):
+    x, y = digits_subset(64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientMaskingWarning)
+        warnings.simplefilter("error", NonConvergenceWarning)
+        rep = evaluate(deq, x, y, eps=[0.05, 0.1], suite="quick", steps=10)
+    assert [c.name for c in rep.checks] == list(CHECKS)
+    assert rep.fired == []
+    assert not any(c.skipped for c in rep.checks), [c.message for c in rep.checks if c.skipped]
+
+
+def test_check_config_validation():
+    with pytest.raises(ConfigError):
+        CheckConfig(subset=0)
+    with pytest.raises(ConfigError):
+        CheckConfig(steps_short=10, steps_long=5)
+    with pytest.raises(ConfigError):
+        CheckConfig(enabled=("no_such_check",))
+    with pytest.raises(ConfigError):
+        CheckConfig(cosine_threshold=2.0)
