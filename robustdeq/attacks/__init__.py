@@ -1,0 +1,81 @@
+"""Adversarial attacks on DEQs and any ``x -> logits`` model.
+
+Every attack is called as ``attack(x, y) -> x_adv`` (torchattacks' call shape and parameter
+names), stays in the eps ball and in [0, 1], restores the model's training flags, and is
+reproducible under a seed. ``describe()`` gives the provenance (implementation, settings).
+
+=====================  ======================================================================
+``FGSM``, ``PGD``      Linf / L2; gradient estimator per attack; solver warm starts on DEQs
+``StateAttack``        PGD on intermediate states (unrolled or simultaneous-adjoint gradients)
+``AutoAttack``         pyautoattack on the model or on an attack view of a DEQ
+``TorchAttack``        any torchattacks attack on the model or on an attack view
+``WorstCase``          attacks in sequence on the samples still robust; per-sample worst case
+``JIIO``               joint inference and input optimisation attack (robustdeq.attacks.jiio)
+=====================  ======================================================================
+
+``build(name, model, **params)`` constructs one by name ("fgsm", "pgd", "state", "autoattack",
+"torchattack", "jiio"). torchattacks and pyautoattack are imported only when used.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..errors import ConfigError
+from .base import Attack, accuracy, predict
+from .pgd import FGSM, PGD
+from .intermediate import StateAttack, simultaneous_adjoint
+from .autoattack import AutoAttack
+from .bridge import TorchAttack
+from .worst_case import WorstCase, WorstCaseResult
+
+_REGISTRY = {
+    "fgsm": FGSM,
+    "pgd": PGD,
+    "state": StateAttack,
+    "autoattack": AutoAttack,
+    "torchattack": TorchAttack,
+}
+_LAZY = {"jiio": ("robustdeq.attacks.jiio", "JIIO")}
+
+
+def names() -> list:
+    return sorted(set(_REGISTRY) | set(_LAZY))
+
+
+def _lazy(name: str):
+    module, attr = _LAZY[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            raise ConfigError(f"attack {name!r} is not available ({module} is missing)") from None
+        raise
+    return getattr(mod, attr)
+
+
+def build(name: str, model, **params) -> Attack:
+    """Construct the attack ``name`` on ``model``; unknown names or parameters are ConfigErrors."""
+    if not isinstance(name, str):
+        raise ConfigError(f"attack name must be a string, got {name!r}")
+    key = name.lower()
+    if key in _REGISTRY:
+        cls = _REGISTRY[key]
+    elif key in _LAZY:
+        cls = _lazy(key)
+    else:
+        raise ConfigError(f"unknown attack {name!r}; available: {', '.join(names())}")
+    try:
+        return cls(model, **params)
+    except TypeError as e:
+        raise ConfigError(f"bad parameters for attack {name!r}: {e}") from None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "JIIO":
+        return _lazy("jiio")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Attack", "FGSM", "PGD", "StateAttack", "AutoAttack", "TorchAttack", "WorstCase",
+           "WorstCaseResult", "simultaneous_adjoint", "predict", "accuracy", "build", "names"]

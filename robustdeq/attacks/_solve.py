@@ -1,0 +1,127 @@
+"""A shrinking-batch driver of robustdeq's steppable solvers (attack-internal speed-up).
+
+``Solver.solve`` iterates the whole batch until its slowest sample stops, evaluating ``f`` on
+samples that converged long ago. :func:`solve_shrinking` drives the same solver through its
+``init``/``step`` protocol and, whenever at most ``min_fraction`` of the samples in the state are
+still active, writes the stopped samples' results out and slices the solver state (every
+per-sample tensor, the quasi-Newton memory included) down to the active ones; ``f`` is rebuilt
+for the remaining samples by ``make_f(index)``. The per-sample results are those of
+``Solver.solve`` (same iterates, flags, residuals and ``select`` rule): a sample's iteration never
+depends on other samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..config import Select
+
+MakeF = Callable[[Optional[Tensor]], Callable[[Tensor], Tensor]]
+
+
+@dataclass
+class ShrinkResult:
+    z: Tensor            # (B, ...) returned iterate (shape of z0)
+    residual: Tensor     # (B,)
+    converged: Tensor    # (B,) bool
+    diverged: Tensor     # (B,) bool
+    steps: Tensor        # (B,) evaluations per sample
+    nfe: int             # solver iterations (batch evaluations of f, of shrinking size)
+    work: int            # sum over iterations of the number of samples evaluated
+
+
+def _slice(obj, keep: Tensor, b: int):
+    if isinstance(obj, Tensor):
+        return obj[keep] if obj.dim() >= 1 and obj.shape[0] == b else obj
+    if isinstance(obj, list):
+        return [_slice(o, keep, b) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(_slice(o, keep, b) for o in obj)
+    return obj
+
+
+def _shared_keys(memory: dict, b0: int) -> set:
+    """Memory entries that are NOT per sample: found while the state still holds the full batch
+    ``b0``, they are those without a leading dimension ``b0`` (e.g. an identity of the memory
+    size). Batches are only shrunk from ``min_batch`` up, clear of such sizes."""
+    return {k for k, v in memory.items()
+            if isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != b0)}
+
+
+def _slice_state(state, keep: Tensor, shared: set):
+    b = state.z.shape[0]
+    changes = {f.name: _slice(getattr(state, f.name), keep, b)
+               for f in dataclasses.fields(state)
+               if f.name not in ("shape", "step", "nfe", "memory")}
+    changes["memory"] = {k: (v if k in shared else _slice(v, keep, b))
+                         for k, v in state.memory.items()}
+    changes["shape"] = torch.Size((int(keep.numel()),) + tuple(state.shape[1:]))
+    return dataclasses.replace(state, **changes)
+
+
+def solve_shrinking(solver, make_f: MakeF, z0: Tensor, *, min_fraction: float = 0.25,
+                    min_batch: int = 64) -> ShrinkResult:
+    """Solve ``z = f(z)`` for a batch with ``solver``, shrinking the batch as samples stop.
+
+    ``make_f(None)`` is ``f`` on the whole batch, ``make_f(idx)`` on the samples ``idx`` (a long
+    tensor of indices into the batch). Batches smaller than ``min_batch`` are not shrunk (little
+    to gain, and it keeps the batch size clear of the solver's own memory sizes).
+    """
+    cfg = solver.config
+    b = z0.shape[0]
+    dev = z0.device
+    flat = z0.reshape(b, -1)
+    out_z = torch.empty_like(flat)
+    out_res = torch.empty(b, dtype=flat.dtype, device=dev)
+    out_conv = torch.zeros(b, dtype=torch.bool, device=dev)
+    out_div = torch.zeros(b, dtype=torch.bool, device=dev)
+    out_steps = torch.zeros(b, dtype=torch.long, device=dev)
+    idx = torch.arange(b, device=dev)
+    f = make_f(None)
+    state = solver.init(f, z0)
+    nfe = work = 0
+    shrink = b >= min_batch
+    shared: Optional[set] = None
+
+    def store(st, rows: Tensor, where: Tensor) -> None:
+        if cfg.select == Select.BEST:
+            has_best = torch.isfinite(st.best_res[rows])
+            z = torch.where(has_best[:, None], st.best_z[rows], st.last_z[rows])
+            res = torch.where(has_best, st.best_res[rows], st.last_res[rows])
+        else:
+            z, res = st.last_z[rows], st.last_res[rows]
+        out_z[where] = z
+        out_res[where] = res
+        out_conv[where] = st.converged[rows]
+        out_div[where] = st.diverged[rows]
+        out_steps[where] = st.steps[rows]
+
+    for _ in range(cfg.max_iter):
+        work += int(idx.numel())
+        state = solver.step(f, state)
+        nfe += 1
+        active = state.active
+        n_act = int(active.sum())
+        if n_act == 0:
+            break
+        n = int(idx.numel())
+        if shrink and n_act <= min_fraction * n:
+            if shared is None:
+                shared = _shared_keys(state.memory, b)
+            done = (~active).nonzero()[:, 0]
+            store(state, done, idx[done])
+            keep = active.nonzero()[:, 0]
+            state = _slice_state(state, keep, shared)
+            idx = idx[keep]
+            f = make_f(idx)
+    rows = torch.arange(idx.numel(), device=dev)
+    store(state, rows, idx)
+    return ShrinkResult(z=out_z.view(z0.shape), residual=out_res, converged=out_conv,
+                        diverged=out_div, steps=out_steps, nfe=nfe, work=work)
+
+
+__all__ = ["solve_shrinking", "ShrinkResult"]

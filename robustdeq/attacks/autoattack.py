@@ -1,0 +1,176 @@
+"""AutoAttack (Croce & Hein 2020) through ``pyautoattack`` (the package index's fra31/auto-attack).
+
+The adapter runs pyautoattack unmodified on the model, or on an
+:func:`~robustdeq.deq.views.attack_view` of a DEQ (``view={"state": k, "grad": "unrolled",
+"unroll": 5}``) so that the chosen read-out and gradient apply. It adds what the library lacks:
+the global RNG that pyautoattack seeds is restored afterwards, its never-reset dynamic-defense
+counter is reset before each run (otherwise every model after a flagged one is flagged), and the
+trace function its dynamic-defense check removes (``sys.settrace(None)``: coverage, debuggers)
+is put back.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .base import Attack, check_int, global_rng, project
+
+logger = logging.getLogger(__name__)
+
+VERSIONS = ("standard", "plus", "rand", "custom")
+ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+#: sub-objects of pyautoattack.AutoAttack whose attributes ``settings`` may set
+COMPONENTS = ("apgd", "apgd_targeted", "fab", "square")
+VIEW_KEYS = ("state", "grad", "unroll")
+
+
+def pyautoattack_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("pyautoattack")
+    except Exception:  # pragma: no cover - metadata missing
+        return "unknown"
+
+
+def make_view(model: nn.Module, view: Optional[Dict[str, Any]]) -> nn.Module:
+    """The module an external library attacks: ``model`` itself or an attack view of it."""
+    if view is None:
+        return model
+    if not isinstance(view, dict):
+        raise ConfigError(f"view must be a dict of attack_view options ({', '.join(VIEW_KEYS)}) "
+                          f"or None, got {type(view).__name__}")
+    unknown = sorted(set(view) - set(VIEW_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown view option(s) {', '.join(unknown)}; known: {', '.join(VIEW_KEYS)}")
+    from ..deq.views import attack_view
+    return attack_view(model, **view)
+
+
+def describe_view(view: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    if view is None:
+        return None
+    out = dict(view)
+    if "grad" in out and not isinstance(out["grad"], (str, type(None))):
+        from .base import estimator_name
+        out["grad"] = estimator_name(out["grad"])
+    return out
+
+
+class _CastInput(nn.Module):
+    """pyautoattack casts inputs to float32; this casts them back to the model's dtype."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.to(self.dtype))
+
+
+class AutoAttack(Attack):
+    """pyautoattack's AutoAttack as a robustdeq :class:`Attack`.
+
+    Args:
+        eps, norm: threat model (Linf or L2).
+        version: "standard" (APGD-CE, APGD-T, FAB-T, Square), "plus", "rand" (EOT for randomised
+            defenses) or "custom" with ``attacks``.
+        attacks: for ``version="custom"``, a list among apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square.
+        view: options of :func:`robustdeq.deq.views.attack_view` (``state``, ``grad``,
+            ``unroll``), or None for the model as is.
+        seed: pyautoattack's seed (the global RNG is restored afterwards).
+        batch_size: pyautoattack's batch size.
+        settings: attributes of pyautoattack's components to set after construction, e.g.
+            ``{"apgd.n_iter": 20, "square.n_queries": 500}`` (unknown ones are a ConfigError).
+
+    The returned ``x_adv`` is pyautoattack's: an adversarial example where one was found, the
+    clean input otherwise. The last adversary object is kept as ``last_adversary``.
+    """
+
+    supports_targeted = False
+
+    def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf",
+                 version: str = "standard", attacks: Optional[Sequence[str]] = None,
+                 view: Optional[Dict[str, Any]] = None, seed: Optional[int] = 0,
+                 batch_size: int = 250, settings: Optional[Dict[str, Any]] = None):
+        super().__init__(model, eps=eps, norm=norm, targeted=False, seed=seed)
+        if version not in VERSIONS:
+            raise ConfigError(f"unknown AutoAttack version {version!r}; expected one of {', '.join(VERSIONS)}")
+        if version == "custom":
+            if not attacks or isinstance(attacks, str):
+                raise ConfigError("version='custom' needs attacks: a non-empty list among "
+                                  + ", ".join(ATTACK_NAMES))
+            attacks = list(attacks)
+            unknown = [a for a in attacks if a not in ATTACK_NAMES]
+            if unknown:
+                raise ConfigError(f"unknown AutoAttack attack(s) {unknown}; expected among "
+                                  + ", ".join(ATTACK_NAMES))
+        elif attacks is not None:
+            raise ConfigError(f"attacks is only for version='custom' (version {version!r} fixes its list)")
+        self.version = version
+        self.attacks = attacks
+        self.batch_size = check_int(batch_size, "batch_size", low=1)
+        self.view = view
+        self.target = make_view(model, view)
+        self.settings = dict(settings or {})
+        for key in self.settings:
+            comp, _, attr = key.partition(".")
+            if comp not in COMPONENTS or not attr:
+                raise ConfigError(f"bad AutoAttack setting {key!r}: expected '<component>.<attribute>' "
+                                  f"with component in {', '.join(COMPONENTS)}")
+        self.implementation = f"pyautoattack {pyautoattack_version()}"
+        tag = version if version != "custom" else "+".join(attacks)
+        state = (f", z_{view['state']}" if view and view.get("state") is not None else "")
+        self.name = f"AutoAttack-{tag}{' L2' if self.norm == 'L2' else ''}{state}"
+        self.last_adversary = None
+
+    def params(self) -> Dict[str, Any]:
+        return {"version": self.version, "attacks": self.attacks, "view": describe_view(self.view),
+                "batch_size": self.batch_size, "settings": self.settings}
+
+    def guarded_models(self) -> List[nn.Module]:
+        return [self.model, self.target] if self.target is not self.model else [self.model]
+
+    def build(self, device, dtype: torch.dtype = torch.float32) -> Any:
+        """The pyautoattack object for inputs on ``device``, with ``settings`` applied.
+        pyautoattack works in float32; a model of another ``dtype`` gets its inputs cast."""
+        from pyautoattack import AutoAttack as PyAutoAttack
+        target = self.target if dtype == torch.float32 else _CastInput(self.target, dtype)
+        adv = PyAutoAttack(target, attacks=self.attacks if self.version == "custom" else None,
+                           device=device, eps=self.eps, norm=self.norm, seed=self.seed,
+                           version=self.version)
+        for key, value in self.settings.items():
+            comp, _, attr = key.partition(".")
+            obj = getattr(adv, comp)
+            if not hasattr(obj, attr):
+                raise ConfigError(f"pyautoattack's {comp} has no attribute {attr!r}")
+            setattr(obj, attr, value)
+        return adv
+
+    def _perturb(self, x, y, gen):
+        adv = self.build(x.device, x.dtype)
+        self.last_adversary = adv
+        from pyautoattack import checks
+        for k in list(checks.funcs):  # pyautoattack never resets this module-level counter
+            checks.funcs[k] = 0
+        trace = sys.gettrace()
+        try:
+            x32 = x.float()  # pyautoattack works in float32 (its attacks cast with .float())
+            with global_rng(self.seed, x.device):
+                x_adv32, _ = adv.run_standard_evaluation(x32, y, batch_size=self.batch_size)
+        finally:
+            if sys.gettrace() is not trace:
+                sys.settrace(trace)
+        x_adv = x_adv32.detach().to(dtype=x.dtype, device=x.device)
+        if x.dtype != torch.float32:  # samples left unchanged keep their exact input values
+            same = (x_adv32 == x32).reshape(x.shape[0], -1).all(dim=1)
+            x_adv = torch.where(same.view(-1, *([1] * (x.dim() - 1))), x, x_adv)
+        return project(x_adv, x, self.eps, self.norm)
+
+
+__all__ = ["AutoAttack", "make_view", "ATTACK_NAMES", "VERSIONS"]

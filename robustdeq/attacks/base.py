@@ -1,0 +1,357 @@
+"""The :class:`Attack` base class and what every attack shares.
+
+Contract (shared/DESIGN.md): ``attack(x, y) -> x_adv`` with torchattacks' call shape; ``x`` is a
+batch ``(B, ...)`` of floating-point inputs in [0, 1], ``y`` the ``(B,)`` int64 labels (the target
+classes when ``targeted=True``). ``x_adv`` is detached, has the dtype, device and shape of ``x``,
+lies in [0, 1] and in the eps ball of ``x`` (Linf or L2). The training flag of every submodule
+is saved before the attack and restored exactly afterwards; the model runs in eval mode during
+the attack unless ``attack.model_mode`` is set to ``"train"`` or ``"keep"``. Random draws come
+from a local ``torch.Generator`` seeded with ``seed`` (never the global RNG), so the same seed
+gives bit-identical ``x_adv``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Norm, coerce_enum
+from ..errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+MODEL_MODES = ("eval", "train", "keep")
+
+
+# -- validation -----------------------------------------------------------------------------------
+def check_norm(norm: Any, allowed: Sequence[str] = ("Linf", "L2")) -> str:
+    """``"Linf"`` or ``"L2"`` (a :class:`Norm` or its value); ``ConfigError`` otherwise."""
+    value = coerce_enum(Norm, norm, "norm").value
+    if value not in allowed:
+        raise ConfigError(f"norm {value!r} is not supported here; expected one of {', '.join(allowed)}")
+    return value
+
+
+def check_number(value: Any, name: str, *, low: float = 0.0, strict: bool = False,
+                 allow_none: bool = False) -> Optional[float]:
+    """A finite real ``>= low`` (``> low`` when strict) as float; ``ConfigError`` otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        op = ">" if strict else ">="
+        raise ConfigError(f"{name} must be finite and {op} {low:g}, got {value!r}")
+    return value
+
+
+def check_int(value: Any, name: str, *, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_seed(seed: Any) -> Optional[int]:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or int(seed) < 0:
+        raise ConfigError(f"seed must be a non-negative int or None, got {seed!r}")
+    return int(seed)
+
+
+def check_inputs(x: Any, model: Optional[nn.Module] = None) -> Tensor:
+    """Validate a batch of inputs (floating point, finite, in [0, 1], the model's input shape)."""
+    from ..data import validate_inputs
+    shape = getattr(model, "input_shape", None) if model is not None else None
+    return validate_inputs(x, expected_shape=shape).detach()
+
+
+def check_labels(y: Any, x: Tensor, *, name: str = "y") -> Tensor:
+    """``y`` must be an int64 tensor of shape ``(B,)`` with non-negative entries; returned on
+    the device of ``x``."""
+    if not isinstance(y, Tensor):
+        raise InputError(f"{name} must be a torch.Tensor of int64 labels, got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        raise InputError(f"{name} must have dtype torch.int64 (class indices), got {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise InputError(f"{name} has shape {tuple(y.shape)}, expected ({x.shape[0]},) to match the "
+                         f"batch of x {tuple(x.shape)}")
+    if y.numel() and int(y.min()) < 0:
+        raise InputError(f"{name} has negative class indices (min {int(y.min())})")
+    return y.detach().to(x.device)
+
+
+def check_num_classes(y: Tensor, logits: Tensor, name: str = "y") -> None:
+    if y.numel() and int(y.max()) >= logits.shape[-1]:
+        raise InputError(f"{name} has class index {int(y.max())} but the model outputs "
+                         f"{logits.shape[-1]} logits")
+
+
+# -- model modes ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def model_mode(models: nn.Module | Iterable[nn.Module], mode: str = "eval") -> Iterator[None]:
+    """Put ``models`` in ``mode`` ("eval", "train" or "keep") and restore the training flag of
+    every submodule exactly on exit (a mix of train and eval submodules survives)."""
+    if mode not in MODEL_MODES:
+        raise ConfigError(f"unknown model mode {mode!r}; expected one of {', '.join(MODEL_MODES)}")
+    if isinstance(models, nn.Module):
+        models = [models]
+    models = [m for m in models if isinstance(m, nn.Module)]
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            if mode == "eval":
+                model.eval()
+            elif mode == "train":
+                model.train()
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+# -- randomness -----------------------------------------------------------------------------------
+def make_generator(seed: Optional[int]) -> torch.Generator:
+    """A CPU generator: seeded, or with a fresh non-deterministic seed (never the global RNG).
+
+    Random tensors are drawn on the CPU and moved to the input's device, so a seed gives the
+    same draws on every device.
+    """
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def rand_like(x: Tensor, gen: torch.Generator) -> Tensor:
+    """U[0, 1) noise with the shape, dtype and device of ``x``."""
+    return torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+
+
+def randn_like(x: Tensor, gen: torch.Generator) -> Tensor:
+    return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+
+
+def random_in_ball(x: Tensor, eps: float, norm: str, gen: torch.Generator) -> Tensor:
+    """A perturbation drawn uniformly in the eps ball (Linf: the cube; L2: the ball, radius
+    ``eps * U^(1/d)`` along a Gaussian direction), shape of ``x``."""
+    if norm == "Linf":
+        return (2 * rand_like(x, gen) - 1) * eps
+    b = x.shape[0]
+    d = x[0].numel()
+    direction = randn_like(x, gen).reshape(b, -1)
+    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    r = torch.rand(b, 1, generator=gen, dtype=x.dtype).to(x.device) ** (1.0 / max(d, 1))
+    return (direction * r * eps).view_as(x)
+
+
+@contextlib.contextmanager
+def global_rng(seed: Optional[int], device: torch.device) -> Iterator[None]:
+    """Seed the *global* RNG for third-party code that only uses it (torchattacks,
+    pyautoattack), and restore its state on exit so that the caller's stream is untouched."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        if seed is None:
+            torch.seed()
+        else:
+            torch.manual_seed(int(seed))
+        yield
+
+
+# -- losses ---------------------------------------------------------------------------------------
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy (torchattacks' ``nn.CrossEntropyLoss()``)."""
+    return F.cross_entropy(logits, y)
+
+
+def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean difference-of-logits-ratio loss of Croce & Hein (2020):
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)``; needs >= 3 classes."""
+    if logits.shape[-1] < 3:
+        raise ConfigError(f"the DLR loss needs at least 3 classes, the model outputs {logits.shape[-1]}")
+    srt, _ = logits.sort(dim=1)
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    z_other = others.max(dim=1)[0]
+    return (-(z_y - z_other) / (srt[:, -1] - srt[:, -3] + 1e-12)).mean()
+
+
+LOSSES = {"ce": cross_entropy, "dlr": dlr_loss}
+
+
+def get_loss(name: str):
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def margins(logits: Tensor, y: Tensor) -> Tensor:
+    """``z_y - max_{i != y} z_i`` per sample (negative: misclassified), shape (B,)."""
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return z_y - others.max(dim=1)[0]
+
+
+# -- projection -----------------------------------------------------------------------------------
+def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
+    """Project ``x_adv`` on the eps ball around ``x`` intersected with [0, 1]; samples already
+    inside are returned bit for bit (so projecting a library's output is a strict no-op there)."""
+    b = x.shape[0]
+    view = (-1,) + (1,) * (x.dim() - 1)
+    delta = x_adv - x
+    flat = delta.reshape(b, -1)
+    if norm == "Linf":
+        inside = flat.abs().amax(dim=1) <= eps if flat.shape[1] else torch.ones(b, dtype=torch.bool)
+        proj = torch.clamp(delta, min=-eps, max=eps)
+    else:
+        n = flat.norm(dim=1)
+        inside = n <= eps
+        factor = torch.where(inside, torch.ones_like(n), eps / n.clamp_min(1e-30))
+        proj = delta * factor.view(view)
+    in_box = ((x_adv >= 0) & (x_adv <= 1)).reshape(b, -1).all(dim=1)
+    ok = (inside & in_box).view(view)
+    return torch.where(ok, x_adv, torch.clamp(x + proj, min=0, max=1))
+
+
+# -- prediction helpers ---------------------------------------------------------------------------
+def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+    """Labels ``argmax model(x)`` (B,), without gradient, in eval mode (modes restored)."""
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    out = []
+    with model_mode(model, "eval"), torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            out.append(model(x[i:i + batch_size]).argmax(dim=1))
+    if not out:
+        return torch.empty(0, dtype=torch.int64, device=x.device)
+    return torch.cat(out)
+
+
+def logits_of(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+    """``model(x)`` without gradient, in eval mode, by batches (modes restored)."""
+    out = []
+    with model_mode(model, "eval"), torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            out.append(model(x[i:i + batch_size]))
+    return torch.cat(out)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
+    """Fraction of ``x`` classified as ``y`` (no grad, eval mode, modes restored)."""
+    if x.shape[0] == 0:
+        raise InputError("accuracy of an empty batch is undefined")
+    y = check_labels(y, x)
+    return float((predict(model, x, batch_size) == y).float().mean())
+
+
+# -- gradient estimator names ---------------------------------------------------------------------
+_EST_NAMES = {"ImplicitGrad": "ift", "PhantomGrad": "phantom", "UnrolledGrad": "unrolled",
+              "FullBackprop": "full", "NoGrad": "none"}
+
+
+def estimator_name(est) -> str:
+    if est is None:
+        return "default"
+    return _EST_NAMES.get(type(est).__name__, type(est).__name__)
+
+
+def is_deq(model: nn.Module) -> bool:
+    """A model with a fixed-point solve (DEQClassifier-like): warm starts apply."""
+    return all(hasattr(model, a) for a in ("solve", "run", "inject", "f", "readout"))
+
+
+def has_trajectory(model: nn.Module) -> bool:
+    """A DEQ or a weight-tied model: ``run(x, record=...)`` and ``readout(z)``."""
+    return all(hasattr(model, a) for a in ("run", "readout", "inject", "unroll"))
+
+
+# -- the base class -------------------------------------------------------------------------------
+class Attack:
+    """Base class: ``attack(x, y) -> x_adv``.
+
+    Subclasses implement :meth:`_perturb` ``(x, y, gen) -> x_adv`` on validated inputs, inside the
+    mode guard, and :meth:`params` (their settings for :meth:`describe`).
+    """
+
+    name: str = "Attack"
+    implementation: str = "robustdeq"
+    #: norms the attack supports
+    norms: Sequence[str] = ("Linf", "L2")
+    supports_targeted: bool = True
+
+    def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", targeted: bool = False,
+                 seed: Optional[int] = None):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module mapping x -> logits, got "
+                              f"{type(model).__name__}")
+        self.model = model
+        self.eps = check_number(eps, "eps")
+        self.norm = check_norm(norm, self.norms)
+        if not isinstance(targeted, bool):
+            raise ConfigError(f"targeted must be a bool, got {targeted!r}")
+        if targeted and not self.supports_targeted:
+            raise ConfigError(f"{type(self).__name__} has no targeted mode")
+        self.targeted = targeted
+        self.seed = check_seed(seed)
+        self.model_mode = "eval"
+        self.last_stats: Dict[str, Any] = {}
+
+    # -- to override ------------------------------------------------------------------------------
+    def _perturb(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def params(self) -> Dict[str, Any]:
+        return {}
+
+    def guarded_models(self) -> List[nn.Module]:
+        """Models whose training flags the attack saves and restores."""
+        return [self.model]
+
+    # -- public -----------------------------------------------------------------------------------
+    def loss_fn(self, base):
+        """``base`` (a loss ``(logits, y) -> scalar`` to increase), negated in targeted mode."""
+        if self.targeted:
+            return lambda logits, y: -base(logits, y)
+        return base
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        x = check_inputs(x, self.model)
+        y = check_labels(y, x)
+        if x.shape[0] == 0:
+            return x.clone()
+        gen = make_generator(self.seed)
+        with model_mode(self.guarded_models(), self.model_mode):
+            x_adv = self._perturb(x, y, gen)
+        x_adv = x_adv.detach()
+        if x_adv.shape != x.shape:
+            raise RuntimeError(f"{self.name} returned shape {tuple(x_adv.shape)} for {tuple(x.shape)}")
+        return x_adv.to(dtype=x.dtype, device=x.device)
+
+    def describe(self) -> Dict[str, Any]:
+        """Provenance: name, implementation, threat model and every setting."""
+        d = {"name": self.name, "implementation": self.implementation, "eps": self.eps,
+             "norm": self.norm, "targeted": self.targeted, "seed": self.seed,
+             "model_mode": self.model_mode}
+        d.update(self.params())
+        return d
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, eps={self.eps:g}, norm={self.norm})"
+
+
+__all__ = [
+    "Attack", "check_norm", "check_number", "check_int", "check_seed", "check_inputs",
+    "check_labels", "check_num_classes", "model_mode", "make_generator", "random_in_ball",
+    "global_rng", "cross_entropy", "dlr_loss", "get_loss", "margins", "project", "predict",
+    "logits_of", "accuracy", "estimator_name", "is_deq", "has_trajectory", "LOSSES",
+]

@@ -1,0 +1,314 @@
+"""FGSM and PGD (Linf, L2) with a per-attack gradient estimator and solver warm starts.
+
+For a DEQ (a model with ``solve``), step ``t`` of PGD starts the forward solver from the fixed
+point of step ``t - 1`` (``z0 = z*(x_{t-1})``); with the implicit (IFT) gradient, the adjoint
+solve ``a = J^T a + g`` also starts from the previous step's adjoint, and both solves run on a
+batch that shrinks as samples converge (the solver's per-sample results are unchanged, see
+``_solve.py``). Each step costs one forward solve and one adjoint solve, nothing else. How much
+this saves depends on the model: warm starts cut the per-sample iterations, but a batch's solve
+lasts as long as its slowest sample, so samples that never converge (they run to ``max_iter``
+at every step) bound the gain; benchmarks/bench_attacks.py measures it. Any other ``nn.Module``
+``x -> logits`` is attacked as is (no warm start), with exactly torchattacks' update order, so
+that on a feed-forward model ``PGD(random_start=False)`` reproduces ``torchattacks.PGD`` /
+``PGDL2`` bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, NonConvergenceWarning
+from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
+                   estimator_name, get_loss, is_deq, random_in_ball)
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+GradFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _resolve_estimator(model: nn.Module, grad):
+    """``None`` (the model's own) or an estimator instance valid for ``model``."""
+    if grad is None:
+        return None
+    from ..deq.grad import make_estimator
+    est = make_estimator(grad)
+    if hasattr(model, "check_estimator"):
+        model.check_estimator(est)
+    elif not any(hasattr(m, "_grad_stack") for m in model.modules()):
+        raise ConfigError(f"grad={estimator_name(est)!r} was given but {type(model).__name__} "
+                          "contains no DEQ whose gradient can be chosen")
+    return est
+
+
+class InputGradient:
+    """``(x, y) -> d loss(model(x), y) / dx`` with a chosen estimator and warm starts.
+
+    Args:
+        model: any module ``x -> logits``; a DEQ (``solve``/``run``) gets warm starts.
+        grad: gradient estimator (instance or name) or None for the model's own.
+        warm_start: start each forward solve from the previous call's fixed point and, for the
+            implicit gradient, each adjoint solve from the previous adjoint.
+
+    Call :meth:`reset` between independent runs (a new batch). ``stats`` counts the function
+    evaluations of the forward and adjoint solves.
+    """
+
+    def __init__(self, model: nn.Module, grad=None, warm_start: bool = True):
+        self.model = model
+        self.estimator = _resolve_estimator(model, grad)
+        self.deq = is_deq(model)
+        self.warm_start = bool(warm_start)
+        self.reset()
+
+    def reset(self) -> None:
+        self.z_prev: Optional[Tensor] = None
+        self.a_prev: Optional[Tensor] = None
+        self.stats = {"calls": 0, "forward_nfe": 0, "backward_nfe": 0, "forward_work": 0,
+                      "backward_work": 0, "forward_unconverged": 0, "backward_unconverged": 0}
+        self._checked = False
+
+    def current_estimator(self):
+        if self.estimator is not None:
+            return self.estimator
+        return getattr(self.model, "estimator", None)
+
+    def warm(self) -> bool:
+        """Whether warm starts apply (a DEQ, and not full backpropagation: through a warm-started
+        solve it would only see the last few iterations, a different gradient)."""
+        est = self.current_estimator()
+        return self.warm_start and self.deq and not getattr(est, "full_graph", False)
+
+    def _z0(self, batch: int) -> Optional[Tensor]:
+        z = self.z_prev
+        if z is None or not self.warm() or z.shape[0] != batch:
+            return None
+        if not bool(torch.isfinite(z).all()):  # a diverged sample: restart from the initial state
+            return None
+        return z
+
+    def __call__(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+        """The gradient of ``loss_fn(logits(x), y)`` w.r.t. ``x`` (shape of ``x``)."""
+        self.stats["calls"] += 1
+        est = self.current_estimator()
+        if self.deq and self._fast_path(est):
+            return self._implicit(x, y, loss_fn, est)
+        xr = x.detach().requires_grad_(True)
+        if self.deq:
+            eq = self.model.run(xr, z0=self._z0(x.shape[0]), grad=self.estimator)
+            logits = eq.logits
+            self.z_prev = eq.z_star.detach()
+            self.stats["forward_nfe"] += int(eq.stats.nfe)
+            self.stats["forward_unconverged"] += int((~eq.stats.converged).sum())
+        elif self.estimator is not None:
+            from ..deq.grad import gradient
+            with gradient(self.model, self.estimator):
+                logits = self.model(xr)
+        else:
+            logits = self.model(xr)
+        self._check(logits, y)
+        cost = loss_fn(logits, y)
+        return torch.autograd.grad(cost, xr, retain_graph=False, create_graph=False)[0]
+
+    def _check(self, logits: Tensor, y: Tensor) -> None:
+        if not self._checked:
+            check_num_classes(y, logits)
+            self._checked = True
+
+    def _fast_path(self, est) -> bool:
+        """The warm-started implicit gradient below reproduces ``DEQClassifier.run`` with an
+        ``ImplicitGrad``; it is used only where that holds (no overridden pieces)."""
+        from ..deq.grad import ImplicitGrad
+        from ..deq.model import DEQClassifier
+        cls = type(self.model)
+        return (type(est) is ImplicitGrad and isinstance(self.model, DEQClassifier)
+                and all(getattr(cls, n) is getattr(DEQClassifier, n)
+                        for n in ("run", "forward", "solve", "f", "inject", "readout")))
+
+    def _implicit(self, x: Tensor, y: Tensor, loss_fn: LossFn, est) -> Tensor:
+        """The implicit gradient as ``DEQClassifier.run`` + ``ImplicitGrad`` compute it (logits =
+        readout(f(z*, u)); adjoint ``a = J^T a + g`` solved with the estimator's solver), with
+        both solves warm-started from the previous call and run on a shrinking batch. One
+        evaluation of ``f`` with autograd serves the adjoint VJPs and the input VJP."""
+        from ..deq.solvers import get_solver
+        from ._solve import solve_shrinking
+        model = self.model
+        xr = x.detach().requires_grad_(True)
+        u = model.inject(xr)
+        ud = u.detach()
+        model.prepare()
+        z0 = self._z0(x.shape[0])
+        if z0 is None:
+            z0 = model.init_state(ud)
+        with torch.no_grad():
+            def make_f(idx):
+                uu = ud if idx is None else ud[idx]
+                return lambda z: model.cell(z, uu)
+            res = solve_shrinking(get_solver(model.solver_config), make_f, z0.detach())
+        self.stats["forward_nfe"] += res.nfe
+        self.stats["forward_work"] += res.work
+        self.stats["forward_unconverged"] += int((~res.converged).sum())
+        if not bool(res.converged.all()) and hasattr(model, "nonconvergence_events"):
+            model.nonconvergence_events += 1  # as model.run would count it
+        z_star = res.z.detach()
+        self.z_prev = z_star
+        z_leaf = z_star.clone().requires_grad_(True)
+        z_out = model.f(z_leaf, u)
+        logits = model.readout(z_out)
+        self._check(logits, y)
+        cost = loss_fn(logits, y)
+        g = torch.autograd.grad(cost, z_out, retain_graph=True)[0].detach()
+
+        def make_adjoint(idx):
+            if idx is None:
+                return lambda a: torch.autograd.grad(z_out, z_leaf, a, retain_graph=True)[0] + g
+            zs = z_star[idx].clone().requires_grad_(True)
+            with torch.enable_grad():
+                fs = model.f(zs, ud[idx])
+            gs = g[idx]
+            return lambda a: torch.autograd.grad(fs, zs, a, retain_graph=True)[0] + gs
+
+        a0 = self.a_prev if (self.warm() and self.a_prev is not None
+                             and self.a_prev.shape == g.shape) else g
+        if not bool(torch.isfinite(a0).all()):
+            a0 = g
+        with torch.no_grad():
+            ares = solve_shrinking(get_solver(est.solver), make_adjoint, a0)
+        self.stats["backward_nfe"] += ares.nfe
+        self.stats["backward_work"] += ares.work
+        self.stats["backward_unconverged"] += int((~ares.converged).sum())
+        a = ares.z.detach()
+        self.a_prev = a
+        return torch.autograd.grad(z_out, xr, a)[0]
+
+    def warn_if_unconverged(self, who: str) -> None:
+        s = self.stats
+        if s["forward_unconverged"] or s["backward_unconverged"]:
+            warnings.warn(
+                f"{who}: over {s['calls']} gradient evaluations, {s['forward_unconverged']} "
+                f"forward and {s['backward_unconverged']} adjoint per-sample solves did not reach "
+                "their tolerance; the attack's gradients may be inaccurate",
+                NonConvergenceWarning, stacklevel=4)
+
+
+def pgd_loop(x: Tensor, y: Tensor, grad_fn: GradFn, *, eps: float, alpha: float, steps: int,
+             norm: str, random_start: bool, gen: torch.Generator,
+             eps_for_division: float = 1e-10) -> Tensor:
+    """Projected gradient ascent on the loss behind ``grad_fn(x_adv, y) -> gradient``.
+
+    Linf: ``x <- clip_[0,1](x0 + clip_eps(x + alpha sign(g) - x0))``; L2: ``x <- x + alpha g /
+    ||g||``, rescale ``x - x0`` into the ball, clip to [0, 1] — torchattacks' PGD/PGDL2 order.
+    """
+    images = x.detach()
+    adv = images.clone()
+    if random_start:
+        adv = torch.clamp(adv + random_in_ball(adv, eps, norm, gen), min=0, max=1).detach()
+    b = images.shape[0]
+    view = (-1,) + (1,) * (images.dim() - 1)
+    for _ in range(steps):
+        g = grad_fn(adv, y)
+        if norm == "Linf":
+            adv = adv.detach() + alpha * g.sign()
+            delta = torch.clamp(adv - images, min=-eps, max=eps)
+            adv = torch.clamp(images + delta, min=0, max=1).detach()
+        else:
+            g_norm = torch.norm(g.reshape(b, -1), p=2, dim=1) + eps_for_division
+            adv = adv.detach() + alpha * (g / g_norm.view(view))
+            delta = adv - images
+            d_norm = torch.norm(delta.reshape(b, -1), p=2, dim=1)
+            factor = torch.min(eps / d_norm, torch.ones_like(d_norm))
+            factor = torch.nan_to_num(factor, nan=1.0)  # 0/0 when eps = 0 and delta = 0
+            delta = delta * factor.view(view)
+            adv = torch.clamp(images + delta, min=0, max=1).detach()
+    return adv
+
+
+class FGSM(Attack):
+    """Fast gradient sign method (Goodfellow et al. 2015); L2: one normalised gradient step of
+    length eps. Same update as ``torchattacks.FGSM`` for Linf."""
+
+    def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", targeted: bool = False,
+                 seed: Optional[int] = None, grad=None):
+        super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
+        self.oracle = InputGradient(model, grad, warm_start=False)
+        self.grad = self.oracle.estimator
+        g = estimator_name(self.grad) if self.grad is not None else (
+            estimator_name(getattr(model, "estimator", None)) if is_deq(model) else None)
+        self.name = "FGSM" + (" L2" if self.norm == "L2" else "") + (f" ({g})" if g else "")
+
+    def params(self) -> Dict[str, Any]:
+        return {"grad": estimator_name(self.grad) if self.grad is not None else "model default"}
+
+    def _perturb(self, x, y, gen):
+        self.oracle.reset()
+        g = self.oracle(x, y, self.loss_fn(cross_entropy))
+        if self.norm == "Linf":
+            adv = x + self.eps * g.sign()
+        else:
+            n = g.reshape(x.shape[0], -1).norm(dim=1) + 1e-10
+            adv = x + self.eps * g / n.view(-1, *([1] * (x.dim() - 1)))
+        self.last_stats = dict(self.oracle.stats)
+        self.oracle.warn_if_unconverged(self.name)
+        return torch.clamp(adv, min=0, max=1).detach()
+
+
+class PGD(Attack):
+    """Projected gradient descent (Madry et al. 2018), Linf or L2, on any ``x -> logits`` model.
+
+    Args:
+        eps, alpha, steps, random_start, norm: torchattacks' names; ``alpha`` defaults to
+            ``2.5 * eps / steps``.
+        grad: gradient estimator for a DEQ ("ift", "phantom", "unrolled", "full" or an instance);
+            None: the model's default.
+        warm_start: warm-start the DEQ's forward (and IFT adjoint) solves from the previous step
+            (ignored for models without ``solve`` and for full backpropagation).
+        loss: "ce" (cross-entropy) or "dlr" (difference of logits ratio).
+        targeted: ``y`` holds target classes; the attack descends their cross-entropy.
+        seed: seed of the random start.
+    """
+
+    def __init__(self, model: nn.Module, *, eps: float, alpha: Optional[float] = None,
+                 steps: int = 10, random_start: bool = True, norm: str = "Linf", grad=None,
+                 warm_start: bool = True, loss: str = "ce", targeted: bool = False,
+                 seed: Optional[int] = None):
+        super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
+        self.steps = check_int(steps, "steps", low=1)
+        self.alpha = (2.5 * self.eps / self.steps if alpha is None
+                      else check_number(alpha, "alpha"))
+        if not isinstance(random_start, bool):
+            raise ConfigError(f"random_start must be a bool, got {random_start!r}")
+        self.random_start = random_start
+        if not isinstance(warm_start, bool):
+            raise ConfigError(f"warm_start must be a bool, got {warm_start!r}")
+        self.loss = loss
+        self._loss = get_loss(loss)
+        self.oracle = InputGradient(model, grad, warm_start=warm_start)
+        self.grad = self.oracle.estimator
+        self.warm_start = warm_start
+        g = estimator_name(self.grad) if self.grad is not None else (
+            estimator_name(getattr(model, "estimator", None)) if is_deq(model) else None)
+        self.name = ("PGD" + ("-L2" if self.norm == "L2" else "") + ("-DLR" if loss == "dlr" else "")
+                     + f"-{self.steps}" + (f" ({g})" if g else ""))
+
+    def params(self) -> Dict[str, Any]:
+        return {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
+                "loss": self.loss,
+                "grad": estimator_name(self.grad) if self.grad is not None else "model default",
+                "warm_start": self.oracle.warm()}
+
+    def _perturb(self, x, y, gen):
+        self.oracle.reset()
+        loss_fn = self.loss_fn(self._loss)
+        adv = pgd_loop(x, y, lambda xa, ya: self.oracle(xa, ya, loss_fn), eps=self.eps,
+                       alpha=self.alpha, steps=self.steps, norm=self.norm,
+                       random_start=self.random_start, gen=gen)
+        self.last_stats = dict(self.oracle.stats)
+        self.oracle.warn_if_unconverged(self.name)
+        return adv
+
+
+__all__ = ["FGSM", "PGD", "InputGradient", "pgd_loop"]
