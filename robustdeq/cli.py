@@ -103,16 +103,40 @@ def solver_table(summary: dict) -> str:
     return _table(rows, ["metric", "value"])
 
 
+DEMO_ROWS = (("PGD (IFT)", "pgd-ift"), ("PGD (unrolled)", "pgd-unrolled"),
+             ("intermediate-state", "state"), ("AutoAttack standard", "autoattack"))
+
+
+def demo_rows(report) -> dict:
+    """Accuracy after each attack group of a cascaded ``standard`` evaluation, per eps."""
+    out = {}
+    for r in report.results:
+        col = {"clean": report.clean_accuracy}
+        for label, prefix in DEMO_ROWS:
+            hits = [a for a in r.attacks if a.spec.startswith(prefix)]
+            col[label] = hits[-1].cumulative_accuracy if hits else None
+        col["worst case"] = r.robust_accuracy
+        out[f"{r.eps:g}"] = col
+    return out
+
+
+def _demo_eval(model, x, y, out_dir, progress):
+    from .eval import evaluate
+    return evaluate(model, x, y, threat="Linf", eps=[0.1, 0.2], suite="standard", steps=20, seed=0,
+                    cascade=True, out_dir=out_dir, progress=progress)
+
+
 def cmd_demo(args) -> int:
     from .train import evaluate_clean
+    from .defenses.recipes import recipe
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    progress = not args.no_progress
     train_opts = dict(DEMO_TRAIN)
     if args.epochs is not None:
         train_opts["epochs"] = args.epochs
     model, hist, (xt, yt) = train_model(DEMO_MODEL["name"], DEMO_MODEL["options"], train_opts,
-                                        out_dir=out / "undefended", progress=not args.no_progress,
+                                        out_dir=out / "undefended", progress=progress,
                                         seed=args.seed, resume=not args.no_resume)
     train_time = sum(h.get("epoch_time_s", 0.0) for h in hist)  # per-epoch compute (resume-safe)
     ev = evaluate_clean(model, xt, yt)
@@ -125,16 +149,52 @@ def cmd_demo(args) -> int:
     }
     print("== robustdeq demo: DEQ on scikit-learn digits ==")
     print(solver_table(summary))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.skip_eval:
+        print(f"\nwrote {out / 'summary.json'}, {summary['checkpoint']}, TensorBoard log {summary['tensorboard']}")
+        return 0
+
+    n = min(args.samples, xt.shape[0])
+    xs, ys = xt[:n], yt[:n]
+    # the hardened model: same architecture, trained with the chosen recipe
+    rec = recipe(args.defense, eps=0.1) if args.defense != "none" else recipe("none")
+    hard_opts = dict(DEMO_MODEL["options"]) if rec.model is None else {"hidden": 128, "mean": 0.3, "std": 0.4}
+    hard, hhist, _ = train_model(rec.model or DEMO_MODEL["name"], hard_opts, train_opts,
+                                 out_dir=out / args.defense, objective=rec.objective, progress=progress,
+                                 seed=args.seed, resume=not args.no_resume)
+    summary["hardened"] = {"defense": args.defense, "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in hhist),
+                           "test_accuracy": evaluate_clean(hard, xt, yt)["accuracy"],
+                           "checkpoint": str(out / args.defense / "checkpoint.pt")}
+    reports = {"undefended": _demo_eval(model, xs, ys, out / "eval_undefended", progress),
+               args.defense: _demo_eval(hard, xs, ys, out / f"eval_{args.defense}", progress)}
+    tables = {name: demo_rows(rep) for name, rep in reports.items()}
+    header = ["attack (accuracy after it, Linf)"] + [f"{name} eps {e}" for name in tables for e in tables[name]]
+    labels = ["clean"] + [l for l, _ in DEMO_ROWS] + ["worst case"]
+    rows = []
+    for label in labels:
+        row = [label]
+        for name in tables:
+            for e, col in tables[name].items():
+                v = col.get(label)
+                row.append("n/a" if v is None else f"{100 * v:.1f}%")
+        rows.append(row)
+    print(f"\n== robustness on {n} test samples (standard suite, cascaded: each row is the accuracy "
+          "after that attack and every one above it) ==")
+    print(_table(rows, header))
+    fired = {name: rep.fired for name, rep in reports.items() if rep.fired}
+    if fired:
+        print(f"checks that fired: {fired}")
+    summary["robustness"] = {"samples": n, "tables": tables, "checks_fired": fired,
+                             "reports": {name: str(out / f"eval_{name}") for name in reports}}
 
     from .certify import certify
-    n_cert = min(args.samples, xt.shape[0])
-    cert = certify(model, xt[:n_cert], yt[:n_cert], eps_l2=(0.1, 0.25, 0.5))
+    cert = certify(model, xs, ys, eps_l2=(0.1, 0.25, 0.5))
     cert.save(out / "certificate")
     summary["certificate"] = cert.summary
-    print(f"\n== certificate ({n_cert} test samples) ==")
+    print(f"\n== certificate of the undefended DEQ ({n} test samples) ==")
     print(cert.brief())
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {out / 'summary.json'}, {summary['checkpoint']}, TensorBoard log {summary['tensorboard']}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\nwrote {out / 'summary.json'}, checkpoints, evaluation reports and TensorBoard logs under {out}")
     return 0
 
 
@@ -273,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="robustdeq-demo", help="output folder (default ./robustdeq-demo)")
     d.add_argument("--epochs", type=int, default=None, help="override the number of training epochs")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--samples", type=int, default=200, help="test samples for the evaluation and certificate")
+    d.add_argument("--samples", type=int, default=100, help="test samples for the evaluation and certificate (AutoAttack on a DEQ costs about a second per sample)")
+    d.add_argument("--defense", default="jiio-at", help="training recipe of the hardened model (see robustdeq train)")
+    d.add_argument("--skip-eval", action="store_true", help="only train and report the undefended DEQ")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--no-resume", action="store_true", help="retrain even if a checkpoint exists")
     d.set_defaults(func=cmd_demo)

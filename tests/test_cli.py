@@ -1,0 +1,71 @@
+"""The command line end to end on tiny settings (the full demo is a slow test)."""
+import json
+
+import pytest
+import torch
+
+from robustdeq.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    rc = main(["train", "--model", "mlp_deq", "--model-options", '{"hidden": 16}', "--epochs", "2",
+               "--lr", "0.01", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out / "checkpoint.pt"
+
+
+def test_train_writes_checkpoint_history_and_tensorboard(ckpt, capsys):
+    hist = json.loads((ckpt.parent / "history.json").read_text())
+    assert len(hist) == 2 and hist[-1]["val_accuracy"] > 0.5
+    assert list((ckpt.parent / "tb").glob("events.*"))
+
+
+def test_attack_saves_examples_in_the_ball(ckpt, tmp_path, capsys):
+    out = tmp_path / "adv.pt"
+    assert main(["attack", str(ckpt), "--attack", "pgd", "--eps", "0.1", "-n", "16", "--steps", "5",
+                 "--out", str(out), "--no-progress"]) == 0
+    d = torch.load(out, weights_only=True)
+    assert (d["x_adv"] - d["x"]).abs().max() <= 0.1 + 1e-6
+    assert d["x_adv"].min() >= 0 and d["x_adv"].max() <= 1
+    assert "robust accuracy" in capsys.readouterr().out
+
+
+def test_eval_and_certify_write_reports(ckpt, tmp_path, capsys):
+    assert main(["eval", str(ckpt), "--suite", "quick", "--eps", "0.1", "-n", "16", "--steps", "5",
+                 "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert rep["schema_version"] == 1 and rep["n_samples"] == 16
+    assert main(["certify", str(ckpt), "-n", "8", "--out", str(tmp_path / "cert"), "--no-progress"]) == 0
+    assert (tmp_path / "cert" / "certificate.json").exists()
+
+
+def test_harden_evaluates_plain_and_wrapped(ckpt, capsys):
+    assert main(["harden", str(ckpt), "--eps", "0.1", "-n", "8", "--steps", "3", "--no-progress",
+                 "--wrap-options", '{"rounds": 2, "inner_steps": 2}']) == 0
+    out = capsys.readouterr().out
+    assert "as trained" in out and "+ entropy" in out
+
+
+def test_demo_training_part(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--skip-eval", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 < summary["test_accuracy"] <= 1 and summary["solver"]["converged_fraction"] >= 0
+    assert (tmp_path / "undefended" / "checkpoint.pt").exists()
+
+
+def test_errors_are_reported_cleanly(tmp_path, capsys):
+    assert main(["certify", str(tmp_path / "missing.pt")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["train", "--defense", "magic", "--out", str(tmp_path / "x"), "--epochs", "1"]) == 2
+    with pytest.raises(SystemExit):
+        main(["eval", "x.pt", "--suite", "huge"])
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--samples", "60", "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.97
+    assert set(summary["robustness"]["tables"]) == {"undefended", "jiio-at"}
