@@ -74,6 +74,7 @@ def bench_solvers(repeats: int, batch: int, hidden: int, tol: float):
 def _memory_child(mode: str, batch: int, hidden: int) -> None:
     """Run in a subprocess: one forward+backward, print the peak-RSS rise and the time."""
     from robustdeq import FullBackprop, ImplicitGrad, gradient
+    torch.set_num_threads(1)
     model = make_model(hidden).double()
     model.solver_config = SolverConfig(name="anderson", max_iter=30, tol=0.0)   # exactly 30 iterations
     x = torch.rand(batch, 1, 8, 8, dtype=torch.float64)
@@ -109,11 +110,12 @@ def main() -> None:
     p.add_argument("--child", default=None)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         _memory_child(args.child, args.batch, args.hidden)
         return
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("\n## Anderson: robustdeq vs torchdeq (same cell, batch 256, hidden 256, rel tol 1e-3, m=5)")
     s = bench_solvers(args.repeats, 256, 256, 1e-3)

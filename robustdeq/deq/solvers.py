@@ -319,24 +319,28 @@ class Anderson(Solver):
             rhs[:, 0] = 1
             mem["A"], mem["rhs"] = A, rhs
             mem["eye"] = torch.eye(m, dtype=z.dtype, device=z.device)
-        F, G = mem["F"], mem["G"]
+        F, G, H = mem["F"], mem["G"], mem.get("H")
+        if H is None:
+            H = mem["H"] = z.new_zeros(b, m, m)   # Gram matrix G G^T, updated one row per step
         if torch.is_grad_enabled():  # keep autograd history valid for full backpropagation
-            F, G = F.clone(), G.clone()
+            F, G, H = F.clone(), G.clone(), H.clone()
         slot = mem["n"] % m
         F[:, slot] = fz
         G[:, slot] = g
-        mem["F"], mem["G"] = F, G
+        row = torch.bmm(G, g[:, :, None])[:, :, 0]          # (B, m): <G_i, g>
+        H[:, slot, :] = row
+        H[:, :, slot] = row
+        mem["F"], mem["G"], mem["H"] = F, G, H
         mem["n"] += 1
         n = min(mem["n"], m)
         if n == 1:
             return fz if cfg.beta == 1 else z + cfg.beta * g
-        Fn, Gn = (F, G) if n == m else (F[:, :n], G[:, :n])
-        H = torch.bmm(Gn, Gn.transpose(1, 2))
+        Fn, Gn, Hn = (F, G, H) if n == m else (F[:, :n], G[:, :n], H[:, :n, :n])
         # regularisation relative to the mean squared residual in memory: scale invariant, so the
         # acceleration does not fade as residuals shrink (an absolute lam dominates tiny G G^T)
-        scale = H.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
+        scale = Hn.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
         A = mem["A"][:, :n + 1, :n + 1].clone()
-        A[:, 1:, 1:] = H + (cfg.lam * scale)[:, None, None] * mem["eye"][:n, :n]
+        A[:, 1:, 1:] = Hn + (cfg.lam * scale)[:, None, None] * mem["eye"][:n, :n]
         alpha = torch.linalg.solve(A, mem["rhs"][:, :n + 1])[:, 1:, 0]          # (B, n)
         z_f = torch.bmm(alpha[:, None], Fn)[:, 0]              # sum_i a_i f(X_i)
         if cfg.beta == 1.0:
