@@ -505,7 +505,7 @@ class LyapunovStability:
 
     def __call__(self, model, x, y):
         if self.base is None:
-            from ..train import CrossEntropy
+            from .objectives import CrossEntropy
             base = CrossEntropy()
         else:
             base = self.base
