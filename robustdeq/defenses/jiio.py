@@ -583,7 +583,7 @@ def kkt_residuals(model: nn.Module, objective: InputObjective, constraint: Optio
     }
 
 
-class WarmStartImplicitGrad(GradientEstimator):
+class WarmStartImplicitGrad(ImplicitGrad):
     """:class:`~robustdeq.deq.grad.ImplicitGrad` whose adjoint solve starts from ``a0`` instead
     of the upstream gradient (JIIO-AT reuses the attack's adjoint: for the training loss
     ``mean_b CE_b`` and the attack objective ``l_b = -CE_b``, the training adjoint is ``-mu*/B``;
@@ -593,40 +593,16 @@ class WarmStartImplicitGrad(GradientEstimator):
     """
 
     def __init__(self, a0: Optional[Tensor], solver: Optional[SolverConfig] = None):
+        super().__init__(solver)
         self.a0 = a0.detach() if a0 is not None else None
-        self.solver = solver if solver is not None else ImplicitGrad().solver
-        self.last_backward = None
 
     def describe(self) -> dict:
         return {"name": type(self).__name__, "solver": self.solver.name.value}
 
-    def attach(self, f, u, z_star, trajectory=None):
-        z_star = z_star.detach()
-        z_out = f(z_star, u)
-        if not (torch.is_grad_enabled() and z_out.requires_grad):
-            return z_out
-        z0 = z_star.clone().requires_grad_(True)
-        with torch.enable_grad():
-            f0 = f(z0, u.detach())
-        slv = get_solver(self.solver)
-        est = self
+    def initial_adjoint(self, grad: Tensor) -> Tensor:
         a0 = self.a0
-
-        def hook(grad):
-            if grad is None:
-                return None
-
-            def adjoint_map(a):
-                return torch.autograd.grad(f0, z0, a, retain_graph=True)[0] + grad
-            ok = a0 is not None and a0.shape == grad.shape and bool(torch.isfinite(a0).all())
-            start = a0.to(grad) if ok else grad.detach()
-            with torch.no_grad():
-                r = slv.solve(adjoint_map, start)
-            est.last_backward = r
-            return r.z
-
-        z_out.register_hook(hook)
-        return z_out
+        ok = a0 is not None and a0.shape == grad.shape and bool(torch.isfinite(a0).all())
+        return a0.to(grad) if ok else grad.detach()
 
 
 class CostCounter:

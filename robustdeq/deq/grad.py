@@ -94,7 +94,7 @@ class ImplicitGrad(GradientEstimator):
                 vjp = torch.autograd.grad(f0, z0, a, retain_graph=True)[0]
                 return vjp + grad
             with torch.no_grad():
-                res = solver.solve(adjoint_map, grad.detach())
+                res = solver.solve(adjoint_map, est.initial_adjoint(grad))
             est.last_backward = res
             if not bool(res.converged.all()) and not est._warned:
                 est._warned = True
@@ -108,6 +108,10 @@ class ImplicitGrad(GradientEstimator):
 
         z_out.register_hook(hook)
         return z_out
+
+    def initial_adjoint(self, grad: Tensor) -> Tensor:
+        """Where the adjoint solve starts (the upstream gradient; subclasses may warm-start)."""
+        return grad.detach()
 
 
 class PhantomGrad(GradientEstimator):

@@ -76,7 +76,36 @@ def _merge_record(record: RecordSpec, extra: Sequence[int]) -> RecordSpec:
     return sorted(set(base) | set(extra))
 
 
-class DEQClassifier(nn.Module):
+class EquilibriumModel(nn.Module):
+    """What DEQs and weight-tied models share: ``injection``, ``cell``, ``head``, the gradient
+    estimator in force, input checks and the read-out of any state."""
+
+    @property
+    def estimator(self) -> GradientEstimator:
+        """The estimator in force (innermost ``gradient`` override, else the model's default)."""
+        return self._grad_stack[-1] if self._grad_stack else self.grad
+
+    def check_input(self, x: Tensor) -> Tensor:
+        if not self.validate_inputs:
+            return x
+        from ..data import validate_inputs
+        return validate_inputs(x, expected_shape=self.input_shape)
+
+    def inject(self, x: Tensor) -> Tensor:
+        return self.injection(x)
+
+    def readout(self, z: Tensor) -> Tensor:
+        """Logits of any state ``z`` (the final fixed point or an intermediate state)."""
+        return self.head(z)
+
+    def init_state(self, u: Tensor) -> Tensor:
+        return self.cell.init_state(u)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.run(x).logits
+
+
+class DEQClassifier(EquilibriumModel):
     """A deep equilibrium classifier.
 
     Args:
@@ -114,29 +143,8 @@ class DEQClassifier(nn.Module):
         if not isinstance(est, GradientEstimator):
             raise ConfigError(f"not a gradient estimator: {est!r}")
 
-    @property
-    def estimator(self) -> GradientEstimator:
-        """The estimator in force (innermost ``gradient`` override, else the model's default)."""
-        return self._grad_stack[-1] if self._grad_stack else self.grad
-
-    def check_input(self, x: Tensor) -> Tensor:
-        if not self.validate_inputs:
-            return x
-        from ..data import validate_inputs
-        return validate_inputs(x, expected_shape=self.input_shape)
-
-    def inject(self, x: Tensor) -> Tensor:
-        return self.injection(x)
-
     def f(self, z: Tensor, u: Tensor) -> Tensor:
         return self.cell(z, u)
-
-    def readout(self, z: Tensor) -> Tensor:
-        """Logits of any state ``z`` (the final fixed point or an intermediate state)."""
-        return self.head(z)
-
-    def init_state(self, u: Tensor) -> Tensor:
-        return self.cell.init_state(u)
 
     def prepare(self) -> None:
         if hasattr(self.cell, "prepare"):
@@ -187,9 +195,6 @@ class DEQClassifier(nn.Module):
         return Equilibrium(logits=logits, z=z, z_star=result.z, trajectory=result.trajectory,
                            stats=stats, u=u)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.run(x).logits
-
     def _maybe_warn(self, stats: SolverStats) -> None:
         """Warn (once per model until :meth:`reset_warnings`) when samples did not converge.
 
@@ -218,4 +223,4 @@ class DEQClassifier(nn.Module):
         self.nonconvergence_events = 0
 
 
-__all__ = ["DEQClassifier", "Equilibrium", "SolverStats"]
+__all__ = ["EquilibriumModel", "DEQClassifier", "Equilibrium", "SolverStats"]

@@ -16,11 +16,11 @@ from torch.func import functional_call
 
 from ..errors import ConfigError
 from .grad import FullBackprop, GradientEstimator, NoGrad, make_estimator
-from .model import Equilibrium, SolverStats
+from .model import Equilibrium, EquilibriumModel, SolverStats
 from .solvers import TrajectoryState
 
 
-class WeightTied(nn.Module):
+class WeightTied(EquilibriumModel):
     def __init__(self, injection: nn.Module, cell: nn.Module, head: nn.Module, *, depth: int = 8,
                  sparsity: float = 0.0, seed: int = 0, input_shape: Optional[Tuple[int, ...]] = None,
                  validate_inputs: bool = True, grad: Union[GradientEstimator, str, None] = None):
@@ -59,19 +59,6 @@ class WeightTied(nn.Module):
                 f"{type(est).__name__} does not apply to an explicit weight-tied model: its gradient "
                 "is plain backpropagation (FullBackprop) or none (NoGrad)")
 
-    @property
-    def estimator(self) -> GradientEstimator:
-        return self._grad_stack[-1] if self._grad_stack else self.grad
-
-    def check_input(self, x: Tensor) -> Tensor:
-        if not self.validate_inputs:
-            return x
-        from ..data import validate_inputs
-        return validate_inputs(x, expected_shape=self.input_shape)
-
-    def inject(self, x: Tensor) -> Tensor:
-        return self.injection(x)
-
     def f_at(self, layer: int, z: Tensor, u: Tensor) -> Tensor:
         """The cell at depth ``layer`` (its masked weights)."""
         if not self.masked_names or self.sparsity == 0.0:
@@ -83,12 +70,6 @@ class WeightTied(nn.Module):
     def f(self, z: Tensor, u: Tensor) -> Tensor:
         """The unmasked shared cell (for diagnostics)."""
         return self.cell(z, u)
-
-    def readout(self, z: Tensor) -> Tensor:
-        return self.head(z)
-
-    def init_state(self, u: Tensor) -> Tensor:
-        return self.cell.init_state(u)
 
     def unroll(self, u: Tensor, z: Tensor, steps: int, damping: float = 1.0, start: int = 0) -> Tensor:
         """Layers ``start .. start+steps-1`` applied to ``z``."""
@@ -136,9 +117,6 @@ class WeightTied(nn.Module):
                             converged=ones, diverged=~ones, nfe=self.depth)
         self.last_stats = stats
         return Equilibrium(logits=logits, z=z, z_star=z.detach(), trajectory=traj, stats=stats, u=u)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.run(x).logits
 
 
 __all__ = ["WeightTied"]
