@@ -51,6 +51,13 @@ def trained_deq():
 
 
 @functools.lru_cache(maxsize=None)
+def trained_contractive_deq():
+    """A plain, well-posed DEQ: spectrally normalised cell (||W|| ~ 0.9), solves converge."""
+    torch.manual_seed(0)
+    return _train(zoo.build("mlp_deq", hidden=32, norm="spectral", scale=0.9), 60, grad="phantom")
+
+
+@functools.lru_cache(maxsize=None)
 def trained_mlp():
     torch.manual_seed(0)
     return _train(zoo.build("ff_mlp", hidden=32), 80)

@@ -245,12 +245,17 @@ def test_estimators_silent_on_deq_and_skipped_without_deq(deq, mlp, data):
 
 
 # -- all checks silent on a plain DEQ through the harness ---------------------------------------------
-def test_every_check_silent_on_plain_deq(deq):
+def test_every_check_silent_on_plain_deq():
+    # A well-posed (contractive) DEQ attacked with PGD-20: an honest white-box setting. (On a
+    # non-contractive DEQ with weak PGD the black-box probe may legitimately win on a few samples:
+    # that is the finding of Yang et al. 2022, not a false alarm.)
+    from eval_helpers import trained_contractive_deq
+    deq = trained_contractive_deq()
     x, y = digits_subset(64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMaskingWarning)
         warnings.simplefilter("error", NonConvergenceWarning)
-        rep = evaluate(deq, x, y, eps=[0.05, 0.1], suite="quick", steps=10)
+        rep = evaluate(deq, x, y, eps=[0.05, 0.1], suite="quick", steps=20)
     assert [c.name for c in rep.checks] == list(CHECKS)
     assert rep.fired == []
     assert not any(c.skipped for c in rep.checks), [c.message for c in rep.checks if c.skipped]
