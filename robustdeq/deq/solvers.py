@@ -197,13 +197,13 @@ class Solver:
         if self.config.select == Select.BEST:
             state.best_z = torch.where(improved[:, None], z, state.best_z)
         state.best_res = torch.where(improved, res, state.best_res)
-        state.best_step = torch.where(improved, torch.full_like(state.best_step, state.step), state.best_step)
+        state.best_step = state.best_step.masked_fill(improved, state.step)
         newly_conv = active_before & (res <= cfg.tol)
         blown = active_before & ~newly_conv & (
             ~finite | (res > cfg.divergence_factor * (state.res0 + cfg.eps)))
         state.converged = state.converged | newly_conv
         state.diverged = state.diverged | blown
-        state.steps = torch.where(active_before, torch.full_like(state.steps, state.step + 1), state.steps)
+        state.steps = state.steps.masked_fill(active_before, state.step + 1)
         state.last_z, state.last_fz, state.last_res = z, fz, res
         state.residual_history.append(res)
         active = state.active
@@ -327,7 +327,7 @@ class Anderson(Solver):
         slot = mem["n"] % m
         F[:, slot] = fz
         G[:, slot] = g
-        row = torch.bmm(G, g[:, :, None])[:, :, 0]          # (B, m): <G_i, g>
+        row = (G * g[:, None, :]).sum(-1)                    # (B, m): <G_i, g> (faster than bmm here)
         H[:, slot, :] = row
         H[:, :, slot] = row
         mem["F"], mem["G"], mem["H"] = F, G, H
