@@ -753,7 +753,8 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
                                       new_successes=int(newly.sum()), seconds=seconds, describe=desc,
                                       resumed=resumed, violations=viol)
                     attack_results.append(ar)
-                    logger.info("eps %g %s: accuracy %.3f, worst case %.3f%s", e, unit.key, ar.accuracy,
+                    logger.info("eps %g %s: accuracy %s, worst case %.3f%s", e, unit.key,
+                                "n/a (cascade)" if ar.accuracy is None else f"{ar.accuracy:.3f}",
                                 ar.cumulative_accuracy, " (resumed)" if resumed else "")
                     bar.update(1)
                     bar.set_postfix(eps=f"{e:g}", robust=f"{ar.cumulative_accuracy:.3f}")
