@@ -20,15 +20,6 @@ from robustdeq.errors import CertificationWarning, ConfigError, InputError
 TIGHT = {"name": "anderson", "max_iter": 300, "tol": 1e-11, "stop_mode": "abs"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one thread avoids oversubscription on the shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _nonnormal(d=6, seed=1):
     """Upper-triangular: rho = 0.5 (diagonal), ||A||_2 > 1 (large off-diagonal)."""
     g = torch.Generator().manual_seed(seed)

@@ -21,14 +21,6 @@ TRAIN = {"solver": {"name": "anderson", "max_iter": 30}, "grad": "phantom"}
 ATTACK_SOLVER = SolverConfig(name="anderson", max_iter=60, tol=1e-5, stop_mode="abs")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     xtr, ytr = load_digits("train")

@@ -11,14 +11,6 @@ from robustdeq.defenses import EntropyDefense, prediction_entropy
 from robustdeq.errors import ConfigError, InputError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained():
     """A tiny DEQ trained for a few dozen steps on digits, and a test batch."""

@@ -18,15 +18,6 @@ from eval_helpers import (BudgetModel, NoisyModel, QuantizedModel, ReversedGradM
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is much faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data():
     return digits_subset(32)

@@ -16,14 +16,6 @@ from eval_helpers import MaskedDefense, digits_subset, trained_deq, trained_mlp
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is much faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 CHEAP_CHECKS = CheckConfig(subset=16, large_eps_steps=5, steps_short=3, steps_long=12,
                            black_box_queries=20)
 

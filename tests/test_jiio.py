@@ -26,15 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergence
 TIGHT = SolverConfig(name="anderson", max_iter=100, tol=1e-12, stop_mode="abs")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny64():
     torch.manual_seed(0)

@@ -18,14 +18,6 @@ from robustdeq.errors import ConfigError, InputError
 TIGHT = dict(name="anderson", max_iter=200, tol=1e-12, stop_mode="abs")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threading only adds contention on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_digits("train"), load_digits("test")

@@ -25,14 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergence
 CHI2_999 = {3: 16.27, 4: 18.47, 5: 20.52}  # chi-square quantiles at p = 0.999
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     x, y = load_digits("train")
