@@ -199,14 +199,16 @@ class Solver:
         state.best_res = torch.where(improved, res, state.best_res)
         state.best_step = state.best_step.masked_fill(improved, state.step)
         newly_conv = active_before & (res <= cfg.tol)
-        blown = active_before & ~newly_conv & (
-            ~finite | (res > cfg.divergence_factor * (state.res0 + cfg.eps)))
+        bad = res > cfg.divergence_factor * (state.res0 + cfg.eps)
+        if not all_finite:
+            bad = bad | ~finite
+        blown = active_before & ~newly_conv & bad
         state.converged = state.converged | newly_conv
         state.diverged = state.diverged | blown
         state.steps = state.steps.masked_fill(active_before, state.step + 1)
         state.last_z, state.last_fz, state.last_res = z, fz, res
         state.residual_history.append(res)
-        active = state.active
+        active = active_before & ~(newly_conv | blown)
         n_active = int(active.sum())
         if n_active:
             if not all_finite:  # one diverged sample must not poison batched linear algebra
