@@ -1,51 +1,31 @@
 """Small trained models shared by the attack tests (trained once per session, copied per use)."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 
 import torch
-import torch.nn.functional as F
 
+from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
 from robustdeq.deq.grad import gradient
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run much faster on one thread (and do not fight over the shared cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+def _cheap_forward(model, xb):
+    """Phantom gradient and 15 solver steps for DEQs (cheap); the model keeps its defaults."""
+    if not hasattr(model, "solve"):
+        return model(xb)
+    with gradient(model, "phantom"):
+        return model.run(xb, solver=model.solver_config.replace(max_iter=15)).logits
 
 
 @functools.lru_cache(maxsize=None)
 def _trained(name: str, steps: int, seed: int, options: tuple):
-    with one_thread():
-        torch.manual_seed(seed)
-        model = zoo.build(name, **dict(options))
-        x, y = load_digits("train")
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        g = torch.Generator().manual_seed(seed)
-        is_deq = hasattr(model, "solve")
-        for _ in range(steps):
-            idx = torch.randint(0, x.shape[0], (128,), generator=g)
-            if is_deq:  # phantom gradient and 15 solver steps: cheap; the model keeps its defaults
-                with gradient(model, "phantom"):
-                    logits = model.run(x[idx], solver=model.solver_config.replace(max_iter=15)).logits
-            else:
-                logits = model(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-    return model
+    torch.manual_seed(seed)
+    model = zoo.build(name, **dict(options))
+    x, y = load_digits("train")
+    return fit_minibatches(model, x, y, steps, seed=seed, forward=_cheap_forward)
 
 
 def trained(name: str = "mlp_deq", steps: int = 60, seed: int = 0, **options):

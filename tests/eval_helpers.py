@@ -5,13 +5,11 @@ Trained models are cached per process (both test_eval*.py files reuse them).
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from robustdeq import gradient
+from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
 from robustdeq.deq.cells import LinearHead, MLPInjection
@@ -20,27 +18,7 @@ from robustdeq.deq.model import DEQClassifier
 
 def _train(model, steps, lr=1e-2, grad=None, seed=0):
     x, y = load_digits("train")
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ctx = gradient(model, grad) if grad is not None else _null()
-        with ctx:
-            for _ in range(steps):
-                idx = torch.randint(0, len(x), (128,), generator=g)
-                loss = F.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    return model.eval()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    return fit_minibatches(model, x, y, steps, lr=lr, grad=grad, seed=seed)
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,15 +15,9 @@ from robustdeq.deq.grad import ImplicitGrad
 from robustdeq.errors import ConfigError, InputError
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attack_helpers import check_ball, digits_test, one_thread, trained  # noqa: E402
+from attack_helpers import check_ball, digits_test, trained  # noqa: E402
 
 EPS = 0.1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def tiny_deq(dtype=torch.float32, **kw):

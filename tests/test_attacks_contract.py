@@ -8,15 +8,9 @@ import torch
 import robustdeq.attacks as A
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attack_helpers import check_ball, digits_test, one_thread, trained  # noqa: E402
+from attack_helpers import check_ball, digits_test, trained  # noqa: E402
 
 EPS = 0.1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def batch(dtype=torch.float32, n=8):

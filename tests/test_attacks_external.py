@@ -11,15 +11,9 @@ from robustdeq.deq.views import attack_view
 from robustdeq.errors import ConfigError
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attack_helpers import digits_test, one_thread, trained  # noqa: E402
+from attack_helpers import digits_test, trained  # noqa: E402
 
 SMALL_APGD = {"apgd.n_iter": 5, "apgd.n_restarts": 1}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def direct_autoattack(model, x, y, *, eps, norm, seed, attacks, n_iter=5):

@@ -15,15 +15,9 @@ from robustdeq.deq.views import attack_view, state_logits
 from robustdeq.errors import ConfigError
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attack_helpers import digits_test, one_thread, trained  # noqa: E402
+from attack_helpers import digits_test, trained  # noqa: E402
 
 TIGHT = {"name": "anderson", "max_iter": 300, "tol": 1e-13, "stop_mode": "abs"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def contractive_deq(seed=0):

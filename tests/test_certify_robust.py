@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.certify import certify
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
@@ -29,17 +29,7 @@ def digits():
 
 
 def _train(model, x, y, steps=60, lr=1e-2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (128,), generator=g)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit_minibatches(model, x, y, steps, lr=lr, seed=seed)
     model.solver_config = ATTACK_SOLVER
     model.grad = ImplicitGrad()
     return model.eval()

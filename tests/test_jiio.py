@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.config import SolverConfig
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
@@ -40,17 +41,7 @@ def trained():
     torch.manual_seed(0)
     m = zoo.build("mlp_deq", hidden=32)
     x, y = load_digits("train")
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    import robustdeq
-    with robustdeq.gradient(m, "phantom"):  # cheap training gradient; attacks use the model's IFT
-        for _ in range(40):
-            idx = torch.randint(0, x.shape[0], (128,), generator=g)
-            loss = F.cross_entropy(m(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    m.eval()
+    fit_minibatches(m, x, y, 40, grad="phantom")  # cheap training gradient; attacks use the model's IFT
     xt, yt = load_digits("test")
     return m, xt[:96], yt[:96]
 

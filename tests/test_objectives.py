@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import robustdeq
+from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.config import SolverConfig
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
@@ -36,17 +36,7 @@ def trained(digits):
     torch.manual_seed(0)
     m = zoo.build("mlp_deq", hidden=24)
     x, y = digits
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    with robustdeq.gradient(m, "phantom"):
-        for _ in range(30):
-            idx = torch.randint(0, x.shape[0], (128,), generator=g)
-            loss = F.cross_entropy(m(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    m.eval()
-    return m
+    return fit_minibatches(m, x, y, 30, grad="phantom")
 
 
 def chi2(counts):
