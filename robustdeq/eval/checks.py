@@ -177,9 +177,8 @@ def _norm(norm) -> str:
 def margin(logits: Tensor, y: Tensor) -> Tensor:
     """``z_y - max_{i != y} z_i`` per sample (B,); negative when misclassified, -inf for rows
     with non-finite logits."""
-    z_y = logits.gather(1, y[:, None])[:, 0]
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    m = z_y - others.max(dim=1)[0]
+    from ..attacks.base import margins
+    m = margins(logits, y)
     bad = ~torch.isfinite(logits).all(dim=1)
     return torch.where(bad, torch.full_like(m, float("-inf")), m)
 
