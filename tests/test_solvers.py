@@ -155,3 +155,40 @@ def test_full_backprop_through_solver_matches_closed_form():
         (gc,) = torch.autograd.grad((res.z * w).sum(), c)
         expected = torch.linalg.solve((torch.eye(d, dtype=torch.float64) - A).T, w).expand(2, d)
         torch.testing.assert_close(gc, expected, atol=1e-7, rtol=0)
+
+
+def test_sample_starting_at_its_fixed_point_leaves_the_batch_unharmed():
+    # sample 0 starts exactly at its fixed point: all its Anderson residuals are exactly zero (a
+    # singular Gram system), which must neither crash nor poison the other sample
+    A = torch.tensor([[0.5, 0.25], [-0.25, 0.5]], dtype=torch.float64)
+    c = torch.tensor([[0.75, 1.0], [0.75, 1.0]], dtype=torch.float64)  # fixed point (2, 1)
+    f = lambda z: z @ A.T + c
+    z_exact = torch.linalg.solve(torch.eye(2, dtype=torch.float64) - A, c.T).T
+    z0 = torch.zeros_like(c)
+    z0[0] = torch.tensor([2.0, 1.0], dtype=torch.float64)  # A z + c == z exactly in float64
+    assert torch.equal(f(z0)[0], z0[0])
+    for tol in (0.0, 1e-12):
+        res = solve(f, z0, SolverConfig(name="anderson", max_iter=60, tol=tol, stop_mode="abs"))
+        assert torch.isfinite(res.z).all()
+        assert bool(res.converged[0]) and int(res.steps[0]) == 1
+        torch.testing.assert_close(res.z, z_exact, atol=1e-10, rtol=0)
+
+
+def test_select_continues_a_solve_on_a_subset_exactly():
+    # Solver.select slices every per-sample tensor and the solver memory: the kept samples then
+    # iterate exactly as they would have in the whole batch
+    f_all, c, _ = linear_problem(b=6, rho=0.9)
+    for name in SOLVERS:
+        solver = get_solver(SolverConfig(name=name, max_iter=40, tol=1e-12, stop_mode="abs"))
+        ref = solver.init(f_all, torch.zeros_like(c))
+        for _ in range(4):
+            ref = solver.step(f_all, ref)
+        keep = torch.tensor([1, 4])
+        sub = solver.select(ref, keep)
+        assert sub.batch_size == 2 and sub.n_active == 2 and sub.shape == (2, c.shape[1])
+        f_sub = lambda z: f_all(torch.zeros_like(c).index_copy(0, keep, z))[keep]
+        for _ in range(5):
+            ref = solver.step(f_all, ref)
+            sub = solver.select(solver.step(f_sub, sub), torch.arange(2))
+        torch.testing.assert_close(sub.z, ref.z[keep], rtol=0, atol=1e-12)
+        torch.testing.assert_close(sub.last_res, ref.last_res[keep], rtol=1e-9, atol=0)

@@ -3,15 +3,14 @@
 ``Solver.solve`` iterates the whole batch until its slowest sample stops, evaluating ``f`` on
 samples that converged long ago. :func:`solve_shrinking` drives the same solver through its
 ``init``/``step`` protocol and, whenever at most ``min_fraction`` of the samples in the state are
-still active, writes the stopped samples' results out and slices the solver state (every
-per-sample tensor, the quasi-Newton memory included) down to the active ones; ``f`` is rebuilt
+still active, writes the stopped samples' results out and slices the solver state down to the
+active ones with ``Solver.select`` (every per-sample tensor, the quasi-Newton memory included); ``f`` is rebuilt
 for the remaining samples by ``make_f(index)``. The per-sample results are those of
 ``Solver.solve`` (same iterates, flags, residuals and ``select`` rule): a sample's iteration never
 depends on other samples.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -32,35 +31,6 @@ class ShrinkResult:
     steps: Tensor        # (B,) evaluations per sample
     nfe: int             # solver iterations (batch evaluations of f, of shrinking size)
     work: int            # sum over iterations of the number of samples evaluated
-
-
-def _slice(obj, keep: Tensor, b: int):
-    if isinstance(obj, Tensor):
-        return obj[keep] if obj.dim() >= 1 and obj.shape[0] == b else obj
-    if isinstance(obj, list):
-        return [_slice(o, keep, b) for o in obj]
-    if isinstance(obj, tuple):
-        return tuple(_slice(o, keep, b) for o in obj)
-    return obj
-
-
-def _shared_keys(memory: dict, b0: int) -> set:
-    """Memory entries that are NOT per sample: found while the state still holds the full batch
-    ``b0``, they are those without a leading dimension ``b0`` (e.g. an identity of the memory
-    size). Batches are only shrunk from ``min_batch`` up, clear of such sizes."""
-    return {k for k, v in memory.items()
-            if isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != b0)}
-
-
-def _slice_state(state, keep: Tensor, shared: set):
-    b = state.z.shape[0]
-    changes = {f.name: _slice(getattr(state, f.name), keep, b)
-               for f in dataclasses.fields(state)
-               if f.name not in ("shape", "step", "nfe", "memory")}
-    changes["memory"] = {k: (v if k in shared else _slice(v, keep, b))
-                         for k, v in state.memory.items()}
-    changes["shape"] = torch.Size((int(keep.numel()),) + tuple(state.shape[1:]))
-    return dataclasses.replace(state, **changes)
 
 
 def solve_shrinking(solver, make_f: MakeF, z0: Tensor, *, min_fraction: float = 0.25,
@@ -85,7 +55,6 @@ def solve_shrinking(solver, make_f: MakeF, z0: Tensor, *, min_fraction: float = 
     state = solver.init(f, z0)
     nfe = work = 0
     shrink = b >= min_batch
-    shared: Optional[set] = None
 
     def store(st, rows: Tensor, where: Tensor) -> None:
         if cfg.select == Select.BEST:
@@ -110,12 +79,10 @@ def solve_shrinking(solver, make_f: MakeF, z0: Tensor, *, min_fraction: float = 
             break
         n = int(idx.numel())
         if shrink and n_act <= min_fraction * n:
-            if shared is None:
-                shared = _shared_keys(state.memory, b)
             done = (~active).nonzero()[:, 0]
             store(state, done, idx[done])
             keep = active.nonzero()[:, 0]
-            state = _slice_state(state, keep, shared)
+            state = solver.select(state, keep)
             idx = idx[keep]
             f = make_f(idx)
     rows = torch.arange(idx.numel(), device=dev)

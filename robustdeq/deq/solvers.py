@@ -29,6 +29,7 @@ Semantics, stated once:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -68,16 +69,23 @@ class SolverState:
     last_fz: Optional[Tensor] = None
     last_res: Optional[Tensor] = None
     res0: Optional[Tensor] = None
+    div_thresh: Optional[Tensor] = None    # divergence_factor * (res0 + eps)
+    div_min: float = math.inf              # float(div_thresh.min())
     converged: Optional[Tensor] = None
     diverged: Optional[Tensor] = None
     steps: Optional[Tensor] = None  # per-sample number of evaluations until it stopped
     nfe: int = 0
     memory: Dict[str, object] = field(default_factory=dict)
     residual_history: List[Tensor] = field(default_factory=list)
+    active_mask: Optional[Tensor] = None   # (B,) ~(converged | diverged), kept up to date by step
+    n_active: int = 0                      # int(active_mask.sum())
 
     @property
     def active(self) -> Tensor:
-        return ~(self.converged | self.diverged)
+        """(B,) bool: samples still being iterated (neither converged nor diverged)."""
+        if self.active_mask is None:
+            return ~(self.converged | self.diverged)
+        return self.active_mask
 
     @property
     def batch_size(self) -> int:
@@ -103,12 +111,6 @@ class SolveResult:
     @property
     def converged_fraction(self) -> float:
         return float(self.converged.float().mean()) if self.converged.numel() else 1.0
-
-
-def _flatten(f: Fn, shape: torch.Size) -> Callable[[Tensor], Tensor]:
-    def f_flat(z: Tensor) -> Tensor:
-        return f(z.view(shape)).reshape(shape[0], -1)
-    return f_flat
 
 
 def _parse_record(record: RecordSpec, max_iter: int) -> Optional[set]:
@@ -157,6 +159,7 @@ class Solver:
             converged=torch.zeros(b, dtype=torch.bool, device=dev),
             diverged=torch.zeros(b, dtype=torch.bool, device=dev),
             steps=torch.zeros(b, dtype=torch.long, device=dev),
+            active_mask=torch.ones(b, dtype=torch.bool, device=dev), n_active=b,
         )
 
     def reset(self, state: SolverState) -> SolverState:
@@ -164,10 +167,46 @@ class Solver:
         state.memory = {}
         state.converged = torch.zeros_like(state.converged)
         state.diverged = torch.zeros_like(state.diverged)
+        state.active_mask = torch.ones_like(state.converged)
+        state.n_active = state.batch_size
         state.best_res = torch.full_like(state.best_res, float("inf"))
         state.best_z = state.z
         state.res0 = None
+        state.div_thresh = None
         return state
+
+    #: keys of ``state.memory`` that hold per-sample entries, with their batch dimension
+    #: (sliced by :meth:`select`); other entries are shared by the whole batch
+    per_sample_memory: Dict[str, int] = {}
+
+    def select(self, state: SolverState, keep: Tensor) -> SolverState:
+        """A state for the samples ``keep`` (long indices into the batch) only, to continue the
+        solve on fewer samples: every per-sample tensor, the solver memory included, is sliced;
+        each kept sample then iterates exactly as it would have in the whole batch."""
+        b = state.batch_size
+
+        def cut(v, dim=0):
+            if isinstance(v, Tensor) and v.dim() > dim and v.shape[dim] == b:
+                return v.index_select(dim, keep)
+            return v
+
+        memory = {k: (cut(v, self.per_sample_memory[k]) if k in self.per_sample_memory else v)
+                  for k, v in state.memory.items()}
+        new = SolverState(
+            z=state.z[keep], step=state.step,
+            shape=torch.Size((int(keep.numel()),) + tuple(state.shape[1:])),
+            best_z=cut(state.best_z), best_res=cut(state.best_res), best_step=cut(state.best_step),
+            last_z=cut(state.last_z), last_fz=cut(state.last_fz), last_res=cut(state.last_res),
+            res0=cut(state.res0), div_thresh=cut(state.div_thresh),
+            converged=cut(state.converged), diverged=cut(state.diverged),
+            steps=cut(state.steps), nfe=state.nfe, memory=memory,
+            residual_history=[cut(r) for r in state.residual_history],
+        )
+        new.active_mask = ~(new.converged | new.diverged)
+        new.n_active = int(new.active_mask.sum())
+        if new.div_thresh is not None:
+            new.div_min = float(new.div_thresh.min()) if new.div_thresh.numel() else math.inf
+        return new
 
     def residual(self, z: Tensor, fz: Tensor, g: Optional[Tensor] = None) -> Tensor:
         """Per-sample residual of ``z`` given ``fz = f(z)`` (``g = fz - z`` if already computed)."""
@@ -177,50 +216,77 @@ class Solver:
         return diff
 
     def step(self, f: Fn, state: SolverState) -> SolverState:
-        """Evaluate ``f(z_k)``, update the per-sample flags and the best iterate, propose z_{k+1}."""
+        """Evaluate ``f(z_k)``, update the per-sample flags and the best iterate, propose z_{k+1}.
+
+        The bookkeeping costs a few ``(B,)`` operations in the common case (every sample active,
+        every residual finite, none stopping); the masks are applied only when needed."""
         cfg = self.config
-        f_flat = _flatten(f, state.shape)
         z = state.z
-        fz = f_flat(z)
+        b = z.shape[0]
+        fz = f(z.view(state.shape)).reshape(b, -1)
         state.nfe += 1
-        g = fz - z
+        out = None
+        if not torch.is_grad_enabled() and fz.dtype == z.dtype and fz.device == z.device:
+            out = self.residual_buffer(state, z)
+        g = fz - z if out is None else torch.sub(fz, z, out=out)
         res = self.residual(z, fz, g).detach()
-        finite = torch.isfinite(res)
-        all_finite = bool(finite.all())
+        lo, hi = (float(v) for v in torch.aminmax(res))   # NaN propagates to both
+        all_finite = math.isfinite(hi)
+        finite = None
         if not all_finite:
-            res = torch.where(finite, res, torch.full_like(res, float("inf")))
-        active_before = state.active
+            finite = torch.isfinite(res)
+            res = res.masked_fill(~finite, float("inf"))
+        if state.active_mask is None:  # a state built by hand: derive the cached mask
+            state.active_mask = ~(state.converged | state.diverged)
+            state.n_active = int(state.active_mask.sum())
+        full = state.n_active == b
+        active_before = state.active_mask
         if state.res0 is None:
-            state.res0 = torch.where(finite, res, torch.ones_like(res))
-        # best iterate so far (only among active samples: frozen ones keep theirs)
-        improved = (res < state.best_res) & active_before
-        if self.config.select == Select.BEST:
-            state.best_z = torch.where(improved[:, None], z, state.best_z)
-        state.best_res = torch.where(improved, res, state.best_res)
-        state.best_step = state.best_step.masked_fill(improved, state.step)
-        newly_conv = active_before & (res <= cfg.tol)
-        bad = res > cfg.divergence_factor * (state.res0 + cfg.eps)
-        if not all_finite:
-            bad = bad | ~finite
-        blown = active_before & ~newly_conv & bad
-        state.converged = state.converged | newly_conv
-        state.diverged = state.diverged | blown
-        state.steps = state.steps.masked_fill(active_before, state.step + 1)
+            state.res0 = res if all_finite else res.masked_fill(~finite, 1.0)
+            state.div_thresh = None
+        if state.div_thresh is None:
+            state.div_thresh = cfg.divergence_factor * (state.res0 + cfg.eps)
+            state.div_min = float(state.div_thresh.min())
+        if cfg.select == Select.BEST:  # best iterate so far (frozen samples keep theirs)
+            improved = res < state.best_res
+            if not full:
+                improved &= active_before
+            if bool(improved.all()):
+                state.best_z, state.best_res = z, res
+                state.best_step = torch.full_like(state.best_step, state.step)
+            else:
+                state.best_z = torch.where(improved[:, None], z, state.best_z)
+                state.best_res = torch.where(improved, res, state.best_res)
+                state.best_step = state.best_step.masked_fill(improved, state.step)
+        state.steps = (torch.full_like(state.steps, state.step + 1) if full
+                       else state.steps.masked_fill(active_before, state.step + 1))
         state.last_z, state.last_fz, state.last_res = z, fz, res
         state.residual_history.append(res)
-        active = active_before & ~(newly_conv | blown)
-        n_active = int(active.sum())
+        if not (all_finite and lo > cfg.tol and hi <= state.div_min):  # some sample may stop
+            conv_now = res <= cfg.tol
+            stop = (conv_now | (res > state.div_thresh)) & active_before
+            if bool(stop.any()):
+                state.converged = state.converged | (stop & conv_now)
+                state.diverged = state.diverged | (stop & ~conv_now)
+                state.active_mask = active_before & ~stop
+                state.n_active = int(state.active_mask.sum())
+        n_active = state.n_active
         if n_active:
             if not all_finite:  # one diverged sample must not poison batched linear algebra
                 z, fz, g = _sanitize(z, fz, g, finite)
             z_next = self.propose(state, z, fz, g)
-            if n_active < active.numel():
-                z_next = torch.where(active[:, None], z_next, state.last_z)
+            if n_active < b:
+                z_next = torch.where(state.active_mask[:, None], z_next, state.last_z)
         else:
             z_next = z
         state.z = z_next
         state.step += 1
         return state
+
+    def residual_buffer(self, state: SolverState, z: Tensor) -> Optional[Tensor]:
+        """Where this step's ``g = f(z) - z`` may be written, (B, D), or None (a new tensor).
+        Anderson hands out the memory slot that ``g`` goes to, saving a copy."""
+        return None
 
     def propose(self, state: SolverState, z: Tensor, fz: Tensor, g: Tensor) -> Tensor:  # pragma: no cover
         """The next iterate from ``z``, ``fz = f(z)`` and ``g = fz - z`` (all (B, D), finite)."""
@@ -266,7 +332,7 @@ class Solver:
                 traj.append(TrajectoryState(k, state.last_z.view(state.shape), state.last_res, active_k))
             if callback is not None:
                 callback(state)
-            if not bool(state.active.any()):
+            if not state.n_active:
                 break
         if wanted:
             done = {t.step for t in traj}
@@ -305,50 +371,65 @@ class Anderson(Solver):
 
     name = "anderson"
 
+    # F and G are stored slot-major, (m, B, D): a slot is one contiguous block
+    per_sample_memory = {"F": 1, "G": 1, "A": 0, "rhs": 0}
+
+    def residual_buffer(self, state, z):
+        G = state.memory.get("G")
+        if G is None or G.shape[1:] != z.shape:
+            return None
+        return G[state.memory["n"] % self.config.m]   # the slot propose stores g in
+
     def propose(self, state, z, fz, g):
         cfg = self.config
         mem = state.memory
-        b, d = z.shape
         m = cfg.m
         if "F" not in mem:
-            mem["F"] = z.new_zeros(b, m, d)   # images f(X_i)
-            mem["G"] = z.new_zeros(b, m, d)   # residuals G_i = f(X_i) - X_i
+            b, d = z.shape
+            mem["F"] = z.new_empty(m, b, d)     # images f(X_i), slot i % m
+            mem["G"] = z.new_empty(m, b, d)     # residuals G_i = f(X_i) - X_i
             mem["n"] = 0
-            A = z.new_zeros(b, m + 1, m + 1)  # bordered system, border filled once
+            # the bordered system [[0, 1^T], [1, G G^T]]: its lower block holds the Gram matrix,
+            # updated one row and column per step; the border is written once
+            A = z.new_zeros(b, m + 1, m + 1)
             A[:, 0, 1:] = 1
             A[:, 1:, 0] = 1
             rhs = z.new_zeros(b, m + 1, 1)
             rhs[:, 0] = 1
             mem["A"], mem["rhs"] = A, rhs
-            mem["eye"] = torch.eye(m, dtype=z.dtype, device=z.device)
-        F, G, H = mem["F"], mem["G"], mem.get("H")
-        if H is None:
-            H = mem["H"] = z.new_zeros(b, m, m)   # Gram matrix G G^T, updated one row per step
+        F, G, A = mem["F"], mem["G"], mem["A"]
         if torch.is_grad_enabled():  # keep autograd history valid for full backpropagation
-            F, G, H = F.clone(), G.clone(), H.clone()
+            F, G, A = F.clone(), G.clone(), A.clone()
         slot = mem["n"] % m
-        F[:, slot] = fz
-        G[:, slot] = g
-        row = (G * g[:, None, :]).sum(-1)                    # (B, m): <G_i, g> (faster than bmm here)
-        H[:, slot, :] = row
-        H[:, :, slot] = row
-        mem["F"], mem["G"], mem["H"] = F, G, H
+        F[slot] = fz
+        if G[slot].data_ptr() != g.data_ptr():  # not already written there by step()
+            G[slot] = g
         mem["n"] += 1
         n = min(mem["n"], m)
+        # (B, n): <G_i, g>, one slot at a time (each product stays in cache; faster than one
+        # (n, B, D) product or a batched matrix-vector product at these sizes)
+        row = torch.stack([torch.linalg.vecdot(G[i], g) for i in range(n)], 1)
+        A[:, slot + 1, 1:n + 1] = row
+        A[:, 1:n + 1, slot + 1] = row
+        mem["F"], mem["G"], mem["A"] = F, G, A
         if n == 1:
             return fz if cfg.beta == 1 else z + cfg.beta * g
-        Fn, Gn, Hn = (F, G, H) if n == m else (F[:, :n], G[:, :n], H[:, :n, :n])
-        # regularisation relative to the mean squared residual in memory: scale invariant, so the
+        # Tikhonov term lam * (mean squared residual in memory): scale invariant, so the
         # acceleration does not fade as residuals shrink (an absolute lam dominates tiny G G^T)
-        scale = Hn.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(z.dtype).tiny)
-        A = mem["A"][:, :n + 1, :n + 1].clone()
-        A[:, 1:, 1:] = Hn + (cfg.lam * scale)[:, None, None] * mem["eye"][:n, :n]
-        alpha = torch.linalg.solve(A, mem["rhs"][:, :n + 1])[:, 1:, 0]          # (B, n)
-        z_f = torch.bmm(alpha[:, None], Fn)[:, 0]              # sum_i a_i f(X_i)
+        An = A[:, :n + 1, :n + 1].clone()
+        diag = An.diagonal(dim1=1, dim2=2)[:, 1:]
+        diag.add_(diag.sum(dim=1, keepdim=True), alpha=cfg.lam / n)
+        alpha, info = torch.linalg.solve_ex(An, mem["rhs"][:, :n + 1])
+        alpha = alpha[:, 1:, 0]                                           # (B, n)
+        if bool(info.any()):  # singular (all G_i = 0, an exact fixed point): a plain step
+            plain = torch.zeros_like(alpha)
+            plain[:, slot] = 1
+            alpha = torch.where((info != 0)[:, None], plain, alpha)
+        z_f = torch.bmm(alpha[:, None], F[:n].transpose(0, 1))[:, 0]    # sum_i a_i f(X_i)
         if cfg.beta == 1.0:
             return z_f
         # beta f + (1 - beta) X  =  f - (1 - beta) G
-        return z_f - (1 - cfg.beta) * torch.bmm(alpha[:, None], Gn)[:, 0]
+        return z_f - (1 - cfg.beta) * torch.bmm(alpha[:, None], G[:n].transpose(0, 1))[:, 0]
 
 
 class Broyden(Solver):
@@ -372,6 +453,8 @@ class Broyden(Solver):
         if U is None:
             return -v
         return -v + torch.einsum("bm,bmd->bd", torch.einsum("bd,bdm->bm", v, U), VT)
+
+    per_sample_memory = {"U": 0, "VT": 0, "prev_z": 0, "prev_g": 0}
 
     def propose(self, state, z, fz, g):
         cfg = self.config
