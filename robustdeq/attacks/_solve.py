@@ -34,7 +34,7 @@ class ShrinkResult:
 
 
 def solve_shrinking(solver, make_f: MakeF, z0: Tensor, *, min_fraction: float = 0.25,
-                    min_batch: int = 64) -> ShrinkResult:
+                    min_batch: int = 8) -> ShrinkResult:
     """Solve ``z = f(z)`` for a batch with ``solver``, shrinking the batch as samples stop.
 
     ``make_f(None)`` is ``f`` on the whole batch, ``make_f(idx)`` on the samples ``idx`` (a long

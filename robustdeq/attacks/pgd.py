@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, NonConvergenceWarning
 from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
-                   estimator_name, get_loss, is_deq, random_in_ball)
+                   estimator_name, get_loss, is_deq, logits_of, random_in_ball)
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,24 @@ class InputGradient:
     def reset(self) -> None:
         self.z_prev: Optional[Tensor] = None
         self.a_prev: Optional[Tensor] = None
+        self.last_logits: Optional[Tensor] = None  # logits at the latest call's inputs (detached)
+        #: (B,) bool: the latest call's forward solve converged per sample (True off a DEQ)
+        self.last_converged: Optional[Tensor] = None
         self.stats = {"calls": 0, "forward_nfe": 0, "backward_nfe": 0, "forward_work": 0,
                       "backward_work": 0, "forward_unconverged": 0, "backward_unconverged": 0}
         self._checked = False
+
+    def reset_warm_start(self) -> None:
+        """Forget the warm-start states (the next call starts a new batch); keeps the stats."""
+        self.z_prev = self.a_prev = None
+
+    def select(self, keep: Tensor) -> None:
+        """Continue with the samples ``keep`` (indices into the latest call's batch) only: the
+        warm-start states follow them."""
+        if self.z_prev is not None:
+            self.z_prev = self.z_prev[keep]
+        if self.a_prev is not None:
+            self.a_prev = self.a_prev[keep]
 
     def current_estimator(self):
         if self.estimator is not None:
@@ -101,6 +116,7 @@ class InputGradient:
         if self.deq:
             eq = self.model.run(xr, z0=self._z0(x.shape[0]), grad=self.estimator)
             logits = eq.logits
+            self.last_converged = eq.stats.converged.detach()
             self.z_prev = eq.z_star.detach()
             self.stats["forward_nfe"] += int(eq.stats.nfe)
             self.stats["forward_unconverged"] += int((~eq.stats.converged).sum())
@@ -111,6 +127,9 @@ class InputGradient:
         else:
             logits = self.model(xr)
         self._check(logits, y)
+        self.last_logits = logits.detach()
+        if not self.deq:
+            self.last_converged = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         cost = loss_fn(logits, y)
         return torch.autograd.grad(cost, xr, retain_graph=False, create_graph=False)[0]
 
@@ -156,14 +175,23 @@ class InputGradient:
             model.nonconvergence_events += 1  # as model.run would count it
         z_star = res.z.detach()
         self.z_prev = z_star
+        self.last_converged = res.converged
         z_leaf = z_star.clone().requires_grad_(True)
         z_out = model.f(z_leaf, u)
         logits = model.readout(z_out)
         self._check(logits, y)
+        self.last_logits = logits.detach()
         cost = loss_fn(logits, y)
         g = torch.autograd.grad(cost, z_out, retain_graph=True)[0].detach()
 
+        closed_form = getattr(model.cell, "has_vjp", False)
+
         def make_adjoint(idx):
+            if closed_form:  # the cell's closed-form vector-Jacobian product
+                vjp = model.cell.vjp_at(z_star if idx is None else z_star[idx],
+                                        ud if idx is None else ud[idx])
+                gs = g if idx is None else g[idx]
+                return lambda a: vjp(a, gs)
             if idx is None:
                 return lambda a: torch.autograd.grad(z_out, z_leaf, a, retain_graph=True)[0] + g
             zs = z_star[idx].clone().requires_grad_(True)
@@ -195,36 +223,88 @@ class InputGradient:
                 NonConvergenceWarning, stacklevel=4)
 
 
-def pgd_loop(x: Tensor, y: Tensor, grad_fn: GradFn, *, eps: float, alpha: float, steps: int,
-             norm: str, random_start: bool, gen: torch.Generator,
+def pgd_step(adv: Tensor, images: Tensor, g: Tensor, *, eps: float, alpha: float, norm: str,
              eps_for_division: float = 1e-10) -> Tensor:
-    """Projected gradient ascent on the loss behind ``grad_fn(x_adv, y) -> gradient``.
+    """One projected ascent step from ``adv`` along ``g`` (torchattacks' PGD / PGDL2 order).
 
     Linf: ``x <- clip_[0,1](x0 + clip_eps(x + alpha sign(g) - x0))``; L2: ``x <- x + alpha g /
-    ||g||``, rescale ``x - x0`` into the ball, clip to [0, 1] — torchattacks' PGD/PGDL2 order.
-    """
-    images = x.detach()
-    adv = images.clone()
-    if random_start:
-        adv = torch.clamp(adv + random_in_ball(adv, eps, norm, gen), min=0, max=1).detach()
+    ||g||``, rescale ``x - x0`` into the ball, clip to [0, 1]."""
+    if norm == "Linf":
+        adv = adv.detach() + alpha * g.sign()
+        delta = torch.clamp(adv - images, min=-eps, max=eps)
+        return torch.clamp(images + delta, min=0, max=1).detach()
     b = images.shape[0]
     view = (-1,) + (1,) * (images.dim() - 1)
-    for _ in range(steps):
-        g = grad_fn(adv, y)
-        if norm == "Linf":
-            adv = adv.detach() + alpha * g.sign()
-            delta = torch.clamp(adv - images, min=-eps, max=eps)
-            adv = torch.clamp(images + delta, min=0, max=1).detach()
-        else:
-            g_norm = torch.norm(g.reshape(b, -1), p=2, dim=1) + eps_for_division
-            adv = adv.detach() + alpha * (g / g_norm.view(view))
-            delta = adv - images
-            d_norm = torch.norm(delta.reshape(b, -1), p=2, dim=1)
-            factor = torch.min(eps / d_norm, torch.ones_like(d_norm))
-            factor = torch.nan_to_num(factor, nan=1.0)  # 0/0 when eps = 0 and delta = 0
-            delta = delta * factor.view(view)
-            adv = torch.clamp(images + delta, min=0, max=1).detach()
+    g_norm = torch.norm(g.reshape(b, -1), p=2, dim=1) + eps_for_division
+    adv = adv.detach() + alpha * (g / g_norm.view(view))
+    delta = adv - images
+    d_norm = torch.norm(delta.reshape(b, -1), p=2, dim=1)
+    factor = torch.min(eps / d_norm, torch.ones_like(d_norm))
+    factor = torch.nan_to_num(factor, nan=1.0)  # 0/0 when eps = 0 and delta = 0
+    delta = delta * factor.view(view)
+    return torch.clamp(images + delta, min=0, max=1).detach()
+
+
+def pgd_loop(x: Tensor, y: Tensor, grad_fn: GradFn, *, eps: float, alpha: float, steps: int,
+             norm: str, random_start: bool, gen: Optional[torch.Generator],
+             eps_for_division: float = 1e-10,
+             success_fn: Optional[Callable[[], Tensor]] = None,
+             select_fn: Optional[Callable[[Tensor], None]] = None,
+             start: Optional[Tensor] = None, frozen_at: Optional[Tensor] = None,
+             budget: Optional[Tensor] = None) -> Tensor:
+    """Projected gradient ascent on the loss behind ``grad_fn(x_adv, y) -> gradient``
+    (:func:`pgd_step` per step), from ``start`` (default: ``x``, plus a random start).
+
+    Early stopping: with ``success_fn``, called right after each ``grad_fn`` call, returning a
+    bool per sample of that call (the samples that succeed at the point just evaluated), the
+    succeeding samples are frozen at that point and the next steps run on the others only;
+    ``frozen_at`` (a (B,) int64 tensor, if given) receives the step each sample was frozen at
+    (-1: never). ``budget`` (B,) gives each sample its own number of steps (at most ``steps``).
+    Whenever samples leave, ``select_fn(keep)`` is told which samples of the latest call go on
+    (for warm starts). The other samples follow exactly the plain loop's iterates (the losses
+    are per-sample means and the steps per-sample sign or normalised).
+    """
+    images = x.detach()
+    adv = images.clone() if start is None else start.detach().clone()
+    if random_start:
+        adv = torch.clamp(adv + random_in_ball(adv, eps, norm, gen), min=0, max=1).detach()
+    if frozen_at is not None:
+        frozen_at.fill_(-1)
+    if budget is not None:
+        steps = min(steps, int(budget.max())) if budget.numel() else 0
+    idx: Optional[Tensor] = None  # the samples still attacked (None: all)
+    for t in range(steps):
+        if budget is not None:
+            done = (budget if idx is None else budget[idx]) <= t
+            if bool(done.any()):
+                keep = (~done).nonzero()[:, 0]
+                if t and select_fn is not None:
+                    select_fn(keep)
+                idx = keep if idx is None else idx[keep]
+        cur, x0, yy = (adv, images, y) if idx is None else (adv[idx], images[idx], y[idx])
+        g = grad_fn(cur, yy)
+        if success_fn is not None:
+            hit = success_fn()
+            if bool(hit.any()):
+                if frozen_at is not None:
+                    rows = hit.nonzero()[:, 0]
+                    frozen_at[rows if idx is None else idx[rows]] = t
+                keep = (~hit).nonzero()[:, 0]
+                if keep.numel() == 0:
+                    break
+                if select_fn is not None:
+                    select_fn(keep)
+                cur, x0, g = cur[keep], x0[keep], g[keep]
+                idx = keep if idx is None else idx[keep]
+        new = pgd_step(cur, x0, g, eps=eps, alpha=alpha, norm=norm, eps_for_division=eps_for_division)
+        adv = new if idx is None else adv.index_copy(0, idx, new)
     return adv
+
+
+def succeeded(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
+    """(B,) bool: the prediction is wrong (untargeted) or the target (targeted)."""
+    pred = logits.argmax(dim=1)
+    return pred == y if targeted else pred != y
 
 
 class FGSM(Attack):
@@ -269,14 +349,25 @@ class PGD(Attack):
         loss: "ce" (cross-entropy) or "dlr" (difference of logits ratio).
         targeted: ``y`` holds target classes; the attack descends their cross-entropy.
         seed: seed of the random start.
+        early_stop: freeze each sample at the first iterate where the attack succeeds (it is
+            misclassified, or classified as the target) and go on with the others only: no
+            weaker per sample than the plain loop (which returns its last iterate, successful or
+            not), and much cheaper once most samples are broken. Off by default, which keeps
+            torchattacks' semantics (on a feed-forward model the plain loop is bit for bit
+            ``torchattacks.PGD``). For a DEQ, success is judged on the logits of the attack's own
+            (warm-started) solve, and only where that solve converged (an unconverged state's
+            prediction need not be the model's).
     """
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: Optional[float] = None,
                  steps: int = 10, random_start: bool = True, norm: str = "Linf", grad=None,
                  warm_start: bool = True, loss: str = "ce", targeted: bool = False,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, early_stop: bool = False):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
         self.steps = check_int(steps, "steps", low=1)
+        if not isinstance(early_stop, bool):
+            raise ConfigError(f"early_stop must be a bool, got {early_stop!r}")
+        self.early_stop = early_stop
         self.alpha = (2.5 * self.eps / self.steps if alpha is None
                       else check_number(alpha, "alpha"))
         if not isinstance(random_start, bool):
@@ -298,17 +389,65 @@ class PGD(Attack):
         return {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
                 "loss": self.loss,
                 "grad": estimator_name(self.grad) if self.grad is not None else "model default",
-                "warm_start": self.oracle.warm()}
+                "warm_start": self.oracle.warm(), "early_stop": self.early_stop}
 
     def _perturb(self, x, y, gen):
         self.oracle.reset()
+        self.last_unconfirmed = 0
         loss_fn = self.loss_fn(self._loss)
-        adv = pgd_loop(x, y, lambda xa, ya: self.oracle(xa, ya, loss_fn), eps=self.eps,
-                       alpha=self.alpha, steps=self.steps, norm=self.norm,
-                       random_start=self.random_start, gen=gen)
+        oracle = self.oracle
+        latest = {}
+
+        def grad_fn(xa, ya):
+            latest["y"] = ya
+            return oracle(xa, ya, loss_fn)
+
+        if not self.early_stop:
+            adv = pgd_loop(x, y, grad_fn, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                           norm=self.norm, random_start=self.random_start, gen=gen)
+        else:
+            adv = self._early_stopped(x, y, grad_fn, gen, latest)
         self.last_stats = dict(self.oracle.stats)
         self.oracle.warn_if_unconverged(self.name)
         return adv
 
+    def _early_stopped(self, x, y, grad_fn, gen, latest):
+        """The loop with early stopping. A sample is frozen once the attack has succeeded at two
+        consecutive iterates (judged on the attack's own solves, and only where they converged),
+        so that borderline points are pushed one step further. The frozen samples are then
+        checked with the model's own inference (for a DEQ: a cold solve, not the attack's
+        warm-started one, whose equilibrium can differ within the solver's tolerance); a sample
+        that is not confirmed resumes the plain loop from its frozen point for the steps it had
+        left, so it ends where the plain loop would have."""
+        oracle = self.oracle
+        streak = {"n": None}
 
-__all__ = ["FGSM", "PGD", "InputGradient", "pgd_loop"]
+        def success_fn():
+            hit = succeeded(oracle.last_logits, latest["y"], self.targeted) & oracle.last_converged
+            prev = streak["n"] if streak["n"] is not None else torch.zeros_like(hit, dtype=torch.long)
+            streak["n"] = (prev + 1) * hit
+            return streak["n"] >= 2
+
+        def select_fn(keep):
+            oracle.select(keep)
+            streak["n"] = streak["n"][keep]
+
+        frozen_at = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        adv = pgd_loop(x, y, grad_fn, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                       norm=self.norm, random_start=self.random_start, gen=gen,
+                       success_fn=success_fn, select_fn=select_fn, frozen_at=frozen_at)
+        frozen = (frozen_at >= 0).nonzero()[:, 0]
+        if frozen.numel():
+            bad = ~succeeded(logits_of(self.model, adv[frozen]), y[frozen], self.targeted)
+            rows = frozen[bad]
+            self.last_unconfirmed = int(rows.numel())
+            if rows.numel():
+                oracle.reset_warm_start()
+                adv[rows] = pgd_loop(x[rows], y[rows], grad_fn, eps=self.eps, alpha=self.alpha,
+                                     steps=self.steps, norm=self.norm, random_start=False,
+                                     gen=None, start=adv[rows], select_fn=oracle.select,
+                                     budget=self.steps - frozen_at[rows])
+        return adv
+
+
+__all__ = ["FGSM", "PGD", "InputGradient", "pgd_loop", "pgd_step", "succeeded"]

@@ -610,7 +610,8 @@ class CostCounter:
 
     ``with CostCounter(model) as c: ...`` then ``c.forward``, ``c.backward``, ``c.total``. A VJP is
     counted each time a gradient flows into a cell output (repeated ``autograd.grad`` calls on a
-    retained graph count each time), so the implicit backward's adjoint iterations are included.
+    retained graph count each time) and each time a closed-form VJP of the cell (``vjp_at``) is
+    applied, so the implicit backward's adjoint iterations are included.
     """
 
     def __init__(self, model: nn.Module):
@@ -636,10 +637,22 @@ class CostCounter:
 
     def __enter__(self):
         self._handle = self.cell.register_forward_hook(self._hook)
+        vjp_at = getattr(self.cell, "vjp_at", None)
+        if vjp_at is not None:
+            def counted_vjp_at(*args, **kwargs):
+                self.forward += 1  # it evaluates the cell's pre-activation once
+                vjp = vjp_at(*args, **kwargs)
+
+                def counted(*a, **k):
+                    self.backward += 1
+                    return vjp(*a, **k)
+                return counted
+            self.cell.vjp_at = counted_vjp_at  # an instance attribute, removed on exit
         return self
 
     def __exit__(self, *exc):
         self._handle.remove()
+        self.cell.__dict__.pop("vjp_at", None)
         return False
 
 

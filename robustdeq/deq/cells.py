@@ -7,7 +7,7 @@ weight-tied models may act on.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,8 @@ class ScaledLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        return self.scale * self.linear.weight
+        w = self.linear.weight
+        return w if self.scale == 1.0 else self.scale * w
 
     def forward(self, z: Tensor) -> Tensor:
         return F.linear(z, self.weight)
@@ -82,9 +83,39 @@ class MLPCell(nn.Module):
         self.hidden, self.act = hidden, act
         self.W = ScaledLinear(hidden, norm=norm, scale=scale, init_gain=init_gain)
 
+    def _pre(self, z: Tensor, u: Tensor) -> Tensor:
+        W = self.W.weight
+        if z.dim() == 2 and u.shape == z.shape:
+            return torch.addmm(u, z, W.t())   # W z + u in one fused operation
+        return F.linear(z, W) + u
+
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
-        pre = self.W(z) + u
+        pre = self._pre(z, u)
         return torch.tanh(pre) if self.act == "tanh" else F.relu(pre)
+
+    @property
+    def has_vjp(self) -> bool:
+        """Whether :meth:`vjp_at` is this cell's Jacobian (not a subclass's changed map)."""
+        cls = type(self)
+        return cls.forward is MLPCell.forward and cls._pre is MLPCell._pre
+
+    def vjp_at(self, z: Tensor, u: Tensor) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
+        """``(a, c) -> J^T a + c`` with ``J = df/dz`` at ``(z, u)``, in closed form
+        (``J^T a = W^T (act'(W z + u) * a)``) and without autograd: the vector-Jacobian product of
+        adjoint solves (implicit gradients). ``c`` may be None."""
+        with torch.no_grad():
+            W = self.W.weight.detach()
+            pre = self._pre(z.detach(), u.detach())
+            if self.act == "tanh":
+                d = 1 - torch.tanh(pre).square()
+            else:
+                d = (pre > 0).to(pre.dtype)
+
+        def vjp(a: Tensor, c: Optional[Tensor] = None) -> Tensor:
+            if c is None:
+                return (a * d) @ W
+            return torch.addmm(c, a * d, W)
+        return vjp
 
     def init_state(self, u: Tensor) -> Tensor:
         return torch.zeros(u.shape[0], self.hidden, dtype=u.dtype, device=u.device)

@@ -66,7 +66,8 @@ class ImplicitGrad(GradientEstimator):
     The output is ``f(z*, u)`` (one extra evaluation, carrying the graph to ``u`` and the
     parameters); a backward hook replaces its upstream gradient ``g`` by the solution ``a`` of the
     adjoint fixed point ``a = J^T a + g``, ``J = df/dz`` at z*, solved with ``solver`` (vector-
-    Jacobian products through one retained call of ``f``). Memory does not grow with iterations.
+    Jacobian products from the cell's closed form ``vjp_at`` where it has one, else through one
+    retained call of ``f``). Memory does not grow with iterations.
     """
 
     def __init__(self, solver: SolverConfig | dict | None = None):
@@ -79,9 +80,15 @@ class ImplicitGrad(GradientEstimator):
         z_out = f(z_star, u)
         if not (torch.is_grad_enabled() and z_out.requires_grad):
             return z_out
-        z0 = z_star.clone().requires_grad_(True)
-        with torch.enable_grad():
-            f0 = f(z0, u.detach())
+        if getattr(f, "has_vjp", False):  # the cell's closed-form vector-Jacobian product
+            vjp = f.vjp_at(z_star, u)
+        else:
+            z0 = z_star.clone().requires_grad_(True)
+            with torch.enable_grad():
+                f0 = f(z0, u.detach())
+
+            def vjp(a: Tensor, c: Tensor) -> Tensor:
+                return torch.autograd.grad(f0, z0, a, retain_graph=True)[0] + c
         from .solvers import get_solver  # local import: solvers <-> grad are peers
         solver = get_solver(self.solver)
         est = self
@@ -89,10 +96,10 @@ class ImplicitGrad(GradientEstimator):
         def hook(grad: Optional[Tensor]) -> Optional[Tensor]:
             if grad is None:  # undefined upstream gradient: nothing to transform
                 return None
+            grad_d = grad.detach()
 
             def adjoint_map(a: Tensor) -> Tensor:
-                vjp = torch.autograd.grad(f0, z0, a, retain_graph=True)[0]
-                return vjp + grad
+                return vjp(a, grad_d)
             with torch.no_grad():
                 res = solver.solve(adjoint_map, est.initial_adjoint(grad))
             est.last_backward = res

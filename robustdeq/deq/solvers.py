@@ -210,9 +210,9 @@ class Solver:
 
     def residual(self, z: Tensor, fz: Tensor, g: Optional[Tensor] = None) -> Tensor:
         """Per-sample residual of ``z`` given ``fz = f(z)`` (``g = fz - z`` if already computed)."""
-        diff = (fz - z if g is None else g).norm(dim=1)
+        diff = torch.linalg.vector_norm(fz - z if g is None else g, dim=1)
         if self.config.stop_mode == StopMode.REL:
-            return diff / (fz.norm(dim=1) + self.config.eps)
+            return diff.div_(torch.linalg.vector_norm(fz, dim=1).add_(self.config.eps))
         return diff
 
     def step(self, f: Fn, state: SolverState) -> SolverState:
@@ -223,7 +223,9 @@ class Solver:
         cfg = self.config
         z = state.z
         b = z.shape[0]
-        fz = f(z.view(state.shape)).reshape(b, -1)
+        fz = f(z if z.shape == state.shape else z.view(state.shape))
+        if fz.dim() != 2:
+            fz = fz.reshape(b, -1)
         state.nfe += 1
         out = None
         if not torch.is_grad_enabled() and fz.dtype == z.dtype and fz.device == z.device:
@@ -365,20 +367,23 @@ class Anderson(Solver):
     """Anderson acceleration (type II) with memory m, Tikhonov regularisation lam, mixing beta.
 
     Solves, per sample, ``min_a ||sum_i a_i G_i||^2 + lam s ||a||^2`` s.t. ``sum_i a_i = 1`` (``s``
-    the mean squared residual in memory, which makes lam scale-free) through
-    the bordered (n+1)x(n+1) system, batched with ``torch.linalg.solve``.
+    the mean squared residual in memory, which makes lam scale-free): ``a = c / sum(c)`` with
+    ``(G G^T + lam s I) c = 1``, batched with ``torch.linalg.solve_ex``. The Gram matrix is
+    updated one row and column per step.
     """
 
     name = "anderson"
 
     # F and G are stored slot-major, (m, B, D): a slot is one contiguous block
-    per_sample_memory = {"F": 1, "G": 1, "A": 0, "rhs": 0}
+    per_sample_memory = {"F": 1, "G": 1, "H": 0, "ones": 0}
 
     def residual_buffer(self, state, z):
-        G = state.memory.get("G")
+        mem = state.memory
+        G = mem.get("G")
         if G is None or G.shape[1:] != z.shape:
             return None
-        return G[state.memory["n"] % self.config.m]   # the slot propose stores g in
+        buf = mem["pending"] = G[mem["n"] % self.config.m]   # the slot propose stores g in
+        return buf
 
     def propose(self, state, z, fz, g):
         cfg = self.config
@@ -388,48 +393,54 @@ class Anderson(Solver):
             b, d = z.shape
             mem["F"] = z.new_empty(m, b, d)     # images f(X_i), slot i % m
             mem["G"] = z.new_empty(m, b, d)     # residuals G_i = f(X_i) - X_i
+            mem["H"] = z.new_zeros(b, m, m)     # Gram matrix <G_i, G_j>
+            mem["ones"] = z.new_ones(b, m, 1)
             mem["n"] = 0
-            # the bordered system [[0, 1^T], [1, G G^T]]: its lower block holds the Gram matrix,
-            # updated one row and column per step; the border is written once
-            A = z.new_zeros(b, m + 1, m + 1)
-            A[:, 0, 1:] = 1
-            A[:, 1:, 0] = 1
-            rhs = z.new_zeros(b, m + 1, 1)
-            rhs[:, 0] = 1
-            mem["A"], mem["rhs"] = A, rhs
-        F, G, A = mem["F"], mem["G"], mem["A"]
+        F, G, H = mem["F"], mem["G"], mem["H"]
+        pending = mem.pop("pending", None)
         if torch.is_grad_enabled():  # keep autograd history valid for full backpropagation
-            F, G, A = F.clone(), G.clone(), A.clone()
+            F, G, H = F.clone(), G.clone(), H.clone()
         slot = mem["n"] % m
         F[slot] = fz
-        if G[slot].data_ptr() != g.data_ptr():  # not already written there by step()
+        if g is not pending:  # not already written there by step()
             G[slot] = g
         mem["n"] += 1
         n = min(mem["n"], m)
-        # (B, n): <G_i, g>, one slot at a time (each product stays in cache; faster than one
-        # (n, B, D) product or a batched matrix-vector product at these sizes)
-        row = torch.stack([torch.linalg.vecdot(G[i], g) for i in range(n)], 1)
-        A[:, slot + 1, 1:n + 1] = row
-        A[:, 1:n + 1, slot + 1] = row
-        mem["F"], mem["G"], mem["A"] = F, G, A
+        if n * g.numel() <= 1 << 18:   # small: one product over the memory (fewest operations)
+            row = torch.linalg.vecdot(G[:n], g).t()                          # (B, n): <G_i, g>
+        else:  # large: one slot at a time (each product stays in cache)
+            row = torch.stack([torch.linalg.vecdot(G[i], g) for i in range(n)], 1)
+        H[:, slot, :n] = row
+        H[:, :n, slot] = row
+        mem["F"], mem["G"], mem["H"] = F, G, H
         if n == 1:
             return fz if cfg.beta == 1 else z + cfg.beta * g
         # Tikhonov term lam * (mean squared residual in memory): scale invariant, so the
         # acceleration does not fade as residuals shrink (an absolute lam dominates tiny G G^T)
-        An = A[:, :n + 1, :n + 1].clone()
-        diag = An.diagonal(dim1=1, dim2=2)[:, 1:]
+        Hn = H[:, :n, :n].clone()
+        diag = Hn.diagonal(dim1=1, dim2=2)
         diag.add_(diag.sum(dim=1, keepdim=True), alpha=cfg.lam / n)
-        alpha, info = torch.linalg.solve_ex(An, mem["rhs"][:, :n + 1])
-        alpha = alpha[:, 1:, 0]                                           # (B, n)
+        c, info = torch.linalg.solve_ex(Hn, mem["ones"][:, :n])
+        alpha = c[..., 0]
+        alpha = alpha / alpha.sum(dim=1, keepdim=True)                      # (B, n)
         if bool(info.any()):  # singular (all G_i = 0, an exact fixed point): a plain step
             plain = torch.zeros_like(alpha)
             plain[:, slot] = 1
             alpha = torch.where((info != 0)[:, None], plain, alpha)
-        z_f = torch.bmm(alpha[:, None], F[:n].transpose(0, 1))[:, 0]    # sum_i a_i f(X_i)
+        z_f = _combine(alpha, F[:n])                                      # sum_i a_i f(X_i)
         if cfg.beta == 1.0:
             return z_f
         # beta f + (1 - beta) X  =  f - (1 - beta) G
-        return z_f - (1 - cfg.beta) * torch.bmm(alpha[:, None], G[:n].transpose(0, 1))[:, 0]
+        return z_f - (1 - cfg.beta) * _combine(alpha, G[:n])
+
+
+def _combine(alpha: Tensor, M: Tensor) -> Tensor:
+    """``sum_i alpha[:, i] M[i]`` for ``alpha`` (B, n) and slot-major ``M`` (n, B, D): a batched
+    matrix product for wide states, a broadcast product and sum for narrow ones (where the
+    batched product's per-sample overhead dominates)."""
+    if M.shape[-1] >= 192:
+        return torch.bmm(alpha[:, None], M.transpose(0, 1))[:, 0]
+    return (alpha.t()[..., None] * M).sum(0)
 
 
 class Broyden(Solver):
