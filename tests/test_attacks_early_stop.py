@@ -20,6 +20,10 @@ def broken(model, x_adv, y):
     return A.predict(model, x_adv) != y
 
 
+def same_as(a, b, tol=1e-5):
+    return (a - b).flatten(1).abs().amax(1) <= tol
+
+
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 def test_early_stop_breaks_every_sample_the_plain_loop_breaks(norm):
     # a feed-forward model: deterministic logits, so the samples never frozen follow the plain
@@ -34,10 +38,11 @@ def test_early_stop_breaks_every_sample_the_plain_loop_breaks(norm):
     check_ball(x, es, eps, norm)
     b_plain, b_es = broken(model, plain, y), broken(model, es, y)
     assert bool(b_es[b_plain].all()), "early stopping lost a sample the plain loop breaks"
-    assert atk.last_unconfirmed == 0
+    assert atk.last_unconfirmed == 0 and atk.last_stats["unconfirmed"] == 0
+    assert atk.last_stats["frozen"] == int((~same_as(es, plain)).sum()) > 0
     assert atk.last_stats["calls"] == 15 and atk.describe()["early_stop"] is True
     # never frozen: the plain loop's final iterate (up to rounding: the loss is a batch mean)
-    same = ((es - plain).flatten(1).abs().amax(1) <= 1e-5)
+    same = same_as(es, plain)
     assert bool(same[~b_es].all())
     assert 0 < int((~same).sum()) <= int(b_es.sum())  # frozen ones are all broken
 

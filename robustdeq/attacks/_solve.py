@@ -73,12 +73,12 @@ def solve_shrinking(solver, make_f: MakeF, z0: Tensor, *, min_fraction: float = 
         work += int(idx.numel())
         state = solver.step(f, state)
         nfe += 1
-        active = state.active
-        n_act = int(active.sum())
+        n_act = state.n_active
         if n_act == 0:
             break
         n = int(idx.numel())
         if shrink and n_act <= min_fraction * n:
+            active = state.active
             done = (~active).nonzero()[:, 0]
             store(state, done, idx[done])
             keep = active.nonzero()[:, 0]

@@ -393,7 +393,7 @@ class PGD(Attack):
 
     def _perturb(self, x, y, gen):
         self.oracle.reset()
-        self.last_unconfirmed = 0
+        self.last_frozen = self.last_unconfirmed = 0
         loss_fn = self.loss_fn(self._loss)
         oracle = self.oracle
         latest = {}
@@ -408,6 +408,8 @@ class PGD(Attack):
         else:
             adv = self._early_stopped(x, y, grad_fn, gen, latest)
         self.last_stats = dict(self.oracle.stats)
+        if self.early_stop:  # samples frozen early, and those the model's inference did not confirm
+            self.last_stats.update(frozen=self.last_frozen, unconfirmed=self.last_unconfirmed)
         self.oracle.warn_if_unconverged(self.name)
         return adv
 
@@ -437,6 +439,7 @@ class PGD(Attack):
                        norm=self.norm, random_start=self.random_start, gen=gen,
                        success_fn=success_fn, select_fn=select_fn, frozen_at=frozen_at)
         frozen = (frozen_at >= 0).nonzero()[:, 0]
+        self.last_frozen = int(frozen.numel())
         if frozen.numel():
             bad = ~succeeded(logits_of(self.model, adv[frozen]), y[frozen], self.targeted)
             rows = frozen[bad]
