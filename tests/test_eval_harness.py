@@ -216,6 +216,10 @@ def test_defense_adaptive_views_are_attacked_and_judged_on_the_defense(deq, data
     r = rep.result()
     assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-ift@bpda", "pgd-unrolled", "pgd-unrolled@bpda"]
     assert r.attack("pgd-ift@bpda").view == "bpda"
+    # PGD stops early on the judged model itself, never on a view (a view's success is not the
+    # defense's)
+    assert r.attack("pgd-ift").describe["early_stop"] is True
+    assert r.attack("pgd-ift@bpda").describe["early_stop"] is False
     # the quantised defense masks the gradient; the BPDA view does not
     assert r.attack("pgd-ift@bpda").accuracy < r.attack("pgd-ift").accuracy
     assert r.robust_accuracy <= r.attack("pgd-ift@bpda").accuracy

@@ -349,14 +349,16 @@ class PGD(Attack):
         loss: "ce" (cross-entropy) or "dlr" (difference of logits ratio).
         targeted: ``y`` holds target classes; the attack descends their cross-entropy.
         seed: seed of the random start.
-        early_stop: freeze each sample at the first iterate where the attack succeeds (it is
-            misclassified, or classified as the target) and go on with the others only: no
-            weaker per sample than the plain loop (which returns its last iterate, successful or
-            not), and much cheaper once most samples are broken. Off by default, which keeps
-            torchattacks' semantics (on a feed-forward model the plain loop is bit for bit
-            ``torchattacks.PGD``). For a DEQ, success is judged on the logits of the attack's own
-            (warm-started) solve, and only where that solve converged (an unconverged state's
-            prediction need not be the model's).
+        early_stop: freeze a sample once the attack has succeeded (misclassified, or
+            classified as the target) at two consecutive iterates, and go on with the others
+            only; the frozen samples are confirmed at the end by the model's own inference, and
+            any that is not resumes the plain loop where it was frozen. Never weaker per sample
+            than the plain loop (which returns its last iterate, successful or not), and much
+            cheaper once most samples are broken. Off by default, which keeps torchattacks'
+            semantics (on a feed-forward model the plain loop is bit for bit
+            ``torchattacks.PGD``). For a DEQ, success during the loop is judged on the attack's
+            own (warm-started) solves, and only where they converged; ``last_stats`` counts the
+            ``frozen`` and ``unconfirmed`` samples.
     """
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: Optional[float] = None,

@@ -107,13 +107,15 @@ class SuiteContext:
 
 
 # -- built-in attack specs ------------------------------------------------------------------------
-def _pgd_factory(grad):
+def _pgd_factory(grad, judge: nn.Module):
     def factory(target, *, eps, norm, steps, seed):
-        # early stopping: never weaker per sample than the plain loop (frozen samples are
-        # confirmed by the model's own inference), and much cheaper once most samples break
+        # early stopping where the attacked module is the judged model itself: never weaker per
+        # sample than the plain loop there (frozen samples are confirmed by the model's own
+        # inference) and much cheaper once most samples break; on an adaptive view the view's
+        # success is not the defense's, so the view is attacked for every step
         from ..attacks import PGD
         return PGD(target, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm, grad=grad,
-                   seed=seed, early_stop=True)
+                   seed=seed, early_stop=target is judge)
     return factory
 
 
@@ -165,15 +167,15 @@ def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
     from ..deq.grad import UnrolledGrad
     judge = ctx.model
     if name == "pgd":
-        return [AttackSpec("pgd", _pgd_factory(None), description="PGD, the model's own gradient")]
+        return [AttackSpec("pgd", _pgd_factory(None, judge), description="PGD, the model's own gradient")]
     if name == "pgd-ift":
-        return [AttackSpec("pgd-ift", _pgd_factory("ift"), needs="deq",
+        return [AttackSpec("pgd-ift", _pgd_factory("ift", judge), needs="deq",
                            description="PGD with the implicit (IFT) gradient")]
     if name == "pgd-unrolled":
-        return [AttackSpec("pgd-unrolled", _pgd_factory(UnrolledGrad(steps=8)), needs="deq",
+        return [AttackSpec("pgd-unrolled", _pgd_factory(UnrolledGrad(steps=8), judge), needs="deq",
                            description="PGD with 8 unrolled steps from z*")]
     if name == "pgd-phantom":
-        return [AttackSpec("pgd-phantom", _pgd_factory("phantom"), needs="deq",
+        return [AttackSpec("pgd-phantom", _pgd_factory("phantom", judge), needs="deq",
                            description="PGD with the phantom gradient (k=5, tau=0.5)")]
     if name == "states":
         return [AttackSpec(f"state-{k}", _state_factory(k, False, judge), scope="deq", needs="trajectory",
