@@ -151,8 +151,9 @@ class InputGradient:
     def _implicit(self, x: Tensor, y: Tensor, loss_fn: LossFn, est) -> Tensor:
         """The implicit gradient as ``DEQClassifier.run`` + ``ImplicitGrad`` compute it (logits =
         readout(f(z*, u)); adjoint ``a = J^T a + g`` solved with the estimator's solver), with
-        both solves warm-started from the previous call and run on a shrinking batch. One
-        evaluation of ``f`` with autograd serves the adjoint VJPs and the input VJP."""
+        both solves warm-started from the previous call and run on a shrinking batch. The
+        adjoint uses the cell's closed-form VJP where it has one, else VJPs through one
+        evaluation of ``f`` with autograd, which also serves the input VJP."""
         from ..deq.solvers import get_solver
         from ._solve import solve_shrinking
         model = self.model
@@ -176,15 +177,15 @@ class InputGradient:
         z_star = res.z.detach()
         self.z_prev = z_star
         self.last_converged = res.converged
-        z_leaf = z_star.clone().requires_grad_(True)
+        closed_form = getattr(model.cell, "has_vjp", False)
+        # the autograd path needs the graph to z as well; the closed form only the one to x
+        z_leaf = z_star if closed_form else z_star.clone().requires_grad_(True)
         z_out = model.f(z_leaf, u)
         logits = model.readout(z_out)
         self._check(logits, y)
         self.last_logits = logits.detach()
         cost = loss_fn(logits, y)
         g = torch.autograd.grad(cost, z_out, retain_graph=True)[0].detach()
-
-        closed_form = getattr(model.cell, "has_vjp", False)
 
         def make_adjoint(idx):
             if closed_form:  # the cell's closed-form vector-Jacobian product
@@ -404,14 +405,15 @@ class PGD(Attack):
             latest["y"] = ya
             return oracle(xa, ya, loss_fn)
 
-        if not self.early_stop:
+        if self.early_stop:
+            adv = self._early_stopped(x, y, grad_fn, gen, latest)
+            # samples frozen early, and those the model's inference did not confirm
+            self.last_stats = dict(self.oracle.stats, frozen=self.last_frozen,
+                                   unconfirmed=self.last_unconfirmed)
+        else:
             adv = pgd_loop(x, y, grad_fn, eps=self.eps, alpha=self.alpha, steps=self.steps,
                            norm=self.norm, random_start=self.random_start, gen=gen)
-        else:
-            adv = self._early_stopped(x, y, grad_fn, gen, latest)
-        self.last_stats = dict(self.oracle.stats)
-        if self.early_stop:  # samples frozen early, and those the model's inference did not confirm
-            self.last_stats.update(frozen=self.last_frozen, unconfirmed=self.last_unconfirmed)
+            self.last_stats = dict(self.oracle.stats)
         self.oracle.warn_if_unconverged(self.name)
         return adv
 
