@@ -37,13 +37,21 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def train_model(hidden: int, steps: int, seed: int, contractive: bool = False):
+def train_model(hidden: int, steps: int, seed: int, contractive: bool = False,
+                name: str = "mlp_deq"):
     from robustdeq.data import load_digits
     from robustdeq.deq import zoo
     from robustdeq.deq.grad import gradient
     torch.manual_seed(seed)
-    options = {"norm": "spectral", "scale": 0.9} if contractive else {}
-    model = zoo.build("mlp_deq", hidden=hidden, **options)
+    if name == "conv_deq":
+        options = {"channels": hidden}
+        if contractive:
+            options["norm"] = "spectral"
+    else:
+        options = {"hidden": hidden}
+        if contractive:
+            options.update(norm="spectral", scale=0.9)
+    model = zoo.build(name, **options)
     x, y = load_digits("train")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(seed)
@@ -94,7 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models run "
                     "fastest on one thread, and the timing is not disturbed by oversubscription)")
-    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--model", choices=("mlp_deq", "conv_deq"), default="mlp_deq")
+    ap.add_argument("--hidden", type=int, default=64,
+                    help="hidden units (mlp_deq) or channels (conv_deq)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--train-steps", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
@@ -114,7 +124,7 @@ def main(argv=None) -> int:
     from robustdeq.deq.grad import ImplicitGrad
 
     t0 = time.perf_counter()
-    model = train_model(args.hidden, args.train_steps, args.seed, args.contractive)
+    model = train_model(args.hidden, args.train_steps, args.seed, args.contractive, args.model)
     t_train = time.perf_counter() - t0
     xt, yt = load_digits("test")
     x, y = xt[:args.batch], yt[:args.batch]
@@ -156,7 +166,8 @@ def main(argv=None) -> int:
           f"{args.threads} thread(s)")
     print("# torchattacks runs the model's forward (cold Anderson solve + IFT adjoint solve) each "
           "step; 'sample-iters' counts f evaluations per sample (robustdeq's solves shrink the batch)")
-    print(f"# mlp_deq hidden={args.hidden}{' norm=spectral scale=0.9' if args.contractive else ''} (Anderson, tol 1e-3, 30 iters; IFT backward tol 1e-6), "
+    width = "channels" if args.model == "conv_deq" else "hidden"
+    print(f"# {args.model} {width}={args.hidden}{' (spectral norm)' if args.contractive else ''} (Anderson, tol 1e-3, 30 iters; IFT backward tol 1e-6), "
           f"trained {args.train_steps} steps in {t_train:.1f} s; clean accuracy {clean:.3f} on "
           f"{args.batch} test digits; eps={args.eps}, alpha={args.alpha}, steps={args.steps}, "
           f"random_start=False; {args.repeats} interleaved repeats")

@@ -113,6 +113,57 @@ def test_warm_start_reduces_solver_iterations_and_keeps_the_attack():
     assert abs(A.accuracy(model, xw, y) - A.accuracy(model, xc, y)) <= 2 / 64
 
 
+@pytest.mark.parametrize("grad", ["ift", "phantom"])
+def test_warm_start_on_solves_that_never_converge_is_the_cold_attack(grad):
+    if grad == "ift":  # an adjoint that does not converge either
+        grad = ImplicitGrad({"max_iter": 4, "tol": 0.0})
+    # tol 0: no solve ever converges, so the result of every solve depends on where it started;
+    # warm starts must then not apply (the attack would follow another function than the
+    # model's inference computes): the warm-started gradients are the cold ones, bit for bit
+    model = tiny_deq(solver={"max_iter": 4, "tol": 0.0})
+    x, y = batch()
+    warm = InputGradient(model, grad, warm_start=True)
+    cold = InputGradient(model, grad, warm_start=False)
+    for t in range(3):
+        xt = (x + 0.05 * t).clamp(0, 1)
+        torch.testing.assert_close(warm(xt, y, F.cross_entropy), cold(xt, y, F.cross_entropy),
+                                   rtol=0, atol=0)
+    assert warm.stats["forward_unconverged"] == 3 * x.shape[0]
+    atk = A.PGD(model, eps=EPS, alpha=0.02, steps=5, random_start=False, grad=grad)
+    ref = A.PGD(model, eps=EPS, alpha=0.02, steps=5, random_start=False, grad=grad,
+                warm_start=False)
+    torch.testing.assert_close(atk(x, y), ref(x, y), rtol=0, atol=0)
+
+
+def test_only_converged_samples_warm_start():
+    # per sample: the previous solution where that solve converged, the initial state elsewhere
+    model = tiny_deq(solver={"max_iter": 50, "tol": 1e-6})
+    x, y = batch(n=6)
+    oracle = InputGradient(model, "ift", warm_start=True)
+    oracle(x, y, F.cross_entropy)
+    assert bool(oracle.z_ok.all()) and bool(oracle.a_ok.all())
+    ok = torch.tensor([True, False, True, False, True, True])
+    oracle.z_ok = ok
+    prev = oracle.z_prev.clone()
+    seen = {}
+
+    from robustdeq.attacks import _solve
+    orig = _solve.solve_shrinking
+
+    def spy(solver, make_f, z0, **kw):
+        seen.setdefault("z0", z0.clone())
+        return orig(solver, make_f, z0, **kw)
+    _solve.solve_shrinking = spy
+    try:
+        oracle(x, y, F.cross_entropy)
+    finally:
+        _solve.solve_shrinking = orig
+    z0 = seen["z0"]
+    torch.testing.assert_close(z0[ok], prev[ok], rtol=0, atol=0)
+    cold = model.init_state(model.inject(x))
+    torch.testing.assert_close(z0[~ok], cold[~ok], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("grad", ["ift", "phantom", "unrolled", "full"])
 def test_pgd_with_every_estimator_breaks_a_trained_deq(grad):
     model = trained("mlp_deq", hidden=32)

@@ -1,8 +1,10 @@
 """FGSM and PGD (Linf, L2) with a per-attack gradient estimator and solver warm starts.
 
 For a DEQ (a model with ``solve``), step ``t`` of PGD starts the forward solver from the fixed
-point of step ``t - 1`` (``z0 = z*(x_{t-1})``); with the implicit (IFT) gradient, the adjoint
-solve ``a = J^T a + g`` also starts from the previous step's adjoint, and both solves run on a
+point of step ``t - 1`` (``z0 = z*(x_{t-1})``) for every sample whose solve converged there (the
+others start from the model's initial state, see :meth:`InputGradient._start`); with the
+implicit (IFT) gradient, the adjoint solve ``a = J^T a + g`` likewise starts from the previous
+step's converged adjoint, and both solves run on a
 batch that shrinks as samples converge (the solver's per-sample results are unchanged, see
 ``_solve.py``). Each step costs one forward solve and one adjoint solve, nothing else. How much
 this saves depends on the model: warm starts cut the per-sample iterations, but a batch's solve
@@ -68,6 +70,9 @@ class InputGradient:
     def reset(self) -> None:
         self.z_prev: Optional[Tensor] = None
         self.a_prev: Optional[Tensor] = None
+        #: (B,) bool: the solve that produced z_prev / a_prev converged (only those warm-start)
+        self.z_ok: Optional[Tensor] = None
+        self.a_ok: Optional[Tensor] = None
         self.last_logits: Optional[Tensor] = None  # logits at the latest call's inputs (detached)
         #: (B,) bool: the latest call's forward solve converged per sample (True off a DEQ)
         self.last_converged: Optional[Tensor] = None
@@ -77,15 +82,15 @@ class InputGradient:
 
     def reset_warm_start(self) -> None:
         """Forget the warm-start states (the next call starts a new batch); keeps the stats."""
-        self.z_prev = self.a_prev = None
+        self.z_prev = self.a_prev = self.z_ok = self.a_ok = None
 
     def select(self, keep: Tensor) -> None:
         """Continue with the samples ``keep`` (indices into the latest call's batch) only: the
         warm-start states follow them."""
-        if self.z_prev is not None:
-            self.z_prev = self.z_prev[keep]
-        if self.a_prev is not None:
-            self.a_prev = self.a_prev[keep]
+        for name in ("z_prev", "a_prev", "z_ok", "a_ok"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, v[keep])
 
     def current_estimator(self):
         if self.estimator is not None:
@@ -98,13 +103,36 @@ class InputGradient:
         est = self.current_estimator()
         return self.warm_start and self.deq and not getattr(est, "full_graph", False)
 
-    def _z0(self, batch: int) -> Optional[Tensor]:
-        z = self.z_prev
-        if z is None or not self.warm() or z.shape[0] != batch:
+    @staticmethod
+    def _prev(prev: Optional[Tensor], batch: int) -> Optional[Tensor]:
+        return prev if prev is not None and prev.shape[0] == batch else None
+
+    def _start(self, prev: Optional[Tensor], ok: Optional[Tensor],
+               cold: Optional[Callable[[], Tensor]]):
+        """Where a solve starts: the previous call's solution for the samples whose previous
+        solve converged (and is finite), ``cold()`` for the others; None when no sample
+        warm-starts. Returns ``(start, warm)`` with ``warm`` the (B,) warm-started samples.
+
+        Only converged solutions warm-start. A solve that stops at ``max_iter`` returns an
+        iterate that depends on where it started: warm-starting a sample whose solves do not
+        converge would attack another function than the model's inference computes (on a conv
+        DEQ whose solves never converged, that made PGD 15 points weaker than torchattacks'
+        cold-started PGD, benchmarks/RESULTS.md). So such a sample starts from the model's
+        initial state, as the model's own inference does. For the adjoint, a linear system with
+        one solution, the start only changes how close an unconverged iterate gets to it; a
+        non-converged previous adjoint is still not reused (it may come from a divergent
+        iteration)."""
+        if prev is None or ok is None or not self.warm():
             return None
-        if not bool(torch.isfinite(z).all()):  # a diverged sample: restart from the initial state
+        warm = ok & torch.isfinite(prev.reshape(prev.shape[0], -1)).all(dim=1)
+        if not bool(warm.any()):
             return None
-        return z
+        if bool(warm.all()):
+            return prev, warm
+        if cold is None:  # no initial state to mix with: all or nothing
+            return None
+        view = (-1,) + (1,) * (prev.dim() - 1)
+        return torch.where(warm.view(view), prev, cold()), warm
 
     def __call__(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """The gradient of ``loss_fn(logits(x), y)`` w.r.t. ``x`` (shape of ``x``)."""
@@ -114,9 +142,16 @@ class InputGradient:
             return self._implicit(x, y, loss_fn, est)
         xr = x.detach().requires_grad_(True)
         if self.deq:
-            eq = self.model.run(xr, z0=self._z0(x.shape[0]), grad=self.estimator)
+            model = self.model
+            cold = None
+            if hasattr(model, "init_state"):
+                def cold():
+                    with torch.no_grad():
+                        return model.init_state(model.inject(x.detach()))
+            start = self._start(self._prev(self.z_prev, x.shape[0]), self.z_ok, cold)
+            eq = model.run(xr, z0=None if start is None else start[0], grad=self.estimator)
             logits = eq.logits
-            self.last_converged = eq.stats.converged.detach()
+            self.last_converged = self.z_ok = eq.stats.converged.detach()
             self.z_prev = eq.z_star.detach()
             self.stats["forward_nfe"] += int(eq.stats.nfe)
             self.stats["forward_unconverged"] += int((~eq.stats.converged).sum())
@@ -161,14 +196,15 @@ class InputGradient:
         u = model.inject(xr)
         ud = u.detach()
         model.prepare()
-        z0 = self._z0(x.shape[0])
-        if z0 is None:
-            z0 = model.init_state(ud)
+        fsolver = get_solver(model.solver_config)
+        start = self._start(self._prev(self.z_prev, x.shape[0]), self.z_ok,
+                            lambda: model.init_state(ud))
+        z0 = model.init_state(ud) if start is None else start[0]
         with torch.no_grad():
             def make_f(idx):
                 uu = ud if idx is None else ud[idx]
                 return lambda z: model.cell(z, uu)
-            res = solve_shrinking(get_solver(model.solver_config), make_f, z0.detach())
+            res = solve_shrinking(fsolver, make_f, z0.detach())
         self.stats["forward_nfe"] += res.nfe
         self.stats["forward_work"] += res.work
         self.stats["forward_unconverged"] += int((~res.converged).sum())
@@ -176,7 +212,7 @@ class InputGradient:
             model.nonconvergence_events += 1  # as model.run would count it
         z_star = res.z.detach()
         self.z_prev = z_star
-        self.last_converged = res.converged
+        self.last_converged = self.z_ok = res.converged
         closed_form = getattr(model.cell, "has_vjp", False)
         # the autograd path needs the graph to z as well; the closed form only the one to x
         z_leaf = z_star if closed_form else z_star.clone().requires_grad_(True)
@@ -201,17 +237,16 @@ class InputGradient:
             gs = g[idx]
             return lambda a: torch.autograd.grad(fs, zs, a, retain_graph=True)[0] + gs
 
-        a0 = self.a_prev if (self.warm() and self.a_prev is not None
-                             and self.a_prev.shape == g.shape) else g
-        if not bool(torch.isfinite(a0).all()):
-            a0 = g
+        prev = self.a_prev if self.a_prev is not None and self.a_prev.shape == g.shape else None
+        astart = self._start(prev, self.a_ok, lambda: g)
+        bsolver = get_solver(est.solver)
         with torch.no_grad():
-            ares = solve_shrinking(get_solver(est.solver), make_adjoint, a0)
+            ares = solve_shrinking(bsolver, make_adjoint, g if astart is None else astart[0])
         self.stats["backward_nfe"] += ares.nfe
         self.stats["backward_work"] += ares.work
         self.stats["backward_unconverged"] += int((~ares.converged).sum())
         a = ares.z.detach()
-        self.a_prev = a
+        self.a_prev, self.a_ok = a, ares.converged
         return torch.autograd.grad(z_out, xr, a)[0]
 
     def warn_if_unconverged(self, who: str) -> None:
