@@ -351,3 +351,19 @@ def test_pgd_on_cuda_keeps_device_and_matches_cpu():
     assert gpu.device.type == "cuda" and gpu.dtype == x.dtype
     check_ball(x.cuda(), gpu, EPS, "Linf")
     assert float((gpu.cpu() - cpu).abs().max()) <= 2 * EPS
+
+
+def test_warm_start_rows_mixes_previous_and_initial_states_per_sample():
+    from robustdeq.attacks.base import warm_start_rows
+    prev = torch.arange(12.0).view(4, 3)
+    prev[3, 1] = float("nan")                      # a non-finite solution never warm-starts
+    cold = torch.full((4, 3), -1.0)
+    start, warm = warm_start_rows(prev, torch.tensor([True, False, True, True]), lambda: cold)
+    assert warm.tolist() == [True, False, True, False]
+    torch.testing.assert_close(start[warm], prev[warm])
+    torch.testing.assert_close(start[~warm], cold[~warm])
+    assert warm_start_rows(prev, torch.zeros(4, dtype=torch.bool), lambda: cold) is None
+    assert warm_start_rows(prev, torch.ones(4, dtype=torch.bool), None) is None  # needs cold
+    assert warm_start_rows(None, None, lambda: cold) is None
+    ok_all = warm_start_rows(prev[:3], torch.ones(3, dtype=torch.bool), None)
+    assert ok_all[0] is prev[:3] or torch.equal(ok_all[0], prev[:3])

@@ -337,3 +337,16 @@ def test_warm_start_implicit_grad_matches_implicit_grad(tiny64):
         F.cross_entropy(m.run(x, grad=w2, solver=TIGHT).logits, y).backward()
         assert w2.last_backward.nfe == est.last_backward.nfe
     m.zero_grad()
+
+
+def test_warm_start_implicit_grad_starts_only_the_ok_samples_from_a0(tiny64):
+    m, x, y = tiny64
+    grad = torch.randn(x.shape[0], 16, dtype=x.dtype)
+    a0 = torch.randn_like(grad)
+    ok = torch.zeros(x.shape[0], dtype=torch.bool)
+    ok[::2] = True
+    start = WarmStartImplicitGrad(a0, ok=ok).initial_adjoint(grad)
+    torch.testing.assert_close(start[ok], a0[ok])
+    torch.testing.assert_close(start[~ok], grad[~ok])
+    none_ok = WarmStartImplicitGrad(a0, ok=torch.zeros_like(ok)).initial_adjoint(grad)
+    torch.testing.assert_close(none_ok, grad)

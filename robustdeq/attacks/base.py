@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import numbers
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +263,29 @@ def estimator_name(est) -> str:
     if est is None:
         return "default"
     return _EST_NAMES.get(type(est).__name__, type(est).__name__)
+
+
+def warm_start_rows(prev: Optional[Tensor], ok: Optional[Tensor],
+                    cold: Optional[Callable[[], Tensor]]):
+    """Where a warm-started solve starts: ``prev`` (the previous solution) for the samples whose
+    previous solve converged (``ok``) and is finite, ``cold()`` (the model's initial state) for
+    the others. Returns ``(start, warm)`` (``warm``: the (B,) warm-started samples), or None when
+    no sample warm-starts (or some would need ``cold`` and it is None).
+
+    A solve that stops at ``max_iter`` returns an iterate that depends on where it started, so
+    warm-starting a sample whose solve did not converge would attack (or train against) another
+    function than the one the model's inference computes."""
+    if prev is None or ok is None or ok.shape[0] != prev.shape[0]:
+        return None
+    warm = ok & torch.isfinite(prev.reshape(prev.shape[0], -1)).all(dim=1)
+    if not bool(warm.any()):
+        return None
+    if bool(warm.all()):
+        return prev, warm
+    if cold is None:
+        return None
+    view = (-1,) + (1,) * (prev.dim() - 1)
+    return torch.where(warm.view(view), prev, cold()), warm
 
 
 def is_deq(model: nn.Module) -> bool:

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, NonConvergenceWarning
 from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
-                   estimator_name, get_loss, is_deq, logits_of, random_in_ball)
+                   estimator_name, get_loss, is_deq, logits_of, random_in_ball,
+                   warm_start_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -109,30 +110,17 @@ class InputGradient:
 
     def _start(self, prev: Optional[Tensor], ok: Optional[Tensor],
                cold: Optional[Callable[[], Tensor]]):
-        """Where a solve starts: the previous call's solution for the samples whose previous
-        solve converged (and is finite), ``cold()`` for the others; None when no sample
-        warm-starts. Returns ``(start, warm)`` with ``warm`` the (B,) warm-started samples.
-
-        Only converged solutions warm-start. A solve that stops at ``max_iter`` returns an
-        iterate that depends on where it started: warm-starting a sample whose solves do not
-        converge would attack another function than the model's inference computes (on a conv
-        DEQ whose solves never converged, that made PGD 15 points weaker than torchattacks'
-        cold-started PGD, benchmarks/RESULTS.md). So such a sample starts from the model's
-        initial state, as the model's own inference does. For the adjoint, a linear system with
-        one solution, the start only changes how close an unconverged iterate gets to it; a
+        """Where a solve starts (:func:`~robustdeq.attacks.base.warm_start_rows`): the previous
+        call's solution for the samples whose previous solve converged, the model's initial
+        state for the others (as the model's own inference starts; on a conv DEQ whose solves
+        never converged, warm-starting them made PGD 15 points weaker than torchattacks'
+        cold-started PGD, benchmarks/RESULTS.md). For the adjoint, a linear system with one
+        solution, a start only changes how close an unconverged iterate gets to it; a
         non-converged previous adjoint is still not reused (it may come from a divergent
-        iteration)."""
-        if prev is None or ok is None or not self.warm():
+        iteration). None: no warm start."""
+        if not self.warm():
             return None
-        warm = ok & torch.isfinite(prev.reshape(prev.shape[0], -1)).all(dim=1)
-        if not bool(warm.any()):
-            return None
-        if bool(warm.all()):
-            return prev, warm
-        if cold is None:  # no initial state to mix with: all or nothing
-            return None
-        view = (-1,) + (1,) * (prev.dim() - 1)
-        return torch.where(warm.view(view), prev, cold()), warm
+        return warm_start_rows(prev, ok, cold)
 
     def __call__(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """The gradient of ``loss_fn(logits(x), y)`` w.r.t. ``x`` (shape of ``x``)."""

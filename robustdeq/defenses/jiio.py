@@ -588,21 +588,29 @@ class WarmStartImplicitGrad(ImplicitGrad):
     of the upstream gradient (JIIO-AT reuses the attack's adjoint: for the training loss
     ``mean_b CE_b`` and the attack objective ``l_b = -CE_b``, the training adjoint is ``-mu*/B``;
     warm-started PGD reuses the previous step's adjoint). ``a0=None`` (or a shape mismatch):
-    start from the upstream gradient, as ``ImplicitGrad``. The solution is the same fixed point
-    up to the solver's tolerance; only the number of iterations changes.
+    start from the upstream gradient, as ``ImplicitGrad``; ``ok`` (B,) bool: only those samples
+    start from ``a0`` (for example where the adjoint it comes from converged). The solution is
+    the same fixed point up to the solver's tolerance; only the number of iterations changes.
     """
 
-    def __init__(self, a0: Optional[Tensor], solver: Optional[SolverConfig] = None):
+    def __init__(self, a0: Optional[Tensor], solver: Optional[SolverConfig] = None,
+                 ok: Optional[Tensor] = None):
         super().__init__(solver)
         self.a0 = a0.detach() if a0 is not None else None
+        self.ok = ok.detach() if ok is not None else None
 
     def describe(self) -> dict:
         return {"name": type(self).__name__, "solver": self.solver.name.value}
 
     def initial_adjoint(self, grad: Tensor) -> Tensor:
+        from ..attacks.base import warm_start_rows
         a0 = self.a0
-        ok = a0 is not None and a0.shape == grad.shape and bool(torch.isfinite(a0).all())
-        return a0.to(grad) if ok else grad.detach()
+        if a0 is None or a0.shape != grad.shape:
+            return grad.detach()
+        ok = self.ok if self.ok is not None else torch.ones(a0.shape[0], dtype=torch.bool,
+                                                            device=a0.device)
+        start = warm_start_rows(a0.to(grad), ok, grad.detach)
+        return grad.detach() if start is None else start[0]
 
 
 class CostCounter:

@@ -184,27 +184,37 @@ def _is_deq(model) -> bool:
 
 class _WarmForward:
     """``x -> logits`` for PGD steps on a DEQ: the forward solve starts from the previous call's
-    fixed point and an implicit backward from the previous adjoint (same estimator otherwise)."""
+    fixed point and an implicit backward from the previous adjoint (same estimator otherwise),
+    per sample where that solve converged (``attacks.base.warm_start_rows``)."""
 
     def __init__(self, model):
         self.model = model
         self.z_prev: Optional[Tensor] = None
+        self.z_ok: Optional[Tensor] = None
         self.est = None
 
     def __call__(self, x: Tensor) -> Tensor:
+        from ..attacks.base import warm_start_rows
         from .jiio import WarmStartImplicitGrad
-        base = self.model.estimator
+        model = self.model
+        base = model.estimator
         est = None
         if type(base) is ImplicitGrad:
-            a_prev = None
+            a_prev = a_ok = None
             if self.est is not None and self.est.last_backward is not None:
                 a_prev = self.est.last_backward.z
-            est = WarmStartImplicitGrad(a_prev, solver=base.solver)
+                a_ok = self.est.last_backward.converged
+            est = WarmStartImplicitGrad(a_prev, solver=base.solver, ok=a_ok)
             self.est = est
-        z0 = self.z_prev if (self.z_prev is not None and self.z_prev.shape[0] == x.shape[0]
-                             and bool(torch.isfinite(self.z_prev).all())) else None
-        eq = self.model.run(x, z0=z0, grad=est)
+        prev = self.z_prev if self.z_prev is not None and self.z_prev.shape[0] == x.shape[0] else None
+
+        def cold():
+            with torch.no_grad():
+                return model.init_state(model.inject(x.detach()))
+        start = warm_start_rows(prev, self.z_ok, cold if hasattr(model, "init_state") else None)
+        eq = model.run(x, z0=None if start is None else start[0], grad=est)
         self.z_prev = eq.z_star.detach()
+        self.z_ok = eq.stats.converged.detach()
         return eq.logits
 
 
