@@ -8,6 +8,7 @@ from robustdeq import (DEQClassifier, FullBackprop, ImplicitGrad, NoGrad, Phanto
                        SolverConfig, UnrolledGrad, gradient)
 from robustdeq.deq import zoo
 from robustdeq.deq.cells import LinearHead, MLPCell, MLPInjection
+from robustdeq.deq.solvers import get_solver
 from robustdeq.deq.views import attack_view
 from robustdeq.errors import ConfigError, InputError, NonConvergenceWarning
 
@@ -280,3 +281,50 @@ def test_fixed_point_and_ift_gradient_agree_with_torchdeq():
     torch.testing.assert_close(ours.z_star, zs[-1].detach(), atol=1e-9, rtol=0)
     g_ref = torch.autograd.grad(model.readout(zs[-1]).pow(2).sum(), x2)[0]
     torch.testing.assert_close(g_ours, g_ref, atol=1e-8, rtol=1e-6)
+
+
+def test_parametrised_weights_are_computed_once_per_solve():
+    # spectral normalisation: the weight W / sigma is a function of the parameters; a solve
+    # evaluates f up to max_iter times but computes the weight once, with the same result
+    from torch.nn.utils import parametrize
+    torch.manual_seed(0)
+    model = zoo.build("mlp_deq", hidden=16, norm="spectral", scale=0.9,
+                      solver={"max_iter": 12, "tol": 0.0}).eval()
+    x = torch.rand(4, 1, 8, 8)
+    u = model.inject(x)
+    param = model.cell.W.linear.parametrizations.weight[0]
+    calls = []
+    handle = param.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        res = model.solve(u)
+        assert res.nfe == 12 and len(calls) == 1
+        calls.clear()
+        W = model.cell.W.weight.detach()
+        ref = get_solver(model.solver_config).solve(
+            lambda z: torch.tanh(z @ W.t() + u.detach()), torch.zeros(4, 16))
+        torch.testing.assert_close(res.z, ref.z)
+        calls.clear()
+        with parametrize.cached():   # inside a caller's cache: one computation for both solves
+            model.solve(u)
+            model.solve(u)
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+
+
+def test_parameter_gradients_of_a_spectral_cell_flow_through_the_cached_solve():
+    # the solve computes the normalised weight once without autograd; the equilibrium's
+    # gradient path (f(z*, u) and the adjoint) still reaches the weight's parameters: the
+    # implicit gradient equals backpropagation through a tight solve
+    torch.manual_seed(0)
+    model = zoo.build("mlp_deq", hidden=8, norm="spectral", scale=0.8, solver=TIGHT).double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    grads = []
+    for est in (ImplicitGrad(TIGHT_BWD), FullBackprop()):
+        model.zero_grad()
+        with gradient(model, est):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads.append(model.cell.W.linear.parametrizations.weight.original.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)

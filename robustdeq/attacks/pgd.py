@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, NonConvergenceWarning
 from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
@@ -172,6 +173,11 @@ class InputGradient:
                         for n in ("run", "forward", "solve", "f", "inject", "readout")))
 
     def _implicit(self, x: Tensor, y: Tensor, loss_fn: LossFn, est) -> Tensor:
+        # parametrised weights are computed once for the call (as in ``DEQClassifier.solve``)
+        with parametrize.cached():
+            return self._implicit_solves(x, y, loss_fn, est)
+
+    def _implicit_solves(self, x: Tensor, y: Tensor, loss_fn: LossFn, est) -> Tensor:
         """The implicit gradient as ``DEQClassifier.run`` + ``ImplicitGrad`` compute it (logits =
         readout(f(z*, u)); adjoint ``a = J^T a + g`` solved with the estimator's solver), with
         both solves warm-started from the previous call and run on a shrinking batch. The

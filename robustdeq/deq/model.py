@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..config import SolverConfig, from_dict
 from ..errors import ConfigError, InputError, NonConvergenceWarning
@@ -167,11 +168,14 @@ class DEQClassifier(EquilibriumModel):
         if z0.shape[0] != u.shape[0]:
             raise InputError(f"z0 has batch size {z0.shape[0]} but the input has {u.shape[0]}")
         slv = get_solver(cfg)
-        if keep_graph:
-            return slv.solve(lambda z: self.cell(z, u), z0, record=record)
-        with torch.no_grad():
-            ud = u.detach()
-            return slv.solve(lambda z: self.cell(z, ud), z0.detach(), record=record)
+        # parametrised weights (spectral / weight normalisation) are computed once per solve,
+        # not at every evaluation of f: the same weights, fewer operations per iteration
+        with parametrize.cached():
+            if keep_graph:
+                return slv.solve(lambda z: self.cell(z, u), z0, record=record)
+            with torch.no_grad():
+                ud = u.detach()
+                return slv.solve(lambda z: self.cell(z, ud), z0.detach(), record=record)
 
     def run(self, x: Tensor, *, record: RecordSpec = None, z0: Optional[Tensor] = None,
             grad: Union[GradientEstimator, str, None] = None,
