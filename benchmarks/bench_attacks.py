@@ -1,13 +1,15 @@
 """robustdeq PGD-20 (warm start, IFT) vs torchattacks.PGD (20 steps) on the same DEQ and batch.
 
     python benchmarks/bench_attacks.py [--repeats 5] [--threads 1] [--hidden 64] [--batch 256]
+        [--contractive] [--model mlp_deq|conv_deq]
 
-Trains a small ``mlp_deq`` on scikit-learn's digits (a few seconds; phantom gradient, 15 solver
-steps), takes a fixed batch of test samples, and runs, interleaved ``--repeats`` times:
+Trains a small ``mlp_deq`` (or ``conv_deq`` with ``--hidden`` channels) on scikit-learn's digits
+(seconds; phantom gradient, 15 solver steps), takes a fixed batch of test samples, and runs,
+interleaved ``--repeats`` times:
 
 - robustdeq ``PGD(steps=20, grad="ift", warm_start=True)``: each step warm-starts the forward
-  solve from the previous step's fixed point and the adjoint solve from the previous adjoint, on a
-  batch that shrinks as samples converge;
+  solve from the previous step's fixed point and the adjoint solve from the previous adjoint
+  (per sample, where those solves converged), on a batch that shrinks as samples converge;
 - the same with ``early_stop=True``: a sample is frozen once the attack has succeeded at two
   consecutive iterates (on converged solves), confirmed by the model's own (cold) inference at the
   end, so the result is never weaker per sample than the plain loop's;
