@@ -56,7 +56,8 @@ class InputGradient:
         model: any module ``x -> logits``; a DEQ (``solve``/``run``) gets warm starts.
         grad: gradient estimator (instance or name) or None for the model's own.
         warm_start: start each forward solve from the previous call's fixed point and, for the
-            implicit gradient, each adjoint solve from the previous adjoint.
+            implicit gradient, each adjoint solve from the previous adjoint, for the samples
+            whose previous solve converged (the others start as the model's inference does).
 
     Call :meth:`reset` between independent runs (a new batch). ``stats`` counts the function
     evaluations of the forward and adjoint solves.
