@@ -365,5 +365,8 @@ def test_warm_start_rows_mixes_previous_and_initial_states_per_sample():
     assert warm_start_rows(prev, torch.zeros(4, dtype=torch.bool), lambda: cold) is None
     assert warm_start_rows(prev, torch.ones(4, dtype=torch.bool), None) is None  # needs cold
     assert warm_start_rows(None, None, lambda: cold) is None
+    assert warm_start_rows(prev, None, lambda: cold, batch=3) is None   # another batch
+    start_all, warm_all = warm_start_rows(prev, None, lambda: cold)      # ok None: all
+    assert warm_all.tolist() == [True, True, True, False]
     ok_all = warm_start_rows(prev[:3], torch.ones(3, dtype=torch.bool), None)
     assert ok_all[0] is prev[:3] or torch.equal(ok_all[0], prev[:3])

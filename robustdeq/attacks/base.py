@@ -266,18 +266,23 @@ def estimator_name(est) -> str:
 
 
 def warm_start_rows(prev: Optional[Tensor], ok: Optional[Tensor],
-                    cold: Optional[Callable[[], Tensor]]):
+                    cold: Optional[Callable[[], Tensor]], batch: Optional[int] = None):
     """Where a warm-started solve starts: ``prev`` (the previous solution) for the samples whose
-    previous solve converged (``ok``) and is finite, ``cold()`` (the model's initial state) for
-    the others. Returns ``(start, warm)`` (``warm``: the (B,) warm-started samples), or None when
-    no sample warm-starts (or some would need ``cold`` and it is None).
+    previous solve converged (``ok``; None: all) and is finite, ``cold()`` (the model's initial
+    state) for the others. Returns ``(start, warm)`` (``warm``: the (B,) warm-started samples),
+    or None when no sample warm-starts (no ``prev``, ``prev`` not of ``batch`` samples, or some
+    would need ``cold`` and it is None).
 
     A solve that stops at ``max_iter`` returns an iterate that depends on where it started, so
     warm-starting a sample whose solve did not converge would attack (or train against) another
     function than the one the model's inference computes."""
-    if prev is None or ok is None or ok.shape[0] != prev.shape[0]:
+    if prev is None or (batch is not None and prev.shape[0] != batch):
         return None
-    warm = ok & torch.isfinite(prev.reshape(prev.shape[0], -1)).all(dim=1)
+    warm = torch.isfinite(prev.reshape(prev.shape[0], -1)).all(dim=1)
+    if ok is not None:
+        if ok.shape[0] != prev.shape[0]:
+            return None
+        warm &= ok
     if not bool(warm.any()):
         return None
     if bool(warm.all()):
@@ -286,6 +291,18 @@ def warm_start_rows(prev: Optional[Tensor], ok: Optional[Tensor],
         return None
     view = (-1,) + (1,) * (prev.dim() - 1)
     return torch.where(warm.view(view), prev, cold()), warm
+
+
+def initial_state_fn(model: nn.Module, x: Tensor) -> Optional[Callable[[], Tensor]]:
+    """``() -> z0``: the DEQ's own initial state for inputs ``x`` (no autograd), or None if the
+    model does not expose ``init_state``; the ``cold`` of :func:`warm_start_rows`."""
+    if not hasattr(model, "init_state"):
+        return None
+
+    def cold() -> Tensor:
+        with torch.no_grad():
+            return model.init_state(model.inject(x.detach()))
+    return cold
 
 
 def is_deq(model: nn.Module) -> bool:

@@ -26,8 +26,8 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, NonConvergenceWarning
 from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
-                   estimator_name, get_loss, is_deq, logits_of, random_in_ball,
-                   warm_start_rows)
+                   estimator_name, get_loss, initial_state_fn, is_deq, logits_of,
+                   random_in_ball, warm_start_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +106,8 @@ class InputGradient:
         est = self.current_estimator()
         return self.warm_start and self.deq and not getattr(est, "full_graph", False)
 
-    @staticmethod
-    def _prev(prev: Optional[Tensor], batch: int) -> Optional[Tensor]:
-        return prev if prev is not None and prev.shape[0] == batch else None
-
     def _start(self, prev: Optional[Tensor], ok: Optional[Tensor],
-               cold: Optional[Callable[[], Tensor]]):
+               cold: Optional[Callable[[], Tensor]], batch: int):
         """Where a solve starts (:func:`~robustdeq.attacks.base.warm_start_rows`): the previous
         call's solution for the samples whose previous solve converged, the model's initial
         state for the others (as the model's own inference starts; on a conv DEQ whose solves
@@ -122,7 +118,7 @@ class InputGradient:
         iteration). None: no warm start."""
         if not self.warm():
             return None
-        return warm_start_rows(prev, ok, cold)
+        return warm_start_rows(prev, ok, cold, batch)
 
     def __call__(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """The gradient of ``loss_fn(logits(x), y)`` w.r.t. ``x`` (shape of ``x``)."""
@@ -133,12 +129,7 @@ class InputGradient:
         xr = x.detach().requires_grad_(True)
         if self.deq:
             model = self.model
-            cold = None
-            if hasattr(model, "init_state"):
-                def cold():
-                    with torch.no_grad():
-                        return model.init_state(model.inject(x.detach()))
-            start = self._start(self._prev(self.z_prev, x.shape[0]), self.z_ok, cold)
+            start = self._start(self.z_prev, self.z_ok, initial_state_fn(model, x), x.shape[0])
             eq = model.run(xr, z0=None if start is None else start[0], grad=self.estimator)
             logits = eq.logits
             self.last_converged = self.z_ok = eq.stats.converged.detach()
@@ -192,8 +183,7 @@ class InputGradient:
         ud = u.detach()
         model.prepare()
         fsolver = get_solver(model.solver_config)
-        start = self._start(self._prev(self.z_prev, x.shape[0]), self.z_ok,
-                            lambda: model.init_state(ud))
+        start = self._start(self.z_prev, self.z_ok, lambda: model.init_state(ud), x.shape[0])
         z0 = model.init_state(ud) if start is None else start[0]
         with torch.no_grad():
             def make_f(idx):
@@ -232,8 +222,7 @@ class InputGradient:
             gs = g[idx]
             return lambda a: torch.autograd.grad(fs, zs, a, retain_graph=True)[0] + gs
 
-        prev = self.a_prev if self.a_prev is not None and self.a_prev.shape == g.shape else None
-        astart = self._start(prev, self.a_ok, lambda: g)
+        astart = self._start(self.a_prev, self.a_ok, lambda: g, g.shape[0])
         bsolver = get_solver(est.solver)
         with torch.no_grad():
             ares = solve_shrinking(bsolver, make_adjoint, g if astart is None else astart[0])

@@ -607,9 +607,7 @@ class WarmStartImplicitGrad(ImplicitGrad):
         a0 = self.a0
         if a0 is None or a0.shape != grad.shape:
             return grad.detach()
-        ok = self.ok if self.ok is not None else torch.ones(a0.shape[0], dtype=torch.bool,
-                                                            device=a0.device)
-        start = warm_start_rows(a0.to(grad), ok, grad.detach)
+        start = warm_start_rows(a0.to(grad), self.ok, grad.detach)
         return grad.detach() if start is None else start[0]
 
 

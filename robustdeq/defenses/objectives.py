@@ -194,7 +194,7 @@ class _WarmForward:
         self.est = None
 
     def __call__(self, x: Tensor) -> Tensor:
-        from ..attacks.base import warm_start_rows
+        from ..attacks.base import initial_state_fn, warm_start_rows
         from .jiio import WarmStartImplicitGrad
         model = self.model
         base = model.estimator
@@ -206,12 +206,7 @@ class _WarmForward:
                 a_ok = self.est.last_backward.converged
             est = WarmStartImplicitGrad(a_prev, solver=base.solver, ok=a_ok)
             self.est = est
-        prev = self.z_prev if self.z_prev is not None and self.z_prev.shape[0] == x.shape[0] else None
-
-        def cold():
-            with torch.no_grad():
-                return model.init_state(model.inject(x.detach()))
-        start = warm_start_rows(prev, self.z_ok, cold if hasattr(model, "init_state") else None)
+        start = warm_start_rows(self.z_prev, self.z_ok, initial_state_fn(model, x), x.shape[0])
         eq = model.run(x, z0=None if start is None else start[0], grad=est)
         self.z_prev = eq.z_star.detach()
         self.z_ok = eq.stats.converged.detach()
