@@ -350,3 +350,7 @@ def test_warm_start_implicit_grad_starts_only_the_ok_samples_from_a0(tiny64):
     torch.testing.assert_close(start[~ok], grad[~ok])
     none_ok = WarmStartImplicitGrad(a0, ok=torch.zeros_like(ok)).initial_adjoint(grad)
     torch.testing.assert_close(none_ok, grad)
+    with pytest.raises(ConfigError, match="ok must be"):
+        WarmStartImplicitGrad(a0, ok=ok[:-1])
+    with pytest.raises(ConfigError, match="ok must be"):
+        WarmStartImplicitGrad(a0, ok=ok.long())

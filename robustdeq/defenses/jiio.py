@@ -598,6 +598,11 @@ class WarmStartImplicitGrad(ImplicitGrad):
         super().__init__(solver)
         self.a0 = a0.detach() if a0 is not None else None
         self.ok = ok.detach() if ok is not None else None
+        if self.ok is not None and (self.ok.dtype != torch.bool or self.ok.dim() != 1 or (
+                self.a0 is not None and self.ok.shape[0] != self.a0.shape[0])):
+            n = None if self.a0 is None else self.a0.shape[0]
+            raise ConfigError(f"ok must be a (B,) bool mask over a0's {n} samples, got "
+                              f"{tuple(self.ok.shape)} {self.ok.dtype}")
 
     def describe(self) -> dict:
         return {"name": type(self).__name__, "solver": self.solver.name.value}
