@@ -113,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the attacks run (training is on the CPU)")
     ap.add_argument("--contractive", action="store_true",
                     help="spectral-normalised cell (||W|| <= 0.9): every solve converges")
     args = ap.parse_args(argv)
@@ -130,6 +131,7 @@ def main(argv=None) -> int:
     t_train = time.perf_counter() - t0
     xt, yt = load_digits("test")
     x, y = xt[:args.batch], yt[:args.batch]
+    model, x, y = model.to(args.device), x.to(args.device), y.to(args.device)
     clean = accuracy(model, x, y)
 
     common = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, random_start=False)

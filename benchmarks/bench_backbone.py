@@ -37,14 +37,14 @@ def make_model(hidden: int, seed: int = 0):
     return zoo.build("mlp_deq", hidden=hidden, init_gain=0.9, solver={"max_iter": 100})
 
 
-def bench_solvers(repeats: int, batch: int, hidden: int, tol: float):
+def bench_solvers(repeats: int, batch: int, hidden: int, tol: float, device: str = "cpu"):
     from torchdeq.solver.anderson import anderson_solver
-    model = make_model(hidden)
-    x = torch.rand(batch, 1, 8, 8)
+    model = make_model(hidden).to(device)
+    x = torch.rand(batch, 1, 8, 8).to(device)
     with torch.no_grad():
         u = model.inject(x)
         f = lambda z: model.cell(z, u)
-        z0 = torch.zeros(batch, hidden)
+        z0 = torch.zeros(batch, hidden, device=device)
         ours = get_solver(SolverConfig(name="anderson", m=5, lam=1e-4, max_iter=100, tol=tol, stop_mode="rel"))
 
         def run_ours():
@@ -111,6 +111,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="device of the solver comparison (the memory "
+                   "comparison measures process RSS and always runs on the CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
@@ -118,7 +120,7 @@ def main() -> None:
         return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("\n## Anderson: robustdeq vs torchdeq (same cell, batch 256, hidden 256, rel tol 1e-3, m=5)")
-    s = bench_solvers(args.repeats, 256, 256, 1e-3)
+    s = bench_solvers(args.repeats, 256, 256, 1e-3, args.device)
     print("| solver | median time (ms) | iterations | max rel. residual |")
     print("|---|---|---|---|")
     print(f"| robustdeq Anderson | {s['ours_time_ms']:.2f} | {s['ours_iters_max']} (max), "

@@ -1,7 +1,7 @@
 """JIIO-AT vs PGD-AT-7: time per training epoch and robust accuracy (digits, tiny mlp_deq, CPU).
 
 The issue's goal: JIIO-AT at least 3x faster per epoch than PGD-AT-7 at no more than 2 points
-lower robust accuracy. PAPERS.md §1.6 explains why that is hard: the paper's "3x" is against
+lower robust accuracy. Why that is hard: the JIIO paper's "3x" is against
 PGD-20, and one JIIO iteration costs one cell evaluation + one VJP, so JIIO-K AT costs about
 2K + (training forward + backward) cell evaluations against PGD-7's 7 x (forward + adjoint solve)
 + the training step. This script measures both on the same model, data, optimiser and seed:

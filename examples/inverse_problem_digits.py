@@ -16,7 +16,7 @@ image; for inpainting the observed pixels are also pasted back. PSNR (peak 1) is
 (the corrupted image: missing pixels at 0 / the noisy image) and after.
 
 Run: ``python examples/inverse_problem_digits.py [--out recon.png]`` (< 1 min on a CPU; a PNG is
-written only with ``--out``). This mirrors the paper's inverse-problem task (PAPERS.md §1.4) at toy
+written only with ``--out``). This mirrors the JIIO paper's inverse-problem task (Gurumurthy et al. 2021) at toy
 scale: 8x8 images and a 16-dimensional code limit how much detail can come back (the
 autoencoder's own test PSNR, printed first, is the ceiling).
 """

@@ -11,13 +11,31 @@ from .errors import (  # noqa: E402
     RobustDEQError, ConfigError, InputError, CheckpointError, DataError,
     NonConvergenceWarning, GradientMaskingWarning, CertificationWarning,
 )
-from .deq.grad import (  # noqa: E402
-    ImplicitGrad, PhantomGrad, UnrolledGrad, FullBackprop, NoGrad, gradient,
-)
-from .deq.model import DEQClassifier, Equilibrium  # noqa: E402
-from .deq.solvers import get_solver, solve  # noqa: E402
-from .deq.views import attack_view  # noqa: E402
-from .deq import zoo  # noqa: E402
+# torch-backed names are imported on first use (PEP 562), so that ``import robustdeq`` and the
+# command line's ``--help`` stay fast
+_LAZY = {
+    "ImplicitGrad": "robustdeq.deq.grad", "PhantomGrad": "robustdeq.deq.grad",
+    "UnrolledGrad": "robustdeq.deq.grad", "FullBackprop": "robustdeq.deq.grad",
+    "NoGrad": "robustdeq.deq.grad", "gradient": "robustdeq.deq.grad",
+    "DEQClassifier": "robustdeq.deq.model", "Equilibrium": "robustdeq.deq.model",
+    "get_solver": "robustdeq.deq.solvers", "solve": "robustdeq.deq.solvers",
+    "attack_view": "robustdeq.deq.views", "zoo": "robustdeq.deq.zoo",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'robustdeq' has no attribute {name!r}")
+    import importlib
+    mod = importlib.import_module(module)
+    value = mod if name == "zoo" else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "__version__", "SolverConfig", "Select", "StopMode", "SolverName", "Norm",

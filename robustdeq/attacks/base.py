@@ -1,6 +1,6 @@
 """The :class:`Attack` base class and what every attack shares.
 
-Contract (shared/DESIGN.md): ``attack(x, y) -> x_adv`` with torchattacks' call shape; ``x`` is a
+Contract: ``attack(x, y) -> x_adv`` with torchattacks' call shape; ``x`` is a
 batch ``(B, ...)`` of floating-point inputs in [0, 1], ``y`` the ``(B,)`` int64 labels (the target
 classes when ``targeted=True``). ``x_adv`` is detached, has the dtype, device and shape of ``x``,
 lies in [0, 1] and in the eps ball of ``x`` (Linf or L2). The training flag of every submodule
@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from ..config import Norm, coerce_enum
 from ..errors import ConfigError, InputError
+from ..guard import MODEL_MODES, preserve_model
 
 logger = logging.getLogger(__name__)
 
-MODEL_MODES = ("eval", "train", "keep")
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -95,26 +95,13 @@ def check_num_classes(y: Tensor, logits: Tensor, name: str = "y") -> None:
 
 
 # -- model modes ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def model_mode(models: nn.Module | Iterable[nn.Module], mode: str = "eval") -> Iterator[None]:
-    """Put ``models`` in ``mode`` ("eval", "train" or "keep") and restore the training flag of
-    every submodule exactly on exit (a mix of train and eval submodules survives)."""
-    if mode not in MODEL_MODES:
-        raise ConfigError(f"unknown model mode {mode!r}; expected one of {', '.join(MODEL_MODES)}")
-    if isinstance(models, nn.Module):
-        models = [models]
-    models = [m for m in models if isinstance(m, nn.Module)]
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    try:
-        for model in models:
-            if mode == "eval":
-                model.eval()
-            elif mode == "train":
-                model.train()
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
+def model_mode(models: nn.Module | Iterable[nn.Module], mode: str = "eval", *,
+               values: bool = True) -> contextlib.AbstractContextManager:
+    """Put ``models`` in ``mode`` ("eval", "train" or "keep") and leave them exactly as they were
+    on exit: every submodule's training flag (a mix of train and eval submodules survives), every
+    ``requires_grad`` flag and, with ``values=True``, every parameter and buffer value
+    (:func:`robustdeq.guard.preserve_model`)."""
+    return preserve_model(models, mode, values=values, who="an attack")
 
 
 # -- randomness -----------------------------------------------------------------------------------
@@ -187,7 +174,13 @@ def dlr_loss(logits: Tensor, y: Tensor) -> Tensor:
     return (-(z_y - z_other) / (srt[:, -1] - srt[:, -3] + 1e-12)).mean()
 
 
-LOSSES = {"ce": cross_entropy, "dlr": dlr_loss}
+def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean Carlini-Wagner margin loss ``max_{i != y} z_i - z_y`` (Carlini & Wagner 2017): unlike
+    cross-entropy it does not saturate on confidently classified samples."""
+    return (-margins(logits, y)).mean()
+
+
+LOSSES = {"ce": cross_entropy, "dlr": dlr_loss, "margin": margin_loss}
 
 
 def get_loss(name: str):
@@ -229,7 +222,7 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     """Labels ``argmax model(x)`` (B,), without gradient, in eval mode (modes restored)."""
     batch_size = check_int(batch_size, "batch_size", low=1)
     out = []
-    with model_mode(model, "eval"), torch.no_grad():
+    with model_mode(model, "eval", values=False), torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             out.append(model(x[i:i + batch_size]).argmax(dim=1))
     if not out:
@@ -240,7 +233,7 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
 def logits_of(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     """``model(x)`` without gradient, in eval mode, by batches (modes restored)."""
     out = []
-    with model_mode(model, "eval"), torch.no_grad():
+    with model_mode(model, "eval", values=False), torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
             out.append(model(x[i:i + batch_size]))
     return torch.cat(out)

@@ -1,5 +1,5 @@
 """Intermediate-state attacks (Yang, Pang, Liu 2022, "A Closer Look at the Adversarial
-Robustness of Deep Equilibrium Models"; shared/PAPERS.md §2.4, §9.1-9.2).
+Robustness of Deep Equilibrium Models", NeurIPS 2022, Sec. 4).
 
 A DEQ's solver passes through states ``z_1, z_2, ...`` whose read-outs ``readout(z_k)`` are
 predictions in their own right (early exit, ensembles of states). :class:`StateAttack` runs PGD on
@@ -84,7 +84,7 @@ def simultaneous_adjoint(model: nn.Module, x: Tensor, y: Tensor, steps: int, *,
         z_{n+1}    = z_n + beta_z (f(z_n, u) - z_n)
 
     ``beta_z = beta_mu = 1`` is the undamped variant, ``beta_z = 0.8, beta_mu = 0.6`` JIIO's
-    damping (PAPERS §1.2, §9.1). At a fixed point ``mu`` solves ``(I - J^T) mu = grad_z l`` and
+    damping (Gurumurthy et al. 2021). At a fixed point ``mu`` solves ``(I - J^T) mu = grad_z l`` and
     ``g_n`` is the exact implicit input gradient of ``l(readout(z*))``; at a finite ``n`` it is the
     intermediate-state gradient of Yang et al. 2022 §4.1 (not the gradient of the n-step unrolled
     network).

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError, NonConvergenceWarning
 from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
                    estimator_name, get_loss, initial_state_fn, is_deq, logits_of,
-                   random_in_ball, warm_start_rows)
+                   margins, random_in_ball, warm_start_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +366,11 @@ class PGD(Attack):
             None: the model's default.
         warm_start: warm-start the DEQ's forward (and IFT adjoint) solves from the previous step
             (ignored for models without ``solve`` and for full backpropagation).
-        loss: "ce" (cross-entropy) or "dlr" (difference of logits ratio).
+        loss: "ce" (cross-entropy), "margin" (Carlini-Wagner logit margin) or "dlr"
+            (difference of logits ratio).
+        restarts: runs from independent random starts; each restart attacks only the samples
+            no earlier run has broken (judged by the attacked module's own inference), and each
+            sample keeps the example of lowest margin (AutoAttack's rule for APGD's restarts).
         targeted: ``y`` holds target classes; the attack descends their cross-entropy.
         seed: seed of the random start.
         early_stop: freeze a sample once the attack has succeeded (misclassified, or
@@ -384,9 +388,12 @@ class PGD(Attack):
     def __init__(self, model: nn.Module, *, eps: float, alpha: Optional[float] = None,
                  steps: int = 10, random_start: bool = True, norm: str = "Linf", grad=None,
                  warm_start: bool = True, loss: str = "ce", targeted: bool = False,
-                 seed: Optional[int] = None, early_stop: bool = False):
+                 seed: Optional[int] = None, early_stop: bool = False, restarts: int = 1):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
         self.steps = check_int(steps, "steps", low=1)
+        self.restarts = check_int(restarts, "restarts", low=1)
+        if self.restarts > 1 and not random_start:
+            raise ConfigError("restarts > 1 needs random_start=True (otherwise every restart is the same run)")
         if not isinstance(early_stop, bool):
             raise ConfigError(f"early_stop must be a bool, got {early_stop!r}")
         self.early_stop = early_stop
@@ -404,16 +411,43 @@ class PGD(Attack):
         self.warm_start = warm_start
         g = estimator_name(self.grad) if self.grad is not None else (
             estimator_name(getattr(model, "estimator", None)) if is_deq(model) else None)
-        self.name = ("PGD" + ("-L2" if self.norm == "L2" else "") + ("-DLR" if loss == "dlr" else "")
-                     + f"-{self.steps}" + (f" ({g})" if g else ""))
+        self.name = ("PGD" + ("-L2" if self.norm == "L2" else "")
+                     + {"dlr": "-DLR", "margin": "-margin"}.get(loss, "")
+                     + f"-{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
+                     + (f" ({g})" if g else ""))
 
     def params(self) -> Dict[str, Any]:
         return {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
-                "loss": self.loss,
+                "loss": self.loss, "restarts": self.restarts,
                 "grad": estimator_name(self.grad) if self.grad is not None else "model default",
                 "warm_start": self.oracle.warm(), "early_stop": self.early_stop}
 
     def _perturb(self, x, y, gen):
+        adv = self._once(x, y, gen)
+        if self.restarts == 1:
+            return adv
+        stats = dict(self.last_stats)
+        m_best = self._margin(adv, y)
+        attacked = []
+        for _ in range(self.restarts - 1):
+            rows = (m_best > 0).nonzero()[:, 0]
+            attacked.append(int(rows.numel()))
+            if not rows.numel():
+                break
+            cand = self._once(x[rows], y[rows], gen)
+            m_new = self._margin(cand, y[rows])
+            better = m_new < m_best[rows]
+            adv[rows[better]] = cand[better]
+            m_best[rows[better]] = m_new[better]
+        self.last_stats = dict(stats, restart_samples=attacked)
+        return adv
+
+    def _margin(self, x_adv, y):
+        """Per-sample success margin on the attacked module's own inference (<= 0: success)."""
+        m = margins(logits_of(self.model, x_adv).float(), y)
+        return -m if self.targeted else m
+
+    def _once(self, x, y, gen):
         self.oracle.reset()
         self.last_frozen = self.last_unconfirmed = 0
         loss_fn = self.loss_fn(self._loss)

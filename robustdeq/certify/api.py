@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..errors import CertificationWarning, ConfigError, InputError
+from ..errors import CertificationWarning, ConfigError, InputError, NonConvergenceWarning
+from ..guard import preserve_model
 from ._util import float64_copy, require_deq, tight_solver
 from .contraction import contraction_certificate
 from .ibp import ibp_certify
@@ -90,7 +91,8 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
             lyapunov_dynamics: str = "iteration",
             local_method: str = "auto", local_iters: int = 100, dense_max: int = 256,
             ibp_iters: int = 200, solver=None, fp_tol: float = 1e-6, spectral: str = "auto",
-            batch_size: int = 256, seed: int = 0, progress: bool = False) -> CertReport:
+            batch_size: int = 256, seed: int = 0, progress: bool = False,
+            deploy_tol: float = 1e-2) -> CertReport:
     """Certify a DEQ on inputs ``x`` (labels ``y`` optional) with every applicable method.
 
     Args:
@@ -108,8 +110,19 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
             absolute tol 1e-10 and >= 500 iterations). fp_tol: residual up to which a state counts
             as a fixed point for local stability.
         spectral: spectral-norm method for the global bounds (``"auto"``, ``"svd"``, ``"gram"``).
+        deploy_tol: the certificates hold for the exact fixed point ``z*`` (a tight float64
+            solve); the model deployed computes ``z`` with its own solver, budget, tolerance and
+            dtype. That solve is run on every sample, and a sample whose deployed state is
+            farther than ``deploy_tol`` (relative L2) from ``z*``, or whose deployed prediction
+            differs, gets no robustness certificate (radius 0, no eps certified), with its reason
+            in ``details["deployed"]`` and a ``CertificationWarning``. The deployed solve is
+            checked at the clean input only.
     Returns:
         :class:`CertReport` with one :class:`CertResult` per sample.
+
+    Inside a process group (``torchrun``; :mod:`robustdeq.distributed`) the batches are shared
+    out over the ranks (batch ``j`` on rank ``j % world_size``, the batches of one process) and
+    every rank returns the whole report; ``certify_checkpoint`` writes it on rank 0 only.
     """
     require_deq(model, "certify")
     eps_l2 = _check_eps("eps_l2", eps_l2)
@@ -121,7 +134,36 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     if lyapunov_dynamics not in ("iteration", "solver", "stable_map"):
         raise ConfigError(f"unknown lyapunov_dynamics {lyapunov_dynamics!r}; expected 'iteration', "
                           "'solver' or 'stable_map'")
+    if not (isinstance(deploy_tol, (int, float)) and not isinstance(deploy_tol, bool) and deploy_tol >= 0):
+        raise ConfigError(f"deploy_tol must be a number >= 0, got {deploy_tol!r}")
     methods = _resolve_methods(methods, model, V, eps_linf)
+    with preserve_model(model, "eval", who="certify"):
+        return _certify(model, x, y, eps_l2=eps_l2, eps_linf=eps_linf, methods=methods, V=V,
+                        lyapunov_steps=lyapunov_steps, perturb=perturb,
+                        lyapunov_dynamics=lyapunov_dynamics, local_method=local_method,
+                        local_iters=local_iters, dense_max=dense_max, ibp_iters=ibp_iters,
+                        solver=solver, fp_tol=fp_tol, spectral=spectral, batch_size=batch_size,
+                        seed=seed, progress=progress, deploy_tol=float(deploy_tol))
+
+
+def _deployed(model: nn.Module, xb: Tensor, z_star: Tensor, pred: Tensor, deploy_tol: float) -> dict:
+    """Run the deployed computation (the model's own solver, budget, tolerance and dtype) and
+    compare it with the certified fixed point ``z_star`` (float64)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)  # reported per sample below
+        eq = model.run(xb)
+    zd = eq.z_star.detach().to(torch.float64).flatten(1)
+    zs = z_star.flatten(1)
+    gap = (zd - zs).norm(dim=1) / (zs.norm(dim=1) + 1e-12)
+    dpred = eq.logits.detach().argmax(dim=1).to(pred.device)
+    return {"gap": gap, "pred": dpred, "ok": (gap <= deploy_tol) & (dpred == pred),
+            "residual": eq.stats.residual.detach().double(), "converged": eq.stats.converged,
+            "steps": eq.stats.steps}
+
+
+def _certify(model, x, y, *, eps_l2, eps_linf, methods, V, lyapunov_steps, perturb, lyapunov_dynamics,
+             local_method, local_iters, dense_max, ibp_iters, solver, fp_tol, spectral, batch_size,
+             seed, progress, deploy_tol) -> CertReport:
     x = model.check_input(x)
     n = x.shape[0]
     if y is not None:
@@ -155,11 +197,16 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
                             (perturb if isinstance(perturb, (int, float)) else type(perturb).__name__)}
 
     results = []
+    from ..distributed import context as _dist_context
+    dist_ctx = _dist_context()
     it = range(0, n, batch_size)
-    if progress:
+    if dist_ctx is not None:  # batch j on rank j % world (the same batches as one process)
+        it = it[dist_ctx.rank::dist_ctx.world_size]
+    if progress and (dist_ctx is None or dist_ctx.is_main):
         from tqdm.auto import tqdm
         it = tqdm(it, desc="certify", unit="batch")
     n_unconverged = 0
+    n_refused = 0
     ibp_reason = None
     for s in it:
         xb = x[s:s + batch_size].detach().to(torch.float64)
@@ -177,6 +224,8 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
                              f"[{int(yb.min())}, {int(yb.max())}]")
         lab = yb if yb is not None else pred
         n_unconverged += int((residual > fp_tol).sum())
+        dep = _deployed(model, x[s:s + batch_size], z, pred, deploy_tol)
+        n_refused += int((~dep["ok"]).sum())
         rad = None
         if bound is not None and bound.available:
             t = time.perf_counter()
@@ -229,10 +278,20 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
                     basis.append("Lyapunov decrease")
             d["stability"] = stab
             d["stability_basis"] = basis
+            reached = bool(dep["ok"][b])
+            d["deployed"] = {"reaches_certified_fixed_point": reached, "gap": float(dep["gap"][b]),
+                             "pred": int(dep["pred"][b]), "residual": float(dep["residual"][b]),
+                             "converged": bool(dep["converged"][b]), "steps": int(dep["steps"][b])}
+            if not reached:
+                d["deployed"]["reason"] = (
+                    f"the model's own solve ends {float(dep['gap'][b]):.2g} (relative) from the certified "
+                    f"fixed point" + ("" if int(dep["pred"][b]) == int(pred[b]) else
+                                      f" and predicts {int(dep['pred'][b])}, not {int(pred[b])}")
+                    + ": no robustness certificate for the deployed computation")
             radius = 0.0
             if rad is not None:
                 radius = float(rad.radius[b])
-                if yb is not None and not d["correct"]:
+                if (yb is not None and not d["correct"]) or not reached:
                     radius = 0.0
                 d.update({"margin": float(rad.margin[b]), "margin_lower": float(rad.margin_lower[b]),
                           "radius_global": float(rad.radius_global[b]) if d["correct"] is not False else 0.0,
@@ -244,7 +303,7 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
                     # the Linf ball (within [0, 1]) lies in the L2 ball of radius ||dx||
                     via_l2 = radius > float(dx[b])
                     via_ibp = bool(r.certified[b]) if r.applicable else False
-                    entry = {"certified": (via_l2 or via_ibp) and d["correct"] is not False,
+                    entry = {"certified": (via_l2 or via_ibp) and d["correct"] is not False and reached,
                              "ibp": via_ibp, "via_l2_radius": via_l2}
                     if r.applicable:
                         entry["lower_margin"] = float(r.lower_margin[b])
@@ -255,15 +314,34 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
             method += f"; L2 radius: {bound.method}, per-pair" if rad is not None else "; no L2 radius"
             if ibps:
                 method += "; Linf: IBP or L2 radius"
+            if not reached:
+                method += "; refused: the deployed solve does not reach the certified fixed point"
             results.append(CertResult(stable=bool(basis), bound=bound.lip_logits if rad is not None else None,
                                       radius=radius, method=method, details=d))
+    if dist_ctx is not None:
+        results, n_unconverged, n_refused, ibp_reason, local = _gather_shards(
+            results, n_unconverged, n_refused, ibp_reason, glob.get("local"))
+        if local is not None:
+            glob["local"] = local
     if "ibp" in methods:
         glob["ibp"] = ("not applicable: " + ibp_reason) if ibp_reason else \
             "interval iteration through the fixed point from an a-priori box"
     if n_unconverged:
         msg = (f"certify: {n_unconverged}/{n} samples did not reach a residual of {fp_tol:g} in the "
                f"certification solve: no local stability for them")
-        warnings.warn(msg, CertificationWarning, stacklevel=2)
+        warnings.warn(msg, CertificationWarning, stacklevel=3)
+    glob["computation"] = {
+        "certified": "the exact fixed point z*(x) of the model's map (float64 solve, residual per sample)",
+        "deployed": {"solver": _solver_dict(model.solver_config) if hasattr(model, "solver_config") else None,
+                     "dtype": str(next(iter(model.parameters())).dtype) if any(True for _ in model.parameters()) else None,
+                     "deploy_tol": deploy_tol, "refused": n_refused,
+                     "rule": "a sample is certified only if the model's own solve (its solver, budget, "
+                             "tolerance, dtype) ends within deploy_tol (relative L2) of z* with the same "
+                             "prediction; checked at the clean input"}}
+    if n_refused:
+        warnings.warn(f"certify: on {n_refused}/{n} samples the model's own solve does not reach the certified "
+                      f"fixed point (relative gap > {deploy_tol:g} or another prediction): no robustness "
+                      "certificate for them", CertificationWarning, stacklevel=3)
     total = time.perf_counter() - t_all
     timing = {k: v for k, v in timing.items()}
     timing["total_s"] = total
@@ -273,6 +351,7 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
                 "local_method": local_method, "local_iters": local_iters, "dense_max": dense_max,
                 "lyapunov_steps": lyapunov_steps, "lyapunov_dynamics": lyapunov_dynamics, "ibp_iters": ibp_iters, "fp_tol": fp_tol,
                 "spectral": spectral, "solver": _solver_dict(cfg), "dtype": "float64", "seed": seed,
+                "deploy_tol": deploy_tol,
                 "notes": NOTES}
     prov = {"robustdeq": __version__, "torch": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -296,9 +375,20 @@ def certify_checkpoint(path, *, dataset: str = "digits", split: str = "test", ro
         x, y = x[:n], y[:n]
     rep = certify(model, x.to(map_location), y.to(map_location), **options)
     rep.provenance.update({"checkpoint": str(path), "dataset": dataset, "split": split})
-    if out_dir is not None:
+    from ..distributed import is_main
+    if out_dir is not None and is_main():  # in a process group rank 0 writes
         rep.save(out_dir)
     return rep
+
+
+def _gather_shards(results, n_unconverged, n_refused, ibp_reason, local):
+    """Every rank's per-sample results (in sample order) and counts, on every rank."""
+    from ..distributed import all_gather_object
+    parts = all_gather_object((results, n_unconverged, n_refused, ibp_reason, local))
+    merged = sorted((r for p in parts for r in p[0]), key=lambda r: r.details["index"])
+    reason = next((p[3] for p in parts if p[3]), None)
+    loc = next((p[4] for p in parts if p[4] is not None), None)
+    return merged, sum(p[1] for p in parts), sum(p[2] for p in parts), reason, loc
 
 
 def _solver_dict(cfg) -> dict:

@@ -1,6 +1,6 @@
 """Input-entropy reduction along the neural dynamics (IER; Yang, Li, Pang, Liu, ICML 2023).
 
-An inference-time defense (shared/ALGORITHMS.md §3, shared/PAPERS.md §3.2): the received input is
+An inference-time defense (Yang et al. 2023, Sec. 3): the received input is
 updated *while* the DEQ is being solved, so that the intermediate states predict with low entropy::
 
     x_hat = x;  z = z0;  solver state = init(f(., x_hat), z0)
@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from ..config import SolverConfig, from_dict
 from ..deq.solvers import get_solver
+from ..deq.views import ModelView
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,9 @@ class EntropyDefense(nn.Module):
         self.readout_mode, self.sign, self.memory = readout, sign, memory
         self.solver_config = from_dict(SolverConfig, solver) if solver is not None else model.solver_config
         self.input_shape = getattr(model, "input_shape", None)
+        # born in the wrapped model's mode: a wrapper in train mode around an eval model would
+        # make attack libraries that restore the flag with .train() switch the model to train mode
+        self.training = model.training
 
     def describe(self) -> dict:
         return {"name": "input_entropy_reduction", "rounds": self.rounds, "solver_steps": self.solver_steps,
@@ -236,9 +240,11 @@ class EntropyDefense(nn.Module):
         return {"through-updates": ThroughUpdatesView(self), "bpda": BPDAView(self)}
 
 
-class ThroughUpdatesView(nn.Module):
+class ThroughUpdatesView(ModelView):
     """The defense, differentiated through the whole procedure (solver steps and input updates;
     the update directions too when ``sign=False``). Same forward value as the defense."""
+
+    _viewed = "defense"
 
     def __init__(self, defense: EntropyDefense):
         super().__init__()
@@ -252,10 +258,12 @@ class ThroughUpdatesView(nn.Module):
         return self.defense.run(x, exact=True).logits
 
 
-class BPDAView(nn.Module):
+class BPDAView(ModelView):
     """BPDA (Athalye et al. 2018): forward = the defense's logits; backward = the input gradient of
     the undefended model at the purified input ``x_hat``, passed to ``x`` as if ``x_hat = x``.
     The model's own gradient estimator is used (``robustdeq.gradient`` overrides apply)."""
+
+    _viewed = "defense"
 
     def __init__(self, defense: EntropyDefense):
         super().__init__()

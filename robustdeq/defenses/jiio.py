@@ -258,7 +258,7 @@ _STEPS = ("sign", "normalized", "gradient")
 
 @dataclass(frozen=True)
 class JIIOConfig:
-    """Settings of the augmented solve (defaults: JIIO-DEQ@d1c6391 configs, PAPERS.md §1.2-1.3).
+    """Settings of the augmented solve (defaults: the configs of the authors' JIIO-DEQ code, Gurumurthy et al. 2021, Sec. 3-4).
 
     ``alpha`` is the step on ``x``; after iteration ``switch_at`` (default ``round(5 iters / 8)``,
     i.e. 50 for the paper's 80) it becomes ``alpha_final`` (default: ``alpha``; the solver memory

@@ -3,7 +3,7 @@
 Chu, Wei, Liu, Zhao (+ Miyatake), "Lyapunov-Stable Deep Equilibrium Models" (AAAI 2024; arXiv
 2304.12707). The paper has no public code; its building blocks do: the positive-definite Lyapunov
 function and projected dynamics of Manek & Kolter 2019 (locuslab/stable_dynamics) and the orthogonal
-fully connected layer of SODEF (Kang et al. 2021). shared/PAPERS.md §4.
+fully connected layer of SODEF (Kang et al. 2021).
 
 What is implemented (a documented reconstruction, **not verified against the paper**)
 -----------------------------------------------------------------------------------------
@@ -555,7 +555,22 @@ def lyadeq(in_shape=(1, 8, 8), num_classes=10, hidden=64, backbone="mlp", act="t
                       ConvCell(channels, groups=groups, norm=norm, init_gain=init_gain),
                       SeparationHead(_PoolFlatten(pool), dim, num_classes),
                       state_dim=channels * in_shape[1] * in_shape[2], **common)
-    raise ConfigError(f"unknown LyaDEQ backbone {backbone!r}; expected 'mlp' or 'conv'")
+    if backbone == "mdeq":  # the multiscale conv DEQ of deq.multiscale (zoo defaults: 16/32 ch)
+        from ..deq.multiscale import MultiscaleCell, MultiscaleInjection, PackedShape, branch_shapes
+        if len(in_shape) != 3:
+            raise ConfigError(f"backbone 'mdeq' needs in_shape (C, H, W), got {in_shape}")
+        mean_t = tuple(mean) if isinstance(mean, (list, tuple)) else (mean,)
+        std_t = tuple(std) if isinstance(std, (list, tuple)) else (std,)
+        layout = PackedShape(branch_shapes(in_shape[1:], (channels, 2 * channels)))
+
+        class _PackedPool(nn.Module):
+            def forward(self, z: Tensor) -> Tensor:
+                return torch.cat([F.adaptive_avg_pool2d(p, pool).flatten(1) for p in layout.unpack(z)], 1)
+        return LyaDEQ(MultiscaleInjection(in_shape[0], layout, groups, 2, mean_t, std_t),
+                      MultiscaleCell(layout, groups=groups, init_gain=init_gain),
+                      SeparationHead(_PackedPool(), 3 * channels * pool * pool, num_classes),
+                      state_dim=layout.dim, **common)
+    raise ConfigError(f"unknown LyaDEQ backbone {backbone!r}; expected 'mlp', 'conv' or 'mdeq'")
 
 
 __all__ = ["rehu", "ICNN", "LyapunovFunction", "project_dynamics", "SeparationHead", "LyaDEQ",

@@ -8,6 +8,9 @@
 ``JIIOAT``         inner maximisation by the JIIO augmented fixed point (robustdeq.defenses.jiio),
                    CE at the fixed point re-solved at x + delta*, implicit backward warm-started
                    from the attack's adjoint mu*
+``GaussianNoise``  Gaussian data augmentation for randomized smoothing (Cohen, Rosenfeld, Kolter
+                   2019): CE on ``model(x + sigma e)``, ``e ~ N(0, I)``, the noisy input not
+                   clipped to [0, 1] (as the smoothed classifier sees it; ``clip=True`` to clip)
 =================  =====================================================================================
 
 Random intermediate states (RIS, Yang, Li, Pang, Liu 2023; ``state="random"``): in EVERY forward of
@@ -17,7 +20,7 @@ a budget ``n ~ U{1..N}`` is drawn (one per forward call shared by the batch, ``s
 ``n`` steps from ``z_0`` (``max_iter=n``, ``tol=0``: no early stop; ``z_n`` is the solver's n-th
 iterate), then ``phantom_steps`` damped steps ``z <- (1 - tau) z + tau f(z, u)`` with autograd
 (5 and 0.5 by default), and the loss is taken on ``readout(z)`` (the paper's code applies one
-undamped step ``f(z_n)`` before the damped ones; we follow ALGORITHMS.md §3 and apply only the
+undamped step ``f(z_n)`` before the damped ones; we follow the paper's Eq. for RIS and apply only the
 damped steps). The draws of the latest call are kept in ``objective.sampled_states`` (a list of
 (B,) int tensors, one per forward) and summarised in the scalars ``state_mean/min/max``.
 
@@ -50,7 +53,7 @@ from ..errors import ConfigError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Objective", "CrossEntropy", "PGDAT", "TRADES", "JIIOAT", "OBJECTIVES", "make_objective",
+    "Objective", "CrossEntropy", "PGDAT", "TRADES", "JIIOAT", "GaussianNoise", "OBJECTIVES", "make_objective",
     "jacobian_penalty", "ris_forward", "inner_pgd", "preserve_modes", "RandomStateObjective",
 ]
 
@@ -296,6 +299,11 @@ class Objective:
     def _begin(self):
         self.sampled_states = []
 
+    def reseed_generator(self, seed: int) -> None:
+        """Restart the private generator from ``seed`` (``self.seed``, the recorded setting, is
+        kept): each process of a multi-process training run draws its own random numbers."""
+        self._gen = torch.Generator().manual_seed(int(seed))
+
     def _state_scalars(self, scalars: dict) -> dict:
         if self.state == "random" and self.sampled_states:
             n = torch.cat(self.sampled_states).float()
@@ -534,7 +542,43 @@ class JIIOAT(Objective):
         return loss, scalars
 
 
-OBJECTIVES: Dict[str, type] = {"ce": CrossEntropy, "pgd_at": PGDAT, "trades": TRADES, "jiio_at": JIIOAT}
+@dataclass
+class GaussianNoise(Objective):
+    """Gaussian data augmentation (Cohen, Rosenfeld, Kolter 2019): ``CE(model(x + sigma e), y)``
+    with ``e ~ N(0, I)`` drawn per sample and step (from the objective's generator when ``seed``
+    is set). The noisy input leaves [0, 1] and is not clipped (``clip=True`` clips it), so the
+    model learns the base classifier that randomized smoothing evaluates
+    (:mod:`robustdeq.certify.smoothing` with the same ``sigma`` and ``clip``); the model's own
+    gradient estimator provides the gradient. Random intermediate states and the Jacobian penalty
+    are not available for this objective."""
+
+    sigma: float = 0.25
+    clip: bool = False
+
+    name = "gaussian_noise"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not self.sigma > 0 \
+                or self.sigma == float("inf"):
+            raise ConfigError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        if self.state is not None:
+            raise ConfigError("GaussianNoise does not support state='random'")
+        if self.jac_reg > 0:
+            raise ConfigError("GaussianNoise does not support jac_reg (train with noise, or regularise, not both)")
+
+    def __call__(self, model, x, y):
+        from ..certify.smoothing import base_logits
+        self._begin()
+        xn = x + self.sigma * _rand(x.shape, x, self._gen, "normal")
+        logits = base_logits(model, xn, clip=self.clip)
+        ce = F.cross_entropy(logits, y)
+        scalars = {"ce_noisy": float(ce.detach()), "acc_noisy": _acc(logits, y), "loss": float(ce.detach())}
+        return ce, scalars
+
+
+OBJECTIVES: Dict[str, type] = {"ce": CrossEntropy, "pgd_at": PGDAT, "trades": TRADES, "jiio_at": JIIOAT,
+                               "gaussian_noise": GaussianNoise}
 
 
 def make_objective(spec: Union[str, Objective, None] = "ce", **options) -> Objective:

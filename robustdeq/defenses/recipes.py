@@ -13,6 +13,7 @@ objective (the adversarial ones take ``eps``, ``steps``, ``norm``...); unknown n
 ``jiio-at``                  adversarial training with the JIIO inner maximisation
 ``lyadeq``                   LyaDEQ architecture + cross-entropy + Lyapunov-stability penalty
 ``lyadeq-at``                LyaDEQ + PGD-AT + Lyapunov-stability penalty
+``gaussian-noise``           Gaussian noise augmentation (``sigma``) for randomized smoothing
 ===========================  ===============================================================
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Recipe:
 
 
 RECIPES = ("none", "pgd-at", "pgd-at-random-state", "trades", "trades-random-state", "jiio-at",
-           "lyadeq", "lyadeq-at")
+           "lyadeq", "lyadeq-at", "gaussian-noise")
 
 
 def recipe(name: str, **options) -> Recipe:
@@ -40,6 +41,8 @@ def recipe(name: str, **options) -> Recipe:
         raise ConfigError(f"unknown defense {name!r}; expected one of {', '.join(RECIPES)}")
     if name == "none":
         return Recipe(name, None, make_objective("ce", **options))
+    if name == "gaussian-noise":
+        return Recipe(name, None, make_objective("gaussian_noise", **options))
     if name in ("lyadeq", "lyadeq-at"):
         from .lyapunov import LyapunovStability
         lya = {k: options.pop(k) for k in ("weight", "radius", "condition") if k in options}

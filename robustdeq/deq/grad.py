@@ -27,6 +27,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
+from .._support import user_stacklevel
 from ..config import BACKWARD_DEFAULT, SolverConfig, from_dict
 from ..errors import ConfigError, NonConvergenceWarning
 
@@ -110,7 +111,7 @@ class ImplicitGrad(GradientEstimator):
                     f"{int((~res.converged).sum())}/{res.converged.numel()} samples "
                     f"(max residual {float(res.residual.max()):.2e}, tol {solver.config.tol:g}); "
                     "further warnings from this estimator are suppressed",
-                    NonConvergenceWarning, stacklevel=2)
+                    NonConvergenceWarning, stacklevel=user_stacklevel())
             return res.z
 
         z_out.register_hook(hook)

@@ -1,6 +1,6 @@
 """``DEQClassifier``: injection -> fixed point of a cell -> head.
 
-Contract (shared/DESIGN.md): ``forward(x) -> logits`` in train and eval mode alike, with a
+Contract: ``forward(x) -> logits`` in train and eval mode alike, with a
 gradient path to ``x`` whenever the chosen estimator provides one (every estimator but ``NoGrad``);
 ``run(x) -> Equilibrium`` exposes the fixed point, the trajectory and solver statistics;
 ``readout(z) -> logits`` turns any state into a prediction.
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._support import user_stacklevel
 from ..config import SolverConfig, from_dict
 from ..errors import ConfigError, InputError, NonConvergenceWarning
 from .grad import GradientEstimator, ImplicitGrad, make_estimator
@@ -87,13 +88,26 @@ class EquilibriumModel(nn.Module):
         return self._grad_stack[-1] if self._grad_stack else self.grad
 
     def check_input(self, x: Tensor) -> Tensor:
-        if not self.validate_inputs:
-            return x
-        from ..data import validate_inputs
-        return validate_inputs(x, expected_shape=self.input_shape)
+        """Validate ``x`` (shape, finiteness, [0, 1]; skipped with ``validate_inputs=False``),
+        refuse an empty batch, and cast floating-point inputs of another dtype (float64 images
+        for a float32 model) to the model's dtype; gradients flow back to ``x`` in its own dtype."""
+        if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 0:
+            raise InputError(f"x is an empty batch (shape {tuple(x.shape)}): pass at least one sample")
+        if self.validate_inputs:
+            from ..data import validate_inputs
+            x = validate_inputs(x, expected_shape=self.input_shape)
+        return self.as_model_dtype(x)
+
+    def as_model_dtype(self, x: Tensor) -> Tensor:
+        """``x`` cast to the dtype of the model's parameters when both are floating point."""
+        if isinstance(x, Tensor) and x.is_floating_point():
+            p = next(self.parameters(), None)
+            if p is not None and p.is_floating_point() and p.dtype != x.dtype:
+                return x.to(p.dtype)
+        return x
 
     def inject(self, x: Tensor) -> Tensor:
-        return self.injection(x)
+        return self.injection(self.as_model_dtype(x))
 
     def readout(self, z: Tensor) -> Tensor:
         """Logits of any state ``z`` (the final fixed point or an intermediate state)."""
@@ -117,6 +131,8 @@ class DEQClassifier(EquilibriumModel):
         grad: default gradient estimator (instance or name); overridable per call with
             :func:`robustdeq.gradient` or ``run(grad=...)``.
         input_shape: per-sample input shape, checked on every call (``InputError`` otherwise).
+            Floating-point inputs of another dtype (float64 images for a float32 model) are cast
+            to the model's dtype; an empty batch is an ``InputError``.
         validate_inputs: check shape, finiteness and the [0, 1] range of inputs.
         warn_nonconvergence: emit :class:`NonConvergenceWarning` when samples do not converge.
     """
@@ -220,7 +236,7 @@ class DEQClassifier(EquilibriumModel):
         self._warned = True
         warnings.warn(msg + " (further warnings from this model are suppressed; see "
                       "model.nonconvergence_events and Equilibrium.stats)",
-                      NonConvergenceWarning, stacklevel=4)
+                      NonConvergenceWarning, stacklevel=user_stacklevel())
 
     def reset_warnings(self) -> None:
         self._warned = False

@@ -1,6 +1,6 @@
 """Steppable, batched fixed-point solvers: fixed-point iteration, Anderson acceleration, Broyden.
 
-Protocol (shared/DESIGN.md)::
+Protocol (docs/ARCHITECTURE.md)::
 
     solver = get_solver(SolverConfig(name="anderson"))
     state = solver.init(f, z0)          # no evaluation of f yet
@@ -370,12 +370,35 @@ class Anderson(Solver):
     the mean squared residual in memory, which makes lam scale-free): ``a = c / sum(c)`` with
     ``(G G^T + lam s I) c = 1``, batched with ``torch.linalg.solve_ex``. The Gram matrix is
     updated one row and column per step.
+
+    Safeguard (``SolverConfig.safeguard``, default 1): when an extrapolated iterate (one that
+    combined two or more memory slots) has a residual norm ``||g_k||`` above ``safeguard`` times
+    the smallest residual norm of the sample so far, the sample's memory is restarted and it takes plain steps
+    ``f(z)`` for a cool-down of ``m`` iterations (``2 m`` after further failures; longer
+    cool-downs made Anderson as slow as plain iteration on monotone splittings, where plain
+    iteration of the cell is much slower); growth after a plain step is
+    the map's own (transient growth of non-normal maps, or an unstable fixed point that only
+    Anderson can find) and triggers nothing. Restarting Anderson on residual growth is the usual
+    safeguard (Fang & Saad 2009; Zhang, O'Donoghue & Boyd 2020 fall back to the plain step).
+    Unguarded Anderson diverges on non-normal contractions such as ``A = 0.5 I + 0.6 N`` (``N``
+    the shift; 16 dimensions): after 100 iterations 2 % of samples converged (abs. tol 1e-5)
+    where plain iteration converges in 70 iterations; guarded, all converge in 55.
+    ``safeguard=0`` turns it off.
     """
 
     name = "anderson"
 
     # F and G are stored slot-major, (m, B, D): a slot is one contiguous block
-    per_sample_memory = {"F": 1, "G": 1, "H": 0, "ones": 0}
+    per_sample_memory = {"F": 1, "G": 1, "H": 0, "ones": 0, "valid": 0, "ref": 0, "mixed": 0, "cool": 0,
+                         "backoff": 0}
+
+    def _failed(self, gn2: Tensor, mem: dict) -> Tensor:
+        """(B,) bool: the extrapolated iterate's squared residual ``gn2`` exceeds ``safeguard**2``
+        times the smallest one so far (growth after a plain step is the map's own: not blamed)."""
+        return (gn2 > (self.config.safeguard ** 2) * mem["ref"]) & mem["mixed"]
+
+    def _ref(self, gn2: Tensor, mem: dict) -> Tensor:
+        return torch.minimum(gn2, mem["ref"])
 
     def residual_buffer(self, state, z):
         mem = state.memory
@@ -396,6 +419,12 @@ class Anderson(Solver):
             mem["H"] = z.new_zeros(b, m, m)     # Gram matrix <G_i, G_j>
             mem["ones"] = z.new_ones(b, m, 1)
             mem["n"] = 0
+            if cfg.safeguard > 0:
+                mem["valid"] = torch.zeros(b, m, dtype=torch.bool, device=z.device)  # slot usable
+                mem["ref"] = None                                                   # min_j ||g_j||^2
+                mem["mixed"] = torch.zeros(b, dtype=torch.bool, device=z.device)     # z_k extrapolated
+                mem["cool"] = torch.zeros(b, dtype=torch.long, device=z.device)      # plain steps left
+                mem["backoff"] = torch.full((b,), m, dtype=torch.long, device=z.device)
         F, G, H = mem["F"], mem["G"], mem["H"]
         pending = mem.pop("pending", None)
         if torch.is_grad_enabled():  # keep autograd history valid for full backpropagation
@@ -413,14 +442,41 @@ class Anderson(Solver):
         H[:, slot, :n] = row
         H[:, :n, slot] = row
         mem["F"], mem["G"], mem["H"] = F, G, H
+        valid = mem.get("valid")
+        restarted = False
+        if valid is not None:
+            gn2 = row[:, slot].detach()                                     # ||g_k||^2
+            if mem["ref"] is not None:
+                grew = self._failed(gn2, mem)
+                if bool(grew.any()):
+                    mem["cool"] = torch.where(grew, mem["backoff"], mem["cool"])
+                    mem["backoff"] = torch.where(grew, (2 * mem["backoff"]).clamp_(max=2 * m), mem["backoff"])
+            cooling = mem["cool"] > 0
+            if bool(cooling.any()):       # restarted samples: plain steps while cooling down
+                valid = valid & ~cooling[:, None]
+                mem["cool"] = (mem["cool"] - 1).clamp_(min=0)
+            valid[:, slot] = True
+            mem["valid"], mem["ref"] = valid, gn2 if mem["ref"] is None else self._ref(gn2, mem)
+            n_valid = valid[:, :n].sum(dim=1)
+            mem["mixed"] = n_valid > 1    # the proposal below combines >= 2 slots
+            restarted = not bool((n_valid == n).all())
         if n == 1:
             return fz if cfg.beta == 1 else z + cfg.beta * g
         # Tikhonov term lam * (mean squared residual in memory): scale invariant, so the
         # acceleration does not fade as residuals shrink (an absolute lam dominates tiny G G^T)
-        Hn = H[:, :n, :n].clone()
-        diag = Hn.diagonal(dim1=1, dim2=2)
-        diag.add_(diag.sum(dim=1, keepdim=True), alpha=cfg.lam / n)
-        c, info = torch.linalg.solve_ex(Hn, mem["ones"][:, :n])
+        if restarted:  # masked slots: zero rows/columns, unit diagonal, zero right-hand side
+            v = valid[:, :n].to(H.dtype)
+            Hn = H[:, :n, :n] * v[:, :, None] * v[:, None, :]
+            diag = Hn.diagonal(dim1=1, dim2=2)
+            diag.add_(diag.sum(dim=1, keepdim=True) * (cfg.lam / v.sum(dim=1, keepdim=True)))
+            diag.add_(1 - v)
+            rhs = v[..., None]
+        else:
+            Hn = H[:, :n, :n].clone()
+            diag = Hn.diagonal(dim1=1, dim2=2)
+            diag.add_(diag.sum(dim=1, keepdim=True), alpha=cfg.lam / n)
+            rhs = mem["ones"][:, :n]
+        c, info = torch.linalg.solve_ex(Hn, rhs)
         alpha = c[..., 0]
         alpha = alpha / alpha.sum(dim=1, keepdim=True)                      # (B, n)
         if bool(info.any()):  # singular (all G_i = 0, an exact fixed point): a plain step

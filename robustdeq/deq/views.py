@@ -19,7 +19,35 @@ from ..errors import ConfigError
 from .grad import GradientEstimator, gradient, make_estimator
 
 
-class AttackView(nn.Module):
+class ModelView(nn.Module):
+    """Base of modules that look at a model they do not own (attack views, adaptive views of
+    defenses, adapters for attack libraries).
+
+    A view's ``training`` flag is the viewed model's, read-only: attack libraries record a module's
+    flag and restore it with ``module.train()`` afterwards, which on a plain ``nn.Module`` wrapper
+    (born with ``training=True``) would recurse into the user's model and leave it in train mode.
+    ``view.train()`` / ``view.eval()`` therefore never change the viewed model; put the model itself
+    in the mode you want. Subclasses name the attribute holding the viewed module in ``_viewed``.
+    """
+
+    _viewed = "model"
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        inner = self.__dict__.get("_modules", {}).get(self._viewed)
+        return bool(inner.training) if inner is not None else False
+
+    @training.setter
+    def training(self, value: bool) -> None:
+        pass  # mirrors the viewed module; nn.Module.__init__ and mode restorers assign it
+
+    def train(self, mode: bool = True) -> "ModelView":
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        return self
+
+
+class AttackView(ModelView):
     def __init__(self, model: nn.Module, *, state: Optional[int] = None,
                  grad: Union[GradientEstimator, str, None] = None, unroll: int = 5):
         super().__init__()
@@ -47,6 +75,30 @@ class AttackView(nn.Module):
             with ctx:
                 return self.model(x)
         return state_logits(self.model, x, self.state, self.unroll)
+
+
+class TransferView(ModelView):
+    """A surrogate ``source`` model whose adversarial examples are judged on another model: a
+    transfer attack (Papernot et al. 2016). The harness adds one over the undefended base model to
+    the adaptive views of every inference-time defense (a defense whose own gradients are useless
+    is often broken by examples crafted on the model it wraps), and one per model named in
+    ``evaluate(..., transfer_from=...)``."""
+
+    view_kind = "transfer"
+
+    def __init__(self, source: nn.Module, name: str = "base"):
+        super().__init__()
+        if not isinstance(source, nn.Module):
+            raise ConfigError(f"a transfer source must be an nn.Module x -> logits, got {type(source).__name__}")
+        self.model = source
+        self.source_name = str(name)
+        self.input_shape = getattr(source, "input_shape", None)
+
+    def describe(self) -> dict:
+        return {"view": "transfer", "source": self.source_name, "source_type": type(self.model).__name__}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
 
 
 def state_logits(model: nn.Module, x: Tensor, state: int, unroll: int = 5) -> Tensor:
@@ -77,4 +129,4 @@ def attack_view(model: nn.Module, *, state: Optional[int] = None,
     return AttackView(model, state=state, grad=grad, unroll=unroll)
 
 
-__all__ = ["AttackView", "attack_view", "state_logits"]
+__all__ = ["ModelView", "AttackView", "TransferView", "attack_view", "state_logits"]

@@ -95,6 +95,44 @@ def conv_deq(in_shape=(1, 8, 8), num_classes=10, channels=16, groups=4, norm="no
                          grad=_grad(grad, grad_options), input_shape=tuple(in_shape))
 
 
+def _multiscale(in_shape, num_classes, channels, groups, stem_stride, init_gain, mean, std, pool,
+                solver, grad, grad_options) -> DEQClassifier:
+    from .multiscale import (MultiscaleCell, MultiscaleHead, MultiscaleInjection, PackedShape,
+                             branch_shapes)
+    if len(in_shape) != 3:
+        raise ConfigError(f"multiscale DEQs need in_shape (C, H, W), got {tuple(in_shape)}")
+    mean = tuple(mean) if isinstance(mean, (list, tuple)) else (mean,)
+    std = tuple(std) if isinstance(std, (list, tuple)) else (std,)
+    layout = PackedShape(branch_shapes(in_shape[1:], channels, stem_stride))
+    return DEQClassifier(MultiscaleInjection(in_shape[0], layout, groups, stem_stride, mean, std),
+                         MultiscaleCell(layout, groups=groups, init_gain=init_gain),
+                         MultiscaleHead(layout, num_classes, pool), solver=solver,
+                         grad=_grad(grad, grad_options), input_shape=tuple(in_shape))
+
+
+@register("mdeq")
+def mdeq(in_shape=(1, 28, 28), num_classes=10, channels=(16, 32), groups=4, stem_stride=2,
+         init_gain=0.5, mean=(0.1307,), std=(0.3081,), pool=4, solver: Optional[dict] = None,
+         grad="ift", grad_options: Optional[dict] = None) -> DEQClassifier:
+    """Multiscale convolutional DEQ in the MDEQ style (Bai, Koltun, Kolter 2020): one branch per
+    entry of ``channels`` (each at half the previous resolution), cross-resolution fusion,
+    GroupNorm, weight-normalised convolutions; the state is packed (see ``deq.multiscale``)."""
+    if not isinstance(channels, (list, tuple)) or len(channels) < 2:
+        raise ConfigError(f"mdeq needs two or more branches (channels=[c1, c2, ...]), got {channels!r}; "
+                          "use 'mdeq_single' for one resolution")
+    return _multiscale(in_shape, num_classes, channels, groups, stem_stride, init_gain, mean, std,
+                       pool, solver, grad, grad_options)
+
+
+@register("mdeq_single")
+def mdeq_single(in_shape=(1, 28, 28), num_classes=10, channels=16, groups=4, stem_stride=2,
+                init_gain=0.5, mean=(0.1307,), std=(0.3081,), pool=4, solver: Optional[dict] = None,
+                grad="ift", grad_options: Optional[dict] = None) -> DEQClassifier:
+    """The single-resolution variant of ``mdeq`` (same cell with one branch, no fusion)."""
+    return _multiscale(in_shape, num_classes, [int(channels)], groups, stem_stride, init_gain, mean,
+                       std, pool, solver, grad, grad_options)
+
+
 @register("mon_deq")
 def mon_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, m=1.0, alpha: Optional[float] = None,
             mean=0.0, std=1.0, solver: Optional[dict] = None, grad="ift",

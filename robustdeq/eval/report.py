@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
+from .._support import tidy_float
 from ..errors import ConfigError, InputError
 from .checks import CheckResult
 
@@ -45,13 +46,14 @@ PLOT_FILES = ("accuracy_vs_eps.png", "accuracy_vs_step.png", "residuals.png")
 
 
 def _json_safe(o: Any) -> Any:
-    """Plain JSON values: non-finite floats -> None, tuples -> lists, other objects -> repr."""
+    """Plain JSON values: non-finite floats -> None, float32 noise dropped, tuples -> lists, other
+    objects -> repr."""
     if isinstance(o, bool) or o is None or isinstance(o, str):
         return o
     if isinstance(o, int):
         return int(o)
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
+    if isinstance(o, float):  # float32 values lose their noise (0.9800000190734863 -> 0.98)
+        return tidy_float(o) if math.isfinite(o) else None
     if isinstance(o, Mapping):
         return {str(k): _json_safe(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
@@ -188,12 +190,25 @@ class EvalReport:
                 return c
         raise ConfigError(f"no check {name!r} in the report; have {[c.name for c in self.checks]}")
 
+    @property
+    def bound_statement(self) -> str:
+        """What the robust accuracy of this report is: an upper bound, from which attacks."""
+        keys = sorted({a.key for r in self.results for a in r.attacks})
+        text = (f"Robust accuracy is an upper bound on the true robust accuracy: the per-sample worst "
+                f"case over the attacks of suite {self._suite_name()} ({', '.join(keys)}); a stronger "
+                "attack can only lower it.")
+        if self.suite == "quick":
+            text += (" 'quick' is the cheapest suite (PGD only): run 'standard' (adds intermediate-state "
+                     "attacks and AutoAttack) before reporting a number.")
+        return text
+
     # -- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {
             "schema_version": self.schema_version,
             "clean_accuracy": self.clean_accuracy, "n_samples": self.n_samples,
             "threat": self.threat, "eps": list(self.eps), "suite": self.suite,
+            "bound": self.bound_statement,
             "config_hash": self.config_hash, "clean": self.clean,
             "results": [asdict(r) for r in self.results],
             "checks": [c.to_dict() for c in self.checks],
@@ -262,7 +277,8 @@ class EvalReport:
     def to_markdown(self) -> str:
         """A human-readable summary: one table per eps (attack | accuracy alone | cumulative
         worst case), the worst-case row, the solver statistics and the checks."""
-        lines = [f"# Robustness evaluation ({self.threat}, suite {self._suite_name()})", ""]
+        lines = [f"# Robustness evaluation ({self.threat}, suite {self._suite_name()})", "",
+                 self.bound_statement, ""]
         lines.append(f"- samples: {self.n_samples}")
         lines.append(f"- clean accuracy: {_pct(self.clean_accuracy)}")
         seed = self.provenance.get("seed")

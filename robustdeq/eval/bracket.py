@@ -1,0 +1,249 @@
+"""The robustness bracket: certified lower bound <= true robust accuracy <= attacked upper bound.
+
+For every sample and eps of an evaluation, the best certificate robustdeq can give is put beside
+the attacks' verdict:
+
+- deterministic certificates of the base model (:func:`robustdeq.certify.certify`, DEQs only):
+  the Lipschitz L2 radius (Pabbaraju, Winston, Kolter 2021 style bounds), and for Linf threats
+  interval bound propagation through the fixed point (Wei & Kolter 2022) or the L2 radius of the
+  Linf ball intersected with [0, 1];
+- optionally randomized smoothing (Cohen, Rosenfeld, Kolter 2019; SRS of Gao, Hou, Xu, Liu 2024
+  with ``srs_steps``): the certificate of the *smoothed* classifier g. It is compared with attacks
+  on g, not on the base model: PGD on the Monte-Carlo soft smoothed classifier (the SmoothAdv loss
+  of Salman et al. 2019, ``-log mean_j softmax(f(x' + e_j))_y``) and the verdict of Cohen et al.'s
+  PREDICT at the adversarial input.
+
+A sample certified at eps yet broken by an attack within eps is a soundness alarm: the check
+``certified_but_broken`` fires, lists every such (eps, sample, certificate, attack), warns with
+:class:`~robustdeq.errors.CertificateSoundnessWarning`, and ``robustdeq eval --strict`` fails. For
+base-model certificates an alarm is a contradiction (a bug in the certificate, the solver or the
+attack's threat model). For smoothing, PREDICT errs with probability <= alpha per call, so an alarm
+is a statistical contradiction at that level (still never averaged away).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import from_dict, to_dict
+from ..errors import CertificateSoundnessWarning, ConfigError
+from .checks import CheckResult
+
+logger = logging.getLogger(__name__)
+
+CHECK_NAME = "certified_but_broken"
+BASE_METHODS = ("lipschitz", "ibp")
+
+
+@dataclass(frozen=True)
+class BracketConfig:
+    """What :func:`compute_bracket` certifies and how it attacks the smoothed classifier.
+
+    methods: deterministic certificates of the base model ("lipschitz", "ibp"; IBP applies to Linf).
+    smoothing: None, or :class:`~robustdeq.certify.smoothing.SmoothingConfig` fields (a dict) to
+        certify the smoothed classifier too. attack_steps, attack_samples: PGD steps and noise
+        samples per step of the attack on the smoothed classifier; predict_n: PREDICT samples.
+    """
+
+    methods: Tuple[str, ...] = BASE_METHODS
+    smoothing: Optional[Dict[str, Any]] = None
+    attack_steps: int = 10
+    attack_samples: int = 32
+    predict_n: int = 1000
+
+    def __post_init__(self):
+        methods = tuple(self.methods)
+        unknown = [m for m in methods if m not in BASE_METHODS]
+        if unknown:
+            raise ConfigError(f"unknown bracket certificate(s) {unknown}; expected a subset of "
+                              f"{', '.join(BASE_METHODS)} (and smoothing=... for randomized smoothing)")
+        object.__setattr__(self, "methods", methods)
+        for name in ("attack_steps", "attack_samples", "predict_n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"BracketConfig.{name} must be an int >= 1, got {v!r}")
+        if self.smoothing is not None:
+            from ..certify.smoothing import make_config
+            make_config(self.smoothing)  # validate early
+
+
+def make_bracket_config(spec: Any) -> BracketConfig:
+    """``True``/``"auto"``: Lipschitz + IBP; a list of names (``"smoothing"`` adds smoothing with
+    default settings); a mapping of :class:`BracketConfig` fields; or a BracketConfig."""
+    if isinstance(spec, BracketConfig):
+        return spec
+    if spec is True or spec == "auto":
+        return BracketConfig()
+    if isinstance(spec, str):
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    if isinstance(spec, (list, tuple)):
+        names = list(spec)
+        smoothing = {} if "smoothing" in names else None
+        return BracketConfig(methods=tuple(n for n in names if n != "smoothing"), smoothing=smoothing)
+    if isinstance(spec, Mapping):
+        return from_dict(BracketConfig, spec)
+    raise ConfigError(f"certify must be True, 'auto', a list of certificate names or a mapping of "
+                      f"BracketConfig options, got {spec!r}")
+
+
+def _linf_l2(x: Tensor, e: float) -> Tensor:
+    """(N,) L2 radius of the Linf ball of radius e intersected with [0, 1] around each x."""
+    xf = x.flatten(1).double()
+    return torch.maximum(xf - (xf - e).clamp(0, 1), (xf + e).clamp(0, 1) - xf).norm(dim=1)
+
+
+def _base_certificates(model, x, y, eps, threat, methods, notes) -> Dict[float, List[Optional[str]]]:
+    """Per eps and sample: the name of the deterministic certificate that holds, or None."""
+    from ..certify._util import require_deq
+    out = {e: [None] * x.shape[0] for e in eps}
+    if not methods:
+        return out
+    try:
+        require_deq(model, "the bracket")
+    except ConfigError as err:
+        notes.append(f"bracket: no deterministic certificate applies ({err})")
+        return out
+    from ..certify import certify
+    use = ["lipschitz"] + (["ibp"] if "ibp" in methods and threat == "Linf" else [])
+    rep = certify(model, x, y, eps_l2=tuple(eps) if threat == "L2" else (),
+                  eps_linf=tuple(eps) if threat == "Linf" and "ibp" in use else (), methods=use)
+    dx = {e: _linf_l2(x, e) for e in eps} if threat == "Linf" else {}
+    for i, r in enumerate(rep.results):
+        correct = r.details.get("correct") is not False
+        for e in eps:
+            if not correct:
+                continue
+            key = f"{float(e):g}"
+            if threat == "L2":
+                if "lipschitz" in methods and r.radius > e:
+                    out[e][i] = "lipschitz"
+            else:
+                lin = (r.details.get("linf") or {}).get(key, {})
+                if "ibp" in methods and lin.get("ibp"):
+                    out[e][i] = "ibp"
+                elif "lipschitz" in methods and r.radius > float(dx[e][i]):
+                    out[e][i] = "lipschitz"
+    return out
+
+
+def _soft_smoothed_pgd(model, x, y, eps, norm, sigma, steps, m, seed, clip) -> Tensor:
+    """PGD (no random start) on ``-log mean_j softmax(f(x' + sigma e_j))_y`` in B_eps(x) & [0, 1];
+    the same ``m`` noise draws per sample at every step."""
+    from ..attacks.base import model_mode, project
+    from ..certify.smoothing import base_logits
+    gen = torch.Generator().manual_seed(int(seed))
+    b = x.shape[0]
+    e = torch.randn((m, b) + tuple(x.shape[1:]), generator=gen, dtype=x.dtype).to(x.device)
+    alpha = 2.5 * eps / steps
+    x_adv = x.clone()
+    view = (-1,) + (1,) * (x.dim() - 1)
+    with model_mode(model, "eval"):
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                xn = (x_adv.unsqueeze(0) + sigma * e).reshape((m * b,) + tuple(x.shape[1:]))
+                p = torch.softmax(base_logits(model, xn, clip=clip), dim=1).reshape(m, b, -1).mean(0)
+                loss = -torch.log(p.gather(1, y[:, None]).clamp_min(1e-12)).sum()
+                g, = torch.autograd.grad(loss, x_adv)
+            if norm == "Linf":
+                step = g.sign()
+            else:
+                step = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+            x_adv = project(x_adv.detach() + alpha * step, x, eps, norm)
+    return x_adv.detach()
+
+
+def compute_bracket(model: nn.Module, x: Tensor, y: Tensor, report, config: Any = True, *,
+                    seed: int = 0) -> Tuple[CheckResult, List[str]]:
+    """The bracket of an :class:`~robustdeq.eval.report.EvalReport` computed on ``(x, y)``:
+    ``(check, notes)``; the check is ``certified_but_broken`` with the per-eps table and every
+    alarm in ``details``."""
+    cfg = make_bracket_config(config)
+    threat = report.threat
+    eps = [float(e) for e in report.eps]
+    n = x.shape[0]
+    notes: List[str] = []
+    if len(report.results) != len(eps) or any(len(r.robust) != n for r in report.results):
+        raise ConfigError("the report was not computed on these inputs (per-sample flags do not match)")
+    base = _base_certificates(model, x, y, eps, threat, cfg.methods, notes)
+    alarms: List[Dict[str, Any]] = []
+    rows: List[Dict[str, Any]] = []
+    per_sample: Dict[str, Any] = {}
+    smooth = None
+    if cfg.smoothing is not None:
+        from ..certify.smoothing import ABSTAIN, certify as smooth_certify, make_config, predict
+        scfg = make_config(cfg.smoothing)
+        smooth = smooth_certify(model, x, y, scfg)
+        s_rad = smooth.radius()
+    for ei, (e, res) in enumerate(zip(eps, report.results)):
+        key = f"{e:g}"
+        robust = torch.tensor([bool(v) for v in res.robust])
+        cert_by = list(base[e])
+        for i in range(n):
+            if cert_by[i] is not None and not bool(robust[i]):
+                alarms.append({"eps": e, "index": i, "certificate": cert_by[i], "classifier": "base model",
+                               "attack": res.first_success[i]})
+        row = {"eps": e, "certified_base": sum(c is not None for c in cert_by) / n,
+               "attacked_base": float(robust.float().mean())}
+        entry = {"certified_by": cert_by, "attacked_robust": robust.tolist()}
+        if smooth is not None:
+            need = torch.full((n,), e, dtype=torch.float64) if threat == "L2" else _linf_l2(x, e)
+            s_cert = torch.tensor([bool(r.correct) and not r.abstained for r in smooth.results]) & (s_rad > need)
+            x_adv = _soft_smoothed_pgd(model, x, y, e, threat, scfg.sigma, cfg.attack_steps, cfg.attack_samples,
+                                       seed + 7919 * (ei + 1), scfg.clip)
+            pred = predict(model, x_adv, scfg.replace(srs_steps=0, n=cfg.predict_n, seed=scfg.seed + ei + 1))
+            s_ok = pred.cpu() == y.cpu()
+            for i in range(n):
+                if bool(s_cert[i]) and int(pred[i]) not in (int(y[i]), ABSTAIN):
+                    alarms.append({"eps": e, "index": i, "certificate": "smoothing", "classifier": "smoothed",
+                                   "attack": "soft-smoothed PGD + PREDICT", "prediction": int(pred[i])})
+            row.update({"certified_smoothed": float(s_cert.float().mean()),
+                        "attacked_smoothed": float(s_ok.float().mean())})
+            entry.update({"smoothing_certified": s_cert.tolist(), "smoothed_attacked_correct": s_ok.tolist()})
+        row["alarms"] = sum(1 for a in alarms if a["eps"] == e)
+        rows.append(row)
+        per_sample[key] = entry
+        line = (f"bracket at {threat} eps {e:g}: base model certified {100 * row['certified_base']:.1f}% "
+                f"<= robust <= attacked {100 * row['attacked_base']:.1f}% ({', '.join(cfg.methods) or 'none'})")
+        if smooth is not None:
+            line += (f"; smoothed classifier (sigma {scfg.sigma:g}) certified {100 * row['certified_smoothed']:.1f}% "
+                     f"<= robust <= attacked {100 * row['attacked_smoothed']:.1f}% (against attacks on the "
+                     "smoothed classifier, not the base model)")
+        if row["alarms"]:
+            line += f"; {row['alarms']} SOUNDNESS ALARM(S)"
+        notes.append(line)
+    fired = bool(alarms)
+    if fired:
+        shown = "; ".join(f"eps {a['eps']:g} sample {a['index']} ({a['certificate']}, {a['attack']})"
+                          for a in alarms[:5])
+        msg = (f"{len(alarms)} sample(s) certified at eps yet broken by an attack within eps: {shown}"
+               + (" ..." if len(alarms) > 5 else ""))
+    else:
+        msg = "no certified sample was broken by an attack (certified <= robust <= attacked holds per sample)"
+    details = {"bracket": rows, "alarms": alarms, "per_sample": per_sample, "config": to_dict(cfg),
+               "smoothing_note": ("smoothing certifies the smoothed classifier; it is compared with attacks "
+                                  "on the smoothed classifier (PREDICT errs with probability <= alpha)")
+               if smooth is not None else None}
+    check = CheckResult(name=CHECK_NAME, fired=fired, message=msg, value=float(len(alarms)), threshold=0.0,
+                        details=details)
+    return check, notes
+
+
+def attach_bracket(report, model: nn.Module, x: Tensor, y: Tensor, config: Any = True, *, seed: int = 0):
+    """Compute the bracket and add it to ``report`` (its check and notes); warns on alarms."""
+    check, notes = compute_bracket(model, x, y, report, config, seed=seed)
+    report.checks.append(check)
+    report.notes.extend(notes)
+    if check.fired:
+        warnings.warn(f"[{CHECK_NAME}] {check.message}", CertificateSoundnessWarning, stacklevel=3)
+    return check
+
+
+__all__ = ["BracketConfig", "make_bracket_config", "compute_bracket", "attach_bracket", "CHECK_NAME"]

@@ -1,0 +1,131 @@
+"""Entry points: :func:`federate` (Flower's simulation engine, one machine) and
+:func:`write_flower_app` (a Flower App folder for a deployment: SuperLink + SuperNodes)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+from ..errors import ConfigError
+from ._flwr import require_flwr
+from .config import FederatedConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["federate", "write_flower_app", "simulation_backend_config"]
+
+
+def simulation_backend_config(cpus: int = 1) -> Dict[str, Any]:
+    """Backend config of Flower's (ray) simulation engine sized for ``cpus`` cores: ``cpus``
+    worker actors of one CPU each, no GPU, no dashboard."""
+    if cpus < 1:
+        raise ConfigError(f"cpus must be >= 1, got {cpus}")
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": int(cpus), "num_gpus": 0, "include_dashboard": False,
+                          "logging_level": logging.WARNING, "log_to_driver": False}}
+
+
+@contextlib.contextmanager
+def _quiet_flower(level: int):
+    lg = logging.getLogger("flwr")
+    old = lg.level
+    lg.setLevel(level)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
+def federate(config: Union[FederatedConfig, Mapping[str, Any], None] = None,
+             out_dir: Union[str, Path, None] = None, *, progress: bool = False, resume: bool = True,
+             cpus: int = 1, on_round_end: Optional[Callable[[dict], None]] = None,
+             flower_log_level: int = logging.ERROR):
+    """Train a DEQ federatedly in Flower's simulation engine (``cfg.clients`` virtual SuperNodes).
+
+    Args:
+        config: :class:`FederatedConfig` or a dict of its options (unknown keys: ``ConfigError``).
+        out_dir: checkpoint per round, ``summary.json``, ``report.md``, ``accuracy.png``, ``tb/``.
+        progress: tqdm bar over rounds. resume: continue a run found in ``out_dir``.
+        cpus: cores the simulation engine may use (one client trains per core at a time).
+        on_round_end: called in the server with every finished round's record.
+
+    Returns:
+        :class:`~robustdeq.federated.server.FederatedResult`.
+
+    Raises:
+        MissingExtraError: Flower is not installed (the ``federated`` extra).
+    """
+    cfg = FederatedConfig.from_dict(config)
+    require_flwr()
+    if out_dir is not None and resume and (Path(out_dir) / "checkpoint.pt").exists():
+        from .server import _load_resume
+        _load_resume(Path(out_dir) / "checkpoint.pt", cfg)  # another experiment: fail before starting
+    from flwr.simulation import run_simulation
+    from .apps import clientapp, make_server_app
+
+    holder: Dict[str, Any] = {}
+    server = make_server_app(cfg, out_dir, progress=progress, resume=resume,
+                             on_round_end=on_round_end, holder=holder)
+    import warnings
+    with _quiet_flower(flower_log_level), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\..*")
+        run_simulation(server_app=server, client_app=clientapp, num_supernodes=cfg.clients,
+                       backend_config=simulation_backend_config(cpus))
+    if "result" not in holder:
+        raise RuntimeError("the federated simulation ended without a result (see the Flower log)")
+    return holder["result"]
+
+
+_PYPROJECT = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "robustdeq-federated-app"
+version = "1.0.0"
+description = "Federated DEQ training with robustdeq"
+license = "MIT"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "robustdeq"
+
+[tool.flwr.app.components]
+serverapp = "robustdeq.federated.apps:serverapp"
+clientapp = "robustdeq.federated.apps:clientapp"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string literal is a valid TOML basic string
+
+
+def write_flower_app(app_dir: Union[str, Path], config: Union[FederatedConfig, Mapping[str, Any]],
+                     out_dir: Union[str, Path], *, node_wait: float = 300.0) -> Path:
+    """Write a Flower App folder that runs ``config`` on a deployment (``flwr run APP_DIR CONN``).
+
+    The app's ``pyproject.toml`` names the apps of :mod:`robustdeq.federated.apps` and carries
+    the run config (``robustdeq-config``: the JSON config; ``out-dir``: where the server writes
+    its checkpoint and reports). robustdeq (with its ``federated`` extra) must be installed where
+    the SuperLink and the SuperNodes run; start each SuperNode with
+    ``--node-config "partition-id=K num-partitions=N"``.
+    """
+    cfg = FederatedConfig.from_dict(config)
+    d = Path(app_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    entries = "\n".join([f"robustdeq-config = {_toml_str(cfg.to_json())}",
+                         f"out-dir = {_toml_str(str(Path(out_dir).resolve()))}",
+                         f"node-wait = {float(node_wait)}"])
+    (d / "pyproject.toml").write_text(_PYPROJECT.format(config=entries))
+    (d / "README.md").write_text("Flower App generated by robustdeq.federated.write_flower_app.\n")
+    return d

@@ -1,0 +1,106 @@
+"""The robustness bracket (robustdeq.eval.bracket): certified <= robust <= attacked, alarms."""
+import copy
+import json
+
+import pytest
+import torch
+
+from robustdeq.deq import zoo
+from robustdeq.errors import CertificateSoundnessWarning, ConfigError
+from robustdeq.eval import bracket as B
+from robustdeq.eval import evaluate
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return zoo.build("mlp_deq", hidden=16, norm="spectral", scale=0.5, in_shape=(1, 4, 4), num_classes=3,
+                     std=0.3, mean=0.5)
+
+
+def _data(n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, 1, 4, 4), generator=g)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _model()
+    x = _data()
+    with torch.no_grad():
+        y = model(x).argmax(dim=1)      # every sample correct: certificates can hold
+    return model, x, y
+
+
+def test_bracket_orders_certified_below_attacked_and_stays_quiet(setup):
+    model, x, y = setup
+    rep = evaluate(model, x, y, threat="L2", eps=[0.05, 0.5], suite="quick", steps=5, checks=False,
+                   certify=True)
+    check = rep.check(B.CHECK_NAME)
+    assert not check.fired and check.value == 0
+    for row, res in zip(check.details["bracket"], rep.results):
+        assert row["certified_base"] <= row["attacked_base"] == pytest.approx(res.robust_accuracy)
+    assert check.details["bracket"][0]["certified_base"] > 0    # a contractive DEQ certifies small eps
+    assert any(n.startswith("bracket at L2 eps 0.05") for n in rep.notes)
+    json.loads(rep.to_json())
+
+
+def test_alarm_fires_on_a_deliberately_unsound_certificate(setup, monkeypatch):
+    model, x, y = setup
+    rep = evaluate(model, x, y, threat="L2", eps=[2.0], suite="quick", steps=10, checks=False)
+    broken = [i for i, r in enumerate(rep.results[0].robust) if not r]
+    assert broken, "eps 2 must break some sample for the oracle"
+
+    def fake(model, x, y, eps, threat, methods, notes):   # certifies everything at every eps
+        return {e: ["fake"] * x.shape[0] for e in eps}
+    monkeypatch.setattr(B, "_base_certificates", fake)
+    with pytest.warns(CertificateSoundnessWarning):
+        check = B.attach_bracket(rep, model, x, y, True)
+    assert check.fired and check.value == len(broken)
+    assert sorted(a["index"] for a in check.details["alarms"]) == broken
+    assert B.CHECK_NAME in rep.fired
+
+
+def test_linf_uses_ibp_or_the_l2_radius_of_the_box_ball(setup):
+    model, x, y = setup
+    rep = evaluate(model, x, y, threat="Linf", eps=[0.01], suite="quick", steps=5, checks=False,
+                   certify=["lipschitz", "ibp"])
+    check = rep.check(B.CHECK_NAME)
+    by = check.details["per_sample"]["0.01"]["certified_by"]
+    assert set(by) <= {"ibp", "lipschitz", None} and not check.fired
+
+
+def test_smoothing_bracket_is_compared_with_the_smoothed_classifier(setup):
+    model, x, y = setup
+    rep = evaluate(model, x[:4], y[:4], threat="L2", eps=[0.1], suite="quick", steps=3, checks=False,
+                   certify={"methods": [], "smoothing": {"sigma": 0.25, "n0": 20, "n": 200},
+                            "attack_steps": 3, "attack_samples": 8, "predict_n": 200})
+    row = rep.check(B.CHECK_NAME).details["bracket"][0]
+    assert row["certified_smoothed"] <= row["attacked_smoothed"]
+    assert any("smoothed classifier, not the base model" in n for n in rep.notes)
+
+
+def test_bracket_config_errors():
+    with pytest.raises(ConfigError):
+        B.make_bracket_config(["lipschitz", "magic"])
+    with pytest.raises(ConfigError):
+        B.make_bracket_config({"attack_steps": 0})
+    with pytest.raises(ConfigError):
+        B.make_bracket_config({"smoothing": {"sigma": -1}})
+    assert B.make_bracket_config("lipschitz,smoothing").smoothing == {}
+
+
+def test_cli_eval_certify_and_strict(tmp_path, monkeypatch, capsys):
+    from robustdeq.cli import main
+    out = tmp_path / "train"
+    assert main(["train", "--model-options", '{"hidden": 16, "norm": "spectral", "scale": 0.5}', "--epochs", "1",
+                 "--lr", "0.01", "--out", str(out), "--no-progress"]) == 0
+    ck = str(out / "checkpoint.pt")
+    assert main(["eval", ck, "--suite", "quick", "--norm", "L2", "--eps", "0.1", "-n", "8", "--steps", "3",
+                 "--certify", "--strict", "--no-progress"]) == 0
+    assert "bracket at L2 eps 0.1" in capsys.readouterr().out
+    monkeypatch.setattr(B, "_base_certificates",
+                        lambda model, x, y, eps, threat, methods, notes: {e: ["fake"] * x.shape[0] for e in eps})
+    with pytest.warns(CertificateSoundnessWarning):
+        rc = main(["eval", ck, "--suite", "quick", "--norm", "L2", "--eps", "3", "-n", "8", "--steps", "5",
+                   "--certify", "--strict", "--no-progress"])
+    assert rc == 3

@@ -1,0 +1,395 @@
+"""Several processes (robustdeq.distributed): ranks spawned by the tests on CPU with gloo over
+127.0.0.1. The fast tests (environment errors, sharding, one 2-rank smoke test of the helpers)
+run by default; the 2-rank training / evaluation / certification equivalences are marked slow."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from robustdeq import distributed as rd
+from robustdeq.errors import ConfigError
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+# -- spawning ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, task: str, out: str, kwargs: dict) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    try:
+        result = TASKS[task](rank, Path(out), **kwargs)  # the library initialises the group from the env
+        torch.save(result, Path(out) / f"result{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(task: str, out: Path, world: int = 2, **kwargs) -> list:
+    """Run ``TASKS[task](rank, out, **kwargs)`` on ``world`` spawned ranks; their results."""
+    out.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_worker, args=(world, _free_port(), task, str(out), kwargs), nprocs=world,
+                       join=True, start_method="spawn")
+    return [torch.load(out / f"result{r}.pt", weights_only=False) for r in range(world)]
+
+
+# -- tasks run on each rank --------------------------------------------------------------------------
+def _task_helpers(rank, out):
+    ctx = rd.init()
+    assert ctx is not None and ctx.world_size == 2 and ctx.rank == rank and rd.context() == ctx
+    # gradients: weights = samples per rank; a parameter unused on rank 1 keeps rank 0's share,
+    # one unused everywhere keeps None
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad = torch.full((3,), float(rank + 1))
+    if rank == 0:
+        b.grad = torch.ones(3)
+    extra = rd.average_gradients([a, b, c], weight=float(rank + 1), total=3.0,
+                                 extra=torch.tensor([float(rank)], dtype=torch.float64))
+    rows = rd.all_gather_rows(torch.arange(rank + 1, dtype=torch.float32).view(-1, 1) + 10 * rank)
+    stats = rd.reduce_stats({"n": 1.0, "m": float(rank)}, maxima=("m",))
+    return {"a": a.grad, "b": b.grad, "c": c.grad, "extra": extra, "rows": rows, "stats": stats,
+            "shard": rd.shard_indices(5), "main": rd.is_main(), "obj": rd.broadcast_object(rank)}
+
+
+def _tiny_model():
+    from robustdeq.deq import zoo
+    torch.manual_seed(0)
+    return zoo.build("mlp_deq", hidden=16)
+
+
+def _objective(kind: str):
+    from robustdeq.defenses.objectives import PGDAT, CrossEntropy
+    if kind == "pgd_at":  # deterministic inner attack: the same examples in 1 or 2 processes
+        return PGDAT(eps=0.1, steps=3, random_start=False)
+    if kind == "jac":
+        return CrossEntropy(jac_reg=0.5, seed=3)
+    return CrossEntropy()
+
+
+TRAIN_CONFIG = {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.5, "schedule": "constant"}
+
+
+def _train_data():
+    from robustdeq.data import load_digits
+    x, y = load_digits("train")
+    return x[:32], y[:32]
+
+
+def _task_train(rank, out, kind="ce", config=None, out_dirs=False):
+    from robustdeq.train import Trainer
+    model = _tiny_model()
+    x, y = _train_data()
+    tr = Trainer(model, _objective(kind), config or TRAIN_CONFIG,
+                 out_dir=out / f"run{rank}" if out_dirs else None, tensorboard=out_dirs)
+    hist = tr.fit(x, y, x[:10], y[:10])
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "history": hist}
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _task_train_resume(rank, out):
+    """2 epochs in one go, and 2 epochs interrupted in epoch 1 then resumed: the same weights."""
+    from robustdeq.defenses.objectives import CrossEntropy
+    from robustdeq.train import Trainer
+    x, y = _train_data()
+    cfg = {**TRAIN_CONFIG, "epochs": 2, "optimizer": "adam", "lr": 1e-2, "schedule": "cosine"}
+    straight = _tiny_model()
+    Trainer(straight, CrossEntropy(), cfg, out_dir=out / "straight", tensorboard=False).fit(x, y)
+
+    calls = {"n": 0}
+
+    class Stop(CrossEntropy):
+        def __call__(self, model, xb, yb):
+            calls["n"] += 1
+            if calls["n"] == 3:  # epoch 1, batch 0, on both ranks
+                raise _Interrupt()
+            return super().__call__(model, xb, yb)
+
+    cut = _tiny_model()
+    try:
+        Trainer(cut, Stop(), cfg, out_dir=out / "cut", tensorboard=False).fit(x, y)
+    except _Interrupt:
+        pass
+    resumed = _tiny_model()
+    tr = Trainer(resumed, CrossEntropy(), cfg, out_dir=out / "cut", tensorboard=False)
+    hist = tr.fit(x, y)
+    return {"straight": straight.state_dict(), "resumed": resumed.state_dict(), "history": hist,
+            "start_epoch": tr.start_epoch}
+
+
+def _save_inputs(out: Path, model, x, y) -> None:
+    from robustdeq.checkpoint import save_checkpoint
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "model.pt", model, model_config=model.robustdeq_config)
+    torch.save((x, y), out / "data.pt")
+
+
+def _eval_inputs(out):
+    from robustdeq.checkpoint import load_model
+    model, _ = load_model(out / "model.pt")
+    x, y = torch.load(out / "data.pt")
+    return model.eval(), x, y
+
+
+EVAL_OPTIONS = {"threat": "Linf", "eps": [0.05, 0.15], "suite": ["pgd-ift", "pgd-unrolled-margin", "states"],
+                "steps": 5, "seed": 3, "batch_size": 8}
+
+
+def _task_eval(rank, out, out_dirs=False, interrupt_after=None):
+    from robustdeq.eval import evaluate
+    model, x, y = _eval_inputs(out)
+    res = {}
+    if interrupt_after is not None:  # both ranks stop after a few units; rank 0 kept them
+        def stop(info):
+            if info["eps_index"] * 10 + info["unit_index"] >= interrupt_after:
+                raise _Interrupt()
+        try:
+            evaluate(model, x, y, out_dir=out / f"eval{rank}", callback=stop, **EVAL_OPTIONS)
+        except _Interrupt:
+            pass
+        res["partial_files"] = sorted(p.name for p in (out / f"eval{rank}" / "partial").glob("*.json")) \
+            if (out / f"eval{rank}" / "partial").is_dir() else []
+    rep = evaluate(model, x, y, out_dir=out / f"eval{rank}" if out_dirs else None, **EVAL_OPTIONS)
+    res["report"] = rep.to_dict()
+    return res
+
+
+def _task_certify(rank, out):
+    from robustdeq.certify import certify
+    model, x, y = _eval_inputs(out)
+    return certify(model, x, y, eps_l2=(0.05, 0.1), batch_size=4, local_method="power", local_iters=20).to_dict()
+
+
+TASKS = {"helpers": _task_helpers, "train": _task_train, "train_resume": _task_train_resume,
+         "eval": _task_eval, "certify": _task_certify}
+
+
+# -- fast tests ---------------------------------------------------------------------------------------
+@pytest.fixture
+def clean_env(monkeypatch):
+    for v in TORCHRUN_VARS:
+        monkeypatch.delenv(v, raising=False)
+    return monkeypatch
+
+
+def test_environment_errors_name_the_variable(clean_env):
+    assert rd.env_config() is None
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+        rd.env_config()
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):  # the library's entry points say so too
+        rd.context()
+    clean_env.setenv("MASTER_ADDR", "127.0.0.1")
+    clean_env.setenv("MASTER_PORT", "http")
+    with pytest.raises(ConfigError, match="MASTER_PORT='http' is not an integer"):
+        rd.env_config()
+    clean_env.setenv("MASTER_PORT", "29500")
+    clean_env.setenv("RANK", "2")
+    with pytest.raises(ConfigError, match=r"RANK=2 must be in \[0, 2\)"):
+        rd.env_config()
+    clean_env.delenv("WORLD_SIZE")
+    clean_env.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="WORLD_SIZE is not set"):
+        rd.env_config()
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("LOCAL_RANK", "1")
+    assert rd.env_config() == {"rank": 0, "world_size": 2, "local_rank": 1, "master_addr": "127.0.0.1",
+                               "master_port": 29500}
+
+
+def test_evaluate_and_cli_refuse_an_incomplete_environment(clean_env, capsys):
+    from robustdeq.cli import main
+    from robustdeq.eval import evaluate
+    clean_env.setenv("WORLD_SIZE", "2")
+    clean_env.setenv("RANK", "1")
+    model = _tiny_model().eval()
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set.*torchrun"):
+        evaluate(model, x, torch.zeros(2, dtype=torch.long), eps=0.1, checks=False)
+    assert main(["eval", "no-such.pt", "--eps", "0.1"]) == 2
+    assert "MASTER_ADDR is not set" in capsys.readouterr().err
+
+
+def test_shard_indices_partition_deterministically():
+    for n in (0, 1, 5, 7, 16):
+        for w in (1, 2, 3):
+            for mode in ("contiguous", "strided"):
+                parts = [rd.shard_indices(n, r, w, mode) for r in range(w)]
+                assert sorted(i for p in parts for i in p) == list(range(n))
+                assert max(map(len, parts)) - min(map(len, parts)) <= 1
+                assert parts == [rd.shard_indices(n, r, w, mode) for r in range(w)]
+    assert rd.shard_indices(5, 1, 2) == [3, 4] and rd.shard_indices(5, 1, 2, "strided") == [1, 3]
+    with pytest.raises(ConfigError, match="rank 2 is not in"):
+        rd.shard_indices(4, 2, 2)
+    with pytest.raises(ConfigError, match="unknown shard mode"):
+        rd.shard_indices(4, 0, 2, "random")
+    # without a group the collectives are the identity
+    assert rd.context(auto_init=False) is None and rd.world_size() == 1 and rd.is_main()
+    assert rd.all_gather_object(3) == [3] and rd.broadcast_object("x") == "x"
+
+
+def test_two_rank_helpers(tmp_path):  # the default suite's 2-process smoke test (a few seconds)
+    r0, r1 = spawn("helpers", tmp_path)
+    for r in (r0, r1):
+        assert torch.equal(r["a"], torch.full((3,), 5 / 3))  # (1*1 + 2*2) / 3
+        assert torch.equal(r["b"], torch.full((3,), 1 / 3))  # rank 0's 1*1, rank 1 none
+        assert r["c"] is None
+        assert float(r["extra"]) == 1.0
+        assert r["rows"].flatten().tolist() == [0.0, 10.0, 11.0]
+        assert r["stats"] == {"n": 2.0, "m": 1.0}
+        assert r["obj"] == 0
+    assert r0["shard"] == [0, 1, 2] and r1["shard"] == [3, 4]
+    assert r0["main"] and not r1["main"]
+
+
+# -- slow: training, evaluation and certification on 2 ranks equal 1 process ------------------------
+def _single_train(kind, config=None):
+    from robustdeq.train import Trainer
+    model = _tiny_model()
+    x, y = _train_data()
+    hist = Trainer(model, _objective(kind), config or TRAIN_CONFIG, tensorboard=False).fit(x, y, x[:10], y[:10])
+    return model.state_dict(), hist
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ce", "pgd_at"])
+def test_two_rank_training_equals_one_process(tmp_path, kind):
+    ref, ref_hist = _single_train(kind)
+    r0, r1 = spawn("train", tmp_path, kind=kind, out_dirs=True)
+    for k in ref:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k  # the ranks stay in sync exactly
+        assert torch.allclose(r0["state"][k], ref[k], atol=1e-6, rtol=0), (k, (r0["state"][k] - ref[k]).abs().max())
+    moved = sum(float((ref[k] - _tiny_model().state_dict()[k]).abs().max()) for k in ref)
+    assert moved > 1e-3  # the steps did change the weights
+    for key in ("loss", "val_accuracy", "val_mean_steps"):
+        assert r0["history"][0][key] == pytest.approx(ref_hist[0][key], abs=1e-5), key
+        assert r0["history"][0][key] == r1["history"][0][key]
+    # rank 0 alone wrote the checkpoint, history and TensorBoard
+    assert (tmp_path / "run0" / "checkpoint.pt").is_file() and (tmp_path / "run0" / "history.json").is_file()
+    assert any((tmp_path / "run0" / "tb").iterdir())
+    assert not (tmp_path / "run1").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_training_jacobian_penalty_and_resume(tmp_path):
+    r0, r1 = spawn("train", tmp_path / "jac", kind="jac")
+    for k in r0["state"]:  # per-rank Hutchinson probes, averaged gradients: the ranks agree
+        assert torch.equal(r0["state"][k], r1["state"][k]) and torch.isfinite(r0["state"][k]).all()
+    assert r0["history"][0]["jac"] > 0
+    r0, r1 = spawn("train_resume", tmp_path / "resume")
+    assert r0["start_epoch"] == 1 and r1["start_epoch"] == 1  # rank 1 learnt it from rank 0
+    for k in r0["straight"]:
+        assert torch.equal(r0["resumed"][k], r1["resumed"][k])
+        assert torch.allclose(r0["resumed"][k], r0["straight"][k], atol=1e-6, rtol=0), k
+    assert [h["epoch"] for h in r1["history"]] == [0, 1]
+    assert not (tmp_path / "resume" / "straight1").exists()
+
+
+def _scrub(d):
+    """A report without what legitimately differs between runs (times, resumed flags)."""
+    if isinstance(d, dict):
+        return {k: _scrub(v) for k, v in d.items()
+                if k not in ("seconds", "timings", "resumed", "platform", "created", "timing")}
+    if isinstance(d, list):  # (each rank's attack objects warn once about non-convergence)
+        return [_scrub(v) for v in d if not (isinstance(v, str) and "non-convergence warnings were raised" in v)]
+    return d
+
+
+def _eval_setup(out: Path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from eval_helpers import digits_subset, trained_deq
+    model = trained_deq()
+    x, y = digits_subset(20)  # 3 batches of 8, 8, 4: rank 0 attacks two, rank 1 one
+    _save_inputs(out, model, x, y)
+    return _eval_inputs(out)
+
+
+@pytest.mark.slow
+def test_two_rank_evaluation_equals_one_process_flag_for_flag(tmp_path):
+    from robustdeq.eval import evaluate
+    model, x, y = _eval_setup(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = evaluate(model, x, y, **EVAL_OPTIONS).to_dict()
+    flags = [r["robust"] for r in ref["results"]]
+    assert any(any(f) for f in flags) and not all(all(f) for f in flags)  # a mixed, telling case
+    r0, r1 = spawn("eval", tmp_path, out_dirs=True, interrupt_after=2)
+    assert r0["partial_files"] and r1["partial_files"] == []  # rank 0 alone kept the finished units
+    for r in (r0, r1):
+        assert _scrub(r["report"]) == _scrub(ref)
+    assert [a["resumed"] for a in r0["report"]["results"][0]["attacks"]][:2] == [True, True]
+    saved = json.loads((tmp_path / "eval0" / "report.json").read_text())
+    assert [e["robust"] for e in saved["results"]] == flags
+    assert not (tmp_path / "eval1").exists() and not (tmp_path / "eval0" / "partial").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_certification_equals_one_process(tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from eval_helpers import digits_subset, trained_contractive_deq
+    from robustdeq.certify import certify
+    model = trained_contractive_deq()
+    x, y = digits_subset(10)
+    _save_inputs(tmp_path, model, x, y)
+    model, x, y = _eval_inputs(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = certify(model, x, y, eps_l2=(0.05, 0.1), batch_size=4, local_method="power",
+                      local_iters=20).to_dict()
+    r0, r1 = spawn("certify", tmp_path)
+    for r in (r0, r1):
+        assert _scrub(r) == _scrub(ref)
+    assert [d["details"]["index"] for d in r0["results"]] == list(range(10))
+
+
+def _torchrun(args, cwd, nproc=2):
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={nproc}",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--no-python",
+           str(Path(sys.executable).parent / "robustdeq"), "--threads", "1"] + args
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_train_and_eval_under_torchrun(tmp_path):
+    from robustdeq.cli import main
+    run = tmp_path / "run"
+    p = _torchrun(["train", "--out", str(run), "--epochs", "1", "--batch-size", "64",
+                   "--model-options", '{"hidden": 16}', "--no-progress"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("trained mlp_deq on digits") == 1  # rank 0 prints
+    assert (run / "checkpoint.pt").is_file() and json.loads((run / "history.json").read_text())[0]["epoch"] == 0
+    args = ["eval", str(run / "checkpoint.pt"), "-n", "12", "--suite", "quick", "--steps", "3",
+            "--eps", "0.1,0.2", "--batch-size", "4", "--no-progress"]
+    p = _torchrun(args + ["--out", str(tmp_path / "sharded")], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("wrote ") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["--threads", "1"] + args + ["--out", str(tmp_path / "single")]) == 0
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("sharded", "single"))
+    assert [r["robust"] for r in a["results"]] == [r["robust"] for r in b["results"]]
+    assert a["config_hash"] == b["config_hash"]
