@@ -1,6 +1,5 @@
 """Attacks: the common contract (eps ball, [0, 1], dtype, device, seeds, modes, errors) for every
 attack, and PGD/FGSM against torchattacks and against the model's own gradients."""
-import sys
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ from robustdeq.deq import zoo
 from robustdeq.deq.grad import ImplicitGrad
 from robustdeq.errors import ConfigError, InputError
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attack_helpers import check_ball, digits_test, trained  # noqa: E402
+from attack_helpers import check_ball, digits_test, trained
 
 EPS = 0.1
 
@@ -249,12 +247,19 @@ def test_model_mode_helper_restores_after_an_exception():
 
 
 def test_predict_and_accuracy_restore_modes():
-    m = tiny_ff()
-    m.train()
+    m = ModeProbe(tiny_ff())
     x, y = batch()
-    assert A.predict(m, x).shape == (8,)
-    assert 0.0 <= A.accuracy(m, x, y) <= 1.0
-    assert m.training
+    with torch.no_grad():
+        ref = m.eval()(x).argmax(dim=1)  # oracle: the eval-mode argmax, computed here
+    m.train()
+    m.seen.clear()
+    torch.testing.assert_close(A.predict(m, x, batch_size=3), ref, rtol=0, atol=0)  # batches 3 + 3 + 2
+    labels = ref.clone()
+    labels[:3] = (ref[:3] + 1) % 10  # 5 of the 8 labels are the prediction
+    assert A.accuracy(m, x, labels, batch_size=3) == 5 / 8
+    assert A.accuracy(m, x, y) == float((ref == y).float().mean())
+    assert m.seen == [False] * 8  # 3 + 3 + 2 batches of predict and accuracy, then 1, all in eval mode
+    assert m.training and all(mod.training for mod in m.modules())
 
 
 # -- errors ----------------------------------------------------------------------------------

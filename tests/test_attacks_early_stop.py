@@ -1,7 +1,6 @@
 """PGD's early stopping (freeze a sample once the attack has succeeded) and per-sample step
 budgets, against the plain loop as the oracle; the cells' closed-form vector-Jacobian products
 against autograd."""
-import sys
 
 import pytest
 import torch
@@ -12,8 +11,7 @@ from robustdeq.attacks import pgd as P
 from robustdeq.deq.cells import MLPCell
 from robustdeq.errors import ConfigError
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attack_helpers import check_ball, digits_test, trained  # noqa: E402
+from attack_helpers import check_ball, digits_test, trained
 
 
 def broken(model, x_adv, y):

@@ -10,8 +10,7 @@ import robustdeq.attacks as A
 from robustdeq.deq.views import attack_view
 from robustdeq.errors import ConfigError
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attack_helpers import digits_test, trained  # noqa: E402
+from attack_helpers import digits_test, trained
 
 SMALL_APGD = {"apgd.n_iter": 5, "apgd.n_restarts": 1}
 

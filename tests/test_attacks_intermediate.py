@@ -1,7 +1,6 @@
 """Intermediate-state attacks: the simultaneous adjoint against the IFT gradient (its oracle),
 states' logits against robustdeq.deq.views.state_logits, the judge rule, ensembles, weight-tied
 models."""
-import sys
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ from robustdeq.deq.grad import ImplicitGrad
 from robustdeq.deq.views import attack_view, state_logits
 from robustdeq.errors import ConfigError
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from attack_helpers import digits_test, trained  # noqa: E402
+from attack_helpers import digits_test, trained
 
 TIGHT = {"name": "anderson", "max_iter": 300, "tol": 1e-13, "stop_mode": "abs"}
 

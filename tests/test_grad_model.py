@@ -6,6 +6,7 @@ from torch import nn
 import robustdeq as rd
 from robustdeq import (DEQClassifier, FullBackprop, ImplicitGrad, NoGrad, PhantomGrad,
                        SolverConfig, UnrolledGrad, gradient)
+from robustdeq.certify.oracles import LinearCell
 from robustdeq.deq import zoo
 from robustdeq.deq.cells import LinearHead, MLPCell, MLPInjection
 from robustdeq.deq.solvers import get_solver
@@ -16,27 +17,14 @@ TIGHT = dict(name="anderson", max_iter=200, tol=1e-12, stop_mode="abs")
 TIGHT_BWD = SolverConfig(**TIGHT)
 
 
-class LinearCell(nn.Module):
-    """f(z, u) = A z + u: z* = (I - A)^{-1} u in closed form."""
-
-    def __init__(self, A):
-        super().__init__()
-        self.A = nn.Parameter(A.clone())
-
-    def forward(self, z, u):
-        return z @ self.A.T + u
-
-    def init_state(self, u):
-        return torch.zeros_like(u)
-
-
 def linear_deq(d_in=5, d=4, k=3, seed=0, grad=None):
+    """The library's closed-form oracle cell f(z, u) = A z + u (A trainable): z* = (I - A)^{-1} u."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(d, d, generator=g, dtype=torch.float64)
     A = 0.6 * A / torch.linalg.matrix_norm(A, ord=2)
     inj = nn.Linear(d_in, d, bias=False).double()
     head = nn.Linear(d, k, bias=False).double()
-    return DEQClassifier(nn.Sequential(nn.Flatten(), inj), LinearCell(A), head, solver=TIGHT,
+    return DEQClassifier(nn.Sequential(nn.Flatten(), inj), LinearCell(A, trainable=True), head, solver=TIGHT,
                          grad=grad or ImplicitGrad(TIGHT_BWD), input_shape=(d_in,))
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train_helpers import fit_minibatches  # noqa: E402
+from robustdeq.certify.oracles import LinearCell
 from robustdeq.config import SolverConfig
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
@@ -117,19 +118,12 @@ def test_linear_deq_closed_form():
     U = torch.randn(n, d, dtype=torch.float64)
     Cm = torch.randn(k, n, dtype=torch.float64)
 
-    class Lin(nn.Module):
-        def forward(self, z, u):
-            return z @ W.T + u
-
-        def init_state(self, u):
-            return torch.zeros_like(u)
-
     inj = nn.Linear(d, n, bias=False).double()
     head = nn.Linear(n, k, bias=False).double()
     with torch.no_grad():
         inj.weight.copy_(U)
         head.weight.copy_(Cm)
-    model = DEQClassifier(inj, Lin(), head, solver={"max_iter": 100, "tol": 1e-12}, validate_inputs=False)
+    model = DEQClassifier(inj, LinearCell(W), head, solver={"max_iter": 100, "tol": 1e-12}, validate_inputs=False)
     t = torch.randn(b, k, dtype=torch.float64)
     x0 = torch.randn(b, d, dtype=torch.float64)
     gamma = 0.5

@@ -11,6 +11,7 @@ is put back.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -161,18 +162,63 @@ class AutoAttack(Attack):
         for k in list(checks.funcs):  # pyautoattack never resets this module-level counter
             checks.funcs[k] = 0
         trace = sys.gettrace()
+        stages = _StageAccuracies()
         try:
             x32 = x.float()  # pyautoattack works in float32 (its attacks cast with .float())
-            with global_rng(self.seed, x.device):
+            with global_rng(self.seed, x.device), stages:
                 x_adv32, _ = adv.run_standard_evaluation(x32, y, batch_size=self.batch_size)
         finally:
             if sys.gettrace() is not trace:
                 sys.settrace(trace)
+        # pyautoattack's own per-attack robust accuracies (cumulative, on this call's samples)
+        self.last_stats = {"n": int(x.shape[0]), "robust_accuracy_after": stages.accuracies}
         x_adv = x_adv32.detach().to(dtype=x.dtype, device=x.device)
         if x.dtype != torch.float32:  # samples left unchanged keep their exact input values
             same = (x_adv32 == x32).reshape(x.shape[0], -1).all(dim=1)
             x_adv = torch.where(same.view(-1, *([1] * (x.dim() - 1))), x, x_adv)
         return project(x_adv, x, self.eps, self.norm)
+
+
+class _StageAccuracies(logging.Handler):
+    """Collects pyautoattack's "initial accuracy" / "robust accuracy after <ATTACK>" records (its
+    logger "auto-attack", DEBUG level) into ``accuracies`` {"clean": a, "apgd-ce": a, ...}: the
+    cumulative robust accuracy after each of its attacks, which its API does not return."""
+
+    _AFTER = re.compile(r"robust accuracy after ([A-Za-z0-9_-]+): ([0-9.]+)%")
+    _INITIAL = re.compile(r"initial accuracy: ([0-9.]+)%")
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.accuracies: Dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        m = self._AFTER.search(msg)
+        if m:
+            self.accuracies[m.group(1).lower()] = float(m.group(2)) / 100
+            return
+        m = self._INITIAL.search(msg)
+        if m:
+            self.accuracies["clean"] = float(m.group(1)) / 100
+
+    def __enter__(self):
+        self._logger = logging.getLogger("auto-attack")
+        self._level = self._logger.level
+        if self._logger.getEffectiveLevel() > logging.DEBUG:
+            self._logger.setLevel(logging.DEBUG)
+            self._propagate = self._logger.propagate
+            self._logger.propagate = False  # DEBUG records were not shown before: keep it so
+        else:
+            self._propagate = None
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+        if self._propagate is not None:
+            self._logger.propagate = self._propagate
+        return False
 
 
 def _follow_stages(adv: Any) -> None:

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from ..config import Norm, coerce_enum
 from ..errors import ConfigError, InputError
+from .._tensor import (make_generator, margins, project_ball, rand_like, randn_like,
+                       random_in_ball)
 from ..guard import MODEL_MODES, preserve_model
 
 logger = logging.getLogger(__name__)
@@ -105,40 +107,7 @@ def model_mode(models: nn.Module | Iterable[nn.Module], mode: str = "eval", *,
 
 
 # -- randomness -----------------------------------------------------------------------------------
-def make_generator(seed: Optional[int]) -> torch.Generator:
-    """A CPU generator: seeded, or with a fresh non-deterministic seed (never the global RNG).
-
-    Random tensors are drawn on the CPU and moved to the input's device, so a seed gives the
-    same draws on every device.
-    """
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
-    return gen
-
-
-def rand_like(x: Tensor, gen: torch.Generator) -> Tensor:
-    """U[0, 1) noise with the shape, dtype and device of ``x``."""
-    return torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-
-
-def randn_like(x: Tensor, gen: torch.Generator) -> Tensor:
-    return torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-
-
-def random_in_ball(x: Tensor, eps: float, norm: str, gen: torch.Generator) -> Tensor:
-    """A perturbation drawn uniformly in the eps ball (Linf: the cube; L2: the ball, radius
-    ``eps * U^(1/d)`` along a Gaussian direction), shape of ``x``."""
-    if norm == "Linf":
-        return (2 * rand_like(x, gen) - 1) * eps
-    b = x.shape[0]
-    d = x[0].numel()
-    direction = randn_like(x, gen).reshape(b, -1)
-    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    r = torch.rand(b, 1, generator=gen, dtype=x.dtype).to(x.device) ** (1.0 / max(d, 1))
-    return (direction * r * eps).view_as(x)
+# make_generator, rand_like, randn_like, random_in_ball: robustdeq._tensor (re-exported here)
 
 
 @contextlib.contextmanager
@@ -189,32 +158,8 @@ def get_loss(name: str):
     return LOSSES[name]
 
 
-def margins(logits: Tensor, y: Tensor) -> Tensor:
-    """``z_y - max_{i != y} z_i`` per sample (negative: misclassified), shape (B,)."""
-    z_y = logits.gather(1, y[:, None])[:, 0]
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return z_y - others.max(dim=1)[0]
-
-
-# -- projection -----------------------------------------------------------------------------------
-def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Project ``x_adv`` on the eps ball around ``x`` intersected with [0, 1]; samples already
-    inside are returned bit for bit (so projecting a library's output is a strict no-op there)."""
-    b = x.shape[0]
-    view = (-1,) + (1,) * (x.dim() - 1)
-    delta = x_adv - x
-    flat = delta.reshape(b, -1)
-    if norm == "Linf":
-        inside = flat.abs().amax(dim=1) <= eps if flat.shape[1] else torch.ones(b, dtype=torch.bool)
-        proj = torch.clamp(delta, min=-eps, max=eps)
-    else:
-        n = flat.norm(dim=1)
-        inside = n <= eps
-        factor = torch.where(inside, torch.ones_like(n), eps / n.clamp_min(1e-30))
-        proj = delta * factor.view(view)
-    in_box = ((x_adv >= 0) & (x_adv <= 1)).reshape(b, -1).all(dim=1)
-    ok = (inside & in_box).view(view)
-    return torch.where(ok, x_adv, torch.clamp(x + proj, min=0, max=1))
+# margins, project: robustdeq._tensor (re-exported here; ``project`` is ``project_ball``)
+project = project_ball
 
 
 # -- prediction helpers ---------------------------------------------------------------------------

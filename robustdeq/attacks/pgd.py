@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._tensor import bshape, clip_delta, default_alpha, per_sample_norm
 from ..errors import ConfigError, NonConvergenceWarning
 from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
                    estimator_name, get_loss, initial_state_fn, is_deq, logits_of,
@@ -248,20 +249,17 @@ def pgd_step(adv: Tensor, images: Tensor, g: Tensor, *, eps: float, alpha: float
     """One projected ascent step from ``adv`` along ``g`` (torchattacks' PGD / PGDL2 order).
 
     Linf: ``x <- clip_[0,1](x0 + clip_eps(x + alpha sign(g) - x0))``; L2: ``x <- x + alpha g /
-    ||g||``, rescale ``x - x0`` into the ball, clip to [0, 1]."""
+    ||g|| + eps_for_division)``, rescale ``x - x0`` into the ball (:func:`robustdeq._tensor.clip_delta`),
+    clip to [0, 1]."""
     if norm == "Linf":
         adv = adv.detach() + alpha * g.sign()
-        delta = torch.clamp(adv - images, min=-eps, max=eps)
+        delta = clip_delta(adv - images, eps, "Linf")
         return torch.clamp(images + delta, min=0, max=1).detach()
     b = images.shape[0]
-    view = (-1,) + (1,) * (images.dim() - 1)
     g_norm = torch.norm(g.reshape(b, -1), p=2, dim=1) + eps_for_division
-    adv = adv.detach() + alpha * (g / g_norm.view(view))
-    delta = adv - images
-    d_norm = torch.norm(delta.reshape(b, -1), p=2, dim=1)
-    factor = torch.min(eps / d_norm, torch.ones_like(d_norm))
-    factor = torch.nan_to_num(factor, nan=1.0)  # 0/0 when eps = 0 and delta = 0
-    delta = delta * factor.view(view)
+    adv = adv.detach() + alpha * (g / g_norm.view(bshape(images)))
+    # clip_delta's factor is bit for bit torchattacks' nan_to_num(min(eps / ||d||, 1), nan=1)
+    delta = clip_delta(adv - images, eps, "L2")
     return torch.clamp(images + delta, min=0, max=1).detach()
 
 
@@ -271,7 +269,7 @@ def pgd_loop(x: Tensor, y: Tensor, grad_fn: GradFn, *, eps: float, alpha: float,
              success_fn: Optional[Callable[[], Tensor]] = None,
              select_fn: Optional[Callable[[Tensor], None]] = None,
              start: Optional[Tensor] = None, frozen_at: Optional[Tensor] = None,
-             budget: Optional[Tensor] = None) -> Tensor:
+             budget: Optional[Tensor] = None, random_radius: str = "volume") -> Tensor:
     """Projected gradient ascent on the loss behind ``grad_fn(x_adv, y) -> gradient``
     (:func:`pgd_step` per step), from ``start`` (default: ``x``, plus a random start).
 
@@ -283,11 +281,19 @@ def pgd_loop(x: Tensor, y: Tensor, grad_fn: GradFn, *, eps: float, alpha: float,
     Whenever samples leave, ``select_fn(keep)`` is told which samples of the latest call go on
     (for warm starts). The other samples follow exactly the plain loop's iterates (the losses
     are per-sample means and the steps per-sample sign or normalised).
+
+    The loss behind ``grad_fn`` is the caller's: a batch mean (the attacks, torchattacks' loss) or
+    a batch sum (the training objectives' inner maximisation) give the same per-sample gradient
+    up to the factor B, which the Linf sign step ignores exactly; the L2 step divides by
+    ``||g|| + eps_for_division``, so only the size of ``eps_for_division`` relative to ``||g||``
+    tells the two apart. The random start is :func:`robustdeq._tensor.random_in_ball` with
+    ``radius=random_radius`` (``gen=None``: the global RNG).
     """
     images = x.detach()
     adv = images.clone() if start is None else start.detach().clone()
     if random_start:
-        adv = torch.clamp(adv + random_in_ball(adv, eps, norm, gen), min=0, max=1).detach()
+        adv = torch.clamp(adv + random_in_ball(adv, eps, norm, gen, radius=random_radius),
+                          min=0, max=1).detach()
     if frozen_at is not None:
         frozen_at.fill_(-1)
     if budget is not None:
@@ -349,8 +355,8 @@ class FGSM(Attack):
         if self.norm == "Linf":
             adv = x + self.eps * g.sign()
         else:
-            n = g.reshape(x.shape[0], -1).norm(dim=1) + 1e-10
-            adv = x + self.eps * g / n.view(-1, *([1] * (x.dim() - 1)))
+            n = per_sample_norm(g) + 1e-10
+            adv = x + self.eps * g / n.view(bshape(x))
         self.last_stats = dict(self.oracle.stats)
         self.oracle.warn_if_unconverged(self.name)
         return torch.clamp(adv, min=0, max=1).detach()
@@ -397,7 +403,7 @@ class PGD(Attack):
         if not isinstance(early_stop, bool):
             raise ConfigError(f"early_stop must be a bool, got {early_stop!r}")
         self.early_stop = early_stop
-        self.alpha = (2.5 * self.eps / self.steps if alpha is None
+        self.alpha = (default_alpha(self.eps, self.steps) if alpha is None
                       else check_number(alpha, "alpha"))
         if not isinstance(random_start, bool):
             raise ConfigError(f"random_start must be a bool, got {random_start!r}")

@@ -20,12 +20,25 @@ _NORMS = ("none", "weight", "spectral")
 
 
 class Normalize(nn.Module):
-    """Per-channel ``(x - mean) / std`` inside the model (inputs stay in [0, 1])."""
+    """Per-channel ``(x - mean) / std`` inside the model (inputs stay in [0, 1]).
+
+    ``mean`` and ``std`` are float64 buffers (cast to the input's dtype in ``forward``), so a model
+    converted with ``.double()`` normalises with the exact values it was built with, not with their
+    float32 roundings."""
 
     def __init__(self, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float64).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float64).view(1, -1, 1, 1))
+
+    def _apply(self, fn, recurse=True):
+        # keep the statistics in float64 through .float() / .half() (a device move still applies)
+        mean, std = self.mean, self.std
+        out = super()._apply(fn, recurse)
+        if self.mean.dtype != torch.float64:
+            self.mean = mean.to(device=self.mean.device)
+            self.std = std.to(device=self.std.device)
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4:

@@ -35,6 +35,15 @@ class SolverStats:
     diverged: Tensor      # (B,) bool
     nfe: int              # evaluations of f for the batch
 
+    @property
+    def converged_fraction(self) -> float:
+        """Fraction of the batch whose solve reached the tolerance."""
+        return float(self.converged.float().mean()) if self.converged.numel() else float("nan")
+
+    @property
+    def mean_steps(self) -> float:
+        return float(self.steps.float().mean()) if self.steps.numel() else float("nan")
+
     def summary(self) -> dict:
         return {
             "mean_steps": float(self.steps.float().mean()),

@@ -991,6 +991,10 @@ def _run_unit(unit: _Unit, model: nn.Module, x: Tensor, y: Tensor, attacked: Ten
         xa, nb = _check_ball(xa.detach().to(device=x.device, dtype=x.dtype), xb, eps, norm)
         viol += nb
         x_adv[b] = xa
+        per_attack = (getattr(atk, "last_stats", None) or {}).get("robust_accuracy_after")
+        if per_attack and ctx is None:  # AutoAttack's own per-attack accuracies, per batch
+            desc.setdefault("robust_accuracy_after", []).append(
+                {"n": int(b.numel()), **{k: float(v) for k, v in per_attack.items()}})
         if mine is not None:
             mine[b] = True
         report_progress(done=min(i + batch_size, idx.numel()), total=idx.numel())

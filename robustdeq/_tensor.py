@@ -1,0 +1,144 @@
+"""Tensor helpers shared by attacks, defenses, certificates and evaluation (one copy each).
+
+- the eps ball: :func:`ball_factor` (the L2 rescaling factor), :func:`clip_delta` (a perturbation
+  into the ball), :func:`project_ball` (a point into ``B_eps(x) & [0, 1]``, exact no-op on points
+  already inside);
+- the step rule of PGD-style loops: :func:`default_alpha` (``2.5 * eps / steps``);
+- margins: :func:`margins` (``z_y - max_{i != y} z_i``);
+- seeded randomness: :func:`make_generator`, :func:`rand_like`, :func:`randn_like`,
+  :func:`random_in_ball` (a local ``torch.Generator``; ``None`` draws from the global RNG where
+  the caller documents that).
+
+Zero guard of the ball projection. The L2 factor is ``min(1, eps / ||d||)``, written as
+``where(||d|| <= eps, 1, eps / max(||d||, 1e-30))``: the guard only acts where the norm is exactly
+zero or denormal-small (then the sample is inside the ball anyway and the factor is 1), so it never
+biases a non-zero factor, and the result is bit for bit torchattacks' ``min(eps / ||d||, 1)`` with
+its ``nan_to_num``; an additive ``eps / (||d|| + 1e-12)`` (the other copy this replaces) changes
+every factor in float64 and makes points at distance eps (within 1e-12) come out strictly inside.
+1e-30 rather than 1e-12 because a norm in (1e-30, 1e-12) is a legitimate float32/float64 value.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+#: the zero guard of norms we divide by (see the module docstring)
+NORM_GUARD = 1e-30
+
+
+def _norm_name(norm) -> str:
+    return getattr(norm, "value", norm)
+
+
+def bshape(x: Tensor) -> Tuple[int, ...]:
+    """``(-1, 1, ..., 1)``: a per-sample (B,) tensor viewed to broadcast against ``x``."""
+    return (-1,) + (1,) * (x.dim() - 1)
+
+
+def default_alpha(eps: float, steps: int) -> float:
+    """The default PGD step size ``2.5 * eps / steps`` (Madry et al. 2018): ``steps`` steps can
+    cross the ball's diameter and a bit more, whatever the start."""
+    return 2.5 * float(eps) / int(steps)
+
+
+def per_sample_norm(x: Tensor) -> Tensor:
+    """The L2 norm of each sample (over all non-batch dimensions), shape (B,)."""
+    return x.reshape(x.shape[0], -1).norm(dim=1)
+
+
+def ball_factor(n: Tensor, eps: float) -> Tensor:
+    """``min(1, eps / n)`` per sample: the factor that brings a perturbation of L2 norm ``n`` into
+    the eps ball (1 inside; exactly 1 at ``n = 0``, also when ``eps = 0``)."""
+    return torch.where(n <= eps, torch.ones_like(n), eps / n.clamp_min(NORM_GUARD))
+
+
+def clip_delta(delta: Tensor, eps: float, norm) -> Tensor:
+    """``delta`` brought into the eps ball: Linf by clamping each coordinate, L2 by rescaling."""
+    if _norm_name(norm) == "Linf":
+        return torch.clamp(delta, min=-eps, max=eps)
+    return delta * ball_factor(per_sample_norm(delta), eps).view(bshape(delta))
+
+
+def project_ball(x_adv: Tensor, x: Tensor, eps: float, norm) -> Tensor:
+    """Project ``x_adv`` on the eps ball around ``x`` intersected with [0, 1]; samples already
+    inside are returned bit for bit (so projecting a library's output is a strict no-op there)."""
+    b = x.shape[0]
+    view = bshape(x)
+    delta = x_adv - x
+    flat = delta.reshape(b, -1)
+    if _norm_name(norm) == "Linf":
+        inside = flat.abs().amax(dim=1) <= eps if flat.shape[1] else torch.ones(b, dtype=torch.bool)
+    else:
+        inside = flat.norm(dim=1) <= eps
+    in_box = ((x_adv >= 0) & (x_adv <= 1)).reshape(b, -1).all(dim=1)
+    ok = (inside.to(x.device) & in_box).view(view)
+    return torch.where(ok, x_adv, torch.clamp(x + clip_delta(delta, eps, norm), min=0, max=1))
+
+
+def margins(logits: Tensor, y: Tensor) -> Tensor:
+    """``z_y - max_{i != y} z_i`` per sample (negative: misclassified), shape (B,)."""
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return z_y - others.max(dim=1)[0]
+
+
+# -- randomness -----------------------------------------------------------------------------------
+def make_generator(seed: Optional[int]) -> torch.Generator:
+    """A CPU generator: seeded, or with a fresh non-deterministic seed (never the global RNG).
+
+    Random tensors are drawn on the CPU and moved to the input's device, so a seed gives the
+    same draws on every device.
+    """
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def seeded_generator(seed: Optional[int]) -> Optional[torch.Generator]:
+    """A CPU generator seeded with ``seed``, or None (draw from the global RNG) when seed is None."""
+    return torch.Generator().manual_seed(int(seed)) if seed is not None else None
+
+
+def _draw(kind: str, shape, like: Tensor, gen: Optional[torch.Generator]) -> Tensor:
+    fn = torch.rand if kind == "uniform" else torch.randn
+    if gen is None:  # the global RNG, on the tensor's device
+        return fn(shape, dtype=like.dtype, device=like.device)
+    return fn(shape, generator=gen, dtype=like.dtype).to(like.device)
+
+
+def rand_like(x: Tensor, gen: Optional[torch.Generator]) -> Tensor:
+    """U[0, 1) noise with the shape, dtype and device of ``x`` (from ``gen``, drawn on the CPU;
+    None: the global RNG)."""
+    return _draw("uniform", x.shape, x, gen)
+
+
+def randn_like(x: Tensor, gen: Optional[torch.Generator]) -> Tensor:
+    """N(0, 1) noise with the shape, dtype and device of ``x`` (see :func:`rand_like`)."""
+    return _draw("normal", x.shape, x, gen)
+
+
+def random_in_ball(x: Tensor, eps: float, norm, gen: Optional[torch.Generator], *,
+                   radius: str = "volume") -> Tensor:
+    """A random perturbation in the eps ball, shape of ``x``. Linf: uniform in the cube. L2: a
+    Gaussian direction at radius ``eps * U^(1/d)`` (``radius="volume"``: uniform in the ball) or
+    ``eps * U`` (``radius="linear"``: torchattacks' PGDL2 random start)."""
+    if _norm_name(norm) == "Linf":
+        return (2 * rand_like(x, gen) - 1) * eps
+    b = x.shape[0]
+    d = x[0].numel()
+    direction = randn_like(x, gen).reshape(b, -1)
+    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(NORM_GUARD)
+    r = _draw("uniform", (b, 1), x, gen)
+    if radius == "volume":
+        r = r ** (1.0 / max(d, 1))
+    return (direction * r * eps).view_as(x)
+
+
+__all__ = ["NORM_GUARD", "bshape", "default_alpha", "per_sample_norm", "ball_factor", "clip_delta",
+           "project_ball", "margins", "make_generator", "seeded_generator", "rand_like", "randn_like",
+           "random_in_ball"]

@@ -1,0 +1,73 @@
+"""Small API promises: the backbone's names importable from robustdeq.deq, exact normalisation
+statistics in float64, solver statistics with the converged fraction, AutoAttack's per-attack
+robust accuracies."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import robustdeq as rd
+from robustdeq.errors import GradientMaskingWarning, NonConvergenceWarning
+
+
+def test_backbone_names_import_from_robustdeq_deq():
+    from robustdeq.deq import (DEQClassifier, ImplicitGrad, MLPCell, TransferView, WeightTied,  # noqa: F401
+                               attack_view, get_solver, zoo)
+    import robustdeq.deq as deq
+    assert deq.MLPCell is __import__("robustdeq.deq.cells", fromlist=["MLPCell"]).MLPCell
+    assert "MLPCell" in dir(deq) and "solvers" in dir(deq)
+    with pytest.raises(ImportError):
+        from robustdeq.deq import NoSuchThing  # noqa: F401
+
+
+def test_normalize_keeps_exact_statistics_in_float64():
+    m = rd.zoo.build("mlp_deq", hidden=8, mean=0.3, std=0.4)
+    norm = m.injection.normalize
+    m64 = m.double()
+    assert norm.mean.dtype == torch.float64
+    assert float(norm.mean.flatten()[0]) == 0.3 and float(norm.std.flatten()[0]) == 0.4
+    m64.float()  # round trip: still exact
+    assert float(norm.mean.flatten()[0]) == 0.3
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    m64.double()
+    expected = ((x.flatten(1) - 0.3) / 0.4)
+    got = norm(x).flatten(1)
+    assert torch.equal(got, expected)
+
+
+def test_solver_stats_converged_fraction():
+    m = rd.zoo.build("mlp_deq", hidden=8).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)
+        st = m.run(torch.rand(5, 1, 8, 8)).stats
+    assert st.converged_fraction == pytest.approx(float(st.converged.float().mean()))
+    assert st.mean_steps == pytest.approx(float(st.steps.float().mean()))
+    assert st.summary()["converged_fraction"] == pytest.approx(st.converged_fraction)
+
+
+def test_autoattack_reports_its_per_attack_robust_accuracies():
+    from robustdeq.attacks import AutoAttack
+    from robustdeq.eval import evaluate
+    from eval_helpers import digits_subset, trained_mlp
+    m = trained_mlp().eval()
+    x, y = digits_subset(24)
+    atk = AutoAttack(m, eps=0.05, version="custom", attacks=["apgd-ce", "apgd-dlr"],
+                     settings={"apgd.n_iter": 5})
+    x_adv = atk(x, y)
+    acc = atk.last_stats["robust_accuracy_after"]
+    with torch.no_grad():
+        clean = float((m(x).argmax(1) == y).float().mean())
+        robust = float((m(x_adv).argmax(1) == y).float().mean())
+    assert 0 < robust < clean  # both attacks run (a sample is left after APGD-CE)
+    assert set(acc) == {"clean", "apgd-ce", "apgd-dlr"}
+    assert acc["clean"] == pytest.approx(clean, abs=1e-4)
+    assert acc["apgd-dlr"] == pytest.approx(robust, abs=1e-4)  # cumulative: the last one is final
+    assert acc["apgd-dlr"] <= acc["apgd-ce"] <= acc["clean"]
+    # the harness keeps them in the unit's description
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientMaskingWarning)
+        rep = evaluate(m, x, y, eps=0.1, suite=["autoattack"], checks=False)
+    per = rep.result().attack("autoattack").describe["robust_accuracy_after"]
+    assert per and per[0]["n"] == int((m(x).argmax(1) == y).sum()) and "apgd-ce" in per[0]
