@@ -146,8 +146,31 @@ def attacked_stats(model, x, y, eps, args) -> dict:
     return out
 
 
+def _finished_eval(out_dir, n, suite, args):
+    """A report.json written earlier in ``out_dir`` for the same samples, eps and suite, or None
+    (rows interrupted after an evaluation finished do not recompute it)."""
+    path = Path(out_dir) / "report.json"
+    if args.force or not path.is_file():
+        return None
+    rep = json.loads(path.read_text())
+    if (rep.get("n_samples") != n or [float(e) for e in rep.get("eps", [])] != [float(e) for e in args.eps]
+            or rep.get("suite") != (suite if isinstance(suite, str) else list(suite))):
+        return None
+    logger.info("reusing the finished evaluation %s", path)
+    return {"n": n, "clean_accuracy": rep["clean_accuracy"],
+            "robust_accuracy": {f"{r['eps']:g}": r["robust_accuracy"] for r in rep["results"]},
+            "attacks": {f"{r['eps']:g}": [{"key": a["key"], "cumulative_accuracy": a["cumulative_accuracy"],
+                                           "seconds": a["seconds"]} for a in r["attacks"]]
+                        for r in rep["results"]},
+            "checks_fired": [c["name"] for c in rep.get("checks", []) if c.get("fired")],
+            "seconds": sum(r.get("seconds", 0.0) for r in rep["results"]), "reused": str(path)}
+
+
 def run_eval(model, x, y, suite, args, out_dir):
     from robustdeq.eval import evaluate
+    done = _finished_eval(out_dir, int(x.shape[0]), suite, args)
+    if done is not None:
+        return done
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()

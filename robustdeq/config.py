@@ -12,7 +12,7 @@ import functools
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Type, TypeVar
+from typing import Any, Mapping, Type, TypeVar, Union
 
 from .errors import ConfigError
 
@@ -34,9 +34,41 @@ class Select(str, enum.Enum):
 
 
 class SolverName(str, enum.Enum):
+    """The built-in solvers. A solver added with :func:`robustdeq.deq.solvers.register_solver`
+    is named by a :class:`RegisteredSolverName` instead (a ``str`` with the same ``.value``)."""
+
     FIXED_POINT = "fixed_point"
     ANDERSON = "anderson"
     BROYDEN = "broyden"
+
+
+class RegisteredSolverName(str):
+    """The name of a registered (not built-in) solver: a plain ``str`` that, like a
+    :class:`SolverName`, offers ``.value`` (itself), so ``config.name.value`` works for both."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    def __reduce__(self):  # pickles (and checkpoints) as a plain string
+        return (str, (str(self),))
+
+
+def solver_name(value: Any, what: str = "SolverConfig.name") -> "SolverName | RegisteredSolverName":
+    """``value`` as a :class:`SolverName` (built-in) or a :class:`RegisteredSolverName` (a name
+    in :data:`robustdeq.registry.SOLVERS`); a ConfigError naming the known solvers otherwise."""
+    if isinstance(value, (SolverName, RegisteredSolverName)):
+        return value
+    if isinstance(value, str):
+        try:
+            return SolverName(value)
+        except ValueError:
+            pass
+        from .registry import SOLVERS
+        if value in SOLVERS:
+            return RegisteredSolverName(value)
+        raise ConfigError(f"unknown solver {value!r} ({what}); known solvers: {', '.join(SOLVERS.names())}")
+    raise ConfigError(f"{what} must be a solver name (str), got {type(value).__name__} {value!r}")
 
 
 class Norm(str, enum.Enum):
@@ -146,6 +178,8 @@ def to_dict(obj: Any) -> dict:
         v = getattr(obj, f.name)
         if isinstance(v, enum.Enum):
             v = v.value
+        elif isinstance(v, str):
+            v = str(v)  # a str subclass (RegisteredSolverName) becomes a plain string
         elif dataclasses.is_dataclass(v):
             v = to_dict(v)
         elif isinstance(v, tuple):
@@ -163,7 +197,7 @@ class SolverConfig:
     30 iterations, return the lowest-residual iterate.
     """
 
-    name: SolverName = SolverName.ANDERSON
+    name: Union[SolverName, str] = SolverName.ANDERSON  # a built-in, or a registered solver's name
     max_iter: int = 30
     tol: float = 1e-3
     stop_mode: StopMode = StopMode.REL
@@ -178,7 +212,8 @@ class SolverConfig:
     divergence_factor: float = 1e6  # residual > factor * initial residual counts as divergence
 
     def __post_init__(self):
-        for name, enum_cls in (("name", SolverName), ("stop_mode", StopMode), ("select", Select)):
+        object.__setattr__(self, "name", solver_name(self.name))
+        for name, enum_cls in (("stop_mode", StopMode), ("select", Select)):
             object.__setattr__(self, name, coerce_enum(enum_cls, getattr(self, name),
                                                        f"SolverConfig.{name}"))
         if self.max_iter < 1:

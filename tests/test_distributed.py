@@ -172,7 +172,12 @@ def _task_eval(rank, out, out_dirs=False, interrupt_after=None):
 
 
 def _task_certify(rank, out):
+    """Inside a process group the caller initialised (no torchrun environment)."""
     from robustdeq.certify import certify
+    port = os.environ["MASTER_PORT"]
+    for v in TORCHRUN_VARS:
+        os.environ.pop(v)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model, x, y = _eval_inputs(out)
     return certify(model, x, y, eps_l2=(0.05, 0.1), batch_size=4, local_method="power", local_iters=20).to_dict()
 

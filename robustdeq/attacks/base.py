@@ -25,6 +25,8 @@ from ..config import Norm, coerce_enum
 from ..errors import ConfigError, InputError
 from .._tensor import (make_generator, margins, project_ball, rand_like, randn_like,
                        random_in_ball)
+from ..deq.protocols import FixedPointModel, TrajectoryModel
+from ..deq.warm import initial_state_fn, warm_start_rows
 from ..guard import MODEL_MODES, preserve_model
 
 logger = logging.getLogger(__name__)
@@ -203,54 +205,19 @@ def estimator_name(est) -> str:
     return _EST_NAMES.get(type(est).__name__, type(est).__name__)
 
 
-def warm_start_rows(prev: Optional[Tensor], ok: Optional[Tensor],
-                    cold: Optional[Callable[[], Tensor]], batch: Optional[int] = None):
-    """Where a warm-started solve starts: ``prev`` (the previous solution) for the samples whose
-    previous solve converged (``ok``; None: all) and is finite, ``cold()`` (the model's initial
-    state) for the others. Returns ``(start, warm)`` (``warm``: the (B,) warm-started samples),
-    or None when no sample warm-starts (no ``prev``, ``prev`` not of ``batch`` samples, or some
-    would need ``cold`` and it is None).
-
-    A solve that stops at ``max_iter`` returns an iterate that depends on where it started, so
-    warm-starting a sample whose solve did not converge would attack (or train against) another
-    function than the one the model's inference computes."""
-    if prev is None or (batch is not None and prev.shape[0] != batch):
-        return None
-    warm = torch.isfinite(prev.reshape(prev.shape[0], -1)).all(dim=1)
-    if ok is not None:
-        if ok.shape[0] != prev.shape[0]:
-            return None
-        warm &= ok
-    if not bool(warm.any()):
-        return None
-    if bool(warm.all()):
-        return prev, warm
-    if cold is None:
-        return None
-    view = (-1,) + (1,) * (prev.dim() - 1)
-    return torch.where(warm.view(view), prev, cold()), warm
-
-
-def initial_state_fn(model: nn.Module, x: Tensor) -> Optional[Callable[[], Tensor]]:
-    """``() -> z0``: the DEQ's own initial state for inputs ``x`` (no autograd), or None if the
-    model does not expose ``init_state``; the ``cold`` of :func:`warm_start_rows`."""
-    if not hasattr(model, "init_state"):
-        return None
-
-    def cold() -> Tensor:
-        with torch.no_grad():
-            return model.init_state(model.inject(x.detach()))
-    return cold
+# warm_start_rows, initial_state_fn: robustdeq.deq.warm (re-exported here)
 
 
 def is_deq(model: nn.Module) -> bool:
-    """A model with a fixed-point solve (DEQClassifier-like): warm starts apply."""
-    return all(hasattr(model, a) for a in ("solve", "run", "inject", "f", "readout"))
+    """A model with a fixed-point solve (:class:`robustdeq.deq.protocols.FixedPointModel`):
+    warm starts apply."""
+    return isinstance(model, FixedPointModel)
 
 
 def has_trajectory(model: nn.Module) -> bool:
-    """A DEQ or a weight-tied model: ``run(x, record=...)`` and ``readout(z)``."""
-    return all(hasattr(model, a) for a in ("run", "readout", "inject", "unroll"))
+    """A DEQ or a weight-tied model (:class:`robustdeq.deq.protocols.TrajectoryModel`):
+    ``run(x, record=...)`` and ``readout(z)``."""
+    return isinstance(model, TrajectoryModel)
 
 
 # -- the base class -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._tensor import default_alpha
 from ..errors import ConfigError
 from .base import (Attack, check_int, check_labels, check_num_classes, check_number,
                    cross_entropy, has_trajectory, is_deq)
@@ -180,7 +181,7 @@ class StateAttack(Attack):
                               f"{type(model).__name__} is explicit (use mode='unroll')")
         self.mode = mode
         self.steps = check_int(steps, "steps", low=1)
-        self.alpha = 2.5 * self.eps / self.steps if alpha is None else check_number(alpha, "alpha")
+        self.alpha = default_alpha(self.eps, self.steps) if alpha is None else check_number(alpha, "alpha")
         self.unroll = check_int(unroll, "unroll", low=1)
         if not isinstance(random_start, bool) or not isinstance(ensemble, bool):
             raise ConfigError("random_start and ensemble must be bools")

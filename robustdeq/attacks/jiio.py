@@ -1,5 +1,5 @@
 """The JIIO attack (joint-DEQ PGD): the attack's forward fixed point, adjoint and perturbation
-solved as ONE augmented fixed point (Gurumurthy et al. 2021; see robustdeq.defenses.jiio).
+solved as ONE augmented fixed point (Gurumurthy et al. 2021; the engine: robustdeq.deq.jiio).
 
 Each iteration costs one evaluation of the cell and one vector-Jacobian product, instead of a
 forward solve plus an adjoint solve per PGD step. ``iters`` iterations therefore cost about
@@ -30,7 +30,8 @@ class JIIO(Attack):
         iters: augmented iterations (one f + one VJP each), no early stop.
         alpha: step on the input (default ``eps / 4``); ``alpha_final`` after ``switch_at``
             (default ``round(5 iters / 8)``; default: no change).
-        step: "sign" (default for Linf), "normalized" (default for L2) or "gradient".
+        direction: the input step's direction, "sign" (default for Linf), "normalized" (default
+            for L2) or "gradient" (``step``: its former name, accepted with a DeprecationWarning).
         solver: "fixed_point" (default: plain iteration of the damped augmented map; the stronger
             attack in our measurements) or "anderson" (memory ``m``, the paper's choice).
         select: "best" (lowest augmented residual) or "last" iterate.
@@ -43,35 +44,40 @@ class JIIO(Attack):
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", iters: int = 80,
                  alpha: Optional[float] = None, alpha_final: Optional[float] = None,
-                 switch_at: Optional[int] = None, step: Optional[str] = None,
+                 switch_at: Optional[int] = None, direction: Optional[str] = None,
                  solver: str = "fixed_point", m: int = 20, select: str = "best",
                  beta_z: float = 0.8, beta_mu: float = 0.6, random_start: bool = False,
-                 targeted: bool = False, seed: Optional[int] = None):
+                 targeted: bool = False, seed: Optional[int] = None, step: Optional[str] = None):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
-        from ..defenses.jiio import JIIOConfig, _check_jiio_model
+        from ..deq.jiio import JIIOConfig, _check_jiio_model, _renamed, default_direction
         _check_jiio_model(model)
         self.iters = check_int(iters, "iters", low=1)
         self.alpha = self.eps / 4 if alpha is None else check_number(alpha, "alpha")
         self.alpha_final = check_number(alpha_final, "alpha_final", allow_none=True)
-        self.step = step or ("sign" if self.norm == "Linf" else "normalized")
+        self.direction = default_direction(self.norm, _renamed("JIIO", "step", step, "direction", direction))
         if not isinstance(random_start, bool):
             raise ConfigError(f"random_start must be a bool, got {random_start!r}")
         self.random_start = random_start
         self.config = JIIOConfig(iters=self.iters, alpha=self.alpha, alpha_final=self.alpha_final,
-                                 switch_at=switch_at, step=self.step, solver=solver, m=m, select=select,
+                                 switch_at=switch_at, direction=self.direction, solver=solver, m=m, select=select,
                                  beta_z=beta_z, beta_mu=beta_mu, resolve=True)
         self.name = f"JIIO-{self.iters}" + ("-L2" if self.norm == "L2" else "")
         self.last_result = None
+
+    @property
+    def step(self) -> str:
+        """Former name of :attr:`direction` (the input step's direction)."""
+        return self.direction
 
     def params(self) -> Dict[str, Any]:
         c = self.config
         return {"iters": c.iters, "alpha": c.alpha, "alpha_final": c.alpha_final,
                 "switch_at": c.switch if c.alpha_final is not None else None,
-                "step": c.step, "solver": c.solver, "m": c.m, "select": c.select, "beta_z": c.beta_z,
+                "direction": c.direction, "step": c.direction, "solver": c.solver, "m": c.m, "select": c.select, "beta_z": c.beta_z,
                 "beta_mu": c.beta_mu, "random_start": self.random_start}
 
     def _perturb(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
-        from ..defenses.jiio import optimize_inputs, threat_constraint
+        from ..deq.jiio import optimize_inputs, threat_constraint
         if self.targeted:
             objective = lambda logits, xx: F.cross_entropy(logits, y, reduction="none")  # noqa: E731
         else:

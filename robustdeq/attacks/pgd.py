@@ -2,11 +2,11 @@
 
 For a DEQ (a model with ``solve``), step ``t`` of PGD starts the forward solver from the fixed
 point of step ``t - 1`` (``z0 = z*(x_{t-1})``) for every sample whose solve converged there (the
-others start from the model's initial state, see :meth:`InputGradient._start`); with the
+others start from the model's initial state, see :mod:`robustdeq.deq.warm`); with the
 implicit (IFT) gradient, the adjoint solve ``a = J^T a + g`` likewise starts from the previous
 step's converged adjoint, and both solves run on a
 batch that shrinks as samples converge (the solver's per-sample results are unchanged, see
-``_solve.py``). Each step costs one forward solve and one adjoint solve, nothing else. How much
+``robustdeq/deq/shrink.py``). Each step costs one forward solve and one adjoint solve, nothing else. How much
 this saves depends on the model: warm starts cut the per-sample iterations, but a batch's solve
 lasts as long as its slowest sample, so samples that never converge (they run to ``max_iter``
 at every step) bound the gain; benchmarks/bench_attacks.py measures it. Any other ``nn.Module``
@@ -22,13 +22,13 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from .._tensor import bshape, clip_delta, default_alpha, per_sample_norm
+from ..deq.warm import (WarmStart, implicit_input_gradient, run_warm,
+                        supports_implicit_input_gradient)
 from ..errors import ConfigError, NonConvergenceWarning
 from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
-                   estimator_name, get_loss, initial_state_fn, is_deq, logits_of,
-                   margins, random_in_ball, warm_start_rows)
+                   estimator_name, get_loss, is_deq, logits_of, margins, random_in_ball)
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,19 @@ class InputGradient:
         self.estimator = _resolve_estimator(model, grad)
         self.deq = is_deq(model)
         self.warm_start = bool(warm_start)
+        #: the warm-start state (robustdeq.deq.warm): the previous call's fixed point and
+        #: adjoint with their per-sample convergence flags
+        self.state = WarmStart(adjoint=False)
         self.reset()
 
+    # the warm-start state, by its historical names
+    z_prev = property(lambda self: self.state.z, lambda self, v: setattr(self.state, "z", v))
+    z_ok = property(lambda self: self.state.z_ok, lambda self, v: setattr(self.state, "z_ok", v))
+    a_prev = property(lambda self: self.state.a, lambda self, v: setattr(self.state, "a", v))
+    a_ok = property(lambda self: self.state.a_ok, lambda self, v: setattr(self.state, "a_ok", v))
+
     def reset(self) -> None:
-        self.z_prev: Optional[Tensor] = None
-        self.a_prev: Optional[Tensor] = None
-        #: (B,) bool: the solve that produced z_prev / a_prev converged (only those warm-start)
-        self.z_ok: Optional[Tensor] = None
-        self.a_ok: Optional[Tensor] = None
+        self.state.reset()
         self.last_logits: Optional[Tensor] = None  # logits at the latest call's inputs (detached)
         #: (B,) bool: the latest call's forward solve converged per sample (True off a DEQ)
         self.last_converged: Optional[Tensor] = None
@@ -86,15 +91,12 @@ class InputGradient:
 
     def reset_warm_start(self) -> None:
         """Forget the warm-start states (the next call starts a new batch); keeps the stats."""
-        self.z_prev = self.a_prev = self.z_ok = self.a_ok = None
+        self.state.reset()
 
     def select(self, keep: Tensor) -> None:
         """Continue with the samples ``keep`` (indices into the latest call's batch) only: the
         warm-start states follow them."""
-        for name in ("z_prev", "a_prev", "z_ok", "a_ok"):
-            v = getattr(self, name)
-            if v is not None:
-                setattr(self, name, v[keep])
+        self.state.select(keep)
 
     def current_estimator(self):
         if self.estimator is not None:
@@ -103,38 +105,37 @@ class InputGradient:
 
     def warm(self) -> bool:
         """Whether warm starts apply (a DEQ, and not full backpropagation: through a warm-started
-        solve it would only see the last few iterations, a different gradient)."""
+        solve it would only see the last few iterations, a different gradient).
+
+        Where a solve starts (:mod:`robustdeq.deq.warm`): the previous call's solution for the
+        samples whose previous solve converged, the model's initial state for the others (as the
+        model's own inference starts; on a conv DEQ whose solves never converged, warm-starting
+        them made PGD 15 points weaker than torchattacks' cold-started PGD,
+        benchmarks/RESULTS.md). For the adjoint, a linear system with one solution, a start only
+        changes how close an unconverged iterate gets to it; a non-converged previous adjoint is
+        still not reused (it may come from a divergent iteration)."""
         est = self.current_estimator()
         return self.warm_start and self.deq and not getattr(est, "full_graph", False)
-
-    def _start(self, prev: Optional[Tensor], ok: Optional[Tensor],
-               cold: Optional[Callable[[], Tensor]], batch: int):
-        """Where a solve starts (:func:`~robustdeq.attacks.base.warm_start_rows`): the previous
-        call's solution for the samples whose previous solve converged, the model's initial
-        state for the others (as the model's own inference starts; on a conv DEQ whose solves
-        never converged, warm-starting them made PGD 15 points weaker than torchattacks'
-        cold-started PGD, benchmarks/RESULTS.md). For the adjoint, a linear system with one
-        solution, a start only changes how close an unconverged iterate gets to it; a
-        non-converged previous adjoint is still not reused (it may come from a divergent
-        iteration). None: no warm start."""
-        if not self.warm():
-            return None
-        return warm_start_rows(prev, ok, cold, batch)
 
     def __call__(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """The gradient of ``loss_fn(logits(x), y)`` w.r.t. ``x`` (shape of ``x``)."""
         self.stats["calls"] += 1
         est = self.current_estimator()
-        if self.deq and self._fast_path(est):
-            return self._implicit(x, y, loss_fn, est)
+        if self.deq and supports_implicit_input_gradient(self.model, est):
+            # the model's warm-started, shrinking-batch implicit gradient (robustdeq.deq.warm)
+            r = implicit_input_gradient(self.model, x, y, loss_fn, est,
+                                        warm=self.state if self.warm() else None,
+                                        check_logits=lambda logits: self._check(logits, y))
+            for k, v in r.stats.items():
+                self.stats[k] += v
+            self.last_logits = r.logits
+            self.last_converged = r.converged
+            return r.grad
         xr = x.detach().requires_grad_(True)
         if self.deq:
-            model = self.model
-            start = self._start(self.z_prev, self.z_ok, initial_state_fn(model, x), x.shape[0])
-            eq = model.run(xr, z0=None if start is None else start[0], grad=self.estimator)
+            eq = run_warm(self.model, xr, self.state if self.warm() else None, grad=self.estimator)
             logits = eq.logits
-            self.last_converged = self.z_ok = eq.stats.converged.detach()
-            self.z_prev = eq.z_star.detach()
+            self.last_converged = eq.stats.converged.detach()
             self.stats["forward_nfe"] += int(eq.stats.nfe)
             self.stats["forward_unconverged"] += int((~eq.stats.converged).sum())
         elif self.estimator is not None:
@@ -154,85 +155,6 @@ class InputGradient:
         if not self._checked:
             check_num_classes(y, logits)
             self._checked = True
-
-    def _fast_path(self, est) -> bool:
-        """The warm-started implicit gradient below reproduces ``DEQClassifier.run`` with an
-        ``ImplicitGrad``; it is used only where that holds (no overridden pieces)."""
-        from ..deq.grad import ImplicitGrad
-        from ..deq.model import DEQClassifier
-        cls = type(self.model)
-        return (type(est) is ImplicitGrad and isinstance(self.model, DEQClassifier)
-                and all(getattr(cls, n) is getattr(DEQClassifier, n)
-                        for n in ("run", "forward", "solve", "f", "inject", "readout")))
-
-    def _implicit(self, x: Tensor, y: Tensor, loss_fn: LossFn, est) -> Tensor:
-        # parametrised weights are computed once for the call (as in ``DEQClassifier.solve``)
-        with parametrize.cached():
-            return self._implicit_solves(x, y, loss_fn, est)
-
-    def _implicit_solves(self, x: Tensor, y: Tensor, loss_fn: LossFn, est) -> Tensor:
-        """The implicit gradient as ``DEQClassifier.run`` + ``ImplicitGrad`` compute it (logits =
-        readout(f(z*, u)); adjoint ``a = J^T a + g`` solved with the estimator's solver), with
-        both solves warm-started from the previous call and run on a shrinking batch. The
-        adjoint uses the cell's closed-form VJP where it has one, else VJPs through one
-        evaluation of ``f`` with autograd, which also serves the input VJP."""
-        from ..deq.solvers import get_solver
-        from ._solve import solve_shrinking
-        model = self.model
-        xr = x.detach().requires_grad_(True)
-        u = model.inject(xr)
-        ud = u.detach()
-        model.prepare()
-        fsolver = get_solver(model.solver_config)
-        start = self._start(self.z_prev, self.z_ok, lambda: model.init_state(ud), x.shape[0])
-        z0 = model.init_state(ud) if start is None else start[0]
-        with torch.no_grad():
-            def make_f(idx):
-                uu = ud if idx is None else ud[idx]
-                return lambda z: model.cell(z, uu)
-            res = solve_shrinking(fsolver, make_f, z0.detach())
-        self.stats["forward_nfe"] += res.nfe
-        self.stats["forward_work"] += res.work
-        self.stats["forward_unconverged"] += int((~res.converged).sum())
-        if not bool(res.converged.all()) and hasattr(model, "nonconvergence_events"):
-            model.nonconvergence_events += 1  # as model.run would count it
-        z_star = res.z.detach()
-        self.z_prev = z_star
-        self.last_converged = self.z_ok = res.converged
-        closed_form = getattr(model.cell, "has_vjp", False)
-        # the autograd path needs the graph to z as well; the closed form only the one to x
-        z_leaf = z_star if closed_form else z_star.clone().requires_grad_(True)
-        z_out = model.f(z_leaf, u)
-        logits = model.readout(z_out)
-        self._check(logits, y)
-        self.last_logits = logits.detach()
-        cost = loss_fn(logits, y)
-        g = torch.autograd.grad(cost, z_out, retain_graph=True)[0].detach()
-
-        def make_adjoint(idx):
-            if closed_form:  # the cell's closed-form vector-Jacobian product
-                vjp = model.cell.vjp_at(z_star if idx is None else z_star[idx],
-                                        ud if idx is None else ud[idx])
-                gs = g if idx is None else g[idx]
-                return lambda a: vjp(a, gs)
-            if idx is None:
-                return lambda a: torch.autograd.grad(z_out, z_leaf, a, retain_graph=True)[0] + g
-            zs = z_star[idx].clone().requires_grad_(True)
-            with torch.enable_grad():
-                fs = model.f(zs, ud[idx])
-            gs = g[idx]
-            return lambda a: torch.autograd.grad(fs, zs, a, retain_graph=True)[0] + gs
-
-        astart = self._start(self.a_prev, self.a_ok, lambda: g, g.shape[0])
-        bsolver = get_solver(est.solver)
-        with torch.no_grad():
-            ares = solve_shrinking(bsolver, make_adjoint, g if astart is None else astart[0])
-        self.stats["backward_nfe"] += ares.nfe
-        self.stats["backward_work"] += ares.work
-        self.stats["backward_unconverged"] += int((~ares.converged).sum())
-        a = ares.z.detach()
-        self.a_prev, self.a_ok = a, ares.converged
-        return torch.autograd.grad(z_out, xr, a)[0]
 
     def warn_if_unconverged(self, who: str) -> None:
         s = self.stats

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..guard import preserve_model
 
 
 @contextlib.contextmanager
@@ -18,14 +19,10 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
     Eval mode matters for certificates: a spectrally normalised weight runs (and stores) a power
     iteration on every access in train mode; in eval mode it is the fixed weight inference uses.
+    The flags (and ``requires_grad``) come back through :func:`robustdeq.guard.preserve_model`.
     """
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
+    with preserve_model(module, "eval", values=False, who="a certificate"):
         yield module
-    finally:
-        for m, t in flags:
-            m.training = t
 
 
 def get_cell(model_or_cell: nn.Module) -> nn.Module:

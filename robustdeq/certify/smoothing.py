@@ -236,8 +236,8 @@ def srs_lower_bound(n_a: int, n: int, checked: int, disagree: int, agree: int, a
 
 # ============================================================================= the base classifier
 def _is_deq(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("solve", "inject", "readout", "init_state", "cell",
-                                            "solver_config", "estimator"))
+    from ..deq.protocols import SolverModel
+    return isinstance(model, SolverModel)
 
 
 def _is_unrolled(model: nn.Module) -> bool:

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
+from .._tensor import seeded_generator
 from ..config import SolverConfig
 from ..deq import zoo
 from ..deq.cells import ConvCell, ConvInjection, MLPCell, MLPInjection
@@ -409,8 +410,7 @@ def lyapunov_decrease(model: LyaDEQ, x: Tensor, steps: int = 10, *, radius: floa
         res = model.solve(u, solver=solver)
         z_star = res.z
         if delta is None:
-            gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-            delta = random_perturbation(z_star, radius, generator=gen)
+            delta = random_perturbation(z_star, radius, generator=seeded_generator(seed))
         elif delta.shape != z_star.shape:
             raise InputError(f"delta has shape {tuple(delta.shape)}, expected {tuple(z_star.shape)}")
         b = z_star.shape[0]
@@ -449,12 +449,16 @@ class LyapunovStability:
     cells the flow condition with ``alpha = 0.01`` is often already met (penalty 0) while the map
     condition is not. ``base`` defaults to cross-entropy on ``model(x)``; pass an adversarial
     objective (PGD-AT, TRADES, ...) for LyaDEQ + AT.
+
+    The random perturbations come from a private generator seeded with ``seed`` (or the
+    ``generator`` given); ``seed=None`` and no generator: the global RNG, as before.
     """
 
     name = "lyapunov"
 
     def __init__(self, base: Optional[Callable] = None, *, weight: float = 1.0, radius: float = 1.0,
-                 samples: int = 1, steps: int = 1, condition: str = "flow", floor: float = 10.0):
+                 samples: int = 1, steps: int = 1, condition: str = "flow", floor: float = 10.0,
+                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None):
         if condition not in ("flow", "map"):
             raise ConfigError(f"unknown condition {condition!r}; expected 'flow' or 'map'")
         self.condition = condition
@@ -470,6 +474,15 @@ class LyapunovStability:
             raise ConfigError(f"floor must be >= 0, got {floor}")
         self.steps, self.floor = int(steps), float(floor)
         self.base, self.weight, self.radius, self.samples = base, float(weight), float(radius), int(samples)
+        if seed is not None and generator is not None:
+            raise ConfigError("pass seed or generator, not both")
+        self.seed = None if seed is None else int(seed)
+        self._gen = generator if generator is not None else seeded_generator(self.seed)
+
+    def reseed_generator(self, seed: int) -> None:
+        """Restart the private generator from ``seed`` (each process of a multi-process run draws
+        its own numbers); ``self.seed``, the recorded setting, is kept."""
+        self._gen = torch.Generator().manual_seed(int(seed))
 
     def penalty(self, model: LyaDEQ, x: Tensor) -> Tuple[Tensor, Dict[str, float]]:
         model = _as_lyadeq(model)
@@ -483,7 +496,7 @@ class LyapunovStability:
             floor = self.floor * (model.f(z_star, u) - z_star).reshape(b, -1).norm(dim=1)
         total, count, viol = z_star.new_zeros(()), 0, 0
         for _ in range(self.samples):
-            z = z_star + random_perturbation(z_star, self.radius, uniform_radius=True)
+            z = z_star + random_perturbation(z_star, self.radius, uniform_radius=True, generator=self._gen)
             for _k in range(self.steps):
                 fz = model.f(z, u)
                 e = z - z_star
@@ -522,7 +535,7 @@ class LyapunovStability:
         base = d() if callable(d) else ({"name": "standard"} if self.base is None else type(self.base).__name__)
         return {"name": self.name, "weight": self.weight, "radius": self.radius,
                 "samples": self.samples, "steps": self.steps, "condition": self.condition, "floor": self.floor,
-                "base": base}
+                "base": base, **({"seed": self.seed} if self.seed is not None else {})}
 
 
 # -------------------------------------------------------------------------------------- zoo

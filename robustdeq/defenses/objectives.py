@@ -5,7 +5,7 @@
 ``PGDAT``          PGD adversarial training (Madry et al. 2018): CE on PGD examples of the model itself
 ``TRADES``         CE(h(x), y) + beta KL(softmax h(x) || softmax h(x')), x' from ``steps`` sign steps
                    on the KL from x + 0.001 N(0, I) (Zhang et al. 2019; as in Yang et al. 2023)
-``JIIOAT``         inner maximisation by the JIIO augmented fixed point (robustdeq.defenses.jiio),
+``JIIOAT``         inner maximisation by the JIIO augmented fixed point (robustdeq.deq.jiio),
                    CE at the fixed point re-solved at x + delta*, implicit backward warm-started
                    from the attack's adjoint mu*
 ``GaussianNoise``  Gaussian data augmentation for randomized smoothing (Cohen, Rosenfeld, Kolter
@@ -44,11 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._tensor import _draw, default_alpha, seeded_generator
 from ..config import Norm, coerce_enum, from_dict
 from ..deq.grad import ImplicitGrad
-from ..deq.solvers import get_solver
 from ..deq.regularizers import jacobian_penalty
+from ..deq.protocols import FixedPointModel, IteratingModel
+from ..deq.jiio import JIIOConfig, _renamed, jiio_attack
+from ..deq.warm import WarmStart, WarmStartImplicitGrad, run_warm
 from ..errors import ConfigError
+from ..guard import preserve_model
 
 logger = logging.getLogger(__name__)
 
@@ -61,83 +65,55 @@ __all__ = [
 # ============================================================================== helpers
 @contextlib.contextmanager
 def preserve_modes(model: nn.Module, *, eval: bool = False, freeze: bool = False):
-    """Restore every submodule's ``training`` flag (and parameters' ``requires_grad``) on exit;
-    optionally switch to eval mode and freeze the parameters inside the block."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        if eval:
-            model.eval()
+    """Restore every submodule's ``training`` flag (and parameters' ``requires_grad``) on exit
+    (:func:`robustdeq.guard.preserve_model`, flags only); optionally switch to eval mode and
+    freeze the parameters inside the block."""
+    with preserve_model(model, "eval" if eval else "keep", values=False, who="a training objective"):
         if freeze:
-            for p, _ in flags:
+            for p in model.parameters():
                 p.requires_grad_(False)
         yield model
-    finally:
-        for m, t in modes:
-            m.training = t
-        for p, f in flags:
-            p.requires_grad_(f)
 
 
 def _rand(shape, like: Tensor, gen: Optional[torch.Generator], kind: str = "normal") -> Tensor:
-    if gen is None:
-        t = torch.randn(shape, dtype=like.dtype, device=like.device) if kind == "normal" else \
-            torch.rand(shape, dtype=like.dtype, device=like.device)
-        return t
-    t = torch.randn(shape, generator=gen, dtype=like.dtype) if kind == "normal" else \
-        torch.rand(shape, generator=gen, dtype=like.dtype)
-    return t.to(like.device)
+    """Noise of ``shape`` like ``like``: from ``gen`` (drawn on the CPU), or the global RNG (None)."""
+    return _draw(kind, shape, like, gen)
 
 
-def _bshape(x: Tensor) -> Tuple[int, ...]:
-    return (-1,) + (1,) * (x.dim() - 1)
-
-
-def _project(x_adv: Tensor, x: Tensor, eps: float, norm: Norm) -> Tensor:
-    d = x_adv - x
-    if norm == Norm.LINF:
-        d = d.clamp(-eps, eps)
-    else:
-        n = d.flatten(1).norm(dim=1).view(_bshape(x))
-        d = d * torch.clamp(eps / (n + 1e-12), max=1.0)
-    return (x + d).clamp(0.0, 1.0)
-
-
-def _ascent(g: Tensor, norm: Norm) -> Tensor:
-    if norm == Norm.LINF:
-        return g.sign()
-    return g / (g.flatten(1).norm(dim=1).view(_bshape(g)) + 1e-12)
+#: the inner maximisation's loss is summed over the batch (a per-sample gradient B times the
+#: attacks' batch-mean one): with ``eps_for_division`` 1e-12 in the L2 step, as before the
+#: consolidation; the Linf sign step does not see the factor
+_INNER_REDUCTION = "sum"
+_INNER_EPS_FOR_DIVISION = 1e-12
 
 
 def inner_pgd(forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, *, eps: float, alpha: float,
               steps: int, norm: Union[str, Norm] = "Linf", random_start: bool = True,
-              generator: Optional[torch.Generator] = None) -> Tensor:
-    """PGD on ``CE(forward(x'), y)`` inside ``B_eps(x) & [0, 1]`` (the inner loop of PGD-AT).
+              generator: Optional[torch.Generator] = None, reduction: str = _INNER_REDUCTION) -> Tensor:
+    """PGD on ``CE(forward(x'), y)`` inside ``B_eps(x) & [0, 1]`` (the inner loop of PGD-AT), run
+    by the attacks' engine :func:`robustdeq.attacks.pgd.pgd_loop`.
 
     ``forward``: x -> logits (B, C). Linf: sign steps and clamp; L2: normalised steps and
     projection onto the ball (random start as torchattacks: a random direction at radius
-    ``U(0, 1) eps``). Returns the detached adversarial batch, same shape as ``x``.
+    ``U(0, 1) eps``; none when ``eps == 0``). ``reduction``: the CE's batch reduction, "sum"
+    (default, the training objectives' historical choice) or "mean" (the attacks'); the Linf
+    iterates do not depend on it, the L2 ones only through the ``1e-12`` added to the gradient
+    norm. Returns the detached adversarial batch, same shape as ``x``.
     """
+    from ..attacks.pgd import pgd_loop
+    if reduction not in ("sum", "mean"):
+        raise ConfigError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     norm = coerce_enum(Norm, norm, "norm")
-    x = x.detach()
-    if random_start and eps > 0:
-        if norm == Norm.LINF:
-            d = (2 * _rand(x.shape, x, generator, "uniform") - 1) * eps
-        else:
-            d = _rand(x.shape, x, generator, "normal")
-            n = d.flatten(1).norm(dim=1).view(_bshape(x))
-            r = _rand((x.shape[0],), x, generator, "uniform").view(_bshape(x))
-            d = d / (n + 1e-12) * r * eps
-        x_adv = (x + d).clamp(0.0, 1.0)
-    else:
-        x_adv = x.clone()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
+
+    def grad_fn(xa: Tensor, ya: Tensor) -> Tensor:
+        xr = xa.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = F.cross_entropy(forward(x_adv), y, reduction="sum")
-            g, = torch.autograd.grad(loss, x_adv)
-        x_adv = _project(x_adv.detach() + alpha * _ascent(g, norm), x, eps, norm)
-    return x_adv.detach()
+            loss = F.cross_entropy(forward(xr), ya, reduction=reduction)
+            return torch.autograd.grad(loss, xr)[0]
+
+    return pgd_loop(x.detach(), y, grad_fn, eps=eps, alpha=alpha, steps=steps, norm=norm.value,
+                    random_start=bool(random_start and eps > 0), gen=generator,
+                    eps_for_division=_INNER_EPS_FOR_DIVISION, random_radius="linear").detach()
 
 
 def ris_forward(model: nn.Module, x: Tensor, *, max_state: int, sampling: str = "batch",
@@ -150,7 +126,7 @@ def ris_forward(model: nn.Module, x: Tensor, *, max_state: int, sampling: str = 
     (``"sample"``); ``z_n`` is the model solver's n-th iterate from ``init_state`` (no early stop),
     then ``phantom_steps`` damped steps with autograd.
     """
-    if not (hasattr(model, "solver_config") and hasattr(model, "f") and hasattr(model, "inject")):
+    if not isinstance(model, IteratingModel):
         raise ConfigError(f"random intermediate states need a DEQ with a solver; {type(model).__name__} has none")
     x = model.check_input(x)
     u = model.inject(x)
@@ -161,59 +137,11 @@ def ris_forward(model: nn.Module, x: Tensor, *, max_state: int, sampling: str = 
     else:
         n = torch.randint(1, max_state + 1, (count,), generator=generator)
     n = n.expand(b).clone() if count == 1 else n
-    if hasattr(model, "prepare"):
-        model.prepare()
-    cfg = model.solver_config.replace(max_iter=int(n.max()), tol=0.0)
-    slv = get_solver(cfg)
-    with torch.no_grad():
-        ud = u.detach()
-        f = lambda z: model.f(z, ud)  # noqa: E731
-        state = slv.init(f, model.init_state(ud))
-        zn = state.z.clone()
-        n_dev = n.to(state.z.device)
-        for k in range(1, int(n.max()) + 1):
-            state = slv.step(f, state)
-            zn = torch.where((n_dev == k)[:, None], state.z, zn)
-        z = zn.view(state.shape)
+    z = model.iterates(u, n)  # the solver's n-th iterate per sample (no autograd)
     for _ in range(phantom_steps):
         fz = model.f(z, u)
         z = fz if phantom_tau == 1.0 else (1 - phantom_tau) * z + phantom_tau * fz
     return model.readout(z), z, u, n
-
-
-def _is_deq(model) -> bool:
-    return all(hasattr(model, a) for a in ("run", "solve", "inject", "f", "readout"))
-
-
-class _WarmForward:
-    """``x -> logits`` for PGD steps on a DEQ: the forward solve starts from the previous call's
-    fixed point and an implicit backward from the previous adjoint (same estimator otherwise),
-    per sample where that solve converged (``attacks.base.warm_start_rows``)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.z_prev: Optional[Tensor] = None
-        self.z_ok: Optional[Tensor] = None
-        self.est = None
-
-    def __call__(self, x: Tensor) -> Tensor:
-        from ..attacks.base import initial_state_fn, warm_start_rows
-        from .jiio import WarmStartImplicitGrad
-        model = self.model
-        base = model.estimator
-        est = None
-        if type(base) is ImplicitGrad:
-            a_prev = a_ok = None
-            if self.est is not None and self.est.last_backward is not None:
-                a_prev = self.est.last_backward.z
-                a_ok = self.est.last_backward.converged
-            est = WarmStartImplicitGrad(a_prev, solver=base.solver, ok=a_ok)
-            self.est = est
-        start = warm_start_rows(self.z_prev, self.z_ok, initial_state_fn(model, x), x.shape[0])
-        eq = model.run(x, z0=None if start is None else start[0], grad=est)
-        self.z_prev = eq.z_star.detach()
-        self.z_ok = eq.stats.converged.detach()
-        return eq.logits
 
 
 # ============================================================================== base class
@@ -258,7 +186,7 @@ class Objective:
             raise ConfigError(f"jac_reg must be >= 0, got {self.jac_reg}")
         if not isinstance(self.jac_probes, int) or self.jac_probes < 1:
             raise ConfigError(f"jac_probes must be an int >= 1, got {self.jac_probes!r}")
-        self._gen = torch.Generator().manual_seed(int(self.seed)) if self.seed is not None else None
+        self._gen = seeded_generator(self.seed)
 
     # -- forwards --------------------------------------------------------------------------------
     def _n_states(self, model) -> int:
@@ -276,7 +204,7 @@ class Objective:
                                           phantom_tau=self.phantom_tau, generator=self._gen)
             self.sampled_states.append(n.detach().cpu())
             return logits, z.detach(), u
-        if self.jac_reg > 0 and hasattr(model, "run"):
+        if self.jac_reg > 0 and isinstance(model, FixedPointModel):
             eq = model.run(x)
             return eq.logits, eq.z_star, eq.u
         return model(x), None, None
@@ -378,13 +306,16 @@ class PGDAT(Objective):
 
     @property
     def step_size(self) -> float:
-        return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+        return self.alpha if self.alpha is not None else default_alpha(self.eps, self.steps)
 
     def generate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """The adversarial batch (model in eval mode, frozen parameters, modes restored)."""
         with preserve_modes(model, eval=True, freeze=True):
-            if self.state is None and self.warm_start and _is_deq(model):
-                forward = _WarmForward(model)
+            if self.state is None and self.warm_start and isinstance(model, FixedPointModel):
+                # the model's warm starts (robustdeq.deq.warm): forward solve from the previous
+                # step's fixed point, implicit backward from its adjoint, per converged sample
+                state = WarmStart(adjoint=True)
+                forward = lambda xi: run_warm(model, xi, state).logits  # noqa: E731
             else:
                 forward = lambda xi: self.forward(model, xi)  # noqa: E731
             return inner_pgd(forward, x, y, eps=self.eps, alpha=self.step_size,
@@ -430,20 +361,24 @@ class TRADES(Objective):
 
     @property
     def step_size(self) -> float:
-        return self.alpha if self.alpha is not None else 2.5 * self.eps / self.steps
+        return self.alpha if self.alpha is not None else default_alpha(self.eps, self.steps)
 
     def generate(self, model: nn.Module, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        from ..attacks.pgd import pgd_loop
         x = x.detach()
         with preserve_modes(model, eval=True, freeze=True):
             with torch.no_grad():
                 p_nat = F.softmax(self.forward(model, x), dim=1)
-            x_adv = (x + 0.001 * _rand(x.shape, x, self._gen, "normal")).clamp(0.0, 1.0)
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)
+            start = (x + 0.001 * _rand(x.shape, x, self._gen, "normal")).clamp(0.0, 1.0)
+
+            def grad_fn(xa: Tensor, _y) -> Tensor:
+                xr = xa.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    kl = F.kl_div(F.log_softmax(self.forward(model, x_adv), dim=1), p_nat, reduction="sum")
-                    g, = torch.autograd.grad(kl, x_adv)
-                x_adv = _project(x_adv.detach() + self.step_size * _ascent(g, self.norm), x, self.eps, self.norm)
+                    kl = F.kl_div(F.log_softmax(self.forward(model, xr), dim=1), p_nat, reduction="sum")
+                    return torch.autograd.grad(kl, xr)[0]
+            x_adv = pgd_loop(x, p_nat, grad_fn, eps=self.eps, alpha=self.step_size, steps=self.steps,
+                             norm=self.norm.value, random_start=False, gen=None, start=start,
+                             eps_for_division=_INNER_EPS_FOR_DIVISION)
         return x_adv.detach()
 
     def loss_at(self, model, x, x_adv, y):
@@ -470,8 +405,11 @@ class TRADES(Objective):
 @dataclass
 class JIIOAT(Objective):
     """JIIO adversarial training (Gurumurthy et al. 2021): the inner maximisation is the JIIO
-    augmented solve (``iters`` iterations of one f + one VJP; ``solver`` "fixed_point" or
-    "anderson", ``step`` default sign for Linf and normalised for L2, ``alpha`` default ``eps/4``);
+    augmented solve of :mod:`robustdeq.deq.jiio` (``iters`` iterations of one f + one VJP;
+    ``solver`` "fixed_point" or "anderson", ``direction`` of the input step default sign for Linf
+    and normalised for L2, step size ``alpha`` default ``eps/4``; ``step`` is the former name of
+    ``direction``, accepted with a DeprecationWarning and still the key ``describe()`` records, so
+    that checkpoints written before the rename resume);
     the training loss is CE at the fixed point re-solved at ``x + delta*`` (warm-started from the
     joint iterate), with the implicit backward warm-started from ``-mu*/B`` when the model's
     estimator is :class:`~robustdeq.deq.grad.ImplicitGrad` and ``warm_start`` (the JIIO adjoint of
@@ -486,11 +424,12 @@ class JIIOAT(Objective):
     iters: int = 20
     alpha: Optional[float] = None
     alpha_final: Optional[float] = None
-    step: Optional[str] = None
+    direction: Optional[str] = None
     solver: str = "fixed_point"
     m: int = 20
     select: str = "best"
     warm_start: bool = True
+    step: Optional[str] = field(default=None, repr=False, compare=False)
 
     name = "jiio_at"
 
@@ -503,37 +442,40 @@ class JIIOAT(Objective):
             raise ConfigError(f"eps must be >= 0, got {self.eps}")
         if not isinstance(self.iters, int) or self.iters < 1:
             raise ConfigError(f"iters must be an int >= 1, got {self.iters!r}")
-        from .jiio import JIIOConfig  # validates step/solver/select/m
+        if self.step is not None:
+            self.direction = _renamed("JIIOAT", "step", self.step, "direction", self.direction)
+            self.step = None
+        # validates direction/solver/select/m
         JIIOConfig(iters=self.iters, alpha=self.eps / 4 if self.alpha is None else self.alpha,
-                   alpha_final=self.alpha_final, step=self.step or "sign", solver=self.solver, m=self.m,
-                   select=self.select)
+                   alpha_final=self.alpha_final, direction=self.direction or "sign", solver=self.solver,
+                   m=self.m, select=self.select)
         self.last_backward = None
 
     def generate(self, model, x, y):
         """``InputOptResult`` of the JIIO attack (eval mode, modes restored)."""
-        from .jiio import jiio_attack
         with preserve_modes(model, eval=True):
             return jiio_attack(model, x, y, eps=self.eps, norm=self.norm, iters=self.iters, alpha=self.alpha,
-                               alpha_final=self.alpha_final, step=self.step, solver=self.solver, m=self.m,
-                               select=self.select, resolve=False)
+                               alpha_final=self.alpha_final, direction=self.direction, solver=self.solver,
+                               m=self.m, select=self.select, resolve=False)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d.pop("step", None)
+        d["step"] = d.pop("direction")  # the historical key: checkpoints compare describe()
+        return d
 
     def __call__(self, model, x, y):
-        from .jiio import WarmStartImplicitGrad
         self._begin()
         r = self.generate(model, x, y)
         x_adv = model.check_input(r.x)
         est = model.estimator
+        west = None
         if self.warm_start and type(est) is ImplicitGrad:
-            u = model.inject(x_adv)
-            sol = model.solve(u, z0=r.z_joint)
+            # the implicit backward starts from the attack's adjoint (see the class docstring)
             west = WarmStartImplicitGrad(-r.mu / x.shape[0], solver=est.solver)
-            z = west.attach(model.f, u, sol.z)
-            logits = model.readout(z)
-            z_star = sol.z
             self.last_backward = west
-        else:
-            eq = model.run(x_adv, z0=r.z_joint)
-            logits, z_star, u = eq.logits, eq.z_star, eq.u
+        eq = model.run(x_adv, z0=r.z_joint, grad=west)
+        logits, z_star, u = eq.logits, eq.z_star, eq.u
         ce = F.cross_entropy(logits, y)
         scalars = {"ce_adv": float(ce.detach()), "acc_adv": _acc(logits, y), "jiio_nfe": float(r.nfe),
                    "jiio_residual": float(r.residual.mean())}

@@ -112,10 +112,29 @@ class MLPCell(nn.Module):
         cls = type(self)
         return cls.forward is MLPCell.forward and cls._pre is MLPCell._pre
 
+    def register_vjp_hook(self, hook: Callable[[str], None]):
+        """Call ``hook("vjp_at")`` each time :meth:`vjp_at` builds a closed-form VJP (it evaluates
+        the pre-activation once) and ``hook("vjp")`` each time one is applied: cost accounting
+        (:class:`robustdeq.deq.jiio.CostCounter`). Returns a handle with ``remove()``."""
+        import collections
+        import torch.utils.hooks as hooks
+        if "_vjp_hooks" not in self.__dict__:
+            self.__dict__["_vjp_hooks"] = collections.OrderedDict()
+        handle = hooks.RemovableHandle(self.__dict__["_vjp_hooks"])
+        self.__dict__["_vjp_hooks"][handle.id] = hook
+        return handle
+
+    def _notify_vjp(self, kind: str) -> None:
+        for hook in list(self.__dict__.get("_vjp_hooks", {}).values()):
+            hook(kind)
+
     def vjp_at(self, z: Tensor, u: Tensor) -> Callable[[Tensor, Optional[Tensor]], Tensor]:
         """``(a, c) -> J^T a + c`` with ``J = df/dz`` at ``(z, u)``, in closed form
         (``J^T a = W^T (act'(W z + u) * a)``) and without autograd: the vector-Jacobian product of
         adjoint solves (implicit gradients). ``c`` may be None."""
+        notify = self._notify_vjp if self.__dict__.get("_vjp_hooks") else None
+        if notify is not None:
+            notify("vjp_at")
         with torch.no_grad():
             W = self.W.weight.detach()
             pre = self._pre(z.detach(), u.detach())
@@ -125,6 +144,8 @@ class MLPCell(nn.Module):
                 d = (pre > 0).to(pre.dtype)
 
         def vjp(a: Tensor, c: Optional[Tensor] = None) -> Tensor:
+            if notify is not None:
+                notify("vjp")
             if c is None:
                 return (a * d) @ W
             return torch.addmm(c, a * d, W)

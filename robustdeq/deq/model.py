@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,9 @@ from ..config import SolverConfig, from_dict
 from ..errors import ConfigError, InputError, NonConvergenceWarning
 from .grad import GradientEstimator, ImplicitGrad, make_estimator
 from .solvers import RecordSpec, SolveResult, TrajectoryState, get_solver
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .warm import WarmStart
 
 logger = logging.getLogger(__name__)
 
@@ -202,23 +205,60 @@ class DEQClassifier(EquilibriumModel):
                 ud = u.detach()
                 return slv.solve(lambda z: self.cell(z, ud), z0.detach(), record=record)
 
+    def iterates(self, u: Tensor, n: Tensor) -> Tensor:
+        """Per sample ``b``, the model solver's ``n[b]``-th iterate from ``init_state(u)`` with no
+        early stop (``max_iter = max(n)``, ``tol = 0``), without autograd: the random
+        intermediate states of RIS training (``n`` (B,) int64 >= 1)."""
+        self.prepare()
+        cfg = self.solver_config.replace(max_iter=int(n.max()), tol=0.0)
+        slv = get_solver(cfg)
+        with torch.no_grad():
+            ud = u.detach()
+            f = lambda z: self.f(z, ud)  # noqa: E731
+            state = slv.init(f, self.init_state(ud))
+            zn = state.z.clone()
+            n_dev = n.to(state.z.device)
+            for k in range(1, int(n.max()) + 1):
+                state = slv.step(f, state)
+                zn = torch.where((n_dev == k)[:, None], state.z, zn)
+            return zn.view(state.shape)
+
     def run(self, x: Tensor, *, record: RecordSpec = None, z0: Optional[Tensor] = None,
             grad: Union[GradientEstimator, str, None] = None,
-            solver: Union[SolverConfig, dict, None] = None) -> Equilibrium:
+            solver: Union[SolverConfig, dict, None] = None,
+            warm: Optional["WarmStart"] = None) -> Equilibrium:
         """Full forward pass returning the :class:`Equilibrium` (logits, z, trajectory, stats).
 
-        ``z0`` warm-starts the solver (e.g. from the previous attack step's fixed point).
+        ``z0`` starts the solver from a given state (e.g. the joint iterate of a JIIO solve).
+        ``warm`` (a :class:`robustdeq.deq.warm.WarmStart`, one per batch) warm-starts a sequence
+        of calls: the solve starts from the previous call's fixed point for the samples whose
+        previous solve converged (the initial state for the others), the implicit backward from
+        the previous adjoint (``WarmStart(adjoint=True)`` and an ``ImplicitGrad`` estimator), and
+        ``warm`` records this call's solutions. ``z0`` and ``warm`` are exclusive.
         """
         x = self.check_input(x)
         est = make_estimator(grad) if grad is not None else self.estimator
         self.check_estimator(est)
         u = self.inject(x)
+        if warm is not None:
+            if z0 is not None:
+                raise ConfigError("run(): pass z0 or warm, not both")
+            est = warm.estimator(est)
+            ud = u.detach()
+
+            def cold() -> Tensor:
+                with torch.no_grad():
+                    return self.init_state(ud)
+            start = warm.forward_start(cold, u.shape[0])
+            z0 = None if start is None else start[0]
         rec = _merge_record(record, est.required_record())
         result = self.solve(u, z0=z0, record=rec, solver=solver,
                             keep_graph=est.full_graph and torch.is_grad_enabled())
         z = est.attach(self.cell, u, result.z, result.trajectory)
         logits = self.readout(z)
         stats = SolverStats.from_result(result)
+        if warm is not None:
+            warm.record_forward(result.z, stats.converged)
         self.last_stats = stats
         self._maybe_warn(stats)
         return Equilibrium(logits=logits, z=z, z_star=result.z, trajectory=result.trajectory,
@@ -231,9 +271,8 @@ class DEQClassifier(EquilibriumModel):
         event is logged only (short solves are common while training and are not a trust issue).
         """
         n_bad = int((~stats.converged).sum())
-        if not n_bad:
+        if not self.note_nonconvergence(stats.converged):
             return
-        self.nonconvergence_events += 1
         n_div = int(stats.diverged.sum())
         msg = (f"forward solve: {n_bad}/{stats.converged.numel()} samples did not reach tol "
                f"{self.solver_config.tol:g} in {self.solver_config.max_iter} iterations"
@@ -246,6 +285,16 @@ class DEQClassifier(EquilibriumModel):
         warnings.warn(msg + " (further warnings from this model are suppressed; see "
                       "model.nonconvergence_events and Equilibrium.stats)",
                       NonConvergenceWarning, stacklevel=user_stacklevel())
+
+    def note_nonconvergence(self, converged: Tensor) -> bool:
+        """Count one non-convergence event in ``nonconvergence_events`` when some sample of a
+        forward solve (per-sample flags ``converged``) did not converge; returns whether one did.
+        Every forward solve of the model reports here (``run`` and the warm-started solves of
+        :mod:`robustdeq.deq.warm`)."""
+        if bool(converged.all()):
+            return False
+        self.nonconvergence_events += 1
+        return True
 
     def reset_warnings(self) -> None:
         self._warned = False

@@ -5,7 +5,8 @@
 - :class:`FixedPointModel`: a model with a fixed-point solve (``DEQClassifier`` and its
   subclasses): additionally ``f(z, u)``, ``solve(u, z0=...)`` and ``init_state(u)``;
 - :class:`SolverModel`: a fixed-point model that also exposes its ``cell``, ``solver_config`` and
-  gradient ``estimator`` (what code that runs the model's solve with its own estimator needs).
+  gradient ``estimator`` (what code that runs the model's solve with its own estimator needs);
+- :class:`IteratingModel`: a fixed-point model that returns its solver's n-th iterate.
 
 All are ``runtime_checkable``: ``isinstance(model, FixedPointModel)`` checks the members by name.
 """
@@ -41,6 +42,15 @@ class SolverModel(FixedPointModel, Protocol):
     estimator: Any
 
 
+@runtime_checkable
+class IteratingModel(FixedPointModel, Protocol):
+    """A fixed-point model that can return its solver's n-th iterate (``iterates(u, n)``)."""
+
+    solver_config: Any
+
+    def iterates(self, u: Tensor, n: Tensor) -> Tensor: ...
+
+
 def is_fixed_point_model(model: Any) -> bool:
     """``isinstance(model, FixedPointModel)``."""
     return isinstance(model, FixedPointModel)
@@ -63,5 +73,5 @@ def find_fixed_point_model(model: Any):
     return None
 
 
-__all__ = ["TrajectoryModel", "FixedPointModel", "SolverModel", "is_fixed_point_model",
+__all__ = ["TrajectoryModel", "FixedPointModel", "SolverModel", "IteratingModel", "is_fixed_point_model",
            "is_trajectory_model", "find_fixed_point_model"]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .grad import GradientEstimator, gradient, make_estimator
+from .protocols import TrajectoryModel
 
 
 class ModelView(nn.Module):
@@ -55,7 +56,7 @@ class AttackView(ModelView):
             raise ConfigError(f"state must be a non-negative int, got {state!r}")
         if unroll < 1:
             raise ConfigError(f"unroll must be >= 1, got {unroll}")
-        if not hasattr(model, "run"):
+        if not isinstance(model, TrajectoryModel):
             raise ConfigError(f"{type(model).__name__} has no run(); attack views need a DEQ model")
         self.model = model
         self.state = state

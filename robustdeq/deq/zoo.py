@@ -25,14 +25,19 @@ _LAZY = {"lyadeq": "robustdeq.defenses.lyapunov"}
 
 
 def register(name: str):
+    """Decorator: add a builder ``fn(**options) -> nn.Module`` to the zoo under ``name`` (also
+    listed in :data:`robustdeq.registry.MODELS`, which the command line reads)."""
     def deco(fn):
+        from ..registry import MODELS
         _REGISTRY[name] = fn
+        MODELS.register(name, fn, replace=True)
         return fn
     return deco
 
 
 def names() -> list:
-    return sorted(set(_REGISTRY) | set(_LAZY))
+    from ..registry import MODELS
+    return sorted(set(_REGISTRY) | set(_LAZY) | set(MODELS))
 
 
 def build(name: str, **options) -> nn.Module:

@@ -136,12 +136,13 @@ def _base_certificates(model, x, y, eps, threat, methods, notes) -> Dict[float, 
 def _soft_smoothed_pgd(model, x, y, eps, norm, sigma, steps, m, seed, clip) -> Tensor:
     """PGD (no random start) on ``-log mean_j softmax(f(x' + sigma e_j))_y`` in B_eps(x) & [0, 1];
     the same ``m`` noise draws per sample at every step."""
+    from .._tensor import default_alpha
     from ..attacks.base import model_mode, project
     from ..certify.smoothing import base_logits
     gen = torch.Generator().manual_seed(int(seed))
     b = x.shape[0]
     e = torch.randn((m, b) + tuple(x.shape[1:]), generator=gen, dtype=x.dtype).to(x.device)
-    alpha = 2.5 * eps / steps
+    alpha = default_alpha(eps, steps)
     x_adv = x.clone()
     view = (-1,) + (1,) * (x.dim() - 1)
     with model_mode(model, "eval"):

@@ -177,7 +177,7 @@ def _norm(norm) -> str:
 def margin(logits: Tensor, y: Tensor) -> Tensor:
     """``z_y - max_{i != y} z_i`` per sample (B,); negative when misclassified, -inf for rows
     with non-finite logits."""
-    from ..attacks.base import margins
+    from .._tensor import margins
     m = margins(logits, y)
     bad = ~torch.isfinite(logits).all(dim=1)
     return torch.where(bad, torch.full_like(m, float("-inf")), m)
@@ -309,13 +309,14 @@ def _pgd_robust(targets: Sequence[nn.Module], judge: nn.Module, x: Tensor, y: Te
                 eps: float, norm: str, steps: int, seed: int) -> Tensor:
     """(B,) bool: correctly classified by ``judge`` on ``x`` and on the PGD example of every
     target (the worst case over targets)."""
+    from .._tensor import default_alpha
     from ..attacks import PGD
     with torch.no_grad():
         robust = margin(judge(x), y) > 0
     for t in targets:
         if not bool(robust.any()):
             break
-        atk = PGD(t, eps=float(eps), alpha=2.5 * float(eps) / steps, steps=int(steps), norm=norm,
+        atk = PGD(t, eps=float(eps), alpha=default_alpha(eps, steps), steps=int(steps), norm=norm,
                   seed=int(seed))
         x_adv = atk(x, y)
         with torch.no_grad():
@@ -427,14 +428,10 @@ def check_convergence(clean: Optional[Mapping[str, Any]], adversarial: Mapping[A
 
 # -- 8. IFT vs unrolled gradients --------------------------------------------------------------------
 def find_deq(model: nn.Module):
-    """The DEQClassifier of ``model`` (itself, or the first submodule), or None."""
-    from ..deq.model import DEQClassifier
-    if isinstance(model, DEQClassifier):
-        return model
-    for m in model.modules():
-        if isinstance(m, DEQClassifier):
-            return m
-    return None
+    """The DEQClassifier of ``model`` (itself, or the first submodule), or None
+    (:func:`robustdeq.deq.protocols.find_fixed_point_model`)."""
+    from ..deq.protocols import find_fixed_point_model
+    return find_fixed_point_model(model)
 
 
 def check_estimators(model: nn.Module, x: Tensor, y: Tensor, config: Optional[CheckConfig] = None,

@@ -52,6 +52,8 @@ from torch import Tensor, nn
 from .._support import progress_reporter, report_progress
 from ..config import Norm, coerce_enum
 from ..errors import ConfigError, GradientMaskingWarning, InputError, NonConvergenceWarning
+from .._tensor import clip_delta, default_alpha
+from ..deq.protocols import TrajectoryModel
 from ..guard import preserve_model
 from . import _sharding
 from . import checks as _checks
@@ -125,7 +127,7 @@ def _pgd_factory(grad, judge: nn.Module, loss: str = "ce"):
         # inference) and much cheaper once most samples break; on an adaptive view the view's
         # success is not the defense's, so the view is attacked for every step
         from ..attacks import PGD
-        return PGD(target, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm, grad=grad,
+        return PGD(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, grad=grad,
                    loss=loss, restarts=PGD_RESTARTS, seed=seed, early_stop=target is judge)
     return factory
 
@@ -133,7 +135,7 @@ def _pgd_factory(grad, judge: nn.Module, loss: str = "ce"):
 def _state_factory(states, ensemble: bool, judge: Optional[nn.Module]):
     def factory(target, *, eps, norm, steps, seed):
         from ..attacks import StateAttack
-        return StateAttack(target, eps=eps, alpha=2.5 * eps / steps, steps=steps, states=states,
+        return StateAttack(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, states=states,
                            ensemble=ensemble, mode="unroll", norm=norm,
                            judge=None if judge is target else judge, seed=seed)
     return factory
@@ -151,7 +153,7 @@ def _transfer_factory(k: int):
         from ..attacks import PGD
         from ..deq.views import attack_view
         surrogate = attack_view(target, state=k, unroll=k)
-        return PGD(surrogate, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm, seed=seed)
+        return PGD(surrogate, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, seed=seed)
     return factory
 
 
@@ -320,7 +322,7 @@ def adaptive_views(model: nn.Module, transfer_from: Any = None) -> Dict[str, nn.
 
 
 def _has_trajectory(m: nn.Module) -> bool:
-    return all(hasattr(m, a) for a in ("run", "readout", "inject", "unroll"))
+    return isinstance(m, TrajectoryModel)
 
 
 def trajectory_model(model: nn.Module) -> Optional[nn.Module]:
@@ -494,13 +496,7 @@ def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tuple[Tensor
     nbad = int(bad.sum())
     if nbad:
         x_adv = torch.nan_to_num(x_adv, nan=0.0, posinf=1.0, neginf=0.0)
-        d = x_adv - x
-        if norm == "Linf":
-            d = d.clamp(-eps, eps)
-        else:
-            dn = d.reshape(b, -1).norm(dim=1).clamp_min(1e-30)
-            d = d * torch.clamp(eps / dn, max=1.0).view(-1, *([1] * (x.dim() - 1)))
-        x_adv = (x + d).clamp(0, 1)
+        x_adv = (x + clip_delta(x_adv - x, eps, norm)).clamp(0, 1)
     return x_adv, nbad
 
 
