@@ -19,6 +19,7 @@ _LAZY = {
     "NoGrad": "robustdeq.deq.grad", "gradient": "robustdeq.deq.grad",
     "DEQClassifier": "robustdeq.deq.model", "Equilibrium": "robustdeq.deq.model",
     "get_solver": "robustdeq.deq.solvers", "solve": "robustdeq.deq.solvers",
+    "register_solver": "robustdeq.deq.solvers",
     "attack_view": "robustdeq.deq.views", "zoo": "robustdeq.deq.zoo",
 }
 
@@ -42,5 +43,5 @@ __all__ = [
     "RobustDEQError", "ConfigError", "InputError", "CheckpointError", "DataError",
     "NonConvergenceWarning", "GradientMaskingWarning", "CertificationWarning",
     "ImplicitGrad", "PhantomGrad", "UnrolledGrad", "FullBackprop", "NoGrad", "gradient",
-    "DEQClassifier", "Equilibrium", "get_solver", "solve", "attack_view", "zoo",
+    "DEQClassifier", "Equilibrium", "get_solver", "register_solver", "solve", "attack_view", "zoo",
 ]

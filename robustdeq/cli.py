@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ._support import round_floats
+from .config import Norm
 
 logger = logging.getLogger("robustdeq.cli")
 
@@ -284,7 +285,8 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------- attack / eval
-WRAPPERS = ("none", "entropy")
+from .registry import (ATTACKS, DATASETS, MODELS, RECIPES, SOLVERS,  # noqa: E402 - torch-free name registries
+                       SUITES, WRAPPERS)
 
 
 def _load_for_eval(args):
@@ -301,18 +303,16 @@ def _load_for_eval(args):
 def wrap_model(model, wrap: str, options: dict):
     """Wrap ``model`` in the inference-time defense ``wrap`` ("none" returns it unchanged)."""
     from .errors import ConfigError
-    if wrap not in WRAPPERS:
-        raise ConfigError(f"unknown inference-time defense {wrap!r}; expected one of {', '.join(WRAPPERS)}")
-    if wrap == "entropy":
+    defense = WRAPPERS.get(wrap)  # a ConfigError naming the known defenses
+    if defense is not None:
         import inspect
-        from .defenses.entropy import EntropyDefense
-        known = [k for k in inspect.signature(EntropyDefense.__init__).parameters if k not in ("self", "model")]
+        known = [k for k in inspect.signature(defense.__init__).parameters if k not in ("self", "model")]
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise ConfigError(f"unknown --wrap-options key(s) for --wrap entropy: {', '.join(unknown)}; "
+            raise ConfigError(f"unknown --wrap-options key(s) for --wrap {wrap}: {', '.join(unknown)}; "
                               f"known: {', '.join(known)}")
         try:
-            return EntropyDefense(model, **options).eval()
+            return defense(model, **options).eval()
         except (TypeError, ValueError) as e:  # ConfigError is a ValueError
             raise ConfigError(f"--wrap-options {json.dumps(options)}: {e}") from None
     if options:
@@ -475,11 +475,11 @@ def _add_eval_args(p, *, eps_default: str) -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="test")
     p.add_argument("-n", type=_int_at_least(1), default=200, help="number of samples (default 200)")
-    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"])
+    p.add_argument("--norm", default="Linf", choices=[n.value for n in Norm])
     p.add_argument("--eps", default=eps_default)
     p.add_argument("--steps", type=_int_at_least(1), default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wrap", default="none", choices=list(WRAPPERS), help="inference-time defense")
+    p.add_argument("--wrap", default="none", choices=WRAPPERS.names(), help="inference-time defense")
     p.add_argument("--wrap-options", default=None, help="JSON options of the inference-time defense")
     p.add_argument("--no-progress", action="store_true")
 
@@ -591,17 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a model from the zoo")
-    t.add_argument("--model", default=None, help="zoo name (mlp_deq, conv_deq, mon_deq, lyadeq, ...)")
+    t.add_argument("--model", default=None, help=f"zoo name ({', '.join(MODELS.names())})")
     t.add_argument("--model-options", default=None,
                    help='JSON, e.g. \'{"hidden": 64}\'; mlp_deq defaults to the demo\'s options '
                         + json.dumps(DEMO_MODEL["options"]))
-    t.add_argument("--dataset", default="digits",
-                   choices=["digits", "mnist", "mnist5k", "cifar10", "synthetic"],
+    t.add_argument("--dataset", default="digits", choices=DATASETS.names(),
                    help="mnist5k: 5,000 real MNIST images (needs the 'data' extra)")
     t.add_argument("--data-root", default=None, help="folder with MNIST idx / CIFAR-10 binary files")
-    t.add_argument("--defense", default="none",
-                   help="none, pgd-at, pgd-at-random-state, trades, trades-random-state, jiio-at, lyadeq, "
-                        "lyadeq-at, gaussian-noise")
+    t.add_argument("--defense", default="none", help=", ".join(RECIPES.names()))
     t.add_argument("--defense-options", default=None, help="JSON options of the training objective")
     t.add_argument("--epochs", type=_int_at_least(1), default=DEMO_TRAIN["epochs"],
                    help=f"default {DEMO_TRAIN['epochs']} (the demo's recipe)")
@@ -618,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attack", help="run one attack on a checkpoint and save the adversarial examples")
     _add_eval_args(a, eps_default="0.1")
-    a.add_argument("--attack", default="pgd", help="fgsm, pgd, state, autoattack, torchattack, jiio")
+    a.add_argument("--attack", default="pgd", help=", ".join(ATTACKS.names()))
     a.add_argument("--grad", default=None, help="gradient for pgd/fgsm: ift, phantom, unrolled, full")
     a.add_argument("--options", default=None, help="JSON, other attack parameters")
     a.add_argument("--out", default="adversarial.pt")
@@ -626,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="run an evaluation suite on a checkpoint and write the report")
     _add_eval_args(e, eps_default="0.1,0.2")
-    e.add_argument("--suite", default="standard", choices=["quick", "standard", "full"])
+    e.add_argument("--suite", default="standard", choices=SUITES.names())
     e.add_argument("--out", default=None, help="folder for report.json, report.md, plots, partial results")
     e.add_argument("--no-resume", action="store_true")
     e.add_argument("--batch-size", type=_int_at_least(1), default=128,
@@ -645,13 +642,13 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("harden", help="wrap a checkpoint in an inference-time defense and evaluate both")
     _add_eval_args(h, eps_default="0.1,0.2")
     h.set_defaults(wrap="entropy")
-    h.add_argument("--suite", default="quick", choices=["quick", "standard", "full"])
+    h.add_argument("--suite", default="quick", choices=SUITES.names())
     h.add_argument("--out", default=None)
     h.set_defaults(func=cmd_harden)
 
     c = sub.add_parser("certify", help="certify stability and robustness of a checkpoint")
     c.add_argument("checkpoint")
-    c.add_argument("--dataset", default=None, choices=["digits", "mnist", "mnist5k", "cifar10", "synthetic"],
+    c.add_argument("--dataset", default=None, choices=DATASETS.names(),
                    help="default: the checkpoint's dataset")
     c.add_argument("--data-root", default=None)
     c.add_argument("--split", default="test")
@@ -681,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--rounds", type=_int_at_least(1), default=20)
     f.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (label skew)")
     f.add_argument("--budgets", default="30", help="solver iteration budgets, cycled over the clients (e.g. 5,10,30)")
-    f.add_argument("--solver", default="anderson", choices=["anderson", "fixed_point", "broyden"])
+    f.add_argument("--solver", default="anderson", choices=SOLVERS.names())
     f.add_argument("--tol", type=_positive_float, default=1e-3, help="the clients' solver tolerance")
     f.add_argument("--defense", default="none", help="local objective: a training recipe (see robustdeq train)")
     f.add_argument("--defense-options", default=None, help="JSON options of the local objective")
@@ -690,11 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--local-epochs", type=_int_at_least(1), default=1)
     f.add_argument("--batch-size", type=_int_at_least(1), default=32)
     f.add_argument("--lr", type=_positive_float, default=3e-3)
-    f.add_argument("--model", default="mlp_deq", help="zoo name")
+    f.add_argument("--model", default="mlp_deq", help=f"zoo name ({', '.join(MODELS.names())})")
     f.add_argument("--model-options", default=None, help="JSON model options")
-    f.add_argument("--dataset", default="digits", choices=["digits", "mnist", "cifar10", "synthetic"])
+    f.add_argument("--dataset", default="digits", choices=[d for d in DATASETS.names() if d != "mnist5k"])
     f.add_argument("--data-root", default=None)
-    f.add_argument("--eval-suite", default="quick", choices=["none", "quick", "standard", "full"],
+    f.add_argument("--eval-suite", default="quick", choices=["none"] + SUITES.names(),
                    help="attacks run on the global model after every round (none: clean accuracy only)")
     f.add_argument("--eval-samples", type=_int_at_least(0), default=200, help="test samples attacked (0: all)")
     f.add_argument("--eps", type=_positive_float, default=0.1, help="Linf radius of the per-round evaluation")

@@ -50,9 +50,6 @@ class RegisteredSolverName(str):
     def value(self) -> str:
         return str(self)
 
-    def __reduce__(self):  # pickles (and checkpoints) as a plain string
-        return (str, (str(self),))
-
 
 def solver_name(value: Any, what: str = "SolverConfig.name") -> "SolverName | RegisteredSolverName":
     """``value`` as a :class:`SolverName` (built-in) or a :class:`RegisteredSolverName` (a name

@@ -68,21 +68,24 @@ class Registry:
             self._builtin.add(name)
 
     # -- registration ----------------------------------------------------------------------------
-    def register(self, name: str, entry: Any = None, *, replace: bool = False):
+    def register(self, name: str, entry: Any = None, *, replace: bool = False, builtin: bool = False):
         """Add ``entry`` under ``name`` (returns it); without ``entry``, a decorator. A name that
-        exists (built-in or registered) is a ConfigError unless ``replace=True``."""
+        exists (built-in or registered) is a ConfigError unless ``replace=True``. ``builtin``:
+        for the package's own entries (they cannot be unregistered)."""
         if not isinstance(name, str) or not name or name != name.strip():
             raise ConfigError(f"a {self.kind} name must be a non-empty string without surrounding "
                               f"spaces, got {name!r}")
         if entry is None:
             def deco(obj):
-                self.register(name, obj, replace=replace)
+                self.register(name, obj, replace=replace, builtin=builtin)
                 return obj
             return deco
         if name in self._entries and not replace:
             what = "built-in" if name in self._builtin else "registered"
             raise ConfigError(f"{self.kind} {name!r} is already {what}; pass replace=True to replace it")
         self._entries[name] = entry
+        if builtin:
+            self._builtin.add(name)
         return entry
 
     def unregister(self, name: str) -> None:
@@ -124,6 +127,12 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def keys(self) -> List[str]:
+        return self.names()
+
+    def values(self) -> List[Any]:
+        return [self.get(k) for k in self.names()]
 
     def items(self):
         return [(k, self.get(k)) for k in self.names()]

@@ -11,7 +11,7 @@ from robustdeq.attacks.base import check_labels, model_mode, project
 from robustdeq.attacks.pgd import InputGradient
 from robustdeq.deq import zoo
 from robustdeq.deq.grad import ImplicitGrad
-from robustdeq.errors import ConfigError, InputError
+from robustdeq.errors import ConfigError, InputError, NonConvergenceWarning
 
 from attack_helpers import check_ball, digits_test, trained
 
@@ -122,15 +122,18 @@ def test_warm_start_on_solves_that_never_converge_is_the_cold_attack(grad):
     x, y = batch()
     warm = InputGradient(model, grad, warm_start=True)
     cold = InputGradient(model, grad, warm_start=False)
-    for t in range(3):
-        xt = (x + 0.05 * t).clamp(0, 1)
-        torch.testing.assert_close(warm(xt, y, F.cross_entropy), cold(xt, y, F.cross_entropy),
-                                   rtol=0, atol=0)
-    assert warm.stats["forward_unconverged"] == 3 * x.shape[0]
-    atk = A.PGD(model, eps=EPS, alpha=0.02, steps=5, random_start=False, grad=grad)
-    ref = A.PGD(model, eps=EPS, alpha=0.02, steps=5, random_start=False, grad=grad,
-                warm_start=False)
-    torch.testing.assert_close(atk(x, y), ref(x, y), rtol=0, atol=0)
+    with pytest.warns(NonConvergenceWarning):  # no solve converges: the model and attacks say so
+        for t in range(3):
+            xt = (x + 0.05 * t).clamp(0, 1)
+            torch.testing.assert_close(warm(xt, y, F.cross_entropy), cold(xt, y, F.cross_entropy),
+                                       rtol=0, atol=0)
+        assert warm.stats["forward_unconverged"] == 3 * x.shape[0]
+        atk = A.PGD(model, eps=EPS, alpha=0.02, steps=5, random_start=False, grad=grad)
+        ref = A.PGD(model, eps=EPS, alpha=0.02, steps=5, random_start=False, grad=grad,
+                    warm_start=False)
+        with pytest.warns(NonConvergenceWarning, match="did not reach their tolerance"):
+            x_warm = atk(x, y)
+        torch.testing.assert_close(x_warm, ref(x, y), rtol=0, atol=0)
 
 
 def test_only_converged_samples_warm_start():
@@ -162,6 +165,8 @@ def test_only_converged_samples_warm_start():
     torch.testing.assert_close(z0[~ok], cold[~ok], rtol=0, atol=0)
 
 
+# the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 @pytest.mark.parametrize("grad", ["ift", "phantom", "unrolled", "full"])
 def test_pgd_with_every_estimator_breaks_a_trained_deq(grad):
     model = trained("mlp_deq", hidden=32)
@@ -171,6 +176,8 @@ def test_pgd_with_every_estimator_breaks_a_trained_deq(grad):
     assert A.accuracy(model, xa, y) < clean - 0.3
 
 
+# the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 def test_pgd_at_large_eps_drives_a_trained_deq_to_chance():
     model = trained("mlp_deq", hidden=32)
     x, y = digits_test(64)

@@ -42,6 +42,8 @@ FACTORIES = {
 DEQ_ONLY = {"pgd-phantom", "pgd-unrolled", "pgd-full", "state", "state-ensemble", "state-adjoint"}
 
 
+# the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_every_attack_respects_ball_box_dtype_device_and_seed(name, dtype):

@@ -45,6 +45,8 @@ def test_early_stop_breaks_every_sample_the_plain_loop_breaks(norm):
     assert 0 < int((~same).sum()) <= int(b_es.sum())  # frozen ones are all broken
 
 
+# the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 def test_early_stop_on_a_deq_is_no_weaker_and_cheaper():
     model = trained("mlp_deq", hidden=32)
     x, y = digits_test(64)

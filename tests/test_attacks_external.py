@@ -25,6 +25,8 @@ def direct_autoattack(model, x, y, *, eps, norm, seed, attacks, n_iter=5):
 
 
 # -- AutoAttack ---------------------------------------------------------------------------------
+# the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 @pytest.mark.parametrize("kind,norm,eps", [("ff", "Linf", 0.1), ("ff", "L2", 1.0), ("deq", "Linf", 0.1)])
 def test_autoattack_adapter_equals_pyautoattack_called_directly(kind, norm, eps):
     model = trained("ff_mlp", hidden=32) if kind == "ff" else trained("mlp_deq", hidden=32)
@@ -102,6 +104,8 @@ def test_torchattack_bridge_equals_torchattacks_called_directly(name, params):
     assert torch.equal(ours, ref)
 
 
+# the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 def test_torchattack_on_a_state_view_and_targeted():
     import torchattacks
     model = trained("mlp_deq", hidden=32)
@@ -140,6 +144,8 @@ def test_torchattack_describe():
 
 
 # -- WorstCase --------------------------------------------------------------------------------
+# the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 @pytest.mark.parametrize("kind", ["ff", "deq"])
 def test_worst_case_equals_the_per_sample_or_of_its_attacks(kind):
     model = trained("ff_mlp", hidden=32) if kind == "ff" else trained("mlp_deq", hidden=32).double()

@@ -414,9 +414,13 @@ def test_certify_validates_options_and_inputs():
         certify(zoo.build("ff_mlp", hidden=8), x)
     with pytest.raises(ConfigError, match="lyapunov_dynamics"):
         certify(model, x, lyapunov_dynamics="ode")
-    # a solve that cannot reach the tolerance: no local stability claim, and a warning says so
-    with pytest.warns(CertificationWarning, match="did not reach"):
+    # a solve that cannot reach the tolerance: no local stability claim, and a warning says so;
+    # nor is its iterate the point the model's own solve reaches, and a second warning says so
+    with pytest.warns(CertificationWarning) as caught:
         rep = certify(model, x, solver={"name": "fixed_point", "max_iter": 1}, methods=["local"])
+    said = [str(w.message) for w in caught]
+    assert any("did not reach" in m for m in said), said
+    assert any("model's own solve does not reach the certified fixed point" in m for m in said), said
     assert not any(r.details["stability"]["local"] for r in rep.results)
     assert all(r.stable for r in rep.results)  # the global contraction still holds
 

@@ -43,6 +43,8 @@ def test_prediction_entropy_closed_form():
     torch.testing.assert_close(prediction_entropy(logits), expect, atol=1e-12, rtol=0)
 
 
+# the briefly trained DEQ leaves a sample or two above tol in its 60-iteration solves: not the subject
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 def test_defense_lowers_entropy_and_respects_box_and_radius(trained):
     m, x, y = trained
     d = EntropyDefense(m)

@@ -367,6 +367,9 @@ class _InlineGrid:
         return out
 
 
+# budgets [5, 30] are per-client solver iterations: the 5-iteration client never converges, by design,
+# and the 3-round global model leaves some samples above tol in the evaluation: not the subject here
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, task_identity):
     """The server loop of the ServerApp, with the real ClientApp behind an in-process grid."""
     from robustdeq.federated.server import run_rounds

@@ -62,8 +62,8 @@ def test_fixed_point_satisfies_kkt_against_backbone_oracle(tiny64):
     m, x, y = tiny64
     eps, alpha = 0.1, 8.0
     C = threat_constraint(x, eps, "Linf")
-    r = optimize_inputs(m, cross_entropy_objective(y), C, x0=x, iters=150, step=alpha,
-                        step_mode="gradient", solver="fixed_point", resolve=False)
+    r = optimize_inputs(m, cross_entropy_objective(y), C, x0=x, iters=150, step_size=alpha,
+                        direction="gradient", solver="fixed_point", resolve=False)
     z_o, mu_o, g_o = oracle(m, r.x, y)
     # primal: z* = f(z*, x + delta*) (the backbone's solve at the same input)
     assert torch.allclose(r.z_joint, z_o, atol=1e-5)
@@ -85,7 +85,7 @@ def test_frozen_input_gives_the_simultaneous_adjoint(tiny64):
     """alpha = 0: x stays put and J_x^T mu converges to the IFT input gradient (PAPERS §9.1)."""
     m, x, y = tiny64
     obj = cross_entropy_objective(y)
-    r = optimize_inputs(m, obj, Box(0, 1), x0=x, iters=60, step=0.0, solver="anderson", resolve=False)
+    r = optimize_inputs(m, obj, Box(0, 1), x0=x, iters=60, step_size=0.0, solver="anderson", resolve=False)
     assert torch.allclose(r.x, x, atol=1e-12, rtol=0)  # Anderson's affine mixing: rounding only
     _, mu_o, g_o = oracle(m, x, y)
     kk = kkt_residuals(m, obj, None, x, r.z_joint, r.mu)
@@ -101,7 +101,7 @@ def test_l2_normalized_steps_reach_the_boundary_kkt_point():
     y = torch.tensor([0, 3, 5, 7])
     eps = 0.2
     r = jiio_attack(m, x, y, eps=eps, norm="L2", iters=300, alpha=0.02, solver="fixed_point",
-                    step="normalized", resolve=False)
+                    direction="normalized", resolve=False)
     d = (r.x - x).flatten(1)
     assert torch.allclose(d.norm(dim=1), torch.full((4,), eps, dtype=torch.float64), atol=1e-9)
     assert float(r.x.min()) > 0 and float(r.x.max()) < 1  # the box is inactive
@@ -136,7 +136,7 @@ def test_linear_deq_closed_form():
     x_star = torch.linalg.solve(H, (t @ A + gamma * x0).T).T
     alpha = 0.5 / float(torch.linalg.eigvalsh(H).max())
     for solver in ("fixed_point", "anderson"):
-        r = optimize_inputs(model, obj, None, x0=x0, iters=300, step=alpha, solver=solver)
+        r = optimize_inputs(model, obj, None, x0=x0, iters=300, step_size=alpha, solver=solver)
         assert torch.allclose(r.x, x_star, atol=1e-8), solver
         z_star = x_star @ torch.linalg.solve(torch.eye(n, dtype=torch.float64) - W, U).T
         assert torch.allclose(r.z, z_star, atol=1e-8)
@@ -264,7 +264,7 @@ def test_optimize_inputs_inpainting_with_mask_keeps_known_pixels(tiny64):
     mask[..., :4, :] = True  # top half known
     C = Intersection(Mask(mask, x), Box(0, 1))
     obj = lambda logits, xx: F.cross_entropy(logits, y, reduction="none")  # noqa: E731
-    r = optimize_inputs(m, obj, C, iters=30, step=0.5, step_mode="gradient")
+    r = optimize_inputs(m, obj, C, iters=30, step_size=0.5, direction="gradient")
     assert torch.equal(r.x[mask], x[mask])
     with torch.no_grad():
         assert float(r.objective.mean()) < float(obj(m(x), x).mean())
@@ -273,7 +273,7 @@ def test_optimize_inputs_inpainting_with_mask_keeps_known_pixels(tiny64):
 
 def test_step_switch_resets_and_uses_alpha_final(tiny64):
     m, x, y = tiny64
-    cfg = JIIOConfig(iters=8, alpha=0.0, alpha_final=0.05, switch_at=4, step="sign", solver="fixed_point")
+    cfg = JIIOConfig(iters=8, alpha=0.0, alpha_final=0.05, switch_at=4, direction="sign", solver="fixed_point")
     r = optimize_inputs(m, cross_entropy_objective(y), threat_constraint(x, 0.5), x0=x, config=cfg)
     # 4 iterations with alpha 0 then 4 with alpha_final: at most 4 * 0.05 away from x
     assert 0 < float((r.x - x).abs().max()) <= 4 * 0.05 + 1e-12
@@ -286,7 +286,7 @@ def test_bad_options_are_config_errors(tiny64):
     with pytest.raises(ConfigError):
         optimize_inputs(m, obj, Box(0, 1))  # no x0 and no center
     with pytest.raises(ConfigError):
-        optimize_inputs(m, obj, Box(0, 1), x0=x, step_mode="newton")
+        optimize_inputs(m, obj, Box(0, 1), x0=x, direction="newton")
     with pytest.raises(ConfigError):
         optimize_inputs(m, obj, Box(0, 1), x0=x, solver="broyden")
     with pytest.raises(ConfigError):

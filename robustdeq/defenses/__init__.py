@@ -23,7 +23,8 @@ _LAZY = {
     "optimize_inputs": ".jiio", "jiio_attack": ".jiio", "JIIOConfig": ".jiio", "InputOptResult": ".jiio",
     "Box": ".jiio", "LinfBall": ".jiio", "L2Ball": ".jiio", "Mask": ".jiio", "Intersection": ".jiio",
     "threat_constraint": ".jiio",
-    "recipe": ".recipes", "RECIPES": ".recipes", "Recipe": ".recipes",
+    "recipe": ".recipes", "RECIPES": ".recipes", "Recipe": ".recipes", "register_recipe": ".recipes",
+    "register_objective": ".objectives",
 }
 
 __all__ = sorted(_LAZY)

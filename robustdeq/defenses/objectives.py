@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Objective", "CrossEntropy", "PGDAT", "TRADES", "JIIOAT", "GaussianNoise", "OBJECTIVES", "make_objective",
+    "register_objective",
     "jacobian_penalty", "ris_forward", "inner_pgd", "preserve_modes", "RandomStateObjective",
 ]
 
@@ -519,22 +520,31 @@ class GaussianNoise(Objective):
         return ce, scalars
 
 
-OBJECTIVES: Dict[str, type] = {"ce": CrossEntropy, "pgd_at": PGDAT, "trades": TRADES, "jiio_at": JIIOAT,
-                               "gaussian_noise": GaussianNoise}
+from ..registry import OBJECTIVES  # noqa: E402 - name -> Objective dataclass (or builder(**options))
+
+
+def register_objective(name: str, cls: Optional[Callable[..., Objective]] = None, *, replace: bool = False):
+    """Make ``make_objective(name, **options)`` build ``cls``: an :class:`Objective` dataclass
+    (options checked by :func:`~robustdeq.config.from_dict`) or a function ``(**options) ->
+    Objective``. Without ``cls``, a decorator. Re-registering a name (a built-in included) is a
+    ConfigError unless ``replace=True``."""
+    return OBJECTIVES.register(name, cls, replace=replace)
 
 
 def make_objective(spec: Union[str, Objective, None] = "ce", **options) -> Objective:
-    """An objective from a name ("ce", "pgd_at", "trades", "jiio_at") and options; unknown names
-    or options raise :class:`~robustdeq.errors.ConfigError`."""
+    """An objective from a name ("ce", "pgd_at", "trades", "jiio_at", "gaussian_noise" or a
+    registered one) and options; unknown names or options raise
+    :class:`~robustdeq.errors.ConfigError`."""
     if spec is None:
         spec = "ce"
     if isinstance(spec, Objective):
         if options:
             raise ConfigError("options given together with an objective instance")
         return spec
-    if not isinstance(spec, str) or spec not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {spec!r}; expected one of {', '.join(OBJECTIVES)}")
-    return from_dict(OBJECTIVES[spec], options)
+    entry = OBJECTIVES.get(spec)
+    if dataclasses.is_dataclass(entry) and isinstance(entry, type):
+        return from_dict(entry, options)
+    return entry(**options)
 
 
 def RandomStateObjective(base: str = "pgd_at", **options) -> Objective:  # noqa: N802 - factory

@@ -15,12 +15,16 @@ objective (the adversarial ones take ``eps``, ``steps``, ``norm``...); unknown n
 ``lyadeq-at``                LyaDEQ + PGD-AT + Lyapunov-stability penalty
 ``gaussian-noise``           Gaussian noise augmentation (``sigma``) for randomized smoothing
 ===========================  ===============================================================
+
+:func:`register_recipe` adds a named recipe (``robustdeq.registry.RECIPES``; the command line's
+``--defense`` reads it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from .. import registry as _registry
 from ..errors import ConfigError
 
 
@@ -31,28 +35,76 @@ class Recipe:
     objective: Callable
 
 
-RECIPES = ("none", "pgd-at", "pgd-at-random-state", "trades", "trades-random-state", "jiio-at",
-           "lyadeq", "lyadeq-at", "gaussian-noise")
+RECIPES = _registry.RECIPES  # name -> builder(**options) -> Recipe (the built-ins below and registered ones)
+
+
+def register_recipe(name: str, builder: Optional[Callable[..., Recipe]] = None, *, replace: bool = False):
+    """Make ``recipe(name, **options)`` (and ``robustdeq train --defense name``) call
+    ``builder(**options) -> Recipe``. Without ``builder``, a decorator. Re-registering a name (a
+    built-in included) is a ConfigError unless ``replace=True``."""
+    return RECIPES.register(name, builder, replace=replace)
 
 
 def recipe(name: str, **options) -> Recipe:
-    from .objectives import make_objective
-    if name not in RECIPES:
-        raise ConfigError(f"unknown defense {name!r}; expected one of {', '.join(RECIPES)}")
-    if name == "none":
-        return Recipe(name, None, make_objective("ce", **options))
-    if name == "gaussian-noise":
-        return Recipe(name, None, make_objective("gaussian_noise", **options))
-    if name in ("lyadeq", "lyadeq-at"):
-        from .lyapunov import LyapunovStability
-        lya = {k: options.pop(k) for k in ("weight", "radius", "condition") if k in options}
-        base = make_objective("pgd_at", **options) if name == "lyadeq-at" else make_objective("ce", **options)
-        return Recipe(name, "lyadeq", LyapunovStability(base, **lya))
-    random_state = name.endswith("-random-state")
-    base = {"pgd-at": "pgd_at", "trades": "trades", "jiio-at": "jiio_at"}[name.replace("-random-state", "")]
+    """The recipe ``name`` (:data:`robustdeq.registry.RECIPES`) with ``options`` for its objective."""
+    out = RECIPES.get(name)(**options)
+    if not isinstance(out, Recipe):
+        raise ConfigError(f"the recipe builder {name!r} returned {type(out).__name__}, not a Recipe")
+    return out
+
+
+# -- the built-in recipes ---------------------------------------------------------------------------
+def _none(**options) -> Recipe:
+    return Recipe("none", None, _make_objective("ce", **options))
+
+
+def _gaussian_noise(**options) -> Recipe:
+    return Recipe("gaussian-noise", None, _make_objective("gaussian_noise", **options))
+
+
+def _lyadeq_recipe(name: str, base: str, options: dict) -> Recipe:
+    from .lyapunov import LyapunovStability
+    lya = {k: options.pop(k) for k in ("weight", "radius", "condition") if k in options}
+    return Recipe(name, "lyadeq", LyapunovStability(_make_objective(base, **options), **lya))
+
+
+def _lyadeq(**options) -> Recipe:
+    return _lyadeq_recipe("lyadeq", "ce", options)
+
+
+def _lyadeq_at(**options) -> Recipe:
+    return _lyadeq_recipe("lyadeq-at", "pgd_at", options)
+
+
+def _adversarial(name: str, objective: str, random_state: bool, options: dict) -> Recipe:
     if random_state:
         options = {"state": "random", **options}
-    return Recipe(name, None, make_objective(base, **options))
+    return Recipe(name, None, _make_objective(objective, **options))
 
 
-__all__ = ["Recipe", "RECIPES", "recipe"]
+def _pgd_at(**options) -> Recipe:
+    return _adversarial("pgd-at", "pgd_at", False, options)
+
+
+def _pgd_at_random_state(**options) -> Recipe:
+    return _adversarial("pgd-at-random-state", "pgd_at", True, options)
+
+
+def _trades(**options) -> Recipe:
+    return _adversarial("trades", "trades", False, options)
+
+
+def _trades_random_state(**options) -> Recipe:
+    return _adversarial("trades-random-state", "trades", True, options)
+
+
+def _jiio_at(**options) -> Recipe:
+    return _adversarial("jiio-at", "jiio_at", False, options)
+
+
+def _make_objective(spec, **options):
+    from .objectives import make_objective
+    return make_objective(spec, **options)
+
+
+__all__ = ["Recipe", "RECIPES", "recipe", "register_recipe"]

@@ -36,6 +36,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .. import registry as _registry
 from ..config import Select, SolverConfig, SolverName, StopMode, from_dict
 from ..errors import ConfigError
 
@@ -139,7 +140,7 @@ class Solver:
     name = "base"
 
     def __init__(self, config: Optional[SolverConfig] = None, **overrides):
-        cfg = config if config is not None else SolverConfig(name=SolverName(self.name))
+        cfg = config if config is not None else SolverConfig(name=self.name)
         if overrides:
             cfg = cfg.replace(**overrides)
         self.config = cfg
@@ -553,23 +554,32 @@ class Broyden(Solver):
         return z - self._matvec(Uu, VTu, g)
 
 
-SOLVERS: Dict[str, type] = {
-    "fixed_point": FixedPointIteration,
-    "anderson": Anderson,
-    "broyden": Broyden,
-}
+SOLVERS = _registry.SOLVERS  # name -> Solver subclass: the built-ins (SolverName) and registered ones
+
+
+def register_solver(name: str, cls: type, *, replace: bool = False) -> type:
+    """Make the :class:`Solver` subclass ``cls`` available as ``SolverConfig(name=name)`` /
+    ``get_solver(name)`` (and so to every DEQ, attack and certificate that takes a solver
+    config). Re-registering a name (a built-in included) is a ConfigError unless
+    ``replace=True``. Returns ``cls`` (whose ``name`` is set to ``name`` if it has none)."""
+    if not (isinstance(cls, type) and issubclass(cls, Solver)):
+        raise ConfigError(f"register_solver({name!r}, ...) needs a Solver subclass, got {cls!r}")
+    SOLVERS.register(name, cls, replace=replace)
+    if "name" not in cls.__dict__:
+        cls.name = name
+    return cls
 
 
 def get_solver(config: Union[SolverConfig, dict, str, None] = None, **overrides) -> Solver:
     """Return a solver for a config, a dict of options, or a solver name (``ConfigError`` if unknown)."""
     if isinstance(config, str):
         if config not in SOLVERS:
-            raise ConfigError(f"unknown solver {config!r}; expected one of {', '.join(SOLVERS)}")
+            raise ConfigError(f"unknown solver {config!r}; expected one of {', '.join(SOLVERS.names())}")
         config = SolverConfig(name=config)
     cfg = from_dict(SolverConfig, config)
     if overrides:
         cfg = cfg.replace(**overrides)
-    return SOLVERS[cfg.name.value](cfg)
+    return SOLVERS.get(cfg.name.value)(cfg)
 
 
 def solve(f: Fn, z0: Tensor, config: Union[SolverConfig, dict, str, None] = None,
@@ -579,4 +589,4 @@ def solve(f: Fn, z0: Tensor, config: Union[SolverConfig, dict, str, None] = None
 
 
 __all__ = ["TrajectoryState", "SolverState", "SolveResult", "Solver", "FixedPointIteration",
-           "Anderson", "Broyden", "SOLVERS", "get_solver", "solve"]
+           "Anderson", "Broyden", "SOLVERS", "register_solver", "get_solver", "solve"]

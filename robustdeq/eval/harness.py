@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from .._support import progress_reporter, report_progress
 from ..config import Norm, coerce_enum
+from ..registry import ATTACK_SPECS, SUITES
 from ..errors import ConfigError, GradientMaskingWarning, InputError, NonConvergenceWarning
 from .._tensor import clip_delta, default_alpha
 from ..deq.protocols import TrajectoryModel
@@ -62,7 +63,7 @@ from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport, atomic_
 
 logger = logging.getLogger(__name__)
 
-SUITES = ("quick", "standard", "full")
+# SUITES (robustdeq.registry.SUITES): the named suites, "quick", "standard", "full" and registered ones
 KINDS = ("white-box", "black-box", "transfer")
 SCOPES = ("views", "model", "deq")
 NEEDS = ("any", "deq", "trajectory", "solver")
@@ -175,73 +176,152 @@ def _spread_states(ctx: SuiteContext, n: int = 3) -> List[int]:
     return sorted(vals)
 
 
-def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
-    """The built-in spec(s) called ``name`` (``states`` expands to one spec per state)."""
+# -- the registries of attack specs and suites (robustdeq.registry) ---------------------------------
+def register_attack_spec(name: str, builder: Optional[Callable[[SuiteContext], Any]] = None, *,
+                         replace: bool = False):
+    """Make ``name`` usable in suites: ``builder(ctx) -> AttackSpec | [AttackSpec]`` (an empty
+    list when the attack does not apply to the model in ``ctx``). Without ``builder``, a
+    decorator. Re-registering a name (a built-in included) is a ConfigError unless
+    ``replace=True``."""
+    return ATTACK_SPECS.register(name, builder, replace=replace)
+
+
+def register_suite(name: str, suite: Any = None, *, replace: bool = False):
+    """Make ``evaluate(..., suite=name)`` (and ``robustdeq eval --suite name``) run ``suite``: a
+    list of attacks (built-in or registered names, :class:`AttackSpec`, named factories) or a
+    function ``suite(ctx) -> list`` choosing them for the model in ``ctx``. Without ``suite``, a
+    decorator. Re-registering a name (a built-in included) is a ConfigError unless
+    ``replace=True``."""
+    if suite is not None and not callable(suite):
+        items = list(suite) if isinstance(suite, (list, tuple)) else None
+        if not items:
+            raise ConfigError(f"register_suite({name!r}, ...) needs a non-empty list of attacks or a "
+                              f"function ctx -> list, got {suite!r}")
+        suite = _fixed_suite(items)
+    return SUITES.register(name, suite, replace=replace)
+
+
+def _fixed_suite(items: List[Any]) -> Callable[[SuiteContext], List[Any]]:
+    def suite(ctx: SuiteContext) -> List[Any]:
+        return list(items)
+    return suite
+
+
+def _pgd_spec(name: str, grad_key: str, needs: str, what: str, loss_name: str):
+    def build(ctx: SuiteContext) -> List[AttackSpec]:
+        grad = _PGD_GRADS[grad_key]()
+        loss = "CW margin" if loss_name == "margin" else "cross-entropy"
+        return [AttackSpec(name, _pgd_factory(grad, ctx.model, loss_name), needs=needs,
+                           description=f"PGD with {what}, {loss} loss, {PGD_RESTARTS} random restarts")]
+    return build
+
+
+def _unrolled8():
     from ..deq.grad import UnrolledGrad
-    judge = ctx.model
-    pgd_grads = {"pgd": (None, "any", "the model's own gradient"),
-                 "pgd-ift": ("ift", "deq", "the implicit (IFT) gradient"),
-                 "pgd-unrolled": (UnrolledGrad(steps=8), "deq", "8 unrolled steps from z*"),
-                 "pgd-phantom": ("phantom", "deq", "the phantom gradient (k=5, tau=0.5)")}
-    base = name[:-len("-margin")] if name.endswith("-margin") else name
-    if base in pgd_grads:
-        grad, needs, what = pgd_grads[base]
-        loss_name = "margin" if base != name else "ce"
-        return [AttackSpec(name, _pgd_factory(grad, judge, loss_name), needs=needs,
-                           description=f"PGD with {what}, {'CW margin' if loss_name == 'margin' else 'cross-entropy'} "
-                                       f"loss, {PGD_RESTARTS} random restarts")]
-    if name == "states":
-        return [AttackSpec(f"state-{k}", _state_factory(k, False, judge), scope="deq", needs="trajectory",
-                           description=f"intermediate-state attack on z_{k} (unrolled gradient)")
-                for k in _spread_states(ctx)]
-    if name.startswith("state-") and name[6:].isdigit():
-        k = int(name[6:])
-        return [AttackSpec(name, _state_factory(k, False, judge), scope="deq", needs="trajectory",
-                           description=f"intermediate-state attack on z_{k}")]
-    if name == "state-ensemble":
-        if ctx.horizon is None or ctx.max_state is None:
-            return []
-        ks = list(range(1, max(1, min(ctx.horizon, ctx.max_state)) + 1))
-        return [AttackSpec("state-ensemble", _state_factory(ks, True, judge), scope="deq",
-                           needs="trajectory",
-                           description=f"attack on the ensemble of the states 1..{ks[-1]}")]
-    if name == "autoattack":
-        version = "rand" if ctx.randomized else "standard"
-        return [AttackSpec("autoattack", _autoattack_factory(version),
-                           description=f"AutoAttack {version} (pyautoattack)")]
-    if name == "autoattack-plus":
-        return [AttackSpec("autoattack-plus", _autoattack_factory("plus"),
-                           description="AutoAttack plus (pyautoattack)")]
-    if name == "transfer-unrolled":
-        if ctx.horizon is None or ctx.max_state is None:
-            return []
-        k = max(1, min(ctx.horizon, ctx.max_state))
-        return [AttackSpec("transfer-unrolled", _transfer_factory(k), kind="transfer", scope="deq",
-                           needs="solver",
-                           description=f"PGD on the unrolled view ({k} steps from z0), judged on the model")]
-    if name == "square":
-        return [AttackSpec("square", _square_factory(1000), kind="black-box",
-                           description="Square attack, 1000 queries (torchattacks)")]
-    raise ConfigError(f"unknown attack {name!r} in suite; built-in attacks: pgd, pgd-ift, pgd-unrolled, "
-                      "pgd-phantom (each also as <name>-margin), states, state-<k>, state-ensemble, autoattack, autoattack-plus, "
-                      "transfer-unrolled, square")
+    return UnrolledGrad(steps=8)
 
 
-def suite_names(suite: str, ctx: SuiteContext) -> List[str]:
-    """Built-in spec names of a named suite for this model."""
-    if suite not in SUITES:
-        raise ConfigError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)} or a list of attacks")
-    names = (["pgd-ift", "pgd-unrolled", "pgd-ift-margin", "pgd-unrolled-margin"] if ctx.has_deq
-             else ["pgd", "pgd-margin"])
-    if suite in ("standard", "full"):
-        if ctx.trajectory_model is not None:
-            names += ["states", "state-ensemble"]
-        names += ["autoattack"]
-    if suite == "full":
-        names += ["autoattack-plus"]
-        if ctx.solver_model:
-            names += ["transfer-unrolled"]
+_PGD_GRADS = {"pgd": lambda: None, "pgd-ift": lambda: "ift", "pgd-unrolled": _unrolled8,
+              "pgd-phantom": lambda: "phantom"}
+
+
+def _states_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec(f"state-{k}", _state_factory(k, False, ctx.model), scope="deq", needs="trajectory",
+                       description=f"intermediate-state attack on z_{k} (unrolled gradient)")
+            for k in _spread_states(ctx)]
+
+
+def _state_k_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
+    k = int(name[6:])
+    return [AttackSpec(name, _state_factory(k, False, ctx.model), scope="deq", needs="trajectory",
+                       description=f"intermediate-state attack on z_{k}")]
+
+
+def _state_ensemble_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    if ctx.horizon is None or ctx.max_state is None:
+        return []
+    ks = list(range(1, max(1, min(ctx.horizon, ctx.max_state)) + 1))
+    return [AttackSpec("state-ensemble", _state_factory(ks, True, ctx.model), scope="deq",
+                       needs="trajectory", description=f"attack on the ensemble of the states 1..{ks[-1]}")]
+
+
+def _autoattack_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    version = "rand" if ctx.randomized else "standard"
+    return [AttackSpec("autoattack", _autoattack_factory(version),
+                       description=f"AutoAttack {version} (pyautoattack)")]
+
+
+def _autoattack_plus_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec("autoattack-plus", _autoattack_factory("plus"), description="AutoAttack plus (pyautoattack)")]
+
+
+def _transfer_unrolled_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    if ctx.horizon is None or ctx.max_state is None:
+        return []
+    k = max(1, min(ctx.horizon, ctx.max_state))
+    return [AttackSpec("transfer-unrolled", _transfer_factory(k), kind="transfer", scope="deq", needs="solver",
+                       description=f"PGD on the unrolled view ({k} steps from z0), judged on the model")]
+
+
+def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec("square", _square_factory(1000), kind="black-box",
+                       description="Square attack, 1000 queries (torchattacks)")]
+
+
+def _register_builtin_specs() -> None:
+    pgd = {"pgd": ("any", "the model's own gradient"), "pgd-ift": ("deq", "the implicit (IFT) gradient"),
+           "pgd-unrolled": ("deq", "8 unrolled steps from z*"),
+           "pgd-phantom": ("deq", "the phantom gradient (k=5, tau=0.5)")}
+    for base, (needs, what) in pgd.items():
+        for name, loss_name in ((base, "ce"), (f"{base}-margin", "margin")):
+            ATTACK_SPECS.register(name, _pgd_spec(name, base, needs, what, loss_name), builtin=True)
+    for name, fn in (("states", _states_spec), ("state-ensemble", _state_ensemble_spec),
+                     ("autoattack", _autoattack_spec), ("autoattack-plus", _autoattack_plus_spec),
+                     ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec)):
+        ATTACK_SPECS.register(name, fn, builtin=True)
+
+
+_register_builtin_specs()
+
+
+def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
+    """The spec(s) called ``name``: a registered attack (:data:`robustdeq.registry.ATTACK_SPECS`:
+    the built-ins and :func:`register_attack_spec`; ``states`` expands to one spec per state), or
+    ``state-<k>``."""
+    if name not in ATTACK_SPECS and name.startswith("state-") and name[6:].isdigit():
+        return _state_k_spec(name, ctx)
+    out = ATTACK_SPECS.get(name)(ctx)
+    out = [out] if isinstance(out, AttackSpec) else list(out or [])
+    bad = [o for o in out if not isinstance(o, AttackSpec)]
+    if bad:
+        raise ConfigError(f"the attack builder {name!r} returned {bad[0]!r}, not an AttackSpec")
+    return out
+
+
+# the built-in suites (robustdeq.registry.SUITES refers to them by name)
+def _suite_quick(ctx: SuiteContext) -> List[str]:
+    return (["pgd-ift", "pgd-unrolled", "pgd-ift-margin", "pgd-unrolled-margin"] if ctx.has_deq
+            else ["pgd", "pgd-margin"])
+
+
+def _suite_standard(ctx: SuiteContext) -> List[str]:
+    names = _suite_quick(ctx)
+    if ctx.trajectory_model is not None:
+        names += ["states", "state-ensemble"]
+    return names + ["autoattack"]
+
+
+def _suite_full(ctx: SuiteContext) -> List[str]:
+    names = _suite_standard(ctx) + ["autoattack-plus"]
+    if ctx.solver_model:
+        names += ["transfer-unrolled"]
     return names
+
+
+def suite_names(suite: str, ctx: SuiteContext) -> List[Any]:
+    """The attacks of the named suite for this model (:data:`robustdeq.registry.SUITES`: the
+    built-ins and :func:`register_suite`): built-in names, or whatever a registered suite lists."""
+    return list(SUITES.get(suite)(ctx))
 
 
 def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[AttackSpec]:
@@ -253,7 +333,8 @@ def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[Att
         if not items:
             raise ConfigError("the suite is empty")
     else:
-        raise ConfigError(f"suite must be {', '.join(SUITES)} or a list of attacks, got {type(suite).__name__}")
+        raise ConfigError(f"suite must be {', '.join(SUITES.names())} or a list of attacks, "
+                          f"got {type(suite).__name__}")
     specs: List[AttackSpec] = []
     for it in items:
         if isinstance(it, AttackSpec):

@@ -22,8 +22,8 @@ __all__ = ["FederatedConfig", "FUSIONS", "FAULTS", "EVAL_SUITES", "DEFAULT_MODEL
 
 FUSIONS = ("fedavg", "quality", "accuracy")
 FAULTS = ("raise", "nan", "inf", "shape", "hang")
-EVAL_SUITES = ("none", "quick", "standard", "full")
-SOLVERS = ("fixed_point", "anderson", "broyden")
+EVAL_SUITES = ("none", "quick", "standard", "full")  # the built-ins; registered suites are accepted too
+SOLVERS = ("fixed_point", "anderson", "broyden")  # the built-ins; registered solvers are accepted too
 DEFAULT_MODEL_OPTIONS: Dict[str, Any] = {"hidden": 64, "mean": 0.3, "std": 0.4, "norm": "spectral",
                                          "scale": 0.9}
 
@@ -135,8 +135,9 @@ class FederatedConfig:
         if not budgets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in budgets):
             bad(f"budgets must be a non-empty list of integers >= 1, got {self.budgets!r}")
         object.__setattr__(self, "budgets", budgets)
-        if self.solver not in SOLVERS:
-            bad(f"solver: unknown solver {self.solver!r}; expected one of {', '.join(SOLVERS)}")
+        from ..registry import SOLVERS as _solvers, SUITES as _suites  # built-in and registered names
+        if self.solver not in _solvers:
+            bad(f"solver: unknown solver {self.solver!r}; expected one of {', '.join(_solvers.names())}")
         if not (self.tol > 0 and math.isfinite(self.tol)):
             bad(f"tol must be a finite number > 0, got {self.tol}")
         if self.fusion not in FUSIONS:
@@ -153,8 +154,9 @@ class FederatedConfig:
             bad(f"min_client_samples must be >= 1, got {self.min_client_samples}")
         if self.seed < 0:
             bad(f"seed must be >= 0, got {self.seed}")
-        if self.eval_suite not in EVAL_SUITES:
-            bad(f"eval_suite: unknown suite {self.eval_suite!r}; expected one of {', '.join(EVAL_SUITES)}")
+        if self.eval_suite != "none" and self.eval_suite not in _suites:
+            bad(f"eval_suite: unknown suite {self.eval_suite!r}; expected one of "
+                f"{', '.join(['none'] + _suites.names())}")
         if self.eval_samples < 0 or self.eval_steps < 1:
             bad("eval_samples must be >= 0 and eval_steps >= 1")
         if not (self.eval_eps > 0 and math.isfinite(self.eval_eps)):
