@@ -71,3 +71,14 @@ def test_autoattack_reports_its_per_attack_robust_accuracies():
         rep = evaluate(m, x, y, eps=0.1, suite=["autoattack"], checks=False)
     per = rep.result().attack("autoattack").describe["robust_accuracy_after"]
     assert per and per[0]["n"] == int((m(x).argmax(1) == y).sum()) and "apgd-ce" in per[0]
+
+
+def test_attack_warnings_point_at_the_users_call():
+    from robustdeq.attacks import PGD
+    m = rd.zoo.build("mlp_deq", hidden=8, solver={"max_iter": 2, "tol": 0.0}).eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        PGD(m, eps=0.1, steps=2, grad="ift")(x, y)
+    mine = [w for w in rec if issubclass(w.category, NonConvergenceWarning)]
+    assert mine and all(w.filename == __file__ for w in mine), {w.filename for w in mine}

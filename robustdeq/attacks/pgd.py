@@ -27,6 +27,7 @@ from .._tensor import bshape, clip_delta, default_alpha, per_sample_norm
 from ..deq.warm import (WarmStart, implicit_input_gradient, run_warm,
                         supports_implicit_input_gradient)
 from ..errors import ConfigError, NonConvergenceWarning
+from .._support import user_stacklevel
 from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
                    estimator_name, get_loss, is_deq, logits_of, margins, random_in_ball)
 
@@ -163,7 +164,7 @@ class InputGradient:
                 f"{who}: over {s['calls']} gradient evaluations, {s['forward_unconverged']} "
                 f"forward and {s['backward_unconverged']} adjoint per-sample solves did not reach "
                 "their tolerance; the attack's gradients may be inaccurate",
-                NonConvergenceWarning, stacklevel=4)
+                NonConvergenceWarning, stacklevel=user_stacklevel())
 
 
 def pgd_step(adv: Tensor, images: Tensor, g: Tensor, *, eps: float, alpha: float, norm: str,

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import CertificationWarning, ConfigError, InputError, NonConvergenceWarning
 from ..guard import preserve_model
+from .._support import user_stacklevel
 from ._util import float64_copy, require_deq, tight_solver
 from .contraction import contraction_certificate
 from .ibp import ibp_certify
@@ -329,7 +330,7 @@ def _certify(model, x, y, *, eps_l2, eps_linf, methods, V, lyapunov_steps, pertu
     if n_unconverged:
         msg = (f"certify: {n_unconverged}/{n} samples did not reach a residual of {fp_tol:g} in the "
                f"certification solve: no local stability for them")
-        warnings.warn(msg, CertificationWarning, stacklevel=3)
+        warnings.warn(msg, CertificationWarning, stacklevel=user_stacklevel())
     glob["computation"] = {
         "certified": "the exact fixed point z*(x) of the model's map (float64 solve, residual per sample)",
         "deployed": {"solver": _solver_dict(model.solver_config) if hasattr(model, "solver_config") else None,
@@ -341,7 +342,7 @@ def _certify(model, x, y, *, eps_l2, eps_linf, methods, V, lyapunov_steps, pertu
     if n_refused:
         warnings.warn(f"certify: on {n_refused}/{n} samples the model's own solve does not reach the certified "
                       f"fixed point (relative gap > {deploy_tol:g} or another prediction): no robustness "
-                      "certificate for them", CertificationWarning, stacklevel=3)
+                      "certificate for them", CertificationWarning, stacklevel=user_stacklevel())
     total = time.perf_counter() - t_all
     timing = {k: v for k, v in timing.items()}
     timing["total_s"] = total

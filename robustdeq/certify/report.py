@@ -121,6 +121,18 @@ def summarize(results: Sequence[CertResult], eps_l2: Sequence[float], eps_linf: 
     return out
 
 
+def write_certificate_files(out_dir, json_text: str, markdown: str) -> Dict[str, str]:
+    """``certificate.json`` (written atomically) and ``certificate.md`` in ``out_dir``."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    pj, pm = d / "certificate.json", d / "certificate.md"
+    tmp = d / ".certificate.json.tmp"
+    tmp.write_text(json_text)
+    os.replace(tmp, pj)
+    pm.write_text(markdown)
+    return {"json": str(pj), "markdown": str(pm)}
+
+
 @dataclass
 class CertReport:
     """All certificates of one model on one batch of inputs."""
@@ -173,14 +185,7 @@ class CertReport:
 
     def save(self, out_dir) -> Dict[str, str]:
         """Write ``certificate.json`` and ``certificate.md`` into ``out_dir``; returns the paths."""
-        d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        pj, pm = d / "certificate.json", d / "certificate.md"
-        tmp = d / ".certificate.json.tmp"
-        tmp.write_text(self.to_json())
-        os.replace(tmp, pj)
-        pm.write_text(self.to_markdown())
-        return {"json": str(pj), "markdown": str(pm)}
+        return write_certificate_files(out_dir, self.to_json(), self.to_markdown())
 
     # -- people -----------------------------------------------------------------------------------
     def brief(self) -> str:

@@ -69,7 +69,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,16 +498,10 @@ class SmoothingReport:
 
     def save(self, out_dir, *, plot: bool = True) -> Dict[str, str]:
         """Write ``certificate.json``, ``certificate.md`` and (``plot``) ``certified_accuracy.png``."""
-        d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        pj, pm = d / "certificate.json", d / "certificate.md"
-        tmp = d / ".certificate.json.tmp"
-        tmp.write_text(self.to_json())
-        os.replace(tmp, pj)
-        pm.write_text(self.to_markdown())
-        paths = {"json": str(pj), "markdown": str(pm)}
+        from .report import write_certificate_files
+        paths = write_certificate_files(out_dir, self.to_json(), self.to_markdown())
         if plot:
-            paths["plot"] = self.plot(d / PLOT_FILE)
+            paths["plot"] = self.plot(Path(out_dir) / PLOT_FILE)
         return paths
 
     # -- people -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..config import from_dict, to_dict
 from ..errors import CertificateSoundnessWarning, ConfigError
+from .._support import user_stacklevel
 from .checks import CheckResult
 
 logger = logging.getLogger(__name__)
@@ -243,7 +244,7 @@ def attach_bracket(report, model: nn.Module, x: Tensor, y: Tensor, config: Any =
     report.checks.append(check)
     report.notes.extend(notes)
     if check.fired:
-        warnings.warn(f"[{CHECK_NAME}] {check.message}", CertificateSoundnessWarning, stacklevel=3)
+        warnings.warn(f"[{CHECK_NAME}] {check.message}", CertificateSoundnessWarning, stacklevel=user_stacklevel())
     return check
 
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..config import Norm, coerce_enum
 from ..errors import ConfigError, GradientMaskingWarning, NonConvergenceWarning
+from .._support import user_stacklevel
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def _result(name: str, fired: bool, message: str, value=None, threshold=None, *,
     if fired:
         logger.info("check %s fired: %s", name, message)
         if warn:
-            warnings.warn(f"[{name}] {message}", category, stacklevel=3)
+            warnings.warn(f"[{name}] {message}", category, stacklevel=user_stacklevel())
     else:
         logger.info("check %s: %s", name, message)
     return res

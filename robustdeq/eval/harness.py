@@ -56,6 +56,7 @@ from ..errors import ConfigError, GradientMaskingWarning, InputError, NonConverg
 from .._tensor import clip_delta, default_alpha
 from ..deq.protocols import TrajectoryModel
 from ..guard import preserve_model
+from .._support import user_stacklevel
 from . import _sharding
 from . import checks as _checks
 from .checks import CheckConfig, CheckResult, find_deq, margin
@@ -978,7 +979,7 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
     for c in check_results:  # outside the warning capture
         if c.fired:
             cat = NonConvergenceWarning if c.name == "non_convergence" else GradientMaskingWarning
-            warnings.warn(f"[{c.name}] {c.message}", cat, stacklevel=2)
+            warnings.warn(f"[{c.name}] {c.message}", cat, stacklevel=user_stacklevel())
     if dist_ctx is not None:  # the ranks' attack objects warned separately: their total
         counters["nonconvergence_warnings"] = _sharding.sum_int(
             counters.get("nonconvergence_warnings", 0), dist_ctx, device)
