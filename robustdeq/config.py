@@ -270,6 +270,7 @@ class TrainConfig:
 
 
 __all__ = [
-    "StopMode", "Select", "SolverName", "Norm", "SolverConfig", "TrainConfig", "BACKWARD_DEFAULT",
+    "StopMode", "Select", "SolverName", "RegisteredSolverName", "solver_name", "Norm", "SolverConfig",
+    "TrainConfig", "BACKWARD_DEFAULT",
     "from_dict", "to_dict", "coerce_enum", "field",
 ]

@@ -317,7 +317,8 @@ class PGD(Attack):
     def __init__(self, model: nn.Module, *, eps: float, alpha: Optional[float] = None,
                  steps: int = 10, random_start: bool = True, norm: str = "Linf", grad=None,
                  warm_start: bool = True, loss: str = "ce", targeted: bool = False,
-                 seed: Optional[int] = None, early_stop: bool = False, restarts: int = 1):
+                 seed: Optional[int] = None, early_stop: bool = False, restarts: int = 1,
+                 joint_options: Optional[Dict[str, int]] = None):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
         self.steps = check_int(steps, "steps", low=1)
         self.restarts = check_int(restarts, "restarts", low=1)
@@ -335,10 +336,29 @@ class PGD(Attack):
             raise ConfigError(f"warm_start must be a bool, got {warm_start!r}")
         self.loss = loss
         self._loss = get_loss(loss)
-        self.oracle = InputGradient(model, grad, warm_start=warm_start)
-        self.grad = self.oracle.estimator
+        self.joint = isinstance(grad, str) and grad == "joint"
+        self.joint_options = dict(joint_options or {})
+        #: candidates per sample judged by the model's own inference at the end: the last
+        #: iterate, the iterate of lowest margin on the iteration's logits, then the latest points
+        self.joint_judge = check_int(self.joint_options.pop("judge", 4), "judge", low=1)
+        if joint_options is not None and not self.joint:
+            raise ConfigError("joint_options is only for grad='joint'")
+        if self.joint:
+            from ..deq.joint import JointInputGradient, supports_joint
+            if not (is_deq(model) and supports_joint(model)):
+                raise ConfigError(f"grad='joint' needs a DEQ (a fixed-point model with inject, f, "
+                                  f"readout, init_state and solver_config); got {type(model).__name__}")
+            if early_stop:
+                raise ConfigError("grad='joint' does not combine with early_stop (its iterates are "
+                                  "judged by the model's inference at the end only)")
+            self.oracle = JointInputGradient(model, **self.joint_options)
+            self.grad = None
+        else:
+            self.oracle = InputGradient(model, grad, warm_start=warm_start)
+            self.grad = self.oracle.estimator
         self.warm_start = warm_start
-        g = estimator_name(self.grad) if self.grad is not None else (
+        self.last_robust: Optional[Tensor] = None
+        g = "joint" if self.joint else estimator_name(self.grad) if self.grad is not None else (
             estimator_name(getattr(model, "estimator", None)) if is_deq(model) else None)
         self.name = ("PGD" + ("-L2" if self.norm == "L2" else "")
                      + {"dlr": "-DLR", "margin": "-margin"}.get(loss, "")
@@ -346,6 +366,13 @@ class PGD(Attack):
                      + (f" ({g})" if g else ""))
 
     def params(self) -> Dict[str, Any]:
+        if self.joint:
+            return {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
+                    "loss": self.loss, "restarts": self.restarts, "grad": "joint",
+                    "joint_options": {"fwd_iters": self.oracle.fwd_iters,
+                                      "adj_iters": self.oracle.adj_iters,
+                                      "first_adj_iters": self.oracle.first_adj_iters},
+                    "early_stop": False}
         return {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
                 "loss": self.loss, "restarts": self.restarts,
                 "grad": estimator_name(self.grad) if self.grad is not None else "model default",
@@ -354,9 +381,11 @@ class PGD(Attack):
     def _perturb(self, x, y, gen):
         adv = self._once(x, y, gen)
         if self.restarts == 1:
+            if self.joint:
+                self.last_robust = self._joint_margin > 0
             return adv
         stats = dict(self.last_stats)
-        m_best = self._margin(adv, y)
+        m_best = self._joint_margin if self.joint else self._margin(adv, y)
         attacked = []
         for _ in range(self.restarts - 1):
             rows = (m_best > 0).nonzero()[:, 0]
@@ -369,11 +398,13 @@ class PGD(Attack):
             adv[rows[better]] = cand[better]
             m_best[rows[better]] = m_new[better]
         self.last_stats = dict(stats, restart_samples=attacked)
+        if self.joint:
+            self.last_robust = m_best > 0
         return adv
 
-    def _margin(self, x_adv, y):
+    def _margin(self, x_adv, y, batch_size: int = 256):
         """Per-sample success margin on the attacked module's own inference (<= 0: success)."""
-        m = margins(logits_of(self.model, x_adv).float(), y)
+        m = margins(logits_of(self.model, x_adv, batch_size=max(1, batch_size)).float(), y)
         return -m if self.targeted else m
 
     def _once(self, x, y, gen):
@@ -387,6 +418,10 @@ class PGD(Attack):
             latest["y"] = ya
             return oracle(xa, ya, loss_fn)
 
+        if self.joint:
+            adv = self._joint(x, y, grad_fn, gen)
+            self.last_stats = dict(self.oracle.stats)
+            return adv
         if self.early_stop:
             adv = self._early_stopped(x, y, grad_fn, gen, latest)
             # samples frozen early, and those the model's inference did not confirm
@@ -397,6 +432,59 @@ class PGD(Attack):
                            norm=self.norm, random_start=self.random_start, gen=gen)
             self.last_stats = dict(self.oracle.stats)
         self.oracle.warn_if_unconverged(self.name)
+        return adv
+
+    def _joint(self, x, y, grad_fn, gen):
+        """The loop on the joint iteration (:class:`robustdeq.deq.joint.JointInputGradient`),
+        judged by the model's own inference: per sample, the last iterate and the iterate of
+        lowest margin on the iteration's own logits are evaluated cold (the model's inference),
+        and the one of lower (cold) margin is returned; ``_joint_margin`` keeps that margin."""
+        oracle = self.oracle
+        best = {"m": None, "x": None}
+        recent = []  # the latest points the iteration evaluated (newest last)
+        n_recent = self.joint_judge - 2
+
+        def tracked(xa, ya):
+            g = grad_fn(xa, ya)
+            if n_recent > 0:
+                recent.append(xa.detach())
+                del recent[:-n_recent]
+            m = margins(oracle.last_logits.float(), ya)
+            m = -m if self.targeted else m
+            if best["m"] is None:
+                best["m"], best["x"] = m, xa.detach().clone()
+            else:
+                better = m < best["m"]
+                best["m"] = torch.where(better, m, best["m"])
+                best["x"][better] = xa.detach()[better]
+            return g
+
+        adv = pgd_loop(x, y, tracked, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                       norm=self.norm, random_start=self.random_start, gen=gen)
+        m = self._margin(adv, y)
+        cands = ([best["x"]] if best["x"] is not None and self.joint_judge > 1 else []) + recent[::-1]
+        rows, pts = [], []
+        for cand in cands:
+            # only the samples still robust, and only where the candidate differs
+            r = ((m > 0) & (cand != adv).reshape(adv.shape[0], -1).any(dim=1)).nonzero()[:, 0]
+            rows.append(r)
+            pts.append(cand[r])
+        if rows and sum(int(r.numel()) for r in rows):
+            # one cold evaluation of all candidates (the model's inference, batch-independent)
+            r_all, p_all = torch.cat(rows), torch.cat(pts)
+            m_c = self._margin(p_all, y[r_all], batch_size=int(r_all.numel()))
+            # per sample the candidate of lowest margin (the first one on ties)
+            low = m.scatter_reduce(0, r_all, m_c, reduce="amin", include_self=True)
+            js = ((m_c == low[r_all]) & (m_c < m[r_all])).nonzero()[:, 0]
+            if js.numel():
+                ks = r_all[js]
+                ks_sorted, perm = torch.sort(ks, stable=True)
+                first = torch.ones_like(ks_sorted, dtype=torch.bool)
+                first[1:] = ks_sorted[1:] != ks_sorted[:-1]
+                js, ks = js[perm[first]], ks_sorted[first]
+                adv[ks] = p_all[js]
+                m[ks] = m_c[js]
+        self._joint_margin = m
         return adv
 
     def _early_stopped(self, x, y, grad_fn, gen, latest):

@@ -15,6 +15,7 @@
 =========================  ================================================================
 """
 from .api import METHODS, certify, certify_checkpoint
+from .config import CertifyConfig
 from .contraction import ContractionCertificate, contraction_certificate, solver_guarantees
 from .ibp import IBPResult, ibp_certify
 from .linalg import NormBound, spectral_norm_bound
@@ -27,7 +28,7 @@ from .smoothing import (SmoothingConfig, SmoothingReport, SmoothingResult, certi
                         predict_smoothed)
 
 __all__ = [
-    "certify", "certify_checkpoint", "METHODS", "CertReport", "CertResult",
+    "certify", "certify_checkpoint", "CertifyConfig", "METHODS", "CertReport", "CertResult",
     "ContractionCertificate", "contraction_certificate", "solver_guarantees",
     "LocalStability", "local_stability", "jacobian_spectrum",
     "LyapunovResult", "lyapunov_decrease", "quadratic_candidate",

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import time
 import warnings
-from typing import Callable, Iterable, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from ..errors import CertificationWarning, ConfigError, InputError, NonConvergen
 from ..guard import preserve_model
 from .._support import user_stacklevel
 from ._util import float64_copy, require_deq, tight_solver
+from .config import METHODS, CertifyConfig, make_certify_config
 from .contraction import contraction_certificate
 from .ibp import ibp_certify
 from .lipschitz import certified_radius, lipschitz_bound
@@ -24,7 +25,6 @@ from .report import CertReport, CertResult, _eps_key, summarize
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("contraction", "local", "lyapunov", "lipschitz", "ibp")
 
 NOTES = [
     "Contraction and Lipschitz bounds are sound upper bounds (exact SVD in float64 with a relative "
@@ -40,19 +40,6 @@ NOTES = [
     "IBP boxes enclose z*(x') for every x' in the Linf ball intersected with [0, 1] (sound by "
     "induction from an a-priori box; see robustdeq.certify.ibp).",
 ]
-
-
-def _check_eps(name: str, eps) -> tuple:
-    if eps is None:
-        return ()
-    if isinstance(eps, (int, float)):
-        eps = (eps,)
-    out = []
-    for e in eps:
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
-            raise ConfigError(f"{name} values must be finite numbers >= 0, got {e!r}")
-        out.append(float(e))
-    return tuple(out)
 
 
 def _resolve_methods(methods, model, V, eps_linf) -> tuple:
@@ -84,16 +71,8 @@ def _model_info(model: nn.Module) -> dict:
             "solver": to_dict(sc) if sc is not None else None}
 
 
-def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
-            eps_l2: Union[float, Sequence[float]] = (0.1, 0.25, 0.5),
-            eps_linf: Union[float, Sequence[float], None] = (),
-            methods: Union[str, Iterable[str]] = "auto",
-            V: Optional[Callable] = None, lyapunov_steps: int = 30, perturb=None,
-            lyapunov_dynamics: str = "iteration",
-            local_method: str = "auto", local_iters: int = 100, dense_max: int = 256,
-            ibp_iters: int = 200, solver=None, fp_tol: float = 1e-6, spectral: str = "auto",
-            batch_size: int = 256, seed: int = 0, progress: bool = False,
-            deploy_tol: float = 1e-2) -> CertReport:
+def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
+            config: Union[CertifyConfig, Mapping[str, Any], None] = None, **options: Any) -> CertReport:
     """Certify a DEQ on inputs ``x`` (labels ``y`` optional) with every applicable method.
 
     Args:
@@ -101,16 +80,23 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
             an eval-mode float64 copy that iterates the same map.
         x: (N, ...) inputs in [0, 1]; y: (N,) int labels or None (predictions are used instead and
             the report gives certified fractions rather than accuracies).
+        config: a :class:`~robustdeq.certify.config.CertifyConfig` (or a mapping of its options);
+            ``options`` (the same names as keywords) build it or override its fields; an unknown
+            option is a :class:`ConfigError`. The options:
+
+    Options:
         eps_l2: L2 radii for certified accuracy. eps_linf: Linf radii checked by IBP.
         methods: ``"auto"`` (contraction, local, lipschitz; ibp when ``eps_linf``; lyapunov when the
             model has a ``lyapunov`` method or ``V`` is given) or a subset of :data:`METHODS`.
-        V: Lyapunov candidate ``(z, z_ref) -> (B,)``; perturb, lyapunov_dynamics: start and
-            dynamics of the Lyapunov trajectories (see :func:`lyapunov_decrease`).
-        local_method: ``"auto"``/``"dense"``/``"power"`` (see :mod:`.local`).
+        V: Lyapunov candidate ``(z, z_ref) -> (B,)``; perturb, lyapunov_dynamics, lyapunov_steps:
+            start, dynamics and length of the Lyapunov trajectories (see :func:`lyapunov_decrease`).
+        local_method: ``"auto"``/``"dense"``/``"power"`` (see :mod:`.local`); local_iters,
+            dense_max: its budget. ibp_iters: interval iterations.
         solver: solver config for the certification solves (default: the model's solver with
             absolute tol 1e-10 and >= 500 iterations). fp_tol: residual up to which a state counts
             as a fixed point for local stability.
         spectral: spectral-norm method for the global bounds (``"auto"``, ``"svd"``, ``"gram"``).
+        batch_size, seed, progress: batches, the seed of the randomized estimates, a tqdm bar.
         deploy_tol: the certificates hold for the exact fixed point ``z*`` (a tight float64
             solve); the model deployed computes ``z`` with its own solver, budget, tolerance and
             dtype. That solve is run on every sample, and a sample whose deployed state is
@@ -126,25 +112,10 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None, *,
     every rank returns the whole report; ``certify_checkpoint`` writes it on rank 0 only.
     """
     require_deq(model, "certify")
-    eps_l2 = _check_eps("eps_l2", eps_l2)
-    eps_linf = _check_eps("eps_linf", eps_linf)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if V is not None and not (callable(V) or V == "quadratic"):
-        raise ConfigError("V must be a callable (z, z_ref) -> (B,) or 'quadratic'")
-    if lyapunov_dynamics not in ("iteration", "solver", "stable_map"):
-        raise ConfigError(f"unknown lyapunov_dynamics {lyapunov_dynamics!r}; expected 'iteration', "
-                          "'solver' or 'stable_map'")
-    if not (isinstance(deploy_tol, (int, float)) and not isinstance(deploy_tol, bool) and deploy_tol >= 0):
-        raise ConfigError(f"deploy_tol must be a number >= 0, got {deploy_tol!r}")
-    methods = _resolve_methods(methods, model, V, eps_linf)
+    cfg = make_certify_config(config, **options)
+    methods = _resolve_methods(cfg.methods, model, cfg.V, cfg.eps_linf)
     with preserve_model(model, "eval", who="certify"):
-        return _certify(model, x, y, eps_l2=eps_l2, eps_linf=eps_linf, methods=methods, V=V,
-                        lyapunov_steps=lyapunov_steps, perturb=perturb,
-                        lyapunov_dynamics=lyapunov_dynamics, local_method=local_method,
-                        local_iters=local_iters, dense_max=dense_max, ibp_iters=ibp_iters,
-                        solver=solver, fp_tol=fp_tol, spectral=spectral, batch_size=batch_size,
-                        seed=seed, progress=progress, deploy_tol=float(deploy_tol))
+        return _certify(model, x, y, cfg, methods)
 
 
 def _deployed(model: nn.Module, xb: Tensor, z_star: Tensor, pred: Tensor, deploy_tol: float) -> dict:
@@ -162,203 +133,299 @@ def _deployed(model: nn.Module, xb: Tensor, z_star: Tensor, pred: Tensor, deploy
             "steps": eq.stats.steps}
 
 
-def _certify(model, x, y, *, eps_l2, eps_linf, methods, V, lyapunov_steps, perturb, lyapunov_dynamics,
-             local_method, local_iters, dense_max, ibp_iters, solver, fp_tol, spectral, batch_size,
-             seed, progress, deploy_tol) -> CertReport:
+@dataclass
+class _Certification:
+    """The state of one :func:`certify` call, handed to its steps."""
+
+    model: nn.Module
+    work: nn.Module                      # the float64 eval-mode copy
+    cfg: CertifyConfig
+    methods: tuple
+    x: Tensor
+    y: Optional[Tensor]
+    solver: Any = None                   # the certification solves' config
+    cert: Any = None                     # the global contraction certificate
+    bound: Any = None                    # the Lipschitz bound (or None)
+    V_used: Any = None
+    glob: Dict[str, Any] = field(default_factory=dict)
+    timing: Dict[str, float] = field(default_factory=dict)
+    results: List[CertResult] = field(default_factory=list)
+    n_unconverged: int = 0
+    n_refused: int = 0
+    ibp_reason: Optional[str] = None
+
+    def clock(self, key: str, t0: float) -> None:
+        self.timing[key] += time.perf_counter() - t0
+
+
+@dataclass
+class _Batch:
+    """One batch's certification solve and per-method results."""
+
+    s: int
+    xb: Tensor
+    yb: Optional[Tensor]
+    z: Tensor
+    u: Tensor
+    residual: Tensor
+    logits: Tensor
+    pred: Tensor
+    dep: dict = field(default_factory=dict)
+    rad: Any = None
+    loc: Any = None
+    lya: Any = None
+    ibps: Dict[str, Any] = field(default_factory=dict)
+
+
+def _check_labels(y: Optional[Tensor], n: int) -> None:
+    if y is None:
+        return
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != n:
+        raise InputError(f"y must be a 1-D tensor of {n} labels, got "
+                         f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise InputError(f"y must hold integer class labels, got dtype {y.dtype}")
+
+
+def _certify(model, x, y, cfg: CertifyConfig, methods: tuple) -> CertReport:
     x = model.check_input(x)
-    n = x.shape[0]
-    if y is not None:
-        if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != n:
-            raise InputError(f"y must be a 1-D tensor of {n} labels, got "
-                             f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
-        if y.is_floating_point() or y.dtype == torch.bool:
-            raise InputError(f"y must hold integer class labels, got dtype {y.dtype}")
-
-    timing = {m: 0.0 for m in methods}
-    timing["solve"] = 0.0
+    _check_labels(y, x.shape[0])
     t_all = time.perf_counter()
-    work = float64_copy(model)
-    t = time.perf_counter()
-    cert = contraction_certificate(work, spectral=spectral)
-    timing["contraction"] += time.perf_counter() - t
-    glob = {"contraction": cert.to_dict()}
-    bound = None
-    if "lipschitz" in methods:
-        t = time.perf_counter()
-        bound = lipschitz_bound(work, cert, spectral=spectral)
-        timing["lipschitz"] += time.perf_counter() - t
-        glob["lipschitz"] = bound.to_dict()
-        if not bound.available:
-            logger.info("no certified radius: %s", bound.reason)
-    cfg = tight_solver(work) if solver is None else solver
-    if "lyapunov" in methods:
-        V_used = V if callable(V) else (model_candidate(work) if V is None else None) or quadratic_candidate()
-        glob["lyapunov"] = {"candidate": getattr(V_used, "__name__", type(V_used).__name__),
-                            "steps": lyapunov_steps, "dynamics": lyapunov_dynamics, "perturb": None if perturb is None else
-                            (perturb if isinstance(perturb, (int, float)) else type(perturb).__name__)}
-
-    results = []
+    c = _Certification(model=model, work=float64_copy(model), cfg=cfg, methods=methods, x=x, y=y,
+                       timing={**{m: 0.0 for m in methods}, "solve": 0.0})
+    _global_certificates(c)
     from ..distributed import context as _dist_context
     dist_ctx = _dist_context()
-    it = range(0, n, batch_size)
+    for s in _batch_starts(c, dist_ctx):
+        _certify_batch(c, s)
+    if dist_ctx is not None:
+        c.results, c.n_unconverged, c.n_refused, c.ibp_reason, local = _gather_shards(
+            c.results, c.n_unconverged, c.n_refused, c.ibp_reason, c.glob.get("local"))
+        if local is not None:
+            c.glob["local"] = local
+    return _report(c, t_all)
+
+
+def _global_certificates(c: _Certification) -> None:
+    """Contraction (always), Lipschitz bound and Lyapunov candidate: once per model."""
+    cfg, work = c.cfg, c.work
+    t = time.perf_counter()
+    c.cert = contraction_certificate(work, spectral=cfg.spectral)
+    c.clock("contraction", t)
+    c.glob["contraction"] = c.cert.to_dict()
+    if "lipschitz" in c.methods:
+        t = time.perf_counter()
+        c.bound = lipschitz_bound(work, c.cert, spectral=cfg.spectral)
+        c.clock("lipschitz", t)
+        c.glob["lipschitz"] = c.bound.to_dict()
+        if not c.bound.available:
+            logger.info("no certified radius: %s", c.bound.reason)
+    c.solver = tight_solver(work) if cfg.solver is None else cfg.solver
+    if "lyapunov" in c.methods:
+        V = cfg.V
+        c.V_used = V if callable(V) else (model_candidate(work) if V is None else None) or quadratic_candidate()
+        perturb = cfg.perturb
+        c.glob["lyapunov"] = {"candidate": getattr(c.V_used, "__name__", type(c.V_used).__name__),
+                              "steps": cfg.lyapunov_steps, "dynamics": cfg.lyapunov_dynamics,
+                              "perturb": None if perturb is None else
+                              (perturb if isinstance(perturb, (int, float)) else type(perturb).__name__)}
+
+
+def _batch_starts(c: _Certification, dist_ctx):
+    it = range(0, c.x.shape[0], c.cfg.batch_size)
     if dist_ctx is not None:  # batch j on rank j % world (the same batches as one process)
         it = it[dist_ctx.rank::dist_ctx.world_size]
-    if progress and (dist_ctx is None or dist_ctx.is_main):
+    if c.cfg.progress and (dist_ctx is None or dist_ctx.is_main):
         from tqdm.auto import tqdm
         it = tqdm(it, desc="certify", unit="batch")
-    n_unconverged = 0
-    n_refused = 0
-    ibp_reason = None
-    for s in it:
-        xb = x[s:s + batch_size].detach().to(torch.float64)
+    return it
+
+
+def _solve_batch(c: _Certification, s: int) -> _Batch:
+    """The tight float64 solve of one batch (and its labels, checked against the classes)."""
+    bs, work = c.cfg.batch_size, c.work
+    xb = c.x[s:s + bs].detach().to(torch.float64)
+    t = time.perf_counter()
+    with torch.no_grad():
+        u = work.inject(xb)
+        z = work.solve(u, solver=c.solver).z
+        residual = (work.f(z, u) - z).flatten(1).norm(dim=1)
+        logits = work.readout(z)
+    c.clock("solve", t)
+    pred = logits.argmax(dim=1)
+    yb = c.y[s:s + bs].to(pred.device) if c.y is not None else None
+    if yb is not None and (int(yb.min()) < 0 or int(yb.max()) >= logits.shape[1]):
+        raise InputError(f"labels must be in [0, {logits.shape[1] - 1}], got "
+                         f"[{int(yb.min())}, {int(yb.max())}]")
+    return _Batch(s=s, xb=xb, yb=yb, z=z, u=u, residual=residual, logits=logits, pred=pred)
+
+
+def _certify_batch(c: _Certification, s: int) -> None:
+    cfg, work, methods = c.cfg, c.work, c.methods
+    bt = _solve_batch(c, s)
+    lab = bt.yb if bt.yb is not None else bt.pred
+    c.n_unconverged += int((bt.residual > cfg.fp_tol).sum())
+    bt.dep = _deployed(c.model, c.x[s:s + cfg.batch_size], bt.z, bt.pred, cfg.deploy_tol)
+    c.n_refused += int((~bt.dep["ok"]).sum())
+    if c.bound is not None and c.bound.available:
         t = time.perf_counter()
-        with torch.no_grad():
-            u = work.inject(xb)
-            z = work.solve(u, solver=cfg).z
-            residual = (work.f(z, u) - z).flatten(1).norm(dim=1)
-            logits = work.readout(z)
-        timing["solve"] += time.perf_counter() - t
-        pred = logits.argmax(dim=1)
-        yb = y[s:s + batch_size].to(pred.device) if y is not None else None
-        if yb is not None and (int(yb.min()) < 0 or int(yb.max()) >= logits.shape[1]):
-            raise InputError(f"labels must be in [0, {logits.shape[1] - 1}], got "
-                             f"[{int(yb.min())}, {int(yb.max())}]")
-        lab = yb if yb is not None else pred
-        n_unconverged += int((residual > fp_tol).sum())
-        dep = _deployed(model, x[s:s + batch_size], z, pred, deploy_tol)
-        n_refused += int((~dep["ok"]).sum())
-        rad = None
-        if bound is not None and bound.available:
-            t = time.perf_counter()
-            rad = certified_radius(bound, logits, lab, residual)
-            timing["lipschitz"] += time.perf_counter() - t
-        loc = None
-        if "local" in methods:
-            t = time.perf_counter()
-            loc = local_stability(work, u=u, z=z, tol=fp_tol, method=local_method, iters=local_iters,
-                                  dense_max=dense_max, seed=seed)
-            timing["local"] += time.perf_counter() - t
-            glob.setdefault("local", {"method": loc.method, "exact": loc.exact, "note": loc.describe(),
-                                      "fp_tol": fp_tol})
-        lya = None
-        if "lyapunov" in methods:
-            t = time.perf_counter()
-            lya = lyapunov_decrease(work, xb, V_used, steps=lyapunov_steps, perturb=perturb, z_ref=z,
-                                    dynamics=lyapunov_dynamics, seed=seed + s)
-            timing["lyapunov"] += time.perf_counter() - t
-        ibps = {}
-        if "ibp" in methods:
-            t = time.perf_counter()
-            for e in eps_linf:
-                r = ibp_certify(work, xb, lab, e, iters=ibp_iters, contraction=cert,
-                                lipschitz=bound, z=z, residual=residual)
-                xf = xb.flatten(1)
-                dx = torch.maximum(xf - (xf - e).clamp(0, 1), (xf + e).clamp(0, 1) - xf).norm(dim=1)
-                ibps[_eps_key(e)] = (r, dx)
-                if not r.applicable:
-                    ibp_reason = r.reason
-            timing["ibp"] += time.perf_counter() - t
-        for b in range(xb.shape[0]):
-            stab = {"contraction": bool(cert.certified)}
-            basis = ["global contraction"] if cert.certified else []
-            d = {"index": s + b, "label": int(yb[b]) if yb is not None else None, "pred": int(pred[b]),
-                 "correct": bool(pred[b] == yb[b]) if yb is not None else None,
-                 "residual": float(residual[b]), "converged": bool(residual[b] <= fp_tol)}
-            if loc is not None:
-                stab["local"] = bool(loc.stable[b])
-                stab["local_contractive"] = bool(loc.contractive[b])
-                d["local"] = {"rho": float(loc.rho[b]), "sigma": float(loc.sigma[b]), "exact": loc.exact,
-                              "method": loc.method}
-                if loc.stable[b]:
-                    basis.append("local rho(J) < 1" + (" (exact)" if loc.exact else " (estimate)"))
-            if lya is not None:
-                stab["lyapunov"] = bool(lya.stable[b])
-                d["lyapunov"] = {"margin": float(lya.margin[b]), "ratio": float(lya.ratio[b]),
-                                 "candidate": lya.candidate, "start": lya.start}
-                if lya.stable[b]:
-                    basis.append("Lyapunov decrease")
-            d["stability"] = stab
-            d["stability_basis"] = basis
-            reached = bool(dep["ok"][b])
-            d["deployed"] = {"reaches_certified_fixed_point": reached, "gap": float(dep["gap"][b]),
-                             "pred": int(dep["pred"][b]), "residual": float(dep["residual"][b]),
-                             "converged": bool(dep["converged"][b]), "steps": int(dep["steps"][b])}
-            if not reached:
-                d["deployed"]["reason"] = (
-                    f"the model's own solve ends {float(dep['gap'][b]):.2g} (relative) from the certified "
-                    f"fixed point" + ("" if int(dep["pred"][b]) == int(pred[b]) else
-                                      f" and predicts {int(dep['pred'][b])}, not {int(pred[b])}")
-                    + ": no robustness certificate for the deployed computation")
-            radius = 0.0
-            if rad is not None:
-                radius = float(rad.radius[b])
-                if (yb is not None and not d["correct"]) or not reached:
-                    radius = 0.0
-                d.update({"margin": float(rad.margin[b]), "margin_lower": float(rad.margin_lower[b]),
-                          "radius_global": float(rad.radius_global[b]) if d["correct"] is not False else 0.0,
-                          "runner_up": int(rad.runner_up[b])})
-                d["l2_certified"] = {_eps_key(e): radius > e for e in eps_l2}
-            if ibps:
-                d["linf"] = {}
-                for k, (r, dx) in ibps.items():
-                    # the Linf ball (within [0, 1]) lies in the L2 ball of radius ||dx||
-                    via_l2 = radius > float(dx[b])
-                    via_ibp = bool(r.certified[b]) if r.applicable else False
-                    entry = {"certified": (via_l2 or via_ibp) and d["correct"] is not False and reached,
-                             "ibp": via_ibp, "via_l2_radius": via_l2}
-                    if r.applicable:
-                        entry["lower_margin"] = float(r.lower_margin[b])
-                    else:
-                        entry["reason"] = r.reason
-                    d["linf"][k] = entry
-            method = " + ".join(basis) if basis else "no stability certificate"
-            method += f"; L2 radius: {bound.method}, per-pair" if rad is not None else "; no L2 radius"
-            if ibps:
-                method += "; Linf: IBP or L2 radius"
-            if not reached:
-                method += "; refused: the deployed solve does not reach the certified fixed point"
-            results.append(CertResult(stable=bool(basis), bound=bound.lip_logits if rad is not None else None,
-                                      radius=radius, method=method, details=d))
-    if dist_ctx is not None:
-        results, n_unconverged, n_refused, ibp_reason, local = _gather_shards(
-            results, n_unconverged, n_refused, ibp_reason, glob.get("local"))
-        if local is not None:
-            glob["local"] = local
+        bt.rad = certified_radius(c.bound, bt.logits, lab, bt.residual)
+        c.clock("lipschitz", t)
+    if "local" in methods:
+        t = time.perf_counter()
+        bt.loc = local_stability(work, u=bt.u, z=bt.z, tol=cfg.fp_tol, method=cfg.local_method,
+                                 iters=cfg.local_iters, dense_max=cfg.dense_max, seed=cfg.seed)
+        c.clock("local", t)
+        c.glob.setdefault("local", {"method": bt.loc.method, "exact": bt.loc.exact, "note": bt.loc.describe(),
+                                    "fp_tol": cfg.fp_tol})
+    if "lyapunov" in methods:
+        t = time.perf_counter()
+        bt.lya = lyapunov_decrease(work, bt.xb, c.V_used, steps=cfg.lyapunov_steps, perturb=cfg.perturb,
+                                   z_ref=bt.z, dynamics=cfg.lyapunov_dynamics, seed=cfg.seed + s)
+        c.clock("lyapunov", t)
     if "ibp" in methods:
-        glob["ibp"] = ("not applicable: " + ibp_reason) if ibp_reason else \
+        t = time.perf_counter()
+        _ibp_batch(c, bt, lab)
+        c.clock("ibp", t)
+    for b in range(bt.xb.shape[0]):
+        c.results.append(_sample_result(c, bt, b))
+
+
+def _ibp_batch(c: _Certification, bt: _Batch, lab: Tensor) -> None:
+    for e in c.cfg.eps_linf:
+        r = ibp_certify(c.work, bt.xb, lab, e, iters=c.cfg.ibp_iters, contraction=c.cert,
+                        lipschitz=c.bound, z=bt.z, residual=bt.residual)
+        xf = bt.xb.flatten(1)
+        dx = torch.maximum(xf - (xf - e).clamp(0, 1), (xf + e).clamp(0, 1) - xf).norm(dim=1)
+        bt.ibps[_eps_key(e)] = (r, dx)
+        if not r.applicable:
+            c.ibp_reason = r.reason
+
+
+def _sample_result(c: _Certification, bt: _Batch, b: int) -> CertResult:
+    """Sample ``b`` of the batch: stability basis, deployed-solve check, L2 radius, Linf."""
+    yb, pred = bt.yb, bt.pred
+    d = {"index": bt.s + b, "label": int(yb[b]) if yb is not None else None, "pred": int(pred[b]),
+         "correct": bool(pred[b] == yb[b]) if yb is not None else None,
+         "residual": float(bt.residual[b]), "converged": bool(bt.residual[b] <= c.cfg.fp_tol)}
+    basis = _stability(c, bt, b, d)
+    reached = _deployed_details(bt, b, d)
+    radius = 0.0
+    if bt.rad is not None:
+        rad = bt.rad
+        radius = float(rad.radius[b])
+        if (yb is not None and not d["correct"]) or not reached:
+            radius = 0.0
+        d.update({"margin": float(rad.margin[b]), "margin_lower": float(rad.margin_lower[b]),
+                  "radius_global": float(rad.radius_global[b]) if d["correct"] is not False else 0.0,
+                  "runner_up": int(rad.runner_up[b])})
+        d["l2_certified"] = {_eps_key(e): radius > e for e in c.cfg.eps_l2}
+    if bt.ibps:
+        d["linf"] = _linf_details(bt, b, radius, d["correct"], reached)
+    method = " + ".join(basis) if basis else "no stability certificate"
+    method += f"; L2 radius: {c.bound.method}, per-pair" if bt.rad is not None else "; no L2 radius"
+    if bt.ibps:
+        method += "; Linf: IBP or L2 radius"
+    if not reached:
+        method += "; refused: the deployed solve does not reach the certified fixed point"
+    return CertResult(stable=bool(basis), bound=c.bound.lip_logits if bt.rad is not None else None,
+                      radius=radius, method=method, details=d)
+
+
+def _stability(c: _Certification, bt: _Batch, b: int, d: dict) -> List[str]:
+    """Fill ``d["stability"]`` / ``d["stability_basis"]`` (and the local / Lyapunov details);
+    returns the basis."""
+    stab = {"contraction": bool(c.cert.certified)}
+    basis = ["global contraction"] if c.cert.certified else []
+    loc, lya = bt.loc, bt.lya
+    if loc is not None:
+        stab["local"] = bool(loc.stable[b])
+        stab["local_contractive"] = bool(loc.contractive[b])
+        d["local"] = {"rho": float(loc.rho[b]), "sigma": float(loc.sigma[b]), "exact": loc.exact,
+                      "method": loc.method}
+        if loc.stable[b]:
+            basis.append("local rho(J) < 1" + (" (exact)" if loc.exact else " (estimate)"))
+    if lya is not None:
+        stab["lyapunov"] = bool(lya.stable[b])
+        d["lyapunov"] = {"margin": float(lya.margin[b]), "ratio": float(lya.ratio[b]),
+                         "candidate": lya.candidate, "start": lya.start}
+        if lya.stable[b]:
+            basis.append("Lyapunov decrease")
+    d["stability"] = stab
+    d["stability_basis"] = basis
+    return basis
+
+
+def _deployed_details(bt: _Batch, b: int, d: dict) -> bool:
+    """Fill ``d["deployed"]``; whether the deployed solve reaches the certified fixed point."""
+    dep, pred = bt.dep, bt.pred
+    reached = bool(dep["ok"][b])
+    d["deployed"] = {"reaches_certified_fixed_point": reached, "gap": float(dep["gap"][b]),
+                     "pred": int(dep["pred"][b]), "residual": float(dep["residual"][b]),
+                     "converged": bool(dep["converged"][b]), "steps": int(dep["steps"][b])}
+    if not reached:
+        d["deployed"]["reason"] = (
+            f"the model's own solve ends {float(dep['gap'][b]):.2g} (relative) from the certified "
+            f"fixed point" + ("" if int(dep["pred"][b]) == int(pred[b]) else
+                              f" and predicts {int(dep['pred'][b])}, not {int(pred[b])}")
+            + ": no robustness certificate for the deployed computation")
+    return reached
+
+
+def _linf_details(bt: _Batch, b: int, radius: float, correct: Optional[bool], reached: bool) -> dict:
+    out = {}
+    for k, (r, dx) in bt.ibps.items():
+        # the Linf ball (within [0, 1]) lies in the L2 ball of radius ||dx||
+        via_l2 = radius > float(dx[b])
+        via_ibp = bool(r.certified[b]) if r.applicable else False
+        entry = {"certified": (via_l2 or via_ibp) and correct is not False and reached,
+                 "ibp": via_ibp, "via_l2_radius": via_l2}
+        if r.applicable:
+            entry["lower_margin"] = float(r.lower_margin[b])
+        else:
+            entry["reason"] = r.reason
+        out[k] = entry
+    return out
+
+
+def _report(c: _Certification, t_all: float) -> CertReport:
+    """Warnings, the global and per-sample results, timings, settings: the report."""
+    cfg, model, glob, n = c.cfg, c.model, c.glob, c.x.shape[0]
+    if "ibp" in c.methods:
+        glob["ibp"] = ("not applicable: " + c.ibp_reason) if c.ibp_reason else \
             "interval iteration through the fixed point from an a-priori box"
-    if n_unconverged:
-        msg = (f"certify: {n_unconverged}/{n} samples did not reach a residual of {fp_tol:g} in the "
+    if c.n_unconverged:
+        msg = (f"certify: {c.n_unconverged}/{n} samples did not reach a residual of {cfg.fp_tol:g} in the "
                f"certification solve: no local stability for them")
         warnings.warn(msg, CertificationWarning, stacklevel=user_stacklevel())
     glob["computation"] = {
         "certified": "the exact fixed point z*(x) of the model's map (float64 solve, residual per sample)",
         "deployed": {"solver": _solver_dict(model.solver_config) if hasattr(model, "solver_config") else None,
                      "dtype": str(next(iter(model.parameters())).dtype) if any(True for _ in model.parameters()) else None,
-                     "deploy_tol": deploy_tol, "refused": n_refused,
+                     "deploy_tol": float(cfg.deploy_tol), "refused": c.n_refused,
                      "rule": "a sample is certified only if the model's own solve (its solver, budget, "
                              "tolerance, dtype) ends within deploy_tol (relative L2) of z* with the same "
                              "prediction; checked at the clean input"}}
-    if n_refused:
-        warnings.warn(f"certify: on {n_refused}/{n} samples the model's own solve does not reach the certified "
-                      f"fixed point (relative gap > {deploy_tol:g} or another prediction): no robustness "
+    if c.n_refused:
+        warnings.warn(f"certify: on {c.n_refused}/{n} samples the model's own solve does not reach the certified "
+                      f"fixed point (relative gap > {cfg.deploy_tol:g} or another prediction): no robustness "
                       "certificate for them", CertificationWarning, stacklevel=user_stacklevel())
     total = time.perf_counter() - t_all
-    timing = {k: v for k, v in timing.items()}
+    timing = dict(c.timing)
     timing["total_s"] = total
     timing["per_sample_s"] = total / max(n, 1)
     from .. import __version__
-    settings = {"eps_l2": list(eps_l2), "eps_linf": list(eps_linf), "methods": list(methods),
-                "local_method": local_method, "local_iters": local_iters, "dense_max": dense_max,
-                "lyapunov_steps": lyapunov_steps, "lyapunov_dynamics": lyapunov_dynamics, "ibp_iters": ibp_iters, "fp_tol": fp_tol,
-                "spectral": spectral, "solver": _solver_dict(cfg), "dtype": "float64", "seed": seed,
-                "deploy_tol": deploy_tol,
-                "notes": NOTES}
+    settings = {"eps_l2": list(cfg.eps_l2), "eps_linf": list(cfg.eps_linf), "methods": list(c.methods),
+                "local_method": cfg.local_method, "local_iters": cfg.local_iters, "dense_max": cfg.dense_max,
+                "lyapunov_steps": cfg.lyapunov_steps, "lyapunov_dynamics": cfg.lyapunov_dynamics,
+                "ibp_iters": cfg.ibp_iters, "fp_tol": cfg.fp_tol, "spectral": cfg.spectral,
+                "solver": _solver_dict(c.solver), "dtype": "float64", "seed": cfg.seed,
+                "deploy_tol": float(cfg.deploy_tol), "notes": NOTES}
     prov = {"robustdeq": __version__, "torch": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    summary = summarize(results, eps_l2, eps_linf)
+    summary = summarize(c.results, cfg.eps_l2, cfg.eps_linf)
     return CertReport(model=_model_info(model), settings=settings, global_certificates=glob,
-                      results=results, summary=summary, timing=timing, provenance=prov)
+                      results=c.results, summary=summary, timing=timing, provenance=prov)
 
 
 def certify_checkpoint(path, *, dataset: str = "digits", split: str = "test", root=None,
@@ -397,4 +464,4 @@ def _solver_dict(cfg) -> dict:
     return to_dict(from_dict(SolverConfig, cfg))
 
 
-__all__ = ["certify", "certify_checkpoint", "METHODS"]
+__all__ = ["certify", "certify_checkpoint", "CertifyConfig", "METHODS"]

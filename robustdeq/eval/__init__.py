@@ -8,12 +8,14 @@ checks, and the report (versioned JSON, Markdown, plots, TensorBoard scalars).
 from __future__ import annotations
 
 from .checks import CHECKS, CheckConfig, CheckResult
-from .harness import (SUITES, AttackSpec, SuiteContext, build_suite, evaluate, trajectory_model,
-                      trajectory_stats, unit_seed)
+from .config import EvalConfig
+from .harness import (SUITES, AttackSpec, SuiteContext, build_suite, evaluate, register_attack_spec,
+                      register_suite, trajectory_model, trajectory_stats, unit_seed)
 from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport
 
 __all__ = [
-    "evaluate", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "trajectory_model",
+    "evaluate", "EvalConfig", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "register_attack_spec",
+    "register_suite", "trajectory_model",
     "trajectory_stats", "unit_seed",
     "EvalReport", "EpsResult", "AttackResult", "SCHEMA_VERSION",
     "CHECKS", "CheckConfig", "CheckResult",

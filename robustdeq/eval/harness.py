@@ -60,6 +60,7 @@ from .._support import user_stacklevel
 from . import _sharding
 from . import checks as _checks
 from .checks import CheckConfig, CheckResult, find_deq, margin
+from .config import EvalConfig, make_eval_config
 from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -708,7 +709,7 @@ class _PartialStore:
 
 
 # -- the harness ------------------------------------------------------------------------------------
-def _validate(model, x, y, threat, eps, steps, seed, batch_size):
+def _validate_data(model, x, y) -> Tuple[Tensor, Tensor]:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module mapping x -> logits, got {type(model).__name__}")
     if y is None and isinstance(x, (tuple, list)) and len(x) == 2:
@@ -720,33 +721,74 @@ def _validate(model, x, y, threat, eps, steps, seed, batch_size):
     if x.shape[0] == 0:
         raise InputError("evaluate needs at least one sample")
     from ..data import validate_inputs
-    x = validate_inputs(x, expected_shape=getattr(model, "input_shape", None))
-    norm = coerce_enum(Norm, threat, "threat").value
-    eps_list = [eps] if not isinstance(eps, (list, tuple)) else list(eps)
-    if not eps_list:
-        raise ConfigError("eps must be a positive number or a non-empty list of them")
-    out = []
-    for e in eps_list:
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
-            raise ConfigError(f"eps values must be finite numbers > 0, got {e!r}")
-        out.append(float(e))
-    if len(set(out)) != len(out):
-        raise ConfigError(f"eps values must be distinct, got {out}")
-    for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
-    return x, y, norm, out
+    return validate_inputs(x, expected_shape=getattr(model, "input_shape", None)), y
 
 
-def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optional[Tensor] = None, *,
-             threat: Union[str, Norm] = "Linf", eps: Union[float, Sequence[float]],
-             suite: Union[str, Sequence[Any]] = "quick", steps: int = 20, seed: int = 0,
-             batch_size: int = 128, out_dir: Union[str, Path, None] = None, resume: bool = True,
-             progress: bool = False, checks: bool = True, check_config: Optional[CheckConfig] = None,
-             tensorboard: Union[bool, str, Path] = False, cascade: bool = False,
-             callback: Optional[Callable[[dict], None]] = None,
-             transfer_from: Union[nn.Module, Dict[str, nn.Module], None] = None,
-             certify: Any = None) -> EvalReport:
+@dataclass
+class _Evaluation:
+    """The state of one :func:`evaluate` call, handed to its steps (instead of long argument lists)."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    cfg: EvalConfig
+    device: torch.device
+    dist_ctx: Any                                   # a process group (robustdeq.distributed) or None
+    views: Dict[str, nn.Module]
+    tmodel: Optional[nn.Module]
+    notes: List[str] = dataclasses.field(default_factory=list)
+    timings: Dict[str, float] = dataclasses.field(default_factory=dict)
+    counters: Dict[str, int] = dataclasses.field(default_factory=dict)
+    clean_margin: Optional[Tensor] = None
+    clean_correct: Optional[Tensor] = None
+    clean_traj: Optional[Dict[str, Any]] = None
+    units: List[_Unit] = dataclasses.field(default_factory=list)
+    suite_label: Any = None
+    config: Dict[str, Any] = dataclasses.field(default_factory=dict)  # what the config hash covers
+    config_hash: str = ""
+    store: Any = None                               # _PartialStore (or its sharded view) or None
+    bar: Any = None
+    results: List[EpsResult] = dataclasses.field(default_factory=list)
+    success_flags: Dict[float, Dict[str, Tensor]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.dist_ctx is None or self.dist_ctx.is_main
+
+    @property
+    def norm(self) -> str:
+        return self.cfg.norm
+
+
+@dataclass
+class _EpsState:
+    """The running worst case over the attack units of one eps."""
+
+    ei: int
+    eps: float
+    robust: Tensor
+    first: List[Optional[str]]
+    worst_margin: Tensor
+    worst_x: Tensor
+    attack_results: List[AttackResult] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class _UnitOutcome:
+    """What one attack unit produced (computed now, or read back from ``out_dir/partial``)."""
+
+    adv_correct: Tensor
+    upd_idx: Tensor
+    upd_x: Tensor
+    margin: Tensor
+    seconds: float
+    describe: Dict[str, Any]
+    violations: int
+    resumed: bool
+
+
+def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optional[Tensor] = None,
+             config: Union[EvalConfig, Dict[str, Any], None] = None, **options: Any) -> EvalReport:
     """Evaluate the robustness of ``model`` on ``(x, y)``.
 
     Args:
@@ -754,15 +796,24 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
             defense (with ``adaptive_views()``: every view is attacked as well, judged on the
             defense).
         x: (N, C, H, W) inputs in [0, 1] (or ``(x, y)`` with ``y`` omitted); y: (N,) int64 labels.
-        threat: "Linf" or "L2". eps: one radius or a list (one report entry per eps).
-        suite: "quick", "standard", "full", or a list of :class:`AttackSpec`, built-in attack names
-            (see :func:`builtin_spec`) or named factories ``f(target, *, eps, norm, steps, seed)``.
+        config: an :class:`~robustdeq.eval.config.EvalConfig` (or a mapping of its options);
+            ``options`` (the same names as keywords) build it or override its fields; an
+            unknown option is a :class:`ConfigError`. The options:
+
+    Options:
+        threat: "Linf" or "L2" (or a :class:`~robustdeq.config.Norm`). eps: one radius or a list
+            (one report entry per eps); required.
+        suite: a registered suite ("quick", "standard", "full" or one added with
+            :func:`register_suite`), or a list of :class:`AttackSpec`, attack names (see
+            :func:`builtin_spec`, :func:`register_attack_spec`) or named factories
+            ``f(target, *, eps, norm, steps, seed)``.
         steps: iterations of the iterative attacks (alpha = 2.5 eps / steps).
         seed: base seed; every unit and check gets a seed derived from it.
         batch_size: attack and prediction batch size.
         out_dir: write ``partial/`` units as they finish, then ``report.json``, ``report.md`` and
             plots. resume: skip units already in ``out_dir/partial`` for the same configuration.
-        progress: tqdm progress bar. checks: run the checks (:mod:`robustdeq.eval.checks`).
+        progress: tqdm progress bar. checks: run the checks (:mod:`robustdeq.eval.checks`);
+            check_config: their :class:`CheckConfig`.
         tensorboard: True (``out_dir/tensorboard``) or a log folder: write scalars.
         cascade: run each attack only on the samples every earlier attack left robust (as
             AutoAttack does: much cheaper with expensive attacks; the robust flags are the same
@@ -789,228 +840,263 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
         :class:`EvalReport`.
     """
     t_start = time.perf_counter()
-    x, y, norm, eps_list = _validate(model, x, y, threat, eps, steps, seed, batch_size)
+    x, y = _validate_data(model, x, y)
+    ev = _begin(model, x, y, make_eval_config(config, **options))
+    with preserve_model([model, *ev.views.values()], "eval", who="evaluate"), _quiet(model, ev.counters):
+        _clean_pass(ev)
+        _plan(ev)
+        done = _finished_report(ev)
+        if done is not None:
+            return done
+        _open_store(ev)
+        _attack_all(ev)
+        check_results = _run_checks(ev) if ev.cfg.checks else []
+    _warn(ev, check_results)  # outside the warning capture
+    report = _report(ev, check_results, t_start)
+    _write(ev, report)
+    return report
+
+
+def _begin(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig) -> _Evaluation:
     dist_ctx = _sharding.context()  # a process group (or torchrun's environment): shard the attacks
-    main = dist_ctx is None or dist_ctx.is_main
-    if not isinstance(cascade, bool):
-        raise ConfigError(f"cascade must be a bool, got {cascade!r}")
-    if tensorboard and out_dir is None and not isinstance(tensorboard, (str, Path)):
-        raise ConfigError("tensorboard=True needs out_dir (or pass a log folder as tensorboard=...)")
-    cfg = check_config if check_config is not None else CheckConfig()
-    if not isinstance(cfg, CheckConfig):
-        raise ConfigError(f"check_config must be a CheckConfig, got {type(check_config).__name__}")
     device = _device(model, x.device)
-    x, y = x.detach().to(device), y.detach().to(device)
-    n = x.shape[0]
-    notes: List[str] = []
-    timings: Dict[str, float] = {}
-    counters: Dict[str, int] = {}
+    return _Evaluation(model=model, x=x.detach().to(device), y=y.detach().to(device), cfg=cfg,
+                       device=device, dist_ctx=dist_ctx, views=adaptive_views(model, cfg.transfer_from),
+                       tmodel=trajectory_model(model))
 
-    views = adaptive_views(model, transfer_from)
-    tmodel = trajectory_model(model)
-    randomized = bool(getattr(model, "randomized", False))
 
-    with preserve_model([model, *views.values()], "eval", who="evaluate"), _quiet(model, counters):
-        # -- clean ---------------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        with _seeded(_derive_seed(seed, "clean"), device):
-            clean_margin = _margins(model, x, y, batch_size)
-        clean_correct = clean_margin > 0
-        clean_acc = float(clean_correct.float().mean())
-        timings["clean"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        clean_traj = trajectory_stats(tmodel, x, y, batch_size) if tmodel is not None else None
-        timings["trajectory"] = time.perf_counter() - t0
+def _clean_pass(ev: _Evaluation) -> None:
+    """Clean margins and the clean trajectory statistics."""
+    cfg = ev.cfg
+    t0 = time.perf_counter()
+    with _seeded(_derive_seed(cfg.seed, "clean"), ev.device):
+        ev.clean_margin = _margins(ev.model, ev.x, ev.y, cfg.batch_size)
+    ev.clean_correct = ev.clean_margin > 0
+    ev.timings["clean"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ev.clean_traj = trajectory_stats(ev.tmodel, ev.x, ev.y, cfg.batch_size) if ev.tmodel is not None else None
+    ev.timings["trajectory"] = time.perf_counter() - t0
 
-        # -- the suite -----------------------------------------------------------------------------
-        solver_model = _is_solver_model(tmodel)
-        if solver_model:
-            max_state = tmodel.solver_config.max_iter - 1
-            s = (clean_traj or {}).get("solver") or {}
-            horizon = int(math.ceil(s.get("mean_steps", max_state + 1)))
-            horizon = max(2, min(horizon, max_state + 1))
-        elif tmodel is not None and hasattr(tmodel, "depth"):
-            max_state = int(tmodel.depth)
-            horizon = int(tmodel.depth)
-        else:
-            max_state = horizon = None
-        ctx = SuiteContext(model=model, trajectory_model=tmodel, has_deq=find_deq(model) is not None,
-                           solver_model=solver_model, randomized=randomized, horizon=horizon,
-                           max_state=max_state)
-        specs = build_suite(suite, ctx)
-        if tmodel is not None and find_deq(model) is None:
-            notes.append(f"{type(tmodel).__name__} has no fixed-point solver whose gradient can be "
-                         "chosen: PGD runs with the model's own gradient (full backpropagation)")
-        if tmodel is None:
-            notes.append("the model exposes no trajectory: per-state accuracy, solver statistics and "
-                         "intermediate-state attacks do not apply")
-        units = _expand(specs, model, views, tmodel, notes)
-        if not units:
-            raise ConfigError("no attack of the suite applies to this model")
-        if isinstance(suite, str):
-            suite_label: Union[str, List[str]] = suite
-        else:
-            suite_label = [s.name for s in specs]
 
-        config = {
-            "schema_version": SCHEMA_VERSION, "model": _hash_model(model), "data": _hash_data(x, y),
-            "threat": norm, "eps": eps_list, "units": [u.key for u in units], "steps": steps,
-            "seed": seed, "batch_size": batch_size, "suite": suite_label, "cascade": cascade,
-            "transfer_sources": {k: _hash_model(v.model) for k, v in views.items()
-                                 if getattr(v, "view_kind", None) == "transfer"},
-        }
-        config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-        if out_dir is not None and resume:
-            done = _completed_report(Path(out_dir), config_hash)
-            if done is not None:
-                return done
-        _sharding.check_same_config(config_hash, dist_ctx)
-        store = _sharding.open_store(lambda: _PartialStore(Path(out_dir), config_hash, config, resume),
-                                     out_dir, dist_ctx)
+def _suite_context(ev: _Evaluation) -> SuiteContext:
+    tmodel = ev.tmodel
+    solver_model = _is_solver_model(tmodel)
+    if solver_model:
+        max_state = tmodel.solver_config.max_iter - 1
+        s = (ev.clean_traj or {}).get("solver") or {}
+        horizon = int(math.ceil(s.get("mean_steps", max_state + 1)))
+        horizon = max(2, min(horizon, max_state + 1))
+    elif tmodel is not None and hasattr(tmodel, "depth"):
+        max_state = int(tmodel.depth)
+        horizon = int(tmodel.depth)
+    else:
+        max_state = horizon = None
+    return SuiteContext(model=ev.model, trajectory_model=tmodel, has_deq=find_deq(ev.model) is not None,
+                        solver_model=solver_model, randomized=bool(getattr(ev.model, "randomized", False)),
+                        horizon=horizon, max_state=max_state)
 
-        # -- attacks -------------------------------------------------------------------------------
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(eps_list) * len(units), desc="evaluate", disable=not progress or not main,
-                   leave=False)
-        results: List[EpsResult] = []
-        success_flags: Dict[float, Dict[str, Tensor]] = {}
-        t_attacks = 0.0
-        t_traj = timings["trajectory"]
-        try:
-            for ei, e in enumerate(eps_list):
-                t_eps = time.perf_counter()
-                robust = clean_correct.clone()
-                first: List[Optional[str]] = [None if c else "clean" for c in clean_correct.tolist()]
-                worst_margin = clean_margin.clone()
-                worst_x = x.clone()
-                attack_results: List[AttackResult] = []
-                success_flags[e] = {}
-                for ui, unit in enumerate(units):
-                    t0 = time.perf_counter()
-                    loaded = store.load(ei, ui, unit.key) if store is not None else None
-                    if loaded is not None:
-                        meta, tens = loaded
-                        adv_correct = tens["adv_correct"].to(device).bool()
-                        upd_idx = tens["upd_idx"].to(device).long()
-                        upd_x = tens["upd_x"].to(device=device, dtype=x.dtype)
-                        margin_u = tens["margin"].to(device)
-                        seconds, desc, viol = float(meta["seconds"]), meta["describe"], int(meta["violations"])
-                        resumed = True
-                    else:
-                        useed = unit_seed(seed, e, unit.key)
-                        attacked = robust.clone() if cascade else clean_correct
-                        status = f"eps {e:g} · {unit.key} · {int(attacked.sum())} samples"
-                        bar.set_postfix_str(status)
-                        with _seeded(useed, device), progress_reporter(_show_progress(bar, status)):
-                            desc, x_adv, viol = _run_unit(unit, model, x, y, attacked, e, norm,
-                                                          steps, useed, batch_size)
-                            margin_u = torch.where(attacked, _margins(model, x_adv, y, batch_size),
-                                                   clean_margin)
-                        # samples not attacked (cascade: already broken) count as not broken by it
-                        adv_correct = clean_correct & (margin_u > 0)
-                        upd = attacked & (margin_u < worst_margin)
-                        upd_idx = upd.nonzero().flatten()
-                        upd_x = x_adv[upd_idx]
-                        seconds = time.perf_counter() - t0
-                        resumed = False
-                        if store is not None:
-                            store.save(ei, ui, {
-                                "key": unit.key, "spec": unit.spec.name, "view": unit.view,
-                                "kind": unit.kind, "eps": e, "seconds": seconds,
-                                "describe": desc, "violations": viol},
-                                {"adv_correct": adv_correct, "margin": margin_u, "upd_idx": upd_idx,
-                                 "upd_x": upd_x})
-                    worst_margin[upd_idx] = margin_u[upd_idx]
-                    worst_x[upd_idx] = upd_x
-                    newly = robust & ~adv_correct
-                    for i in newly.nonzero().flatten().tolist():
-                        first[i] = unit.key
-                    robust = robust & adv_correct
-                    success_flags[e][unit.key] = clean_correct & ~adv_correct
-                    t_attacks += seconds
-                    if viol:
-                        notes.append(f"{unit.key} at eps {e:g}: {viol} examples left the threat model "
-                                     "and were projected back before judging")
-                    ar = AttackResult(key=unit.key, spec=unit.spec.name, view=unit.view, kind=unit.kind,
-                                      accuracy=None if cascade else float(adv_correct.float().mean()),
-                                      cumulative_accuracy=float(robust.float().mean()),
-                                      new_successes=int(newly.sum()), seconds=seconds, describe=desc,
-                                      resumed=resumed, violations=viol)
-                    attack_results.append(ar)
-                    logger.info("eps %g %s: accuracy %s, worst case %.3f%s", e, unit.key,
-                                "n/a (cascade)" if ar.accuracy is None else f"{ar.accuracy:.3f}",
-                                ar.cumulative_accuracy, " (resumed)" if resumed else "")
-                    bar.update(1)
-                    bar.set_postfix(eps=f"{e:g}", robust=f"{ar.cumulative_accuracy:.3f}")
-                    if callback is not None:
-                        callback({"eps": e, "eps_index": ei, "unit_index": ui, "key": unit.key,
-                                  "accuracy": ar.accuracy, "cumulative_accuracy": ar.cumulative_accuracy,
-                                  "resumed": resumed})
-                per_state = solver = rcurve = None
-                if tmodel is not None:
-                    t0 = time.perf_counter()
-                    adv_traj = trajectory_stats(tmodel, worst_x, y, batch_size)
-                    t_traj += time.perf_counter() - t0
-                    if clean_traj and clean_traj["per_state"] and adv_traj["per_state"]:
-                        per_state = {"steps": clean_traj["per_state"]["steps"],
-                                     "clean": clean_traj["per_state"]["accuracy"],
-                                     "adversarial": adv_traj["per_state"]["accuracy"]}
-                    if clean_traj and clean_traj["solver"] is not None:
-                        solver = {"clean": clean_traj["solver"], "adversarial": adv_traj["solver"]}
-                        rcurve = {"clean": clean_traj["residual_curve"],
-                                  "adversarial": adv_traj["residual_curve"]}
-                results.append(EpsResult(
-                    eps=e, robust_accuracy=float(robust.float().mean()), attacks=attack_results,
-                    robust=robust.tolist(), first_success=first, per_state=per_state, solver=solver,
-                    residual_curve=rcurve, seconds=time.perf_counter() - t_eps))
-        finally:
-            bar.close()
-        timings["attacks"] = t_attacks
-        timings["trajectory"] = t_traj
 
-        # -- checks --------------------------------------------------------------------------------
-        check_results: List[CheckResult] = []
-        if checks:
+def _plan(ev: _Evaluation) -> None:
+    """The suite's attack units for this model, and the configuration hash they run under."""
+    cfg = ev.cfg
+    specs = build_suite(cfg.suite, _suite_context(ev))
+    if ev.tmodel is not None and find_deq(ev.model) is None:
+        ev.notes.append(f"{type(ev.tmodel).__name__} has no fixed-point solver whose gradient can be "
+                        "chosen: PGD runs with the model's own gradient (full backpropagation)")
+    if ev.tmodel is None:
+        ev.notes.append("the model exposes no trajectory: per-state accuracy, solver statistics and "
+                        "intermediate-state attacks do not apply")
+    ev.units = _expand(specs, ev.model, ev.views, ev.tmodel, ev.notes)
+    if not ev.units:
+        raise ConfigError("no attack of the suite applies to this model")
+    ev.suite_label = cfg.suite if isinstance(cfg.suite, str) else [s.name for s in specs]
+    ev.config = {
+        "schema_version": SCHEMA_VERSION, "model": _hash_model(ev.model), "data": _hash_data(ev.x, ev.y),
+        "threat": ev.norm, "eps": list(cfg.eps), "units": [u.key for u in ev.units], "steps": cfg.steps,
+        "seed": cfg.seed, "batch_size": cfg.batch_size, "suite": ev.suite_label, "cascade": cfg.cascade,
+        "transfer_sources": {k: _hash_model(v.model) for k, v in ev.views.items()
+                             if getattr(v, "view_kind", None) == "transfer"},
+    }
+    ev.config_hash = hashlib.sha256(json.dumps(ev.config, sort_keys=True).encode()).hexdigest()
+
+
+def _finished_report(ev: _Evaluation) -> Optional[EvalReport]:
+    if ev.cfg.out_dir is None or not ev.cfg.resume:
+        return None
+    return _completed_report(Path(ev.cfg.out_dir), ev.config_hash)
+
+
+def _open_store(ev: _Evaluation) -> None:
+    cfg = ev.cfg
+    _sharding.check_same_config(ev.config_hash, ev.dist_ctx)
+    ev.store = _sharding.open_store(
+        lambda: _PartialStore(Path(cfg.out_dir), ev.config_hash, ev.config, cfg.resume), cfg.out_dir, ev.dist_ctx)
+
+
+def _attack_all(ev: _Evaluation) -> None:
+    """Every attack unit at every eps; fills ``ev.results`` and ``ev.success_flags``."""
+    from tqdm.auto import tqdm
+    cfg = ev.cfg
+    ev.bar = tqdm(total=len(cfg.eps) * len(ev.units), desc="evaluate", disable=not cfg.progress or not ev.main,
+                  leave=False)
+    t_attacks = 0.0
+    t_traj = ev.timings["trajectory"]
+    try:
+        for ei, e in enumerate(cfg.eps):
+            t_eps = time.perf_counter()
+            st = _EpsState(ei=ei, eps=e, robust=ev.clean_correct.clone(),
+                           first=[None if c else "clean" for c in ev.clean_correct.tolist()],
+                           worst_margin=ev.clean_margin.clone(), worst_x=ev.x.clone())
+            ev.success_flags[e] = {}
+            for ui, unit in enumerate(ev.units):
+                t_attacks += _attack_unit(ev, st, ui, unit)
             t0 = time.perf_counter()
-            check_results = _run_checks(model, views, x, y, norm, results, success_flags, units,
-                                        clean_correct, clean_traj, cfg, seed, device, notes, timings)
-            timings["checks"] = time.perf_counter() - t0
+            per_state, solver, rcurve = _adversarial_trajectory(ev, st.worst_x)
+            t_traj += time.perf_counter() - t0
+            ev.results.append(EpsResult(
+                eps=e, robust_accuracy=float(st.robust.float().mean()), attacks=st.attack_results,
+                robust=st.robust.tolist(), first_success=st.first, per_state=per_state, solver=solver,
+                residual_curve=rcurve, seconds=time.perf_counter() - t_eps))
+    finally:
+        ev.bar.close()
+    ev.timings["attacks"] = t_attacks
+    ev.timings["trajectory"] = t_traj
 
-    for c in check_results:  # outside the warning capture
+
+def _attack_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit) -> float:
+    """Run (or reload) one unit at ``st.eps`` and fold it into the worst case; its seconds."""
+    t0 = time.perf_counter()
+    out = _load_unit(ev, st, ui, unit)
+    if out is None:
+        out = _compute_unit(ev, st, ui, unit, t0)
+    _merge_unit(ev, st, unit, ui, out)
+    return out.seconds
+
+
+def _load_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit) -> Optional[_UnitOutcome]:
+    loaded = ev.store.load(st.ei, ui, unit.key) if ev.store is not None else None
+    if loaded is None:
+        return None
+    meta, tens = loaded
+    dev = ev.device
+    return _UnitOutcome(adv_correct=tens["adv_correct"].to(dev).bool(), upd_idx=tens["upd_idx"].to(dev).long(),
+                        upd_x=tens["upd_x"].to(device=dev, dtype=ev.x.dtype), margin=tens["margin"].to(dev),
+                        seconds=float(meta["seconds"]), describe=meta["describe"],
+                        violations=int(meta["violations"]), resumed=True)
+
+
+def _compute_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit, t0: float) -> _UnitOutcome:
+    cfg, e = ev.cfg, st.eps
+    useed = unit_seed(cfg.seed, e, unit.key)
+    attacked = st.robust.clone() if cfg.cascade else ev.clean_correct
+    status = f"eps {e:g} · {unit.key} · {int(attacked.sum())} samples"
+    ev.bar.set_postfix_str(status)
+    with _seeded(useed, ev.device), progress_reporter(_show_progress(ev.bar, status)):
+        desc, x_adv, viol = _run_unit(ev, unit, attacked, e, useed)
+        margin_u = torch.where(attacked, _margins(ev.model, x_adv, ev.y, cfg.batch_size), ev.clean_margin)
+    # samples not attacked (cascade: already broken) count as not broken by it
+    adv_correct = ev.clean_correct & (margin_u > 0)
+    upd_idx = (attacked & (margin_u < st.worst_margin)).nonzero().flatten()
+    out = _UnitOutcome(adv_correct=adv_correct, upd_idx=upd_idx, upd_x=x_adv[upd_idx], margin=margin_u,
+                       seconds=time.perf_counter() - t0, describe=desc, violations=viol, resumed=False)
+    if ev.store is not None:
+        ev.store.save(st.ei, ui, {
+            "key": unit.key, "spec": unit.spec.name, "view": unit.view, "kind": unit.kind, "eps": e,
+            "seconds": out.seconds, "describe": desc, "violations": viol},
+            {"adv_correct": adv_correct, "margin": margin_u, "upd_idx": upd_idx, "upd_x": out.upd_x})
+    return out
+
+
+def _merge_unit(ev: _Evaluation, st: _EpsState, unit: _Unit, ui: int, out: _UnitOutcome) -> None:
+    cfg, e = ev.cfg, st.eps
+    st.worst_margin[out.upd_idx] = out.margin[out.upd_idx]
+    st.worst_x[out.upd_idx] = out.upd_x
+    newly = st.robust & ~out.adv_correct
+    for i in newly.nonzero().flatten().tolist():
+        st.first[i] = unit.key
+    st.robust = st.robust & out.adv_correct
+    ev.success_flags[e][unit.key] = ev.clean_correct & ~out.adv_correct
+    if out.violations:
+        ev.notes.append(f"{unit.key} at eps {e:g}: {out.violations} examples left the threat model "
+                        "and were projected back before judging")
+    ar = AttackResult(key=unit.key, spec=unit.spec.name, view=unit.view, kind=unit.kind,
+                      accuracy=None if cfg.cascade else float(out.adv_correct.float().mean()),
+                      cumulative_accuracy=float(st.robust.float().mean()),
+                      new_successes=int(newly.sum()), seconds=out.seconds, describe=out.describe,
+                      resumed=out.resumed, violations=out.violations)
+    st.attack_results.append(ar)
+    logger.info("eps %g %s: accuracy %s, worst case %.3f%s", e, unit.key,
+                "n/a (cascade)" if ar.accuracy is None else f"{ar.accuracy:.3f}",
+                ar.cumulative_accuracy, " (resumed)" if out.resumed else "")
+    ev.bar.update(1)
+    ev.bar.set_postfix(eps=f"{e:g}", robust=f"{ar.cumulative_accuracy:.3f}")
+    if cfg.callback is not None:
+        cfg.callback({"eps": e, "eps_index": st.ei, "unit_index": ui, "key": unit.key,
+                      "accuracy": ar.accuracy, "cumulative_accuracy": ar.cumulative_accuracy,
+                      "resumed": out.resumed})
+
+
+def _adversarial_trajectory(ev: _Evaluation, worst_x: Tensor):
+    """(per_state, solver, residual_curve) of the worst-case examples next to the clean ones."""
+    per_state = solver = rcurve = None
+    clean = ev.clean_traj
+    if ev.tmodel is None:
+        return per_state, solver, rcurve
+    adv = trajectory_stats(ev.tmodel, worst_x, ev.y, ev.cfg.batch_size)
+    if clean and clean["per_state"] and adv["per_state"]:
+        per_state = {"steps": clean["per_state"]["steps"], "clean": clean["per_state"]["accuracy"],
+                     "adversarial": adv["per_state"]["accuracy"]}
+    if clean and clean["solver"] is not None:
+        solver = {"clean": clean["solver"], "adversarial": adv["solver"]}
+        rcurve = {"clean": clean["residual_curve"], "adversarial": adv["residual_curve"]}
+    return per_state, solver, rcurve
+
+
+def _warn(ev: _Evaluation, check_results: List[CheckResult]) -> None:
+    for c in check_results:
         if c.fired:
             cat = NonConvergenceWarning if c.name == "non_convergence" else GradientMaskingWarning
             warnings.warn(f"[{c.name}] {c.message}", cat, stacklevel=user_stacklevel())
-    if dist_ctx is not None:  # the ranks' attack objects warned separately: their total
+    counters = ev.counters
+    if ev.dist_ctx is not None:  # the ranks' attack objects warned separately: their total
         counters["nonconvergence_warnings"] = _sharding.sum_int(
-            counters.get("nonconvergence_warnings", 0), dist_ctx, device)
+            counters.get("nonconvergence_warnings", 0), ev.dist_ctx, ev.device)
     if counters.get("nonconvergence_warnings"):
-        notes.append(f"{counters['nonconvergence_warnings']} non-convergence warnings were raised by "
-                     "attacks or adjoint solves during the evaluation (see the non_convergence check for "
-                     "the forward solves)")
+        ev.notes.append(f"{counters['nonconvergence_warnings']} non-convergence warnings were raised by "
+                        "attacks or adjoint solves during the evaluation (see the non_convergence check for "
+                        "the forward solves)")
 
-    provenance = _provenance(model, config, x, norm, eps_list, steps, seed, batch_size, suite_label,
-                             results, cfg, views, device, cascade)
-    timings["total"] = time.perf_counter() - t_start
+
+def _report(ev: _Evaluation, check_results: List[CheckResult], t_start: float) -> EvalReport:
+    cfg, traj = ev.cfg, ev.clean_traj
+    provenance = _provenance(ev)
+    ev.timings["total"] = time.perf_counter() - t_start
+    clean_acc = float(ev.clean_correct.float().mean())
     report = EvalReport(
-        clean_accuracy=clean_acc, n_samples=n, threat=norm, eps=eps_list, suite=suite_label,
-        results=results,
+        clean_accuracy=clean_acc, n_samples=ev.x.shape[0], threat=ev.norm, eps=list(cfg.eps),
+        suite=ev.suite_label, results=ev.results,
         clean={"accuracy": clean_acc,
-               "per_state": clean_traj["per_state"] if clean_traj else None,
-               "solver": clean_traj["solver"] if clean_traj else None,
-               "residual_curve": clean_traj["residual_curve"] if clean_traj else None},
-        checks=check_results, timings=timings, provenance=provenance, notes=notes,
-        config_hash=config_hash)
-    if certify is not None and certify is not False:
+               "per_state": traj["per_state"] if traj else None,
+               "solver": traj["solver"] if traj else None,
+               "residual_curve": traj["residual_curve"] if traj else None},
+        checks=check_results, timings=ev.timings, provenance=provenance, notes=ev.notes,
+        config_hash=ev.config_hash)
+    if cfg.certify is not None and cfg.certify is not False:
         from .bracket import attach_bracket
-        attach_bracket(report, model, x, y, certify, seed=seed)
-    if out_dir is not None and main:  # in a process group rank 0 writes
-        report.save(out_dir)
-        if store is not None:
-            store.remove()
-    if tensorboard and main:
-        log_dir = Path(tensorboard) if isinstance(tensorboard, (str, Path)) else Path(out_dir) / "tensorboard"
-        report.write_tensorboard(log_dir)
+        attach_bracket(report, ev.model, ev.x, ev.y, cfg.certify, seed=cfg.seed)
     return report
+
+
+def _write(ev: _Evaluation, report: EvalReport) -> None:
+    cfg = ev.cfg
+    if cfg.out_dir is not None and ev.main:  # in a process group rank 0 writes
+        report.save(cfg.out_dir)
+        if ev.store is not None:
+            ev.store.remove()
+    if cfg.tensorboard and ev.main:
+        log_dir = (Path(cfg.tensorboard) if isinstance(cfg.tensorboard, (str, Path))
+                   else Path(cfg.out_dir) / "tensorboard")
+        report.write_tensorboard(log_dir)
 
 
 def _expand(specs: List[AttackSpec], model: nn.Module, views: Dict[str, nn.Module],
@@ -1041,11 +1127,11 @@ def _expand(specs: List[AttackSpec], model: nn.Module, views: Dict[str, nn.Modul
     return units
 
 
-def _run_unit(unit: _Unit, model: nn.Module, x: Tensor, y: Tensor, attacked: Tensor, eps: float,
-              norm: str, steps: int, seed: int, batch_size: int):
+def _run_unit(ev: _Evaluation, unit: _Unit, attacked: Tensor, eps: float, seed: int):
     """Build the attack, run it on the samples ``attacked`` (N,) bool; returns (describe, x_adv,
     violations); ``x_adv`` is ``x`` on the other samples."""
-    atk = unit.spec.factory(unit.target, eps=eps, norm=norm, steps=steps, seed=seed)
+    x, y, norm, batch_size = ev.x, ev.y, ev.norm, ev.cfg.batch_size
+    atk = unit.spec.factory(unit.target, eps=eps, norm=norm, steps=ev.cfg.steps, seed=seed)
     if not callable(atk):
         raise ConfigError(f"the factory of {unit.spec.name!r} returned {type(atk).__name__}, not an attack")
     desc = _describe(atk)
@@ -1094,78 +1180,93 @@ def _show_progress(bar, status: str):
     return show
 
 
-def _run_checks(model, views, x, y, norm, results, success_flags, units, clean_correct, clean_traj,
-                cfg: CheckConfig, seed: int, device, notes, timings) -> List[CheckResult]:
+# -- the checks -------------------------------------------------------------------------------------
+def _run_checks(ev: _Evaluation) -> List[CheckResult]:
+    """The enabled checks of ``ev.cfg.check_config`` on the first ``subset`` samples; a check that
+    raises is recorded as skipped (and noted), never loses the evaluation."""
+    t0 = time.perf_counter()
+    cc = ev.cfg.check_config
+    n_sub = min(cc.subset, ev.x.shape[0])
+    xs, ys = ev.x[:n_sub], ev.y[:n_sub]
     out: List[CheckResult] = []
-    n_sub = min(cfg.subset, x.shape[0])
-    xs, ys = x[:n_sub], y[:n_sub]
-    kinds = {u.key: u.kind for u in units}
-
-    def run(name, fn):
-        if name not in cfg.enabled:
-            return
-        t0 = time.perf_counter()
-        try:
-            with _seeded(_derive_seed(seed, "check", name), device):
-                out.append(fn())
-            timings[f"check:{name}"] = time.perf_counter() - t0
-        except Exception as e:  # a check must not lose the evaluation; the failure is recorded
-            logger.exception("check %s failed", name)
-            out.append(CheckResult(name, False, f"skipped: the check raised {type(e).__name__}: {e}",
-                                   skipped=True))
-            notes.append(f"check {name} could not run: {type(e).__name__}: {e}")
-
-    run("randomized_output", lambda: _checks.check_randomized(model, xs, cfg, warn=False))
-    run("softmax_output", lambda: _checks.check_softmax(model, xs, cfg, warn=False))
-    run("zero_gradients", lambda: _checks.check_gradients(model, xs, ys, cfg, warn=False))
-
-    def black_box():
-        bb_keys = [k for k, kind in kinds.items() if kind in ("black-box", "transfer")]
-        wb_keys = [k for k, kind in kinds.items() if kind == "white-box"]
-        if bb_keys:
-            best = None
-            for r in results:
-                fl = success_flags[r.eps]
-                white = _any([fl[k] for k in wb_keys], clean_correct)
-                black = _any([fl[k] for k in bb_keys], clean_correct)
-                res = _checks.check_black_box(white, black, cfg, source=" + ".join(bb_keys), warn=False,
-                                              details={"eps": r.eps})
-                if best is None or (res.value or 0) > (best.value or 0):
-                    best = res
-            return best
-        if cfg.black_box_queries <= 0:
-            return _checks.skipped("black_box_stronger", "no black-box or transfer attack in the suite "
-                                   "and the Square probe is disabled")
-        e = max(r.eps for r in results)
-        white = _any([success_flags[e][k] for k in wb_keys], clean_correct)[:n_sub]
-        survivors = clean_correct[:n_sub] & ~white  # only these can show a black-box-only success
-        black = torch.zeros_like(white)
-        if bool(survivors.any()):
-            black[survivors] = _checks.square_probe(
-                model, xs[survivors], ys[survivors], eps=e, norm=norm, queries=cfg.black_box_queries,
-                seed=_derive_seed(seed, "square"))
-        return _checks.check_black_box(white, black, cfg, warn=False,
-                                       source=f"Square ({cfg.black_box_queries} queries)",
-                                       details={"eps": e})
-    run("black_box_stronger", black_box)
-    run("large_eps_not_chance", lambda: _checks.check_large_eps(
-        model, xs, ys, norm=norm, views=views, config=cfg, seed=_derive_seed(seed, "large_eps"),
-        warn=False))
-
-    def monotonic():
-        pick = min(results, key=lambda r: (abs(r.robust_accuracy - 0.5), r.eps))
-        sweep = {r.eps: r.robust_accuracy for r in results} if len(results) > 1 else None
-        return _checks.check_monotonic(model, xs, ys, eps=pick.eps, norm=norm, views=views, sweep=sweep,
-                                       config=cfg, seed=_derive_seed(seed, "monotonic"), warn=False)
-    run("non_monotonic", monotonic)
-
-    def convergence():
-        clean = clean_traj["solver"] if clean_traj else None
-        adv = {r.eps: r.solver["adversarial"] for r in results if r.solver}
-        return _checks.check_convergence(clean, adv, cfg, warn=False)
-    run("non_convergence", convergence)
-    run("estimator_disagreement", lambda: _checks.check_estimators(model, xs, ys, cfg, warn=False))
+    for name, fn in _check_steps(ev, xs, ys):
+        if name in cc.enabled:
+            _run_check(ev, out, name, fn)
+    ev.timings["checks"] = time.perf_counter() - t0
     return out
+
+
+def _check_steps(ev: _Evaluation, xs: Tensor, ys: Tensor) -> List[Tuple[str, Callable[[], CheckResult]]]:
+    m, cc, norm, seed, views = ev.model, ev.cfg.check_config, ev.norm, ev.cfg.seed, ev.views
+    return [
+        ("randomized_output", lambda: _checks.check_randomized(m, xs, cc, warn=False)),
+        ("softmax_output", lambda: _checks.check_softmax(m, xs, cc, warn=False)),
+        ("zero_gradients", lambda: _checks.check_gradients(m, xs, ys, cc, warn=False)),
+        ("black_box_stronger", lambda: _check_black_box(ev, xs, ys)),
+        ("large_eps_not_chance", lambda: _checks.check_large_eps(
+            m, xs, ys, norm=norm, views=views, config=cc, seed=_derive_seed(seed, "large_eps"), warn=False)),
+        ("non_monotonic", lambda: _check_monotonic(ev, xs, ys)),
+        ("non_convergence", lambda: _check_convergence(ev)),
+        ("estimator_disagreement", lambda: _checks.check_estimators(m, xs, ys, cc, warn=False)),
+    ]
+
+
+def _run_check(ev: _Evaluation, out: List[CheckResult], name: str, fn: Callable[[], CheckResult]) -> None:
+    t0 = time.perf_counter()
+    try:
+        with _seeded(_derive_seed(ev.cfg.seed, "check", name), ev.device):
+            out.append(fn())
+        ev.timings[f"check:{name}"] = time.perf_counter() - t0
+    except Exception as e:  # a check must not lose the evaluation; the failure is recorded
+        logger.exception("check %s failed", name)
+        out.append(CheckResult(name, False, f"skipped: the check raised {type(e).__name__}: {e}",
+                               skipped=True))
+        ev.notes.append(f"check {name} could not run: {type(e).__name__}: {e}")
+
+
+def _check_black_box(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
+    cc, n_sub = ev.cfg.check_config, xs.shape[0]
+    kinds = {u.key: u.kind for u in ev.units}
+    bb_keys = [k for k, kind in kinds.items() if kind in ("black-box", "transfer")]
+    wb_keys = [k for k, kind in kinds.items() if kind == "white-box"]
+    if bb_keys:
+        best = None
+        for r in ev.results:
+            fl = ev.success_flags[r.eps]
+            white = _any([fl[k] for k in wb_keys], ev.clean_correct)
+            black = _any([fl[k] for k in bb_keys], ev.clean_correct)
+            res = _checks.check_black_box(white, black, cc, source=" + ".join(bb_keys), warn=False,
+                                          details={"eps": r.eps})
+            if best is None or (res.value or 0) > (best.value or 0):
+                best = res
+        return best
+    if cc.black_box_queries <= 0:
+        return _checks.skipped("black_box_stronger", "no black-box or transfer attack in the suite "
+                               "and the Square probe is disabled")
+    e = max(r.eps for r in ev.results)
+    white = _any([ev.success_flags[e][k] for k in wb_keys], ev.clean_correct)[:n_sub]
+    survivors = ev.clean_correct[:n_sub] & ~white  # only these can show a black-box-only success
+    black = torch.zeros_like(white)
+    if bool(survivors.any()):
+        black[survivors] = _checks.square_probe(
+            ev.model, xs[survivors], ys[survivors], eps=e, norm=ev.norm, queries=cc.black_box_queries,
+            seed=_derive_seed(ev.cfg.seed, "square"))
+    return _checks.check_black_box(white, black, cc, warn=False,
+                                   source=f"Square ({cc.black_box_queries} queries)", details={"eps": e})
+
+
+def _check_monotonic(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
+    pick = min(ev.results, key=lambda r: (abs(r.robust_accuracy - 0.5), r.eps))
+    sweep = {r.eps: r.robust_accuracy for r in ev.results} if len(ev.results) > 1 else None
+    return _checks.check_monotonic(ev.model, xs, ys, eps=pick.eps, norm=ev.norm, views=ev.views, sweep=sweep,
+                                   config=ev.cfg.check_config, seed=_derive_seed(ev.cfg.seed, "monotonic"),
+                                   warn=False)
+
+
+def _check_convergence(ev: _Evaluation) -> CheckResult:
+    clean = ev.clean_traj["solver"] if ev.clean_traj else None
+    adv = {r.eps: r.solver["adversarial"] for r in ev.results if r.solver}
+    return _checks.check_convergence(clean, adv, ev.cfg.check_config, warn=False)
 
 
 def _any(flags: List[Tensor], like: Tensor) -> Tensor:
@@ -1175,36 +1276,37 @@ def _any(flags: List[Tensor], like: Tensor) -> Tensor:
     return out
 
 
-def _provenance(model, config, x, norm, eps_list, steps, seed, batch_size, suite_label, results,
-                cfg, views, device, cascade) -> Dict[str, Any]:
+def _provenance(ev: _Evaluation) -> Dict[str, Any]:
     from .. import __version__
+    cfg, model = ev.cfg, ev.model
     attacks = {}
-    if results:
-        for a in results[0].attacks:
+    if ev.results:
+        for a in ev.results[0].attacks:
             attacks[a.key] = {"name": a.describe.get("name"), "implementation": a.describe.get("implementation"),
                               "spec": a.spec, "view": a.view, "kind": a.kind}
     return {
         "versions": {"robustdeq": __version__, "torch": torch.__version__,
                      "torchattacks": _version("torchattacks"), "pyautoattack": _version("pyautoattack"),
                      "numpy": _version("numpy"), "python": sys.version.split()[0]},
-        "platform": platform.platform(), "device": str(device),
-        "seed": seed, "threat": norm, "eps": eps_list, "steps": steps, "batch_size": batch_size,
-        "alpha_rule": "2.5 * eps / steps", "suite": suite_label, "cascade": cascade, "attacks": attacks,
+        "platform": platform.platform(), "device": str(ev.device),
+        "seed": cfg.seed, "threat": ev.norm, "eps": list(cfg.eps), "steps": cfg.steps, "batch_size": cfg.batch_size,
+        "alpha_rule": "2.5 * eps / steps", "suite": ev.suite_label, "cascade": cfg.cascade, "attacks": attacks,
         "model": {
             "class": type(model).__name__,
             "config": getattr(model, "robustdeq_config", None),
-            "parameters_sha256": config["model"],
+            "parameters_sha256": ev.config["model"],
             "defense": ({"randomized": getattr(model, "randomized", None),
                          "dynamic": getattr(model, "dynamic", None),
                          "differentiable": getattr(model, "differentiable", None),
-                         "views": sorted(views)} if hasattr(model, "adaptive_views") else None),
+                         "views": sorted(ev.views)} if hasattr(model, "adaptive_views") else None),
             "describe": model.describe() if hasattr(model, "describe") and callable(model.describe) else None,
         },
-        "data": {"n": int(x.shape[0]), "shape": list(x.shape[1:]), "sha256": config["data"]},
+        "data": {"n": int(ev.x.shape[0]), "shape": list(ev.x.shape[1:]), "sha256": ev.config["data"]},
         "check_config": {k: (list(v) if isinstance(v, tuple) else v)
-                         for k, v in dataclasses.asdict(cfg).items()},
+                         for k, v in dataclasses.asdict(cfg.check_config).items()},
     }
 
 
-__all__ = ["evaluate", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "builtin_spec",
+__all__ = ["evaluate", "EvalConfig", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "builtin_spec",
+           "register_attack_spec", "register_suite",
            "suite_names", "trajectory_model", "trajectory_stats", "unit_seed", "EvalReport"]

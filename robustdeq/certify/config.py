@@ -1,0 +1,109 @@
+"""``CertifyConfig``: the settings of one :func:`robustdeq.certify.certify` call, typed and checked.
+
+``certify(model, x, y, config=CertifyConfig(eps_l2=0.5))`` and ``certify(model, x, y, eps_l2=0.5)``
+are the same call: the keywords build (or override the fields of) a :class:`CertifyConfig`; an
+unknown key is a :class:`~robustdeq.errors.ConfigError` naming the known ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+from ..config import _strict_init, from_dict, to_dict
+from ..errors import ConfigError
+
+METHODS = ("contraction", "local", "lyapunov", "lipschitz", "ibp")
+LYAPUNOV_DYNAMICS = ("iteration", "solver", "stable_map")
+
+
+@_strict_init
+@dataclass(frozen=True)
+class CertifyConfig:
+    """Settings of a certification (see :func:`robustdeq.certify.certify` for each one's meaning).
+
+    ``eps_l2`` / ``eps_linf`` accept one radius or a sequence and are stored as tuples of floats;
+    ``methods`` is ``"auto"`` or a tuple of :data:`METHODS`.
+    """
+
+    eps_l2: Any = (0.1, 0.25, 0.5)
+    eps_linf: Any = ()
+    methods: Any = "auto"
+    V: Any = None                    # callable (z, z_ref) -> (B,), "quadratic" or None
+    lyapunov_steps: int = 30
+    perturb: Any = None
+    lyapunov_dynamics: str = "iteration"
+    local_method: str = "auto"
+    local_iters: int = 100
+    dense_max: int = 256
+    ibp_iters: int = 200
+    solver: Any = None               # SolverConfig | mapping | None (the model's, tightened)
+    fp_tol: float = 1e-6
+    spectral: str = "auto"
+    batch_size: int = 256
+    seed: int = 0
+    progress: bool = False
+    deploy_tol: float = 1e-2
+
+    def __post_init__(self):
+        object.__setattr__(self, "eps_l2", check_eps("eps_l2", self.eps_l2))
+        object.__setattr__(self, "eps_linf", check_eps("eps_linf", self.eps_linf))
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.V is not None and not (callable(self.V) or self.V == "quadratic"):
+            raise ConfigError("V must be a callable (z, z_ref) -> (B,) or 'quadratic'")
+        if self.lyapunov_dynamics not in LYAPUNOV_DYNAMICS:
+            raise ConfigError(f"unknown lyapunov_dynamics {self.lyapunov_dynamics!r}; expected 'iteration', "
+                              "'solver' or 'stable_map'")
+        if not self.deploy_tol >= 0:
+            raise ConfigError(f"deploy_tol must be a number >= 0, got {self.deploy_tol!r}")
+        object.__setattr__(self, "methods", _methods(self.methods))
+
+    def replace(self, **changes) -> "CertifyConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The settings as a dict (objects such as ``V`` as they are): ``from_dict(CertifyConfig,
+        d)`` rebuilds it."""
+        return to_dict(self)
+
+
+def check_eps(name: str, eps: Any) -> tuple:
+    """``eps`` (None, a number or a sequence) as a tuple of finite floats >= 0."""
+    if eps is None:
+        return ()
+    if isinstance(eps, (int, float)):
+        eps = (eps,)
+    out = []
+    for e in eps:
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
+            raise ConfigError(f"{name} values must be finite numbers >= 0, got {e!r}")
+        out.append(float(e))
+    return tuple(out)
+
+
+def _methods(methods: Any):
+    if methods == "auto":
+        return "auto"
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown certification method(s) {unknown}; expected 'auto' or a subset of "
+                          f"{', '.join(METHODS)}")
+    return tuple(methods)
+
+
+def make_certify_config(config: Union[CertifyConfig, Mapping[str, Any], None] = None, **options) -> CertifyConfig:
+    """A :class:`CertifyConfig` from an instance or a mapping, with ``options`` overriding its
+    fields; unknown keys raise :class:`ConfigError`."""
+    if isinstance(config, CertifyConfig):
+        return dataclasses.replace(config, **options) if options else config
+    if config is None:
+        return CertifyConfig(**options)
+    if isinstance(config, Mapping):
+        return from_dict(CertifyConfig, {**config, **options})
+    raise ConfigError(f"config must be a CertifyConfig or a mapping, got {type(config).__name__}")
+
+
+__all__ = ["CertifyConfig", "make_certify_config", "METHODS"]

@@ -1,0 +1,316 @@
+"""Registries (solvers, attack specs, suites, recipes, objectives, the CLI's choices) and the typed
+EvalConfig / CertifyConfig."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from robustdeq import registry
+from robustdeq.config import Norm, SolverConfig, from_dict, to_dict
+from robustdeq.errors import ConfigError
+
+
+@pytest.fixture
+def cleanup():
+    """Names registered by a test, removed afterwards (registries are process-wide)."""
+    added = []
+    yield added
+    for reg, name in added:
+        reg.unregister(name)
+
+
+def _data(n=8, seed=0):
+    from robustdeq.data import synthetic
+    return synthetic(n, seed=seed)
+
+
+def _ff():
+    from robustdeq.deq import zoo
+    torch.manual_seed(0)
+    return zoo.build("ff_mlp", hidden=16)
+
+
+# -- the registry class -----------------------------------------------------------------------------
+def test_registry_unknown_duplicate_replace():
+    reg = registry.Registry("widget", {"a": "robustdeq.config:Norm"})
+    assert reg.names() == ["a"] and "a" in reg and reg.get("a") is Norm  # lazy built-in imported on use
+    with pytest.raises(ConfigError, match=r"unknown widget 'b'; known: a"):
+        reg.get("b")
+    reg.register("b", 1)
+    with pytest.raises(ConfigError, match="already registered"):
+        reg.register("b", 2)
+    with pytest.raises(ConfigError, match="already built-in"):
+        reg.register("a", 2)
+    reg.register("a", 3, replace=True)
+    assert reg.get("a") == 3
+    with pytest.raises(ConfigError, match="built-in"):
+        reg.unregister("a")
+    reg.unregister("b")
+    assert reg.names() == ["a"]
+
+    @reg.register("c")
+    def c():
+        return 4
+    assert reg.get("c") is c
+    with pytest.raises(ConfigError, match="name"):
+        reg.register("", 1)
+
+
+def test_builtin_names_are_the_modules_own():
+    from robustdeq import attacks
+    from robustdeq.data import DATASETS
+    from robustdeq.deq import zoo
+    assert registry.SOLVERS.names() == ["fixed_point", "anderson", "broyden"]
+    assert registry.SUITES.names()[:3] == ["quick", "standard", "full"]
+    assert set(registry.MODELS.names()) >= set(zoo.names()) - {"lyadeq"} and "lyadeq" in registry.MODELS
+    assert set(registry.ATTACKS.names()) == set(attacks.names())
+    assert tuple(registry.DATASETS.names()) == tuple(DATASETS)
+    for name in registry.RECIPES.names():  # every built-in recipe resolves
+        assert callable(registry.RECIPES.get(name))
+    assert registry.WRAPPERS.get("none") is None
+
+
+# -- solvers ----------------------------------------------------------------------------------------
+def test_register_solver_end_to_end(cleanup):
+    from robustdeq.deq.solvers import FixedPointIteration, get_solver, register_solver, solve
+
+    class HalfStep(FixedPointIteration):
+        """z <- (z + f(z)) / 2 whatever the damping."""
+
+        def propose(self, state, z, fz, g):
+            return 0.5 * (z + fz)
+
+    register_solver("half_step", HalfStep)
+    cleanup.append((registry.SOLVERS, "half_step"))
+    assert HalfStep.name == "half_step"
+    cfg = SolverConfig(name="half_step", max_iter=200, tol=1e-10, stop_mode="abs")
+    assert cfg.name == "half_step" and cfg.name.value == "half_step"
+    assert to_dict(cfg)["name"] == "half_step" and type(to_dict(cfg)["name"]) is str
+    assert from_dict(SolverConfig, to_dict(cfg)) == cfg
+    assert isinstance(get_solver("half_step"), HalfStep) and isinstance(get_solver(cfg), HalfStep)
+    c = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    res = solve(lambda z: 0.5 * z + c, torch.zeros_like(c), cfg)
+    torch.testing.assert_close(res.z, 2 * c, atol=1e-8, rtol=0)
+    # a DEQ takes it like a built-in
+    from robustdeq.deq import zoo
+    deq = zoo.build("mlp_deq", hidden=8, norm="spectral", scale=0.5)
+    deq.solver_config = SolverConfig(name="half_step", max_iter=50)
+    x, _ = _data(2)
+    assert deq(x.float()).shape == (2, 10)
+
+    with pytest.raises(ConfigError, match="already registered"):
+        register_solver("half_step", HalfStep)
+    with pytest.raises(ConfigError, match="already built-in"):
+        register_solver("anderson", HalfStep)
+    with pytest.raises(ConfigError, match="Solver subclass"):
+        register_solver("bad", object)
+
+
+def test_unknown_solver_names_the_known_ones():
+    from robustdeq.deq.solvers import get_solver
+    with pytest.raises(ConfigError, match="unknown solver 'newton'.*anderson"):
+        SolverConfig(name="newton")
+    with pytest.raises(ConfigError, match="unknown solver"):
+        get_solver("newton")
+
+
+# -- attack specs and suites ------------------------------------------------------------------------
+def test_register_suite_and_attack_spec_end_to_end(cleanup):
+    from robustdeq.eval import AttackSpec, evaluate, register_attack_spec, register_suite
+    from robustdeq.eval.harness import _pgd_factory
+
+    @register_attack_spec("pgd-toy")
+    def pgd_toy(ctx):
+        return AttackSpec("pgd-toy", _pgd_factory(None, ctx.model), description="toy PGD")
+    cleanup.append((registry.ATTACK_SPECS, "pgd-toy"))
+    register_suite("toy", ["pgd-toy", "pgd"])
+    cleanup.append((registry.SUITES, "toy"))
+
+    m = _ff()
+    x, y = _data(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = evaluate(m, x, y, eps=0.1, suite="toy", steps=2, checks=False)
+    assert rep.suite == "toy" and [a.key for a in rep.results[0].attacks] == ["pgd-toy", "pgd"]
+
+    from robustdeq.cli import build_parser
+    args = build_parser().parse_args(["eval", "ck.pt", "--suite", "toy"])
+    assert args.suite == "toy"
+
+    with pytest.raises(ConfigError, match="already built-in"):
+        register_suite("quick", ["pgd"])
+    with pytest.raises(ConfigError, match="already built-in"):
+        register_attack_spec("pgd", pgd_toy)
+    with pytest.raises(ConfigError, match="non-empty list"):
+        register_suite("empty", [])
+    with pytest.raises(ConfigError, match=r"unknown suite 'nope'; known: quick, standard, full, toy"):
+        evaluate(m, x, y, eps=0.1, suite="nope")
+    with pytest.raises(ConfigError, match="unknown attack 'nope'"):
+        evaluate(m, x, y, eps=0.1, suite=["nope"])
+
+
+def test_suite_function_sees_the_model(cleanup):
+    from robustdeq.eval import SuiteContext, build_suite, register_suite
+    register_suite("by-model", lambda ctx: ["pgd-ift"] if ctx.has_deq else ["pgd"])
+    cleanup.append((registry.SUITES, "by-model"))
+    m = _ff()
+    ctx = SuiteContext(model=m, trajectory_model=None, has_deq=False, solver_model=False, randomized=False,
+                       horizon=None, max_state=None)
+    assert [s.name for s in build_suite("by-model", ctx)] == ["pgd"]
+
+
+# -- recipes and objectives -------------------------------------------------------------------------
+def test_register_recipe_and_objective(cleanup):
+    from robustdeq.defenses.objectives import CrossEntropy, make_objective, register_objective
+    from robustdeq.defenses.recipes import Recipe, recipe, register_recipe
+
+    register_objective("toy_ce", CrossEntropy)
+    cleanup.append((registry.OBJECTIVES, "toy_ce"))
+    assert isinstance(make_objective("toy_ce"), CrossEntropy)
+    with pytest.raises(ConfigError, match="unknown option"):
+        make_objective("toy_ce", nope=1)
+
+    @register_recipe("toy-recipe")
+    def toy(**options):
+        return Recipe("toy-recipe", None, make_objective("toy_ce", **options))
+    cleanup.append((registry.RECIPES, "toy-recipe"))
+    rec = recipe("toy-recipe")
+    assert rec.name == "toy-recipe" and isinstance(rec.objective, CrossEntropy)
+    m = _ff()
+    x, y = _data(4)
+    loss, scalars = rec.objective(m, x, y)
+    assert torch.isfinite(loss) and "loss" in scalars
+
+    import argparse
+    from robustdeq.cli import build_parser
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    assert "toy-recipe" in sub.choices["train"].format_help()
+
+    with pytest.raises(ConfigError, match="already built-in"):
+        register_recipe("pgd-at", toy)
+    with pytest.raises(ConfigError, match="already built-in"):
+        register_objective("ce", CrossEntropy)
+    with pytest.raises(ConfigError, match="unknown defense 'magic'; known: none, pgd-at"):
+        recipe("magic")
+    with pytest.raises(ConfigError, match="unknown objective 'magic'; known: ce"):
+        make_objective("magic")
+
+
+def test_builtin_recipes_unchanged():
+    from robustdeq.defenses.objectives import PGDAT, TRADES
+    from robustdeq.defenses.recipes import recipe
+    r = recipe("pgd-at-random-state", eps=0.1, steps=2)
+    assert isinstance(r.objective, PGDAT) and r.objective.state == "random" and r.model is None
+    r = recipe("trades", eps=0.1, steps=2)
+    assert isinstance(r.objective, TRADES) and r.objective.state is None
+    assert recipe("lyadeq").model == "lyadeq"
+
+
+# -- the CLI reads its choices from the registries --------------------------------------------------
+def test_cli_choices_come_from_the_registries(cleanup):
+    import argparse
+    from robustdeq.cli import build_parser
+    from robustdeq.deq.solvers import Anderson, register_solver
+
+    class Toy(Anderson):
+        pass
+    register_solver("toy_solver", Toy)
+    cleanup.append((registry.SOLVERS, "toy_solver"))
+    registry.WRAPPERS.register("toy-wrap", object)
+    cleanup.append((registry.WRAPPERS, "toy-wrap"))
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    def choices(cmd, flag):
+        return next(a.choices for a in sub[cmd]._actions if flag in a.option_strings)
+
+    assert list(choices("eval", "--suite")) == registry.SUITES.names()
+    assert list(choices("eval", "--wrap")) == registry.WRAPPERS.names() and "toy-wrap" in choices("eval", "--wrap")
+    assert list(choices("train", "--dataset")) == registry.DATASETS.names()
+    assert list(choices("certify", "--dataset")) == registry.DATASETS.names()
+    assert "toy_solver" in choices("federate", "--solver")
+    assert list(choices("eval", "--norm")) == [n.value for n in Norm]
+    for name in registry.ATTACKS.names():
+        assert name in sub["attack"].format_help()
+    for name in ("mlp_deq", "lyadeq"):
+        assert name in sub["train"].format_help()
+
+
+# -- EvalConfig -------------------------------------------------------------------------------------
+def test_eval_config_round_trip_and_unknown_keys():
+    from robustdeq.eval import CheckConfig, EvalConfig
+    cfg = EvalConfig(eps=[0.1, 0.2], threat="L2", suite=["pgd"], steps=3, check_config={"subset": 4})
+    assert cfg.threat is Norm.L2 and cfg.threat == "L2" and cfg.norm == "L2"
+    assert cfg.eps == (0.1, 0.2) and cfg.suite == ("pgd",)
+    assert isinstance(cfg.check_config, CheckConfig) and cfg.check_config.subset == 4
+    d = cfg.to_dict()
+    assert d["threat"] == "L2" and d["eps"] == [0.1, 0.2] and d["check_config"]["subset"] == 4
+    assert from_dict(EvalConfig, d) == cfg
+    assert EvalConfig(eps=0.1, threat=Norm.LINF) == EvalConfig(eps=0.1, threat="Linf")
+    with pytest.raises(ConfigError, match="unknown option.*stepz.*known options"):
+        EvalConfig(eps=0.1, stepz=3)
+    with pytest.raises(ConfigError, match="unknown option.*stepz"):
+        from_dict(EvalConfig, {"eps": 0.1, "stepz": 3})
+    with pytest.raises(ConfigError, match="threat"):
+        EvalConfig(eps=0.1, threat="L1")
+    with pytest.raises(ConfigError, match="eps"):
+        EvalConfig()
+    with pytest.raises(ConfigError, match="steps"):
+        EvalConfig(eps=0.1, steps=0)
+    with pytest.raises(ConfigError, match="cascade"):
+        from_dict(EvalConfig, {"eps": 0.1, "cascade": "yes"})
+
+
+def test_evaluate_config_equals_keywords():
+    from robustdeq.eval import EvalConfig, evaluate
+    m = _ff()
+    x, y = _data(8)
+    kw = dict(eps=[0.05, 0.2], suite=["pgd", "pgd-margin"], steps=2, seed=3, batch_size=4, threat="L2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = evaluate(m, x, y, **kw, checks=False)
+        b = evaluate(m, x, y, config=EvalConfig(**kw, checks=False))
+        c = evaluate(m, x, y, config={**kw, "checks": True}, checks=False)  # options override the config
+    for other in (b, c):
+        assert other.config_hash == a.config_hash and other.threat == a.threat == "L2"
+        assert [r.robust for r in other.results] == [r.robust for r in a.results]
+        assert [r.first_success for r in other.results] == [r.first_success for r in a.results]
+        assert other.checks == a.checks == []
+    with pytest.raises(ConfigError, match="unknown option"):
+        evaluate(m, x, y, eps=0.1, stepz=2)
+    with pytest.raises(ConfigError, match="EvalConfig or a mapping"):
+        evaluate(m, x, y, config=3)
+
+
+# -- CertifyConfig ----------------------------------------------------------------------------------
+def test_certify_config_round_trip_and_unknown_keys():
+    from robustdeq.certify import CertifyConfig
+    cfg = CertifyConfig(eps_l2=0.5, eps_linf=[0.01], methods=["local"], solver={"name": "anderson"})
+    assert cfg.eps_l2 == (0.5,) and cfg.eps_linf == (0.01,) and cfg.methods == ("local",)
+    assert from_dict(CertifyConfig, cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown option.*eps_l1"):
+        CertifyConfig(eps_l1=0.1)
+    with pytest.raises(ConfigError, match="unknown certification method"):
+        CertifyConfig(methods=["magic"])
+    with pytest.raises(ConfigError, match="lyapunov_dynamics"):
+        from_dict(CertifyConfig, {"lyapunov_dynamics": "ode"})
+    with pytest.raises(ConfigError, match="batch_size"):
+        CertifyConfig(batch_size=0)
+
+
+def test_certify_config_equals_keywords():
+    from robustdeq.certify import CertifyConfig, certify
+    from robustdeq.deq import zoo
+    torch.manual_seed(0)
+    model = zoo.build("mlp_deq", hidden=8, norm="spectral", scale=0.5)
+    x, y = _data(4)
+    kw = dict(eps_l2=(0.05, 0.1), methods=["lipschitz"], batch_size=2)
+    a = certify(model, x.float(), y, **kw)
+    b = certify(model, x.float(), y, CertifyConfig(**kw))
+    assert [r.radius for r in a.results] == [r.radius for r in b.results]
+    assert a.summary == b.summary and a.settings == b.settings
+    with pytest.raises(ConfigError, match="unknown option"):
+        certify(model, x.float(), y, eps_l3=0.1)
