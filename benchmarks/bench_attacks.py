@@ -15,6 +15,10 @@ interleaved ``--repeats`` times:
   end, so the result is never weaker per sample than the plain loop's;
 - ``torchattacks.PGD(steps=20)`` on the model as is (its forward: a cold solve and the implicit
   gradient's adjoint solve per step);
+- ``PGD(grad="joint")`` (issue 13): a joint forward/adjoint/input iteration carrying ``z`` and the
+  adjoint across steps (a few solver iterations and adjoint sweeps per step), its final
+  examples judged per sample by the model's own cold inference (``--quick``: only this, the
+  first row and torchattacks);
 - for reference, robustdeq PGD without warm start, and with an adjoint tolerance of 1e-3
   instead of the model's 1e-6, without and with early stopping (marked *: not the same gradient
   settings as torchattacks'; judged by the robust-accuracy criterion alone).
@@ -114,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="where the attacks run (training is on the CPU)")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the exact warm IFT PGD, torchattacks and the joint PGD (issue 13)")
     ap.add_argument("--contractive", action="store_true",
                     help="spectral-normalised cell (||W|| <= 0.9): every solve converges")
     args = ap.parse_args(argv)
@@ -135,6 +141,7 @@ def main(argv=None) -> int:
     clean = accuracy(model, x, y)
 
     common = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, random_start=False)
+    joint_name = f"robustdeq PGD-{args.steps} (joint, fast)"
     attacks = {
         f"robustdeq PGD-{args.steps} (warm start, IFT)": PGD(model, grad="ift", warm_start=True, **common),
         f"torchattacks.PGD ({args.steps} steps)": torchattacks.PGD(model, **common),
@@ -147,7 +154,12 @@ def main(argv=None) -> int:
             model, grad=ImplicitGrad(BACKWARD_DEFAULT.replace(tol=1e-3)), **common),
         f"robustdeq PGD-{args.steps} (warm, adj. 1e-3, early stop)*": PGD(
             model, grad=ImplicitGrad(BACKWARD_DEFAULT.replace(tol=1e-3)), early_stop=True, **common),
+        # issue 13: the joint forward/adjoint/input iteration (robustdeq.deq.joint), its final
+        # examples judged by the model's own cold inference
+        joint_name: PGD(model, grad="joint", **common),
     }
+    if args.quick:  # the exact warm IFT loop, torchattacks and the joint iteration only
+        attacks = {k: v for i, (k, v) in enumerate(attacks.items()) if i < 2 or k == joint_name}
     times = {k: [] for k in attacks}
     cpu = {k: [] for k in attacks}
     robust = {}
@@ -176,9 +188,9 @@ def main(argv=None) -> int:
           f"{args.batch} test digits; eps={args.eps}, alpha={args.alpha}, steps={args.steps}, "
           f"random_start=False; {args.repeats} interleaved repeats")
     print()
-    print(f"| {'attack':48s} | wall s (median, min) | CPU s (median) | robust acc | "
+    print(f"| {'attack':48s} | wall s (median, min) | CPU s (median, min) | robust acc | "
           f"solver iters fwd/bwd | sample-iters fwd/bwd | CPU time vs torchattacks |")
-    print(f"|{'-' * 50}|----------------------|----------------|------------|"
+    print(f"|{'-' * 50}|----------------------|---------------------|------------|"
           f"----------------------|----------------------|--------------------------|")
     cpu_ref = statistics.median(cpu[ref])
     for k in attacks:
@@ -186,17 +198,20 @@ def main(argv=None) -> int:
         iters = f"{st['forward_nfe']}/{st['backward_nfe']}" if st else "n/a"
         work = f"{st['forward_work']}/{st['backward_work']}" if st else "n/a"
         print(f"| {k:48s} | {statistics.median(times[k]):9.3f}, {min(times[k]):8.3f} | "
-              f"{statistics.median(cpu[k]):14.3f} | {robust[k]:10.3f} | {iters:>20s} | "
+              f"{statistics.median(cpu[k]):8.3f}, {min(cpu[k]):8.3f} | {robust[k]:10.3f} | {iters:>20s} | "
               f"{work:>20s} | {statistics.median(cpu[k]) / cpu_ref:23.2f}x |")
     print()
     names = list(attacks)
-    for k in (ours, names[2], names[5]):
+    for k in dict.fromkeys(n for n in (ours, *names[2:3], *names[5:6], joint_name) if n in attacks):
         ratio = statistics.median(cpu[k]) / cpu_ref
         wall_ratio = statistics.median(times[k]) / statistics.median(times[ref])
+        min_ratio = min(cpu[k]) / min(cpu[ref])
         gap = (robust[k] - robust[ref]) * 100
-        print(f"{k}: time ratio vs torchattacks CPU {ratio:.2f}, wall {wall_ratio:.2f} (target <= 0.50: "
-              f"{'met' if max(ratio, wall_ratio) <= 0.5 else 'NOT met'}); robust accuracy gap "
-              f"{gap:+.1f} points (target <= +1: {'met' if gap <= 1 else 'NOT met'})")
+        print(f"{k}: time ratio vs torchattacks CPU median {ratio:.2f}, CPU min-of-repeats "
+              f"{min_ratio:.2f}, wall {wall_ratio:.2f} (issue 13 target <= 0.33: "
+              f"{'met' if min_ratio <= 0.33 else 'NOT met'}); robust accuracy gap "
+              f"{gap:+.1f} points = {round(gap * args.batch / 100):+d} samples "
+              f"(target <= +1 point: {'met' if gap <= 1 else 'NOT met'})")
     print("* not the model's IFT settings: shows the cost of the 1e-6 adjoint tolerance")
     return 0
 

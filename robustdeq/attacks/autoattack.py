@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..deq.views import ModelView
 from ..errors import ConfigError
-from .base import Attack, check_int, global_rng, project
+from .base import Attack, check_int, global_rng, is_deq, project
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,11 @@ class AutoAttack(Attack):
         batch_size: pyautoattack's batch size.
         settings: attributes of pyautoattack's components to set after construction, e.g.
             ``{"apgd.n_iter": 20, "square.n_queries": 500}`` (unknown ones are a ConfigError).
+        warm_memory: for a DEQ attacked as is (no ``view``), wrap it in a
+            :class:`robustdeq.deq.memory.WarmMemory` for each run: every call pyautoattack makes
+            starts a sample's forward solve from the latest converged fixed point of the same
+            clean sample (a warm-started solve that does not converge is redone cold); the memory
+            is built for the run's batch and forgotten at its end. AutoAttack itself is unchanged.
 
     The returned ``x_adv`` is pyautoattack's: an adversarial example where one was found, the
     clean input otherwise. The last adversary object is kept as ``last_adversary``.
@@ -99,8 +104,11 @@ class AutoAttack(Attack):
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf",
                  version: str = "standard", attacks: Optional[Sequence[str]] = None,
                  view: Optional[Dict[str, Any]] = None, seed: Optional[int] = 0,
-                 batch_size: int = 250, settings: Optional[Dict[str, Any]] = None):
+                 batch_size: int = 250, settings: Optional[Dict[str, Any]] = None,
+                 warm_memory: bool = False):
         super().__init__(model, eps=eps, norm=norm, targeted=False, seed=seed)
+        if not isinstance(warm_memory, bool):
+            raise ConfigError(f"warm_memory must be a bool, got {warm_memory!r}")
         if version not in VERSIONS:
             raise ConfigError(f"unknown AutoAttack version {version!r}; expected one of {', '.join(VERSIONS)}")
         if version == "custom":
@@ -119,6 +127,13 @@ class AutoAttack(Attack):
         self.batch_size = check_int(batch_size, "batch_size", low=1)
         self.view = view
         self.target = make_view(model, view)
+        #: the per-sample warm-start memory (robustdeq.deq.memory) wrapping a DEQ attacked as is
+        self.memory = None
+        if warm_memory and view is None and is_deq(model):
+            from ..deq.memory import WarmMemory
+            self.memory = WarmMemory(model)
+            self.target = self.memory
+        self.warm_memory = self.memory is not None
         self.settings = dict(settings or {})
         for key in self.settings:
             comp, _, attr = key.partition(".")
@@ -133,10 +148,17 @@ class AutoAttack(Attack):
 
     def params(self) -> Dict[str, Any]:
         return {"version": self.version, "attacks": self.attacks, "view": describe_view(self.view),
-                "batch_size": self.batch_size, "settings": self.settings}
+                "batch_size": self.batch_size, "settings": self.settings,
+                "warm_memory": self.warm_memory}
 
     def guarded_models(self) -> List[nn.Module]:
         return [self.model, self.target] if self.target is not self.model else [self.model]
+
+    def _radius(self) -> float:
+        """Linf radius around a clean sample within which the memory recognises it."""
+        if self.norm == "Linf":
+            return self.eps
+        return self.eps  # an L2 ball of radius eps lies in the Linf ball of radius eps
 
     def build(self, device, dtype: torch.dtype = torch.float32) -> Any:
         """The pyautoattack object for inputs on ``device``, with ``settings`` applied.
@@ -165,9 +187,14 @@ class AutoAttack(Attack):
         stages = _StageAccuracies()
         try:
             x32 = x.float()  # pyautoattack works in float32 (its attacks cast with .float())
+            if self.memory is not None:  # a memory for this batch only
+                self.memory.begin(x, self._radius())
             with global_rng(self.seed, x.device), stages:
                 x_adv32, _ = adv.run_standard_evaluation(x32, y, batch_size=self.batch_size)
         finally:
+            if self.memory is not None:
+                self.last_memory_stats = dict(self.memory.stats)
+                self.memory.end()
             if sys.gettrace() is not trace:
                 sys.settrace(trace)
         # pyautoattack's own per-attack robust accuracies (cumulative, on this call's samples)

@@ -292,7 +292,17 @@ class PGD(Attack):
         eps, alpha, steps, random_start, norm: torchattacks' names; ``alpha`` defaults to
             ``2.5 * eps / steps``.
         grad: gradient estimator for a DEQ ("ift", "phantom", "unrolled", "full" or an instance);
-            None: the model's default.
+            None: the model's default. ``"joint"`` (DEQs only, issue 13): the joint
+            forward/adjoint/input iteration of :class:`robustdeq.deq.joint.JointInputGradient`
+            (the DEQ state and the adjoint are carried across steps, a few solver iterations
+            and adjoint sweeps per step), about 0.15-0.35x the time of exact PGD; since its
+            iterates are not the model's solves, the final examples are judged per sample by the
+            model's own (cold) inference: the last iterate, the iterate of lowest margin on the
+            iteration's logits and the latest evaluated points (``judge`` candidates in all),
+            keeping the one of lowest margin; ``last_robust`` holds the resulting per-sample
+            robust flags.
+        joint_options: for ``grad="joint"``: ``fwd_iters`` (3), ``adj_iters`` (3),
+            ``first_adj_iters`` (8), ``fwd_solver`` ("model" or "picard"), ``judge`` (8).
         warm_start: warm-start the DEQ's forward (and IFT adjoint) solves from the previous step
             (ignored for models without ``solve`` and for full backpropagation).
         loss: "ce" (cross-entropy), "margin" (Carlini-Wagner logit margin) or "dlr"
@@ -340,7 +350,7 @@ class PGD(Attack):
         self.joint_options = dict(joint_options or {})
         #: candidates per sample judged by the model's own inference at the end: the last
         #: iterate, the iterate of lowest margin on the iteration's logits, then the latest points
-        self.joint_judge = check_int(self.joint_options.pop("judge", 4), "judge", low=1)
+        self.joint_judge = check_int(self.joint_options.pop("judge", 8), "judge", low=1)
         if joint_options is not None and not self.joint:
             raise ConfigError("joint_options is only for grad='joint'")
         if self.joint:
@@ -371,7 +381,8 @@ class PGD(Attack):
                     "loss": self.loss, "restarts": self.restarts, "grad": "joint",
                     "joint_options": {"fwd_iters": self.oracle.fwd_iters,
                                       "adj_iters": self.oracle.adj_iters,
-                                      "first_adj_iters": self.oracle.first_adj_iters},
+                                      "first_adj_iters": self.oracle.first_adj_iters,
+                                      "fwd_solver": self.oracle.fwd_solver, "judge": self.joint_judge},
                     "early_stop": False}
         return {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
                 "loss": self.loss, "restarts": self.restarts,

@@ -4,8 +4,13 @@ Exact PGD on a DEQ solves, at every step, the forward fixed point ``z = f(z, u(x
 adjoint ``mu = J_z^T mu + g`` to tolerance. :class:`JointInputGradient` instead carries ``z`` and
 ``mu`` from one PGD step to the next, and per step does only
 
-- ``fwd_iters`` iterations of the model's solver from the carried ``z`` (the first call: the model's
-  full solve from its initial state, as its inference starts);
+- ``fwd_iters`` iterations from the carried ``z``: the model's solver restarted from ``z``
+  (``fwd_solver="model"``) or plain iterations ``z <- f(z, u)`` (``"picard"``: cheaper per
+  iteration on tiny models, where Anderson's bookkeeping is most of the cost, but 1-2 points
+  weaker on a conv DEQ whose solves do not converge, benchmarks/bench_attacks.py);
+  ``"auto"`` (the default) takes plain iterations when the first call's full solve converged
+  for every sample of the batch, the model's solver otherwise; the first call is the model's
+  full solve from its initial state, as its inference starts;
 - ``adj_iters`` adjoint sweeps ``mu <- g + J_z^T mu`` from the carried ``mu``, the last one in the same
   vector-Jacobian product as the input gradient ``J_x^T mu`` (one ``autograd.grad`` call with
   cotangent ``mu`` on ``f(z, u(x))`` gives both, as in JIIO).
@@ -41,7 +46,7 @@ class JointInputGradient:
     (the iteration's own estimate, not the model's inference)."""
 
     def __init__(self, model: nn.Module, fwd_iters: int = 3, adj_iters: int = 3,
-                 first_adj_iters: int = 8, fwd_solver: str = "model"):
+                 first_adj_iters: int = 8, fwd_solver: str = "auto"):
         if not supports_joint(model):
             raise ConfigError(f"the joint iteration needs a fixed-point model (inject, f, readout, "
                               f"init_state, solver_config); got {type(model).__name__}")
@@ -49,9 +54,9 @@ class JointInputGradient:
                         ("first_adj_iters", first_adj_iters)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
-        if fwd_solver not in ("model", "picard"):
-            raise ConfigError(f"fwd_solver must be 'model' (the model's solver, restarted each step) "
-                              f"or 'picard' (plain iteration z <- f(z, u)), got {fwd_solver!r}")
+        if fwd_solver not in ("auto", "model", "picard"):
+            raise ConfigError(f"fwd_solver must be 'model' (the model's solver, restarted each step), "
+                              f"'picard' (plain iteration z <- f(z, u)) or 'auto', got {fwd_solver!r}")
         self.fwd_solver = fwd_solver
         self.model = model
         self._solvers = {}
@@ -61,6 +66,7 @@ class JointInputGradient:
     def reset(self) -> None:
         self.z: Optional[Tensor] = None
         self.mu: Optional[Tensor] = None
+        self._picard = self.fwd_solver == "picard"
         self.last_logits: Optional[Tensor] = None
         self.last_converged: Optional[Tensor] = None
         self.stats: Dict[str, int] = {"calls": 0, "forward_nfe": 0, "backward_nfe": 0,
@@ -92,13 +98,15 @@ class JointInputGradient:
             else:
                 z0 = self.z
             with torch.no_grad():
-                if first or self.fwd_solver == "model":
+                if first or not self._picard:
                     key = (cfg, first)
                     if key not in self._solvers:  # building a config costs ~0.5 ms
                         self._solvers = {key: get_solver(cfg if first else
                                                          cfg.replace(max_iter=self.fwd_iters))}
                     res = self._solvers[key].solve(lambda z: model.f(z, ud), z0.detach())
                     nfe, z_star, conv = res.nfe, res.z.detach(), res.converged.detach()
+                    if first and self.fwd_solver == "auto":
+                        self._picard = bool(conv.all())
                 else:
                     z_star = z0.detach()
                     for _ in range(self.fwd_iters):

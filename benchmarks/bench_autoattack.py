@@ -1,0 +1,128 @@
+"""AutoAttack on a DEQ: pyautoattack on the plain model vs robustdeq's adapter with the per-sample
+warm-start memory (issue 13), side by side in one run.
+
+    python benchmarks/bench_autoattack.py [--repeats 2] [--n 256] [--model mlp_deq] [--hidden 64]
+        [--contractive] [--version custom --attacks apgd-ce apgd-t] [--n-iter 100]
+        [--n-queries 5000] [--n-target-classes 9]
+
+Trains the small DEQ of ``bench_attacks.py`` (same seed and steps), then runs, interleaved
+``--repeats`` times on the same ``--n`` test digits (Linf eps 0.1, seed 0):
+
+- ``pyautoattack.AutoAttack`` on the model itself (every call a cold solve, the IFT backward);
+- ``robustdeq.attacks.AutoAttack(model, warm_memory=True)``: the same pyautoattack object, with
+  the model wrapped in :class:`robustdeq.deq.memory.WarmMemory` for the run;
+- ``robustdeq.attacks.AutoAttack(model, warm_memory=False)`` (the adapter's overhead alone).
+
+AutoAttack's algorithm is untouched in every row (``--n-iter`` etc. set its documented budgets,
+the same in every row). Robust accuracy is judged by the model's own cold inference on the
+returned examples. Prints min-of-repeats CPU time, the ratio to pyautoattack (target <= 0.5) and
+the robust-accuracy difference (target: within 1 sample in 100).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", choices=("mlp_deq", "conv_deq"), default="mlp_deq")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--contractive", action="store_true")
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--train-steps", type=int, default=100)
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--version", default="standard")
+    ap.add_argument("--attacks", nargs="*", default=None)
+    ap.add_argument("--n-iter", type=int, default=None, help="apgd / apgd_targeted n_iter")
+    ap.add_argument("--n-queries", type=int, default=None, help="square n_queries")
+    ap.add_argument("--n-target-classes", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    import logging
+    logging.getLogger("auto-attack").setLevel(logging.ERROR)
+
+    from pyautoattack import AutoAttack as PyAutoAttack
+    from bench_attacks import train_model
+    from robustdeq.attacks import AutoAttack, accuracy
+    from robustdeq.attacks.autoattack import pyautoattack_version
+    from robustdeq.data import load_digits
+
+    model = train_model(args.hidden, args.train_steps, args.seed, args.contractive, args.model)
+    xt, yt = load_digits("test")
+    x, y = xt[:args.n].float(), yt[:args.n]
+    clean = accuracy(model, x, y)
+    settings = {}
+    if args.n_iter is not None:
+        settings.update({"apgd.n_iter": args.n_iter, "apgd_targeted.n_iter": args.n_iter})
+    if args.n_queries is not None:
+        settings["square.n_queries"] = args.n_queries
+    if args.n_target_classes is not None:
+        settings.update({"apgd_targeted.n_target_classes": args.n_target_classes,
+                         "fab.n_target_classes": args.n_target_classes})
+    version = "custom" if args.attacks else args.version
+    common = dict(eps=args.eps, version=version, attacks=args.attacks, seed=args.seed,
+                  settings=settings, batch_size=args.n)
+
+    def py_run():
+        adv = PyAutoAttack(model, norm="Linf", eps=args.eps, version=version,
+                           attacks=args.attacks if version == "custom" else None, seed=args.seed,
+                           device=x.device)
+        for k, v in settings.items():
+            comp, _, attr = k.partition(".")
+            setattr(getattr(adv, comp), attr, v)
+        return adv.run_standard_evaluation(x, y, batch_size=args.n)[0]
+
+    mem = AutoAttack(model, warm_memory=True, **common)
+    plain = AutoAttack(model, warm_memory=False, **common)
+    runs = {"pyautoattack on the model": py_run,
+            "robustdeq AutoAttack (warm memory)": lambda: mem(x, y),
+            "robustdeq AutoAttack (no memory)": lambda: plain(x, y)}
+    cpu = {k: [] for k in runs}
+    robust = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for k, fn in runs.items():
+            c = time.process_time()
+            with torch.random.fork_rng():
+                x_adv = fn()
+            cpu[k].append(time.process_time() - c)
+            robust[k].append(accuracy(model, x_adv, y))
+    print(f"# AutoAttack benchmark: torch {torch.__version__}, pyautoattack {pyautoattack_version()}, "
+          f"{platform.processor() or platform.machine()}, {args.threads} thread(s)")
+    print(f"# {args.model} {args.hidden}{' (spectral norm)' if args.contractive else ''}, clean "
+          f"{clean:.3f} on {args.n} test digits; eps={args.eps}, version={version} "
+          f"{args.attacks or ''} settings={settings}; {args.repeats} interleaved repeats, "
+          f"robust accuracy by the model's cold inference")
+    print()
+    print("| run | CPU s (min, all) | robust acc (per repeat) | time vs pyautoattack |")
+    print("|---|---|---|---|")
+    ref = min(cpu["pyautoattack on the model"])
+    for k in runs:
+        print(f"| {k} | {min(cpu[k]):.2f} ({', '.join(f'{t:.2f}' for t in cpu[k])}) | "
+              f"{', '.join(f'{a:.4f}' for a in robust[k])} | {min(cpu[k]) / ref:.2f}x |")
+    print()
+    k = "robustdeq AutoAttack (warm memory)"
+    gap = max(abs(a - b) for a in robust[k] for b in robust["pyautoattack on the model"]) * 100
+    ratio = min(cpu[k]) / ref
+    print(f"{k}: time ratio {ratio:.2f} (target <= 0.50: {'met' if ratio <= 0.5 else 'NOT met'}); "
+          f"robust accuracy gap {gap:.2f} points (target <= 1 sample in 100: "
+          f"{'met' if gap <= 1.0 else 'NOT met'})")
+    print(f"memory stats (last run): {getattr(mem, 'last_memory_stats', None)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Issue 13: the joint (fast) PGD and AutoAttack's per-sample warm-start memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attack_helpers import check_ball, digits_test, trained
+from robustdeq.attacks import PGD, AutoAttack
+from robustdeq.attacks.base import logits_of
+from robustdeq.deq.memory import WarmMemory
+from robustdeq.errors import ConfigError
+
+EPS = 0.1
+
+
+@pytest.fixture(scope="module")
+def deq():
+    return trained("mlp_deq", steps=60, hidden=32)
+
+
+def _robust(model, x_adv, y):
+    return logits_of(model, x_adv).argmax(1) == y
+
+
+# -- the joint PGD ------------------------------------------------------------------------------
+@pytest.mark.parametrize("norm,eps", [("Linf", EPS), ("L2", 1.0)])
+def test_joint_pgd_stays_in_ball_and_box(deq, norm, eps):
+    x, y = digits_test(32)
+    x_adv = PGD(deq, eps=eps, steps=6, norm=norm, grad="joint", seed=0)(x, y)
+    check_ball(x, x_adv, eps, norm)
+
+
+def test_joint_pgd_deterministic_under_seed(deq):
+    x, y = digits_test(32)
+    a = PGD(deq, eps=EPS, steps=6, grad="joint", seed=3)(x, y)
+    b = PGD(deq, eps=EPS, steps=6, grad="joint", seed=3)(x, y)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_joint_pgd_judged_by_model_inference(deq, restarts):
+    """The robust flags the attack reports are a cold re-evaluation of its examples."""
+    x, y = digits_test(48)
+    atk = PGD(deq, eps=EPS, steps=8, grad="joint", seed=0, restarts=restarts)
+    x_adv = atk(x, y)
+    assert atk.last_robust is not None
+    assert torch.equal(atk.last_robust, _robust(deq, x_adv, y))
+
+
+def test_joint_pgd_as_strong_as_ift(deq):
+    """On 64 samples, the joint PGD-20 breaks at most one sample fewer than exact PGD-IFT-20."""
+    x, y = digits_test(64)
+    common = dict(eps=EPS, alpha=0.01, steps=20, random_start=False)
+    ref = _robust(deq, PGD(deq, grad="ift", **common)(x, y), y).sum()
+    fast = _robust(deq, PGD(deq, grad="joint", **common)(x, y), y).sum()
+    assert int(fast) <= int(ref) + 1
+
+
+def test_joint_pgd_refuses_non_deq_and_early_stop(deq):
+    ff = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with pytest.raises(ConfigError):
+        PGD(ff, eps=EPS, grad="joint")
+    with pytest.raises(ConfigError):
+        PGD(deq, eps=EPS, grad="joint", early_stop=True)
+    with pytest.raises(ConfigError):
+        PGD(deq, eps=EPS, grad="ift", joint_options={"fwd_iters": 2})
+    with pytest.raises(ConfigError):
+        PGD(deq, eps=EPS, grad="joint", joint_options={"fwd_iters": 0})
+
+
+# -- the warm-start memory ----------------------------------------------------------------------
+def test_memory_only_records_converged_solves(deq):
+    x, y = digits_test(32)
+    mem = WarmMemory(deq)
+    mem.begin(x, EPS)
+    # a solver budget too small to converge: nothing may be recorded, nothing warm-starts
+    saved = deq.solver_config
+    deq.solver_config = saved.replace(max_iter=1)
+    try:
+        mem(x)
+        mem((x + 0.05).clamp(0, 1))
+    finally:
+        deq.solver_config = saved
+    assert mem.stats["recorded"] == 0 and mem.stats["warm"] == 0
+    assert not bool(mem.ok.any())
+    # converged solves are recorded and then warm-start the next call at a perturbed point
+    mem(x)
+    assert bool(mem.ok.any())
+    out = mem((x + 0.05).clamp(0, 1))
+    assert mem.stats["warm"] > 0
+    cold = logits_of(deq, (x + 0.05).clamp(0, 1))
+    assert torch.equal(out.argmax(1), cold.argmax(1))
+    mem.end()
+
+
+def test_memory_unconverged_warm_solve_is_redone_cold(deq):
+    """A warm-started solve that does not converge returns the model's cold result exactly."""
+    x, _ = digits_test(16)
+    mem = WarmMemory(deq)
+    mem.begin(x, EPS)
+    mem(x)
+    assert bool(mem.ok.all())
+    saved = deq.solver_config
+    deq.solver_config = saved.replace(max_iter=2, tol=1e-12)
+    try:
+        xp = (x + 0.08).clamp(0, 1)
+        out = mem(xp)
+        cold = deq(xp)
+    finally:
+        deq.solver_config = saved
+    assert mem.stats["redone"] == 16
+    assert torch.equal(out, cold)
+
+
+def test_memory_invalidated_when_batch_changes(deq):
+    """States of one batch never warm-start another: a new begin() forgets, and rows matching
+    no clean sample of the current batch start cold."""
+    x, _ = digits_test(64)
+    a, b = x[:32], x[32:]
+    mem = WarmMemory(deq)
+    mem.begin(a, EPS)
+    mem(a)
+    assert bool(mem.ok.all())
+    mem.begin(b, EPS)  # a new batch: everything forgotten
+    assert mem.z is None and not bool(mem.ok.any())
+    out = mem(b)
+    assert mem.stats["warm"] == 0
+    assert torch.equal(out, deq(b))
+    # queries from another batch while b's memory is live are unmatched and cold
+    mem((b + 0.02).clamp(0, 1))
+    warm_before = mem.stats["warm"]
+    out_a = mem(a)
+    assert mem.stats["warm"] == warm_before and mem.stats["unmatched"] == 32
+    assert torch.equal(out_a, deq(a))
+    mem.end()
+    assert not mem.active and torch.equal(mem(a), deq(a))
+
+
+def test_memory_identical_inputs_give_identical_outputs(deq):
+    x, _ = digits_test(16)
+    mem = WarmMemory(deq)
+    mem.begin(x, EPS)
+    assert torch.equal(mem(x), mem(x))
+
+
+def test_autoattack_with_memory_matches_without(deq):
+    pytest.importorskip("pyautoattack")
+    x, y = digits_test(48)
+    common = dict(eps=EPS, version="custom", attacks=["apgd-ce", "square"], seed=0,
+                  settings={"apgd.n_iter": 10, "square.n_queries": 50})
+    plain = AutoAttack(deq, **common)
+    mem = AutoAttack(deq, warm_memory=True, **common)
+    assert mem.memory is not None and plain.memory is None
+    r_plain = _robust(deq, plain(x, y), y)
+    r_mem = _robust(deq, mem(x, y), y)
+    assert abs(int(r_plain.sum()) - int(r_mem.sum())) <= max(1, x.shape[0] // 100)
+    assert not mem.memory.active  # forgotten after the run
+    assert mem.last_memory_stats["warm"] > 0
