@@ -403,7 +403,7 @@ def load_dataset(
 
 # ---------------------------------------------------------------------------------- validation
 def validate_inputs(
-    x: Any, *, expected_shape: Sequence[int] | None = None, name: str = "x"
+    x: Any, *, expected_shape: Sequence[int] | None = None, name: str = "x", check_range: bool = True
 ) -> torch.Tensor:
     """Check a batch of images and return it unchanged.
 
@@ -411,6 +411,8 @@ def validate_inputs(
         x: tensor of shape (N, *expected_shape), floating point, finite, values in [0, 1].
         expected_shape: per-sample shape, e.g. ``(1, 28, 28)``; ``None`` skips the shape check.
         name: how the tensor is called in error messages.
+        check_range: ``False`` accepts values outside [0, 1] (noisy inputs of randomized
+            smoothing); shape, dtype and finiteness are still checked.
 
     Raises:
         InputError: naming the problem (type, shape got vs expected, non-finite count, min/max).
@@ -440,7 +442,7 @@ def validate_inputs(
                 f"{name} has {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf) "
                 f"out of {x.numel()}"
             )
-    if lo_v < -_RANGE_SLACK or hi_v > 1.0 + _RANGE_SLACK:
+    if check_range and (lo_v < -_RANGE_SLACK or hi_v > 1.0 + _RANGE_SLACK):
         raise InputError(
             f"{name} has values outside [0, 1]: min={lo_v:.6g}, max={hi_v:.6g} "
             "(inputs are images in [0, 1]; normalisation belongs inside the model)"

@@ -70,6 +70,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -78,7 +79,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SolverConfig, from_dict, to_dict
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, NonConvergenceWarning
 
 logger = logging.getLogger(__name__)
 
@@ -252,12 +253,7 @@ def base_logits(model: nn.Module, x: Tensor, *, clip: bool = False) -> Tensor:
         x = x.clamp(0.0, 1.0)
     x = _to_model_dtype(model, x)
     if _is_deq(model):
-        est = model.estimator
-        u = model.inject(x)
-        rec = est.required_record()
-        res = model.solve(u, record=sorted(set(rec)) or None,
-                          keep_graph=bool(est.full_graph) and torch.is_grad_enabled())
-        return model.readout(est.attach(model.cell, u, res.z, res.trajectory))
+        return _run_noisy(model, x).logits
     if _is_unrolled(model):
         u = model.inject(x)
         return model.readout(model.unroll(u, model.init_state(u), int(model.depth)))
@@ -266,6 +262,14 @@ def base_logits(model: nn.Module, x: Tensor, *, clip: bool = False) -> Tensor:
     except InputError as e:
         raise ConfigError(f"{type(model).__name__} rejects the noisy inputs ({e}); smooth "
                           "f(clip(x + noise, 0, 1)) instead with clip=True") from None
+
+
+def _run_noisy(model: nn.Module, x: Tensor, **options):
+    """``model.run`` on noisy inputs (outside [0, 1] allowed); its per-call non-convergence
+    warning is left out (the smoothing report counts solver work itself)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)
+        return model.run(x, in_range=False, **options)
 
 
 def _to_model_dtype(model: nn.Module, x: Tensor) -> Tensor:
@@ -304,28 +308,22 @@ class _Base:
     def _noisy(self, xn: Tensor) -> Tensor:
         return _to_model_dtype(self.model, xn.clamp(0.0, 1.0) if self.cfg.clip else xn)
 
-    def _readout(self, u, res, rec_ok: bool) -> Tensor:
-        if rec_ok:
-            return self.model.readout(self.est.attach(self.model.cell, u, res.z, res.trajectory))
-        return self.model.readout(res.z)
-
     def full(self, xn: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """Independent (from-scratch) predictions ``(pred, z*, ok)`` of the base classifier."""
         if not self.deq:
             logits = base_logits(self.model, xn, clip=self.cfg.clip)
             return logits.argmax(dim=1), None, None
-        u = self.model.inject(self._noisy(xn))
-        res = self.model.solve(u, record=self.rec or None)
-        self.f_evals += int(res.steps.sum())
-        pred = self._readout(u, res, True).argmax(dim=1)
-        return pred, res.z, ~res.diverged
+        eq = _run_noisy(self.model, self._noisy(xn))
+        self.f_evals += int(eq.stats.steps.sum())
+        return eq.logits.argmax(dim=1), eq.z_star, ~eq.stats.diverged
 
     def _warm(self, xn: Tensor, z0: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        u = self.model.inject(self._noisy(xn))
-        res = self.model.solve(u, z0=z0, solver=self.chain_cfg, record=self.chain_rec or None)
-        self.f_evals += int(res.steps.sum())
-        pred = self._readout(u, res, len(self.chain_rec) == len(self.rec)).argmax(dim=1)
-        return pred, res.z, ~res.diverged
+        # S solver steps from the chain; an estimator whose state is not recorded within S
+        # steps reads out the iterate itself
+        grad = None if len(self.chain_rec) == len(self.rec) else "none"
+        eq = _run_noisy(self.model, self._noisy(xn), z0=z0, solver=self.chain_cfg, grad=grad)
+        self.f_evals += int(eq.stats.steps.sum())
+        return eq.logits.argmax(dim=1), eq.z_star, ~eq.stats.diverged
 
     def chain(self, xn: Tensor) -> Tuple[Tensor, Tensor]:
         """SRS predictions of one noise batch ``(pred, warm)``; ``warm``: rows warm-started."""

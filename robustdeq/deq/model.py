@@ -99,15 +99,16 @@ class EquilibriumModel(nn.Module):
         """The estimator in force (innermost ``gradient`` override, else the model's default)."""
         return self._grad_stack[-1] if self._grad_stack else self.grad
 
-    def check_input(self, x: Tensor) -> Tensor:
-        """Validate ``x`` (shape, finiteness, [0, 1]; skipped with ``validate_inputs=False``),
-        refuse an empty batch, and cast floating-point inputs of another dtype (float64 images
-        for a float32 model) to the model's dtype; gradients flow back to ``x`` in its own dtype."""
+    def check_input(self, x: Tensor, *, in_range: bool = True) -> Tensor:
+        """Validate ``x`` (shape, finiteness, [0, 1] unless ``in_range=False``; skipped with
+        ``validate_inputs=False``), refuse an empty batch, and cast floating-point inputs of another
+        dtype (float64 images for a float32 model) to the model's dtype; gradients flow back to
+        ``x`` in its own dtype."""
         if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == 0:
             raise InputError(f"x is an empty batch (shape {tuple(x.shape)}): pass at least one sample")
         if self.validate_inputs:
             from ..data import validate_inputs
-            x = validate_inputs(x, expected_shape=self.input_shape)
+            x = validate_inputs(x, expected_shape=self.input_shape, check_range=in_range)
         return self.as_model_dtype(x)
 
     def as_model_dtype(self, x: Tensor) -> Tensor:
@@ -226,8 +227,10 @@ class DEQClassifier(EquilibriumModel):
     def run(self, x: Tensor, *, record: RecordSpec = None, z0: Optional[Tensor] = None,
             grad: Union[GradientEstimator, str, None] = None,
             solver: Union[SolverConfig, dict, None] = None,
-            warm: Optional["WarmStart"] = None) -> Equilibrium:
+            warm: Optional["WarmStart"] = None, in_range: bool = True) -> Equilibrium:
         """Full forward pass returning the :class:`Equilibrium` (logits, z, trajectory, stats).
+
+        ``in_range=False`` accepts inputs outside [0, 1] (randomized smoothing's noisy inputs).
 
         ``z0`` starts the solver from a given state (e.g. the joint iterate of a JIIO solve).
         ``warm`` (a :class:`robustdeq.deq.warm.WarmStart`, one per batch) warm-starts a sequence
@@ -236,7 +239,7 @@ class DEQClassifier(EquilibriumModel):
         the previous adjoint (``WarmStart(adjoint=True)`` and an ``ImplicitGrad`` estimator), and
         ``warm`` records this call's solutions. ``z0`` and ``warm`` are exclusive.
         """
-        x = self.check_input(x)
+        x = self.check_input(x, in_range=in_range)
         est = make_estimator(grad) if grad is not None else self.estimator
         self.check_estimator(est)
         u = self.inject(x)
