@@ -10,7 +10,7 @@ from robustdeq import FullBackprop, PhantomGrad
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
 from robustdeq.deq.views import attack_view
-from robustdeq.defenses import (LyaDEQ, LyapunovFunction, LyapunovStability, lyapunov_decrease,
+from robustdeq.defenses import (LyaDEQ, LyapunovFunction, LyapunovStability, lyapunov_trace,
                                 project_dynamics, rehu)
 from robustdeq.defenses.lyapunov import random_perturbation
 from robustdeq.errors import ConfigError, InputError
@@ -162,11 +162,11 @@ def test_trained_model_is_accurate_and_separation_orthogonal(trained, digits):
                                (a - b).norm(dim=1), atol=1e-5, rtol=1e-5)
 
 
-def test_lyapunov_decreases_along_trajectories_of_trained_model(trained, digits):
+def test_lyapunov_traces_along_trajectories_of_trained_model(trained, digits):
     _, (xt, _) = digits
     m = copy.deepcopy(trained).double()
     x = xt[:32].double()
-    tr = lyapunov_decrease(m, x, steps=12, radius=1.0)
+    tr = lyapunov_trace(m, x, steps=12, radius=1.0)
     s = tr.summary()
     assert s["converged_fraction"] == 1.0
     # V(0) = 0 at the centre; V > 0 on the perturbed states
@@ -192,10 +192,10 @@ def test_fixed_step_euler_map_on_trained_model(trained, digits):
     _, (xt, _) = digits
     m = copy.deepcopy(trained).double()
     x = xt[:32].double()
-    tr1 = lyapunov_decrease(m, x, steps=12, radius=1.0, backtrack=0)
+    tr1 = lyapunov_trace(m, x, steps=12, radius=1.0, backtrack=0)
     assert float(tr1.decreasing.float().mean()) >= 0.9, float(tr1.relative_margins.min())
     assert float(tr1.relative_margins.median()) > 0.1
-    trh = lyapunov_decrease(m, x, steps=12, radius=1.0, backtrack=0, h=0.25)
+    trh = lyapunov_trace(m, x, steps=12, radius=1.0, backtrack=0, h=0.25)
     assert float(trh.decreasing.float().mean()) >= float(tr1.decreasing.float().mean())
     assert tr1.step_sizes.eq(1.0).all() and trh.step_sizes.eq(0.25).all()
 
@@ -299,7 +299,7 @@ def test_conv_backbone_and_checkpoint_round_trip(tmp_path, digits):
     assert isinstance(m2, LyaDEQ)
     with torch.no_grad():
         torch.testing.assert_close(m2(xt[:3]), before)
-    tr = lyapunov_decrease(m2, xt[:2], steps=3, radius=0.5)
+    tr = lyapunov_trace(m2, xt[:2], steps=3, radius=0.5)
     assert tr.margins.shape == (3, 2) and bool(tr.decreasing.all())
 
 
@@ -350,9 +350,9 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="step"):
         zoo.build("lyadeq", hidden=8, step=-1.0)
     with pytest.raises(ConfigError, match="LyaDEQ"):
-        lyapunov_decrease(zoo.build("mlp_deq", hidden=8), torch.rand(2, 1, 8, 8))
+        lyapunov_trace(zoo.build("mlp_deq", hidden=8), torch.rand(2, 1, 8, 8))
     with pytest.raises(ConfigError, match="condition"):
         LyapunovStability(condition="discrete")
     m = zoo.build("lyadeq", hidden=8, icnn_hidden=[8])
     with pytest.raises(InputError):
-        lyapunov_decrease(m, torch.rand(2, 1, 8, 8), delta=torch.zeros(2, 7))
+        lyapunov_trace(m, torch.rand(2, 1, 8, 8), delta=torch.zeros(2, 7))

@@ -168,7 +168,7 @@ def test_checkpoint_roundtrip(tmp_path):
 
 def test_lyadeq_with_the_multiscale_backbone(tmp_path):
     from robustdeq.checkpoint import load_model, save_checkpoint
-    from robustdeq.defenses.lyapunov import LyaDEQ, lyapunov_decrease
+    from robustdeq.defenses.lyapunov import LyaDEQ, lyapunov_trace
     from robustdeq.defenses.recipes import recipe
     torch.manual_seed(3)
     m = zoo.build("lyadeq", backbone="mdeq", in_shape=(1, 12, 12), channels=4, groups=2, icnn_hidden=[8])
@@ -182,7 +182,7 @@ def test_lyadeq_with_the_multiscale_backbone(tmp_path):
     m2, _ = load_model(path)
     with torch.no_grad():
         torch.testing.assert_close(m2(x), before)
-    tr = lyapunov_decrease(m2, x[:2], steps=2, radius=0.5)
+    tr = lyapunov_trace(m2, x[:2], steps=2, radius=0.5)
     assert tr.values.shape[0] == 3
     m.train()
     loss, scalars = recipe("lyadeq-at", eps=0.1, steps=1).objective(m, x, y)

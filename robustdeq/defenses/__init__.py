@@ -13,7 +13,7 @@ _LAZY = {
     # lyapunov.py: LyaDEQ
     "LyaDEQ": ".lyapunov", "LyapunovFunction": ".lyapunov", "ICNN": ".lyapunov",
     "SeparationHead": ".lyapunov", "LyapunovStability": ".lyapunov", "LyapunovTrace": ".lyapunov",
-    "lyapunov_decrease": ".lyapunov", "project_dynamics": ".lyapunov", "rehu": ".lyapunov",
+    "lyapunov_trace": ".lyapunov", "lyapunov_decrease": ".lyapunov", "project_dynamics": ".lyapunov", "rehu": ".lyapunov",
     # entropy.py: input-entropy reduction
     "EntropyDefense": ".entropy", "EntropyResult": ".entropy", "prediction_entropy": ".entropy",
     # objectives.py / jiio.py (adversarial training objectives, JIIO)
@@ -27,7 +27,7 @@ _LAZY = {
     "register_objective": ".objectives",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(k for k in _LAZY if k != "lyapunov_decrease")  # deprecated alias
 
 
 def __getattr__(name: str):

@@ -50,7 +50,7 @@ iteration (``condition="map"``: ``V(f(z) - z*) <= (1 - alpha) V(z - z*)``); wher
 projection is inactive and the model's own dynamics are certified on that cloud. It wraps any other
 objective (PGD-AT, TRADES, ...) for the "LyaDEQ + AT" combinations.
 
-Diagnostics: :func:`lyapunov_decrease` follows the projected dynamics from ``z* + delta`` and
+Diagnostics: :func:`lyapunov_trace` follows the projected dynamics from ``z* + delta`` and
 returns the per-step decrease of ``V`` (and the continuous-time margin) for certificates and tests.
 
 What the guarantee is: stability of ``z*`` under perturbations of the *state* (the paper's "minor
@@ -58,7 +58,7 @@ initial perturbations"), **not** a certified radius in input space: an input per
 ``z*`` itself. The solver returns ``z*`` only up to its tolerance, so ``fhat(z*) = r != 0``: the
 decrease ``grad V^T F <= -alpha V`` still holds exactly at every ``e != 0`` (so ``V -> 0`` along the
 flow), but ``F(z*) = r`` and a fixed-step discrete map stalls at a distance of order ``h ||r||``
-from ``z*``, where ``V`` can no longer decrease; :func:`lyapunov_decrease` therefore solves the
+from ``z*``, where ``V`` can no longer decrease; :func:`lyapunov_trace` therefore solves the
 centre tightly by default.
 """
 from __future__ import annotations
@@ -373,10 +373,10 @@ def random_perturbation(z: Tensor, radius: float, *, generator: Optional[torch.G
     return d * r.view(b, *([1] * (z.dim() - 1)))
 
 
-def lyapunov_decrease(model: LyaDEQ, x: Tensor, steps: int = 10, *, radius: float = 1.0,
-                      delta: Optional[Tensor] = None, h: Optional[float] = None,
-                      backtrack: Optional[int] = None, seed: Optional[int] = 0,
-                      solver: Union[SolverConfig, dict, None] = None) -> LyapunovTrace:
+def lyapunov_trace(model: LyaDEQ, x: Tensor, steps: int = 10, *, radius: float = 1.0,
+                   delta: Optional[Tensor] = None, h: Optional[float] = None,
+                   backtrack: Optional[int] = None, seed: Optional[int] = 0,
+                   solver: Union[SolverConfig, dict, None] = None) -> LyapunovTrace:
     """Solve ``z*(x)``, perturb the state to ``z* + delta`` and follow the projected dynamics.
 
     Args:
@@ -587,4 +587,13 @@ def lyadeq(in_shape=(1, 8, 8), num_classes=10, hidden=64, backbone="mlp", act="t
 
 
 __all__ = ["rehu", "ICNN", "LyapunovFunction", "project_dynamics", "SeparationHead", "LyaDEQ",
-           "LyapunovTrace", "lyapunov_decrease", "random_perturbation", "LyapunovStability", "lyadeq"]
+           "LyapunovTrace", "lyapunov_trace", "random_perturbation", "LyapunovStability", "lyadeq"]
+
+
+def lyapunov_decrease(*args, **kwargs) -> LyapunovTrace:
+    """Deprecated name of :func:`lyapunov_trace` (``robustdeq.certify.lyapunov_decrease`` is the
+    certificate, with another signature)."""
+    import warnings
+    warnings.warn("robustdeq.defenses.lyapunov_decrease is renamed lyapunov_trace "
+                  "(robustdeq.certify.lyapunov_decrease is the certificate)", DeprecationWarning, stacklevel=2)
+    return lyapunov_trace(*args, **kwargs)
