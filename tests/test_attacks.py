@@ -104,10 +104,8 @@ def test_warm_start_reduces_solver_iterations_and_keeps_the_attack():
     # (where a solve does not converge, the returned iterate depends on the start)
     model = trained("mlp_deq", hidden=32, norm="spectral", scale=0.9)
     x, y = digits_test(64)
-    # the exact-gradient PGD (grad=None: the model's estimator; the default is the joint one)
-    warm = A.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False, grad=None)
-    cold = A.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False, warm_start=False,
-                 grad=None)
+    warm = A.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False)
+    cold = A.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False, warm_start=False)
     xw, xc = warm(x, y), cold(x, y)
     assert warm.last_stats["forward_work"] < cold.last_stats["forward_work"]
     assert abs(A.accuracy(model, xw, y) - A.accuracy(model, xc, y)) <= 2 / 64

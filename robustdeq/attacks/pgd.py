@@ -292,10 +292,9 @@ class PGD(Attack):
         eps, alpha, steps, random_start, norm: torchattacks' names; ``alpha`` defaults to
             ``2.5 * eps / steps``.
         grad: gradient estimator for a DEQ ("ift", "phantom", "unrolled", "full" or an instance);
-            None: the model's default (the exact PGD of robustdeq <= issue 12). ``"auto"`` (the
-            default): ``"joint"`` on a DEQ unless ``early_stop``, None otherwise (on a
-            feed-forward model the plain loop, bit for bit torchattacks'). ``"joint"`` (DEQs
-            only, issue 13): the joint
+            None: the model's default (the default). ``"joint"`` (DEQs only, issue 13; opt-in:
+            5.9 points weaker than exact PGD on one of the benchmark's conv DEQs, whose solves
+            never converge, benchmarks/RESULTS.md "Speed (issue 13)"): the joint
             forward/adjoint/input iteration of :class:`robustdeq.deq.joint.JointInputGradient`
             (the DEQ state and the adjoint are carried across steps, a few solver iterations
             and adjoint sweeps per step), about 0.15-0.35x the time of exact PGD; since its
@@ -328,7 +327,7 @@ class PGD(Attack):
     """
 
     def __init__(self, model: nn.Module, *, eps: float, alpha: Optional[float] = None,
-                 steps: int = 10, random_start: bool = True, norm: str = "Linf", grad="auto",
+                 steps: int = 10, random_start: bool = True, norm: str = "Linf", grad=None,
                  warm_start: bool = True, loss: str = "ce", targeted: bool = False,
                  seed: Optional[int] = None, early_stop: bool = False, restarts: int = 1,
                  joint_options: Optional[Dict[str, int]] = None):
@@ -349,12 +348,6 @@ class PGD(Attack):
             raise ConfigError(f"warm_start must be a bool, got {warm_start!r}")
         self.loss = loss
         self._loss = get_loss(loss)
-        if isinstance(grad, str) and grad == "auto":
-            # issue 13: the joint iteration on a DEQ (measured as strong as torchattacks' exact
-            # PGD at 0.14-0.24x its time), the model's own estimator elsewhere and with early_stop
-            from ..deq.joint import supports_joint
-            grad = ("joint" if is_deq(model) and supports_joint(model) and not early_stop
-                    else None)
         self.joint = isinstance(grad, str) and grad == "joint"
         self.joint_options = dict(joint_options or {})
         #: candidates per sample judged by the model's own inference at the end: the last

@@ -130,14 +130,8 @@ def _pgd_factory(grad, judge: nn.Module, loss: str = "ce"):
         # inference) and much cheaper once most samples break; on an adaptive view the view's
         # success is not the defense's, so the view is attacked for every step
         from ..attacks import PGD
-        from ..attacks.base import is_deq
-        from ..deq.joint import supports_joint
-        # issue 13: the unit "pgd" (grad None) on a DEQ is the joint PGD (its examples judged by
-        # the model's own inference); "pgd-ift" and the other named units keep their gradients
-        g = "joint" if grad is None and is_deq(target) and supports_joint(target) else grad
-        return PGD(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, grad=g,
-                   loss=loss, restarts=PGD_RESTARTS, seed=seed,
-                   early_stop=target is judge and g != "joint")
+        return PGD(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, grad=grad,
+                   loss=loss, restarts=PGD_RESTARTS, seed=seed, early_stop=target is judge)
     return factory
 
 
