@@ -108,6 +108,7 @@ def worker(args) -> None:
         logger.info("%s on %d process(es): %.1f s", args.worker, world, result["seconds"])
     if ctx is not None:
         import torch.distributed as dist
+        rd.barrier()  # every rank done with its collectives before the group goes
         dist.destroy_process_group()
 
 
