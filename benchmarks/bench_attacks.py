@@ -1,7 +1,7 @@
 """robustdeq PGD-20 (warm start, IFT) vs torchattacks.PGD (20 steps) on the same DEQ and batch.
 
     python benchmarks/bench_attacks.py [--repeats 5] [--threads 1] [--hidden 64] [--batch 256]
-        [--contractive] [--model mlp_deq|conv_deq] [--quick] [--seed 0]
+        [--contractive] [--model mlp_deq|conv_deq|mdeq] [--quick] [--seed 0]
 
 Trains a small ``mlp_deq`` (or ``conv_deq`` with ``--hidden`` channels) on scikit-learn's digits
 (seconds; phantom gradient, 15 solver steps), takes a fixed batch of test samples, and runs,
@@ -55,6 +55,9 @@ def train_model(hidden: int, steps: int, seed: int, contractive: bool = False,
         options = {"channels": hidden}
         if contractive:
             options["norm"] = "spectral"
+    elif name == "mdeq":  # the multiscale conv DEQ that converges (8x8 and 4x4 branches)
+        options = {"in_shape": (1, 8, 8), "channels": (hidden, 2 * hidden), "stem_stride": 1, "pool": 2,
+                   "mean": (0.3,), "std": (0.4,)}
     else:
         options = {"hidden": hidden}
         if contractive:
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models run "
                     "fastest on one thread, and the timing is not disturbed by oversubscription)")
-    ap.add_argument("--model", choices=("mlp_deq", "conv_deq"), default="mlp_deq")
+    ap.add_argument("--model", choices=("mlp_deq", "conv_deq", "mdeq"), default="mlp_deq")
     ap.add_argument("--hidden", type=int, default=64,
                     help="hidden units (mlp_deq) or channels (conv_deq)")
     ap.add_argument("--batch", type=int, default=256)
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
           f"{args.threads} thread(s)")
     print("# torchattacks runs the model's forward (cold Anderson solve + IFT adjoint solve) each "
           "step; 'sample-iters' counts f evaluations per sample (robustdeq's solves shrink the batch)")
-    width = "channels" if args.model == "conv_deq" else "hidden"
+    width = "channels" if args.model in ("conv_deq", "mdeq") else "hidden"
     print(f"# {args.model} {width}={args.hidden}{' (spectral norm)' if args.contractive else ''} (Anderson, tol 1e-3, 30 iters; IFT backward tol 1e-6), "
           f"trained {args.train_steps} steps in {t_train:.1f} s; clean accuracy {clean:.3f} on "
           f"{args.batch} test digits; eps={args.eps}, alpha={args.alpha}, steps={args.steps}, "
