@@ -25,7 +25,7 @@ from .errors import ConfigError, DataError, InputError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DATASETS", "dataset_info", "load_dataset", "load_digits", "load_mnist", "load_mnist5k",
+    "DATASETS", "dataset_info", "register_dataset", "load_dataset", "load_digits", "load_mnist", "load_mnist5k",
     "load_cifar10", "synthetic", "validate_inputs", "make_loader",
 ]
 
@@ -48,10 +48,41 @@ def _check_split(split: str, allowed: Sequence[str] = _SPLITS) -> None:
         raise ConfigError(f"split must be one of {tuple(allowed)}, got {split!r}")
 
 
+def register_dataset(name: str, loader: Any, *, shape: Sequence[int], num_classes: int,
+                     replace: bool = False) -> None:
+    """Make ``load_dataset(name, split, root, **options)`` (and ``--dataset name`` on the command
+    line) call ``loader(split, root=root, **options) -> (x, y)``: ``x`` float (N, *shape) in
+    [0, 1], ``y`` int64 (N,) in ``[0, num_classes)``, both checked on every load. A name that
+    exists is an error unless ``replace=True`` (built-ins cannot be replaced)."""
+    from .registry import DATASETS as _REGISTRY
+    if not callable(loader):
+        raise ConfigError(f"the loader of dataset {name!r} must be callable, got {type(loader).__name__}")
+    if name in _REGISTRY and _REGISTRY.is_builtin(name):
+        raise ConfigError(f"dataset {name!r} is built in and cannot be replaced")
+    shape = tuple(int(v) for v in shape)
+    if not shape or any(v < 1 for v in shape) or int(num_classes) < 2:
+        raise ConfigError(f"dataset {name!r}: shape must be positive dims and num_classes >= 2, "
+                          f"got {shape}, {num_classes}")
+    _REGISTRY.register(name, loader, replace=replace)
+    _INFO[name] = {"shape": shape, "num_classes": int(num_classes)}
+
+
+def _registered_loader(name: str):
+    from .registry import DATASETS as _REGISTRY
+    if name in _REGISTRY and not _REGISTRY.is_builtin(name):
+        return _REGISTRY.get(name)
+    return None
+
+
+def _known() -> str:
+    from .registry import DATASETS as _REGISTRY
+    return ", ".join(_REGISTRY.names())
+
+
 def dataset_info(name: str) -> dict[str, Any]:
     """Return ``{"shape": (C, H, W), "num_classes": int}`` for a dataset name."""
     if name not in _INFO:
-        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {_known()}")
     info = _INFO[name]
     return {"shape": tuple(info["shape"]), "num_classes": int(info["num_classes"])}
 
@@ -377,8 +408,19 @@ def load_dataset(
     (``seed``/``test_fraction`` for digits; ``n``, ``seed``, ``noise``, ... for synthetic, where
     the split picks the sample seed and the default size: 512 train, 256 test).
     """
+    loader = _registered_loader(name)
+    if loader is not None:  # register_dataset
+        x, y = loader(split, root=root, **kw)
+        info = dataset_info(name)
+        x = validate_inputs(x, expected_shape=info["shape"], name=f"dataset {name!r} images")
+        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (x.shape[0],):
+            raise InputError(f"dataset {name!r}: labels must be an int64 tensor of shape ({x.shape[0]},), "
+                             f"got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= info["num_classes"]):
+            raise InputError(f"dataset {name!r}: labels outside [0, {info['num_classes']})")
+        return x, y
     if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {_known()}")
     if name == "digits":
         return load_digits(split, **kw)
     if name == "mnist5k":

@@ -94,3 +94,59 @@ def test_one_public_lyapunov_decrease():
         old = D.lyapunov_decrease(m, x, steps=2, radius=0.5)
     new = D.lyapunov_trace(m, x, steps=2, radius=0.5)
     assert torch.equal(old.values, new.values)
+
+
+def test_register_dataset_and_wrapper(tmp_path):
+    from robustdeq.data import dataset_info, load_dataset, register_dataset
+    from robustdeq.defenses import register_wrapper
+    from robustdeq.errors import ConfigError, InputError
+    from robustdeq.registry import DATASETS, WRAPPERS
+
+    def tiny(split, root=None, n=6):
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        return torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 3
+
+    def broken(split, root=None):
+        return torch.rand(4, 1, 8, 8) * 2, torch.zeros(4, dtype=torch.int64)
+
+    try:
+        register_dataset("tiny-test", tiny, shape=(1, 8, 8), num_classes=3)
+        x, y = load_dataset("tiny-test", "test", n=4)
+        assert x.shape == (4, 1, 8, 8) and y.tolist() == [0, 1, 2, 0]
+        assert dataset_info("tiny-test") == {"shape": (1, 8, 8), "num_classes": 3}
+        with pytest.raises(ConfigError, match="tiny-test"):
+            register_dataset("tiny-test", tiny, shape=(1, 8, 8), num_classes=3)
+        with pytest.raises(ConfigError, match="built in"):
+            register_dataset("digits", tiny, shape=(1, 8, 8), num_classes=3, replace=True)
+        register_dataset("broken-test", broken, shape=(1, 8, 8), num_classes=3)
+        with pytest.raises(InputError, match="outside"):
+            load_dataset("broken-test", "train")
+        with pytest.raises(ConfigError, match="tiny-test"):  # the message lists it as known
+            load_dataset("nosuch", "train")
+    finally:
+        for n in ("tiny-test", "broken-test"):
+            if n in DATASETS:
+                DATASETS.unregister(n)
+
+    from robustdeq.cli import wrap_model
+
+    class Clip(torch.nn.Module):
+        def __init__(self, model, lo: float = 0.1):
+            super().__init__()
+            self.model, self.lo = model, lo
+
+        def forward(self, x):
+            return self.model(x.clamp(self.lo, 1.0))
+
+    try:
+        register_wrapper("clip-test", Clip)
+        m = rd.zoo.build("ff_mlp", hidden=8)
+        w = wrap_model(m, "clip-test", {"lo": 0.2})
+        assert isinstance(w, Clip) and w.lo == 0.2
+        with pytest.raises(ConfigError, match="nosuch"):
+            wrap_model(m, "clip-test", {"nosuch": 1})
+        with pytest.raises(ConfigError):
+            register_wrapper("clip-test", Clip)
+    finally:
+        if "clip-test" in WRAPPERS:
+            WRAPPERS.unregister("clip-test")

@@ -27,7 +27,22 @@ _LAZY = {
     "register_objective": ".objectives",
 }
 
-__all__ = sorted(k for k in _LAZY if k != "lyapunov_decrease")  # deprecated alias
+
+
+def register_wrapper(name: str, defense, *, replace: bool = False) -> None:
+    """Make ``defense`` (a class ``defense(model, **options) -> nn.Module``: an inference-time
+    defense with ``.model``, ideally ``adaptive_views()``) available as ``--wrap name`` and
+    ``robustdeq.cli.wrap_model(model, name, options)``. An existing name is an error unless
+    ``replace=True``."""
+    from ..errors import ConfigError
+    from ..registry import WRAPPERS
+    if not callable(defense):
+        raise ConfigError(f"the inference-time defense {name!r} must be a class or factory, "
+                          f"got {type(defense).__name__}")
+    WRAPPERS.register(name, defense, replace=replace)
+
+
+__all__ = sorted([k for k in _LAZY if k != "lyapunov_decrease"] + ["register_wrapper"])  # deprecated alias left out
 
 
 def __getattr__(name: str):
