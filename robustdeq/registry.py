@@ -17,8 +17,8 @@ registry                   entry                                       registere
 :data:`OBJECTIVES`         an :class:`Objective` dataclass             ``register_objective``
 :data:`MODELS`             the module registering a zoo builder        ``robustdeq.deq.zoo.register``
 :data:`ATTACKS`            an :class:`Attack` class                    ``Registry.register``
-:data:`DATASETS`           the name of a bundled dataset               (built-in only)
-:data:`WRAPPERS`           an inference-time defense class (or None)   ``Registry.register``
+:data:`DATASETS`           a loader ``(split, root, **kw) -> (x, y)``  ``data.register_dataset``
+:data:`WRAPPERS`           an inference-time defense class (or None)   ``defenses.register_wrapper``
 =========================  ==========================================  ===========================
 
 An unknown name is a :class:`~robustdeq.errors.ConfigError` naming the known entries;
