@@ -19,7 +19,7 @@ every factor in float64 and makes points at distance eps (within 1e-12) come out
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor

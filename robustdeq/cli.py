@@ -9,7 +9,6 @@ import json
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import List, Optional
 

@@ -138,6 +138,18 @@ def from_dict(cls: Type[T], data: Mapping[str, Any] | T | None) -> T:
     return cls(**kwargs)
 
 
+def make_config(cls: Type[T], config: Any = None, **options) -> T:
+    """A ``cls`` instance from an instance or a mapping (or None: the defaults), with ``options``
+    overriding its fields; unknown keys raise :class:`ConfigError`."""
+    if isinstance(config, cls):
+        return dataclasses.replace(config, **options) if options else config
+    if config is None:
+        return cls(**options)
+    if isinstance(config, Mapping):
+        return from_dict(cls, {**config, **options})
+    raise ConfigError(f"config must be a {cls.__name__} or a mapping, got {type(config).__name__}")
+
+
 def _strict_init(cls: Type[T]) -> Type[T]:
     """Make the dataclass constructor reject unknown options and wrong types with a
     :class:`ConfigError` (the generated ``__init__`` raises a bare ``TypeError``)."""
@@ -272,5 +284,5 @@ class TrainConfig:
 __all__ = [
     "StopMode", "Select", "SolverName", "RegisteredSolverName", "solver_name", "Norm", "SolverConfig",
     "TrainConfig", "BACKWARD_DEFAULT",
-    "from_dict", "to_dict", "coerce_enum", "field",
+    "from_dict", "to_dict", "make_config", "coerce_enum", "field",
 ]

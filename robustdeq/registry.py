@@ -27,7 +27,7 @@ registering a name that exists is an error unless ``replace=True``.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 from .errors import ConfigError
 

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import numbers
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

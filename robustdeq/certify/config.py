@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from ..config import _strict_init, from_dict, to_dict
+from ..config import _strict_init, to_dict
 from ..errors import ConfigError
 
 METHODS = ("contraction", "local", "lyapunov", "lipschitz", "ibp")
@@ -96,14 +96,9 @@ def _methods(methods: Any):
 
 def make_certify_config(config: Union[CertifyConfig, Mapping[str, Any], None] = None, **options) -> CertifyConfig:
     """A :class:`CertifyConfig` from an instance or a mapping, with ``options`` overriding its
-    fields; unknown keys raise :class:`ConfigError`."""
-    if isinstance(config, CertifyConfig):
-        return dataclasses.replace(config, **options) if options else config
-    if config is None:
-        return CertifyConfig(**options)
-    if isinstance(config, Mapping):
-        return from_dict(CertifyConfig, {**config, **options})
-    raise ConfigError(f"config must be a CertifyConfig or a mapping, got {type(config).__name__}")
+    fields; unknown keys raise :class:`ConfigError` (:func:`robustdeq.config.make_config`)."""
+    from ..config import make_config
+    return make_config(CertifyConfig, config, **options)
 
 
 __all__ = ["CertifyConfig", "make_certify_config", "METHODS"]

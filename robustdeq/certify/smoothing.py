@@ -544,7 +544,7 @@ class SmoothingReport:
         srs = s.get("srs")
         if srs:
             unc = srs.get("certified_accuracy_uncorrected") or srs.get("certified_fraction_uncorrected") or {}
-            L += [f"Without the correlation correction (not a valid certificate, for comparison): "
+            L += ["Without the correlation correction (not a valid certificate, for comparison): "
                   + ", ".join(f"L2@{r} {_pct(v)}" for r, v in unc.items())
                   + f"; disagreement rate on the checked samples {srs['disagreement_rate']:.4f}; "
                   f"warm-started share {srs['warm_fraction']:.3f}.", ""]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch

@@ -8,7 +8,7 @@ zeros, drawn once at construction from ``seed``). Trained by plain backpropagati
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn

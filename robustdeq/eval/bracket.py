@@ -23,13 +23,11 @@ is a statistical contradiction at that level (still never averaged away).
 from __future__ import annotations
 
 import logging
-import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import from_dict, to_dict

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Mapping, Tuple, Union
 
 from ..config import Norm, _strict_init, from_dict, to_dict
 from ..errors import ConfigError
@@ -108,15 +108,10 @@ def _check_config(value: Any):
 
 
 def make_eval_config(config: Union[EvalConfig, Mapping[str, Any], None] = None, **options) -> EvalConfig:
-    """An :class:`EvalConfig` from an instance or a mapping, with ``options`` overriding its
-    fields; unknown keys raise :class:`ConfigError`."""
-    if isinstance(config, EvalConfig):
-        return dataclasses.replace(config, **options) if options else config
-    if config is None:
-        return EvalConfig(**options)
-    if isinstance(config, Mapping):
-        return from_dict(EvalConfig, {**config, **options})
-    raise ConfigError(f"config must be an EvalConfig or a mapping, got {type(config).__name__}")
+    """A :class:`EvalConfig` from an instance or a mapping, with ``options`` overriding its
+    fields; unknown keys raise :class:`ConfigError` (:func:`robustdeq.config.make_config`)."""
+    from ..config import make_config
+    return make_config(EvalConfig, config, **options)
 
 
 __all__ = ["EvalConfig", "make_eval_config"]
