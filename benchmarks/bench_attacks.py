@@ -7,7 +7,7 @@ Trains a small ``mlp_deq`` (or ``conv_deq`` with ``--hidden`` channels) on sciki
 (seconds; phantom gradient, 15 solver steps), takes a fixed batch of test samples, and runs,
 interleaved ``--repeats`` times:
 
-- robustdeq ``PGD(steps=20, grad="ift", warm_start=True)``: each step warm-starts the forward
+- robustdeq ``PGD(steps=20, grad="ift", method="exact")`` (the exact loop): each step warm-starts the forward
   solve from the previous step's fixed point and the adjoint solve from the previous adjoint
   (per sample, where those solves converged), on a batch that shrinks as samples converge;
 - the same with ``early_stop=True``: a sample is frozen once the attack has succeeded at two
@@ -15,10 +15,11 @@ interleaved ``--repeats`` times:
   end, so the result is never weaker per sample than the plain loop's;
 - ``torchattacks.PGD(steps=20)`` on the model as is (its forward: a cold solve and the implicit
   gradient's adjoint solve per step);
-- ``PGD(grad="joint")`` (issue 13): a joint forward/adjoint/input iteration carrying ``z`` and the
-  adjoint across steps (a few solver iterations and adjoint sweeps per step), its final
-  examples judged per sample by the model's own cold inference (``--quick``: only this, the
-  first row and torchattacks);
+- ``PGD(steps=20)``, robustdeq's default (``method="auto"``, issue 13): the joint
+  forward/adjoint/input iteration carrying ``z`` and the adjoint across steps (a few solver
+  iterations and adjoint sweeps per step), its final examples judged per sample by the model's
+  own cold inference, when the batch's first solves all converge; the exact loop otherwise
+  (``--quick``: only this, the first row and torchattacks; the output says which ran);
 - for reference, robustdeq PGD without warm start, and with an adjoint tolerance of 1e-3
   instead of the model's 1e-6, without and with early stopping (marked *: not the same gradient
   settings as torchattacks'; judged by the robust-accuracy criterion alone).
@@ -146,12 +147,12 @@ def main(argv=None) -> int:
     clean = accuracy(model, x, y)
 
     common = dict(eps=args.eps, alpha=args.alpha, steps=args.steps, random_start=False)
-    joint_name = f"robustdeq PGD-{args.steps} (joint, fast)"
+    joint_name = f"robustdeq PGD-{args.steps} (default: auto)"
     attacks = {
-        f"robustdeq PGD-{args.steps} (warm start, IFT)": PGD(model, grad="ift", warm_start=True, **common),
+        f"robustdeq PGD-{args.steps} (exact, warm IFT)": PGD(model, grad="ift", method="exact", **common),
         f"torchattacks.PGD ({args.steps} steps)": torchattacks.PGD(model, **common),
         f"robustdeq PGD-{args.steps} (warm, IFT, early stop)": PGD(
-            model, grad="ift", warm_start=True, early_stop=True, **common),
+            model, grad="ift", method="exact", early_stop=True, **common),
         f"robustdeq PGD-{args.steps} (no warm start, IFT)": PGD(model, grad="ift", warm_start=False, **common),
         # reference only: the same estimator with an attack-grade adjoint tolerance (not the
         # model's IFT setting that torchattacks uses): how much of the time the 1e-6 adjoint costs
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
             model, grad=ImplicitGrad(BACKWARD_DEFAULT.replace(tol=1e-3)), early_stop=True, **common),
         # issue 13: the joint forward/adjoint/input iteration (robustdeq.deq.joint), its final
         # examples judged by the model's own cold inference
-        joint_name: PGD(model, grad="joint", **common),
+        joint_name: PGD(model, **common),
     }
     if args.quick:  # the exact warm IFT loop, torchattacks and the joint iteration only
         attacks = {k: v for i, (k, v) in enumerate(attacks.items()) if i < 2 or k == joint_name}
@@ -217,6 +218,7 @@ def main(argv=None) -> int:
               f"{'met' if min_ratio <= 0.33 else 'NOT met'}); robust accuracy gap "
               f"{gap:+.1f} points = {round(gap * args.batch / 100):+d} samples "
               f"(target <= +1 point: {'met' if gap <= 1 else 'NOT met'})")
+    print(f"{joint_name} ran: {', '.join(attacks[joint_name].last_methods)}")
     print("* not the model's IFT settings: shows the cost of the 1e-6 adjoint tolerance")
     return 0
 

@@ -44,8 +44,12 @@ def test_random_start_depends_on_the_seed():
 
 
 def test_describe_gives_provenance():
-    d = A.PGD(tiny_deq(), eps=EPS, steps=20, grad="ift").describe()
+    d = A.PGD(tiny_deq(), eps=EPS, steps=20, grad="ift", method="exact").describe()
     assert d["name"] == "PGD-20 (ift)" and d["implementation"] == "robustdeq"
+    assert d["method"] == "exact" and "joint_options" not in d
+    auto = A.PGD(tiny_deq(), eps=EPS, steps=20, grad="ift").describe()
+    assert auto["name"] == "PGD-20 (ift, auto)" and auto["method"] == "auto"
+    assert auto["joint_options"]["fwd_iters"] == 3
     assert d["eps"] == EPS and d["norm"] == "Linf" and d["steps"] == 20 and d["warm_start"] is True
     assert d["alpha"] == pytest.approx(2.5 * EPS / 20)
     assert A.PGD(tiny_deq(), eps=EPS, grad="full").describe()["warm_start"] is False

@@ -1,6 +1,8 @@
 """Issue 13: the joint (fast) PGD and AutoAttack's per-sample warm-start memory."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -65,9 +67,72 @@ def test_joint_pgd_refuses_non_deq_and_early_stop(deq):
     with pytest.raises(ConfigError):
         PGD(deq, eps=EPS, grad="joint", early_stop=True)
     with pytest.raises(ConfigError):
-        PGD(deq, eps=EPS, grad="ift", joint_options={"fwd_iters": 2})
+        PGD(deq, eps=EPS, grad="ift", method="exact", joint_options={"fwd_iters": 2})
+    with pytest.raises(ConfigError):
+        PGD(deq, eps=EPS, grad="unrolled", joint_options={"fwd_iters": 2})  # never joint
+    with pytest.raises(ConfigError):
+        PGD(deq, eps=EPS, method="fast")
+    with pytest.raises(ConfigError):
+        PGD(deq, eps=EPS, grad="joint", method="exact")
     with pytest.raises(ConfigError):
         PGD(deq, eps=EPS, grad="joint", joint_options={"fwd_iters": 0})
+
+
+# -- the default method ("auto"): the joint iteration where the solves converge ------------------
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the exact loop's
+def test_default_pgd_runs_joint_on_a_converging_deq(deq):
+    """The batch's first solves converge here, so the default PGD is the joint iteration: the
+    same examples as method="joint" under the same seed, judged by the model's inference."""
+    x, y = digits_test(32)
+    assert bool(deq.run(x).stats.converged.all())  # the premise
+    auto = PGD(deq, eps=EPS, steps=6, seed=1)
+    a = auto(x, y)
+    assert auto.method == "auto" and auto.last_methods == ["joint"]
+    assert auto.last_stats["method"] == "joint"
+    assert torch.equal(a, PGD(deq, eps=EPS, steps=6, seed=1, method="joint")(x, y))
+    assert torch.equal(auto.last_robust, _robust(deq, a, y))
+    # grad="ift" by name is also joint under "auto"; method="exact" is the exact loop
+    ift = PGD(deq, eps=EPS, steps=6, seed=1, grad="ift")
+    assert torch.equal(ift(x, y), a) and ift.last_methods == ["joint"]
+    exact = PGD(deq, eps=EPS, steps=6, seed=1, method="exact")
+    exact(x, y)
+    assert exact.last_methods == ["exact"] and exact.joint_oracle is None
+
+
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the premise
+def test_default_pgd_falls_back_to_exact_where_solves_do_not_converge(deq):
+    """With a solver budget too small to converge, "auto" runs the exact loop, from the same random
+    start: bit for bit method="exact" (restarts included)."""
+    x, y = digits_test(32)
+    deq = copy.deepcopy(deq)
+    deq.solver_config = deq.solver_config.replace(max_iter=2)
+    for restarts in (1, 2):
+        auto = PGD(deq, eps=EPS, steps=5, seed=4, restarts=restarts)
+        a = auto(x, y)
+        assert set(auto.last_methods) == {"exact"}
+        b = PGD(deq, eps=EPS, steps=5, seed=4, restarts=restarts, method="exact")(x, y)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the exact loop's
+def test_auto_is_exact_for_other_estimators_and_feed_forward(deq):
+    x, y = digits_test(16)
+    for kw in (dict(grad="unrolled"), dict(grad="phantom"), dict(warm_start=False)):
+        atk = PGD(deq, eps=EPS, steps=3, seed=0, **kw)
+        atk(x, y)
+        assert atk.joint_oracle is None and atk.last_methods == ["exact"], kw
+    ff = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    atk = PGD(ff, eps=EPS, steps=3, seed=0)
+    atk(x, y)
+    assert atk.last_methods == ["exact"]
+
+
+def test_harness_ift_units_are_joint_and_exact_unit_by_name(deq):
+    from robustdeq.eval import evaluate
+    x, y = digits_test(24)
+    rep = evaluate(deq, x, y, eps=EPS, suite=["pgd-ift", "pgd-exact"], steps=4, checks=False)
+    desc = {a.key: a.describe for a in rep.results[0].attacks}
+    assert desc["pgd-ift"]["method"] == "auto" and desc["pgd-exact"]["method"] == "exact"
 
 
 # -- the warm-start memory ----------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """FGSM and PGD (Linf, L2) with a per-attack gradient estimator and solver warm starts.
 
+PGD's default on a DEQ (``method="auto"``) is the joint forward/adjoint/input iteration of
+:mod:`robustdeq.deq.joint` whenever the attack's gradient is the implicit one and the batch's first
+solve converges for every sample (its examples are then judged by the model's own inference);
+otherwise, and with ``method="exact"``, the exact loop described next.
+
 For a DEQ (a model with ``solve``), step ``t`` of PGD starts the forward solver from the fixed
 point of step ``t - 1`` (``z0 = z*(x_{t-1})``) for every sample whose solve converged there (the
 others start from the model's initial state, see :mod:`robustdeq.deq.warm`); with the
@@ -256,6 +261,27 @@ def succeeded(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
     return pred == y if targeted else pred != y
 
 
+METHODS = ("auto", "joint", "exact")
+
+
+class _Unconverged(Exception):
+    """The joint iteration's first solve did not converge for every sample (method="auto")."""
+
+
+def _joint_eligible(model: nn.Module, grad, est, warm_start: bool) -> bool:
+    """Whether ``method="auto"`` runs the joint iteration: a DEQ with the pieces it needs, whose
+    attack gradient is the implicit one at its defaults (``grad="ift"``, or ``None`` with the
+    model's own estimator implicit; the joint iteration approximates exactly that gradient), and
+    warm starts not turned off (``warm_start=False`` asks for the exact cold loop)."""
+    from ..deq.grad import ImplicitGrad
+    from ..deq.joint import supports_joint
+    if not (warm_start and is_deq(model) and supports_joint(model)):
+        return False
+    if grad is None:
+        return isinstance(getattr(model, "estimator", None), ImplicitGrad)
+    return isinstance(grad, str) and grad == "ift"
+
+
 class FGSM(Attack):
     """Fast gradient sign method (Goodfellow et al. 2015); L2: one normalised gradient step of
     length eps. Same update as ``torchattacks.FGSM`` for Linf."""
@@ -292,19 +318,29 @@ class PGD(Attack):
         eps, alpha, steps, random_start, norm: torchattacks' names; ``alpha`` defaults to
             ``2.5 * eps / steps``.
         grad: gradient estimator for a DEQ ("ift", "phantom", "unrolled", "full" or an instance);
-            None: the model's default (the default). ``"joint"`` (DEQs only, issue 13; opt-in:
-            5.9 points weaker than exact PGD on one of the benchmark's conv DEQs, whose solves
-            never converge, benchmarks/RESULTS.md "Speed (issue 13)"): the joint
-            forward/adjoint/input iteration of :class:`robustdeq.deq.joint.JointInputGradient`
-            (the DEQ state and the adjoint are carried across steps, a few solver iterations
-            and adjoint sweeps per step), about 0.15-0.35x the time of exact PGD; since its
-            iterates are not the model's solves, the final examples are judged per sample by the
-            model's own (cold) inference: the last iterate, the iterate of lowest margin on the
-            iteration's logits and the latest evaluated points (``judge`` candidates in all),
-            keeping the one of lowest margin; ``last_robust`` holds the resulting per-sample
-            robust flags.
-        joint_options: for ``grad="joint"``: ``fwd_iters`` (3), ``adj_iters`` (3),
-            ``first_adj_iters`` (8), ``fwd_solver`` ("model" or "picard"), ``judge`` (8).
+            None: the model's default (the default). ``"joint"`` is the old spelling of
+            ``method="joint"``.
+        method: how the gradient of a DEQ is computed along the attack.
+            ``"auto"`` (the default): the DEQ-native joint iteration (below) when the attack's
+            gradient is the implicit one at its defaults (``grad="ift"``, or ``None`` on a model
+            whose own estimator is implicit) and the model's first solve at the batch's starting
+            point converges for every sample; otherwise the exact loop. ``"exact"``: the exact
+            loop: at every step a forward solve and, for the implicit gradient, an adjoint solve
+            to tolerance, warm-started from the previous step where that converged.
+            ``"joint"``: the joint iteration regardless of convergence.
+            The joint iteration (:class:`robustdeq.deq.joint.JointInputGradient`) carries the DEQ
+            state and the adjoint across steps (a few solver iterations and adjoint sweeps per
+            step); it costs about 0.15-0.25x torchattacks' PGD on the same DEQ at the same robust
+            accuracy on DEQs whose solves converge (benchmarks/RESULTS.md "Speed (issue 13)"),
+            and was 5.9 points weaker on a conv DEQ whose solves never converge (hence the
+            convergence condition of ``"auto"``). Its iterates are not the model's solves, so its
+            final examples are judged per sample by the model's own (cold) inference: the last
+            iterate, the iterate of lowest margin on the iteration's logits and the latest
+            evaluated points (``judge`` candidates in all), keeping the one of lowest margin;
+            ``last_robust`` then holds the per-sample robust flags, and ``last_methods`` says
+            which method each run (restart) used.
+        joint_options: for the joint iteration: ``fwd_iters`` (3), ``adj_iters`` (3),
+            ``first_adj_iters`` (8), ``fwd_solver`` ("auto", "model" or "picard"), ``judge`` (8).
         warm_start: warm-start the DEQ's forward (and IFT adjoint) solves from the previous step
             (ignored for models without ``solve`` and for full backpropagation).
         loss: "ce" (cross-entropy), "margin" (Carlini-Wagner logit margin) or "dlr"
@@ -317,7 +353,8 @@ class PGD(Attack):
         early_stop: freeze a sample once the attack has succeeded (misclassified, or
             classified as the target) at two consecutive iterates, and go on with the others
             only; the frozen samples are confirmed at the end by the model's own inference, and
-            any that is not resumes the plain loop where it was frozen. Never weaker per sample
+            any that is not resumes the plain loop where it was frozen (the exact loop only; the
+            joint iteration is judged at its end). Never weaker per sample
             than the plain loop (which returns its last iterate, successful or not), and much
             cheaper once most samples are broken. Off by default, which keeps torchattacks'
             semantics (on a feed-forward model the plain loop is bit for bit
@@ -330,7 +367,7 @@ class PGD(Attack):
                  steps: int = 10, random_start: bool = True, norm: str = "Linf", grad=None,
                  warm_start: bool = True, loss: str = "ce", targeted: bool = False,
                  seed: Optional[int] = None, early_stop: bool = False, restarts: int = 1,
-                 joint_options: Optional[Dict[str, int]] = None):
+                 joint_options: Optional[Dict[str, int]] = None, method: str = "auto"):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
         self.steps = check_int(steps, "steps", low=1)
         self.restarts = check_int(restarts, "restarts", low=1)
@@ -348,71 +385,89 @@ class PGD(Attack):
             raise ConfigError(f"warm_start must be a bool, got {warm_start!r}")
         self.loss = loss
         self._loss = get_loss(loss)
-        self.joint = isinstance(grad, str) and grad == "joint"
+        if method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if isinstance(grad, str) and grad == "joint":  # the historical spelling of method="joint"
+            if method == "exact":
+                raise ConfigError("grad='joint' contradicts method='exact'")
+            method, grad = "joint", None
         self.joint_options = dict(joint_options or {})
         #: candidates per sample judged by the model's own inference at the end: the last
         #: iterate, the iterate of lowest margin on the iteration's logits, then the latest points
         self.joint_judge = check_int(self.joint_options.pop("judge", 8), "judge", low=1)
-        if joint_options is not None and not self.joint:
-            raise ConfigError("joint_options is only for grad='joint'")
-        if self.joint:
-            from ..deq.joint import JointInputGradient, supports_joint
+        self.oracle = InputGradient(model, None if method == "joint" else grad, warm_start=warm_start)
+        self.grad = self.oracle.estimator
+        self.joint_oracle = None
+        if method == "joint":
+            from ..deq.joint import supports_joint
             if not (is_deq(model) and supports_joint(model)):
                 raise ConfigError(f"grad='joint' needs a DEQ (a fixed-point model with inject, f, "
                                   f"readout, init_state and solver_config); got {type(model).__name__}")
             if early_stop:
                 raise ConfigError("grad='joint' does not combine with early_stop (its iterates are "
                                   "judged by the model's inference at the end only)")
-            self.oracle = JointInputGradient(model, **self.joint_options)
-            self.grad = None
-        else:
-            self.oracle = InputGradient(model, grad, warm_start=warm_start)
-            self.grad = self.oracle.estimator
+        elif method == "auto" and not _joint_eligible(model, grad, self.grad, warm_start):
+            method = "exact"
+        if joint_options is not None and method == "exact":
+            raise ConfigError("joint_options is only for the joint iteration (method='joint' or "
+                              "'auto' on a DEQ with the implicit gradient)")
+        if method != "exact":
+            from ..deq.joint import JointInputGradient
+            self.joint_oracle = JointInputGradient(model, **self.joint_options)
+        #: "joint", "auto" (the joint iteration where the batch's first solve converges, the
+        #: exact loop otherwise) or "exact"
+        self.method = method
+        self.joint = method == "joint"
         self.warm_start = warm_start
         self.last_robust: Optional[Tensor] = None
-        g = "joint" if self.joint else estimator_name(self.grad) if self.grad is not None else (
+        #: per batch of the latest call (one entry per restart): "joint" or "exact"
+        self.last_methods: list = []
+        g = estimator_name(self.grad) if self.grad is not None else (
             estimator_name(getattr(model, "estimator", None)) if is_deq(model) else None)
+        g = {"joint": "joint", "auto": f"{g}, auto"}.get(method, g)
         self.name = ("PGD" + ("-L2" if self.norm == "L2" else "")
                      + {"dlr": "-DLR", "margin": "-margin"}.get(loss, "")
                      + f"-{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
                      + (f" ({g})" if g else ""))
 
     def params(self) -> Dict[str, Any]:
-        if self.joint:
-            return {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
-                    "loss": self.loss, "restarts": self.restarts, "grad": "joint",
-                    "joint_options": {"fwd_iters": self.oracle.fwd_iters,
-                                      "adj_iters": self.oracle.adj_iters,
-                                      "first_adj_iters": self.oracle.first_adj_iters,
-                                      "fwd_solver": self.oracle.fwd_solver, "judge": self.joint_judge},
-                    "early_stop": False}
-        return {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
-                "loss": self.loss, "restarts": self.restarts,
-                "grad": estimator_name(self.grad) if self.grad is not None else "model default",
-                "warm_start": self.oracle.warm(), "early_stop": self.early_stop}
+        out = {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
+               "loss": self.loss, "restarts": self.restarts, "method": self.method,
+               "grad": ("joint" if self.joint else estimator_name(self.grad) if self.grad is not None
+                        else "model default")}
+        if self.joint_oracle is not None:
+            o = self.joint_oracle
+            out["joint_options"] = {"fwd_iters": o.fwd_iters, "adj_iters": o.adj_iters,
+                                    "first_adj_iters": o.first_adj_iters, "fwd_solver": o.fwd_solver,
+                                    "judge": self.joint_judge}
+        if not self.joint:
+            out["warm_start"] = self.oracle.warm()
+        out["early_stop"] = self.early_stop and not self.joint
+        return out
 
     def _perturb(self, x, y, gen):
-        adv = self._once(x, y, gen)
+        self.last_methods = []
+        adv, m_best = self._once(x, y, gen)
         if self.restarts == 1:
-            if self.joint:
-                self.last_robust = self._joint_margin > 0
+            self.last_robust = None if m_best is None else m_best > 0
             return adv
         stats = dict(self.last_stats)
-        m_best = self._joint_margin if self.joint else self._margin(adv, y)
+        if m_best is None:
+            m_best = self._margin(adv, y)
         attacked = []
         for _ in range(self.restarts - 1):
             rows = (m_best > 0).nonzero()[:, 0]
             attacked.append(int(rows.numel()))
             if not rows.numel():
                 break
-            cand = self._once(x[rows], y[rows], gen)
-            m_new = self._margin(cand, y[rows])
+            cand, m_new = self._once(x[rows], y[rows], gen)
+            if m_new is None:
+                m_new = self._margin(cand, y[rows])
             better = m_new < m_best[rows]
             adv[rows[better]] = cand[better]
             m_best[rows[better]] = m_new[better]
-        self.last_stats = dict(stats, restart_samples=attacked)
-        if self.joint:
-            self.last_robust = m_best > 0
+        self.last_stats = dict(stats, restart_samples=attacked, methods=list(self.last_methods))
+        self.last_robust = m_best > 0
         return adv
 
     def _margin(self, x_adv, y, batch_size: int = 256):
@@ -421,9 +476,32 @@ class PGD(Attack):
         return -m if self.targeted else m
 
     def _once(self, x, y, gen):
-        self.oracle.reset()
+        """One run from one random start: ``(x_adv, cold margins or None)``; the margins are
+        the model's own inference's, known when the joint iteration ran (it judges its result)."""
         self.last_frozen = self.last_unconfirmed = 0
         loss_fn = self.loss_fn(self._loss)
+        if self.joint_oracle is not None:
+            oracle = self.joint_oracle
+            oracle.reset()
+            start = gen.get_state()
+
+            def joint_fn(xa, ya):
+                g = oracle(xa, ya, loss_fn)
+                if self.method == "auto" and oracle.stats["calls"] == 1 \
+                        and not bool(oracle.last_converged.all()):
+                    raise _Unconverged  # the model's solves do not converge here: exact loop
+                return g
+
+            try:
+                adv = self._joint(x, y, joint_fn, gen)
+            except _Unconverged:
+                gen.set_state(start)  # the exact loop starts from the same random start
+                logger.debug("%s: not every first solve converged; the exact loop runs", self.name)
+            else:
+                self.last_stats = dict(oracle.stats, method="joint")
+                self.last_methods.append("joint")
+                return adv, self._joint_margin
+        self.oracle.reset()
         oracle = self.oracle
         latest = {}
 
@@ -431,10 +509,6 @@ class PGD(Attack):
             latest["y"] = ya
             return oracle(xa, ya, loss_fn)
 
-        if self.joint:
-            adv = self._joint(x, y, grad_fn, gen)
-            self.last_stats = dict(self.oracle.stats)
-            return adv
         if self.early_stop:
             adv = self._early_stopped(x, y, grad_fn, gen, latest)
             # samples frozen early, and those the model's inference did not confirm
@@ -444,15 +518,17 @@ class PGD(Attack):
             adv = pgd_loop(x, y, grad_fn, eps=self.eps, alpha=self.alpha, steps=self.steps,
                            norm=self.norm, random_start=self.random_start, gen=gen)
             self.last_stats = dict(self.oracle.stats)
+        self.last_stats["method"] = "exact"
+        self.last_methods.append("exact")
         self.oracle.warn_if_unconverged(self.name)
-        return adv
+        return adv, None
 
     def _joint(self, x, y, grad_fn, gen):
         """The loop on the joint iteration (:class:`robustdeq.deq.joint.JointInputGradient`),
         judged by the model's own inference: per sample, the last iterate and the iterate of
         lowest margin on the iteration's own logits are evaluated cold (the model's inference),
         and the one of lower (cold) margin is returned; ``_joint_margin`` keeps that margin."""
-        oracle = self.oracle
+        oracle = self.joint_oracle
         best = {"m": None, "x": None}
         recent = []  # the latest points the iteration evaluated (newest last)
         n_recent = self.joint_judge - 2
@@ -540,4 +616,4 @@ class PGD(Attack):
         return adv
 
 
-__all__ = ["FGSM", "PGD", "InputGradient", "pgd_loop", "pgd_step", "succeeded"]
+__all__ = ["FGSM", "METHODS", "PGD", "InputGradient", "pgd_loop", "pgd_step", "succeeded"]

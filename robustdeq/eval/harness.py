@@ -123,15 +123,19 @@ class SuiteContext:
 PGD_RESTARTS = 3  # restarts of the built-in PGD units (measured: see the module docstring)
 
 
-def _pgd_factory(grad, judge: nn.Module, loss: str = "ce"):
+def _pgd_factory(grad, judge: nn.Module, loss: str = "ce", method: str = "auto"):
     def factory(target, *, eps, norm, steps, seed):
         # early stopping where the attacked module is the judged model itself: never weaker per
         # sample than the plain loop there (frozen samples are confirmed by the model's own
         # inference) and much cheaper once most samples break; on an adaptive view the view's
-        # success is not the defense's, so the view is attacked for every step
+        # success is not the defense's, so the view is attacked for every step. PGD's default
+        # method ("auto"): on a DEQ attacked with the implicit gradient, the joint iteration
+        # wherever the batch's first solve converges (it is judged by the model's inference at
+        # its end and needs no early stopping), the exact loop otherwise
         from ..attacks import PGD
         return PGD(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, grad=grad,
-                   loss=loss, restarts=PGD_RESTARTS, seed=seed, early_stop=target is judge)
+                   loss=loss, restarts=PGD_RESTARTS, seed=seed, early_stop=target is judge,
+                   method=method)
     return factory
 
 
@@ -213,7 +217,8 @@ def _pgd_spec(name: str, grad_key: str, needs: str, what: str, loss_name: str):
     def build(ctx: SuiteContext) -> List[AttackSpec]:
         grad = _PGD_GRADS[grad_key]()
         loss = "CW margin" if loss_name == "margin" else "cross-entropy"
-        return [AttackSpec(name, _pgd_factory(grad, ctx.model, loss_name), needs=needs,
+        method = "exact" if grad_key == "pgd-exact" else "auto"
+        return [AttackSpec(name, _pgd_factory(grad, ctx.model, loss_name, method), needs=needs,
                            description=f"PGD with {what}, {loss} loss, {PGD_RESTARTS} random restarts")]
     return build
 
@@ -224,7 +229,7 @@ def _unrolled8():
 
 
 _PGD_GRADS = {"pgd": lambda: None, "pgd-ift": lambda: "ift", "pgd-unrolled": _unrolled8,
-              "pgd-phantom": lambda: "phantom"}
+              "pgd-phantom": lambda: "phantom", "pgd-exact": lambda: "ift"}
 
 
 def _states_spec(ctx: SuiteContext) -> List[AttackSpec]:
@@ -271,7 +276,12 @@ def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
 
 
 def _register_builtin_specs() -> None:
-    pgd = {"pgd": ("any", "the model's own gradient"), "pgd-ift": ("deq", "the implicit (IFT) gradient"),
+    pgd = {"pgd": ("any", "the model's own gradient (a DEQ's implicit one by the joint iteration "
+                          "where its solves converge)"),
+           "pgd-ift": ("deq", "the implicit (IFT) gradient, by the joint forward/adjoint/input "
+                              "iteration where the batch's solves converge, exact solves otherwise"),
+           "pgd-exact": ("deq", "the implicit (IFT) gradient from exact forward and adjoint solves "
+                                "at every step"),
            "pgd-unrolled": ("deq", "8 unrolled steps from z*"),
            "pgd-phantom": ("deq", "the phantom gradient (k=5, tau=0.5)")}
     for base, (needs, what) in pgd.items():
