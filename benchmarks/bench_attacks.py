@@ -18,7 +18,7 @@ interleaved ``--repeats`` times:
 - ``PGD(steps=20)``, robustdeq's default (``method="auto"``, issue 13): the joint
   forward/adjoint/input iteration carrying ``z`` and the adjoint across steps (a few solver
   iterations and adjoint sweeps per step), its final examples judged per sample by the model's
-  own cold inference, when the batch's first solves all converge; the exact loop otherwise
+  own cold inference, for the samples whose first solve converges; the exact loop for the others
   (``--quick``: only this, the first row and torchattacks; the output says which ran);
 - for reference, robustdeq PGD without warm start, and with an adjoint tolerance of 1e-3
   instead of the model's 1e-6, without and with early stopping (marked *: not the same gradient
@@ -218,7 +218,10 @@ def main(argv=None) -> int:
               f"{'met' if min_ratio <= 0.33 else 'NOT met'}); robust accuracy gap "
               f"{gap:+.1f} points = {round(gap * args.batch / 100):+d} samples "
               f"(target <= +1 point: {'met' if gap <= 1 else 'NOT met'})")
-    print(f"{joint_name} ran: {', '.join(attacks[joint_name].last_methods)}")
+    st = attacks[joint_name].last_stats
+    split = (f" (joint on {st['joint_samples']}, exact on {st['exact_samples']} samples)"
+             if "joint_samples" in st else "")
+    print(f"{joint_name} ran: {', '.join(attacks[joint_name].last_methods)}{split}")
     print("* not the model's IFT settings: shows the cost of the 1e-6 adjoint tolerance")
     return 0
 

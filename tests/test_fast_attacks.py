@@ -114,6 +114,28 @@ def test_default_pgd_falls_back_to_exact_where_solves_do_not_converge(deq):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the premise
+def test_default_pgd_splits_a_batch_by_first_solve_convergence(deq):
+    """Where only some first solves converge, those samples get the joint iteration and the
+    others the exact loop (the same as attacking each group on its own with that method)."""
+    x, y = digits_test(32)
+    deq = copy.deepcopy(deq)
+    deq.solver_config = deq.solver_config.replace(max_iter=10)
+    ok = deq.run(x).stats.converged
+    assert 0 < int(ok.sum()) < 32  # the premise: a mixed batch
+    kw = dict(eps=EPS, steps=5, random_start=False)
+    auto = PGD(deq, **kw)
+    a = auto(x, y)
+    assert auto.last_methods == ["mixed"]
+    assert auto.last_stats["joint_samples"] == int(ok.sum())
+    assert auto.last_stats["exact_samples"] == int((~ok).sum())
+    assert torch.equal(auto.last_robust, _robust(deq, a, y))
+    joint = PGD(deq, method="joint", **kw)(x[ok], y[ok])
+    exact = PGD(deq, method="exact", **kw)(x[~ok], y[~ok])
+    torch.testing.assert_close(a[ok], joint, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a[~ok], exact, rtol=0, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the exact loop's
 def test_auto_is_exact_for_other_estimators_and_feed_forward(deq):
     x, y = digits_test(16)

@@ -1,9 +1,9 @@
 """FGSM and PGD (Linf, L2) with a per-attack gradient estimator and solver warm starts.
 
 PGD's default on a DEQ (``method="auto"``) is the joint forward/adjoint/input iteration of
-:mod:`robustdeq.deq.joint` whenever the attack's gradient is the implicit one and the batch's first
-solve converges for every sample (its examples are then judged by the model's own inference);
-otherwise, and with ``method="exact"``, the exact loop described next.
+:mod:`robustdeq.deq.joint` when the attack's gradient is the implicit one, for the samples whose
+first solve converges (their examples are then judged by the model's own inference); for the
+other samples, the other gradients, and with ``method="exact"``, the exact loop described next.
 
 For a DEQ (a model with ``solve``), step ``t`` of PGD starts the forward solver from the fixed
 point of step ``t - 1`` (``z0 = z*(x_{t-1})``) for every sample whose solve converged there (the
@@ -265,7 +265,12 @@ METHODS = ("auto", "joint", "exact")
 
 
 class _Unconverged(Exception):
-    """The joint iteration's first solve did not converge for every sample (method="auto")."""
+    """The joint iteration's first solve did not converge for every sample (method="auto");
+    ``converged`` holds the per-sample flags."""
+
+    def __init__(self, converged: Tensor):
+        super().__init__("not every first solve converged")
+        self.converged = converged
 
 
 def _joint_eligible(model: nn.Module, grad, est, warm_start: bool) -> bool:
@@ -323,8 +328,9 @@ class PGD(Attack):
         method: how the gradient of a DEQ is computed along the attack.
             ``"auto"`` (the default): the DEQ-native joint iteration (below) when the attack's
             gradient is the implicit one at its defaults (``grad="ift"``, or ``None`` on a model
-            whose own estimator is implicit) and the model's first solve at the batch's starting
-            point converges for every sample; otherwise the exact loop. ``"exact"``: the exact
+            whose own estimator is implicit), for the samples whose first solve (the model's
+            own, at the starting point) converges; the exact loop for the others and for every
+            other gradient. ``"exact"``: the exact
             loop: at every step a forward solve and, for the implicit gradient, an adjoint solve
             to tolerance, warm-started from the previous step where that converged.
             ``"joint"``: the joint iteration regardless of convergence.
@@ -414,13 +420,13 @@ class PGD(Attack):
         if method != "exact":
             from ..deq.joint import JointInputGradient
             self.joint_oracle = JointInputGradient(model, **self.joint_options)
-        #: "joint", "auto" (the joint iteration where the batch's first solve converges, the
-        #: exact loop otherwise) or "exact"
+        #: "joint", "auto" (the joint iteration for the samples whose first solve converges,
+        #: the exact loop for the others) or "exact"
         self.method = method
         self.joint = method == "joint"
         self.warm_start = warm_start
         self.last_robust: Optional[Tensor] = None
-        #: per batch of the latest call (one entry per restart): "joint" or "exact"
+        #: per run of the latest call (one entry per restart): "joint", "exact" or "mixed"
         self.last_methods: list = []
         g = estimator_name(self.grad) if self.grad is not None else (
             estimator_name(getattr(model, "estimator", None)) if is_deq(model) else None)
@@ -477,30 +483,53 @@ class PGD(Attack):
 
     def _once(self, x, y, gen):
         """One run from one random start: ``(x_adv, cold margins or None)``; the margins are
-        the model's own inference's, known when the joint iteration ran (it judges its result)."""
+        the model's own inference's, known where the joint iteration ran (it judges its result).
+
+        Under ``method="auto"``, the samples whose first solve (at the starting point) did not
+        converge are attacked by the exact loop, the others by the joint iteration, each sample
+        from the same starting point either way."""
         self.last_frozen = self.last_unconfirmed = 0
         loss_fn = self.loss_fn(self._loss)
-        if self.joint_oracle is not None:
-            oracle = self.joint_oracle
-            oracle.reset()
-            start = gen.get_state()
+        start = x.detach().clone()
+        if self.random_start:  # pgd_loop's random start, drawn once for both methods
+            start = torch.clamp(start + random_in_ball(start, self.eps, self.norm, gen,
+                                                       radius="volume"), min=0, max=1).detach()
+        if self.joint_oracle is None:
+            adv = self._exact(x, y, start, loss_fn)
+            self.last_methods.append("exact")
+            return adv, None
+        try:
+            adv = self._joint(x, y, start, loss_fn, check=self.method == "auto")
+        except _Unconverged as e:
+            ok = e.converged
+        else:
+            self.last_stats = dict(self.joint_oracle.stats, method="joint")
+            self.last_methods.append("joint")
+            return adv, self._joint_margin
+        if not bool(ok.any()):
+            logger.debug("%s: no first solve converged; the exact loop runs", self.name)
+            adv = self._exact(x, y, start, loss_fn)
+            self.last_methods.append("exact")
+            return adv, None
+        rows_j, rows_e = ok.nonzero()[:, 0], (~ok).nonzero()[:, 0]
+        logger.debug("%s: %d of %d first solves did not converge; the exact loop attacks those",
+                     self.name, int(rows_e.numel()), int(ok.numel()))
+        adv = start.clone()
+        m = torch.empty(x.shape[0], device=x.device)
+        adv[rows_j] = self._joint(x[rows_j], y[rows_j], start[rows_j], loss_fn, check=False)
+        m[rows_j] = self._joint_margin
+        joint_stats = dict(self.joint_oracle.stats)
+        adv[rows_e] = self._exact(x[rows_e], y[rows_e], start[rows_e], loss_fn)
+        m[rows_e] = self._margin(adv[rows_e], y[rows_e])
+        stats = {k: v + joint_stats.get(k, 0) if isinstance(v, int) else v
+                 for k, v in self.last_stats.items()}
+        self.last_stats = dict(stats, method="mixed", joint_samples=int(rows_j.numel()),
+                               exact_samples=int(rows_e.numel()))
+        self.last_methods.append("mixed")
+        return adv, m
 
-            def joint_fn(xa, ya):
-                g = oracle(xa, ya, loss_fn)
-                if self.method == "auto" and oracle.stats["calls"] == 1 \
-                        and not bool(oracle.last_converged.all()):
-                    raise _Unconverged  # the model's solves do not converge here: exact loop
-                return g
-
-            try:
-                adv = self._joint(x, y, joint_fn, gen)
-            except _Unconverged:
-                gen.set_state(start)  # the exact loop starts from the same random start
-                logger.debug("%s: not every first solve converged; the exact loop runs", self.name)
-            else:
-                self.last_stats = dict(oracle.stats, method="joint")
-                self.last_methods.append("joint")
-                return adv, self._joint_margin
+    def _exact(self, x, y, start, loss_fn):
+        """The exact loop (:class:`InputGradient`) from ``start``; sets ``last_stats``."""
         self.oracle.reset()
         oracle = self.oracle
         latest = {}
@@ -510,25 +539,34 @@ class PGD(Attack):
             return oracle(xa, ya, loss_fn)
 
         if self.early_stop:
-            adv = self._early_stopped(x, y, grad_fn, gen, latest)
+            adv = self._early_stopped(x, y, grad_fn, start, latest)
             # samples frozen early, and those the model's inference did not confirm
             self.last_stats = dict(self.oracle.stats, frozen=self.last_frozen,
                                    unconfirmed=self.last_unconfirmed)
         else:
             adv = pgd_loop(x, y, grad_fn, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                           norm=self.norm, random_start=self.random_start, gen=gen)
+                           norm=self.norm, random_start=False, gen=None, start=start)
             self.last_stats = dict(self.oracle.stats)
         self.last_stats["method"] = "exact"
-        self.last_methods.append("exact")
         self.oracle.warn_if_unconverged(self.name)
-        return adv, None
+        return adv
 
-    def _joint(self, x, y, grad_fn, gen):
-        """The loop on the joint iteration (:class:`robustdeq.deq.joint.JointInputGradient`),
-        judged by the model's own inference: per sample, the last iterate and the iterate of
-        lowest margin on the iteration's own logits are evaluated cold (the model's inference),
-        and the one of lower (cold) margin is returned; ``_joint_margin`` keeps that margin."""
+    def _joint(self, x, y, start, loss_fn, check: bool = False):
+        """The loop on the joint iteration (:class:`robustdeq.deq.joint.JointInputGradient`) from
+        ``start``, judged by the model's own inference: per sample, the last iterate and the
+        iterate of lowest margin on the iteration's own logits are evaluated cold (the model's
+        inference), and the one of lower (cold) margin is returned; ``_joint_margin`` keeps that
+        margin. ``check``: raise :class:`_Unconverged` (with the per-sample flags) when the first
+        solve did not converge for every sample."""
         oracle = self.joint_oracle
+        oracle.reset()
+
+        def grad_fn(xa, ya):
+            g = oracle(xa, ya, loss_fn)
+            if check and oracle.stats["calls"] == 1 and not bool(oracle.last_converged.all()):
+                raise _Unconverged(oracle.last_converged.clone())
+            return g
+
         best = {"m": None, "x": None}
         recent = []  # the latest points the iteration evaluated (newest last)
         n_recent = self.joint_judge - 2
@@ -549,7 +587,7 @@ class PGD(Attack):
             return g
 
         adv = pgd_loop(x, y, tracked, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                       norm=self.norm, random_start=self.random_start, gen=gen)
+                       norm=self.norm, random_start=False, gen=None, start=start)
         m = self._margin(adv, y)
         cands = ([best["x"]] if best["x"] is not None and self.joint_judge > 1 else []) + recent[::-1]
         rows, pts = [], []
@@ -576,7 +614,7 @@ class PGD(Attack):
         self._joint_margin = m
         return adv
 
-    def _early_stopped(self, x, y, grad_fn, gen, latest):
+    def _early_stopped(self, x, y, grad_fn, start, latest):
         """The loop with early stopping. A sample is frozen once the attack has succeeded at two
         consecutive iterates (judged on the attack's own solves, and only where they converged),
         so that borderline points are pushed one step further. The frozen samples are then
@@ -599,7 +637,7 @@ class PGD(Attack):
 
         frozen_at = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         adv = pgd_loop(x, y, grad_fn, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                       norm=self.norm, random_start=self.random_start, gen=gen,
+                       norm=self.norm, random_start=False, gen=None, start=start,
                        success_fn=success_fn, select_fn=select_fn, frozen_at=frozen_at)
         frozen = (frozen_at >= 0).nonzero()[:, 0]
         self.last_frozen = int(frozen.numel())

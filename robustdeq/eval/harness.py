@@ -129,9 +129,9 @@ def _pgd_factory(grad, judge: nn.Module, loss: str = "ce", method: str = "auto")
         # sample than the plain loop there (frozen samples are confirmed by the model's own
         # inference) and much cheaper once most samples break; on an adaptive view the view's
         # success is not the defense's, so the view is attacked for every step. PGD's default
-        # method ("auto"): on a DEQ attacked with the implicit gradient, the joint iteration
-        # wherever the batch's first solve converges (it is judged by the model's inference at
-        # its end and needs no early stopping), the exact loop otherwise
+        # method ("auto"): on a DEQ attacked with the implicit gradient, the joint iteration for
+        # the samples whose first solve converges (judged by the model's inference at its end,
+        # no early stopping needed), the exact loop for the others
         from ..attacks import PGD
         return PGD(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, grad=grad,
                    loss=loss, restarts=PGD_RESTARTS, seed=seed, early_stop=target is judge,
@@ -279,7 +279,7 @@ def _register_builtin_specs() -> None:
     pgd = {"pgd": ("any", "the model's own gradient (a DEQ's implicit one by the joint iteration "
                           "where its solves converge)"),
            "pgd-ift": ("deq", "the implicit (IFT) gradient, by the joint forward/adjoint/input "
-                              "iteration where the batch's solves converge, exact solves otherwise"),
+                              "iteration for samples whose solves converge, exact solves otherwise"),
            "pgd-exact": ("deq", "the implicit (IFT) gradient from exact forward and adjoint solves "
                                 "at every step"),
            "pgd-unrolled": ("deq", "8 unrolled steps from z*"),
