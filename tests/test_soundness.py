@@ -221,9 +221,10 @@ def _pgd_ensemble(judge, steps=100, restarts=5):
     for gname, grad in (("ift", "ift"), ("unrolled", UnrolledGrad(8))):
         for loss in ("ce", "margin"):
             def factory(target, *, eps, norm, steps_=steps, seed, grad=grad, loss=loss, **_):
+                # exact solves at every step: the reference for the quick suite's joint iteration
                 return A.PGD(target, eps=eps, alpha=2.5 * eps / steps_, steps=steps_, norm=norm,
                              grad=grad, loss=loss, restarts=restarts, seed=seed,
-                             early_stop=target is judge)
+                             early_stop=target is judge, method="exact")
             specs.append(AttackSpec(f"ens-{gname}-{loss}", factory))
     return specs
 
