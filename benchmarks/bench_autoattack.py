@@ -1,9 +1,9 @@
-"""AutoAttack on a DEQ: pyautoattack on the plain model vs robustdeq's adapter with the per-sample
-warm-start memory (issue 13), side by side in one run.
+"""AutoAttack on a DEQ: pyautoattack on the plain model vs robustdeq's adapter with fast_deq and
+with the per-sample warm-start memory (issue 13), side by side in one run.
 
     python benchmarks/bench_autoattack.py [--repeats 2] [--n 256] [--model mlp_deq] [--hidden 64]
         [--contractive] [--version custom --attacks apgd-ce apgd-t] [--n-iter 100]
-        [--n-queries 5000] [--n-target-classes 9]
+        [--n-queries 5000] [--n-target-classes 9] [--fast-options '{"adjoint_tol": 0.001}']
 
 Trains the small DEQ of ``bench_attacks.py`` (same seed and steps), then runs, interleaved
 ``--repeats`` times on the same ``--n`` test digits (Linf eps 0.1, seed 0):
@@ -11,7 +11,14 @@ Trains the small DEQ of ``bench_attacks.py`` (same seed and steps), then runs, i
 - ``pyautoattack.AutoAttack`` on the model itself (every call a cold solve, the IFT backward);
 - ``robustdeq.attacks.AutoAttack(model, warm_memory=True)``: the same pyautoattack object, with
   the model wrapped in :class:`robustdeq.deq.memory.WarmMemory` for the run;
+- ``robustdeq.attacks.AutoAttack(model, fast_deq=True)``: the model side made cheaper
+  (:data:`robustdeq.deq.memory.FAST_OPTIONS`: the adjoint to an attack-grade tolerance, warm-started
+  per sample from converged adjoints; forward warm starts only on a certified-contractive cell;
+  repeated evaluations restarted from their converged state); ``--fast-options`` overrides some;
 - ``robustdeq.attacks.AutoAttack(model, warm_memory=False)`` (the adapter's overhead alone).
+
+The solver iterations of each row (forward and adjoint, batch iterations) are counted in one
+extra untimed run per row.
 
 AutoAttack's algorithm is untouched in every row (``--n-iter`` etc. set its documented budgets,
 the same in every row). Robust accuracy is judged by the model's own cold inference on the
@@ -49,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-queries", type=int, default=None, help="square n_queries")
     ap.add_argument("--n-target-classes", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fast-options", default=None,
+                    help="JSON dict overriding robustdeq.deq.memory.FAST_OPTIONS for the fast_deq row")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -86,11 +95,16 @@ def main(argv=None) -> int:
             setattr(getattr(adv, comp), attr, v)
         return adv.run_standard_evaluation(x, y, batch_size=args.n)[0]
 
+    import json
+    fast_opt = True if args.fast_options is None else json.loads(args.fast_options)
+    fast = AutoAttack(model, fast_deq=fast_opt, **common)
     mem = AutoAttack(model, warm_memory=True, **common)
     plain = AutoAttack(model, warm_memory=False, **common)
     runs = {"pyautoattack on the model": py_run,
+            "robustdeq AutoAttack (fast_deq)": lambda: fast(x, y),
             "robustdeq AutoAttack (warm memory)": lambda: mem(x, y),
             "robustdeq AutoAttack (no memory)": lambda: plain(x, y)}
+    work = {k: _count_iterations(fn) for k, fn in runs.items()}
     cpu = {k: [] for k in runs}
     robust = {k: [] for k in runs}
     for _ in range(args.repeats):
@@ -107,21 +121,53 @@ def main(argv=None) -> int:
           f"{args.attacks or ''} settings={settings}; {args.repeats} interleaved repeats, "
           f"robust accuracy by the model's cold inference")
     print()
-    print("| run | CPU s (min, all) | robust acc (per repeat) | time vs pyautoattack |")
-    print("|---|---|---|---|")
+    print("| run | CPU s (min, all) | robust acc (per repeat) | time vs pyautoattack | "
+          "forward / adjoint solver iterations |")
+    print("|---|---|---|---|---|")
     ref = min(cpu["pyautoattack on the model"])
     for k in runs:
         print(f"| {k} | {min(cpu[k]):.2f} ({', '.join(f'{t:.2f}' for t in cpu[k])}) | "
-              f"{', '.join(f'{a:.4f}' for a in robust[k])} | {min(cpu[k]) / ref:.2f}x |")
+              f"{', '.join(f'{a:.4f}' for a in robust[k])} | {min(cpu[k]) / ref:.2f}x | "
+              f"{work[k]['forward']} / {work[k]['adjoint']} |")
     print()
-    k = "robustdeq AutoAttack (warm memory)"
-    gap = max(abs(a - b) for a in robust[k] for b in robust["pyautoattack on the model"]) * 100
-    ratio = min(cpu[k]) / ref
-    print(f"{k}: time ratio {ratio:.2f} (target <= 0.50: {'met' if ratio <= 0.5 else 'NOT met'}); "
-          f"robust accuracy gap {gap:.2f} points (target <= 1 sample in 100: "
-          f"{'met' if gap <= 1.0 else 'NOT met'})")
-    print(f"memory stats (last run): {getattr(mem, 'last_memory_stats', None)}")
+    for k in ("robustdeq AutoAttack (fast_deq)", "robustdeq AutoAttack (warm memory)"):
+        gap = max(abs(a - b) for a in robust[k] for b in robust["pyautoattack on the model"]) * 100
+        ratio = min(cpu[k]) / ref
+        print(f"{k}: time ratio {ratio:.2f} (target <= 0.50: {'met' if ratio <= 0.5 else 'NOT met'}); "
+              f"robust accuracy gap {gap:.2f} points (target <= 1 sample in 100: "
+              f"{'met' if gap <= 1.0 else 'NOT met'})")
+    print(f"fast_deq options: {fast.fast_deq}")
+    print(f"fast_deq memory stats (last run): {getattr(fast, 'last_memory_stats', None)}")
+    print(f"warm memory stats (last run): {getattr(mem, 'last_memory_stats', None)}")
     return 0
+
+
+def _count_iterations(fn) -> dict:
+    """Batch iterations of every forward and adjoint solve of ``fn()`` (an untimed run): solves
+    inside a backward pass are the adjoint ones."""
+    from robustdeq.deq import shrink, solvers
+    counts = {"forward": 0, "adjoint": 0}
+    orig, orig_shrink = solvers.Solver.solve, shrink.solve_shrinking
+
+    def kind() -> str:
+        return "adjoint" if torch._C._current_graph_task_id() >= 0 else "forward"
+
+    def solve(self, *a, **k):
+        res = orig(self, *a, **k)
+        counts[kind()] += int(res.nfe)
+        return res
+
+    def solve_shrinking(*a, **k):
+        res = orig_shrink(*a, **k)
+        counts[kind()] += int(res.nfe)
+        return res
+    solvers.Solver.solve, shrink.solve_shrinking = solve, solve_shrinking
+    try:
+        with torch.random.fork_rng():
+            fn()
+    finally:
+        solvers.Solver.solve, shrink.solve_shrinking = orig, orig_shrink
+    return counts
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ and seed; the adversarial objectives with Linf eps = 0.1):
 ``lyadeq``          ``zoo.build("lyadeq")`` (same backbone options), CE + Lyapunov penalty
 ``lyadeq-at``       LyaDEQ, PGD-AT-7 + Lyapunov penalty
 ``trades+ier``      the ``trades`` model wrapped in ``EntropyDefense`` (inference time only)
-``jiio-at``         ``mlp_deq``, JIIO-AT (20 JIIO iterations, fixed-point, sign steps)
+``jiio-at``         ``mlp_deq``, JIIO-AT (JIIOAT's defaults: 14 JIIO iterations, select
+                    "next", fixed-point, sign steps; 20, "best" before 2026-12-01)
 ``ff-cnn-pgd-at``   ``ff_cnn`` (channels 20: parameter count close to the DEQ), PGD-AT-7
 ==================  =========================================================================
 

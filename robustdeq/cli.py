@@ -338,7 +338,9 @@ def cmd_attack(args) -> int:
         params = {"eps": eps[0], "norm": args.norm, "seed": args.seed, **options}
         if args.attack in ("pgd", "state"):
             params.setdefault("steps", args.steps)
-    if args.grad and args.attack in ("pgd", "fgsm"):
+    if args.grad:
+        if args.attack not in ("pgd", "fgsm"):
+            raise ConfigError(f"--grad is for --attack pgd or fgsm, not {args.attack!r}")
         params["grad"] = args.grad
     atk = attacks.build(args.attack, model, **params)
     if getattr(atk, "eps", 0) is None:
@@ -526,7 +528,8 @@ def _certify_smoothing(args, dataset: str) -> int:
     from .certify.smoothing import certify_checkpoint as smoothing_checkpoint
     radii = _floats(args.radii, "--radii") if args.radii else None
     opts = {"sigma": args.smoothing, "n": args.noise_n, "n0": args.n0, "alpha": args.alpha,
-            "srs_steps": args.srs_steps, "seed": args.seed}
+            "srs_steps": args.srs_steps, "seed": args.seed, "srs_start": args.srs_start,
+            "check_max": args.check_max}
     opts["check_samples"] = (args.check_samples if args.check_samples is not None
                              else min(400, args.noise_n) if args.noise_n >= 1 else 400)
     if radii:
@@ -560,7 +563,7 @@ def cmd_federate(args) -> int:
              "n/a" if r.get("robust_accuracy") is None else f"{r['robust_accuracy']:.4f}",
              f"{r['bytes_up']:,}", f"{r['bytes_down']:,}",
              str(len(r["clients_dropped"]) + len(r["clients_rejected"]))] for r in res.rounds]
-    print(_table(rows, ["round", "accuracy", f"robust ({cfg.eval_threat} {cfg.eval_eps:g})",
+    print(_table(rows, ["round", "accuracy", f"robust ({cfg.eval_threat.value} {cfg.eval_eps:g})",
                         "bytes up", "bytes down", "clients left out"]))
     print(f"\nwrote {out / 'summary.json'}, report.md, accuracy.png, checkpoint.pt and tb/ under {out}")
     return 0
@@ -615,7 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attack", help="run one attack on a checkpoint and save the adversarial examples")
     _add_eval_args(a, eps_default="0.1")
     a.add_argument("--attack", default="pgd", help=", ".join(ATTACKS.names()))
-    a.add_argument("--grad", default=None, help="gradient for pgd/fgsm: ift, phantom, unrolled, full")
+    a.add_argument("--grad", default=None, help="gradient for pgd/fgsm: ift, phantom, unrolled, full "
+                   "(pgd on a DEQ with ift: the joint iteration where solves converge; "
+                   "--options '{\"method\": \"exact\"}' for exact solves at every step)")
     a.add_argument("--options", default=None, help="JSON, other attack parameters")
     a.add_argument("--out", default="adversarial.pt")
     a.set_defaults(func=cmd_attack)
@@ -657,8 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--smoothing", type=float, default=None, metavar="SIGMA",
                    help="randomized-smoothing certificates with Gaussian noise SIGMA instead of the "
                         "deterministic ones (certified accuracy at --radii, abstain rate, time per image)")
-    c.add_argument("--n", dest="noise_n", type=int, default=10000,
-                   help="smoothing: estimation noise samples per input (default 10000; -n is the number of inputs)")
+    c.add_argument("--n", "--noise-n", dest="noise_n", type=int, default=10000,
+                   help="smoothing: estimation noise samples per input (default 10000; -n is the number of "
+                        "inputs; under torchrun write --noise-n, which torchrun's own options do not shadow)")
     c.add_argument("--n0", type=int, default=100, help="smoothing: selection noise samples (default 100)")
     c.add_argument("--alpha", type=float, default=0.001, help="smoothing: failure probability (default 0.001)")
     c.add_argument("--srs-steps", type=int, default=0,
@@ -666,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "warm-started batch (default 0: independent solves)")
     c.add_argument("--check-samples", type=int, default=None,
                    help="smoothing with SRS: estimation samples re-solved from scratch (default 400)")
+    c.add_argument("--check-max", type=int, default=0,
+                   help="smoothing with SRS: choose the number of re-solved samples per input in "
+                        "[--check-samples, this] from the warm-started count (default 0: fixed)")
+    c.add_argument("--srs-start", default="chain", choices=["chain", "clean"],
+                   help="smoothing with SRS: warm-start each batch from the previous batch's fixed points "
+                        "(chain, the paper's rule) or every sample from the clean input's fixed point")
     c.add_argument("--radii", default="", help="smoothing: comma-separated L2 radii (default 0,0.25,0.5,0.75,1)")
     c.add_argument("--seed", type=int, default=0, help="smoothing: noise seed")
     c.add_argument("--out", default=None, help="folder for certificate.json / certificate.md")
@@ -681,8 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tol", type=_positive_float, default=1e-3, help="the clients' solver tolerance")
     f.add_argument("--defense", default="none", help="local objective: a training recipe (see robustdeq train)")
     f.add_argument("--defense-options", default=None, help="JSON options of the local objective")
-    f.add_argument("--fusion", default="fedavg", choices=["fedavg", "quality", "accuracy"],
-                   help="fusion weights: n_k (fedavg) or n_k * q_k (quality: achieved residual; accuracy)")
+    f.add_argument("--fusion", default="fedavg", choices=["fedavg", "quality", "tolerance", "accuracy"],
+                   help="fusion weights: n_k (fedavg) or n_k * q_k (quality: estimated distance from the "
+                   "equilibrium; tolerance: residual vs tolerance; accuracy: local validation accuracy)")
     f.add_argument("--local-epochs", type=_int_at_least(1), default=1)
     f.add_argument("--batch-size", type=_int_at_least(1), default=32)
     f.add_argument("--lr", type=_positive_float, default=3e-3)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import logging
 import os
 import threading
@@ -125,7 +126,34 @@ def init(backend: str = "auto", timeout_s: float = 1800.0) -> Optional[DistConte
                 cfg["world_size"], chosen, cfg["master_addr"], cfg["master_port"])
     dist.init_process_group(backend=chosen, init_method="env://", rank=cfg["rank"],
                             world_size=cfg["world_size"], timeout=datetime.timedelta(seconds=timeout_s))
+    check_threads()
     return _from_group()
+
+
+def check_threads(environ: Optional[Dict[str, str]] = None, cores: Optional[int] = None) -> bool:
+    """Warn (and return False) when this machine's processes ask for more torch CPU threads than
+    it has cores: ``LOCAL_WORLD_SIZE`` (set by torchrun) x ``torch.get_num_threads()`` >
+    ``cores`` (default: the CPUs this process may run on). Oversubscribed ranks slow each other
+    down, and every collective waits for the slowest; ``torchrun`` sets ``OMP_NUM_THREADS=1``,
+    ``robustdeq --threads`` defaults to 1, and ``torch.set_num_threads`` sets it in Python."""
+    env = os.environ if environ is None else environ
+    try:
+        local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        local = 1
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            cores = os.cpu_count() or 1
+    threads = torch.get_num_threads()
+    if local * threads > cores:
+        logger.warning("%d processes on this machine with %d torch threads each on %d CPU cores: the "
+                       "ranks oversubscribe the cores and slow each other down; use %d thread(s) per "
+                       "process (torch.set_num_threads, OMP_NUM_THREADS, robustdeq --threads)", local,
+                       threads, cores, max(1, cores // max(1, local)))
+        return False
+    return True
 
 
 def _from_group() -> DistContext:
@@ -203,6 +231,63 @@ def shard_indices(n: int, rank: Optional[int] = None, world: Optional[int] = Non
     return list(range(start, start + base + (1 if r < extra else 0)))
 
 
+_claims = itertools.count()
+
+
+def claim(items: Sequence[Any], ctx: Optional[DistContext] = None) -> Iterator[Any]:
+    """The items of ``items`` this rank works on, claimed one at a time as the rank becomes free
+    (a shared counter in the process group's store): work of uneven cost balances itself over
+    the ranks. Every rank must call it, in the same order as its other collective calls, and
+    iterate to the end; which rank gets an item is not deterministic, so the caller's results
+    must not depend on it (per-item seeds). Without a group: every item, in order; without a
+    reachable store: every ``world_size``-th item. ``ctx``: default :func:`context` (no
+    auto-initialisation)."""
+    ctx = context(auto_init=False) if ctx is None else ctx
+    if ctx is None:
+        yield from items
+        return
+    key = f"robustdeq/claim/{next(_claims)}"  # every rank calls in the same order: the same key
+    store = None
+    try:
+        from torch.distributed import distributed_c10d
+        store = distributed_c10d._get_default_store()
+    except Exception:  # pragma: no cover - a group without a store
+        store = None
+    if store is None:  # pragma: no cover
+        yield from items[ctx.rank::ctx.world_size]
+        return
+    while True:
+        j = int(store.add(key, 1)) - 1
+        if j >= len(items):
+            return
+        yield items[j]
+
+
+def gather_sharded(mine: List[Any], failure: Optional[BaseException] = None,
+                   ctx: Optional[DistContext] = None) -> List[Any]:
+    """Every rank's list ``mine`` concatenated in rank order, on every rank; if any rank passes a
+    ``failure`` (the exception that stopped its share of the work), every rank raises the first
+    one (so no rank waits for a rank that failed). Without a group: ``mine`` (``failure`` raised)."""
+    ctx = context(auto_init=False) if ctx is None else ctx
+    if ctx is None:
+        if failure is not None:
+            raise failure
+        return list(mine)
+    if failure is not None:
+        import pickle
+        try:
+            pickle.dumps(failure)
+        except Exception:  # an exception that does not pickle travels as its message
+            failure = RuntimeError(f"{type(failure).__name__}: {failure}")
+    parts = all_gather_object((list(mine), failure))
+    for r, (_, err) in enumerate(parts):
+        if err is not None:
+            if failure is None:
+                logger.error("process %d of %d failed: %s", r, ctx.world_size, err)
+            raise err
+    return [item for part, _ in parts for item in part]
+
+
 # -- collectives (the identity in one process) ------------------------------------------------------
 _OPS = ("sum", "max", "min")
 
@@ -274,14 +359,33 @@ def reduce_stats(sums: Dict[str, float], *, maxima: Iterable[str] = ()) -> Dict[
     return out
 
 
-def broadcast_module(module: nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank."""
+def broadcast_tensors(tensors: Sequence[Tensor], src: int = 0) -> None:
+    """Copy rank ``src``'s values into ``tensors`` (in place) on every rank, in one coalesced
+    broadcast per device and dtype (the ranks pass tensors of the same shapes, in the same order)."""
     if context(auto_init=False) is None:
         return
     import torch.distributed as dist
+    groups: Dict[tuple, List[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((str(t.device), str(t.dtype)), []).append(t)
     with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=src)
+        for _, ts in sorted(groups.items(), key=lambda kv: kv[0]):
+            if len(ts) == 1 and ts[0].is_contiguous():
+                dist.broadcast(ts[0].data, src=src)
+                continue
+            flat = torch.cat([t.detach().reshape(-1) for t in ts])
+            dist.broadcast(flat, src=src)
+            off = 0
+            for t in ts:
+                k = t.numel()
+                t.data.copy_(flat[off:off + k].view_as(t))
+                off += k
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank (coalesced:
+    one broadcast per device and dtype)."""
+    broadcast_tensors([t.data for t in list(module.parameters()) + list(module.buffers())], src=src)
 
 
 def average_gradients(params: Sequence[nn.Parameter], weight: float, total: float,
@@ -345,7 +449,7 @@ def rank_seed(seed: int, rank_: int) -> int:
     return int(h[:8], 16)
 
 
-__all__ = ["DistContext", "ENV_VARS", "env_config", "auto_backend", "init", "context", "single_process",
-           "rank", "world_size", "is_main", "barrier", "shard_indices", "all_reduce", "all_gather_object",
-           "broadcast_object", "all_gather_rows", "reduce_stats", "broadcast_module", "average_gradients",
-           "rank_seed"]
+__all__ = ["DistContext", "ENV_VARS", "env_config", "auto_backend", "init", "check_threads", "context",
+           "single_process", "rank", "world_size", "is_main", "barrier", "shard_indices", "claim",
+           "gather_sharded", "all_reduce", "all_gather_object", "broadcast_object", "all_gather_rows",
+           "reduce_stats", "broadcast_tensors", "broadcast_module", "average_gradients", "rank_seed"]

@@ -18,11 +18,15 @@ single-process step on the whole batch. This explicit all-reduce after ``backwar
 take ``autograd.grad`` inside the implicit-backward hook and the Jacobian penalty, and may leave
 parameters unused; DDP's reducer is armed by ``forward`` only and would need
 ``find_unused_parameters``. Here a parameter without a gradient on a rank contributes zeros, and
-keeps ``None`` when no rank produced one. Rank 0's buffers are broadcast after every step
-(as DDP's ``broadcast_buffers``). Rank 0 alone writes the checkpoint, ``history.json`` and
-TensorBoard and reads the checkpoint to resume (its weights, optimizer and scheduler state go to
-the other ranks); the epoch record (losses, validation accuracy, solver statistics) is reduced over
-all ranks.
+keeps ``None`` when no rank produced one. Rank 0's floating-point buffers are broadcast after
+every step in which they moved on some rank (as DDP's ``broadcast_buffers``; a flag in the
+gradient all-reduce says so, so a step costs one collective when they did not, and no step has a
+barrier). Rank 0 alone writes the checkpoint, ``history.json`` and TensorBoard and reads the
+checkpoint to resume (its weights, optimizer and scheduler state go to the other ranks); the epoch
+record (losses, validation accuracy, solver statistics) is reduced over all ranks once per epoch.
+Each process should use one torch thread per CPU core it owns (``torchrun`` sets
+``OMP_NUM_THREADS=1``; :func:`robustdeq.distributed.init` warns when the processes of a machine
+ask for more threads than it has cores).
 """
 from __future__ import annotations
 
@@ -314,6 +318,7 @@ class Trainer:
         t0 = time.perf_counter()
         for i, (xb, yb) in enumerate(loader):
             self.optimizer.zero_grad(set_to_none=True)
+            buffers_moved = False
             if ctx is None:
                 loss, scalars = self.objective(self.model, xb, yb)
                 scalars = dict(scalars)
@@ -322,13 +327,13 @@ class Trainer:
                 loss.backward()
                 scalars["loss"] = float(loss.detach())
             else:
-                xb, yb, scalars = self._distributed_step(ctx, epoch, i, x, y, xb)
+                xb, yb, scalars, buffers_moved = self._distributed_step(ctx, epoch, i, x, y, xb)
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
-            if ctx is not None:
+            if ctx is not None and buffers_moved:
                 self._sync_buffers()
             step = epoch * len(loader) + i
             if i % max(1, cfg.log_every) == 0:
@@ -354,8 +359,9 @@ class Trainer:
     def _distributed_step(self, ctx, epoch: int, i: int, x: Tensor, y: Tensor, idx: Tensor):
         """This rank's part of one global batch (a contiguous slice of its indices): objective,
         backward, then the gradients of all ranks averaged with weights = samples per rank (the
-        gradient of the mean loss over the global batch). Returns ``(xb, yb, scalars)``; the
-        scalars are this rank's, plus ``global_loss`` (the mean over the global batch)."""
+        gradient of the mean loss over the global batch). Returns ``(xb, yb, scalars,
+        buffers_moved)``; the scalars are this rank's, plus ``global_loss`` (the mean over the
+        global batch); ``buffers_moved``: some rank's floating-point buffers changed in the step."""
         from .distributed import average_gradients, shard_indices
         total = idx.shape[0]
         part = shard_indices(total, ctx.rank, ctx.world_size)
@@ -364,6 +370,8 @@ class Trainer:
         nb = xb.shape[0]
         scalars: Dict[str, float] = {}
         loss_sum, bad = 0.0, 0.0
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        before = [b.detach().clone() for b in buffers]
         if nb:
             loss, scalars = self.objective(self.model, xb, yb)
             scalars = dict(scalars)
@@ -373,21 +381,23 @@ class Trainer:
                 scalars["loss"] = float(loss.detach())
             else:  # every rank must reach the all-reduce below before raising
                 bad = 1.0
-        extra = torch.tensor([loss_sum, bad], dtype=torch.float64)
+        # buffers that moved in this step's forwards (e.g. spectral-norm power iterations) are
+        # re-synchronised from rank 0 after the step; the flag rides on the gradient all-reduce
+        changed = float(any(not torch.equal(b, b0) for b, b0 in zip(buffers, before)))
+        extra = torch.tensor([loss_sum, bad, changed], dtype=torch.float64)
         red = average_gradients(list(self.model.parameters()), float(nb), float(total), extra)
         if float(red[1]) > 0:
             raise RuntimeError(f"non-finite training loss at epoch {epoch}, batch {i} "
                                f"(on {int(red[1])} of {ctx.world_size} processes)")
         scalars["global_loss"] = float(red[0]) / total
-        return xb, yb, scalars
+        return xb, yb, scalars, float(red[2]) > 0
 
     def _sync_buffers(self) -> None:
         """Rank 0's floating-point buffers (e.g. spectral-norm power-iteration vectors, which
-        advance with every training forward) on every rank, as DDP's ``broadcast_buffers``."""
-        import torch.distributed as dist
-        for b in self.model.buffers():
-            if b.is_floating_point():
-                dist.broadcast(b.data, src=0)
+        advance with every training forward) on every rank, as DDP's ``broadcast_buffers``, in
+        one coalesced broadcast per dtype; called after a step in which a rank's buffers moved."""
+        from .distributed import broadcast_tensors
+        broadcast_tensors([b for b in self.model.buffers() if b.is_floating_point()], src=0)
 
 
 __all__ = ["Trainer", "evaluate_clean"]

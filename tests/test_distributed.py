@@ -1,6 +1,7 @@
 """Several processes (robustdeq.distributed): ranks spawned by the tests on CPU with gloo over
 127.0.0.1. The fast tests (environment errors, sharding, one 2-rank smoke test of the helpers)
-run by default; the 2-rank training / evaluation / certification equivalences are marked slow."""
+run by default; the 2-rank training / evaluation / certification (deterministic and randomized
+smoothing) equivalences are marked slow."""
 from __future__ import annotations
 
 import json
@@ -62,19 +63,32 @@ def _task_helpers(rank, out):
                                  extra=torch.tensor([float(rank)], dtype=torch.float64))
     rows = rd.all_gather_rows(torch.arange(rank + 1, dtype=torch.float32).view(-1, 1) + 10 * rank)
     stats = rd.reduce_stats({"n": 1.0, "m": float(rank)}, maxima=("m",))
+    ts = [torch.full((2, 3), float(rank)).t(), torch.full((2,), float(rank)), torch.full((1,), rank)]
+    rd.broadcast_tensors(ts, src=1)  # coalesced per dtype; a non-contiguous tensor too
+    bcast = [t.clone() for t in ts]
+    claimed = list(rd.claim(range(7)))  # dynamic shares: disjoint, together every item once
+    merged = rd.gather_sharded([(i, rank) for i in claimed])
+    try:  # a failure on rank 1 is raised on both ranks (rank 0 does not wait for it)
+        rd.gather_sharded([rank], ConfigError("rank 1 broke") if rank == 1 else None)
+        failure = None
+    except ConfigError as e:
+        failure = str(e)
     return {"a": a.grad, "b": b.grad, "c": c.grad, "extra": extra, "rows": rows, "stats": stats,
-            "shard": rd.shard_indices(5), "main": rd.is_main(), "obj": rd.broadcast_object(rank)}
+            "shard": rd.shard_indices(5), "main": rd.is_main(), "obj": rd.broadcast_object(rank),
+            "claimed": claimed, "merged": merged, "failure": failure, "bcast": bcast}
 
 
-def _tiny_model():
+def _tiny_model(spectral: bool = False):
+    """``spectral``: spectral-normalised cell, whose power-iteration buffers advance with every
+    training forward (the buffers the trainer re-synchronises)."""
     from robustdeq.deq import zoo
     torch.manual_seed(0)
-    return zoo.build("mlp_deq", hidden=16)
+    return zoo.build("mlp_deq", hidden=16, **({"norm": "spectral", "scale": 0.9} if spectral else {}))
 
 
 def _objective(kind: str):
     from robustdeq.defenses.objectives import PGDAT, CrossEntropy
-    if kind == "pgd_at":  # deterministic inner attack: the same examples in 1 or 2 processes
+    if kind.startswith("pgd_at"):  # deterministic inner attack: the same examples in 1 or 2 processes
         return PGDAT(eps=0.1, steps=3, random_start=False)
     if kind == "jac":
         return CrossEntropy(jac_reg=0.5, seed=3)
@@ -92,7 +106,7 @@ def _train_data():
 
 def _task_train(rank, out, kind="ce", config=None, out_dirs=False):
     from robustdeq.train import Trainer
-    model = _tiny_model()
+    model = _tiny_model(spectral=kind.endswith("spectral"))
     x, y = _train_data()
     tr = Trainer(model, _objective(kind), config or TRAIN_CONFIG,
                  out_dir=out / f"run{rank}" if out_dirs else None, tensorboard=out_dirs)
@@ -132,6 +146,44 @@ def _task_train_resume(rank, out):
     hist = tr.fit(x, y)
     return {"straight": straight.state_dict(), "resumed": resumed.state_dict(), "history": hist,
             "start_epoch": tr.start_epoch}
+
+
+def _task_train_killed(rank, out, kill=False):
+    """2 epochs with a checkpoint folder; ``kill``: rank 1 is killed (SIGKILL) in epoch 1."""
+    import signal
+    from robustdeq.defenses.objectives import CrossEntropy
+    from robustdeq.train import Trainer
+    x, y = _train_data()
+    calls = {"n": 0}
+
+    class Killed(CrossEntropy):
+        def __call__(self, model, xb, yb):
+            calls["n"] += 1
+            # epoch 1, batch 1: rank 0 is past the all-reduce of epoch 1's batch 0, so it saved epoch 0
+            if kill and rank == 1 and calls["n"] == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(model, xb, yb)
+
+    model = _tiny_model()
+    tr = Trainer(model, Killed(), KILL_CONFIG, out_dir=out / "run", tensorboard=False)
+    hist = tr.fit(x, y)
+    return {"state": model.state_dict(), "history": hist, "start_epoch": tr.start_epoch}
+
+
+KILL_CONFIG = {**TRAIN_CONFIG, "epochs": 2, "optimizer": "adam", "lr": 1e-2, "schedule": "cosine"}
+
+
+def _task_eval_killed(rank, out, kill=False):
+    """evaluate with an out_dir; ``kill``: rank 1 is killed (SIGKILL) after its second unit."""
+    import signal
+    from robustdeq.eval import evaluate
+    model, x, y = _eval_inputs(out)
+
+    def callback(info):
+        if kill and rank == 1 and info["eps_index"] == 0 and info["unit_index"] == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    rep = evaluate(model, x, y, out_dir=out / "killed", callback=callback, **EVAL_OPTIONS)
+    return {"report": rep.to_dict()}
 
 
 def _save_inputs(out: Path, model, x, y) -> None:
@@ -179,10 +231,43 @@ def _task_certify(rank, out):
         os.environ.pop(v)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model, x, y = _eval_inputs(out)
-    return certify(model, x, y, eps_l2=(0.05, 0.1), batch_size=4, local_method="power", local_iters=20).to_dict()
+    rep = certify(model, x, y, eps_l2=(0.05, 0.1), batch_size=4, local_method="power", local_iters=20).to_dict()
+    from robustdeq.certify import certify_checkpoint
+    certify_checkpoint(out / "model.pt", n=4, out_dir=out / f"cert{rank}", batch_size=2, local_method="power",
+                       local_iters=5)
+    return rep
 
 
-TASKS = {"helpers": _task_helpers, "train": _task_train, "train_resume": _task_train_resume,
+SMOOTHING_OPTIONS = {"plain": {"sigma": 0.25, "n0": 20, "n": 100, "batch_size": 50, "seed": 5},
+                     "srs": {"sigma": 0.25, "n0": 20, "n": 100, "batch_size": 25, "seed": 5, "srs_steps": 2,
+                             "check_samples": 30}}
+
+
+def _task_smoothing(rank, out):
+    """Randomized smoothing (plain and SRS) under torchrun's environment; counts the inputs this
+    rank certified; certify_checkpoint writes on rank 0 only."""
+    from robustdeq.certify import smoothing as S
+    model, x, y = _eval_inputs(out)
+    calls = []
+    one = S._certify_one
+
+    def counted(base, x1, index, cfg):
+        calls.append(index)
+        return one(base, x1, index, cfg)
+
+    S._certify_one = counted
+    try:
+        reps = {k: S.certify(model, x, y, **o).to_dict() for k, o in SMOOTHING_OPTIONS.items()}
+    finally:
+        S._certify_one = one
+    pred = S.predict(model, x, sigma=0.25, n=60, batch_size=60, seed=2)
+    S.certify_checkpoint(out / "model.pt", n_inputs=4, out_dir=out / f"smooth{rank}",
+                         **SMOOTHING_OPTIONS["plain"])
+    return {"reports": reps, "calls": calls, "predict": pred}
+
+
+TASKS = {"helpers": _task_helpers, "smoothing": _task_smoothing, "train_killed": _task_train_killed,
+         "eval_killed": _task_eval_killed, "train": _task_train, "train_resume": _task_train_resume,
          "eval": _task_eval, "certify": _task_certify}
 
 
@@ -231,6 +316,17 @@ def test_evaluate_and_cli_refuse_an_incomplete_environment(clean_env, capsys):
         evaluate(model, x, torch.zeros(2, dtype=torch.long), eps=0.1, checks=False)
     assert main(["eval", "no-such.pt", "--eps", "0.1"]) == 2
     assert "MASTER_ADDR is not set" in capsys.readouterr().err
+    from robustdeq.certify import certify, smoothing
+    from robustdeq.train import Trainer
+    y = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+        Trainer(model, config={"epochs": 1, "batch_size": 2}).fit(x, y)
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+        certify(model, x, y)
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"):
+        smoothing.certify(model, x, y, n0=2, n=4)
+    with rd.single_process():  # each process alone: the environment is not read
+        assert smoothing.certify(model, x, y, n0=2, n=4).summary["n"] == 2
 
 
 def test_shard_indices_partition_deterministically():
@@ -263,27 +359,52 @@ def test_two_rank_helpers(tmp_path):  # the default suite's 2-process smoke test
         assert r["obj"] == 0
     assert r0["shard"] == [0, 1, 2] and r1["shard"] == [3, 4]
     assert r0["main"] and not r1["main"]
+    assert sorted(r0["claimed"] + r1["claimed"]) == list(range(7))
+    assert r0["merged"] == r1["merged"] and sorted(i for i, _ in r0["merged"]) == list(range(7))
+    assert all(i in (r0, r1)[owner]["claimed"] for i, owner in r0["merged"])
+    assert r0["failure"] == r1["failure"] == "rank 1 broke"
+    for r in (r0, r1):
+        assert [t.tolist() for t in r["bcast"]] == [[[1.0, 1.0]] * 3, [1.0, 1.0], [1]]
+
+
+def test_thread_oversubscription_is_reported(caplog):
+    n = torch.get_num_threads()
+    with caplog.at_level("WARNING", logger="robustdeq.distributed"):
+        assert rd.check_threads({"LOCAL_WORLD_SIZE": "2"}, cores=2 * n)
+        assert not caplog.records
+        assert not rd.check_threads({"LOCAL_WORLD_SIZE": "3"}, cores=2 * n)
+    assert "oversubscribe" in caplog.text and "torch.set_num_threads" in caplog.text
+
+
+def test_claim_and_gather_without_a_group(clean_env):
+    assert list(rd.claim(range(4))) == [0, 1, 2, 3]
+    assert rd.gather_sharded([1, 2]) == [1, 2]
+    with pytest.raises(ConfigError, match="broke"):
+        rd.gather_sharded([1], ConfigError("broke"))
 
 
 # -- slow: training, evaluation and certification on 2 ranks equal 1 process ------------------------
 def _single_train(kind, config=None):
     from robustdeq.train import Trainer
-    model = _tiny_model()
+    model = _tiny_model(spectral=kind.endswith("spectral"))
     x, y = _train_data()
     hist = Trainer(model, _objective(kind), config or TRAIN_CONFIG, tensorboard=False).fit(x, y, x[:10], y[:10])
     return model.state_dict(), hist
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ce", "pgd_at"])
+@pytest.mark.parametrize("kind", ["ce", "pgd_at", "pgd_at_spectral"])
 def test_two_rank_training_equals_one_process(tmp_path, kind):
     ref, ref_hist = _single_train(kind)
     r0, r1 = spawn("train", tmp_path, kind=kind, out_dirs=True)
     for k in ref:
         assert torch.equal(r0["state"][k], r1["state"][k]), k  # the ranks stay in sync exactly
         assert torch.allclose(r0["state"][k], ref[k], atol=1e-6, rtol=0), (k, (r0["state"][k] - ref[k]).abs().max())
-    moved = sum(float((ref[k] - _tiny_model().state_dict()[k]).abs().max()) for k in ref)
+    init = _tiny_model(spectral=kind.endswith("spectral")).state_dict()
+    moved = sum(float((ref[k] - init[k]).abs().max()) for k in ref)
     assert moved > 1e-3  # the steps did change the weights
+    if kind.endswith("spectral"):  # the power-iteration buffers moved too, and agree
+        assert any(k.endswith("_u") and not torch.equal(ref[k], init[k]) for k in ref)
     for key in ("loss", "val_accuracy", "val_mean_steps"):
         assert r0["history"][0][key] == pytest.approx(ref_hist[0][key], abs=1e-5), key
         assert r0["history"][0][key] == r1["history"][0][key]
@@ -306,6 +427,32 @@ def test_two_rank_training_jacobian_penalty_and_resume(tmp_path):
         assert torch.allclose(r0["resumed"][k], r0["straight"][k], atol=1e-6, rtol=0), k
     assert [h["epoch"] for h in r1["history"]] == [0, 1]
     assert not (tmp_path / "resume" / "straight1").exists()
+
+
+def _spawn_killed(task: str, out: Path) -> None:
+    """Run ``task`` with rank 1 killed by SIGKILL; the spawner then ends rank 0 (as torchrun does)."""
+    with pytest.raises(Exception, match="signal|SIGKILL|exited"):
+        spawn(task, out, kill=True)
+    assert not (out / "result0.pt").exists() and not (out / "result1.pt").exists()
+
+
+@pytest.mark.slow
+def test_training_resumes_after_a_killed_rank(tmp_path):
+    from robustdeq.defenses.objectives import CrossEntropy
+    from robustdeq.train import Trainer
+    x, y = _train_data()
+    ref = _tiny_model()
+    Trainer(ref, CrossEntropy(), KILL_CONFIG, tensorboard=False).fit(x, y)
+    _spawn_killed("train_killed", tmp_path)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in saved] == [0]  # epoch 0 was saved, epoch 1 was cut
+    r0, r1 = spawn("train_killed", tmp_path)  # the same command again
+    assert r0["start_epoch"] == r1["start_epoch"] == 1
+    for k, v in ref.state_dict().items():
+        assert torch.equal(r0["state"][k], r1["state"][k])
+        assert torch.allclose(r0["state"][k], v, atol=1e-6, rtol=0), k
+    assert [h["epoch"] for h in r0["history"]] == [0, 1]
 
 
 def _scrub(d):
@@ -348,6 +495,25 @@ def test_two_rank_evaluation_equals_one_process_flag_for_flag(tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluation_resumes_after_a_killed_rank(tmp_path):
+    from robustdeq.eval import evaluate
+    model, x, y = _eval_setup(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = evaluate(model, x, y, **EVAL_OPTIONS).to_dict()
+    _spawn_killed("eval_killed", tmp_path)
+    kept = sorted((tmp_path / "killed" / "partial").glob("*.json"))
+    assert kept and not (tmp_path / "killed" / "report.json").exists()
+    r0, r1 = spawn("eval_killed", tmp_path)  # the same command again
+    for r in (r0, r1):
+        assert _scrub(r["report"]) == _scrub(ref)
+    resumed = [a["resumed"] for a in r0["report"]["results"][0]["attacks"]]
+    assert resumed[0] and sum(resumed) >= 1 and not all(resumed)  # units of rank 0 were reused
+    assert json.loads((tmp_path / "killed" / "report.json").read_text())["config_hash"] == ref["config_hash"]
+    assert not (tmp_path / "killed" / "partial").exists()
+
+
+@pytest.mark.slow
 def test_two_rank_certification_equals_one_process(tmp_path):
     import sys
     sys.path.insert(0, str(Path(__file__).parent))
@@ -365,6 +531,47 @@ def test_two_rank_certification_equals_one_process(tmp_path):
     for r in (r0, r1):
         assert _scrub(r) == _scrub(ref)
     assert [d["details"]["index"] for d in r0["results"]] == list(range(10))
+    # certify_checkpoint: rank 0 alone wrote the certificate
+    assert (tmp_path / "cert0" / "certificate.json").is_file() and not (tmp_path / "cert1").exists()
+    assert len(json.loads((tmp_path / "cert0" / "certificate.json").read_text())["results"]) == 4
+
+
+def _smoothing_scrub(d):
+    """A smoothing report without its times (which differ between runs)."""
+    d = {k: v for k, v in d.items() if k != "provenance"}
+    d["summary"] = {k: v for k, v in d["summary"].items() if k != "time_per_image_s"}
+    d["results"] = [{k: v for k, v in r.items() if k != "seconds"} for r in d["results"]]
+    return d
+
+
+@pytest.mark.slow
+def test_two_rank_smoothing_equals_one_process_input_for_input(tmp_path):
+    from robustdeq.certify import smoothing as S
+    model, x, y = _eval_setup(tmp_path)
+    x, y = x[:10], y[:10]
+    torch.save((x, y), tmp_path / "data.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refs = {k: S.certify(model, x, y, **o).to_dict() for k, o in SMOOTHING_OPTIONS.items()}
+        ref_pred = S.predict(model, x, sigma=0.25, n=60, batch_size=60, seed=2)
+    for ref in refs.values():  # a telling case: some inputs certified, not all with one radius
+        radii = [r["radius"] for r in ref["results"]]
+        assert any(rad > 0 for rad in radii) and len(set(radii)) > 1
+    assert refs["srs"]["results"][0]["srs"]["checked"] == 30
+    r0, r1 = spawn("smoothing", tmp_path)
+    for r in (r0, r1):
+        for k, ref in refs.items():
+            assert [e["index"] for e in r["reports"][k]["results"]] == list(range(10))
+            assert _smoothing_scrub(r["reports"][k]) == _smoothing_scrub(ref), k
+        assert torch.equal(r["predict"], ref_pred)
+    # each input certified once, by one rank (2 reports: plain and SRS)
+    assert sorted(r0["calls"] + r1["calls"]) == sorted(list(range(10)) * 2)
+    # rank 0 alone wrote the certificate files
+    assert (tmp_path / "smooth0" / "certificate.json").is_file()
+    assert (tmp_path / "smooth0" / "certified_accuracy.png").is_file()
+    assert not (tmp_path / "smooth1").exists()
+    saved = json.loads((tmp_path / "smooth0" / "certificate.json").read_text())
+    assert [e["index"] for e in saved["results"]] == [0, 1, 2, 3]
 
 
 def _torchrun(args, cwd, nproc=2):
@@ -398,3 +605,17 @@ def test_cli_train_and_eval_under_torchrun(tmp_path):
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("sharded", "single"))
     assert [r["robust"] for r in a["results"]] == [r["robust"] for r in b["results"]]
     assert a["config_hash"] == b["config_hash"]
+    # randomized smoothing (SRS) from the command line: sharded inputs, rank 0 prints and writes
+    # (--noise-n: torchrun's parser would take "--n" for an abbreviation of its own options)
+    args = ["certify", str(run / "checkpoint.pt"), "-n", "6", "--smoothing", "0.25", "--noise-n", "60", "--n0", "10",
+            "--srs-steps", "2", "--check-samples", "20", "--no-progress"]
+    p = _torchrun(args + ["--out", str(tmp_path / "smooth2")], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("wrote ") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["--threads", "1"] + args + ["--out", str(tmp_path / "smooth1")]) == 0
+    a, b = (json.loads((tmp_path / d / "certificate.json").read_text())["results"] for d in ("smooth2", "smooth1"))
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in b]

@@ -105,7 +105,7 @@ def test_equal_sizes_and_equal_quality_is_exactly_fedavg():
     ups = [_update(k, 120, residual=2e-2) for k in range(4)]   # equal n, equal (imperfect) quality
     ref = ups[0].state
     fedavg = fuse(ups, fusion_weights(ups, "fedavg"), ref)
-    for rule in ("quality", "accuracy", lambda us: [0.37] * len(us)):
+    for rule in ("quality", "tolerance", "accuracy", lambda us: [0.37] * len(us)):
         q = quality_factors(ups, rule)
         assert np.all(q == q[0]) and q[0] < 1.0             # the quality factor is not trivially 1
         assert np.array_equal(fusion_weights(ups, rule), fusion_weights(ups, "fedavg"))
@@ -126,7 +126,7 @@ def test_equal_sizes_and_equal_quality_is_exactly_fedavg():
 
 def test_one_client_returns_its_own_parameters():
     up = _update(3, 77, residual=0.5)
-    for rule in ("fedavg", "quality", "accuracy"):
+    for rule in ("fedavg", "quality", "tolerance", "accuracy"):
         w = fusion_weights([up], rule)
         assert w.tolist() == [1.0]
         got = fuse([up], w, up.state)
@@ -140,16 +140,30 @@ def test_weights_sum_to_one_and_follow_the_rule():
         m = int(rng.integers(1, 9))
         ups = [_update(k, int(rng.integers(1, 500)), residual=float(10 ** rng.uniform(-5, 0)),
                        acc=float(rng.uniform(0, 1))) for k in range(m)]
-        for rule in ("fedavg", "quality", "accuracy"):
+        for rule in ("fedavg", "quality", "tolerance", "accuracy"):
             w = fusion_weights(ups, rule)
             assert w.shape == (m,) and np.all(w > 0)
             assert abs(w.sum() - 1.0) < 1e-12
-    # the quality rule: q = sqrt(tol / r) clipped to [floor, 1]
+    # the earlier rule: q = sqrt(tol / r) clipped to [floor, 1]
     ups = [_update(0, 100, residual=1e-3), _update(1, 100, residual=1e-1), _update(2, 100, residual=10.0),
            _update(3, 100, residual=1e-5)]
-    np.testing.assert_allclose(quality_factors(ups, "quality"), [1.0, 0.1, 0.05, 1.0])
-    w = fusion_weights(ups, "quality")
+    np.testing.assert_allclose(quality_factors(ups, "tolerance"), [1.0, 0.1, 0.05, 1.0])
+    w = fusion_weights(ups, "tolerance")
     np.testing.assert_allclose(w, np.array([1.0, 0.1, 0.05, 1.0]) / 2.15)
+    # the quality rule: q = 1 - e clipped to [floor, 1], e the reported state error; without it,
+    # e = max(0, r - tol) / (1 - rho) from the residual, the tolerance and the contraction
+    for u, e in zip(ups, (0.0, 0.25, 0.97, 2.0)):
+        u.stats["state_error"] = e
+    np.testing.assert_allclose(quality_factors(ups, "quality"), [1.0, 0.75, 0.05, 0.05])
+    np.testing.assert_allclose(quality_factors(ups, "quality", floor=0.01), [1.0, 0.75, 0.03, 0.01])
+    n = np.array([100, 300, 50, 50])
+    for u, k in zip(ups, n):
+        u.num_examples = int(k)
+    np.testing.assert_allclose(fusion_weights(ups, "quality"),
+                               n * [1.0, 0.75, 0.05, 0.05] / (n * [1.0, 0.75, 0.05, 0.05]).sum())
+    legacy = [_update(0, 10, residual=0.051, tol=1e-3), _update(1, 10, residual=1e-4, tol=1e-3)]
+    legacy[0].stats["contraction"] = 0.5
+    np.testing.assert_allclose(quality_factors(legacy, "quality"), [1 - 0.05 / 0.5, 1.0])
     with pytest.raises(ConfigError):
         fusion_weights(ups, "median")
     with pytest.raises(ConfigError):
@@ -175,6 +189,70 @@ def test_update_checks_reject_poison_and_wrong_shapes():
     assert "dtype" in check_update(ClientUpdate(0, 10, st), ref)
     for n in (0, -3, 2.5, True):
         assert "num_examples" in check_update(ClientUpdate(0, n, _state(2)), ref)
+
+
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
+def test_state_error_estimates_the_distance_to_the_equilibrium():
+    """Oracle: the equilibrium solved to 1e-12 (500 plain iterations); the estimate r / (1 - rho)
+    of a truncated solve bounds the true relative distance from above, within a factor 2.5."""
+    from robustdeq.data import load_digits
+    from robustdeq.deq import zoo
+    from robustdeq.federated.local import state_error
+    x = load_digits("test")[0][:48]
+    for scale in (0.5, 0.9):
+        opts = dict(hidden=32, mean=0.3, std=0.4, norm="spectral", scale=scale)
+        torch.manual_seed(0)
+        ref = zoo.build("mlp_deq", **opts, solver={"name": "fixed_point", "max_iter": 500, "tol": 1e-12}).eval()
+        with torch.no_grad():
+            zs = ref.run(x).z_star.flatten(1)
+        for solver in ("fixed_point", "anderson"):
+            for k in (2, 4, 8):
+                m = zoo.build("mlp_deq", **opts, solver={"name": solver, "max_iter": k, "tol": 1e-9}).eval()
+                m.load_state_dict(ref.state_dict())
+                with torch.no_grad():
+                    zk = m.run(x).z_star.flatten(1)
+                true = float(((zk - zs).norm(dim=1) / zs.norm(dim=1)).mean())
+                est = state_error(m, x, 1e-9)
+                assert true <= est["state_error"] <= 2.5 * true, (scale, solver, k, true, est)
+                assert 0 < est["contraction"] < 1
+    # a solve that reaches its tolerance has no error beyond it; a feed-forward model has none
+    m = zoo.build("mlp_deq", **opts, solver={"name": "anderson", "max_iter": 60, "tol": 1e-3})
+    assert state_error(m, x, 1e-3)["state_error"] == 0.0
+    assert state_error(zoo.build("ff_cnn", channels=4, blocks=1), x, 1e-3) == \
+        {"state_error": 0.0, "contraction": 0.0}
+
+
+def _spectral_mlp_deq(seed: int):
+    from robustdeq.deq import zoo
+    torch.manual_seed(seed)
+    return zoo.build("mlp_deq", hidden=24, norm="spectral", scale=0.9).eval()  # eval: no power step
+
+
+def test_fusion_keeps_spectral_normalised_layer_a_contraction():
+    """Averaging the power-iteration buffers of spectral norms breaks the bound ||W||_2 = scale
+    of the fused layer; refresh_spectral_norms restores it (oracle: the exact matrix norm)."""
+    from robustdeq.federated.fusion import refresh_spectral_norms
+    models = [_spectral_mlp_deq(s) for s in range(4)]
+    for m in models:   # each client's layer: ||W||_2 = 0.9 up to its power iteration's accuracy
+        assert abs(float(torch.linalg.matrix_norm(m.cell.W.weight.detach(), ord=2)) - 0.9) < 0.05
+    ups = [ClientUpdate(k, 10 * (k + 1), {n: v.detach().clone() for n, v in m.state_dict().items()})
+           for k, m in enumerate(models)]
+    fused = fuse(ups, fusion_weights(ups, "fedavg"), ups[0].state)
+    glob = _spectral_mlp_deq(9)
+    glob.load_state_dict(fused)
+    before = float(torch.linalg.matrix_norm(glob.cell.W.weight.detach(), ord=2))
+    assert before > 1.0                                    # the plain average is not a contraction
+    params = {n: p.detach().clone() for n, p in glob.named_parameters()}
+    assert refresh_spectral_norms(glob) == 1
+    after = float(torch.linalg.matrix_norm(glob.cell.W.weight.detach(), ord=2))
+    assert abs(after - 0.9) < 1e-5
+    for n, p in glob.named_parameters():                     # only the buffers changed
+        assert torch.equal(p.detach(), params[n])
+    u = dict(glob.state_dict())
+    refresh_spectral_norms(glob)                             # idempotent (signs kept)
+    for k, v in glob.state_dict().items():
+        torch.testing.assert_close(v, u[k], rtol=0, atol=1e-6)
+    assert refresh_spectral_norms(torch.nn.Linear(3, 3)) == 0
 
 
 # --------------------------------------------------------------------- the strategy (Flower messages)
@@ -252,6 +330,46 @@ def test_config_errors_are_config_errors():
     cfg = FederatedConfig.from_dict({"budgets": "5,10,30", "clients": 4})
     assert cfg.budgets == (5, 10, 30)
     assert FederatedConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_eval_threat_is_a_typed_norm(monkeypatch):
+    from robustdeq.config import Norm
+    from robustdeq.federated import config as fconfig
+    from robustdeq.federated import server
+    cfg = FederatedConfig(eval_threat="L2")
+    assert cfg.eval_threat is Norm.L2 and cfg.eval_threat == "L2"
+    assert FederatedConfig().eval_threat is Norm.LINF
+    assert FederatedConfig(eval_threat=Norm.L2) == cfg
+    # JSON (clients, checkpoints) holds the string; the round trip gives back the enum
+    assert cfg.to_dict()["eval_threat"] == "L2" and json.loads(cfg.to_json())["eval_threat"] == "L2"
+    assert FederatedConfig.from_json(cfg.to_json()).eval_threat is Norm.L2
+    # the hash of the settings is that of the string (checkpoints of earlier runs still resume)
+    d = FederatedConfig().to_dict()
+    d.pop("rounds"), d.pop("client_timeout")
+    import hashlib
+    assert fconfig.config_hash(FederatedConfig()) == hashlib.sha256(
+        json.dumps(d, sort_keys=True).encode()).hexdigest()[:16] and d["eval_threat"] == "Linf"
+    for bad in ("linf", "L1", "Linf ", 2, None):
+        with pytest.raises(ConfigError, match="eval_threat"):
+            FederatedConfig(eval_threat=bad)
+        with pytest.raises(ConfigError, match="eval_threat"):
+            FederatedConfig.from_dict({"eval_threat": bad})
+    with pytest.raises(ConfigError, match="eval_threatt"):
+        FederatedConfig(eval_threatt="L2")          # a typo is a ConfigError, not a TypeError
+    # the server hands the enum to the harness
+    seen = {}
+
+    def fake_evaluate(model, x, y, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+    import robustdeq.eval
+    monkeypatch.setattr(robustdeq.eval, "evaluate", fake_evaluate)
+    from robustdeq.federated.local import build_model
+    from robustdeq.data import load_digits
+    x, y = load_digits("test")
+    with pytest.raises(RuntimeError, match="stop"):
+        server.evaluate_global(build_model(cfg), cfg, x[:8], y[:8])
+    assert seen["threat"] is Norm.L2
 
 
 def test_missing_flower_names_the_extra(monkeypatch):
@@ -469,8 +587,17 @@ def test_faulty_clients_are_dropped_or_rejected_end_to_end(tmp_path):
     fc = FederatedConfig.from_dict(cfg)
     torch.manual_seed(fc.seed)
     direct = train_client(fc, 0, transferable_state(build_model(fc)), 1)
-    for k, v in direct.state.items():   # the one good client, exactly as trained outside Flower
+    # the one good client, exactly as trained outside Flower; the server then recomputes the
+    # power-iteration buffers of its spectral norm (parameters untouched)
+    from robustdeq.federated.fusion import refresh_spectral_norms
+    model = build_model(fc)
+    model.load_state_dict(direct.state)
+    assert refresh_spectral_norms(model) == 1
+    for k, v in transferable_state(model).items():
         assert torch.equal(res.state[k], v), k
+    for k, v in direct.state.items():
+        if not (k.endswith("._u") or k.endswith("._v")):
+            assert torch.equal(res.state[k], v), k
 
 
 # ----------------------------------------------------------- loopback deployment (processes)

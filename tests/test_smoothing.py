@@ -83,6 +83,71 @@ def test_srs_bound_refuses_a_chain_that_disagrees_with_the_base_classifier():
     assert beta.ppf(0.0005, rho * n, rho * n - rho * n + 1) > 0.99  # the unsound rule's answer
 
 
+def test_srs_bound_with_every_position_checked_is_the_binomial_bound_on_the_base_counts():
+    # K = n: the base classifier's count B is known exactly (agree + gained), so the corrected
+    # bound is Clopper-Pearson at alpha_2 on min(B, n_A) (never above the warm-started count)
+    n, alpha = 500, 0.01
+    for n_a, disagree, agree, gained in [(480, 5, 475, 10), (500, 40, 460, 0), (300, 0, 300, 150),
+                                         (470, 20, 450, 10)]:
+        p, d_up = S.srs_lower_bound(n_a, n, n, disagree, agree, alpha, gained=gained)
+        assert d_up == disagree
+        k = min(agree + gained, n_a)
+        assert p == pytest.approx(beta.ppf(alpha / 2, k, n - k + 1), rel=1e-12)
+        assert p <= S.clopper_pearson_lower(n_a, n, alpha)
+    with pytest.raises(InputError):
+        S.srs_lower_bound(10, 20, 5, disagree=2, agree=2, alpha=0.01, gained=2)
+
+
+@pytest.mark.parametrize("n_a,n", [(9990, 10000), (9800, 10000), (9000, 10000), (7000, 10000), (4000, 10000),
+                                   (995, 1000)])
+def test_adaptive_check_count_is_the_smallest_that_keeps_the_radius_within_the_slack(n_a, n):
+    alpha, sigma, slack, k_min, k_max = 0.001, 0.5, 0.1, 100, n
+    k = S.check_count(n_a, n, alpha, sigma, k_min, k_max, slack=slack)
+    assert k_min <= k <= k_max
+    r_unc = S.radius_from(S.clopper_pearson_lower(n_a, n, alpha / 2), sigma)
+
+    def loss(kk):  # radius lost to the correction when the check finds no disagreement
+        p, _ = S.srs_lower_bound(n_a, n, kk, 0, 0, alpha)       # (agree = 0: no clamp by n_a - agree)
+        return r_unc - S.radius_from(p, sigma)
+    if r_unc == 0:
+        assert k == k_min
+        return
+    if k < k_max:
+        assert loss(k) <= slack * sigma + 1e-12
+    if k > k_min:
+        assert loss(k - 1) > slack * sigma
+    # larger warm-started counts need at least as many checks
+    assert S.check_count(min(n_a + 50, n), n, alpha, sigma, k_min, k_max, slack=slack) >= k or r_unc == 0
+
+
+@pytest.mark.parametrize("bias", ["always_c_hat", "symmetric_flips"])
+def test_srs_bound_covers_the_base_probability_against_a_biased_chain(bias):
+    # Monte Carlo over noise and check positions: base predictions I_i ~ Bernoulli(p_A) i.i.d.
+    # (the base classifier's correctness on i.i.d. noise), warm-started predictions J_i an
+    # adversarial function of the whole noise; the corrected p_lower (adaptive K, a function of
+    # the warm-started count) may exceed p_A with probability at most alpha
+    rng = torch.Generator().manual_seed(0)
+    n, p_a, alpha, runs = 2000, 0.9, 0.05, 300
+    failures = 0
+    for _ in range(runs):
+        I = torch.rand(n, generator=rng) < p_a
+        if bias == "always_c_hat":
+            J = torch.ones(n, dtype=torch.bool)
+        else:  # 3 % flips each way, in a noise-dependent (here: clustered) pattern
+            J = I.clone()
+            J[:60] = ~J[:60]
+            J[I.nonzero().flatten()[:30]] = False
+        n_a = int(J.sum())
+        k = S.check_count(n_a, n, alpha, 0.25, 50, 1000, slack=0.1)
+        pos = torch.randperm(n, generator=rng)[:k]
+        d = int((J[pos] & ~I[pos]).sum())
+        a = int((J[pos] & I[pos]).sum())
+        g = int((~J[pos] & I[pos]).sum())
+        p, _ = S.srs_lower_bound(n_a, n, k, d, a, alpha, gained=g)
+        failures += p > p_a
+    assert failures <= alpha * runs + 3 * math.sqrt(alpha * (1 - alpha) * runs), failures
+
+
 # ------------------------------------------------------------------------------- oracles
 def _affine(model, d):
     with torch.no_grad():
@@ -130,24 +195,30 @@ def test_srs_with_enough_steps_equals_independent_smoothing_on_the_same_noise():
     x = _inputs(3)
     kw = dict(sigma=0.3, n0=40, n=300, batch_size=60, seed=5)
     plain = S.certify(model, x, **kw)
-    srs = S.certify(model, x, srs_steps=100, check_samples=50, **kw)
-    for a, b in zip(plain.results, srs.results):
-        assert a.selected == b.selected and a.count == b.count
-        assert b.srs["disagree"] == 0 and b.srs["warm_fraction"] == 1.0
-        assert b.srs["radius_uncorrected"] == pytest.approx(a.radius, abs=0)
-        assert b.radius <= a.radius
+    for extra in ({}, {"srs_start": "clean"}, {"srs_start": "clean", "check_max": 300}):
+        srs = S.certify(model, x, srs_steps=100, check_samples=50, **extra, **kw)
+        for a, b in zip(plain.results, srs.results):
+            assert a.selected == b.selected and a.count == b.count, extra
+            assert b.srs["disagree"] == 0 and b.srs["gained"] == 0 and b.srs["warm_fraction"] == 1.0
+            assert b.srs["radius_uncorrected"] == pytest.approx(a.radius, abs=0)
+            assert b.radius <= a.radius
+            assert 50 <= b.srs["checked"] <= extra.get("check_max", 50)
 
 
-def test_srs_few_steps_is_cheaper_and_corrected_radius_is_never_larger():
+@pytest.mark.parametrize("extra", [{}, {"srs_start": "clean"}, {"check_max": 400}])
+def test_srs_few_steps_is_cheaper_and_corrected_radius_is_never_larger(extra):
     model = _tiny(norm="none", scale=1.0, solver={"max_iter": 30})
     x = _inputs(4, seed=2)
     kw = dict(sigma=0.25, n0=40, n=400, batch_size=100, seed=1)
     plain = S.certify(model, x, **kw)
-    srs = S.certify(model, x, srs_steps=1, check_samples=40, **kw)
+    srs = S.certify(model, x, srs_steps=1, check_samples=40, **extra, **kw)
     for r in srs.results:
         assert r.radius <= r.srs["radius_uncorrected"]
         assert r.p_lower <= r.srs["p_lower_uncorrected"]
     assert srs.summary["f_evals_per_noise_sample"] < plain.summary["f_evals_per_noise_sample"]
+    assert srs.summary["cell_evals_per_noise_sample"] < plain.summary["cell_evals_per_noise_sample"]
+    # the rows computed include frozen rows and the read-out: never fewer than the solver's steps
+    assert plain.summary["cell_evals_per_noise_sample"] >= plain.summary["f_evals_per_noise_sample"]
 
 
 def test_deterministic_under_a_seed_and_batch_independent():
@@ -186,6 +257,12 @@ def test_config_errors_are_loud():
         S.certify(model, x, sigma=0.0)
     with pytest.raises(ConfigError, match="check_samples"):
         S.certify(model, x, n=50, srs_steps=2, check_samples=0)
+    with pytest.raises(ConfigError, match="srs_start"):
+        S.certify(model, x, n=50, srs_steps=2, check_samples=10, srs_start="previous")
+    with pytest.raises(ConfigError, match="check_max"):
+        S.certify(model, x, n=50, srs_steps=2, check_samples=10, check_max=5)
+    with pytest.raises(ConfigError, match="check_max"):
+        S.certify(model, x, n=50, srs_steps=2, check_samples=10, check_max=51)
     with pytest.raises(ConfigError, match="srs_steps"):
         S.predict(model, x, srs_steps=2)
     ff = zoo.build("ff_mlp", in_shape=(1, 4, 4), num_classes=3)
@@ -194,7 +271,7 @@ def test_config_errors_are_loud():
     with pytest.raises(ConfigError, match="clip=True"):   # the feed-forward model insists on [0, 1]
         S.certify(ff, x, n0=10, n=50)
     rep = S.certify(ff, x, n0=10, n=50, clip=True)
-    assert rep.results[0].f_evals is None
+    assert rep.results[0].f_evals is None and rep.results[0].cell_evals is None
     with pytest.raises(InputError):
         S.certify(model, x, torch.tensor([0, 1]))
 
@@ -222,11 +299,14 @@ def _smoothed_grad(model, x, c, sigma, m, gen):
     return g
 
 
-def test_no_certified_prediction_flips_at_099_of_its_radius():
+@pytest.mark.parametrize("srs", [{}, {"srs_steps": 1, "check_samples": 100, "check_max": 1000},
+                                 {"srs_steps": 2, "check_samples": 200, "srs_start": "clean"}])
+def test_no_certified_prediction_flips_at_099_of_its_radius(srs):
+    # SRS certifies the same smoothed classifier g of the base model: the same oracle applies
     model = _tiny(norm="none", scale=1.0, init_gain=1.5, seed=11)
     x = _inputs(6, seed=12)
     sigma = 0.25
-    rep = S.certify(model, x, sigma=sigma, n0=50, n=1000, batch_size=500, seed=2)
+    rep = S.certify(model, x, sigma=sigma, n0=50, n=1000, batch_size=500, seed=2, **srs)
     certified = [r for r in rep.results if not r.abstained]
     assert certified, "the oracle needs certified inputs"
     gen = torch.Generator().manual_seed(0)
@@ -263,6 +343,13 @@ def test_cli_trains_with_noise_and_certifies_with_smoothing(tmp_path, capsys):
     assert (cert / "certified_accuracy.png").is_file() and (cert / "certificate.md").is_file()
     assert "Randomized-smoothing certificate" in capsys.readouterr().out
     assert main(["certify", str(out / "checkpoint.pt"), "--smoothing", "-1", "-n", "1", "--no-progress"]) == 2
+    cert2 = tmp_path / "cert2"
+    assert main(["certify", str(out / "checkpoint.pt"), "--smoothing", "0.25", "--n", "100", "--n0", "20",
+                 "-n", "2", "--srs-steps", "2", "--srs-start", "clean", "--check-samples", "20",
+                 "--check-max", "100", "--out", str(cert2), "--no-progress"]) == 0
+    d2 = json.loads((cert2 / "certificate.json").read_text())
+    assert d2["config"]["srs_start"] == "clean" and d2["config"]["check_max"] == 100
+    assert all(20 <= r["srs"]["checked"] <= 100 for r in d2["results"])
 
 
 def test_gaussian_noise_objective_options():

@@ -67,6 +67,11 @@ def test_torchattack_without_options_names_what_is_missing(ckpt, capsys):
     _one_line_error(capsys, "--options", '"attack"')
 
 
+def test_grad_with_an_attack_that_takes_none_is_an_error(ckpt, capsys):
+    assert main(["attack", str(ckpt), "--attack", "state", "--grad", "ift", "-n", "2", "--no-progress"]) == 2
+    _one_line_error(capsys, "--grad", "'state'")
+
+
 def test_every_torchattacks_attack_gets_only_parameters_it_accepts():
     import inspect
     import torchattacks

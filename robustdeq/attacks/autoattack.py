@@ -7,13 +7,19 @@ the global RNG that pyautoattack seeds is restored afterwards, its never-reset d
 counter is reset before each run (otherwise every model after a flagged one is flagged), and the
 trace function its dynamic-defense check removes (``sys.settrace(None)``: coverage, debuggers)
 is put back.
+
+On a DEQ attacked as is, ``fast_deq=True`` (opt-in) makes the model side of the run cheaper
+without touching AutoAttack's algorithm or the function attacked
+(:class:`robustdeq.deq.memory.WarmMemory`): the implicit backward's adjoint to an attack-grade
+tolerance from each sample's latest converged adjoint, forward warm starts only on a cell
+certified contractive, and repeated evaluations restarted from their converged state.
 """
 from __future__ import annotations
 
 import logging
 import re
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +100,18 @@ class AutoAttack(Attack):
             starts a sample's forward solve from the latest converged fixed point of the same
             clean sample (a warm-started solve that does not converge is redone cold); the memory
             is built for the run's batch and forgotten at its end. AutoAttack itself is unchanged.
+        fast_deq: for a DEQ attacked as is (no ``view``) whose model is a plain
+            :class:`~robustdeq.deq.model.DEQClassifier` with the ``ImplicitGrad`` estimator, make
+            the model side of the run cheaper (:data:`robustdeq.deq.memory.FAST_OPTIONS`): the
+            implicit backward's adjoint solved to an attack-grade tolerance (``adjoint_tol``,
+            1e-3 relative against the estimator's 1e-6) from the sample's latest converged
+            adjoint, forward warm starts only on a cell certified contractive, and repeated
+            evaluations of an input restarted from their recorded converged state (``shrink``,
+            solves on a shrinking batch, is off: slower here). ``True`` or a dict overriding
+            some of those options; with ``warm_memory=True`` as well, forward warm starts on any
+            cell. The forward logits stay the model's own function (to its solver's tolerance,
+            on a contractive cell with forward warm starts). Off by default: it misses issue 13's time target (benchmarks/RESULTS.md,
+            "Speed (issue 13)").
 
     The returned ``x_adv`` is pyautoattack's: an adversarial example where one was found, the
     clean input otherwise. The last adversary object is kept as ``last_adversary``.
@@ -105,10 +123,11 @@ class AutoAttack(Attack):
                  version: str = "standard", attacks: Optional[Sequence[str]] = None,
                  view: Optional[Dict[str, Any]] = None, seed: Optional[int] = 0,
                  batch_size: int = 250, settings: Optional[Dict[str, Any]] = None,
-                 warm_memory: bool = False):
+                 warm_memory: bool = False, fast_deq: Union[bool, Dict[str, Any]] = False):
         super().__init__(model, eps=eps, norm=norm, targeted=False, seed=seed)
         if not isinstance(warm_memory, bool):
             raise ConfigError(f"warm_memory must be a bool, got {warm_memory!r}")
+        fast_options = _fast_options(fast_deq)
         if version not in VERSIONS:
             raise ConfigError(f"unknown AutoAttack version {version!r}; expected one of {', '.join(VERSIONS)}")
         if version == "custom":
@@ -129,11 +148,21 @@ class AutoAttack(Attack):
         self.target = make_view(model, view)
         #: the per-sample warm-start memory (robustdeq.deq.memory) wrapping a DEQ attacked as is
         self.memory = None
-        if warm_memory and view is None and is_deq(model):
+        if fast_options is not None and view is None and _fast_supported(model):
+            from ..deq.memory import WarmMemory
+            if warm_memory:
+                fast_options["forward_warm"] = True
+            self.memory = WarmMemory(model, **fast_options)
+            self.target = self.memory
+        elif fast_options is not None:
+            logger.info("AutoAttack(fast_deq=...): %s is attacked as is (it needs a DEQClassifier "
+                        "with its own pieces, attacked without a view)", type(model).__name__)
+        if self.memory is None and warm_memory and view is None and is_deq(model):
             from ..deq.memory import WarmMemory
             self.memory = WarmMemory(model)
             self.target = self.memory
-        self.warm_memory = self.memory is not None
+        self.warm_memory = warm_memory and self.memory is not None
+        self.fast_deq = None if self.memory is None or not self.memory.fast else dict(fast_options)
         self.settings = dict(settings or {})
         for key in self.settings:
             comp, _, attr = key.partition(".")
@@ -149,7 +178,7 @@ class AutoAttack(Attack):
     def params(self) -> Dict[str, Any]:
         return {"version": self.version, "attacks": self.attacks, "view": describe_view(self.view),
                 "batch_size": self.batch_size, "settings": self.settings,
-                "warm_memory": self.warm_memory}
+                "warm_memory": self.warm_memory, "fast_deq": self.fast_deq}
 
     def guarded_models(self) -> List[nn.Module]:
         return [self.model, self.target] if self.target is not self.model else [self.model]
@@ -204,6 +233,28 @@ class AutoAttack(Attack):
             same = (x_adv32 == x32).reshape(x.shape[0], -1).all(dim=1)
             x_adv = torch.where(same.view(-1, *([1] * (x.dim() - 1))), x, x_adv)
         return project(x_adv, x, self.eps, self.norm)
+
+
+def _fast_options(fast_deq: Union[bool, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The WarmMemory options of ``fast_deq`` (None: off); bad values are a ConfigError."""
+    from ..deq.memory import FAST_OPTIONS
+    if fast_deq is False:
+        return None
+    if fast_deq is True:
+        return dict(FAST_OPTIONS)
+    if not isinstance(fast_deq, dict):
+        raise ConfigError(f"fast_deq must be a bool or a dict of options among "
+                          f"{', '.join(FAST_OPTIONS)}, got {fast_deq!r}")
+    unknown = sorted(set(fast_deq) - set(FAST_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown fast_deq option(s) {', '.join(unknown)}; known: {', '.join(FAST_OPTIONS)}")
+    return {**FAST_OPTIONS, **fast_deq}
+
+
+def _fast_supported(model: nn.Module) -> bool:
+    from ..deq.grad import ImplicitGrad
+    from ..deq.warm import supports_implicit_input_gradient
+    return supports_implicit_input_gradient(model, ImplicitGrad())
 
 
 class _StageAccuracies(logging.Handler):

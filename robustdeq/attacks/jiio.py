@@ -34,7 +34,8 @@ class JIIO(Attack):
             for L2) or "gradient" (``step``: its former name, accepted with a DeprecationWarning).
         solver: "fixed_point" (default: plain iteration of the damped augmented map; the stronger
             attack in our measurements) or "anderson" (memory ``m``, the paper's choice).
-        select: "best" (lowest augmented residual) or "last" iterate.
+        select: "best" (lowest augmented residual), "last" iterate, or "next" (the map's output
+            at the last iterate: one more input step for free).
         random_start: start from a random point of the ball (seeded) instead of ``x``.
         targeted: ``y`` are target classes (the attack descends their cross-entropy).
         seed: seed of the random start.

@@ -17,42 +17,23 @@ resumes like a single-process one and the ranks need no shared file system.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..distributed import DistContext, all_gather_object, all_reduce, broadcast_object, context
+from ..distributed import DistContext, all_gather_object, all_reduce, broadcast_object, claim, context
 from ..errors import ConfigError
-
-
-_queues = itertools.count()
 
 
 def owned_batches(starts: Sequence[int], ctx: Optional[DistContext]) -> Iterator[int]:
     """The batch starts this rank attacks. The ranks take the next unclaimed batch from a shared
-    counter in the process group's store as they finish one (robust samples cost an attack far
-    more than broken ones, so a fixed split leaves ranks idle); the results do not depend on
-    which rank attacks a batch. Without a reachable store: every ``world_size``-th batch."""
+    counter in the process group's store as they finish one (:func:`robustdeq.distributed.claim`:
+    robust samples cost an attack far more than broken ones, so a fixed split leaves ranks idle);
+    the results do not depend on which rank attacks a batch."""
     if ctx is None:
-        yield from starts
-        return
-    key = f"robustdeq/eval/batches/{next(_queues)}"  # every rank calls in the same order
-    store = None
-    try:
-        from torch.distributed import distributed_c10d
-        store = distributed_c10d._get_default_store()
-    except Exception:  # pragma: no cover - a group without a store
-        store = None
-    if store is None:  # pragma: no cover
-        yield from starts[ctx.rank::ctx.world_size]
-        return
-    while True:
-        j = int(store.add(key, 1)) - 1
-        if j >= len(starts):
-            return
-        yield starts[j]
+        return iter(starts)
+    return claim(starts, ctx)
 
 
 def merge_rows(x_adv: Tensor, mine: Tensor, ctx: Optional[DistContext]) -> Tensor:

@@ -2,9 +2,10 @@
 
 Every option is checked when the config is built (unknown keys, wrong types and invalid values are
 :class:`~robustdeq.errors.ConfigError`\\ s), so a run never starts with a typo in its settings. The
-config is plain data (numbers, strings, tuples, dicts of JSON values): it travels to the clients
-as JSON inside Flower's ``ConfigRecord`` and is stored in every round checkpoint, so that a resumed
-run can check it continues the same experiment.
+config is plain data (numbers, strings, enums, tuples, dicts of JSON values; :meth:`to_dict` writes
+enums as their strings): it travels to the clients as JSON inside Flower's ``ConfigRecord`` and is
+stored in every round checkpoint, so that a resumed run can check it continues the same
+experiment.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from ..config import from_dict, to_dict
+from ..config import Norm, _strict_init, coerce_enum, from_dict, to_dict
 from ..errors import ConfigError
 
-__all__ = ["FederatedConfig", "FUSIONS", "FAULTS", "EVAL_SUITES", "DEFAULT_MODEL_OPTIONS",
+__all__ = ["FederatedConfig", "Norm", "FUSIONS", "FAULTS", "EVAL_SUITES", "DEFAULT_MODEL_OPTIONS",
            "parse_partition", "parse_budgets", "client_budget", "config_hash"]
 
-FUSIONS = ("fedavg", "quality", "accuracy")
+FUSIONS = ("fedavg", "quality", "tolerance", "accuracy")
 FAULTS = ("raise", "nan", "inf", "shape", "hang")
 EVAL_SUITES = ("none", "quick", "standard", "full")  # the built-ins; registered suites are accepted too
 SOLVERS = ("fixed_point", "anderson", "broyden")  # the built-ins; registered solvers are accepted too
@@ -54,6 +55,7 @@ def parse_budgets(text: str) -> Tuple[int, ...]:
     return out
 
 
+@_strict_init
 @dataclass(frozen=True)
 class FederatedConfig:
     """Settings of a federated DEQ run (see :mod:`robustdeq.federated`).
@@ -79,15 +81,19 @@ class FederatedConfig:
         every round, constant learning rate).
 
     Server:
-        rounds; fusion: ``"fedavg"`` (w_k ~ n_k), ``"quality"`` (w_k ~ n_k q_k, q_k from the
-        achieved fixed-point residual) or ``"accuracy"`` (q_k = local validation accuracy);
+        rounds; fusion: ``"fedavg"`` (w_k ~ n_k), ``"quality"`` (w_k ~ n_k q_k, q_k = 1 - the
+        client's estimated distance from the equilibrium), ``"tolerance"`` (q_k = sqrt(tol/r_k),
+        the earlier rule) or ``"accuracy"`` (q_k = local validation accuracy);
         quality_floor: lower bound of q_k. client_timeout: seconds the server waits for the
         replies of a round; late clients are dropped from that round.
 
     Evaluation of the global model after every round:
         eval_suite: ``"none"`` (clean accuracy only) or a suite of :func:`robustdeq.eval.evaluate`
         (``quick``: PGD with IFT and unrolled gradients). eval_samples: test samples attacked
-        (0: the whole split); eval_eps / eval_steps / eval_threat: the threat model.
+        (0: the whole split); eval_eps / eval_steps / eval_threat: the threat model
+        (``eval_threat`` accepts ``"Linf"`` / ``"L2"`` or a :class:`~robustdeq.config.Norm` and
+        is stored as the enum, which compares equal to its string; JSON and checkpoints hold the
+        string).
 
     faults: ``{client id: kind}`` makes clients misbehave on purpose (``raise``, ``nan``,
         ``inf``, ``shape``, ``hang``), to check the server's fault handling end to end.
@@ -118,7 +124,7 @@ class FederatedConfig:
     eval_samples: int = 200
     eval_eps: float = 0.1
     eval_steps: int = 10
-    eval_threat: str = "Linf"
+    eval_threat: Norm = Norm.LINF
     client_timeout: float = 600.0
     faults: Dict[str, str] = field(default_factory=dict)
 
@@ -161,8 +167,8 @@ class FederatedConfig:
             bad("eval_samples must be >= 0 and eval_steps >= 1")
         if not (self.eval_eps > 0 and math.isfinite(self.eval_eps)):
             bad(f"eval_eps must be a finite number > 0, got {self.eval_eps}")
-        if self.eval_threat not in ("Linf", "L2"):
-            bad(f"eval_threat must be 'Linf' or 'L2', got {self.eval_threat!r}")
+        object.__setattr__(self, "eval_threat",
+                           coerce_enum(Norm, self.eval_threat, "FederatedConfig.eval_threat"))
         if not self.client_timeout > 0:
             bad(f"client_timeout must be > 0 seconds, got {self.client_timeout}")
         for name in ("defense_options", "model_options", "faults"):

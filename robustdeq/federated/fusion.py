@@ -9,10 +9,18 @@ The global model of round t+1 is ``theta = sum_k w_k theta_k`` over the clients 
 passed :func:`check_update`, with ``w_k = n_k q_k / sum_j n_j q_j`` (``sum_k w_k = 1``):
 
 - ``fedavg``: ``q_k = 1`` (McMahan et al. 2017).
-- ``quality``: ``q_k = max(q_min, min(1, sqrt(tol_k / r_k)))``, where ``r_k`` is the mean final
-  fixed-point residual of client k's model on its own validation samples, solved with its own
-  solver budget, and ``tol_k`` the tolerance it aimed at (``r_k = 0`` gives 1). See
-  :mod:`robustdeq.federated` for why.
+- ``quality``: ``q_k = max(q_min, 1 - e_k)``, where ``e_k`` (the client's ``state_error``,
+  :func:`robustdeq.federated.local.state_error`) estimates how far, relative to the state, the
+  client's solver output stays from the equilibrium beyond its tolerance ``tol_k``:
+  ``e_k = mean_i max(0, r_i - tol_k) / (1 - rho_i)`` over its validation samples, ``r_i`` the
+  final relative residual with the client's own budget and ``rho_i`` the solver's observed rate
+  of convergence on that sample. A client without ``state_error`` in its statistics gets
+  ``e_k = max(0, r_k - tol_k) / (1 - rho_k)`` from ``mean_residual``, ``tol`` and
+  ``contraction`` (``rho_k = 0`` when missing). See :mod:`robustdeq.federated` for why.
+- ``tolerance``: ``q_k = max(q_min, min(1, sqrt(tol_k / r_k)))`` (``r_k`` = ``mean_residual``,
+  ``r_k = 0`` gives 1): the first quality rule of this package, kept for comparison; it measures
+  the residual against the tolerance the user picked, not against the state, and weighs the
+  truncated clients far down (see ``benchmarks/RESULTS.md``).
 - ``accuracy``: ``q_k = max(q_min, a_k)``, ``a_k`` the client's local validation accuracy.
 - any callable ``rule(updates) -> q`` (one non-negative number per update).
 
@@ -20,6 +28,20 @@ The quality factors are divided by their maximum before the product (``q_k / max
 changes no weight but makes equal qualities give *bit for bit* the FedAvg weights; the weighted
 sum is accumulated in float64 in client order and cast back, so one client gives back exactly its
 own parameters.
+
+Spectral normalisation after fusion
+-----------------------------------
+A weight under PyTorch's spectral normalisation is ``W = W_orig / (u^T W_orig v)``, where the
+buffers ``u``, ``v`` are the state of a power iteration (one step per training forward pass). The
+average of the clients' ``u`` (or ``v``) vectors is *not* the singular vector of the averaged
+``W_orig``: it is shorter (the clients' vectors point in different directions when the leading
+singular values are close), so ``u^T W_orig v`` underestimates ``||W_orig||_2`` and the fused DEQ
+layer is no longer the contraction it was built to be (measured on digits, 8 clients, Dirichlet
+0.5: ``||u||`` 0.24, ``||v||`` 0.21 and an effective ``||W||_2`` of 24.7 instead of 0.9 after 6
+FedAvg rounds; the global model's solver then stops at residuals 50x the tolerance).
+:func:`refresh_spectral_norms` therefore recomputes ``u``, ``v`` exactly (the leading singular
+pair of the fused ``W_orig``, signs aligned with the averaged vectors) after every fusion; the
+parameters themselves are not changed, and the fused layer again has ``||W||_2 = scale``.
 """
 from __future__ import annotations
 
@@ -36,9 +58,11 @@ from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientUpdate", "quality_factors", "fusion_weights", "check_update", "fuse"]
+__all__ = ["ClientUpdate", "quality_factors", "fusion_weights", "check_update", "fuse",
+           "refresh_spectral_norms"]
 
-STAT_KEYS = ("mean_steps", "converged_fraction", "mean_residual", "val_accuracy")
+STAT_KEYS = ("mean_steps", "converged_fraction", "mean_residual", "val_accuracy", "state_error",
+             "contraction")
 
 
 @dataclass
@@ -46,8 +70,9 @@ class ClientUpdate:
     """What a client sent back after local training.
 
     ``stats`` holds at least ``mean_residual`` (final fixed-point residual on its validation
-    samples), ``tol`` (its solver tolerance), ``mean_steps``, ``converged_fraction`` and
-    ``val_accuracy``.
+    samples), ``tol`` (its solver tolerance), ``state_error`` and ``contraction`` (its estimated
+    distance from the equilibrium and its solver's rate of convergence), ``mean_steps``,
+    ``converged_fraction`` and ``val_accuracy``.
     """
 
     client: int
@@ -73,6 +98,17 @@ def quality_factors(updates: Sequence[ClientUpdate], rule: Rule = "fedavg", *,
     if rule == "quality":
         out = []
         for u in updates:
+            if "state_error" in u.stats:
+                e = float(u.stats["state_error"])
+            else:
+                r, tol = float(u.stats.get("mean_residual", 0.0)), float(u.stats.get("tol", 0.0))
+                rho = min(max(float(u.stats.get("contraction", 0.0)), 0.0), 0.99)
+                e = max(0.0, r - tol) / (1.0 - rho)
+            out.append(max(floor, min(1.0, 1.0 - e)) if math.isfinite(e) else floor)
+        return np.asarray(out, dtype=np.float64)
+    if rule == "tolerance":
+        out = []
+        for u in updates:
             r, tol = float(u.stats.get("mean_residual", 0.0)), float(u.stats.get("tol", 0.0))
             if r <= 0 or r <= tol:
                 q = 1.0
@@ -85,7 +121,8 @@ def quality_factors(updates: Sequence[ClientUpdate], rule: Rule = "fedavg", *,
     if rule == "accuracy":
         return np.asarray([max(floor, min(1.0, float(u.stats.get("val_accuracy", 0.0))))
                            for u in updates], dtype=np.float64)
-    raise ConfigError(f"unknown fusion rule {rule!r}; expected 'fedavg', 'quality', 'accuracy' or a callable")
+    raise ConfigError(f"unknown fusion rule {rule!r}; expected 'fedavg', 'quality', 'tolerance', "
+                      "'accuracy' or a callable")
 
 
 def fusion_weights(updates: Sequence[ClientUpdate], rule: Rule = "fedavg", *,
@@ -166,3 +203,39 @@ def summarize_weights(updates: Sequence[ClientUpdate], weights: Sequence[float],
         row.update({k: float(v) for k, v in u.stats.items()})
         rows.append(row)
     return rows
+
+
+def refresh_spectral_norms(module: torch.nn.Module) -> int:
+    """Set the power-iteration buffers ``u``, ``v`` of every spectral normalisation in
+    ``module`` (``torch.nn.utils.parametrizations.spectral_norm``) to the leading singular pair
+    of its current weight, so that the normalised weight has spectral norm exactly 1 again
+    (see the module docstring: a linear average of ``u``, ``v`` does not do that).
+
+    The parameters are not touched; signs follow the current ``u``, ``v``, so a model whose
+    buffers already converged keeps them (to rounding). Returns the number of weights refreshed.
+    """
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import _SpectralNorm
+
+    count = 0
+    for mod in module.modules():
+        if not parametrize.is_parametrized(mod):
+            continue
+        for name, plist in mod.parametrizations.items():
+            for p in plist:
+                if not isinstance(p, _SpectralNorm) or not hasattr(p, "_u"):
+                    continue
+                with torch.no_grad():
+                    mat = p._reshape_weight_to_matrix(plist.original).to(torch.float64)
+                    U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
+                    u, v = U[:, 0], Vh[0]
+                    # the singular pair is defined up to a joint sign: keep the one closest to
+                    # the current (averaged) vectors, so that nothing flips from round to round
+                    if float(u @ p._u.to(torch.float64)) + float(v @ p._v.to(torch.float64)) < 0:
+                        u, v = -u, -v
+                    p._u.copy_(u.to(p._u.dtype))
+                    p._v.copy_(v.to(p._v.dtype))
+                count += 1
+                logger.debug("refreshed the spectral norm of %s.%s (sigma %.4g)",
+                             type(mod).__name__, name, float(S[0]))
+    return count

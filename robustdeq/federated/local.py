@@ -26,7 +26,9 @@ from .partition import partition_indices, split_validation
 logger = logging.getLogger(__name__)
 
 __all__ = ["ClientData", "ClientResult", "client_data", "build_model", "model_config",
-           "train_client", "derive_seed", "transferable_state"]
+           "train_client", "derive_seed", "transferable_state", "state_error"]
+
+_MAX_RATE = 0.99  # cap of the estimated contraction rate (the error estimate is then <= 100 r)
 
 
 def derive_seed(*parts) -> int:
@@ -100,6 +102,57 @@ def transferable_state(model: nn.Module) -> Dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def state_error(model: nn.Module, x: Tensor, tol: float, batch_size: int = 256) -> Dict[str, float]:
+    """Estimated distance of the model's solver output from the true equilibrium, on ``x``.
+
+    For every sample the solver's residual history ``r_0, ..., r_s`` (relative residuals, as the
+    solver measures them) gives its observed rate of convergence ``rho = (r_s / r_0)^(1/s)``
+    (capped at 0.99); for an iteration that converges linearly at rate ``rho`` the remaining
+    distance to the limit is about ``r_s / (1 - rho)`` (the geometric tail of the remaining
+    steps), relative to the state. ``state_error`` is the mean over samples of
+    ``max(0, r_s - tol) / (1 - rho)``: the error beyond the tolerance the solve aimed at, i.e.
+    how far from the equilibrium the states the client trained on and its implicit gradient
+    assumed were. 0 for a model without a solver (nothing to converge) and for samples that
+    reached ``tol``.
+
+    Returns ``{"state_error", "contraction"}`` (``contraction``: the mean of ``rho``).
+    """
+    if not hasattr(model, "run") or x.shape[0] == 0:
+        return {"state_error": 0.0, "contraction": 0.0}
+    was = {m: m.training for m in model.modules()}
+    model.eval()
+    errs, rates = [], []
+    try:
+        with torch.no_grad():
+            for i in range(0, x.shape[0], batch_size):
+                eq = model.run(x[i:i + batch_size], record="all")
+                steps = [t.step for t in eq.trajectory]
+                if not steps:
+                    continue
+                res = torch.stack([t.residual.double() for t in eq.trajectory])      # (K, B)
+                step = torch.tensor(steps, dtype=torch.float64)
+                seen = torch.isfinite(res)
+                # r_0: the first evaluated residual; r_s: the lowest one (the iterate a solver
+                # with select="best" returns; the last one for a monotone solve)
+                i0 = seen.double().argmax(0)
+                r0 = res.gather(0, i0.unsqueeze(0)).squeeze(0)
+                ib = torch.where(seen, res, torch.inf).argmin(0)
+                rs = res.gather(0, ib.unsqueeze(0)).squeeze(0)
+                span = step[ib] - step[i0]
+                rho = torch.where((span > 0) & (r0 > 0),
+                                  (rs.clamp_min(1e-300) / r0.clamp_min(1e-300)) ** (1.0 / span.clamp_min(1.0)),
+                                  torch.zeros_like(rs)).clamp(0.0, _MAX_RATE)
+                errs.append((rs - float(tol)).clamp_min(0.0) / (1.0 - rho))
+                rates.append(rho)
+    finally:
+        for m, t in was.items():
+            m.training = t
+    if not errs:
+        return {"state_error": 0.0, "contraction": 0.0}
+    e, r = torch.cat(errs), torch.cat(rates)
+    return {"state_error": float(e.mean()), "contraction": float(r.mean())}
+
+
 @dataclass
 class ClientResult:
     client: int
@@ -140,7 +193,8 @@ def train_client(cfg: FederatedConfig, client: int, global_state: Dict[str, Tens
     Returns:
         :class:`ClientResult` with ``metrics``: ``client``, ``num_examples``, ``budget``, ``tol``,
         ``mean_steps``, ``converged_fraction``, ``mean_residual`` (final residual), ``max_residual``,
-        ``val_accuracy``, ``train_loss``, ``train_seconds``.
+        ``val_accuracy``, ``state_error`` and ``contraction`` (:func:`state_error`),
+        ``train_loss``, ``train_seconds``.
     """
     from ..defenses.recipes import recipe
     from ..train import Trainer, evaluate_clean
@@ -166,6 +220,7 @@ def train_client(cfg: FederatedConfig, client: int, global_state: Dict[str, Tens
     seconds = time.perf_counter() - t0
     x_val, y_val = (data.x_val, data.y_val) if data.x_val is not None else (data.x_train, data.y_train)
     ev = evaluate_clean(model, x_val, y_val)
+    err = state_error(model, x_val, tol)
     metrics = {
         "client": float(client), "num_examples": float(data.x_train.shape[0]), "budget": float(budget),
         "tol": float(tol), "mean_steps": float(ev.get("mean_steps", 0.0)),
@@ -173,6 +228,7 @@ def train_client(cfg: FederatedConfig, client: int, global_state: Dict[str, Tens
         "mean_residual": float(ev.get("mean_residual", 0.0)),
         "max_residual": float(ev.get("max_residual", 0.0)),
         "val_accuracy": float(ev["accuracy"]),
+        "state_error": err["state_error"], "contraction": err["contraction"],
         "train_loss": float(hist[-1].get("loss", math.nan)) if hist else math.nan,
         "train_seconds": seconds,
     }

@@ -64,6 +64,12 @@ def federate(config: Union[FederatedConfig, Mapping[str, Any], None] = None,
     if out_dir is not None and resume and (Path(out_dir) / "checkpoint.pt").exists():
         from .server import _load_resume
         _load_resume(Path(out_dir) / "checkpoint.pt", cfg)  # another experiment: fail before starting
+    # Flower 1.42 marks run_simulation deprecated in favour of the `flwr run` CLI, which starts a
+    # detached local SuperLink and runs the ServerApp in another process (no in-process result,
+    # no on_round_end callback); flwr.simulation's other entry points (run_simulation_process,
+    # flwr-simulation) are process entry points of that runtime, not a Python API. There is no
+    # non-deprecated in-process simulation API, so run_simulation stays (its notice goes to
+    # Flower's logger, quieted below). Deployments already use `flwr run` (write_flower_app).
     from flwr.simulation import run_simulation
     from .apps import clientapp, make_server_app
 

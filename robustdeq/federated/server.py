@@ -2,7 +2,8 @@
 
 Round t: the strategy (:class:`~robustdeq.federated.strategy.DEQFusion`) sends the global model
 and the run's config to every node and fuses the accepted replies; nodes that do not answer within
-``client_timeout`` are dropped from the round. The new global model is then evaluated with the
+``client_timeout`` are dropped from the round. The power-iteration buffers of spectral norms are
+then recomputed for the fused weights (:func:`~robustdeq.federated.fusion.refresh_spectral_norms`). The new global model is then evaluated with the
 robustdeq harness (clean accuracy on the test split, and the chosen suite on ``eval_samples`` test
 samples), the round is logged to TensorBoard (``out_dir/tb``), and a checkpoint
 (``out_dir/checkpoint.pt``: global weights, round, history, config hash; atomic, loadable with
@@ -23,6 +24,7 @@ import torch
 
 from ..errors import CheckpointError
 from .config import FederatedConfig, client_budget, config_hash
+from .fusion import refresh_spectral_norms
 from .local import build_model, model_config, transferable_state
 
 logger = logging.getLogger(__name__)
@@ -148,6 +150,11 @@ def run_rounds(grid, cfg: FederatedConfig, out_dir: Union[str, Path, None] = Non
                 known_clients[int(c["node"])] = int(c["client"])
             if new_arrays is not None:
                 state = {k: v.clone() for k, v in new_arrays.to_torch_state_dict().items()}
+                model.load_state_dict(state, strict=True)
+                # the averaged power-iteration buffers of spectral norms are not those of the
+                # averaged weight: recompute them, so the fused DEQ layer is a contraction again
+                if refresh_spectral_norms(model):
+                    state = transferable_state(model)
             model.load_state_dict(state, strict=True)
             t_train = time.perf_counter() - t0
             ev = evaluate_global(model, cfg, x_test, y_test)
@@ -165,7 +172,7 @@ def run_rounds(grid, cfg: FederatedConfig, out_dir: Union[str, Path, None] = Non
                         writer.add_scalar(f"round/{k}", float(rec[k]), r)
                 writer.add_scalar("round/clients_dropped", len(outcome.dropped) + len(outcome.rejected), r)
                 for c in outcome.clients:
-                    for k in ("mean_residual", "mean_steps", "val_accuracy", "weight"):
+                    for k in ("mean_residual", "state_error", "mean_steps", "val_accuracy", "weight"):
                         if k in c:
                             writer.add_scalar(f"client_{c['client']}/{k}", float(c[k]), r)
                 writer.flush()

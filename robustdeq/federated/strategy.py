@@ -175,7 +175,7 @@ class DEQFusion(Strategy):
         out.fused = True
         agg: Dict[str, float] = {"num-examples": float(sum(u.num_examples for u in accepted)),
                                  "clients-fused": float(len(accepted))}
-        for k in ("mean_steps", "converged_fraction", "mean_residual", "val_accuracy"):
+        for k in ("mean_steps", "converged_fraction", "mean_residual", "state_error", "val_accuracy"):
             vals = [(u.num_examples, u.stats[k]) for u in accepted if k in u.stats]
             if vals:
                 agg[k] = sum(n * v for n, v in vals) / sum(n for n, _ in vals)
