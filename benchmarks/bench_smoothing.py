@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 warnings.simplefilter("ignore")
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
-DEFAULT_METHODS = ("plain;srs:S=1,K=400;srs:S=3,K=400;srs:S=5,K=400;srs:S=3,K=400,start=clean;"
-                   "srs:S=5,K=400,kmax=2000")
+DEFAULT_METHODS = ("plain;srs:S=1,K=400;srs:S=3,K=400;srs:S=5,K=400;srs:S=1,K=400,start=clean;"
+                   "srs:S=3,K=400,start=clean;srs:S=5,K=400,kmax=2000;srs:S=5,K=1000")
 
 
 def parse_method(spec: str) -> tuple:
@@ -154,12 +154,13 @@ def main(argv=None) -> int:
             srs = sm.get("srs")
             cells = ([name, f"{tpi:.3f}", f"{sm['f_evals_per_noise_sample']:.2f}", f"{ce:.2f}",
                       f"{base_t / tpi:.2f}x" if base_t else "", f"{base_c / ce:.2f}x" if base_c else ""]
-                     + [f"{100 * acc[f'{r:g}']:.1f}%" for r in RADII] + [f"{100 * sm['abstain_rate']:.1f}%",
-                                                                          f"{srs['checked_per_input']:.0f}" if srs else ""])
+                     + [f"{100 * acc[f'{r:g}']:.1f}%" for r in RADII]
+                     + [f"{100 * sm['abstain_rate']:.1f}%", f"{srs['checked_per_input']:.0f}" if srs else ""])
             print("| " + " | ".join(cells) + " |")
-            row = {"dataset": args.dataset, "sigma": sigma, "method": name, "options": opts, "time_per_image_s": tpi,
-                   "f_evals_per_noise_sample": sm["f_evals_per_noise_sample"], "cell_evals_per_noise_sample": ce,
-                   "speedup_time": base_t / tpi if base_t else None, "speedup_cell_evals": base_c / ce if base_c else None,
+            row = {"dataset": args.dataset, "sigma": sigma, "method": name, "options": opts,
+                   "time_per_image_s": tpi, "f_evals_per_noise_sample": sm["f_evals_per_noise_sample"],
+                   "cell_evals_per_noise_sample": ce, "speedup_time": base_t / tpi if base_t else None,
+                   "speedup_cell_evals": base_c / ce if base_c else None,
                    "certified_accuracy": acc, "abstain_rate": sm["abstain_rate"], "clean_accuracy": clean,
                    "images": len(results[name])}
             if srs:

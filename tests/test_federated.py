@@ -4,9 +4,7 @@ deployment with a SuperLink and two SuperNodes as separate processes."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -102,7 +102,7 @@ def test_srs_bound_with_every_position_checked_is_the_binomial_bound_on_the_base
                                    (995, 1000)])
 def test_adaptive_check_count_is_the_smallest_that_keeps_the_radius_within_the_slack(n_a, n):
     alpha, sigma, slack, k_min, k_max = 0.001, 0.5, 0.1, 100, n
-    k = S.check_count(n_a, n, alpha, sigma, k_min, k_max, slack=slack)
+    k = S.check_count(n_a, n, alpha, k_min, k_max, slack=slack)
     assert k_min <= k <= k_max
     r_unc = S.radius_from(S.clopper_pearson_lower(n_a, n, alpha / 2), sigma)
 
@@ -117,7 +117,7 @@ def test_adaptive_check_count_is_the_smallest_that_keeps_the_radius_within_the_s
     if k > k_min:
         assert loss(k - 1) > slack * sigma
     # larger warm-started counts need at least as many checks
-    assert S.check_count(min(n_a + 50, n), n, alpha, sigma, k_min, k_max, slack=slack) >= k or r_unc == 0
+    assert S.check_count(min(n_a + 50, n), n, alpha, k_min, k_max, slack=slack) >= k or r_unc == 0
 
 
 @pytest.mark.parametrize("bias", ["always_c_hat", "symmetric_flips"])
@@ -138,7 +138,7 @@ def test_srs_bound_covers_the_base_probability_against_a_biased_chain(bias):
             J[:60] = ~J[:60]
             J[I.nonzero().flatten()[:30]] = False
         n_a = int(J.sum())
-        k = S.check_count(n_a, n, alpha, 0.25, 50, 1000, slack=0.1)
+        k = S.check_count(n_a, n, alpha, 50, 1000, slack=0.1)
         pos = torch.randperm(n, generator=rng)[:k]
         d = int((J[pos] & ~I[pos]).sum())
         a = int((J[pos] & I[pos]).sum())

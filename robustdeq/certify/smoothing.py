@@ -42,11 +42,11 @@ Warm-started predictions ``J_i`` are neither those of the base classifier nor in
 binomial bound does not apply to their counts. The correlation-eliminated bound used here: a
 random permutation of the ``n`` estimation positions is drawn from a separate generator,
 independent of the noise, and its first ``K`` positions are checked: the base classifier is also
-evaluated there from scratch (``I_i``; the noise of those positions is kept and re-solved after
-the warm pass, in full batches). ``K = check_samples``, or, with ``check_max > 0``, a function of
-the warm-started count alone (:func:`check_count`: the fewest checks that would cost at most
-``check_slack * sigma`` of radius if none disagreed); given the noise, the first ``K`` positions of
-the permutation are still a uniform random ``K``-subset. Let ``D`` be the number of positions (out
+evaluated there from scratch (``I_i``; after the warm pass, their noise re-drawn from the
+generator state saved before each batch and solved in full batches). ``K = check_samples``, or,
+with ``check_max > 0``, a function of the warm-started count alone (:func:`check_count`: the
+fewest checks that would cost at most ``check_slack * sigma`` of radius if none disagreed); given
+the noise, the first ``K`` positions of the permutation are still a uniform random ``K``-subset. Let ``D`` be the number of positions (out
 of all ``n``) with ``J_i = c_hat`` but ``I_i != c_hat``; the ``d`` such positions seen among the
 ``K`` checked ones are a hypergeometric draw, so ``D_up = max{D' : HypergeomCDF(d; n, D', K) >
 alpha_1}`` bounds ``D`` with probability ``>= 1 - alpha_1`` (conditionally on the noise). The count
@@ -287,7 +287,7 @@ def _log_comb(n: int, k: int) -> float:
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
-def check_count(n_a: int, n: int, alpha: float, sigma: float, k_min: int, k_max: int,
+def check_count(n_a: int, n: int, alpha: float, k_min: int, k_max: int,
                 check_alpha_fraction: float = 0.5, slack: float = 0.1) -> int:
     """The number of checked positions of the adaptive SRS check (``check_max > 0``), a function
     of the warm-started count ``n_a`` alone (so that, given the noise, the checked positions --
@@ -296,10 +296,10 @@ def check_count(n_a: int, n: int, alpha: float, sigma: float, k_min: int, k_max:
 
     The smallest K in [k_min, k_max] such that, should the check find no disagreement, the
     corrected radius is at most ``slack * sigma`` below the uncorrected one
-    ``sigma Phi^-1(CP(n_a, n, alpha_2))``; ``k_max`` when none is; ``k_min`` when the input would
-    abstain anyway. Inputs whose warm-started count is near n need many checks (a bound on the
-    disagreements from K checks with none seen is about n ln(1/alpha_1) / K), inputs far from 1
-    few."""
+    ``sigma Phi^-1(CP(n_a, n, alpha_2))`` (whatever sigma); ``k_max`` when none is; ``k_min`` when
+    the input would abstain anyway. Inputs whose warm-started count is near n need many checks (a
+    bound on the disagreements from K checks with none seen is about n ln(1/alpha_1) / K), inputs
+    far from 1 few."""
     from scipy.stats import norm
     a1 = check_alpha_fraction * alpha
     a2 = alpha - a1
@@ -860,7 +860,7 @@ def _certify_one(base: _Base, x1: Tensor, index: int, cfg: SmoothingConfig) -> T
         preds[start:start + b], warms[start:start + b] = pred.cpu(), warm.cpu()
     k = cfg.check_samples
     if cfg.check_max:
-        k = check_count(n_a, cfg.n, cfg.alpha, cfg.sigma, cfg.check_samples, cfg.check_max,
+        k = check_count(n_a, cfg.n, cfg.alpha, cfg.check_samples, cfg.check_max,
                         cfg.check_alpha_fraction, cfg.check_slack)
     pos = perm[:k]
     srs_pred = preds[pos]
@@ -1037,5 +1037,6 @@ predict_smoothed = predict
 __all__ = [
     "ABSTAIN", "SmoothingConfig", "SmoothingResult", "SmoothingReport", "make_config", "certify", "predict",
     "certify_smoothed", "predict_smoothed", "certify_checkpoint", "clopper_pearson_lower",
-    "clopper_pearson_upper", "hypergeom_upper", "srs_lower_bound", "check_count", "radius_from", "base_logits", "summarize",
+    "clopper_pearson_upper", "hypergeom_upper", "srs_lower_bound", "check_count", "radius_from", "base_logits",
+    "summarize",
 ]

@@ -139,8 +139,8 @@ def state_error(model: nn.Module, x: Tensor, tol: float, batch_size: int = 256) 
                 ib = torch.where(seen, res, torch.inf).argmin(0)
                 rs = res.gather(0, ib.unsqueeze(0)).squeeze(0)
                 span = step[ib] - step[i0]
-                rho = torch.where((span > 0) & (r0 > 0),
-                                  (rs.clamp_min(1e-300) / r0.clamp_min(1e-300)) ** (1.0 / span.clamp_min(1.0)),
+                ratio = rs.clamp_min(1e-300) / r0.clamp_min(1e-300)
+                rho = torch.where((span > 0) & (r0 > 0), ratio ** (1.0 / span.clamp_min(1.0)),
                                   torch.zeros_like(rs)).clamp(0.0, _MAX_RATE)
                 errs.append((rs - float(tol)).clamp_min(0.0) / (1.0 - rho))
                 rates.append(rho)

@@ -61,12 +61,14 @@ def markdown(summary: Dict[str, Any]) -> str:
     if rounds:
         last = rounds[-1]
         lines += ["", f"## Clients in round {last['round']}", "",
-                  "| client | n_k | budget | mean iterations | converged | final residual | est. state error | val accuracy | q_k | w_k |",
+                  "| client | n_k | budget | mean iterations | converged | final residual | est. state error "
+                  "| val accuracy | q_k | w_k |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for c in last["clients"]:
             lines.append(f"| {c['client']} | {c['num_examples']} | {c.get('budget', float('nan')):.0f} | "
                          f"{c.get('mean_steps', float('nan')):.1f} | {_pct(c.get('converged_fraction'))} | "
-                         f"{c.get('mean_residual', float('nan')):.2e} | {c.get('state_error', float('nan')):.2e} | "
+                         f"{c.get('mean_residual', float('nan')):.2e} | "
+                         f"{c.get('state_error', float('nan')):.2e} | "
                          f"{_pct(c.get('val_accuracy'))} | "
                          f"{c['quality']:.3f} | {c['weight']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -3,9 +3,9 @@
 Round t: the strategy (:class:`~robustdeq.federated.strategy.DEQFusion`) sends the global model
 and the run's config to every node and fuses the accepted replies; nodes that do not answer within
 ``client_timeout`` are dropped from the round. The power-iteration buffers of spectral norms are
-then recomputed for the fused weights (:func:`~robustdeq.federated.fusion.refresh_spectral_norms`). The new global model is then evaluated with the
-robustdeq harness (clean accuracy on the test split, and the chosen suite on ``eval_samples`` test
-samples), the round is logged to TensorBoard (``out_dir/tb``), and a checkpoint
+then recomputed for the fused weights (:func:`~robustdeq.federated.fusion.refresh_spectral_norms`).
+The new global model is evaluated with the robustdeq harness (clean accuracy on the test split,
+and the chosen suite on ``eval_samples`` test samples), the round is logged to TensorBoard (``out_dir/tb``), and a checkpoint
 (``out_dir/checkpoint.pt``: global weights, round, history, config hash; atomic, loadable with
 ``weights_only=True``) plus ``summary.json``, ``report.md`` and ``accuracy.png`` are written. A
 later run on the same ``out_dir`` with the same settings continues after the last completed
