@@ -21,9 +21,12 @@ Sections (``--only`` picks some):
 ``pgd-at``  Federated PGD-AT (quality fusion) vs centralised PGD-AT on the same training samples
     with the same total epochs: clean and robust accuracy.
 
-Run: ``python benchmarks/bench_federated.py`` (digits, about 20 minutes on 2 shared cores);
-``python benchmarks/bench_federated.py --dataset mnist5k --rounds 8 --seeds 0 --only fusion uplink
---cnn-widths 8x1 16x1 --deq-widths 32 64 --conv-deq-widths`` (reduced MNIST-5k run).
+Run: ``python benchmarks/bench_federated.py`` (digits, about 25 minutes on 2 shared cores).
+Reduced MNIST-5k run (the one in RESULTS.md): ``--dataset mnist5k --rounds 10 --robust-seeds 0
+--only fusion uplink --deq-widths 16 32 64 --conv-deq-widths --cnn-widths 8x1p4 16x1p4 16x2p4 32x2
+--targets 0.80 0.85 0.90``, plus ``--only uplink --deq-widths --conv-deq-widths --mdeq-widths 8,16
+--cnn-widths`` for the multiscale conv DEQ. ``--summarize JSON`` reprints the uplink tables of a
+saved ``bench_federated.json`` (for other ``--targets``).
 """
 from __future__ import annotations
 

@@ -80,6 +80,32 @@ def test_fast_forward_is_the_models_function(deq, shrink):
     assert mem.stats["reused"] > 0
 
 
+def test_fully_repeated_call_needs_no_solve(cdeq):
+    """A call whose rows are all at recorded converged inputs returns the recorded states without
+    solver iterations, and that is what a solve started there returns."""
+    x, y = digits_test(32)
+    mem = WarmMemory(cdeq, **FAST_OPTIONS)
+    mem.begin(x, EPS)
+    first = mem(x)
+    assert bool(mem.ok.all())
+    nfe = mem.stats["forward_nfe"]
+    z_rec = mem.z.clone()
+    again = mem(x)
+    assert mem.stats["forward_nfe"] == nfe and torch.equal(again, first)
+    assert torch.equal(cdeq.run(x, z0=z_rec).logits, again)
+    # gradients flow as from a solve (the adjoint at the recorded state)
+    g = _input_grad(mem, x, y)
+    assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
+    # another solver setting: no reuse
+    saved = cdeq.solver_config
+    cdeq.solver_config = saved.replace(tol=1e-4)
+    try:
+        mem(x)
+    finally:
+        cdeq.solver_config = saved
+    assert mem.stats["forward_nfe"] > nfe
+
+
 @pytest.mark.parametrize("tol,min_cos,min_signs", [(1e-3, 0.999, 0.99), (1e-2, 0.99, 0.97)])
 def test_fast_adjoint_matches_exact_ift_gradient(deq, cdeq, tol, min_cos, min_signs):
     """The attack-grade adjoint (relative tolerance 1e-3, the default, or 1e-2; warm-started

@@ -31,9 +31,10 @@ What it can do (each an option; :data:`FAST_OPTIONS` lists those of the attack-s
   solve stops unconverged at ``max_iter`` can differ by ~1e-4 between two calls at the same
   point).
 - ``reuse``: a row whose input equals exactly the input of the sample's latest (or clean-point)
-  converged solve starts from that solve's fixed point: the solver stops at its first step and
-  returns the recorded state, so the repeated evaluations attacks make (the clean point before
-  each sub-attack, the final adversarial point) cost one evaluation of the cell.
+  converged solve, made with the solver settings in force at :meth:`begin`, gets that solve's
+  fixed point again without a new solve (what a solve started there returns: it converges at its
+  first evaluation and returns its start), so the repeated evaluations attacks make (the clean
+  point before each sub-attack, the final adversarial point) cost no solver iterations.
 
 The rule of :mod:`robustdeq.deq.warm` holds throughout: only converged solves (forward or
 adjoint) are recorded, and a warm-started forward solve that does not converge is redone from the
@@ -137,6 +138,12 @@ class WarmMemory(ModelView):
         self.ok_c = torch.zeros(n, dtype=torch.bool, device=dev)
         self.a: Optional[Tensor] = None           # (N, ...) latest converged adjoints
         self.a_ok = torch.zeros(n, dtype=torch.bool, device=dev)
+        # reuse: the residuals of the recorded states, and whether the latest state was solved
+        # with the solver settings of begin() (only those are returned again)
+        self.res = torch.zeros(n, device=dev)
+        self.res_c = torch.zeros(n, device=dev)
+        self.reusable = torch.zeros(n, dtype=torch.bool, device=dev)
+        self._cfg = getattr(self.model, "solver_config", None)
         self._last_keys: Optional[Tensor] = None
         if self.forward_warm == "contractive":
             self.warm_forward = self._contractive()
@@ -163,6 +170,7 @@ class WarmMemory(ModelView):
         self.clean = None
         self.z = self.at = self.ok = self._last_keys = None
         self.zc = self.ok_c = self.a = self.a_ok = None
+        self.res = self.res_c = self.reusable = self._cfg = None
         self.radius = 0.0
         if not hasattr(self, "stats"):
             self.stats = {}
@@ -202,34 +210,45 @@ class WarmMemory(ModelView):
                 return self._fast_forward(x, keys)
         return self._plain_forward(x, keys)
 
+    def _reuse_now(self) -> bool:
+        """Reuse applies while the model's solver settings are those of :meth:`begin`."""
+        return self.reuse and getattr(self.model, "solver_config", None) == self._cfg
+
     def _starts(self, x: Tensor, keys: Tensor, cold: Tensor):
-        """``(z0, warm, reused)``: where each row's forward solve starts."""
+        """``(z0, warm, reused, reused_res)``: where each row's forward solve starts, the rows
+        warm-started, the rows at exactly a recorded input (``z0`` is its converged state) and
+        those states' residuals."""
         has = keys >= 0
         kk = keys.clamp(min=0)
         none = torch.zeros_like(has)
         if self.z is None and self.zc is None:
-            return cold, none, none
+            return cold, none, none, None
         q = _flat(x)
         view = (-1,) + (1,) * (cold.dim() - 1)
         z0 = cold
         same = has & self.ok[kk] & (q == self.at[kk]).all(dim=1) if self.z is not None else none
-        reused = none
-        if self.reuse:
-            reused = same
-            z0 = torch.where(same.view(view), self.z[kk].to(cold), z0) if bool(same.any()) else z0
+        reused, reused_res = none, None
+        if self._reuse_now():
+            reused = same & self.reusable[kk]
+            if bool(reused.any()):
+                z0 = torch.where(reused.view(view), self.z[kk].to(cold), z0)
+                reused_res = torch.where(reused, self.res[kk], torch.zeros_like(self.res[kk]))
             if self.zc is not None:
-                at_clean = has & ~same & self.ok_c[kk] & (q == self.clean[kk]).all(dim=1)
+                at_clean = has & ~reused & self.ok_c[kk] & (q == self.clean[kk]).all(dim=1)
                 if bool(at_clean.any()):
                     z0 = torch.where(at_clean.view(view), self.zc[kk].to(cold), z0)
+                    base = reused_res if reused_res is not None else torch.zeros_like(self.res[kk])
+                    reused_res = torch.where(at_clean, self.res_c[kk], base)
                     reused = reused | at_clean
         warm = none
         if self.warm_forward and self.z is not None:
             warm = has & self.ok[kk] & ~same & ~reused
             if bool(warm.any()):
                 z0 = torch.where(warm.view(view), self.z[kk].to(cold), z0)
-        return z0, warm, reused
+        return z0, warm, reused, reused_res
 
-    def _record(self, x: Tensor, keys: Tensor, z_star: Tensor, conv: Tensor) -> None:
+    def _record(self, x: Tensor, keys: Tensor, z_star: Tensor, conv: Tensor,
+                residual: Optional[Tensor] = None) -> None:
         """Record the converged solves of matched rows (latest, and at the clean point)."""
         rec = ((keys >= 0) & conv).nonzero()[:, 0]
         if not rec.numel():
@@ -246,11 +265,18 @@ class WarmMemory(ModelView):
         self.ok[k] = True
         self.stats["recorded"] += int(rec.numel())
         if self.reuse:
+            now = self._reuse_now() and residual is not None
+            self.reusable[k] = now
+            if not now:
+                return
+            rr = residual[rec].detach().to(self.res.dtype)
+            self.res[k] = rr
             at_clean = (q == self.clean[k]).all(dim=1)
             if bool(at_clean.any()):
                 if self.zc is None:
                     self.zc = torch.zeros_like(self.z)
                 self.zc[k[at_clean]] = zr[at_clean]
+                self.res_c[k[at_clean]] = rr[at_clean]
                 self.ok_c[k[at_clean]] = True
 
     def _confirm(self, logits: Tensor, warm: Tensor, conv: Tensor) -> Tensor:
@@ -268,7 +294,7 @@ class WarmMemory(ModelView):
         model = self.model
         with torch.no_grad():
             cold = model.init_state(model.inject(model.check_input(x.detach())))
-        z0, warm, reused = self._starts(x, keys, cold)
+        z0, warm, reused, _ = self._starts(x, keys, cold)
         if not bool((warm | reused).any()):
             eq = model.run(x)
             logits, z_star, conv = eq.logits, eq.z_star, eq.stats.converged
@@ -276,6 +302,8 @@ class WarmMemory(ModelView):
             self.stats["reused"] += int(reused.sum())
             eq = model.run(x, z0=z0)
             logits, z_star, conv = eq.logits, eq.z_star, eq.stats.converged.clone()
+        residual = eq.stats.residual
+        if bool(warm.any()):
             redo = self._confirm(logits, warm, conv)
             if redo.numel():
                 # a warm-started solve that did not converge, or whose prediction is within
@@ -287,7 +315,9 @@ class WarmMemory(ModelView):
                 z_star = z_star.clone()
                 z_star[redo] = eq2.z_star
                 conv[redo] = eq2.stats.converged
-        self._record(x, keys, z_star, conv)
+                residual = residual.clone()
+                residual[redo] = eq2.stats.residual
+        self._record(x, keys, z_star, conv, residual)
         return logits
 
     def _solve(self, cfg, make_f, z0: Tensor):
@@ -299,6 +329,22 @@ class WarmMemory(ModelView):
             if self.shrink:
                 return solve_shrinking(solver, make_f, z0.detach())
             return solver.solve(make_f(None), z0.detach())
+
+    def _solve_unless_reused(self, cfg, make_f, z0: Tensor, reused: Tensor,
+                             reused_res: Optional[Tensor]):
+        """``(z*, converged, stats)``. When every row is reused, their recorded converged states
+        without a solve (what a solve started there returns: it converges at its first
+        evaluation and returns its start); otherwise one solve of the whole batch from ``z0``
+        (the reused rows stop at their first iteration; solving only the other rows would batch
+        them differently, and an unconverged row would then differ by rounding between repeats)."""
+        if not bool(reused.all()) or reused_res is None:
+            res = self._solve(cfg, make_f, z0)
+            return res.z.detach(), res.converged, res
+        from .shrink import ShrinkResult
+        z_star = z0.detach()
+        return z_star, reused.clone(), ShrinkResult(
+            z=z_star, residual=reused_res, converged=reused.clone(),
+            diverged=torch.zeros_like(reused), steps=reused.long(), nfe=0, work=0)
 
     def _fast_forward(self, x: Tensor, keys: Tensor) -> Tensor:
         """What ``model.run(x).logits`` with ``ImplicitGrad`` computes (``readout(f(z*, u))``, the
@@ -314,14 +360,15 @@ class WarmMemory(ModelView):
             model.prepare()
             with torch.no_grad():
                 cold = model.init_state(ud)
-            z0, warm, reused = self._starts(x, keys, cold)
+            z0, warm, reused, reused_res = self._starts(x, keys, cold)
             self.stats["reused"] += int(reused.sum())
 
             def make_f(idx, uu=ud):
                 us = uu if idx is None else uu[idx]
                 return lambda z: model.cell(z, us)
-            res = self._solve(model.solver_config, make_f, z0)
-            z_star, conv = res.z.detach(), res.converged
+            z_star, conv, res = self._solve_unless_reused(model.solver_config, make_f, z0, reused,
+                                                          reused_res)
+            residual = res.residual
             nfe = int(res.nfe)
             z_out = model.cell(z_star, u)
             logits = model.readout(z_out)
@@ -335,14 +382,16 @@ class WarmMemory(ModelView):
                 z_star, conv = z_star.clone(), conv.clone()
                 z_star[redo] = res2.z
                 conv[redo] = res2.converged
+                residual = residual.clone()
+                residual[redo] = res2.residual.to(residual.dtype)
                 nfe += int(res2.nfe)
                 z_out = model.cell(z_star, u)
                 logits = model.readout(z_out)
             self.stats["forward_nfe"] += nfe
-            stats = SolverStats(res.residual.detach(), res.steps, conv, res.diverged, nfe)
+            stats = SolverStats(residual.detach(), res.steps, conv, res.diverged, nfe)
             model.last_stats = stats
             model._maybe_warn(stats)
-        self._record(x, keys, z_star, conv)
+        self._record(x, keys, z_star, conv, residual)
         if torch.is_grad_enabled() and z_out.requires_grad:
             z_out.register_hook(self._adjoint_hook(est, z_star, ud, keys))
         return logits
