@@ -176,6 +176,15 @@ def test_memory_forgotten_between_batches(cdeq):
     out = mem(b)
     assert mem.stats["warm"] == 0 and mem.stats["reused"] == 0
     assert torch.allclose(out, cdeq(b), atol=1e-6, rtol=0)
+    # a backward through a graph of batch b after the memory moved on to batch a: no adjoint of
+    # b is recorded into a's memory, none of a's starts it
+    y = torch.zeros(32, dtype=torch.long)
+    xr = b.clone().requires_grad_(True)
+    loss = F.cross_entropy(mem(xr), y)
+    mem.begin(a, EPS)
+    recorded = mem.stats["adjoint_recorded"]
+    torch.autograd.grad(loss, xr)
+    assert mem.stats["adjoint_recorded"] == recorded and mem.a is None
     mem.end()
     assert not mem.active and torch.equal(mem(a), cdeq(a))
 
@@ -194,6 +203,11 @@ def test_bad_options_are_config_errors(deq):
     atk = AutoAttack(deq, eps=EPS, fast_deq={"adjoint_tol": 0.05})
     assert atk.fast_deq["adjoint_tol"] == 0.05 and atk.params()["fast_deq"]["reuse"] is True
     assert AutoAttack(deq, eps=EPS).memory is None   # off by default
+    # not a DEQClassifier attacked as is: pyautoattack on the module itself
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    assert AutoAttack(mlp, eps=EPS, fast_deq=True).memory is None
+    viewed = AutoAttack(deq, eps=EPS, fast_deq=True, view={"grad": "unrolled", "unroll": 5})
+    assert viewed.memory is None and viewed.fast_deq is None
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the reference's own solves

@@ -145,6 +145,7 @@ class WarmMemory(ModelView):
         self.reusable = torch.zeros(n, dtype=torch.bool, device=dev)
         self._cfg = getattr(self.model, "solver_config", None)
         self._last_keys: Optional[Tensor] = None
+        self._generation = getattr(self, "_generation", 0) + 1   # backward hooks of older batches
         if self.forward_warm == "contractive":
             self.warm_forward = self._contractive()
         else:
@@ -410,11 +411,14 @@ class WarmMemory(ModelView):
         closed_form = getattr(model.cell, "has_vjp", False)
         has = keys >= 0
         kk = keys.clamp(min=0)
+        generation = self._generation
 
         def hook(grad: Optional[Tensor]) -> Optional[Tensor]:
             if grad is None:
                 return None
             g = grad.detach()
+            # the memory of this call's batch only (a backward after end() / a new begin(): cold)
+            live = self.adjoint_warm and self.active and self._generation == generation
 
             def make_adjoint(idx):
                 zs = z_star if idx is None else z_star[idx]
@@ -429,7 +433,7 @@ class WarmMemory(ModelView):
                 return lambda a: torch.autograd.grad(fz, zl, a, retain_graph=True)[0] + gs
 
             a0 = g
-            if self.adjoint_warm and self.a is not None and self.a.shape[1:] == g.shape[1:]:
+            if live and self.a is not None and self.a.shape[1:] == g.shape[1:]:
                 warm = has & self.a_ok[kk]
                 if bool(warm.any()):
                     self.stats["adjoint_warm"] += int(warm.sum())
@@ -444,7 +448,7 @@ class WarmMemory(ModelView):
             if n_bad:
                 logger.debug("WarmMemory: adjoint solve did not converge for %d/%d samples "
                              "(tol %g)", n_bad, ares.converged.numel(), cfg.tol)
-            if self.adjoint_warm and self.active:
+            if live:
                 rec = (has & ares.converged).nonzero()[:, 0]
                 if rec.numel():
                     if self.a is None or self.a.shape[1:] != g.shape[1:]:
