@@ -245,7 +245,7 @@ class Trainer:
     def fit(self, x: Tensor, y: Tensor, x_val: Optional[Tensor] = None, y_val: Optional[Tensor] = None,
             *, resume: bool = True) -> List[dict]:
         """Train for ``config.epochs`` epochs (continuing a saved run when ``resume``)."""
-        from .data import make_loader, validate_inputs
+        from .data import validate_inputs
         validate_inputs(x, expected_shape=getattr(self.model, "input_shape", None), name="x_train")
         if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype != torch.long:
             raise InputError(f"y_train must be int64 of shape ({x.shape[0]},), got {tuple(y.shape)} {y.dtype}")

@@ -23,11 +23,10 @@ from torch import Tensor, nn
 
 from ..config import Norm, coerce_enum
 from ..errors import ConfigError, InputError
-from .._tensor import (make_generator, margins, project_ball, rand_like, randn_like,
-                       random_in_ball)
+from .._tensor import make_generator, margins, project_ball, random_in_ball
 from ..deq.protocols import FixedPointModel, TrajectoryModel
-from ..deq.warm import initial_state_fn, warm_start_rows
-from ..guard import MODEL_MODES, preserve_model
+from ..deq.warm import initial_state_fn, warm_start_rows  # noqa: F401 (re-exported)
+from ..guard import preserve_model
 
 logger = logging.getLogger(__name__)
 

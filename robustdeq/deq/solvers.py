@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import registry as _registry
-from ..config import Select, SolverConfig, SolverName, StopMode, from_dict
+from ..config import Select, SolverConfig, StopMode, from_dict
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -10,12 +10,11 @@ import inspect
 import math
 from typing import Callable, Dict, Optional, Sequence
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
 from .cells import (ConvCell, ConvHead, ConvInjection, LinearHead, MLPCell, MLPInjection,
-                    MonotoneCell, Normalize)
+                    MonotoneCell)
 from .model import DEQClassifier
 from .weight_tied import WeightTied
 

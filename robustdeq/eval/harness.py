@@ -50,7 +50,6 @@ import torch
 from torch import Tensor, nn
 
 from .._support import progress_reporter, report_progress
-from ..config import Norm, coerce_enum
 from ..registry import ATTACK_SPECS, SUITES
 from ..errors import ConfigError, GradientMaskingWarning, InputError, NonConvergenceWarning
 from .._tensor import clip_delta, default_alpha
@@ -59,7 +58,7 @@ from ..guard import preserve_model
 from .._support import user_stacklevel
 from . import _sharding
 from . import checks as _checks
-from .checks import CheckConfig, CheckResult, find_deq, margin
+from .checks import CheckResult, find_deq, margin
 from .config import EvalConfig, make_eval_config
 from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport, atomic_write_text
 
