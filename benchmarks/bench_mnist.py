@@ -215,9 +215,11 @@ def run_row(key, args, data, models, table):
            "epochs": len(epoch_times)}
     if key == "trades+ier":  # the defense is expensive: everything on the AutoAttack subset
         n_pgd = n_aa
-    row["clean_solver"] = solver_stats(model, xt[:n_pgd]) if deq else {}
+    # solver statistics of the DEQ itself (the wrapped trades model's are in its own row)
+    solver_deq = deq and key != "trades+ier"
+    row["clean_solver"] = solver_stats(model, xt[:n_pgd]) if solver_deq else {}
     row["attacked_solver"] = attacked_stats(model, xt[:args.n_conv], yt[:args.n_conv], args.train_eps, args) \
-        if deq and args.n_conv > 0 else {}
+        if solver_deq and args.n_conv > 0 else {}
     row["pgd"] = run_eval(model, xt[:n_pgd], yt[:n_pgd], pgd_suite, args, out / key / "eval_pgd")
     row["standard"] = (run_eval(model, xt[:n_aa], yt[:n_aa], "standard", args, out / key / "eval_standard")
                        if n_aa > 0 else None)
