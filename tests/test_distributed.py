@@ -475,13 +475,18 @@ def _eval_setup(out: Path):
     return _eval_inputs(out)
 
 
-@pytest.mark.slow
-def test_two_rank_evaluation_equals_one_process_flag_for_flag(tmp_path):
+def _single_process_report(tmp_path) -> dict:
+    """The evaluation of the spawned tests' inputs in this process (the reference)."""
     from robustdeq.eval import evaluate
     model, x, y = _eval_setup(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = evaluate(model, x, y, **EVAL_OPTIONS).to_dict()
+        return evaluate(model, x, y, **EVAL_OPTIONS).to_dict()
+
+
+@pytest.mark.slow
+def test_two_rank_evaluation_equals_one_process_flag_for_flag(tmp_path):
+    ref = _single_process_report(tmp_path)
     flags = [r["robust"] for r in ref["results"]]
     assert any(any(f) for f in flags) and not all(all(f) for f in flags)  # a mixed, telling case
     r0, r1 = spawn("eval", tmp_path, out_dirs=True, interrupt_after=2)
@@ -496,11 +501,7 @@ def test_two_rank_evaluation_equals_one_process_flag_for_flag(tmp_path):
 
 @pytest.mark.slow
 def test_evaluation_resumes_after_a_killed_rank(tmp_path):
-    from robustdeq.eval import evaluate
-    model, x, y = _eval_setup(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = evaluate(model, x, y, **EVAL_OPTIONS).to_dict()
+    ref = _single_process_report(tmp_path)
     _spawn_killed("eval_killed", tmp_path)
     kept = sorted((tmp_path / "killed" / "partial").glob("*.json"))
     assert kept and not (tmp_path / "killed" / "report.json").exists()

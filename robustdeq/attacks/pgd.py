@@ -273,7 +273,7 @@ class _Unconverged(Exception):
         self.converged = converged
 
 
-def _joint_eligible(model: nn.Module, grad, est, warm_start: bool) -> bool:
+def _joint_eligible(model: nn.Module, grad, warm_start: bool) -> bool:
     """Whether ``method="auto"`` runs the joint iteration: a DEQ with the pieces it needs, whose
     attack gradient is the implicit one at its defaults (``grad="ift"``, or ``None`` with the
     model's own estimator implicit; the joint iteration approximates exactly that gradient), and
@@ -412,7 +412,7 @@ class PGD(Attack):
             if early_stop:
                 raise ConfigError("grad='joint' does not combine with early_stop (its iterates are "
                                   "judged by the model's inference at the end only)")
-        elif method == "auto" and not _joint_eligible(model, grad, self.grad, warm_start):
+        elif method == "auto" and not _joint_eligible(model, grad, warm_start):
             method = "exact"
         if joint_options is not None and method == "exact":
             raise ConfigError("joint_options is only for the joint iteration (method='joint' or "
