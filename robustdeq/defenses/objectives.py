@@ -28,6 +28,14 @@ Jacobian regularisation (``jac_reg > 0``; Bai et al. 2021): ``jac_reg * mean_b |
 with ``eps ~ N(0, I)`` (``jac_probes`` probes), a Hutchinson estimate of ``||J||_F^2 / d`` with
 ``J = df/dz`` at the (detached) state the loss is read from (``z*``, or the RIS state).
 
+Radius warm-up (``eps_warmup = W > 0``, PGD-AT, TRADES, JIIO-AT): the training radius grows
+linearly, ``eps * min(1, (t + 1) / W)`` at training step t, and stays at ``eps`` after W steps (the
+step size, when left at its default, follows the radius). Adversarial training at a large radius
+from scratch can stall at chance accuracy (MNIST at Linf 0.3 with a few epochs does); a ramp over
+the first epochs is the usual remedy (e.g. Gowal et al. 2018, Wong et al. 2020). The
+:class:`~robustdeq.train.Trainer` sets ``t`` before every step (so a resumed run continues the
+ramp); an objective used on its own counts its calls. The radius in use is the scalar ``eps``.
+
 Every inner attack runs with the model in eval mode and its parameters frozen; the modes of all
 submodules and the ``requires_grad`` flags are restored afterwards, and the training forward uses
 the mode the model had when the objective was called.
@@ -173,7 +181,14 @@ class Objective:
 
     name = "objective"
 
+    #: options added after checkpoints recorded ``describe()``: omitted there at these defaults
+    #: (the Trainer compares ``describe()`` when it resumes)
+    _LATER_OPTIONS = {"eps_warmup": 0}
+
     def __post_init__(self):
+        #: training steps taken: set by the Trainer before each step (global step index, so a
+        #: resumed run continues the schedule), counted by the objective's own calls otherwise
+        self.train_step = 0
         if self.state not in _STATES:
             raise ConfigError(f"unknown state {self.state!r} for {type(self).__name__}; expected None or 'random'")
         if self.state_sampling not in _SAMPLING:
@@ -229,6 +244,27 @@ class Objective:
     def _begin(self):
         self.sampled_states = []
 
+    def set_train_step(self, step: int) -> None:
+        """The index of the training step about to run (0-based, over the whole run)."""
+        self.train_step = int(step)
+
+    @property
+    def current_eps(self) -> float:
+        """The radius of this training step: ``eps``, or with ``eps_warmup = W > 0`` the linear
+        ramp ``eps * min(1, (t + 1) / W)`` over the first W steps (t = :attr:`train_step`), the
+        usual way to adversarially train at a large radius (e.g. MNIST at Linf 0.3) that a model
+        trained from scratch cannot fit at once."""
+        w = getattr(self, "eps_warmup", 0)
+        return float(self.eps) if not w else float(self.eps) * min(1.0, (self.train_step + 1) / w)
+
+    def _check_warmup(self) -> None:
+        w = self.eps_warmup
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ConfigError(f"eps_warmup must be an int >= 0 (training steps), got {w!r}")
+
+    def _count_step(self) -> None:
+        self.train_step += 1
+
     def reseed_generator(self, seed: int) -> None:
         """Restart the private generator from ``seed`` (``self.seed``, the recorded setting, is
         kept): each process of a multi-process training run draws its own random numbers."""
@@ -248,6 +284,9 @@ class Objective:
             if f.init:
                 v = getattr(self, f.name)
                 d[f.name] = v.value if hasattr(v, "value") else v
+        for k, default in self._LATER_OPTIONS.items():
+            if k in d and d[k] == default:
+                d.pop(k)
         return d
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor):  # pragma: no cover - interface
@@ -283,6 +322,7 @@ def _check_threat(obj, steps_min: int = 1):
         raise ConfigError(f"steps must be an int >= {steps_min}, got {obj.steps!r}")
     if obj.alpha is not None and not obj.alpha > 0:
         raise ConfigError(f"alpha must be > 0, got {obj.alpha}")
+    obj._check_warmup()
 
 
 @dataclass
@@ -299,6 +339,7 @@ class PGDAT(Objective):
     norm: Union[str, Norm] = "Linf"
     random_start: bool = True
     warm_start: bool = True
+    eps_warmup: int = 0
 
     name = "pgd_at"
 
@@ -308,7 +349,7 @@ class PGDAT(Objective):
 
     @property
     def step_size(self) -> float:
-        return self.alpha if self.alpha is not None else default_alpha(self.eps, self.steps)
+        return self.alpha if self.alpha is not None else default_alpha(self.current_eps, self.steps)
 
     def generate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """The adversarial batch (model in eval mode, frozen parameters, modes restored)."""
@@ -320,7 +361,7 @@ class PGDAT(Objective):
                 forward = lambda xi: run_warm(model, xi, state).logits  # noqa: E731
             else:
                 forward = lambda xi: self.forward(model, xi)  # noqa: E731
-            return inner_pgd(forward, x, y, eps=self.eps, alpha=self.step_size,
+            return inner_pgd(forward, x, y, eps=self.current_eps, alpha=self.step_size,
                              steps=self.steps, norm=self.norm, random_start=self.random_start,
                              generator=self._gen)
 
@@ -337,6 +378,9 @@ class PGDAT(Objective):
         self._begin()
         x_adv = self.generate(model, x, y)
         loss, scalars = self.loss_at(model, x_adv, y)
+        if self.eps_warmup:
+            scalars["eps"] = self.current_eps
+        self._count_step()
         return loss, self._state_scalars(scalars)
 
 
@@ -352,6 +396,7 @@ class TRADES(Objective):
     alpha: Optional[float] = None
     steps: int = 10
     norm: Union[str, Norm] = "Linf"
+    eps_warmup: int = 0
 
     name = "trades"
 
@@ -363,7 +408,7 @@ class TRADES(Objective):
 
     @property
     def step_size(self) -> float:
-        return self.alpha if self.alpha is not None else default_alpha(self.eps, self.steps)
+        return self.alpha if self.alpha is not None else default_alpha(self.current_eps, self.steps)
 
     def generate(self, model: nn.Module, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
         from ..attacks.pgd import pgd_loop
@@ -378,7 +423,7 @@ class TRADES(Objective):
                 with torch.enable_grad():
                     kl = F.kl_div(F.log_softmax(self.forward(model, xr), dim=1), p_nat, reduction="sum")
                     return torch.autograd.grad(kl, xr)[0]
-            x_adv = pgd_loop(x, p_nat, grad_fn, eps=self.eps, alpha=self.step_size, steps=self.steps,
+            x_adv = pgd_loop(x, p_nat, grad_fn, eps=self.current_eps, alpha=self.step_size, steps=self.steps,
                              norm=self.norm.value, random_start=False, gen=None, start=start,
                              eps_for_division=_INNER_EPS_FOR_DIVISION)
         return x_adv.detach()
@@ -401,6 +446,9 @@ class TRADES(Objective):
         self._begin()
         x_adv = self.generate(model, x, y)
         loss, scalars = self.loss_at(model, x, x_adv, y)
+        if self.eps_warmup:
+            scalars["eps"] = self.current_eps
+        self._count_step()
         return loss, self._state_scalars(scalars)
 
 
@@ -449,11 +497,12 @@ class JIIOAT(Objective):
     step: Optional[str] = field(default=None, repr=False, compare=False)
     random_start: bool = False
     z_init: str = "init"
+    eps_warmup: int = 0
 
     name = "jiio_at"
 
     #: options added after checkpoints recorded ``describe()``: omitted there at these defaults
-    _LATER_OPTIONS = {"random_start": False, "z_init": "init"}
+    _LATER_OPTIONS = {"random_start": False, "z_init": "init", "eps_warmup": 0}
 
     def __post_init__(self):
         super().__post_init__()
@@ -464,6 +513,7 @@ class JIIOAT(Objective):
             raise ConfigError(f"eps must be >= 0, got {self.eps}")
         if not isinstance(self.iters, int) or self.iters < 1:
             raise ConfigError(f"iters must be an int >= 1, got {self.iters!r}")
+        self._check_warmup()
         if self.step is not None:
             self.direction = _renamed("JIIOAT", "step", self.step, "direction", self.direction)
             self.step = None
@@ -480,18 +530,19 @@ class JIIOAT(Objective):
 
     def generate(self, model, x, y):
         """``InputOptResult`` of the JIIO attack (eval mode, modes restored)."""
+        eps = self.current_eps
         with preserve_modes(model, eval=True):
             if not self.random_start and self.z_init == "init":
-                return jiio_attack(model, x, y, eps=self.eps, norm=self.norm, iters=self.iters, alpha=self.alpha,
+                return jiio_attack(model, x, y, eps=eps, norm=self.norm, iters=self.iters, alpha=self.alpha,
                                    alpha_final=self.alpha_final, direction=self.direction, solver=self.solver,
                                    m=self.m, select=self.select, resolve=False)
             from .._tensor import random_in_ball
             x = x.detach()
-            cfg = JIIOConfig(iters=self.iters, alpha=self.eps / 4 if self.alpha is None else self.alpha,
+            cfg = JIIOConfig(iters=self.iters, alpha=eps / 4 if self.alpha is None else self.alpha,
                              alpha_final=self.alpha_final, direction=default_direction(self.norm, self.direction),
                              solver=self.solver, m=self.m, select=self.select, resolve=False)
-            C = threat_constraint(x, self.eps, self.norm)
-            x0 = C.project(x + random_in_ball(x, self.eps, self.norm, self._gen)) if self.random_start else x
+            C = threat_constraint(x, eps, self.norm)
+            x0 = C.project(x + random_in_ball(x, eps, self.norm, self._gen)) if self.random_start else x
             z0 = None
             if self.z_init == "solve":
                 with torch.no_grad():
@@ -524,6 +575,9 @@ class JIIOAT(Objective):
                    "jiio_residual": float(r.residual.mean())}
         loss = self._penalty(model, z_star, u, ce, scalars)
         scalars["loss"] = float(loss.detach())
+        if self.eps_warmup:
+            scalars["eps"] = self.current_eps
+        self._count_step()
         return loss, scalars
 
 
