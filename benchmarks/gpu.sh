@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu.sh                   # needs a CUDA build of torch and the 'data' extra
 #   OUT=/tmp/gpu DEVICE=cpu EPOCHS=1 N_PGD=20 N_AA=4 N_CONV=10 bash benchmarks/gpu.sh   # wiring check
+#   OUT=/tmp/gpu03 TRAIN_EPS=0.3 EPS_WARMUP=3 EPOCHS=10 EVAL_EPS=0.3 bash benchmarks/gpu.sh  # MNIST's eps 0.3
 #
 # bench_mnist is resumable: a row cut off by its time box continues from its last finished epoch /
 # attack unit when the script is run again with the same OUT. Everything printed is also written
@@ -21,6 +22,9 @@ BATCH="${BATCH:-256}"
 N_PGD="${N_PGD:-1000}"
 N_AA="${N_AA:-100}"
 N_CONV="${N_CONV:-1000}"
+TRAIN_EPS="${TRAIN_EPS:-0.1}"
+EPS_WARMUP="${EPS_WARMUP:-0}"
+EVAL_EPS="${EVAL_EPS:-0.1 0.3}"
 ROWS="${ROWS:-undefended pgd-at trades trades-ris jiio-at lyadeq-at ff-cnn-pgd-at single trades+ier}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -47,6 +51,7 @@ echo "== bench_mnist.py --device $DEVICE (240 s box; resumable)"
 # shellcheck disable=SC2086
 timeout 240 "$PY" benchmarks/bench_mnist.py --device "$DEVICE" --rows $ROWS --epochs "$EPOCHS" \
     --batch-size "$BATCH" --n-pgd "$N_PGD" --n-aa "$N_AA" --n-conv "$N_CONV" --threads 4 \
+    --train-eps "$TRAIN_EPS" --eps-warmup "$EPS_WARMUP" --eps $EVAL_EPS \
     --out "$OUT/mnist" --table "$OUT/mnist_table.md" \
     || echo "gpu.sh: bench_mnist failed or was cut by its time box (rc $?); run again with the same OUT to resume"
 echo "== bench_distributed.py: torchrun, 1 process, $DEVICE (NCCL on cuda) sharded evaluate (60 s box)"

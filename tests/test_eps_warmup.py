@@ -125,3 +125,23 @@ def test_bad_warmup_is_a_config_error(bad):
     for cls in (PGDAT, TRADES, JIIOAT):
         with pytest.raises(ConfigError, match="eps_warmup"):
             cls(eps=0.1, eps_warmup=bad)
+
+
+def test_command_line_takes_the_ramp_as_a_defense_option(tmp_path):
+    import json
+    from robustdeq.cli import main
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "mlp_deq", "--model-options", '{"hidden": 8}', "--epochs", "2",
+               "--batch-size", "512", "--defense", "pgd-at",
+               "--defense-options", '{"eps": 0.2, "steps": 1, "eps_warmup": 4}', "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    hist = json.loads((out / "history.json").read_text())
+    from robustdeq.data import load_digits
+    n = load_digits("train")[0].shape[0]    # in batches of 512: 3 steps per epoch
+    assert 1024 < n <= 1536
+    w = [(k + 1) / 4 * 0.2 for k in range(3)]
+    assert hist[0]["eps"] == pytest.approx((512 * w[0] + 512 * w[1] + (n - 1024) * w[2]) / n)
+    assert hist[1]["eps"] == pytest.approx(0.2)
+    assert main(["train", "--defense", "pgd-at", "--defense-options", '{"eps_warmup": -2}',
+                 "--out", str(tmp_path / "bad"), "--epochs", "1"]) == 2
