@@ -306,10 +306,8 @@ def wrap_model(model, wrap: str, options: dict):
     if defense is not None:
         import inspect
         known = [k for k in inspect.signature(defense.__init__).parameters if k not in ("self", "model")]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown --wrap-options key(s) for --wrap {wrap}: {', '.join(unknown)}; "
-                              f"known: {', '.join(known)}")
+        from .errors import reject_unknown
+        reject_unknown(options, known, f"--wrap {wrap} (--wrap-options)")
         try:
             return defense(model, **options).eval()
         except (TypeError, ValueError) as e:  # ConfigError is a ValueError

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Type, TypeVar, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, reject_unknown
 
 T = TypeVar("T")
 
@@ -128,11 +128,7 @@ def from_dict(cls: Type[T], data: Mapping[str, Any] | T | None) -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{cls.__name__} expects a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; "
-            f"known options: {', '.join(sorted(fields))}")
+    reject_unknown(data, fields, cls.__name__)
     hints = typing.get_type_hints(cls)
     kwargs = {k: _check_type(cls.__name__, k, hints[k], v) for k, v in data.items()}
     return cls(**kwargs)
@@ -162,11 +158,7 @@ def _strict_init(cls: Type[T]) -> Type[T]:
         if len(args) > len(names):
             raise ConfigError(f"{cls.__name__} takes at most {len(names)} positional options "
                               f"({', '.join(names)}), got {len(args)}")
-        unknown = sorted(set(kwargs) - set(names))
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) for {cls.__name__}: {', '.join(unknown)}; "
-                f"known options: {', '.join(sorted(names))}")
+        reject_unknown(kwargs, names, cls.__name__)
         given = dict(zip(names, args))
         twice = sorted(set(given) & set(kwargs))
         if twice:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import ConfigError, DataError, InputError
+from .errors import ConfigError, DataError, InputError, reject_unknown
 
 logger = logging.getLogger(__name__)
 
@@ -424,8 +424,7 @@ def load_dataset(
     if name == "digits":
         return load_digits(split, **kw)
     if name == "mnist5k":
-        if kw:
-            raise ConfigError(f"unexpected options for dataset 'mnist5k': {sorted(kw)}")
+        reject_unknown(kw, (), "dataset 'mnist5k'")
         return load_mnist5k(split)
     if name == "synthetic":
         _check_split(split)
@@ -433,8 +432,7 @@ def load_dataset(
         n = int(kw.pop("n", 512 if split == "train" else 256))
         kw.setdefault("sample_seed", seed if split == "train" else seed + 1_000_003)
         return synthetic(n, seed=seed, **kw)
-    if kw:
-        raise ConfigError(f"unexpected options for dataset {name!r}: {sorted(kw)}")
+    reject_unknown(kw, (), f"dataset {name!r}")
     if root is None:
         raise DataError(
             f"dataset {name!r} is read from a local folder: pass root=<folder>. "

@@ -15,6 +15,16 @@ class ConfigError(RobustDEQError, ValueError):
     """An option is unknown, has the wrong type or an invalid value."""
 
 
+def reject_unknown(given, known, what: str) -> None:
+    """Raise a :class:`ConfigError` naming the keys of ``given`` that are not in ``known`` (and the
+    known ones), e.g. ``unknown option(s) for model 'mdeq': widht; known options: width, ...``;
+    ``what`` says whose options they are. Every "unknown option" check of the package uses it."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown option(s) for {what}: {', '.join(map(str, unknown))}; "
+                          f"known options: {', '.join(sorted(map(str, known))) or 'none'}")
+
+
 class InputError(RobustDEQError, ValueError):
     """An input tensor has the wrong shape, non-finite values or values outside [0, 1]."""
 
@@ -48,7 +58,7 @@ class CertificateSoundnessWarning(CertificationWarning):
 
 
 __all__ = [
-    "RobustDEQError", "ConfigError", "InputError", "CheckpointError", "DataError",
+    "RobustDEQError", "ConfigError", "reject_unknown", "InputError", "CheckpointError", "DataError",
     "RobustDEQWarning", "NonConvergenceWarning", "GradientMaskingWarning", "CertificationWarning",
     "CertificateSoundnessWarning",
 ]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..deq.views import ModelView
-from ..errors import ConfigError
+from ..errors import ConfigError, reject_unknown
 from .base import Attack, check_int, global_rng, is_deq, project
 
 logger = logging.getLogger(__name__)
@@ -52,9 +52,7 @@ def make_view(model: nn.Module, view: Optional[Dict[str, Any]]) -> nn.Module:
     if not isinstance(view, dict):
         raise ConfigError(f"view must be a dict of attack_view options ({', '.join(VIEW_KEYS)}) "
                           f"or None, got {type(view).__name__}")
-    unknown = sorted(set(view) - set(VIEW_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown view option(s) {', '.join(unknown)}; known: {', '.join(VIEW_KEYS)}")
+    reject_unknown(view, VIEW_KEYS, "view")
     from ..deq.views import attack_view
     return attack_view(model, **view)
 
@@ -245,9 +243,7 @@ def _fast_options(fast_deq: Union[bool, Dict[str, Any]]) -> Optional[Dict[str, A
     if not isinstance(fast_deq, dict):
         raise ConfigError(f"fast_deq must be a bool or a dict of options among "
                           f"{', '.join(FAST_OPTIONS)}, got {fast_deq!r}")
-    unknown = sorted(set(fast_deq) - set(FAST_OPTIONS))
-    if unknown:
-        raise ConfigError(f"unknown fast_deq option(s) {', '.join(unknown)}; known: {', '.join(FAST_OPTIONS)}")
+    reject_unknown(fast_deq, FAST_OPTIONS, "fast_deq")
     return {**FAST_OPTIONS, **fast_deq}
 
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, reject_unknown
 from .autoattack import describe_view, make_view
 from .base import Attack, check_norm, check_number, global_rng, project
 
@@ -93,9 +93,8 @@ class TorchAttack(Attack):
         self.view = view
         self.target = make_view(model, view)
         self.training_mode = dict(training_mode or {})
-        bad = sorted(set(self.training_mode) - {"model_training", "batchnorm_training", "dropout_training"})
-        if bad:
-            raise ConfigError(f"unknown training_mode option(s) {', '.join(bad)}")
+        reject_unknown(self.training_mode, ("model_training", "batchnorm_training", "dropout_training"),
+                       "training_mode")
         self.implementation = f"torchattacks {torchattacks_version()}"
         try:
             self.atk = cls(self.target, **self.params_)

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, reject_unknown
 from .cells import (ConvCell, ConvHead, ConvInjection, LinearHead, MLPCell, MLPInjection,
                     MonotoneCell)
 from .model import DEQClassifier
@@ -46,10 +46,7 @@ def build(name: str, **options) -> nn.Module:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(names())}")
     fn = _REGISTRY[name]
     sig = inspect.signature(fn)
-    unknown = sorted(set(options) - set(sig.parameters))
-    if unknown:
-        raise ConfigError(f"unknown option(s) for model {name!r}: {', '.join(unknown)}; "
-                          f"known: {', '.join(sig.parameters)}")
+    reject_unknown(options, sig.parameters, f"model {name!r}")
     model = fn(**options)
     model.robustdeq_config = {"name": name, "options": _jsonable(options)}
     return model
