@@ -325,6 +325,8 @@ def test_config_errors_are_config_errors():
                 {"eval_suite": "huge"}, {"model_options": {"solver": {}}}, {"solver": "newton"}):
         with pytest.raises(ConfigError):
             FederatedConfig.from_dict(bad)
+    with pytest.raises(ConfigError, match="eps_warmup is not available in federated"):
+        FederatedConfig.from_dict({"defense": "pgd-at", "defense_options": {"eps": 0.3, "eps_warmup": 10}})
     cfg = FederatedConfig.from_dict({"budgets": "5,10,30", "clients": 4})
     assert cfg.budgets == (5, 10, 30)
     assert FederatedConfig.from_json(cfg.to_json()) == cfg

@@ -192,6 +192,9 @@ class FederatedConfig:
         # the recipe name and its options are checked here, not on the clients
         from ..defenses.recipes import recipe
         recipe(self.defense, **dict(self.defense_options))
+        if self.defense_options.get("eps_warmup"):
+            bad("defense_options: eps_warmup is not available in federated training (each round's local "
+                "training would restart the radius ramp)")
         from ..config import TrainConfig
         TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                     optimizer=self.optimizer)
