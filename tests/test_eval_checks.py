@@ -144,6 +144,38 @@ def test_black_box_square_probe_fires(mlp, data):
     assert r.fired and "Square" in r.details["source"]
 
 
+def _aa_with_square(target, *, eps, norm, steps, seed):
+    from robustdeq.attacks import AutoAttack
+    return AutoAttack(target, eps=eps, norm=norm, version="custom", attacks=["apgd-ce", "square"],
+                      settings={"apgd.n_iter": 5, "square.n_queries": 300}, seed=seed)
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_black_box_reads_the_square_stage_of_autoattack(mlp, data, cascade):
+    """A cascaded AutoAttack's Square stage is the black-box evidence: on a model whose input
+    gradient is negated, Square breaks samples that APGD and the PGD unit before it missed,
+    counted from AutoAttack's per-stage accuracies (no extra probe). Without a cascade another
+    unit may have broken those samples, so they are not claimed: the whole AutoAttack unit counts
+    as white-box and the check falls back to its own probe."""
+    x, y = data
+    model = ReversedGradModel(mlp)
+    suite = ["pgd", AttackSpec("aa-square", _aa_with_square)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientMaskingWarning)
+        rep = evaluate(model, x, y, eps=0.3, suite=suite, steps=5, cascade=cascade,
+                       check_config=CheckConfig(enabled=("black_box_stronger",), black_box_queries=50))
+    r = rep.check("black_box_stronger")
+    if cascade:
+        assert r.fired and r.details["source"] == "Square inside AutoAttack"
+        # oracle: the unit's own per-stage accuracies (cumulative, per batch)
+        rec = rep.result().attack("aa-square").describe["robust_accuracy_after"]
+        expect = sum(round(b["n"] * (b["apgd-ce"] - b["square"])) for b in rec)
+        assert r.details["black_box_only"] == expect > 0
+        assert r.details["samples"] == x.shape[0] and r.value == pytest.approx(expect / x.shape[0])
+    else:
+        assert r.details["source"] == "Square (50 queries)"
+
+
 def test_black_box_pure_function():
     white = torch.tensor([True, False, False, False])
     assert not C.check_black_box(white, white.clone(), warn=False).fired
@@ -151,6 +183,9 @@ def test_black_box_pure_function():
     assert r.fired and r.details["black_box_only"] == 1 and r.value == 0.25
     with pytest.raises(ConfigError):
         C.check_black_box(white, torch.ones(3, dtype=torch.bool))
+    assert C.check_black_box_count(1, 4, warn=False).value == 0.25
+    with pytest.raises(ConfigError):
+        C.check_black_box_count(5, 4)
 
 
 # -- 5. large eps not at chance -----------------------------------------------------------------------

@@ -10,7 +10,7 @@ samples (32 by default).
 ``randomized_output``       two forward passes on the same input give different logits
 ``softmax_output``          outputs are non-negative and every row sums to 1 (probabilities, not logits)
 ``zero_gradients``          share of samples whose input gradient is all zero or non-finite
-``black_box_stronger``      a black-box (Square) or transfer attack breaks samples the white-box ones missed
+``black_box_stronger``      a black-box (Square, AutoAttack's own Square stage in a cascade) or transfer attack breaks samples the white-box ones missed
 ``large_eps_not_chance``    robust accuracy at a huge eps (Linf 0.5 / L2 4) stays above chance + margin
 ``non_monotonic``           robust accuracy rises with more attack steps, or with a larger eps
 ``non_convergence``         share of clean or adversarial inputs whose forward solve did not converge
@@ -55,7 +55,8 @@ class CheckConfig:
         zero_grad_fraction: share of samples with a zero/non-finite input gradient that fires.
         black_box_fraction: share of samples broken by black-box attacks only that fires.
         black_box_queries: queries of the Square probe run when the suite has no black-box or
-            transfer attack (0: no probe, the check is skipped then).
+            transfer attack and no cascaded AutoAttack with its Square stage (whose results the
+            check reads instead) (0: no probe, the check is skipped then).
         large_eps_linf, large_eps_l2: the "huge" radii; large_eps_steps: PGD steps there.
         chance_margin: accuracy above ``1 / num_classes + chance_margin`` at the huge radius fires.
         steps_short, steps_long: PGD steps compared by the monotonicity check.
@@ -278,12 +279,22 @@ def check_black_box(white_success: Tensor, black_success: Tensor,
         white_success, black_success: (N,) bool, per sample: some white-box / some black-box
             attack found an adversarial example (clean-misclassified samples: False in both).
     """
-    cfg = _config(config)
     if white_success.shape != black_success.shape:
         raise ConfigError(f"flag shapes differ: {tuple(white_success.shape)} vs {tuple(black_success.shape)}")
-    n = int(white_success.numel())
     only = black_success.bool() & ~white_success.bool()
-    count = int(only.sum())
+    return check_black_box_count(int(only.sum()), int(white_success.numel()), config, source=source,
+                                 warn=warn, details=details)
+
+
+def check_black_box_count(count: int, n: int, config: Optional[CheckConfig] = None, *,
+                          source: str = "black-box", warn: bool = True,
+                          details: Optional[dict] = None) -> CheckResult:
+    """:func:`check_black_box` from counts: ``count`` of ``n`` samples were broken by black-box
+    attacks only (e.g. by AutoAttack's Square stage after its gradient-based stages and every
+    earlier attack of a cascade missed them)."""
+    cfg = _config(config)
+    if not 0 <= count <= n:
+        raise ConfigError(f"black-box-only count {count} is not within [0, {n}]")
     frac = count / max(n, 1)
     fired = frac > cfg.black_box_fraction
     msg = (f"{source} attacks broke {count}/{n} samples that every white-box attack missed: "
@@ -470,6 +481,7 @@ def check_estimators(model: nn.Module, x: Tensor, y: Tensor, config: Optional[Ch
 
 __all__ = [
     "CHECKS", "CheckConfig", "CheckResult", "skipped", "margin", "input_gradients",
-    "check_randomized", "check_softmax", "check_gradients", "check_black_box", "square_probe",
+    "check_randomized", "check_softmax", "check_gradients", "check_black_box", "check_black_box_count",
+    "square_probe",
     "check_large_eps", "check_monotonic", "check_convergence", "check_estimators", "find_deq",
 ]
