@@ -644,7 +644,10 @@ def test_loopback_deployment_superlink_and_two_supernodes(tmp_path):
         '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
         f'address = "127.0.0.1:{link}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-           "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+           "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           # the SuperLink starts flower-superexec by name: this Python's scripts first on PATH
+           # (an environment used without activating it)
+           "PATH": str(bindir) + os.pathsep + os.environ.get("PATH", "")}
     out = tmp_path / "run"
     cfg = {"clients": 2, "rounds": 2, "budgets": [5, 30], "fusion": "quality", "eval_suite": "quick",
            "eval_samples": 16, "eval_steps": 2, "client_timeout": 300.0}
