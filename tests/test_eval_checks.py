@@ -296,3 +296,19 @@ def test_check_config_validation():
         CheckConfig(enabled=("no_such_check",))
     with pytest.raises(ConfigError):
         CheckConfig(cosine_threshold=2.0)
+
+
+def test_apgd_ce_unit_is_autoattacks_first_stage(mlp, data):
+    """The ``apgd-ce`` attack name runs AutoAttack's APGD-CE stage alone: its per-stage record has
+    only that stage, and the unit's robust accuracy is that stage's (oracle: AutoAttack's own
+    bookkeeping of the same run)."""
+    x, y = data
+    rep = evaluate(mlp, x, y, eps=0.1, suite=["apgd-ce"], checks=False)
+    a = rep.result().attack("apgd-ce")
+    assert a.describe["attacks"] == ["apgd-ce"]
+    rec = a.describe["robust_accuracy_after"]
+    assert [set(b) for b in rec] == [{"n", "clean", "apgd-ce"}] * len(rec)
+    n = x.shape[0]
+    robust = sum(round(b["n"] * b["apgd-ce"]) for b in rec)
+    assert a.accuracy == pytest.approx(robust / n)
+    assert a.accuracy < rep.clean_accuracy
