@@ -422,6 +422,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _suite_arg(text: str):
+    """``--suite``: a registered suite name, or a comma list of attack names (``pgd-ift``,
+    ``apgd-ce``, ``state-3``...; unknown names are a usage error listing the known ones)."""
+    if text in SUITES.names():
+        return text
+    import importlib
+    importlib.import_module("robustdeq.eval.harness")  # registers the built-in attack names
+    from .registry import ATTACK_SPECS
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    known = ATTACK_SPECS.names()
+    unknown = [n for n in names if n not in known and not (n.startswith("state-") and n[6:].isdigit())]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown suite or attack name(s) {', '.join(unknown) or repr(text)}; suites: "
+            f"{', '.join(SUITES.names())}; attacks (comma list): {', '.join(known)}, state-<k>")
+    return names
+
+
 def _bracket_spec(args):
     """The ``certify`` argument of ``evaluate`` from ``--certify`` / ``--smoothing``."""
     if args.certify is None and args.smoothing is None:
@@ -625,7 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="run an evaluation suite on a checkpoint and write the report")
     _add_eval_args(e, eps_default="0.1,0.2")
-    e.add_argument("--suite", default="standard", choices=SUITES.names())
+    e.add_argument("--suite", default="standard", type=_suite_arg,
+                   help=f"a suite ({', '.join(SUITES.names())}) or a comma list of attack names, e.g. "
+                        "pgd-ift,pgd-unrolled,apgd-ce (default standard)")
     e.add_argument("--out", default=None, help="folder for report.json, report.md, plots, partial results")
     e.add_argument("--no-resume", action="store_true")
     e.add_argument("--batch-size", type=_int_at_least(1), default=128,

@@ -78,3 +78,13 @@ def test_full_demo(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.97
     assert set(summary["robustness"]["tables"]) == {"undefended", "jiio-at"}
+
+
+def test_eval_takes_a_comma_list_of_attack_names(ckpt, tmp_path, capsys):
+    assert main(["eval", str(ckpt), "--suite", "pgd-ift,apgd-ce", "--eps", "0.1", "-n", "8", "--steps", "3",
+                 "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert [a["key"] for a in rep["results"][0]["attacks"]] == ["pgd-ift", "apgd-ce"]
+    with pytest.raises(SystemExit):
+        main(["eval", str(ckpt), "--suite", "pgd-ift,apgd-zz"])
+    assert "apgd-zz" in capsys.readouterr().err
