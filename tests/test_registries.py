@@ -227,7 +227,10 @@ def test_cli_choices_come_from_the_registries(cleanup):
     def choices(cmd, flag):
         return next(a.choices for a in sub[cmd]._actions if flag in a.option_strings)
 
-    assert list(choices("eval", "--suite")) == registry.SUITES.names()
+    assert list(choices("harden", "--suite")) == registry.SUITES.names()
+    # eval --suite: a suite or a comma list of attack names; the suites are named in its help
+    assert all(name in sub["eval"].format_help() for name in registry.SUITES.names())
+    assert p.parse_args(["eval", "x.pt", "--suite", registry.SUITES.names()[-1]]).suite == registry.SUITES.names()[-1]
     assert list(choices("eval", "--wrap")) == registry.WRAPPERS.names() and "toy-wrap" in choices("eval", "--wrap")
     assert list(choices("train", "--dataset")) == registry.DATASETS.names()
     assert list(choices("certify", "--dataset")) == registry.DATASETS.names()
