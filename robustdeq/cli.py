@@ -427,16 +427,14 @@ def _suite_arg(text: str):
     ``apgd-ce``, ``state-3``...; unknown names are a usage error listing the known ones)."""
     if text in SUITES.names():
         return text
-    import importlib
-    importlib.import_module("robustdeq.eval.harness")  # registers the built-in attack names
+    from .eval.harness import is_attack_name  # (imports torch) registers the built-in attack names
     from .registry import ATTACK_SPECS
     names = [t.strip() for t in text.split(",") if t.strip()]
-    known = ATTACK_SPECS.names()
-    unknown = [n for n in names if n not in known and not (n.startswith("state-") and n[6:].isdigit())]
+    unknown = [n for n in names if not is_attack_name(n)]
     if not names or unknown:
         raise argparse.ArgumentTypeError(
             f"unknown suite or attack name(s) {', '.join(unknown) or repr(text)}; suites: "
-            f"{', '.join(SUITES.names())}; attacks (comma list): {', '.join(known)}, state-<k>")
+            f"{', '.join(SUITES.names())}; attacks (comma list): {', '.join(ATTACK_SPECS.names())}, state-<k>")
     return names
 
 

@@ -587,8 +587,20 @@ def _torchrun(args, cwd, nproc=2):
 
 
 @pytest.mark.slow
-def test_cli_train_and_eval_under_torchrun(tmp_path):
+def _sharded_and_single(args, report, sharded, single, cwd):
+    """Run the command line ``args`` under torchrun (2 processes; rank 0 alone prints "wrote")
+    into ``sharded`` and in one process into ``single``; the two ``report`` JSON files."""
     from robustdeq.cli import main
+    p = _torchrun(args + ["--out", str(sharded)], cwd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("wrote ") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["--threads", "1"] + args + ["--out", str(single)]) == 0
+    return tuple(json.loads((d / report).read_text()) for d in (sharded, single))
+
+
+def test_cli_train_and_eval_under_torchrun(tmp_path):
     run = tmp_path / "run"
     p = _torchrun(["train", "--out", str(run), "--epochs", "1", "--batch-size", "64",
                    "--model-options", '{"hidden": 16}', "--no-progress"], tmp_path)
@@ -597,26 +609,15 @@ def test_cli_train_and_eval_under_torchrun(tmp_path):
     assert (run / "checkpoint.pt").is_file() and json.loads((run / "history.json").read_text())[0]["epoch"] == 0
     args = ["eval", str(run / "checkpoint.pt"), "-n", "12", "--suite", "quick", "--steps", "3",
             "--eps", "0.1,0.2", "--batch-size", "4", "--no-progress"]
-    p = _torchrun(args + ["--out", str(tmp_path / "sharded")], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("wrote ") == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert main(["--threads", "1"] + args + ["--out", str(tmp_path / "single")]) == 0
-    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("sharded", "single"))
+    a, b = _sharded_and_single(args, "report.json", tmp_path / "sharded", tmp_path / "single", tmp_path)
     assert [r["robust"] for r in a["results"]] == [r["robust"] for r in b["results"]]
     assert a["config_hash"] == b["config_hash"]
     # randomized smoothing (SRS) from the command line: sharded inputs, rank 0 prints and writes
     # (--noise-n: torchrun's parser would take "--n" for an abbreviation of its own options)
     args = ["certify", str(run / "checkpoint.pt"), "-n", "6", "--smoothing", "0.25", "--noise-n", "60", "--n0", "10",
             "--srs-steps", "2", "--check-samples", "20", "--no-progress"]
-    p = _torchrun(args + ["--out", str(tmp_path / "smooth2")], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("wrote ") == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert main(["--threads", "1"] + args + ["--out", str(tmp_path / "smooth1")]) == 0
-    a, b = (json.loads((tmp_path / d / "certificate.json").read_text())["results"] for d in ("smooth2", "smooth1"))
+    a, b = (r["results"] for r in _sharded_and_single(args, "certificate.json", tmp_path / "smooth2",
+                                                        tmp_path / "smooth1", tmp_path))
     drop = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
         [{k: v for k, v in r.items() if k not in drop} for r in b]

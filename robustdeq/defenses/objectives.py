@@ -262,8 +262,12 @@ class Objective:
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ConfigError(f"eps_warmup must be an int >= 0 (training steps), got {w!r}")
 
-    def _count_step(self) -> None:
+    def _end_step(self, scalars: dict) -> dict:
+        """After a training step: record the radius in use (with a warm-up) and count the step."""
+        if getattr(self, "eps_warmup", 0):
+            scalars["eps"] = self.current_eps
         self.train_step += 1
+        return scalars
 
     def reseed_generator(self, seed: int) -> None:
         """Restart the private generator from ``seed`` (``self.seed``, the recorded setting, is
@@ -378,10 +382,7 @@ class PGDAT(Objective):
         self._begin()
         x_adv = self.generate(model, x, y)
         loss, scalars = self.loss_at(model, x_adv, y)
-        if self.eps_warmup:
-            scalars["eps"] = self.current_eps
-        self._count_step()
-        return loss, self._state_scalars(scalars)
+        return loss, self._state_scalars(self._end_step(scalars))
 
 
 @dataclass
@@ -446,10 +447,7 @@ class TRADES(Objective):
         self._begin()
         x_adv = self.generate(model, x, y)
         loss, scalars = self.loss_at(model, x, x_adv, y)
-        if self.eps_warmup:
-            scalars["eps"] = self.current_eps
-        self._count_step()
-        return loss, self._state_scalars(scalars)
+        return loss, self._state_scalars(self._end_step(scalars))
 
 
 @dataclass
@@ -502,7 +500,7 @@ class JIIOAT(Objective):
     name = "jiio_at"
 
     #: options added after checkpoints recorded ``describe()``: omitted there at these defaults
-    _LATER_OPTIONS = {"random_start": False, "z_init": "init", "eps_warmup": 0}
+    _LATER_OPTIONS = {**Objective._LATER_OPTIONS, "random_start": False, "z_init": "init"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -553,9 +551,6 @@ class JIIOAT(Objective):
         d = super().describe()
         d.pop("step", None)
         d["step"] = d.pop("direction")  # the historical key: checkpoints compare describe()
-        for k, default in self._LATER_OPTIONS.items():
-            if d.get(k) == default:
-                d.pop(k)
         return d
 
     def __call__(self, model, x, y):
@@ -575,10 +570,7 @@ class JIIOAT(Objective):
                    "jiio_residual": float(r.residual.mean())}
         loss = self._penalty(model, z_star, u, ce, scalars)
         scalars["loss"] = float(loss.detach())
-        if self.eps_warmup:
-            scalars["eps"] = self.current_eps
-        self._count_step()
-        return loss, scalars
+        return loss, self._end_step(scalars)
 
 
 @dataclass

@@ -311,11 +311,16 @@ def _register_builtin_specs() -> None:
 _register_builtin_specs()
 
 
+def is_attack_name(name: str) -> bool:
+    """``name`` is one :func:`builtin_spec` resolves: a registered attack or ``state-<k>``."""
+    return name in ATTACK_SPECS or (name.startswith("state-") and name[6:].isdigit())
+
+
 def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
     """The spec(s) called ``name``: a registered attack (:data:`robustdeq.registry.ATTACK_SPECS`:
     the built-ins and :func:`register_attack_spec`; ``states`` expands to one spec per state), or
     ``state-<k>``."""
-    if name not in ATTACK_SPECS and name.startswith("state-") and name[6:].isdigit():
+    if name not in ATTACK_SPECS and is_attack_name(name):
         return _state_k_spec(name, ctx)
     out = ATTACK_SPECS.get(name)(ctx)
     out = [out] if isinstance(out, AttackSpec) else list(out or [])
@@ -1366,6 +1371,6 @@ def _provenance(ev: _Evaluation) -> Dict[str, Any]:
     }
 
 
-__all__ = ["evaluate", "EvalConfig", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "builtin_spec",
+__all__ = ["evaluate", "EvalConfig", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "builtin_spec", "is_attack_name",
            "register_attack_spec", "register_suite",
            "suite_names", "trajectory_model", "trajectory_stats", "unit_seed", "EvalReport"]
