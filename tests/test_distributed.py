@@ -586,7 +586,6 @@ def _torchrun(args, cwd, nproc=2):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
 def _sharded_and_single(args, report, sharded, single, cwd):
     """Run the command line ``args`` under torchrun (2 processes; rank 0 alone prints "wrote")
     into ``sharded`` and in one process into ``single``; the two ``report`` JSON files."""
@@ -600,6 +599,7 @@ def _sharded_and_single(args, report, sharded, single, cwd):
     return tuple(json.loads((d / report).read_text()) for d in (sharded, single))
 
 
+@pytest.mark.slow
 def test_cli_train_and_eval_under_torchrun(tmp_path):
     run = tmp_path / "run"
     p = _torchrun(["train", "--out", str(run), "--epochs", "1", "--batch-size", "64",
