@@ -247,19 +247,20 @@ def _task_smoothing(rank, out):
     """Randomized smoothing (plain and SRS) under torchrun's environment; counts the inputs this
     rank certified; certify_checkpoint writes on rank 0 only."""
     from robustdeq.certify import smoothing as S
+    from robustdeq.certify.smoothing import engine
     model, x, y = _eval_inputs(out)
     calls = []
-    one = S._certify_one
+    one = engine._certify_one
 
     def counted(base, x1, index, cfg):
         calls.append(index)
         return one(base, x1, index, cfg)
 
-    S._certify_one = counted
+    engine._certify_one = counted
     try:
         reps = {k: S.certify(model, x, y, **o).to_dict() for k, o in SMOOTHING_OPTIONS.items()}
     finally:
-        S._certify_one = one
+        engine._certify_one = one
     pred = S.predict(model, x, sigma=0.25, n=60, batch_size=60, seed=2)
     S.certify_checkpoint(out / "model.pt", n_inputs=4, out_dir=out / f"smooth{rank}",
                          **SMOOTHING_OPTIONS["plain"])

@@ -1,0 +1,107 @@
+"""Settings of randomized-smoothing certification (:class:`SmoothingConfig`) and its constants."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Tuple, Union
+
+from ...config import from_dict, to_dict
+from ...errors import ConfigError
+
+ABSTAIN = -1
+SCHEMA = "robustdeq.certify.smoothing/1"
+DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+PLOT_FILE = "certified_accuracy.png"
+SRS_STARTS = ("chain", "clean")
+
+@dataclass(frozen=True)
+class SmoothingConfig:
+    """Settings of :func:`certify` / :func:`predict`.
+
+    Attributes:
+        sigma: standard deviation of the Gaussian noise (> 0).
+        n0: selection samples (CERTIFY). n: estimation samples (CERTIFY) / samples (PREDICT).
+        alpha: failure probability in (0, 1).
+        batch_size: noise samples solved together (the SRS serialisation unit).
+        srs_steps: 0 for independent solves; S > 0 for SRS with S solver steps per warm batch.
+        check_samples: K, estimation samples also solved from scratch (SRS only, 1..n).
+        check_alpha_fraction: share of alpha spent on the agreement bound (SRS only, in (0, 1)).
+        srs_start: where the warm-started solves start (SRS only): ``"chain"`` (the paper's rule:
+            each batch from the previous batch's fixed points, solved in sequence) or ``"clean"``
+            (every noise sample from the fixed point of the clean input; no sequence, so any
+            batch size, and the start is closer to the noisy fixed points).
+        check_max: 0 (default) checks exactly ``check_samples`` positions; > ``check_samples``
+            (at most n) chooses the number of checked positions per input in
+            [check_samples, check_max] from the warm-started count alone (``check_count``).
+        check_slack: the radius (in units of sigma) that the adaptive check count is sized to lose
+            at most when the check finds no disagreement (``check_max > 0`` only).
+        clip: smooth ``f(clip(x + e, 0, 1))`` instead of ``f(x + e)``.
+        radii: L2 radii at which the report gives certified accuracy.
+        seed: base seed of the noise (per image: derived from seed and the image index).
+    """
+
+    sigma: float = 0.25
+    n0: int = 100
+    n: int = 10000
+    alpha: float = 0.001
+    batch_size: int = 400
+    srs_steps: int = 0
+    check_samples: int = 400
+    check_alpha_fraction: float = 0.5
+    srs_start: str = "chain"
+    check_max: int = 0
+    check_slack: float = 0.1
+    clip: bool = False
+    radii: Tuple[float, ...] = DEFAULT_RADII
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise ConfigError(f"SmoothingConfig.sigma must be a finite number > 0, got {self.sigma!r}")
+        for name, low in (("n0", 1), ("n", 1), ("batch_size", 1), ("srs_steps", 0), ("seed", 0),
+                          ("check_samples", 0), ("check_max", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"SmoothingConfig.{name} must be an int >= {low}, got {v!r}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"SmoothingConfig.alpha must be in (0, 1), got {self.alpha!r}")
+        if not 0 < self.check_alpha_fraction < 1:
+            raise ConfigError("SmoothingConfig.check_alpha_fraction must be in (0, 1), got "
+                              f"{self.check_alpha_fraction!r}")
+        if self.srs_steps > 0 and not 1 <= self.check_samples <= self.n:
+            raise ConfigError(f"SmoothingConfig.check_samples must be in [1, n={self.n}] with SRS "
+                              f"(srs_steps > 0): without checked samples the warm-started counts carry "
+                              f"no evidence about the base classifier; got {self.check_samples}")
+        if self.srs_start not in SRS_STARTS:
+            raise ConfigError(f"SmoothingConfig.srs_start must be one of {', '.join(SRS_STARTS)}, got "
+                              f"{self.srs_start!r}")
+        if self.check_max and not self.check_samples <= self.check_max <= self.n:
+            raise ConfigError(f"SmoothingConfig.check_max must be 0 (a fixed number of checked samples) or "
+                              f"in [check_samples={self.check_samples}, n={self.n}], got {self.check_max}")
+        if not (math.isfinite(self.check_slack) and self.check_slack > 0):
+            raise ConfigError(f"SmoothingConfig.check_slack must be a finite number > 0, got {self.check_slack!r}")
+        radii = tuple(float(r) for r in self.radii)
+        if not radii or any(not math.isfinite(r) or r < 0 for r in radii):
+            raise ConfigError(f"SmoothingConfig.radii must be finite numbers >= 0, got {self.radii!r}")
+        object.__setattr__(self, "radii", tuple(sorted(set(radii))))
+
+    @property
+    def srs(self) -> bool:
+        return self.srs_steps > 0
+
+    def replace(self, **changes) -> "SmoothingConfig":
+        return make_config({**to_dict(self), **changes})
+
+
+def make_config(config: Union[SmoothingConfig, Mapping[str, Any], None] = None, **options) -> SmoothingConfig:
+    """A :class:`SmoothingConfig` from an instance or a mapping, with ``options`` overriding;
+    unknown keys raise :class:`ConfigError`."""
+    if isinstance(config, SmoothingConfig):
+        base = to_dict(config)
+    elif config is None:
+        base = {}
+    elif isinstance(config, Mapping):
+        base = dict(config)
+    else:
+        raise ConfigError(f"smoothing config must be a SmoothingConfig or a mapping, got {type(config).__name__}")
+    return from_dict(SmoothingConfig, {**base, **options})

@@ -1,0 +1,140 @@
+"""Statistics of randomized smoothing: Clopper-Pearson bounds (Cohen et al. 2019), the
+hypergeometric bound and the correlation-eliminated lower bound of serialized smoothing (SRS), the
+adaptive SRS check count, and the radius ``sigma * Phi^-1(p_lower)``."""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+from ...errors import ConfigError, InputError
+
+
+def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from ``k``
+    successes in ``n`` trials: ``Beta^-1(alpha; k, n - k + 1)``, 0 for ``k = 0``."""
+    from scipy.stats import beta
+    k, n = int(k), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise InputError(f"Clopper-Pearson needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
+    if k == 0:
+        return 0.0
+    return float(beta.ppf(alpha, k, n - k + 1))
+
+
+def clopper_pearson_upper(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson upper bound: ``Beta^-1(1 - alpha; k + 1, n - k)``,
+    1 for ``k = n``."""
+    from scipy.stats import beta
+    k, n = int(k), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise InputError(f"Clopper-Pearson needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if k == n:
+        return 1.0
+    return float(beta.ppf(1 - alpha, k + 1, n - k))
+
+
+def hypergeom_upper(d: int, population: int, sample: int, alpha: float) -> int:
+    """(1 - alpha) upper confidence bound on the number ``D`` of marked items in a population of
+    ``population`` items when a uniform sample without replacement of ``sample`` items holds ``d``
+    marked ones: the largest ``D`` with ``P(X <= d | D) > alpha`` (X hypergeometric)."""
+    from scipy.stats import hypergeom
+    d, population, sample = int(d), int(population), int(sample)
+    if not 0 <= sample <= population or not 0 <= d <= sample:
+        raise InputError(f"hypergeometric bound needs 0 <= d <= sample <= population, got d={d}, "
+                         f"sample={sample}, population={population}")
+    hi = population - (sample - d)          # the unmarked items seen must exist
+    if hypergeom.cdf(d, population, hi, sample) > alpha:
+        return hi
+    lo = d                                   # cdf(d; D=d) = 1 > alpha
+    while hi - lo > 1:                       # invariant: cdf(lo) > alpha >= cdf(hi)
+        mid = (lo + hi) // 2
+        if hypergeom.cdf(d, population, mid, sample) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def radius_from(p_lower: float, sigma: float) -> float:
+    """``sigma * Phi^-1(p_lower)`` for ``p_lower > 1/2``, else 0 (abstain)."""
+    from scipy.stats import norm
+    if not p_lower > 0.5:
+        return 0.0
+    return float(sigma * norm.ppf(p_lower))
+
+
+def srs_lower_bound(n_a: int, n: int, checked: int, disagree: int, agree: int, alpha: float,
+                    check_alpha_fraction: float = 0.5, *, gained: int = 0) -> Tuple[float, int]:
+    """The correlation-eliminated lower bound of the module docstring: ``(p_lower, D_up)``.
+
+    ``n_a``: warm-started count of ``c_hat`` among ``n``; ``checked``: K positions re-solved from
+    scratch; ``disagree``: checked positions with SRS = c_hat but base != c_hat; ``agree``: checked
+    positions where both are c_hat; ``gained``: checked positions with SRS != c_hat but
+    base = c_hat (base-classifier successes the warm-started count missed, which offset
+    disagreements; 0 leaves them out). The count bounded is ``n_a - max(D_up - gained, 0)``."""
+    gained = int(gained)
+    if gained < 0 or disagree + agree + gained > checked:
+        raise InputError(f"srs_lower_bound: disagree + agree + gained must be <= checked, got "
+                         f"{disagree} + {agree} + {gained} > {checked}")
+    a1 = check_alpha_fraction * alpha
+    a2 = alpha - a1
+    d_up = hypergeom_upper(disagree, n, checked, a1)
+    d_up = min(d_up, n_a - agree)
+    # gained positions offset disagreements, but the bound never exceeds the warm-started count
+    # (the corrected radius is never larger than the uncorrected one)
+    return clopper_pearson_lower(max(n_a - max(d_up - gained, 0), 0), n, a2), int(d_up)
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def check_count(n_a: int, n: int, alpha: float, k_min: int, k_max: int,
+                check_alpha_fraction: float = 0.5, slack: float = 0.1) -> int:
+    """The number of checked positions of the adaptive SRS check (``check_max > 0``), a function
+    of the warm-started count ``n_a`` alone (so that, given the noise, the checked positions --
+    the first K of a random permutation drawn independently of it -- are still a uniform random
+    K-subset and the hypergeometric bound holds).
+
+    The smallest K in [k_min, k_max] such that, should the check find no disagreement, the
+    corrected radius is at most ``slack * sigma`` below the uncorrected one
+    ``sigma Phi^-1(CP(n_a, n, alpha_2))`` (whatever sigma); ``k_max`` when none is; ``k_min`` when
+    the input would abstain anyway. Inputs whose warm-started count is near n need many checks (a
+    bound on the disagreements from K checks with none seen is about n ln(1/alpha_1) / K), inputs
+    far from 1 few."""
+    from scipy.stats import norm
+    a1 = check_alpha_fraction * alpha
+    a2 = alpha - a1
+    p_unc = clopper_pearson_lower(n_a, n, a2)
+    if p_unc <= 0.5 or k_min >= k_max:
+        return int(k_min)
+    target = max(float(norm.cdf(norm.ppf(p_unc) - slack)), 0.5)
+    # D_allow: the most disagreements the corrected bound can absorb and still reach target
+    lo, hi = 0, n_a                       # CP(n_a - lo) >= target > CP(n_a - hi) (or hi = n_a)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if clopper_pearson_lower(n_a - mid, n, a2) >= target:
+            lo = mid
+        else:
+            hi = mid
+    # hypergeom_upper(0, n, K, a1) <= d_allow  <=>  P(X = 0 | D = d_allow + 1) <= a1,
+    # decreasing in K: binary search on log C(n - D, K) - log C(n, K)
+    dd, la = lo + 1, math.log(a1)
+
+    def ok(k: int) -> bool:
+        return k > n - dd or _log_comb(n - dd, k) - _log_comb(n, k) <= la
+
+    if ok(k_min):
+        return int(k_min)
+    if not ok(k_max):
+        return int(k_max)
+    lo, hi = k_min, k_max                 # ok(lo) false, ok(hi) true
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return int(hi)
