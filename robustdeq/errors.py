@@ -33,6 +33,10 @@ class CheckpointError(RobustDEQError):
     """A checkpoint is missing, corrupted, foreign or unsafe to load."""
 
 
+class TrainingError(RobustDEQError):
+    """A training run cannot go on (non-finite loss, no client update fused, ...)."""
+
+
 class DataError(RobustDEQError):
     """A dataset cannot be found or read."""
 

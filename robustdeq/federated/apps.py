@@ -14,6 +14,7 @@ server reads the settings from its run config: ``robustdeq-config`` (JSON) and `
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any, Callable, Dict, Optional
 
 from ._flwr import require_flwr
@@ -21,13 +22,14 @@ from ._flwr import require_flwr
 require_flwr()
 
 import torch  # noqa: E402
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from ..errors import ConfigError  # noqa: E402
 from .config import FederatedConfig  # noqa: E402
 from .local import train_client  # noqa: E402
+from .plugins import REGISTRATIONS_KEY, install  # noqa: E402
 from .strategy import CONFIG_KEY  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -59,12 +61,23 @@ clientapp = ClientApp()
 
 @clientapp.train()
 def _train(msg: Message, context: Context) -> Message:
+    """Local training; a failure is answered with the client's partition id and a one-line reason
+    (``ConfigRecord`` ``"error"``: type, message and the full traceback for the server's log)."""
     torch.set_num_threads(int(context.node_config.get("threads", 1)))
     config = msg.content["config"]
-    cfg = FederatedConfig.from_json(str(config[CONFIG_KEY]))
-    ident = client_identity(cfg, context.node_config)
-    state = msg.content["arrays"].to_torch_state_dict()
-    res = train_client(cfg, ident.pop("client"), state, int(config["server-round"]), **ident)
+    client = context.node_config.get("partition-id")
+    try:
+        if REGISTRATIONS_KEY in config:
+            install(str(config[REGISTRATIONS_KEY]))
+        cfg = FederatedConfig.from_json(str(config[CONFIG_KEY]))
+        ident = client_identity(cfg, context.node_config)
+        state = msg.content["arrays"].to_torch_state_dict()
+        res = train_client(cfg, ident.pop("client"), state, int(config["server-round"]), **ident)
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which drops this client
+        logger.exception("client %s failed", client)
+        err = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+        metrics = MetricRecord({"client": int(client)} if client is not None else {})
+        return Message(content=RecordDict({"metrics": metrics, "error": ConfigRecord(err)}), reply_to=msg)
     content = RecordDict({"arrays": ArrayRecord(res.state),
                           "metrics": MetricRecord({**res.metrics, "num-examples": res.num_examples})})
     return Message(content=content, reply_to=msg)
@@ -74,16 +87,22 @@ def make_server_app(cfg: FederatedConfig, out_dir=None, *, progress: bool = Fals
                     on_round_end: Optional[Callable[[dict], None]] = None,
                     holder: Optional[dict] = None, node_wait: float = 120.0) -> ServerApp:
     """A ``ServerApp`` running :func:`~robustdeq.federated.server.run_rounds` with ``cfg``; the
-    :class:`~robustdeq.federated.server.FederatedResult` is put in ``holder["result"]``."""
+    :class:`~robustdeq.federated.server.FederatedResult` is put in ``holder["result"]`` (an
+    exception of the round loop in ``holder["error"]``)."""
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         from .server import run_rounds
-        res = run_rounds(grid, cfg, out_dir, progress=progress, resume=resume,
-                         on_round_end=on_round_end, node_wait=node_wait)
-        if holder is not None:
-            holder["result"] = res
+        if holder is None:
+            run_rounds(grid, cfg, out_dir, progress=progress, resume=resume,
+                       on_round_end=on_round_end, node_wait=node_wait)
+            return
+        try:
+            holder["result"] = run_rounds(grid, cfg, out_dir, progress=progress, resume=resume,
+                                          on_round_end=on_round_end, node_wait=node_wait)
+        except BaseException as exc:  # noqa: BLE001 - raised again by the caller, outside Flower
+            holder["error"] = exc
 
     return app
 

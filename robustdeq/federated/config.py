@@ -25,6 +25,7 @@ FUSIONS = ("fedavg", "quality", "tolerance", "accuracy")
 FAULTS = ("raise", "nan", "inf", "shape", "hang")
 EVAL_SUITES = ("none", "quick", "standard", "full")  # the built-ins; registered suites are accepted too
 SOLVERS = ("fixed_point", "anderson", "broyden")  # the built-ins; registered solvers are accepted too
+_MLP_MODELS = ("mlp_deq", "lyadeq")  # the architectures DEFAULT_MODEL_OPTIONS are for
 DEFAULT_MODEL_OPTIONS: Dict[str, Any] = {"hidden": 64, "mean": 0.3, "std": 0.4, "norm": "spectral",
                                          "scale": 0.9}
 
@@ -116,7 +117,7 @@ class FederatedConfig:
     dataset: str = "digits"
     data_root: Optional[str] = None
     model: str = "mlp_deq"
-    model_options: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL_OPTIONS))
+    model_options: Optional[Dict[str, Any]] = None
     val_fraction: float = 0.2
     min_client_samples: int = 10
     seed: int = 0
@@ -171,6 +172,16 @@ class FederatedConfig:
                            coerce_enum(Norm, self.eval_threat, "FederatedConfig.eval_threat"))
         if not self.client_timeout > 0:
             bad(f"client_timeout must be > 0 seconds, got {self.client_timeout}")
+        if self.model_options is None:  # the MLP defaults, for the MLP architectures only
+            from ..defenses.recipes import RECIPES as _recipes, recipe as _recipe
+            trained = self.model
+            if self.defense in _recipes and isinstance(self.defense_options, Mapping):
+                try:
+                    trained = _recipe(self.defense, **dict(self.defense_options)).model or self.model
+                except ConfigError:
+                    pass  # reported below, by the recipe check
+            object.__setattr__(self, "model_options",
+                               dict(DEFAULT_MODEL_OPTIONS) if trained in _MLP_MODELS else {})
         for name in ("defense_options", "model_options", "faults"):
             if not isinstance(getattr(self, name), Mapping):
                 bad(f"{name} must be a mapping, got {type(getattr(self, name)).__name__}")
@@ -191,7 +202,10 @@ class FederatedConfig:
                 bad(f"model_options: {name!r} is set by the federated run (dataset / client budget)")
         # the recipe name and its options are checked here, not on the clients
         from ..defenses.recipes import recipe
-        recipe(self.defense, **dict(self.defense_options))
+        rec = recipe(self.defense, **dict(self.defense_options))
+        if rec.model is not None and self.model not in (rec.model, "mlp_deq"):
+            bad(f"defense {self.defense!r} trains its own architecture ({rec.model}), not model "
+                f"{self.model!r}: drop the model or choose another defense")
         if self.defense_options.get("eps_warmup"):
             bad("defense_options: eps_warmup is not available in federated training (each round's local "
                 "training would restart the radius ramp)")

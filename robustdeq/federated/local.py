@@ -25,7 +25,7 @@ from .partition import partition_indices, split_validation
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientData", "ClientResult", "client_data", "build_model", "model_config",
+__all__ = ["ClientData", "ClientResult", "client_data", "check_shards", "build_model", "model_config",
            "train_client", "derive_seed", "transferable_state", "state_error"]
 
 _MAX_RATE = 0.99  # cap of the estimated contraction rate (the error estimate is then <= 100 r)
@@ -65,6 +65,23 @@ def client_data(cfg: FederatedConfig, client: int, num_clients: Optional[int] = 
         return ClientData(x[tr_t], y[tr_t], None, None)
     va_t = torch.from_numpy(va)
     return ClientData(x[tr_t], y[tr_t], x[va_t], y[va_t])
+
+
+def check_shards(cfg: FederatedConfig) -> None:
+    """Raise ``ConfigError`` now if some client would get no training samples (more clients than
+    samples, a too-small Dirichlet share, or a shard used up by its validation part)."""
+    x, y = _train_split(cfg.dataset, cfg.data_root)
+    if y.shape[0] < cfg.clients:
+        raise ConfigError(f"{cfg.clients} clients but the {cfg.dataset} training split has "
+                          f"{y.shape[0]} samples: every client needs at least one")
+    parts = partition_indices(y.numpy(), cfg.clients, cfg.partition, seed=cfg.seed,
+                              min_size=cfg.min_client_samples)
+    for k, part in enumerate(parts):
+        tr, _ = split_validation(part, cfg.val_fraction, seed=derive_seed(cfg.seed, "val", k))
+        if len(tr) < 1:
+            raise ConfigError(f"client {k} has {len(part)} samples and keeps none for training after "
+                              f"its validation share ({cfg.val_fraction:g}); use fewer clients or a "
+                              "smaller val_fraction")
 
 
 def model_config(cfg: FederatedConfig, *, budget: Optional[int] = None, solver: Optional[str] = None,

@@ -5,12 +5,27 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_outputs", "markdown", "plot"]
+__all__ = ["write_outputs", "markdown", "plot", "one_line"]
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning|Fault)\b")
+
+
+def one_line(reason: str, limit: int = 300) -> str:
+    """A one-line reason from an error text (a traceback, possibly with ANSI colour codes): the
+    last line that names an exception (``Type: message``), else the last non-empty line."""
+    lines = [ln.strip() for ln in ANSI.sub("", str(reason)).splitlines() if ln.strip()]
+    if not lines:
+        return "unknown error"
+    exc = [ln for ln in lines if EXC_LINE.match(ln)]
+    out = (exc or lines)[-1].replace("|", "/")
+    return out if len(out) <= limit else out[:limit - 3] + "..."
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -29,7 +44,8 @@ def _who(rows: List[Dict[str, Any]]) -> str:
     parts = []
     for r in rows:
         c = r.get("client")
-        parts.append((f"client {c}" if c is not None else f"node {r.get('node')}") + f" ({r.get('reason', '')})")
+        parts.append((f"client {c}" if c is not None else f"node {r.get('node')}")
+                     + f" ({one_line(r.get('reason', ''))})")
     return "; ".join(parts)
 
 
@@ -48,7 +64,9 @@ def markdown(summary: Dict[str, Any]) -> str:
         f"({summary['test_samples']} samples); robust accuracy: suite `{cfg['eval_suite']}`, "
         f"{cfg['eval_threat']} eps {cfg['eval_eps']:g}, {cfg['eval_steps']} steps, "
         f"{summary.get('robust_samples', 0)} samples",
-        f"- rounds completed: {len(rounds)} of {cfg['rounds']}"
+        f"- rounds completed: {sum(1 for r in rounds if r.get('fused', True))} of {cfg['rounds']}"
+        + (f" (round {summary['failed_round']} failed: no client update fused; the run stopped)"
+           if summary.get("failed_round") else "")
         + (f" (resumed at round {summary['resumed_from'] + 1})" if summary.get("resumed_from") else ""),
         "",
         "| round | accuracy | robust accuracy | bytes up | bytes down | fused | dropped | rejected |",

@@ -15,7 +15,7 @@ from .config import FederatedConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["federate", "write_flower_app", "simulation_backend_config"]
+__all__ = ["federate", "write_flower_app", "simulation_backend_config", "refuse_multiprocess_launch"]
 
 
 def simulation_backend_config(cpus: int = 1) -> Dict[str, Any]:
@@ -40,6 +40,21 @@ def _quiet_flower(level: int):
         lg.setLevel(old)
 
 
+def refuse_multiprocess_launch() -> None:
+    """``ConfigError`` under torchrun (or any launcher setting ``WORLD_SIZE`` > 1): a federated
+    simulation is one process that starts its own clients; one per rank would run the whole
+    federation several times into the same folder."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    try:
+        n = int(world)
+    except ValueError:
+        n = 1
+    if n > 1:
+        raise ConfigError(f"federate cannot run under torchrun (WORLD_SIZE={world}): Flower's "
+                          "simulation engine starts the clients itself; launch it as one process "
+                          "(robustdeq federate ..., --cpus N for parallel clients)")
+
+
 def federate(config: Union[FederatedConfig, Mapping[str, Any], None] = None,
              out_dir: Union[str, Path, None] = None, *, progress: bool = False, resume: bool = True,
              cpus: int = 1, on_round_end: Optional[Callable[[dict], None]] = None,
@@ -58,9 +73,18 @@ def federate(config: Union[FederatedConfig, Mapping[str, Any], None] = None,
 
     Raises:
         MissingExtraError: Flower is not installed (the ``federated`` extra).
+        ConfigError: before round 1: a user registration the clients cannot import, more clients
+            than training samples, a multi-process launch (torchrun).
+        TrainingError: a round in which no client's update was fused (each client's reason named).
     """
     cfg = FederatedConfig.from_dict(config)
     require_flwr()
+    refuse_multiprocess_launch()
+    # before Flower starts: registrations the clients cannot import, clients without samples
+    from .local import check_shards
+    from .plugins import user_registrations
+    user_registrations(cfg)
+    check_shards(cfg)
     if out_dir is not None and resume and (Path(out_dir) / "checkpoint.pt").exists():
         from .server import _load_resume
         _load_resume(Path(out_dir) / "checkpoint.pt", cfg)  # another experiment: fail before starting
@@ -81,6 +105,8 @@ def federate(config: Union[FederatedConfig, Mapping[str, Any], None] = None,
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\..*")
         run_simulation(server_app=server, client_app=clientapp, num_supernodes=cfg.clients,
                        backend_config=simulation_backend_config(cpus))
+    if "error" in holder:
+        raise holder["error"]
     if "result" not in holder:
         raise RuntimeError("the federated simulation ended without a result (see the Flower log)")
     return holder["result"]

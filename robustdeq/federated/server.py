@@ -22,10 +22,10 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingError
 from .config import FederatedConfig, client_budget, config_hash
 from .fusion import refresh_spectral_norms
-from .local import build_model, model_config, transferable_state
+from .local import build_model, check_shards, model_config, transferable_state
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,30 @@ def _load_resume(path: Path, cfg: FederatedConfig):
     return ck.state_dict, int(extra.get("round", 0)), json.loads(extra.get("history", "[]"))
 
 
+def _fail_round(r: int, outcome, history, summary, out: Optional[Path], seconds: float) -> None:
+    """A round in which no client's update was fused: record it in the reports (not in the
+    checkpoint, which keeps the last fused round, so a rerun resumes from there) and stop the run
+    with an error naming every client's reason."""
+    from .report import one_line, write_outputs
+    rows = list(outcome.dropped) + list(outcome.rejected)
+    why = "; ".join(f"client {c['client']}" if c.get("client") is not None else f"node {c.get('node')}"
+                    for c in rows)
+    reasons = "; ".join((f"client {c['client']}" if c.get("client") is not None else f"node {c.get('node')}")
+                        + f": {one_line(c.get('reason', ''))}" for c in rows) or "no client replied"
+    rec = {"round": r, "accuracy": None, "robust_accuracy": None, "bytes_up": int(outcome.bytes_up),
+           "bytes_down": int(outcome.bytes_down), "clients_sent": len(outcome.sent_to),
+           "clients_fused": 0, "clients_dropped": outcome.dropped, "clients_rejected": outcome.rejected,
+           "fused": False, "clients": [], "train_seconds": seconds, "seconds": seconds}
+    if out is not None:
+        write_outputs(out, {**summary, "rounds": history + [rec], "failed_round": r})
+    trained = any(h.get("fused") for h in history)
+    state = ("the global model keeps round %d's fused parameters (checkpoint.pt); a rerun resumes "
+             "after it" % history[-1]["round"]) if trained else \
+        "the global model was never updated and no checkpoint was written"
+    logger.error("round %d: no client update fused (%s)", r, why or "no replies")
+    raise TrainingError(f"federated round {r} failed: no client's update was fused ({reasons}); {state}")
+
+
 def run_rounds(grid, cfg: FederatedConfig, out_dir: Union[str, Path, None] = None, *,
                strategy=None, progress: bool = False, resume: bool = True,
                on_round_end: Optional[Callable[[Dict[str, Any]], None]] = None,
@@ -98,6 +122,7 @@ def run_rounds(grid, cfg: FederatedConfig, out_dir: Union[str, Path, None] = Non
         node_wait: seconds to wait for ``cfg.clients`` nodes to connect.
     """
     from flwr.app import ArrayRecord, ConfigRecord
+    from .plugins import REGISTRATIONS_KEY, user_registrations
     from .strategy import CONFIG_KEY, DEQFusion
 
     out = Path(out_dir) if out_dir is not None else None
@@ -105,6 +130,9 @@ def run_rounds(grid, cfg: FederatedConfig, out_dir: Union[str, Path, None] = Non
         strategy = DEQFusion(cfg.fusion, quality_floor=cfg.quality_floor, min_nodes=cfg.clients,
                              node_wait=node_wait)
     strategy.config[CONFIG_KEY] = cfg.to_json()
+    # user registrations travel to the clients (or the run is refused now, before round 1)
+    strategy.config[REGISTRATIONS_KEY] = user_registrations(cfg)
+    check_shards(cfg)  # every client has training samples (known before round 1)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     mcfg = model_config(cfg)
@@ -148,6 +176,8 @@ def run_rounds(grid, cfg: FederatedConfig, out_dir: Union[str, Path, None] = Non
             outcome = strategy.last_round
             for c in outcome.clients:
                 known_clients[int(c["node"])] = int(c["client"])
+            if new_arrays is None:
+                _fail_round(r, outcome, history, summary, out, time.perf_counter() - t0)
             if new_arrays is not None:
                 state = {k: v.clone() for k, v in new_arrays.to_torch_state_dict().items()}
                 model.load_state_dict(state, strict=True)

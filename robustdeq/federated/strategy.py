@@ -27,12 +27,13 @@ from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 
 from ..errors import ConfigError  # noqa: E402
+from .report import ANSI as _ANSI, one_line  # noqa: E402
 from .fusion import (ClientUpdate, Rule, check_update, fuse, fusion_weights,  # noqa: E402
                      quality_factors, summarize_weights)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEQFusion", "RoundOutcome", "CONFIG_KEY", "wait_for_nodes"]
+__all__ = ["DEQFusion", "RoundOutcome", "CONFIG_KEY", "wait_for_nodes", "one_line"]
 
 CONFIG_KEY = "robustdeq-config"
 
@@ -145,9 +146,21 @@ class DEQFusion(Strategy):
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
-                out.dropped.append({"node": node, "client": None,
-                                    "reason": f"client error: {msg.error.reason}"})
-                logger.warning("round %d: node %d dropped (%s)", server_round, node, msg.error.reason)
+                reason = one_line(msg.error.reason)
+                out.dropped.append({"node": node, "client": None, "reason": f"client error: {reason}"})
+                logger.warning("round %d: node %d dropped (%s); the client's error:\n%s", server_round,
+                               node, reason, _ANSI.sub("", str(msg.error.reason)))
+                continue
+            err = msg.content.config_records.get("error") if hasattr(msg.content, "config_records") else None
+            if err is not None:
+                metrics = msg.content.metric_records.get("metrics")
+                cid = metrics.get("client") if metrics is not None else None
+                client = int(cid) if isinstance(cid, (int, float)) else None
+                reason = one_line(f"{err.get('type', 'Error')}: {err.get('message', '')}")
+                out.dropped.append({"node": node, "client": client, "reason": reason})
+                logger.warning("round %d: client %s dropped (%s); its traceback:\n%s", server_round,
+                               client if client is not None else f"on node {node}", reason,
+                               err.get("traceback", ""))
                 continue
             upd, size, problem = self._parse(msg)
             out.bytes_up += size
