@@ -13,34 +13,37 @@ import functools
 import gzip
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .errors import ConfigError, DataError, InputError, reject_unknown
+from . import registry
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DATASETS", "dataset_info", "register_dataset", "load_dataset", "load_digits", "load_mnist", "load_mnist5k",
-    "load_cifar10", "synthetic", "validate_inputs", "make_loader",
+    "Dataset", "dataset_info", "register_dataset", "load_dataset", "load_digits", "load_mnist",
+    "load_mnist5k", "load_cifar10", "synthetic", "validate_inputs", "make_loader",
 ]
-
-DATASETS: tuple[str, ...] = ("digits", "mnist", "mnist5k", "cifar10", "synthetic")
-
-_INFO: dict[str, dict[str, Any]] = {
-    "digits": {"shape": (1, 8, 8), "num_classes": 10},
-    "mnist": {"shape": (1, 28, 28), "num_classes": 10},
-    "mnist5k": {"shape": (1, 28, 28), "num_classes": 10},
-    "cifar10": {"shape": (3, 32, 32), "num_classes": 10},
-    "synthetic": {"shape": (1, 8, 8), "num_classes": 10},
-}
 
 _SPLITS = ("train", "test")
 _RANGE_SLACK = 1e-6
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An entry of :data:`robustdeq.registry.DATASETS`: ``loader(split, root=None, **options) ->
+    (x, y)`` with ``x`` float (N, *shape) in [0, 1] and ``y`` int64 (N,) in ``[0, num_classes)``
+    (:func:`load_dataset` checks both on every load)."""
+
+    loader: Callable[..., Any]
+    shape: tuple
+    num_classes: int
 
 
 def _check_split(split: str, allowed: Sequence[str] = _SPLITS) -> None:
@@ -54,37 +57,21 @@ def register_dataset(name: str, loader: Any, *, shape: Sequence[int], num_classe
     line) call ``loader(split, root=root, **options) -> (x, y)``: ``x`` float (N, *shape) in
     [0, 1], ``y`` int64 (N,) in ``[0, num_classes)``, both checked on every load. A name that
     exists is an error unless ``replace=True`` (built-ins cannot be replaced)."""
-    from .registry import DATASETS as _REGISTRY
     if not callable(loader):
         raise ConfigError(f"the loader of dataset {name!r} must be callable, got {type(loader).__name__}")
-    if name in _REGISTRY and _REGISTRY.is_builtin(name):
+    if name in registry.DATASETS and registry.DATASETS.is_builtin(name):
         raise ConfigError(f"dataset {name!r} is built in and cannot be replaced")
     shape = tuple(int(v) for v in shape)
     if not shape or any(v < 1 for v in shape) or int(num_classes) < 2:
         raise ConfigError(f"dataset {name!r}: shape must be positive dims and num_classes >= 2, "
                           f"got {shape}, {num_classes}")
-    _REGISTRY.register(name, loader, replace=replace)
-    _INFO[name] = {"shape": shape, "num_classes": int(num_classes)}
-
-
-def _registered_loader(name: str):
-    from .registry import DATASETS as _REGISTRY
-    if name in _REGISTRY and not _REGISTRY.is_builtin(name):
-        return _REGISTRY.get(name)
-    return None
-
-
-def _known() -> str:
-    from .registry import DATASETS as _REGISTRY
-    return ", ".join(_REGISTRY.names())
+    registry.DATASETS.register(name, Dataset(loader, shape, int(num_classes)), replace=replace)
 
 
 def dataset_info(name: str) -> dict[str, Any]:
     """Return ``{"shape": (C, H, W), "num_classes": int}`` for a dataset name."""
-    if name not in _INFO:
-        raise ConfigError(f"unknown dataset {name!r}; known datasets: {_known()}")
-    info = _INFO[name]
-    return {"shape": tuple(info["shape"]), "num_classes": int(info["num_classes"])}
+    entry = registry.DATASETS.get(name)
+    return {"shape": tuple(entry.shape), "num_classes": int(entry.num_classes)}
 
 
 # --------------------------------------------------------------------------------------- digits
@@ -399,46 +386,60 @@ def synthetic(
 
 
 # ------------------------------------------------------------------------------------- registry
+def _digits(split: str, root: Any = None, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_digits(split, **kw)  # bundled: no folder to read
+
+
+def _from_folder(name: str, load: Callable[..., Any]) -> Callable[..., Any]:
+    def loader(split: str, root: Any = None, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        reject_unknown(kw, (), f"dataset {name!r}")
+        if root is None:
+            raise DataError(f"dataset {name!r} is read from a local folder: pass root=<folder>. "
+                            "Nothing is downloaded.")
+        return load(root, split)
+    return loader
+
+
+def _mnist5k(split: str, root: Any = None, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    reject_unknown(kw, (), "dataset 'mnist5k'")
+    return load_mnist5k(split)
+
+
+def _synthetic(split: str, root: Any = None, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_split(split)
+    seed = int(kw.pop("seed", 0))
+    n = int(kw.pop("n", 512 if split == "train" else 256))
+    kw.setdefault("sample_seed", seed if split == "train" else seed + 1_000_003)
+    return synthetic(n, seed=seed, **kw)
+
+
+# the built-in entries of robustdeq.registry.DATASETS
+_DIGITS = Dataset(_digits, (1, 8, 8), 10)
+_MNIST = Dataset(_from_folder("mnist", load_mnist), (1, 28, 28), 10)
+_MNIST5K = Dataset(_mnist5k, (1, 28, 28), 10)
+_CIFAR10 = Dataset(_from_folder("cifar10", load_cifar10), (3, 32, 32), 10)
+_SYNTHETIC = Dataset(_synthetic, (1, 8, 8), 10)
+
+
 def load_dataset(
     name: str, split: str = "train", root: str | Path | None = None, **kw: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load a dataset by name (one of :data:`DATASETS`) as ``(x, y)``.
+    """Load a dataset by name (:data:`robustdeq.registry.DATASETS`) as ``(x, y)``, checked
+    (shape, range, finite values, int64 labels in ``[0, num_classes)``).
 
     ``root`` is required for ``mnist`` and ``cifar10``. Extra keywords go to the loader
     (``seed``/``test_fraction`` for digits; ``n``, ``seed``, ``noise``, ... for synthetic, where
     the split picks the sample seed and the default size: 512 train, 256 test).
     """
-    loader = _registered_loader(name)
-    if loader is not None:  # register_dataset
-        x, y = loader(split, root=root, **kw)
-        info = dataset_info(name)
-        x = validate_inputs(x, expected_shape=info["shape"], name=f"dataset {name!r} images")
-        if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (x.shape[0],):
-            raise InputError(f"dataset {name!r}: labels must be an int64 tensor of shape ({x.shape[0]},), "
-                             f"got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= info["num_classes"]):
-            raise InputError(f"dataset {name!r}: labels outside [0, {info['num_classes']})")
-        return x, y
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; known datasets: {_known()}")
-    if name == "digits":
-        return load_digits(split, **kw)
-    if name == "mnist5k":
-        reject_unknown(kw, (), "dataset 'mnist5k'")
-        return load_mnist5k(split)
-    if name == "synthetic":
-        _check_split(split)
-        seed = int(kw.pop("seed", 0))
-        n = int(kw.pop("n", 512 if split == "train" else 256))
-        kw.setdefault("sample_seed", seed if split == "train" else seed + 1_000_003)
-        return synthetic(n, seed=seed, **kw)
-    reject_unknown(kw, (), f"dataset {name!r}")
-    if root is None:
-        raise DataError(
-            f"dataset {name!r} is read from a local folder: pass root=<folder>. "
-            "Nothing is downloaded."
-        )
-    return load_mnist(root, split) if name == "mnist" else load_cifar10(root, split)
+    entry = registry.DATASETS.get(name)
+    x, y = entry.loader(split, root=root, **kw)
+    x = validate_inputs(x, expected_shape=entry.shape, name=f"dataset {name!r} images")
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.shape != (x.shape[0],):
+        raise InputError(f"dataset {name!r}: labels must be an int64 tensor of shape ({x.shape[0]},), "
+                         f"got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= entry.num_classes):
+        raise InputError(f"dataset {name!r}: labels outside [0, {entry.num_classes})")
+    return x, y
 
 
 # ---------------------------------------------------------------------------------- validation

@@ -15,9 +15,9 @@ registry                   entry                                       registere
 :data:`SUITES`             ``suite(ctx) -> [attack spec name]``        ``register_suite``
 :data:`RECIPES`            ``builder(**options) -> Recipe``            ``register_recipe``
 :data:`OBJECTIVES`         an :class:`Objective` dataclass             ``register_objective``
-:data:`MODELS`             the module registering a zoo builder        ``robustdeq.deq.zoo.register``
-:data:`ATTACKS`            an :class:`Attack` class                    ``Registry.register``
-:data:`DATASETS`           a loader ``(split, root, **kw) -> (x, y)``  ``data.register_dataset``
+:data:`MODELS`             a builder ``fn(**options) -> nn.Module``    ``robustdeq.deq.zoo.register``
+:data:`ATTACKS`            an :class:`Attack` class                    ``ATTACKS.register``
+:data:`DATASETS`           a :class:`~robustdeq.data.Dataset`          ``data.register_dataset``
 :data:`WRAPPERS`           an inference-time defense class (or None)   ``defenses.register_wrapper``
 =========================  ==========================================  ===========================
 
@@ -167,18 +167,25 @@ OBJECTIVES = Registry("objective", _refs("robustdeq.defenses.objectives", {
     "gaussian_noise": "GaussianNoise"}),
     hint="robustdeq.defenses.objectives.register_objective adds one")
 
-# the zoo's builders register themselves when their module is imported (robustdeq.deq.zoo.register)
 MODELS = Registry("model", {
-    **{n: "robustdeq.deq.zoo" for n in ("mlp_deq", "conv_deq", "mdeq", "mdeq_single", "mon_deq",
-                                         "weight_tied_mlp", "weight_tied_conv", "ff_mlp", "ff_cnn")},
-    "lyadeq": "robustdeq.defenses.lyapunov"})
+    **_refs("robustdeq.deq.zoo", {n: n for n in (
+        "mlp_deq", "conv_deq", "mdeq", "mdeq_single", "mon_deq", "weight_tied_mlp",
+        "weight_tied_conv", "ff_mlp", "ff_cnn")}),
+    "lyadeq": "robustdeq.defenses.lyapunov:lyadeq"},  # the LyaDEQ defense's own builder
+    hint="robustdeq.deq.zoo.register adds one")
 
-ATTACKS = Registry("attack", _refs("robustdeq.attacks", {
-    "fgsm": "FGSM", "pgd": "PGD", "state": "StateAttack", "autoattack": "AutoAttack",
-    "torchattack": "TorchAttack", "jiio": "JIIO"}))
+ATTACKS = Registry("attack", {
+    **_refs("robustdeq.attacks.pgd", {"fgsm": "FGSM", "pgd": "PGD"}),
+    "state": "robustdeq.attacks.intermediate:StateAttack",
+    "autoattack": "robustdeq.attacks.autoattack:AutoAttack",
+    "torchattack": "robustdeq.attacks.bridge:TorchAttack",
+    "jiio": "robustdeq.attacks.jiio:JIIO"},
+    hint="robustdeq.registry.ATTACKS.register(name, cls) adds one")
 
-DATASETS = Registry("dataset", {n: "robustdeq.data:load_dataset"
-                                for n in ("digits", "mnist", "mnist5k", "cifar10", "synthetic")})
+DATASETS = Registry("dataset", _refs("robustdeq.data", {
+    "digits": "_DIGITS", "mnist": "_MNIST", "mnist5k": "_MNIST5K", "cifar10": "_CIFAR10",
+    "synthetic": "_SYNTHETIC"}),
+    hint="robustdeq.data.register_dataset adds one")
 
 WRAPPERS = Registry("inference-time defense", {"none": None,
                                                 "entropy": "robustdeq.defenses.entropy:EntropyDefense"})

@@ -13,15 +13,17 @@ reproducible under a seed. ``describe()`` gives the provenance (implementation, 
 ``JIIO``               joint inference and input optimisation attack (robustdeq.attacks.jiio)
 =====================  ======================================================================
 
-``build(name, model, **params)`` constructs one by name ("fgsm", "pgd", "state", "autoattack",
-"torchattack", "jiio"). torchattacks and pyautoattack are imported only when used.
+``build(name, model, **params)`` constructs one by its name in :data:`robustdeq.registry.ATTACKS`
+("fgsm", "pgd", "state", "autoattack", "torchattack", "jiio", and whatever
+``registry.ATTACKS.register(name, cls)`` adds). torchattacks and pyautoattack are imported only
+when used.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from ..errors import ConfigError
+from ..registry import ATTACKS
 from .base import Attack, accuracy, predict
 from .pgd import FGSM, PGD
 from .intermediate import StateAttack, simultaneous_adjoint
@@ -29,42 +31,14 @@ from .autoattack import AutoAttack
 from .bridge import TorchAttack
 from .worst_case import WorstCase, WorstCaseResult
 
-_REGISTRY = {
-    "fgsm": FGSM,
-    "pgd": PGD,
-    "state": StateAttack,
-    "autoattack": AutoAttack,
-    "torchattack": TorchAttack,
-}
-_LAZY = {"jiio": ("robustdeq.attacks.jiio", "JIIO")}
-
-
-def names() -> list:
-    return sorted(set(_REGISTRY) | set(_LAZY))
-
-
-def _lazy(name: str):
-    module, attr = _LAZY[name]
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            raise ConfigError(f"attack {name!r} is not available ({module} is missing)") from None
-        raise
-    return getattr(mod, attr)
-
 
 def build(name: str, model, **params) -> Attack:
-    """Construct the attack ``name`` on ``model``; unknown names or parameters are ConfigErrors."""
+    """Construct the attack ``name`` (:data:`robustdeq.registry.ATTACKS`; a built-in name in
+    any case) on ``model``; unknown names or parameters are ConfigErrors."""
     if not isinstance(name, str):
         raise ConfigError(f"attack name must be a string, got {name!r}")
-    key = name.lower()
-    if key in _REGISTRY:
-        cls = _REGISTRY[key]
-    elif key in _LAZY:
-        cls = _lazy(key)
-    else:
-        raise ConfigError(f"unknown attack {name!r}; available: {', '.join(names())}")
+    key = name if name in ATTACKS else name.lower()
+    cls = ATTACKS.get(key)
     try:
         return cls(model, **params)
     except TypeError as e:
@@ -72,10 +46,11 @@ def build(name: str, model, **params) -> Attack:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "JIIO":
-        return _lazy("jiio")
+    if name == "JIIO":  # imported on first use
+        from .jiio import JIIO
+        return JIIO
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Attack", "FGSM", "PGD", "StateAttack", "AutoAttack", "TorchAttack", "WorstCase",
-           "WorstCaseResult", "simultaneous_adjoint", "predict", "accuracy", "build", "names"]
+           "WorstCaseResult", "JIIO", "simultaneous_adjoint", "predict", "accuracy", "build"]

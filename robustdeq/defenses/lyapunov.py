@@ -75,7 +75,6 @@ from torch.nn.utils import parametrizations
 
 from .._tensor import seeded_generator
 from ..config import SolverConfig
-from ..deq import zoo
 from ..deq.cells import ConvCell, ConvInjection, MLPCell, MLPInjection
 from ..deq.model import DEQClassifier
 from ..errors import ConfigError, InputError
@@ -545,7 +544,7 @@ class LyapunovStability:
 
 
 # -------------------------------------------------------------------------------------- zoo
-@zoo.register("lyadeq")
+# zoo.build("lyadeq", ...): robustdeq.registry.MODELS names this builder
 def lyadeq(in_shape=(1, 8, 8), num_classes=10, hidden=64, backbone="mlp", act="tanh", norm="none",
            scale=1.0, init_gain=0.5, channels=16, groups=4, pool=2, mean=0.0, std=1.0,
            icnn_hidden=(64, 64), icnn_act="softplus", alpha=0.01, eps_v=0.01, rehu_d=1.0, step=1.0,

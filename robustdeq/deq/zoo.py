@@ -1,50 +1,42 @@
-"""Registry of ready architectures: ``build(name, **options) -> nn.Module``.
+"""Ready architectures: ``build(name, **options) -> nn.Module``.
 
-Every model built here carries ``model.robustdeq_config = {"name": ..., "options": ...}`` (JSON
-friendly) so that a checkpoint can rebuild it. Unknown names and options are ``ConfigError``s.
+The names live in :data:`robustdeq.registry.MODELS` (the built-ins below, LyaDEQ's builder in
+``robustdeq.defenses.lyapunov``, and whatever :func:`register` adds). Every model built here
+carries ``model.robustdeq_config = {"name": ..., "options": ...}`` (JSON friendly) so that a
+checkpoint can rebuild it. Unknown names and options are ``ConfigError``s.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-from typing import Callable, Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 
 from ..errors import ConfigError, reject_unknown
+from ..registry import MODELS
 from .cells import (ConvCell, ConvHead, ConvInjection, LinearHead, MLPCell, MLPInjection,
                     MonotoneCell)
 from .model import DEQClassifier
 from .weight_tied import WeightTied
 
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
-# builders defined in other subpackages, imported on first use
-_LAZY = {"lyadeq": "robustdeq.defenses.lyapunov"}
 
-
-def register(name: str):
-    """Decorator: add a builder ``fn(**options) -> nn.Module`` to the zoo under ``name`` (also
-    listed in :data:`robustdeq.registry.MODELS`, which the command line reads)."""
+def register(name: str, *, replace: bool = False):
+    """Decorator: add a builder ``fn(**options) -> nn.Module`` to :data:`robustdeq.registry.MODELS`
+    under ``name`` (``build(name)``, the command line's ``--model``). An existing name is a
+    ConfigError unless ``replace=True``."""
     def deco(fn):
-        from ..registry import MODELS
-        _REGISTRY[name] = fn
-        MODELS.register(name, fn, replace=True)
+        if not callable(fn):
+            raise ConfigError(f"the builder of model {name!r} must be callable, got {type(fn).__name__}")
+        MODELS.register(name, fn, replace=replace)
         return fn
     return deco
 
 
-def names() -> list:
-    from ..registry import MODELS
-    return sorted(set(_REGISTRY) | set(_LAZY) | set(MODELS))
-
-
 def build(name: str, **options) -> nn.Module:
-    if name not in _REGISTRY and name in _LAZY:
-        importlib.import_module(_LAZY[name])
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; available: {', '.join(names())}")
-    fn = _REGISTRY[name]
+    """The model ``name`` of :data:`robustdeq.registry.MODELS` built with ``options`` (an option
+    the builder does not take is a ConfigError)."""
+    fn = MODELS.get(name)
     sig = inspect.signature(fn)
     reject_unknown(options, sig.parameters, f"model {name!r}")
     model = fn(**options)
@@ -71,7 +63,7 @@ def _grad(grad, grad_options):
     return make_estimator(grad, **(grad_options or {}))
 
 
-@register("mlp_deq")
+# built-in: robustdeq.registry.MODELS["mlp_deq"]
 def mlp_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, act="tanh", norm="none", scale=1.0,
             init_gain=0.5, mean=0.0, std=1.0, solver: Optional[dict] = None, grad="ift",
             grad_options: Optional[dict] = None) -> DEQClassifier:
@@ -83,7 +75,6 @@ def mlp_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, act="tanh", norm="non
                          input_shape=tuple(in_shape))
 
 
-@register("conv_deq")
 def conv_deq(in_shape=(1, 8, 8), num_classes=10, channels=16, groups=4, norm="none", init_gain=0.5,
              mean=(0.0,), std=(1.0,), pool=2, solver: Optional[dict] = None, grad="ift",
              grad_options: Optional[dict] = None) -> DEQClassifier:
@@ -111,7 +102,6 @@ def _multiscale(in_shape, num_classes, channels, groups, stem_stride, init_gain,
                          grad=_grad(grad, grad_options), input_shape=tuple(in_shape))
 
 
-@register("mdeq")
 def mdeq(in_shape=(1, 28, 28), num_classes=10, channels=(16, 32), groups=4, stem_stride=2,
          init_gain=0.5, mean=(0.1307,), std=(0.3081,), pool=4, solver: Optional[dict] = None,
          grad="ift", grad_options: Optional[dict] = None) -> DEQClassifier:
@@ -125,7 +115,6 @@ def mdeq(in_shape=(1, 28, 28), num_classes=10, channels=(16, 32), groups=4, stem
                        pool, solver, grad, grad_options)
 
 
-@register("mdeq_single")
 def mdeq_single(in_shape=(1, 28, 28), num_classes=10, channels=16, groups=4, stem_stride=2,
                 init_gain=0.5, mean=(0.1307,), std=(0.3081,), pool=4, solver: Optional[dict] = None,
                 grad="ift", grad_options: Optional[dict] = None) -> DEQClassifier:
@@ -134,7 +123,6 @@ def mdeq_single(in_shape=(1, 28, 28), num_classes=10, channels=16, groups=4, ste
                        std, pool, solver, grad, grad_options)
 
 
-@register("mon_deq")
 def mon_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, m=1.0, alpha: Optional[float] = None,
             mean=0.0, std=1.0, solver: Optional[dict] = None, grad="ift",
             grad_options: Optional[dict] = None) -> DEQClassifier:
@@ -145,7 +133,6 @@ def mon_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, m=1.0, alpha: Optiona
                          input_shape=tuple(in_shape))
 
 
-@register("weight_tied_mlp")
 def weight_tied_mlp(in_shape=(1, 8, 8), num_classes=10, hidden=64, depth=8, sparsity=0.5, seed=0,
                     act="tanh", init_gain=0.5, mean=0.0, std=1.0) -> WeightTied:
     """Weight-tied MLP with a distinct random sparse mask per depth (Song et al. 2023)."""
@@ -154,7 +141,6 @@ def weight_tied_mlp(in_shape=(1, 8, 8), num_classes=10, hidden=64, depth=8, spar
                       depth=depth, sparsity=sparsity, seed=seed, input_shape=tuple(in_shape))
 
 
-@register("weight_tied_conv")
 def weight_tied_conv(in_shape=(1, 8, 8), num_classes=10, channels=16, groups=4, depth=6,
                      sparsity=0.5, seed=0, init_gain=0.5, pool=2) -> WeightTied:
     return WeightTied(ConvInjection(in_shape[0], channels), ConvCell(channels, groups, init_gain=init_gain),
@@ -175,7 +161,6 @@ class FeedForward(nn.Module):
         return self.net(validate_inputs(x, expected_shape=self.input_shape))
 
 
-@register("ff_mlp")
 def ff_mlp(in_shape=(1, 8, 8), num_classes=10, hidden=64, layers=2) -> FeedForward:
     mods = [nn.Flatten()]
     d = _n_in(in_shape)
@@ -186,7 +171,6 @@ def ff_mlp(in_shape=(1, 8, 8), num_classes=10, hidden=64, layers=2) -> FeedForwa
     return FeedForward(nn.Sequential(*mods), in_shape)
 
 
-@register("ff_cnn")
 def ff_cnn(in_shape=(1, 8, 8), num_classes=10, channels=16, blocks=2, groups=4, pool=2) -> FeedForward:
     """A small CNN of a size similar to ``conv_deq`` (deep-network baseline)."""
     mods = [nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.ReLU()]
@@ -196,4 +180,5 @@ def ff_cnn(in_shape=(1, 8, 8), num_classes=10, channels=16, blocks=2, groups=4, 
     return FeedForward(nn.Sequential(*mods), in_shape)
 
 
-__all__ = ["build", "register", "names", "FeedForward"]
+__all__ = ["build", "register", "FeedForward", "mlp_deq", "conv_deq", "mdeq", "mdeq_single", "mon_deq",
+           "weight_tied_mlp", "weight_tied_conv", "ff_mlp", "ff_cnn"]

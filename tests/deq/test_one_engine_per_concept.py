@@ -103,9 +103,8 @@ def test_protocols():
     m = _model()
     assert isinstance(m, FixedPointModel) and isinstance(m, TrajectoryModel)
     assert not isinstance(torch.nn.Linear(2, 2), FixedPointModel)
-    wt = zoo.build("weight_tied", hidden=8) if "weight_tied" in zoo.names() else None
-    if wt is not None:
-        assert isinstance(wt, TrajectoryModel) and not isinstance(wt, FixedPointModel)
+    wt = zoo.build("weight_tied_mlp", hidden=8)
+    assert isinstance(wt, TrajectoryModel) and not isinstance(wt, FixedPointModel)
 
 
 def test_cost_counter_uses_an_explicit_hook():
