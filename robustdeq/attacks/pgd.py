@@ -1,6 +1,7 @@
 """FGSM and PGD (Linf, L2) with a per-attack gradient estimator and solver warm starts.
 
-PGD's default on a DEQ (``method="auto"``) is the joint forward/adjoint/input iteration of
+Both attacks take their input gradients from :class:`robustdeq.attacks.oracle.GradientOracle`
+(the ``method`` is the oracle's policy). PGD's default on a DEQ (``method="auto"``) is the joint forward/adjoint/input iteration of
 :mod:`robustdeq.deq.joint` when the attack's gradient is the implicit one, for the samples whose
 first solve converges (their examples are then judged by the model's own inference); for the
 other samples, the other gradients, and with ``method="exact"``, the exact loop described next.
@@ -22,154 +23,21 @@ that on a feed-forward model ``PGD(random_start=False)`` reproduces ``torchattac
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .._tensor import bshape, clip_delta, default_alpha, per_sample_norm
-from ..deq.warm import (WarmStart, implicit_input_gradient, run_warm,
-                        supports_implicit_input_gradient)
-from ..errors import ConfigError, NonConvergenceWarning
-from .._support import user_stacklevel
-from .base import (Attack, check_int, check_num_classes, check_number, cross_entropy,
-                   estimator_name, get_loss, is_deq, logits_of, margins, random_in_ball)
+from ..errors import ConfigError
+from .base import (Attack, check_int, check_number, cross_entropy, estimator_name, get_loss,
+                   is_deq, logits_of, margins, random_in_ball)
+from .oracle import POLICIES, GradientOracle, InputGradient
 
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _resolve_estimator(model: nn.Module, grad):
-    """``None`` (the model's own) or an estimator instance valid for ``model``."""
-    if grad is None:
-        return None
-    from ..deq.grad import make_estimator
-    est = make_estimator(grad)
-    if hasattr(model, "check_estimator"):
-        model.check_estimator(est)
-    elif not any(hasattr(m, "_grad_stack") for m in model.modules()):
-        raise ConfigError(f"grad={estimator_name(est)!r} was given but {type(model).__name__} "
-                          "contains no DEQ whose gradient can be chosen")
-    return est
-
-
-class InputGradient:
-    """``(x, y) -> d loss(model(x), y) / dx`` with a chosen estimator and warm starts.
-
-    Args:
-        model: any module ``x -> logits``; a DEQ (``solve``/``run``) gets warm starts.
-        grad: gradient estimator (instance or name) or None for the model's own.
-        warm_start: start each forward solve from the previous call's fixed point and, for the
-            implicit gradient, each adjoint solve from the previous adjoint, for the samples
-            whose previous solve converged (the others start as the model's inference does).
-
-    Call :meth:`reset` between independent runs (a new batch). ``stats`` counts the function
-    evaluations of the forward and adjoint solves.
-    """
-
-    def __init__(self, model: nn.Module, grad=None, warm_start: bool = True):
-        self.model = model
-        self.estimator = _resolve_estimator(model, grad)
-        self.deq = is_deq(model)
-        self.warm_start = bool(warm_start)
-        #: the warm-start state (robustdeq.deq.warm): the previous call's fixed point and
-        #: adjoint with their per-sample convergence flags
-        self.state = WarmStart(adjoint=False)
-        self.reset()
-
-    # the warm-start state, by its historical names
-    z_prev = property(lambda self: self.state.z, lambda self, v: setattr(self.state, "z", v))
-    z_ok = property(lambda self: self.state.z_ok, lambda self, v: setattr(self.state, "z_ok", v))
-    a_prev = property(lambda self: self.state.a, lambda self, v: setattr(self.state, "a", v))
-    a_ok = property(lambda self: self.state.a_ok, lambda self, v: setattr(self.state, "a_ok", v))
-
-    def reset(self) -> None:
-        self.state.reset()
-        self.last_logits: Optional[Tensor] = None  # logits at the latest call's inputs (detached)
-        #: (B,) bool: the latest call's forward solve converged per sample (True off a DEQ)
-        self.last_converged: Optional[Tensor] = None
-        self.stats = {"calls": 0, "forward_nfe": 0, "backward_nfe": 0, "forward_work": 0,
-                      "backward_work": 0, "forward_unconverged": 0, "backward_unconverged": 0}
-        self._checked = False
-
-    def reset_warm_start(self) -> None:
-        """Forget the warm-start states (the next call starts a new batch); keeps the stats."""
-        self.state.reset()
-
-    def select(self, keep: Tensor) -> None:
-        """Continue with the samples ``keep`` (indices into the latest call's batch) only: the
-        warm-start states follow them."""
-        self.state.select(keep)
-
-    def current_estimator(self):
-        if self.estimator is not None:
-            return self.estimator
-        return getattr(self.model, "estimator", None)
-
-    def warm(self) -> bool:
-        """Whether warm starts apply (a DEQ, and not full backpropagation: through a warm-started
-        solve it would only see the last few iterations, a different gradient).
-
-        Where a solve starts (:mod:`robustdeq.deq.warm`): the previous call's solution for the
-        samples whose previous solve converged, the model's initial state for the others (as the
-        model's own inference starts; on a conv DEQ whose solves never converged, warm-starting
-        them made PGD 15 points weaker than torchattacks' cold-started PGD,
-        benchmarks/RESULTS.md). For the adjoint, a linear system with one solution, a start only
-        changes how close an unconverged iterate gets to it; a non-converged previous adjoint is
-        still not reused (it may come from a divergent iteration)."""
-        est = self.current_estimator()
-        return self.warm_start and self.deq and not getattr(est, "full_graph", False)
-
-    def __call__(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
-        """The gradient of ``loss_fn(logits(x), y)`` w.r.t. ``x`` (shape of ``x``)."""
-        self.stats["calls"] += 1
-        est = self.current_estimator()
-        if self.deq and supports_implicit_input_gradient(self.model, est):
-            # the model's warm-started, shrinking-batch implicit gradient (robustdeq.deq.warm)
-            r = implicit_input_gradient(self.model, x, y, loss_fn, est,
-                                        warm=self.state if self.warm() else None,
-                                        check_logits=lambda logits: self._check(logits, y))
-            for k, v in r.stats.items():
-                self.stats[k] += v
-            self.last_logits = r.logits
-            self.last_converged = r.converged
-            return r.grad
-        xr = x.detach().requires_grad_(True)
-        if self.deq:
-            eq = run_warm(self.model, xr, self.state if self.warm() else None, grad=self.estimator)
-            logits = eq.logits
-            self.last_converged = eq.stats.converged.detach()
-            self.stats["forward_nfe"] += int(eq.stats.nfe)
-            self.stats["forward_unconverged"] += int((~eq.stats.converged).sum())
-        elif self.estimator is not None:
-            from ..deq.grad import gradient
-            with gradient(self.model, self.estimator):
-                logits = self.model(xr)
-        else:
-            logits = self.model(xr)
-        self._check(logits, y)
-        self.last_logits = logits.detach()
-        if not self.deq:
-            self.last_converged = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        cost = loss_fn(logits, y)
-        return torch.autograd.grad(cost, xr, retain_graph=False, create_graph=False)[0]
-
-    def _check(self, logits: Tensor, y: Tensor) -> None:
-        if not self._checked:
-            check_num_classes(y, logits)
-            self._checked = True
-
-    def warn_if_unconverged(self, who: str) -> None:
-        s = self.stats
-        if s["forward_unconverged"] or s["backward_unconverged"]:
-            warnings.warn(
-                f"{who}: over {s['calls']} gradient evaluations, {s['forward_unconverged']} "
-                f"forward and {s['backward_unconverged']} adjoint per-sample solves did not reach "
-                "their tolerance; the attack's gradients may be inaccurate",
-                NonConvergenceWarning, stacklevel=user_stacklevel())
 
 
 def pgd_step(adv: Tensor, images: Tensor, g: Tensor, *, eps: float, alpha: float, norm: str,
@@ -261,30 +129,9 @@ def succeeded(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
     return pred == y if targeted else pred != y
 
 
-METHODS = ("auto", "joint", "exact")
 
 
-class _Unconverged(Exception):
-    """The joint iteration's first solve did not converge for every sample (method="auto");
-    ``converged`` holds the per-sample flags."""
-
-    def __init__(self, converged: Tensor):
-        super().__init__("not every first solve converged")
-        self.converged = converged
-
-
-def _joint_eligible(model: nn.Module, grad, warm_start: bool) -> bool:
-    """Whether ``method="auto"`` runs the joint iteration: a DEQ with the pieces it needs, whose
-    attack gradient is the implicit one at its defaults (``grad="ift"``, or ``None`` with the
-    model's own estimator implicit; the joint iteration approximates exactly that gradient), and
-    warm starts not turned off (``warm_start=False`` asks for the exact cold loop)."""
-    from ..deq.grad import ImplicitGrad
-    from ..deq.joint import supports_joint
-    if not (warm_start and is_deq(model) and supports_joint(model)):
-        return False
-    if grad is None:
-        return isinstance(getattr(model, "estimator", None), ImplicitGrad)
-    return isinstance(grad, str) and grad == "ift"
+METHODS = POLICIES
 
 
 class FGSM(Attack):
@@ -294,7 +141,7 @@ class FGSM(Attack):
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", targeted: bool = False,
                  seed: Optional[int] = None, grad=None):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
-        self.oracle = InputGradient(model, grad, warm_start=False)
+        self.oracle = GradientOracle(model, "exact", grad, warm_start=False)
         self.grad = self.oracle.estimator
         g = estimator_name(self.grad) if self.grad is not None else (
             estimator_name(getattr(model, "estimator", None)) if is_deq(model) else None)
@@ -305,7 +152,7 @@ class FGSM(Attack):
 
     def _perturb(self, x, y, gen):
         self.oracle.reset()
-        g = self.oracle(x, y, self.loss_fn(cross_entropy))
+        g = self.oracle(x, y, self.loss_fn(cross_entropy)).grad
         if self.norm == "Linf":
             adv = x + self.eps * g.sign()
         else:
@@ -401,27 +248,21 @@ class PGD(Attack):
         #: candidates per sample judged by the model's own inference at the end: the last
         #: iterate, the iterate of lowest margin on the iteration's logits, then the latest points
         self.joint_judge = check_int(self.joint_options.pop("judge", 8), "judge", low=1)
-        self.oracle = InputGradient(model, None if method == "joint" else grad, warm_start=warm_start)
-        self.grad = self.oracle.estimator
-        self.joint_oracle = None
-        if method == "joint":
+        if method == "joint" and early_stop:
             from ..deq.joint import supports_joint
-            if not (is_deq(model) and supports_joint(model)):
-                raise ConfigError(f"grad='joint' needs a DEQ (a fixed-point model with inject, f, "
-                                  f"readout, init_state and solver_config); got {type(model).__name__}")
-            if early_stop:
+            if is_deq(model) and supports_joint(model):
                 raise ConfigError("grad='joint' does not combine with early_stop (its iterates are "
                                   "judged by the model's inference at the end only)")
-        elif method == "auto" and not _joint_eligible(model, grad, warm_start):
-            method = "exact"
-        if joint_options is not None and method == "exact":
+        #: the input-gradient oracle (robustdeq.attacks.oracle): the policy "joint", "auto" (the
+        #: joint iteration for the samples whose first solve converges, the exact loop for the
+        #: others) or "exact"
+        self.oracle = GradientOracle(model, method, grad, warm_start=warm_start,
+                                     joint_options=self.joint_options)
+        if joint_options is not None and self.oracle.policy == "exact":
             raise ConfigError("joint_options is only for the joint iteration (method='joint' or "
                               "'auto' on a DEQ with the implicit gradient)")
-        if method != "exact":
-            from ..deq.joint import JointInputGradient
-            self.joint_oracle = JointInputGradient(model, **self.joint_options)
-        #: "joint", "auto" (the joint iteration for the samples whose first solve converges,
-        #: the exact loop for the others) or "exact"
+        self.grad = self.oracle.estimator
+        method = self.oracle.policy
         self.method = method
         self.joint = method == "joint"
         self.warm_start = warm_start
@@ -435,6 +276,11 @@ class PGD(Attack):
                      + {"dlr": "-DLR", "margin": "-margin"}.get(loss, "")
                      + f"-{self.steps}" + (f"x{self.restarts}" if self.restarts > 1 else "")
                      + (f" ({g})" if g else ""))
+
+    @property
+    def joint_oracle(self):
+        """The joint iteration behind the oracle (None under the exact policy)."""
+        return self.oracle.joint
 
     def params(self) -> Dict[str, Any]:
         out = {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
@@ -483,122 +329,75 @@ class PGD(Attack):
 
     def _once(self, x, y, gen):
         """One run from one random start: ``(x_adv, cold margins or None)``; the margins are
-        the model's own inference's, known where the joint iteration ran (it judges its result).
+        the model's own inference's, known where the joint iteration served some samples (their
+        results are judged cold).
 
-        Under ``method="auto"``, the samples whose first solve (at the starting point) did not
-        converge are attacked by the exact loop, the others by the joint iteration, each sample
-        from the same starting point either way."""
+        The oracle (:class:`robustdeq.attacks.oracle.GradientOracle`) decides per sample which
+        computation serves it; every sample starts from the same point either way."""
         self.last_frozen = self.last_unconfirmed = 0
         loss_fn = self.loss_fn(self._loss)
         start = x.detach().clone()
-        if self.random_start:  # pgd_loop's random start, drawn once for both methods
+        if self.random_start:  # pgd_loop's random start, drawn here once
             start = torch.clamp(start + random_in_ball(start, self.eps, self.norm, gen,
                                                        radius="volume"), min=0, max=1).detach()
-        if self.joint_oracle is None:
-            adv = self._exact(x, y, start, loss_fn)
-            self.last_methods.append("exact")
-            return adv, None
-        try:
-            adv = self._joint(x, y, start, loss_fn, check=self.method == "auto")
-        except _Unconverged as e:
-            ok = e.converged
-        else:
-            self.last_stats = dict(self.joint_oracle.stats, method="joint")
-            self.last_methods.append("joint")
-            return adv, self._joint_margin
-        if not bool(ok.any()):
-            logger.debug("%s: no first solve converged; the exact loop runs", self.name)
-            adv = self._exact(x, y, start, loss_fn)
-            self.last_methods.append("exact")
-            return adv, None
-        rows_j, rows_e = ok.nonzero()[:, 0], (~ok).nonzero()[:, 0]
-        logger.debug("%s: %d of %d first solves did not converge; the exact loop attacks those",
-                     self.name, int(rows_e.numel()), int(ok.numel()))
-        adv = start.clone()
-        m = torch.empty(x.shape[0], device=x.device)
-        adv[rows_j] = self._joint(x[rows_j], y[rows_j], start[rows_j], loss_fn, check=False)
-        m[rows_j] = self._joint_margin
-        joint_stats = dict(self.joint_oracle.stats)
-        adv[rows_e] = self._exact(x[rows_e], y[rows_e], start[rows_e], loss_fn)
-        m[rows_e] = self._margin(adv[rows_e], y[rows_e])
-        stats = {k: v + joint_stats.get(k, 0) if isinstance(v, int) else v
-                 for k, v in self.last_stats.items()}
-        self.last_stats = dict(stats, method="mixed", joint_samples=int(rows_j.numel()),
-                               exact_samples=int(rows_e.numel()))
-        self.last_methods.append("mixed")
-        return adv, m
-
-    def _exact(self, x, y, start, loss_fn):
-        """The exact loop (:class:`InputGradient`) from ``start``; sets ``last_stats``."""
-        self.oracle.reset()
         oracle = self.oracle
+        oracle.reset()
+        judge = None if oracle.policy == "exact" else _Judge(self.joint_judge - 2, self.targeted)
         latest = {}
 
         def grad_fn(xa, ya):
-            latest["y"] = ya
-            return oracle(xa, ya, loss_fn)
+            out = oracle(xa, ya, loss_fn)
+            latest["out"], latest["y"] = out, ya
+            if judge is not None:
+                judge.see(xa, out.logits, ya)
+            return out.grad
 
         if self.early_stop:
-            adv = self._early_stopped(x, y, grad_fn, start, latest)
-            # samples frozen early, and those the model's inference did not confirm
-            self.last_stats = dict(self.oracle.stats, frozen=self.last_frozen,
-                                   unconfirmed=self.last_unconfirmed)
+            adv = self._early_stopped(x, y, grad_fn, start, latest, judge)
         else:
             adv = pgd_loop(x, y, grad_fn, eps=self.eps, alpha=self.alpha, steps=self.steps,
                            norm=self.norm, random_start=False, gen=None, start=start)
-            self.last_stats = dict(self.oracle.stats)
-        self.last_stats["method"] = "exact"
-        self.oracle.warn_if_unconverged(self.name)
-        return adv
+        method = oracle.method
+        self.last_methods.append(method)
+        stats = dict(oracle.stats)
+        if self.early_stop:
+            # samples frozen early, and those the model's inference did not confirm
+            stats.update(frozen=self.last_frozen, unconfirmed=self.last_unconfirmed)
+        oracle.warn_if_unconverged(self.name)
+        if method == "exact":
+            self.last_stats = dict(stats, method="exact")
+            return adv, None
+        rows = oracle.joint_rows
+        m = self._judge(y, adv, judge, rows)
+        if method == "joint":
+            self.last_stats = dict(stats, method="joint")
+        else:
+            logger.debug("%s: %d of %d first solves did not converge; the exact loop attacked those",
+                         self.name, int((~rows).sum()), int(rows.numel()))
+            self.last_stats = dict(stats, method="mixed", joint_samples=int(rows.sum()),
+                                   exact_samples=int((~rows).sum()))
+        return adv, m
 
-    def _joint(self, x, y, start, loss_fn, check: bool = False):
-        """The loop on the joint iteration (:class:`robustdeq.deq.joint.JointInputGradient`) from
-        ``start``, judged by the model's own inference: per sample, the last iterate and the
-        iterate of lowest margin on the iteration's own logits are evaluated cold (the model's
-        inference), and the one of lower (cold) margin is returned; ``_joint_margin`` keeps that
-        margin. ``check``: raise :class:`_Unconverged` (with the per-sample flags) when the first
-        solve did not converge for every sample."""
-        oracle = self.joint_oracle
-        oracle.reset()
-
-        def grad_fn(xa, ya):
-            g = oracle(xa, ya, loss_fn)
-            if check and oracle.stats["calls"] == 1 and not bool(oracle.last_converged.all()):
-                raise _Unconverged(oracle.last_converged.clone())
-            return g
-
-        best = {"m": None, "x": None}
-        recent = []  # the latest points the iteration evaluated (newest last)
-        n_recent = self.joint_judge - 2
-
-        def tracked(xa, ya):
-            g = grad_fn(xa, ya)
-            if n_recent > 0:
-                recent.append(xa.detach())
-                del recent[:-n_recent]
-            m = margins(oracle.last_logits.float(), ya)
-            m = -m if self.targeted else m
-            if best["m"] is None:
-                best["m"], best["x"] = m, xa.detach().clone()
-            else:
-                better = m < best["m"]
-                best["m"] = torch.where(better, m, best["m"])
-                best["x"][better] = xa.detach()[better]
-            return g
-
-        adv = pgd_loop(x, y, tracked, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                       norm=self.norm, random_start=False, gen=None, start=start)
+    def _judge(self, y, adv, judge: "_Judge", rows: Tensor) -> Tensor:
+        """The joint-served samples' results judged by the model's own inference: per sample,
+        the last iterate, the iterate of lowest margin on the iteration's logits and the latest
+        evaluated points are evaluated cold, and the one of lowest (cold) margin is kept (the
+        others keep their last iterate). Returns the cold margins of ``adv``."""
         m = self._margin(adv, y)
-        cands = ([best["x"]] if best["x"] is not None and self.joint_judge > 1 else []) + recent[::-1]
-        rows, pts = [], []
-        for cand in cands:
-            # only the samples still robust, and only where the candidate differs
-            r = ((m > 0) & (cand != adv).reshape(adv.shape[0], -1).any(dim=1)).nonzero()[:, 0]
-            rows.append(r)
-            pts.append(cand[r])
-        if rows and sum(int(r.numel()) for r in rows):
+        cands = ([(None, judge.best_x)] if judge.best_x is not None and self.joint_judge > 1
+                 else []) + judge.recent[::-1]
+        b = adv.shape[0]
+        all_rows = torch.arange(b, device=adv.device)
+        sel_rows, pts = [], []
+        for pos, cand in cands:
+            full = all_rows if pos is None else pos
+            # only the joint-served samples still robust, and only where the candidate differs
+            keep = (m[full] > 0) & rows[full] & (cand != adv[full]).reshape(full.shape[0], -1).any(dim=1)
+            sel_rows.append(full[keep])
+            pts.append(cand[keep])
+        if sel_rows and sum(int(r.numel()) for r in sel_rows):
             # one cold evaluation of all candidates (the model's inference, batch-independent)
-            r_all, p_all = torch.cat(rows), torch.cat(pts)
+            r_all, p_all = torch.cat(sel_rows), torch.cat(pts)
             m_c = self._margin(p_all, y[r_all], batch_size=int(r_all.numel()))
             # per sample the candidate of lowest margin (the first one on ties)
             low = m.scatter_reduce(0, r_all, m_c, reduce="amin", include_self=True)
@@ -611,28 +410,31 @@ class PGD(Attack):
                 js, ks = js[perm[first]], ks_sorted[first]
                 adv[ks] = p_all[js]
                 m[ks] = m_c[js]
-        self._joint_margin = m
-        return adv
+        return m
 
-    def _early_stopped(self, x, y, grad_fn, start, latest):
-        """The loop with early stopping. A sample is frozen once the attack has succeeded at two
-        consecutive iterates (judged on the attack's own solves, and only where they converged),
-        so that borderline points are pushed one step further. The frozen samples are then
-        checked with the model's own inference (for a DEQ: a cold solve, not the attack's
-        warm-started one, whose equilibrium can differ within the solver's tolerance); a sample
-        that is not confirmed resumes the plain loop from its frozen point for the steps it had
-        left, so it ends where the plain loop would have."""
+    def _early_stopped(self, x, y, grad_fn, start, latest, judge):
+        """The loop with early stopping. A sample served by the exact computation is frozen once
+        the attack has succeeded at two consecutive iterates (judged on the attack's own solves,
+        and only where they converged), so that borderline points are pushed one step further
+        (joint-served samples are judged at the end instead, never frozen). The frozen samples
+        are then checked with the model's own inference (for a DEQ: a cold solve, not the
+        attack's warm-started one, whose equilibrium can differ within the solver's tolerance);
+        a sample that is not confirmed resumes the plain loop from its frozen point for the
+        steps it had left, so it ends where the plain loop would have."""
         oracle = self.oracle
         streak = {"n": None}
 
         def success_fn():
-            hit = succeeded(oracle.last_logits, latest["y"], self.targeted) & oracle.last_converged
+            out = latest["out"]
+            hit = succeeded(out.logits, latest["y"], self.targeted) & out.converged & ~out.joint
             prev = streak["n"] if streak["n"] is not None else torch.zeros_like(hit, dtype=torch.long)
             streak["n"] = (prev + 1) * hit
             return streak["n"] >= 2
 
         def select_fn(keep):
             oracle.select(keep)
+            if judge is not None:
+                judge.select(keep)
             streak["n"] = streak["n"][keep]
 
         frozen_at = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
@@ -646,12 +448,53 @@ class PGD(Attack):
             rows = frozen[bad]
             self.last_unconfirmed = int(rows.numel())
             if rows.numel():
-                oracle.reset_warm_start()
-                adv[rows] = pgd_loop(x[rows], y[rows], grad_fn, eps=self.eps, alpha=self.alpha,
-                                     steps=self.steps, norm=self.norm, random_start=False,
-                                     gen=None, start=adv[rows], select_fn=oracle.select,
+                # frozen samples are all served by the exact computation: it resumes them
+                exact = oracle.exact
+                exact.reset_warm_start()
+                loss_fn = self.loss_fn(self._loss)
+                adv[rows] = pgd_loop(x[rows], y[rows], lambda xa, ya: exact(xa, ya, loss_fn),
+                                     eps=self.eps, alpha=self.alpha, steps=self.steps,
+                                     norm=self.norm, random_start=False, gen=None,
+                                     start=adv[rows], select_fn=exact.select,
                                      budget=self.steps - frozen_at[rows])
         return adv
 
 
-__all__ = ["FGSM", "METHODS", "PGD", "InputGradient", "pgd_loop", "pgd_step", "succeeded"]
+class _Judge:
+    """What the judging of joint-served samples needs from a run: per sample the point of
+    lowest margin on the oracle's logits, and the latest ``n_recent`` points evaluated (each
+    with the rows of the run's batch it covers, ``None``: all)."""
+
+    def __init__(self, n_recent: int, targeted: bool):
+        self.n_recent = n_recent
+        self.targeted = targeted
+        self.pos: Optional[Tensor] = None
+        self.best_m: Optional[Tensor] = None
+        self.best_x: Optional[Tensor] = None
+        self.recent: list = []
+
+    def select(self, keep: Tensor) -> None:
+        self.pos = keep if self.pos is None else self.pos[keep]
+
+    def see(self, xa: Tensor, logits: Tensor, ya: Tensor) -> None:
+        pos = self.pos
+        if self.n_recent > 0:
+            self.recent.append((pos, xa.detach()))
+            del self.recent[:-self.n_recent]
+        m = margins(logits.float(), ya)
+        m = -m if self.targeted else m
+        if self.best_m is None:
+            self.best_m, self.best_x = m, xa.detach().clone()
+        elif pos is None:
+            better = m < self.best_m
+            self.best_m = torch.where(better, m, self.best_m)
+            self.best_x[better] = xa.detach()[better]
+        else:
+            better = m < self.best_m[pos]
+            r = pos[better]
+            self.best_m[r] = m[better]
+            self.best_x[r] = xa.detach()[better]
+
+
+__all__ = ["FGSM", "METHODS", "PGD", "InputGradient", "GradientOracle", "pgd_loop", "pgd_step",
+           "succeeded"]
