@@ -103,6 +103,8 @@ def user_registrations(cfg) -> str:
             if reg.is_builtin(name):
                 continue
             obj = reg.get(name)
+            if reg_name == "DATASETS":  # a data.Dataset record: its loader is what is imported
+                obj = obj.loader
             ref = _reference(obj)
             ok = False
             if ref is not None:
@@ -145,7 +147,10 @@ def install(payload: str) -> int:
         except Exception as exc:  # noqa: BLE001 - name the registration, keep the cause
             raise ConfigError(f"{reg.kind} {e['name']!r}: cannot import {e['ref']} in this client "
                               f"process ({type(exc).__name__}: {exc})") from exc
-        if e["name"] in reg and not reg.is_builtin(e["name"]) and reg.get(e["name"]) is obj:
+        current = reg.get(e["name"]) if e["name"] in reg and not reg.is_builtin(e["name"]) else None
+        if e["registry"] == "DATASETS" and current is not None:
+            current = current.loader
+        if current is obj:
             added += 1
             continue
         if e["registry"] == "SOLVERS":
@@ -153,7 +158,7 @@ def install(payload: str) -> int:
             register_solver(e["name"], obj, replace=True)
         elif e["registry"] == "MODELS":
             from ..deq import zoo
-            zoo.register(e["name"])(obj)
+            zoo.register(e["name"], replace=True)(obj)
         elif e["registry"] == "DATASETS":
             from ..data import register_dataset
             register_dataset(e["name"], obj, shape=e["shape"], num_classes=e["num_classes"], replace=True)

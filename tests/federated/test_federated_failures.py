@@ -64,12 +64,20 @@ def plugin_module(tmp_path, monkeypatch):
             calls = 0
 
         register_solver("my_fp", MyFP, replace=True)
+
+        from robustdeq.data import register_dataset, synthetic
+
+        def my_data(split, root=None):
+            return synthetic(8, seed=3)
+
+        register_dataset("my_data", my_data, shape=(1, 8, 8), num_classes=10, replace=True)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     import my_fed_plugins
     yield my_fed_plugins
-    from robustdeq.registry import SOLVERS
+    from robustdeq.registry import DATASETS, SOLVERS
     SOLVERS.unregister("my_fp")
+    DATASETS.unregister("my_data")
     sys.modules.pop("my_fed_plugins", None)
 
 
@@ -80,12 +88,19 @@ def test_registrations_are_sent_and_installed_in_a_fresh_registry(plugin_module)
     payload = user_registrations(cfg)
     entry = [e for e in json.loads(payload)["entries"] if e["name"] == "my_fp"]
     assert entry == [{"registry": "SOLVERS", "name": "my_fp", "ref": "my_fed_plugins:MyFP"}]
+    data = [e for e in json.loads(payload)["entries"] if e["name"] == "my_data"]
+    assert data == [{"registry": "DATASETS", "name": "my_data", "ref": "my_fed_plugins:my_data",
+                     "shape": [1, 8, 8], "num_classes": 10}]
     # what a client process sees: robustdeq imported afresh, without the user's registration
+    from robustdeq.registry import DATASETS
     SOLVERS.unregister("my_fp")
+    DATASETS.unregister("my_data")
     sys.modules.pop("my_fed_plugins")
-    assert "my_fp" not in SOLVERS
-    assert install(payload) >= 1
+    assert "my_fp" not in SOLVERS and "my_data" not in DATASETS
+    assert install(payload) >= 2
     assert SOLVERS.get("my_fp").__name__ == "MyFP"
+    from robustdeq.data import load_dataset, synthetic
+    assert torch.equal(load_dataset("my_data")[0], synthetic(8, seed=3)[0])
     from robustdeq.deq.solvers import get_solver
     from robustdeq.federated.local import build_model
     assert type(get_solver(build_model(cfg, budget=3).solver_config)).__name__ == "MyFP"
