@@ -29,6 +29,11 @@ class InputError(RobustDEQError, ValueError):
     """An input tensor has the wrong shape, non-finite values or values outside [0, 1]."""
 
 
+class NoInputGradientError(InputError):
+    """The model's logits do not depend on its input under autograd, so gradient-based attacks
+    cannot run (raised before attacking; see :func:`robustdeq.attacks.base.check_input_gradient`)."""
+
+
 class CheckpointError(RobustDEQError):
     """A checkpoint is missing, corrupted, foreign or unsafe to load."""
 
@@ -62,7 +67,7 @@ class CertificateSoundnessWarning(CertificationWarning):
 
 
 __all__ = [
-    "RobustDEQError", "ConfigError", "reject_unknown", "InputError", "CheckpointError", "DataError",
+    "RobustDEQError", "ConfigError", "reject_unknown", "InputError", "NoInputGradientError", "CheckpointError", "DataError",
     "RobustDEQWarning", "NonConvergenceWarning", "GradientMaskingWarning", "CertificationWarning",
     "CertificateSoundnessWarning",
 ]

@@ -143,7 +143,7 @@ class AutoAttack(Attack):
         self.attacks = attacks
         self.batch_size = check_int(batch_size, "batch_size", low=1)
         self.view = view
-        self.target = make_view(model, view)
+        self.target = self.view_target = make_view(model, view)
         #: the per-sample warm-start memory (robustdeq.deq.memory) wrapping a DEQ attacked as is
         self.memory = None
         if fast_options is not None and view is None and _fast_supported(model):
@@ -180,6 +180,14 @@ class AutoAttack(Attack):
 
     def guarded_models(self) -> List[nn.Module]:
         return [self.model, self.target] if self.target is not self.model else [self.model]
+
+    def gradient_probe(self) -> nn.Module:
+        return self.view_target
+
+    @property
+    def needs_input_gradient(self) -> bool:  # type: ignore[override]
+        """Every version but a custom one made of Square alone follows input gradients."""
+        return not (self.version == "custom" and set(self.attacks) <= {"square"})
 
     def _radius(self) -> float:
         """Linf radius around a clean sample within which the memory recognises it."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Norm, coerce_enum
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, NoInputGradientError
 from .._tensor import make_generator, margins, project_ball, random_in_ball
 from ..deq.protocols import FixedPointModel, TrajectoryModel
 from ..deq.warm import initial_state_fn, warm_start_rows  # noqa: F401 (re-exported)
@@ -74,6 +74,36 @@ def check_inputs(x: Any, model: Optional[nn.Module] = None) -> Tensor:
     from ..data import validate_inputs
     shape = getattr(model, "input_shape", None) if model is not None else None
     return validate_inputs(x, expected_shape=shape).detach()
+
+
+NO_INPUT_GRADIENT_FIX = (
+    "likely cause: a DEQ library that solves the fixed point without a gradient path to the input "
+    "(TorchDEQ does so in eval mode, and evaluations run models in eval mode); fix: "
+    "robustdeq.adopt(model) for a TorchDEQ model (implicit input gradients in every mode), or "
+    "express the model as robustdeq.DEQClassifier(injection, cell, head) with your own cell "
+    "(docs/bring-your-own-model.md)")
+
+
+def check_input_gradient(model: nn.Module, x: Tensor, *, who: str = "the attack") -> None:
+    """Raise :class:`~robustdeq.errors.NoInputGradientError` when the logits of ``model`` on the
+    first sample of ``x`` have no autograd path to the input (in the model's current mode).
+
+    One forward and one backward pass on one sample; the gradient's values are not judged (a
+    zero gradient is a property of the model that the evaluation checks look at), only its
+    existence."""
+    x1 = x[:1].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(x1)
+        logits = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor) else out
+        if not isinstance(logits, Tensor):
+            return  # not a logits tensor: the attack reports its own error
+        g = (torch.autograd.grad(logits.float().sum(), x1, allow_unused=True)[0]
+             if logits.requires_grad else None)
+    if g is None:
+        raise NoInputGradientError(
+            f"{who}: the logits of {type(model).__name__} do not depend on the input under autograd "
+            f"(no gradient path from x to the output in {'train' if model.training else 'eval'} "
+            f"mode), so gradient-based attacks cannot run; {NO_INPUT_GRADIENT_FIX}")
 
 
 def check_labels(y: Any, x: Tensor, *, name: str = "y") -> Tensor:
@@ -232,6 +262,9 @@ class Attack:
     #: norms the attack supports
     norms: Sequence[str] = ("Linf", "L2")
     supports_targeted: bool = True
+    #: the attack follows input gradients: ``__call__`` first checks that the model has them
+    #: (:func:`check_input_gradient`); gradient-free attacks set it to False
+    needs_input_gradient: bool = True
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", targeted: bool = False,
                  seed: Optional[int] = None):
@@ -261,6 +294,10 @@ class Attack:
         """Models whose training flags the attack saves and restores."""
         return [self.model]
 
+    def gradient_probe(self) -> nn.Module:
+        """The module whose input gradient the attack follows (checked before attacking)."""
+        return getattr(self, "target", self.model)
+
     # -- public -----------------------------------------------------------------------------------
     def loss_fn(self, base):
         """``base`` (a loss ``(logits, y) -> scalar`` to increase), negated in targeted mode."""
@@ -275,6 +312,8 @@ class Attack:
             return x.clone()
         gen = make_generator(self.seed)
         with model_mode(self.guarded_models(), self.model_mode):
+            if self.needs_input_gradient:
+                check_input_gradient(self.gradient_probe(), x, who=self.name)
             x_adv = self._perturb(x, y, gen)
         x_adv = x_adv.detach()
         if x_adv.shape != x.shape:
@@ -295,7 +334,7 @@ class Attack:
 
 __all__ = [
     "Attack", "check_norm", "check_number", "check_int", "check_seed", "check_inputs",
-    "check_labels", "check_num_classes", "model_mode", "make_generator", "random_in_ball",
+    "check_labels", "check_input_gradient", "check_num_classes", "model_mode", "make_generator", "random_in_ball",
     "global_rng", "cross_entropy", "dlr_loss", "get_loss", "margins", "project", "predict",
     "logits_of", "accuracy", "estimator_name", "is_deq", "has_trajectory", "LOSSES",
 ]

@@ -53,6 +53,10 @@ def resolve_class(attack: Union[str, type]) -> type:
     return cls
 
 
+#: torchattacks classes that query the model's outputs only (no input gradient)
+GRADIENT_FREE = frozenset({"Square", "OnePixel", "Pixle", "SPSA", "GN", "VANILA"})
+
+
 class TorchAttack(Attack):
     """A torchattacks attack on ``model`` (or ``attack_view(model, **view)``).
 
@@ -119,6 +123,13 @@ class TorchAttack(Attack):
 
     def guarded_models(self) -> List[nn.Module]:
         return [self.model, self.target] if self.target is not self.model else [self.model]
+
+    @property
+    def needs_input_gradient(self) -> bool:  # type: ignore[override]
+        """Checked before attacking, except for torchattacks' gradient-free attacks and when
+        torchattacks runs the model in train mode (``training_mode={"model_training": True}``)."""
+        return (self.cls.__name__ not in GRADIENT_FREE
+                and not self.training_mode.get("model_training", False))
 
     def _perturb(self, x, y, gen):
         with global_rng(self.seed, x.device):

@@ -873,6 +873,9 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
     x, y = _validate_data(model, x, y)
     ev = _begin(model, x, y, make_eval_config(config, **options))
     with preserve_model([model, *ev.views.values()], "eval", who="evaluate"), _quiet(model, ev.counters):
+        if not hasattr(model, "adaptive_views"):  # a defense's views are checked by each attack
+            from ..attacks.base import check_input_gradient
+            check_input_gradient(model, ev.x, who="evaluate")
         _clean_pass(ev)
         _plan(ev)
         done = _finished_report(ev)
