@@ -159,12 +159,14 @@ SUITES = Registry("suite", _refs("robustdeq.eval.harness", {
 RECIPES = Registry("defense", _refs("robustdeq.defenses.recipes", {
     "none": "_none", "pgd-at": "_pgd_at", "pgd-at-random-state": "_pgd_at_random_state",
     "trades": "_trades", "trades-random-state": "_trades_random_state", "jiio-at": "_jiio_at",
-    "lyadeq": "_lyadeq", "lyadeq-at": "_lyadeq_at", "gaussian-noise": "_gaussian_noise"}),
+    "lyadeq": "_lyadeq", "lyadeq-at": "_lyadeq_at", "gaussian-noise": "_gaussian_noise",
+    "ibp": "_ibp", "lipschitz-margin": "_lipschitz_margin"}),
     hint="robustdeq.defenses.recipes.register_recipe adds one")
 
-OBJECTIVES = Registry("objective", _refs("robustdeq.defenses.objectives", {
+OBJECTIVES = Registry("objective", {**_refs("robustdeq.defenses.objectives", {
     "ce": "CrossEntropy", "pgd_at": "PGDAT", "trades": "TRADES", "jiio_at": "JIIOAT",
     "gaussian_noise": "GaussianNoise"}),
+    **_refs("robustdeq.defenses.certified", {"ibp": "IBPTraining", "lipschitz_margin": "LipschitzMargin"})},
     hint="robustdeq.defenses.objectives.register_objective adds one")
 
 MODELS = Registry("model", {

@@ -21,26 +21,21 @@ Certified at ``eps`` when the lower bound of every logit difference ``logit_y - 
 final box is ``> 0`` (last-layer elision: ``c^T z`` over a box is bounded by ``c^T mu - |c|^T r``).
 All arithmetic is float64; every box is widened outward by a relative 1e-10 (+1e-12) per step to
 cover rounding. The enclosure is of the exact equilibrium map; the solver's own error is not in it.
+The interval map, the input box and the margins are those of :mod:`.interval` in its rounding mode
+(certified training iterates the same map in the model's dtype, differentiably).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ._util import eval_mode, input_feature_affine, require_deq
+from ._util import eval_mode, require_deq
 from .contraction import ContractionCertificate, contraction_certificate
-from .oracles import LinearCell
-
-_PAD_REL, _PAD_ABS = 1e-10, 1e-12
-
-
-def _outward(lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
-    return (lo - _PAD_REL * lo.abs() - _PAD_ABS, hi + _PAD_REL * hi.abs() + _PAD_ABS)
 
 
 @dataclass
@@ -58,44 +53,20 @@ class IBPResult:
     details: dict = field(default_factory=dict)
 
 
-def _cell_interval_map(model: nn.Module, cert: ContractionCertificate):
-    """Return (name, M, a, act, start_box_fn) describing ``f(z, u) = act(M z + a u)``, or raise
-    ConfigError with the reason IBP does not apply."""
-    from ..deq.cells import MLPCell, MonotoneCell
-    cell = model.cell
-    if isinstance(cell, MonotoneCell):
-        W = cell.W().detach().to(torch.float64)
-        a = float(cell.alpha)
-        eye = torch.eye(W.shape[0], dtype=torch.float64, device=W.device)
-        M = (1 - a) * eye + a * W
+def _start_box(model: nn.Module, cert: ContractionCertificate, kind: str, act: str):
+    """``(start, scale)`` of the a-priori box of ``z*`` (see the module), or a ConfigError with the
+    reason IBP does not apply."""
+    if kind == "monotone":
         m = cert.monotone_m
         if m is None or not m > 0:
             raise ConfigError("the monotone cell's I - W is not strongly monotone: no a-priori box")
-        return "monotone", M, a, "relu", ("relu", 1.0 / m)
-    if isinstance(cell, MLPCell):
-        W = cell.weight_matrix().detach().to(torch.float64)
-        if cell.act == "tanh":
-            return "mlp", W, 1.0, "tanh", ("tanh", None)
-        if cell.act == "relu":
-            if not cert.certified:
-                raise ConfigError("relu MLP cell without a contraction certificate: no a-priori box for z*")
-            return "mlp", W, 1.0, "relu", ("relu", 1.0 / (1.0 - cert.lip_z))
-        raise ConfigError(f"activation {cell.act!r} is not supported by IBP")
-    if isinstance(cell, LinearCell):
-        if not cert.certified:
-            raise ConfigError("linear cell with ||A||_2 >= 1: no a-priori box for z*")
-        return "linear", cell.weight_matrix().detach().to(torch.float64), 1.0, "identity", \
-            ("identity", 1.0 / (1.0 - cert.lip_z))
-    raise ConfigError(f"IBP through {type(cell).__name__} is not supported "
-                      "(supported: MLPCell, MonotoneCell, LinearCell)")
-
-
-def _act(name: str, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
-    if name == "tanh":
-        return torch.tanh(lo), torch.tanh(hi)
-    if name == "relu":
-        return lo.clamp_min(0), hi.clamp_min(0)
-    return lo, hi
+        return "relu", 1.0 / m
+    if act == "tanh":
+        return "tanh", None
+    if not cert.certified:
+        raise ConfigError("relu MLP cell without a contraction certificate: no a-priori box for z*"
+                          if kind == "mlp" else "linear cell with ||A||_2 >= 1: no a-priori box for z*")
+    return ("relu" if act == "relu" else "identity"), 1.0 / (1.0 - cert.lip_z)
 
 
 def ibp_certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, iters: int = 200,
@@ -119,38 +90,21 @@ def ibp_certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, iters: in
         raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
     if iters < 1:
         raise ConfigError(f"iters must be >= 1, got {iters}")
-    from .lipschitz import _head_affine, _head_matrix
+    from .interval import abs_contraction, interval_map
     with eval_mode(model), torch.no_grad():
         if hasattr(model, "prepare"):
             model.prepare()
         cert = contraction if contraction is not None else contraction_certificate(model)
-        from ..deq.cells import MLPInjection
-        inj = getattr(model, "injection", None)
-        lin = inj.linear if isinstance(inj, MLPInjection) else None
-        Wo = _head_matrix(model)
         try:
-            kind, M, a, act, (start, scale) = _cell_interval_map(model, cert)
+            imap = interval_map(model, differentiable=False)
+            start, scale = _start_box(model, cert, imap.kind, imap.act)
         except ConfigError as e:
             return IBPResult(float(eps), False, str(e))
-        if not isinstance(lin, nn.Linear) or Wo is None:
-            return IBPResult(float(eps), False, "IBP needs an MLPInjection (Normalize + Linear) and a linear head")
         x = model.check_input(x).detach()
-        dev = M.device
+        dev = imap.M.device
         x64 = x.to(dev, torch.float64).flatten(1)
-        U = lin.weight.detach().to(torch.float64)
-        bias = lin.bias.detach().to(torch.float64) if lin.bias is not None else torch.zeros(U.shape[0], dtype=torch.float64, device=dev)
-        aff = input_feature_affine(inj, getattr(model, "input_shape", None), U.shape[1])
-        if aff is None:
-            return IBPResult(float(eps), False, "IBP needs the injection's Normalize (mean/std)")
-        mean_f, inv_std = (t.to(dev) for t in aff)
         xl, xh = (x64 - eps).clamp(0, 1), (x64 + eps).clamp(0, 1)
-        nl, nh = (xl - mean_f) * inv_std, (xh - mean_f) * inv_std  # inv_std > 0 keeps the order
-        if bool((inv_std < 0).any()):
-            nl, nh = torch.minimum(nl, nh), torch.maximum(nl, nh)
-        c, r = 0.5 * (nl + nh), 0.5 * (nh - nl)
-        u_c = c @ U.t() + bias
-        u_r = r @ U.abs().t()
-        ul, uh = _outward(u_c - u_r, u_c + u_r)
+        ul, uh = imap.input_box(x64, eps, rounding=True)
         B, D = ul.shape
         # starting box containing z*(x') for all x' in the box
         if start == "tanh":
@@ -170,35 +124,52 @@ def ibp_certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, iters: in
                 lo = torch.maximum(lo, zc - Rz[:, None])
                 hi = torch.minimum(hi, zc + Rz[:, None])
                 start = start + "+lipschitz"
-        Mabs = M.abs()
+        Mabs = imap.M.abs()
         used = 0
         for k in range(iters):
-            mu, rad = 0.5 * (lo + hi), 0.5 * (hi - lo)
-            pc = mu @ M.t() + a * 0.5 * (ul + uh)
-            pr = rad @ Mabs.t() + a * 0.5 * (uh - ul)
-            nlo, nhi = _act(act, *_outward(pc - pr, pc + pr))
-            nlo, nhi = _outward(nlo, nhi)
+            nlo, nhi = imap.step(lo, hi, ul, uh, rounding=True, Mabs=Mabs)
             nlo, nhi = torch.maximum(lo, nlo), torch.minimum(hi, nhi)
             moved = float(torch.maximum((nlo - lo).abs().max(), (nhi - hi).abs().max()))
             lo, hi = nlo, nhi
             used = k + 1
             if moved <= tol:
                 break
-        y = y.to(dev).long()
-        bo = _head_affine(model)[1].to(dev)
-        Cmat = Wo[y][:, None, :] - Wo[None, :, :]              # (B, C, D): w_y - w_j
-        db = bo[y][:, None] - bo[None, :]                      # (B, C)
-        mu, rad = 0.5 * (lo + hi), 0.5 * (hi - lo)
-        low = (Cmat @ mu[:, :, None]).squeeze(-1) - (Cmat.abs() @ rad[:, :, None]).squeeze(-1) + db
-        low = low - _PAD_REL * low.abs() - _PAD_ABS
-        low[torch.arange(B, device=dev), y] = math.inf
+        low = imap.margins(lo, hi, y.to(dev), rounding=True)
         lower_margin = low.min(dim=1).values
         rho_abs = float(torch.linalg.eigvals(Mabs).abs().max())
         return IBPResult(float(eps), True, "interval iteration from an a-priori enclosure of z*",
                          certified=lower_margin > 0, lower_margin=lower_margin, z_lo=lo, z_hi=hi,
-                         iters=used, details={"cell": kind, "start_box": start,
+                         iters=used, details={"cell": imap.kind, "start_box": start,
                                               "rho_abs_map": rho_abs,
+                                              "rho_abs_bound": abs_contraction(imap.M).rate,
                                               "mean_width": float((hi - lo).mean())})
 
 
-__all__ = ["IBPResult", "ibp_certify"]
+def ibp_certify_feedforward(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> IBPResult:
+    """Linf certificate at radius ``eps`` of a feed-forward classifier (``FeedForward`` of the zoo,
+    or any ``nn.Sequential`` of Linear, Conv2d, ReLU, Tanh, Flatten, average pooling ending in
+    Linear) by interval propagation layer by layer, float64 with outward rounding
+    (:func:`robustdeq.certify.interval.sequential_margins`): the explicit-network baseline of IBP
+    training. Certified when every lower bound of ``logit_y - logit_j`` is ``> 0``."""
+    from .interval import sequential_margins
+    if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
+        raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
+    net = getattr(model, "net", model)
+    with eval_mode(model), torch.no_grad():
+        check = getattr(model, "check_input", None)
+        if callable(check):
+            x = check(x)
+        else:
+            from ..data import validate_inputs
+            x = validate_inputs(x, expected_shape=getattr(model, "input_shape", None))
+        try:
+            low = sequential_margins(net, x.detach(), y, float(eps), rounding=True)
+        except ConfigError as e:
+            return IBPResult(float(eps), False, str(e))
+        lower_margin = low.min(dim=1).values
+    return IBPResult(float(eps), True, "interval propagation through the layers",
+                     certified=lower_margin > 0, lower_margin=lower_margin,
+                     details={"network": type(net).__name__})
+
+
+__all__ = ["IBPResult", "ibp_certify", "ibp_certify_feedforward"]

@@ -181,6 +181,67 @@ def lipschitz_bound(model: nn.Module, contraction: Optional[ContractionCertifica
                               exact=False, pair=pn * lip_z, pair_err=pn * err, details=details)
 
 
+def logit_lipschitz(model: nn.Module):
+    """The bounds of :func:`lipschitz_bound` as differentiable tensors of the model's weights (in
+    their dtype): ``(lip_logits, pair)``, ``lip_logits`` (scalar) bounding the L2 Lipschitz
+    constant of ``x -> logits`` and ``pair`` (C, C) that of each ``logit_i - logit_j`` (diagonal
+    0), for Lipschitz-margin training (Tsuzuku, Sato, Sugiyama 2018). Same formulas as
+    :func:`lipschitz_bound` (exact norms by SVD / eigenvalues, no rounding slack): linear cell
+    ``W_o (I - A)^{-1} U'`` exactly; ``MLPCell`` ``||W_o|| ||U'|| / (1 - ||W||_2)``; monotone cell
+    ``||W_o|| ||U'|| min(1/m, a / (1 - ||(1-a) I + a W||_2))`` with ``m = lambda_min`` of the
+    symmetric part of ``I - W``. A cell with no such bound (``||W||_2 >= 1``, ``m <= 0``) is a
+    ConfigError naming it."""
+    from ..deq.cells import LinearHead, MLPCell, MLPInjection, MonotoneCell
+    require_deq(model, "Lipschitz-margin training")
+    inj, head, cell = getattr(model, "injection", None), getattr(model, "head", None), model.cell
+    if not isinstance(inj, MLPInjection) or not isinstance(head, LinearHead):
+        raise ConfigError("Lipschitz-margin training needs an MLPInjection (Normalize + Linear) and a "
+                          f"LinearHead, got {type(inj).__name__} and {type(head).__name__}")
+    U = inj.linear.weight
+    scale = input_feature_scale(inj, getattr(model, "input_shape", None), U.shape[1])
+    Up = U * scale.to(device=U.device, dtype=U.dtype)[None, :]
+    Wo = head.linear.weight
+    C = Wo.shape[0]
+    diff = Wo[:, None, :] - Wo[None, :, :]
+    off = ~torch.eye(C, dtype=torch.bool, device=Wo.device)
+
+    def norm2(t: Tensor) -> Tensor:
+        return torch.linalg.matrix_norm(t, ord=2)
+
+    def pair_norms(rows: Tensor) -> Tensor:   # (C, C, k) -> (C, C) norms, 0 on the diagonal
+        sq = rows.pow(2).sum(-1)
+        return torch.where(off, sq.clamp_min(1e-30).sqrt(), torch.zeros_like(sq))
+    if isinstance(cell, LinearCell):
+        A = cell.weight_matrix()
+        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        KU = torch.linalg.solve(eye - A, Up)
+        return norm2(Wo @ KU), pair_norms(diff @ KU)
+    if isinstance(cell, MLPCell):
+        L = norm2(cell.weight_matrix())
+        if not float(L.detach()) < 1:
+            raise ConfigError(f"Lipschitz-margin training: the MLP cell has ||W||_2 = {float(L):.4g} >= 1, "
+                              "so it has no certified Lipschitz bound; use norm='spectral' with scale < 1")
+        lip_u_z = 1.0 / (1.0 - L)
+    elif isinstance(cell, MonotoneCell):
+        W = cell.W()
+        eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+        S = eye - W
+        m = torch.linalg.eigvalsh(0.5 * (S + S.t()))[0]
+        if not float(m.detach()) > 0:
+            raise ConfigError(f"Lipschitz-margin training: the monotone cell's I - W is not strongly "
+                              f"monotone (m = {float(m):.4g})")
+        a = float(cell.alpha)
+        lip_u_z = 1.0 / m
+        Ls = norm2((1 - a) * eye + a * W)
+        if float(Ls.detach()) < 1:
+            lip_u_z = torch.minimum(lip_u_z, a / (1.0 - Ls))
+    else:
+        raise ConfigError(f"Lipschitz-margin training through {type(cell).__name__} is not supported "
+                          "(supported: MLPCell, MonotoneCell, LinearCell)")
+    lip_z = lip_u_z * norm2(Up)
+    return norm2(Wo) * lip_z, pair_norms(diff) * lip_z
+
+
 @dataclass
 class RadiusResult:
     """Per-sample certified L2 radii (B,) and their ingredients."""
@@ -229,4 +290,4 @@ def certified_radius(bound: LipschitzBound, logits: Tensor, y: Tensor, residual:
                         margin_lower=margin_lower, runner_up=j)
 
 
-__all__ = ["LipschitzBound", "lipschitz_bound", "RadiusResult", "certified_radius"]
+__all__ = ["LipschitzBound", "lipschitz_bound", "logit_lipschitz", "RadiusResult", "certified_radius"]

@@ -25,6 +25,8 @@ _LAZY = {
     "threat_constraint": ".jiio",
     "recipe": ".recipes", "RECIPES": ".recipes", "Recipe": ".recipes", "register_recipe": ".recipes",
     "register_objective": ".objectives",
+    # certified.py: certified training (IBP, Lipschitz margin)
+    "IBPTraining": ".certified", "LipschitzMargin": ".certified",
 }
 
 

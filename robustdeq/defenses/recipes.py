@@ -14,6 +14,9 @@ objective (the adversarial ones take ``eps``, ``steps``, ``norm``...); unknown n
 ``lyadeq``                   LyaDEQ architecture + cross-entropy + Lyapunov-stability penalty
 ``lyadeq-at``                LyaDEQ + PGD-AT + Lyapunov-stability penalty
 ``gaussian-noise``           Gaussian noise augmentation (``sigma``) for randomized smoothing
+``ibp``                      IBP certified training, Linf (Gowal et al. 2018; through the
+                             DEQ's interval fixed point, Wei & Kolter 2022)
+``lipschitz-margin``         Lipschitz-margin certified training, L2 (Tsuzuku et al. 2018)
 ===========================  ===============================================================
 
 :func:`register_recipe` adds a named recipe (``robustdeq.registry.RECIPES``; the command line's
@@ -100,6 +103,14 @@ def _trades_random_state(**options) -> Recipe:
 
 def _jiio_at(**options) -> Recipe:
     return _adversarial("jiio-at", "jiio_at", False, options)
+
+
+def _ibp(**options) -> Recipe:
+    return Recipe("ibp", None, _make_objective("ibp", **options))
+
+
+def _lipschitz_margin(**options) -> Recipe:
+    return Recipe("lipschitz-margin", None, _make_objective("lipschitz_margin", **options))
 
 
 def _make_objective(spec, **options):

@@ -16,7 +16,24 @@ from torch.nn.utils import parametrizations
 
 from ..errors import ConfigError
 
-_NORMS = ("none", "weight", "spectral")
+_NORMS = ("none", "weight", "spectral", "interval")
+
+
+class IntervalScaling(nn.Module):
+    """Weight parameterisation ``W = D^{-1/2} V D^{-1/2}``, ``D = diag(max(r_i, c_i))`` with ``r``,
+    ``c`` the row and column sums of ``|V|``: by the Schur test (with the vector ``sqrt(d)``)
+    ``|| |W| ||_2 <= sqrt(max_i r_i / d_i * max_j c_j / d_j) <= 1``, so ``scale * W`` has
+    ``rho(|W|) <= || |W| ||_2 <= scale``: the interval map of ``act(W z + u)`` is a contraction and
+    its interval fixed point exists and is unique (see :mod:`robustdeq.certify.interval`). A
+    variant of the diagonal rescaling of IBP-MonDEQ (Wei & Kolter, ICLR 2022), which divides by
+    the mean of ``r`` and ``c`` to make ``I - |W|`` strongly monotone; the maximum bounds the
+    norm instead, so that plain interval iteration converges."""
+
+    def forward(self, V: Tensor) -> Tensor:
+        A = V.abs()
+        d = torch.maximum(A.sum(1), A.sum(0)).clamp_min(1e-12)
+        s = d.rsqrt()
+        return V * s[:, None] * s[None, :]
 
 
 class Normalize(nn.Module):
@@ -53,6 +70,13 @@ def _apply_norm(layer: nn.Module, norm: str, name: str = "weight") -> nn.Module:
         return parametrizations.weight_norm(layer, name=name)
     if norm == "spectral":
         return parametrizations.spectral_norm(layer, name=name)
+    if norm == "interval":
+        from torch.nn.utils import parametrize
+        w = getattr(layer, name)
+        if w.dim() != 2 or w.shape[0] != w.shape[1]:
+            raise ConfigError("norm='interval' applies to a square fully connected weight (MLPCell), "
+                              f"not to a weight of shape {tuple(w.shape)}")
+        parametrize.register_parametrization(layer, name, IntervalScaling())
     return layer
 
 
@@ -85,7 +109,9 @@ class MLPCell(nn.Module):
     """``f(z, u) = act(W z + u)``, act in {tanh, relu}; ``Lip_z(f) <= ||W||_2`` (act is 1-Lipschitz).
 
     ``norm="spectral"`` with ``scale < 1`` makes the cell a contraction by construction (the
-    Lipschitz-constrained model of the certification table).
+    Lipschitz-constrained model of the certification table). ``norm="interval"`` with
+    ``scale < 1`` bounds ``|| |W| ||_2 <= scale`` (:class:`IntervalScaling`): the cell and its
+    interval map are contractions (IBP training, :mod:`robustdeq.defenses.certified`).
     """
 
     def __init__(self, hidden: int, act: str = "tanh", norm: str = "none", scale: float = 1.0,
@@ -306,5 +332,5 @@ class MonotoneCell(nn.Module):
         return ["A", "B"]
 
 
-__all__ = ["Normalize", "ScaledLinear", "MLPCell", "MLPInjection", "LinearHead", "ConvCell",
+__all__ = ["Normalize", "ScaledLinear", "IntervalScaling", "MLPCell", "MLPInjection", "LinearHead", "ConvCell",
            "ConvInjection", "ConvHead", "MonotoneCell"]

@@ -68,7 +68,8 @@ def mlp_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, act="tanh", norm="non
             init_gain=0.5, mean=0.0, std=1.0, solver: Optional[dict] = None, grad="ift",
             grad_options: Optional[dict] = None) -> DEQClassifier:
     """Fully connected DEQ: ``z = act(W z + U x + b)``; ``norm="spectral", scale<1`` gives a
-    Lipschitz-constrained (contractive) cell."""
+    Lipschitz-constrained (contractive) cell; ``norm="interval", scale<1`` bounds ``|| |W| ||_2``
+    (a contractive cell whose interval fixed point is unique: IBP training)."""
     return DEQClassifier(MLPInjection(_n_in(in_shape), hidden, mean, std),
                          MLPCell(hidden, act=act, norm=norm, scale=scale, init_gain=init_gain),
                          LinearHead(hidden, num_classes), solver=solver, grad=_grad(grad, grad_options),
@@ -171,12 +172,26 @@ def ff_mlp(in_shape=(1, 8, 8), num_classes=10, hidden=64, layers=2) -> FeedForwa
     return FeedForward(nn.Sequential(*mods), in_shape)
 
 
-def ff_cnn(in_shape=(1, 8, 8), num_classes=10, channels=16, blocks=2, groups=4, pool=2) -> FeedForward:
-    """A small CNN of a size similar to ``conv_deq`` (deep-network baseline)."""
+def ff_cnn(in_shape=(1, 8, 8), num_classes=10, channels=16, blocks=2, groups=4, pool=2, norm="group",
+           hidden: Optional[int] = None) -> FeedForward:
+    """A small CNN of a size similar to ``conv_deq`` (deep-network baseline). ``norm="none"``
+    drops the GroupNorm layers (interval bounds propagate through the rest: IBP training);
+    ``hidden``: a fully connected ReLU layer of that width before the classifier."""
+    if norm not in ("group", "none"):
+        raise ConfigError(f"ff_cnn norm must be 'group' or 'none', got {norm!r}")
     mods = [nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.ReLU()]
     for _ in range(blocks):
-        mods += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.ReLU()]
-    mods += [nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(channels * pool * pool, num_classes)]
+        mods += [nn.Conv2d(channels, channels, 3, padding=1)]
+        mods += [nn.GroupNorm(groups, channels)] if norm == "group" else []
+        mods += [nn.ReLU()]
+    mods += [nn.AdaptiveAvgPool2d(pool), nn.Flatten()]
+    feats = channels * pool * pool
+    if hidden is not None:
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ConfigError(f"ff_cnn hidden must be a positive int or None, got {hidden!r}")
+        mods += [nn.Linear(feats, hidden), nn.ReLU()]
+        feats = hidden
+    mods.append(nn.Linear(feats, num_classes))
     return FeedForward(nn.Sequential(*mods), in_shape)
 
 

@@ -3,10 +3,12 @@
 For every sample and eps of an evaluation, the best certificate robustdeq can give is put beside
 the attacks' verdict:
 
-- deterministic certificates of the base model (:func:`robustdeq.certify.certify`, DEQs only):
+- deterministic certificates of the base model (:func:`robustdeq.certify.certify`, DEQs):
   the Lipschitz L2 radius (Pabbaraju, Winston, Kolter 2021 style bounds), and for Linf threats
   interval bound propagation through the fixed point (Wei & Kolter 2022) or the L2 radius of the
-  Linf ball intersected with [0, 1];
+  Linf ball intersected with [0, 1]; for a feed-forward ``nn.Sequential`` (the zoo's
+  ``FeedForward``) and Linf, interval propagation through its layers
+  (:func:`robustdeq.certify.ibp.ibp_certify_feedforward`);
 - optionally randomized smoothing (Cohen, Rosenfeld, Kolter 2019; SRS of Gao, Hou, Xu, Liu 2024
   with ``srs_steps``): the certificate of the *smoothed* classifier g. It is compared with attacks
   on g, not on the base model: PGD on the Monte-Carlo soft smoothed classifier (the SmoothAdv loss
@@ -107,6 +109,8 @@ def _base_certificates(model, x, y, eps, threat, methods, notes) -> Dict[float, 
     try:
         require_deq(model, "the bracket")
     except ConfigError as err:
+        if threat == "Linf" and "ibp" in methods and isinstance(getattr(model, "net", None), nn.Sequential):
+            return _feedforward_ibp(model, x, y, eps, out, notes)
         notes.append(f"bracket: no deterministic certificate applies ({err})")
         return out
     from ..certify import certify
@@ -129,6 +133,20 @@ def _base_certificates(model, x, y, eps, threat, methods, notes) -> Dict[float, 
                     out[e][i] = "ibp"
                 elif "lipschitz" in methods and r.radius > float(dx[e][i]):
                     out[e][i] = "lipschitz"
+    return out
+
+
+def _feedforward_ibp(model, x, y, eps, out, notes):
+    """IBP through the layers of a feed-forward network (the explicit baseline of IBP training)."""
+    from ..certify.ibp import ibp_certify_feedforward
+    for e in eps:
+        r = ibp_certify_feedforward(model, x, y, e)
+        if not r.applicable:
+            notes.append(f"bracket: no deterministic certificate applies ({r.reason})")
+            return out
+        for i in range(x.shape[0]):
+            if bool(r.certified[i]):
+                out[e][i] = "ibp"
     return out
 
 
