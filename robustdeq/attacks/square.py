@@ -1,0 +1,390 @@
+"""Square attack (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020, "Square Attack: a
+query-efficient black-box adversarial attack via random search"), Linf and L2.
+
+A score-based attack: it only reads the model's logits, never a gradient, so gradient masking
+does not blind it. Random search over the vertices of the eps ball: each iteration proposes one
+random square window (side ``s ~ sqrt(p * n_features / c)``, ``p`` shrinking on a fixed schedule
+of the iteration index) on the current best point of every sample not yet broken, and keeps the
+proposal where it lowers the margin loss (or misclassifies).
+
+- Linf: the start is ``x + eps * (random +-1 per channel and column)`` (vertical stripes); a
+  proposal sets the window of each channel to ``x_best + 2 eps * (random +-1)``, clipped to the
+  ball and to [0, 1].
+- L2: the start is a grid of centred squares of side ``h // 5`` with random signs, rescaled to L2
+  norm eps; a proposal moves the mass of one window into another (the "centred square"
+  perturbation: concentric rings weighted ``1 / (k + 1)^2``, one half positive, one negative),
+  keeping the norm at eps.
+
+The schedule of ``p`` halves ``p_init`` after 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000
+iterations; with ``rescale_schedule`` (the paper's code) those breakpoints are relative to 10,000
+queries and are rescaled to ``n_queries``, without it (AutoAttack's setting) they are absolute.
+Random draws (stripes, window positions, signs) are taken in the same order and from the same
+kind of stream as pyautoattack's ``SquareAttack`` seeded with ``seed``, so on a model without a
+fixed-point solve the two return the same examples.
+
+DEQs. Each query's forward solve starts from the converged fixed point of the sample's current
+best point (a window change moves the fixed point little), through
+:mod:`robustdeq.deq.warm`: a sample whose best point's solve did not converge starts where the
+model's inference starts, and a warm-started solve that does not converge is redone cold. A query
+that claims a misclassification from a warm-started solve is confirmed by the model's own
+(cold) inference before the sample stops being attacked, and at the end every example is judged
+by the model's own inference: a sample counts as broken only if that misclassifies it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .base import Attack, check_int, check_number, is_deq
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("margin", "ce")
+
+#: the iteration breakpoints of the p schedule (relative to 10,000 queries when rescaled)
+_BREAKS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def p_selection(p_init: float, it: int, n_queries: int, rescale: bool) -> float:
+    """The fraction ``p`` of features a window covers at iteration ``it``: ``p_init`` halved at
+    each breakpoint of :data:`_BREAKS` passed (``it`` rescaled to 10,000 queries with
+    ``rescale``)."""
+    if rescale:
+        it = int(it / n_queries * 10000)
+    halvings = sum(1 for b in _BREAKS if it > b)
+    return p_init / (2 ** halvings) if halvings else p_init
+
+
+def warm_queries_supported(model: nn.Module) -> bool:
+    """Whether a query may run as ``model.run(x, warm=...)``: a fixed-point model whose forward
+    is its ``run(x).logits`` (not overridden)."""
+    from ..deq.model import EquilibriumModel
+    return is_deq(model) and getattr(type(model), "forward", None) is EquilibriumModel.forward
+
+
+class _Oracle:
+    """The model's logits at queried points, with each DEQ solve warm-started from the fixed
+    point of the sample's current best point (``z`` and its convergence flags ``ok``)."""
+
+    def __init__(self, model: nn.Module, n: int, warm: bool, deq: bool):
+        self.model = model
+        self.warm = warm
+        self.deq = deq
+        self.z: Optional[Tensor] = None       # (n, ...) fixed point of each sample's best point
+        self.ok = None                        # (n,) bool: that solve converged
+        self.n = n
+        self.stats = {"queries": 0, "solver_steps": 0, "warm_started": 0, "redone_cold": 0,
+                      "confirmed_cold": 0, "rejected_by_cold": 0}
+
+    def reset(self) -> None:
+        self.z, self.ok = None, None
+
+    def _cold(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        if not self.deq:
+            return self.model(x), None, None
+        eq = self.model.run(x)
+        self.stats["solver_steps"] += int(eq.stats.steps.sum())
+        return eq.logits, eq.z_star, eq.stats.converged
+
+    def logits(self, x: Tensor, idx: Tensor, judge) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(logits, z, ok)`` at ``x`` (the queried points of the samples ``idx``). ``judge``
+        maps logits to per-sample success flags: claimed successes from warm-started solves are
+        confirmed by the model's own inference."""
+        self.stats["queries"] += int(x.shape[0])
+        if not (self.warm and self.z is not None):
+            logits, z, ok = self._cold(x)
+            if self.warm:
+                self._init(z, ok, idx)
+            return logits, z, ok
+        from ..deq.warm import WarmStart, run_warm
+        ws = WarmStart(adjoint=False)
+        ws.z, ws.z_ok = self.z[idx], self.ok[idx]
+        started = ws.z_ok & torch.isfinite(ws.z.reshape(ws.z.shape[0], -1)).all(dim=1)
+        eq = run_warm(self.model, x, ws)
+        logits, z, ok = eq.logits.clone(), eq.z_star.clone(), eq.stats.converged.clone()
+        self.stats["solver_steps"] += int(eq.stats.steps.sum())
+        self.stats["warm_started"] += int(started.sum())
+        redo = started & ~ok   # a warm-started solve that stopped at max_iter: redone cold
+        if bool(redo.any()):
+            self.stats["redone_cold"] += int(redo.sum())
+            self._replace(x, redo, logits, z, ok)
+        claim = started & ~redo & judge(logits)
+        if bool(claim.any()):  # a misclassification counts only as the model's inference sees it
+            self.stats["confirmed_cold"] += int(claim.sum())
+            self._replace(x, claim, logits, z, ok)
+            self.stats["rejected_by_cold"] += int((claim & ~judge(logits)).sum())
+        return logits, z, ok
+
+    def _replace(self, x, rows, logits, z, ok) -> None:
+        lc, zc, okc = self._cold(x[rows])
+        logits[rows], z[rows], ok[rows] = lc, zc.to(z), okc
+
+    def _init(self, z: Tensor, ok: Tensor, idx: Tensor) -> None:
+        self.z = z.new_zeros((self.n,) + tuple(z.shape[1:]))
+        self.ok = torch.zeros(self.n, dtype=torch.bool, device=z.device)
+        self.z[idx], self.ok[idx] = z, ok
+
+    def accept(self, idx: Tensor, improved: Tensor, z: Optional[Tensor], ok: Optional[Tensor]) -> None:
+        """The samples ``idx[improved]`` moved to the queried point: its fixed point is theirs."""
+        if not self.warm or z is None or self.z is None:
+            return
+        rows = idx[improved]
+        self.z[rows] = z[improved].to(self.z)
+        self.ok[rows] = ok[improved]
+
+
+class Square(Attack):
+    """Square attack (Andriushchenko et al. 2020), Linf and L2, untargeted or targeted.
+
+    Args:
+        eps, norm: threat model.
+        n_queries: iterations per restart (each queries every sample not yet broken once; the
+            start costs one more query). AutoAttack's standard version uses 5,000.
+        n_restarts: restarts (each attacks the samples the model's inference still classifies
+            correctly; a fresh start).
+        p_init: initial fraction of features per window (0.8: AutoAttack's setting, Linf and L2).
+        loss: "margin" (``z_y - max_{i != y} z_i``, the default) or "ce" (cross-entropy);
+            targeted: the margin to the target class with cross-entropy acceptance, as the paper.
+        rescale_schedule: rescale the p schedule's breakpoints to ``n_queries`` (the paper's code,
+            and pyautoattack's ``SquareAttack`` default); False: absolute breakpoints (AutoAttack's
+            setting with 5,000 queries).
+        warm_start: on a fixed-point model whose forward is its ``run`` (a DEQ), start each query's
+            forward solve from the converged fixed point of the sample's current best point.
+        seed: seed of the random draws (pyautoattack's order and stream).
+
+    ``last_stats``: ``queries`` (samples queried, summed over iterations), ``solver_steps``
+    (forward-solver iterations summed over queried samples, DEQs), ``warm_started``,
+    ``redone_cold`` (warm-started solves that did not converge), ``confirmed_cold`` /
+    ``rejected_by_cold`` (claimed misclassifications checked by the model's inference), and
+    ``broken`` (samples the model's inference misclassifies at the returned examples).
+    """
+
+    name = "Square"
+
+    def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", n_queries: int = 5000,
+                 n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",
+                 rescale_schedule: bool = True, warm_start: bool = True, targeted: bool = False,
+                 seed: Optional[int] = 0):
+        super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
+        self.n_queries = check_int(n_queries, "n_queries", low=1)
+        self.n_restarts = check_int(n_restarts, "n_restarts", low=1)
+        self.p_init = check_number(p_init, "p_init", strict=True)
+        if self.p_init > 1:
+            raise ConfigError(f"p_init must be in (0, 1], got {p_init!r}")
+        if loss not in LOSSES:
+            raise ConfigError(f"unknown Square loss {loss!r}; expected one of {', '.join(LOSSES)}")
+        self.loss = loss
+        for name, v in (("rescale_schedule", rescale_schedule), ("warm_start", warm_start)):
+            if not isinstance(v, bool):
+                raise ConfigError(f"{name} must be a bool, got {v!r}")
+        self.rescale_schedule = rescale_schedule
+        self.warm_start = warm_start
+
+    def params(self) -> Dict[str, Any]:
+        return {"n_queries": self.n_queries, "n_restarts": self.n_restarts, "p_init": self.p_init,
+                "loss": self.loss, "rescale_schedule": self.rescale_schedule,
+                "warm_start": self.warm_start and warm_queries_supported(self.model)}
+
+    # -- the search -------------------------------------------------------------------------------
+    def _margin_loss(self, logits: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """(margin, loss) per sample, as the paper: margin > 0 while the attack has not succeeded,
+        loss the quantity the search lowers."""
+        logits = logits.detach()
+        xent = F.cross_entropy(logits, y, reduction="none")
+        u = torch.arange(logits.shape[0], device=logits.device)
+        y_corr = logits[u, y].clone()
+        others = logits.clone()
+        others[u, y] = -float("inf")
+        y_others = others.max(dim=-1)[0]
+        if self.targeted:
+            return y_others - y_corr, xent
+        if self.loss == "ce":
+            return y_corr - y_others, -1.0 * xent
+        return y_corr - y_others, y_corr - y_others
+
+    def _perturb(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        shape = x.shape
+        x4 = _as_images(x)
+        warm = self.warm_start and warm_queries_supported(self.model)
+        deq = warm_queries_supported(self.model)
+        oracle = _Oracle(self.model, x4.shape[0], warm, deq)
+
+        def judge_logits(logits: Tensor, yy: Tensor) -> Tensor:
+            pred = logits.argmax(dim=1)
+            return pred == yy if self.targeted else pred != yy
+
+        def model_logits(xq: Tensor) -> Tensor:
+            return self.model(xq.reshape((-1,) + tuple(shape[1:])))
+
+        with torch.no_grad():
+            broken = judge_logits(model_logits(x4), y)
+            adv = x4.clone()
+            for _ in range(self.n_restarts):
+                todo = (~broken).nonzero().flatten()
+                if todo.numel() == 0:
+                    break
+                oracle.reset()
+                adv_curr = self._single_run(x4[todo], y[todo], gen, oracle, shape)
+                now = judge_logits(model_logits(adv_curr), y[todo])  # the model's own inference
+                hit = todo[now]
+                broken[hit] = True
+                adv[hit] = adv_curr[now]
+        self.last_stats = dict(oracle.stats, broken=int(broken.sum()), n=int(x.shape[0]))
+        return adv.reshape(shape)
+
+    def _single_run(self, x: Tensor, y: Tensor, gen: torch.Generator, oracle: _Oracle, shape) -> Tensor:
+        c, h, w = x.shape[1:]
+        n_features = c * h * w
+        dev, dt = x.device, x.dtype
+        eps = self.eps
+
+        def rand(*size) -> Tensor:
+            return torch.rand(size, generator=gen).to(dev)
+
+        def choice(*size) -> Tensor:
+            return torch.sign(2 * rand(*size) - 1)
+
+        def randint(high: int) -> int:
+            return int((0 + (high - 0) * torch.rand([1], generator=gen)).long())
+
+        def judge(yy):
+            return lambda logits: self._margin_loss(logits, yy)[0] <= 0
+
+        def query(xq: Tensor, idx: Tensor, yy: Tensor):
+            logits, z, ok = oracle.logits(xq.reshape((-1,) + tuple(shape[1:])), idx, judge(yy))
+            margin, loss = self._margin_loss(logits, yy)
+            return margin, loss, z, ok
+
+        all_idx = torch.arange(x.shape[0], device=dev)
+        if self.norm == "Linf":
+            x_best = torch.clamp(x + eps * choice(x.shape[0], c, 1, w).to(dt), 0.0, 1.0)
+        else:
+            x_best = torch.clamp(x + _normalize_l2(self._l2_start(x, gen, rand, choice)) * eps, 0.0, 1.0)
+        margin_min, loss_min, _, _ = query(x_best, all_idx, y)
+        if bool((margin_min < 0.0).all()):
+            return x_best
+
+        for i_iter in range(self.n_queries):
+            idx = (margin_min > 0.0).nonzero().flatten()
+            x_curr, x_best_curr, y_curr = x[idx], x_best[idx], y[idx]
+            margin_min_curr, loss_min_curr = margin_min[idx], loss_min[idx]
+            p = p_selection(self.p_init, i_iter, self.n_queries, self.rescale_schedule)
+            if self.norm == "Linf":
+                s = max(int(round(math.sqrt(p * n_features / c))), 1)
+                s = min(s, min(h, w))
+                vh, vw = randint(h - s), randint(w - s)
+                new_deltas = torch.zeros([c, h, w], device=dev, dtype=dt)
+                new_deltas[:, vh:vh + s, vw:vw + s] = 2.0 * eps * choice(c, 1, 1).to(dt)
+                x_new = x_best_curr + new_deltas
+                x_new = torch.min(torch.max(x_new, x_curr - eps), x_curr + eps)
+                x_new = torch.clamp(x_new, 0.0, 1.0)
+            else:
+                x_new = self._l2_proposal(x_curr, x_best_curr, p, n_features, gen, rand, choice, randint)
+            margin, loss, z, ok = query(x_new, idx, y_curr)
+            improved = loss < loss_min_curr
+            loss_min[idx] = torch.where(improved, loss, loss_min_curr)
+            improved = improved | (margin <= 0.0)
+            margin_min[idx] = torch.where(improved, margin, margin_min_curr)
+            x_best[idx] = torch.where(improved.view(-1, 1, 1, 1), x_new, x_best_curr)
+            oracle.accept(idx, improved, z, ok)
+            if bool((margin_min <= 0.0).all()):
+                break
+        return x_best
+
+    # -- L2: centred squares ----------------------------------------------------------------------
+    def _l2_start(self, x, gen, rand, choice) -> Tensor:
+        b, c, h, w = x.shape
+        delta = torch.zeros_like(x)
+        s = h // 5
+        if s < 1:
+            raise ConfigError(f"the L2 Square attack needs images of height >= 5, got {h}")
+        sp = (h - s * 5) // 2
+        vh = sp
+        for _ in range(h // s):
+            vw = sp
+            for _ in range(w // s):
+                delta[:, :, vh:vh + s, vw:vw + s] += (_eta(s, rand, x).view(1, 1, s, s)
+                                                      * choice(b, c, 1, 1).to(x.dtype))
+                vw += s
+            vh += s
+        return delta
+
+    def _l2_proposal(self, x_curr, x_best_curr, p, n_features, gen, rand, choice, randint) -> Tensor:
+        b, c, h, w = x_curr.shape
+        eps = self.eps
+        delta = x_best_curr - x_curr
+        s = max(int(round(math.sqrt(p * n_features / c))), 3)
+        if s % 2 == 0:
+            s += 1
+        s = min(s, min(h, w))
+        vh, vw = randint(h - s), randint(w - s)
+        mask1 = torch.zeros_like(x_curr)
+        mask1[:, :, vh:vh + s, vw:vw + s] = 1.0
+        norms_window_1 = (delta[:, :, vh:vh + s, vw:vw + s] ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
+        vh2, vw2 = randint(h - s), randint(w - s)
+        mask2 = torch.zeros_like(x_curr)
+        mask2[:, :, vh2:vh2 + s, vw2:vw2 + s] = 1.0
+        norms_image = _l2_norm(x_best_curr - x_curr)
+        mask_image = torch.max(mask1, mask2)
+        norms_windows = ((delta * mask_image) ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()
+        new = torch.ones([b, c, s, s], device=x_curr.device, dtype=x_curr.dtype)
+        new *= _eta(s, rand, x_curr).view(1, 1, s, s) * choice(b, c, 1, 1).to(x_curr.dtype)
+        new += delta[:, :, vh:vh + s, vw:vw + s] / (1e-12 + norms_window_1)
+        room = torch.max((eps * torch.ones_like(new)) ** 2 - norms_image ** 2, torch.zeros_like(new))
+        new = new / (1e-12 + (new ** 2).sum(dim=(-2, -1), keepdim=True).sqrt()) * (
+            room / c + norms_windows ** 2).sqrt()
+        delta[:, :, vh2:vh2 + s, vw2:vw2 + s] = 0.0
+        delta[:, :, vh:vh + s, vw:vw + s] = new + 0
+        return torch.clamp(x_curr + _normalize_l2(delta) * eps, 0.0, 1.0)
+
+
+def _as_images(x: Tensor) -> Tensor:
+    """``x`` as (B, c, h, w): images as they are, (B, h, w) with one channel, flat features as
+    one row (B, 1, 1, D)."""
+    if x.dim() == 4:
+        return x
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    return x.reshape(x.shape[0], 1, 1, -1)
+
+
+def _l2_norm(x: Tensor) -> Tensor:
+    return (x ** 2).view(x.shape[0], -1).sum(-1).sqrt().view(-1, 1, 1, 1)
+
+
+def _normalize_l2(x: Tensor) -> Tensor:
+    return x / (_l2_norm(x) + 1e-12)
+
+
+def _rectangles(a: int, b: int, like: Tensor) -> Tensor:
+    """Concentric rectangles centred in an (a, b) window, ring k weighted 1 / (k + 1)^2, unit
+    L2 norm."""
+    delta = torch.zeros([a, b], device=like.device, dtype=like.dtype)
+    c0, c1 = a // 2, b // 2
+    for k in range(max(a // 2 + 1, b // 2 + 1)):
+        delta[max(c0, 0):min(c0 + (2 * k + 1), a), max(0, c1):min(c1 + (2 * k + 1), b)] += (
+            1.0 / (torch.tensor([[float(k + 1)]], device=like.device, dtype=like.dtype) ** 2))
+        c0 -= 1
+        c1 -= 1
+    return delta / (delta ** 2).sum(dim=(0, 1), keepdim=True).sqrt()
+
+
+def _eta(s: int, rand, like: Tensor) -> Tensor:
+    """The centred-square perturbation of side ``s``: rectangles of one sign in the top half and
+    of the other in the bottom half, unit L2 norm, transposed with probability 1/2."""
+    delta = torch.zeros([s, s], device=like.device, dtype=like.dtype)
+    delta[:s // 2] = _rectangles(s // 2, s, like)
+    delta[s // 2:] = -1.0 * _rectangles(s - s // 2, s, like)
+    delta = delta / (delta ** 2).sum(dim=(0, 1), keepdim=True).sqrt()
+    if bool(rand(1) > 0.5):
+        delta = delta.permute([1, 0])
+    return delta
+
+
+__all__ = ["Square", "p_selection", "warm_queries_supported"]
