@@ -181,7 +181,8 @@ ATTACKS = Registry("attack", {
     "state": "robustdeq.attacks.intermediate:StateAttack",
     "autoattack": "robustdeq.attacks.autoattack:AutoAttack",
     "torchattack": "robustdeq.attacks.bridge:TorchAttack",
-    "jiio": "robustdeq.attacks.jiio:JIIO"},
+    "jiio": "robustdeq.attacks.jiio:JIIO",
+    "square": "robustdeq.attacks.square:Square"},
     hint="robustdeq.registry.ATTACKS.register(name, cls) adds one")
 
 DATASETS = Registry("dataset", _refs("robustdeq.data", {

@@ -9,12 +9,13 @@ reproducible under a seed. ``describe()`` gives the provenance (implementation, 
 ``StateAttack``        PGD on intermediate states (unrolled or simultaneous-adjoint gradients)
 ``AutoAttack``         pyautoattack on the model or on an attack view of a DEQ
 ``TorchAttack``        any torchattacks attack on the model or on an attack view
+``Square``             score-based Square attack (no gradients); warm-started solves on DEQs
 ``WorstCase``          attacks in sequence on the samples still robust; per-sample worst case
 ``JIIO``               joint inference and input optimisation attack (robustdeq.attacks.jiio)
 =====================  ======================================================================
 
 ``build(name, model, **params)`` constructs one by its name in :data:`robustdeq.registry.ATTACKS`
-("fgsm", "pgd", "state", "autoattack", "torchattack", "jiio", and whatever
+("fgsm", "pgd", "state", "autoattack", "torchattack", "jiio", "square", and whatever
 ``registry.ATTACKS.register(name, cls)`` adds). torchattacks and pyautoattack are imported only
 when used.
 """
@@ -29,6 +30,7 @@ from .pgd import FGSM, PGD
 from .intermediate import StateAttack, simultaneous_adjoint
 from .autoattack import AutoAttack
 from .bridge import TorchAttack
+from .square import Square
 from .worst_case import WorstCase, WorstCaseResult
 
 
@@ -52,5 +54,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Attack", "FGSM", "PGD", "StateAttack", "AutoAttack", "TorchAttack", "WorstCase",
+__all__ = ["Attack", "FGSM", "PGD", "StateAttack", "AutoAttack", "TorchAttack", "Square", "WorstCase",
            "WorstCaseResult", "JIIO", "simultaneous_adjoint", "predict", "accuracy", "build"]

@@ -1,0 +1,152 @@
+"""The native Square attack: the same examples as pyautoattack's SquareAttack on a plain model
+(same seed and budget), gradient masking does not blind it, warm-started DEQ queries decide as
+cold ones with fewer solver iterations, and the attack contract (ball, [0, 1], model untouched,
+seed)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from attack_helpers import check_ball, digits_test, trained
+from robustdeq.attacks import PGD, Square, build
+from robustdeq.attacks.square import p_selection
+from robustdeq.errors import ConfigError
+
+
+class Quantised(nn.Module):
+    """``net(round(levels * x) / levels)``: a step function of the input, so every input
+    gradient is zero (gradient masking by construction), while the decision boundary stays
+    within a small perturbation of most inputs."""
+
+    def __init__(self, net: nn.Module, levels: int = 4):
+        super().__init__()
+        self.net, self.levels = net, levels
+
+    def forward(self, x):
+        return self.net(torch.round(x * self.levels) / self.levels)
+
+
+def _pyautoattack_square(model, x, y, **kw):
+    from pyautoattack.square import SquareAttack
+    ref = SquareAttack(model, p_init=0.8, **kw)
+    with torch.no_grad():
+        return ref.perturb(x, y)
+
+
+@pytest.mark.parametrize("norm,eps,targeted,rescale", [("Linf", 0.1, False, True), ("Linf", 0.1, True, False),
+                                                       ("L2", 0.6, False, False)])
+def test_same_examples_as_pyautoattack(norm, eps, targeted, rescale):
+    """On a model without a fixed-point solve the native attack is pyautoattack's algorithm with
+    its draws in the same order: the same examples (so robust accuracy within 1 in 200)."""
+    model = trained("ff_mlp")
+    x, y = digits_test(48)
+    yt = (y + 3) % 10 if targeted else y
+    atk = Square(model, eps=eps, norm=norm, n_queries=60, seed=7, targeted=targeted,
+                 rescale_schedule=rescale)
+    xa = atk(x, yt)
+    xr = _pyautoattack_square(model, x, yt, norm=norm, eps=eps, n_queries=60, seed=7,
+                              targeted=targeted, resc_schedule=rescale)
+    assert torch.equal(xa, xr)
+    with torch.no_grad():
+        pred = model(xa).argmax(1)
+    broken = (pred == yt) if targeted else (pred != y)
+    assert atk.last_stats["broken"] == int(broken.sum()) > 0
+
+
+def test_p_schedule():
+    """The schedule halves p_init at 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 iterations
+    (of 10,000; rescaled to n_queries when asked), as pyautoattack's ``p_selection``."""
+    from pyautoattack.square import SquareAttack
+    assert p_selection(0.8, 10, 5000, False) == 0.8
+    assert p_selection(0.8, 11, 5000, False) == 0.4
+    assert p_selection(0.8, 4500, 5000, False) == 0.8 / 128
+    assert p_selection(0.8, 50, 100, True) == 0.8 / 128    # 5000 of 10,000
+    for n, resc in ((5000, False), (300, True), (10000, True)):
+        ref = SquareAttack(None, p_init=0.8, n_queries=n, eps=0.1, resc_schedule=resc)
+        assert all(p_selection(0.8, it, n, resc) == ref.p_selection(it) for it in range(0, n, 7))
+
+
+def test_gradient_masking_does_not_blind_square():
+    """A model whose input gradient is zero everywhere: PGD (fed only that gradient) breaks few
+    samples, Square (scores only) many more."""
+    model = Quantised(trained("ff_mlp"))
+    x, y = digits_test(48)
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    x, y = x[ok], y[ok]
+    xg = x.clone().requires_grad_(True)
+    nn.functional.cross_entropy(model(xg), y).backward()
+    assert float(xg.grad.abs().max()) == 0.0   # the gradient is masked
+    eps = 0.15
+    x_pgd = PGD(model, eps=eps, steps=10, seed=0)(x, y)
+    sq = Square(model, eps=eps, n_queries=150, seed=0)
+    x_sq = sq(x, y)
+    with torch.no_grad():
+        pgd_broken = int((model(x_pgd).argmax(1) != y).sum())
+        sq_broken = int((model(x_sq).argmax(1) != y).sum())
+    assert sq_broken == sq.last_stats["broken"]
+    assert sq_broken >= max(2 * pgd_broken, pgd_broken + 5), (sq_broken, pgd_broken)
+
+
+def test_warm_started_queries_decide_as_cold_ones_with_fewer_iterations():
+    """On a converging DEQ solved to a tight tolerance, each query warm-started from the best
+    point's fixed point gives the same accept/reject decisions as a cold query, hence the same
+    examples, with fewer forward-solver iterations; every example is judged by cold inference."""
+    model = trained("mlp_deq")
+    model.solver_config = model.solver_config.replace(tol=1e-6, max_iter=200)
+    x, y = digits_test(12)
+    kw = dict(eps=0.12, n_queries=25, seed=1)
+    warm, cold = Square(model, warm_start=True, **kw), Square(model, warm_start=False, **kw)
+    xw, xc = warm(x, y), cold(x, y)
+    assert torch.equal(xw, xc)
+    sw, sc = warm.last_stats, cold.last_stats
+    assert sw["warm_started"] > 0 and sc["warm_started"] == 0
+    assert sw["solver_steps"] < 0.7 * sc["solver_steps"], (sw, sc)
+    with torch.no_grad():
+        assert sw["broken"] == int((model(xw).argmax(1) != y).sum()) > 0
+    assert warm.describe()["warm_start"] is True
+
+
+def test_unconverged_solves_warm_start_nothing():
+    """Where every solve stops at max_iter (its iterate depends on where it started), no query
+    is warm-started: the attack is the cold one, and reports what cold inference judges."""
+    model = trained("mlp_deq")
+    model.solver_config = model.solver_config.replace(tol=1e-9, max_iter=4)
+    model.warn_nonconvergence = False
+    x, y = digits_test(16)
+    warm = Square(model, eps=0.1, n_queries=20, seed=2)
+    xa = warm(x, y)
+    assert warm.last_stats["warm_started"] == 0
+    assert torch.equal(xa, Square(model, eps=0.1, n_queries=20, seed=2, warm_start=False)(x, y))
+    with torch.no_grad():
+        assert warm.last_stats["broken"] == int((model(xa).argmax(1) != y).sum())
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.15), ("L2", 1.0)])
+def test_contract_ball_range_model_untouched_seed(norm, eps):
+    model = trained("mlp_deq")
+    model.train()
+    model.head.eval()
+    before = copy.deepcopy(model.state_dict())
+    x, y = digits_test(16)
+    a = build("square", model, eps=eps, norm=norm, n_queries=25, seed=5)
+    xa = a(x, y)
+    assert a.last_stats["broken"] > 0
+    check_ball(x, xa, eps, norm)
+    assert model.training and not model.head.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(xa, Square(model, eps=eps, norm=norm, n_queries=25, seed=5)(x, y))
+    assert not torch.equal(xa, Square(model, eps=eps, norm=norm, n_queries=25, seed=6)(x, y))
+    d = a.describe()
+    assert d["name"] == "Square" and d["n_queries"] == 25 and d["norm"] == norm
+
+
+def test_bad_options_are_config_errors():
+    model = trained("ff_mlp")
+    for kw in ({"loss": "dlr"}, {"p_init": 1.5}, {"p_init": 0.0}, {"n_queries": 0},
+               {"n_restarts": 0}, {"warm_start": 1}, {"norm": "L1"}):
+        with pytest.raises(ConfigError):
+            Square(model, eps=0.1, **kw)
