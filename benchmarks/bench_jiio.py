@@ -36,7 +36,7 @@ import torch
 from robustdeq.attacks.jiio import JIIO
 from robustdeq.data import load_digits, make_loader
 from robustdeq.deq import zoo
-from robustdeq.defenses.jiio import CostCounter
+from robustdeq.deq.jiio import CostCounter
 from robustdeq.defenses.objectives import JIIOAT, PGDAT
 from robustdeq.errors import NonConvergenceWarning
 from robustdeq.eval import AttackSpec, evaluate

@@ -33,7 +33,7 @@ from robustdeq.config import SolverConfig
 from robustdeq.data import load_digits
 from robustdeq.deq.cells import MLPCell
 from robustdeq.deq.model import DEQClassifier
-from robustdeq.defenses.jiio import Box, CostCounter, optimize_inputs
+from robustdeq.deq.jiio import Box, CostCounter, optimize_inputs
 
 LATENT, HIDDEN = 16, 64
 
@@ -131,8 +131,8 @@ def main(argv=None):
         c0 = torch.zeros(b, LATENT)
         t = time.perf_counter()
         with CostCounter(dec) as cnt:
-            res = optimize_inputs(dec, objective, Box(-1.0, 1.0), x0=c0, iters=args.iters, step=0.05,
-                                  step_mode="gradient", solver="anderson", m=20)
+            res = optimize_inputs(dec, objective, Box(-1.0, 1.0), x0=c0, iters=args.iters, step_size=0.05,
+                                  direction="gradient", solver="anderson", m=20)
         t_j = time.perf_counter() - t
         c_naive = naive(dec, objective, c0, cnt.total, step=0.05)
         with torch.no_grad():

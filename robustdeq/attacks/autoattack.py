@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from ..deq.views import ModelView
 from ..errors import ConfigError, reject_unknown
-from .base import Attack, check_int, global_rng, is_deq, project
+from .._tensor import project_ball
+from .base import Attack, check_int, global_rng, is_deq
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class AutoAttack(Attack):
         if x.dtype != torch.float32:  # samples left unchanged keep their exact input values
             same = (x_adv32 == x32).reshape(x.shape[0], -1).all(dim=1)
             x_adv = torch.where(same.view(-1, *([1] * (x.dim() - 1))), x, x_adv)
-        return project(x_adv, x, self.eps, self.norm)
+        return project_ball(x_adv, x, self.eps, self.norm)
 
 
 def _fast_options(fast_deq: Union[bool, Dict[str, Any]]) -> Optional[Dict[str, Any]]:

@@ -23,9 +23,8 @@ from torch import Tensor, nn
 
 from ..config import Norm, coerce_enum
 from ..errors import ConfigError, InputError, NoInputGradientError
-from .._tensor import make_generator, margins, project_ball, random_in_ball
+from .._tensor import make_generator, margins
 from ..deq.protocols import FixedPointModel, TrajectoryModel
-from ..deq.warm import initial_state_fn, warm_start_rows  # noqa: F401 (re-exported)
 from ..guard import preserve_model
 
 logger = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ def model_mode(models: nn.Module | Iterable[nn.Module], mode: str = "eval", *,
 
 
 # -- randomness -----------------------------------------------------------------------------------
-# make_generator, rand_like, randn_like, random_in_ball: robustdeq._tensor (re-exported here)
+# make_generator, rand_like, randn_like, random_in_ball, margins, project_ball: robustdeq._tensor
 
 
 @contextlib.contextmanager
@@ -189,9 +188,6 @@ def get_loss(name: str):
     return LOSSES[name]
 
 
-# margins, project: robustdeq._tensor (re-exported here; ``project`` is ``project_ball``)
-project = project_ball
-
 
 # -- prediction helpers ---------------------------------------------------------------------------
 def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
@@ -232,9 +228,6 @@ def estimator_name(est) -> str:
     if est is None:
         return "default"
     return _EST_NAMES.get(type(est).__name__, type(est).__name__)
-
-
-# warm_start_rows, initial_state_fn: robustdeq.deq.warm (re-exported here)
 
 
 def is_deq(model: nn.Module) -> bool:
@@ -334,7 +327,7 @@ class Attack:
 
 __all__ = [
     "Attack", "check_norm", "check_number", "check_int", "check_seed", "check_inputs",
-    "check_labels", "check_input_gradient", "check_num_classes", "model_mode", "make_generator", "random_in_ball",
-    "global_rng", "cross_entropy", "dlr_loss", "get_loss", "margins", "project", "predict",
+    "check_labels", "check_input_gradient", "check_num_classes", "model_mode",
+    "global_rng", "cross_entropy", "dlr_loss", "get_loss", "predict",
     "logits_of", "accuracy", "estimator_name", "is_deq", "has_trajectory", "LOSSES",
 ]

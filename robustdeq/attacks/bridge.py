@@ -20,7 +20,8 @@ from torch import nn
 
 from ..errors import ConfigError, reject_unknown
 from .autoattack import describe_view, make_view
-from .base import Attack, check_norm, check_number, global_rng, project
+from .._tensor import project_ball
+from .base import Attack, check_norm, check_number, global_rng
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class TorchAttack(Attack):
             x_adv = self.atk(x, y)
         x_adv = x_adv.detach().to(dtype=x.dtype, device=x.device)
         if self.eps is not None and self.norm in ("Linf", "L2"):
-            return project(x_adv, x, self.eps, self.norm)
+            return project_ball(x_adv, x, self.eps, self.norm)
         return torch.clamp(x_adv, 0, 1)
 
 

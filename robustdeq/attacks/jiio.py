@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import Attack, check_int, check_number, random_in_ball
+from .._tensor import random_in_ball
+from .base import Attack, check_int, check_number
 
 __all__ = ["JIIO"]
 
@@ -31,7 +32,7 @@ class JIIO(Attack):
         alpha: step on the input (default ``eps / 4``); ``alpha_final`` after ``switch_at``
             (default ``round(5 iters / 8)``; default: no change).
         direction: the input step's direction, "sign" (default for Linf), "normalized" (default
-            for L2) or "gradient" (``step``: its former name, accepted with a DeprecationWarning).
+            for L2) or "gradient".
         solver: "fixed_point" (default: plain iteration of the damped augmented map; the stronger
             attack in our measurements) or "anderson" (memory ``m``, the paper's choice).
         select: "best" (lowest augmented residual), "last" iterate, or "next" (the map's output
@@ -48,14 +49,14 @@ class JIIO(Attack):
                  switch_at: Optional[int] = None, direction: Optional[str] = None,
                  solver: str = "fixed_point", m: int = 20, select: str = "best",
                  beta_z: float = 0.8, beta_mu: float = 0.6, random_start: bool = False,
-                 targeted: bool = False, seed: Optional[int] = None, step: Optional[str] = None):
+                 targeted: bool = False, seed: Optional[int] = None):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
-        from ..deq.jiio import JIIOConfig, _check_jiio_model, _renamed, default_direction
+        from ..deq.jiio import JIIOConfig, _check_jiio_model, default_direction
         _check_jiio_model(model)
         self.iters = check_int(iters, "iters", low=1)
         self.alpha = self.eps / 4 if alpha is None else check_number(alpha, "alpha")
         self.alpha_final = check_number(alpha_final, "alpha_final", allow_none=True)
-        self.direction = default_direction(self.norm, _renamed("JIIO", "step", step, "direction", direction))
+        self.direction = default_direction(self.norm, direction)
         if not isinstance(random_start, bool):
             raise ConfigError(f"random_start must be a bool, got {random_start!r}")
         self.random_start = random_start
@@ -65,16 +66,11 @@ class JIIO(Attack):
         self.name = f"JIIO-{self.iters}" + ("-L2" if self.norm == "L2" else "")
         self.last_result = None
 
-    @property
-    def step(self) -> str:
-        """Former name of :attr:`direction` (the input step's direction)."""
-        return self.direction
-
     def params(self) -> Dict[str, Any]:
         c = self.config
         return {"iters": c.iters, "alpha": c.alpha, "alpha_final": c.alpha_final,
                 "switch_at": c.switch if c.alpha_final is not None else None,
-                "direction": c.direction, "step": c.direction, "solver": c.solver, "m": c.m, "select": c.select, "beta_z": c.beta_z,
+                "direction": c.direction, "solver": c.solver, "m": c.m, "select": c.select, "beta_z": c.beta_z,
                 "beta_mu": c.beta_mu, "random_start": self.random_start}
 
     def _perturb(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:

@@ -95,12 +95,6 @@ class InputGradient:
         self.state = WarmStart(adjoint=False)
         self.reset()
 
-    # the warm-start state, by its historical names
-    z_prev = property(lambda self: self.state.z, lambda self, v: setattr(self.state, "z", v))
-    z_ok = property(lambda self: self.state.z_ok, lambda self, v: setattr(self.state, "z_ok", v))
-    a_prev = property(lambda self: self.state.a, lambda self, v: setattr(self.state, "a", v))
-    a_ok = property(lambda self: self.state.a_ok, lambda self, v: setattr(self.state, "a_ok", v))
-
     def reset(self) -> None:
         self.state.reset()
         self.last_logits: Optional[Tensor] = None  # logits at the latest call's inputs (detached)
@@ -256,7 +250,7 @@ class GradientOracle:
         if policy == "joint":
             from ..deq.joint import supports_joint
             if not (is_deq(model) and supports_joint(model)):
-                raise ConfigError(f"grad='joint' needs a DEQ (a fixed-point model with inject, f, "
+                raise ConfigError(f"method='joint' needs a DEQ (a fixed-point model with inject, f, "
                                   f"readout, init_state and solver_config); got {type(model).__name__}")
         elif policy == "auto" and not joint_eligible(model, grad, warm_start):
             policy = "exact"

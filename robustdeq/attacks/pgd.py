@@ -28,10 +28,10 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .._tensor import bshape, clip_delta, default_alpha, per_sample_norm
+from .._tensor import bshape, clip_delta, default_alpha, margins, per_sample_norm, random_in_ball
 from ..errors import ConfigError
 from .base import (Attack, check_int, check_number, cross_entropy, estimator_name, get_loss,
-                   is_deq, logits_of, margins, random_in_ball)
+                   is_deq, logits_of)
 from .oracle import POLICIES, GradientOracle, InputGradient
 
 logger = logging.getLogger(__name__)
@@ -170,8 +170,7 @@ class PGD(Attack):
         eps, alpha, steps, random_start, norm: torchattacks' names; ``alpha`` defaults to
             ``2.5 * eps / steps``.
         grad: gradient estimator for a DEQ ("ift", "phantom", "unrolled", "full" or an instance);
-            None: the model's default (the default). ``"joint"`` is the old spelling of
-            ``method="joint"``.
+            None: the model's default (the default).
         method: how the gradient of a DEQ is computed along the attack.
             ``"auto"`` (the default): the DEQ-native joint iteration (below) when the attack's
             gradient is the implicit one at its defaults (``grad="ift"``, or ``None`` on a model
@@ -240,10 +239,6 @@ class PGD(Attack):
         self._loss = get_loss(loss)
         if method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        if isinstance(grad, str) and grad == "joint":  # the historical spelling of method="joint"
-            if method == "exact":
-                raise ConfigError("grad='joint' contradicts method='exact'")
-            method, grad = "joint", None
         self.joint_options = dict(joint_options or {})
         #: candidates per sample judged by the model's own inference at the end: the last
         #: iterate, the iterate of lowest margin on the iteration's logits, then the latest points
@@ -251,7 +246,7 @@ class PGD(Attack):
         if method == "joint" and early_stop:
             from ..deq.joint import supports_joint
             if is_deq(model) and supports_joint(model):
-                raise ConfigError("grad='joint' does not combine with early_stop (its iterates are "
+                raise ConfigError("method='joint' does not combine with early_stop (its iterates are "
                                   "judged by the model's inference at the end only)")
         #: the input-gradient oracle (robustdeq.attacks.oracle): the policy "joint", "auto" (the
         #: joint iteration for the samples whose first solve converges, the exact loop for the

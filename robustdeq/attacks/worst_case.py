@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import Attack, check_inputs, check_labels, logits_of, margins, model_mode
+from .._tensor import margins
+from .base import Attack, check_inputs, check_labels, logits_of, model_mode
 
 logger = logging.getLogger(__name__)
 

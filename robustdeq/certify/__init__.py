@@ -10,7 +10,7 @@
 ``ibp_certify``              Linf certificate by interval bounds through the fixed point
 ``certify``                  all of the above that apply -> ``CertReport`` (JSON, Markdown)
 ``certify_checkpoint``       load a checkpoint, certify it on a dataset split, save the report
-``certify_smoothed``         Gaussian randomized smoothing (Cohen et al. 2019) and its serialized
+``smoothing.certify``        Gaussian randomized smoothing (Cohen et al. 2019) and its serialized
                              warm-started variant SRS (Gao et al. 2024) -> ``SmoothingReport``
 =========================  ================================================================
 """
@@ -24,8 +24,8 @@ from .local import LocalStability, jacobian_spectrum, local_stability
 from .lyapunov import LyapunovResult, lyapunov_decrease, quadratic_candidate
 from .oracles import LinearCell, linear_deq
 from .report import CertReport, CertResult
-from .smoothing import (SmoothingConfig, SmoothingReport, SmoothingResult, certify_smoothed,
-                        predict_smoothed)
+from . import smoothing
+from .smoothing import SmoothingConfig, SmoothingReport, SmoothingResult
 
 __all__ = [
     "certify", "certify_checkpoint", "CertifyConfig", "METHODS", "CertReport", "CertResult",
@@ -35,5 +35,5 @@ __all__ = [
     "LipschitzBound", "RadiusResult", "lipschitz_bound", "certified_radius",
     "IBPResult", "ibp_certify", "NormBound", "spectral_norm_bound",
     "LinearCell", "linear_deq",
-    "SmoothingConfig", "SmoothingReport", "SmoothingResult", "certify_smoothed", "predict_smoothed",
+    "smoothing", "SmoothingConfig", "SmoothingReport", "SmoothingResult",
 ]

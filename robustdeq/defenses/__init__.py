@@ -13,16 +13,13 @@ _LAZY = {
     # lyapunov.py: LyaDEQ
     "LyaDEQ": ".lyapunov", "LyapunovFunction": ".lyapunov", "ICNN": ".lyapunov",
     "SeparationHead": ".lyapunov", "LyapunovStability": ".lyapunov", "LyapunovTrace": ".lyapunov",
-    "lyapunov_trace": ".lyapunov", "lyapunov_decrease": ".lyapunov", "project_dynamics": ".lyapunov", "rehu": ".lyapunov",
+    "lyapunov_trace": ".lyapunov", "project_dynamics": ".lyapunov", "rehu": ".lyapunov",
     # entropy.py: input-entropy reduction
     "EntropyDefense": ".entropy", "EntropyResult": ".entropy", "prediction_entropy": ".entropy",
-    # objectives.py / jiio.py (adversarial training objectives, JIIO)
+    # objectives.py: adversarial training objectives (JIIO-AT's engine is robustdeq.deq.jiio)
     "PGDAT": ".objectives", "TRADES": ".objectives", "RandomStateObjective": ".objectives",
     "JIIOAT": ".objectives", "CrossEntropy": ".objectives", "make_objective": ".objectives",
     "OBJECTIVES": ".objectives",
-    "optimize_inputs": ".jiio", "jiio_attack": ".jiio", "JIIOConfig": ".jiio", "InputOptResult": ".jiio",
-    "Box": ".jiio", "LinfBall": ".jiio", "L2Ball": ".jiio", "Mask": ".jiio", "Intersection": ".jiio",
-    "threat_constraint": ".jiio",
     "recipe": ".recipes", "RECIPES": ".recipes", "Recipe": ".recipes", "register_recipe": ".recipes",
     "register_objective": ".objectives",
     # certified.py: certified training (IBP, Lipschitz margin)
@@ -44,7 +41,7 @@ def register_wrapper(name: str, defense, *, replace: bool = False) -> None:
     WRAPPERS.register(name, defense, replace=replace)
 
 
-__all__ = sorted([k for k in _LAZY if k != "lyapunov_decrease"] + ["register_wrapper"])  # deprecated alias left out
+__all__ = sorted(list(_LAZY) + ["register_wrapper"])
 
 
 def __getattr__(name: str):

@@ -594,11 +594,3 @@ def lyadeq(in_shape=(1, 8, 8), num_classes=10, hidden=64, backbone="mlp", act="t
 __all__ = ["rehu", "ICNN", "LyapunovFunction", "project_dynamics", "SeparationHead", "LyaDEQ",
            "LyapunovTrace", "lyapunov_trace", "random_perturbation", "LyapunovStability", "lyadeq"]
 
-
-def lyapunov_decrease(*args, **kwargs) -> LyapunovTrace:
-    """Deprecated name of :func:`lyapunov_trace` (``robustdeq.certify.lyapunov_decrease`` is the
-    certificate, with another signature)."""
-    import warnings
-    warnings.warn("robustdeq.defenses.lyapunov_decrease is renamed lyapunov_trace "
-                  "(robustdeq.certify.lyapunov_decrease is the certificate)", DeprecationWarning, stacklevel=2)
-    return lyapunov_trace(*args, **kwargs)

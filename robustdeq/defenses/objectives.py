@@ -57,7 +57,7 @@ from ..config import Norm, coerce_enum, from_dict
 from ..deq.grad import ImplicitGrad
 from ..deq.regularizers import jacobian_penalty
 from ..deq.protocols import FixedPointModel, IteratingModel
-from ..deq.jiio import (JIIOConfig, _renamed, cross_entropy_objective, default_direction, jiio_attack,
+from ..deq.jiio import (JIIOConfig, cross_entropy_objective, default_direction, jiio_attack,
                         optimize_inputs, threat_constraint)
 from ..deq.warm import WarmStart, WarmStartImplicitGrad, run_warm
 from ..errors import ConfigError
@@ -181,10 +181,6 @@ class Objective:
 
     name = "objective"
 
-    #: options added after checkpoints recorded ``describe()``: omitted there at these defaults
-    #: (the Trainer compares ``describe()`` when it resumes)
-    _LATER_OPTIONS = {"eps_warmup": 0}
-
     def __post_init__(self):
         #: training steps taken: set by the Trainer before each step (global step index, so a
         #: resumed run continues the schedule), counted by the objective's own calls otherwise
@@ -288,9 +284,6 @@ class Objective:
             if f.init:
                 v = getattr(self, f.name)
                 d[f.name] = v.value if hasattr(v, "value") else v
-        for k, default in self._LATER_OPTIONS.items():
-            if k in d and d[k] == default:
-                d.pop(k)
         return d
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor):  # pragma: no cover - interface
@@ -461,9 +454,7 @@ class JIIOAT(Objective):
     as 20 "best" ones, the defaults until 2026-12-01, in about 3/4 of the time, see
     benchmarks/bench_jiio.py);
     ``solver`` "fixed_point" or "anderson", ``direction`` of the input step default sign for Linf
-    and normalised for L2, step size ``alpha`` default ``eps/4``; ``step`` is the former name of
-    ``direction``, accepted with a DeprecationWarning and still the key ``describe()`` records, so
-    that checkpoints written before the rename resume);
+    and normalised for L2, step size ``alpha`` default ``eps/4``);
     the training loss is CE at the fixed point re-solved at ``x + delta*`` (warm-started from the
     joint iterate), with the implicit backward warm-started from ``-mu*/B`` when the model's
     estimator is :class:`~robustdeq.deq.grad.ImplicitGrad` and ``warm_start`` (the JIIO adjoint of
@@ -478,8 +469,7 @@ class JIIOAT(Objective):
     state ``z`` from the model's initial state ("init", default, as in the paper) or from the
     model's own (no-grad) forward solve at the starting input ("solve": the joint iteration then
     begins at the fixed point, and its first input steps already use an adjoint of the right
-    state). Both default to the paper's choices and are left out of ``describe()`` while at their
-    defaults (checkpoints written before they existed resume).
+    state). Both default to the paper's choices.
     """
 
     eps: float = 0.1
@@ -492,15 +482,11 @@ class JIIOAT(Objective):
     m: int = 20
     select: str = "next"
     warm_start: bool = True
-    step: Optional[str] = field(default=None, repr=False, compare=False)
     random_start: bool = False
     z_init: str = "init"
     eps_warmup: int = 0
 
     name = "jiio_at"
-
-    #: options added after checkpoints recorded ``describe()``: omitted there at these defaults
-    _LATER_OPTIONS = {**Objective._LATER_OPTIONS, "random_start": False, "z_init": "init"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -512,9 +498,6 @@ class JIIOAT(Objective):
         if not isinstance(self.iters, int) or self.iters < 1:
             raise ConfigError(f"iters must be an int >= 1, got {self.iters!r}")
         self._check_warmup()
-        if self.step is not None:
-            self.direction = _renamed("JIIOAT", "step", self.step, "direction", self.direction)
-            self.step = None
         # validates direction/solver/select/m
         JIIOConfig(iters=self.iters, alpha=self.eps / 4 if self.alpha is None else self.alpha,
                    alpha_final=self.alpha_final, direction=self.direction or "sign", solver=self.solver,
@@ -546,12 +529,6 @@ class JIIOAT(Objective):
                 with torch.no_grad():
                     z0 = model.solve(model.inject(x0)).z
             return optimize_inputs(model, cross_entropy_objective(y), C, x0=x0, config=cfg, z0=z0)
-
-    def describe(self) -> dict:
-        d = super().describe()
-        d.pop("step", None)
-        d["step"] = d.pop("direction")  # the historical key: checkpoints compare describe()
-        return d
 
     def __call__(self, model, x, y):
         self._begin()

@@ -1,6 +1,6 @@
 """Joint inference and input optimisation (JIIO; Gurumurthy, Bai, Manchester, Kolter 2021): the
 engine shared by the JIIO attack (:mod:`robustdeq.attacks.jiio`) and JIIO adversarial training
-(``robustdeq.defenses.objectives.JIIOAT``); ``robustdeq.defenses.jiio`` re-exports it.
+(``robustdeq.defenses.objectives.JIIOAT``).
 
 Problem. Optimise an input ``x`` (an image, a perturbed image, a latent code) through a DEQ::
 
@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple, Union
 
@@ -270,8 +269,7 @@ class JIIOConfig:
 
     ``alpha`` is the step on ``x``; after iteration ``switch_at`` (default ``round(5 iters / 8)``,
     i.e. 50 for the paper's 80) it becomes ``alpha_final`` (default: ``alpha``; the solver memory
-    is reset at the switch because the map changed). ``direction`` (formerly ``step``, still
-    accepted with a DeprecationWarning): "sign" (Linf), "normalized"
+    is reset at the switch because the map changed). ``direction``: "sign" (Linf), "normalized"
     (per-sample ``g / ||g||_2``, the paper's choice) or "gradient" (plain; the only choice whose
     fixed points are exactly the KKT points in the interior of C). ``solver``: "anderson" (memory
     ``m``, regularisation ``lam``) or "fixed_point" (plain iteration of the augmented map).
@@ -334,16 +332,6 @@ class JIIOConfig:
                             select="best" if self.select == "best" else "last", stop_mode="rel")
 
 
-def _renamed(who: str, old: str, old_value, new: str, new_value):
-    """The value of a renamed keyword: ``new_value``, or ``old_value`` with a DeprecationWarning."""
-    if old_value is None:
-        return new_value
-    if new_value is not None:
-        raise ConfigError(f"{who}: pass {new}= only ({old}= is its former name)")
-    warnings.warn(f"{who}({old}=...) is deprecated; use {new}=", DeprecationWarning, stacklevel=3)
-    return old_value
-
-
 def default_direction(norm, direction: Optional[str] = None) -> str:
     """The input-step direction of the JIIO attacks: ``direction``, else "sign" for Linf and
     "normalized" for L2 (the attack and JIIO-AT; :func:`optimize_inputs` defaults to "gradient"
@@ -351,26 +339,6 @@ def default_direction(norm, direction: Optional[str] = None) -> str:
     if direction is not None:
         return direction
     return "sign" if coerce_enum(Norm, norm, "norm") == Norm.LINF else "normalized"
-
-
-_jiio_config_init = JIIOConfig.__init__
-
-
-def _jiio_config_compat_init(self, *args, step: Optional[str] = None, **kwargs):
-    if step is not None:
-        kwargs["direction"] = _renamed("JIIOConfig", "step", step, "direction", kwargs.get("direction"))
-    _jiio_config_init(self, *args, **kwargs)
-
-
-def _jiio_config_step(self) -> str:
-    warnings.warn("JIIOConfig.step is deprecated; use JIIOConfig.direction", DeprecationWarning, stacklevel=2)
-    return self.direction
-
-
-_jiio_config_compat_init.__doc__ = _jiio_config_init.__doc__
-_jiio_config_compat_init.__signature__ = __import__("inspect").signature(_jiio_config_init)
-JIIOConfig.__init__ = _jiio_config_compat_init
-JIIOConfig.step = property(_jiio_config_step)
 
 
 @dataclass
@@ -605,7 +573,6 @@ def optimize_inputs(model: nn.Module, objective: InputObjective, constraint: Opt
                     step_size: Optional[float] = None, direction: Optional[str] = None,
                     solver: Optional[str] = None, config: Optional[JIIOConfig] = None,
                     z0: Optional[Tensor] = None, progress: bool = False,
-                    step: Optional[float] = None, step_mode: Optional[str] = None,
                     **options) -> InputOptResult:
     """Solve ``min_{x in C} objective(h(z*(x)), x)`` by the JIIO augmented fixed point.
 
@@ -619,9 +586,8 @@ def optimize_inputs(model: nn.Module, objective: InputObjective, constraint: Opt
         iters: augmented iterations K, no early stop (default 80). step_size: the step ``alpha``
             on x (default 0.1). direction: "gradient" (default here: the KKT fixed points),
             "normalized" or "sign". solver: "anderson" (default) or "fixed_point". config: a full
-            :class:`JIIOConfig` (then iters/step_size/... must not be given). ``step`` and
-            ``step_mode``: the former names of ``step_size`` and ``direction`` (accepted with a
-            DeprecationWarning). Further keyword options go to
+            :class:`JIIOConfig` (then iters/step_size/... must not be given). Further keyword
+            options go to
             :class:`JIIOConfig` (``m``, ``beta_z``, ``alpha_final``, ``resolve``, ...).
         z0: initial state of the joint solve (default ``model.init_state``; the adjoint starts at 0).
         progress: tqdm progress bar over the iterations.
@@ -631,8 +597,6 @@ def optimize_inputs(model: nn.Module, objective: InputObjective, constraint: Opt
         adjoint ``mu`` and per-iteration history.
     """
     _check_jiio_model(model)
-    step_size = _renamed("optimize_inputs", "step", step, "step_size", step_size)
-    direction = _renamed("optimize_inputs", "step_mode", step_mode, "direction", direction)
     if config is not None:
         if options or any(v is not None for v in (iters, step_size, direction, solver)):
             raise ConfigError("pass either config=JIIOConfig(...) or individual options, not both")
@@ -648,7 +612,7 @@ def optimize_inputs(model: nn.Module, objective: InputObjective, constraint: Opt
             raise ConfigError(f"bad option for optimize_inputs: {e}") from None
     constraint = constraint if constraint is not None else Unconstrained()
     if not isinstance(constraint, Constraint):
-        raise ConfigError(f"constraint must be a robustdeq.defenses.jiio.Constraint, got {type(constraint).__name__}")
+        raise ConfigError(f"constraint must be a robustdeq.deq.jiio.Constraint, got {type(constraint).__name__}")
     if x0 is None:
         x0 = _default_start(constraint)
     if not isinstance(x0, Tensor) or not x0.is_floating_point():
@@ -718,12 +682,11 @@ def _solve(model, objective, constraint, x0, cfg: JIIOConfig, z0=None, progress=
 def jiio_attack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: Union[str, Norm] = "Linf",
                 iters: int = 80, alpha: Optional[float] = None, alpha_final: Optional[float] = None,
                 direction: Optional[str] = None, solver: str = "fixed_point", m: int = 20,
-                select: str = "best", resolve: bool = True, step: Optional[str] = None,
-                **options) -> InputOptResult:
+                select: str = "best", resolve: bool = True, **options) -> InputOptResult:
     """The JIIO attack: ``max_{x' in B_eps(x) & [0,1]} CE(h(z*(x')), y)`` as one augmented solve.
 
     ``alpha`` (the step size) defaults to ``eps / 4``; ``direction`` to "sign" for Linf and
-    "normalized" for L2 (``step``: its former name, accepted with a DeprecationWarning).
+    "normalized" for L2.
     ``solver`` defaults to "fixed_point" (plain iteration of the damped augmented map): on our
     digits DEQs Anderson on the stacked vector made the attack markedly weaker with sign or
     normalised steps (its affine extrapolation fights the projected, discontinuous input step;
@@ -734,7 +697,6 @@ def jiio_attack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: Uni
     norm = coerce_enum(Norm, norm, "norm")
     if not eps >= 0:
         raise ConfigError(f"eps must be >= 0, got {eps}")
-    direction = _renamed("jiio_attack", "step", step, "direction", direction)
     direction = default_direction(norm, direction)
     alpha = eps / 4 if alpha is None else alpha
     cfg = JIIOConfig(iters=iters, alpha=alpha, alpha_final=alpha_final, direction=direction, solver=solver, m=m,

@@ -17,7 +17,7 @@ adjoint ``mu = J_z^T mu + g`` to tolerance. :class:`JointInputGradient` instead 
 
 This is a different algorithm from exact PGD (a joint iteration over ``(z, mu, x)``, not a
 sequence of converged solves), so its iterates are never taken at face value: the attack that
-drives it (``PGD(grad="joint")``) judges its final examples by the model's own (cold) inference.
+drives it (``PGD(method="joint")``) judges its final examples by the model's own (cold) inference.
 The carried state is a state of this iteration, not a warm start of the model's solves: nothing
 here is used to start the model's inference.
 """

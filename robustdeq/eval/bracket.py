@@ -154,7 +154,8 @@ def _soft_smoothed_pgd(model, x, y, eps, norm, sigma, steps, m, seed, clip) -> T
     """PGD (no random start) on ``-log mean_j softmax(f(x' + sigma e_j))_y`` in B_eps(x) & [0, 1];
     the same ``m`` noise draws per sample at every step."""
     from .._tensor import default_alpha
-    from ..attacks.base import model_mode, project
+    from .._tensor import project_ball as project
+    from ..attacks.base import model_mode
     from ..certify.smoothing import base_logits
     gen = torch.Generator().manual_seed(int(seed))
     b = x.shape[0]

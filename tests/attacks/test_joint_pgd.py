@@ -29,14 +29,14 @@ def _robust(model, x_adv, y):
 @pytest.mark.parametrize("norm,eps", [("Linf", EPS), ("L2", 1.0)])
 def test_joint_pgd_stays_in_ball_and_box(deq, norm, eps):
     x, y = digits_test(32)
-    x_adv = PGD(deq, eps=eps, steps=6, norm=norm, grad="joint", seed=0)(x, y)
+    x_adv = PGD(deq, eps=eps, steps=6, norm=norm, method="joint", seed=0)(x, y)
     check_ball(x, x_adv, eps, norm)
 
 
 def test_joint_pgd_deterministic_under_seed(deq):
     x, y = digits_test(32)
-    a = PGD(deq, eps=EPS, steps=6, grad="joint", seed=3)(x, y)
-    b = PGD(deq, eps=EPS, steps=6, grad="joint", seed=3)(x, y)
+    a = PGD(deq, eps=EPS, steps=6, method="joint", seed=3)(x, y)
+    b = PGD(deq, eps=EPS, steps=6, method="joint", seed=3)(x, y)
     assert torch.equal(a, b)
 
 
@@ -44,7 +44,7 @@ def test_joint_pgd_deterministic_under_seed(deq):
 def test_joint_pgd_judged_by_model_inference(deq, restarts):
     """The robust flags the attack reports are a cold re-evaluation of its examples."""
     x, y = digits_test(48)
-    atk = PGD(deq, eps=EPS, steps=8, grad="joint", seed=0, restarts=restarts)
+    atk = PGD(deq, eps=EPS, steps=8, method="joint", seed=0, restarts=restarts)
     x_adv = atk(x, y)
     assert atk.last_robust is not None
     assert torch.equal(atk.last_robust, _robust(deq, x_adv, y))
@@ -56,26 +56,26 @@ def test_joint_pgd_as_strong_as_ift(deq):
     x, y = digits_test(64)
     common = dict(eps=EPS, alpha=0.01, steps=20, random_start=False)
     ref = _robust(deq, PGD(deq, grad="ift", **common)(x, y), y).sum()
-    fast = _robust(deq, PGD(deq, grad="joint", **common)(x, y), y).sum()
+    fast = _robust(deq, PGD(deq, method="joint", **common)(x, y), y).sum()
     assert int(fast) <= int(ref) + 1
 
 
 def test_joint_pgd_refuses_non_deq_and_early_stop(deq):
     ff = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     with pytest.raises(ConfigError):
-        PGD(ff, eps=EPS, grad="joint")
+        PGD(ff, eps=EPS, method="joint")
     with pytest.raises(ConfigError):
-        PGD(deq, eps=EPS, grad="joint", early_stop=True)
+        PGD(deq, eps=EPS, method="joint", early_stop=True)
     with pytest.raises(ConfigError):
         PGD(deq, eps=EPS, grad="ift", method="exact", joint_options={"fwd_iters": 2})
     with pytest.raises(ConfigError):
         PGD(deq, eps=EPS, grad="unrolled", joint_options={"fwd_iters": 2})  # never joint
     with pytest.raises(ConfigError):
         PGD(deq, eps=EPS, method="fast")
+    with pytest.raises(ConfigError, match="unknown"):  # "joint" is a method, not an estimator
+        PGD(deq, eps=EPS, grad="joint")
     with pytest.raises(ConfigError):
-        PGD(deq, eps=EPS, grad="joint", method="exact")
-    with pytest.raises(ConfigError):
-        PGD(deq, eps=EPS, grad="joint", joint_options={"fwd_iters": 0})
+        PGD(deq, eps=EPS, method="joint", joint_options={"fwd_iters": 0})
 
 
 # -- the default method ("auto"): the joint iteration where the solves converge ------------------

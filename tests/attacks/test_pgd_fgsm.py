@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import robustdeq.attacks as A
-from robustdeq.attacks.base import check_labels, model_mode, project
+from robustdeq._tensor import project_ball as project
+from robustdeq.attacks.base import check_labels, model_mode
 from robustdeq.attacks.pgd import InputGradient
 from robustdeq.deq import zoo
 from robustdeq.deq.grad import ImplicitGrad
@@ -146,10 +147,10 @@ def test_only_converged_samples_warm_start():
     x, y = batch(n=6)
     oracle = InputGradient(model, "ift", warm_start=True)
     oracle(x, y, F.cross_entropy)
-    assert bool(oracle.z_ok.all()) and bool(oracle.a_ok.all())
+    assert bool(oracle.state.z_ok.all()) and bool(oracle.state.a_ok.all())
     ok = torch.tensor([True, False, True, False, True, True])
-    oracle.z_ok = ok
-    prev = oracle.z_prev.clone()
+    oracle.state.z_ok = ok
+    prev = oracle.state.z.clone()
     seen = {}
 
     from robustdeq.deq import shrink as _solve  # the warm-started solves live in robustdeq.deq
@@ -205,7 +206,7 @@ def test_targeted_pgd_moves_predictions_to_the_targets(kind):
 def test_l2_pgd_random_start_is_inside_the_ball_and_spread():
     model = tiny_ff()
     x, y = batch(n=64)
-    from robustdeq.attacks.base import make_generator, random_in_ball
+    from robustdeq._tensor import make_generator, random_in_ball
     d = random_in_ball(x, 2.0, "L2", make_generator(0))
     n = d.flatten(1).norm(dim=1)
     assert float(n.max()) <= 2.0 + 1e-6
@@ -371,7 +372,7 @@ def test_pgd_on_cuda_keeps_device_and_matches_cpu():
 
 
 def test_warm_start_rows_mixes_previous_and_initial_states_per_sample():
-    from robustdeq.attacks.base import warm_start_rows
+    from robustdeq.deq.warm import warm_start_rows
     prev = torch.arange(12.0).view(4, 3)
     prev[3, 1] = float("nan")                      # a non-finite solution never warm-starts
     cold = torch.full((4, 3), -1.0)

@@ -110,10 +110,9 @@ def test_trainer_drives_the_ramp_and_a_resumed_run_continues_it(tmp_path, data):
         assert torch.equal(v, m_res.state_dict()[k]), k
 
 
-def test_describe_omits_the_default_and_lyapunov_forwards_the_step():
-    assert "eps_warmup" not in PGDAT(eps=0.1).describe()        # checkpoints written before resume
-    assert "eps_warmup" not in TRADES(eps=0.1).describe()
-    assert "eps_warmup" not in JIIOAT(eps=0.1).describe()
+def test_describe_records_the_warmup_and_lyapunov_forwards_the_step():
+    for obj in (PGDAT, TRADES, JIIOAT):
+        assert obj(eps=0.1).describe()["eps_warmup"] == 0
     assert PGDAT(eps=0.1, eps_warmup=5).describe()["eps_warmup"] == 5
     base = PGDAT(eps=0.3, eps_warmup=3)
     LyapunovStability(base).set_train_step(1)

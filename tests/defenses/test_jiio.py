@@ -1,4 +1,4 @@
-"""JIIO: the augmented fixed point (robustdeq.defenses.jiio) and the JIIO attack (robustdeq.attacks.jiio).
+"""JIIO: the augmented fixed point (robustdeq.deq.jiio) and the JIIO attack (robustdeq.attacks.jiio).
 
 Oracles: the backbone's own forward solve and ImplicitGrad adjoint at the same input (the KKT
 conditions), a closed-form linear DEQ with a quadratic objective, the library PGD at an equal
@@ -17,9 +17,10 @@ from robustdeq.data import load_digits
 from robustdeq.deq import zoo
 from robustdeq.deq.grad import ImplicitGrad
 from robustdeq.deq.model import DEQClassifier
-from robustdeq.defenses.jiio import (Box, CostCounter, Intersection, JIIOConfig, L2Ball, LinfBall, Mask,
-                                     Unconstrained, WarmStartImplicitGrad, cross_entropy_objective,
-                                     jiio_attack, kkt_residuals, optimize_inputs, threat_constraint)
+from robustdeq.deq.jiio import (Box, CostCounter, Intersection, JIIOConfig, L2Ball, LinfBall, Mask,
+                                Unconstrained, cross_entropy_objective, jiio_attack, kkt_residuals,
+                                optimize_inputs, threat_constraint)
+from robustdeq.deq.warm import WarmStartImplicitGrad
 from robustdeq.errors import ConfigError, InputError
 
 # short forward solves of the tiny trained model may leave a sample or two above tol: not the subject
@@ -203,7 +204,7 @@ def test_attack_class_interface(trained):
     assert float((xa - x).abs().max()) <= 0.1 + 1e-6
     d = atk.describe()
     assert d["name"] == "JIIO-10" and d["implementation"] == "robustdeq"
-    assert d["eps"] == 0.1 and d["norm"] == "Linf" and d["iters"] == 10 and d["step"] == "sign"
+    assert d["eps"] == 0.1 and d["norm"] == "Linf" and d["iters"] == 10 and d["direction"] == "sign"
     assert atk.last_stats["nfe"] == 10
     # L2, seeded random start: same seed -> same result, and inside the ball
     a1 = JIIO(m, eps=0.5, norm="L2", iters=8, random_start=True, seed=3)(x, y)

@@ -180,12 +180,12 @@ def test_stacked_anderson_reaches_the_plain_iterations_kkt_point(small):
 
 
 # ------------------------------------------------------------------------------ JIIO-AT options
-def test_jiioat_defaults_take_the_attack_path_and_describe_is_unchanged(small):
+def test_jiioat_defaults_take_the_attack_path_and_describe_records_them(small):
     m, x, y = small
     o = JIIOAT(eps=0.1, iters=6, select="last")
     assert JIIOAT().iters == 14 and JIIOAT().select == "next"  # the defaults measured in bench_jiio.py
     d = o.describe()
-    assert "random_start" not in d and "z_init" not in d  # checkpoints written before still resume
+    assert d["random_start"] is False and d["z_init"] == "init" and d["direction"] is None
     assert JIIOAT(eps=0.1, iters=6, random_start=True).describe()["random_start"] is True
     assert JIIOAT(eps=0.1, iters=6, z_init="solve").describe()["z_init"] == "solve"
     from robustdeq.deq.jiio import jiio_attack

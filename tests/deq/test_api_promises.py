@@ -84,18 +84,6 @@ def test_attack_warnings_point_at_the_users_call():
     assert mine and all(w.filename == __file__ for w in mine), {w.filename for w in mine}
 
 
-def test_one_public_lyapunov_decrease():
-    import robustdeq.defenses as D
-    from robustdeq.certify import lyapunov_decrease as certificate  # noqa: F401
-    assert "lyapunov_trace" in D.__all__ and "lyapunov_decrease" not in D.__all__
-    m = rd.zoo.build("lyadeq", hidden=8, icnn_hidden=[8]).eval()
-    x = torch.rand(2, 1, 8, 8)
-    with pytest.warns(DeprecationWarning, match="lyapunov_trace"):
-        old = D.lyapunov_decrease(m, x, steps=2, radius=0.5)
-    new = D.lyapunov_trace(m, x, steps=2, radius=0.5)
-    assert torch.equal(old.values, new.values)
-
-
 def test_register_dataset_and_wrapper(tmp_path):
     from robustdeq.data import dataset_info, load_dataset, register_dataset
     from robustdeq.defenses import register_wrapper

@@ -119,21 +119,6 @@ def test_cost_counter_uses_an_explicit_hook():
     assert not m.cell.__dict__.get("_vjp_hooks")    # the hook was removed
 
 
-def test_renamed_step_keywords_warn():
-    from robustdeq.deq.jiio import JIIOConfig
-    with pytest.warns(DeprecationWarning):
-        cfg = JIIOConfig(iters=2, step="sign")
-    assert cfg.direction == "sign"
-    assert JIIOConfig(iters=2, direction="sign") == cfg
-    with pytest.raises(ConfigError):
-        JIIOConfig(iters=2, direction="newton")
-    from robustdeq.defenses.objectives import JIIOAT
-    with pytest.warns(DeprecationWarning):
-        obj = JIIOAT(step="normalized")
-    assert obj.direction == "normalized" and obj.describe()["step"] == "normalized"
-    assert JIIOAT(direction="normalized").describe() == obj.describe()
-
-
 def test_lyapunov_penalty_is_seeded():
     from robustdeq.defenses.lyapunov import LyapunovStability
     torch.manual_seed(0)
@@ -145,8 +130,8 @@ def test_lyapunov_penalty_is_seeded():
     assert torch.equal(a, b)
 
 
-def test_defenses_jiio_does_not_import_the_objectives():
-    code = ("import sys, robustdeq.defenses.jiio, robustdeq.attacks.jiio; "
+def test_jiio_engine_does_not_import_the_objectives():
+    code = ("import sys, robustdeq.deq.jiio, robustdeq.attacks.jiio; "
             "assert 'robustdeq.defenses.objectives' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
     # the training objectives take warm starts from robustdeq.deq, not from the attacks

@@ -36,7 +36,7 @@ met). The selection batch starts the chain and the estimation batches continue i
 ``srs_start="clean"`` every noise sample starts from the fixed point of the clean input instead
 (solved once from scratch): no sequence (the batch size is free), and the start is the centre of
 the noisy fixed points rather than another noisy one. Rows whose start diverged or is not finite
-start cold and get the full solve (:func:`robustdeq.attacks.base.warm_start_rows`).
+start cold and get the full solve (:func:`robustdeq.deq.warm.warm_start_rows`).
 
 Warm-started predictions ``J_i`` are neither those of the base classifier nor independent, so the
 binomial bound does not apply to their counts. The correlation-eliminated bound used here: a
@@ -86,12 +86,9 @@ from .report import SmoothingReport, SmoothingResult, summarize
 from .statistics import (check_count, clopper_pearson_lower, clopper_pearson_upper, hypergeom_upper,
                          radius_from, srs_lower_bound)
 
-certify_smoothed = certify
-predict_smoothed = predict
-
 __all__ = [
     "ABSTAIN", "SmoothingConfig", "SmoothingResult", "SmoothingReport", "make_config", "certify", "predict",
-    "certify_smoothed", "predict_smoothed", "certify_checkpoint", "clopper_pearson_lower",
+    "certify_checkpoint", "clopper_pearson_lower",
     "clopper_pearson_upper", "hypergeom_upper", "srs_lower_bound", "check_count", "radius_from", "base_logits",
     "summarize",
 ]

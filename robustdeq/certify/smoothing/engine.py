@@ -153,7 +153,7 @@ class _Base:
 
     def chain(self, xn: Tensor) -> Tuple[Tensor, Tensor]:
         """SRS predictions of one noise batch ``(pred, warm)``; ``warm``: rows warm-started."""
-        from ...attacks.base import initial_state_fn, warm_start_rows
+        from ...deq.warm import initial_state_fn, warm_start_rows
         b = xn.shape[0]
         start = None
         if self.anchor is not None:

@@ -3,7 +3,7 @@ the per-sample results of ``Solver.solve`` (same iterates, residuals, flags, ste
 import pytest
 import torch
 
-from robustdeq.attacks._solve import solve_shrinking
+from robustdeq.deq.shrink import solve_shrinking
 from robustdeq.deq.solvers import get_solver
 
 
