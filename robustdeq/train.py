@@ -143,6 +143,7 @@ class Trainer:
                                   "or pass model_config={'name': ..., 'options': {...}})")
         extra = {"epoch": epoch, "history": json.dumps(self.history),
                  "train_config": json.dumps(to_dict(self.config)), "objective": self._objective_name()}
+        extra.update(self._rng_states)
         if self.scheduler is not None:
             extra["scheduler"] = json.dumps(self.scheduler.state_dict())
         meta = dict(self.metadata)
@@ -150,6 +151,53 @@ class Trainer:
             meta["metrics"] = self.history[-1]
         save_checkpoint(self.checkpoint_path, self.model, model_config=self.model_config,
                         metadata=meta, optimizer=self.optimizer, extra_state=extra)
+
+    # -- random number generators ----------------------------------------------------------------
+    def _own_rng(self) -> Dict[str, Tensor]:
+        """This process's generator states: torch's global CPU generator (and CUDA's, when used)
+        and the objective's private generator, if it has one."""
+        out = {"rng_torch": torch.get_rng_state()}
+        gen = getattr(self.objective, "_gen", None)
+        if isinstance(gen, torch.Generator):
+            out["rng_objective"] = gen.get_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["rng_cuda"] = torch.cuda.get_rng_state()
+        return out
+
+    def _collect_rng(self) -> None:
+        """Every rank's generator states (in rank order), kept for the next checkpoint: a resumed
+        run draws the same random numbers (attack starts, sampled states) as an uninterrupted one."""
+        own = self._own_rng()
+        ctx = getattr(self, "_ctx", None)
+        if ctx is None:
+            self._rng_states = own
+            return
+        from .distributed import all_gather_object
+        states = all_gather_object({k: v.clone() for k, v in own.items()})
+        self._rng_states = {f"{k}_rank{r}": v for r, st in enumerate(states) for k, v in st.items()}
+        self._rng_states["rng_world"] = len(states)
+
+    def _restore_rng(self, states: Dict[str, Tensor]) -> None:
+        ctx = getattr(self, "_ctx", None)
+        suffix = ""
+        if ctx is not None:
+            if states.get("rng_world") != ctx.world_size:
+                logger.warning("the checkpoint's random generator states are of %s processes, this run "
+                               "has %d: the random draws after the resume differ from an uninterrupted "
+                               "run", states.get("rng_world", 1), ctx.world_size)
+                return
+            suffix = f"_rank{ctx.rank}"
+        elif "rng_world" in states:
+            logger.warning("the checkpoint's random generator states are of several processes: the "
+                           "random draws after the resume differ from an uninterrupted run")
+            return
+        if f"rng_torch{suffix}" in states:
+            torch.set_rng_state(states[f"rng_torch{suffix}"])
+        gen = getattr(self.objective, "_gen", None)
+        if isinstance(gen, torch.Generator) and f"rng_objective{suffix}" in states:
+            gen.set_state(states[f"rng_objective{suffix}"])
+        if f"rng_cuda{suffix}" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states[f"rng_cuda{suffix}"])
 
     def _try_resume(self) -> None:
         from .checkpoint import load_checkpoint
@@ -163,9 +211,22 @@ class Trainer:
                 f"{path} holds a different model ({_brief(ck.model_config)}) than the one being "
                 f"trained ({_brief(self.model_config)}); use another out_dir (--out) or "
                 "resume=False (--no-resume) to overwrite it")
-        if extra.get("train_config") != json.dumps(to_dict(self.config)):
-            raise CheckpointError(f"{path} was written with a different training config; "
-                                  "use another out_dir or resume=False")
+        try:
+            saved = json.loads(extra.get("train_config", "null"))
+        except ValueError:
+            saved = None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path} has no readable training config; use another out_dir or "
+                                  "resume=False")
+        current = to_dict(self.config)
+        differ = sorted(k for k in set(saved) | set(current)
+                        if k != "epochs" and saved.get(k) != current.get(k))
+        if differ:
+            raise CheckpointError(
+                f"{path} was written with a different training config ("
+                + ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in differ)
+                + "); use another out_dir or resume=False (only epochs may change: a finished run "
+                "is extended)")
         if extra.get("objective") != self._objective_name():
             raise CheckpointError(f"{path} was written with a different objective; "
                                   "use another out_dir or resume=False")
@@ -178,10 +239,23 @@ class Trainer:
                 "(--no-resume) to overwrite it") from None
         if ck.optimizer_state:
             self.optimizer.load_state_dict(ck.optimizer_state)
-        if self.scheduler is not None and "scheduler" in extra:
-            self.scheduler.load_state_dict(json.loads(extra["scheduler"]))
         self.history = json.loads(extra.get("history", "[]"))
         self.start_epoch = int(extra.get("epoch", -1)) + 1
+        if self.scheduler is not None and "scheduler" in extra:
+            if int(saved.get("epochs", -1)) == self.config.epochs:
+                self.scheduler.load_state_dict(json.loads(extra["scheduler"]))
+            elif self.start_epoch < self.config.epochs:
+                # more (or fewer) epochs than planned: the cosine restarts from the base learning
+                # rate over the remaining epochs (a warm restart, Loshchilov & Hutter, "SGDR",
+                # ICLR 2017), which a fresh scheduler over those steps is
+                for group in self.optimizer.param_groups:
+                    group["lr"] = group.get("initial_lr", self.config.lr)
+                self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                    self.optimizer, T_max=max(1, (self.config.epochs - self.start_epoch) * self._steps_per_epoch))
+                logger.info("%s: %d epochs planned there, %d now: the cosine schedule restarts for "
+                            "epochs %d..%d", path, saved.get("epochs"), self.config.epochs,
+                            self.start_epoch, self.config.epochs - 1)
+        self._resumed_rng = {k: v for k, v in extra.items() if k.startswith("rng_")}
         logger.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     # -- logging --------------------------------------------------------------------------------
@@ -197,9 +271,11 @@ class Trainer:
 
     # -- several processes ----------------------------------------------------------------------
     def _open_out_dir(self, resume: bool) -> None:
+        from . import runlock
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ConfigError(f"out_dir {self.out_dir} is an existing file; it must name a folder")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # one run per folder (released when fit returns or raises)
+        self._lock = (self.out_dir, runlock.acquire(self.out_dir))
         if resume:
             self._try_resume()
 
@@ -244,13 +320,30 @@ class Trainer:
     # -- training -------------------------------------------------------------------------------
     def fit(self, x: Tensor, y: Tensor, x_val: Optional[Tensor] = None, y_val: Optional[Tensor] = None,
             *, resume: bool = True) -> List[dict]:
-        """Train for ``config.epochs`` epochs (continuing a saved run when ``resume``)."""
+        """Train for ``config.epochs`` epochs (continuing a saved run when ``resume``).
+
+        With an ``out_dir``, the process writing it (rank 0) owns the folder while it trains
+        (:mod:`robustdeq.runlock`): another run on the same folder is refused meanwhile."""
+        from . import runlock
+        self._lock = None
+        try:
+            return self._fit(x, y, x_val, y_val, resume=resume)
+        finally:
+            if self._lock is not None:
+                runlock.release(*self._lock)
+                self._lock = None
+
+    def _fit(self, x: Tensor, y: Tensor, x_val: Optional[Tensor], y_val: Optional[Tensor], *,
+             resume: bool) -> List[dict]:
         from .data import validate_inputs
         validate_inputs(x, expected_shape=getattr(self.model, "input_shape", None), name="x_train")
         if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype != torch.long:
             raise InputError(f"y_train must be int64 of shape ({x.shape[0]},), got {tuple(y.shape)} {y.dtype}")
         cfg = self.config
         steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
+        self._steps_per_epoch = steps_per_epoch
+        self._resumed_rng: Dict[str, Tensor] = {}
+        self._rng_states: Dict[str, Tensor] = {}
         if cfg.schedule == "cosine" and self.scheduler is None:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))
@@ -275,6 +368,12 @@ class Trainer:
         if ctx is not None and ctx.rank > 0 and getattr(self.objective, "seed", None) is not None \
                 and hasattr(self.objective, "reseed_generator"):
             self.objective.reseed_generator(rank_seed(self.objective.seed, ctx.rank))
+        if ctx is not None:
+            resumed = self._resumed_rng if ctx.is_main else None
+            from .distributed import broadcast_object
+            self._resumed_rng = broadcast_object(resumed) or {}
+        if self._resumed_rng:
+            self._restore_rng(self._resumed_rng)
         bar = None
         if self.progress and main:
             from tqdm.auto import tqdm
@@ -290,6 +389,7 @@ class Trainer:
                     if isinstance(v, (int, float)) and k != "epoch":
                         self._log(f"epoch/{k}", float(v), epoch)
                 logger.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
+                self._collect_rng()  # every rank takes part (a collective in a group)
                 if not main:
                     continue
                 self.save(epoch)

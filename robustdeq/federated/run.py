@@ -85,6 +85,13 @@ def federate(config: Union[FederatedConfig, Mapping[str, Any], None] = None,
     from .plugins import user_registrations
     user_registrations(cfg)
     check_shards(cfg)
+    from .. import runlock
+    with runlock.hold(out_dir):  # one run per output folder
+        return _federate(cfg, out_dir, progress=progress, resume=resume, cpus=cpus,
+                         on_round_end=on_round_end, flower_log_level=flower_log_level)
+
+
+def _federate(cfg: FederatedConfig, out_dir, *, progress, resume, cpus, on_round_end, flower_log_level):
     if out_dir is not None and resume and (Path(out_dir) / "checkpoint.pt").exists():
         from .server import _load_resume
         _load_resume(Path(out_dir) / "checkpoint.pt", cfg)  # another experiment: fail before starting

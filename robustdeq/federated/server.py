@@ -121,6 +121,14 @@ def run_rounds(grid, cfg: FederatedConfig, out_dir: Union[str, Path, None] = Non
         on_round_end: called with each round's record after its checkpoint is written.
         node_wait: seconds to wait for ``cfg.clients`` nodes to connect.
     """
+    from .. import runlock
+    with runlock.hold(out_dir):  # one run per output folder (a deployed server included)
+        return _run_rounds(grid, cfg, out_dir, strategy=strategy, progress=progress, resume=resume,
+                           on_round_end=on_round_end, node_wait=node_wait)
+
+
+def _run_rounds(grid, cfg: FederatedConfig, out_dir, *, strategy, progress, resume, on_round_end,
+                node_wait) -> FederatedResult:
     from flwr.app import ArrayRecord, ConfigRecord
     from .plugins import REGISTRATIONS_KEY, user_registrations
     from .strategy import CONFIG_KEY, DEQFusion
