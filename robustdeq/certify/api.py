@@ -220,6 +220,7 @@ def _global_certificates(c: _Certification) -> None:
         c.glob["lipschitz"] = c.bound.to_dict()
         if not c.bound.available:
             logger.info("no certified radius: %s", c.bound.reason)
+    _announce_availability(c)
     c.solver = tight_solver(work) if cfg.solver is None else cfg.solver
     if "lyapunov" in c.methods:
         V = cfg.V
@@ -229,6 +230,39 @@ def _global_certificates(c: _Certification) -> None:
                               "steps": cfg.lyapunov_steps, "dynamics": cfg.lyapunov_dynamics,
                               "perturb": None if perturb is None else
                               (perturb if isinstance(perturb, (int, float)) else type(perturb).__name__)}
+
+
+def _ibp_unavailable(model: nn.Module) -> Optional[str]:
+    """Why IBP cannot run on ``model`` (its structural needs), or None."""
+    from ..deq.cells import MLPInjection
+    from .lipschitz import _head_matrix
+    if not isinstance(getattr(model, "injection", None), MLPInjection):
+        return (f"IBP needs an MLPInjection (Normalize + Linear); the injection is "
+                f"{type(getattr(model, 'injection', None)).__name__}")
+    if _head_matrix(model) is None:
+        return f"IBP needs a linear read-out; the head is {type(getattr(model, 'head', None)).__name__}"
+    return None
+
+
+def _announce_availability(c: _Certification) -> None:
+    """Before any per-sample work: which certificates the model can get and why not the others
+    (``global_certificates["available"]`` of the report, and one CertificationWarning naming the missing
+    radius certificates)."""
+    avail = {"contraction": "yes" if c.cert.certified else f"no: {c.cert.reason}"}
+    if "local" in c.methods:
+        avail["local"] = "yes (local stability at each converged z*)"
+    if "lipschitz" in c.methods:
+        avail["lipschitz"] = "yes" if c.bound.available else f"no: {c.bound.reason}"
+    if "ibp" in c.methods:
+        why = _ibp_unavailable(c.work)
+        avail["ibp"] = "yes" if why is None else f"no: {why}"
+    c.glob["available"] = avail
+    missing = {k: v[4:] for k, v in avail.items() if k in ("lipschitz", "ibp") and v.startswith("no")}
+    if missing:
+        warnings.warn(f"certify: {type(c.model).__name__} gets no certified radius from "
+                      + "; ".join(f"{k} ({v})" for k, v in missing.items())
+                      + f"; available: {', '.join(k for k, v in avail.items() if v.startswith('yes'))}",
+                      CertificationWarning, stacklevel=user_stacklevel())
 
 
 def _batch_starts(c: _Certification, dist_ctx):

@@ -10,7 +10,9 @@ Bounds on ``Lip_x(z*)`` (L2):
   the smaller of that and the splitting-map bound ``a / (1 - L)`` is used;
 - linear cell ``A z + u``: exact, ``z* = (I - A)^{-1} u``.
 
-``Lip_x(inj)`` of an ``MLPInjection`` ``U normalize(x) + b`` is ``||U diag(1/std)||_2``.
+``Lip_x(inj)`` of an ``MLPInjection`` ``U normalize(x) + b`` is ``||U diag(1/std)||_2``; of any
+affine injection made of Linear / Conv / Flatten layers it is the spectral norm of its exact matrix
+(built column by column from the input basis, for inputs of up to 4096 features).
 
 Certified radius (per sample, label ``y``, read-out ``logits = W_o z + b_o``): the logit difference
 ``g_j(x) = (w_y - w_j)^T z*(x) + (b_y - b_j)`` is Lipschitz with constant at most
@@ -27,6 +29,7 @@ from each margin before dividing.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -66,13 +69,45 @@ class LipschitzBound:
                 "details": self.details}
 
 
+#: modules an injection may be composed of to be bounded as an affine map (its matrix built exactly)
+AFFINE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Flatten, nn.Identity)
+#: the largest input dimension for which an affine injection's matrix is built
+AFFINE_MAX_INPUTS = 4096
+
+
+def is_affine_injection(inj: Optional[nn.Module]) -> bool:
+    """``inj`` is one of :data:`AFFINE_MODULES` or an ``nn.Sequential`` of them (an affine map)."""
+    if isinstance(inj, nn.Sequential):
+        return len(inj) > 0 and all(is_affine_injection(m) for m in inj)
+    return isinstance(inj, AFFINE_MODULES)
+
+
+def _affine_matrix(inj: nn.Module, input_shape) -> Optional[Tensor]:
+    """The exact matrix (out, n_in) of an affine injection (see :func:`is_affine_injection`):
+    column ``i`` is ``inj(e_i) - inj(0)``, in float64; None when the input shape is unknown or
+    larger than :data:`AFFINE_MAX_INPUTS`."""
+    if input_shape is None or not is_affine_injection(inj):
+        return None
+    n = math.prod(input_shape)
+    if n > AFFINE_MAX_INPUTS:
+        return None
+    p = next(inj.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    basis = torch.eye(n, dtype=torch.float64, device=dev).view(n, *input_shape)
+    zero = torch.zeros(1, *input_shape, dtype=torch.float64, device=dev)
+    inj64 = copy.deepcopy(inj).to(torch.float64)
+    return (inj64(basis).reshape(n, -1) - inj64(zero).reshape(1, -1)).T.contiguous()
+
+
 def _injection_matrix(model: nn.Module) -> Optional[Tensor]:
     """``U' = U diag(1/std)`` (hidden, n_in) in float64 when the injection is ``Normalize`` +
-    ``Linear`` (``MLPInjection``), else None."""
+    ``Linear`` (``MLPInjection``); the exact matrix of an affine injection (Linear / Conv /
+    Flatten layers, :func:`is_affine_injection`) for inputs of at most
+    :data:`AFFINE_MAX_INPUTS` features; else None."""
     from ..deq.cells import MLPInjection
     inj = getattr(model, "injection", None)
     if not isinstance(inj, MLPInjection):
-        return None
+        return _affine_matrix(inj, getattr(model, "input_shape", None))
     U = inj.linear.weight.detach().to(torch.float64)
     scale = input_feature_scale(inj, getattr(model, "input_shape", None), U.shape[1])
     if scale is None:
@@ -128,7 +163,8 @@ def lipschitz_bound(model: nn.Module, contraction: Optional[ContractionCertifica
         Wo = _head_matrix(model)
         if Up is None:
             return LipschitzBound(False, "none", f"no Lipschitz bound for the injection "
-                                  f"{type(getattr(model, 'injection', None)).__name__} (needs an MLPInjection: Normalize + Linear)")
+                                  f"{type(getattr(model, 'injection', None)).__name__} (needs an MLPInjection, or Linear / Conv / Flatten layers with a "
+                                  f"known input_shape of at most {AFFINE_MAX_INPUTS} features)")
         if Wo is None:
             return LipschitzBound(False, "none", f"no Lipschitz bound for the head "
                                   f"{type(getattr(model, 'head', None)).__name__} (needs a linear read-out)")
