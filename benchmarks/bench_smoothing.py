@@ -38,49 +38,59 @@ DEFAULT_METHODS = ("plain;srs:S=1,K=400;srs:S=3,K=400;srs:S=5,K=400;srs:S=1,K=40
                    "srs:S=3,K=400,start=clean;srs:S=5,K=400,kmax=2000;srs:S=5,K=1000")
 
 
+KEYS = {"n": ("n", int), "B": ("batch_size", int), "S": ("srs_steps", int), "K": ("check_samples", int),
+        "kmax": ("check_max", int), "start": ("srs_start", str), "tol": ("tolerance", float),
+        "first": ("first_batch", int)}
+KINDS = {"plain": ("plain (independent solves)", {}),
+         "srs": ("SRS", {"srs_check": "sample"}),
+         "seq": ("sequential", {"mode": "sequential"}),
+         "radius": ("radius mode", {"mode": "radius"}),
+         "proof": ("proven warm starts", {"srs_check": "proof"}),
+         "seqproof": ("sequential, proven warm starts", {"mode": "sequential", "srs_check": "proof"})}
+
+
 def parse_method(spec: str) -> tuple:
-    """``plain[:B=2000]`` -> ("plain ...", {...}); ``srs:S=3,K=400[,kmax=2000][,start=clean][,B=2000]``
-    -> (name, SmoothingConfig options); B: batch size (default --batch)."""
+    """``KIND[:k=v,...]`` -> (name, SmoothingConfig options). KIND: plain (fixed-n CERTIFY), srs
+    (check-based SRS; S and K required), seq (anytime-valid decisions at --radii), radius (largest
+    radius), proof (fixed n, warm starts proven per sample; S required), seqproof (seq with proven
+    warm starts). Keys: n (samples or budget), B (batch), S (warm steps), K, kmax, start
+    (chain/clean), tol (radius mode), first (first sequential batch)."""
     spec = spec.strip()
-    if spec == "plain" or spec.startswith("plain:"):
-        kv = dict(p.split("=", 1) for p in spec[6:].split(",") if p)
-        opts = {"batch_size": int(kv.pop("B"))} if "B" in kv else {}
-        if kv:
-            raise SystemExit(f"unknown keys in {spec!r}: {sorted(kv)}")
-        return "plain (independent solves)" + (f", batch {opts['batch_size']}" if opts else ""), opts
-    if not spec.startswith("srs:"):
-        raise SystemExit(f"unknown method {spec!r}: plain[:B=..] or "
-                         "srs:S=..,K=..[,kmax=..][,start=chain|clean][,B=..]")
-    kv = dict(p.split("=", 1) for p in spec[4:].split(","))
-    opts = {"srs_steps": int(kv.pop("S")), "check_samples": int(kv.pop("K"))}
-    if "B" in kv:
-        opts["batch_size"] = int(kv.pop("B"))
-    if "kmax" in kv:
-        opts["check_max"] = int(kv.pop("kmax"))
-    if "start" in kv:
-        opts["srs_start"] = kv.pop("start")
-    if kv:
-        raise SystemExit(f"unknown keys in {spec!r}: {sorted(kv)}")
-    name = f"SRS S={opts['srs_steps']}, K={opts['check_samples']}"
-    if "check_max" in opts:
-        name += f"..{opts['check_max']} (adaptive)"
-    if opts.get("srs_start") == "clean":
-        name += ", clean start"
-    if "batch_size" in opts:
-        name += f", batch {opts['batch_size']}"
+    kind, _, rest = spec.partition(":")
+    if kind not in KINDS:
+        raise SystemExit(f"unknown method {spec!r}: one of {', '.join(KINDS)} with ':k=v,...'")
+    name, opts = KINDS[kind][0], dict(KINDS[kind][1])
+    for part in (p for p in rest.split(",") if p):
+        k, _, v = part.partition("=")
+        if k not in KEYS:
+            raise SystemExit(f"unknown key {k!r} in {spec!r}: {sorted(KEYS)}")
+        opts[KEYS[k][0]] = KEYS[k][1](v)
+    if kind == "srs" and not {"srs_steps", "check_samples"} <= set(opts):
+        raise SystemExit(f"{spec!r}: srs needs S and K")
+    if kind in ("proof", "seqproof") and "srs_steps" not in opts:
+        raise SystemExit(f"{spec!r}: {kind} needs S")
+    if rest:
+        name += " (" + rest + ")"
     return name, opts
 
 
-def train(dataset: str, sigma: float, epochs: int, cache):
+def _cold_key(opts: dict) -> tuple:
+    """The options of a method without its warm starts (to find the cold method it compares to)."""
+    warm = {"srs_steps", "srs_check", "srs_start", "check_samples", "check_max"}
+    return tuple(sorted((k, v) for k, v in opts.items() if k not in warm))
+
+
+def train(dataset: str, sigma: float, epochs: int, cache, model_options=None):
     from robustdeq.defenses.recipes import recipe
-    out_dir = None if cache is None else os.path.join(cache, f"{dataset}-sigma{sigma:g}")
+    tag = "" if not model_options else "-" + "-".join(f"{k}{v}" for k, v in sorted(model_options.items()))
+    out_dir = None if cache is None else os.path.join(cache, f"{dataset}-sigma{sigma:g}{tag}")
     objective = recipe("gaussian-noise", sigma=sigma, seed=0).objective
     if dataset == "digits":
         from robustdeq.cli import train_model
         model, _, (xt, yt) = train_model(
-            "mlp_deq", {"hidden": 64, "mean": 0.3, "std": 0.4}, {"epochs": epochs, "batch_size": 32, "lr": 3e-3},
-            objective=objective, seed=0, out_dir=out_dir)
-        return model, xt, yt, "mlp_deq (hidden 64)"
+            "mlp_deq", {"hidden": 64, "mean": 0.3, "std": 0.4, **(model_options or {})},
+            {"epochs": epochs, "batch_size": 32, "lr": 3e-3}, objective=objective, seed=0, out_dir=out_dir)
+        return model, xt, yt, "mlp_deq (hidden 64" + (f", {model_options}" if model_options else "") + ")"
     from robustdeq.config import TrainConfig
     from robustdeq.data import load_mnist5k
     from robustdeq.deq import zoo
@@ -109,17 +119,23 @@ def main(argv=None) -> int:
     ap.add_argument("--solver", default=None,
                     help='JSON SolverConfig fields replacing the trained model\'s for certification, e.g. '
                          '\'{"tol": 0, "max_iter": 30}\' (the paper\'s fixed-iteration from-scratch solves)')
+    ap.add_argument("--radii", default=",".join(f"{r:g}" for r in RADII),
+                    help="L2 radii of the table (decided per input by the sequential methods)")
+    ap.add_argument("--model-options", default=None,
+                    help='digits: JSON mlp_deq options, e.g. \'{"norm": "spectral", "scale": 0.9}\' (contractive)')
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from robustdeq.certify.smoothing import certify, summarize
 
     methods = [parse_method(m) for m in args.methods.split(";") if m.strip()]
+    radii = tuple(float(r) for r in args.radii.split(","))
+    model_options = json.loads(args.model_options) if args.model_options else None
     epochs = args.epochs or (12 if args.dataset == "digits" else 3)
     rows = []
     for sigma in (float(s) for s in args.sigmas.split(",")):
         t0 = time.perf_counter()
-        model, xt, yt, desc = train(args.dataset, sigma, epochs, args.cache)
+        model, xt, yt, desc = train(args.dataset, sigma, epochs, args.cache, model_options)
         model.eval()
         train_s = time.perf_counter() - t0
         if args.solver:
@@ -138,37 +154,51 @@ def main(argv=None) -> int:
             rot = c % len(methods)
             for name, opts in methods[rot:] + methods[:rot]:
                 rep = certify(model, xc, yc, **{"sigma": sigma, "n0": args.n0, "n": args.n, "alpha": 0.001,
-                                                "batch_size": args.batch, "radii": RADII, "seed": c, **opts})
+                                                "batch_size": args.batch, "radii": radii, "seed": c, **opts})
                 results[name] += rep.results
             print(f"  chunk {c + 1}: {min(start + args.chunk, x.shape[0])} images done", flush=True)
-        head = (["method", "s/image", "solver steps/sample", "cell rows/sample", "speed-up (time)",
-                 "speed-up (cell rows)"] + [f"cert@{r:g}" for r in RADII] + ["abstain", "checked/image"])
+        head = (["method", "s/image", "samples/image", "solver steps/sample", "cell rows/sample", "speed-up (time)",
+                 "speed-up (cell rows)"] + [f"cert@{r:g}" for r in radii]
+                + ["abstain", "checked/image", "proven warm", "lost vs cold"])
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         base_t = base_c = None
+        cold_key = {}
         for name, opts in methods:
-            sm = summarize(results[name], RADII)
+            if "srs_steps" not in opts:
+                cold_key.setdefault(_cold_key(opts), name)
+        for name, opts in methods:
+            sm = summarize(results[name], radii)
             tpi, ce = sm["time_per_image_s"], sm["cell_evals_per_noise_sample"]
             if base_t is None and "srs_steps" not in opts:   # the first plain method is the reference
                 base_t, base_c = tpi, ce
             acc = sm["certified_accuracy"]
-            srs = sm.get("srs")
-            cells = ([name, f"{tpi:.3f}", f"{sm['f_evals_per_noise_sample']:.2f}", f"{ce:.2f}",
-                      f"{base_t / tpi:.2f}x" if base_t else "", f"{base_c / ce:.2f}x" if base_c else ""]
-                     + [f"{100 * acc[f'{r:g}']:.1f}%" for r in RADII]
-                     + [f"{100 * sm['abstain_rate']:.1f}%", f"{srs['checked_per_input']:.0f}" if srs else ""])
+            srs, proof = sm.get("srs"), sm.get("proof")
+            ref = cold_key.get(_cold_key(opts)) if "srs_steps" in opts else None
+            lost = None
+            if ref is not None:
+                lost = sum(a.certified_at(r) and not b.certified_at(r)
+                           for a, b in zip(results[ref], results[name]) for r in radii)
+            cells = ([name, f"{tpi:.3f}", f"{sm['samples_per_image']:.0f}", f"{sm['f_evals_per_noise_sample']:.2f}",
+                      f"{ce:.2f}", f"{base_t / tpi:.2f}x" if base_t else "", f"{base_c / ce:.2f}x" if base_c else ""]
+                     + [f"{100 * acc[f'{r:g}']:.1f}%" for r in radii]
+                     + [f"{100 * sm['abstain_rate']:.1f}%", f"{srs['checked_per_input']:.0f}" if srs else "",
+                        f"{100 * proof['proven_warm_fraction']:.1f}% ({proof['unproven']} unproven)" if proof else "",
+                        "" if lost is None else str(lost)])
             print("| " + " | ".join(cells) + " |")
             row = {"dataset": args.dataset, "sigma": sigma, "method": name, "options": opts,
-                   "time_per_image_s": tpi, "f_evals_per_noise_sample": sm["f_evals_per_noise_sample"],
+                   "time_per_image_s": tpi, "samples_per_image": sm["samples_per_image"],
+                   "f_evals_per_noise_sample": sm["f_evals_per_noise_sample"],
                    "cell_evals_per_noise_sample": ce, "speedup_time": base_t / tpi if base_t else None,
                    "speedup_cell_evals": base_c / ce if base_c else None,
                    "certified_accuracy": acc, "abstain_rate": sm["abstain_rate"], "clean_accuracy": clean,
-                   "images": len(results[name])}
+                   "images": len(results[name]), "proof": proof, "lost_vs_cold": lost, "cold_reference": ref}
             if srs:
                 unc = srs["certified_accuracy_uncorrected"]
                 row.update({"uncorrected": unc, "disagreement_rate": srs["disagreement_rate"],
                             "gained_rate": srs["gained_rate"], "checked_per_input": srs["checked_per_input"]})
-                print("| " + " | ".join([f"  ({name} uncorrected, not valid)", "", "", "", "", ""]
-                                        + [f"{100 * unc[f'{r:g}']:.1f}%" for r in RADII] + ["", ""]) + " |")
+                print("| " + " | ".join([f"  ({name} uncorrected, not valid)", "", "", "", "", "", ""]
+                                        + [f"{100 * unc.get(f'{r:g}', 0.0):.1f}%" for r in radii]
+                                        + ["", "", "", ""]) + " |")
             rows.append(row)
         print("checked samples, SRS = c_hat but from scratch != c_hat / SRS != c_hat but from scratch = c_hat: "
               + "; ".join(f"{r['method']}: {100 * r['disagreement_rate']:.2f}% / {100 * r['gained_rate']:.2f}%"

@@ -300,7 +300,8 @@ def _smoothed_grad(model, x, c, sigma, m, gen):
 
 
 @pytest.mark.parametrize("srs", [{}, {"srs_steps": 1, "check_samples": 100, "check_max": 1000},
-                                 {"srs_steps": 2, "check_samples": 200, "srs_start": "clean"}])
+                                 {"srs_steps": 2, "check_samples": 200, "srs_start": "clean"},
+                                 {"mode": "radius"}, {"mode": "sequential", "radii": (0.05, 0.2, 0.5)}])
 def test_no_certified_prediction_flips_at_099_of_its_radius(srs):
     # SRS certifies the same smoothed classifier g of the base model: the same oracle applies
     model = _tiny(norm="none", scale=1.0, init_gain=1.5, seed=11)

@@ -240,7 +240,9 @@ def _task_certify(rank, out):
 
 SMOOTHING_OPTIONS = {"plain": {"sigma": 0.25, "n0": 20, "n": 100, "batch_size": 50, "seed": 5},
                      "srs": {"sigma": 0.25, "n0": 20, "n": 100, "batch_size": 25, "seed": 5, "srs_steps": 2,
-                             "check_samples": 30}}
+                             "check_samples": 30},
+                     "sequential": {"sigma": 0.25, "n0": 20, "n": 400, "batch_size": 50, "seed": 5,
+                                    "mode": "sequential", "radii": (0.1, 0.3)}}
 
 
 def _task_smoothing(rank, out):
@@ -566,8 +568,8 @@ def test_two_rank_smoothing_equals_one_process_input_for_input(tmp_path):
             assert [e["index"] for e in r["reports"][k]["results"]] == list(range(10))
             assert _smoothing_scrub(r["reports"][k]) == _smoothing_scrub(ref), k
         assert torch.equal(r["predict"], ref_pred)
-    # each input certified once, by one rank (2 reports: plain and SRS)
-    assert sorted(r0["calls"] + r1["calls"]) == sorted(list(range(10)) * 2)
+    # each input certified once, by one rank (one report per option set)
+    assert sorted(r0["calls"] + r1["calls"]) == sorted(list(range(10)) * len(SMOOTHING_OPTIONS))
     # rank 0 alone wrote the certificate files
     assert (tmp_path / "smooth0" / "certificate.json").is_file()
     assert (tmp_path / "smooth0" / "certified_accuracy.png").is_file()

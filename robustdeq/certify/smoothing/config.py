@@ -13,6 +13,9 @@ SCHEMA = "robustdeq.certify.smoothing/1"
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 PLOT_FILE = "certified_accuracy.png"
 SRS_STARTS = ("chain", "clean")
+MODES = ("fixed", "sequential", "radius")
+SRS_CHECKS = ("sample", "proof", "auto")
+
 
 @dataclass(frozen=True)
 class SmoothingConfig:
@@ -35,8 +38,25 @@ class SmoothingConfig:
             [check_samples, check_max] from the warm-started count alone (``check_count``).
         check_slack: the radius (in units of sigma) that the adaptive check count is sized to lose
             at most when the check finds no disagreement (``check_max > 0`` only).
+        srs_check: how warm-started predictions are made to count (SRS only): ``"sample"`` (the
+            check-based correction: ``check_samples`` random positions re-solved from scratch and
+            a hypergeometric bound), ``"proof"`` (a per-sample proof from the cell's contraction
+            certificate that the warm-started solve has the exact equilibrium's class, a re-solve
+            from scratch where it fails; needs a certified contractive cell and an affine
+            read-out), or ``"auto"`` (``"proof"`` where the model admits it, else ``"sample"``).
         clip: smooth ``f(clip(x + e, 0, 1))`` instead of ``f(x + e)``.
-        radii: L2 radii at which the report gives certified accuracy.
+        radii: L2 radii at which the report gives certified accuracy; in ``mode="sequential"``
+            the radii decided per input.
+        mode: ``"fixed"`` (Cohen et al.'s CERTIFY with ``n`` estimation samples),
+            ``"sequential"`` (decide "certified at r" for every r in ``radii`` with an
+            anytime-valid confidence sequence, stopping when all are decided or ``n`` samples,
+            the budget, are spent) or ``"radius"`` (the largest certified radius, stopping when
+            it cannot grow by more than ``tolerance`` within the budget ``n``).
+        first_batch: sequential modes: the first estimation batch; later batches double up to
+            ``batch_size``.
+        futility_alpha: sequential modes: the level of the upper confidence sequence that stops
+            a radius as "not certified" early (an error there only loses a certificate).
+        tolerance: radius mode: the L2 radius growth below which sampling stops.
         seed: base seed of the noise (per image: derived from seed and the image index).
     """
 
@@ -51,15 +71,20 @@ class SmoothingConfig:
     srs_start: str = "chain"
     check_max: int = 0
     check_slack: float = 0.1
+    srs_check: str = "sample"
     clip: bool = False
     radii: Tuple[float, ...] = DEFAULT_RADII
     seed: int = 0
+    mode: str = "fixed"
+    first_batch: int = 100
+    futility_alpha: float = 0.01
+    tolerance: float = 0.05
 
     def __post_init__(self):
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ConfigError(f"SmoothingConfig.sigma must be a finite number > 0, got {self.sigma!r}")
         for name, low in (("n0", 1), ("n", 1), ("batch_size", 1), ("srs_steps", 0), ("seed", 0),
-                          ("check_samples", 0), ("check_max", 0)):
+                          ("check_samples", 0), ("check_max", 0), ("first_batch", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ConfigError(f"SmoothingConfig.{name} must be an int >= {low}, got {v!r}")
@@ -68,7 +93,19 @@ class SmoothingConfig:
         if not 0 < self.check_alpha_fraction < 1:
             raise ConfigError("SmoothingConfig.check_alpha_fraction must be in (0, 1), got "
                               f"{self.check_alpha_fraction!r}")
-        if self.srs_steps > 0 and not 1 <= self.check_samples <= self.n:
+        for name, choices in (("mode", MODES), ("srs_check", SRS_CHECKS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"SmoothingConfig.{name} must be one of {', '.join(choices)}, got "
+                                  f"{getattr(self, name)!r}")
+        if not 0 < self.futility_alpha < 1:
+            raise ConfigError(f"SmoothingConfig.futility_alpha must be in (0, 1), got {self.futility_alpha!r}")
+        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
+            raise ConfigError(f"SmoothingConfig.tolerance must be a finite number > 0, got {self.tolerance!r}")
+        if self.mode != "fixed" and self.srs_steps > 0 and self.srs_check == "sample":
+            raise ConfigError(f"SmoothingConfig: mode={self.mode!r} with warm starts (srs_steps > 0) needs "
+                              "srs_check='proof' (or 'auto'): the check-based correction bounds a fixed "
+                              "number n of samples, not a sequence")
+        if self.srs_steps > 0 and self.srs_check != "proof" and not 1 <= self.check_samples <= self.n:
             raise ConfigError(f"SmoothingConfig.check_samples must be in [1, n={self.n}] with SRS "
                               f"(srs_steps > 0): without checked samples the warm-started counts carry "
                               f"no evidence about the base classifier; got {self.check_samples}")

@@ -17,10 +17,14 @@ from torch import Tensor, nn
 from ...config import SolverConfig, to_dict
 from ...errors import ConfigError, InputError, NonConvergenceWarning
 from .config import ABSTAIN, SmoothingConfig, make_config
+from .proof import make_proof
+from .sequential import SequentialDecision
 from .report import SmoothingReport, SmoothingResult, summarize
 from .statistics import check_count, clopper_pearson_lower, radius_from, srs_lower_bound
 
 logger = logging.getLogger(__name__)
+
+PROOF_COUNTS = ("proven_warm", "proven_cold", "resolved", "unproven")
 
 
 def _is_deq(model: nn.Module) -> bool:
@@ -86,6 +90,8 @@ class _Base:
         self.z: Optional[Tensor] = None       # the chain: previous batch's fixed points
         self.ok: Optional[Tensor] = None
         self.anchor: Optional[Tuple[Tensor, Tensor]] = None   # clean start: (z*(x), ok)
+        self.proof = make_proof(model, cfg.srs_check, cfg.clip) if cfg.srs and self.deq else None
+        self.proof_counts = dict.fromkeys(PROOF_COUNTS, 0)
         if self.deq:
             self.est = model.estimator
             self.rec = sorted(set(self.est.required_record()))
@@ -98,6 +104,7 @@ class _Base:
         self.z = self.ok = self.anchor = None
         self.f_evals = 0
         self.cell_evals = 0
+        self.proof_counts = dict.fromkeys(PROOF_COUNTS, 0)
 
     @contextlib.contextmanager
     def counting(self):
@@ -153,6 +160,38 @@ class _Base:
 
     def chain(self, xn: Tensor) -> Tuple[Tensor, Tensor]:
         """SRS predictions of one noise batch ``(pred, warm)``; ``warm``: rows warm-started."""
+        pred, warm, _ = self._chain(xn)
+        return pred, warm
+
+    def _prove(self, xn: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
+        """The proof's ``(class, proven)`` of states ``z``; its residual evaluation of the cell is
+        counted (one evaluation per row)."""
+        self.f_evals += int(xn.shape[0])
+        self.cell_evals += int(xn.shape[0])
+        return self.proof.classes(self._noisy(xn), z)
+
+    def proven(self, xn: Tensor) -> Tuple[Tensor, Tensor]:
+        """Proven warm starts on one noise batch: ``(pred, warm)`` where ``pred`` is the exact
+        equilibrium's class of every row (:mod:`.proof`), or -1 where no proof was found even after
+        a re-solve from scratch; ``warm``: rows whose warm-started solve was proven."""
+        pred, warm, z = self._chain(xn)
+        cls, ok = self._prove(xn, z)
+        pc = self.proof_counts
+        pc["proven_warm"] += int((ok & warm).sum())
+        pc["proven_cold"] += int((ok & ~warm).sum())
+        redo = (~ok & warm).nonzero().flatten()
+        out = torch.where(ok, cls, torch.full_like(cls, ABSTAIN))
+        if redo.numel():
+            _, zc, _ = self.full(xn[redo])
+            c2, ok2 = self._prove(xn[redo], zc)
+            out[redo] = torch.where(ok2, c2, torch.full_like(c2, ABSTAIN))
+            pc["resolved"] += int(redo.numel())
+            pc["proven_cold"] += int(ok2.sum())
+        pc["unproven"] += int((out == ABSTAIN).sum())
+        return out, ok & warm
+
+    def _chain(self, xn: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`chain` with the states ``z`` of the rows."""
         from ...deq.warm import initial_state_fn, warm_start_rows
         b = xn.shape[0]
         start = None
@@ -184,7 +223,7 @@ class _Base:
         if self.anchor is None:
             finite = torch.isfinite(z.reshape(b, -1)).all(dim=1)
             self.z, self.ok = z.detach(), (ok & finite)
-        return pred, warm
+        return pred, warm, z
 
 
 def _derive_seed(seed: int, tag: str, index: int) -> int:
@@ -222,7 +261,8 @@ def _batches(total: int, size: int):
 
 
 def _count(pred: Tensor, counts: Optional[Tensor]) -> Tensor:
-    c = torch.bincount(pred.cpu(), minlength=1)
+    pred = pred.cpu()
+    c = torch.bincount(pred[pred >= 0], minlength=1)   # -1: no proven class
     if counts is None:
         return c
     m = max(c.numel(), counts.numel())
@@ -265,19 +305,25 @@ def _certify_one(base: _Base, x1: Tensor, index: int, cfg: SmoothingConfig) -> T
     """CERTIFY (and SRS) for one input ``x1`` (1, ...)."""
     base.reset()
     gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, "noise", index))
-    sample = base.chain if cfg.srs else (lambda xn: (base.full(xn)[0], None))
+    if base.proof is not None:
+        sample = base.proven
+    else:
+        sample = base.chain if cfg.srs else (lambda xn: (base.full(xn)[0], None))
     if cfg.srs and cfg.srs_start == "clean":
         base.set_anchor(x1)
     counts0 = None
     for _, b in _batches(cfg.n0, cfg.batch_size):
         counts0 = _count(sample(_noise(gen, b, x1, cfg.sigma))[0], counts0)
     c_hat = int(counts0.argmax())
-    if not cfg.srs:
+    if cfg.mode != "fixed":
+        return _certify_sequential(base, sample, gen, x1, c_hat, cfg)
+    if not cfg.srs or base.proof is not None:
         n_a = 0
         for _, b in _batches(cfg.n, cfg.batch_size):
             n_a += int((sample(_noise(gen, b, x1, cfg.sigma))[0] == c_hat).sum())
         p_lower = clopper_pearson_lower(n_a, cfg.n, cfg.alpha)
-        return (c_hat if p_lower > 0.5 else ABSTAIN), radius_from(p_lower, cfg.sigma), p_lower, n_a, c_hat, {}
+        extra = {"proof": dict(base.proof_counts)} if base.proof is not None else {}
+        return (c_hat if p_lower > 0.5 else ABSTAIN), radius_from(p_lower, cfg.sigma), p_lower, n_a, c_hat, extra
     # SRS. The checked positions are the first K of a random permutation drawn independently of
     # the noise; K is cfg.check_samples, or (check_max) a function of the warm-started count only.
     # After the warm pass the noise of the checked positions is drawn again (from the generator
@@ -318,6 +364,28 @@ def _certify_one(base: _Base, x1: Tensor, index: int, cfg: SmoothingConfig) -> T
              "warm_fraction": int(warms.sum()) / cfg.n}
     radius = radius_from(p_lower, cfg.sigma)
     return (c_hat if p_lower > 0.5 else ABSTAIN), radius, p_lower, n_a, c_hat, extra
+
+
+def _certify_sequential(base: _Base, sample, gen: torch.Generator, x1: Tensor, c_hat: int,
+                        cfg: SmoothingConfig) -> Tuple[int, float, float, int, int, dict]:
+    """The sequential modes for one input after the selection (:mod:`.sequential`): estimation
+    batches of ``first_batch`` doubling up to ``batch_size``, until the decisions are made or the
+    budget ``n`` is spent."""
+    test = SequentialDecision(cfg.sigma, cfg.radii, cfg.alpha, cfg.futility_alpha, cfg.n, cfg.mode,
+                              cfg.tolerance)
+    size = min(cfg.first_batch, cfg.batch_size)
+    while not test.stopped:
+        b = min(size, cfg.n - test.samples)
+        hits = int((sample(_noise(gen, b, x1, cfg.sigma))[0] == c_hat).sum())
+        test.update(hits, b - hits)
+        size = min(2 * size, cfg.batch_size)
+    test.finish()
+    extra = {"samples": test.samples, "decisions": test.decision_dict() if cfg.mode == "sequential" else None}
+    if base.proof is not None:
+        extra["proof"] = dict(base.proof_counts)
+    radius = test.radius
+    certified = radius > 0 or any(d == "certified" for d in test.decisions.values())
+    return (c_hat if certified else ABSTAIN), radius, test.p_lower, test.successes, c_hat, extra
 
 
 def _model_info(model: nn.Module) -> dict:
@@ -364,14 +432,18 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
             pred, radius, p_lower, n_a, c_hat, extra = _certify_one(base, x[i:i + 1], i, cfg)
             seconds = time.perf_counter() - t0
             label = int(y[i]) if y is not None else None
-            f_evals = base.f_evals / (cfg.n0 + cfg.n) if base.deq else None
-            cell_evals = base.cell_evals / (cfg.n0 + cfg.n) if base.deq else None
+            n = int(extra.pop("samples", cfg.n))
+            decisions = extra.pop("decisions", None)
+            proof = extra.pop("proof", None)
+            f_evals = base.f_evals / (cfg.n0 + n) if base.deq else None
+            cell_evals = base.cell_evals / (cfg.n0 + n) if base.deq else None
             logger.debug("input %d: prediction %s radius %.4f (p_lower %.4f, %d/%d) in %.3f s", i,
-                         "abstain" if pred == ABSTAIN else pred, radius, p_lower, n_a, cfg.n, seconds)
+                         "abstain" if pred == ABSTAIN else pred, radius, p_lower, n_a, n, seconds)
             return SmoothingResult(
-                index=i, label=label, prediction=pred, radius=radius, p_lower=p_lower, count=n_a, n=cfg.n,
+                index=i, label=label, prediction=pred, radius=radius, p_lower=p_lower, count=n_a, n=n,
                 selected=c_hat, correct=(pred == label) if label is not None else None, seconds=seconds,
-                f_evals=f_evals, srs=extra or None, cell_evals=cell_evals)
+                f_evals=f_evals, srs=extra or None, cell_evals=cell_evals, decisions=decisions, proof=proof,
+                samples=cfg.n0 + n)
         results = _per_input(x.shape[0], one, ctx, "certify (smoothing)" if progress else None)
     from ... import __version__
     prov = {"robustdeq": __version__, "torch": torch.__version__, "total_s": time.perf_counter() - t_all,

@@ -29,7 +29,11 @@ class SmoothingResult:
     ingredients (checked, disagree, agree, gained, d_upper, p_lower_uncorrected,
     radius_uncorrected, warm_fraction); cell_evals: rows passed through the cell per noise sample
     (DEQs: what was computed -- a batched solve evaluates every row of the batch until its last
-    row stops, and the read-out may evaluate the cell once more).
+    row stops, and the read-out may evaluate the cell once more); decisions: sequential mode, per
+    requested radius "certified", "not certified" or "undecided" (budget spent); proof: proven warm
+    starts, the rows whose warm-started solve was proven (proven_warm), solved from scratch and
+    proven (proven_cold), re-solved from scratch after a failed proof (resolved), and without a
+    proven class (unproven); samples: noise samples drawn (selection and estimation).
     """
 
     index: int
@@ -45,15 +49,24 @@ class SmoothingResult:
     f_evals: Optional[float] = None
     srs: Optional[Dict[str, Any]] = None
     cell_evals: Optional[float] = None
+    decisions: Optional[Dict[str, str]] = None
+    proof: Optional[Dict[str, int]] = None
+    samples: Optional[int] = None
 
     @property
     def abstained(self) -> bool:
         return self.prediction == ABSTAIN
 
     def certified_at(self, r: float) -> bool:
-        """Certified (and correct when labelled) on the open L2 ball of radius ``r``."""
+        """Certified (and correct when labelled) on the open L2 ball of radius ``r``; at a radius
+        decided by the sequential test, its decision."""
         ok = self.correct if self.correct is not None else True
-        return bool(ok) and not self.abstained and self.radius > r
+        if not ok or self.abstained:
+            return False
+        decided = (self.decisions or {}).get(f"{float(r):g}")
+        if decided is not None:
+            return decided == "certified"
+        return self.radius > r
 
 
 def _frac(vals) -> Optional[float]:
@@ -80,6 +93,13 @@ def summarize(results: Sequence[SmoothingResult], radii: Sequence[float]) -> Dic
     out["f_evals_per_noise_sample"] = sum(fe) / len(fe) if fe else None
     ce = [s.cell_evals for s in results if s.cell_evals is not None]
     out["cell_evals_per_noise_sample"] = sum(ce) / len(ce) if ce else None
+    sp = [s.samples for s in results if s.samples is not None]
+    out["samples_per_image"] = sum(sp) / len(sp) if sp else None
+    pr = [s.proof for s in results if s.proof]
+    if pr:
+        tot = {k: sum(p.get(k, 0) for p in pr) for k in pr[0]}
+        rows = sum(tot.get(k, 0) for k in ("proven_warm", "proven_cold", "unproven"))   # every row once
+        out["proof"] = {**tot, "proven_warm_fraction": tot.get("proven_warm", 0) / max(rows, 1)}
     srs = [s.srs for s in results if s.srs]
     if srs:
         chk = sum(s["checked"] for s in srs)
@@ -181,11 +201,14 @@ class SmoothingReport:
     def brief(self) -> str:
         s, c = self.summary, self.config
         mode = f"SRS, {c['srs_steps']} solver steps per warm batch" if c.get("srs_steps") else "independent solves"
+        if c.get("mode", "fixed") != "fixed":
+            mode += f"; {c['mode']} mode, budget n"
         acc = s.get(self._acc_key(), {})
         lines = [f"randomized smoothing (sigma {c['sigma']:g}, n0 {c['n0']}, n {c['n']}, alpha {c['alpha']:g}; "
                  f"{mode}) on {s.get('n')} inputs:",
                  "  " + ", ".join(f"{self._acc_key().replace('_', ' ')}@{r} {_pct(v)}" for r, v in acc.items()),
-                 f"  abstain rate {_pct(s.get('abstain_rate'))}; {s.get('time_per_image_s', 0.0):.3f} s per image"]
+                 f"  abstain rate {_pct(s.get('abstain_rate'))}; {s.get('time_per_image_s', 0.0):.3f} s per image"
+                 + (f", {s['samples_per_image']:.0f} noise samples per image" if s.get("samples_per_image") else "")]
         if s.get("srs"):
             lines.append(f"  SRS check: {s['srs']['checked']} samples re-solved, disagreement rate "
                          f"{s['srs']['disagreement_rate']:.4f}")
@@ -199,7 +222,19 @@ class SmoothingReport:
         L.append(f"Gaussian smoothing (Cohen, Rosenfeld, Kolter 2019), sigma = {c['sigma']:g}, "
                  f"n0 = {c['n0']}, n = {c['n']}, alpha = {c['alpha']:g}, batch {c['batch_size']}"
                  + (", inputs clipped to [0, 1]" if c.get("clip") else "") + ".")
-        if c.get("srs_steps"):
+        mode = c.get("mode", "fixed")
+        if mode != "fixed":
+            L.append(("Anytime-valid sequential decisions at the radii" if mode == "sequential" else
+                      f"Anytime-valid largest radius (tolerance {c.get('tolerance', 0):g})")
+                     + f" from a confidence sequence (beta-binomial mixture, Robbins 1970), n = {c['n']} "
+                     f"the sample budget per input, futility level {c.get('futility_alpha', 0):g}; alpha "
+                     "holds for the whole sequential procedure.")
+        if c.get("srs_steps") and c.get("srs_check") in ("proof", "auto") and s.get("proof"):
+            L.append(f"Warm-started solves ({c['srs_steps']} solver steps) proven per sample to have the exact "
+                     "equilibrium's class (contraction certificate); unproven ones re-solved from scratch: "
+                     f"{s['proof']['proven_warm']} proven warm, {s['proof']['resolved']} re-solved, "
+                     f"{s['proof']['unproven']} without a proven class.")
+        elif c.get("srs_steps"):
             start = ("every noise sample from the clean input's fixed point" if c.get("srs_start") == "clean"
                      else "each batch from the previous batch's fixed points")
             checks = (f"{c['check_samples']} to {c['check_max']} random estimation samples (per input, from the "
@@ -212,10 +247,12 @@ class SmoothingReport:
         L += ["", "The radii certify the smoothed classifier g(x) = argmax_c P(f(x + e) = c), not the base model; "
               f"each holds with probability >= {1 - c['alpha']:g} over the noise.", "",
               "| inputs | " + " | ".join(f"{'cert acc' if 'accuracy' in self._acc_key() else 'cert frac'} L2@{r}"
-                                         for r in acc) + " | abstain | time / image (s) | f evals / noise sample |",
-              "|" + "---|" * (len(acc) + 4),
+                                         for r in acc) + " | abstain | time / image (s) | samples / image"
+              " | f evals / noise sample |",
+              "|" + "---|" * (len(acc) + 5),
               f"| {s.get('n')} | " + " | ".join(_pct(v) for v in acc.values())
               + f" | {_pct(s.get('abstain_rate'))} | {s.get('time_per_image_s', 0.0):.4f} | "
+              + (f"{s['samples_per_image']:.0f}" if s.get("samples_per_image") is not None else "n/a") + " | "
               + (f"{s['f_evals_per_noise_sample']:.2f}" if s.get("f_evals_per_noise_sample") is not None else "n/a")
               + " |", ""]
         srs = s.get("srs")
@@ -226,14 +263,15 @@ class SmoothingReport:
                   + f"; disagreement rate on the checked samples {srs['disagreement_rate']:.4f}; "
                   f"warm-started share {srs['warm_fraction']:.3f}.", ""]
         if self.results:
-            L += ["## Inputs", "", "| # | label | prediction | radius | p_lower | count / n | seconds |",
-                  "|---|---|---|---|---|---|---|"]
+            L += ["## Inputs", "", "| # | label | prediction | radius | p_lower | count / n | seconds | decisions |",
+                  "|---|---|---|---|---|---|---|---|"]
             for r in self.results[:max_rows]:
                 pred = "abstain" if r.abstained else str(r.prediction)
+                dec = ", ".join(f"{k}: {v}" for k, v in (r.decisions or {}).items())
                 L.append(f"| {r.index} | {r.label} | {pred} | {r.radius:.4f} | {r.p_lower:.4f} | "
-                         f"{r.count} / {r.n} | {r.seconds:.3f} |")
+                         f"{r.count} / {r.n} | {r.seconds:.3f} | {dec} |")
             if len(self.results) > max_rows:
-                L.append(f"| ... | {len(self.results) - max_rows} more in certificate.json | | | | | |")
+                L.append(f"| ... | {len(self.results) - max_rows} more in certificate.json | | | | | | |")
             L.append("")
         return "\n".join(L)
 

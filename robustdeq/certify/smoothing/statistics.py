@@ -138,3 +138,70 @@ def check_count(n_a: int, n: int, alpha: float, k_min: int, k_max: int,
         else:
             lo = mid
     return int(hi)
+
+
+# ----------------------------------------------------------------------------- confidence sequence
+def cs_log_evidence(successes, failures, p0):
+    """``log M_t(p0)``, the evidence against ``H0: p <= p0`` after ``successes`` and ``failures``
+    Bernoulli(p) observations (numpy-vectorised over all three arguments; counts may be real).
+
+    ``M_t(p0) = E_{q ~ U[p0, 1]} prod_i (q / p0)^{X_i} ((1 - q) / (1 - p0))^{1 - X_i}``, the
+    likelihood ratio of Bernoulli(q) to Bernoulli(p0) mixed over a uniform prior on the
+    alternatives ``q in [p0, 1]`` (Robbins 1970's method of mixtures; the one-sided beta-binomial
+    mixture of Howard, Ramdas, McAuliffe, Sekhon 2021, "Time-uniform, nonparametric, nonasymptotic
+    confidence sequences"). In closed form, with ``S`` successes and ``F`` failures,
+
+        M_t(p0) = B(S + 1, F + 1) * I^c_{p0}(S + 1, F + 1) / (p0^S (1 - p0)^(F + 1)),
+
+    ``I^c`` the upper regularized incomplete beta function. Under ``p = p0`` every mixed ratio is a
+    martingale of mean 1, so ``M_t(p0)`` is a nonnegative martingale with ``M_0 = 1`` and Ville's
+    inequality gives ``P(exists t: M_t(p0) >= 1 / alpha) <= alpha`` -- at every time at once, so
+    under any data-dependent stopping rule. ``M_t(p0)`` is nonincreasing in ``p0`` (write
+    ``q = p0 + (1 - p0) u``, ``u ~ U[0, 1]``: the integrand ``(1 + (1 - p0) u / p0)^S (1 - u)^F``
+    decreases in ``p0`` for every ``u``), so for any true ``p <= p0`` evidence at ``p0`` is at
+    most the evidence at ``p``: one test bounds every threshold at or above the true ``p``.
+    Underflow of ``I^c`` (far beyond any rejection) gives ``-inf``: never a false rejection.
+    """
+    import numpy as np
+    from scipy.special import betaincc, betaln
+    s = np.asarray(successes, dtype=np.float64)
+    f = np.asarray(failures, dtype=np.float64)
+    p0 = np.asarray(p0, dtype=np.float64)
+    if np.any(s < 0) or np.any(f < 0):
+        raise InputError("cs_log_evidence needs successes >= 0 and failures >= 0")
+    if np.any(~((p0 > 0) & (p0 < 1))):
+        raise InputError("cs_log_evidence needs thresholds p0 in (0, 1)")
+    with np.errstate(divide="ignore"):
+        tail = np.log(betaincc(s + 1.0, f + 1.0, p0))
+    return betaln(s + 1.0, f + 1.0) + tail - s * np.log(p0) - (f + 1.0) * np.log1p(-p0)
+
+
+def cs_lower(successes, failures, alpha: float, iters: int = 64):
+    """Anytime-valid (1 - alpha) lower confidence sequence for a Bernoulli mean:
+    ``sup {p0 : M_t(p0) >= 1 / alpha}`` (see :func:`cs_log_evidence`; 0 when no threshold is
+    rejected). With probability at least ``1 - alpha`` the true mean is at least this bound at
+    every time simultaneously (the bound at time t exceeds p only if ``M_t(p) >= 1 / alpha``).
+    Bisection on the monotone evidence; the returned value is a rejected threshold (or 0), so it
+    never exceeds the exact supremum. Numpy-vectorised over the counts."""
+    import numpy as np
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
+    s = np.asarray(successes, dtype=np.float64)
+    f = np.asarray(failures, dtype=np.float64)
+    s, f = np.broadcast_arrays(s, f)
+    lo = np.zeros(s.shape)
+    hi = np.ones(s.shape)
+    c = math.log(1.0 / alpha)
+    for _ in range(int(iters)):
+        mid = 0.5 * (lo + hi)
+        ok = cs_log_evidence(s, f, mid) >= c
+        lo = np.where(ok, mid, lo)
+        hi = np.where(ok, hi, mid)
+    return float(lo) if lo.ndim == 0 else lo
+
+
+def cs_upper(successes, failures, alpha: float, iters: int = 64):
+    """The mirror image of :func:`cs_lower`: an anytime-valid (1 - alpha) upper confidence
+    sequence, ``1 - cs_lower(failures, successes, alpha)``."""
+    lo = cs_lower(failures, successes, alpha, iters)
+    return 1.0 - lo

@@ -1,0 +1,224 @@
+"""Anytime-valid sequential smoothing, radius mode and proven warm starts against closed forms,
+simulated Bernoulli streams and from-scratch solves."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import quad
+from scipy.special import betaincinv
+from scipy.stats import norm
+
+from robustdeq.certify import smoothing as S
+from robustdeq.certify.oracles import linear_deq
+from robustdeq.certify.smoothing.proof import EquilibriumClassProof
+from robustdeq.certify.smoothing.sequential import SequentialDecision
+from robustdeq.certify.smoothing.statistics import cs_log_evidence, cs_lower, cs_upper
+from robustdeq.deq import zoo
+from robustdeq.errors import ConfigError
+
+
+# ------------------------------------------------------------------------------- the sequence
+@pytest.mark.parametrize("s,f,p0", [(10, 2, 0.6), (300, 0, 0.977), (950, 50, 0.9), (0, 5, 0.3), (40, 60, 0.5)])
+def test_evidence_is_the_uniform_mixture_of_likelihood_ratios(s, f, p0):
+    mixture = quad(lambda q: (q / p0) ** s * ((1 - q) / (1 - p0)) ** f, p0, 1, epsabs=0, limit=200)[0] / (1 - p0)
+    assert math.exp(cs_log_evidence(s, f, p0)) == pytest.approx(mixture, rel=1e-8)
+
+
+def test_evidence_decreases_in_the_threshold_and_bounds_bracket_the_frequency():
+    grid = np.linspace(0.01, 0.99, 99)
+    for s, f in [(5, 5), (90, 10), (1000, 3), (0, 20)]:
+        ev = cs_log_evidence(s, f, grid)
+        assert np.all(np.diff(ev) <= 1e-12)
+        lo, up = cs_lower(s, f, 0.01), cs_upper(s, f, 0.01)
+        assert lo <= s / (s + f) <= up
+        if lo > 0:   # the bound is a rejected threshold, and just above it nothing is rejected
+            assert cs_log_evidence(s, f, lo) >= math.log(100) > cs_log_evidence(s, f, min(lo + 1e-6, 0.999999))
+    # all successes: closed form (1 - p^(t+1)) / ((t + 1)(1 - p) p^t)
+    t, p = 400, 0.97
+    assert math.exp(cs_log_evidence(t, 0, p)) == pytest.approx((1 - p ** (t + 1)) / ((t + 1) * (1 - p) * p ** t),
+                                                                rel=1e-9)
+
+
+def _streams(p, n_streams, looks, seed):
+    """Successes at each look of ``n_streams`` i.i.d. Bernoulli(p) streams (exactly: binomial
+    increments between the looks)."""
+    rng = np.random.default_rng(seed)
+    steps = np.diff(np.concatenate([[0], looks]))
+    return np.cumsum(rng.binomial(steps[None, :], p, size=(n_streams, len(looks))), axis=1)
+
+
+def test_lower_sequence_covers_under_optional_stopping_at_most_alpha():
+    """10,000 Bernoulli streams, 12 looks each: a failure is a look at which the test rejects the
+    true mean (the worst stopping rule stops right there). Rate <= alpha; repeated Clopper-Pearson
+    at the same looks, invalid under optional stopping, fails far more often."""
+    alpha, p, n_streams = 0.05, 0.9, 10000
+    looks = np.unique(np.geomspace(10, 3000, 12).astype(int))
+    succ = _streams(p, n_streams, looks, seed=0)
+    fail = looks[None, :] - succ
+    rejected = cs_log_evidence(succ, fail, p) >= math.log(1 / alpha)
+    rate = rejected.any(axis=1).mean()
+    assert rate <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n_streams)
+    # the oracle can fail: per-look Clopper-Pearson lower bounds exceed p much more often than alpha
+    few = slice(0, 2000)
+    cp = np.where(succ[few] > 0, betaincinv(np.maximum(succ[few], 1), fail[few] + 1, alpha), 0.0)
+    assert (cp > p).any(axis=1).mean() > 2 * alpha
+    # and the sequence is not vacuous: at a higher true mean it rejects the lower threshold
+    hi = _streams(0.97, 200, np.array([3000]), 1)[:, -1]
+    assert (cs_log_evidence(hi, 3000 - hi, p) >= math.log(1 / alpha)).mean() > 0.9
+
+
+def test_sequential_decision_stops_when_every_radius_is_decided():
+    sigma, alpha = 0.25, 0.001
+    d = SequentialDecision(sigma, (0.25, 0.5, 1.0), alpha, 0.01, budget=100000)
+    while not d.stopped:
+        d.update(100, 0)
+    d.finish()
+    # 1.0 is out of reach of 100,000 samples at sigma 0.25 (all successes): decided at once
+    assert d.looks[1.0] == 100 and d.decisions[1.0] == "not certified"
+    assert d.decisions[0.25] == d.decisions[0.5] == "certified"
+    # the first look where the all-success evidence at Phi(0.5 / sigma) reaches 1 / alpha
+    p0 = norm.cdf(0.5 / sigma)
+    first = next(t for t in range(100, 100000, 100) if cs_log_evidence(t, 0, p0) >= math.log(1 / alpha))
+    assert d.looks[0.5] == first and d.samples == first
+    assert d.radius >= 0.5
+    # a coin at 0.6: nothing above 0 certifiable, futility stops long before the budget
+    rng = np.random.default_rng(3)
+    d = SequentialDecision(sigma, (0.25, 0.5), alpha, 0.01, budget=100000)
+    while not d.stopped:
+        k = int((rng.random(100) < 0.6).sum())
+        d.update(k, 100 - k)
+    d.finish()
+    assert set(d.decisions.values()) == {"not certified"} and d.samples < 2000
+
+
+# ------------------------------------------------------------------------------- linear oracle
+def _linear_at(radius_over_sigma, sigma, d=6, seed=3):
+    """A two-class linear DEQ and an input whose smoothed class-1 probability is
+    Phi(radius_over_sigma): the exact certified radius is radius_over_sigma * sigma."""
+    torch.manual_seed(seed)
+    A = 0.3 * torch.randn(5, 5, dtype=torch.float64) / math.sqrt(5)
+    model = linear_deq(A, in_shape=(1, 1, d), num_classes=2, seed=4).double()
+    with torch.no_grad():
+        eye = torch.eye(d, dtype=torch.float64).reshape(d, 1, 1, d)
+        zero = torch.zeros(1, 1, 1, d, dtype=torch.float64)
+        c = S.base_logits(model, zero)[0]
+        M = (S.base_logits(model, eye) - c).T
+    w, b = M[1] - M[0], float(c[1] - c[0])
+    x = torch.full((1, 1, 1, d), 0.5, dtype=torch.float64)
+    t = float(w @ x.flatten() + b)
+    x = x + ((radius_over_sigma * sigma * w.norm() - t) / w.norm() ** 2 * w).reshape(1, 1, 1, d)
+    margin = float(w @ x.flatten() + b)
+    return model, x, margin / float(w.norm())
+
+
+@pytest.mark.parametrize("warm", [{}, {"srs_steps": 3, "srs_check": "proof", "srs_start": "clean"}])
+def test_sequential_decisions_on_a_linear_classifier_match_the_closed_form(warm):
+    sigma = 0.25
+    model, x, exact = _linear_at(1.6, sigma)          # p_A = Phi(1.6): exact radius 0.4
+    assert exact == pytest.approx(0.4, rel=1e-9)
+    radii = (0.1, 0.2, 0.6)                             # thresholds Phi(0.4), Phi(0.8) < p_A < Phi(2.4)
+    rep = S.certify(model, x, torch.tensor([1]), sigma=sigma, n0=50, n=20000, mode="sequential",
+                    radii=radii, batch_size=500, **warm)
+    r = rep.results[0]
+    assert r.decisions == {"0.1": "certified", "0.2": "certified", "0.6": "not certified"}
+    assert r.prediction == 1 and r.correct and 0.2 <= r.radius <= exact
+    assert r.n < 20000 and r.samples == 50 + r.n
+    assert rep.summary["certified_accuracy"] == {"0.1": 1.0, "0.2": 1.0, "0.6": 0.0}
+    assert rep.summary["samples_per_image"] == r.samples
+    # the count is binomial with the closed-form mean
+    p_a = norm.cdf(1.6)
+    assert abs(r.count - r.n * p_a) < 5 * math.sqrt(r.n * p_a * (1 - p_a))
+    if warm:
+        assert r.proof["proven_warm"] > 0 and r.proof["unproven"] == 0
+
+
+def test_radius_mode_on_a_linear_classifier_stays_below_the_exact_radius_and_stops_early():
+    sigma = 0.25
+    model, x, exact = _linear_at(1.6, sigma)
+    rep = S.certify(model, x, sigma=sigma, n0=50, n=50000, mode="radius", tolerance=0.02, batch_size=2000)
+    r = rep.results[0]
+    assert r.prediction == 1 and exact - 0.06 < r.radius <= exact
+    assert r.p_lower == pytest.approx(cs_lower(r.count, r.n, 0.001), abs=0) or r.p_lower >= cs_lower(r.count, r.n, 0.001)
+    assert r.n < 50000                                   # stopped before the budget
+    # on the decision hyperplane (p_A = 1/2): abstain quickly
+    model, x, _ = _linear_at(0.0, sigma)
+    r = S.certify(model, x, sigma=sigma, n0=50, n=50000, mode="radius", batch_size=2000).results[0]
+    assert r.abstained and r.radius == 0.0 and r.n <= 4000
+
+
+# ------------------------------------------------------------------------------- proven warm starts
+def _contractive(seed=0, **kw):
+    torch.manual_seed(seed)
+    opts = {"hidden": 16, "norm": "spectral", "scale": 0.6, "in_shape": (1, 4, 4), "num_classes": 3,
+            "init_gain": 1.5}
+    opts.update(kw)
+    return zoo.build("mlp_deq", **opts).eval()
+
+
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
+def test_proven_classes_are_the_classes_of_cold_solves():
+    model = _contractive()
+    proof = EquilibriumClassProof(model)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 4, 4, generator=gen)
+    xn = x + 0.4 * torch.randn((600, 1, 4, 4), generator=gen)
+    tight = model.solver_config.replace(tol=1e-12, stop_mode="abs", max_iter=300)
+    with torch.no_grad():
+        cold = model.run(xn, in_range=False, solver=tight)
+        anchor = model.run(x).z_star.expand(600, -1).contiguous()
+        for steps in (1, 2, 3, 30):
+            eq = model.run(xn, in_range=False, z0=anchor, solver=model.solver_config.replace(max_iter=steps))
+            cls, ok = proof.classes(xn, eq.z_star)
+            assert bool((cls[ok] == cold.logits.argmax(1)[ok]).all()), steps
+        assert ok.float().mean() > 0.95                       # a converged solve is proven
+        # states far from the equilibrium: whatever is proven still has the cold class, and
+        # some far states' classes differ from it (the check has something to catch)
+        far = anchor + 2.0 * torch.randn(anchor.shape, generator=gen)
+        cls, ok = proof.classes(xn, far)
+        assert bool((cls[ok] == cold.logits.argmax(1)[ok]).all())
+        assert bool((cls != cold.logits.argmax(1)).any()) and not bool(ok.all())
+
+
+def test_proven_warm_starts_count_the_same_classes_as_cold_solves_in_certify():
+    model = _contractive(solver={"tol": 1e-8, "stop_mode": "abs", "max_iter": 100})
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    kw = dict(sigma=0.3, n0=40, n=200, batch_size=100, seed=2)
+    cold = S.certify(model, x, **kw)
+    for start in ("clean", "chain"):
+        warm = S.certify(model, x, srs_steps=2, srs_check="proof", srs_start=start, **kw)
+        for a, b in zip(cold.results, warm.results):
+            # every counted sample is the cold class: counts can only drop by the unproven rows
+            assert b.selected == a.selected or b.proof["unproven"] > 0
+            assert a.count - b.proof["unproven"] <= b.count <= a.count
+            assert b.proof["proven_warm"] + b.proof["proven_cold"] + b.proof["unproven"] == 240
+            assert b.srs is None and b.p_lower == S.clopper_pearson_lower(b.count, 200, 0.001)
+        assert sum(r.proof["proven_warm"] for r in warm.results) > 0
+
+
+def test_proof_needs_a_contraction_and_auto_falls_back_to_the_sampled_check():
+    model = _contractive(norm="none", scale=1.0, init_gain=3.0)
+    x = torch.rand(1, 1, 4, 4)
+    with pytest.raises(ConfigError, match="contractive"):
+        S.certify(model, x, n=50, srs_steps=2, srs_check="proof")
+    rep = S.certify(model, x, n0=10, n=50, srs_steps=2, srs_check="auto", check_samples=10)
+    assert rep.results[0].srs["checked"] == 10 and rep.results[0].proof is None
+    with pytest.raises(ConfigError, match="srs_check"):
+        S.certify(model, x, n=50, srs_steps=2, mode="sequential")
+    with pytest.raises(ConfigError, match="mode"):
+        S.certify(model, x, n=50, mode="adaptive")
+    with pytest.raises(ConfigError, match="futility_alpha"):
+        S.certify(model, x, n=50, mode="sequential", futility_alpha=1.0)
+
+
+def test_sequential_report_round_trip(tmp_path):
+    model = _contractive()
+    rep = S.certify(model, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), sigma=0.25, n0=20, n=300,
+                    mode="sequential", radii=(0.1, 0.2), srs_steps=2, srs_check="proof")
+    rep.save(tmp_path, plot=False)
+    back = S.SmoothingReport.load(tmp_path)
+    assert [r.decisions for r in back.results] == [r.decisions for r in rep.results]
+    assert [r.proof for r in back.results] == [r.proof for r in rep.results]
+    assert back.certified_accuracy(0.1) == rep.certified_accuracy(0.1)
+    md = (tmp_path / "certificate.md").read_text()
+    assert "sequential" in md and "samples / image" in md
