@@ -79,16 +79,29 @@ keeps the point estimate ``n_A / n`` and only shrinks the sample size, so a warm
 always answers ``c_hat`` where the base classifier does so half of the time would still be
 certified with a large radius; and the first samples of a chain (closest to its cold start) are
 not a random sample of it. Both are avoided here at the price of a smaller radius.
+
+Sequential modes (:mod:`.sequential`): ``mode="sequential"`` decides "certified at r" for each
+requested radius with an anytime-valid confidence sequence (a one-sided beta-binomial mixture,
+:func:`cs_log_evidence`), stopping per input as soon as every radius is decided or the budget
+``n`` is spent; ``mode="radius"`` reports the largest radius, stopping when it cannot grow by more
+than ``tolerance``. alpha bounds the failure probability of the whole procedure, over all looks
+and radii. Proven warm starts (:mod:`.proof`, ``srs_check="proof"``): where the cell has a
+contraction certificate and the read-out is affine, each warm-started sample's class is proven to
+be the exact equilibrium's (or the sample is re-solved from scratch), so the counts are binomial
+and need no correction.
 """
-from .config import ABSTAIN, DEFAULT_RADII, SRS_STARTS, SmoothingConfig, make_config
+from .config import ABSTAIN, DEFAULT_RADII, MODES, SRS_CHECKS, SRS_STARTS, SmoothingConfig, make_config
 from .engine import base_logits, certify, certify_checkpoint, predict
 from .report import SmoothingReport, SmoothingResult, summarize
-from .statistics import (check_count, clopper_pearson_lower, clopper_pearson_upper, hypergeom_upper,
-                         radius_from, srs_lower_bound)
+from .proof import EquilibriumClassProof, proof_support
+from .sequential import SequentialDecision
+from .statistics import (check_count, clopper_pearson_lower, clopper_pearson_upper, cs_log_evidence, cs_lower,
+                         cs_upper, hypergeom_upper, radius_from, srs_lower_bound)
 
 __all__ = [
     "ABSTAIN", "SmoothingConfig", "SmoothingResult", "SmoothingReport", "make_config", "certify", "predict",
     "certify_checkpoint", "clopper_pearson_lower",
     "clopper_pearson_upper", "hypergeom_upper", "srs_lower_bound", "check_count", "radius_from", "base_logits",
-    "summarize",
+    "summarize", "cs_log_evidence", "cs_lower", "cs_upper", "SequentialDecision", "EquilibriumClassProof",
+    "proof_support",
 ]
