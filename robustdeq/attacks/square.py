@@ -166,6 +166,7 @@ class Square(Attack):
     """
 
     name = "Square"
+    needs_input_gradient = False  # queries outputs only: a model without input gradient is fine
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", n_queries: int = 5000,
                  n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",

@@ -69,3 +69,10 @@ def test_torchdeq_in_eval_mode_is_refused_and_adopt_fixes_it():
     TorchAttack(model, "PGD", eps=0.1, steps=2, training_mode={"model_training": True})(x, y)
     x_adv = PGD(robustdeq.adopt(model), eps=0.1, steps=2, seed=0)(x, y)
     assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6
+
+
+def test_gradient_free_attacks_are_not_refused():
+    from robustdeq.attacks.square import Square
+    x, y = data()
+    x_adv = Square(Detaching(), eps=0.1, n_queries=5, seed=0)(x, y)
+    assert float((x_adv - x).abs().max()) <= 0.1 + 1e-6
