@@ -16,13 +16,13 @@
 """
 from .api import METHODS, certify, certify_checkpoint
 from .config import CertifyConfig
-from .contraction import ContractionCertificate, contraction_certificate, solver_guarantees
+from ..deq.contraction import ContractionCertificate, contraction_certificate, solver_guarantees
 from .ibp import IBPResult, ibp_certify
-from .linalg import NormBound, spectral_norm_bound
+from ..deq.linalg import NormBound, spectral_norm_bound
 from .lipschitz import LipschitzBound, RadiusResult, certified_radius, lipschitz_bound
 from .local import LocalStability, jacobian_spectrum, local_stability
 from .lyapunov import LyapunovResult, lyapunov_decrease, quadratic_candidate
-from .oracles import LinearCell, linear_deq
+from .oracles import linear_deq
 from .report import CertReport, CertResult
 from . import smoothing
 from .smoothing import SmoothingConfig, SmoothingReport, SmoothingResult
@@ -34,6 +34,6 @@ __all__ = [
     "LyapunovResult", "lyapunov_decrease", "quadratic_candidate",
     "LipschitzBound", "RadiusResult", "lipschitz_bound", "certified_radius",
     "IBPResult", "ibp_certify", "NormBound", "spectral_norm_bound",
-    "LinearCell", "linear_deq",
+    "linear_deq",
     "smoothing", "SmoothingConfig", "SmoothingReport", "SmoothingResult",
 ]

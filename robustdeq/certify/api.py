@@ -16,7 +16,7 @@ from ..guard import preserve_model
 from .._support import user_stacklevel
 from ._util import float64_copy, require_deq, tight_solver
 from .config import METHODS, CertifyConfig, make_certify_config
-from .contraction import contraction_certificate
+from ..deq.contraction import contraction_certificate
 from .ibp import ibp_certify
 from .lipschitz import certified_radius, lipschitz_bound
 from .local import local_stability

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ._util import eval_mode, require_deq
-from .contraction import ContractionCertificate, contraction_certificate
+from ..deq.contraction import ContractionCertificate, contraction_certificate
 
 
 @dataclass

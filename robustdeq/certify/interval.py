@@ -137,7 +137,7 @@ def interval_map(model: nn.Module, *, differentiable: bool = False) -> IntervalM
     cell's ``alpha``, as its forward uses it)."""
     from ..deq.cells import LinearHead, MLPCell, MLPInjection, MonotoneCell
     from ._util import input_feature_affine
-    from .oracles import LinearCell
+    from ..deq.cells import LinearCell
     cell = getattr(model, "cell", None)
 
     def t(w: Tensor) -> Tensor:

@@ -38,10 +38,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from . import linalg
+from ..deq import linalg
 from ._util import eval_mode, input_feature_scale, require_deq
-from .contraction import ContractionCertificate, contraction_certificate
-from .oracles import LinearCell
+from ..deq.contraction import ContractionCertificate, contraction_certificate
+from ..deq.cells import LinearCell
 
 
 @dataclass

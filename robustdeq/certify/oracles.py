@@ -9,40 +9,12 @@ and a ``LinearHead`` (``W_o``), ``x -> logits`` is affine with Lipschitz constan
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-
-
-class LinearCell(nn.Module):
-    """``f(z, u) = A z + u`` with a fixed or trainable square matrix ``A`` (D, D)."""
-
-    act = "identity"
-
-    def __init__(self, A: Tensor, trainable: bool = False):
-        super().__init__()
-        if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1]:
-            raise ConfigError(f"LinearCell needs a square matrix A, got {getattr(A, 'shape', A)!r}")
-        self.hidden = int(A.shape[0])
-        if trainable:
-            self.A = nn.Parameter(A.clone())
-        else:
-            self.register_buffer("A", A.clone())
-
-    def forward(self, z: Tensor, u: Tensor) -> Tensor:
-        return torch.nn.functional.linear(z, self.A.to(z.dtype)) + u
-
-    def weight_matrix(self) -> Tensor:
-        return self.A
-
-    def init_state(self, u: Tensor) -> Tensor:
-        return torch.zeros(u.shape[0], self.hidden, dtype=u.dtype, device=u.device)
-
-    def maskable(self) -> List[str]:
-        return []
+from ..deq.cells import LinearCell
 
 
 def linear_deq(A: Tensor, *, in_shape=(1, 8, 8), num_classes: int = 10, std: float = 1.0,

@@ -332,5 +332,35 @@ class MonotoneCell(nn.Module):
         return ["A", "B"]
 
 
+class LinearCell(nn.Module):
+    """``f(z, u) = A z + u`` with a fixed or trainable square matrix ``A`` (D, D): the linear
+    cell whose fixed point, Jacobian and Lipschitz constants are known in closed form
+    (:func:`robustdeq.certify.oracles.linear_deq`)."""
+
+    act = "identity"
+
+    def __init__(self, A: Tensor, trainable: bool = False):
+        super().__init__()
+        if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1]:
+            raise ConfigError(f"LinearCell needs a square matrix A, got {getattr(A, 'shape', A)!r}")
+        self.hidden = int(A.shape[0])
+        if trainable:
+            self.A = nn.Parameter(A.clone())
+        else:
+            self.register_buffer("A", A.clone())
+
+    def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        return torch.nn.functional.linear(z, self.A.to(z.dtype)) + u
+
+    def weight_matrix(self) -> Tensor:
+        return self.A
+
+    def init_state(self, u: Tensor) -> Tensor:
+        return torch.zeros(u.shape[0], self.hidden, dtype=u.dtype, device=u.device)
+
+    def maskable(self) -> List[str]:
+        return []
+
+
 __all__ = ["Normalize", "ScaledLinear", "IntervalScaling", "MLPCell", "MLPInjection", "LinearHead", "ConvCell",
-           "ConvInjection", "ConvHead", "MonotoneCell"]
+           "ConvInjection", "ConvHead", "MonotoneCell", "LinearCell"]

@@ -15,7 +15,7 @@ What it can do (each an option; :data:`FAST_OPTIONS` lists those of the attack-s
 
 - ``forward_warm``: start a row's forward solve from the latest *converged* fixed point of its
   clean sample. ``True`` on any cell, ``"contractive"`` only where
-  :func:`robustdeq.certify.contraction_certificate` certifies the cell a contraction (a unique
+  :func:`robustdeq.deq.contraction.contraction_certificate` certifies the cell a contraction (a unique
   fixed point, so a warm and a cold solve reach the same equilibrium), ``False`` never. On a
   non-contractive cell a warm start can follow another equilibrium branch than the cold solve
   reaches, so the attack would attack another function.
@@ -159,7 +159,7 @@ class WarmMemory(ModelView):
         """Whether the cell is certified a contraction (recomputed when a parameter changed)."""
         version = tuple((id(p), p._version) for p in self.model.parameters())
         if self._certified is None or self._certified[0] != version:
-            from ..certify.contraction import contraction_certificate
+            from .contraction import contraction_certificate
             cert = contraction_certificate(self.model)
             self._certified = (version, bool(cert.certified))
             logger.debug("WarmMemory: forward warm starts %s (%s)",

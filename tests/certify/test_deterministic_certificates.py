@@ -9,8 +9,9 @@ import torch
 from robustdeq.certify import (CertReport, CertResult, certify, contraction_certificate, ibp_certify,
                                jacobian_spectrum, lipschitz_bound, local_stability, lyapunov_decrease,
                                quadratic_candidate, spectral_norm_bound)
-from robustdeq.certify import linalg
-from robustdeq.certify.oracles import LinearCell, linear_deq
+from robustdeq.deq import linalg
+from robustdeq.certify.oracles import linear_deq
+from robustdeq.deq.cells import LinearCell
 from robustdeq import ImplicitGrad, gradient
 from robustdeq.deq import zoo
 from robustdeq.deq.cells import LinearHead, MLPCell, MLPInjection

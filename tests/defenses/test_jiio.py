@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train_helpers import fit_minibatches  # noqa: E402
-from robustdeq.certify.oracles import LinearCell
+from robustdeq.deq.cells import LinearCell
 from robustdeq.config import SolverConfig
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo

@@ -87,7 +87,7 @@ def test_block_iteration_stops_samples_as_the_solver_does():
     and samples whose iterates overflow (non-finite residual) stop and keep their last iterate;
     the selection falls back as the solver's does."""
     from torch import nn
-    from robustdeq.certify.oracles import LinearCell
+    from robustdeq.deq.cells import LinearCell
     from robustdeq.deq.model import DEQClassifier
     torch.manual_seed(0)
     inj, head = nn.Linear(3, 4, bias=False).double(), nn.Linear(4, 2).double()

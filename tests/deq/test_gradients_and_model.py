@@ -6,7 +6,7 @@ from torch import nn
 import robustdeq as rd
 from robustdeq import (DEQClassifier, FullBackprop, ImplicitGrad, NoGrad, PhantomGrad,
                        SolverConfig, UnrolledGrad, gradient)
-from robustdeq.certify.oracles import LinearCell
+from robustdeq.deq.cells import LinearCell
 from robustdeq.deq import zoo
 from robustdeq.deq.cells import LinearHead, MLPCell, MLPInjection
 from robustdeq.deq.solvers import get_solver

@@ -4,13 +4,16 @@ If ``Lip_z(f) <= L < 1`` in the L2 norm (Banach): for every input the fixed poin
 and is unique, fixed-point iteration converges from any start at rate ``L``, and any iterate ``z``
 a solver returns satisfies the a-posteriori bound ``||z - z*|| <= ||f(z) - z|| / (1 - L)``.
 
+The certificate lives beside the cells because the backbone itself relies on it (warm starts
+are safe on a contractive cell, :mod:`robustdeq.deq.memory`); :mod:`robustdeq.certify` reports it.
+
 Per cell (``robustdeq/deq/cells.py``):
 
 - ``MLPCell`` ``act(W z + u)``, act in {tanh, relu} (1-Lipschitz): ``Lip_z = ||W||_2`` (upper bound
   by SVD, or Gram squaring for large W; see :mod:`.linalg`), ``Lip_u = 1``. As a constant over
   all (z, u) this is exact: at a point where ``W z + u = 0`` (tanh) or ``> 0`` (relu) the
   Jacobian is ``W``.
-- ``LinearCell`` (:mod:`.oracles`) ``A z + u``: ``Lip_z = ||A||_2`` exactly; in addition, fixed-point
+- ``LinearCell`` ``A z + u``: ``Lip_z = ||A||_2`` exactly; in addition, fixed-point
   iteration converges from any start iff ``rho(A) < 1`` (reported in ``details``).
 - ``MonotoneCell``: checks ``I - W >= m I`` through ``lambda_min`` of the symmetric part (a lower
   bound ``m_hat``; monDEQ existence/uniqueness needs ``m_hat > 0``) and certifies the cell's
@@ -31,9 +34,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..guard import preserve_model
 from . import linalg
-from ._util import eval_mode, get_cell
-from .oracles import LinearCell
+from .cells import ConvCell, LinearCell, MLPCell, MonotoneCell
 
 
 @dataclass
@@ -120,8 +123,10 @@ def contraction_certificate(model_or_cell: nn.Module, *, spectral: str = "auto"
     """
     if spectral not in ("auto", "svd", "gram"):
         raise ConfigError(f"unknown spectral-norm method {spectral!r}; expected 'auto', 'svd' or 'gram'")
-    cell = get_cell(model_or_cell)
-    with eval_mode(cell), torch.no_grad():
+    cell = getattr(model_or_cell, "cell", model_or_cell)
+    # eval mode: a spectrally normalised weight is then the fixed weight inference uses (in
+    # train mode every access runs a power iteration); flags come back as they were
+    with preserve_model(cell, "eval", values=False, who="a certificate"), torch.no_grad():
         cert = _certify_cell(cell, spectral)
     cfg = getattr(model_or_cell, "solver_config", None)
     if cfg is not None:
@@ -144,7 +149,6 @@ def _model_solver_claim(cert: ContractionCertificate, cfg) -> str:
 
 
 def _certify_cell(cell: nn.Module, spectral: str) -> ContractionCertificate:
-    from ..deq.cells import ConvCell, MLPCell, MonotoneCell
     name = type(cell).__name__
     if isinstance(cell, LinearCell):
         A = cell.weight_matrix().detach().to(torch.float64)
