@@ -39,7 +39,7 @@ ROUNDING_SLACK = 1e-10
 def proof_support(model: nn.Module) -> Tuple[bool, str]:
     """Whether per-sample proofs are available for ``model``: a DEQ whose cell has a contraction
     certificate and whose read-out is affine. ``(ok, reason)``."""
-    from ..contraction import contraction_certificate
+    from ...deq.contraction import contraction_certificate
     from ..lipschitz import _head_affine
     if not all(hasattr(model, a) for a in ("cell", "inject", "head")):
         return False, f"{type(model).__name__} is not a DEQ with a cell, an injection and a head"
@@ -57,7 +57,7 @@ class EquilibriumClassProof:
 
     def __init__(self, model: nn.Module, *, clip: bool = False):
         from .._util import float64_copy
-        from ..contraction import contraction_certificate
+        from ...deq.contraction import contraction_certificate
         from ..lipschitz import _head_affine, _pair_norms
         ok, reason = proof_support(model)
         if not ok:
