@@ -427,7 +427,7 @@ def _suite_arg(text: str):
     ``apgd-ce``, ``state-3``...; unknown names are a usage error listing the known ones)."""
     if text in SUITES.names():
         return text
-    from .eval.harness import is_attack_name  # (imports torch) registers the built-in attack names
+    from .eval.suites import is_attack_name  # (imports torch) registers the built-in attack names
     from .registry import ATTACK_SPECS
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if not is_attack_name(n)]

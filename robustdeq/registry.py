@@ -150,11 +150,11 @@ SOLVERS = Registry("solver", _refs("robustdeq.deq.solvers", {
     hint="robustdeq.deq.solvers.register_solver adds one")
 
 ATTACK_SPECS = Registry("attack", hint="built-in attacks also take the forms <pgd name>-margin and "
-                                       "state-<k>; robustdeq.eval.harness.register_attack_spec adds one")
+                                       "state-<k>; robustdeq.eval.register_attack_spec adds one")
 
-SUITES = Registry("suite", _refs("robustdeq.eval.harness", {
+SUITES = Registry("suite", _refs("robustdeq.eval.suites", {
     "quick": "_suite_quick", "standard": "_suite_standard", "full": "_suite_full"}),
-    hint="or pass a list of attacks; robustdeq.eval.harness.register_suite adds one")
+    hint="or pass a list of attacks; robustdeq.eval.register_suite adds one")
 
 RECIPES = Registry("defense", _refs("robustdeq.defenses.recipes", {
     "none": "_none", "pgd-at": "_pgd_at", "pgd-at-random-state": "_pgd_at_random_state",

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from .checks import CHECKS, CheckConfig, CheckResult
 from .config import EvalConfig
-from .harness import (SUITES, AttackSpec, SuiteContext, build_suite, evaluate, register_attack_spec,
-                      register_suite, trajectory_model, trajectory_stats, unit_seed)
+from .harness import evaluate
+from .store import unit_seed
+from .suites import SUITES, AttackSpec, SuiteContext, build_suite, register_attack_spec, register_suite
+from .targets import trajectory_model, trajectory_stats
 from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport
 
 __all__ = [

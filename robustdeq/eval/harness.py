@@ -1,40 +1,12 @@
-"""The evaluation harness: ``evaluate(model, x, y, threat=..., eps=..., suite=...) -> EvalReport``.
+"""The evaluation loop: ``evaluate(model, x, y, threat=..., eps=..., suite=...) -> EvalReport``.
 
-A *suite* is a list of :class:`AttackSpec` (name, factory, kind, scope). For every eps, every
-spec is run on every *target* its scope names (the plain model and, for an inference-time defense,
-each of its ``adaptive_views()``; or the underlying DEQ), the examples are always *judged on the
-model itself*, and a sample is robust only if it is classified correctly on the clean input and on
-the example of every attack unit: the per-sample worst case.
-
-Built-in suites (alpha = 2.5 eps / steps, seeds derived from ``seed``):
-
-- ``quick``: PGD with the implicit (IFT) gradient and PGD with an unrolled gradient
-  (``UnrolledGrad(8)``) for models holding a ``DEQClassifier``, PGD with the model's own gradient
-  otherwise (a weight-tied model backpropagates through its layers); each with the cross-entropy
-  and with the Carlini-Wagner margin loss, and 3 random restarts (a restart attacks only the
-  samples still unbroken). One loss and one start were optimistic: on 300 digits (Linf 0.1, the
-  demo's DEQ) PGD-20 with CE only reported 52.7 % where an ensemble of PGD-100 runs (IFT and
-  unrolled gradients, both losses, 5 restarts) reaches 49.7 %; this suite reports 50.0 %.
-  Quick is still an upper bound on the robust accuracy, like every suite.
-- ``standard``: quick + intermediate-state attacks (Yang et al. 2022) on three states spread over
-  the clean trajectory + their ensemble attack + AutoAttack standard ("rand" for a model that
-  declares ``randomized``).
-- ``full``: standard + AutoAttack plus + a transfer attack crafted on the unrolled view
-  (``attack_view(deq, state=K, unroll=K)``: K solver steps from z0, backpropagated) and judged on
-  the model.
-
-Attack names for custom suites (``suite=[...]``) besides the units above include ``pgd-exact``,
-``pgd-phantom``, ``square`` and ``apgd-ce`` (APGD-CE alone). On MNIST MDEQs adversarially trained
-at Linf 0.3, AutoAttack broke 11-19 of 100 images that the PGD units (IFT and unrolled, CE and
-margin) had left, and 100 or 200 PGD steps instead of 20 did not help; ``["pgd-ift",
-"pgd-unrolled", "apgd-ce"]`` came within 1 and 9 points of AutoAttack at about a seventh of its
-cost, so at large radii it is a much tighter quick check than ``quick`` (benchmarks/RESULTS.md,
-issue 15).
-
-With ``out_dir``, each finished (eps, attack unit) is written atomically to
-``out_dir/partial/`` (tensors with ``torch.save``, read back with ``weights_only=True``, plus a
-JSON sidecar); a later call with the same configuration (hash of model parameters, data, threat,
-eps, suite, steps, seed, batch size) skips the finished units and reloads their flags.
+For every eps, every spec of the suite (:mod:`robustdeq.eval.suites`) is run on every *target*
+its scope names (the plain model and, for an inference-time defense, each of its
+``adaptive_views()``; or the underlying DEQ), the examples are always *judged on the model
+itself*, and a sample is robust only if it is classified correctly on the clean input and on the
+example of every attack unit: the per-sample worst case. Then the checks
+(:mod:`robustdeq.eval.checks`) run and the report is assembled; with ``out_dir`` finished units
+are kept and reused (:mod:`robustdeq.eval.store`).
 """
 from __future__ import annotations
 
@@ -44,348 +16,32 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._support import progress_reporter, report_progress
-from ..registry import ATTACK_SPECS, SUITES
+from .._support import progress_reporter, report_progress, user_stacklevel
+from .._tensor import clip_delta
+from ..deq.protocols import is_trajectory_model
 from ..errors import ConfigError, GradientMaskingWarning, InputError, NonConvergenceWarning
-from .._tensor import clip_delta, default_alpha
-from ..deq.protocols import TrajectoryModel
 from ..guard import preserve_model
-from .._support import user_stacklevel
 from . import _sharding
 from . import checks as _checks
 from .checks import CheckResult, find_deq, margin
 from .config import EvalConfig, make_eval_config
-from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport, atomic_write_text
+from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport
+from .store import PartialStore, completed_report, derive_seed, hash_data, hash_model, unit_seed
+from .suites import AttackSpec, SuiteContext, build_suite
+from .targets import adaptive_views, is_solver_model, trajectory_model, trajectory_stats
 
 logger = logging.getLogger(__name__)
-
-# SUITES (robustdeq.registry.SUITES): the named suites, "quick", "standard", "full" and registered ones
-KINDS = ("white-box", "black-box", "transfer")
-SCOPES = ("views", "model", "deq")
-NEEDS = ("any", "deq", "trajectory", "solver")
-
-Factory = Callable[..., Any]  # factory(target, *, eps, norm, steps, seed) -> Attack
-
-
-@dataclass
-class AttackSpec:
-    """One attack of a suite.
-
-    Args:
-        name: unique name (the unit key; ``name@view`` for adaptive views).
-        factory: ``factory(target, *, eps, norm, steps, seed) -> Attack`` (an object with
-            ``__call__(x, y) -> x_adv`` and ideally ``describe() -> dict``).
-        kind: "white-box", "black-box" or "transfer" (the black-box check compares them).
-        scope: "views": the model and each adaptive view of a defense; "model": the model only;
-            "deq": the underlying trajectory model (a DEQ or weight-tied model), judged on the model.
-        needs: "any"; "deq": the target must hold a ``DEQClassifier`` (the gradient estimator is
-            chosen); "trajectory": a model with ``run``/``readout`` (DEQ or weight-tied);
-            "solver": a ``DEQClassifier`` trajectory model.
-    """
-
-    name: str
-    factory: Factory
-    kind: str = "white-box"
-    scope: str = "views"
-    needs: str = "any"
-    description: str = ""
-
-    def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name or "/" in self.name or "@" in self.name:
-            raise ConfigError(f"AttackSpec.name must be a non-empty string without '/' or '@', got {self.name!r}")
-        if not callable(self.factory):
-            raise ConfigError(f"AttackSpec.factory of {self.name!r} is not callable")
-        for attr, allowed in (("kind", KINDS), ("scope", SCOPES), ("needs", NEEDS)):
-            if getattr(self, attr) not in allowed:
-                raise ConfigError(f"AttackSpec.{attr} must be one of {allowed}, got {getattr(self, attr)!r}")
-
-
-@dataclass
-class SuiteContext:
-    """What the built-in suites need to know about the model (filled by ``evaluate``)."""
-
-    model: nn.Module
-    trajectory_model: Optional[nn.Module]
-    has_deq: bool
-    solver_model: bool
-    randomized: bool
-    horizon: Optional[int]        # states worth attacking: 1..horizon-1
-    max_state: Optional[int]      # largest recordable state index
-
-
-# -- built-in attack specs ------------------------------------------------------------------------
-PGD_RESTARTS = 3  # restarts of the built-in PGD units (measured: see the module docstring)
-
-
-def _pgd_factory(grad, judge: nn.Module, loss: str = "ce", method: str = "auto"):
-    def factory(target, *, eps, norm, steps, seed):
-        # early stopping where the attacked module is the judged model itself: never weaker per
-        # sample than the plain loop there (frozen samples are confirmed by the model's own
-        # inference) and much cheaper once most samples break; on an adaptive view the view's
-        # success is not the defense's, so the view is attacked for every step. PGD's default
-        # method ("auto"): on a DEQ attacked with the implicit gradient, the joint iteration for
-        # the samples whose first solve converges (judged by the model's inference at its end,
-        # no early stopping needed), the exact loop for the others
-        from ..attacks import PGD
-        return PGD(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, grad=grad,
-                   loss=loss, restarts=PGD_RESTARTS, seed=seed, early_stop=target is judge,
-                   method=method)
-    return factory
-
-
-def _state_factory(states, ensemble: bool, judge: Optional[nn.Module]):
-    def factory(target, *, eps, norm, steps, seed):
-        from ..attacks import StateAttack
-        return StateAttack(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, states=states,
-                           ensemble=ensemble, mode="unroll", norm=norm,
-                           judge=None if judge is target else judge, seed=seed)
-    return factory
-
-
-def _autoattack_factory(version: str, **options):
-    def factory(target, *, eps, norm, steps, seed):
-        from ..attacks import AutoAttack
-        return AutoAttack(target, eps=eps, norm=norm, version=version, seed=seed, **options)
-    return factory
-
-
-def _transfer_factory(k: int):
-    def factory(target, *, eps, norm, steps, seed):
-        from ..attacks import PGD
-        from ..deq.views import attack_view
-        surrogate = attack_view(target, state=k, unroll=k)
-        return PGD(surrogate, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, seed=seed)
-    return factory
-
-
-def _square_factory(queries: int):
-    def factory(target, *, eps, norm, steps, seed):
-        from ..attacks import TorchAttack
-        return TorchAttack(target, "Square", eps=eps, norm=norm, n_queries=queries, seed=seed)
-    return factory
-
-
-def _spread_states(ctx: SuiteContext, n: int = 3) -> List[int]:
-    if ctx.horizon is None or ctx.max_state is None:
-        return []
-    hi = max(1, min(ctx.horizon - 1, ctx.max_state))
-    lo = max(1, hi // 4)
-    if n == 1 or hi == lo:
-        return [hi]
-    vals = {int(round(lo + (hi - lo) * i / (n - 1))) for i in range(n)}
-    return sorted(vals)
-
-
-# -- the registries of attack specs and suites (robustdeq.registry) ---------------------------------
-def register_attack_spec(name: str, builder: Optional[Callable[[SuiteContext], Any]] = None, *,
-                         replace: bool = False):
-    """Make ``name`` usable in suites: ``builder(ctx) -> AttackSpec | [AttackSpec]`` (an empty
-    list when the attack does not apply to the model in ``ctx``). Without ``builder``, a
-    decorator. Re-registering a name (a built-in included) is a ConfigError unless
-    ``replace=True``."""
-    return ATTACK_SPECS.register(name, builder, replace=replace)
-
-
-def register_suite(name: str, suite: Any = None, *, replace: bool = False):
-    """Make ``evaluate(..., suite=name)`` (and ``robustdeq eval --suite name``) run ``suite``: a
-    list of attacks (built-in or registered names, :class:`AttackSpec`, named factories) or a
-    function ``suite(ctx) -> list`` choosing them for the model in ``ctx``. Without ``suite``, a
-    decorator. Re-registering a name (a built-in included) is a ConfigError unless
-    ``replace=True``."""
-    if suite is not None and not callable(suite):
-        items = list(suite) if isinstance(suite, (list, tuple)) else None
-        if not items:
-            raise ConfigError(f"register_suite({name!r}, ...) needs a non-empty list of attacks or a "
-                              f"function ctx -> list, got {suite!r}")
-        suite = _fixed_suite(items)
-    return SUITES.register(name, suite, replace=replace)
-
-
-def _fixed_suite(items: List[Any]) -> Callable[[SuiteContext], List[Any]]:
-    def suite(ctx: SuiteContext) -> List[Any]:
-        return list(items)
-    return suite
-
-
-def _pgd_spec(name: str, grad_key: str, needs: str, what: str, loss_name: str):
-    def build(ctx: SuiteContext) -> List[AttackSpec]:
-        grad = _PGD_GRADS[grad_key]()
-        loss = "CW margin" if loss_name == "margin" else "cross-entropy"
-        method = "exact" if grad_key == "pgd-exact" else "auto"
-        return [AttackSpec(name, _pgd_factory(grad, ctx.model, loss_name, method), needs=needs,
-                           description=f"PGD with {what}, {loss} loss, {PGD_RESTARTS} random restarts")]
-    return build
-
-
-def _unrolled8():
-    from ..deq.grad import UnrolledGrad
-    return UnrolledGrad(steps=8)
-
-
-_PGD_GRADS = {"pgd": lambda: None, "pgd-ift": lambda: "ift", "pgd-unrolled": _unrolled8,
-              "pgd-phantom": lambda: "phantom", "pgd-exact": lambda: "ift"}
-
-
-def _states_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    return [AttackSpec(f"state-{k}", _state_factory(k, False, ctx.model), scope="deq", needs="trajectory",
-                       description=f"intermediate-state attack on z_{k} (unrolled gradient)")
-            for k in _spread_states(ctx)]
-
-
-def _state_k_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
-    k = int(name[6:])
-    return [AttackSpec(name, _state_factory(k, False, ctx.model), scope="deq", needs="trajectory",
-                       description=f"intermediate-state attack on z_{k}")]
-
-
-def _state_ensemble_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    if ctx.horizon is None or ctx.max_state is None:
-        return []
-    ks = list(range(1, max(1, min(ctx.horizon, ctx.max_state)) + 1))
-    return [AttackSpec("state-ensemble", _state_factory(ks, True, ctx.model), scope="deq",
-                       needs="trajectory", description=f"attack on the ensemble of the states 1..{ks[-1]}")]
-
-
-def _autoattack_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    version = "rand" if ctx.randomized else "standard"
-    return [AttackSpec("autoattack", _autoattack_factory(version),
-                       description=f"AutoAttack {version} (pyautoattack)")]
-
-
-def _autoattack_plus_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    return [AttackSpec("autoattack-plus", _autoattack_factory("plus"), description="AutoAttack plus (pyautoattack)")]
-
-
-def _apgd_ce_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    return [AttackSpec("apgd-ce", _autoattack_factory("custom", attacks=["apgd-ce"]),
-                       description="APGD-CE alone (pyautoattack: 100 iterations, adaptive step size; "
-                                   "much stronger than fixed-step PGD on adversarially trained DEQs "
-                                   "at large radii, at a fraction of AutoAttack's cost)")]
-
-
-def _transfer_unrolled_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    if ctx.horizon is None or ctx.max_state is None:
-        return []
-    k = max(1, min(ctx.horizon, ctx.max_state))
-    return [AttackSpec("transfer-unrolled", _transfer_factory(k), kind="transfer", scope="deq", needs="solver",
-                       description=f"PGD on the unrolled view ({k} steps from z0), judged on the model")]
-
-
-def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    return [AttackSpec("square", _square_factory(1000), kind="black-box",
-                       description="Square attack, 1000 queries (torchattacks)")]
-
-
-def _register_builtin_specs() -> None:
-    pgd = {"pgd": ("any", "the model's own gradient (a DEQ's implicit one by the joint iteration "
-                          "where its solves converge)"),
-           "pgd-ift": ("deq", "the implicit (IFT) gradient, by the joint forward/adjoint/input "
-                              "iteration for samples whose solves converge, exact solves otherwise"),
-           "pgd-exact": ("deq", "the implicit (IFT) gradient from exact forward and adjoint solves "
-                                "at every step"),
-           "pgd-unrolled": ("deq", "8 unrolled steps from z*"),
-           "pgd-phantom": ("deq", "the phantom gradient (k=5, tau=0.5)")}
-    for base, (needs, what) in pgd.items():
-        for name, loss_name in ((base, "ce"), (f"{base}-margin", "margin")):
-            ATTACK_SPECS.register(name, _pgd_spec(name, base, needs, what, loss_name), builtin=True)
-    for name, fn in (("states", _states_spec), ("state-ensemble", _state_ensemble_spec),
-                     ("autoattack", _autoattack_spec), ("autoattack-plus", _autoattack_plus_spec),
-                     ("apgd-ce", _apgd_ce_spec),
-                     ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec)):
-        ATTACK_SPECS.register(name, fn, builtin=True)
-
-
-_register_builtin_specs()
-
-
-def is_attack_name(name: str) -> bool:
-    """``name`` is one :func:`builtin_spec` resolves: a registered attack or ``state-<k>``."""
-    return name in ATTACK_SPECS or (name.startswith("state-") and name[6:].isdigit())
-
-
-def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
-    """The spec(s) called ``name``: a registered attack (:data:`robustdeq.registry.ATTACK_SPECS`:
-    the built-ins and :func:`register_attack_spec`; ``states`` expands to one spec per state), or
-    ``state-<k>``."""
-    if name not in ATTACK_SPECS and is_attack_name(name):
-        return _state_k_spec(name, ctx)
-    out = ATTACK_SPECS.get(name)(ctx)
-    out = [out] if isinstance(out, AttackSpec) else list(out or [])
-    bad = [o for o in out if not isinstance(o, AttackSpec)]
-    if bad:
-        raise ConfigError(f"the attack builder {name!r} returned {bad[0]!r}, not an AttackSpec")
-    return out
-
-
-# the built-in suites (robustdeq.registry.SUITES refers to them by name)
-def _suite_quick(ctx: SuiteContext) -> List[str]:
-    return (["pgd-ift", "pgd-unrolled", "pgd-ift-margin", "pgd-unrolled-margin"] if ctx.has_deq
-            else ["pgd", "pgd-margin"])
-
-
-def _suite_standard(ctx: SuiteContext) -> List[str]:
-    names = _suite_quick(ctx)
-    if ctx.trajectory_model is not None:
-        names += ["states", "state-ensemble"]
-    return names + ["autoattack"]
-
-
-def _suite_full(ctx: SuiteContext) -> List[str]:
-    names = _suite_standard(ctx) + ["autoattack-plus"]
-    if ctx.solver_model:
-        names += ["transfer-unrolled"]
-    return names
-
-
-def suite_names(suite: str, ctx: SuiteContext) -> List[Any]:
-    """The attacks of the named suite for this model (:data:`robustdeq.registry.SUITES`: the
-    built-ins and :func:`register_suite`): built-in names, or whatever a registered suite lists."""
-    return list(SUITES.get(suite)(ctx))
-
-
-def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[AttackSpec]:
-    """Resolve ``suite`` (a name, or a list of specs / built-in names / factories)."""
-    if isinstance(suite, str):
-        items: List[Any] = suite_names(suite, ctx)
-    elif isinstance(suite, (list, tuple)):
-        items = list(suite)
-        if not items:
-            raise ConfigError("the suite is empty")
-    else:
-        raise ConfigError(f"suite must be {', '.join(SUITES.names())} or a list of attacks, "
-                          f"got {type(suite).__name__}")
-    specs: List[AttackSpec] = []
-    for it in items:
-        if isinstance(it, AttackSpec):
-            specs.append(it)
-        elif isinstance(it, str):
-            specs.extend(builtin_spec(it, ctx))
-        elif callable(it):
-            name = getattr(it, "__name__", None)
-            if not name or name == "<lambda>":
-                raise ConfigError("a factory in the suite needs a name: wrap it in AttackSpec(name, factory)")
-            specs.append(AttackSpec(name, it))
-        else:
-            raise ConfigError(f"suite entries must be AttackSpec, built-in names or factories, got {it!r}")
-    seen = set()
-    for s in specs:
-        if s.name in seen:
-            raise ConfigError(f"attack name {s.name!r} appears twice in the suite")
-        seen.add(s.name)
-    return specs
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -402,93 +58,10 @@ class _Unit:
         return "transfer" if getattr(self.target, "view_kind", None) == "transfer" else self.spec.kind
 
 
-def adaptive_views(model: nn.Module, transfer_from: Any = None) -> Dict[str, nn.Module]:
-    """The modules an evaluation attacks besides ``model`` (every one judged on ``model``):
-    ``model.adaptive_views()`` of an inference-time defense, a transfer view over the model a
-    wrapper holds as ``model.model`` ("transfer-base", unless the defense offers one), and one
-    transfer view per source in ``transfer_from`` (an ``nn.Module`` or a dict name -> module)."""
-    from ..deq.views import TransferView
-    views: Dict[str, nn.Module] = {}
-    if hasattr(model, "adaptive_views"):
-        views = dict(model.adaptive_views())
-    base = getattr(model, "model", None)
-    if (isinstance(base, nn.Module) and base is not model and not _has_trajectory(model)
-            and not any(isinstance(v, TransferView) and v.model is base for v in views.values())):
-        views.setdefault("transfer-base", TransferView(base, "base"))
-    if transfer_from is not None:
-        sources = transfer_from if isinstance(transfer_from, dict) else {"source": transfer_from}
-        for name, src in sources.items():
-            if not isinstance(name, str) or not name or "@" in name or "/" in name:
-                raise ConfigError(f"transfer_from names must be plain strings, got {name!r}")
-            if not isinstance(src, nn.Module):
-                raise ConfigError(f"transfer_from[{name!r}] must be an nn.Module x -> logits, "
-                                  f"got {type(src).__name__}")
-            if src is model:
-                raise ConfigError(f"transfer_from[{name!r}] is the evaluated model itself")
-            views[f"transfer-{name}"] = TransferView(src, name)
-    for k, v in views.items():
-        if not isinstance(v, nn.Module) or not isinstance(k, str) or not k or "@" in k or "/" in k:
-            raise ConfigError(f"adaptive view {k!r} must be an nn.Module with a plain name")
-        if k in ("model", "deq"):
-            raise ConfigError(f"adaptive view name {k!r} is reserved")
-    return views
-
-
-def _has_trajectory(m: nn.Module) -> bool:
-    return isinstance(m, TrajectoryModel)
-
-
-def trajectory_model(model: nn.Module) -> Optional[nn.Module]:
-    """The module whose trajectory the per-state statistics read: the model itself (a DEQ or
-    weight-tied model), or ``model.model`` for a wrapper (defense) without its own trajectory."""
-    if _has_trajectory(model):
-        return model
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and _has_trajectory(inner):
-        return inner
-    return None
-
-
-def _is_solver_model(m: Optional[nn.Module]) -> bool:
-    return m is not None and hasattr(m, "solve") and hasattr(m, "solver_config")
-
-
 def _device(model: nn.Module, fallback: torch.device) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return fallback
-
-
-def _hash_model(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    h.update(type(model).__name__.encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        if isinstance(v, Tensor):
-            t = v.detach().cpu().contiguous()
-            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _hash_data(x: Tensor, y: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in (x, y):
-        t = t.detach().cpu().contiguous()
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _derive_seed(seed: int, *parts: Any) -> int:
-    h = hashlib.sha256(("/".join([str(seed)] + [str(p) for p in parts])).encode()).hexdigest()
-    return int(h[:8], 16)
-
-
-def unit_seed(seed: int, eps: float, key: str) -> int:
-    """The seed an attack unit gets: a hash of the base seed, the eps value and the unit key (the
-    same for a given eps whatever else the sweep holds)."""
-    return _derive_seed(seed, repr(float(eps)), key)
 
 
 @contextlib.contextmanager
@@ -533,69 +106,6 @@ def _margins(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
     return margin(_logits(model, x, batch_size).float(), y)
 
 
-def _summary(residual: Tensor, steps: Tensor, converged: Tensor, diverged: Tensor) -> Dict[str, float]:
-    res = residual.float()
-    finite = torch.isfinite(res)
-    return {
-        "mean_steps": float(steps.float().mean()),
-        "converged_fraction": float(converged.float().mean()),
-        "diverged_fraction": float(diverged.float().mean()),
-        "mean_residual": float(res[finite].mean()) if bool(finite.any()) else float("nan"),
-        "max_residual": float(res[finite].max()) if bool(finite.any()) else float("nan"),
-        "non_finite_residuals": int((~finite).sum()),
-    }
-
-
-def trajectory_stats(tmodel: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Dict[str, Any]:
-    """Per-state accuracy of ``readout(z_k)``, solver statistics and the mean residual per step.
-
-    For a DEQ every step ``0..max_iter-1`` is recorded (states after a sample stopped are its
-    frozen iterate, their residual that of the frozen iterate); for a weight-tied model the layer
-    outputs ``0..depth``. Returns ``{"per_state": {"steps", "accuracy"}, "solver": summary |
-    None, "residual_curve": [float] | None}``.
-    """
-    solver = _is_solver_model(tmodel)
-    record: Any = list(range(tmodel.solver_config.max_iter)) if solver else "all"
-    correct: Optional[Tensor] = None
-    steps_idx: Optional[List[int]] = None
-    res_sum: Optional[Tensor] = None
-    r_list, s_list, c_list, d_list = [], [], [], []
-    n = 0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            eq = tmodel.run(xb, record=record)
-            states = sorted(eq.trajectory, key=lambda t: t.step)
-            idx = [t.step for t in states]
-            if steps_idx is None:
-                steps_idx = idx
-                correct = torch.zeros(len(idx), dtype=torch.float64)
-            elif idx != steps_idx:  # cannot happen with explicit records; be safe
-                raise RuntimeError(f"recorded states differ between batches: {idx} vs {steps_idx}")
-            for j, t in enumerate(states):
-                correct[j] += float((tmodel.readout(t.z).argmax(dim=1) == yb).sum())
-            if solver:
-                R = torch.stack([t.residual.float() for t in states]).cpu()  # (K, B)
-                for k in range(1, R.shape[0]):  # forward-fill unevaluated steps
-                    R[k] = torch.where(torch.isfinite(R[k]), R[k], R[k - 1])
-                R = torch.nan_to_num(R, nan=float("nan"), posinf=float("nan"))
-                part = torch.nansum(R, dim=1).double()
-                res_sum = part if res_sum is None else res_sum + part
-                st = eq.stats
-                r_list.append(st.residual.detach().cpu())
-                s_list.append(st.steps.detach().cpu())
-                c_list.append(st.converged.detach().cpu())
-                d_list.append(st.diverged.detach().cpu())
-            n += xb.shape[0]
-    out: Dict[str, Any] = {"per_state": None, "solver": None, "residual_curve": None}
-    if steps_idx is not None and n:
-        out["per_state"] = {"steps": steps_idx, "accuracy": (correct / n).tolist()}
-    if solver and r_list:
-        out["solver"] = _summary(torch.cat(r_list), torch.cat(s_list), torch.cat(c_list), torch.cat(d_list))
-        out["residual_curve"] = (res_sum / n).tolist()
-    return out
-
-
 def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tuple[Tensor, int]:
     """Project ``x_adv`` into the threat model; return it and the number of violating samples."""
     b = x.shape[0]
@@ -632,110 +142,6 @@ def _version(pkg: str) -> Optional[str]:
     except metadata.PackageNotFoundError:
         return None
 
-
-# -- incremental store ------------------------------------------------------------------------------
-def _completed_report(out_dir: Path, config_hash: str) -> Optional[EvalReport]:
-    """The report of a finished evaluation of the same configuration in ``out_dir`` (every unit
-    marked resumed), or None."""
-    path = out_dir / "report.json"
-    if not path.is_file() or (out_dir / "partial" / "manifest.json").is_file():
-        return None
-    try:
-        rep = EvalReport.load(out_dir)
-    except Exception as e:  # unreadable: recompute (the store below refuses a foreign one)
-        logger.warning("cannot read the finished report %s (%s); recomputing", path, e)
-        return None
-    if rep.config_hash != config_hash:
-        return None
-    for r in rep.results:
-        for a in r.attacks:
-            a.resumed = True
-    logger.info("%s holds the finished evaluation of this configuration: returning it", path)
-    return rep
-
-
-class _PartialStore:
-    """Finished units under ``out_dir/partial``: ``e{i}_u{j}.pt`` (tensors) + ``.json`` (meta);
-    the JSON is written last and marks the unit as finished."""
-
-    def __init__(self, out_dir: Path, config_hash: str, config: dict, resume: bool):
-        self.dir = Path(out_dir) / "partial"
-        self.manifest = self.dir / "manifest.json"
-        done = Path(out_dir) / "report.json"  # a completed evaluation (its partial/ was removed)
-        if resume and done.is_file() and not self.manifest.is_file():
-            try:
-                old_hash = json.loads(done.read_text(encoding="utf-8")).get("config_hash")
-            except (json.JSONDecodeError, AttributeError, OSError):
-                old_hash = None
-            if old_hash and old_hash != config_hash:
-                raise ConfigError(
-                    f"{done} is the report of a different configuration (hash {old_hash[:12]} vs "
-                    f"{config_hash[:12]}: model parameters, data, threat, eps, suite, steps, seed or batch "
-                    "size changed); use another out_dir or resume=False to overwrite it")
-        if self.manifest.is_file():
-            try:
-                old = json.loads(self.manifest.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                old = {}
-            same = old.get("config_hash") == config_hash
-            if resume and not same and old:
-                raise ConfigError(
-                    f"{self.dir} holds a partial evaluation of a different configuration (hash "
-                    f"{str(old.get('config_hash'))[:12]} vs {config_hash[:12]}: model parameters, data, "
-                    "threat, eps, suite, steps, seed or batch size changed); use another out_dir or "
-                    "resume=False to overwrite it")
-            if not resume or not same:
-                self.clear()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.manifest, json.dumps(
-            {"schema_version": SCHEMA_VERSION, "config_hash": config_hash, "config": config}, indent=2))
-
-    def clear(self) -> None:
-        for p in list(self.dir.glob("e*_u*.pt")) + list(self.dir.glob("e*_u*.json")) + [self.manifest]:
-            if p.is_file():
-                p.unlink()
-
-    def remove(self) -> None:
-        """Delete the folder once the evaluation is complete (its report holds the results)."""
-        self.clear()
-        try:
-            self.dir.rmdir()
-        except OSError:  # something else was put there: leave it
-            logger.debug("kept %s: it holds other files", self.dir)
-
-    @staticmethod
-    def stem(ei: int, ui: int) -> str:
-        return f"e{ei:03d}_u{ui:03d}"
-
-    def load(self, ei: int, ui: int, key: str) -> Optional[Tuple[dict, Dict[str, Tensor]]]:
-        meta_p = self.dir / (self.stem(ei, ui) + ".json")
-        pt_p = self.dir / (self.stem(ei, ui) + ".pt")
-        if not (meta_p.is_file() and pt_p.is_file()):
-            return None
-        try:
-            meta = json.loads(meta_p.read_text(encoding="utf-8"))
-            from ..checkpoint import safe_torch_load  # says what is wrong, never advises unsafe loading
-            tensors = safe_torch_load(pt_p, map_location="cpu")
-        except Exception as e:  # a corrupted unit is recomputed
-            logger.warning("cannot read partial unit %s (%s); recomputing it", meta_p.name, e)
-            return None
-        if meta.get("key") != key:
-            return None
-        return meta, tensors
-
-    def save(self, ei: int, ui: int, meta: dict, tensors: Dict[str, Tensor]) -> None:
-        pt_p = self.dir / (self.stem(ei, ui) + ".pt")
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=pt_p.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, pt_p)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        from .report import _json_safe
-        atomic_write_text(self.dir / (self.stem(ei, ui) + ".json"),
-                          json.dumps(_json_safe(meta), indent=2, allow_nan=False))
 
 
 # -- the harness ------------------------------------------------------------------------------------
@@ -776,7 +182,7 @@ class _Evaluation:
     suite_label: Any = None
     config: Dict[str, Any] = dataclasses.field(default_factory=dict)  # what the config hash covers
     config_hash: str = ""
-    store: Any = None                               # _PartialStore (or its sharded view) or None
+    store: Any = None                               # PartialStore (or its sharded view) or None
     bar: Any = None
     results: List[EpsResult] = dataclasses.field(default_factory=list)
     success_flags: Dict[float, Dict[str, Tensor]] = dataclasses.field(default_factory=dict)
@@ -902,7 +308,7 @@ def _clean_pass(ev: _Evaluation) -> None:
     """Clean margins and the clean trajectory statistics."""
     cfg = ev.cfg
     t0 = time.perf_counter()
-    with _seeded(_derive_seed(cfg.seed, "clean"), ev.device):
+    with _seeded(derive_seed(cfg.seed, "clean"), ev.device):
         ev.clean_margin = _margins(ev.model, ev.x, ev.y, cfg.batch_size)
     ev.clean_correct = ev.clean_margin > 0
     ev.timings["clean"] = time.perf_counter() - t0
@@ -913,7 +319,7 @@ def _clean_pass(ev: _Evaluation) -> None:
 
 def _suite_context(ev: _Evaluation) -> SuiteContext:
     tmodel = ev.tmodel
-    solver_model = _is_solver_model(tmodel)
+    solver_model = is_solver_model(tmodel)
     if solver_model:
         max_state = tmodel.solver_config.max_iter - 1
         s = (ev.clean_traj or {}).get("solver") or {}
@@ -944,10 +350,10 @@ def _plan(ev: _Evaluation) -> None:
         raise ConfigError("no attack of the suite applies to this model")
     ev.suite_label = cfg.suite if isinstance(cfg.suite, str) else [s.name for s in specs]
     ev.config = {
-        "schema_version": SCHEMA_VERSION, "model": _hash_model(ev.model), "data": _hash_data(ev.x, ev.y),
+        "schema_version": SCHEMA_VERSION, "model": hash_model(ev.model), "data": hash_data(ev.x, ev.y),
         "threat": ev.norm, "eps": list(cfg.eps), "units": [u.key for u in ev.units], "steps": cfg.steps,
         "seed": cfg.seed, "batch_size": cfg.batch_size, "suite": ev.suite_label, "cascade": cfg.cascade,
-        "transfer_sources": {k: _hash_model(v.model) for k, v in ev.views.items()
+        "transfer_sources": {k: hash_model(v.model) for k, v in ev.views.items()
                              if getattr(v, "view_kind", None) == "transfer"},
     }
     ev.config_hash = hashlib.sha256(json.dumps(ev.config, sort_keys=True).encode()).hexdigest()
@@ -956,14 +362,14 @@ def _plan(ev: _Evaluation) -> None:
 def _finished_report(ev: _Evaluation) -> Optional[EvalReport]:
     if ev.cfg.out_dir is None or not ev.cfg.resume:
         return None
-    return _completed_report(Path(ev.cfg.out_dir), ev.config_hash)
+    return completed_report(Path(ev.cfg.out_dir), ev.config_hash)
 
 
 def _open_store(ev: _Evaluation) -> None:
     cfg = ev.cfg
     _sharding.check_same_config(ev.config_hash, ev.dist_ctx)
     ev.store = _sharding.open_store(
-        lambda: _PartialStore(Path(cfg.out_dir), ev.config_hash, ev.config, cfg.resume), cfg.out_dir, ev.dist_ctx)
+        lambda: PartialStore(Path(cfg.out_dir), ev.config_hash, ev.config, cfg.resume), cfg.out_dir, ev.dist_ctx)
 
 
 def _attack_all(ev: _Evaluation) -> None:
@@ -1149,10 +555,10 @@ def _expand(specs: List[AttackSpec], model: nn.Module, views: Dict[str, nn.Modul
             if s.needs == "deq" and find_deq(target) is None:
                 notes.append(f"{s.name} skipped on {vname}: no DEQ whose gradient can be chosen")
                 continue
-            if s.needs == "trajectory" and not _has_trajectory(target):
+            if s.needs == "trajectory" and not is_trajectory_model(target):
                 notes.append(f"{s.name} skipped on {vname}: no trajectory")
                 continue
-            if s.needs == "solver" and not _is_solver_model(target):
+            if s.needs == "solver" and not is_solver_model(target):
                 notes.append(f"{s.name} skipped on {vname}: no fixed-point solver")
                 continue
             key = s.name if vname == "model" else f"{s.name}@{vname}"
@@ -1237,7 +643,7 @@ def _check_steps(ev: _Evaluation, xs: Tensor, ys: Tensor) -> List[Tuple[str, Cal
         ("zero_gradients", lambda: _checks.check_gradients(m, xs, ys, cc, warn=False)),
         ("black_box_stronger", lambda: _check_black_box(ev, xs, ys)),
         ("large_eps_not_chance", lambda: _checks.check_large_eps(
-            m, xs, ys, norm=norm, views=views, config=cc, seed=_derive_seed(seed, "large_eps"), warn=False)),
+            m, xs, ys, norm=norm, views=views, config=cc, seed=derive_seed(seed, "large_eps"), warn=False)),
         ("non_monotonic", lambda: _check_monotonic(ev, xs, ys)),
         ("non_convergence", lambda: _check_convergence(ev)),
         ("estimator_disagreement", lambda: _checks.check_estimators(m, xs, ys, cc, warn=False)),
@@ -1247,7 +653,7 @@ def _check_steps(ev: _Evaluation, xs: Tensor, ys: Tensor) -> List[Tuple[str, Cal
 def _run_check(ev: _Evaluation, out: List[CheckResult], name: str, fn: Callable[[], CheckResult]) -> None:
     t0 = time.perf_counter()
     try:
-        with _seeded(_derive_seed(ev.cfg.seed, "check", name), ev.device):
+        with _seeded(derive_seed(ev.cfg.seed, "check", name), ev.device):
             out.append(fn())
         ev.timings[f"check:{name}"] = time.perf_counter() - t0
     except Exception as e:  # a check must not lose the evaluation; the failure is recorded
@@ -1286,7 +692,7 @@ def _check_black_box(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
     if bool(survivors.any()):
         black[survivors] = _checks.square_probe(
             ev.model, xs[survivors], ys[survivors], eps=e, norm=ev.norm, queries=cc.black_box_queries,
-            seed=_derive_seed(ev.cfg.seed, "square"))
+            seed=derive_seed(ev.cfg.seed, "square"))
     return _checks.check_black_box(white, black, cc, warn=False,
                                    source=f"Square ({cc.black_box_queries} queries)", details={"eps": e})
 
@@ -1326,7 +732,7 @@ def _check_monotonic(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
     pick = min(ev.results, key=lambda r: (abs(r.robust_accuracy - 0.5), r.eps))
     sweep = {r.eps: r.robust_accuracy for r in ev.results} if len(ev.results) > 1 else None
     return _checks.check_monotonic(ev.model, xs, ys, eps=pick.eps, norm=ev.norm, views=ev.views, sweep=sweep,
-                                   config=ev.cfg.check_config, seed=_derive_seed(ev.cfg.seed, "monotonic"),
+                                   config=ev.cfg.check_config, seed=derive_seed(ev.cfg.seed, "monotonic"),
                                    warn=False)
 
 
@@ -1374,6 +780,4 @@ def _provenance(ev: _Evaluation) -> Dict[str, Any]:
     }
 
 
-__all__ = ["evaluate", "EvalConfig", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "builtin_spec", "is_attack_name",
-           "register_attack_spec", "register_suite",
-           "suite_names", "trajectory_model", "trajectory_stats", "unit_seed", "EvalReport"]
+__all__ = ["evaluate"]

@@ -184,7 +184,7 @@ def test_unknown_solver_names_the_known_ones():
 # -- attack specs and suites ------------------------------------------------------------------------
 def test_register_suite_and_attack_spec_end_to_end(cleanup):
     from robustdeq.eval import AttackSpec, evaluate, register_attack_spec, register_suite
-    from robustdeq.eval.harness import _pgd_factory
+    from robustdeq.eval.suites import _pgd_factory
 
     @register_attack_spec("pgd-toy")
     def pgd_toy(ctx):

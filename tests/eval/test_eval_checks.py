@@ -10,7 +10,7 @@ import torch
 from robustdeq.errors import ConfigError, GradientMaskingWarning, NonConvergenceWarning
 from robustdeq.eval import CHECKS, CheckConfig, evaluate
 from robustdeq.eval import checks as C
-from robustdeq.eval.harness import AttackSpec, trajectory_stats
+from robustdeq.eval import AttackSpec, trajectory_stats
 
 from eval_helpers import (BudgetModel, NoisyModel, QuantizedModel, ReversedGradModel, SoftmaxModel,
                           digits_subset, nonconverging_deq, trained_deq, trained_mlp,

@@ -9,7 +9,7 @@ import torch
 from robustdeq.deq import zoo
 from robustdeq.errors import ConfigError, GradientMaskingWarning, InputError, NonConvergenceWarning
 from robustdeq.eval import AttackSpec, CheckConfig, EvalReport, evaluate
-from robustdeq.eval.harness import unit_seed
+from robustdeq.eval.store import unit_seed
 from robustdeq.eval.report import SCHEMA_VERSION
 
 from eval_helpers import MaskedDefense, digits_subset, trained_deq, trained_mlp
@@ -121,7 +121,7 @@ def test_custom_suite_against_hand_computed_flags(mlp, data):
 
 
 def test_config_hash_tracks_parameters_including_scalar_buffers(mlp, data):
-    from robustdeq.eval.harness import _hash_model
+    from robustdeq.eval.store import hash_model
 
     class Scaled(torch.nn.Module):
         def __init__(self):
@@ -132,11 +132,11 @@ def test_config_hash_tracks_parameters_including_scalar_buffers(mlp, data):
         def forward(self, x):
             return self.net(x) / self.temperature
     m = Scaled()
-    h1 = _hash_model(m)
+    h1 = hash_model(m)
     m.temperature.fill_(2.0)
-    assert _hash_model(m) != h1
+    assert hash_model(m) != h1
     m.temperature.fill_(1.0)
-    assert _hash_model(m) == h1
+    assert hash_model(m) == h1
 
 
 def test_attack_leaving_the_ball_is_projected_and_noted(mlp, data):
@@ -430,7 +430,7 @@ def test_standard_suite_end_to_end(deq, tmp_path):
 
 
 def test_full_suite_composition_and_transfer_unit(deq, data):
-    from robustdeq.eval.harness import SuiteContext, build_suite, trajectory_model
+    from robustdeq.eval import SuiteContext, build_suite, trajectory_model
     ctx = SuiteContext(model=deq, trajectory_model=trajectory_model(deq), has_deq=True, solver_model=True,
                        randomized=False, horizon=10, max_state=deq.solver_config.max_iter - 1)
     names = [s.name for s in build_suite("full", ctx)]

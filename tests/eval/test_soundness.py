@@ -21,7 +21,7 @@ from robustdeq.deq.grad import UnrolledGrad
 from robustdeq.deq.solvers import get_solver
 from robustdeq.deq.views import TransferView
 from robustdeq.errors import CertificationWarning, ConfigError, GradientMaskingWarning, NonConvergenceWarning
-from robustdeq.eval.harness import AttackSpec, evaluate
+from robustdeq.eval import AttackSpec, evaluate
 from robustdeq.guard import model_snapshot, preserve_model, snapshot_diff
 
 from eval_helpers import digits_subset, trained_deq

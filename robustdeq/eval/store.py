@@ -1,0 +1,168 @@
+"""What an evaluation keeps on disk and how it recognises its own configuration: hashes of the
+model parameters and data, the seeds of the units, the finished units under
+``out_dir/partial/`` and the completed report.
+
+Each finished (eps, attack unit) is written atomically to ``out_dir/partial/`` (tensors with
+``torch.save``, read back with ``weights_only=True``, plus a JSON sidecar written last); a later
+evaluation of the same configuration (hash of model parameters, data, threat, eps, suite, steps,
+seed, batch size) skips the finished units and reloads their flags.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .report import SCHEMA_VERSION, EvalReport, _json_safe, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def hash_model(model: nn.Module) -> str:
+    """SHA-256 of the model's class name and its state dict (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        if isinstance(v, Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def hash_data(x: Tensor, y: Tensor) -> str:
+    """SHA-256 of the inputs and labels (dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for t in (x, y):
+        t = t.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 32-bit seed hashed from ``seed`` and ``parts`` (a check's name, a unit's key, ...)."""
+    h = hashlib.sha256(("/".join([str(seed)] + [str(p) for p in parts])).encode()).hexdigest()
+    return int(h[:8], 16)
+
+
+def unit_seed(seed: int, eps: float, key: str) -> int:
+    """The seed an attack unit gets: a hash of the base seed, the eps value and the unit key (the
+    same for a given eps whatever else the sweep holds)."""
+    return derive_seed(seed, repr(float(eps)), key)
+
+
+
+def completed_report(out_dir: Path, config_hash: str) -> Optional[EvalReport]:
+    """The report of a finished evaluation of the same configuration in ``out_dir`` (every unit
+    marked resumed), or None."""
+    path = out_dir / "report.json"
+    if not path.is_file() or (out_dir / "partial" / "manifest.json").is_file():
+        return None
+    try:
+        rep = EvalReport.load(out_dir)
+    except Exception as e:  # unreadable: recompute (the store below refuses a foreign one)
+        logger.warning("cannot read the finished report %s (%s); recomputing", path, e)
+        return None
+    if rep.config_hash != config_hash:
+        return None
+    for r in rep.results:
+        for a in r.attacks:
+            a.resumed = True
+    logger.info("%s holds the finished evaluation of this configuration: returning it", path)
+    return rep
+
+
+class PartialStore:
+    """Finished units under ``out_dir/partial``: ``e{i}_u{j}.pt`` (tensors) + ``.json`` (meta);
+    the JSON is written last and marks the unit as finished."""
+
+    def __init__(self, out_dir: Path, config_hash: str, config: dict, resume: bool):
+        self.dir = Path(out_dir) / "partial"
+        self.manifest = self.dir / "manifest.json"
+        done = Path(out_dir) / "report.json"  # a completed evaluation (its partial/ was removed)
+        if resume and done.is_file() and not self.manifest.is_file():
+            try:
+                old_hash = json.loads(done.read_text(encoding="utf-8")).get("config_hash")
+            except (json.JSONDecodeError, AttributeError, OSError):
+                old_hash = None
+            if old_hash and old_hash != config_hash:
+                raise ConfigError(
+                    f"{done} is the report of a different configuration (hash {old_hash[:12]} vs "
+                    f"{config_hash[:12]}: model parameters, data, threat, eps, suite, steps, seed or batch "
+                    "size changed); use another out_dir or resume=False to overwrite it")
+        if self.manifest.is_file():
+            try:
+                old = json.loads(self.manifest.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                old = {}
+            same = old.get("config_hash") == config_hash
+            if resume and not same and old:
+                raise ConfigError(
+                    f"{self.dir} holds a partial evaluation of a different configuration (hash "
+                    f"{str(old.get('config_hash'))[:12]} vs {config_hash[:12]}: model parameters, data, "
+                    "threat, eps, suite, steps, seed or batch size changed); use another out_dir or "
+                    "resume=False to overwrite it")
+            if not resume or not same:
+                self.clear()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.manifest, json.dumps(
+            {"schema_version": SCHEMA_VERSION, "config_hash": config_hash, "config": config}, indent=2))
+
+    def clear(self) -> None:
+        for p in list(self.dir.glob("e*_u*.pt")) + list(self.dir.glob("e*_u*.json")) + [self.manifest]:
+            if p.is_file():
+                p.unlink()
+
+    def remove(self) -> None:
+        """Delete the folder once the evaluation is complete (its report holds the results)."""
+        self.clear()
+        try:
+            self.dir.rmdir()
+        except OSError:  # something else was put there: leave it
+            logger.debug("kept %s: it holds other files", self.dir)
+
+    @staticmethod
+    def stem(ei: int, ui: int) -> str:
+        return f"e{ei:03d}_u{ui:03d}"
+
+    def load(self, ei: int, ui: int, key: str) -> Optional[Tuple[dict, Dict[str, Tensor]]]:
+        meta_p = self.dir / (self.stem(ei, ui) + ".json")
+        pt_p = self.dir / (self.stem(ei, ui) + ".pt")
+        if not (meta_p.is_file() and pt_p.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_p.read_text(encoding="utf-8"))
+            from ..checkpoint import safe_torch_load  # says what is wrong, never advises unsafe loading
+            tensors = safe_torch_load(pt_p, map_location="cpu")
+        except Exception as e:  # a corrupted unit is recomputed
+            logger.warning("cannot read partial unit %s (%s); recomputing it", meta_p.name, e)
+            return None
+        if meta.get("key") != key:
+            return None
+        return meta, tensors
+
+    def save(self, ei: int, ui: int, meta: dict, tensors: Dict[str, Tensor]) -> None:
+        pt_p = self.dir / (self.stem(ei, ui) + ".pt")
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=pt_p.name + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, pt_p)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        atomic_write_text(self.dir / (self.stem(ei, ui) + ".json"),
+                          json.dumps(_json_safe(meta), indent=2, allow_nan=False))
+
+
+__all__ = ["hash_model", "hash_data", "derive_seed", "unit_seed", "completed_report", "PartialStore"]

@@ -1,0 +1,356 @@
+"""Attack specs and suites: what :func:`~robustdeq.eval.harness.evaluate` runs.
+
+A *suite* is a list of :class:`AttackSpec` (name, factory, kind, scope), resolved for one model by
+:func:`build_suite` from a registered suite name (:data:`robustdeq.registry.SUITES`) or a list of
+specs, attack names (:data:`robustdeq.registry.ATTACK_SPECS`) and named factories.
+
+Built-in suites (alpha = 2.5 eps / steps, seeds derived from the evaluation seed):
+
+- ``quick``: PGD with the implicit (IFT) gradient and PGD with an unrolled gradient
+  (``UnrolledGrad(8)``) for models holding a ``DEQClassifier``, PGD with the model's own gradient
+  otherwise (a weight-tied model backpropagates through its layers); each with the cross-entropy
+  and with the Carlini-Wagner margin loss (Carlini & Wagner 2017), and 3 random restarts (a
+  restart attacks only the samples still unbroken). Like every suite, an upper bound on the
+  robust accuracy.
+- ``standard``: quick + intermediate-state attacks (Yang et al. 2022) on three states spread over
+  the clean trajectory + their ensemble attack + AutoAttack standard (Croce & Hein 2020; "rand"
+  for a model that declares ``randomized``).
+- ``full``: standard + AutoAttack plus + a transfer attack crafted on the unrolled view
+  (``attack_view(deq, state=K, unroll=K)``: K solver steps from z0, backpropagated) and judged on
+  the model.
+
+Other attack names for custom suites include ``pgd-exact``, ``pgd-phantom``, ``square`` and
+``apgd-ce`` (APGD-CE alone: an adaptive step size, much stronger than fixed-step PGD on
+adversarially trained models at large radii, at a fraction of AutoAttack's cost).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+from torch import nn
+
+from .._tensor import default_alpha
+from ..errors import ConfigError
+from ..registry import ATTACK_SPECS, SUITES
+
+# SUITES (robustdeq.registry.SUITES): the named suites, "quick", "standard", "full" and registered ones
+KINDS = ("white-box", "black-box", "transfer")
+SCOPES = ("views", "model", "deq")
+NEEDS = ("any", "deq", "trajectory", "solver")
+
+Factory = Callable[..., Any]  # factory(target, *, eps, norm, steps, seed) -> Attack
+
+
+@dataclass
+class AttackSpec:
+    """One attack of a suite.
+
+    Args:
+        name: unique name (the unit key; ``name@view`` for adaptive views).
+        factory: ``factory(target, *, eps, norm, steps, seed) -> Attack`` (an object with
+            ``__call__(x, y) -> x_adv`` and ideally ``describe() -> dict``).
+        kind: "white-box", "black-box" or "transfer" (the black-box check compares them).
+        scope: "views": the model and each adaptive view of a defense; "model": the model only;
+            "deq": the underlying trajectory model (a DEQ or weight-tied model), judged on the model.
+        needs: "any"; "deq": the target must hold a ``DEQClassifier`` (the gradient estimator is
+            chosen); "trajectory": a model with ``run``/``readout`` (DEQ or weight-tied);
+            "solver": a ``DEQClassifier`` trajectory model.
+    """
+
+    name: str
+    factory: Factory
+    kind: str = "white-box"
+    scope: str = "views"
+    needs: str = "any"
+    description: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or "@" in self.name:
+            raise ConfigError(f"AttackSpec.name must be a non-empty string without '/' or '@', got {self.name!r}")
+        if not callable(self.factory):
+            raise ConfigError(f"AttackSpec.factory of {self.name!r} is not callable")
+        for attr, allowed in (("kind", KINDS), ("scope", SCOPES), ("needs", NEEDS)):
+            if getattr(self, attr) not in allowed:
+                raise ConfigError(f"AttackSpec.{attr} must be one of {allowed}, got {getattr(self, attr)!r}")
+
+
+@dataclass
+class SuiteContext:
+    """What the built-in suites need to know about the model (filled by ``evaluate``)."""
+
+    model: nn.Module
+    trajectory_model: Optional[nn.Module]
+    has_deq: bool
+    solver_model: bool
+    randomized: bool
+    horizon: Optional[int]        # states worth attacking: 1..horizon-1
+    max_state: Optional[int]      # largest recordable state index
+
+
+# -- built-in attack specs ------------------------------------------------------------------------
+PGD_RESTARTS = 3  # random restarts of the built-in PGD units
+
+
+def _pgd_factory(grad, judge: nn.Module, loss: str = "ce", method: str = "auto"):
+    def factory(target, *, eps, norm, steps, seed):
+        # early stopping where the attacked module is the judged model itself: never weaker per
+        # sample than the plain loop there (frozen samples are confirmed by the model's own
+        # inference) and much cheaper once most samples break; on an adaptive view the view's
+        # success is not the defense's, so the view is attacked for every step. PGD's default
+        # method ("auto"): on a DEQ attacked with the implicit gradient, the joint iteration for
+        # the samples whose first solve converges (judged by the model's inference at its end,
+        # no early stopping needed), the exact loop for the others
+        from ..attacks import PGD
+        return PGD(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, grad=grad,
+                   loss=loss, restarts=PGD_RESTARTS, seed=seed, early_stop=target is judge,
+                   method=method)
+    return factory
+
+
+def _state_factory(states, ensemble: bool, judge: Optional[nn.Module]):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks import StateAttack
+        return StateAttack(target, eps=eps, alpha=default_alpha(eps, steps), steps=steps, states=states,
+                           ensemble=ensemble, mode="unroll", norm=norm,
+                           judge=None if judge is target else judge, seed=seed)
+    return factory
+
+
+def _autoattack_factory(version: str, **options):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks import AutoAttack
+        return AutoAttack(target, eps=eps, norm=norm, version=version, seed=seed, **options)
+    return factory
+
+
+def _transfer_factory(k: int):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks import PGD
+        from ..deq.views import attack_view
+        surrogate = attack_view(target, state=k, unroll=k)
+        return PGD(surrogate, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, seed=seed)
+    return factory
+
+
+def _square_factory(queries: int):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks import TorchAttack
+        return TorchAttack(target, "Square", eps=eps, norm=norm, n_queries=queries, seed=seed)
+    return factory
+
+
+def _spread_states(ctx: SuiteContext, n: int = 3) -> List[int]:
+    if ctx.horizon is None or ctx.max_state is None:
+        return []
+    hi = max(1, min(ctx.horizon - 1, ctx.max_state))
+    lo = max(1, hi // 4)
+    if n == 1 or hi == lo:
+        return [hi]
+    vals = {int(round(lo + (hi - lo) * i / (n - 1))) for i in range(n)}
+    return sorted(vals)
+
+
+# -- the registries of attack specs and suites (robustdeq.registry) ---------------------------------
+def register_attack_spec(name: str, builder: Optional[Callable[[SuiteContext], Any]] = None, *,
+                         replace: bool = False):
+    """Make ``name`` usable in suites: ``builder(ctx) -> AttackSpec | [AttackSpec]`` (an empty
+    list when the attack does not apply to the model in ``ctx``). Without ``builder``, a
+    decorator. Re-registering a name (a built-in included) is a ConfigError unless
+    ``replace=True``."""
+    return ATTACK_SPECS.register(name, builder, replace=replace)
+
+
+def register_suite(name: str, suite: Any = None, *, replace: bool = False):
+    """Make ``evaluate(..., suite=name)`` (and ``robustdeq eval --suite name``) run ``suite``: a
+    list of attacks (built-in or registered names, :class:`AttackSpec`, named factories) or a
+    function ``suite(ctx) -> list`` choosing them for the model in ``ctx``. Without ``suite``, a
+    decorator. Re-registering a name (a built-in included) is a ConfigError unless
+    ``replace=True``."""
+    if suite is not None and not callable(suite):
+        items = list(suite) if isinstance(suite, (list, tuple)) else None
+        if not items:
+            raise ConfigError(f"register_suite({name!r}, ...) needs a non-empty list of attacks or a "
+                              f"function ctx -> list, got {suite!r}")
+        suite = _fixed_suite(items)
+    return SUITES.register(name, suite, replace=replace)
+
+
+def _fixed_suite(items: List[Any]) -> Callable[[SuiteContext], List[Any]]:
+    def suite(ctx: SuiteContext) -> List[Any]:
+        return list(items)
+    return suite
+
+
+def _pgd_spec(name: str, grad_key: str, needs: str, what: str, loss_name: str):
+    def build(ctx: SuiteContext) -> List[AttackSpec]:
+        grad = _PGD_GRADS[grad_key]()
+        loss = "CW margin" if loss_name == "margin" else "cross-entropy"
+        method = "exact" if grad_key == "pgd-exact" else "auto"
+        return [AttackSpec(name, _pgd_factory(grad, ctx.model, loss_name, method), needs=needs,
+                           description=f"PGD with {what}, {loss} loss, {PGD_RESTARTS} random restarts")]
+    return build
+
+
+def _unrolled8():
+    from ..deq.grad import UnrolledGrad
+    return UnrolledGrad(steps=8)
+
+
+_PGD_GRADS = {"pgd": lambda: None, "pgd-ift": lambda: "ift", "pgd-unrolled": _unrolled8,
+              "pgd-phantom": lambda: "phantom", "pgd-exact": lambda: "ift"}
+
+
+def _states_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec(f"state-{k}", _state_factory(k, False, ctx.model), scope="deq", needs="trajectory",
+                       description=f"intermediate-state attack on z_{k} (unrolled gradient)")
+            for k in _spread_states(ctx)]
+
+
+def _state_k_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
+    k = int(name[6:])
+    return [AttackSpec(name, _state_factory(k, False, ctx.model), scope="deq", needs="trajectory",
+                       description=f"intermediate-state attack on z_{k}")]
+
+
+def _state_ensemble_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    if ctx.horizon is None or ctx.max_state is None:
+        return []
+    ks = list(range(1, max(1, min(ctx.horizon, ctx.max_state)) + 1))
+    return [AttackSpec("state-ensemble", _state_factory(ks, True, ctx.model), scope="deq",
+                       needs="trajectory", description=f"attack on the ensemble of the states 1..{ks[-1]}")]
+
+
+def _autoattack_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    version = "rand" if ctx.randomized else "standard"
+    return [AttackSpec("autoattack", _autoattack_factory(version),
+                       description=f"AutoAttack {version} (pyautoattack)")]
+
+
+def _autoattack_plus_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec("autoattack-plus", _autoattack_factory("plus"), description="AutoAttack plus (pyautoattack)")]
+
+
+def _apgd_ce_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec("apgd-ce", _autoattack_factory("custom", attacks=["apgd-ce"]),
+                       description="APGD-CE alone (pyautoattack: 100 iterations, adaptive step size; "
+                                   "much stronger than fixed-step PGD on adversarially trained DEQs "
+                                   "at large radii, at a fraction of AutoAttack's cost)")]
+
+
+def _transfer_unrolled_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    if ctx.horizon is None or ctx.max_state is None:
+        return []
+    k = max(1, min(ctx.horizon, ctx.max_state))
+    return [AttackSpec("transfer-unrolled", _transfer_factory(k), kind="transfer", scope="deq", needs="solver",
+                       description=f"PGD on the unrolled view ({k} steps from z0), judged on the model")]
+
+
+def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec("square", _square_factory(1000), kind="black-box",
+                       description="Square attack, 1000 queries (torchattacks)")]
+
+
+def _register_builtin_specs() -> None:
+    pgd = {"pgd": ("any", "the model's own gradient (a DEQ's implicit one by the joint iteration "
+                          "where its solves converge)"),
+           "pgd-ift": ("deq", "the implicit (IFT) gradient, by the joint forward/adjoint/input "
+                              "iteration for samples whose solves converge, exact solves otherwise"),
+           "pgd-exact": ("deq", "the implicit (IFT) gradient from exact forward and adjoint solves "
+                                "at every step"),
+           "pgd-unrolled": ("deq", "8 unrolled steps from z*"),
+           "pgd-phantom": ("deq", "the phantom gradient (k=5, tau=0.5)")}
+    for base, (needs, what) in pgd.items():
+        for name, loss_name in ((base, "ce"), (f"{base}-margin", "margin")):
+            ATTACK_SPECS.register(name, _pgd_spec(name, base, needs, what, loss_name), builtin=True)
+    for name, fn in (("states", _states_spec), ("state-ensemble", _state_ensemble_spec),
+                     ("autoattack", _autoattack_spec), ("autoattack-plus", _autoattack_plus_spec),
+                     ("apgd-ce", _apgd_ce_spec),
+                     ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec)):
+        ATTACK_SPECS.register(name, fn, builtin=True)
+
+
+_register_builtin_specs()
+
+
+def is_attack_name(name: str) -> bool:
+    """``name`` is one :func:`builtin_spec` resolves: a registered attack or ``state-<k>``."""
+    return name in ATTACK_SPECS or (name.startswith("state-") and name[6:].isdigit())
+
+
+def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
+    """The spec(s) called ``name``: a registered attack (:data:`robustdeq.registry.ATTACK_SPECS`:
+    the built-ins and :func:`register_attack_spec`; ``states`` expands to one spec per state), or
+    ``state-<k>``."""
+    if name not in ATTACK_SPECS and is_attack_name(name):
+        return _state_k_spec(name, ctx)
+    out = ATTACK_SPECS.get(name)(ctx)
+    out = [out] if isinstance(out, AttackSpec) else list(out or [])
+    bad = [o for o in out if not isinstance(o, AttackSpec)]
+    if bad:
+        raise ConfigError(f"the attack builder {name!r} returned {bad[0]!r}, not an AttackSpec")
+    return out
+
+
+# the built-in suites (robustdeq.registry.SUITES refers to them by name)
+def _suite_quick(ctx: SuiteContext) -> List[str]:
+    return (["pgd-ift", "pgd-unrolled", "pgd-ift-margin", "pgd-unrolled-margin"] if ctx.has_deq
+            else ["pgd", "pgd-margin"])
+
+
+def _suite_standard(ctx: SuiteContext) -> List[str]:
+    names = _suite_quick(ctx)
+    if ctx.trajectory_model is not None:
+        names += ["states", "state-ensemble"]
+    return names + ["autoattack"]
+
+
+def _suite_full(ctx: SuiteContext) -> List[str]:
+    names = _suite_standard(ctx) + ["autoattack-plus"]
+    if ctx.solver_model:
+        names += ["transfer-unrolled"]
+    return names
+
+
+def suite_names(suite: str, ctx: SuiteContext) -> List[Any]:
+    """The attacks of the named suite for this model (:data:`robustdeq.registry.SUITES`: the
+    built-ins and :func:`register_suite`): built-in names, or whatever a registered suite lists."""
+    return list(SUITES.get(suite)(ctx))
+
+
+def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[AttackSpec]:
+    """Resolve ``suite`` (a name, or a list of specs / built-in names / factories)."""
+    if isinstance(suite, str):
+        items: List[Any] = suite_names(suite, ctx)
+    elif isinstance(suite, (list, tuple)):
+        items = list(suite)
+        if not items:
+            raise ConfigError("the suite is empty")
+    else:
+        raise ConfigError(f"suite must be {', '.join(SUITES.names())} or a list of attacks, "
+                          f"got {type(suite).__name__}")
+    specs: List[AttackSpec] = []
+    for it in items:
+        if isinstance(it, AttackSpec):
+            specs.append(it)
+        elif isinstance(it, str):
+            specs.extend(builtin_spec(it, ctx))
+        elif callable(it):
+            name = getattr(it, "__name__", None)
+            if not name or name == "<lambda>":
+                raise ConfigError("a factory in the suite needs a name: wrap it in AttackSpec(name, factory)")
+            specs.append(AttackSpec(name, it))
+        else:
+            raise ConfigError(f"suite entries must be AttackSpec, built-in names or factories, got {it!r}")
+    seen = set()
+    for s in specs:
+        if s.name in seen:
+            raise ConfigError(f"attack name {s.name!r} appears twice in the suite")
+        seen.add(s.name)
+    return specs
+
+
+
+__all__ = ["AttackSpec", "SuiteContext", "SUITES", "ATTACK_SPECS", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
+           "register_attack_spec", "register_suite", "is_attack_name", "builtin_spec", "suite_names",
+           "build_suite"]
