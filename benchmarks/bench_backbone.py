@@ -3,11 +3,15 @@
 1. robustdeq Anderson vs torchdeq Anderson: same cell, same batch, same tolerance (relative 1e-3
    per sample for us; torchdeq stops when the batch maximum is below tol), same memory m=5 and
    lambda 1e-4: wall time and iterations to the tolerance. Target: robustdeq <= 0.8x torchdeq.
-2. IFT backward vs full backpropagation through 30 Anderson iterations: peak memory (the rise of
+2. Anderson's per-iteration cost on small batches (the attacks' shrinking batches): the current
+   ``Anderson`` vs the previous implementation kept here as a reference (``AndersonBefore``),
+   interleaved, same cell (mlp_deq, hidden 64), 30 iterations without early stop; also the time
+   of the 30 evaluations of the cell alone and the largest difference between the two solutions.
+3. IFT backward vs full backpropagation through 30 Anderson iterations: peak memory (the rise of
    the process's peak RSS, measured in a fresh subprocess per variant) and time of forward +
    backward. Target: IFT <= 0.25x the memory.
 
-Usage: python benchmarks/bench_backbone.py [--repeats 20]
+Usage: python benchmarks/bench_backbone.py [--repeats 20] [--only overhead]
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ warnings.simplefilter("ignore")
 
 from robustdeq.config import SolverConfig  # noqa: E402
 from robustdeq.deq import zoo  # noqa: E402
-from robustdeq.deq.solvers import get_solver  # noqa: E402
+from robustdeq.deq.solvers import Anderson, _combine, get_solver  # noqa: E402,F401
+from torch import Tensor  # noqa: E402
 
 
 def make_model(hidden: int, seed: int = 0):
@@ -71,6 +76,140 @@ def bench_solvers(repeats: int, batch: int, hidden: int, tol: float, device: str
     }
 
 
+class AndersonBefore(Anderson):
+    """The previous ``Anderson.propose`` (per-step safeguard bookkeeping on every sample), kept
+    as the reference of the small-batch overhead comparison."""
+
+    def _failed(self, gn2: Tensor, mem: dict) -> Tensor:
+        """(B,) bool: the extrapolated iterate's squared residual ``gn2`` exceeds ``safeguard**2``
+        times the smallest one so far (growth after a plain step is the map's own: not blamed)."""
+        return (gn2 > (self.config.safeguard ** 2) * mem["ref"]) & mem["mixed"]
+
+    def _ref(self, gn2: Tensor, mem: dict) -> Tensor:
+        return torch.minimum(gn2, mem["ref"])
+
+    def residual_buffer(self, state, z):
+        mem = state.memory
+        G = mem.get("G")
+        if G is None or G.shape[1:] != z.shape:
+            return None
+        buf = mem["pending"] = G[mem["n"] % self.config.m]   # the slot propose stores g in
+        return buf
+
+    def propose(self, state, z, fz, g):
+        cfg = self.config
+        mem = state.memory
+        m = cfg.m
+        if "F" not in mem:
+            b, d = z.shape
+            mem["F"] = z.new_empty(m, b, d)     # images f(X_i), slot i % m
+            mem["G"] = z.new_empty(m, b, d)     # residuals G_i = f(X_i) - X_i
+            mem["H"] = z.new_zeros(b, m, m)     # Gram matrix <G_i, G_j>
+            mem["ones"] = z.new_ones(b, m, 1)
+            mem["n"] = 0
+            if cfg.safeguard > 0:
+                mem["valid"] = torch.zeros(b, m, dtype=torch.bool, device=z.device)  # slot usable
+                mem["ref"] = None                                                   # min_j ||g_j||^2
+                mem["mixed"] = torch.zeros(b, dtype=torch.bool, device=z.device)     # z_k extrapolated
+                mem["cool"] = torch.zeros(b, dtype=torch.long, device=z.device)      # plain steps left
+                mem["backoff"] = torch.full((b,), m, dtype=torch.long, device=z.device)
+        F, G, H = mem["F"], mem["G"], mem["H"]
+        pending = mem.pop("pending", None)
+        if torch.is_grad_enabled():  # keep autograd history valid for full backpropagation
+            F, G, H = F.clone(), G.clone(), H.clone()
+        slot = mem["n"] % m
+        F[slot] = fz
+        if g is not pending:  # not already written there by step()
+            G[slot] = g
+        mem["n"] += 1
+        n = min(mem["n"], m)
+        if n * g.numel() <= 1 << 18:   # small: one product over the memory (fewest operations)
+            row = torch.linalg.vecdot(G[:n], g).t()                          # (B, n): <G_i, g>
+        else:  # large: one slot at a time (each product stays in cache)
+            row = torch.stack([torch.linalg.vecdot(G[i], g) for i in range(n)], 1)
+        H[:, slot, :n] = row
+        H[:, :n, slot] = row
+        mem["F"], mem["G"], mem["H"] = F, G, H
+        valid = mem.get("valid")
+        restarted = False
+        if valid is not None:
+            gn2 = row[:, slot].detach()                                     # ||g_k||^2
+            if mem["ref"] is not None:
+                grew = self._failed(gn2, mem)
+                if bool(grew.any()):
+                    mem["cool"] = torch.where(grew, mem["backoff"], mem["cool"])
+                    mem["backoff"] = torch.where(grew, (2 * mem["backoff"]).clamp_(max=2 * m), mem["backoff"])
+            cooling = mem["cool"] > 0
+            if bool(cooling.any()):       # restarted samples: plain steps while cooling down
+                valid = valid & ~cooling[:, None]
+                mem["cool"] = (mem["cool"] - 1).clamp_(min=0)
+            valid[:, slot] = True
+            mem["valid"], mem["ref"] = valid, gn2 if mem["ref"] is None else self._ref(gn2, mem)
+            n_valid = valid[:, :n].sum(dim=1)
+            mem["mixed"] = n_valid > 1    # the proposal below combines >= 2 slots
+            restarted = not bool((n_valid == n).all())
+        if n == 1:
+            return fz if cfg.beta == 1 else z + cfg.beta * g
+        # Tikhonov term lam * (mean squared residual in memory): scale invariant, so the
+        # acceleration does not fade as residuals shrink (an absolute lam dominates tiny G G^T)
+        if restarted:  # masked slots: zero rows/columns, unit diagonal, zero right-hand side
+            v = valid[:, :n].to(H.dtype)
+            Hn = H[:, :n, :n] * v[:, :, None] * v[:, None, :]
+            diag = Hn.diagonal(dim1=1, dim2=2)
+            diag.add_(diag.sum(dim=1, keepdim=True) * (cfg.lam / v.sum(dim=1, keepdim=True)))
+            diag.add_(1 - v)
+            rhs = v[..., None]
+        else:
+            Hn = H[:, :n, :n].clone()
+            diag = Hn.diagonal(dim1=1, dim2=2)
+            diag.add_(diag.sum(dim=1, keepdim=True), alpha=cfg.lam / n)
+            rhs = mem["ones"][:, :n]
+        c, info = torch.linalg.solve_ex(Hn, rhs)
+        alpha = c[..., 0]
+        alpha = alpha / alpha.sum(dim=1, keepdim=True)                      # (B, n)
+        if bool(info.any()):  # singular (all G_i = 0, an exact fixed point): a plain step
+            plain = torch.zeros_like(alpha)
+            plain[:, slot] = 1
+            alpha = torch.where((info != 0)[:, None], plain, alpha)
+        z_f = _combine(alpha, F[:n])                                      # sum_i a_i f(X_i)
+        if cfg.beta == 1.0:
+            return z_f
+        # beta f + (1 - beta) X  =  f - (1 - beta) G
+        return z_f - (1 - cfg.beta) * _combine(alpha, G[:n])
+
+
+
+def bench_anderson_overhead(repeats: int, batches=(2, 16, 256), hidden: int = 64, iters: int = 30):
+    """Per-iteration time of 30 Anderson iterations (no early stop): current vs previous."""
+    torch.manual_seed(0)
+    model = zoo.build("mlp_deq", hidden=hidden, init_gain=0.9)
+    cfg = SolverConfig(name="anderson", max_iter=iters, tol=0.0)
+    rows = []
+    for b in batches:
+        x = torch.rand(b, 1, 8, 8)
+        with torch.no_grad():
+            u = model.inject(x)
+            f = lambda z: model.cell(z, u)  # noqa: E731
+            z0 = torch.zeros(b, hidden)
+            new, old = Anderson(cfg), AndersonBefore(cfg)
+
+            def cell_alone():
+                z = z0
+                for _ in range(iters):
+                    z = f(z)
+            for _ in range(3):
+                new.solve(f, z0); old.solve(f, z0); cell_alone()
+            t_new, t_old, t_f = [], [], []
+            for _ in range(repeats):  # interleaved: machine load affects all three alike
+                t = time.perf_counter(); r_new = new.solve(f, z0); t_new.append(time.perf_counter() - t)
+                t = time.perf_counter(); r_old = old.solve(f, z0); t_old.append(time.perf_counter() - t)
+                t = time.perf_counter(); cell_alone(); t_f.append(time.perf_counter() - t)
+        us = lambda ts: 1e6 * statistics.median(ts) / iters  # noqa: E731
+        rows.append({"batch": b, "new_us": us(t_new), "old_us": us(t_old), "cell_us": us(t_f),
+                     "max_abs_diff": float((r_new.z - r_old.z).abs().max())})
+    return rows
+
+
 def _memory_child(mode: str, batch: int, hidden: int) -> None:
     """Run in a subprocess: one forward+backward, print the peak-RSS rise and the time."""
     from robustdeq import FullBackprop, ImplicitGrad, gradient
@@ -111,6 +250,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", choices=["overhead"], default=None,
+                   help="run only Anderson's small-batch overhead comparison")
     p.add_argument("--device", default="cpu", help="device of the solver comparison (the memory "
                    "comparison measures process RSS and always runs on the CPU)")
     args = p.parse_args()
@@ -119,6 +260,17 @@ def main() -> None:
         _memory_child(args.child, args.batch, args.hidden)
         return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("\n## Anderson per iteration, current vs previous implementation (mlp_deq hidden 64, "
+          "m=5, 30 iterations, no early stop)")
+    print("| batch | previous (us/iter) | current (us/iter) | current / previous | cell alone (us/iter) "
+          "| bookkeeping previous -> current (us/iter) | max abs diff of z |")
+    print("|---|---|---|---|---|---|---|")
+    for r in bench_anderson_overhead(args.repeats):
+        print(f"| {r['batch']} | {r['old_us']:.0f} | {r['new_us']:.0f} | {r['new_us'] / r['old_us']:.2f} "
+              f"| {r['cell_us']:.0f} | {r['old_us'] - r['cell_us']:.0f} -> {r['new_us'] - r['cell_us']:.0f} "
+              f"| {r['max_abs_diff']:.1e} |")
+    if args.only == "overhead":
+        return
     print("\n## Anderson: robustdeq vs torchdeq (same cell, batch 256, hidden 256, rel tol 1e-3, m=5)")
     s = bench_solvers(args.repeats, 256, 256, 1e-3, args.device)
     print("| solver | median time (ms) | iterations | max rel. residual |")

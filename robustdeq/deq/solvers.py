@@ -393,14 +393,6 @@ class Anderson(Solver):
     per_sample_memory = {"F": 1, "G": 1, "H": 0, "ones": 0, "valid": 0, "ref": 0, "mixed": 0, "cool": 0,
                          "backoff": 0}
 
-    def _failed(self, gn2: Tensor, mem: dict) -> Tensor:
-        """(B,) bool: the extrapolated iterate's squared residual ``gn2`` exceeds ``safeguard**2``
-        times the smallest one so far (growth after a plain step is the map's own: not blamed)."""
-        return (gn2 > (self.config.safeguard ** 2) * mem["ref"]) & mem["mixed"]
-
-    def _ref(self, gn2: Tensor, mem: dict) -> Tensor:
-        return torch.minimum(gn2, mem["ref"])
-
     def residual_buffer(self, state, z):
         mem = state.memory
         G = mem.get("G")
@@ -410,6 +402,10 @@ class Anderson(Solver):
         return buf
 
     def propose(self, state, z, fz, g):
+        """The Anderson step. The safeguard's per-sample bookkeeping (cool-downs, masked
+        slots) is materialised only once some sample has restarted: until then every slot in
+        memory is usable and the step costs the Gram update, one small solve and the
+        combination (the same arithmetic either way)."""
         cfg = self.config
         mem = state.memory
         m = cfg.m
@@ -420,12 +416,11 @@ class Anderson(Solver):
             mem["H"] = z.new_zeros(b, m, m)     # Gram matrix <G_i, G_j>
             mem["ones"] = z.new_ones(b, m, 1)
             mem["n"] = 0
-            if cfg.safeguard > 0:
-                mem["valid"] = torch.zeros(b, m, dtype=torch.bool, device=z.device)  # slot usable
-                mem["ref"] = None                                                   # min_j ||g_j||^2
-                mem["mixed"] = torch.zeros(b, dtype=torch.bool, device=z.device)     # z_k extrapolated
-                mem["cool"] = torch.zeros(b, dtype=torch.long, device=z.device)      # plain steps left
-                mem["backoff"] = torch.full((b,), m, dtype=torch.long, device=z.device)
+            # safeguard state: ref = min_j ||g_j||^2 (None before the first step); valid (B, m)
+            # usable slots, cool (B,) plain steps left, backoff (B,) next cool-down, all None
+            # while no sample has restarted (every slot usable, no cool-down)
+            mem["ref"] = mem["valid"] = mem["cool"] = mem["backoff"] = None
+            mem["mixed"] = False   # z_k extrapolated: a bool for all samples, or (B,) bool
         F, G, H = mem["F"], mem["G"], mem["H"]
         pending = mem.pop("pending", None)
         if torch.is_grad_enabled():  # keep autograd history valid for full backpropagation
@@ -443,30 +438,17 @@ class Anderson(Solver):
         H[:, slot, :n] = row
         H[:, :n, slot] = row
         mem["F"], mem["G"], mem["H"] = F, G, H
-        valid = mem.get("valid")
-        restarted = False
-        if valid is not None:
-            gn2 = row[:, slot].detach()                                     # ||g_k||^2
-            if mem["ref"] is not None:
-                grew = self._failed(gn2, mem)
-                if bool(grew.any()):
-                    mem["cool"] = torch.where(grew, mem["backoff"], mem["cool"])
-                    mem["backoff"] = torch.where(grew, (2 * mem["backoff"]).clamp_(max=2 * m), mem["backoff"])
-            cooling = mem["cool"] > 0
-            if bool(cooling.any()):       # restarted samples: plain steps while cooling down
-                valid = valid & ~cooling[:, None]
-                mem["cool"] = (mem["cool"] - 1).clamp_(min=0)
-            valid[:, slot] = True
-            mem["valid"], mem["ref"] = valid, gn2 if mem["ref"] is None else self._ref(gn2, mem)
-            n_valid = valid[:, :n].sum(dim=1)
-            mem["mixed"] = n_valid > 1    # the proposal below combines >= 2 slots
-            restarted = not bool((n_valid == n).all())
+        if cfg.safeguard > 0:
+            gn2 = row[:, slot]                                              # ||g_k||^2
+            restarted = self._safeguard(mem, gn2.detach() if gn2.requires_grad else gn2, slot, n)
+        else:
+            restarted = False
         if n == 1:
             return fz if cfg.beta == 1 else z + cfg.beta * g
         # Tikhonov term lam * (mean squared residual in memory): scale invariant, so the
         # acceleration does not fade as residuals shrink (an absolute lam dominates tiny G G^T)
         if restarted:  # masked slots: zero rows/columns, unit diagonal, zero right-hand side
-            v = valid[:, :n].to(H.dtype)
+            v = mem["valid"][:, :n].to(H.dtype)
             Hn = H[:, :n, :n] * v[:, :, None] * v[:, None, :]
             diag = Hn.diagonal(dim1=1, dim2=2)
             diag.add_(diag.sum(dim=1, keepdim=True) * (cfg.lam / v.sum(dim=1, keepdim=True)))
@@ -480,7 +462,10 @@ class Anderson(Solver):
         c, info = torch.linalg.solve_ex(Hn, rhs)
         alpha = c[..., 0]
         alpha = alpha / alpha.sum(dim=1, keepdim=True)                      # (B, n)
-        if bool(info.any()):  # singular (all G_i = 0, an exact fixed point): a plain step
+        # singular: all G_i = 0 (an exact fixed point), a plain step. With lam > 0 that is the
+        # only singular case, and such a sample has residual 0 and stops at this step (its
+        # proposal is discarded), so without autograd the check is not needed
+        if (cfg.lam <= 0 or torch.is_grad_enabled()) and bool(info.any()):
             plain = torch.zeros_like(alpha)
             plain[:, slot] = 1
             alpha = torch.where((info != 0)[:, None], plain, alpha)
@@ -489,6 +474,43 @@ class Anderson(Solver):
             return z_f
         # beta f + (1 - beta) X  =  f - (1 - beta) G
         return z_f - (1 - cfg.beta) * _combine(alpha, G[:n])
+
+    def _safeguard(self, mem: dict, gn2: Tensor, slot: int, n: int) -> bool:
+        """Update the safeguard with ``gn2 = ||g_k||^2`` (B,): an extrapolated iterate whose
+        squared residual exceeds ``safeguard**2`` times the smallest one so far restarts the
+        sample (growth after a plain step is the map's own: not blamed). Returns whether some
+        sample has a masked slot for this step's proposal."""
+        m = self.config.m
+        ref, mixed = mem["ref"], mem["mixed"]
+        if ref is not None and mixed is not False:
+            sg2 = self.config.safeguard ** 2
+            grew = gn2 > (ref if sg2 == 1.0 else sg2 * ref)
+            if mixed is not True:
+                grew &= mixed
+            if bool(grew.any()):
+                if mem["cool"] is None:  # the first restart: materialise the per-sample state
+                    b = gn2.shape[0]
+                    mem["cool"] = torch.zeros(b, dtype=torch.long, device=gn2.device)
+                    mem["backoff"] = torch.full((b,), m, dtype=torch.long, device=gn2.device)
+                    valid = torch.zeros(b, m, dtype=torch.bool, device=gn2.device)
+                    valid[:, :n] = True
+                    mem["valid"] = valid
+                mem["cool"] = torch.where(grew, mem["backoff"], mem["cool"])
+                mem["backoff"] = torch.where(grew, (2 * mem["backoff"]).clamp_(max=2 * m), mem["backoff"])
+        mem["ref"] = gn2 if ref is None else torch.minimum(gn2, ref)
+        valid = mem["valid"]
+        if valid is None:  # every slot usable: the proposal mixes n slots for every sample
+            mem["mixed"] = n > 1
+            return False
+        cooling = mem["cool"] > 0
+        if bool(cooling.any()):       # restarted samples: plain steps while cooling down
+            valid = valid & ~cooling[:, None]
+            mem["cool"] = (mem["cool"] - 1).clamp_(min=0)
+        valid[:, slot] = True
+        mem["valid"] = valid
+        n_valid = valid[:, :n].sum(dim=1)
+        mem["mixed"] = n_valid > 1    # the proposal below combines >= 2 slots
+        return not bool((n_valid == n).all())
 
 
 def _combine(alpha: Tensor, M: Tensor) -> Tensor:
