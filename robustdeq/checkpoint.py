@@ -8,6 +8,8 @@ unpickling is refused, never executed. Writes are atomic (temporary file + ``os.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import io
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ from .errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_VERSION", "FORMAT_KEY", "Checkpoint", "save_checkpoint", "load_checkpoint",
-           "load_model", "safe_torch_load"]
+           "load_model", "safe_torch_load", "nonfinite_tensors", "require_finite"]
 
 FORMAT_KEY = "robustdeq_format"
 FORMAT_VERSION = 1
@@ -139,18 +141,26 @@ def save_checkpoint(
         payload["extra_state"] = dict(extra_state)
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    # serialised in memory first: a failed write is then the operating system's OSError (ENOSPC:
+    # "no space left"), not torch's stream writer's "unexpected pos" message
+    buf = io.BytesIO()
+    torch.save(payload, buf)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
+            fh.write(buf.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp_name)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"no space left on device: cannot write checkpoint {path} "
+                                  f"({buf.getbuffer().nbytes:,} bytes); free some space or write "
+                                  "elsewhere (the previous checkpoint, if any, is unchanged)") from None
         raise
     logger.info("saved checkpoint %s (%d tensors)", path, len(state_dict))
     return path
@@ -220,6 +230,36 @@ def _refused(path: Path, exc: BaseException) -> CheckpointError:
         "checkpoint (those hold tensors, numbers and strings only)")
 
 
+def nonfinite_tensors(obj: nn.Module | Mapping[str, torch.Tensor]) -> list[tuple[str, int, int]]:
+    """``(name, non-finite entries, entries)`` of every floating-point parameter or buffer of a
+    module (or tensor of a state dict) holding NaN or infinity."""
+    items = obj.state_dict().items() if isinstance(obj, nn.Module) else obj.items()
+    out = []
+    for name, t in items:
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            bad = int((~torch.isfinite(t.detach())).sum())
+            if bad:
+                out.append((name, bad, t.numel()))
+    return out
+
+
+def _nonfinite_message(bad: list[tuple[str, int, int]]) -> str:
+    shown = ", ".join(f"{n!r} ({k} of {m} entries)" for n, k, m in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return f"non-finite (NaN or infinite) values in {shown}{more}"
+
+
+def require_finite(model: nn.Module, what: str = "the model") -> None:
+    """:class:`~robustdeq.errors.InputError` naming the tensors if a parameter or buffer of
+    ``model`` holds NaN or infinity (its outputs would be meaningless: no evaluation or
+    certificate is computed from them)."""
+    bad = nonfinite_tensors(model)
+    if bad:
+        from .errors import InputError
+        raise InputError(f"{what} has {_nonfinite_message(bad)}; its outputs would be meaningless "
+                         "(a diverged training?)")
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], *, map_location: Any = "cpu"
 ) -> Checkpoint:
@@ -228,8 +268,8 @@ def load_checkpoint(
     Raises:
         CheckpointError: the file is missing, empty, not a torch file (JSON, a plain Python
             pickle, random bytes), truncated/corrupted, refused by the safe loader (it refers to
-            Python code or classes, which are never executed), foreign (no robustdeq marker) or of
-            an unsupported format version.
+            Python code or classes, which are never executed), foreign (no robustdeq marker), of
+            an unsupported format version, or holding weights with NaN or infinity (named).
     """
     path = Path(path)
     if not path.exists():
@@ -237,7 +277,12 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"checkpoint path is not a file: {path}")
     obj = safe_torch_load(path, map_location=map_location)
-    return _parse(path, obj)
+    ck = _parse(path, obj)
+    bad = nonfinite_tensors(ck.state_dict)
+    if bad:
+        raise CheckpointError(f"{path} holds {_nonfinite_message(bad)}: refused (a diverged "
+                              "training? resume from an earlier checkpoint or retrain)")
+    return ck
 
 
 def safe_torch_load(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> Any:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TrainConfig, from_dict, to_dict
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +317,32 @@ class Trainer:
         n = max(1.0, tot.pop("n"))
         return {k: (v if k == "max_residual" else v / n) for k, v in tot.items()}
 
+    def _num_classes(self, x: Tensor) -> Optional[int]:
+        """The model's number of classes: its config's ``num_classes``, else the width of its
+        logits on one sample (eval mode, no gradient; the mode is restored)."""
+        opts = (self.model_config or {}).get("options") or {}
+        n = opts.get("num_classes", getattr(self.model, "num_classes", None))
+        if isinstance(n, int) and not isinstance(n, bool):
+            return int(n)
+        from .attacks.base import model_mode
+        try:
+            with model_mode(self.model, "eval"), torch.no_grad():
+                out = self.model(x[:1])
+        except Exception:  # noqa: BLE001 - the training itself will report a model that fails
+            return None
+        return int(out.shape[1]) if isinstance(out, Tensor) and out.dim() == 2 else None
+
+    def _check_labels(self, y: Tensor, name: str, x: Tensor) -> None:
+        """InputError for labels outside ``0..num_classes-1`` (cross-entropy would fail with an
+        IndexError mid-epoch, or train on garbage on some devices)."""
+        if y.numel() == 0:
+            return
+        lo, hi = int(y.min()), int(y.max())
+        n = self._num_classes(x)
+        if lo < 0 or (n is not None and hi >= n):
+            rng = f"0..{n - 1}" if n is not None else "0 or more"
+            raise InputError(f"{name} holds labels outside the class range {rng} (min {lo}, max {hi})")
+
     # -- training -------------------------------------------------------------------------------
     def fit(self, x: Tensor, y: Tensor, x_val: Optional[Tensor] = None, y_val: Optional[Tensor] = None,
             *, resume: bool = True) -> List[dict]:
@@ -339,6 +365,9 @@ class Trainer:
         validate_inputs(x, expected_shape=getattr(self.model, "input_shape", None), name="x_train")
         if y.dim() != 1 or y.shape[0] != x.shape[0] or y.dtype != torch.long:
             raise InputError(f"y_train must be int64 of shape ({x.shape[0]},), got {tuple(y.shape)} {y.dtype}")
+        self._check_labels(y, "y_train", x)
+        if y_val is not None:
+            self._check_labels(y_val, "y_val", x)
         cfg = self.config
         steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
         self._steps_per_epoch = steps_per_epoch
@@ -404,6 +433,14 @@ class Trainer:
                 self._writer.flush()
         return self.history
 
+    def _nonfinite_loss(self, epoch: int, batch: int) -> str:
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        why = (f"the parameters are already non-finite ({', '.join(bad[:3])})" if bad else
+               "the parameters are finite")
+        return (f"non-finite training loss at epoch {epoch}, batch {batch}: {why}; the training "
+                f"diverged (learning rate {self.config.lr:g}: try a smaller one) and was stopped "
+                "(the last checkpoint, if any, is unchanged)")
+
     def _epoch(self, epoch: int, x: Tensor, y: Tensor, bar) -> dict:
         from .data import make_loader
         cfg = self.config
@@ -426,7 +463,7 @@ class Trainer:
                 loss, scalars = self.objective(self.model, xb, yb)
                 scalars = dict(scalars)
                 if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite training loss at epoch {epoch}, batch {i}")
+                    raise TrainingError(self._nonfinite_loss(epoch, i))
                 loss.backward()
                 scalars["loss"] = float(loss.detach())
             else:
@@ -490,8 +527,8 @@ class Trainer:
         extra = torch.tensor([loss_sum, bad, changed], dtype=torch.float64)
         red = average_gradients(list(self.model.parameters()), float(nb), float(total), extra)
         if float(red[1]) > 0:
-            raise RuntimeError(f"non-finite training loss at epoch {epoch}, batch {i} "
-                               f"(on {int(red[1])} of {ctx.world_size} processes)")
+            raise TrainingError(self._nonfinite_loss(epoch, i) +
+                                f" (on {int(red[1])} of {ctx.world_size} processes)")
         scalars["global_loss"] = float(red[0]) / total
         return xb, yb, scalars, float(red[2]) > 0
 

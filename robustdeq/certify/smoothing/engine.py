@@ -133,10 +133,10 @@ class _Base:
         """Independent (from-scratch) predictions ``(pred, z*, ok)`` of the base classifier."""
         if not self.deq:
             logits = base_logits(self.model, xn, clip=self.cfg.clip)
-            return logits.argmax(dim=1), None, None
+            return _decide(logits), None, None
         eq = _run_noisy(self.model, self._noisy(xn))
         self.f_evals += int(eq.stats.steps.sum())
-        return eq.logits.argmax(dim=1), eq.z_star, ~eq.stats.diverged
+        return _decide(eq.logits), eq.z_star, ~eq.stats.diverged
 
     def full_batched(self, xn: Tensor) -> Tensor:
         """:meth:`full`'s predictions on ``xn`` in batches of ``batch_size``."""
@@ -149,7 +149,7 @@ class _Base:
         grad = None if len(self.chain_rec) == len(self.rec) else "none"
         eq = _run_noisy(self.model, self._noisy(xn), z0=z0, solver=self.chain_cfg, grad=grad)
         self.f_evals += int(eq.stats.steps.sum())
-        return eq.logits.argmax(dim=1), eq.z_star, ~eq.stats.diverged
+        return _decide(eq.logits), eq.z_star, ~eq.stats.diverged
 
     def set_anchor(self, x1: Tensor) -> None:
         """Clean start: solve the clean input ``x1`` (1, ...) from scratch; its fixed point starts
@@ -260,9 +260,16 @@ def _batches(total: int, size: int):
         done += b
 
 
+def _decide(logits: Tensor) -> Tensor:
+    """The base classifier's class per row; -1 (no class: counted for none, so never certified)
+    where the logits are not all finite (NaN logits would otherwise read as class 0)."""
+    pred = logits.argmax(dim=1)
+    return torch.where(torch.isfinite(logits).all(dim=1), pred, torch.full_like(pred, -1))
+
+
 def _count(pred: Tensor, counts: Optional[Tensor]) -> Tensor:
     pred = pred.cpu()
-    c = torch.bincount(pred[pred >= 0], minlength=1)   # -1: no proven class
+    c = torch.bincount(pred[pred >= 0], minlength=1)   # -1: no proven class / non-finite logits
     if counts is None:
         return c
     m = max(c.numel(), counts.numel())
@@ -420,6 +427,8 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
         raise ConfigError(f"model must be a torch.nn.Module mapping x -> logits, got {type(model).__name__}")
     x = _check_x(model, x)
     y = _check_y(y, x.shape[0])
+    from ...checkpoint import require_finite
+    require_finite(model, "the model to certify")
     from ...attacks.base import model_mode
     from ...distributed import context as dist_context
     ctx = dist_context()
@@ -464,6 +473,8 @@ def predict(model: nn.Module, x: Tensor, config: Union[SmoothingConfig, Mapping[
         raise ConfigError("predict has no correlation-corrected SRS variant; use srs_steps=0 "
                           "(SRS applies to certify)")
     x = _check_x(model, x)
+    from ...checkpoint import require_finite
+    require_finite(model, "the model to smooth")
     from ...attacks.base import model_mode
     base = _Base(model, cfg)
     from ...distributed import context as dist_context
