@@ -178,6 +178,7 @@ MODELS = Registry("model", {
 
 ATTACKS = Registry("attack", {
     **_refs("robustdeq.attacks.pgd", {"fgsm": "FGSM", "pgd": "PGD"}),
+    **_refs("robustdeq.attacks.apgd", {"apgd-ce": "APGD", "apgd-dlr": "APGDDLR", "apgd-t": "APGDT"}),
     "state": "robustdeq.attacks.intermediate:StateAttack",
     "autoattack": "robustdeq.attacks.autoattack:AutoAttack",
     "torchattack": "robustdeq.attacks.bridge:TorchAttack",

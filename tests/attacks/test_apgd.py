@@ -1,0 +1,186 @@
+"""Native APGD (Croce & Hein 2020): the step-size checkpoints and halving rules against a
+hand-computed trace, the DLR losses against their closed forms, fidelity with pyautoattack on a
+small CNN, EOT on a randomized model, DEQ-native runs judged by the model's inference, and the
+model guard."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from attack_helpers import check_ball, digits_test, trained
+from robustdeq.attacks import build
+from robustdeq.attacks.apgd import (APGD, APGDT, checkpoints, dlr_per_sample,
+                                    dlr_targeted_per_sample)
+from robustdeq.attacks.base import logits_of
+from robustdeq.errors import ConfigError, InputError
+
+
+def test_checkpoints_follow_the_papers_schedule():
+    """w_j = ceil(p_j N), p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
+    p = [0.0, 0.22]
+    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1.0:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    assert checkpoints(100) == [math.ceil(round(q * 100, 6)) for q in p[1:]]
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(20) == [4, 7, 9] + list(range(10, 21))
+
+
+class _Scripted(nn.Module):
+    """1-D input, 2 classes: clean (no-grad) logits [0, -1] (class 0); the attack's n-th
+    gradient call gets logits [0, L_n + 1e-6 x] so the cross-entropy of class 0 (increasing in
+    L_n) follows a scripted sequence whatever the iterate."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script = list(script)
+        self.calls = 0
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], -1)
+        if not torch.is_grad_enabled():
+            return torch.cat([torch.zeros_like(x[:, :1]), -torch.ones_like(x[:, :1])], 1)
+        g = self.script[self.calls] + 1e-6 * x[:, :1]
+        self.calls += 1
+        return torch.cat([torch.zeros_like(g), g], 1)
+
+
+def test_step_size_halving_follows_a_hand_computed_trace():
+    """N = 20: windows of 4, 3, 2, then 1 iteration (checkpoints after iterations 4, 7, 9, 10,
+    ..., 20). Hand-computed from the script below (L_0 is the start's loss):
+    - it 4: increases at 4 of 4 comparisons (the first one against 0): > 0.75 * 4, keep;
+    - it 7: 3, 3.5, 3.9 after 4: 2 increases <= 2.25 -> halve (condition 1);
+    - it 9: 2 of 2 increases, and halved last time -> keep;
+    - it 10: 1 of 1 increase, not halved last time and best loss (4) not improved -> halve
+      (condition 2 alone);
+    - it 11: 5 (a new best), halved last time -> keep; it 12: 6, best improved -> keep;
+    - it 13: 5.5, no increase -> halve; then increasing improving losses -> keep."""
+    script = [0.5, 1, 2, 3, 4, 3, 3.5, 3.9, 3.95, 3.99, 3.999, 5, 6, 5.5, 7, 8, 9, 10, 11, 12, 13]
+    model = _Scripted(script)
+    atk = APGD(model, eps=0.1, steps=20, seed=0)
+    x, y = torch.full((1, 1), 0.5), torch.zeros(1, dtype=torch.long)
+    atk(x, y)
+    assert model.calls == 21
+    halved = [(it, n) for it, n in atk.last_halvings]
+    assert [it for it, _ in halved] == [4, 7, 9] + list(range(10, 21))
+    assert [n for _, n in halved] == [0, 1, 0, 1, 0, 0, 1] + [0] * 7
+    assert float(atk.last_step_size[0]) == pytest.approx(2 * 0.1 / 8)
+
+
+def test_dlr_losses_match_their_closed_forms():
+    z = torch.tensor([[3.0, 1.0, 4.0, 0.5, 2.0]])
+    # sorted decreasingly: 4, 3, 2, 1, 0.5
+    assert float(dlr_per_sample(z, torch.tensor([0]))) == pytest.approx(-(3 - 4) / (4 - 2))
+    assert float(dlr_per_sample(z, torch.tensor([2]))) == pytest.approx(-(4 - 3) / (4 - 2))
+    yt = torch.tensor([[0, 4]])
+    assert float(dlr_targeted_per_sample(z, yt)) == pytest.approx(-(3 - 2) / (4 - (2 + 1) / 2))
+    yt = torch.tensor([[2, 3]])
+    assert float(dlr_targeted_per_sample(z, yt)) == pytest.approx(-(4 - 0.5) / (4 - 1.5))
+
+
+def _same_as_pyautoattack(model, x, y, norm, eps, steps):
+    """Same seed and budget: APGD-CE (2 restarts), APGD-DLR and APGD-T give pyautoattack's
+    robust flags (within 1 sample in 200: on fewer than 200 samples, the same flags)."""
+    pytest.importorskip("pyautoattack")
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+    pairs = [
+        (APGDAttack(model, n_iter=steps, norm=norm, n_restarts=2, eps=eps, seed=0, loss="ce",
+                    device=x.device),
+         APGD(model, eps=eps, norm=norm, steps=steps, restarts=2, loss="ce")),
+        (APGDAttack(model, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=0, loss="dlr",
+                    device=x.device),
+         APGD(model, eps=eps, norm=norm, steps=steps, loss="dlr")),
+        (APGDAttack_targeted(model, n_iter=steps, norm=norm, eps=eps, seed=0, n_target_classes=3,
+                             device=x.device),
+         APGDT(model, eps=eps, norm=norm, steps=steps, n_target_classes=3)),
+    ]
+    for ref, mine in pairs:
+        with torch.random.fork_rng():
+            a = ref.perturb(x, y)
+        b = mine(x, y)
+        check_ball(x, b, eps, norm)
+        ra, rb = logits_of(model, a).argmax(1) == y, logits_of(model, b).argmax(1) == y
+        assert int((ra != rb).sum()) <= x.shape[0] // 200, mine.name
+        assert torch.equal(mine.last_robust, rb)
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.1), ("L2", 0.8)])
+def test_apgd_matches_pyautoattack_on_the_feed_forward_baseline(norm, eps):
+    x, y = digits_test(24)
+    _same_as_pyautoattack(trained("ff_mlp", hidden=32).eval(), x, y, norm, eps, steps=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.1), ("L2", 0.8)])
+def test_apgd_matches_pyautoattack_on_a_small_cnn(norm, eps):
+    x, y = digits_test(200)
+    _same_as_pyautoattack(trained("ff_cnn", steps=60).eval(), x, y, norm, eps, steps=25)
+
+
+def test_eot_beats_single_samples_on_a_randomized_model():
+    """A randomized model whose random term barely moves the logits (at most 0.03) but
+    dominates a single gradient (``0.03 sin(100 r.x) a`` with ``r`` drawn per call): APGD with
+    eot_iter=16 averages that noise out and breaks clearly more samples than one gradient
+    sample per step, and comes close to the attack on the noise-free model."""
+    class Noisy(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+            self.register_buffer("a", torch.randn(10, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            f = x.flatten(1)
+            r = torch.randn_like(f)
+            return self.base(x) + 0.03 * torch.sin(100 * (r * f).sum(1, keepdim=True)) * self.a
+
+    base = trained("ff_mlp", hidden=32)
+    model = Noisy(base).eval()
+    x, y = digits_test(64)
+
+    def robust(x_adv):  # the noise-free decision
+        return int((logits_of(base, x_adv).argmax(1) == y).sum())
+
+    torch.manual_seed(1)
+    one = robust(APGD(model, eps=0.1, steps=10, seed=0)(x, y))
+    torch.manual_seed(1)
+    eot = APGD(model, eps=0.1, steps=10, seed=0, eot_iter=16)
+    assert eot.describe()["eot_iter"] == 16 and "EOT" in eot.name
+    many = robust(eot(x, y))
+    clean = robust(APGD(base, eps=0.1, steps=10, seed=0)(x, y))
+    assert many <= one - 4 and many <= clean + 4
+
+
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
+def test_apgd_on_a_deq_is_judged_by_the_models_inference_and_leaves_it_untouched():
+    deq = trained("mlp_deq", steps=60, hidden=32)
+    x, y = digits_test(32)
+    before = {k: v.clone() for k, v in deq.state_dict().items()}
+    deq.train()
+    for cls, kw in ((APGD, {}), (APGDT, dict(n_target_classes=2))):
+        atk = cls(deq, eps=0.1, steps=6, **kw)
+        x_adv = atk(x, y)
+        check_ball(x, x_adv, 0.1, "Linf")
+        assert torch.equal(atk.last_robust, logits_of(deq, x_adv).argmax(1) == y)
+        assert atk.last_stats["runs"][0]["method"] == "joint"  # the solves converge here
+    assert deq.training and all(torch.equal(v, before[k]) for k, v in deq.state_dict().items())
+    exact = APGD(deq, eps=0.1, steps=6, method="exact")
+    exact(x, y)
+    assert exact.last_stats["runs"][0]["method"] == "exact"
+
+
+def test_apgd_registry_names_and_bad_options():
+    ff = trained("ff_mlp", hidden=32)
+    assert isinstance(build("apgd-ce", ff, eps=0.1), APGD)
+    assert build("apgd-t", ff, eps=0.1).name.startswith("APGD-T")
+    assert build("apgd-dlr", ff, eps=0.1).loss == "dlr"
+    with pytest.raises(ConfigError):
+        APGD(ff, eps=0.1, loss="margin")
+    with pytest.raises(ConfigError):
+        APGD(ff, eps=0.1, rho=1.5)
+    with pytest.raises(ConfigError):
+        build("apgd-ce", ff, eps=0.1, targeted=True)
+    x, y = digits_test(4)
+    with pytest.raises(InputError):
+        APGDT(ff, eps=0.1, n_target_classes=10)(x, y)
