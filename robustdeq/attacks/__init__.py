@@ -6,6 +6,7 @@ reproducible under a seed. ``describe()`` gives the provenance (implementation, 
 
 =====================  ======================================================================
 ``FGSM``, ``PGD``      Linf / L2; gradient estimator per attack; solver warm starts on DEQs
+``APGD``, ``APGDT``     Auto-PGD (CE, DLR) and APGD-T (targeted DLR), native, with EOT
 ``StateAttack``        PGD on intermediate states (unrolled or simultaneous-adjoint gradients)
 ``AutoAttack``         pyautoattack on the model or on an attack view of a DEQ
 ``TorchAttack``        any torchattacks attack on the model or on an attack view
@@ -15,7 +16,8 @@ reproducible under a seed. ``describe()`` gives the provenance (implementation, 
 =====================  ======================================================================
 
 ``build(name, model, **params)`` constructs one by its name in :data:`robustdeq.registry.ATTACKS`
-("fgsm", "pgd", "state", "autoattack", "torchattack", "jiio", "square", and whatever
+("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "state", "autoattack", "torchattack", "jiio",
+"square", and whatever
 ``registry.ATTACKS.register(name, cls)`` adds). torchattacks and pyautoattack are imported only
 when used.
 """
@@ -27,6 +29,7 @@ from ..errors import ConfigError
 from ..registry import ATTACKS
 from .base import Attack, accuracy, predict
 from .pgd import FGSM, PGD
+from .apgd import APGD, APGDT
 from .intermediate import StateAttack, simultaneous_adjoint
 from .autoattack import AutoAttack
 from .bridge import TorchAttack
@@ -54,5 +57,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Attack", "FGSM", "PGD", "StateAttack", "AutoAttack", "TorchAttack", "Square", "WorstCase",
+__all__ = ["Attack", "FGSM", "PGD", "APGD", "APGDT", "StateAttack", "AutoAttack", "TorchAttack",
+           "Square", "WorstCase",
            "WorstCaseResult", "JIIO", "simultaneous_adjoint", "predict", "accuracy", "build"]
