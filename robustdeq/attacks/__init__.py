@@ -6,7 +6,7 @@ reproducible under a seed. ``describe()`` gives the provenance (implementation, 
 
 =====================  ======================================================================
 ``FGSM``, ``PGD``      Linf / L2; gradient estimator per attack; solver warm starts on DEQs
-``APGD``, ``APGDT``     Auto-PGD (CE, DLR) and APGD-T (targeted DLR), native, with EOT
+``APGD``, ``APGDT``    Auto-PGD (CE, DLR) and APGD-T (targeted DLR), native, with EOT
 ``StateAttack``        PGD on intermediate states (unrolled or simultaneous-adjoint gradients)
 ``AutoAttack``         pyautoattack on the model or on an attack view of a DEQ
 ``TorchAttack``        any torchattacks attack on the model or on an attack view

@@ -30,8 +30,9 @@ def test_checkpoints_follow_the_papers_schedule():
 
 class _Scripted(nn.Module):
     """1-D input, 2 classes: clean (no-grad) logits [0, -1] (class 0); the attack's n-th
-    gradient call gets logits [0, L_n + 1e-6 x] so the cross-entropy of class 0 (increasing in
-    L_n) follows a scripted sequence whatever the iterate."""
+    gradient call on the batch of 2 gets logits [0, L_n + 1e-6 x] so the cross-entropy of
+    class 0 (increasing in L_n) follows a scripted sequence whatever the iterate (other calls,
+    such as the attack's one-sample check that the model has input gradients, get [0, 0])."""
 
     def __init__(self, script):
         super().__init__()
@@ -42,6 +43,8 @@ class _Scripted(nn.Module):
         x = x.reshape(x.shape[0], -1)
         if not torch.is_grad_enabled():
             return torch.cat([torch.zeros_like(x[:, :1]), -torch.ones_like(x[:, :1])], 1)
+        if x.shape[0] != 2:
+            return torch.cat([torch.zeros_like(x[:, :1]), 1e-6 * x[:, :1]], 1)
         g = self.script[self.calls] + 1e-6 * x[:, :1]
         self.calls += 1
         return torch.cat([torch.zeros_like(g), g], 1)
@@ -60,13 +63,13 @@ def test_step_size_halving_follows_a_hand_computed_trace():
     script = [0.5, 1, 2, 3, 4, 3, 3.5, 3.9, 3.95, 3.99, 3.999, 5, 6, 5.5, 7, 8, 9, 10, 11, 12, 13]
     model = _Scripted(script)
     atk = APGD(model, eps=0.1, steps=20, seed=0)
-    x, y = torch.full((1, 1), 0.5), torch.zeros(1, dtype=torch.long)
+    x, y = torch.full((2, 1), 0.5), torch.zeros(2, dtype=torch.long)
     atk(x, y)
     assert model.calls == 21
     halved = [(it, n) for it, n in atk.last_halvings]
     assert [it for it, _ in halved] == [4, 7, 9] + list(range(10, 21))
-    assert [n for _, n in halved] == [0, 1, 0, 1, 0, 0, 1] + [0] * 7
-    assert float(atk.last_step_size[0]) == pytest.approx(2 * 0.1 / 8)
+    assert [n for _, n in halved] == [0, 2, 0, 2, 0, 0, 2] + [0] * 7  # both samples
+    assert atk.last_step_size.tolist() == pytest.approx([2 * 0.1 / 8] * 2)
 
 
 def test_dlr_losses_match_their_closed_forms():
@@ -120,10 +123,10 @@ def test_apgd_matches_pyautoattack_on_a_small_cnn(norm, eps):
 
 
 def test_eot_beats_single_samples_on_a_randomized_model():
-    """A randomized model whose random term barely moves the logits (at most 0.03) but
-    dominates a single gradient (``0.03 sin(100 r.x) a`` with ``r`` drawn per call): APGD with
-    eot_iter=16 averages that noise out and breaks clearly more samples than one gradient
-    sample per step, and comes close to the attack on the noise-free model."""
+    """A randomized model whose random term moves the logits little (``0.1 sin(100 r.x) a``
+    with ``r`` drawn per call) but dominates a single gradient: APGD with eot_iter=32 averages
+    that noise out and breaks clearly more samples (judged by the noise-free part) than with one
+    gradient sample per step."""
     class Noisy(nn.Module):
         def __init__(self, base):
             super().__init__()
@@ -133,7 +136,7 @@ def test_eot_beats_single_samples_on_a_randomized_model():
         def forward(self, x):
             f = x.flatten(1)
             r = torch.randn_like(f)
-            return self.base(x) + 0.03 * torch.sin(100 * (r * f).sum(1, keepdim=True)) * self.a
+            return self.base(x) + 0.1 * torch.sin(100 * (r * f).sum(1, keepdim=True)) * self.a
 
     base = trained("ff_mlp", hidden=32)
     model = Noisy(base).eval()
@@ -145,11 +148,10 @@ def test_eot_beats_single_samples_on_a_randomized_model():
     torch.manual_seed(1)
     one = robust(APGD(model, eps=0.1, steps=10, seed=0)(x, y))
     torch.manual_seed(1)
-    eot = APGD(model, eps=0.1, steps=10, seed=0, eot_iter=16)
-    assert eot.describe()["eot_iter"] == 16 and "EOT" in eot.name
+    eot = APGD(model, eps=0.1, steps=10, seed=0, eot_iter=32)
+    assert eot.describe()["eot_iter"] == 32 and "EOT" in eot.name
     many = robust(eot(x, y))
-    clean = robust(APGD(base, eps=0.1, steps=10, seed=0)(x, y))
-    assert many <= one - 4 and many <= clean + 4
+    assert many <= one - 6
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
