@@ -576,7 +576,7 @@ class GaussianNoise(Objective):
             raise ConfigError("GaussianNoise does not support jac_reg (train with noise, or regularise, not both)")
 
     def __call__(self, model, x, y):
-        from ..certify.smoothing import base_logits
+        from ..deq.noisy import base_logits
         self._begin()
         xn = x + self.sigma * _rand(x.shape, x, self._gen, "normal")
         logits = base_logits(model, xn, clip=self.clip)

@@ -156,7 +156,7 @@ def _soft_smoothed_pgd(model, x, y, eps, norm, sigma, steps, m, seed, clip) -> T
     from .._tensor import default_alpha
     from .._tensor import project_ball as project
     from ..attacks.base import model_mode
-    from ..certify.smoothing import base_logits
+    from ..deq.noisy import base_logits
     gen = torch.Generator().manual_seed(int(seed))
     b = x.shape[0]
     e = torch.randn((m, b) + tuple(x.shape[1:]), generator=gen, dtype=x.dtype).to(x.device)

@@ -8,14 +8,16 @@ import datetime
 import hashlib
 import logging
 import time
-import warnings
 from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ...config import SolverConfig, to_dict
-from ...errors import ConfigError, InputError, NonConvergenceWarning
+from ...deq.noisy import base_logits, run_noisy, to_model_dtype
+from ...deq.protocols import SolverModel
+from ...errors import ConfigError, InputError
+from ...guard import preserve_model
 from .config import ABSTAIN, SmoothingConfig, make_config
 from .proof import make_proof
 from .sequential import SequentialDecision
@@ -27,51 +29,6 @@ logger = logging.getLogger(__name__)
 PROOF_COUNTS = ("proven_warm", "proven_cold", "resolved", "unproven")
 
 
-def _is_deq(model: nn.Module) -> bool:
-    from ...deq.protocols import SolverModel
-    return isinstance(model, SolverModel)
-
-
-def _is_unrolled(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("unroll", "inject", "readout", "init_state", "depth"))
-
-
-def base_logits(model: nn.Module, x: Tensor, *, clip: bool = False) -> Tensor:
-    """The model's logits on (possibly out-of-[0, 1]) inputs ``x``: the same computation as
-    ``model(x)`` (for a DEQ: its solver, then its gradient estimator's read-out, with autograd as
-    enabled) without the input-range check, and without touching the model's state. ``clip``:
-    clamp ``x`` to [0, 1] first. Other modules are called as they are."""
-    if clip:
-        x = x.clamp(0.0, 1.0)
-    x = _to_model_dtype(model, x)
-    if _is_deq(model):
-        return _run_noisy(model, x).logits
-    if _is_unrolled(model):
-        u = model.inject(x)
-        return model.readout(model.unroll(u, model.init_state(u), int(model.depth)))
-    try:
-        return model(x)
-    except InputError as e:
-        raise ConfigError(f"{type(model).__name__} rejects the noisy inputs ({e}); smooth "
-                          "f(clip(x + noise, 0, 1)) instead with clip=True") from None
-
-
-def _run_noisy(model: nn.Module, x: Tensor, **options):
-    """``model.run`` on noisy inputs (outside [0, 1] allowed); its per-call non-convergence
-    warning is left out (the smoothing report counts solver work itself)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NonConvergenceWarning)
-        return model.run(x, in_range=False, **options)
-
-
-def _to_model_dtype(model: nn.Module, x: Tensor) -> Tensor:
-    """Floating-point inputs in the dtype of the model's parameters (as the models' input check does)."""
-    p = next(model.parameters(), None)
-    if p is not None and p.is_floating_point() and x.is_floating_point() and p.dtype != x.dtype:
-        return x.to(p.dtype)
-    return x
-
-
 class _Base:
     """Evaluates the base classifier on noise batches: independent solves, or (SRS) warm-started
     solves with ``S`` solver steps (a chain of batches, or from the clean input's fixed point).
@@ -81,7 +38,7 @@ class _Base:
 
     def __init__(self, model: nn.Module, cfg: SmoothingConfig):
         self.model, self.cfg = model, cfg
-        self.deq = _is_deq(model)
+        self.deq = isinstance(model, SolverModel)
         if cfg.srs and not self.deq:
             raise ConfigError(f"SRS (srs_steps > 0) needs a DEQ with a fixed-point solver; "
                               f"{type(model).__name__} has none: use srs_steps=0")
@@ -127,14 +84,14 @@ class _Base:
             handle.remove()
 
     def _noisy(self, xn: Tensor) -> Tensor:
-        return _to_model_dtype(self.model, xn.clamp(0.0, 1.0) if self.cfg.clip else xn)
+        return to_model_dtype(self.model, xn.clamp(0.0, 1.0) if self.cfg.clip else xn)
 
     def full(self, xn: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """Independent (from-scratch) predictions ``(pred, z*, ok)`` of the base classifier."""
         if not self.deq:
             logits = base_logits(self.model, xn, clip=self.cfg.clip)
             return _decide(logits), None, None
-        eq = _run_noisy(self.model, self._noisy(xn))
+        eq = run_noisy(self.model, self._noisy(xn))
         self.f_evals += int(eq.stats.steps.sum())
         return _decide(eq.logits), eq.z_star, ~eq.stats.diverged
 
@@ -147,7 +104,7 @@ class _Base:
         # S solver steps from the chain; an estimator whose state is not recorded within S
         # steps reads out the iterate itself
         grad = None if len(self.chain_rec) == len(self.rec) else "none"
-        eq = _run_noisy(self.model, self._noisy(xn), z0=z0, solver=self.chain_cfg, grad=grad)
+        eq = run_noisy(self.model, self._noisy(xn), z0=z0, solver=self.chain_cfg, grad=grad)
         self.f_evals += int(eq.stats.steps.sum())
         return _decide(eq.logits), eq.z_star, ~eq.stats.diverged
 
@@ -429,13 +386,12 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     y = _check_y(y, x.shape[0])
     from ...checkpoint import require_finite
     require_finite(model, "the model to certify")
-    from ...attacks.base import model_mode
     from ...distributed import context as dist_context
     ctx = dist_context()
     base = _Base(model, cfg)
     results: List[SmoothingResult] = []
     t_all = time.perf_counter()
-    with model_mode(model, "eval"), torch.no_grad(), base.counting():
+    with preserve_model(model, "eval", values=True, who="smoothing"), torch.no_grad(), base.counting():
         def one(i: int) -> SmoothingResult:
             t0 = time.perf_counter()
             pred, radius, p_lower, n_a, c_hat, extra = _certify_one(base, x[i:i + 1], i, cfg)
@@ -475,11 +431,10 @@ def predict(model: nn.Module, x: Tensor, config: Union[SmoothingConfig, Mapping[
     x = _check_x(model, x)
     from ...checkpoint import require_finite
     require_finite(model, "the model to smooth")
-    from ...attacks.base import model_mode
     base = _Base(model, cfg)
     from ...distributed import context as dist_context
     ctx = dist_context()
-    with model_mode(model, "eval"), torch.no_grad():
+    with preserve_model(model, "eval", values=True, who="smoothing"), torch.no_grad():
         def one(i: int) -> int:
             gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, "predict", i))
             counts = None
