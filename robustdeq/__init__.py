@@ -21,7 +21,7 @@ _LAZY = {
     "get_solver": "robustdeq.deq.solvers", "solve": "robustdeq.deq.solvers",
     "register_solver": "robustdeq.deq.solvers",
     "attack_view": "robustdeq.deq.views", "zoo": "robustdeq.deq.zoo",
-    "adopt": "robustdeq.interop.torchdeq",
+    "adopt": "robustdeq.interop.torchdeq", "benchmark": "robustdeq.eval.card",
 }
 
 
@@ -45,5 +45,5 @@ __all__ = [
     "NonConvergenceWarning", "GradientMaskingWarning", "CertificationWarning",
     "ImplicitGrad", "PhantomGrad", "UnrolledGrad", "FullBackprop", "NoGrad", "gradient",
     "DEQClassifier", "Equilibrium", "get_solver", "register_solver", "solve", "attack_view", "zoo",
-    "adopt",
+    "adopt", "benchmark",
 ]

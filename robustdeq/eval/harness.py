@@ -396,6 +396,7 @@ def _attack_all(ev: _Evaluation) -> None:
                 eps=e, robust_accuracy=float(st.robust.float().mean()), attacks=st.attack_results,
                 robust=st.robust.tolist(), first_success=st.first, per_state=per_state, solver=solver,
                 residual_curve=rcurve, seconds=time.perf_counter() - t_eps))
+            ev.results[-1].x_adv = st.worst_x  # each sample's worst case found (not serialised)
     finally:
         ev.bar.close()
     ev.timings["attacks"] = t_attacks

@@ -114,7 +114,11 @@ class AttackResult:
 
 @dataclass
 class EpsResult:
-    """Everything measured at one radius."""
+    """Everything measured at one radius.
+
+    After a fresh :func:`~robustdeq.eval.evaluate` (not on a report read back or resumed from
+    disk) the attribute ``x_adv`` holds each sample's worst-case input found (the clean input
+    where no attack lowered its margin); it is not serialised."""
 
     eps: float
     robust_accuracy: float
