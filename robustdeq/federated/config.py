@@ -206,9 +206,10 @@ class FederatedConfig:
         if rec.model is not None and self.model not in (rec.model, "mlp_deq"):
             bad(f"defense {self.defense!r} trains its own architecture ({rec.model}), not model "
                 f"{self.model!r}: drop the model or choose another defense")
-        if self.defense_options.get("eps_warmup"):
-            bad("defense_options: eps_warmup is not available in federated training (each round's local "
-                "training would restart the radius ramp)")
+        for key in ("eps_warmup", "warmup", "ramp"):
+            if self.defense_options.get(key):
+                bad(f"defense_options: {key} is not available in federated training (each round's local "
+                    "training would restart the radius ramp)")
         from ..config import TrainConfig
         TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                     optimizer=self.optimizer)

@@ -327,6 +327,9 @@ def test_config_errors_are_config_errors():
             FederatedConfig.from_dict(bad)
     with pytest.raises(ConfigError, match="eps_warmup is not available in federated"):
         FederatedConfig.from_dict({"defense": "pgd-at", "defense_options": {"eps": 0.3, "eps_warmup": 10}})
+    with pytest.raises(ConfigError, match="ramp is not available in federated"):
+        FederatedConfig.from_dict({"defense": "ibp", "defense_options": {"eps": 0.1, "ramp": 10}})
+    assert FederatedConfig.from_dict({"defense": "ibp", "defense_options": {"eps": 0.1}}).defense == "ibp"
     cfg = FederatedConfig.from_dict({"budgets": "5,10,30", "clients": 4})
     assert cfg.budgets == (5, 10, 30)
     assert FederatedConfig.from_json(cfg.to_json()) == cfg
