@@ -39,7 +39,7 @@ from .errors import RobustDEQError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["hold", "acquire", "release", "owner", "FolderLockedError", "LOCK_NAME"]
+__all__ = ["hold", "hold_group", "acquire", "release", "owner", "FolderLockedError", "LOCK_NAME"]
 
 LOCK_NAME = ".robustdeq.lock"
 
@@ -181,6 +181,32 @@ def hold(folder: Union[str, Path, None], command: Optional[str] = None, *,
         yield token
     finally:
         release(folder, token)
+
+
+@contextlib.contextmanager
+def hold_group(folder: Union[str, Path, None], ctx=None, command: Optional[str] = None) -> Iterator[None]:
+    """:func:`hold` for a command that may run in a process group (``torchrun``): rank 0 takes
+    the lock, and its refusal is raised on every rank (``ctx``: a
+    :class:`~robustdeq.distributed.DistContext` or None for one process)."""
+    if folder is None or ctx is None:
+        with hold(folder, command):
+            yield
+        return
+    from .distributed import broadcast_object
+    token, failure = None, None
+    if ctx.is_main:
+        try:
+            token = acquire(folder, command)
+        except Exception as exc:  # raised on every rank below
+            failure = exc
+    failure = broadcast_object(failure)
+    if failure is not None:
+        raise failure
+    try:
+        yield
+    finally:
+        if token is not None:
+            release(folder, token)
 
 
 @atexit.register

@@ -278,6 +278,12 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
     t_start = time.perf_counter()
     x, y = _validate_data(model, x, y)
     ev = _begin(model, x, y, make_eval_config(config, **options))
+    from .. import runlock
+    with runlock.hold_group(ev.cfg.out_dir, ev.dist_ctx):  # one run per output folder (rank 0 owns it)
+        return _evaluate(ev, model, t_start)
+
+
+def _evaluate(ev: "_Evaluation", model: nn.Module, t_start: float) -> EvalReport:
     with preserve_model([model, *ev.views.values()], "eval", who="evaluate"), _quiet(model, ev.counters):
         if not hasattr(model, "adaptive_views"):  # a defense's views are checked by each attack
             from ..attacks.base import check_input_gradient
