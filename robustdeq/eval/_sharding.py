@@ -76,8 +76,8 @@ class MainOnlyStore:
         self.inner = inner
         self.ctx = ctx
 
-    def load(self, ei: int, ui: int, key: str):
-        found = self.inner.load(ei, ui, key) if self.ctx.is_main else None
+    def load(self, ei: int, ui: int, key: str, **expect):
+        found = self.inner.load(ei, ui, key, **expect) if self.ctx.is_main else None
         return broadcast_object(found)
 
     def save(self, *args, **kwargs) -> None:

@@ -420,7 +420,8 @@ def _attack_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit) -> float:
 
 
 def _load_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit) -> Optional[_UnitOutcome]:
-    loaded = ev.store.load(st.ei, ui, unit.key) if ev.store is not None else None
+    loaded = (ev.store.load(st.ei, ui, unit.key, eps=st.eps, n=int(ev.x.shape[0]))
+              if ev.store is not None else None)
     if loaded is None:
         return None
     meta, tens = loaded
@@ -446,7 +447,7 @@ def _compute_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit, t0: floa
     out = _UnitOutcome(adv_correct=adv_correct, upd_idx=upd_idx, upd_x=x_adv[upd_idx], margin=margin_u,
                        seconds=time.perf_counter() - t0, describe=desc, violations=viol, resumed=False)
     if ev.store is not None:
-        ev.store.save(st.ei, ui, {
+        ev.store.save(st.ei, ui, {  # the store ties the tensors to this unit (key, eps, hash)
             "key": unit.key, "spec": unit.spec.name, "view": unit.view, "kind": unit.kind, "eps": e,
             "seconds": out.seconds, "describe": desc, "violations": viol},
             {"adv_correct": adv_correct, "margin": margin_u, "upd_idx": upd_idx, "upd_x": out.upd_x})

@@ -100,10 +100,15 @@ class PartialStore:
                     f"{done} is the report of a different configuration (hash {old_hash[:12]} vs "
                     f"{config_hash[:12]}: model parameters, data, threat, eps, suite, steps, seed or batch "
                     "size changed); use another out_dir or resume=False to overwrite it")
+        self.config_hash = config_hash
         if self.manifest.is_file():
             try:
                 old = json.loads(self.manifest.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                old = None
+            if not isinstance(old, dict) or not isinstance(old.get("config_hash"), str):
+                logger.warning("%s is malformed (not a manifest of a partial evaluation); its partial "
+                               "units are recomputed", self.manifest)
                 old = {}
             same = old.get("config_hash") == config_hash
             if resume and not same and old:
@@ -135,7 +140,13 @@ class PartialStore:
     def stem(ei: int, ui: int) -> str:
         return f"e{ei:03d}_u{ui:03d}"
 
-    def load(self, ei: int, ui: int, key: str) -> Optional[Tuple[dict, Dict[str, Tensor]]]:
+    def load(self, ei: int, ui: int, key: str, *, eps: Optional[float] = None,
+             n: Optional[int] = None) -> Optional[Tuple[dict, Dict[str, Tensor]]]:
+        """The unit ``(ei, ui)`` if its files are whole and belong to it: the tensor file carries
+        the unit's key, eps and configuration hash (written by :meth:`save`), which must match
+        ``key``, ``eps`` and this store's hash, as must the JSON's; the tensors must have their
+        names, dtypes and sizes (``n`` samples). Anything else (a swapped, stale, foreign or
+        malformed unit) is recomputed with a warning, never trusted."""
         meta_p = self.dir / (self.stem(ei, ui) + ".json")
         pt_p = self.dir / (self.stem(ei, ui) + ".pt")
         if not (meta_p.is_file() and pt_p.is_file()):
@@ -147,16 +158,54 @@ class PartialStore:
         except Exception as e:  # a corrupted unit is recomputed
             logger.warning("cannot read partial unit %s (%s); recomputing it", meta_p.name, e)
             return None
-        if meta.get("key") != key:
+        problem = self._invalid(meta, tensors, key, eps, n)
+        if problem is not None:
+            logger.warning("partial unit %s is not this unit's (%s); recomputing it", meta_p.name, problem)
             return None
-        return meta, tensors
+        return meta, {k: v for k, v in tensors.items() if not k.startswith("__")}
+
+    def _invalid(self, meta: Any, tensors: Any, key: str, eps: Optional[float],
+                 n: Optional[int]) -> Optional[str]:
+        if not isinstance(meta, dict):
+            return "its JSON is not an object"
+        for f, kinds in (("key", str), ("eps", (int, float)), ("seconds", (int, float)),
+                         ("describe", (str, dict, list)), ("violations", int)):
+            if not isinstance(meta.get(f), kinds) or isinstance(meta.get(f), bool):
+                return f"its JSON lacks a valid {f!r}"
+        if not isinstance(tensors, dict):
+            return "its tensor file does not hold a dict"
+        ident = {"__key__": key, "__config_hash__": self.config_hash}
+        for f, want in ident.items():
+            if tensors.get(f) != want:
+                return f"its tensor file says {f.strip('_')} {tensors.get(f)!r}, expected {want!r}"
+        if meta["key"] != key:
+            return f"its JSON says key {meta['key']!r}, expected {key!r}"
+        if eps is not None:
+            for where, got in (("tensor file", tensors.get("__eps__")), ("JSON", meta["eps"])):
+                if not isinstance(got, (int, float)) or float(got) != float(eps):
+                    return f"its {where} says eps {got!r}, expected {float(eps)!r}"
+        need = {"adv_correct": None, "margin": None, "upd_idx": None, "upd_x": None}
+        for f in need:
+            if not isinstance(tensors.get(f), Tensor):
+                return f"its tensor {f!r} is missing"
+        if n is not None and (tensors["adv_correct"].shape != (n,) or tensors["margin"].shape != (n,)):
+            return f"its per-sample tensors are not of {n} samples"
+        idx = tensors["upd_idx"]
+        if idx.dim() != 1 or idx.is_floating_point() or tensors["upd_x"].shape[:1] != idx.shape or \
+                (idx.numel() and (int(idx.min()) < 0 or (n is not None and int(idx.max()) >= n))):
+            return "its updated examples do not match their indices"
+        return None
 
     def save(self, ei: int, ui: int, meta: dict, tensors: Dict[str, Tensor]) -> None:
         pt_p = self.dir / (self.stem(ei, ui) + ".pt")
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=pt_p.name + ".", suffix=".tmp")
         os.close(fd)
+        payload: Dict[str, Any] = {k: v.detach().cpu() for k, v in tensors.items()}
+        # the unit's identity inside the tensor file: a file moved to another unit's name is refused
+        payload.update({"__key__": str(meta["key"]), "__eps__": float(meta["eps"]),
+                        "__config_hash__": self.config_hash})
         try:
-            torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
+            torch.save(payload, tmp)
             os.replace(tmp, pt_p)
         finally:
             if os.path.exists(tmp):
