@@ -86,7 +86,7 @@ def train(dataset: str, sigma: float, epochs: int, cache, model_options=None):
     out_dir = None if cache is None else os.path.join(cache, f"{dataset}-sigma{sigma:g}{tag}")
     objective = recipe("gaussian-noise", sigma=sigma, seed=0).objective
     if dataset == "digits":
-        from robustdeq.cli import train_model
+        from robustdeq.train import train_model
         model, _, (xt, yt) = train_model(
             "mlp_deq", {"hidden": 64, "mean": 0.3, "std": 0.4, **(model_options or {})},
             {"epochs": epochs, "batch_size": 32, "lr": 3e-3}, objective=objective, seed=0, out_dir=out_dir)

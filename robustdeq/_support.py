@@ -1,5 +1,5 @@
 """Small helpers shared across robustdeq: warnings that point at the user's call, progress
-reports from inside long units of work, and JSON figures without float32 noise.
+reports from inside long units of work, JSON figures without float32 noise and plain-text tables.
 
 Nothing here imports torch: the command line's start-up stays fast.
 """
@@ -11,7 +11,7 @@ import math
 import os
 import struct
 import sys
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -103,4 +103,12 @@ def round_floats(obj: Any, digits: int = 6) -> Any:
     return obj
 
 
-__all__ = ["user_stacklevel", "progress_reporter", "report_progress", "round_floats", "tidy_float"]
+def text_table(rows: List[List[Any]], header: List[str]) -> str:
+    """``rows`` under ``header`` as a Markdown table with padded columns."""
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+__all__ = ["user_stacklevel", "progress_reporter", "report_progress", "round_floats", "tidy_float", "text_table"]

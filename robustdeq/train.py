@@ -540,4 +540,29 @@ class Trainer:
         broadcast_tensors([b for b in self.model.buffers() if b.is_floating_point()], src=0)
 
 
-__all__ = ["Trainer", "evaluate_clean"]
+def train_model(model_name: str, model_options: dict, train_options: dict, *, dataset: str = "digits",
+                root: Optional[str] = None, out_dir=None, objective=None, progress: bool = False,
+                seed: int = 0, resume: bool = True):
+    """Build ``model_name`` from the zoo (its input shape and classes from ``dataset``, then
+    ``model_options``) with ``torch.manual_seed(seed)``, and train it on the dataset's train
+    split with :class:`Trainer` (``objective``, ``train_options``; ``out_dir``: checkpoints,
+    history and TensorBoard log, resumed with ``resume``), validating on the test split.
+
+    Returns:
+        ``(model, history, (x_test, y_test))``.
+    """
+    from .data import dataset_info, load_dataset
+    from .deq import zoo
+    info = dataset_info(dataset)
+    opts = {"in_shape": list(info["shape"]), "num_classes": info["num_classes"], **model_options}
+    torch.manual_seed(seed)
+    model = zoo.build(model_name, **opts)
+    x, y = load_dataset(dataset, "train", root=root)
+    xt, yt = load_dataset(dataset, "test", root=root)
+    trainer = Trainer(model, objective, {"seed": seed, **train_options}, out_dir=out_dir,
+                      progress=progress, metadata={"dataset": dataset})
+    hist = trainer.fit(x, y, xt, yt, resume=resume)
+    return model, hist, (xt, yt)
+
+
+__all__ = ["Trainer", "evaluate_clean", "train_model"]

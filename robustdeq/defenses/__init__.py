@@ -24,6 +24,8 @@ _LAZY = {
     "register_objective": ".objectives",
     # certified.py: certified training (IBP, Lipschitz margin)
     "IBPTraining": ".certified", "LipschitzMargin": ".certified",
+    # wrappers.py: a registered inference-time defense by name
+    "wrap": ".wrappers",
 }
 
 
@@ -31,7 +33,7 @@ _LAZY = {
 def register_wrapper(name: str, defense, *, replace: bool = False) -> None:
     """Make ``defense`` (a class ``defense(model, **options) -> nn.Module``: an inference-time
     defense with ``.model``, ideally ``adaptive_views()``) available as ``--wrap name`` and
-    ``robustdeq.cli.wrap_model(model, name, options)``. An existing name is an error unless
+    ``robustdeq.defenses.wrap(model, name, options)``. An existing name is an error unless
     ``replace=True``."""
     from ..errors import ConfigError
     from ..registry import WRAPPERS

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustdeq import cli
+from robustdeq import demo, train
 from robustdeq.checkpoint import load_checkpoint, save_checkpoint
 from robustdeq.cli import main
+from robustdeq.cli import demo as demo_command
+from robustdeq.cli.attack import torchattack_params
 from robustdeq.config import SolverConfig, TrainConfig
 from robustdeq.deq import zoo
 from robustdeq.errors import CheckpointError, ConfigError, InputError, NonConvergenceWarning
@@ -82,7 +84,7 @@ def test_every_torchattacks_attack_gets_only_parameters_it_accepts():
              and issubclass(getattr(torchattacks, n), base) and n not in ("Attack", "MultiAttack")]
     assert len(names) > 30
     for name in names:
-        params = cli.torchattack_params({"attack": name}, eps=0.1, norm="Linf", steps=3, seed=0)
+        params = torchattack_params({"attack": name}, eps=0.1, norm="Linf", steps=3, seed=0)
         if name == "LGV":  # needs a training data loader: said so, not a TypeError
             with pytest.raises(ConfigError, match="trainloader"):
                 TorchAttack(model, **params)
@@ -309,11 +311,11 @@ def test_harden_says_where_its_reports_went(ckpt, tmp_path, capsys):
 
 
 def test_demo_announces_both_trainings(tmp_path, capsys, monkeypatch):
-    real_train = cli.train_model
-    monkeypatch.setattr(cli, "train_model", lambda name, opts, train, **kw: real_train(
+    real_train = train.train_model
+    monkeypatch.setattr(train, "train_model", lambda name, opts, train, **kw: real_train(
         name, {**opts, "hidden": 8}, {**train, "epochs": 1}, **kw))
     from robustdeq.eval import evaluate
-    monkeypatch.setattr(cli, "_demo_eval", lambda model, x, y, out_dir, progress: evaluate(
+    monkeypatch.setattr(demo, "_evaluate", lambda model, x, y, out_dir, progress: evaluate(
         model, x, y, eps=[0.1], suite=["pgd"], steps=1, checks=False, out_dir=out_dir))
     assert main(["demo", "--out", str(tmp_path), "--samples", "4", "--defense", "none", "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -325,7 +327,7 @@ def test_demo_announces_both_trainings(tmp_path, capsys, monkeypatch):
 # -- first contact -------------------------------------------------------------------------------------
 def test_no_command_runs_the_demo(monkeypatch, capsys):
     ran = []
-    monkeypatch.setattr(cli, "cmd_demo", lambda args: ran.append(args) or 0)
+    monkeypatch.setattr(demo_command, "cmd_demo", lambda args: ran.append(args) or 0)
     assert main([]) == 0
     assert ran and ran[0].command == "demo" and ran[0].out == "robustdeq-demo"
     assert "running the demo" in capsys.readouterr().err
@@ -336,6 +338,16 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def test_python_m_robustdeq_runs_the_command_line():
+    from robustdeq import __version__
+    out = subprocess.run([sys.executable, "-m", "robustdeq", "--version"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert out.stdout.strip() == f"robustdeq {__version__}"
+    bad = subprocess.run([sys.executable, "-m", "robustdeq", "eval"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert bad.returncode == 2 and bad.stderr.startswith("robustdeq: error: ")
 
 
 def test_help_does_not_import_torch():
@@ -350,10 +362,10 @@ def test_train_defaults_are_the_demos_recipe(monkeypatch, tmp_path, capsys):
     def fake(name, model_options, train_options, **kw):
         got.update(name=name, model=model_options, train=train_options)
         return None, [{"val_accuracy": 0.5}], None
-    monkeypatch.setattr(cli, "train_model", fake)
+    monkeypatch.setattr(train, "train_model", fake)
     assert main(["train", "--out", str(tmp_path), "--no-progress"]) == 0
-    assert got["model"] == cli.DEMO_MODEL["options"]
-    assert {k: got["train"][k] for k in cli.DEMO_TRAIN} == cli.DEMO_TRAIN
+    assert got["model"] == demo.DEMO_MODEL["options"]
+    assert {k: got["train"][k] for k in demo.DEMO_TRAIN} == demo.DEMO_TRAIN
     main(["train", "--out", str(tmp_path), "--model-options", '{"hidden": 16}', "--dataset", "synthetic"])
     assert got["model"]["hidden"] == 16 and "mean" not in got["model"]
 

@@ -13,7 +13,7 @@ ROOT = Path(robustdeq.__file__).parent
 CORE = {"robustdeq", "errors", "config", "registry", "guard", "_tensor", "_support", "data",
         "distributed", "runlock"}
 LAYERED = {"deq", "attacks", "certify", "defenses", "eval", "checkpoint", "train", "federated",
-           "interop", "cli"}
+           "interop", "demo", "cli", "__main__"}
 _ABOVE_DEQ = LAYERED - {"deq"}
 
 #: unit -> the units it must not import (anything else of robustdeq is allowed)
@@ -28,6 +28,7 @@ FORBIDDEN = {
     "eval": {"defenses", "train", "federated", "cli"},
     "train": {"eval", "federated", "cli"},
     "federated": {"cli"},
+    "demo": {"federated", "cli"},
 }
 #: the registry names every built-in by a "module:attribute" string; it imports only the errors
 REGISTRY_IMPORTS = {"errors"}

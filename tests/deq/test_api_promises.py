@@ -116,7 +116,7 @@ def test_register_dataset_and_wrapper(tmp_path):
             if n in DATASETS:
                 DATASETS.unregister(n)
 
-    from robustdeq.cli import wrap_model
+    from robustdeq.defenses import wrap
 
     class Clip(torch.nn.Module):
         def __init__(self, model, lo: float = 0.1):
@@ -129,10 +129,15 @@ def test_register_dataset_and_wrapper(tmp_path):
     try:
         register_wrapper("clip-test", Clip)
         m = rd.zoo.build("ff_mlp", hidden=8)
-        w = wrap_model(m, "clip-test", {"lo": 0.2})
+        w = wrap(m, "clip-test", {"lo": 0.2})
         assert isinstance(w, Clip) and w.lo == 0.2
         with pytest.raises(ConfigError, match="nosuch"):
-            wrap_model(m, "clip-test", {"nosuch": 1})
+            wrap(m, "clip-test", {"nosuch": 1})
+        assert wrap(m, "none") is m and wrap(m) is m
+        with pytest.raises(ConfigError, match="'none'"):
+            wrap(m, "none", {"lo": 0.2})
+        with pytest.raises(ConfigError, match="nosuch-defense"):
+            wrap(m, "nosuch-defense")
         with pytest.raises(ConfigError):
             register_wrapper("clip-test", Clip)
     finally:

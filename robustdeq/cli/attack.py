@@ -1,0 +1,105 @@
+"""``robustdeq attack``: one attack on a checkpoint; the adversarial examples are saved."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..registry import ATTACKS
+from .common import add_eval_args, floats, json_arg, load_for_eval, table
+
+
+def add_parser(sub) -> None:
+    a = sub.add_parser("attack", help="run one attack on a checkpoint and save the adversarial examples")
+    add_eval_args(a, eps_default="0.1")
+    a.add_argument("--attack", default="pgd", help=", ".join(ATTACKS.names()))
+    a.add_argument("--grad", default=None, help="gradient for pgd/fgsm: ift, phantom, unrolled, full "
+                   "(pgd on a DEQ with ift: the joint iteration where solves converge; "
+                   "--options '{\"method\": \"exact\"}' for exact solves at every step)")
+    a.add_argument("--options", default=None, help="JSON, other attack parameters")
+    a.add_argument("--out", default="adversarial.pt")
+    a.set_defaults(func=cmd_attack)
+
+
+def cmd_attack(args) -> int:
+    import torch
+    from .. import attacks
+    from ..errors import ConfigError
+    eps = floats(args.eps, "--eps")
+    if len(eps) != 1:
+        raise ConfigError(f"attack takes one --eps, got {args.eps!r}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; attack --out names the file to write")
+    options = json_arg(args.options, "--options")
+    model, x, y = load_for_eval(args)
+    if args.attack == "torchattack":
+        params = torchattack_params(options, eps=eps[0], norm=args.norm, steps=args.steps, seed=args.seed)
+    else:
+        params = {"eps": eps[0], "norm": args.norm, "seed": args.seed, **options}
+        if args.attack in ("pgd", "state"):
+            params.setdefault("steps", args.steps)
+    if args.grad:
+        if args.attack not in ("pgd", "fgsm"):
+            raise ConfigError(f"--grad is for --attack pgd or fgsm, not {args.attack!r}")
+        params["grad"] = args.grad
+    atk = attacks.build(args.attack, model, **params)
+    if getattr(atk, "eps", 0) is None:
+        print(f"note: {atk.name} has no eps: its examples are not bounded by --eps", file=sys.stderr)
+    t0 = time.perf_counter()
+    x_adv = _run_attack(atk, x, y, progress=not args.no_progress)
+    dt = time.perf_counter() - t0
+    clean = attacks.accuracy(model, x, y)
+    robust_flags = attacks.predict(model, x_adv) == y
+    robust = float((robust_flags & (attacks.predict(model, x) == y)).float().mean())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"x_adv": x_adv.cpu(), "x": x.cpu(), "y": y.cpu(), "robust": robust_flags.cpu(),
+                "attack": json.dumps(atk.describe(), default=str)}, out)
+    print(table([[atk.name, f"{clean:.4f}", f"{robust:.4f}", f"{dt:.1f}"]],
+                ["attack", "clean accuracy", "robust accuracy", "time (s)"]))
+    print(f"\nwrote adversarial examples to {out} (load with torch.load(path, weights_only=True))")
+    return 0
+
+
+def torchattack_params(options: dict, *, eps: float, norm: str, steps: int, seed: int) -> dict:
+    """Parameters of ``--attack torchattack``: the class named by ``options["attack"]`` gets
+    ``--eps``, ``--norm`` and ``--steps`` only where it has such a parameter (and ``options`` does
+    not set it); every other option is the class's own."""
+    import inspect
+    from ..attacks.bridge import resolve_class
+    from ..errors import ConfigError
+    if "attack" not in options:
+        raise ConfigError("--attack torchattack needs the torchattacks class in --options, e.g. "
+                          "--options '{\"attack\": \"PGD\"}' or '{\"attack\": \"CW\", \"c\": 1.0}'")
+    cls = resolve_class(options["attack"])
+    accepted = inspect.signature(cls.__init__).parameters
+    params = {"seed": seed, **options}
+    for key, value in (("eps", eps), ("norm", norm), ("steps", steps)):
+        if key in accepted and key not in options:
+            params[key] = value
+    return params
+
+
+def _run_attack(atk, x, y, *, progress: bool):
+    """``atk(x, y)``; with ``progress``, a line on stderr and a bar that follows the stages of
+    long attacks (AutoAttack's sub-attacks)."""
+    if not progress:
+        return atk(x, y)
+    from tqdm.auto import tqdm
+    from .._support import progress_reporter
+    print(f"running {atk.name} on {x.shape[0]} samples", file=sys.stderr, flush=True)
+    bar = tqdm(total=x.shape[0], desc=atk.name, unit="sample", leave=False)
+
+    def show(status):
+        if "done" in status and "total" in status:
+            bar.total = int(status["total"])
+            bar.n = int(status["done"])
+        if "stage" in status:
+            bar.set_postfix_str(str(status["stage"]), refresh=False)
+        bar.refresh()
+    try:
+        with progress_reporter(show):
+            return atk(x, y)
+    finally:
+        bar.close()

@@ -1,0 +1,83 @@
+"""``robustdeq certify``: deterministic certificates of a checkpoint, or randomized smoothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..registry import DATASETS
+from .common import floats, int_at_least, load_data, out_folder
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("certify", help="certify stability and robustness of a checkpoint")
+    c.add_argument("checkpoint")
+    c.add_argument("--dataset", default=None, choices=DATASETS.names(),
+                   help="default: the checkpoint's dataset")
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--split", default="test")
+    c.add_argument("-n", type=int_at_least(1), default=None, help="number of samples (default: the whole split)")
+    c.add_argument("--eps-l2", default="0.1,0.25,0.5", help="comma-separated L2 radii")
+    c.add_argument("--eps-linf", default="", help="comma-separated Linf radii (IBP)")
+    c.add_argument("--smoothing", type=float, default=None, metavar="SIGMA",
+                   help="randomized-smoothing certificates with Gaussian noise SIGMA instead of the "
+                        "deterministic ones (certified accuracy at --radii, abstain rate, time per image)")
+    c.add_argument("--n", "--noise-n", dest="noise_n", type=int, default=10000,
+                   help="smoothing: estimation noise samples per input (default 10000; -n is the number of "
+                        "inputs; under torchrun write --noise-n, which torchrun's own options do not shadow)")
+    c.add_argument("--n0", type=int, default=100, help="smoothing: selection noise samples (default 100)")
+    c.add_argument("--alpha", type=float, default=0.001, help="smoothing: failure probability (default 0.001)")
+    c.add_argument("--srs-steps", type=int, default=0,
+                   help="smoothing: serialized randomized smoothing with this many solver steps per "
+                        "warm-started batch (default 0: independent solves)")
+    c.add_argument("--check-samples", type=int, default=None,
+                   help="smoothing with SRS: estimation samples re-solved from scratch (default 400)")
+    c.add_argument("--check-max", type=int, default=0,
+                   help="smoothing with SRS: choose the number of re-solved samples per input in "
+                        "[--check-samples, this] from the warm-started count (default 0: fixed)")
+    c.add_argument("--srs-start", default="chain", choices=["chain", "clean"],
+                   help="smoothing with SRS: warm-start each batch from the previous batch's fixed points "
+                        "(chain, the paper's rule) or every sample from the clean input's fixed point")
+    c.add_argument("--radii", default="", help="smoothing: comma-separated L2 radii (default 0,0.25,0.5,0.75,1)")
+    c.add_argument("--seed", type=int, default=0, help="smoothing: noise seed")
+    c.add_argument("--out", default=None, help="folder for certificate.json / certificate.md")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_certify)
+
+
+def cmd_certify(args) -> int:
+    from ..certify.api import certify_checkpoint
+    eps_l2, eps_linf = floats(args.eps_l2, "--eps-l2"), floats(args.eps_linf, "--eps-linf")
+    out_folder(args.out)
+    dataset = args.dataset
+    if dataset is None:  # like eval: the checkpoint's dataset
+        from ..checkpoint import load_checkpoint
+        dataset = load_checkpoint(args.checkpoint).metadata.get("dataset", "digits")
+    if args.data_root is None:
+        load_data(dataset, None, args.split, 1)  # a missing data folder is named as --data-root
+    if args.smoothing is not None:
+        return _certify_smoothing(args, dataset)
+    rep = certify_checkpoint(args.checkpoint, dataset=dataset, split=args.split, root=args.data_root,
+                             n=args.n, out_dir=args.out, eps_l2=eps_l2,
+                             eps_linf=eps_linf, progress=not args.no_progress)
+    print(rep.to_markdown())
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'certificate.json'} and certificate.md")
+    return 0
+
+
+def _certify_smoothing(args, dataset: str) -> int:
+    """``robustdeq certify CHECKPOINT --smoothing SIGMA``: randomized-smoothing certificates."""
+    from ..certify.smoothing import certify_checkpoint as smoothing_checkpoint
+    radii = floats(args.radii, "--radii") if args.radii else None
+    opts = {"sigma": args.smoothing, "n": args.noise_n, "n0": args.n0, "alpha": args.alpha,
+            "srs_steps": args.srs_steps, "seed": args.seed, "srs_start": args.srs_start,
+            "check_max": args.check_max}
+    opts["check_samples"] = (args.check_samples if args.check_samples is not None
+                             else min(400, args.noise_n) if args.noise_n >= 1 else 400)
+    if radii:
+        opts["radii"] = radii
+    rep = smoothing_checkpoint(args.checkpoint, dataset=dataset, split=args.split, root=args.data_root,
+                               n_inputs=args.n, out_dir=args.out, progress=not args.no_progress, **opts)
+    print(rep.to_markdown())
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'certificate.json'}, certificate.md and certified_accuracy.png")
+    return 0

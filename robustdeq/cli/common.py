@@ -1,0 +1,170 @@
+"""What the commands share: the parser with one-line errors, argument types, JSON options, output
+folders, data loading that names ``--data-root``, and the arguments of the checkpoint commands.
+
+Nothing here imports torch at module level (``robustdeq --help`` stays fast).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .._support import text_table as table
+from ..config import Norm
+from ..registry import WRAPPERS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``robustdeq: error: ...``, exit status 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        hint = f" (see '{self.prog} --help')"
+        self.exit(2, f"robustdeq: error: {message}{hint}\n")
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def json_arg(text: Optional[str], what: str) -> dict:
+    """The JSON object ``text`` (``{}`` if empty); a ConfigError naming ``what`` otherwise."""
+    from ..errors import ConfigError
+    if not text:
+        return {}
+    try:
+        val = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} must be a JSON object, e.g. '{{\"key\": 1}}': {e}") from None
+    if not isinstance(val, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(val).__name__} {text!r}")
+    return val
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            val = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if val < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {val}")
+        return val
+    parse.__name__ = "int"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        val = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (val > 0 and math.isfinite(val)):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return val
+
+
+positive_float.__name__ = "float"
+
+
+def floats(text: Optional[str], what: str = "--eps") -> tuple:
+    """Comma-separated non-negative radii; a ConfigError naming ``what`` otherwise."""
+    from ..errors import ConfigError
+    if not text:
+        return ()
+    try:
+        vals = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{what} expects comma-separated numbers, got {text!r}") from None
+    bad = [v for v in vals if not (v >= 0 and math.isfinite(v))]
+    if bad:
+        raise ConfigError(f"{what} values must be finite and >= 0, got {text!r}")
+    return vals
+
+
+def out_folder(path: Optional[str], flag: str = "--out") -> Optional[Path]:
+    """``path`` as an output folder: an existing file there is a ConfigError naming ``flag``."""
+    from ..errors import ConfigError
+    if path is None:
+        return None
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {path} is an existing file; {flag} names an output folder")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    return p
+
+
+@contextlib.contextmanager
+def data_root_hint(name: str, root: Optional[str]) -> Iterator[None]:
+    """A dataset that needs a local folder, asked for without one, is named as ``--data-root``
+    (the library's wording names the Python argument)."""
+    from ..errors import DataError
+    try:
+        yield
+    except DataError as e:
+        if root is None and "root=" in str(e):
+            raise DataError(f"dataset {name!r} is read from a local folder: pass --data-root <folder> "
+                            "(nothing is downloaded)") from None
+        raise
+
+
+def load_data(name: str, root: Optional[str], split: str, limit: Optional[int] = None):
+    """``(x, y)`` of the dataset's split (its first ``limit`` samples)."""
+    from ..data import load_dataset
+    with data_root_hint(name, root):
+        x, y = load_dataset(name, split, root=root)
+    if limit:
+        x, y = x[:limit], y[:limit]
+    return x, y
+
+
+def wrap_flagged(model, wrap: str, options_text: Optional[str]):
+    """``defenses.wrap`` with the options of ``--wrap-options``; errors name the flags."""
+    from ..defenses import wrap as wrap_model
+    from ..errors import ConfigError
+    options = json_arg(options_text, "--wrap-options")
+    if wrap == "none" and options:
+        raise ConfigError(f"--wrap-options {json.dumps(options)} given with --wrap none: choose a defense "
+                          f"with --wrap ({', '.join(w for w in WRAPPERS if w != 'none')}) or drop the options")
+    return wrap_model(model, wrap, options, what=f"--wrap {wrap} (--wrap-options)")
+
+
+def load_for_eval(args):
+    """Load a checkpoint (and wrap it in an inference-time defense), plus the evaluation data."""
+    from ..checkpoint import load_model
+    model, ck = load_model(args.checkpoint)
+    model.eval()
+    dataset = args.dataset or ck.metadata.get("dataset", "digits")
+    x, y = load_data(dataset, args.data_root, args.split, args.n)
+    model = wrap_flagged(model, args.wrap, args.wrap_options)
+    return model, x, y
+
+
+def add_eval_args(p, *, eps_default: str) -> None:
+    """The arguments of the commands that attack a checkpoint (attack, eval, harden)."""
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("-n", type=int_at_least(1), default=200, help="number of samples (default 200)")
+    p.add_argument("--norm", default="Linf", choices=[n.value for n in Norm])
+    p.add_argument("--eps", default=eps_default)
+    p.add_argument("--steps", type=int_at_least(1), default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wrap", default="none", choices=WRAPPERS.names(), help="inference-time defense")
+    p.add_argument("--wrap-options", default=None, help="JSON options of the inference-time defense")
+    p.add_argument("--no-progress", action="store_true")
+
+
+__all__ = ["Parser", "setup_logging", "json_arg", "int_at_least", "positive_float", "floats", "out_folder",
+           "data_root_hint", "load_data", "wrap_flagged", "load_for_eval", "add_eval_args", "table"]

@@ -1,0 +1,25 @@
+"""``robustdeq demo`` (the default command): the demo recipe of :mod:`robustdeq.demo`."""
+from __future__ import annotations
+
+from .common import int_at_least, out_folder
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("demo", help="train a DEQ on the bundled digits and report (default job)")
+    d.add_argument("--out", default="robustdeq-demo", help="output folder (default ./robustdeq-demo)")
+    d.add_argument("--epochs", type=int_at_least(1), default=None, help="override the number of training epochs")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--samples", type=int_at_least(1), default=100, help="test samples for the evaluation and certificate (AutoAttack on a DEQ costs about a second per sample)")
+    d.add_argument("--defense", default="jiio-at", help="training recipe of the hardened model (see robustdeq train)")
+    d.add_argument("--skip-eval", action="store_true", help="only train and report the undefended DEQ")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-resume", action="store_true", help="retrain even if a checkpoint exists")
+    d.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+    run_demo(out_folder(args.out), epochs=args.epochs, seed=args.seed, samples=args.samples,
+             defense=args.defense, skip_eval=args.skip_eval, progress=not args.no_progress,
+             resume=not args.no_resume, say=lambda text: print(text, flush=True))
+    return 0

@@ -1,0 +1,122 @@
+"""``robustdeq eval`` (an evaluation suite on a checkpoint) and ``robustdeq harden`` (a checkpoint
+with and without an inference-time defense, side by side)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..registry import SUITES
+from .common import add_eval_args, floats, int_at_least, load_for_eval, out_folder, table, wrap_flagged
+
+
+def add_parsers(sub) -> None:
+    e = sub.add_parser("eval", help="run an evaluation suite on a checkpoint and write the report")
+    add_eval_args(e, eps_default="0.1,0.2")
+    e.add_argument("--suite", default="standard", type=suite_arg,
+                   help=f"a suite ({', '.join(SUITES.names())}) or a comma list of attack names, e.g. "
+                        "pgd-ift,pgd-unrolled,apgd-ce (default standard)")
+    e.add_argument("--out", default=None, help="folder for report.json, report.md, plots, partial results")
+    e.add_argument("--no-resume", action="store_true")
+    e.add_argument("--batch-size", type=int_at_least(1), default=128,
+                   help="attack batch size (default 128); under torchrun the processes share out these batches")
+    e.add_argument("--certify", nargs="?", const="auto", default=None,
+                   help="robustness bracket: certified <= robust <= attacked accuracy per eps; 'auto' "
+                        "(Lipschitz + IBP) or a comma list of lipschitz, ibp, smoothing")
+    e.add_argument("--smoothing", type=float, default=None, metavar="SIGMA",
+                   help="bracket: also certify the Gaussian-smoothed classifier (compared with attacks on it)")
+    e.add_argument("--smoothing-n", type=int, default=1000, help="bracket: smoothing noise samples (default 1000)")
+    e.add_argument("--srs-steps", type=int, default=0, help="bracket: SRS solver steps (default 0: independent)")
+    e.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when a certified sample is broken by an attack (soundness alarm)")
+    e.set_defaults(func=cmd_eval)
+
+    h = sub.add_parser("harden", help="wrap a checkpoint in an inference-time defense and evaluate both")
+    add_eval_args(h, eps_default="0.1,0.2")
+    h.set_defaults(wrap="entropy")
+    h.add_argument("--suite", default="quick", choices=SUITES.names())
+    h.add_argument("--out", default=None)
+    h.set_defaults(func=cmd_harden)
+
+
+def cmd_eval(args) -> int:
+    from ..eval import evaluate
+    eps = list(floats(args.eps, "--eps"))
+    out_folder(args.out)
+    model, x, y = load_for_eval(args)
+    certify = bracket_spec(args)
+    rep = evaluate(model, x, y, threat=args.norm, eps=eps, suite=args.suite,
+                   steps=args.steps, seed=args.seed, out_dir=args.out, resume=not args.no_resume,
+                   progress=not args.no_progress, tensorboard=bool(args.out), certify=certify,
+                   batch_size=args.batch_size)
+    print(rep.to_markdown())
+    if rep.fired:
+        print(f"\nchecks that fired: {', '.join(rep.fired)}")
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'report.json'}, report.md and plots")
+    if args.strict and "certified_but_broken" in rep.fired:
+        print("error: --strict: a certified sample was broken by an attack (certified_but_broken)", file=sys.stderr)
+        return 3
+    return 0
+
+
+def suite_arg(text: str):
+    """``--suite``: a registered suite name, or a comma list of attack names (``pgd-ift``,
+    ``apgd-ce``, ``state-3``...; unknown names are a usage error listing the known ones)."""
+    if text in SUITES.names():
+        return text
+    from ..eval.suites import is_attack_name  # (imports torch) registers the built-in attack names
+    from ..registry import ATTACK_SPECS
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if not is_attack_name(n)]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown suite or attack name(s) {', '.join(unknown) or repr(text)}; suites: "
+            f"{', '.join(SUITES.names())}; attacks (comma list): {', '.join(ATTACK_SPECS.names())}, state-<k>")
+    return names
+
+
+def bracket_spec(args):
+    """The ``certify`` argument of ``evaluate`` from ``--certify`` / ``--smoothing``."""
+    if args.certify is None and args.smoothing is None:
+        return None
+    spec = {"methods": [m for m in (args.certify or "auto").split(",") if m not in ("auto", "smoothing", "")]
+            if args.certify not in (None, "auto") else ["lipschitz", "ibp"]}
+    if args.certify and "smoothing" in args.certify.split(",") and args.smoothing is None:
+        from ..errors import ConfigError
+        raise ConfigError("--certify smoothing needs --smoothing SIGMA")
+    if args.smoothing is not None:
+        spec["smoothing"] = {"sigma": args.smoothing, "n": args.smoothing_n, "n0": min(100, args.smoothing_n),
+                             "srs_steps": args.srs_steps,
+                             "check_samples": min(400, args.smoothing_n), "seed": args.seed}
+    return spec
+
+
+def cmd_harden(args) -> int:
+    """Evaluate a checkpoint with and without an inference-time defense, side by side."""
+    from ..eval import evaluate
+    floats(args.eps, "--eps")
+    out_folder(args.out)
+    if args.wrap == "none":
+        from ..errors import ConfigError
+        raise ConfigError("harden compares a checkpoint with and without an inference-time defense: "
+                          "--wrap none leaves nothing to compare (use 'robustdeq eval')")
+    args_plain = argparse.Namespace(**{**vars(args), "wrap": "none", "wrap_options": None})
+    plain, x, y = load_for_eval(args_plain)
+    defended = wrap_flagged(plain, args.wrap, args.wrap_options)
+    rows, written = [], []
+    for name, m in (("as trained", plain), (f"+ {args.wrap}", defended)):
+        out = Path(args.out) / name.replace(" ", "_").replace("+", "with") if args.out else None
+        if out is not None:
+            written.append(str(out))
+        rep = evaluate(m, x, y, threat=args.norm, eps=list(floats(args.eps)), suite=args.suite,
+                       steps=args.steps, seed=args.seed, out_dir=out, progress=not args.no_progress)
+        rows.append([name, f"{rep.clean_accuracy:.4f}"] + [f"{r.robust_accuracy:.4f}" for r in rep.results]
+                    + [", ".join(rep.fired) or "-"])
+    eps_cols = [f"robust @ {args.norm} {e:g}" for e in floats(args.eps)]
+    print(table(rows, ["model", "clean"] + eps_cols + ["checks fired"]))
+    if written:
+        print(f"\nwrote the reports (report.json, report.md, plots) to {' and '.join(written)}")
+    else:
+        print("\nno report files written (pass --out <folder> to keep report.json and report.md of both)")
+    return 0

@@ -1,0 +1,152 @@
+"""The demo recipe: a DEQ trained on scikit-learn's digits, undefended and hardened with a training
+recipe, both evaluated with the cascaded ``standard`` suite (Linf 0.1 and 0.2) and the undefended
+one certified (L2). ``robustdeq demo`` runs :func:`run_demo`; ``robustdeq train`` takes the demo's
+model and training options as its defaults (:func:`default_model_options`, :data:`DEMO_TRAIN`).
+
+Importing this module does not import torch (the command line's help lists these defaults).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+from ._support import round_floats, text_table
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL = {"name": "mlp_deq",
+              "options": {"hidden": 128, "mean": 0.3, "std": 0.4, "norm": "spectral", "scale": 0.9}}
+DEMO_TRAIN = {"epochs": 15, "batch_size": 32, "lr": 3e-3}
+#: options of :data:`DEMO_MODEL` that are the digits' input statistics (dropped on other datasets)
+DIGITS_STATS = ("mean", "std")
+#: the demo's robustness table: row label -> prefix of the attack specs it reports after
+DEMO_ROWS = (("PGD (IFT)", "pgd-ift"), ("PGD (unrolled)", "pgd-unrolled"),
+             ("intermediate-state", "state"), ("AutoAttack standard", "autoattack"))
+
+
+def default_model_options(model: str, dataset: str) -> dict:
+    """The options ``robustdeq train`` uses for ``model`` unless ``--model-options`` overrides them:
+    the demo's for ``mlp_deq`` (its input statistics on digits only)."""
+    if model != DEMO_MODEL["name"]:
+        return {}
+    return {k: v for k, v in DEMO_MODEL["options"].items() if dataset == "digits" or k not in DIGITS_STATS}
+
+
+def solver_table(summary: dict) -> str:
+    """The demo's first table: test accuracy, solver statistics and training time."""
+    rows = [["test accuracy", f"{summary['test_accuracy']:.4f}"],
+            ["mean solver iterations", f"{summary['solver']['mean_steps']:.2f}"],
+            ["converged fraction", f"{summary['solver']['converged_fraction']:.4f}"],
+            ["mean final residual", f"{summary['solver']['mean_residual']:.2e}"],
+            ["max final residual", f"{summary['solver']['max_residual']:.2e}"],
+            ["training time (s)", f"{summary['train_time_s']:.1f}"]]
+    return text_table(rows, ["metric", "value"])
+
+
+def demo_rows(report) -> dict:
+    """Accuracy after each attack group of a cascaded ``standard`` evaluation, per eps."""
+    out = {}
+    for r in report.results:
+        col = {"clean": report.clean_accuracy}
+        for label, prefix in DEMO_ROWS:
+            hits = [a for a in r.attacks if a.spec.startswith(prefix)]
+            col[label] = hits[-1].cumulative_accuracy if hits else None
+        col["worst case"] = r.robust_accuracy
+        out[f"{r.eps:g}"] = col
+    return out
+
+
+def _evaluate(model, x, y, out_dir, progress):
+    from .eval import evaluate
+    return evaluate(model, x, y, threat="Linf", eps=[0.1, 0.2], suite="standard", steps=20, seed=0,
+                    cascade=True, out_dir=out_dir, progress=progress)
+
+
+def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples: int = 100,
+             defense: str = "jiio-at", skip_eval: bool = False, progress: bool = True, resume: bool = True,
+             say: Optional[Callable[[str], None]] = None) -> dict:
+    """Run the demo into the folder ``out``: train the undefended DEQ (``out/undefended``), then,
+    unless ``skip_eval``, the model hardened with the recipe ``defense`` (``out/<defense>``),
+    evaluate both on ``samples`` test digits (``out/eval_<name>``) and certify the undefended one
+    (``out/certificate``). ``say`` receives what the demo is doing and its tables (default: the
+    log). Writes and returns the summary (``out/summary.json``)."""
+    from .certify import certify
+    from .defenses.recipes import recipe
+    from .train import evaluate_clean, train_model
+    say = say or logger.info
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_opts = dict(DEMO_TRAIN)
+    if epochs is not None:
+        train_opts["epochs"] = epochs
+    say(f"training the undefended DEQ ({train_opts['epochs']} epochs) into {out / 'undefended'}")
+    model, hist, (xt, yt) = train_model(DEMO_MODEL["name"], DEMO_MODEL["options"], train_opts,
+                                        out_dir=out / "undefended", progress=progress,
+                                        seed=seed, resume=resume)
+    train_time = sum(h.get("epoch_time_s", 0.0) for h in hist)  # per-epoch compute (resume-safe)
+    ev = evaluate_clean(model, xt, yt)
+    summary = {
+        "dataset": "digits", "model": DEMO_MODEL, "train": train_opts, "train_time_s": train_time,
+        "test_accuracy": ev["accuracy"],
+        "solver": {k: ev[k] for k in ("mean_steps", "converged_fraction", "mean_residual", "max_residual")},
+        "checkpoint": str(out / "undefended" / "checkpoint.pt"),
+        "tensorboard": str(out / "undefended" / "tb"),
+    }
+    say("== robustdeq demo: DEQ on scikit-learn digits ==")
+    say(solver_table(summary))
+    (out / "summary.json").write_text(json.dumps(round_floats(summary), indent=2))
+    if skip_eval:
+        say(f"\nwrote {out / 'summary.json'}, {summary['checkpoint']}, TensorBoard log {summary['tensorboard']}")
+        return summary
+
+    n = min(samples, xt.shape[0])
+    xs, ys = xt[:n], yt[:n]
+    # the hardened model: same architecture, trained with the chosen recipe
+    rec = recipe(defense, eps=0.1) if defense != "none" else recipe("none")
+    hard_opts = dict(DEMO_MODEL["options"]) if rec.model is None else {"hidden": 128, "mean": 0.3, "std": 0.4}
+    say(f"\ntraining the hardened model ({defense}, {train_opts['epochs']} epochs) into {out / defense}")
+    hard, hhist, _ = train_model(rec.model or DEMO_MODEL["name"], hard_opts, train_opts,
+                                 out_dir=out / defense, objective=rec.objective, progress=progress,
+                                 seed=seed, resume=resume)
+    summary["hardened"] = {"defense": defense, "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in hhist),
+                           "test_accuracy": evaluate_clean(hard, xt, yt)["accuracy"],
+                           "checkpoint": str(out / defense / "checkpoint.pt")}
+    reports = {}
+    for name, m in (("undefended", model), (defense, hard)):
+        say(f"\nevaluating the {name} model on {n} test samples (standard suite, AutoAttack included: "
+            "minutes)")
+        reports[name] = _evaluate(m, xs, ys, out / f"eval_{name}", progress)
+    tables = {name: demo_rows(rep) for name, rep in reports.items()}
+    header = ["attack (accuracy after it, Linf)"] + [f"{name} eps {e}" for name in tables for e in tables[name]]
+    labels = ["clean"] + [label for label, _ in DEMO_ROWS] + ["worst case"]
+    rows = []
+    for label in labels:
+        row = [label]
+        for name in tables:
+            for e, col in tables[name].items():
+                v = col.get(label)
+                row.append("n/a" if v is None else f"{100 * v:.1f}%")
+        rows.append(row)
+    say(f"\n== robustness on {n} test samples (standard suite, cascaded: each row is the accuracy "
+        "after that attack and every one above it) ==")
+    say(text_table(rows, header))
+    fired = {name: rep.fired for name, rep in reports.items() if rep.fired}
+    if fired:
+        say(f"checks that fired: {fired}")
+    summary["robustness"] = {"samples": n, "tables": tables, "checks_fired": fired,
+                             "reports": {name: str(out / f"eval_{name}") for name in reports}}
+
+    cert = certify(model, xs, ys, eps_l2=(0.1, 0.25, 0.5))
+    cert.save(out / "certificate")
+    summary["certificate"] = cert.summary
+    say(f"\n== certificate of the undefended DEQ ({n} test samples) ==")
+    say(cert.brief())
+    (out / "summary.json").write_text(json.dumps(round_floats(summary), indent=2, default=str))
+    say(f"\nwrote {out / 'summary.json'}, checkpoints, evaluation reports and TensorBoard logs under {out}")
+    return summary
+
+
+__all__ = ["DEMO_MODEL", "DEMO_TRAIN", "DEMO_ROWS", "default_model_options", "demo_rows", "solver_table",
+           "run_demo"]
