@@ -315,6 +315,29 @@ def all_gather_object(obj: Any) -> List[Any]:
     return out
 
 
+def check_agreement(settings: Dict[str, Any], what: str = "the command",
+                    ctx: Optional["DistContext"] = None) -> None:
+    """Every rank must run ``what`` with the same ``settings`` (JSON-like values; compared as
+    their JSON text): one collective, before any work, so that ranks launched with different
+    options fail at once with a :class:`~robustdeq.errors.ConfigError` naming the first
+    differing option and each rank's value, instead of deadlocking or crashing in a later
+    collective. Nothing to check in one process."""
+    ctx = ctx if ctx is not None else context(auto_init=False)
+    if ctx is None or ctx.world_size < 2:
+        return
+    import json
+    mine = {str(k): json.dumps(v, sort_keys=True, default=repr) for k, v in settings.items()}
+    every = all_gather_object(mine)
+    keys = sorted(set().union(*every))
+    differ = [k for k in keys if len({e.get(k) for e in every}) > 1]
+    if differ:
+        k = differ[0]
+        values = ", ".join(f"rank {r}: {e.get(k, '(not given)')}" for r, e in enumerate(every))
+        more = f" (and {', '.join(differ[1:])})" if len(differ) > 1 else ""
+        raise ConfigError(f"the processes run {what} with different settings: {k} differs ({values}){more}; "
+                          "every rank must be launched with the same command and options")
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (the others pass anything, e.g. None)."""
     if context(auto_init=False) is None:
@@ -452,4 +475,5 @@ def rank_seed(seed: int, rank_: int) -> int:
 __all__ = ["DistContext", "ENV_VARS", "env_config", "auto_backend", "init", "check_threads", "context",
            "single_process", "rank", "world_size", "is_main", "barrier", "shard_indices", "claim",
            "gather_sharded", "all_reduce", "all_gather_object", "broadcast_object", "all_gather_rows",
-           "reduce_stats", "broadcast_tensors", "broadcast_module", "average_gradients", "rank_seed"]
+           "reduce_stats", "broadcast_tensors", "broadcast_module", "average_gradients", "rank_seed",
+           "check_agreement"]

@@ -376,8 +376,14 @@ class Trainer:
         if cfg.schedule == "cosine" and self.scheduler is None:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))
-        from .distributed import context, rank_seed
+        from .distributed import check_agreement, context, rank_seed
         self._ctx = ctx = context()
+        if ctx is not None:  # before any collective: ranks launched differently fail now, by name
+            check_agreement({"epochs": cfg.epochs, **{k: v for k, v in to_dict(cfg).items() if k != "epochs"},
+                             "objective": self._objective_name(), "model": self.model_config,
+                             "train samples": list(x.shape), "validation samples":
+                             None if x_val is None else list(x_val.shape),
+                             "resume": bool(resume)}, "training", ctx)
         main = ctx is None or ctx.is_main
         if ctx is not None and self.out_dir is not None and self.model_config is None:
             # raised by every rank now, not by rank 0 alone after the first epoch

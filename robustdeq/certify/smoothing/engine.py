@@ -386,8 +386,9 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     y = _check_y(y, x.shape[0])
     from ...checkpoint import require_finite
     require_finite(model, "the model to certify")
-    from ...distributed import context as dist_context
+    from ...distributed import check_agreement, context as dist_context
     ctx = dist_context()
+    check_agreement({**to_dict(cfg), "inputs": list(x.shape)}, "certify (smoothing)", ctx)
     base = _Base(model, cfg)
     results: List[SmoothingResult] = []
     t_all = time.perf_counter()
