@@ -328,7 +328,7 @@ def check_agreement(settings: Dict[str, Any], what: str = "the command",
     import json
     mine = {str(k): json.dumps(v, sort_keys=True, default=repr) for k, v in settings.items()}
     every = all_gather_object(mine)
-    keys = sorted(set().union(*every))
+    keys = list(every[0]) + sorted(set().union(*every) - set(every[0]))  # rank 0's order first
     differ = [k for k in keys if len({e.get(k) for e in every}) > 1]
     if differ:
         k = differ[0]

@@ -43,7 +43,7 @@ __all__ = ["hold", "hold_group", "acquire", "release", "owner", "FolderLockedErr
 
 LOCK_NAME = ".robustdeq.lock"
 
-_held: Dict[str, list] = {}  # resolved folder -> [token, depth, file descriptor]
+_held: Dict[str, list] = {}  # resolved folder -> [token, depth, file descriptor, created it]
 
 
 class FolderLockedError(RobustDEQError):
@@ -112,6 +112,7 @@ def acquire(folder: Union[str, Path], command: Optional[str] = None) -> str:
     if key in _held:
         _held[key][1] += 1
         return _held[key][0]
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     record = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _proc_start(os.getpid()),
@@ -144,7 +145,7 @@ def acquire(folder: Union[str, Path], command: Optional[str] = None) -> str:
                            _describe(previous))
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
-    _held[key] = [record["token"], 1, fd]
+    _held[key] = [record["token"], 1, fd, created]
     return record["token"]
 
 
@@ -166,6 +167,9 @@ def release(folder: Union[str, Path], token: Optional[str] = None) -> None:
     with contextlib.suppress(FileNotFoundError):
         (folder / LOCK_NAME).unlink()  # while still locked: a waiter re-checks the inode
     os.close(entry[2])
+    if entry[3]:  # a folder this run created and left empty (it failed early) is removed
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @contextlib.contextmanager

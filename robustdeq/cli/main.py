@@ -28,6 +28,30 @@ def build_parser() -> Parser:
     return p
 
 
+def _settings(args) -> dict:
+    """The command and its options as the user wrote them (flags), for the ranks' agreement."""
+    out = {"command": args.command}
+    for k, v in vars(args).items():
+        if k not in ("func", "command"):
+            out[k if k in ("checkpoint",) else "--" + k.replace("_", "-")] = v
+    return out
+
+
+def _owned_folder(args) -> Optional[str]:
+    """The output folder the command writes (None: it writes none, or ``--out`` names a file,
+    which the command reports itself)."""
+    if args.command == "attack":  # its --out is a file
+        return None
+    out = getattr(args, "out", None)
+    if not out:
+        return None
+    from pathlib import Path
+    p = Path(out)
+    if (p.exists() and not p.is_dir()) or any(q.exists() and not q.is_dir() for q in p.parents):
+        return None
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit status (2 for a user error, printed on one line as
     ``robustdeq: error: ...``; ``--debug`` shows the traceback instead)."""
@@ -48,10 +72,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         had_group = dist_context(auto_init=False) is not None
         group = init_distributed()  # under torchrun: train, eval and certify share the work
         created = group is not None and not had_group
+        if group is not None:  # every rank runs the same command with the same options
+            from ..distributed import check_agreement
+            check_agreement(_settings(args), "robustdeq", group)
         if group is not None and not group.is_main:  # rank 0 prints the results
             import os
             quiet, sys.stdout = sys.stdout, open(os.devnull, "w")
-        return int(args.func(args) or 0)
+        from .. import runlock
+        with runlock.hold_group(_owned_folder(args), group):  # one run per output folder
+            return int(args.func(args) or 0)
     except (RobustDEQError, OSError) as e:
         if args.debug:
             raise

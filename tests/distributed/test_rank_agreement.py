@@ -36,6 +36,16 @@ def _task(rank: int, out: str) -> dict:
         certify(model, x[:2], sigma=0.25, n0=4, n=8 if rank == 0 else 16)
     except ConfigError as e:
         found["certify"] = str(e)
+    # one rank 'eval', the other 'certify' (a raw TypeError in a later collective before)
+    import contextlib
+    import io
+    from robustdeq.checkpoint import save_checkpoint
+    from robustdeq.cli import main
+    ck = save_checkpoint(Path(out) / f"m{rank}.pt", model, model_config=model.robustdeq_config)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["eval" if rank == 0 else "certify", str(ck), "-n", "4"])
+    found["cli"] = (rc, err.getvalue())
     return found
 
 
@@ -58,3 +68,6 @@ def test_ranks_with_different_options_fail_naming_the_option(tmp_path):
         found = torch.load(tmp_path / f"result{r}.pt", weights_only=False)
         assert "batch_size differs (rank 0: 8, rank 1: 4)" in found["train"], found
         assert "n differs (rank 0: 8, rank 1: 16)" in found["certify"], found
+        rc, err = found["cli"]
+        assert rc == 2 and err.startswith('robustdeq: error: the processes run robustdeq with different '
+                                          'settings: command differs (rank 0: "eval", rank 1: "certify")'), err
