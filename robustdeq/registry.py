@@ -2,7 +2,7 @@
 inference-time wrappers.
 
 A :class:`Registry` maps a name to an entry (a class, a builder function, ...). Built-in entries
-are declared here as ``"module:attribute"`` references, imported on first use, so that the names
+are declared here as ``"module:attribute"`` (or ``"module:TABLE[key]"``) references, imported on first use, so that the names
 are known without importing torch (the command line reads its choices from these registries and
 ``robustdeq --help`` stays fast). Each package adds its ``register_*`` function on top:
 
@@ -43,7 +43,12 @@ class _Ref:
     def load(self) -> Any:
         module, _, attr = self.path.partition(":")
         mod = importlib.import_module(module)
-        return getattr(mod, attr) if attr else mod
+        if not attr:
+            return mod
+        if attr.endswith("]") and "[" in attr:  # "module:TABLE[key]": an entry of a table
+            table, _, key = attr[:-1].partition("[")
+            return getattr(mod, table)[key]
+        return getattr(mod, attr)
 
     def __repr__(self) -> str:
         return f"<lazy {self.path}>"
@@ -149,8 +154,20 @@ SOLVERS = Registry("solver", _refs("robustdeq.deq.solvers", {
     "fixed_point": "FixedPointIteration", "anderson": "Anderson", "broyden": "Broyden"}),
     hint="robustdeq.deq.solvers.register_solver adds one")
 
-ATTACK_SPECS = Registry("attack", hint="built-in attacks also take the forms <pgd name>-margin and "
-                                       "state-<k>; robustdeq.eval.register_attack_spec adds one")
+# the built-in attack specs of robustdeq.eval.suites (BUILTIN_SPECS) by name; the PGD variants come
+# with the cross-entropy and the CW margin loss (<name>-margin)
+_PGD_SPECS = ("pgd", "pgd-ift", "pgd-exact", "pgd-unrolled", "pgd-phantom")
+ATTACK_SPECS = Registry("attack", {
+    name: f"robustdeq.eval.suites:BUILTIN_SPECS[{name}]"
+    for name in (*[v for p in _PGD_SPECS for v in (p, f"{p}-margin")], "states", "state-ensemble",
+                 "autoattack", "autoattack-plus", "apgd-ce", "transfer-unrolled", "square")},
+    hint="also state-<k> for the intermediate state k; robustdeq.eval.register_attack_spec adds one")
+
+
+def is_attack_spec_name(name: str) -> bool:
+    """``name`` names attack specs of a suite: a registered one or ``state-<k>`` (k >= 0)."""
+    return isinstance(name, str) and (name in ATTACK_SPECS or (name.startswith("state-") and name[6:].isdigit()))
+
 
 SUITES = Registry("suite", _refs("robustdeq.eval.suites", {
     "quick": "_suite_quick", "standard": "_suite_standard", "full": "_suite_full"}),
@@ -195,5 +212,5 @@ WRAPPERS = Registry("inference-time defense", {"none": None,
                                                 "entropy": "robustdeq.defenses.entropy:EntropyDefense"})
 
 
-__all__ = ["Registry", "SOLVERS", "ATTACK_SPECS", "SUITES", "RECIPES", "OBJECTIVES", "MODELS",
+__all__ = ["Registry", "is_attack_spec_name", "SOLVERS", "ATTACK_SPECS", "SUITES", "RECIPES", "OBJECTIVES", "MODELS",
            "ATTACKS", "DATASETS", "WRAPPERS"]

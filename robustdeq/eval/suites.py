@@ -26,13 +26,13 @@ adversarially trained models at large radii, at a fraction of AutoAttack's cost)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from torch import nn
 
 from .._tensor import default_alpha
 from ..errors import ConfigError
-from ..registry import ATTACK_SPECS, SUITES
+from ..registry import ATTACK_SPECS, SUITES, is_attack_spec_name
 
 # SUITES (robustdeq.registry.SUITES): the named suites, "quick", "standard", "full" and registered ones
 KINDS = ("white-box", "black-box", "transfer")
@@ -251,7 +251,8 @@ def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
                        description="Square attack, 1000 queries (torchattacks)")]
 
 
-def _register_builtin_specs() -> None:
+def _builtin_specs() -> Dict[str, Callable[[SuiteContext], List[AttackSpec]]]:
+    specs = {}
     pgd = {"pgd": ("any", "the model's own gradient (a DEQ's implicit one by the joint iteration "
                           "where its solves converge)"),
            "pgd-ift": ("deq", "the implicit (IFT) gradient, by the joint forward/adjoint/input "
@@ -262,20 +263,24 @@ def _register_builtin_specs() -> None:
            "pgd-phantom": ("deq", "the phantom gradient (k=5, tau=0.5)")}
     for base, (needs, what) in pgd.items():
         for name, loss_name in ((base, "ce"), (f"{base}-margin", "margin")):
-            ATTACK_SPECS.register(name, _pgd_spec(name, base, needs, what, loss_name), builtin=True)
+            specs[name] = _pgd_spec(name, base, needs, what, loss_name)
     for name, fn in (("states", _states_spec), ("state-ensemble", _state_ensemble_spec),
                      ("autoattack", _autoattack_spec), ("autoattack-plus", _autoattack_plus_spec),
                      ("apgd-ce", _apgd_ce_spec),
                      ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec)):
-        ATTACK_SPECS.register(name, fn, builtin=True)
+        specs[name] = fn
+    return specs
 
 
-_register_builtin_specs()
+#: the built-in attack specs by name; :data:`robustdeq.registry.ATTACK_SPECS` declares each name
+#: (torch-free) and loads its builder from here on first use
+BUILTIN_SPECS = _builtin_specs()
 
 
 def is_attack_name(name: str) -> bool:
-    """``name`` is one :func:`builtin_spec` resolves: a registered attack or ``state-<k>``."""
-    return name in ATTACK_SPECS or (name.startswith("state-") and name[6:].isdigit())
+    """``name`` is one :func:`builtin_spec` resolves: a registered attack or ``state-<k>``
+    (:func:`robustdeq.registry.is_attack_spec_name`, which needs no torch)."""
+    return is_attack_spec_name(name)
 
 
 def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:

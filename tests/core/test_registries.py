@@ -60,12 +60,17 @@ def test_registry_unknown_duplicate_replace():
 
 def test_every_builtin_entry_resolves():
     """Each built-in "module:attribute" reference names a real object (imported on first use)."""
-    for reg in (registry.SOLVERS, registry.SUITES, registry.RECIPES, registry.OBJECTIVES,
-                registry.MODELS, registry.ATTACKS, registry.DATASETS, registry.WRAPPERS):
+    for reg in (registry.SOLVERS, registry.ATTACK_SPECS, registry.SUITES, registry.RECIPES,
+                registry.OBJECTIVES, registry.MODELS, registry.ATTACKS, registry.DATASETS,
+                registry.WRAPPERS):
         for name in reg.names():
             if reg.is_builtin(name) and name != "none":
                 assert callable(reg.get(name)) or hasattr(reg.get(name), "loader"), (reg.kind, name)
     assert registry.WRAPPERS.get("none") is None
+    # every built-in attack spec of the suites is declared (by name) in the registry
+    from robustdeq.eval.suites import BUILTIN_SPECS
+    spec_names = registry.ATTACK_SPECS.names()
+    assert set(BUILTIN_SPECS) == {n for n in spec_names if registry.ATTACK_SPECS.is_builtin(n)}
 
 
 def test_names_are_known_without_torch():
@@ -74,6 +79,8 @@ def test_names_are_known_without_torch():
     code = ("import sys, robustdeq.registry as r; "
             "names = [n for reg in (r.SOLVERS, r.ATTACK_SPECS, r.SUITES, r.RECIPES, r.OBJECTIVES, r.MODELS, "
             "r.ATTACKS, r.DATASETS, r.WRAPPERS) for n in reg.names()]; "
+            "assert r.is_attack_spec_name('pgd-ift-margin') and r.is_attack_spec_name('state-3'); "
+            "assert not r.is_attack_spec_name('state-x') and not r.is_attack_spec_name('nope'); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(len(names))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
