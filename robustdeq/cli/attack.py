@@ -13,7 +13,8 @@ from .common import add_eval_args, floats, json_arg, load_for_eval, table
 def add_parser(sub) -> None:
     a = sub.add_parser("attack", help="run one attack on a checkpoint and save the adversarial examples")
     add_eval_args(a, eps_default="0.1")
-    a.add_argument("--attack", default="pgd", help=", ".join(ATTACKS.names()))
+    a.add_argument("--attack", default="pgd", choices=ATTACKS.names(),
+                   help="an attack of robustdeq.registry.ATTACKS (default pgd)")
     a.add_argument("--grad", default=None, help="gradient for pgd/fgsm: ift, phantom, unrolled, full "
                    "(pgd on a DEQ with ift: the joint iteration where solves converge; "
                    "--options '{\"method\": \"exact\"}' for exact solves at every step)")

@@ -65,10 +65,9 @@ def suite_arg(text: str):
     ``apgd-ce``, ``state-3``...; unknown names are a usage error listing the known ones)."""
     if text in SUITES.names():
         return text
-    from ..eval.suites import is_attack_name  # (imports torch) registers the built-in attack names
-    from ..registry import ATTACK_SPECS
+    from ..registry import ATTACK_SPECS, is_attack_spec_name  # torch-free names
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if not is_attack_name(n)]
+    unknown = [n for n in names if not is_attack_spec_name(n)]
     if not names or unknown:
         raise argparse.ArgumentTypeError(
             f"unknown suite or attack name(s) {', '.join(unknown) or repr(text)}; suites: "

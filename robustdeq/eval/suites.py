@@ -277,17 +277,11 @@ def _builtin_specs() -> Dict[str, Callable[[SuiteContext], List[AttackSpec]]]:
 BUILTIN_SPECS = _builtin_specs()
 
 
-def is_attack_name(name: str) -> bool:
-    """``name`` is one :func:`builtin_spec` resolves: a registered attack or ``state-<k>``
-    (:func:`robustdeq.registry.is_attack_spec_name`, which needs no torch)."""
-    return is_attack_spec_name(name)
-
-
 def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
     """The spec(s) called ``name``: a registered attack (:data:`robustdeq.registry.ATTACK_SPECS`:
     the built-ins and :func:`register_attack_spec`; ``states`` expands to one spec per state), or
     ``state-<k>``."""
-    if name not in ATTACK_SPECS and is_attack_name(name):
+    if name not in ATTACK_SPECS and is_attack_spec_name(name):
         return _state_k_spec(name, ctx)
     out = ATTACK_SPECS.get(name)(ctx)
     out = [out] if isinstance(out, AttackSpec) else list(out or [])
@@ -357,5 +351,5 @@ def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[Att
 
 
 __all__ = ["AttackSpec", "SuiteContext", "SUITES", "ATTACK_SPECS", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
-           "register_attack_spec", "register_suite", "is_attack_name", "builtin_spec", "suite_names",
+           "register_attack_spec", "register_suite", "builtin_spec", "suite_names",
            "build_suite"]

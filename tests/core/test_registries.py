@@ -85,6 +85,14 @@ def test_names_are_known_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) > 30
+    # the command line checks --suite and --attack against them, still without torch
+    code = ("import sys; from robustdeq.cli import build_parser; p = build_parser(); "
+            "a = p.parse_args(['eval', 'x.pt', '--suite', 'pgd-ift,state-3,apgd-ce']); "
+            "b = p.parse_args(['attack', 'x.pt', '--attack', 'fgsm']); "
+            "assert a.suite == ['pgd-ift', 'state-3', 'apgd-ce'] and b.attack == 'fgsm'; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
 
 
 # -- models, attacks, datasets: one catalogue each -------------------------------------------------
@@ -123,6 +131,11 @@ def test_registered_attack_builds_and_runs_from_the_cli(cleanup, tmp_path, capsy
     d = torch.load(out, weights_only=True)
     torch.testing.assert_close(d["x_adv"], (d["x"] + 0.05).clamp(0, 1))
     assert "shift-up" in capsys.readouterr().out
+    # the CLI's choices are the registry's: an unknown attack is a usage error naming "mine"
+    with pytest.raises(SystemExit) as exc:
+        main(["attack", str(ck), "--attack", "yours", "-n", "4", "--no-progress"])
+    assert exc.value.code == 2
+    assert "mine" in capsys.readouterr().err
 
 
 def test_registered_model_builds_through_the_zoo(cleanup):
