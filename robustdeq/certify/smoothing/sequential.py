@@ -104,6 +104,13 @@ class SequentialDecision:
                 self.looks[r] = self.samples
             if new:
                 self.p_lower = max(self.p_lower, cs_lower(s, f, self.alpha))
+                # evidence is nonincreasing in the threshold: a certified radius certifies every
+                # smaller one at this look (even one stopped earlier for futility)
+                top = max(r for r, d in self.decisions.items() if d == CERTIFIED)
+                for r in self.radii:
+                    if r < top and self.decisions.get(r) != CERTIFIED:
+                        self.decisions[r] = CERTIFIED
+                        self.looks[r] = self.samples
             self.stopped = len(self.decisions) == len(self.radii) or left <= 0
         else:
             self.p_lower = max(self.p_lower, cs_lower(s, f, self.alpha))
