@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..registry import DATASETS
-from .common import floats, int_at_least, load_data, out_folder
+from .common import floats, int_at_least, load_data, out_folder, refuse_without
 
 
 def add_parser(sub) -> None:
@@ -43,8 +43,14 @@ def add_parser(sub) -> None:
     c.set_defaults(func=cmd_certify)
 
 
+SMOOTHING_ONLY = {"noise_n": "--n/--noise-n", "n0": "--n0", "alpha": "--alpha", "srs_steps": "--srs-steps",
+                  "check_samples": "--check-samples", "check_max": "--check-max",
+                  "srs_start": "--srs-start", "radii": "--radii", "seed": "--seed"}
+
+
 def cmd_certify(args) -> int:
     from ..certify.api import certify_checkpoint
+    refuse_without(args, "smoothing", "--smoothing SIGMA", SMOOTHING_ONLY)
     eps_l2, eps_linf = floats(args.eps_l2, "--eps-l2"), floats(args.eps_linf, "--eps-linf")
     out_folder(args.out)
     dataset = args.dataset

@@ -19,11 +19,45 @@ from ..registry import WRAPPERS
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (``robustdeq: error: ...``, exit status 2)."""
+    """argparse with a one-line error (``robustdeq: error: ...``, exit status 2); the options the
+    user gave are recorded in ``args._given`` (their dests), so that an option that does not
+    apply can be refused instead of silently ignored (:func:`refuse_without`)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
         hint = f" (see '{self.prog} --help')"
         self.exit(2, f"robustdeq: error: {message}{hint}\n")
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            base = type(action)
+
+            class Recorded(base):  # type: ignore[misc, valid-type]
+                def __call__(self, parser, namespace, values, option_string=None):
+                    given = set(getattr(namespace, "_given", ()))
+                    given.add(self.dest)
+                    setattr(namespace, "_given", given)
+                    super().__call__(parser, namespace, values, option_string)
+            Recorded.__name__ = base.__name__
+            action.__class__ = Recorded
+        return action
+
+
+def given(args, dest: str) -> bool:
+    """Whether the user gave the option stored in ``dest`` on the command line."""
+    return dest in getattr(args, "_given", ())
+
+
+def refuse_without(args, needed: str, needed_flag: str, options: dict) -> None:
+    """ConfigError naming the first option of ``options`` (dest -> flag) given without the
+    option ``needed`` (its dest; ``needed_flag`` for the message), which it only applies to."""
+    if getattr(args, needed, None) not in (None, False):
+        return
+    for dest, flag in options.items():
+        if given(args, dest):
+            from ..errors import ConfigError
+            raise ConfigError(f"{flag} only applies with {needed_flag}; without it {flag} would be "
+                              f"ignored: add {needed_flag} or drop {flag}")
 
 
 def setup_logging(verbose: int) -> None:

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..registry import SUITES
-from .common import add_eval_args, floats, int_at_least, load_for_eval, out_folder, table, wrap_flagged
+from .common import (add_eval_args, floats, int_at_least, load_for_eval, out_folder, refuse_without, table,
+                     wrap_flagged)
 
 
 def add_parsers(sub) -> None:
@@ -25,8 +26,10 @@ def add_parsers(sub) -> None:
                         "(Lipschitz + IBP) or a comma list of lipschitz, ibp, smoothing")
     e.add_argument("--smoothing", type=float, default=None, metavar="SIGMA",
                    help="bracket: also certify the Gaussian-smoothed classifier (compared with attacks on it)")
-    e.add_argument("--smoothing-n", type=int, default=1000, help="bracket: smoothing noise samples (default 1000)")
-    e.add_argument("--srs-steps", type=int, default=0, help="bracket: SRS solver steps (default 0: independent)")
+    e.add_argument("--smoothing-n", type=int_at_least(1), default=1000,
+                   help="bracket: smoothing noise samples (default 1000)")
+    e.add_argument("--srs-steps", type=int_at_least(0), default=0,
+                   help="bracket: SRS solver steps (default 0: independent)")
     e.add_argument("--strict", action="store_true",
                    help="exit with status 3 when a certified sample is broken by an attack (soundness alarm)")
     e.set_defaults(func=cmd_eval)
@@ -41,10 +44,16 @@ def add_parsers(sub) -> None:
 
 def cmd_eval(args) -> int:
     from ..eval import evaluate
+    refuse_without(args, "smoothing", "--smoothing SIGMA", {"smoothing_n": "--smoothing-n",
+                                                            "srs_steps": "--srs-steps"})
+    if args.strict and args.certify is None and args.smoothing is None:
+        from ..errors import ConfigError
+        raise ConfigError("--strict only applies with --certify (or --smoothing): without a certificate "
+                          "nothing can be certified and broken; add --certify or drop --strict")
     eps = list(floats(args.eps, "--eps"))
     out_folder(args.out)
+    certify = bracket_spec(args)  # its errors before the model and data are loaded
     model, x, y = load_for_eval(args)
-    certify = bracket_spec(args)
     rep = evaluate(model, x, y, threat=args.norm, eps=eps, suite=args.suite,
                    steps=args.steps, seed=args.seed, out_dir=args.out, resume=not args.no_resume,
                    progress=not args.no_progress, tensorboard=bool(args.out), certify=certify,
@@ -79,6 +88,15 @@ def bracket_spec(args):
     """The ``certify`` argument of ``evaluate`` from ``--certify`` / ``--smoothing``."""
     if args.certify is None and args.smoothing is None:
         return None
+    if args.certify is not None:
+        from ..errors import ConfigError
+        from ..eval.bracket import BASE_METHODS
+        parts = [m.strip() for m in args.certify.split(",")]
+        known = ("auto", *BASE_METHODS, "smoothing")
+        if not args.certify.strip() or any(m not in known for m in parts):
+            raise ConfigError(f"--certify {args.certify!r}: expected auto or a comma list of "
+                              f"{', '.join(known[1:])} (unknown or empty: "
+                              f"{', '.join(repr(m) for m in parts if m not in known) or repr(args.certify)})")
     spec = {"methods": [m for m in (args.certify or "auto").split(",") if m not in ("auto", "smoothing", "")]
             if args.certify not in (None, "auto") else ["lipschitz", "ibp"]}
     if args.certify and "smoothing" in args.certify.split(",") and args.smoothing is None:

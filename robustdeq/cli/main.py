@@ -32,7 +32,7 @@ def _settings(args) -> dict:
     """The command and its options as the user wrote them (flags), for the ranks' agreement."""
     out = {"command": args.command}
     for k, v in vars(args).items():
-        if k not in ("func", "command"):
+        if k not in ("func", "command", "_given"):
             out[k if k in ("checkpoint",) else "--" + k.replace("_", "-")] = v
     return out
 
@@ -50,6 +50,28 @@ def _owned_folder(args) -> Optional[str]:
     if (p.exists() and not p.is_dir()) or any(q.exists() and not q.is_dir() for q in p.parents):
         return None
     return out
+
+
+# the library's messages name its Python arguments; on the command line they are these flags
+_FLAG_WORDS = (("resume=False (--no-resume)", "--no-resume"), ("resume=False", "--no-resume"),
+               ("out_dir (--out)", "--out"), ("another out_dir", "another --out"))
+
+
+def _as_flags(msg: str) -> str:
+    for words, flag in _FLAG_WORDS:
+        msg = msg.replace(words, flag)
+    return msg
+
+
+def _os_error(e: OSError, args) -> str:
+    """One line for an operating-system error: its cause and the file (a full disk says so and
+    names the output folder when the error carries no file name)."""
+    import errno
+    where = e.filename or ""
+    if not where and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) and getattr(args, "out", None):
+        where = f"writing under --out {args.out}"
+    cause = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return f"{cause}: {where}".rstrip(": ")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -84,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (RobustDEQError, OSError) as e:
         if args.debug:
             raise
-        msg = str(e) if isinstance(e, RobustDEQError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        msg = _as_flags(str(e)) if isinstance(e, RobustDEQError) else _os_error(e, args)
         print(f"robustdeq: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
