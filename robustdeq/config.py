@@ -185,8 +185,41 @@ def to_dict(obj: Any) -> dict:
             v = to_dict(v)
         elif isinstance(v, tuple):
             v = list(v)
+        elif isinstance(v, dict):
+            v = dict(v)  # SolverOptions -> a plain dict
         out[f.name] = v
     return out
+
+
+class SolverOptions(dict):
+    """The options of one solver (:attr:`SolverConfig.options`): a read-only, hashable dict."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.items())))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("SolverConfig.options is read-only; use config.replace(options={...})")
+
+    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _read_only  # type: ignore
+
+    def __reduce__(self):
+        return (SolverOptions, (dict(self),))
+
+
+def _solver_options(cfg: "SolverConfig") -> SolverOptions:
+    """``cfg.options`` checked against the options its solver declares (``Solver.OPTIONS``)."""
+    options = cfg.options
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise ConfigError(f"SolverConfig.options must be a mapping of option names to values, got {options!r}")
+    if options:
+        from .registry import SOLVERS  # the solver's class (imports the backbone only when options are given)
+        solver = SOLVERS.get(cfg.name.value)
+        declared = getattr(solver, "OPTIONS", {})
+        reject_unknown(options, declared, f"solver {cfg.name.value!r} (SolverConfig.options)")
+        check = getattr(solver, "check_options", None)
+        if callable(check):
+            check(dict(options))
+    return SolverOptions(options)
 
 
 @_strict_init
@@ -196,6 +229,11 @@ class SolverConfig:
 
     Defaults: Anderson, memory 5, lambda 1e-4, relative tolerance 1e-3,
     30 iterations, return the lowest-residual iterate.
+
+    ``options``: settings of the named solver beyond the common fields, for a registered solver
+    that declares them (``Solver.OPTIONS``, name -> default; ``Solver.check_options`` validates
+    the values). An option the solver does not declare is a ConfigError; the built-in solvers
+    take their settings from the fields below and declare none.
     """
 
     name: Union[SolverName, str] = SolverName.ANDERSON  # a built-in, or a registered solver's name
@@ -211,9 +249,11 @@ class SolverConfig:
     memory: int = 0              # Broyden low-rank memory (0: max_iter)
     eps: float = 1e-9            # denominator guard of the relative residual
     divergence_factor: float = 1e6  # residual > factor * initial residual counts as divergence
+    options: Mapping[str, Any] = field(default_factory=SolverOptions)
 
     def __post_init__(self):
         object.__setattr__(self, "name", solver_name(self.name))
+        object.__setattr__(self, "options", _solver_options(self))
         for name, enum_cls in (("stop_mode", StopMode), ("select", Select)):
             object.__setattr__(self, name, coerce_enum(enum_cls, getattr(self, name),
                                                        f"SolverConfig.{name}"))
@@ -274,7 +314,7 @@ class TrainConfig:
 
 
 __all__ = [
-    "StopMode", "Select", "SolverName", "RegisteredSolverName", "solver_name", "Norm", "SolverConfig",
+    "StopMode", "Select", "SolverName", "RegisteredSolverName", "solver_name", "Norm", "SolverConfig", "SolverOptions",
     "TrainConfig", "BACKWARD_DEFAULT",
     "from_dict", "to_dict", "make_config", "coerce_enum", "field",
 ]

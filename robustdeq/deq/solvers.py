@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -135,9 +135,27 @@ def _parse_record(record: RecordSpec, max_iter: int) -> Optional[set]:
 
 
 class Solver:
-    """Base class: the bookkeeping shared by all solvers; subclasses implement :meth:`propose`."""
+    """Base class: the bookkeeping shared by all solvers; subclasses implement :meth:`propose`.
+
+    A solver with settings of its own declares them in :attr:`OPTIONS` (name -> default) and may
+    check their values in :meth:`check_options`; they are given as
+    ``SolverConfig(name=..., options={...})`` (an undeclared option is a ConfigError) and read
+    with :meth:`option`.
+    """
 
     name = "base"
+    #: the solver's own options and their defaults (``SolverConfig.options``)
+    OPTIONS: Dict[str, Any] = {}
+
+    @classmethod
+    def check_options(cls, options: Dict[str, Any]) -> None:
+        """Raise a ConfigError for an invalid option value (the names are already checked)."""
+
+    def option(self, name: str) -> Any:
+        """The value of the solver option ``name``: the config's, else the declared default."""
+        if name not in self.OPTIONS:
+            raise ConfigError(f"solver {self.name!r} declares no option {name!r}")
+        return self.config.options.get(name, self.OPTIONS[name])
 
     def __init__(self, config: Optional[SolverConfig] = None, **overrides):
         cfg = config if config is not None else SolverConfig(name=self.name)

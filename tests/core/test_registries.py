@@ -193,6 +193,55 @@ def test_register_solver_end_to_end(cleanup):
         register_solver("bad", object)
 
 
+def _relaxed_solver():
+    from robustdeq.deq.solvers import FixedPointIteration
+
+    class Relaxed(FixedPointIteration):
+        """z <- z + relax (f(z) - z), with its own option ``relax`` in (0, 1]."""
+
+        OPTIONS = {"relax": 1.0}
+
+        @classmethod
+        def check_options(cls, options):
+            if "relax" in options and not 0 < options["relax"] <= 1:
+                raise ConfigError(f"relax must be in (0, 1], got {options['relax']}")
+
+        def propose(self, state, z, fz, g):
+            return z + self.option("relax") * (fz - z)
+    return Relaxed
+
+
+def test_a_registered_solver_takes_its_own_options(cleanup):
+    from robustdeq.deq.solvers import get_solver, register_solver, solve
+    Relaxed = register_solver("relaxed", _relaxed_solver())
+    cleanup.append((registry.SOLVERS, "relaxed"))
+    c = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    for r, k in ((0.5, 7), (1.0, 4)):
+        cfg = SolverConfig(name="relaxed", max_iter=k, tol=0.0, select="last", options={"relax": r})
+        res = solve(lambda z: 0.5 * z + c, torch.zeros_like(c), cfg)
+        # z_{j+1} = (1 - r/2) z_j + r c from 0: z_j = 2 c (1 - (1 - r/2)^j); k evaluations of f
+        # return the last evaluated iterate, z_{k-1}; the same as fixed_point with damping r
+        torch.testing.assert_close(res.z, 2 * c * (1 - (1 - r / 2) ** (k - 1)), atol=1e-12, rtol=0)
+        ref = solve(lambda z: 0.5 * z + c, torch.zeros_like(c),
+                    SolverConfig(name="fixed_point", damping=r, max_iter=k, tol=0.0, select="last"))
+        torch.testing.assert_close(res.z, ref.z, atol=1e-15, rtol=0)
+    assert get_solver("relaxed").option("relax") == 1.0  # the declared default
+    cfg = SolverConfig(name="relaxed", options={"relax": 0.25})
+    assert to_dict(cfg)["options"] == {"relax": 0.25} and from_dict(SolverConfig, to_dict(cfg)) == cfg
+    assert hash(cfg) == hash(SolverConfig(name="relaxed", options={"relax": 0.25}))
+    assert cfg.replace(options={"relax": 0.5}).options == {"relax": 0.5}
+    with pytest.raises(TypeError, match="read-only"):
+        cfg.options["relax"] = 1.0
+    with pytest.raises(ConfigError, match=r"unknown option.*solver 'relaxed'.*omega.*relax"):
+        SolverConfig(name="relaxed", options={"omega": 0.5})
+    with pytest.raises(ConfigError, match=r"relax must be in \(0, 1\]"):
+        SolverConfig(name="relaxed", options={"relax": 2.0})
+    with pytest.raises(ConfigError, match="unknown option.*solver 'anderson'"):
+        SolverConfig(name="anderson", options={"relax": 0.5})  # the built-ins declare none
+    with pytest.raises(ConfigError, match="mapping"):
+        SolverConfig(name="relaxed", options=[("relax", 0.5)])
+
+
 def test_unknown_solver_names_the_known_ones():
     from robustdeq.deq.solvers import get_solver
     with pytest.raises(ConfigError, match="unknown solver 'newton'.*anderson"):
