@@ -5,7 +5,9 @@
 ``k`` (the early-exit read-out of Yang et al. 2022). Its value is exactly ``readout(z_k)`` of the
 recorded raw iterate; its gradient unrolls ``unroll`` steps of ``f`` from the recorded state
 ``z_{k-unroll}`` (straight-through: value of the solver's state, gradient of the unroll; exact for
-fixed-point iteration and for weight-tied models).
+fixed-point iteration and for weight-tied models). ``attack_view(model, solver=...)`` solves
+with another :class:`~robustdeq.config.SolverConfig` than the model's own (the model is not
+changed).
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..config import SolverConfig, from_dict
 from ..errors import ConfigError
 from .grad import GradientEstimator, gradient, make_estimator
-from .protocols import TrajectoryModel
+from .protocols import SolverModel, TrajectoryModel
 
 
 class ModelView(nn.Module):
@@ -50,7 +53,8 @@ class ModelView(nn.Module):
 
 class AttackView(ModelView):
     def __init__(self, model: nn.Module, *, state: Optional[int] = None,
-                 grad: Union[GradientEstimator, str, None] = None, unroll: int = 5):
+                 grad: Union[GradientEstimator, str, None] = None, unroll: int = 5,
+                 solver: Union[SolverConfig, dict, None] = None):
         super().__init__()
         if state is not None and (not isinstance(state, int) or state < 0):
             raise ConfigError(f"state must be a non-negative int, got {state!r}")
@@ -64,18 +68,25 @@ class AttackView(ModelView):
         if self.grad is not None and hasattr(model, "check_estimator"):
             model.check_estimator(self.grad)
         self.unroll = int(unroll)
+        if solver is not None and not isinstance(model, SolverModel):
+            raise ConfigError(f"solver= is for a DEQ solved by a solver; {type(model).__name__} has none")
+        self.solver = from_dict(SolverConfig, solver) if solver is not None else None
         self.input_shape = getattr(model, "input_shape", None)
 
     def describe(self) -> dict:
+        from ..config import to_dict
         return {"state": self.state, "unroll": self.unroll,
-                "grad": self.grad.describe() if self.grad is not None else "model default"}
+                "grad": self.grad.describe() if self.grad is not None else "model default",
+                "solver": to_dict(self.solver) if self.solver is not None else "model default"}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.state is None:
+            if self.solver is not None:
+                return self.model.run(x, grad=self.grad, solver=self.solver).logits
             ctx = gradient(self.model, self.grad) if self.grad is not None else contextlib.nullcontext()
             with ctx:
                 return self.model(x)
-        return state_logits(self.model, x, self.state, self.unroll)
+        return state_logits(self.model, x, self.state, self.unroll, solver=self.solver)
 
 
 class TransferView(ModelView):
@@ -102,13 +113,15 @@ class TransferView(ModelView):
         return self.model(x)
 
 
-def state_logits(model: nn.Module, x: Tensor, state: int, unroll: int = 5) -> Tensor:
-    """``readout(z_state)`` with the straight-through unrolled gradient described in the module."""
+def state_logits(model: nn.Module, x: Tensor, state: int, unroll: int = 5,
+                 solver: Union[SolverConfig, dict, None] = None) -> Tensor:
+    """``readout(z_state)`` with the straight-through unrolled gradient described in the module
+    (``solver``: the solve's config, default the model's)."""
     x = model.check_input(x)
     u = model.inject(x)
     start = max(state - unroll, 0)
     if hasattr(model, "solve"):
-        res = model.solve(u, record=sorted({start, state}))
+        res = model.solve(u, record=sorted({start, state}), solver=solver)
         traj = {t.step: t.z for t in res.trajectory}
         if state not in traj:
             raise ConfigError(f"state {state} is beyond the solver's max_iter")
@@ -125,9 +138,14 @@ def state_logits(model: nn.Module, x: Tensor, state: int, unroll: int = 5) -> Te
 
 
 def attack_view(model: nn.Module, *, state: Optional[int] = None,
-                grad: Union[GradientEstimator, str, None] = None, unroll: int = 5) -> AttackView:
-    """A module ``x -> logits`` to hand to any attack (torchattacks, pyautoattack, ours)."""
-    return AttackView(model, state=state, grad=grad, unroll=unroll)
+                grad: Union[GradientEstimator, str, None] = None, unroll: int = 5,
+                solver: Union[SolverConfig, dict, None] = None) -> AttackView:
+    """A module ``x -> logits`` to hand to any attack (torchattacks, pyautoattack, ours).
+
+    ``state``: attack the intermediate state ``k``; ``grad``: the gradient estimator; ``solver``:
+    the forward solves' :class:`~robustdeq.config.SolverConfig` (or mapping), default the
+    model's own (e.g. a longer or exact solve, or another registered solver)."""
+    return AttackView(model, state=state, grad=grad, unroll=unroll, solver=solver)
 
 
 __all__ = ["ModelView", "AttackView", "TransferView", "attack_view", "state_logits"]

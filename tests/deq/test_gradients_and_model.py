@@ -230,6 +230,30 @@ def test_trajectory_states_and_readout():
     torch.testing.assert_close(g_view, g_ref)
 
 
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # k plain steps, on purpose
+def test_attack_view_solves_with_its_own_solver_and_leaves_the_model_alone():
+    model = linear_deq()
+    before = model.solver_config
+    x = torch.rand(3, 5, dtype=torch.float64)
+    k = 4
+    view = attack_view(model, solver={"name": "fixed_point", "max_iter": k, "tol": 0.0, "select": "last"})
+    # k evaluations of z <- A z + u from 0 return z_{k-1}; the implicit-gradient read-out applies f
+    # once more (the step the backward hooks onto): logits = H z_k, z_k = sum_{i<k} A^i u
+    A, u = model.cell.A.detach(), model.inject(x).detach()
+    z, term = torch.zeros_like(u), u
+    for _ in range(k):
+        z, term = z + term, term @ A.T
+    torch.testing.assert_close(view(x), model.readout(z), atol=1e-12, rtol=0)
+    assert not torch.allclose(view(x), model(x))            # not the model's own (tight) solve
+    assert model.solver_config is before and view.describe()["solver"]["max_iter"] == k
+    # the intermediate-state view takes it too (state 2 of the same iteration)
+    torch.testing.assert_close(attack_view(model, state=2, solver=view.solver)(x), model.readout(u + u @ A.T))
+    with pytest.raises(ConfigError, match="unknown solver"):
+        attack_view(model, solver={"name": "newton"})
+    with pytest.raises(ConfigError, match="solver"):
+        attack_view(zoo.build("weight_tied_mlp", hidden=8), solver={"name": "anderson"})
+
+
 def test_weight_tied_masks_and_interface():
     m = zoo.build("weight_tied_mlp", hidden=16, depth=4, sparsity=0.5, seed=1)
     name = m.masked_names[0]
