@@ -280,6 +280,8 @@ class SolverConfig:
 
 BACKWARD_DEFAULT = SolverConfig(max_iter=30, tol=1e-6)
 
+_DEVICE = __import__("re").compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
 
 @_strict_init
 @dataclass(frozen=True)
@@ -295,8 +297,12 @@ class TrainConfig:
     grad_clip: float = 0.0
     seed: int = 0
     log_every: int = 10
+    device: Union[str, None] = None  # "cpu", "cuda", "cuda:K", "mps"; None: where the model is
 
     def __post_init__(self):
+        if self.device is not None and not _DEVICE.match(str(self.device)):
+            raise ConfigError(f"TrainConfig.device must be 'cpu', 'cuda', 'cuda:K' or 'mps' (or None: "
+                              f"where the model is), got {self.device!r}")
         if self.epochs < 0:
             raise ConfigError(f"TrainConfig.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:

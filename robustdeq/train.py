@@ -220,7 +220,7 @@ class Trainer:
                                   "resume=False")
         current = to_dict(self.config)
         differ = sorted(k for k in set(saved) | set(current)
-                        if k != "epochs" and saved.get(k) != current.get(k))
+                        if k not in ("epochs", "device") and saved.get(k) != current.get(k))
         if differ:
             raise CheckpointError(
                 f"{path} was written with a different training config ("
@@ -369,6 +369,16 @@ class Trainer:
         if y_val is not None:
             self._check_labels(y_val, "y_val", x)
         cfg = self.config
+        if cfg.device is not None:  # the model, its optimizer state and the data on that device
+            dev = torch.device(cfg.device)
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"device {cfg.device!r}: CUDA is not available on this machine (use 'cpu')")
+            if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+                raise ConfigError(f"device {cfg.device!r}: MPS is not available on this machine (use 'cpu')")
+            self.model.to(dev)
+            x, y = x.to(dev), y.to(dev)
+            if x_val is not None:
+                x_val, y_val = x_val.to(dev), y_val.to(dev)
         steps_per_epoch = math.ceil(x.shape[0] / cfg.batch_size)
         self._steps_per_epoch = steps_per_epoch
         self._resumed_rng: Dict[str, Tensor] = {}
@@ -379,7 +389,8 @@ class Trainer:
         from .distributed import check_agreement, context, rank_seed
         self._ctx = ctx = context()
         if ctx is not None:  # before any collective: ranks launched differently fail now, by name
-            check_agreement({"epochs": cfg.epochs, **{k: v for k, v in to_dict(cfg).items() if k != "epochs"},
+            check_agreement({"epochs": cfg.epochs, **{k: v for k, v in to_dict(cfg).items()
+                                                      if k not in ("epochs", "device")},  # a GPU per rank
                              "objective": self._objective_name(), "model": self.model_config,
                              "train samples": list(x.shape), "validation samples":
                              None if x_val is None else list(x_val.shape),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..registry import DATASETS
-from .common import floats, int_at_least, load_data, out_folder, refuse_without
+from .common import add_device_arg, device_of, floats, int_at_least, load_data, out_folder, refuse_without
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     c.add_argument("--seed", type=int, default=0, help="smoothing: noise seed")
     c.add_argument("--out", default=None, help="folder for certificate.json / certificate.md")
     c.add_argument("--no-progress", action="store_true")
+    add_device_arg(c)
     c.set_defaults(func=cmd_certify)
 
 
@@ -62,7 +63,7 @@ def cmd_certify(args) -> int:
     if args.smoothing is not None:
         return _certify_smoothing(args, dataset)
     rep = certify_checkpoint(args.checkpoint, dataset=dataset, split=args.split, root=args.data_root,
-                             n=args.n, out_dir=args.out, eps_l2=eps_l2,
+                             n=args.n, out_dir=args.out, eps_l2=eps_l2, map_location=device_of(args),
                              eps_linf=eps_linf, progress=not args.no_progress)
     print(rep.to_markdown())
     if args.out:
@@ -82,7 +83,8 @@ def _certify_smoothing(args, dataset: str) -> int:
     if radii:
         opts["radii"] = radii
     rep = smoothing_checkpoint(args.checkpoint, dataset=dataset, split=args.split, root=args.data_root,
-                               n_inputs=args.n, out_dir=args.out, progress=not args.no_progress, **opts)
+                               n_inputs=args.n, out_dir=args.out, progress=not args.no_progress,
+                               map_location=device_of(args), **opts)
     print(rep.to_markdown())
     if args.out:
         print(f"\nwrote {Path(args.out) / 'certificate.json'}, certificate.md and certified_accuracy.png")

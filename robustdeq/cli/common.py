@@ -173,10 +173,45 @@ def wrap_flagged(model, wrap: str, options_text: Optional[str]):
     return wrap_model(model, wrap, options, what=f"--wrap {wrap} (--wrap-options)")
 
 
+def add_device_arg(p) -> None:
+    """``--device``: where the command computes (default: CUDA when present, else the CPU)."""
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="cpu, cuda, cuda:K or mps (default: cuda when available, else cpu; under torchrun "
+                        "'cuda' is each process's own GPU, cuda:LOCAL_RANK)")
+
+
+def device_of(args) -> str:
+    """The device named by ``--device`` (checked), or the default: CUDA when present, else CPU."""
+    import torch
+    from ..errors import ConfigError
+    text = getattr(args, "device", None)
+    if text is None:
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {text!r}: expected cpu, cuda, cuda:K or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {text}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is None:
+            from ..distributed import context
+            ctx = context(auto_init=False)
+            dev = torch.device("cuda", ctx.local_rank if ctx is not None else torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {text}: MPS is not available on this machine (use --device cpu)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {text!r}: expected cpu, cuda, cuda:K or mps")
+    return str(dev)
+
+
 def load_for_eval(args):
-    """Load a checkpoint (and wrap it in an inference-time defense), plus the evaluation data."""
+    """Load a checkpoint (and wrap it in an inference-time defense), plus the evaluation data, on
+    ``--device``."""
     from ..checkpoint import load_model
-    model, ck = load_model(args.checkpoint)
+    model, ck = load_model(args.checkpoint, map_location=device_of(args))
     model.eval()
     dataset = args.dataset or ck.metadata.get("dataset", "digits")
     x, y = load_data(dataset, args.data_root, args.split, args.n)
@@ -198,6 +233,7 @@ def add_eval_args(p, *, eps_default: str) -> None:
     p.add_argument("--wrap", default="none", choices=WRAPPERS.names(), help="inference-time defense")
     p.add_argument("--wrap-options", default=None, help="JSON options of the inference-time defense")
     p.add_argument("--no-progress", action="store_true")
+    add_device_arg(p)
 
 
 __all__ = ["Parser", "setup_logging", "json_arg", "int_at_least", "positive_float", "floats", "out_folder",

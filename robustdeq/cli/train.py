@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..demo import DEMO_MODEL, DEMO_TRAIN, default_model_options
 from ..registry import DATASETS, MODELS, RECIPES
-from .common import data_root_hint, int_at_least, json_arg, out_folder, positive_float
+from .common import add_device_arg, data_root_hint, device_of, int_at_least, json_arg, out_folder, positive_float
 
 
 def add_parser(sub) -> None:
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
                    help=f"default {DEMO_TRAIN['epochs']} (the demo's recipe)")
     t.add_argument("--batch-size", type=int_at_least(1), default=DEMO_TRAIN["batch_size"],
                    help=f"default {DEMO_TRAIN['batch_size']}")
+    add_device_arg(t)
     t.add_argument("--lr", type=positive_float, default=DEMO_TRAIN["lr"],
                    help=f"learning rate (default {DEMO_TRAIN['lr']:g})")
     t.add_argument("--train-options", default=None, help="JSON, other TrainConfig options")
@@ -52,7 +53,7 @@ def cmd_train(args) -> int:
     with data_root_hint(args.dataset, args.data_root):
         model, hist, _ = train.train_model(
             args.model, model_opts,
-            {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+            {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "device": device_of(args),
              **json_arg(args.train_options, "--train-options")},
             dataset=args.dataset, root=args.data_root, out_dir=args.out, objective=objective,
             progress=not args.no_progress, seed=args.seed, resume=not args.no_resume)
