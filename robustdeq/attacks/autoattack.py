@@ -216,6 +216,7 @@ class AutoAttack(Attack):
         adv = self.build(x.device, x.dtype)
         self.last_adversary = adv
         _follow_stages(adv)
+        seen = _record_stage_inputs(adv)
         from pyautoattack import checks
         for k in list(checks.funcs):  # pyautoattack never resets this module-level counter
             checks.funcs[k] = 0
@@ -233,8 +234,10 @@ class AutoAttack(Attack):
                 self.memory.end()
             if sys.gettrace() is not trace:
                 sys.settrace(trace)
-        # pyautoattack's own per-attack robust accuracies (cumulative, on this call's samples)
-        self.last_stats = {"n": int(x.shape[0]), "robust_accuracy_after": stages.accuracies}
+        # pyautoattack's own per-attack robust accuracies (cumulative, on this call's samples),
+        # and the samples its score-based stage (Square) broke
+        self.last_stats = {"n": int(x.shape[0]), "robust_accuracy_after": stages.accuracies,
+                           "score_based": _broken_by(seen, x32, x_adv32, SCORE_BASED)}
         x_adv = x_adv32.detach().to(dtype=x.dtype, device=x.device)
         if x.dtype != torch.float32:  # samples left unchanged keep their exact input values
             same = (x_adv32 == x32).reshape(x.shape[0], -1).all(dim=1)
@@ -302,6 +305,45 @@ class _StageAccuracies(logging.Handler):
         if self._propagate is not None:
             self._logger.propagate = self._propagate
         return False
+
+
+#: pyautoattack's components that only read the model's scores (no gradient)
+SCORE_BASED = ("square",)
+
+
+def _record_stage_inputs(adv: Any) -> List[tuple]:
+    """Make the components of ``adv`` record, in call order, ``(component, inputs)`` of every
+    call of their ``perturb``: pyautoattack attacks with each component only the samples every
+    earlier one left robust, so the last component that saw a sample broke it (if any did)."""
+    seen: List[tuple] = []
+    for comp in COMPONENTS:
+        obj = getattr(adv, comp, None)
+        if obj is None or not hasattr(obj, "perturb"):
+            continue
+
+        def perturb(x, *a, _orig=obj.perturb, _comp=comp, **k):
+            seen.append((_comp, x.detach()))
+            return _orig(x, *a, **k)
+        obj.perturb = perturb
+    return seen
+
+
+def _broken_by(seen: List[tuple], x: Tensor, x_adv: Tensor, components: Sequence[str]) -> Tensor:
+    """(B,) bool: the samples of ``x`` that pyautoattack changed (broke) in a call of one of
+    ``components``; a component's inputs are matched to the rows of ``x`` exactly (they are
+    copies of them)."""
+    flat = x.detach().reshape(x.shape[0], -1).cpu()
+    rows: Dict[bytes, List[int]] = {}
+    for i in range(flat.shape[0]):
+        rows.setdefault(flat[i].numpy().tobytes(), []).append(i)
+    last = [None] * x.shape[0]
+    for comp, xin in seen:
+        for r in xin.reshape(xin.shape[0], -1).cpu():
+            for i in rows.get(r.numpy().tobytes(), ()):
+                last[i] = comp
+    changed = (x_adv != x).reshape(x.shape[0], -1).any(dim=1).cpu()
+    out = torch.tensor([c in components for c in last], dtype=torch.bool) & changed
+    return out.to(x.device)
 
 
 def _follow_stages(adv: Any) -> None:

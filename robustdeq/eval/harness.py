@@ -602,10 +602,15 @@ def _run_unit(ev: _Evaluation, unit: _Unit, attacked: Tensor, eps: float, seed: 
         xa, nb = _check_ball(xa.detach().to(device=x.device, dtype=x.dtype), xb, eps, norm)
         viol += nb
         x_adv[b] = xa
-        per_attack = (getattr(atk, "last_stats", None) or {}).get("robust_accuracy_after")
+        stats = getattr(atk, "last_stats", None) or {}
+        per_attack = stats.get("robust_accuracy_after")
         if per_attack and ctx is None:  # AutoAttack's own per-attack accuracies, per batch
             desc.setdefault("robust_accuracy_after", []).append(
                 {"n": int(b.numel()), **{k: float(v) for k, v in per_attack.items()}})
+        score = stats.get("score_based")
+        if isinstance(score, Tensor) and score.shape == (b.numel(),) and ctx is None:
+            # the samples a score-based stage of the attack (AutoAttack's Square) broke
+            desc.setdefault("score_based_samples", []).extend(b[score.to(b.device)].tolist())
         if mine is not None:
             mine[b] = True
         report_progress(done=min(i + batch_size, idx.numel()), total=idx.numel())
@@ -672,22 +677,30 @@ def _run_check(ev: _Evaluation, out: List[CheckResult], name: str, fn: Callable[
 
 
 def _check_black_box(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
+    """Per sample: broken by a black-box or transfer unit, or by the score-based stage (Square)
+    of a white-box unit such as AutoAttack, and by no gradient attack (a white-box unit's
+    successes minus its score-based stage's); the worst eps is reported. Without such evidence,
+    a Square probe on the check subset."""
     cc, n_sub = ev.cfg.check_config, xs.shape[0]
     kinds = {u.key: u.kind for u in ev.units}
     bb_keys = [k for k, kind in kinds.items() if kind in ("black-box", "transfer")]
     wb_keys = [k for k, kind in kinds.items() if kind == "white-box"]
-    inside = _square_inside_autoattack(ev)
-    if bb_keys:
-        best = inside
-        for r in ev.results:
-            fl = ev.success_flags[r.eps]
-            white = _any([fl[k] for k in wb_keys], ev.clean_correct)
-            black = _any([fl[k] for k in bb_keys], ev.clean_correct)
-            res = _checks.check_black_box(white, black, cc, source=" + ".join(bb_keys), warn=False,
-                                          details={"eps": r.eps})
-            if best is None or (res.value or 0) > (best.value or 0):
-                best = res
+    best = None
+    for r in ev.results:
+        fl = ev.success_flags[r.eps]
+        score = {k: v for k, v in _score_based_flags(ev, r).items() if k in wb_keys}
+        if not (bb_keys or score):
+            continue
+        white = _any([fl[k] & ~score[k] if k in score else fl[k] for k in wb_keys], ev.clean_correct)
+        black = _any([fl[k] for k in bb_keys] + [fl[k] & score[k] for k in score], ev.clean_correct)
+        source = " + ".join(bb_keys + [f"Square inside {k}" for k in score])
+        res = _checks.check_black_box(white, black, cc, source=source, warn=False,
+                                      details={"eps": r.eps})
+        if best is None or (res.value or 0) > (best.value or 0):
+            best = res
+    if best is not None:
         return best
+    inside = _square_inside_autoattack(ev)
     if inside is not None:  # AutoAttack's Square (thousands of queries) ran: stronger than the probe
         return inside
     if cc.black_box_queries <= 0:
@@ -705,13 +718,29 @@ def _check_black_box(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
                                    source=f"Square ({cc.black_box_queries} queries)", details={"eps": e})
 
 
+def _score_based_flags(ev: _Evaluation, r: EpsResult) -> Dict[str, Tensor]:
+    """Unit key -> (N,) bool: the samples the unit's score-based stage broke (AutoAttack's
+    Square: ``describe["score_based_samples"]``), for the units that record them."""
+    out = {}
+    for a in r.attacks:
+        idx = a.describe.get("score_based_samples") if isinstance(a.describe, dict) else None
+        if idx is None:
+            continue
+        flags = torch.zeros_like(ev.clean_correct)
+        if idx:
+            flags[torch.tensor(idx, dtype=torch.long, device=flags.device)] = True
+        out[a.key] = flags & ev.clean_correct
+    return out
+
+
 def _square_inside_autoattack(ev: _Evaluation) -> Optional[CheckResult]:
     """The black-box evidence an AutoAttack unit already holds (None if there is none): in a
     cascade, AutoAttack only attacks the samples every earlier unit left robust, so the samples
     its Square stage breaks after its gradient-based stages (APGD, FAB) missed them were missed
     by every white-box attack before. Counted from AutoAttack's own per-stage robust accuracies
     (``robust_accuracy_after``: cumulative, per batch); the worst eps is reported. Without a
-    cascade another unit may have broken those samples, so nothing is claimed."""
+    cascade another unit may have broken those samples, so nothing is claimed. Used for units
+    that do not record their score-based successes per sample (``score_based_samples``)."""
     if not ev.cfg.cascade:
         return None
     best = None

@@ -19,8 +19,9 @@ Built-in suites (alpha = 2.5 eps / steps, seeds derived from the evaluation seed
   (``attack_view(deq, state=K, unroll=K)``: K solver steps from z0, backpropagated) and judged on
   the model.
 
-Other attack names for custom suites include ``pgd-exact``, ``pgd-phantom``, ``square`` and
-``apgd-ce`` (APGD-CE alone: an adaptive step size, much stronger than fixed-step PGD on
+Other attack names for custom suites include ``pgd-exact``, ``pgd-phantom``, ``square``
+(the native score-based Square attack, warm-started on DEQs; ``pyautoattack-square`` and
+``torchattacks-square`` run those libraries' implementations) and ``apgd-ce`` (APGD-CE alone: an adaptive step size, much stronger than fixed-step PGD on
 adversarially trained models at large radii, at a fraction of AutoAttack's cost).
 """
 from __future__ import annotations
@@ -133,10 +134,22 @@ def _transfer_factory(k: int):
     return factory
 
 
-def _square_factory(queries: int):
+def _torchattacks_square_factory(queries: int):
     def factory(target, *, eps, norm, steps, seed):
         from ..attacks import TorchAttack
         return TorchAttack(target, "Square", eps=eps, norm=norm, n_queries=queries, seed=seed)
+    return factory
+
+
+#: the native Square unit's budget and settings: AutoAttack standard's Square stage
+SQUARE_QUERIES = 5000
+
+
+def _square_factory(queries: int):
+    def factory(target, *, eps, norm, steps, seed):
+        from ..attacks.square import Square
+        return Square(target, eps=eps, norm=norm, n_queries=queries, p_init=0.8,
+                      rescale_schedule=False, seed=seed)
     return factory
 
 
@@ -247,7 +260,20 @@ def _transfer_unrolled_spec(ctx: SuiteContext) -> List[AttackSpec]:
 
 
 def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    return [AttackSpec("square", _square_factory(1000), kind="black-box",
+    return [AttackSpec("square", _square_factory(SQUARE_QUERIES), kind="black-box",
+                       description=f"Square attack (score-based), {SQUARE_QUERIES} queries, AutoAttack's "
+                                   "settings; on a DEQ each query's solve is warm-started from the "
+                                   "best point's converged fixed point, examples judged by the "
+                                   "model's own inference")]
+
+
+def _pyautoattack_square_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec("pyautoattack-square", _autoattack_factory("custom", attacks=["square"]),
+                       kind="black-box", description="pyautoattack's Square stage alone (5000 queries)")]
+
+
+def _torchattacks_square_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec("torchattacks-square", _torchattacks_square_factory(1000), kind="black-box",
                        description="Square attack, 1000 queries (torchattacks)")]
 
 
@@ -267,7 +293,9 @@ def _builtin_specs() -> Dict[str, Callable[[SuiteContext], List[AttackSpec]]]:
     for name, fn in (("states", _states_spec), ("state-ensemble", _state_ensemble_spec),
                      ("autoattack", _autoattack_spec), ("autoattack-plus", _autoattack_plus_spec),
                      ("apgd-ce", _apgd_ce_spec),
-                     ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec)):
+                     ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec),
+                     ("pyautoattack-square", _pyautoattack_square_spec),
+                     ("torchattacks-square", _torchattacks_square_spec)):
         specs[name] = fn
     return specs
 

@@ -152,11 +152,11 @@ def _aa_with_square(target, *, eps, norm, steps, seed):
 
 @pytest.mark.parametrize("cascade", [True, False])
 def test_black_box_reads_the_square_stage_of_autoattack(mlp, data, cascade):
-    """A cascaded AutoAttack's Square stage is the black-box evidence: on a model whose input
-    gradient is negated, Square breaks samples that APGD and the PGD unit before it missed,
-    counted from AutoAttack's per-stage accuracies (no extra probe). Without a cascade another
-    unit may have broken those samples, so they are not claimed: the whole AutoAttack unit counts
-    as white-box and the check falls back to its own probe."""
+    """AutoAttack's Square stage is black-box evidence, per sample: on a model whose input
+    gradient is negated, Square breaks samples that APGD missed; those the PGD unit missed too
+    are black-box-only. With a cascade (AutoAttack attacks what PGD left) the count equals the
+    unit's own per-stage accuracies; without one, the samples whose first breaker is AutoAttack
+    among those its Square stage broke (the report's per-sample first successes)."""
     x, y = data
     model = ReversedGradModel(mlp)
     suite = ["pgd", AttackSpec("aa-square", _aa_with_square)]
@@ -165,15 +165,58 @@ def test_black_box_reads_the_square_stage_of_autoattack(mlp, data, cascade):
         rep = evaluate(model, x, y, eps=0.3, suite=suite, steps=5, cascade=cascade,
                        check_config=CheckConfig(enabled=("black_box_stronger",), black_box_queries=50))
     r = rep.check("black_box_stronger")
+    assert r.fired and r.details["source"] == "Square inside aa-square"
+    res = rep.result()
+    square = res.attack("aa-square").describe["score_based_samples"]
     if cascade:
-        assert r.fired and r.details["source"] == "Square inside AutoAttack"
         # oracle: the unit's own per-stage accuracies (cumulative, per batch)
-        rec = rep.result().attack("aa-square").describe["robust_accuracy_after"]
+        rec = res.attack("aa-square").describe["robust_accuracy_after"]
         expect = sum(round(b["n"] * (b["apgd-ce"] - b["square"])) for b in rec)
-        assert r.details["black_box_only"] == expect > 0
-        assert r.details["samples"] == x.shape[0] and r.value == pytest.approx(expect / x.shape[0])
     else:
-        assert r.details["source"] == "Square (50 queries)"
+        expect = sum(res.first_success[i] == "aa-square" for i in square)
+    assert r.details["black_box_only"] == expect > 0
+    assert r.details["samples"] == x.shape[0] and r.value == pytest.approx(expect / x.shape[0])
+
+
+def _native_square(target, *, eps, norm, steps, seed):
+    from robustdeq.attacks import Square
+    return Square(target, eps=eps, norm=norm, n_queries=200, seed=seed)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_black_box_fires_when_square_breaks_what_gradients_left(mlp, data, masked):
+    """A model whose input gradient is zero (quantised input): the native Square unit breaks
+    samples PGD left and the check fires; on the plain network it stays silent."""
+    x, y = data
+    model = QuantizedModel(mlp) if masked else mlp
+    suite = ["pgd", AttackSpec("native-square", _native_square, kind="black-box")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientMaskingWarning)
+        rep = evaluate(model, x, y, eps=0.1, suite=suite, steps=10,
+                       check_config=CheckConfig(enabled=("black_box_stronger",)))
+    r = rep.check("black_box_stronger")
+    assert r.details["source"] == "native-square"
+    assert r.fired == masked, r.message
+    if masked:
+        assert r.details["black_box_only"] >= 3
+
+
+def test_square_units_are_registered(mlp):
+    """"square" is the native attack at AutoAttack's budget; the libraries' versions keep theirs."""
+    from robustdeq.attacks import AutoAttack, Square, TorchAttack
+    from robustdeq.eval.suites import builtin_spec
+    ctx = None
+    sq, = builtin_spec("square", ctx)
+    atk = sq.factory(mlp, eps=0.1, norm="Linf", steps=10, seed=0)
+    assert sq.kind == "black-box" and isinstance(atk, Square)
+    assert (atk.n_queries, atk.p_init, atk.rescale_schedule) == (5000, 0.8, False)
+    pa, = builtin_spec("pyautoattack-square", ctx)
+    assert pa.kind == "black-box" and isinstance(pa.factory(mlp, eps=0.1, norm="Linf", steps=10,
+                                                            seed=0), AutoAttack)
+    ta, = builtin_spec("torchattacks-square", ctx)
+    pytest.importorskip("torchattacks")
+    assert ta.kind == "black-box" and isinstance(ta.factory(mlp, eps=0.1, norm="Linf", steps=10,
+                                                            seed=0), TorchAttack)
 
 
 def test_black_box_pure_function():
