@@ -32,7 +32,7 @@ warnings.simplefilter("ignore")
 
 from robustdeq.config import SolverConfig  # noqa: E402
 from robustdeq.deq import zoo  # noqa: E402
-from robustdeq.deq.solvers import Anderson, _combine, get_solver  # noqa: E402,F401
+from robustdeq.deq.solvers import Anderson, get_solver  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 
@@ -179,6 +179,13 @@ class AndersonBefore(Anderson):
 
 
 
+def _combine(alpha: Tensor, M: Tensor) -> Tensor:
+    """The previous combination ``sum_i alpha[:, i] M[i]`` (alpha (B, n), M (n, B, D))."""
+    if M.shape[-1] >= 192:
+        return torch.bmm(alpha[:, None], M.transpose(0, 1))[:, 0]
+    return (alpha.t()[..., None] * M).sum(0)
+
+
 def bench_anderson_overhead(repeats: int, batches=(2, 16, 256), hidden: int = 64, iters: int = 30):
     """Per-iteration time of 30 Anderson iterations (no early stop): current vs previous."""
     torch.manual_seed(0)
@@ -204,10 +211,23 @@ def bench_anderson_overhead(repeats: int, batches=(2, 16, 256), hidden: int = 64
                 t = time.perf_counter(); r_new = new.solve(f, z0); t_new.append(time.perf_counter() - t)
                 t = time.perf_counter(); r_old = old.solve(f, z0); t_old.append(time.perf_counter() - t)
                 t = time.perf_counter(); cell_alone(); t_f.append(time.perf_counter() - t)
+            ops_new, ops_old = _ops_per_iter(new, f, z0, iters), _ops_per_iter(old, f, z0, iters)
         us = lambda ts: 1e6 * statistics.median(ts) / iters  # noqa: E731
         rows.append({"batch": b, "new_us": us(t_new), "old_us": us(t_old), "cell_us": us(t_f),
-                     "max_abs_diff": float((r_new.z - r_old.z).abs().max())})
+                     "max_abs_diff": float((r_new.z - r_old.z).abs().max()),
+                     "ops_new": ops_new, "ops_old": ops_old})
     return rows
+
+
+def _ops_per_iter(solver, f, z0, iters: int) -> float:
+    """Top-level torch operator calls per iteration of ``solver.solve(f, z0)`` (cell included):
+    the count that the per-operator dispatch overhead multiplies, independent of machine load."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        solver.solve(f, z0)
+    top = sum(1 for e in prof.events() if e.name.startswith("aten::") and (
+        e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    return top / iters
 
 
 def _memory_child(mode: str, batch: int, hidden: int) -> None:
@@ -263,12 +283,13 @@ def main() -> None:
     print("\n## Anderson per iteration, current vs previous implementation (mlp_deq hidden 64, "
           "m=5, 30 iterations, no early stop)")
     print("| batch | previous (us/iter) | current (us/iter) | current / previous | cell alone (us/iter) "
-          "| bookkeeping previous -> current (us/iter) | max abs diff of z |")
-    print("|---|---|---|---|---|---|---|")
+          "| bookkeeping previous -> current (us/iter) | torch ops/iter previous -> current "
+          "| max abs diff of z |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in bench_anderson_overhead(args.repeats):
         print(f"| {r['batch']} | {r['old_us']:.0f} | {r['new_us']:.0f} | {r['new_us'] / r['old_us']:.2f} "
               f"| {r['cell_us']:.0f} | {r['old_us'] - r['cell_us']:.0f} -> {r['new_us'] - r['cell_us']:.0f} "
-              f"| {r['max_abs_diff']:.1e} |")
+              f"| {r['ops_old']:.1f} -> {r['ops_new']:.1f} | {r['max_abs_diff']:.1e} |")
     if args.only == "overhead":
         return
     print("\n## Anderson: robustdeq vs torchdeq (same cell, batch 256, hidden 256, rel tol 1e-3, m=5)")

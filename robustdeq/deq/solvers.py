@@ -441,20 +441,31 @@ class Anderson(Solver):
             mem["mixed"] = False   # z_k extrapolated: a bool for all samples, or (B,) bool
         F, G, H = mem["F"], mem["G"], mem["H"]
         pending = mem.pop("pending", None)
-        if torch.is_grad_enabled():  # keep autograd history valid for full backpropagation
+        grad = torch.is_grad_enabled()
+        if grad:  # keep autograd history valid for full backpropagation
             F, G, H = F.clone(), G.clone(), H.clone()
+            n = min(mem["n"] + 1, m)
+            v = _AndersonViews.window(F, G, H, mem["ones"], n)
+        else:  # the buffers' slot and window views, made once per buffer (a few ops less a step)
+            v = mem.get("views")
+            if v is None or v.F is not F or v.H is not H or v.G is not G:
+                v = mem["views"] = _AndersonViews(F, G, H, mem["ones"], m)
         slot = mem["n"] % m
-        F[slot] = fz
+        v.Fs[slot].copy_(fz) if not grad else F.__setitem__(slot, fz)
         if g is not pending:  # not already written there by step()
             G[slot] = g
         mem["n"] += 1
         n = min(mem["n"], m)
         if n * g.numel() <= 1 << 18:   # small: one product over the memory (fewest operations)
-            row = torch.linalg.vecdot(G[:n], g).t()                          # (B, n): <G_i, g>
+            row = torch.linalg.vecdot(v.Gn[n], g).t()                        # (B, n): <G_i, g>
         else:  # large: one slot at a time (each product stays in cache)
             row = torch.stack([torch.linalg.vecdot(G[i], g) for i in range(n)], 1)
-        H[:, slot, :n] = row
-        H[:, :n, slot] = row
+        if grad:
+            H[:, slot, :n] = row
+            H[:, :n, slot] = row
+        else:
+            v.rows[slot][n].copy_(row)
+            v.cols[slot][n].copy_(row)
         mem["F"], mem["G"], mem["H"] = F, G, H
         if cfg.safeguard > 0:
             gn2 = row[:, slot]                                              # ||g_k||^2
@@ -466,32 +477,32 @@ class Anderson(Solver):
         # Tikhonov term lam * (mean squared residual in memory): scale invariant, so the
         # acceleration does not fade as residuals shrink (an absolute lam dominates tiny G G^T)
         if restarted:  # masked slots: zero rows/columns, unit diagonal, zero right-hand side
-            v = mem["valid"][:, :n].to(H.dtype)
-            Hn = H[:, :n, :n] * v[:, :, None] * v[:, None, :]
+            valid = mem["valid"][:, :n].to(H.dtype)
+            Hn = v.Hn[n] * valid[:, :, None] * valid[:, None, :]
             diag = Hn.diagonal(dim1=1, dim2=2)
-            diag.add_(diag.sum(dim=1, keepdim=True) * (cfg.lam / v.sum(dim=1, keepdim=True)))
-            diag.add_(1 - v)
-            rhs = v[..., None]
+            diag.add_(diag.sum(dim=1, keepdim=True) * (cfg.lam / valid.sum(dim=1, keepdim=True)))
+            diag.add_(1 - valid)
+            rhs = valid[..., None]
         else:
-            Hn = H[:, :n, :n].clone()
+            Hn = v.Hn[n].clone()
             diag = Hn.diagonal(dim1=1, dim2=2)
             diag.add_(diag.sum(dim=1, keepdim=True), alpha=cfg.lam / n)
-            rhs = mem["ones"][:, :n]
-        c, info = torch.linalg.solve_ex(Hn, rhs)
-        alpha = c[..., 0]
-        alpha = alpha / alpha.sum(dim=1, keepdim=True)                      # (B, n)
+            rhs = v.ones[n]
+        c, info = torch.linalg.solve_ex(Hn, rhs)                          # (B, n, 1)
         # singular: all G_i = 0 (an exact fixed point), a plain step. With lam > 0 that is the
         # only singular case, and such a sample has residual 0 and stops at this step (its
         # proposal is discarded), so without autograd the check is not needed
-        if (cfg.lam <= 0 or torch.is_grad_enabled()) and bool(info.any()):
-            plain = torch.zeros_like(alpha)
+        if (cfg.lam <= 0 or grad) and bool(info.any()):
+            plain = torch.zeros_like(c)
             plain[:, slot] = 1
-            alpha = torch.where((info != 0)[:, None], plain, alpha)
-        z_f = _combine(alpha, F[:n])                                      # sum_i a_i f(X_i)
+            c = torch.where((info != 0)[:, None, None], plain, c)
+        # alpha = c / sum(c), laid out (n, B, 1) to weight the slot-major memory
+        alpha = (c / c.sum(dim=1, keepdim=True)).transpose(0, 1)
+        z_f = _combine(alpha, v.Fn[n])                                    # sum_i a_i f(X_i)
         if cfg.beta == 1.0:
             return z_f
         # beta f + (1 - beta) X  =  f - (1 - beta) G
-        return z_f - (1 - cfg.beta) * _combine(alpha, G[:n])
+        return z_f - (1 - cfg.beta) * _combine(alpha, v.Gn[n])
 
     def _safeguard(self, mem: dict, gn2: Tensor, slot: int, n: int) -> bool:
         """Update the safeguard with ``gn2 = ||g_k||^2`` (B,): an extrapolated iterate whose
@@ -531,13 +542,41 @@ class Anderson(Solver):
         return not bool((n_valid == n).all())
 
 
+class _AndersonViews:
+    """Views of Anderson's buffers used at every step, indexed by slot and window size ``n``:
+    ``Fs[i]`` slot i of F, ``Fn[n]``/``Gn[n]`` the first n slots, ``Hn[n]`` the n x n Gram
+    block, ``rows[i][n]``/``cols[i][n]`` row and column i of it, ``ones[n]`` the right-hand side."""
+
+    __slots__ = ("F", "G", "H", "Fs", "Fn", "Gn", "Hn", "rows", "cols", "ones")
+
+    def __init__(self, F: Tensor, G: Tensor, H: Tensor, ones: Tensor, m: int):
+        self.F, self.G, self.H = F, G, H
+        r = range(m + 1)
+        if m < 0:  # window(): filled by the caller
+            return
+        self.Fs = [F[i] for i in range(m)]
+        self.Fn = [F[:n] for n in r]
+        self.Gn = [G[:n] for n in r]
+        self.Hn = [H[:, :n, :n] for n in r]
+        self.rows = [[H[:, i, :n] for n in r] for i in range(m)]
+        self.cols = [[H[:, :n, i] for n in r] for i in range(m)]
+        self.ones = [ones[:, :n] for n in r]
+
+    @classmethod
+    def window(cls, F: Tensor, G: Tensor, H: Tensor, ones: Tensor, n: int) -> "_AndersonViews":
+        """Only the window-``n`` views (buffers that change every step: the autograd path)."""
+        v = cls(F, G, H, ones, -1)
+        v.Fn, v.Gn, v.Hn, v.ones = ({n: F[:n]}, {n: G[:n]}, {n: H[:, :n, :n]}, {n: ones[:, :n]})
+        return v
+
+
 def _combine(alpha: Tensor, M: Tensor) -> Tensor:
-    """``sum_i alpha[:, i] M[i]`` for ``alpha`` (B, n) and slot-major ``M`` (n, B, D): a batched
-    matrix product for wide states, a broadcast product and sum for narrow ones (where the
-    batched product's per-sample overhead dominates)."""
+    """``sum_i alpha[i, :, 0] M[i]`` for ``alpha`` (n, B, 1) and slot-major ``M`` (n, B, D): a
+    batched matrix product for wide states, a broadcast product and sum for narrow ones (where
+    the batched product's per-sample overhead dominates)."""
     if M.shape[-1] >= 192:
-        return torch.bmm(alpha[:, None], M.transpose(0, 1))[:, 0]
-    return (alpha.t()[..., None] * M).sum(0)
+        return torch.bmm(alpha.permute(1, 2, 0), M.transpose(0, 1))[:, 0]
+    return (alpha * M).sum(0)
 
 
 class Broyden(Solver):
