@@ -37,6 +37,16 @@ def add_parser(sub) -> None:
                    help="smoothing with SRS: warm-start each batch from the previous batch's fixed points "
                         "(chain, the paper's rule) or every sample from the clean input's fixed point")
     c.add_argument("--radii", default="", help="smoothing: comma-separated L2 radii (default 0,0.25,0.5,0.75,1)")
+    c.add_argument("--mode", default="fixed", choices=["fixed", "sequential", "radius"],
+                   help="smoothing: fixed (n samples, Clopper-Pearson), sequential (decide each of --radii "
+                        "with an anytime-valid test, stopping early; n is the budget) or radius (the "
+                        "largest radius, per-input sample size; n is the budget)")
+    c.add_argument("--srs-check", default="sample", choices=["sample", "proof", "auto"],
+                   help="smoothing with SRS: correct warm-started counts by re-solved checks (sample), prove "
+                        "each warm-started class from the contraction certificate (proof), or proof where "
+                        "available (auto)")
+    c.add_argument("--tolerance", type=float, default=0.05,
+                   help="smoothing --mode radius: stop when the radius cannot grow by more than this")
     c.add_argument("--seed", type=int, default=0, help="smoothing: noise seed")
     c.add_argument("--out", default=None, help="folder for certificate.json / certificate.md")
     c.add_argument("--no-progress", action="store_true")
@@ -77,7 +87,8 @@ def _certify_smoothing(args, dataset: str) -> int:
     radii = floats(args.radii, "--radii") if args.radii else None
     opts = {"sigma": args.smoothing, "n": args.noise_n, "n0": args.n0, "alpha": args.alpha,
             "srs_steps": args.srs_steps, "seed": args.seed, "srs_start": args.srs_start,
-            "check_max": args.check_max}
+            "check_max": args.check_max, "mode": args.mode, "srs_check": args.srs_check,
+            "tolerance": args.tolerance}
     opts["check_samples"] = (args.check_samples if args.check_samples is not None
                              else min(400, args.noise_n) if args.noise_n >= 1 else 400)
     if radii:

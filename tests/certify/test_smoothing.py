@@ -351,6 +351,20 @@ def test_cli_trains_with_noise_and_certifies_with_smoothing(tmp_path, capsys):
     d2 = json.loads((cert2 / "certificate.json").read_text())
     assert d2["config"]["srs_start"] == "clean" and d2["config"]["check_max"] == 100
     assert all(20 <= r["srs"]["checked"] <= 100 for r in d2["results"])
+    cert3 = tmp_path / "cert3"
+    assert main(["certify", str(out / "checkpoint.pt"), "--smoothing", "0.25", "--n", "2000", "--n0", "20",
+                 "-n", "2", "--mode", "sequential", "--radii", "0.1,0.25,1.0", "--out", str(cert3),
+                 "--no-progress"]) == 0
+    d3 = json.loads((cert3 / "certificate.json").read_text())
+    assert d3["config"]["mode"] == "sequential" and set(d3["summary"]["certified_accuracy"]) == {"0.1", "0.25", "1"}
+    assert all(set(r["decisions"]) == {"0.1", "0.25", "1"} and r["n"] <= 2000 for r in d3["results"])
+    # this small noise-trained cell is a certified contraction: warm starts proven per sample
+    cert4 = tmp_path / "cert4"
+    assert main(["certify", str(out / "checkpoint.pt"), "--smoothing", "0.25", "--n", "100", "--n0", "20",
+                 "-n", "1", "--srs-steps", "3", "--srs-check", "proof", "--srs-start", "clean",
+                 "--out", str(cert4), "--no-progress"]) == 0
+    p = json.loads((cert4 / "certificate.json").read_text())["results"][0]["proof"]
+    assert p["proven_warm"] + p["proven_cold"] + p["unproven"] == 120 and p["proven_warm"] > 0
 
 
 def test_gaussian_noise_objective_options():
