@@ -1,6 +1,16 @@
 """robustdeq: adversarial robustness of deep equilibrium networks.
 
-Import cost is kept low: subpackages (attacks, defenses, eval, certify) are imported on use.
+=================  ===========================================================================
+``deq``            the backbone: solvers, gradient estimators, cells, models, the zoo
+``attacks``        PGD / FGSM / APGD / Square / state and JIIO attacks, AutoAttack, torchattacks
+``defenses``       inference-time defenses, LyaDEQ, training objectives and recipes
+``certify``        certificates: contraction, Lipschitz radii, IBP, Lyapunov, smoothing
+``eval``           the evaluation harness and its report
+``registry``       every named thing (models, attacks, suites, datasets, ...), torch-free
+``federated``      federated training with Flower (optional extra)
+=================  ===========================================================================
+
+Import cost is kept low: subpackages and torch-backed names are imported on first use.
 """
 from __future__ import annotations
 

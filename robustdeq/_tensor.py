@@ -104,7 +104,7 @@ def seeded_generator(seed: Optional[int]) -> Optional[torch.Generator]:
     return torch.Generator().manual_seed(int(seed)) if seed is not None else None
 
 
-def _draw(kind: str, shape, like: Tensor, gen: Optional[torch.Generator]) -> Tensor:
+def draw(kind: str, shape, like: Tensor, gen: Optional[torch.Generator]) -> Tensor:
     fn = torch.rand if kind == "uniform" else torch.randn
     if gen is None:  # the global RNG, on the tensor's device
         return fn(shape, dtype=like.dtype, device=like.device)
@@ -114,12 +114,12 @@ def _draw(kind: str, shape, like: Tensor, gen: Optional[torch.Generator]) -> Ten
 def rand_like(x: Tensor, gen: Optional[torch.Generator]) -> Tensor:
     """U[0, 1) noise with the shape, dtype and device of ``x`` (from ``gen``, drawn on the CPU;
     None: the global RNG)."""
-    return _draw("uniform", x.shape, x, gen)
+    return draw("uniform", x.shape, x, gen)
 
 
 def randn_like(x: Tensor, gen: Optional[torch.Generator]) -> Tensor:
     """N(0, 1) noise with the shape, dtype and device of ``x`` (see :func:`rand_like`)."""
-    return _draw("normal", x.shape, x, gen)
+    return draw("normal", x.shape, x, gen)
 
 
 def random_in_ball(x: Tensor, eps: float, norm, gen: Optional[torch.Generator], *,
@@ -133,7 +133,7 @@ def random_in_ball(x: Tensor, eps: float, norm, gen: Optional[torch.Generator], 
     d = x[0].numel()
     direction = randn_like(x, gen).reshape(b, -1)
     direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(NORM_GUARD)
-    r = _draw("uniform", (b, 1), x, gen)
+    r = draw("uniform", (b, 1), x, gen)
     if radius == "volume":
         r = r ** (1.0 / max(d, 1))
     return (direction * r * eps).view_as(x)
@@ -141,4 +141,4 @@ def random_in_ball(x: Tensor, eps: float, norm, gen: Optional[torch.Generator], 
 
 __all__ = ["NORM_GUARD", "bshape", "default_alpha", "per_sample_norm", "ball_factor", "clip_delta",
            "project_ball", "margins", "make_generator", "seeded_generator", "rand_like", "randn_like",
-           "random_in_ball"]
+           "random_in_ball", "draw"]

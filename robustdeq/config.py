@@ -146,7 +146,7 @@ def make_config(cls: Type[T], config: Any = None, **options) -> T:
     raise ConfigError(f"config must be a {cls.__name__} or a mapping, got {type(config).__name__}")
 
 
-def _strict_init(cls: Type[T]) -> Type[T]:
+def strict_init(cls: Type[T]) -> Type[T]:
     """Make the dataclass constructor reject unknown options and wrong types with a
     :class:`ConfigError` (the generated ``__init__`` raises a bare ``TypeError``)."""
     init = cls.__init__
@@ -222,7 +222,7 @@ def _solver_options(cfg: "SolverConfig") -> SolverOptions:
     return SolverOptions(options)
 
 
-@_strict_init
+@strict_init
 @dataclass(frozen=True)
 class SolverConfig:
     """Settings of a fixed-point solve (forward or adjoint).
@@ -283,7 +283,7 @@ BACKWARD_DEFAULT = SolverConfig(max_iter=30, tol=1e-6)
 _DEVICE = __import__("re").compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
-@_strict_init
+@strict_init
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of the trainer."""
@@ -322,5 +322,5 @@ class TrainConfig:
 __all__ = [
     "StopMode", "Select", "SolverName", "RegisteredSolverName", "solver_name", "Norm", "SolverConfig", "SolverOptions",
     "TrainConfig", "BACKWARD_DEFAULT",
-    "from_dict", "to_dict", "make_config", "coerce_enum", "field",
+    "from_dict", "to_dict", "make_config", "coerce_enum", "strict_init", "field",
 ]

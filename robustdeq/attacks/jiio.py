@@ -51,8 +51,8 @@ class JIIO(Attack):
                  beta_z: float = 0.8, beta_mu: float = 0.6, random_start: bool = False,
                  targeted: bool = False, seed: Optional[int] = None):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
-        from ..deq.jiio import JIIOConfig, _check_jiio_model, default_direction
-        _check_jiio_model(model)
+        from ..deq.jiio import JIIOConfig, check_jiio_model, default_direction
+        check_jiio_model(model)
         self.iters = check_int(iters, "iters", low=1)
         self.alpha = self.eps / 4 if alpha is None else check_number(alpha, "alpha")
         self.alpha_final = check_number(alpha_final, "alpha_final", allow_none=True)

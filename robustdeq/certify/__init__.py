@@ -14,6 +14,7 @@
                              warm-started variant SRS (Gao et al. 2024) -> ``SmoothingReport``
 =========================  ================================================================
 """
+from ._util import require_deq
 from .api import METHODS, certify, certify_checkpoint
 from .config import CertifyConfig
 from ..deq.contraction import ContractionCertificate, contraction_certificate, solver_guarantees
@@ -28,7 +29,7 @@ from . import smoothing
 from .smoothing import SmoothingConfig, SmoothingReport, SmoothingResult
 
 __all__ = [
-    "certify", "certify_checkpoint", "CertifyConfig", "METHODS", "CertReport", "CertResult",
+    "require_deq", "certify", "certify_checkpoint", "CertifyConfig", "METHODS", "CertReport", "CertResult",
     "ContractionCertificate", "contraction_certificate", "solver_guarantees",
     "LocalStability", "local_stability", "jacobian_spectrum",
     "LyapunovResult", "lyapunov_decrease", "quadratic_candidate",

@@ -11,14 +11,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from ..config import _strict_init, to_dict
+from ..config import strict_init, to_dict
 from ..errors import ConfigError
 
 METHODS = ("contraction", "local", "lyapunov", "lipschitz", "ibp")
 LYAPUNOV_DYNAMICS = ("iteration", "solver", "stable_map")
 
 
-@_strict_init
+@strict_init
 @dataclass(frozen=True)
 class CertifyConfig:
     """Settings of a certification (see :func:`robustdeq.certify.certify` for each one's meaning).

@@ -171,8 +171,8 @@ def interval_map(model: nn.Module, *, differentiable: bool = False) -> IntervalM
         Wo, bo = t(head.linear.weight), head.linear.bias
         bo = t(bo) if bo is not None else torch.zeros(Wo.shape[0], dtype=Wo.dtype, device=Wo.device)
     elif not differentiable:
-        from .lipschitz import _head_affine
-        ab = _head_affine(model)
+        from .lipschitz import head_affine
+        ab = head_affine(model)
         if ab is None:
             raise ConfigError("interval bounds need an MLPInjection (Normalize + Linear) and a linear head")
         Wo, bo = ab

@@ -115,7 +115,7 @@ def _injection_matrix(model: nn.Module) -> Optional[Tensor]:
     return U * scale.to(U.device)[None, :]
 
 
-def _head_affine(model: nn.Module):
+def head_affine(model: nn.Module):
     """``(W_o (C, D), b_o (C,))`` in float64 when the read-out is affine in the flattened state:
     ``LinearHead``, ``nn.Linear``, or a separation head ``classifier(Q flatten(z))`` (LyaDEQ's MLP
     head: ``features`` a Flatten/Identity, ``separation`` a bias-free Linear, ``classifier`` a
@@ -141,12 +141,12 @@ def _head_affine(model: nn.Module):
 
 
 def _head_matrix(model: nn.Module) -> Optional[Tensor]:
-    """``W_o`` (C, D) of an affine read-out (see :func:`_head_affine`), else None."""
-    ab = _head_affine(model)
+    """``W_o`` (C, D) of an affine read-out (see :func:`head_affine`), else None."""
+    ab = head_affine(model)
     return None if ab is None else ab[0]
 
 
-def _pair_norms(Wo: Tensor) -> Tensor:
+def pair_norms(Wo: Tensor) -> Tensor:
     """(C, C) ``||w_i - w_j||_2`` for rows of ``Wo``."""
     return torch.cdist(Wo, Wo) * (1.0 + linalg.REL_SLACK)
 
@@ -209,7 +209,7 @@ def lipschitz_bound(model: nn.Module, contraction: Optional[ContractionCertifica
             else:
                 method = "monotone (splitting contraction)"
         lip_z = lip_u_z * lip_inj.upper * (1.0 + linalg.REL_SLACK)
-        pn = _pair_norms(Wo)
+        pn = pair_norms(Wo)
         err = 1.0 / (1.0 - L)
         details["err_factor"] = err
         return LipschitzBound(True, method, f"Lip_x(z*) <= {lip_z:.6g}", lip_x_z=lip_z,
@@ -326,4 +326,5 @@ def certified_radius(bound: LipschitzBound, logits: Tensor, y: Tensor, residual:
                         margin_lower=margin_lower, runner_up=j)
 
 
-__all__ = ["LipschitzBound", "lipschitz_bound", "logit_lipschitz", "RadiusResult", "certified_radius"]
+__all__ = ["LipschitzBound", "lipschitz_bound", "logit_lipschitz", "RadiusResult", "certified_radius",
+           "head_affine", "pair_norms"]

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._tensor import _draw, default_alpha, seeded_generator
+from .._tensor import draw, default_alpha, seeded_generator
 from ..config import Norm, coerce_enum, from_dict
 from ..deq.grad import ImplicitGrad
 from ..deq.regularizers import jacobian_penalty
@@ -87,7 +87,7 @@ def preserve_modes(model: nn.Module, *, eval: bool = False, freeze: bool = False
 
 def _rand(shape, like: Tensor, gen: Optional[torch.Generator], kind: str = "normal") -> Tensor:
     """Noise of ``shape`` like ``like``: from ``gen`` (drawn on the CPU), or the global RNG (None)."""
-    return _draw(kind, shape, like, gen)
+    return draw(kind, shape, like, gen)
 
 
 #: the inner maximisation's loss is summed over the batch (a per-sample gradient B times the

@@ -1,46 +1,59 @@
-"""The shared DEQ backbone: solvers, gradient estimators, cells, models and the model zoo.
+"""The shared DEQ backbone.
 
-Every public name of the submodules is available here (``from robustdeq.deq import MLPCell``),
-imported on first use.
+===================  =====================================================================
+``solvers``          steppable batched solvers (fixed_point, anderson, broyden), get_solver
+``grad``             gradient estimators (ImplicitGrad, PhantomGrad, UnrolledGrad, ...)
+``cells``, ``model``  cells f(z, u), injections, heads; DEQClassifier, Equilibrium
+``weight_tied``      weight-tied (unrolled) baselines
+``multiscale``       MDEQ-style multiscale cells
+``views``            read-only views for attacks (attack_view, TransferView)
+``zoo``              ready architectures by name (``robustdeq.registry.MODELS``)
+``regularizers``     Jacobian penalties
+``contraction``      a cell's contraction certificate (sound float64 bounds, ``linalg``)
+``noisy``            logits on noisy inputs (base classifier of randomized smoothing)
+===================  =====================================================================
+
+Internal modules (not re-exported): ``jiio``, ``joint``, ``memory``, ``shrink``, ``warm``,
+``protocols``, ``linalg``. Every name below is imported from its module on first use.
 """
 from __future__ import annotations
 
 import importlib
 
-_MODULES = ("solvers", "grad", "cells", "model", "weight_tied", "views", "zoo", "multiscale",
-            "regularizers")
-_SUBMODULES = set(_MODULES)
+#: public name -> the submodule defining it (imported on first use)
+_LAZY = {name: module for module, names in {
+    "solvers": ("TrajectoryState", "SolverState", "SolveResult", "Solver", "FixedPointIteration",
+                "Anderson", "Broyden", "SOLVERS", "register_solver", "get_solver", "solve"),
+    "grad": ("GradientEstimator", "ImplicitGrad", "PhantomGrad", "UnrolledGrad", "FullBackprop",
+             "NoGrad", "ESTIMATORS", "make_estimator", "gradient"),
+    "cells": ("Normalize", "ScaledLinear", "IntervalScaling", "MLPCell", "MLPInjection", "LinearHead",
+              "ConvCell", "ConvInjection", "ConvHead", "MonotoneCell", "LinearCell"),
+    "model": ("EquilibriumModel", "DEQClassifier", "Equilibrium", "SolverStats"),
+    "weight_tied": ("WeightTied",),
+    "views": ("ModelView", "AttackView", "TransferView", "attack_view", "state_logits"),
+    "zoo": ("FeedForward",),  # zoo.build / zoo.register: through the module
+    "multiscale": ("PackedShape", "branch_shapes", "MultiscaleInjection", "MultiscaleCell", "MultiscaleHead"),
+    "regularizers": ("jacobian_penalty",),
+    "contraction": ("ContractionCertificate", "contraction_certificate", "solver_guarantees"),
+    "noisy": ("base_logits", "run_noisy", "to_model_dtype"),
+}.items() for name in names}
+_SUBMODULES = ("solvers", "grad", "cells", "model", "weight_tied", "views", "zoo", "multiscale",
+               "regularizers", "contraction", "noisy", "linalg", "jiio", "joint", "memory", "shrink",
+               "warm", "protocols")
 
-
-def _index() -> dict:
-    out = {}
-    for name in _MODULES:
-        try:
-            mod = importlib.import_module(f"{__name__}.{name}")
-        except ImportError:  # an optional piece that is not there
-            continue
-        for attr in getattr(mod, "__all__", ()):
-            out.setdefault(attr, mod)
-    return out
-
-
-_NAMES: dict = {}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
-    if not _NAMES:
-        _NAMES.update(_index())
-    mod = _NAMES.get(name)
-    if mod is None:
+    module = _LAZY.get(name)
+    if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(mod, name)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
 
 
 def __dir__():
-    if not _NAMES:
-        _NAMES.update(_index())
-    return sorted(set(globals()) | set(_NAMES) | _SUBMODULES)
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

@@ -80,7 +80,7 @@ InputObjective = Callable[[Tensor, Tensor], Tensor]
 __all__ = [
     "Constraint", "Unconstrained", "Box", "LinfBall", "L2Ball", "Mask", "Intersection",
     "JIIOConfig", "InputOptResult", "optimize_inputs", "jiio_attack", "kkt_residuals",
-    "CostCounter", "cross_entropy_objective", "threat_constraint", "DIRECTIONS",
+    "CostCounter", "cross_entropy_objective", "threat_constraint", "DIRECTIONS", "check_jiio_model",
 ]
 
 
@@ -366,7 +366,7 @@ class InputOptResult:
 
 
 # ============================================================================== helpers
-def _check_jiio_model(model: nn.Module) -> None:
+def check_jiio_model(model: nn.Module) -> None:
     if not isinstance(model, FixedPointModel):
         missing = [a for a in ("inject", "f", "readout", "init_state", "solve") if not hasattr(model, a)]
         raise ConfigError(
@@ -596,7 +596,7 @@ def optimize_inputs(model: nn.Module, objective: InputObjective, constraint: Opt
         :class:`InputOptResult` with the projected ``x``, the re-solved fixed point ``z``, the
         adjoint ``mu`` and per-iteration history.
     """
-    _check_jiio_model(model)
+    check_jiio_model(model)
     if config is not None:
         if options or any(v is not None for v in (iters, step_size, direction, solver)):
             raise ConfigError("pass either config=JIIOConfig(...) or individual options, not both")

@@ -102,7 +102,7 @@ def _linf_l2(x: Tensor, e: float) -> Tensor:
 
 def _base_certificates(model, x, y, eps, threat, methods, notes) -> Dict[float, List[Optional[str]]]:
     """Per eps and sample: the name of the deterministic certificate that holds, or None."""
-    from ..certify._util import require_deq
+    from ..certify import require_deq
     out = {e: [None] * x.shape[0] for e in eps}
     if not methods:
         return out

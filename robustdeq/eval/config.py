@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Tuple, Union
 
-from ..config import Norm, _strict_init, from_dict, to_dict
+from ..config import Norm, strict_init, from_dict, to_dict
 from ..errors import ConfigError
 
 
-@_strict_init
+@strict_init
 @dataclass(frozen=True)
 class EvalConfig:
     """Settings of an evaluation (see :func:`robustdeq.eval.evaluate` for each one's meaning).

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from ..config import Norm, _strict_init, coerce_enum, from_dict, to_dict
+from ..config import Norm, strict_init, coerce_enum, from_dict, to_dict
 from ..errors import ConfigError
 
 __all__ = ["FederatedConfig", "Norm", "FUSIONS", "FAULTS", "EVAL_SUITES", "DEFAULT_MODEL_OPTIONS",
@@ -56,7 +56,7 @@ def parse_budgets(text: str) -> Tuple[int, ...]:
     return out
 
 
-@_strict_init
+@strict_init
 @dataclass(frozen=True)
 class FederatedConfig:
     """Settings of a federated DEQ run (see :mod:`robustdeq.federated`).

@@ -40,13 +40,13 @@ def proof_support(model: nn.Module) -> Tuple[bool, str]:
     """Whether per-sample proofs are available for ``model``: a DEQ whose cell has a contraction
     certificate and whose read-out is affine. ``(ok, reason)``."""
     from ...deq.contraction import contraction_certificate
-    from ..lipschitz import _head_affine
+    from ..lipschitz import head_affine
     if not all(hasattr(model, a) for a in ("cell", "inject", "head")):
         return False, f"{type(model).__name__} is not a DEQ with a cell, an injection and a head"
     cert = contraction_certificate(model)
     if not cert.certified:
         return False, f"no contraction certificate for the cell ({cert.reason})"
-    if _head_affine(model) is None:
+    if head_affine(model) is None:
         return False, f"the read-out {type(model.head).__name__} is not affine in the state"
     return True, f"contraction rate L <= {cert.lip_z:.6g}, affine read-out"
 
@@ -58,7 +58,7 @@ class EquilibriumClassProof:
     def __init__(self, model: nn.Module, *, clip: bool = False):
         from .._util import float64_copy
         from ...deq.contraction import contraction_certificate
-        from ..lipschitz import _head_affine, _pair_norms
+        from ..lipschitz import head_affine, pair_norms
         ok, reason = proof_support(model)
         if not ok:
             from ...errors import ConfigError
@@ -66,9 +66,9 @@ class EquilibriumClassProof:
                               f"read-out: {reason}")
         self.rate = float(contraction_certificate(model).lip_z)
         self.model64 = float64_copy(model)
-        W, b = _head_affine(model)
+        W, b = head_affine(model)
         self.W, self.b = W, b
-        self.pair = _pair_norms(W)
+        self.pair = pair_norms(W)
         self.clip = clip
 
     def classes(self, xn: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
