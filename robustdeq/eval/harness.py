@@ -525,7 +525,9 @@ def _report(ev: _Evaluation, check_results: List[CheckResult], t_start: float) -
         clean={"accuracy": clean_acc,
                "per_state": traj["per_state"] if traj else None,
                "solver": traj["solver"] if traj else None,
-               "residual_curve": traj["residual_curve"] if traj else None},
+               "residual_curve": traj["residual_curve"] if traj else None,
+               **({k: traj[k] for k in ("residual_running_fraction", "residual_tolerance")
+                   if traj and k in traj})},
         checks=check_results, timings=ev.timings, provenance=provenance, notes=ev.notes,
         config_hash=ev.config_hash)
     if cfg.certify is not None and cfg.certify is not False:

@@ -7,7 +7,9 @@ JSON layout (``"schema_version": 1``)::
      "clean": {"per_state": {"steps": [int], "accuracy": [float]} | null,
                "solver": {mean_steps, converged_fraction, diverged_fraction, mean_residual,
                           max_residual} | null,
-               "residual_curve": [float] | null},
+               "residual_curve": [float] | null,
+               "residual_running_fraction": [float] (solver models: samples still iterating),
+               "residual_tolerance": {"tol", "stop_mode"} (solver models)},
      "results": [{"eps", "robust_accuracy", "seconds",
                   "attacks": [{"key", "spec", "view", "kind", "accuracy", "cumulative_accuracy",
                                "new_successes", "seconds", "describe", "resumed", "violations"}],
@@ -404,9 +406,22 @@ class EvalReport:
                 rc = (r.residual_curve or {}).get("adversarial")
                 if rc:
                     ax.semilogy(range(len(rc)), _positive(rc), ".-", label=f"adv eps={r.eps:g}")
+            tol = (self.clean or {}).get("residual_tolerance") or {}
+            if tol.get("tol"):
+                ax.axhline(tol["tol"], color="grey", linestyle=":", linewidth=1,
+                           label=f"tolerance ({tol.get('stop_mode', '')}) {tol['tol']:g}")
             ax.set_xlabel("solver step")
             ax.set_ylabel("mean residual")
-            ax.legend(fontsize=6)
+            ax.set_title("a stopped sample keeps its last residual", fontsize=7)
+            running = (self.clean or {}).get("residual_running_fraction")
+            if running:
+                ax2 = ax.twinx()
+                ax2.plot(range(len(running)), running, "--", color="tab:grey", linewidth=1,
+                         label="clean samples still iterating")
+                ax2.set_ylim(-0.02, 1.02)
+                ax2.set_ylabel("fraction still iterating")
+                ax2.legend(fontsize=6, loc="center right")
+            ax.legend(fontsize=6, loc="upper right")
             save(fig, PLOT_FILES[2])
         return written
 

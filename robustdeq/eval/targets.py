@@ -77,7 +77,9 @@ def trajectory_stats(tmodel: nn.Module, x: Tensor, y: Tensor, batch_size: int) -
     For a DEQ every step ``0..max_iter-1`` is recorded (states after a sample stopped are its
     frozen iterate, their residual that of the frozen iterate); for a weight-tied model the layer
     outputs ``0..depth``. Returns ``{"per_state": {"steps", "accuracy"}, "solver": summary |
-    None, "residual_curve": [float] | None}``.
+    None, "residual_curve": [float] | None}``; for a solver model also
+    ``"residual_running_fraction"`` (the fraction of samples the solver has not stopped at each
+    step) and ``"residual_tolerance"`` (``{"tol", "stop_mode"}``).
     """
     solver = is_solver_model(tmodel)
     record: Any = list(range(tmodel.solver_config.max_iter)) if solver else "all"
@@ -85,6 +87,7 @@ def trajectory_stats(tmodel: nn.Module, x: Tensor, y: Tensor, batch_size: int) -
     steps_idx: Optional[List[int]] = None
     res_sum: Optional[Tensor] = None
     r_list, s_list, c_list, d_list = [], [], [], []
+    run_sum: Optional[Tensor] = None
     n = 0
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
@@ -107,6 +110,9 @@ def trajectory_stats(tmodel: nn.Module, x: Tensor, y: Tensor, batch_size: int) -
                 part = torch.nansum(R, dim=1).double()
                 res_sum = part if res_sum is None else res_sum + part
                 st = eq.stats
+                # a sample is still iterating at step k until its solver stopped it
+                running = (torch.tensor(idx).view(-1, 1) < st.steps.detach().cpu().view(1, -1)).double().sum(1)
+                run_sum = running if run_sum is None else run_sum + running
                 r_list.append(st.residual.detach().cpu())
                 s_list.append(st.steps.detach().cpu())
                 c_list.append(st.converged.detach().cpu())
@@ -118,6 +124,11 @@ def trajectory_stats(tmodel: nn.Module, x: Tensor, y: Tensor, batch_size: int) -
     if solver and r_list:
         out["solver"] = _summary(torch.cat(r_list), torch.cat(s_list), torch.cat(c_list), torch.cat(d_list))
         out["residual_curve"] = (res_sum / n).tolist()
+        cfg = tmodel.solver_config
+        # what the curve means: a stopped sample keeps its last residual, so the mean flattens
+        # where samples reach the tolerance (not a stagnating solver); the plot shows both
+        out["residual_running_fraction"] = (run_sum / n).tolist()
+        out["residual_tolerance"] = {"tol": float(cfg.tol), "stop_mode": str(getattr(cfg.stop_mode, "value", cfg.stop_mode))}
     return out
 
 

@@ -167,6 +167,13 @@ def test_per_state_accuracy_and_residual_curve(quick, deq, data):
     rc = quick.clean["residual_curve"]
     assert len(rc) == max_iter and rc[0] == pytest.approx(1.0, abs=1e-6)
     assert rc[-1] < 1e-2 * rc[0]
+    # the fraction still iterating: 1 at the start, never rising, and summing to the mean number
+    # of solver steps (a sample counts at step k iff k < its steps)
+    run = quick.clean["residual_running_fraction"]
+    assert len(run) == max_iter and run[0] == pytest.approx(1.0)
+    assert all(b <= a + 1e-12 for a, b in zip(run, run[1:]))
+    assert sum(run) == pytest.approx(quick.clean["solver"]["mean_steps"], abs=1e-9)
+    assert quick.clean["residual_tolerance"]["tol"] == deq.solver_config.tol
     for r in quick.results:
         assert r.per_state["clean"] == ps["accuracy"]
         # the worst-case inputs are misclassified exactly for the non-robust samples
