@@ -2,7 +2,7 @@
 
     python benchmarks/bench_certified_training.py [--datasets mnist5k digits] [--epochs 10]
         [--suite quick] [--n-bracket 100] [--smoothing-n 2000] [--smoothing-images 200]
-        [--hidden 64] [--lr 1e-3] [--rows ibp-deq ibp-cnn lipschitz-margin-deq noise-deq]
+        [--hidden 64] [--lr 1e-3] [--scale 0.5] [--rows ibp-deq ibp-cnn lipschitz-margin-deq noise-deq]
 
 Per dataset, side by side, every model trained for the same epochs (Adam at ``--lr``, cosine
 schedule, batch 64, seed 0):
@@ -52,11 +52,11 @@ def _data(name):
     return load_dataset("digits", "train") + load_dataset("digits", "test") + ((1, 8, 8), 0.3, 0.4)
 
 
-def _models(shape, mean, std, hidden=64):
+def _models(shape, mean, std, hidden=64, scale=0.5):
     pool = 7 if shape[1] == 28 else 4
     deq = dict(in_shape=list(shape), hidden=hidden, mean=mean, std=std, solver=SOLVER)
     return {
-        "ibp-deq": ("mlp_deq", {**deq, "act": "relu", "norm": "interval", "scale": 0.5}),
+        "ibp-deq": ("mlp_deq", {**deq, "act": "relu", "norm": "interval", "scale": scale}),
         "ibp-cnn": ("ff_cnn", {"in_shape": list(shape), "channels": 16, "blocks": 1, "pool": pool,
                                "norm": "none", "hidden": hidden if shape[1] == 28 else 24 * hidden // 64}),
         "lipschitz-margin-deq": ("mlp_deq", {**deq, "act": "tanh", "norm": "spectral", "scale": 0.5}),
@@ -123,10 +123,11 @@ def _bracket(model, x, y, threat, eps, methods, suite):
             "alarms": int(chk.value), "suite": suite, "seconds": time.perf_counter() - t0}
 
 
-def run(dataset, epochs, suite, n_bracket, smoothing_n, smoothing_images, hidden=64, lr=1e-3, rows=None):
+def run(dataset, epochs, suite, n_bracket, smoothing_n, smoothing_images, hidden=64, lr=1e-3, rows=None,
+        scale=0.5):
     x, y, xt, yt, shape, mean, std = _data(dataset)
     out = {"dataset": dataset, "epochs": epochs, "hidden": hidden, "lr": lr, "rows": {}}
-    for row, (name, opts) in _models(shape, mean, std, hidden).items():
+    for row, (name, opts) in _models(shape, mean, std, hidden, scale).items():
         if rows and row not in rows:
             continue
         model, t_train = _train(row, name, opts, x, y, xt, yt, epochs, lr)
@@ -177,6 +178,7 @@ def main():
     ap.add_argument("--smoothing-images", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=64, help="DEQ width (and the CNN's hidden layer on MNIST)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--scale", type=float, default=0.5, help="bound on || |W| ||_2 of the IBP DEQ")
     ap.add_argument("--rows", nargs="+", default=None,
                     choices=["ibp-deq", "ibp-cnn", "lipschitz-margin-deq", "noise-deq"])
     args = ap.parse_args()
@@ -185,7 +187,7 @@ def main():
     t0 = time.perf_counter()
     for d in args.datasets:
         res = run(d, args.epochs, args.suite, args.n_bracket, args.smoothing_n, args.smoothing_images,
-                  args.hidden, args.lr, args.rows)
+                  args.hidden, args.lr, args.rows, args.scale)
         print(table(res), flush=True)
     print(f"bench_certified_training took {time.perf_counter() - t0:.0f} s")
 
