@@ -1,4 +1,5 @@
-"""The ``robustdeq`` command line: demo, train, attack, eval, harden, certify, federate.
+"""The ``robustdeq`` command line: demo, train, attack, eval, harden, certify, federate,
+benchmark, judge.
 
 One module per command holds its parser beside the command; :mod:`.main` builds the parser and
 turns errors into exit statuses; :mod:`.common` holds what the commands share. The CLI maps flags

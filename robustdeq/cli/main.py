@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-from . import attack, certify, demo, evaluate, federate, train
+from . import attack, benchmark, certify, demo, evaluate, federate, judge, train
 from .common import Parser, int_at_least, setup_logging
 
 
@@ -25,6 +25,8 @@ def build_parser() -> Parser:
     evaluate.add_parsers(sub)
     certify.add_parser(sub)
     federate.add_parser(sub)
+    benchmark.add_parser(sub)
+    judge.add_parser(sub)
     return p
 
 

@@ -1,0 +1,55 @@
+"""``robustdeq benchmark``: one model card per checkpoint under one protocol, and their leaderboard."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Norm
+from .common import data_root_hint, floats, int_at_least, out_folder
+
+
+def add_parser(sub) -> None:
+    from .evaluate import suite_arg
+    b = sub.add_parser("benchmark", help="model cards of checkpoints evaluated under one protocol, "
+                                         "and their leaderboard")
+    b.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    b.add_argument("--out", required=True,
+                   help="folder: <checkpoint>/model_card.json|.md per checkpoint, leaderboard.md|.json")
+    b.add_argument("--dataset", default=None, help="default: the first checkpoint's dataset")
+    b.add_argument("--data-root", default=None)
+    b.add_argument("--split", default="test")
+    b.add_argument("-n", type=int_at_least(1), default=200, help="number of samples (default 200)")
+    b.add_argument("--norm", default="Linf", choices=[n.value for n in Norm])
+    b.add_argument("--eps", default="0.1", help="the radius (one number, default 0.1)")
+    b.add_argument("--suite", default="standard", type=suite_arg,
+                   help="a suite or a comma list of attack names (default standard)")
+    b.add_argument("--steps", type=int_at_least(1), default=20)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch-size", type=int_at_least(1), default=128)
+    b.add_argument("--save-adversarial", action="store_true",
+                   help="write each checkpoint's worst-case adversarial examples (adversarial.pt, "
+                        "the input of robustdeq judge)")
+    b.add_argument("--no-checks", action="store_true",
+                   help="skip the evaluation checks (gradient masking, non-convergence, ...); the cards "
+                        "then list no check")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_benchmark)
+
+
+def cmd_benchmark(args) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..errors import ConfigError
+    from ..eval.card import benchmark_checkpoints
+    eps = floats(args.eps, "--eps")
+    if len(eps) != 1:
+        raise ConfigError(f"--eps takes one radius for a model card, got {args.eps!r}")
+    out_folder(args.out)
+    dataset = args.dataset or load_checkpoint(args.checkpoints[0]).metadata.get("dataset", "digits")
+    with data_root_hint(dataset, args.data_root):
+        cards = benchmark_checkpoints(args.checkpoints, args.out, dataset=dataset, split=args.split,
+                                      root=args.data_root, n=args.n, eps=eps[0], threat=args.norm,
+                                      suite=args.suite, save_adversarial=args.save_adversarial,
+                                      steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                                      checks=not args.no_checks, progress=not args.no_progress)
+    print((Path(args.out) / "leaderboard.md").read_text())
+    print(f"wrote {len(cards)} model card(s) and leaderboard.md / leaderboard.json under {args.out}")
+    return 0
