@@ -150,3 +150,27 @@ def test_bad_options_are_config_errors():
                {"n_restarts": 0}, {"warm_start": 1}, {"norm": "L1"}):
         with pytest.raises(ConfigError):
             Square(model, eps=0.1, **kw)
+
+
+def test_warm_claims_are_confirmed_by_cold_inference(monkeypatch):
+    """If warm-started solves lied (their logits negated: every query claims a
+    misclassification), each claim is checked by the model's own inference and the search goes
+    on with the cold values: the attack returns exactly the cold attack's examples."""
+    import robustdeq.deq.warm as warm_mod
+    model = trained("mlp_deq")
+    x, y = digits_test(12)
+    kw = dict(eps=0.1, n_queries=15, seed=4)
+    cold = Square(model, warm_start=False, **kw)(x, y)
+    real = warm_mod.run_warm
+
+    def lying_run_warm(m, xq, ws, **k):
+        eq = real(m, xq, ws, **k)
+        eq.logits = -eq.logits
+        return eq
+    monkeypatch.setattr(warm_mod, "run_warm", lying_run_warm)
+    atk = Square(model, **kw)
+    xa = atk(x, y)
+    st = atk.last_stats
+    assert st["warm_started"] > 0 and st["rejected_by_cold"] > 0
+    assert st["confirmed_cold"] == st["warm_started"] - st["redone_cold"]
+    assert torch.equal(xa, cold)
