@@ -304,12 +304,19 @@ class EvalReport:
             lines.append("| attack | kind | accuracy (alone) | cumulative worst case | newly broken | seconds |")
             lines.append("| --- | --- | --- | --- | --- | --- |")
             lines.append(f"| clean | - | {_pct(self.clean_accuracy)} | {_pct(self.clean_accuracy)} | - | - |")
+            cascaded = any(a.accuracy is None for a in r.attacks)
             for a in r.attacks:
                 name = a.key + (" (resumed)" if a.resumed else "")
-                lines.append(f"| {name} | {a.kind} | {_pct(a.accuracy)} | {_pct(a.cumulative_accuracy)} "
+                alone = "not measured (cascade)" if a.accuracy is None else _pct(a.accuracy)
+                lines.append(f"| {name} | {a.kind} | {alone} | {_pct(a.cumulative_accuracy)} "
                              f"| {a.new_successes} | {a.seconds:.2f} |")
             lines.append(f"| **worst case** | | | **{_pct(r.robust_accuracy)}** | | {r.seconds:.2f} |")
             lines.append("")
+            if cascaded:
+                lines.append("In a cascade each attack runs only on the samples every earlier attack "
+                             "left robust, so its accuracy alone is not measured; the cumulative worst "
+                             "case is.")
+                lines.append("")
             if r.solver and r.solver.get("clean") and r.solver.get("adversarial"):
                 c, a = r.solver["clean"], r.solver["adversarial"]
                 lines.append("| solver | mean steps | converged | mean residual |")
