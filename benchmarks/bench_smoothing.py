@@ -1,15 +1,18 @@
-"""Randomized-smoothing benchmark (issue 12): plain smoothing vs serialized smoothing (SRS).
+"""Randomized-smoothing benchmark: fixed-n CERTIFY, anytime-valid sequential certification, radius
+mode, check-based serialized smoothing (SRS) and proven warm starts, side by side.
 
 For each sigma: trains a DEQ with Gaussian noise augmentation at that sigma (``--defense
-gaussian-noise``; digits: ``mlp_deq`` hidden 64, 12 epochs; mnist5k: the zoo's ``mdeq``, 3 epochs),
-then certifies the first ``--images`` test images with CERTIFY (Cohen et al. 2019; n0, n,
-alpha 0.001) using independent solves ("plain") and with SRS variants (Gao et al. 2024), each a
-spec ``srs:S=3,K=400[,kmax=2000][,start=clean]`` (S solver steps per warm batch, K checked
-estimation samples re-solved from scratch, kmax: adaptive check count in [K, kmax], start: chain /
-clean). Prints time per image, the solver's steps and the cell rows computed per noise sample,
-certified accuracy at L2 radii 0 / 0.25 / 0.5 / 0.75 / 1.0, the abstain rate, the speed-up against
-plain smoothing, and SRS's *uncorrected* certified accuracy (what the warm-started counts alone
-would claim; not a valid certificate).
+gaussian-noise``; digits: ``mlp_deq`` hidden 64, 12 epochs, ``--model-options`` for e.g. a
+contractive spectral-norm cell; mnist5k: the zoo's ``mdeq``, 3 epochs), then certifies the first
+``--images`` test images (n0, alpha 0.001) with each method spec ``KIND[:k=v,...]``
+(:func:`parse_method`): ``plain`` (Cohen et al. 2019, n samples), ``seq`` (decide every radius of
+``--radii`` with a confidence sequence; n is the budget), ``radius`` (largest radius), ``srs``
+(Gao et al. 2024 with the check-based correction: S steps, K checks), ``proof`` / ``seqproof``
+(warm starts proven per sample from the contraction certificate, fixed n / sequential). Prints
+time and noise samples per image, the solver's steps and the cell rows computed per noise sample,
+certified accuracy at ``--radii``, the abstain rate, the speed-up against the first plain method,
+the share of samples whose warm start was proven, and for warm-started methods the certificates
+(image, radius) that the same method without warm starts gives and this one loses.
 
 Timing on a shared machine: the images are certified in chunks of ``--chunk``, and every method
 runs on a chunk before the next chunk starts (the order of the methods rotating), so that load
@@ -17,7 +20,8 @@ changes hit all methods alike. Chunk ``c`` uses noise seed ``c`` (an image's noi
 every method).
 
 Usage: python benchmarks/bench_smoothing.py [--dataset digits|mnist5k] [--images 100] [--n 10000]
-       [--sigmas 0.25,0.5] [--methods plain,srs:S=1,K=400,...] [--json out.json] [--cache DIR]
+       [--sigmas 0.25,0.5] [--radii 0.25,0.5,1.0] [--methods "plain;seq:n=100000;srs:S=1,K=400"]
+       [--model-options JSON] [--json out.json] [--cache DIR]
 """
 from __future__ import annotations
 

@@ -21,9 +21,10 @@ copy of the model, with a relative slack for rounding; the pair norms carry the 
 
 A proven sample therefore *is* a draw of the exact-equilibrium base classifier on that noise, so
 counts of proven classes are binomial and Clopper-Pearson or a confidence sequence applies to them
-without any correction. A sample that cannot be proven is re-solved from scratch and proven again;
-one that still cannot be proven (a near tie at the equilibrium) gets no class (-1), which can only
-lower the count of any class: the bounds stay valid (the per-sample rule is a fixed function of the
+without any correction. A sample that cannot be proven is re-solved from scratch and proven again,
+then (if the model's solver stopped too far from ``z*`` for the margin) solved on to a strict
+tolerance and proven again; one that still cannot be proven (a near tie at the equilibrium) gets no
+class (-1), which can only lower the count of any class: the bounds stay valid (the per-sample rule is a fixed function of the
 noise, so the reduced indicators are i.i.d. Bernoulli with a mean at most the true one).
 """
 from __future__ import annotations

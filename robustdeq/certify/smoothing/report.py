@@ -32,8 +32,9 @@ class SmoothingResult:
     row stops, and the read-out may evaluate the cell once more); decisions: sequential mode, per
     requested radius "certified", "not certified" or "undecided" (budget spent); proof: proven warm
     starts, the rows whose warm-started solve was proven (proven_warm), solved from scratch and
-    proven (proven_cold), re-solved from scratch after a failed proof (resolved), and without a
-    proven class (unproven); samples: noise samples drawn (selection and estimation).
+    proven (proven_cold), re-solved from scratch after a failed proof (resolved), solved on to a
+    strict tolerance after a second failed proof (tightened), and without a proven class
+    (unproven); samples: noise samples drawn (selection and estimation).
     """
 
     index: int
