@@ -222,3 +222,14 @@ def test_sequential_report_round_trip(tmp_path):
     assert back.certified_accuracy(0.1) == rep.certified_accuracy(0.1)
     md = (tmp_path / "certificate.md").read_text()
     assert "sequential" in md and "samples / image" in md
+
+
+def test_rows_the_models_loose_solver_cannot_prove_are_solved_on_and_count_as_the_exact_class():
+    loose = _contractive(solver={"max_iter": 2, "tol": 0.5})
+    exact = _contractive(solver={"tol": 1e-10, "stop_mode": "abs", "max_iter": 200})   # same weights
+    x = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(7))
+    kw = dict(sigma=0.3, n0=20, n=100, batch_size=60, seed=4)
+    warm = S.certify(loose, x, srs_steps=1, srs_check="proof", srs_start="clean", **kw).results[0]
+    cold = S.certify(exact, x, **kw).results[0]
+    assert warm.proof["tightened"] > 0 and warm.proof["unproven"] == 0
+    assert (warm.selected, warm.count) == (cold.selected, cold.count)

@@ -161,7 +161,7 @@ class _Base:
     def _tight(self, xn: Tensor, z0: Tensor) -> Tuple[Tensor, Tensor]:
         """The model's solver from ``z0`` to a strict absolute tolerance, then the proof."""
         from .._util import tight_solver
-        eq = _run_noisy(self.model, self._noisy(xn), z0=z0.contiguous(), solver=tight_solver(self.model),
+        eq = run_noisy(self.model, self._noisy(xn), z0=z0.contiguous(), solver=tight_solver(self.model),
                         grad="none")
         self.f_evals += int(eq.stats.steps.sum())
         return self._prove(xn, eq.z_star)
