@@ -88,12 +88,13 @@ def _evaluate(model, x, y, out_dir, progress):
 
 def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples: int = 100,
              defense: str = "jiio-at", skip_eval: bool = False, progress: bool = True, resume: bool = True,
-             say: Optional[Callable[[str], None]] = None) -> dict:
+             say: Optional[Callable[[str], None]] = None, device: Optional[str] = None) -> dict:
     """Run the demo into the folder ``out``: train the undefended DEQ (``out/undefended``), then,
     unless ``skip_eval``, the model hardened with the recipe ``defense`` (``out/<defense>``),
     evaluate both on ``samples`` test digits (``out/eval_<name>``) and certify the undefended one
     (``out/certificate``). ``say`` receives what the demo is doing and its tables (default: the
-    log). Writes and returns the summary (``out/summary.json``)."""
+    log). ``device``: where it trains, evaluates and certifies (None: the CPU, where the zoo
+    builds the models). Writes and returns the summary (``out/summary.json``)."""
     from .certify import certify
     from .defenses.recipes import recipe
     from .train import evaluate_clean, train_model
@@ -103,6 +104,8 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
     train_opts = dict(DEMO_TRAIN)
     if epochs is not None:
         train_opts["epochs"] = epochs
+    if device is not None:
+        train_opts["device"] = device
     say(f"training the undefended DEQ ({train_opts['epochs']} epochs) into {out / 'undefended'}")
     model, hist, (xt, yt) = train_model(DEMO_MODEL["name"], DEMO_MODEL["options"], train_opts,
                                         out_dir=out / "undefended", progress=progress,
@@ -125,6 +128,8 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
 
     n = min(samples, xt.shape[0])
     xs, ys = xt[:n], yt[:n]
+    if device is not None:
+        xs, ys = xs.to(device), ys.to(device)
     # the hardened model: same architecture, trained with the chosen recipe
     rec = recipe(defense, eps=0.1) if defense != "none" else recipe("none")
     hard_opts = dict(DEMO_MODEL["options"]) if rec.model is None else {"hidden": 128, "mean": 0.3, "std": 0.4}

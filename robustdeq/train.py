@@ -51,13 +51,16 @@ Objective = Callable[[nn.Module, Tensor, Tensor], Tuple[Tensor, Dict[str, float]
 
 @torch.no_grad()
 def evaluate_clean(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> dict:
-    """Clean accuracy and mean solver statistics (model put in eval mode, mode restored)."""
+    """Clean accuracy and mean solver statistics (model put in eval mode, mode restored; the
+    batches go to the model's device)."""
     was = {m: m.training for m in model.modules()}
     model.eval()
     correct, stats = 0, []
+    first = next(iter(model.parameters()), None)
+    dev = first.device if first is not None else x.device
     try:
         for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
             if hasattr(model, "run"):
                 eq = model.run(xb)
                 logits = eq.logits

@@ -62,6 +62,7 @@ SMOOTHING_ONLY = {"noise_n": "--n/--noise-n", "n0": "--n0", "alpha": "--alpha", 
 def cmd_certify(args) -> int:
     from ..certify.api import certify_checkpoint
     refuse_without(args, "smoothing", "--smoothing SIGMA", SMOOTHING_ONLY)
+    device_of(args)  # a device that is not there: said before anything is loaded
     eps_l2, eps_linf = floats(args.eps_l2, "--eps-l2"), floats(args.eps_linf, "--eps-linf")
     out_folder(args.out)
     dataset = args.dataset

@@ -1,7 +1,7 @@
 """``robustdeq demo`` (the default command): the demo recipe of :mod:`robustdeq.demo`."""
 from __future__ import annotations
 
-from .common import int_at_least, out_folder
+from .common import add_device_arg, device_of, int_at_least, out_folder
 
 
 def add_parser(sub) -> None:
@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
     d.add_argument("--skip-eval", action="store_true", help="only train and report the undefended DEQ")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--no-resume", action="store_true", help="retrain even if a checkpoint exists")
+    add_device_arg(d)
     d.set_defaults(func=cmd_demo)
 
 
@@ -21,5 +22,5 @@ def cmd_demo(args) -> int:
     from ..demo import run_demo
     run_demo(out_folder(args.out), epochs=args.epochs, seed=args.seed, samples=args.samples,
              defense=args.defense, skip_eval=args.skip_eval, progress=not args.no_progress,
-             resume=not args.no_resume, say=lambda text: print(text, flush=True))
+             resume=not args.no_resume, say=lambda text: print(text, flush=True), device=device_of(args))
     return 0

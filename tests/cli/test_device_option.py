@@ -42,6 +42,9 @@ def test_cuda_requested_without_cuda_is_one_line(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "o"), "--device", "cuda", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device cuda: CUDA is not available" in err[0]
+    for cmd in (["demo", "--out", str(tmp_path / "d")], ["certify", "m.pt"], ["eval", "m.pt"]):
+        assert main(cmd + ["--device", "cuda:0"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="CUDA is not available"):
         Trainer(zoo.build("mlp_deq", hidden=8), None, {"epochs": 1, "device": "cuda"}).fit(
             torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
