@@ -56,7 +56,8 @@ def add_parser(sub) -> None:
 
 SMOOTHING_ONLY = {"noise_n": "--n/--noise-n", "n0": "--n0", "alpha": "--alpha", "srs_steps": "--srs-steps",
                   "check_samples": "--check-samples", "check_max": "--check-max",
-                  "srs_start": "--srs-start", "radii": "--radii", "seed": "--seed"}
+                  "srs_start": "--srs-start", "radii": "--radii", "mode": "--mode",
+                  "srs_check": "--srs-check", "tolerance": "--tolerance", "seed": "--seed"}
 
 
 def cmd_certify(args) -> int:

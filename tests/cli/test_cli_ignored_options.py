@@ -29,6 +29,7 @@ def _one_line(capsys) -> str:
     (["certify", "{ck}", "--n", "100"], "--n/--noise-n only applies with --smoothing"),
     (["certify", "{ck}", "--alpha", "0.01"], "--alpha only applies with --smoothing"),
     (["certify", "{ck}", "--srs-steps", "2"], "--srs-steps only applies with --smoothing"),
+    (["certify", "{ck}", "--mode", "sequential"], "--mode only applies with --smoothing"),
     (["eval", "{ck}", "--srs-steps", "2"], "--srs-steps only applies with --smoothing"),
     (["eval", "{ck}", "--smoothing-n", "50"], "--smoothing-n only applies with --smoothing"),
     (["eval", "{ck}", "--strict"], "--strict only applies with --certify"),
