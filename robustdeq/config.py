@@ -12,7 +12,7 @@ import functools
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Type, TypeVar, Union
+from typing import Any, Mapping, Tuple, Type, TypeVar, Union
 
 from .errors import ConfigError, reject_unknown
 
@@ -319,7 +319,36 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; expected 'cosine' or 'constant'")
 
 
+def check_radius(value: Any, name: str = "eps", *, positive: bool = False) -> float:
+    """One radius of a threat model (an attack's eps, a certified radius) as a float: a real
+    number (not a bool) that is finite and >= 0, or > 0 with ``positive``. Anything else is a
+    :class:`ConfigError` naming ``name``. Every radius the package takes is checked by this rule."""
+    import numbers
+    op = ">" if positive else ">="
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value))
+            or float(value) < 0 or (positive and float(value) == 0)):
+        raise ConfigError(f"{name} must be a finite number {op} 0, got {value!r}")
+    return float(value)
+
+
+def check_radii(values: Any, name: str = "eps", *, positive: bool = False, distinct: bool = False,
+                required: bool = False) -> Tuple[float, ...]:
+    """``values`` (None, one radius or a sequence of them) as a tuple of floats, each checked by
+    :func:`check_radius`; ``required``: at least one; ``distinct``: no value twice."""
+    if values is None or (isinstance(values, (list, tuple)) and not values):
+        if required:
+            raise ConfigError(f"{name} is required: a number {'>' if positive else '>='} 0 or a non-empty "
+                              "list of them")
+        return ()
+    seq = list(values) if isinstance(values, (list, tuple)) else [values]
+    out = tuple(check_radius(v, name, positive=positive) for v in seq)
+    if distinct and len(set(out)) != len(out):
+        raise ConfigError(f"{name} values must be distinct, got {list(out)}")
+    return out
+
+
 __all__ = [
+    "check_radius", "check_radii",
     "StopMode", "Select", "SolverName", "RegisteredSolverName", "solver_name", "Norm", "SolverConfig", "SolverOptions",
     "TrainConfig", "BACKWARD_DEFAULT",
     "from_dict", "to_dict", "make_config", "coerce_enum", "strict_init", "field",

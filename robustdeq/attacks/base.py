@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Norm, coerce_enum
+from ..config import Norm, check_radius, coerce_enum
 from ..errors import ConfigError, InputError, NoInputGradientError
 from .._tensor import make_generator, margins
 from ..deq.protocols import FixedPointModel, TrajectoryModel
@@ -265,7 +265,7 @@ class Attack:
             raise ConfigError(f"model must be a torch.nn.Module mapping x -> logits, got "
                               f"{type(model).__name__}")
         self.model = model
-        self.eps = check_number(eps, "eps")
+        self.eps = check_radius(eps, "eps")
         self.norm = check_norm(norm, self.norms)
         if not isinstance(targeted, bool):
             raise ConfigError(f"targeted must be a bool, got {targeted!r}")

@@ -18,10 +18,11 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
+from ..config import check_radius
 from ..errors import ConfigError, reject_unknown
 from .autoattack import describe_view, make_view
 from .._tensor import project_ball
-from .base import Attack, check_norm, check_number, global_rng
+from .base import Attack, check_norm, global_rng
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class TorchAttack(Attack):
         norm = params.get("norm", defaults.get("norm", _CLASS_NORM.get(cls.__name__, "Linf")))
         super().__init__(model, eps=0.0 if eps is None else eps, norm="Linf", targeted=targeted,
                          seed=seed)
-        self.eps = None if eps is None else check_number(eps, "eps")
+        self.eps = None if eps is None else check_radius(eps, "eps")
         self.norm = norm if norm in ("L1", "L0") else check_norm(norm)
         self.cls = cls
         self.params_ = dict(params)

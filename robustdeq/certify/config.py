@@ -7,11 +7,10 @@ unknown key is a :class:`~robustdeq.errors.ConfigError` naming the known ones.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from ..config import strict_init, to_dict
+from ..config import check_radii, strict_init, to_dict
 from ..errors import ConfigError
 
 METHODS = ("contraction", "local", "lyapunov", "lipschitz", "ibp")
@@ -47,8 +46,8 @@ class CertifyConfig:
     deploy_tol: float = 1e-2
 
     def __post_init__(self):
-        object.__setattr__(self, "eps_l2", check_eps("eps_l2", self.eps_l2))
-        object.__setattr__(self, "eps_linf", check_eps("eps_linf", self.eps_linf))
+        object.__setattr__(self, "eps_l2", check_radii(self.eps_l2, "eps_l2"))
+        object.__setattr__(self, "eps_linf", check_radii(self.eps_linf, "eps_linf"))
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.V is not None and not (callable(self.V) or self.V == "quadratic"):
@@ -67,20 +66,6 @@ class CertifyConfig:
         """The settings as a dict (objects such as ``V`` as they are): ``from_dict(CertifyConfig,
         d)`` rebuilds it."""
         return to_dict(self)
-
-
-def check_eps(name: str, eps: Any) -> tuple:
-    """``eps`` (None, a number or a sequence) as a tuple of finite floats >= 0."""
-    if eps is None:
-        return ()
-    if isinstance(eps, (int, float)):
-        eps = (eps,)
-    out = []
-    for e in eps:
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e < 0:
-            raise ConfigError(f"{name} values must be finite numbers >= 0, got {e!r}")
-        out.append(float(e))
-    return tuple(out)
 
 
 def _methods(methods: Any):

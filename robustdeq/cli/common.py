@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .._support import text_table as table
-from ..config import Norm
+from ..config import Norm, check_radii
 from ..registry import WRAPPERS
 
 
@@ -116,10 +116,7 @@ def floats(text: Optional[str], what: str = "--eps") -> tuple:
         vals = tuple(float(t) for t in text.split(","))
     except ValueError:
         raise ConfigError(f"{what} expects comma-separated numbers, got {text!r}") from None
-    bad = [v for v in vals if not (v >= 0 and math.isfinite(v))]
-    if bad:
-        raise ConfigError(f"{what} values must be finite and >= 0, got {text!r}")
-    return vals
+    return check_radii(vals, what)
 
 
 def out_folder(path: Optional[str], flag: str = "--out") -> Optional[Path]:

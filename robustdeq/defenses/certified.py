@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check_radius
 from ..errors import ConfigError
 from .objectives import Objective, _acc
 
@@ -76,7 +77,7 @@ class _Scheduled(Objective):
             raise ConfigError(f"{type(self).__name__} does not support state='random' (the bound is of the fixed point)")
         if self.jac_reg > 0:
             raise ConfigError(f"{type(self).__name__} does not support jac_reg")
-        _check_number("eps", self.eps)
+        check_radius(self.eps, "eps")
         _check_int("warmup", self.warmup)
         _check_int("ramp", self.ramp)
 

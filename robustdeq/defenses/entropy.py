@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import SolverConfig, from_dict
+from ..config import SolverConfig, check_radius, from_dict
 from ..deq.solvers import get_solver
 from ..deq.views import ModelView
 from ..errors import ConfigError
@@ -123,8 +123,7 @@ class EntropyDefense(nn.Module):
                 raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
         if not step_size >= 0:
             raise ConfigError(f"step_size must be >= 0, got {step_size}")
-        if not radius >= 0:
-            raise ConfigError(f"radius must be >= 0, got {radius}")
+        check_radius(radius, "radius")
         if readout not in _READOUTS:
             raise ConfigError(f"unknown readout {readout!r}; expected one of {', '.join(_READOUTS)}")
         if readout == "last-but-one" and rounds < 2:

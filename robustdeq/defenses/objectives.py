@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._tensor import draw, default_alpha, seeded_generator
-from ..config import Norm, coerce_enum, from_dict
+from ..config import Norm, check_radius, coerce_enum, from_dict
 from ..deq.grad import ImplicitGrad
 from ..deq.regularizers import jacobian_penalty
 from ..deq.protocols import FixedPointModel, IteratingModel
@@ -313,8 +313,7 @@ class CrossEntropy(Objective):
 
 def _check_threat(obj, steps_min: int = 1):
     obj.norm = coerce_enum(Norm, obj.norm, "norm")
-    if not obj.eps >= 0:
-        raise ConfigError(f"eps must be >= 0, got {obj.eps}")
+    check_radius(obj.eps, "eps")
     if not isinstance(obj.steps, int) or obj.steps < steps_min:
         raise ConfigError(f"steps must be an int >= {steps_min}, got {obj.steps!r}")
     if obj.alpha is not None and not obj.alpha > 0:
@@ -493,8 +492,7 @@ class JIIOAT(Objective):
         if self.state is not None:
             raise ConfigError("JIIOAT does not support state='random' (the JIIO solve targets the fixed point)")
         self.norm = coerce_enum(Norm, self.norm, "norm")
-        if not self.eps >= 0:
-            raise ConfigError(f"eps must be >= 0, got {self.eps}")
+        check_radius(self.eps, "eps")
         if not isinstance(self.iters, int) or self.iters < 1:
             raise ConfigError(f"iters must be an int >= 1, got {self.iters!r}")
         self._check_warmup()

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._tensor import ball_factor, bshape, per_sample_norm
-from ..config import Norm, SolverConfig, coerce_enum
+from ..config import Norm, SolverConfig, check_radius, coerce_enum
 from ..errors import ConfigError, InputError
 from ..guard import preserve_model
 from .protocols import FixedPointModel
@@ -148,9 +148,7 @@ class LinfBall(Constraint):
     """``||x - center||_inf <= eps`` per sample."""
 
     def __init__(self, center: Tensor, eps: float):
-        if not eps >= 0:
-            raise ConfigError(f"LinfBall.eps must be >= 0, got {eps}")
-        self.center, self.eps = center.detach(), float(eps)
+        self.center, self.eps = center.detach(), check_radius(eps, "LinfBall.eps")
 
     def bounds(self, x):
         c = self.center.to(x)
@@ -168,9 +166,7 @@ class L2Ball(Constraint):
     """``||x - center||_2 <= eps`` per sample (norm over all non-batch dimensions)."""
 
     def __init__(self, center: Tensor, eps: float):
-        if not eps >= 0:
-            raise ConfigError(f"L2Ball.eps must be >= 0, got {eps}")
-        self.center, self.eps = center.detach(), float(eps)
+        self.center, self.eps = center.detach(), check_radius(eps, "L2Ball.eps")
 
     def project(self, x):
         c = self.center.to(x)
@@ -695,8 +691,7 @@ def jiio_attack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: Uni
     ``-CE``).
     """
     norm = coerce_enum(Norm, norm, "norm")
-    if not eps >= 0:
-        raise ConfigError(f"eps must be >= 0, got {eps}")
+    eps = check_radius(eps, "eps")
     direction = default_direction(norm, direction)
     alpha = eps / 4 if alpha is None else alpha
     cfg = JIIOConfig(iters=iters, alpha=alpha, alpha_final=alpha_final, direction=direction, solver=solver, m=m,

@@ -17,7 +17,7 @@ checks, and the report (versioned JSON, Markdown, plots, TensorBoard scalars).
 from __future__ import annotations
 
 from .checks import CHECKS, CheckConfig, CheckResult
-from .config import EvalConfig
+from .config import EvalProtocol, RunOptions
 from .harness import evaluate
 from .store import unit_seed
 from .suites import SUITES, AttackSpec, SuiteContext, build_suite, register_attack_spec, register_suite
@@ -25,7 +25,7 @@ from .targets import trajectory_model, trajectory_stats
 from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport
 
 __all__ = [
-    "evaluate", "EvalConfig", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "register_attack_spec",
+    "evaluate", "EvalProtocol", "RunOptions", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "register_attack_spec",
     "register_suite", "trajectory_model",
     "trajectory_stats", "unit_seed",
     "EvalReport", "EpsResult", "AttackResult", "SCHEMA_VERSION",

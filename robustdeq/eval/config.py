@@ -1,52 +1,51 @@
-"""``EvalConfig``: the settings of one :func:`robustdeq.eval.evaluate` call, typed and checked.
+"""The settings of one :func:`robustdeq.eval.evaluate` call, typed and checked, in two parts:
 
-``evaluate(model, x, y, config=EvalConfig(eps=0.1, suite="quick"))`` and
-``evaluate(model, x, y, eps=0.1, suite="quick")`` are the same call: the keywords build (or
-override the fields of) an :class:`EvalConfig`; an unknown key is a
-:class:`~robustdeq.errors.ConfigError` naming the known ones.
+- :class:`EvalProtocol`: what determines the numbers (threat model, radii, suite, steps, seed,
+  batch size, cascade). Frozen and hashable; with the model's and data's hashes and the attack
+  units it makes the report's configuration hash, so two evaluations under equal protocols of the
+  same model on the same data report the same numbers, and a resumed one reuses only such units.
+- :class:`RunOptions`: how the run is carried out and what else it reports (output folder,
+  resume, progress, checks, TensorBoard, callback, transfer sources, the certified bracket).
+
+``evaluate(model, x, y, eps=0.1, suite="quick", out_dir=...)`` takes the fields of both as
+keywords (:func:`split_options`); an unknown key is a :class:`~robustdeq.errors.ConfigError`
+naming the known ones.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
-from ..config import Norm, strict_init, from_dict, to_dict
-from ..errors import ConfigError
+from ..config import Norm, check_radii, from_dict, strict_init, to_dict
+from ..errors import ConfigError, reject_unknown
 
 
 @strict_init
 @dataclass(frozen=True)
-class EvalConfig:
-    """Settings of an evaluation (see :func:`robustdeq.eval.evaluate` for each one's meaning).
+class EvalProtocol:
+    """What determines an evaluation's numbers (see :func:`robustdeq.eval.evaluate`).
 
+    ``eps`` (required: one radius or a sequence) is stored as a tuple of distinct floats > 0;
     ``threat`` accepts ``"Linf"`` / ``"L2"`` or a :class:`~robustdeq.config.Norm` and is stored as
-    the enum (which compares equal to its string); ``eps`` (required) is stored as a tuple of
-    distinct floats > 0; ``check_config`` accepts a :class:`~robustdeq.eval.checks.CheckConfig` or
-    a mapping of its options.
+    the enum (equal to its string); ``suite`` is a registered suite's name or a tuple of attacks
+    (names, :class:`~robustdeq.eval.AttackSpec`, named factories). ``batch_size`` belongs here:
+    an attack draws its random starts for a whole batch, so the batching changes the examples.
     """
 
-    eps: Any = None                        # one radius or a sequence (required)
+    eps: Tuple[float, ...] = ()
     threat: Norm = Norm.LINF
-    suite: Any = "quick"                   # a suite name or a list of attacks
+    suite: Union[str, Tuple[Any, ...]] = "quick"
     steps: int = 20
     seed: int = 0
     batch_size: int = 128
-    out_dir: Any = None                    # str | Path | None
-    resume: bool = True
-    progress: bool = False
-    checks: bool = True
-    check_config: Any = None               # CheckConfig | mapping | None (the defaults)
-    tensorboard: Any = False               # bool | str | Path
     cascade: bool = False
-    callback: Any = None                   # callable(dict) | None
-    transfer_from: Any = None              # nn.Module | {name: nn.Module} | None
-    certify: Any = None                    # the robustness bracket (robustdeq.eval.bracket)
 
     def __post_init__(self):
-        object.__setattr__(self, "eps", _eps_tuple(self.eps))
-        if isinstance(self.suite, list):  # a list of attacks is kept as a tuple (hashable, round trips)
+        object.__setattr__(self, "eps", check_radii(self.eps, "eps", positive=True, distinct=True, required=True))
+        if isinstance(self.suite, list):  # a list of attacks is kept as a tuple (hashable)
             object.__setattr__(self, "suite", tuple(self.suite))
         for name, lo in (("steps", 1), ("batch_size", 1), ("seed", 0)):
             v = getattr(self, name)
@@ -54,46 +53,71 @@ class EvalConfig:
                 raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
         if not isinstance(self.cascade, bool):
             raise ConfigError(f"cascade must be a bool, got {self.cascade!r}")
-        if self.tensorboard and self.out_dir is None and not isinstance(self.tensorboard, (str, _PathLike)):
-            raise ConfigError("tensorboard=True needs out_dir (or pass a log folder as tensorboard=...)")
-        object.__setattr__(self, "check_config", _check_config(self.check_config))
-        if self.callback is not None and not callable(self.callback):
-            raise ConfigError(f"callback must be callable(dict) or None, got {type(self.callback).__name__}")
 
     @property
     def norm(self) -> str:
         """The threat model's norm as a string ("Linf" or "L2"), as reports write it."""
         return self.threat.value
 
-    def replace(self, **changes) -> "EvalConfig":
+    def fingerprint(self, suite_label: Any = None) -> Dict[str, Any]:
+        """The protocol as JSON data for the configuration hash; ``suite_label``: the suite as
+        the report names it (the names of a list's attacks), default ``suite``."""
+        return {"threat": self.norm, "eps": list(self.eps), "steps": self.steps, "seed": self.seed,
+                "batch_size": self.batch_size, "cascade": self.cascade,
+                "suite": self.suite if suite_label is None else suite_label}
+
+    def replace(self, **changes) -> "EvalProtocol":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """The settings as a dict (enums as strings, ``check_config`` as a dict; objects such as
-        ``callback`` or ``transfer_from`` as they are): ``from_dict(EvalConfig, d)`` rebuilds it."""
+        """The protocol as a dict (the enum as its string): ``from_dict(EvalProtocol, d)`` rebuilds it."""
         return to_dict(self)
 
 
-try:  # os.PathLike covers pathlib paths without importing pathlib here
-    from os import PathLike as _PathLike
-except ImportError:  # pragma: no cover
-    _PathLike = str
+@strict_init
+@dataclass(frozen=True)
+class RunOptions:
+    """How an evaluation runs and what it reports besides the numbers (see
+    :func:`robustdeq.eval.evaluate`). ``check_config`` accepts a
+    :class:`~robustdeq.eval.checks.CheckConfig` or a mapping of its options; ``out_dir`` and a
+    ``tensorboard`` folder are stored as paths."""
+
+    out_dir: Optional[Path] = None
+    resume: bool = True
+    progress: bool = False
+    checks: bool = True
+    check_config: Any = None                                   # CheckConfig (a mapping or None: built)
+    tensorboard: Union[bool, Path] = False
+    callback: Optional[Callable[[dict], None]] = None
+    transfer_from: Any = None                                  # nn.Module | {name: nn.Module} | None
+    certify: Union[None, bool, str, Tuple[str, ...], Mapping[str, Any]] = None  # the bracket
+
+    def __post_init__(self):
+        if self.out_dir is not None:
+            if not isinstance(self.out_dir, (str, os.PathLike)):
+                raise ConfigError(f"out_dir must be a folder path or None, got {type(self.out_dir).__name__}")
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+        for name in ("resume", "progress", "checks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.tensorboard, (str, os.PathLike)):
+            object.__setattr__(self, "tensorboard", Path(self.tensorboard))
+        elif not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"tensorboard must be a bool or a log folder, got {self.tensorboard!r}")
+        elif self.tensorboard and self.out_dir is None:
+            raise ConfigError("tensorboard=True needs out_dir (or pass a log folder as tensorboard=...)")
+        object.__setattr__(self, "check_config", _check_config(self.check_config))
+        if self.callback is not None and not callable(self.callback):
+            raise ConfigError(f"callback must be callable(dict) or None, got {type(self.callback).__name__}")
+        if isinstance(self.certify, list):
+            object.__setattr__(self, "certify", tuple(self.certify))
+
+    def replace(self, **changes) -> "RunOptions":
+        return dataclasses.replace(self, **changes)
 
 
-def _eps_tuple(eps: Any) -> Tuple[float, ...]:
-    if eps is None:
-        raise ConfigError("eps is required: a positive number or a non-empty list of them")
-    eps_list = [eps] if not isinstance(eps, (list, tuple)) else list(eps)
-    if not eps_list:
-        raise ConfigError("eps must be a positive number or a non-empty list of them")
-    out = []
-    for e in eps_list:
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
-            raise ConfigError(f"eps values must be finite numbers > 0, got {e!r}")
-        out.append(float(e))
-    if len(set(out)) != len(out):
-        raise ConfigError(f"eps values must be distinct, got {out}")
-    return tuple(out)
+PROTOCOL_FIELDS = tuple(f.name for f in dataclasses.fields(EvalProtocol))
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions))
 
 
 def _check_config(value: Any):
@@ -107,11 +131,24 @@ def _check_config(value: Any):
     return value
 
 
-def make_eval_config(config: Union[EvalConfig, Mapping[str, Any], None] = None, **options) -> EvalConfig:
-    """A :class:`EvalConfig` from an instance or a mapping, with ``options`` overriding its
-    fields; unknown keys raise :class:`ConfigError` (:func:`robustdeq.config.make_config`)."""
-    from ..config import make_config
-    return make_config(EvalConfig, config, **options)
+def split_options(config: Union[EvalProtocol, Mapping[str, Any], None] = None,
+                  **options: Any) -> Tuple[EvalProtocol, RunOptions]:
+    """The protocol and the run options of one :func:`~robustdeq.eval.evaluate` call: ``config``
+    (an :class:`EvalProtocol`, or a mapping of fields of either) with the keyword ``options``
+    (fields of either) overriding it; an unknown key is a :class:`ConfigError`."""
+    if isinstance(config, EvalProtocol):
+        base: Dict[str, Any] = {f: getattr(config, f) for f in PROTOCOL_FIELDS}
+    elif config is None:
+        base = {}
+    elif isinstance(config, Mapping):
+        base = dict(config)
+    else:
+        raise ConfigError(f"config must be an EvalProtocol or a mapping, got {type(config).__name__}")
+    merged = {**base, **options}
+    reject_unknown(merged, PROTOCOL_FIELDS + RUN_FIELDS, "evaluate")
+    protocol = EvalProtocol(**{k: v for k, v in merged.items() if k in PROTOCOL_FIELDS})
+    run = RunOptions(**{k: v for k, v in merged.items() if k in RUN_FIELDS})
+    return protocol, run
 
 
-__all__ = ["EvalConfig", "make_eval_config"]
+__all__ = ["EvalProtocol", "RunOptions", "split_options", "PROTOCOL_FIELDS", "RUN_FIELDS"]

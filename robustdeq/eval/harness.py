@@ -35,7 +35,7 @@ from ..guard import preserve_model
 from . import _sharding
 from . import checks as _checks
 from .checks import CheckResult, find_deq, margin
-from .config import EvalConfig, make_eval_config
+from .config import EvalProtocol, RunOptions, split_options
 from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport
 from .store import PartialStore, completed_report, derive_seed, hash_data, hash_model, unit_seed
 from .suites import AttackSpec, SuiteContext, build_suite
@@ -167,7 +167,8 @@ class _Evaluation:
     model: nn.Module
     x: Tensor
     y: Tensor
-    cfg: EvalConfig
+    protocol: EvalProtocol
+    run: RunOptions
     device: torch.device
     dist_ctx: Any                                   # a process group (robustdeq.distributed) or None
     views: Dict[str, nn.Module]
@@ -193,7 +194,7 @@ class _Evaluation:
 
     @property
     def norm(self) -> str:
-        return self.cfg.norm
+        return self.protocol.norm
 
 
 @dataclass
@@ -224,7 +225,7 @@ class _UnitOutcome:
 
 
 def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optional[Tensor] = None,
-             config: Union[EvalConfig, Dict[str, Any], None] = None, **options: Any) -> EvalReport:
+             config: Union[EvalProtocol, Dict[str, Any], None] = None, **options: Any) -> EvalReport:
     """Evaluate the robustness of ``model`` on ``(x, y)``.
 
     Args:
@@ -232,11 +233,12 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
             defense (with ``adaptive_views()``: every view is attacked as well, judged on the
             defense).
         x: (N, C, H, W) inputs in [0, 1] (or ``(x, y)`` with ``y`` omitted); y: (N,) int64 labels.
-        config: an :class:`~robustdeq.eval.config.EvalConfig` (or a mapping of its options);
-            ``options`` (the same names as keywords) build it or override its fields; an
-            unknown option is a :class:`ConfigError`. The options:
+        config: an :class:`~robustdeq.eval.config.EvalProtocol` (or a mapping of options);
+            ``options`` (the same names as keywords) build the protocol and the
+            :class:`~robustdeq.eval.config.RunOptions` or override their fields; an unknown
+            option is a :class:`ConfigError`. The options:
 
-    Options:
+    Options (the protocol: what determines the numbers and the report's configuration hash):
         threat: "Linf" or "L2" (or a :class:`~robustdeq.config.Norm`). eps: one radius or a list
             (one report entry per eps); required.
         suite: a registered suite ("quick", "standard", "full" or one added with
@@ -245,15 +247,17 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
             ``f(target, *, eps, norm, steps, seed)``.
         steps: iterations of the iterative attacks (alpha = 2.5 eps / steps).
         seed: base seed; every unit and check gets a seed derived from it.
-        batch_size: attack and prediction batch size.
+        batch_size: attack and prediction batch size (an attack draws its random starts per batch).
+        cascade: run each attack only on the samples every earlier attack left robust (as
+            AutoAttack does: much cheaper with expensive attacks; the robust flags are the same
+            worst case, but an attack's accuracy *alone* is then undefined and reported as None).
+
+    Run options:
         out_dir: write ``partial/`` units as they finish, then ``report.json``, ``report.md`` and
             plots. resume: skip units already in ``out_dir/partial`` for the same configuration.
         progress: tqdm progress bar. checks: run the checks (:mod:`robustdeq.eval.checks`);
             check_config: their :class:`CheckConfig`.
         tensorboard: True (``out_dir/tensorboard``) or a log folder: write scalars.
-        cascade: run each attack only on the samples every earlier attack left robust (as
-            AutoAttack does: much cheaper with expensive attacks; the robust flags are the same
-            worst case, but an attack's accuracy *alone* is then undefined and reported as None).
         callback: called after every finished unit with a dict (eps, key, accuracy, ...).
         transfer_from: surrogate model(s) (a module, or a dict name -> module) whose adversarial
             examples every attack of the suite also crafts and judges on ``model`` (views
@@ -277,9 +281,9 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
     """
     t_start = time.perf_counter()
     x, y = _validate_data(model, x, y)
-    ev = _begin(model, x, y, make_eval_config(config, **options))
+    ev = _begin(model, x, y, *split_options(config, **options))
     from .. import runlock
-    with runlock.hold_group(ev.cfg.out_dir, ev.dist_ctx):  # one run per output folder (rank 0 owns it)
+    with runlock.hold_group(ev.run.out_dir, ev.dist_ctx):  # one run per output folder (rank 0 owns it)
         return _evaluate(ev, model, t_start)
 
 
@@ -295,31 +299,30 @@ def _evaluate(ev: "_Evaluation", model: nn.Module, t_start: float) -> EvalReport
             return done
         _open_store(ev)
         _attack_all(ev)
-        check_results = _run_checks(ev) if ev.cfg.checks else []
+        check_results = _run_checks(ev) if ev.run.checks else []
     _warn(ev, check_results)  # outside the warning capture
     report = _report(ev, check_results, t_start)
     _write(ev, report)
     return report
 
 
-def _begin(model: nn.Module, x: Tensor, y: Tensor, cfg: EvalConfig) -> _Evaluation:
+def _begin(model: nn.Module, x: Tensor, y: Tensor, protocol: EvalProtocol, run: RunOptions) -> _Evaluation:
     dist_ctx = _sharding.context()  # a process group (or torchrun's environment): shard the attacks
     device = _device(model, x.device)
-    return _Evaluation(model=model, x=x.detach().to(device), y=y.detach().to(device), cfg=cfg,
-                       device=device, dist_ctx=dist_ctx, views=adaptive_views(model, cfg.transfer_from),
+    return _Evaluation(model=model, x=x.detach().to(device), y=y.detach().to(device), protocol=protocol,
+                       run=run, device=device, dist_ctx=dist_ctx, views=adaptive_views(model, run.transfer_from),
                        tmodel=trajectory_model(model))
 
 
 def _clean_pass(ev: _Evaluation) -> None:
     """Clean margins and the clean trajectory statistics."""
-    cfg = ev.cfg
     t0 = time.perf_counter()
-    with _seeded(derive_seed(cfg.seed, "clean"), ev.device):
-        ev.clean_margin = _margins(ev.model, ev.x, ev.y, cfg.batch_size)
+    with _seeded(derive_seed(ev.protocol.seed, "clean"), ev.device):
+        ev.clean_margin = _margins(ev.model, ev.x, ev.y, ev.protocol.batch_size)
     ev.clean_correct = ev.clean_margin > 0
     ev.timings["clean"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ev.clean_traj = trajectory_stats(ev.tmodel, ev.x, ev.y, cfg.batch_size) if ev.tmodel is not None else None
+    ev.clean_traj = trajectory_stats(ev.tmodel, ev.x, ev.y, ev.protocol.batch_size) if ev.tmodel is not None else None
     ev.timings["trajectory"] = time.perf_counter() - t0
 
 
@@ -343,8 +346,7 @@ def _suite_context(ev: _Evaluation) -> SuiteContext:
 
 def _plan(ev: _Evaluation) -> None:
     """The suite's attack units for this model, and the configuration hash they run under."""
-    cfg = ev.cfg
-    specs = build_suite(cfg.suite, _suite_context(ev))
+    specs = build_suite(ev.protocol.suite, _suite_context(ev))
     if ev.tmodel is not None and find_deq(ev.model) is None:
         ev.notes.append(f"{type(ev.tmodel).__name__} has no fixed-point solver whose gradient can be "
                         "chosen: PGD runs with the model's own gradient (full backpropagation)")
@@ -354,11 +356,11 @@ def _plan(ev: _Evaluation) -> None:
     ev.units = _expand(specs, ev.model, ev.views, ev.tmodel, ev.notes)
     if not ev.units:
         raise ConfigError("no attack of the suite applies to this model")
-    ev.suite_label = cfg.suite if isinstance(cfg.suite, str) else [s.name for s in specs]
+    ev.suite_label = ev.protocol.suite if isinstance(ev.protocol.suite, str) else [s.name for s in specs]
+    # the configuration hash: the protocol, the model, the data and the attack units
     ev.config = {
         "schema_version": SCHEMA_VERSION, "model": hash_model(ev.model), "data": hash_data(ev.x, ev.y),
-        "threat": ev.norm, "eps": list(cfg.eps), "units": [u.key for u in ev.units], "steps": cfg.steps,
-        "seed": cfg.seed, "batch_size": cfg.batch_size, "suite": ev.suite_label, "cascade": cfg.cascade,
+        **ev.protocol.fingerprint(ev.suite_label), "units": [u.key for u in ev.units],
         "transfer_sources": {k: hash_model(v.model) for k, v in ev.views.items()
                              if getattr(v, "view_kind", None) == "transfer"},
     }
@@ -366,28 +368,26 @@ def _plan(ev: _Evaluation) -> None:
 
 
 def _finished_report(ev: _Evaluation) -> Optional[EvalReport]:
-    if ev.cfg.out_dir is None or not ev.cfg.resume:
+    if ev.run.out_dir is None or not ev.run.resume:
         return None
-    return completed_report(Path(ev.cfg.out_dir), ev.config_hash)
+    return completed_report(Path(ev.run.out_dir), ev.config_hash)
 
 
 def _open_store(ev: _Evaluation) -> None:
-    cfg = ev.cfg
     _sharding.check_same_config(ev.config_hash, ev.dist_ctx)
     ev.store = _sharding.open_store(
-        lambda: PartialStore(Path(cfg.out_dir), ev.config_hash, ev.config, cfg.resume), cfg.out_dir, ev.dist_ctx)
+        lambda: PartialStore(Path(ev.run.out_dir), ev.config_hash, ev.config, ev.run.resume), ev.run.out_dir, ev.dist_ctx)
 
 
 def _attack_all(ev: _Evaluation) -> None:
     """Every attack unit at every eps; fills ``ev.results`` and ``ev.success_flags``."""
     from tqdm.auto import tqdm
-    cfg = ev.cfg
-    ev.bar = tqdm(total=len(cfg.eps) * len(ev.units), desc="evaluate", disable=not cfg.progress or not ev.main,
+    ev.bar = tqdm(total=len(ev.protocol.eps) * len(ev.units), desc="evaluate", disable=not ev.run.progress or not ev.main,
                   leave=False)
     t_attacks = 0.0
     t_traj = ev.timings["trajectory"]
     try:
-        for ei, e in enumerate(cfg.eps):
+        for ei, e in enumerate(ev.protocol.eps):
             t_eps = time.perf_counter()
             st = _EpsState(ei=ei, eps=e, robust=ev.clean_correct.clone(),
                            first=[None if c else "clean" for c in ev.clean_correct.tolist()],
@@ -433,14 +433,14 @@ def _load_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit) -> Optional
 
 
 def _compute_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit, t0: float) -> _UnitOutcome:
-    cfg, e = ev.cfg, st.eps
-    useed = unit_seed(cfg.seed, e, unit.key)
-    attacked = st.robust.clone() if cfg.cascade else ev.clean_correct
+    e = st.eps
+    useed = unit_seed(ev.protocol.seed, e, unit.key)
+    attacked = st.robust.clone() if ev.protocol.cascade else ev.clean_correct
     status = f"eps {e:g} · {unit.key} · {int(attacked.sum())} samples"
     ev.bar.set_postfix_str(status)
     with _seeded(useed, ev.device), progress_reporter(_show_progress(ev.bar, status)):
         desc, x_adv, viol = _run_unit(ev, unit, attacked, e, useed)
-        margin_u = torch.where(attacked, _margins(ev.model, x_adv, ev.y, cfg.batch_size), ev.clean_margin)
+        margin_u = torch.where(attacked, _margins(ev.model, x_adv, ev.y, ev.protocol.batch_size), ev.clean_margin)
     # samples not attacked (cascade: already broken) count as not broken by it
     adv_correct = ev.clean_correct & (margin_u > 0)
     upd_idx = (attacked & (margin_u < st.worst_margin)).nonzero().flatten()
@@ -455,7 +455,7 @@ def _compute_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit, t0: floa
 
 
 def _merge_unit(ev: _Evaluation, st: _EpsState, unit: _Unit, ui: int, out: _UnitOutcome) -> None:
-    cfg, e = ev.cfg, st.eps
+    e = st.eps
     st.worst_margin[out.upd_idx] = out.margin[out.upd_idx]
     st.worst_x[out.upd_idx] = out.upd_x
     newly = st.robust & ~out.adv_correct
@@ -467,7 +467,7 @@ def _merge_unit(ev: _Evaluation, st: _EpsState, unit: _Unit, ui: int, out: _Unit
         ev.notes.append(f"{unit.key} at eps {e:g}: {out.violations} examples left the threat model "
                         "and were projected back before judging")
     ar = AttackResult(key=unit.key, spec=unit.spec.name, view=unit.view, kind=unit.kind,
-                      accuracy=None if cfg.cascade else float(out.adv_correct.float().mean()),
+                      accuracy=None if ev.protocol.cascade else float(out.adv_correct.float().mean()),
                       cumulative_accuracy=float(st.robust.float().mean()),
                       new_successes=int(newly.sum()), seconds=out.seconds, describe=out.describe,
                       resumed=out.resumed, violations=out.violations)
@@ -477,8 +477,8 @@ def _merge_unit(ev: _Evaluation, st: _EpsState, unit: _Unit, ui: int, out: _Unit
                 ar.cumulative_accuracy, " (resumed)" if out.resumed else "")
     ev.bar.update(1)
     ev.bar.set_postfix(eps=f"{e:g}", robust=f"{ar.cumulative_accuracy:.3f}")
-    if cfg.callback is not None:
-        cfg.callback({"eps": e, "eps_index": st.ei, "unit_index": ui, "key": unit.key,
+    if ev.run.callback is not None:
+        ev.run.callback({"eps": e, "eps_index": st.ei, "unit_index": ui, "key": unit.key,
                       "accuracy": ar.accuracy, "cumulative_accuracy": ar.cumulative_accuracy,
                       "resumed": out.resumed})
 
@@ -489,7 +489,7 @@ def _adversarial_trajectory(ev: _Evaluation, worst_x: Tensor):
     clean = ev.clean_traj
     if ev.tmodel is None:
         return per_state, solver, rcurve
-    adv = trajectory_stats(ev.tmodel, worst_x, ev.y, ev.cfg.batch_size)
+    adv = trajectory_stats(ev.tmodel, worst_x, ev.y, ev.protocol.batch_size)
     if clean and clean["per_state"] and adv["per_state"]:
         per_state = {"steps": clean["per_state"]["steps"], "clean": clean["per_state"]["accuracy"],
                      "adversarial": adv["per_state"]["accuracy"]}
@@ -515,12 +515,12 @@ def _warn(ev: _Evaluation, check_results: List[CheckResult]) -> None:
 
 
 def _report(ev: _Evaluation, check_results: List[CheckResult], t_start: float) -> EvalReport:
-    cfg, traj = ev.cfg, ev.clean_traj
+    traj = ev.clean_traj
     provenance = _provenance(ev)
     ev.timings["total"] = time.perf_counter() - t_start
     clean_acc = float(ev.clean_correct.float().mean())
     report = EvalReport(
-        clean_accuracy=clean_acc, n_samples=ev.x.shape[0], threat=ev.norm, eps=list(cfg.eps),
+        clean_accuracy=clean_acc, n_samples=ev.x.shape[0], threat=ev.norm, eps=list(ev.protocol.eps),
         suite=ev.suite_label, results=ev.results,
         clean={"accuracy": clean_acc,
                "per_state": traj["per_state"] if traj else None,
@@ -530,21 +530,20 @@ def _report(ev: _Evaluation, check_results: List[CheckResult], t_start: float) -
                    if traj and k in traj})},
         checks=check_results, timings=ev.timings, provenance=provenance, notes=ev.notes,
         config_hash=ev.config_hash)
-    if cfg.certify is not None and cfg.certify is not False:
+    if ev.run.certify is not None and ev.run.certify is not False:
         from .bracket import attach_bracket
-        attach_bracket(report, ev.model, ev.x, ev.y, cfg.certify, seed=cfg.seed)
+        attach_bracket(report, ev.model, ev.x, ev.y, ev.run.certify, seed=ev.protocol.seed)
     return report
 
 
 def _write(ev: _Evaluation, report: EvalReport) -> None:
-    cfg = ev.cfg
-    if cfg.out_dir is not None and ev.main:  # in a process group rank 0 writes
-        report.save(cfg.out_dir)
+    if ev.run.out_dir is not None and ev.main:  # in a process group rank 0 writes
+        report.save(ev.run.out_dir)
         if ev.store is not None:
             ev.store.remove()
-    if cfg.tensorboard and ev.main:
-        log_dir = (Path(cfg.tensorboard) if isinstance(cfg.tensorboard, (str, Path))
-                   else Path(cfg.out_dir) / "tensorboard")
+    if ev.run.tensorboard and ev.main:
+        log_dir = (Path(ev.run.tensorboard) if isinstance(ev.run.tensorboard, (str, Path))
+                   else Path(ev.run.out_dir) / "tensorboard")
         report.write_tensorboard(log_dir)
 
 
@@ -579,8 +578,8 @@ def _expand(specs: List[AttackSpec], model: nn.Module, views: Dict[str, nn.Modul
 def _run_unit(ev: _Evaluation, unit: _Unit, attacked: Tensor, eps: float, seed: int):
     """Build the attack, run it on the samples ``attacked`` (N,) bool; returns (describe, x_adv,
     violations); ``x_adv`` is ``x`` on the other samples."""
-    x, y, norm, batch_size = ev.x, ev.y, ev.norm, ev.cfg.batch_size
-    atk = unit.spec.factory(unit.target, eps=eps, norm=norm, steps=ev.cfg.steps, seed=seed)
+    x, y, norm, batch_size = ev.x, ev.y, ev.norm, ev.protocol.batch_size
+    atk = unit.spec.factory(unit.target, eps=eps, norm=norm, steps=ev.protocol.steps, seed=seed)
     if not callable(atk):
         raise ConfigError(f"the factory of {unit.spec.name!r} returned {type(atk).__name__}, not an attack")
     desc = _describe(atk)
@@ -636,10 +635,10 @@ def _show_progress(bar, status: str):
 
 # -- the checks -------------------------------------------------------------------------------------
 def _run_checks(ev: _Evaluation) -> List[CheckResult]:
-    """The enabled checks of ``ev.cfg.check_config`` on the first ``subset`` samples; a check that
+    """The enabled checks of ``ev.run.check_config`` on the first ``subset`` samples; a check that
     raises is recorded as skipped (and noted), never loses the evaluation."""
     t0 = time.perf_counter()
-    cc = ev.cfg.check_config
+    cc = ev.run.check_config
     n_sub = min(cc.subset, ev.x.shape[0])
     xs, ys = ev.x[:n_sub], ev.y[:n_sub]
     out: List[CheckResult] = []
@@ -651,7 +650,7 @@ def _run_checks(ev: _Evaluation) -> List[CheckResult]:
 
 
 def _check_steps(ev: _Evaluation, xs: Tensor, ys: Tensor) -> List[Tuple[str, Callable[[], CheckResult]]]:
-    m, cc, norm, seed, views = ev.model, ev.cfg.check_config, ev.norm, ev.cfg.seed, ev.views
+    m, cc, norm, seed, views = ev.model, ev.run.check_config, ev.norm, ev.protocol.seed, ev.views
     return [
         ("randomized_output", lambda: _checks.check_randomized(m, xs, cc, warn=False)),
         ("softmax_output", lambda: _checks.check_softmax(m, xs, cc, warn=False)),
@@ -668,7 +667,7 @@ def _check_steps(ev: _Evaluation, xs: Tensor, ys: Tensor) -> List[Tuple[str, Cal
 def _run_check(ev: _Evaluation, out: List[CheckResult], name: str, fn: Callable[[], CheckResult]) -> None:
     t0 = time.perf_counter()
     try:
-        with _seeded(derive_seed(ev.cfg.seed, "check", name), ev.device):
+        with _seeded(derive_seed(ev.protocol.seed, "check", name), ev.device):
             out.append(fn())
         ev.timings[f"check:{name}"] = time.perf_counter() - t0
     except Exception as e:  # a check must not lose the evaluation; the failure is recorded
@@ -683,7 +682,7 @@ def _check_black_box(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
     of a white-box unit such as AutoAttack, and by no gradient attack (a white-box unit's
     successes minus its score-based stage's); the worst eps is reported. Without such evidence,
     a Square probe on the check subset."""
-    cc, n_sub = ev.cfg.check_config, xs.shape[0]
+    cc, n_sub = ev.run.check_config, xs.shape[0]
     kinds = {u.key: u.kind for u in ev.units}
     bb_keys = [k for k, kind in kinds.items() if kind in ("black-box", "transfer")]
     wb_keys = [k for k, kind in kinds.items() if kind == "white-box"]
@@ -715,7 +714,7 @@ def _check_black_box(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
     if bool(survivors.any()):
         black[survivors] = _checks.square_probe(
             ev.model, xs[survivors], ys[survivors], eps=e, norm=ev.norm, queries=cc.black_box_queries,
-            seed=derive_seed(ev.cfg.seed, "square"))
+            seed=derive_seed(ev.protocol.seed, "square"))
     return _checks.check_black_box(white, black, cc, warn=False,
                                    source=f"Square ({cc.black_box_queries} queries)", details={"eps": e})
 
@@ -743,7 +742,7 @@ def _square_inside_autoattack(ev: _Evaluation) -> Optional[CheckResult]:
     (``robust_accuracy_after``: cumulative, per batch); the worst eps is reported. Without a
     cascade another unit may have broken those samples, so nothing is claimed. Used for units
     that do not record their score-based successes per sample (``score_based_samples``)."""
-    if not ev.cfg.cascade:
+    if not ev.protocol.cascade:
         return None
     best = None
     n = int(ev.clean_correct.numel())
@@ -760,7 +759,7 @@ def _square_inside_autoattack(ev: _Evaluation) -> Optional[CheckResult]:
                 seen = True
         if seen:
             res = _checks.check_black_box_count(
-                min(max(count, 0), n), n, ev.cfg.check_config, source="Square inside AutoAttack",
+                min(max(count, 0), n), n, ev.run.check_config, source="Square inside AutoAttack",
                 warn=False, details={"eps": r.eps})
             if best is None or (res.value or 0) > (best.value or 0):
                 best = res
@@ -771,14 +770,14 @@ def _check_monotonic(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
     pick = min(ev.results, key=lambda r: (abs(r.robust_accuracy - 0.5), r.eps))
     sweep = {r.eps: r.robust_accuracy for r in ev.results} if len(ev.results) > 1 else None
     return _checks.check_monotonic(ev.model, xs, ys, eps=pick.eps, norm=ev.norm, views=ev.views, sweep=sweep,
-                                   config=ev.cfg.check_config, seed=derive_seed(ev.cfg.seed, "monotonic"),
+                                   config=ev.run.check_config, seed=derive_seed(ev.protocol.seed, "monotonic"),
                                    warn=False)
 
 
 def _check_convergence(ev: _Evaluation) -> CheckResult:
     clean = ev.clean_traj["solver"] if ev.clean_traj else None
     adv = {r.eps: r.solver["adversarial"] for r in ev.results if r.solver}
-    return _checks.check_convergence(clean, adv, ev.cfg.check_config, warn=False)
+    return _checks.check_convergence(clean, adv, ev.run.check_config, warn=False)
 
 
 def _any(flags: List[Tensor], like: Tensor) -> Tensor:
@@ -790,7 +789,7 @@ def _any(flags: List[Tensor], like: Tensor) -> Tensor:
 
 def _provenance(ev: _Evaluation) -> Dict[str, Any]:
     from .. import __version__
-    cfg, model = ev.cfg, ev.model
+    model = ev.model
     attacks = {}
     if ev.results:
         for a in ev.results[0].attacks:
@@ -801,8 +800,8 @@ def _provenance(ev: _Evaluation) -> Dict[str, Any]:
                      "torchattacks": _version("torchattacks"), "pyautoattack": _version("pyautoattack"),
                      "numpy": _version("numpy"), "python": sys.version.split()[0]},
         "platform": platform.platform(), "device": str(ev.device),
-        "seed": cfg.seed, "threat": ev.norm, "eps": list(cfg.eps), "steps": cfg.steps, "batch_size": cfg.batch_size,
-        "alpha_rule": "2.5 * eps / steps", "suite": ev.suite_label, "cascade": cfg.cascade, "attacks": attacks,
+        "seed": ev.protocol.seed, "threat": ev.norm, "eps": list(ev.protocol.eps), "steps": ev.protocol.steps, "batch_size": ev.protocol.batch_size,
+        "alpha_rule": "2.5 * eps / steps", "suite": ev.suite_label, "cascade": ev.protocol.cascade, "attacks": attacks,
         "model": {
             "class": type(model).__name__,
             "config": getattr(model, "robustdeq_config", None),
@@ -815,7 +814,7 @@ def _provenance(ev: _Evaluation) -> Dict[str, Any]:
         },
         "data": {"n": int(ev.x.shape[0]), "shape": list(ev.x.shape[1:]), "sha256": ev.config["data"]},
         "check_config": {k: (list(v) if isinstance(v, tuple) else v)
-                         for k, v in dataclasses.asdict(cfg.check_config).items()},
+                         for k, v in dataclasses.asdict(ev.run.check_config).items()},
     }
 
 

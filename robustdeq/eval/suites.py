@@ -43,7 +43,7 @@ NEEDS = ("any", "deq", "trajectory", "solver")
 Factory = Callable[..., Any]  # factory(target, *, eps, norm, steps, seed) -> Attack
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttackSpec:
     """One attack of a suite.
 

@@ -1,8 +1,9 @@
 """Registries (solvers, attack specs, suites, recipes, objectives, the CLI's choices) and the typed
-EvalConfig / CertifyConfig."""
+EvalProtocol / RunOptions / CertifyConfig."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -376,40 +377,58 @@ def test_cli_choices_come_from_the_registries(cleanup):
         assert name in sub["train"].format_help()
 
 
-# -- EvalConfig -------------------------------------------------------------------------------------
-def test_eval_config_round_trip_and_unknown_keys():
-    from robustdeq.eval import CheckConfig, EvalConfig
-    cfg = EvalConfig(eps=[0.1, 0.2], threat="L2", suite=["pgd"], steps=3, check_config={"subset": 4})
+# -- EvalProtocol / RunOptions ---------------------------------------------------------------------
+def test_eval_protocol_round_trip_and_unknown_keys():
+    from robustdeq.eval import CheckConfig, EvalProtocol, RunOptions
+    cfg = EvalProtocol(eps=[0.1, 0.2], threat="L2", suite=["pgd"], steps=3)
     assert cfg.threat is Norm.L2 and cfg.threat == "L2" and cfg.norm == "L2"
     assert cfg.eps == (0.1, 0.2) and cfg.suite == ("pgd",)
-    assert isinstance(cfg.check_config, CheckConfig) and cfg.check_config.subset == 4
+    run = RunOptions(check_config={"subset": 4}, out_dir="somewhere")
+    assert isinstance(run.check_config, CheckConfig) and run.check_config.subset == 4
+    assert run.out_dir == Path("somewhere")
     d = cfg.to_dict()
-    assert d["threat"] == "L2" and d["eps"] == [0.1, 0.2] and d["check_config"]["subset"] == 4
-    assert from_dict(EvalConfig, d) == cfg
-    assert EvalConfig(eps=0.1, threat=Norm.LINF) == EvalConfig(eps=0.1, threat="Linf")
+    assert d["threat"] == "L2" and d["eps"] == [0.1, 0.2]
+    assert from_dict(EvalProtocol, d) == cfg
+    assert EvalProtocol(eps=0.1, threat=Norm.LINF) == EvalProtocol(eps=0.1, threat="Linf")
     with pytest.raises(ConfigError, match="unknown option.*stepz.*known options"):
-        EvalConfig(eps=0.1, stepz=3)
+        EvalProtocol(eps=0.1, stepz=3)
     with pytest.raises(ConfigError, match="unknown option.*stepz"):
-        from_dict(EvalConfig, {"eps": 0.1, "stepz": 3})
+        from_dict(EvalProtocol, {"eps": 0.1, "stepz": 3})
+    with pytest.raises(ConfigError, match="unknown option.*out_dir"):
+        EvalProtocol(eps=0.1, out_dir="x")  # a run option, not part of the protocol
     with pytest.raises(ConfigError, match="threat"):
-        EvalConfig(eps=0.1, threat="L1")
+        EvalProtocol(eps=0.1, threat="L1")
     with pytest.raises(ConfigError, match="eps"):
-        EvalConfig()
+        EvalProtocol()
     with pytest.raises(ConfigError, match="steps"):
-        EvalConfig(eps=0.1, steps=0)
+        EvalProtocol(eps=0.1, steps=0)
     with pytest.raises(ConfigError, match="cascade"):
-        from_dict(EvalConfig, {"eps": 0.1, "cascade": "yes"})
+        from_dict(EvalProtocol, {"eps": 0.1, "cascade": "yes"})
+    with pytest.raises(ConfigError, match="tensorboard"):
+        RunOptions(tensorboard=True)
+    with pytest.raises(ConfigError, match="progress"):
+        RunOptions(progress="yes")
+
+
+def test_eval_protocol_is_hashable_and_equal_protocols_hash_alike():
+    from robustdeq.eval import AttackSpec, EvalProtocol
+    a = EvalProtocol(eps=[0.1, 0.2], suite=["pgd", "pgd-margin"], steps=3)
+    b = EvalProtocol(eps=(0.1, 0.2), suite=("pgd", "pgd-margin"), steps=3, threat="Linf")
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != a.replace(seed=1) and a != a.replace(eps=(0.1,)) and a != a.replace(batch_size=64)
+    spec = AttackSpec("mine", lambda target, *, eps, norm, steps, seed: None)
+    assert hash(EvalProtocol(eps=0.1, suite=[spec, "pgd"])) == hash(EvalProtocol(eps=0.1, suite=(spec, "pgd")))
 
 
 def test_evaluate_config_equals_keywords():
-    from robustdeq.eval import EvalConfig, evaluate
+    from robustdeq.eval import EvalProtocol, evaluate
     m = _ff()
     x, y = _data(8)
     kw = dict(eps=[0.05, 0.2], suite=["pgd", "pgd-margin"], steps=2, seed=3, batch_size=4, threat="L2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = evaluate(m, x, y, **kw, checks=False)
-        b = evaluate(m, x, y, config=EvalConfig(**kw, checks=False))
+        b = evaluate(m, x, y, config=EvalProtocol(**kw), checks=False)
         c = evaluate(m, x, y, config={**kw, "checks": True}, checks=False)  # options override the config
     for other in (b, c):
         assert other.config_hash == a.config_hash and other.threat == a.threat == "L2"
@@ -418,8 +437,23 @@ def test_evaluate_config_equals_keywords():
         assert other.checks == a.checks == []
     with pytest.raises(ConfigError, match="unknown option"):
         evaluate(m, x, y, eps=0.1, stepz=2)
-    with pytest.raises(ConfigError, match="EvalConfig or a mapping"):
+    with pytest.raises(ConfigError, match="EvalProtocol or a mapping"):
         evaluate(m, x, y, config=3)
+
+
+def test_the_report_hash_is_the_protocols_not_the_run_options(tmp_path):
+    from robustdeq.eval import evaluate
+    m = _ff()
+    x, y = _data(6)
+    kw = dict(eps=[0.1], suite=["pgd"], steps=1, seed=0, batch_size=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = evaluate(m, x, y, **kw, checks=False)
+        b = evaluate(m, x, y, **kw, checks=True, progress=False, out_dir=tmp_path / "b", resume=False)
+        c = evaluate(m, x, y, **{**kw, "seed": 1}, checks=False)
+        d = evaluate(m, x, y, **{**kw, "batch_size": 2}, checks=False)
+    assert a.config_hash == b.config_hash
+    assert len({a.config_hash, c.config_hash, d.config_hash}) == 3
 
 
 # -- CertifyConfig ----------------------------------------------------------------------------------

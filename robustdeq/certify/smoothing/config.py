@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Tuple, Union
 
-from ...config import from_dict, to_dict
+from ...config import check_radii, from_dict, to_dict
 from ...errors import ConfigError
 
 ABSTAIN = -1
@@ -117,9 +117,7 @@ class SmoothingConfig:
                               f"in [check_samples={self.check_samples}, n={self.n}], got {self.check_max}")
         if not (math.isfinite(self.check_slack) and self.check_slack > 0):
             raise ConfigError(f"SmoothingConfig.check_slack must be a finite number > 0, got {self.check_slack!r}")
-        radii = tuple(float(r) for r in self.radii)
-        if not radii or any(not math.isfinite(r) or r < 0 for r in radii):
-            raise ConfigError(f"SmoothingConfig.radii must be finite numbers >= 0, got {self.radii!r}")
+        radii = check_radii(self.radii, "SmoothingConfig.radii", required=True)
         object.__setattr__(self, "radii", tuple(sorted(set(radii))))
 
     @property
