@@ -9,7 +9,8 @@
 ``certified_radius``         per-sample certified L2 radius from logit margins
 ``ibp_certify``              Linf certificate by interval bounds through the fixed point
 ``certify``                  all of the above that apply -> ``CertReport`` (JSON, Markdown)
-``certify_checkpoint``       load a checkpoint, certify it on a dataset split, save the report
+``certify_checkpoint``       load a checkpoint, certify it on a dataset split (``method``:
+                             deterministic or smoothing), save the report
 ``smoothing.certify``        Gaussian randomized smoothing (Cohen et al. 2019) and its serialized
                              warm-started variant SRS (Gao et al. 2024) -> ``SmoothingReport``
 =========================  ================================================================

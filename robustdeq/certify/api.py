@@ -462,20 +462,47 @@ def _report(c: _Certification, t_all: float) -> CertReport:
                       results=c.results, summary=summary, timing=timing, provenance=prov)
 
 
-def certify_checkpoint(path, *, dataset: str = "digits", split: str = "test", root=None,
-                       n: Optional[int] = None, out_dir=None, map_location="cpu", **options) -> CertReport:
-    """Load a checkpoint, certify it on ``n`` samples of a dataset split, optionally save the
-    report (``certificate.json`` / ``.md`` in ``out_dir``). ``options`` go to :func:`certify`.
-    The body of ``robustdeq certify CHECKPOINT``."""
+#: the methods of :func:`certify_checkpoint`
+CHECKPOINT_METHODS = ("deterministic", "smoothing")
+
+
+def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "digits", split: str = "test",
+                       root=None, n_inputs: Optional[int] = None, out_dir=None, map_location="cpu", **options):
+    """Load a checkpoint, certify it on the first ``n_inputs`` samples of a dataset split (all by
+    default) and, with ``out_dir``, save the report there (rank 0 alone in a process group).
+
+    Args:
+        method: ``"deterministic"``: :func:`certify` (every certificate that applies to the model's
+            exact fixed point; ``options`` are :class:`CertifyConfig` fields) -> :class:`CertReport`
+            (``certificate.json`` / ``.md``). ``"smoothing"``: Gaussian randomized smoothing,
+            :func:`robustdeq.certify.smoothing.certify` (``options`` are
+            :class:`~robustdeq.certify.smoothing.SmoothingConfig` fields and ``progress``) ->
+            :class:`~robustdeq.certify.smoothing.SmoothingReport` (``certificate.json`` / ``.md`` /
+            ``certified_accuracy.png``).
+
+    The options are checked before the checkpoint is read. The body of
+    ``robustdeq certify CHECKPOINT [--smoothing SIGMA]``.
+    """
     from ..checkpoint import load_model
     from ..data import load_dataset
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ConfigError(f"n must be a positive int, got {n!r}")
-    model, ckpt = load_model(path, map_location=map_location)
+    if method not in CHECKPOINT_METHODS:
+        raise ConfigError(f"unknown certification method {method!r} for a checkpoint; expected one of "
+                          f"{', '.join(CHECKPOINT_METHODS)}")
+    if n_inputs is not None and (isinstance(n_inputs, bool) or not isinstance(n_inputs, int) or n_inputs < 1):
+        raise ConfigError(f"the number of inputs (n_inputs) must be a positive int, got {n_inputs!r}")
+    if method == "smoothing":
+        from .smoothing import certify as run
+        from .smoothing.config import make_config as smoothing_config
+        options = dict(options)
+        progress = options.pop("progress", False)
+        cfg, kwargs = smoothing_config(None, **options), {"progress": progress}
+    else:
+        run, cfg, kwargs = certify, make_certify_config(None, **options), {}
+    model, _ = load_model(path, map_location=map_location)
     x, y = load_dataset(dataset, split, root=root)
-    if n is not None:
-        x, y = x[:n], y[:n]
-    rep = certify(model, x.to(map_location), y.to(map_location), **options)
+    if n_inputs is not None:
+        x, y = x[:n_inputs], y[:n_inputs]
+    rep = run(model, x.to(map_location), y.to(map_location), cfg, **kwargs)
     rep.provenance.update({"checkpoint": str(path), "dataset": dataset, "split": split})
     from ..distributed import is_main
     if out_dir is not None and is_main():  # in a process group rank 0 writes
@@ -498,4 +525,4 @@ def _solver_dict(cfg) -> dict:
     return to_dict(from_dict(SolverConfig, cfg))
 
 
-__all__ = ["certify", "certify_checkpoint", "CertifyConfig", "METHODS"]
+__all__ = ["certify", "certify_checkpoint", "CertifyConfig", "METHODS", "CHECKPOINT_METHODS"]

@@ -61,7 +61,7 @@ SMOOTHING_ONLY = {"noise_n": "--n/--noise-n", "n0": "--n0", "alpha": "--alpha", 
 
 
 def cmd_certify(args) -> int:
-    from ..certify.api import certify_checkpoint
+    from ..certify import certify_checkpoint
     refuse_without(args, "smoothing", "--smoothing SIGMA", SMOOTHING_ONLY)
     device_of(args)  # a device that is not there: said before anything is loaded
     eps_l2, eps_linf = floats(args.eps_l2, "--eps-l2"), floats(args.eps_linf, "--eps-linf")
@@ -74,8 +74,9 @@ def cmd_certify(args) -> int:
         load_data(dataset, None, args.split, 1)  # a missing data folder is named as --data-root
     if args.smoothing is not None:
         return _certify_smoothing(args, dataset)
-    rep = certify_checkpoint(args.checkpoint, dataset=dataset, split=args.split, root=args.data_root,
-                             n=args.n, out_dir=args.out, eps_l2=eps_l2, map_location=device_of(args),
+    rep = certify_checkpoint(args.checkpoint, "deterministic", dataset=dataset, split=args.split,
+                             root=args.data_root, n_inputs=args.n, out_dir=args.out, eps_l2=eps_l2,
+                             map_location=device_of(args),
                              eps_linf=eps_linf, progress=not args.no_progress)
     print(rep.to_markdown())
     if args.out:
@@ -85,7 +86,7 @@ def cmd_certify(args) -> int:
 
 def _certify_smoothing(args, dataset: str) -> int:
     """``robustdeq certify CHECKPOINT --smoothing SIGMA``: randomized-smoothing certificates."""
-    from ..certify.smoothing import certify_checkpoint as smoothing_checkpoint
+    from ..certify import certify_checkpoint
     radii = floats(args.radii, "--radii") if args.radii else None
     opts = {"sigma": args.smoothing, "n": args.noise_n, "n0": args.n0, "alpha": args.alpha,
             "srs_steps": args.srs_steps, "seed": args.seed, "srs_start": args.srs_start,
@@ -95,9 +96,9 @@ def _certify_smoothing(args, dataset: str) -> int:
                              else min(400, args.noise_n) if args.noise_n >= 1 else 400)
     if radii:
         opts["radii"] = radii
-    rep = smoothing_checkpoint(args.checkpoint, dataset=dataset, split=args.split, root=args.data_root,
-                               n_inputs=args.n, out_dir=args.out, progress=not args.no_progress,
-                               map_location=device_of(args), **opts)
+    rep = certify_checkpoint(args.checkpoint, "smoothing", dataset=dataset, split=args.split, root=args.data_root,
+                             n_inputs=args.n, out_dir=args.out, progress=not args.no_progress,
+                             map_location=device_of(args), **opts)
     print(rep.to_markdown())
     if args.out:
         print(f"\nwrote {Path(args.out) / 'certificate.json'}, certificate.md and certified_accuracy.png")

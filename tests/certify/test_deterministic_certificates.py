@@ -504,12 +504,16 @@ def test_certify_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = zoo.build("mlp_deq", hidden=8, norm="spectral", scale=0.5)
     save_checkpoint(tmp_path / "m.pt", model, model_config=model.robustdeq_config)
-    rep = certify_checkpoint(tmp_path / "m.pt", n=6, out_dir=tmp_path / "out", eps_l2=(0.1,))
+    rep = certify_checkpoint(tmp_path / "m.pt", n_inputs=6, out_dir=tmp_path / "out", eps_l2=(0.1,))
     assert len(rep.results) == 6 and rep.provenance["checkpoint"].endswith("m.pt")
     assert CertReport.load(tmp_path / "out").summary == rep.summary
     from robustdeq.data import load_digits
     x, y = load_digits("test")
     direct = certify(model, x[:6], y[:6], eps_l2=(0.1,))
     assert [r.radius for r in direct.results] == pytest.approx([r.radius for r in rep.results], rel=1e-9)
-    with pytest.raises(ConfigError):
-        certify_checkpoint(tmp_path / "m.pt", n=0)
+    with pytest.raises(ConfigError, match="n_inputs"):
+        certify_checkpoint(tmp_path / "m.pt", n_inputs=0)
+    with pytest.raises(ConfigError, match="deterministic, smoothing"):
+        certify_checkpoint(tmp_path / "m.pt", "magic")
+    with pytest.raises(ConfigError, match="unknown option"):  # checked before the file is read
+        certify_checkpoint(tmp_path / "nosuch.pt", eps_l1=0.1)

@@ -233,7 +233,7 @@ def _task_certify(rank, out):
     model, x, y = _eval_inputs(out)
     rep = certify(model, x, y, eps_l2=(0.05, 0.1), batch_size=4, local_method="power", local_iters=20).to_dict()
     from robustdeq.certify import certify_checkpoint
-    certify_checkpoint(out / "model.pt", n=4, out_dir=out / f"cert{rank}", batch_size=2, local_method="power",
+    certify_checkpoint(out / "model.pt", n_inputs=4, out_dir=out / f"cert{rank}", batch_size=2, local_method="power",
                        local_iters=5)
     return rep
 
@@ -264,8 +264,9 @@ def _task_smoothing(rank, out):
     finally:
         engine._certify_one = one
     pred = S.predict(model, x, sigma=0.25, n=60, batch_size=60, seed=2)
-    S.certify_checkpoint(out / "model.pt", n_inputs=4, out_dir=out / f"smooth{rank}",
-                         **SMOOTHING_OPTIONS["plain"])
+    from robustdeq.certify import certify_checkpoint
+    certify_checkpoint(out / "model.pt", "smoothing", n_inputs=4, out_dir=out / f"smooth{rank}",
+                       **SMOOTHING_OPTIONS["plain"])
     return {"reports": reps, "calls": calls, "predict": pred}
 
 

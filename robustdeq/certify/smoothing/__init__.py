@@ -91,7 +91,7 @@ be the exact equilibrium's (or the sample is re-solved from scratch), so the cou
 and need no correction.
 """
 from .config import ABSTAIN, DEFAULT_RADII, MODES, SRS_CHECKS, SRS_STARTS, SmoothingConfig, make_config
-from .engine import base_logits, certify, certify_checkpoint, predict
+from .engine import base_logits, certify, predict
 from .report import SmoothingReport, SmoothingResult, summarize
 from .proof import EquilibriumClassProof, proof_support
 from .sequential import SequentialDecision
@@ -100,7 +100,7 @@ from .statistics import (check_count, clopper_pearson_lower, clopper_pearson_upp
 
 __all__ = [
     "ABSTAIN", "SmoothingConfig", "SmoothingResult", "SmoothingReport", "make_config", "certify", "predict",
-    "certify_checkpoint", "clopper_pearson_lower",
+    "clopper_pearson_lower",
     "clopper_pearson_upper", "hypergeom_upper", "srs_lower_bound", "check_count", "radius_from", "base_logits",
     "summarize", "cs_log_evidence", "cs_lower", "cs_upper", "SequentialDecision", "EquilibriumClassProof",
     "proof_support",

@@ -1,5 +1,6 @@
 """The smoothing engine: the base classifier (independent or SRS warm-started solves on noisy
-inputs), per-input CERTIFY, :func:`certify`, :func:`predict` and :func:`certify_checkpoint`.
+inputs), per-input CERTIFY, :func:`certify` and :func:`predict`
+(:func:`robustdeq.certify.certify_checkpoint` with ``method="smoothing"`` runs it on a checkpoint).
 The rules are stated in :mod:`robustdeq.certify.smoothing`."""
 from __future__ import annotations
 
@@ -499,27 +500,3 @@ def _per_input(n: int, one, ctx, desc: Optional[str]) -> list:
         logger.debug("rank %d of %d: %d of %d inputs", ctx.rank, ctx.world_size, len(done), n)
         done = gather_sharded(done, failure, ctx)
     return [v for _, v in sorted(done, key=lambda t: t[0])]
-
-
-def certify_checkpoint(path, *, dataset: str = "digits", split: str = "test", root=None,
-                       n_inputs: Optional[int] = None, out_dir=None, map_location="cpu",
-                       progress: bool = False, **options) -> SmoothingReport:
-    """Load a checkpoint, certify its smoothed version on ``n_inputs`` samples of a dataset split,
-    optionally save ``certificate.json`` / ``.md`` / ``certified_accuracy.png`` into ``out_dir``.
-    ``options`` are :class:`SmoothingConfig` fields. The body of
-    ``robustdeq certify CHECKPOINT --smoothing SIGMA``."""
-    from ...checkpoint import load_model
-    from ...data import load_dataset
-    if n_inputs is not None and (isinstance(n_inputs, bool) or not isinstance(n_inputs, int) or n_inputs < 1):
-        raise ConfigError(f"the number of inputs must be a positive int, got {n_inputs!r}")
-    cfg = make_config(None, **options)
-    model, _ = load_model(path, map_location=map_location)
-    x, y = load_dataset(dataset, split, root=root)
-    if n_inputs is not None:
-        x, y = x[:n_inputs], y[:n_inputs]
-    rep = certify(model, x.to(map_location), y.to(map_location), cfg, progress=progress)
-    rep.provenance.update({"checkpoint": str(path), "dataset": dataset, "split": split})
-    from ...distributed import is_main
-    if out_dir is not None and is_main():  # in a process group rank 0 writes
-        rep.save(out_dir)
-    return rep
