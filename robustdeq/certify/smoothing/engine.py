@@ -397,7 +397,7 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     Inside a process group (``torchrun``; :mod:`robustdeq.distributed`) the inputs are shared out
     over the ranks and every rank returns the whole report, equal to the single-process one input
     for input (the noise of an input depends only on ``seed`` and its index);
-    :func:`certify_checkpoint` writes it on rank 0 only.
+    :func:`robustdeq.certify.certify_checkpoint` writes it on rank 0 only.
     """
     cfg = make_config(config, **options)
     if not isinstance(model, nn.Module):
