@@ -6,6 +6,8 @@
   same model on the same data report the same numbers, and a resumed one reuses only such units.
 - :class:`RunOptions`: how the run is carried out and what else it reports (output folder,
   resume, progress, checks, TensorBoard, callback, transfer sources, the certified bracket).
+  Transfer sources add attack units; the hash covers them through the unit list and the sources'
+  parameter hashes.
 
 ``evaluate(model, x, y, eps=0.1, suite="quick", out_dir=...)`` takes the fields of both as
 keywords (:func:`split_options`); an unknown key is a :class:`~robustdeq.errors.ConfigError`
