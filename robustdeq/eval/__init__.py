@@ -1,14 +1,16 @@
 """Robustness evaluation: the harness (suites -> :class:`EvalReport`), gradient-masking and DEQ
 checks, and the report (versioned JSON, Markdown, plots, TensorBoard scalars).
 
-============================  ===============================================================
-``evaluate``, ``EvalConfig``  run a suite of attacks on a model (harness.py)
-``AttackSpec``, suites        attack specs and named suites (suites.py; registry.ATTACK_SPECS,
-                              registry.SUITES), ``register_attack_spec``, ``register_suite``
-``CHECKS``, ``CheckConfig``   gradient-masking and convergence checks (checks.py)
-``EvalReport``                the report: JSON, Markdown, plots (report.py)
-``unit_seed``                 the seed of one unit (store.py); resume files
-============================  ===============================================================
+=================================  ============================================================
+``evaluate``                       run a suite of attacks on a model (harness.py)
+``EvalProtocol``, ``RunOptions``   what determines the numbers (hashable) and how the run goes
+                                   (config.py)
+``AttackSpec``, suites             attack specs and named suites (suites.py; registry.ATTACK_SPECS,
+                                   registry.SUITES), ``register_attack_spec``, ``register_suite``
+``CHECKS``, ``CheckConfig``        gradient-masking and convergence checks (checks.py)
+``EvalReport``                     the report: JSON, Markdown, plots (report.py)
+``unit_seed``                      the seed of one unit (store.py); resume files
+=================================  ============================================================
 
     from robustdeq.eval import evaluate
     report = evaluate(model, x, y, threat="Linf", eps=[0.05, 0.1], suite="quick", out_dir="runs/e1")
