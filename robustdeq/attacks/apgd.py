@@ -131,8 +131,11 @@ class APGD(Attack):
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", steps: int = 100,
                  restarts: int = 1, loss: str = "ce", rho: float = 0.75, eot_iter: int = 1,
                  seed: Optional[int] = 0, method: str = "auto", grad=None, warm_start: bool = True,
-                 joint_options: Optional[Dict[str, Any]] = None):
+                 joint_options: Optional[Dict[str, Any]] = None, early_stop: bool = False):
         super().__init__(model, eps=eps, norm=norm, targeted=False, seed=seed)
+        if not isinstance(early_stop, bool):
+            raise ConfigError(f"early_stop must be a bool, got {early_stop!r}")
+        self.early_stop = early_stop
         self.steps = check_int(steps, "steps", low=1)
         self.restarts = check_int(restarts, "restarts", low=1)
         self.rho = check_number(rho, "rho")
@@ -158,7 +161,8 @@ class APGD(Attack):
         return {"ce": "APGD-CE", "dlr": "APGD-DLR"}[self.loss]
 
     def params(self) -> Dict[str, Any]:
-        out = {"steps": self.steps, "restarts": self.restarts, "loss": self.loss, "rho": self.rho}
+        out = {"steps": self.steps, "restarts": self.restarts, "loss": self.loss, "rho": self.rho,
+               "early_stop": self.early_stop}
         out.update(self.oracle.describe())
         if self.oracle.policy == "exact" and is_deq(self.model):
             out["warm_start"] = self.oracle.warm()
@@ -189,7 +193,12 @@ class APGD(Attack):
 
     def _run(self, x: Tensor, y: Tensor, loss_fn, gen: torch.Generator, y_loss: Tensor):
         """One run: ``(x_best, acc, loss_best, x_best_adv)`` as the reference implementation's
-        single run (``acc`` judged on the oracle's logits; ``y_loss`` is what the loss gets)."""
+        single run (``acc`` judged on the oracle's logits; ``y_loss`` is what the loss gets).
+
+        With ``early_stop``, a sample leaves the run once it is broken (on a DEQ: once the
+        model's own inference confirms the oracle's success); every sample's iterates are the
+        plain run's until then (the algorithm is per sample), so the samples broken are the
+        same and the cost falls with them."""
         oracle = self.oracle
         oracle.reset()
         n_iter, b = self.steps, x.shape[0]
@@ -213,47 +222,77 @@ class APGD(Attack):
         loss_best_last_check = loss_best.clone()
         reduced_last_check = torch.ones_like(loss_best)
         self.last_halvings = []  # per checkpoint: (iteration, samples halved)
+        idx = torch.arange(b, device=x.device)  # the samples still in the run
+        done = self._leave(x_best_adv, ~acc, y) if self.early_stop else None
+        if done is not None and bool(done.any()):
+            idx = self._select(idx, ~done)
         for i in range(n_iter):
+            if not idx.numel():
+                break
             with torch.no_grad():
-                grad2 = x_adv - x_adv_old
-                x_adv_old = x_adv.clone()
+                xa = x_adv[idx]
+                grad2 = xa - x_adv_old[idx]
+                x_adv_old[idx] = xa
                 a = 0.75 if i > 0 else 1.0
-                x_adv = self._project_step(x, x_adv, grad, grad2, step_size, a)
-            out = oracle(x_adv, y_loss, loss_fn)
-            grad = out.grad.clone()
-            pred = out.logits.argmax(1) == y
-            acc = torch.min(acc, pred)
-            x_best_adv[~pred] = x_adv[~pred]
+                xa = self._project_step(x[idx], xa, grad[idx], grad2, step_size[idx], a)
+                x_adv[idx] = xa
+            out = oracle(xa, y_loss[idx], loss_fn)
+            grad[idx] = out.grad
+            pred = out.logits.argmax(1) == y[idx]
+            acc[idx] = torch.min(acc[idx], pred)
+            hit = idx[~pred]
+            x_best_adv[hit] = x_adv[hit]
             with torch.no_grad():
-                y1 = out.loss.detach().clone()
-                loss_steps[i] = y1
-                ind = y1 > loss_best
-                x_best[ind] = x_adv[ind]
-                grad_best[ind] = grad[ind]
-                loss_best[ind] = y1[ind]
+                y1 = out.loss.detach()
+                loss_steps[i, idx] = y1
+                better = y1 > loss_best[idx]
+                up = idx[better]
+                x_best[up] = x_adv[up]
+                grad_best[up] = grad[up]
+                loss_best[up] = y1[better]
                 counter3 += 1
                 if counter3 == k:
                     # condition 1: the loss increased at <= rho of the window's steps (the
                     # reference compares the first window's first iterate with a zero row)
-                    t = torch.zeros(b, device=x.device)
+                    t = torch.zeros(idx.numel(), device=x.device)
                     for c in range(k):
-                        t += (loss_steps[i - c] > loss_steps[i - c - 1]).float()
+                        t += (loss_steps[i - c, idx] > loss_steps[i - c - 1, idx]).float()
                     fl = (t <= k * self.rho * torch.ones_like(t)).float()
                     # condition 2: not halved last time and no improvement since
-                    fl_no_impr = (1.0 - reduced_last_check) * (loss_best_last_check >= loss_best).float()
+                    fl_no_impr = (1.0 - reduced_last_check[idx]) * (
+                        loss_best_last_check[idx] >= loss_best[idx]).float()
                     fl = torch.max(fl, fl_no_impr)
-                    reduced_last_check = fl.clone()
-                    loss_best_last_check = loss_best.clone()
-                    halve = fl > 0
-                    self.last_halvings.append((i + 1, int(halve.sum())))
-                    if bool(halve.any()):
+                    reduced_last_check[idx] = fl
+                    loss_best_last_check[idx] = loss_best[idx]
+                    halve = idx[fl > 0]
+                    self.last_halvings.append((i + 1, int(halve.numel())))
+                    if halve.numel():
                         step_size[halve] /= 2.0
                         x_adv[halve] = x_best[halve]
                         grad[halve] = grad_best[halve]
                     k = max(k - size_decr, k_min)
                     counter3 = 0
+            if done is not None and not bool(pred.all()):
+                left = self._leave(x_best_adv[idx], ~pred, y[idx])
+                if bool(left.any()):
+                    idx = self._select(idx, ~left)
         self.last_step_size = step_size.reshape(b)
         return x_best, acc, loss_best, x_best_adv
+
+    def _leave(self, x_adv: Tensor, hit: Tensor, y: Tensor) -> Tensor:
+        """(early stopping) Which of the samples ``hit`` (the oracle's success at ``x_adv``)
+        leave the run: all of them off a DEQ (the oracle's logits are the model's), those the
+        model's own inference confirms on a DEQ."""
+        if not is_deq(self.model) or not bool(hit.any()):
+            return hit
+        rows = hit.nonzero()[:, 0]
+        out = torch.zeros_like(hit)
+        out[rows] = logits_of(self.model, x_adv[rows]).argmax(1) != y[rows]
+        return out
+
+    def _select(self, idx: Tensor, keep: Tensor) -> Tensor:
+        self.oracle.select(keep.nonzero()[:, 0])
+        return idx[keep]
 
     # -- runs on the samples still robust ---------------------------------------------------------
     def _judge(self, x_best: Tensor, x_best_adv: Tensor, acc: Tensor, y: Tensor):
@@ -323,12 +362,13 @@ class APGDT(APGD):
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", steps: int = 100,
                  restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
                  eot_iter: int = 1, seed: Optional[int] = 0, method: str = "auto", grad=None,
-                 warm_start: bool = True, joint_options: Optional[Dict[str, Any]] = None):
+                 warm_start: bool = True, joint_options: Optional[Dict[str, Any]] = None,
+                 early_stop: bool = False):
         self.n_target_classes = check_int(n_target_classes, "n_target_classes", low=1)
         super().__init__(model, eps=eps, norm=norm, steps=steps, restarts=restarts,
                          loss="dlr-targeted", rho=rho, eot_iter=eot_iter, seed=seed,
                          method=method, grad=grad, warm_start=warm_start,
-                         joint_options=joint_options)
+                         joint_options=joint_options, early_stop=early_stop)
 
     def _losses(self) -> Tuple[str, ...]:
         return ("dlr-targeted",)

@@ -177,6 +177,7 @@ class _Evaluation:
     timings: Dict[str, float] = dataclasses.field(default_factory=dict)
     counters: Dict[str, int] = dataclasses.field(default_factory=dict)
     clean_margin: Optional[Tensor] = None
+    num_classes: Optional[int] = None
     clean_correct: Optional[Tensor] = None
     clean_traj: Optional[Dict[str, Any]] = None
     units: List[_Unit] = dataclasses.field(default_factory=list)
@@ -318,7 +319,9 @@ def _clean_pass(ev: _Evaluation) -> None:
     """Clean margins and the clean trajectory statistics."""
     t0 = time.perf_counter()
     with _seeded(derive_seed(ev.protocol.seed, "clean"), ev.device):
-        ev.clean_margin = _margins(ev.model, ev.x, ev.y, ev.protocol.batch_size)
+        logits = _logits(ev.model, ev.x, ev.protocol.batch_size)
+        ev.num_classes = int(logits.shape[1])
+        ev.clean_margin = margin(logits.float(), ev.y)
     ev.clean_correct = ev.clean_margin > 0
     ev.timings["clean"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -341,7 +344,8 @@ def _suite_context(ev: _Evaluation) -> SuiteContext:
         max_state = horizon = None
     return SuiteContext(model=ev.model, trajectory_model=tmodel, has_deq=find_deq(ev.model) is not None,
                         solver_model=solver_model, randomized=bool(getattr(ev.model, "randomized", False)),
-                        horizon=horizon, max_state=max_state)
+                        horizon=horizon, max_state=max_state,
+                        num_classes=ev.num_classes)
 
 
 def _plan(ev: _Evaluation) -> None:

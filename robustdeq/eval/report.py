@@ -317,6 +317,7 @@ class EvalReport:
                              "left robust, so its accuracy alone is not measured; the cumulative worst "
                              "case is.")
                 lines.append("")
+            lines.extend(_broken_by(r))
             if r.solver and r.solver.get("clean") and r.solver.get("adversarial"):
                 c, a = r.solver["clean"], r.solver["adversarial"]
                 lines.append("| solver | mean steps | converged | mean residual |")
@@ -484,6 +485,24 @@ class EvalReport:
         finally:
             w.close()
         return tags
+
+
+def _broken_by(r: "EpsResult", show: int = 40) -> List[str]:
+    """Markdown lines: per attack, the samples (indices into the evaluated batch) it was the
+    first to break (``first_success``; the per-sample worst case keeps that attack's example)."""
+    by: Dict[str, List[int]] = {}
+    for i, who in enumerate(r.first_success):
+        if who is not None and who != "clean":
+            by.setdefault(who, []).append(i)
+    if not by:
+        return []
+    lines = ["| attack | samples it broke first (index in the batch) |", "| --- | --- |"]
+    for a in r.attacks:
+        idx = by.get(a.key)
+        if idx:
+            text = ", ".join(str(i) for i in idx[:show]) + (f", ... ({len(idx)} in all)" if len(idx) > show else "")
+            lines.append(f"| {a.key} | {text} |")
+    return lines + [""]
 
 
 def _pct(v) -> str:

@@ -4,25 +4,30 @@ A *suite* is a list of :class:`AttackSpec` (name, factory, kind, scope), resolve
 :func:`build_suite` from a registered suite name (:data:`robustdeq.registry.SUITES`) or a list of
 specs, attack names (:data:`robustdeq.registry.ATTACK_SPECS`) and named factories.
 
-Built-in suites (alpha = 2.5 eps / steps, seeds derived from the evaluation seed):
+Built-in suites (alpha = 2.5 eps / steps, seeds derived from the evaluation seed; the native APGD
+units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``):
 
 - ``quick``: PGD with the implicit (IFT) gradient and PGD with an unrolled gradient
   (``UnrolledGrad(8)``) for models holding a ``DEQClassifier``, PGD with the model's own gradient
-  otherwise (a weight-tied model backpropagates through its layers); each with the cross-entropy
-  and with the Carlini-Wagner margin loss (Carlini & Wagner 2017), and 3 random restarts (a
-  restart attacks only the samples still unbroken). Like every suite, an upper bound on the
-  robust accuracy.
-- ``standard``: quick + intermediate-state attacks (Yang et al. 2022) on three states spread over
-  the clean trajectory + their ensemble attack + AutoAttack standard (Croce & Hein 2020; "rand"
-  for a model that declares ``randomized``).
-- ``full``: standard + AutoAttack plus + a transfer attack crafted on the unrolled view
+  otherwise (3 random restarts, cross-entropy), then robustdeq's native APGD-CE and APGD-T on
+  the 3 classes of highest clean logit after the top one (Croce & Hein 2020; on a DEQ whose
+  solves converge their gradients come from the joint forward/adjoint/input iteration); on a
+  model that declares ``randomized``, APGD-CE and APGD-DLR with EOT over 20 gradients
+  (AutoAttack's "rand" version). Like every suite, an upper bound on the robust accuracy.
+- ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's),
+  the Square attack (score-based; Andriushchenko et al. 2020), intermediate-state attacks (Yang
+  et al. 2022) on three states spread over the clean trajectory and their ensemble attack
+  (randomized models: APGD-CE and APGD-DLR with EOT instead of APGD-T and Square).
+- ``full``: standard + pyautoattack's AutoAttack standard as an independent reference ("rand"
+  for a randomized model) + AutoAttack plus + a transfer attack crafted on the unrolled view
   (``attack_view(deq, state=K, unroll=K)``: K solver steps from z0, backpropagated) and judged on
   the model.
 
-Other attack names for custom suites include ``pgd-exact``, ``pgd-phantom``, ``square``
-(the native score-based Square attack, warm-started on DEQs; ``pyautoattack-square`` and
-``torchattacks-square`` run those libraries' implementations) and ``apgd-ce`` (APGD-CE alone: an adaptive step size, much stronger than fixed-step PGD on
-adversarially trained models at large radii, at a fraction of AutoAttack's cost).
+Other attack names for custom suites include ``pgd-exact``, ``pgd-phantom``, the ``-margin``
+variants of the PGD units (Carlini-Wagner margin loss), ``apgd-dlr``, ``square`` (the native
+score-based Square attack, warm-started on DEQs; ``pyautoattack-square`` and
+``torchattacks-square`` run those libraries' implementations), ``autoattack`` (pyautoattack
+standard) and ``pyautoattack-apgd-ce`` (pyautoattack's APGD-CE stage alone).
 """
 from __future__ import annotations
 
@@ -87,6 +92,7 @@ class SuiteContext:
     randomized: bool
     horizon: Optional[int]        # states worth attacking: 1..horizon-1
     max_state: Optional[int]      # largest recordable state index
+    num_classes: Optional[int] = None  # the model's number of logits (None: unknown)
 
 
 # -- built-in attack specs ------------------------------------------------------------------------
@@ -122,6 +128,39 @@ def _autoattack_factory(version: str, **options):
     def factory(target, *, eps, norm, steps, seed):
         from ..attacks import AutoAttack
         return AutoAttack(target, eps=eps, norm=norm, version=version, seed=seed, **options)
+    return factory
+
+
+#: the native APGD units' budget: AutoAttack standard's (100 iterations, 1 restart, APGD-T on the
+#: 9 classes of highest clean logit after the top one); EOT over 20 gradients on a randomized
+#: model (AutoAttack's "rand" version)
+APGD_ITERS = 100
+APGD_TARGETS = 9
+APGD_EOT_RAND = 20
+
+
+#: APGD's iterations per run are this many times the evaluation's ``steps`` (100 at the default 20)
+APGD_STEPS_FACTOR = APGD_ITERS // 20
+#: APGD-T's targets in the quick suite
+QUICK_TARGETS = 3
+
+
+def apgd_iterations(steps: int) -> int:
+    """The native APGD units' iterations for an evaluation with ``steps`` PGD steps."""
+    return APGD_STEPS_FACTOR * int(steps)
+
+
+def _apgd_factory(loss: str, *, n_targets: int = APGD_TARGETS, eot_iter: int = 1):
+    def factory(target, *, eps, norm, steps, seed):
+        # early stopping: a sample leaves the run once broken (confirmed by the model's own
+        # inference on a DEQ); the samples broken are the plain run's, at a fraction of the cost
+        from ..attacks.apgd import APGD, APGDT
+        iters = apgd_iterations(steps)
+        if loss == "dlr-targeted":
+            return APGDT(target, eps=eps, norm=norm, steps=iters, n_target_classes=n_targets,
+                         eot_iter=eot_iter, seed=seed, early_stop=True)
+        return APGD(target, eps=eps, norm=norm, steps=iters, loss=loss, eot_iter=eot_iter, seed=seed,
+                    early_stop=True)
     return factory
 
 
@@ -244,11 +283,43 @@ def _autoattack_plus_spec(ctx: SuiteContext) -> List[AttackSpec]:
     return [AttackSpec("autoattack-plus", _autoattack_factory("plus"), description="AutoAttack plus (pyautoattack)")]
 
 
+def _pyautoattack_apgd_ce_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec("pyautoattack-apgd-ce", _autoattack_factory("custom", attacks=["apgd-ce"]),
+                       description="pyautoattack's APGD-CE stage alone (100 iterations)")]
+
+
+def _eot(ctx: SuiteContext) -> int:
+    return APGD_EOT_RAND if ctx.randomized else 1
+
+
+def _native(what: str, ctx: SuiteContext) -> str:
+    eot = _eot(ctx)
+    return (f"{what}, {APGD_STEPS_FACTOR} x steps iterations (robustdeq's APGD: the joint "
+            f"iteration on a DEQ whose solves converge, exact solves otherwise; examples judged by "
+            f"the model's inference)" + (f", EOT over {eot} gradients" if eot > 1 else ""))
+
+
 def _apgd_ce_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    return [AttackSpec("apgd-ce", _autoattack_factory("custom", attacks=["apgd-ce"]),
-                       description="APGD-CE alone (pyautoattack: 100 iterations, adaptive step size; "
-                                   "much stronger than fixed-step PGD on adversarially trained DEQs "
-                                   "at large radii, at a fraction of AutoAttack's cost)")]
+    return [AttackSpec("apgd-ce", _apgd_factory("ce", eot_iter=_eot(ctx)),
+                       description=_native("APGD-CE (cross-entropy, adaptive step size)", ctx))]
+
+
+def _apgd_dlr_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    if ctx.num_classes is not None and ctx.num_classes < 3:
+        return []  # the DLR loss needs 3 classes
+    return [AttackSpec("apgd-dlr", _apgd_factory("dlr", eot_iter=_eot(ctx)),
+                       description=_native("APGD-DLR (difference-of-logits-ratio loss)", ctx))]
+
+
+def _apgd_t_builder(name: str, targets: int):
+    def build(ctx: SuiteContext) -> List[AttackSpec]:
+        n = targets if ctx.num_classes is None else min(targets, ctx.num_classes - 1)
+        if ctx.num_classes is not None and ctx.num_classes < 4:
+            return []  # the targeted DLR loss needs 4 classes
+        return [AttackSpec(name, _apgd_factory("dlr-targeted", n_targets=n, eot_iter=_eot(ctx)),
+                           description=_native(f"APGD-T (targeted DLR loss, the {n} classes of "
+                                               "highest clean logit after the top one)", ctx))]
+    return build
 
 
 def _transfer_unrolled_spec(ctx: SuiteContext) -> List[AttackSpec]:
@@ -292,7 +363,10 @@ def _builtin_specs() -> Dict[str, Callable[[SuiteContext], List[AttackSpec]]]:
             specs[name] = _pgd_spec(name, base, needs, what, loss_name)
     for name, fn in (("states", _states_spec), ("state-ensemble", _state_ensemble_spec),
                      ("autoattack", _autoattack_spec), ("autoattack-plus", _autoattack_plus_spec),
-                     ("apgd-ce", _apgd_ce_spec),
+                     ("apgd-ce", _apgd_ce_spec), ("apgd-dlr", _apgd_dlr_spec),
+                     ("apgd-t", _apgd_t_builder("apgd-t", APGD_TARGETS)),
+                     (f"apgd-t{QUICK_TARGETS}", _apgd_t_builder(f"apgd-t{QUICK_TARGETS}", QUICK_TARGETS)),
+                     ("pyautoattack-apgd-ce", _pyautoattack_apgd_ce_spec),
                      ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec),
                      ("pyautoattack-square", _pyautoattack_square_spec),
                      ("torchattacks-square", _torchattacks_square_spec)):
@@ -321,19 +395,22 @@ def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
 
 # the built-in suites (robustdeq.registry.SUITES refers to them by name)
 def _suite_quick(ctx: SuiteContext) -> List[str]:
-    return (["pgd-ift", "pgd-unrolled", "pgd-ift-margin", "pgd-unrolled-margin"] if ctx.has_deq
-            else ["pgd", "pgd-margin"])
+    pgd = ["pgd-ift", "pgd-unrolled"] if ctx.has_deq else ["pgd"]
+    if ctx.randomized:  # AutoAttack's "rand" version's losses, with EOT
+        return pgd + ["apgd-ce", "apgd-dlr"]
+    return pgd + ["apgd-ce", f"apgd-t{QUICK_TARGETS}"]
 
 
 def _suite_standard(ctx: SuiteContext) -> List[str]:
-    names = _suite_quick(ctx)
+    names = (["pgd-ift", "pgd-unrolled"] if ctx.has_deq else ["pgd"]) + ["apgd-ce"]
+    names += ["apgd-dlr"] if ctx.randomized else ["apgd-t", "square"]
     if ctx.trajectory_model is not None:
         names += ["states", "state-ensemble"]
-    return names + ["autoattack"]
+    return names
 
 
 def _suite_full(ctx: SuiteContext) -> List[str]:
-    names = _suite_standard(ctx) + ["autoattack-plus"]
+    names = _suite_standard(ctx) + ["autoattack", "autoattack-plus"]
     if ctx.solver_model:
         names += ["transfer-unrolled"]
     return names
@@ -379,5 +456,6 @@ def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[Att
 
 
 __all__ = ["AttackSpec", "SuiteContext", "SUITES", "ATTACK_SPECS", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
+           "APGD_ITERS", "APGD_TARGETS", "QUICK_TARGETS", "apgd_iterations",
            "register_attack_spec", "register_suite", "builtin_spec", "suite_names",
            "build_suite"]
