@@ -23,8 +23,8 @@ DEMO_TRAIN = {"epochs": 15, "batch_size": 32, "lr": 3e-3}
 DIGITS_STATS = ("mean", "std")
 #: the demo's robustness table: row label -> prefix of the attack specs it reports after
 DEMO_EPS = (0.1, 0.2)  # the Linf radii of the demo's evaluation and of its certificate
-DEMO_ROWS = (("PGD (IFT)", "pgd-ift"), ("PGD (unrolled)", "pgd-unrolled"),
-             ("intermediate-state", "state"), ("AutoAttack standard", "autoattack"))
+DEMO_ROWS = (("PGD (IFT)", "pgd-ift"), ("PGD (unrolled)", "pgd-unrolled"), ("APGD-CE", "apgd-ce"),
+             ("APGD-T", "apgd-t"), ("Square", "square"), ("intermediate-state", "state"))
 
 
 def default_model_options(model: str, dataset: str) -> dict:

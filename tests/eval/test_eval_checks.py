@@ -138,7 +138,7 @@ def test_black_box_square_probe_fires(mlp, data):
     """Without black-box attacks in the suite the check runs torchattacks' Square itself."""
     x, y = data
     with pytest.warns(GradientMaskingWarning, match="black_box_stronger"):
-        rep = evaluate(ReversedGradModel(mlp), x, y, eps=0.3, suite="quick", steps=5,
+        rep = evaluate(ReversedGradModel(mlp), x, y, eps=0.3, suite=["pgd", "pgd-margin"], steps=5,
                        check_config=CheckConfig(enabled=("black_box_stronger",), black_box_queries=100))
     r = rep.check("black_box_stronger")
     assert r.fired and "Square" in r.details["source"]
@@ -341,17 +341,21 @@ def test_check_config_validation():
         CheckConfig(cosine_threshold=2.0)
 
 
-def test_apgd_ce_unit_is_autoattacks_first_stage(mlp, data):
-    """The ``apgd-ce`` attack name runs AutoAttack's APGD-CE stage alone: its per-stage record has
+def test_apgd_ce_units_native_and_pyautoattack(mlp, data):
+    """``pyautoattack-apgd-ce`` runs AutoAttack's APGD-CE stage alone: its per-stage record has
     only that stage, and the unit's robust accuracy is that stage's (oracle: AutoAttack's own
-    bookkeeping of the same run)."""
+    bookkeeping of the same run). ``apgd-ce`` is robustdeq's APGD-CE: the same algorithm (other
+    random starts: the units' seeds differ), within 2 samples of it here."""
     x, y = data
-    rep = evaluate(mlp, x, y, eps=0.1, suite=["apgd-ce"], checks=False)
-    a = rep.result().attack("apgd-ce")
+    rep = evaluate(mlp, x, y, eps=0.1, suite=["pyautoattack-apgd-ce", "apgd-ce"], checks=False)
+    a = rep.result().attack("pyautoattack-apgd-ce")
     assert a.describe["attacks"] == ["apgd-ce"]
     rec = a.describe["robust_accuracy_after"]
     assert [set(b) for b in rec] == [{"n", "clean", "apgd-ce"}] * len(rec)
     n = x.shape[0]
     robust = sum(round(b["n"] * b["apgd-ce"]) for b in rec)
     assert a.accuracy == pytest.approx(robust / n)
+    native = rep.result().attack("apgd-ce")
+    assert native.describe["implementation"] == "robustdeq" and native.describe["steps"] == 100
+    assert abs(native.accuracy - a.accuracy) * n <= 2
     assert a.accuracy < rep.clean_accuracy
