@@ -17,6 +17,15 @@ Trains the small DEQ of ``bench_attacks.py`` (same seed and steps), then runs, i
   repeated evaluations restarted from their converged state); ``--fast-options`` overrides some;
 - ``robustdeq.attacks.AutoAttack(model, warm_memory=False)`` (the adapter's overhead alone).
 
+With ``--suites``, instead: robustdeq's native suites (``quick``, ``standard``; cascaded, no
+checks) against pyautoattack standard called directly on the same samples, for each model of
+``--models`` (``undefended``: the model above; ``pgd-at``: the same architecture trained with
+PGD-AT-7 at ``--eps`` for ``--at-epochs`` epochs; ``contractive``: spectral norm 0.9): CPU time
+ratio, robust accuracy and the per-sample disagreements (samples pyautoattack broke that the
+suite left, and the reverse)::
+
+    python benchmarks/bench_autoattack.py --suites --n 200 --models undefended pgd-at contractive
+
 The solver iterations of each row (forward and adjoint, batch iterations) are counted in one
 extra untimed run per row.
 
@@ -58,8 +67,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fast-options", default=None,
                     help="JSON dict overriding robustdeq.deq.memory.FAST_OPTIONS for the fast_deq row")
+    ap.add_argument("--suites", action="store_true",
+                    help="compare robustdeq's quick and standard suites with pyautoattack standard")
+    ap.add_argument("--models", nargs="*", default=["undefended", "pgd-at", "contractive"],
+                    choices=["undefended", "pgd-at", "contractive"])
+    ap.add_argument("--at-epochs", type=int, default=5)
+    ap.add_argument("--suite-names", nargs="*", default=["quick", "standard"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.suites:
+        return compare_suites(args)
     warnings.simplefilter("ignore")
     import logging
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
@@ -139,6 +156,74 @@ def main(argv=None) -> int:
     print(f"fast_deq options: {fast.fast_deq}")
     print(f"fast_deq memory stats (last run): {getattr(fast, 'last_memory_stats', None)}")
     print(f"warm memory stats (last run): {getattr(mem, 'last_memory_stats', None)}")
+    return 0
+
+
+def _suite_model(kind: str, args):
+    from bench_attacks import train_model
+    if kind != "pgd-at":
+        return train_model(args.hidden, args.train_steps, args.seed, kind == "contractive", args.model)
+    import tempfile
+    from robustdeq.config import TrainConfig
+    from robustdeq.data import load_digits
+    from robustdeq.defenses.recipes import recipe
+    from robustdeq.deq import zoo
+    from robustdeq.train import Trainer
+    torch.manual_seed(args.seed)
+    model = zoo.build(args.model, hidden=args.hidden)
+    rec = recipe("pgd-at", eps=args.eps, steps=7)
+    cfg = TrainConfig(epochs=args.at_epochs, batch_size=128, lr=1e-2, optimizer="adam",
+                      schedule="cosine", seed=args.seed)
+    x, y = load_digits("train")
+    with tempfile.TemporaryDirectory() as d:
+        Trainer(model, rec.objective, cfg, out_dir=d, tensorboard=False).fit(x, y)
+    return model.eval()
+
+
+def compare_suites(args) -> int:
+    """robustdeq's native suites against pyautoattack standard, per model (module docstring)."""
+    import logging
+    from pyautoattack import AutoAttack as PyAutoAttack
+    from robustdeq.attacks import predict
+    from robustdeq.attacks.autoattack import pyautoattack_version
+    from robustdeq.data import load_digits
+    from robustdeq.eval import evaluate
+    logging.getLogger("auto-attack").setLevel(logging.ERROR)
+    xt, yt = load_digits("test")
+    x, y = xt[:args.n].float(), yt[:args.n]
+    print(f"# native suites vs pyautoattack standard: torch {torch.__version__}, pyautoattack "
+          f"{pyautoattack_version()}, {platform.processor() or platform.machine()}, "
+          f"{args.threads} thread(s); {args.model} hidden {args.hidden}, {args.n} test digits, "
+          f"Linf {args.eps}, seed {args.seed}; suites cascaded, checks off; CPU seconds")
+    print()
+    print("| model | clean | pyautoattack standard: robust / CPU s | suite | robust | CPU s | "
+          "time vs pyautoattack | AA broke, suite left | suite broke, AA left |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind in args.models:
+        model = _suite_model(kind, args)
+        clean_ok = predict(model, x) == y
+        c = time.process_time()
+        with torch.random.fork_rng():
+            adv = PyAutoAttack(model, norm="Linf", eps=args.eps, version="standard", seed=args.seed,
+                               device=x.device).run_standard_evaluation(x, y, batch_size=args.n)[0]
+        t_aa = time.process_time() - c
+        aa_robust = (predict(model, adv) == y) & clean_ok
+        for suite in args.suite_names:
+            c = time.process_time()
+            rep = evaluate(model, x, y, eps=args.eps, suite=suite, cascade=True, checks=False,
+                           seed=args.seed)
+            t = time.process_time() - c
+            robust = torch.tensor(rep.result().robust)
+            print(f"| {kind} | {float(clean_ok.float().mean()):.3f} | "
+                  f"{float(aa_robust.float().mean()):.3f} / {t_aa:.1f} | {suite} | "
+                  f"{float(robust.float().mean()):.3f} | {t:.1f} | {t / t_aa:.2f}x | "
+                  f"{int((robust & ~aa_robust).sum())} | {int((~robust & aa_robust).sum())} |",
+                  flush=True)
+            by = {}
+            for who in rep.result().first_success:
+                if who not in (None, "clean"):
+                    by[who] = by.get(who, 0) + 1
+            print(f"<!-- {kind} {suite}: first broken by {by} -->", flush=True)
     return 0
 
 

@@ -1,0 +1,61 @@
+"""The native suites against pyautoattack: what quick and standard run, and quick within 1 point
+of AutoAttack standard on a small trained DEQ (slow)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attack_helpers import digits_test, trained
+from robustdeq.eval import SuiteContext, build_suite, evaluate, trajectory_model
+
+
+def _ctx(model, **kw):
+    base = dict(model=model, trajectory_model=trajectory_model(model), has_deq=True, solver_model=True,
+                randomized=False, horizon=10, max_state=29, num_classes=10)
+    base.update(kw)
+    return SuiteContext(**base)
+
+
+def test_native_units_and_their_budgets():
+    deq = trained("mlp_deq", steps=60, hidden=32)
+    specs = {s.name: s for s in build_suite(["apgd-ce", "apgd-t", "apgd-t3", "apgd-dlr"], _ctx(deq))}
+    atk = specs["apgd-t"].factory(deq, eps=0.1, norm="Linf", steps=20, seed=0)
+    assert (atk.steps, atk.n_target_classes, atk.early_stop) == (100, 9, True)
+    assert specs["apgd-t3"].factory(deq, eps=0.1, norm="Linf", steps=4, seed=0).steps == 20
+    # fewer classes: fewer targets; under 4 classes no APGD-T (the targeted DLR loss needs 4)
+    few = {s.name: s for s in build_suite(["apgd-t"], _ctx(deq, num_classes=5))}
+    assert few["apgd-t"].factory(deq, eps=0.1, norm="Linf", steps=20, seed=0).n_target_classes == 4
+    assert build_suite(["apgd-t", "apgd-ce"], _ctx(deq, num_classes=3))[0].name == "apgd-ce"
+    # a randomized model: AutoAttack's rand version (APGD-CE and APGD-DLR, EOT over 20 gradients)
+    rand = _ctx(deq, randomized=True)
+    names = [s.name for s in build_suite("standard", rand)]
+    assert "apgd-dlr" in names and "apgd-t" not in names and "square" not in names
+    unit = {s.name: s for s in build_suite("quick", rand)}["apgd-ce"]
+    assert unit.factory(deq, eps=0.1, norm="Linf", steps=20, seed=0).eot_iter == 20
+
+
+def test_report_lists_which_attack_broke_which_sample():
+    deq = trained("mlp_deq", steps=60, hidden=32)
+    x, y = digits_test(24)
+    rep = evaluate(deq, x, y, eps=0.15, suite=["pgd-ift", "apgd-ce"], steps=4, checks=False, cascade=True)
+    r = rep.result()
+    md = rep.to_markdown()
+    for a in r.attacks:
+        idx = [i for i, w in enumerate(r.first_success) if w == a.key]
+        assert len(idx) == a.new_successes
+        if idx:
+            assert f"| {a.key} | {', '.join(map(str, idx))} |" in md
+
+
+@pytest.mark.slow
+def test_quick_within_one_point_of_autoattack_on_a_trained_deq():
+    pytest.importorskip("pyautoattack")
+    from robustdeq.attacks import AutoAttack
+    from robustdeq.attacks.base import logits_of
+    deq = trained("mlp_deq", steps=60, hidden=32)
+    x, y = digits_test(100)
+    aa = AutoAttack(deq, eps=0.1, version="standard", seed=0)(x, y)
+    aa_robust = int((logits_of(deq, aa).argmax(1) == y).sum())
+    rep = evaluate(deq, x, y, eps=0.1, suite="quick", cascade=True, checks=False)
+    quick_robust = int(torch.tensor(rep.result().robust).sum())
+    assert quick_robust <= aa_robust + 1
