@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..registry import SUITES
-from .common import (add_eval_args, floats, int_at_least, load_for_eval, out_folder, refuse_without, table,
-                     wrap_flagged)
+from .common import (add_eval_args, floats, int_at_least, json_arg, load_for_eval, out_folder, refuse_without,
+                     table, wrap_flagged)
 
 
 def add_parsers(sub) -> None:
@@ -30,6 +30,9 @@ def add_parsers(sub) -> None:
                    help="bracket: smoothing noise samples (default 1000)")
     e.add_argument("--srs-steps", type=int_at_least(0), default=0,
                    help="bracket: SRS solver steps (default 0: independent)")
+    e.add_argument("--solver-options", default=None, metavar="JSON",
+                   help="solve the DEQ with this solver config for the whole evaluation instead of its "
+                        "own, e.g. '{\"name\": \"anderson\", \"max_iter\": 100, \"tol\": 1e-6}'")
     e.add_argument("--strict", action="store_true",
                    help="exit with status 3 when a certified sample is broken by an attack (soundness alarm)")
     e.set_defaults(func=cmd_eval)
@@ -53,11 +56,15 @@ def cmd_eval(args) -> int:
     eps = list(floats(args.eps, "--eps"))
     out_folder(args.out)
     certify = bracket_spec(args)  # its errors before the model and data are loaded
+    solver = None
+    if args.solver_options is not None:
+        from ..config import SolverConfig, from_dict
+        solver = from_dict(SolverConfig, json_arg(args.solver_options, "--solver-options"))
     model, x, y = load_for_eval(args)
     rep = evaluate(model, x, y, threat=args.norm, eps=eps, suite=args.suite,
                    steps=args.steps, seed=args.seed, out_dir=args.out, resume=not args.no_resume,
                    progress=not args.no_progress, tensorboard=bool(args.out), certify=certify,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, solver=solver)
     print(rep.to_markdown())
     if rep.fired:
         print(f"\nchecks that fired: {', '.join(rep.fired)}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
-from ..config import Norm, check_radii, from_dict, strict_init, to_dict
+from ..config import Norm, SolverConfig, check_radii, from_dict, strict_init, to_dict
 from ..errors import ConfigError, reject_unknown
 
 
@@ -44,8 +44,11 @@ class EvalProtocol:
     seed: int = 0
     batch_size: int = 128
     cascade: bool = False
+    solver: Optional[SolverConfig] = None
 
     def __post_init__(self):
+        if self.solver is not None:
+            object.__setattr__(self, "solver", from_dict(SolverConfig, self.solver))
         object.__setattr__(self, "eps", check_radii(self.eps, "eps", positive=True, distinct=True, required=True))
         if isinstance(self.suite, list):  # a list of attacks is kept as a tuple (hashable)
             object.__setattr__(self, "suite", tuple(self.suite))
@@ -66,7 +69,8 @@ class EvalProtocol:
         the report names it (the names of a list's attacks), default ``suite``."""
         return {"threat": self.norm, "eps": list(self.eps), "steps": self.steps, "seed": self.seed,
                 "batch_size": self.batch_size, "cascade": self.cascade,
-                "suite": self.suite if suite_label is None else suite_label}
+                "suite": self.suite if suite_label is None else suite_label,
+                **({"solver": to_dict(self.solver)} if self.solver is not None else {})}
 
     def replace(self, **changes) -> "EvalProtocol":
         return dataclasses.replace(self, **changes)

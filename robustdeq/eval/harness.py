@@ -252,6 +252,10 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
         cascade: run each attack only on the samples every earlier attack left robust (as
             AutoAttack does: much cheaper with expensive attacks; the robust flags are the same
             worst case, but an attack's accuracy *alone* is then undefined and reported as None).
+        solver: a :class:`~robustdeq.config.SolverConfig` (or mapping) the DEQ is solved with for
+            the whole evaluation (clean pass, attacks, judgement) instead of its own; the model
+            itself is not changed (the evaluation runs on a shallow copy sharing its parameters).
+            Only for a model that runs a solver.
 
     Run options:
         out_dir: write ``partial/`` units as they finish, then ``report.json``, ``report.md`` and
@@ -282,10 +286,26 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
     """
     t_start = time.perf_counter()
     x, y = _validate_data(model, x, y)
-    ev = _begin(model, x, y, *split_options(config, **options))
+    protocol, run = split_options(config, **options)
+    model = _with_solver(model, protocol.solver)
+    ev = _begin(model, x, y, protocol, run)
     from .. import runlock
     with runlock.hold_group(ev.run.out_dir, ev.dist_ctx):  # one run per output folder (rank 0 owns it)
         return _evaluate(ev, model, t_start)
+
+
+def _with_solver(model: nn.Module, solver) -> nn.Module:
+    """``model`` solved with ``solver`` (None: the model itself): a shallow copy sharing every
+    parameter, buffer and submodule, whose own ``solver_config`` is ``solver``."""
+    if solver is None:
+        return model
+    if not is_solver_model(model):
+        raise ConfigError(f"solver= is for a model that runs a fixed-point solver (a DEQ); "
+                          f"{type(model).__name__} has none")
+    import copy
+    view = copy.copy(model)
+    view.solver_config = solver
+    return view
 
 
 def _evaluate(ev: "_Evaluation", model: nn.Module, t_start: float) -> EvalReport:
