@@ -109,8 +109,8 @@ class AutoAttack(Attack):
             solves on a shrinking batch, is off: slower here). ``True`` or a dict overriding
             some of those options; with ``warm_memory=True`` as well, forward warm starts on any
             cell. The forward logits stay the model's own function (to its solver's tolerance,
-            on a contractive cell with forward warm starts). Off by default: it misses issue 13's time target (benchmarks/RESULTS.md,
-            "Speed (issue 13)").
+            on a contractive cell with forward warm starts). Off by default: the forward solves,
+            which must stay the model's own, dominate AutoAttack's time, so the saving is small.
 
     The returned ``x_adv`` is pyautoattack's: an adversarial example where one was found, the
     clean input otherwise. The last adversary object is kept as ``last_adversary``.

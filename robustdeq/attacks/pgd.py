@@ -182,9 +182,8 @@ class PGD(Attack):
             ``"joint"``: the joint iteration regardless of convergence.
             The joint iteration (:class:`robustdeq.deq.joint.JointInputGradient`) carries the DEQ
             state and the adjoint across steps (a few solver iterations and adjoint sweeps per
-            step); it costs about 0.15-0.25x torchattacks' PGD on the same DEQ at the same robust
-            accuracy on DEQs whose solves converge (benchmarks/RESULTS.md "Speed (issue 13)"),
-            and was 5.9 points weaker on a conv DEQ whose solves never converge (hence the
+            step); it costs a fraction of exact PGD at the same robust accuracy on DEQs whose
+            solves converge, and is weaker on DEQs whose solves never converge (hence the
             convergence condition of ``"auto"``). Its iterates are not the model's solves, so its
             final examples are judged per sample by the model's own (cold) inference: the last
             iterate, the iterate of lowest margin on the iteration's logits and the latest

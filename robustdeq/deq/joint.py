@@ -1,4 +1,4 @@
-"""A joint forward / adjoint / input iteration for attacks on a DEQ (JIIO-style PGD, issue 13).
+"""A joint forward / adjoint / input iteration for attacks on a DEQ (JIIO-style PGD).
 
 Exact PGD on a DEQ solves, at every step, the forward fixed point ``z = f(z, u(x))`` and the
 adjoint ``mu = J_z^T mu + g`` to tolerance. :class:`JointInputGradient` instead carries ``z`` and

@@ -1,4 +1,4 @@
-"""A per-sample warm-start memory across an external attack's calls to a DEQ (issue 13).
+"""A per-sample warm-start memory across an external attack's calls to a DEQ.
 
 An attack library such as pyautoattack calls the model many times on the same clean batch: on
 subsets of it and at perturbed points of the same samples (APGD's iterates, Square's queries).

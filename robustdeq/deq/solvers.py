@@ -399,9 +399,8 @@ class Anderson(Solver):
     the map's own (transient growth of non-normal maps, or an unstable fixed point that only
     Anderson can find) and triggers nothing. Restarting Anderson on residual growth is the usual
     safeguard (Fang & Saad 2009; Zhang, O'Donoghue & Boyd 2020 fall back to the plain step).
-    Unguarded Anderson diverges on non-normal contractions such as ``A = 0.5 I + 0.6 N`` (``N``
-    the shift; 16 dimensions): after 100 iterations 2 % of samples converged (abs. tol 1e-5)
-    where plain iteration converges in 70 iterations; guarded, all converge in 55.
+    Unguarded Anderson can diverge on non-normal contractions such as ``A = 0.5 I + 0.6 N``
+    (``N`` the shift) where the plain iteration converges; guarded, it converges there too.
     ``safeguard=0`` turns it off.
     """
 

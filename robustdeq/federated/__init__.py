@@ -47,9 +47,9 @@ the average. With equal quality the rule is exactly FedAvg, and one client gives
 parameters. The exact rule of the paper was not available to us; this is our instance of its
 principle.
 
-Measured (``benchmarks/RESULTS.md``): with 3 Anderson iterations a digits client stops at a
-relative residual of about 7e-2 at a rate of about 0.3 per iteration, so ``e_k`` is 0.08-0.12
-and ``q_k`` 0.88-0.92: its update is mostly right. The first rule of this package,
+A client with a small budget (a few Anderson iterations) typically stops at a residual well above
+the tolerance but converges at a good rate, so ``e_k`` is small and ``q_k`` near 1: its update is
+mostly right. The first rule of this package,
 ``q_k = sqrt(tol_k / r_k)`` (``fusion="tolerance"``, kept for comparison), gave those clients
 ``q_k`` of about 0.12, i.e. weighed the residual against the tolerance instead of against the
 state; under label skew that removed most of their labels from the average and cost accuracy.

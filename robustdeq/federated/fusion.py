@@ -20,7 +20,7 @@ passed :func:`check_update`, with ``w_k = n_k q_k / sum_j n_j q_j`` (``sum_k w_k
 - ``tolerance``: ``q_k = max(q_min, min(1, sqrt(tol_k / r_k)))`` (``r_k`` = ``mean_residual``,
   ``r_k = 0`` gives 1): the first quality rule of this package, kept for comparison; it measures
   the residual against the tolerance the user picked, not against the state, and weighs the
-  truncated clients far down (see ``benchmarks/RESULTS.md``).
+  truncated clients far down.
 - ``accuracy``: ``q_k = max(q_min, a_k)``, ``a_k`` the client's local validation accuracy.
 - any callable ``rule(updates) -> q`` (one non-negative number per update).
 
@@ -36,9 +36,9 @@ buffers ``u``, ``v`` are the state of a power iteration (one step per training f
 average of the clients' ``u`` (or ``v``) vectors is *not* the singular vector of the averaged
 ``W_orig``: it is shorter (the clients' vectors point in different directions when the leading
 singular values are close), so ``u^T W_orig v`` underestimates ``||W_orig||_2`` and the fused DEQ
-layer is no longer the contraction it was built to be (measured on digits, 8 clients, Dirichlet
-0.5: ``||u||`` 0.24, ``||v||`` 0.21 and an effective ``||W||_2`` of 24.7 instead of 0.9 after 6
-FedAvg rounds; the global model's solver then stops at residuals 50x the tolerance).
+layer is no longer the contraction it was built to be (under label skew the effective
+``||W||_2`` can grow far above the scale, and the global model's solver then stops far above its
+tolerance).
 :func:`refresh_spectral_norms` therefore recomputes ``u``, ``v`` exactly (the leading singular
 pair of the fused ``W_orig``, signs aligned with the averaged vectors) after every fusion; the
 parameters themselves are not changed, and the fused layer again has ``||W||_2 = scale``.
