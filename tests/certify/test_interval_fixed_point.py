@@ -190,4 +190,4 @@ def test_corners_enumerated_for_a_tiny_input_stay_inside():
     assert bool((z >= lo.double() - 1e-6).all()) and bool((z <= hi.double() + 1e-6).all())
     # and the box is not loose by orders of magnitude: its width is comparable to the spread of z*
     spread = (z.max(0).values - z.min(0).values).max()
-    assert float((hi - lo).max()) < 50 * float(spread) + 1e-6
+    assert float((hi - lo).detach().max()) < 50 * float(spread) + 1e-6
