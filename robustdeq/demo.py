@@ -142,8 +142,8 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
                            "checkpoint": str(out / defense / "checkpoint.pt")}
     reports = {}
     for name, m in (("undefended", model), (defense, hard)):
-        say(f"\nevaluating the {name} model on {n} test samples (standard suite, AutoAttack included: "
-            "minutes)")
+        say(f"\nevaluating the {name} model on {n} test samples (standard suite: native APGD, "
+            "Square and intermediate-state attacks)")
         reports[name] = _evaluate(m, xs, ys, out / f"eval_{name}", progress)
     tables = {name: demo_rows(rep) for name, rep in reports.items()}
     header = ["attack (accuracy after it, Linf)"] + [f"{name} eps {e}" for name in tables for e in tables[name]]

@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
     d.add_argument("--out", default="robustdeq-demo", help="output folder (default ./robustdeq-demo)")
     d.add_argument("--epochs", type=int_at_least(1), default=None, help="override the number of training epochs")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--samples", type=int_at_least(1), default=100, help="test samples for the evaluation and certificate (AutoAttack on a DEQ costs about a second per sample)")
+    d.add_argument("--samples", type=int_at_least(1), default=100, help="test samples for the evaluation and certificate")
     d.add_argument("--defense", default="jiio-at", help="training recipe of the hardened model (see robustdeq train)")
     d.add_argument("--skip-eval", action="store_true", help="only train and report the undefended DEQ")
     d.add_argument("--no-progress", action="store_true")
