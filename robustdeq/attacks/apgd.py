@@ -196,9 +196,11 @@ class APGD(Attack):
         single run (``acc`` judged on the oracle's logits; ``y_loss`` is what the loss gets).
 
         With ``early_stop``, a sample leaves the run once it is broken (on a DEQ: once the
-        model's own inference confirms the oracle's success); every sample's iterates are the
-        plain run's until then (the algorithm is per sample), so the samples broken are the
-        same and the cost falls with them."""
+        model's own inference confirms the oracle's success). Off a DEQ every sample's iterates
+        are the plain run's until then (the algorithm is per sample), so the samples broken are
+        the same and the cost falls with them; on a DEQ the batch's solves (a solver's stopping
+        rule, the joint iteration's choice of inner solver) couple the samples a little, so a
+        shrinking batch can break a few samples more or fewer."""
         oracle = self.oracle
         oracle.reset()
         n_iter, b = self.steps, x.shape[0]

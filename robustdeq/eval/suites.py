@@ -153,7 +153,8 @@ def apgd_iterations(steps: int) -> int:
 def _apgd_factory(loss: str, *, n_targets: int = APGD_TARGETS, eot_iter: int = 1):
     def factory(target, *, eps, norm, steps, seed):
         # early stopping: a sample leaves the run once broken (confirmed by the model's own
-        # inference on a DEQ); the samples broken are the plain run's, at a fraction of the cost
+        # inference on a DEQ); off a DEQ the samples broken are the plain run's, at a fraction
+        # of the cost
         from ..attacks.apgd import APGD, APGDT
         iters = apgd_iterations(steps)
         if loss == "dlr-targeted":
