@@ -255,7 +255,7 @@ def logit_lipschitz(model: nn.Module):
     if isinstance(cell, MLPCell):
         L = norm2(cell.weight_matrix())
         if not float(L.detach()) < 1:
-            raise ConfigError(f"Lipschitz-margin training: the MLP cell has ||W||_2 = {float(L):.4g} >= 1, "
+            raise ConfigError(f"Lipschitz-margin training: the MLP cell has ||W||_2 = {float(L.detach()):.4g} >= 1, "
                               "so it has no certified Lipschitz bound; use norm='spectral' with scale < 1")
         lip_u_z = 1.0 / (1.0 - L)
     elif isinstance(cell, MonotoneCell):
