@@ -19,15 +19,6 @@ BASE = {"clients": 2, "rounds": 1, "partition": "iid", "budgets": [30], "eval_su
         "local_epochs": 1, "seed": 0}
 
 
-@pytest.fixture
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 class _Grid:
     """The real ``clientapp`` run in this process, one virtual SuperNode per client; a client
     that raises past the ClientApp gives an error reply, as in Flower."""
