@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..registry import DATASETS, MODELS, SOLVERS, SUITES
-from .common import int_at_least, json_arg, out_folder, positive_float, table
+from .common import add_device_arg, device_of, int_at_least, json_arg, out_folder, positive_float, table
 
 
 def add_parser(sub) -> None:
@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     f.add_argument("--local-epochs", type=int_at_least(1), default=1)
     f.add_argument("--batch-size", type=int_at_least(1), default=32)
     f.add_argument("--lr", type=positive_float, default=3e-3)
-    f.add_argument("--model", default="mlp_deq", help=f"zoo name ({', '.join(MODELS.names())})")
+    f.add_argument("--model", default=None, help=f"zoo name ({', '.join(MODELS.names())}; default: mlp_deq, "
+                   "or the architecture of a --defense that has its own, such as lyadeq)")
     f.add_argument("--model-options", default=None, help="JSON model options")
     f.add_argument("--dataset", default="digits", choices=[d for d in DATASETS.names() if d != "mnist5k"])
     f.add_argument("--data-root", default=None)
@@ -33,6 +34,7 @@ def add_parser(sub) -> None:
     f.add_argument("--timeout", type=positive_float, default=600.0, help="seconds to wait for a round's replies")
     f.add_argument("--cpus", type=int_at_least(1), default=1, help="cores of the simulation engine (default 1)")
     f.add_argument("--seed", type=int, default=0)
+    add_device_arg(f)
     f.add_argument("--out", required=True, help="output folder (summary.json, report.md, accuracy.png, checkpoint.pt, tb/)")
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("--no-resume", action="store_true", help="start again even if the folder holds a run")
@@ -42,7 +44,14 @@ def add_parser(sub) -> None:
 def cmd_federate(args) -> int:
     """Federated DEQ training in Flower's simulation engine (the ``federated`` extra)."""
     from ..federated import FederatedConfig, parse_budgets
+    from ..defenses.recipes import recipe
+    from ..errors import ConfigError
     from ..federated.run import federate
+    rec = recipe(args.defense, **json_arg(args.defense_options, "--defense-options"))
+    if rec.model is not None and args.model is not None and args.model != rec.model:
+        raise ConfigError(f"--defense {args.defense} trains its own architecture ({rec.model}), not "
+                          f"--model {args.model}: drop --model or choose another defense")
+    device = device_of(args)  # a device that is not there: said before anything is written
     out = out_folder(args.out)
     cfg = FederatedConfig.from_dict({
         "clients": args.clients, "rounds": args.rounds, "partition": args.partition,
@@ -52,7 +61,7 @@ def cmd_federate(args) -> int:
         "lr": args.lr, "dataset": args.dataset, "data_root": args.data_root, "model": args.model,
         **({"model_options": json_arg(args.model_options, "--model-options")} if args.model_options else {}),
         "seed": args.seed, "eval_suite": args.eval_suite, "eval_samples": args.eval_samples,
-        "eval_eps": args.eps, "eval_steps": args.steps, "client_timeout": args.timeout,
+        "eval_eps": args.eps, "eval_steps": args.steps, "client_timeout": args.timeout, "device": device,
     })
     res = federate(cfg, out, progress=not args.no_progress, resume=not args.no_resume, cpus=args.cpus)
     rows = [[str(r["round"]), f"{r['accuracy']:.4f}",

@@ -19,7 +19,7 @@ from ..config import Norm, strict_init, coerce_enum, from_dict, to_dict
 from ..errors import ConfigError
 
 __all__ = ["FederatedConfig", "Norm", "FUSIONS", "FAULTS", "EVAL_SUITES", "DEFAULT_MODEL_OPTIONS",
-           "parse_partition", "parse_budgets", "client_budget", "config_hash"]
+           "parse_partition", "parse_budgets", "client_budget", "config_hash", "resolve_device"]
 
 FUSIONS = ("fedavg", "quality", "tolerance", "accuracy")
 FAULTS = ("raise", "nan", "inf", "shape", "hang")
@@ -81,6 +81,18 @@ class FederatedConfig:
         local_epochs, batch_size, lr, optimizer: local training of each round (fresh optimizer
         every round, constant learning rate).
 
+    Model:
+        model: a zoo name; ``None`` (the default) trains the recipe's own architecture if it has
+        one (``lyadeq``), else ``mlp_deq``; a model named together with a recipe that imposes
+        another architecture is an error. The built config holds the name trained.
+        model_options: its options (``None``: the MLP defaults for the MLP architectures).
+
+    device: where the clients train and the server evaluates: ``"cpu"``, ``"cuda"``,
+        ``"cuda:K"`` or ``"mps"``; ``None`` (the default): CUDA when present, else the CPU, decided
+        by each process that computes. Parameters always travel and are checkpointed as CPU
+        tensors. A device missing on this machine is refused when the run starts (before round
+        1). The device is not part of :func:`config_hash`: a run may be resumed on another device.
+
     Server:
         rounds; fusion: ``"fedavg"`` (w_k ~ n_k), ``"quality"`` (w_k ~ n_k q_k, q_k = 1 - the
         client's estimated distance from the equilibrium), ``"tolerance"`` (q_k = sqrt(tol/r_k),
@@ -116,7 +128,7 @@ class FederatedConfig:
     optimizer: str = "adam"
     dataset: str = "digits"
     data_root: Optional[str] = None
-    model: str = "mlp_deq"
+    model: Optional[str] = None
     model_options: Optional[Dict[str, Any]] = None
     val_fraction: float = 0.2
     min_client_samples: int = 10
@@ -128,11 +140,18 @@ class FederatedConfig:
     eval_threat: Norm = Norm.LINF
     client_timeout: float = 600.0
     faults: Dict[str, str] = field(default_factory=dict)
+    device: Optional[str] = None
 
     def __post_init__(self):
         def bad(msg: str):
             raise ConfigError(f"FederatedConfig.{msg}")
 
+        from ..config import _DEVICE
+        if self.device is not None and not (isinstance(self.device, str) and _DEVICE.match(self.device)):
+            bad(f"device must be 'cpu', 'cuda', 'cuda:K' or 'mps' (or None: CUDA when present, else "
+                f"the CPU), got {self.device!r}")
+        if self.model is not None and not isinstance(self.model, str):
+            bad(f"model must be a zoo name (or None), got {type(self.model).__name__}")
         if self.clients < 1:
             bad(f"clients must be >= 1, got {self.clients}")
         if self.rounds < 1:
@@ -174,10 +193,10 @@ class FederatedConfig:
             bad(f"client_timeout must be > 0 seconds, got {self.client_timeout}")
         if self.model_options is None:  # the MLP defaults, for the MLP architectures only
             from ..defenses.recipes import RECIPES as _recipes, recipe as _recipe
-            trained = self.model
+            trained = self.model or "mlp_deq"
             if self.defense in _recipes and isinstance(self.defense_options, Mapping):
                 try:
-                    trained = _recipe(self.defense, **dict(self.defense_options)).model or self.model
+                    trained = _recipe(self.defense, **dict(self.defense_options)).model or trained
                 except ConfigError:
                     pass  # reported below, by the recipe check
             object.__setattr__(self, "model_options",
@@ -203,9 +222,10 @@ class FederatedConfig:
         # the recipe name and its options are checked here, not on the clients
         from ..defenses.recipes import recipe
         rec = recipe(self.defense, **dict(self.defense_options))
-        if rec.model is not None and self.model not in (rec.model, "mlp_deq"):
+        if rec.model is not None and self.model is not None and self.model != rec.model:
             bad(f"defense {self.defense!r} trains its own architecture ({rec.model}), not model "
                 f"{self.model!r}: drop the model or choose another defense")
+        object.__setattr__(self, "model", rec.model or self.model or "mlp_deq")  # the one trained
         for key in ("eps_warmup", "warmup", "ramp"):
             if self.defense_options.get(key):
                 bad(f"defense_options: {key} is not available in federated training (each round's local "
@@ -257,14 +277,34 @@ class FederatedConfig:
         return rec.model or self.model
 
 
+def resolve_device(device: Optional[str]):
+    """The ``torch.device`` a federated process computes on: ``device`` (a
+    :attr:`FederatedConfig.device`) if this machine has it, ``None``: CUDA when present, else the
+    CPU. A device this machine lacks is a :class:`ConfigError` naming it."""
+    import torch
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use 'cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {device!r}: MPS is not available on this machine (use 'cpu')")
+    return dev
+
+
 def client_budget(cfg: FederatedConfig, client: int) -> int:
     """The solver budget (maximum iterations) of client ``client``."""
     return int(cfg.budgets[client % len(cfg.budgets)])
 
 
-def config_hash(cfg: FederatedConfig, *, ignore: Tuple[str, ...] = ("rounds", "client_timeout")) -> str:
+def config_hash(cfg: FederatedConfig, *,
+                ignore: Tuple[str, ...] = ("rounds", "client_timeout", "device")) -> str:
     """Hash of the settings that decide the trajectory of a run (a resumed run must match it);
-    ``rounds`` is left out so that a finished run can be extended."""
+    ``rounds`` is left out so that a finished run can be extended, ``device`` so that a run can
+    be resumed on another machine."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .config import FederatedConfig, client_budget
+from .config import FederatedConfig, client_budget, resolve_device
 from .partition import partition_indices, split_validation
 
 logger = logging.getLogger(__name__)
@@ -142,11 +142,13 @@ def state_error(model: nn.Module, x: Tensor, tol: float, batch_size: int = 256) 
     try:
         with torch.no_grad():
             for i in range(0, x.shape[0], batch_size):
-                eq = model.run(x[i:i + batch_size], record="all")
+                xb = x[i:i + batch_size]
+                p = next(iter(model.parameters()), None)
+                eq = model.run(xb if p is None else xb.to(p.device), record="all")
                 steps = [t.step for t in eq.trajectory]
                 if not steps:
                     continue
-                res = torch.stack([t.residual.double() for t in eq.trajectory])      # (K, B)
+                res = torch.stack([t.residual.double().cpu() for t in eq.trajectory])  # (K, B)
                 step = torch.tensor(steps, dtype=torch.float64)
                 seen = torch.isfinite(res)
                 # r_0: the first evaluated residual; r_s: the lowest one (the iterate a solver
@@ -204,8 +206,9 @@ def train_client(cfg: FederatedConfig, client: int, global_state: Dict[str, Tens
     """Local training of client ``client`` in round ``server_round`` from ``global_state``.
 
     The client trains ``cfg.local_epochs`` epochs with the recipe ``cfg.defense`` and its own
-    solver budget (``budget``, default ``client_budget(cfg, client)``), then measures its model on
-    its validation samples with that same budget.
+    solver budget (``budget``, default ``client_budget(cfg, client)``) on ``cfg.device``
+    (:func:`~robustdeq.federated.config.resolve_device`), then measures its model on its
+    validation samples with that same budget; the returned state is on the CPU.
 
     Returns:
         :class:`ClientResult` with ``metrics``: ``client``, ``num_examples``, ``budget``, ``tol``,
@@ -230,7 +233,8 @@ def train_client(cfg: FederatedConfig, client: int, global_state: Dict[str, Tens
     rec = recipe(cfg.defense, **dict(cfg.defense_options))
     seed = derive_seed(cfg.seed, "train", server_round, client)
     train_cfg = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                 "optimizer": cfg.optimizer, "schedule": "constant", "seed": seed}
+                 "optimizer": cfg.optimizer, "schedule": "constant", "seed": seed,
+                 "device": str(resolve_device(cfg.device))}  # the update still travels on the CPU
     t0 = time.perf_counter()
     hist = Trainer(model, rec.objective, train_cfg, out_dir=None, tensorboard=False).fit(
         data.x_train, data.y_train, resume=False)

@@ -73,16 +73,19 @@ def federate(config: Union[FederatedConfig, Mapping[str, Any], None] = None,
 
     Raises:
         MissingExtraError: Flower is not installed (the ``federated`` extra).
-        ConfigError: before round 1: a user registration the clients cannot import, more clients
-            than training samples, a multi-process launch (torchrun).
+        ConfigError: before round 1: a device this machine lacks, a user registration the
+            clients cannot import, more clients than training samples, a multi-process launch
+            (torchrun).
         TrainingError: a round in which no client's update was fused (each client's reason named).
     """
     cfg = FederatedConfig.from_dict(config)
     require_flwr()
     refuse_multiprocess_launch()
     # before Flower starts: registrations the clients cannot import, clients without samples
+    from .config import resolve_device
     from .local import check_shards
     from .plugins import user_registrations
+    resolve_device(cfg.device)  # a device this machine lacks
     user_registrations(cfg)
     check_shards(cfg)
     from .. import runlock

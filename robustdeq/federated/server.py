@@ -5,7 +5,7 @@ and the run's config to every node and fuses the accepted replies; nodes that do
 ``client_timeout`` are dropped from the round. The power-iteration buffers of spectral norms are
 then recomputed for the fused weights (:func:`~robustdeq.federated.fusion.refresh_spectral_norms`).
 The new global model is evaluated with the robustdeq harness (clean accuracy on the test split,
-and the chosen suite on ``eval_samples`` test samples), the round is logged to TensorBoard (``out_dir/tb``), and a checkpoint
+and the chosen suite on ``eval_samples`` test samples, on ``cfg.device``), the round is logged to TensorBoard (``out_dir/tb``), and a checkpoint
 (``out_dir/checkpoint.pt``: global weights, round, history, config hash; atomic, loadable with
 ``weights_only=True``) plus ``summary.json``, ``report.md`` and ``accuracy.png`` are written. A
 later run on the same ``out_dir`` with the same settings continues after the last completed
@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from ..errors import CheckpointError, TrainingError
-from .config import FederatedConfig, client_budget, config_hash
+from .config import FederatedConfig, client_budget, config_hash, resolve_device
 from .fusion import refresh_spectral_norms
 from .local import build_model, check_shards, model_config, transferable_state
 
@@ -141,10 +141,12 @@ def _run_rounds(grid, cfg: FederatedConfig, out_dir, *, strategy, progress, resu
     # user registrations travel to the clients (or the run is refused now, before round 1)
     strategy.config[REGISTRATIONS_KEY] = user_registrations(cfg)
     check_shards(cfg)  # every client has training samples (known before round 1)
+    device = resolve_device(cfg.device)  # a device this machine lacks: refused before round 1
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     mcfg = model_config(cfg)
     state = transferable_state(model)
+    model.to(device)  # the per-round evaluation runs there; states and checkpoints stay on the CPU
     history: List[Dict[str, Any]] = []
     start = 1
     ck_path = out / "checkpoint.pt" if out is not None else None
