@@ -42,6 +42,8 @@ def _same(a, b):
     ("pgd-at", {"eps": 0.1, "steps": 2}),                      # random start: torch's global RNG
     ("pgd-at", {"eps": 0.1, "steps": 2, "seed": 5}),           # the objective's own generator
     ("pgd-at-random-state", {"eps": 0.1, "steps": 2}),         # sampled intermediate states
+    ("trades", {"eps": 0.1, "steps": 2}),                      # small Gaussian start of the KL attack
+    ("jiio-at", {"eps": 0.1, "iters": 3, "random_start": True}),  # joint input-state iteration
 ])
 def test_interrupted_run_resumes_bit_identically(tmp_path, defense, options):
     x, y = _data()
