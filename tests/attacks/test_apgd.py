@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from attack_helpers import check_ball, digits_test, trained
+from helpers.attacks import check_ball
 from robustdeq.attacks import build
 from robustdeq.attacks.apgd import (APGD, APGDT, checkpoints, dlr_per_sample,
                                     dlr_targeted_per_sample)
@@ -110,19 +110,19 @@ def _same_as_pyautoattack(model, x, y, norm, eps, steps):
 
 
 @pytest.mark.parametrize("norm,eps", [("Linf", 0.1), ("L2", 0.8)])
-def test_apgd_matches_pyautoattack_on_the_feed_forward_baseline(norm, eps):
+def test_apgd_matches_pyautoattack_on_the_feed_forward_baseline(norm, eps, digits_test, trained_model):
     x, y = digits_test(24)
-    _same_as_pyautoattack(trained("ff_mlp", hidden=32).eval(), x, y, norm, eps, steps=8)
+    _same_as_pyautoattack(trained_model("ff_mlp", hidden=32).eval(), x, y, norm, eps, steps=8)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("Linf", 0.1), ("L2", 0.8)])
-def test_apgd_matches_pyautoattack_on_a_small_cnn(norm, eps):
+def test_apgd_matches_pyautoattack_on_a_small_cnn(norm, eps, digits_test, trained_model):
     x, y = digits_test(200)
-    _same_as_pyautoattack(trained("ff_cnn", steps=60).eval(), x, y, norm, eps, steps=25)
+    _same_as_pyautoattack(trained_model("ff_cnn", steps=60).eval(), x, y, norm, eps, steps=25)
 
 
-def test_eot_beats_single_samples_on_a_randomized_model():
+def test_eot_beats_single_samples_on_a_randomized_model(digits_test, trained_model):
     """A randomized model whose random term moves the logits little (``0.1 sin(100 r.x) a``
     with ``r`` drawn per call) but dominates a single gradient: APGD with eot_iter=32 averages
     that noise out and breaks clearly more samples (judged by the noise-free part) than with one
@@ -138,7 +138,7 @@ def test_eot_beats_single_samples_on_a_randomized_model():
             r = torch.randn_like(f)
             return self.base(x) + 0.1 * torch.sin(100 * (r * f).sum(1, keepdim=True)) * self.a
 
-    base = trained("ff_mlp", hidden=32)
+    base = trained_model("ff_mlp", hidden=32)
     model = Noisy(base).eval()
     x, y = digits_test(64)
 
@@ -155,8 +155,8 @@ def test_eot_beats_single_samples_on_a_randomized_model():
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
-def test_apgd_on_a_deq_is_judged_by_the_models_inference_and_leaves_it_untouched():
-    deq = trained("mlp_deq", steps=60, hidden=32)
+def test_apgd_on_a_deq_is_judged_by_the_models_inference_and_leaves_it_untouched(digits_test, trained_model):
+    deq = trained_model("mlp_deq", steps=60, hidden=32)
     x, y = digits_test(32)
     before = {k: v.clone() for k, v in deq.state_dict().items()}
     deq.train()
@@ -172,8 +172,8 @@ def test_apgd_on_a_deq_is_judged_by_the_models_inference_and_leaves_it_untouched
     assert exact.last_stats["runs"][0]["method"] == "exact"
 
 
-def test_apgd_registry_names_and_bad_options():
-    ff = trained("ff_mlp", hidden=32)
+def test_apgd_registry_names_and_bad_options(digits_test, trained_model):
+    ff = trained_model("ff_mlp", hidden=32)
     assert isinstance(build("apgd-ce", ff, eps=0.1), APGD)
     assert build("apgd-t", ff, eps=0.1).name.startswith("APGD-T")
     assert build("apgd-dlr", ff, eps=0.1).loss == "dlr"

@@ -6,14 +6,18 @@ import torch
 
 import robustdeq.attacks as A
 
-from attack_helpers import check_ball, digits_test, trained
+from helpers.attacks import check_ball
 
 EPS = 0.1
 
 
-def batch(dtype=torch.float32, n=8):
-    x, y = digits_test(n)
-    return x.to(dtype), y
+@pytest.fixture(scope="module")
+def batch(digits_test):
+    """``batch(dtype=float32, n=8)``: the first ``n`` test digits in ``dtype``."""
+    def make(dtype=torch.float32, n=8):
+        x, y = digits_test(n)
+        return x.to(dtype), y
+    return make
 
 
 # every attack, as a factory (model -> attack); AutoAttack and torchattacks kept small
@@ -46,8 +50,8 @@ DEQ_ONLY = {"pgd-phantom", "pgd-unrolled", "pgd-full", "state", "state-ensemble"
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_every_attack_respects_ball_box_dtype_device_and_seed(name, dtype):
-    model = trained("mlp_deq", hidden=32).to(dtype)
+def test_every_attack_respects_ball_box_dtype_device_and_seed(name, dtype, trained_model, batch):
+    model = trained_model("mlp_deq", hidden=32).to(dtype)
     x, y = batch(dtype)
     rng_before = torch.get_rng_state()
     a1 = FACTORIES[name](model, 3)(x, y)
@@ -64,8 +68,8 @@ def test_every_attack_respects_ball_box_dtype_device_and_seed(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(set(FACTORIES) - DEQ_ONLY))
-def test_every_generic_attack_runs_on_a_feed_forward_model(name):
-    model = trained("ff_mlp", hidden=32)
+def test_every_generic_attack_runs_on_a_feed_forward_model(name, trained_model, batch):
+    model = trained_model("ff_mlp", hidden=32)
     x, y = batch()
     atk = FACTORIES[name](model, 0)
     xa = atk(x, y)

@@ -11,7 +11,7 @@ from robustdeq.attacks import pgd as P
 from robustdeq.deq.cells import MLPCell
 from robustdeq.errors import ConfigError
 
-from attack_helpers import check_ball, digits_test, trained
+from helpers.attacks import check_ball
 
 
 def broken(model, x_adv, y):
@@ -23,10 +23,10 @@ def same_as(a, b, tol=1e-5):
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
-def test_early_stop_breaks_every_sample_the_plain_loop_breaks(norm):
+def test_early_stop_breaks_every_sample_the_plain_loop_breaks(norm, digits_test, trained_model):
     # a feed-forward model: deterministic logits, so the samples never frozen follow the plain
     # loop bit for bit, and the frozen ones are misclassified where they were frozen
-    model = trained("ff_mlp", hidden=32)
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(64)
     eps, alpha = (0.1, 0.01) if norm == "Linf" else (1.0, 0.1)
     kw = dict(eps=eps, alpha=alpha, steps=15, random_start=False, norm=norm)
@@ -47,8 +47,8 @@ def test_early_stop_breaks_every_sample_the_plain_loop_breaks(norm):
 
 # the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
-def test_early_stop_on_a_deq_is_no_weaker_and_cheaper():
-    model = trained("mlp_deq", hidden=32)
+def test_early_stop_on_a_deq_is_no_weaker_and_cheaper(digits_test, trained_model):
+    model = trained_model("mlp_deq", hidden=32)
     x, y = digits_test(64)
     kw = dict(eps=0.1, alpha=0.01, steps=10, random_start=False, method="exact")
     plain_atk, es_atk = A.PGD(model, **kw), A.PGD(model, early_stop=True, **kw)
@@ -58,10 +58,10 @@ def test_early_stop_on_a_deq_is_no_weaker_and_cheaper():
     assert es_atk.last_stats["backward_work"] < plain_atk.last_stats["backward_work"]
 
 
-def test_unconfirmed_samples_resume_the_plain_loop(monkeypatch):
+def test_unconfirmed_samples_resume_the_plain_loop(monkeypatch, digits_test, trained_model):
     # the confirmation by the model's own inference is forced to reject every frozen sample:
     # each must then end exactly where the plain loop ends
-    model = trained("ff_mlp", hidden=32)
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(32)
     kw = dict(eps=0.1, alpha=0.01, steps=12, random_start=False)
     plain = A.PGD(model, **kw)(x, y)
@@ -76,8 +76,8 @@ def test_unconfirmed_samples_resume_the_plain_loop(monkeypatch):
     torch.testing.assert_close(es, plain, rtol=0, atol=1e-6)
 
 
-def test_per_sample_budgets_equal_plain_loops_of_those_lengths():
-    model = trained("ff_mlp", hidden=32)
+def test_per_sample_budgets_equal_plain_loops_of_those_lengths(digits_test, trained_model):
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(12)
     budget = torch.tensor([0, 1, 2, 3, 5, 8] * 2)
     grad_fn = P.InputGradient(model, None)
@@ -92,9 +92,9 @@ def test_per_sample_budgets_equal_plain_loops_of_those_lengths():
         torch.testing.assert_close(out[rows], run(x[rows], y[rows], steps=k), rtol=0, atol=0)
 
 
-def test_early_stop_option_is_checked():
+def test_early_stop_option_is_checked(trained_model):
     with pytest.raises(ConfigError, match="early_stop"):
-        A.PGD(trained("ff_mlp", hidden=32), eps=0.1, early_stop="yes")
+        A.PGD(trained_model("ff_mlp", hidden=32), eps=0.1, early_stop="yes")
 
 
 @pytest.mark.parametrize("act", ["tanh", "relu"])

@@ -10,7 +10,6 @@ import robustdeq.attacks as A
 from robustdeq.deq.views import attack_view
 from robustdeq.errors import ConfigError
 
-from attack_helpers import digits_test, trained
 
 SMALL_APGD = {"apgd.n_iter": 5, "apgd.n_restarts": 1}
 
@@ -28,8 +27,8 @@ def direct_autoattack(model, x, y, *, eps, norm, seed, attacks, n_iter=5):
 # the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 @pytest.mark.parametrize("kind,norm,eps", [("ff", "Linf", 0.1), ("ff", "L2", 1.0), ("deq", "Linf", 0.1)])
-def test_autoattack_adapter_equals_pyautoattack_called_directly(kind, norm, eps):
-    model = trained("ff_mlp", hidden=32) if kind == "ff" else trained("mlp_deq", hidden=32)
+def test_autoattack_adapter_equals_pyautoattack_called_directly(kind, norm, eps, digits_test, trained_model):
+    model = trained_model("ff_mlp", hidden=32) if kind == "ff" else trained_model("mlp_deq", hidden=32)
     x, y = digits_test(32 if kind == "ff" else 16)
     ours_atk = A.AutoAttack(model, eps=eps, norm=norm, version="custom", attacks=["apgd-ce"],
                             seed=1, settings=SMALL_APGD)
@@ -41,8 +40,8 @@ def test_autoattack_adapter_equals_pyautoattack_called_directly(kind, norm, eps)
     assert ours_atk.last_adversary.apgd.n_iter == 5
 
 
-def test_autoattack_on_a_state_view_equals_pyautoattack_on_that_view():
-    model = trained("mlp_deq", hidden=32)
+def test_autoattack_on_a_state_view_equals_pyautoattack_on_that_view(digits_test, trained_model):
+    model = trained_model("mlp_deq", hidden=32)
     x, y = digits_test(16)
     ours = A.AutoAttack(model, eps=0.1, version="custom", attacks=["apgd-ce"], seed=0,
                         view={"state": 4, "unroll": 3}, settings=SMALL_APGD)(x, y)
@@ -51,9 +50,9 @@ def test_autoattack_on_a_state_view_equals_pyautoattack_on_that_view():
     assert torch.equal(ours, ref)
 
 
-def test_autoattack_restores_the_rng_and_the_trace_function_and_resets_its_counter():
+def test_autoattack_restores_the_rng_and_the_trace_function_and_resets_its_counter(digits_test, trained_model):
     from pyautoattack import checks
-    model = trained("ff_mlp", hidden=32)
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(16)
     checks.funcs["grad"] = 7  # as left behind by an earlier, "dynamic" model
     trace = sys.gettrace()
@@ -64,8 +63,8 @@ def test_autoattack_restores_the_rng_and_the_trace_function_and_resets_its_count
     assert checks.funcs["grad"] == 0  # a feed-forward model calls no grad in its forward
 
 
-def test_autoattack_settings_and_versions():
-    model = trained("ff_mlp", hidden=32)
+def test_autoattack_settings_and_versions(trained_model):
+    model = trained_model("ff_mlp", hidden=32)
     atk = A.AutoAttack(model, eps=0.1, version="standard", settings={"square.n_queries": 10})
     adv = atk.build(torch.device("cpu"))
     assert adv.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
@@ -77,8 +76,8 @@ def test_autoattack_settings_and_versions():
 
 
 @pytest.mark.slow
-def test_autoattack_standard_on_a_feed_forward_model():
-    model = trained("ff_mlp", hidden=32)
+def test_autoattack_standard_on_a_feed_forward_model(digits_test, trained_model):
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(32)
     xa = A.AutoAttack(model, eps=0.1, seed=0)(x, y)
     assert A.accuracy(model, xa, y) < 0.5
@@ -91,9 +90,9 @@ def test_autoattack_standard_on_a_feed_forward_model():
     ("CW", dict(c=1.0, steps=5)),
     ("Square", dict(eps=0.2, n_queries=30)),
 ])
-def test_torchattack_bridge_equals_torchattacks_called_directly(name, params):
+def test_torchattack_bridge_equals_torchattacks_called_directly(name, params, digits_test, trained_model):
     import torchattacks
-    model = trained("ff_mlp", hidden=32)
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(16)
     ours = A.TorchAttack(model, name, seed=5, **params)(x, y)
     cls = getattr(torchattacks, name)
@@ -106,9 +105,9 @@ def test_torchattack_bridge_equals_torchattacks_called_directly(name, params):
 
 # the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
-def test_torchattack_on_a_state_view_and_targeted():
+def test_torchattack_on_a_state_view_and_targeted(digits_test, trained_model):
     import torchattacks
-    model = trained("mlp_deq", hidden=32)
+    model = trained_model("mlp_deq", hidden=32)
     x, y = digits_test(16)
     view = attack_view(model, state=3)
     ours = A.TorchAttack(model, "PGD", view={"state": 3}, eps=0.1, alpha=0.02, steps=3,
@@ -121,9 +120,9 @@ def test_torchattack_on_a_state_view_and_targeted():
     assert float((A.predict(model, xt) == target).float().mean()) >= 0.6
 
 
-def test_torchattack_restores_the_mode_torchattacks_leaves_in_train():
+def test_torchattack_restores_the_mode_torchattacks_leaves_in_train(digits_test, trained_model):
     import torchattacks
-    model = trained("ff_mlp", hidden=32)
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(8)
     raw = torchattacks.PGD(model, eps=0.1, steps=1)
     raw.set_model_training_mode(model_training=True)
@@ -137,8 +136,8 @@ def test_torchattack_restores_the_mode_torchattacks_leaves_in_train():
     assert model.training and not model.net[0].training
 
 
-def test_torchattack_describe():
-    d = A.TorchAttack(trained("ff_mlp", hidden=32), "CW", c=2.0).describe()
+def test_torchattack_describe(trained_model):
+    d = A.TorchAttack(trained_model("ff_mlp", hidden=32), "CW", c=2.0).describe()
     assert d["implementation"] == "torchattacks 3.5.1" and d["attack"] == "CW"
     assert d["norm"] == "L2" and d["eps"] is None and d["param.c"] == 2.0
 
@@ -147,8 +146,8 @@ def test_torchattack_describe():
 # the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 @pytest.mark.parametrize("kind", ["ff", "deq"])
-def test_worst_case_equals_the_per_sample_or_of_its_attacks(kind):
-    model = trained("ff_mlp", hidden=32) if kind == "ff" else trained("mlp_deq", hidden=32).double()
+def test_worst_case_equals_the_per_sample_or_of_its_attacks(kind, digits_test, trained_model):
+    model = trained_model("ff_mlp", hidden=32) if kind == "ff" else trained_model("mlp_deq", hidden=32).double()
     x, y = digits_test(48)
     x = x.to(next(model.parameters()).dtype)
     attacks = [A.FGSM(model, eps=0.08),
@@ -179,8 +178,8 @@ def test_worst_case_equals_the_per_sample_or_of_its_attacks(kind):
     assert res.attacked[names[1]].sum() <= res.attacked[names[0]].sum()
 
 
-def test_worst_case_unique_names_and_call():
-    model = trained("ff_mlp", hidden=32)
+def test_worst_case_unique_names_and_call(digits_test, trained_model):
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(8)
     wc = A.WorstCase([A.FGSM(model, eps=0.1), A.FGSM(model, eps=0.1)])
     assert wc.names == ["FGSM", "FGSM #2"]

@@ -13,7 +13,6 @@ from robustdeq.deq.grad import ImplicitGrad
 from robustdeq.deq.views import attack_view, state_logits
 from robustdeq.errors import ConfigError
 
-from attack_helpers import digits_test, trained
 
 TIGHT = {"name": "anderson", "max_iter": 300, "tol": 1e-13, "stop_mode": "abs"}
 
@@ -38,7 +37,7 @@ def cosines(a, b):
 
 # -- the simultaneous adjoint -----------------------------------------------------------------
 @pytest.mark.parametrize("beta_z,beta_mu,n", [(1.0, 1.0, 60), (0.8, 0.6, 120)])
-def test_simultaneous_adjoint_converges_to_the_ift_input_gradient(beta_z, beta_mu, n):
+def test_simultaneous_adjoint_converges_to_the_ift_input_gradient(beta_z, beta_mu, n, digits_test):
     model = contractive_deq()
     x, y = digits_test(6)
     x = x.double()
@@ -53,7 +52,7 @@ def test_simultaneous_adjoint_converges_to_the_ift_input_gradient(beta_z, beta_m
     assert float(cosines(grads[2], ref).min()) < 0.9999
 
 
-def test_simultaneous_adjoint_custom_loss_and_selected_states():
+def test_simultaneous_adjoint_custom_loss_and_selected_states(digits_test):
     model = contractive_deq(1)
     x, y = digits_test(4)
     x = x.double()
@@ -63,7 +62,7 @@ def test_simultaneous_adjoint_custom_loss_and_selected_states():
     torch.testing.assert_close(out[1][1], ift_input_grad(model, x, y, loss), rtol=1e-6, atol=1e-9)
 
 
-def test_simultaneous_adjoint_rejects_bad_options():
+def test_simultaneous_adjoint_rejects_bad_options(digits_test):
     model = contractive_deq()
     x, y = digits_test(2)
     with pytest.raises(ConfigError):
@@ -78,7 +77,7 @@ def test_simultaneous_adjoint_rejects_bad_options():
 
 # -- states' logits ---------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["deq", "weight_tied"])
-def test_states_logits_match_the_attack_view_state_logits(kind):
+def test_states_logits_match_the_attack_view_state_logits(kind, digits_test):
     torch.manual_seed(0)
     model = (zoo.build("mlp_deq", hidden=16) if kind == "deq"
              else zoo.build("weight_tied_mlp", hidden=16, depth=6)).double().eval()
@@ -96,8 +95,8 @@ def test_states_logits_match_the_attack_view_state_logits(kind):
         torch.testing.assert_close(g, g_ref)
 
 
-def test_single_state_attack_equals_pgd_on_the_state_view():
-    model = trained("mlp_deq", hidden=32)
+def test_single_state_attack_equals_pgd_on_the_state_view(digits_test, trained_model):
+    model = trained_model("mlp_deq", hidden=32)
     x, y = digits_test(32)
     ours = A.StateAttack(model, eps=0.1, alpha=0.02, steps=5, states=4, unroll=3,
                          random_start=False)(x, y)
@@ -108,8 +107,8 @@ def test_single_state_attack_equals_pgd_on_the_state_view():
     assert A.accuracy(view, ours, y) < A.accuracy(view, x, y) - 0.3
 
 
-def test_ensemble_gradient_is_the_sum_of_the_states_gradients():
-    model = trained("mlp_deq", hidden=32).double()
+def test_ensemble_gradient_is_the_sum_of_the_states_gradients(digits_test, trained_model):
+    model = trained_model("mlp_deq", hidden=32).double()
     x, y = digits_test(8)
     x = x.double()
     atk = A.StateAttack(model, eps=0.1, steps=1, states=[2, 5], ensemble=True)
@@ -117,8 +116,8 @@ def test_ensemble_gradient_is_the_sum_of_the_states_gradients():
     torch.testing.assert_close(g, atk._grad_fn([2])(x, y) + atk._grad_fn([5])(x, y))
 
 
-def test_several_states_keep_per_sample_the_first_x_adv_that_fools_the_judge():
-    model = trained("mlp_deq", hidden=32).double()
+def test_several_states_keep_per_sample_the_first_x_adv_that_fools_the_judge(digits_test, trained_model):
+    model = trained_model("mlp_deq", hidden=32).double()
     x, y = digits_test(48)
     x = x.double()
     judge = model
@@ -139,16 +138,16 @@ def test_several_states_keep_per_sample_the_first_x_adv_that_fools_the_judge():
     assert atk.last_stats["fooled_by_state"][2] == int(fooled[0].sum())
 
 
-def test_state_attack_with_an_early_exit_judge():
-    model = trained("mlp_deq", hidden=32)
+def test_state_attack_with_an_early_exit_judge(digits_test, trained_model):
+    model = trained_model("mlp_deq", hidden=32)
     x, y = digits_test(32)
     judge = attack_view(model, state=3)
     xa = A.StateAttack(model, eps=0.1, steps=5, states=[3, 8], judge=judge, seed=0)(x, y)
     assert A.accuracy(judge, xa, y) < A.accuracy(judge, x, y) - 0.3
 
 
-def test_adjoint_mode_attack_breaks_a_trained_deq():
-    model = trained("mlp_deq", hidden=32, norm="spectral", scale=0.9)
+def test_adjoint_mode_attack_breaks_a_trained_deq(digits_test, trained_model):
+    model = trained_model("mlp_deq", hidden=32, norm="spectral", scale=0.9)
     x, y = digits_test(32)
     atk = A.StateAttack(model, eps=0.15, steps=8, states=20, mode="adjoint", seed=0)
     xa = atk(x, y)
@@ -157,8 +156,8 @@ def test_adjoint_mode_attack_breaks_a_trained_deq():
     assert atk.describe()["mode"] == "adjoint" and "adjoint" in atk.name
 
 
-def test_state_attack_on_a_weight_tied_model():
-    model = trained("weight_tied_mlp", hidden=32, depth=6)
+def test_state_attack_on_a_weight_tied_model(digits_test, trained_model):
+    model = trained_model("weight_tied_mlp", hidden=32, depth=6)
     x, y = digits_test(32)
     atk = A.StateAttack(model, eps=0.1, steps=5, seed=0)  # all states 1..6
     assert atk.states == [1, 2, 3, 4, 5, 6]

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attack_helpers import digits_test, trained
 from robustdeq.attacks import AutoAttack
 from robustdeq.attacks.base import logits_of
 from robustdeq.deq.grad import ImplicitGrad, gradient
@@ -18,13 +17,13 @@ EPS = 0.1
 
 
 @pytest.fixture(scope="module")
-def deq():  # non-contractive (no spectral norm)
-    return trained("mlp_deq", steps=60, hidden=32, init_gain=1.5)
+def deq(trained_model):  # non-contractive (no spectral norm)
+    return trained_model("mlp_deq", steps=60, hidden=32, init_gain=1.5)
 
 
 @pytest.fixture(scope="module")
-def cdeq():  # contractive (spectral norm, scale 0.9): a unique fixed point
-    return trained("mlp_deq", steps=60, hidden=32, norm="spectral", scale=0.9)
+def cdeq(trained_model):  # contractive (spectral norm, scale 0.9): a unique fixed point
+    return trained_model("mlp_deq", steps=60, hidden=32, norm="spectral", scale=0.9)
 
 
 def _perturbed(x, seed=0):
@@ -39,7 +38,7 @@ def _input_grad(model, x, y):
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # a few samples of deq
-def test_forward_warm_only_on_certified_contractive_cells(deq, cdeq):
+def test_forward_warm_only_on_certified_contractive_cells(deq, cdeq, digits_test):
     x, _ = digits_test(16)
     from robustdeq.certify import contraction_certificate
     assert not contraction_certificate(deq).certified and contraction_certificate(cdeq).certified
@@ -55,7 +54,7 @@ def test_forward_warm_only_on_certified_contractive_cells(deq, cdeq):
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the model's own solves
 @pytest.mark.parametrize("shrink", [False, True])
-def test_fast_forward_is_the_models_function(deq, shrink):
+def test_fast_forward_is_the_models_function(deq, shrink, digits_test):
     """Without forward warm starts, the fast path's logits are the model's own cold inference
     (shrinking solves: the same per-sample iterates), on the first call and on repeats."""
     x, _ = digits_test(48)
@@ -80,7 +79,7 @@ def test_fast_forward_is_the_models_function(deq, shrink):
     assert mem.stats["reused"] > 0
 
 
-def test_fully_repeated_call_needs_no_solve(cdeq):
+def test_fully_repeated_call_needs_no_solve(cdeq, digits_test):
     """A call whose rows are all at recorded converged inputs returns the recorded states without
     solver iterations, and that is what a solve started there returns."""
     x, y = digits_test(32)
@@ -107,7 +106,7 @@ def test_fully_repeated_call_needs_no_solve(cdeq):
 
 
 @pytest.mark.parametrize("tol,min_cos,min_signs", [(1e-3, 0.999, 0.99), (1e-2, 0.99, 0.97)])
-def test_fast_adjoint_matches_exact_ift_gradient(deq, cdeq, tol, min_cos, min_signs):
+def test_fast_adjoint_matches_exact_ift_gradient(deq, cdeq, tol, min_cos, min_signs, digits_test):
     """The attack-grade adjoint (relative tolerance 1e-3, the default, or 1e-2; warm-started
     from the previous call's converged adjoint) gives an input gradient within cosine
     ``min_cos`` of the exact IFT gradient (adjoint to 1e-6, 300 iterations) for every sample,
@@ -130,7 +129,7 @@ def test_fast_adjoint_matches_exact_ift_gradient(deq, cdeq, tol, min_cos, min_si
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # budgets too small on purpose
-def test_never_reuses_unconverged_states(cdeq):
+def test_never_reuses_unconverged_states(cdeq, digits_test):
     """Neither unconverged forward solves nor unconverged adjoints are recorded or warm-start."""
     x, y = digits_test(32)
     mem = WarmMemory(cdeq, **FAST_OPTIONS)
@@ -165,7 +164,7 @@ def test_never_reuses_unconverged_states(cdeq):
     assert mem.stats["redone"] == 32 and torch.equal(out, cold)
 
 
-def test_memory_forgotten_between_batches(cdeq):
+def test_memory_forgotten_between_batches(cdeq, digits_test):
     x, _ = digits_test(64)
     a, b = x[:32], x[32:]
     mem = WarmMemory(cdeq, **FAST_OPTIONS)
@@ -212,7 +211,7 @@ def test_bad_options_are_config_errors(deq):
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the reference's own solves
 @pytest.mark.parametrize("contractive", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_autoattack_fast_within_one_sample_in_100(deq, cdeq, contractive):
+def test_autoattack_fast_within_one_sample_in_100(deq, cdeq, contractive, digits_test):
     """AutoAttack with fast_deq: robust accuracy within 1 sample in 100 of pyautoattack on the
     model itself (here: 128 samples, so within 1 sample), and identical on a repeated run."""
     pytest.importorskip("pyautoattack")

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attack_helpers import digits_test, trained
 from robustdeq.attacks.oracle import GradientOracle
 from robustdeq.errors import ConfigError
 
@@ -18,8 +17,8 @@ def _per_sample_ce(logits, y):
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def test_exact_oracle_is_autograd_on_a_feed_forward_model():
-    model = trained("ff_mlp", hidden=32)
+def test_exact_oracle_is_autograd_on_a_feed_forward_model(digits_test, trained_model):
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(16)
     out = GradientOracle(model, "auto")(x, y, _per_sample_ce)
     xr = x.clone().requires_grad_(True)
@@ -31,8 +30,8 @@ def test_exact_oracle_is_autograd_on_a_feed_forward_model():
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
-def test_auto_serves_converged_first_solves_by_the_joint_iteration():
-    deq = copy.deepcopy(trained("mlp_deq", steps=60, hidden=32))
+def test_auto_serves_converged_first_solves_by_the_joint_iteration(digits_test, trained_model):
+    deq = copy.deepcopy(trained_model("mlp_deq", steps=60, hidden=32))
     deq.solver_config = deq.solver_config.replace(max_iter=10)
     x, y = digits_test(32)
     ok = deq.run(x).stats.converged
@@ -57,15 +56,15 @@ def test_auto_serves_converged_first_solves_by_the_joint_iteration():
     assert oracle.joint.stats["calls"] == oracle.exact.stats["calls"] == 2
 
 
-def test_exact_oracle_converged_flags_and_cold_start_on_a_deq():
-    deq = trained("mlp_deq", steps=60, hidden=32)
+def test_exact_oracle_converged_flags_and_cold_start_on_a_deq(digits_test, trained_model):
+    deq = trained_model("mlp_deq", steps=60, hidden=32)
     x, y = digits_test(8)
     out = GradientOracle(deq, "exact")(x, y, _per_sample_ce)
     assert torch.equal(out.converged, deq.run(x).stats.converged)
     assert torch.allclose(out.logits, deq(x), atol=1e-5)
 
 
-def test_eot_averages_the_gradient():
+def test_eot_averages_the_gradient(digits_test):
     """On a model whose logits are random, eot_iter=n averages n independent gradients: the
     mean of n single-call gradients under the same random stream."""
     class Noisy(torch.nn.Module):
@@ -87,8 +86,8 @@ def test_eot_averages_the_gradient():
     torch.testing.assert_close(avg, ref)
 
 
-def test_oracle_refuses_bad_options():
-    ff = trained("ff_mlp", hidden=32)
+def test_oracle_refuses_bad_options(trained_model):
+    ff = trained_model("ff_mlp", hidden=32)
     with pytest.raises(ConfigError):
         GradientOracle(ff, "fast")
     with pytest.raises(ConfigError):

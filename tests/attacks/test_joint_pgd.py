@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from attack_helpers import check_ball, digits_test, trained
+from helpers.attacks import check_ball
 from robustdeq.attacks import PGD, AutoAttack
 from robustdeq.attacks.base import logits_of
 from robustdeq.deq.memory import WarmMemory
@@ -16,8 +16,8 @@ EPS = 0.1
 
 
 @pytest.fixture(scope="module")
-def deq():
-    return trained("mlp_deq", steps=60, hidden=32)
+def deq(trained_model):
+    return trained_model("mlp_deq", steps=60, hidden=32)
 
 
 def _robust(model, x_adv, y):
@@ -27,13 +27,13 @@ def _robust(model, x_adv, y):
 # -- the joint PGD ------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # a few unconverged solves
 @pytest.mark.parametrize("norm,eps", [("Linf", EPS), ("L2", 1.0)])
-def test_joint_pgd_stays_in_ball_and_box(deq, norm, eps):
+def test_joint_pgd_stays_in_ball_and_box(deq, norm, eps, digits_test):
     x, y = digits_test(32)
     x_adv = PGD(deq, eps=eps, steps=6, norm=norm, method="joint", seed=0)(x, y)
     check_ball(x, x_adv, eps, norm)
 
 
-def test_joint_pgd_deterministic_under_seed(deq):
+def test_joint_pgd_deterministic_under_seed(deq, digits_test):
     x, y = digits_test(32)
     a = PGD(deq, eps=EPS, steps=6, method="joint", seed=3)(x, y)
     b = PGD(deq, eps=EPS, steps=6, method="joint", seed=3)(x, y)
@@ -41,7 +41,7 @@ def test_joint_pgd_deterministic_under_seed(deq):
 
 
 @pytest.mark.parametrize("restarts", [1, 2])
-def test_joint_pgd_judged_by_model_inference(deq, restarts):
+def test_joint_pgd_judged_by_model_inference(deq, restarts, digits_test):
     """The robust flags the attack reports are a cold re-evaluation of its examples."""
     x, y = digits_test(48)
     atk = PGD(deq, eps=EPS, steps=8, method="joint", seed=0, restarts=restarts)
@@ -51,7 +51,7 @@ def test_joint_pgd_judged_by_model_inference(deq, restarts):
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the reference's own solves
-def test_joint_pgd_as_strong_as_ift(deq):
+def test_joint_pgd_as_strong_as_ift(deq, digits_test):
     """On 64 samples, the joint PGD-20 breaks at most one sample fewer than exact PGD-IFT-20."""
     x, y = digits_test(64)
     common = dict(eps=EPS, alpha=0.01, steps=20, random_start=False)
@@ -80,7 +80,7 @@ def test_joint_pgd_refuses_non_deq_and_early_stop(deq):
 
 # -- the default method ("auto"): the joint iteration where the solves converge ------------------
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the exact loop's
-def test_default_pgd_runs_joint_on_a_converging_deq(deq):
+def test_default_pgd_runs_joint_on_a_converging_deq(deq, digits_test):
     """The batch's first solves converge here, so the default PGD is the joint iteration: the
     same examples as method="joint" under the same seed, judged by the model's inference."""
     x, y = digits_test(32)
@@ -100,7 +100,7 @@ def test_default_pgd_runs_joint_on_a_converging_deq(deq):
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the premise
-def test_default_pgd_falls_back_to_exact_where_solves_do_not_converge(deq):
+def test_default_pgd_falls_back_to_exact_where_solves_do_not_converge(deq, digits_test):
     """With a solver budget too small to converge, "auto" runs the exact loop, from the same random
     start: bit for bit method="exact" (restarts included)."""
     x, y = digits_test(32)
@@ -115,7 +115,7 @@ def test_default_pgd_falls_back_to_exact_where_solves_do_not_converge(deq):
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the premise
-def test_default_pgd_splits_a_batch_by_first_solve_convergence(deq):
+def test_default_pgd_splits_a_batch_by_first_solve_convergence(deq, digits_test):
     """Where only some first solves converge, those samples get the joint iteration and the
     others the exact loop (the same as attacking each group on its own with that method)."""
     x, y = digits_test(32)
@@ -137,7 +137,7 @@ def test_default_pgd_splits_a_batch_by_first_solve_convergence(deq):
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # the exact loop's
-def test_auto_is_exact_for_other_estimators_and_feed_forward(deq):
+def test_auto_is_exact_for_other_estimators_and_feed_forward(deq, digits_test):
     x, y = digits_test(16)
     for kw in (dict(grad="unrolled"), dict(grad="phantom"), dict(warm_start=False)):
         atk = PGD(deq, eps=EPS, steps=3, seed=0, **kw)
@@ -149,7 +149,7 @@ def test_auto_is_exact_for_other_estimators_and_feed_forward(deq):
     assert atk.last_methods == ["exact"]
 
 
-def test_harness_ift_units_are_joint_and_exact_unit_by_name(deq):
+def test_harness_ift_units_are_joint_and_exact_unit_by_name(deq, digits_test):
     from robustdeq.eval import evaluate
     x, y = digits_test(24)
     rep = evaluate(deq, x, y, eps=EPS, suite=["pgd-ift", "pgd-exact"], steps=4, checks=False)
@@ -158,7 +158,7 @@ def test_harness_ift_units_are_joint_and_exact_unit_by_name(deq):
 
 
 # -- the warm-start memory ----------------------------------------------------------------------
-def test_memory_only_records_converged_solves(deq):
+def test_memory_only_records_converged_solves(deq, digits_test):
     x, y = digits_test(32)
     mem = WarmMemory(deq)
     mem.begin(x, EPS)
@@ -182,7 +182,7 @@ def test_memory_only_records_converged_solves(deq):
     mem.end()
 
 
-def test_memory_unconverged_warm_solve_is_redone_cold(deq):
+def test_memory_unconverged_warm_solve_is_redone_cold(deq, digits_test):
     """A warm-started solve that does not converge returns the model's cold result exactly."""
     x, _ = digits_test(16)
     mem = WarmMemory(deq)
@@ -201,7 +201,7 @@ def test_memory_unconverged_warm_solve_is_redone_cold(deq):
     assert torch.equal(out, cold)
 
 
-def test_memory_invalidated_when_batch_changes(deq):
+def test_memory_invalidated_when_batch_changes(deq, digits_test):
     """States of one batch never warm-start another: a new begin() forgets, and rows matching
     no clean sample of the current batch start cold."""
     x, _ = digits_test(64)
@@ -225,19 +225,19 @@ def test_memory_invalidated_when_batch_changes(deq):
     assert not mem.active and torch.equal(mem(a), deq(a))
 
 
-def test_memory_identical_inputs_give_identical_outputs(deq):
+def test_memory_identical_inputs_give_identical_outputs(deq, digits_test):
     x, _ = digits_test(16)
     mem = WarmMemory(deq)
     mem.begin(x, EPS)
     assert torch.equal(mem(x), mem(x))
 
 
-def test_autoattack_with_memory_matches_without():
+def test_autoattack_with_memory_matches_without(digits_test, trained_model):
     """On a contractive DEQ (a unique fixed point) the memory leaves AutoAttack's result within
     1 sample in 100. (On a non-contractive one a warm start can follow another equilibrium
     than the cold solve reaches: benchmarks/RESULTS.md, "Speed (issue 13)".)"""
     pytest.importorskip("pyautoattack")
-    deq = trained("mlp_deq", steps=60, hidden=32, norm="spectral", scale=0.9)
+    deq = trained_model("mlp_deq", steps=60, hidden=32, norm="spectral", scale=0.9)
     x, y = digits_test(128)
     common = dict(eps=EPS, version="custom", attacks=["apgd-ce", "square"], seed=0,
                   settings={"apgd.n_iter": 10, "square.n_queries": 50})

@@ -53,7 +53,7 @@ def test_torchdeq_in_eval_mode_is_refused_and_adopt_fixes_it():
     pytest.importorskip("torchdeq")
     import robustdeq
     from robustdeq.attacks.bridge import TorchAttack
-    from torchdeq_helpers import TorchDEQMLP
+    from helpers.torchdeq_models import TorchDEQMLP
     torch.manual_seed(0)
     model = TorchDEQMLP(width=8)
     g = torch.Generator().manual_seed(1)

@@ -14,7 +14,7 @@ from robustdeq.deq import zoo
 from robustdeq.deq.grad import ImplicitGrad
 from robustdeq.errors import ConfigError, InputError, NonConvergenceWarning
 
-from attack_helpers import check_ball, digits_test, trained
+from helpers.attacks import check_ball
 
 EPS = 0.1
 
@@ -31,12 +31,16 @@ def tiny_ff(dtype=torch.float32):
     return zoo.build("ff_mlp", hidden=16).to(dtype).eval()
 
 
-def batch(dtype=torch.float32, n=8):
-    x, y = digits_test(n)
-    return x.to(dtype), y
+@pytest.fixture(scope="module")
+def batch(digits_test):
+    """``batch(dtype=float32, n=8)``: the first ``n`` test digits in ``dtype``."""
+    def make(dtype=torch.float32, n=8):
+        x, y = digits_test(n)
+        return x.to(dtype), y
+    return make
 
 
-def test_random_start_depends_on_the_seed():
+def test_random_start_depends_on_the_seed(batch):
     model = tiny_deq()
     x, y = batch()
     a = A.PGD(model, eps=EPS, steps=1, seed=1)(x, y)
@@ -60,9 +64,9 @@ def test_describe_gives_provenance():
 
 # -- equivalence with torchattacks on a feed-forward model ------------------------------------
 @pytest.mark.parametrize("norm,targeted", [("Linf", False), ("L2", False), ("Linf", True)])
-def test_pgd_equals_torchattacks_pgd_on_a_feed_forward_model(norm, targeted):
+def test_pgd_equals_torchattacks_pgd_on_a_feed_forward_model(norm, targeted, digits_test, trained_model):
     import torchattacks
-    model = trained("ff_mlp", hidden=32)
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(64)
     eps, alpha = (0.1, 0.02) if norm == "Linf" else (1.0, 0.2)
     labels = (y + 1) % 10 if targeted else y
@@ -77,15 +81,15 @@ def test_pgd_equals_torchattacks_pgd_on_a_feed_forward_model(norm, targeted):
     assert A.accuracy(model, ours, y) == A.accuracy(model, ref, y)
 
 
-def test_fgsm_equals_torchattacks_fgsm():
+def test_fgsm_equals_torchattacks_fgsm(digits_test, trained_model):
     import torchattacks
-    model = trained("ff_mlp", hidden=32)
+    model = trained_model("ff_mlp", hidden=32)
     x, y = digits_test(64)
     assert torch.equal(A.FGSM(model, eps=0.1)(x, y), torchattacks.FGSM(model, eps=0.1)(x, y))
 
 
 # -- gradients on DEQs: the warm-started implicit gradient is the model's own ------------------
-def test_fast_implicit_gradient_equals_the_models_autograd_gradient():
+def test_fast_implicit_gradient_equals_the_models_autograd_gradient(batch):
     tight = {"name": "anderson", "max_iter": 200, "tol": 1e-12, "stop_mode": "abs"}
     model = tiny_deq(torch.float64, solver=tight, grad="ift")
     model.grad = ImplicitGrad(tight)
@@ -104,10 +108,10 @@ def test_fast_implicit_gradient_equals_the_models_autograd_gradient():
     assert oracle.stats["forward_nfe"] > 0 and oracle.stats["backward_nfe"] > 0
 
 
-def test_warm_start_reduces_solver_iterations_and_keeps_the_attack():
+def test_warm_start_reduces_solver_iterations_and_keeps_the_attack(digits_test, trained_model):
     # a contractive DEQ: unique fixed points, so warm and cold solves agree up to tolerance
     # (where a solve does not converge, the returned iterate depends on the start)
-    model = trained("mlp_deq", hidden=32, norm="spectral", scale=0.9)
+    model = trained_model("mlp_deq", hidden=32, norm="spectral", scale=0.9)
     x, y = digits_test(64)
     warm = A.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False)
     cold = A.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False, warm_start=False)
@@ -117,7 +121,7 @@ def test_warm_start_reduces_solver_iterations_and_keeps_the_attack():
 
 
 @pytest.mark.parametrize("grad", ["ift", "phantom"])
-def test_warm_start_on_solves_that_never_converge_is_the_cold_attack(grad):
+def test_warm_start_on_solves_that_never_converge_is_the_cold_attack(grad, batch):
     if grad == "ift":  # an adjoint that does not converge either
         grad = ImplicitGrad({"max_iter": 4, "tol": 0.0})
     # tol 0: no solve ever converges, so the result of every solve depends on where it started;
@@ -141,7 +145,7 @@ def test_warm_start_on_solves_that_never_converge_is_the_cold_attack(grad):
         torch.testing.assert_close(x_warm, ref(x, y), rtol=0, atol=0)
 
 
-def test_only_converged_samples_warm_start():
+def test_only_converged_samples_warm_start(batch):
     # per sample: the previous solution where that solve converged, the initial state elsewhere
     model = tiny_deq(solver={"max_iter": 50, "tol": 1e-6})
     x, y = batch(n=6)
@@ -173,8 +177,8 @@ def test_only_converged_samples_warm_start():
 # the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 @pytest.mark.parametrize("grad", ["ift", "phantom", "unrolled", "full"])
-def test_pgd_with_every_estimator_breaks_a_trained_deq(grad):
-    model = trained("mlp_deq", hidden=32)
+def test_pgd_with_every_estimator_breaks_a_trained_deq(grad, digits_test, trained_model):
+    model = trained_model("mlp_deq", hidden=32)
     x, y = digits_test(32)
     clean = A.accuracy(model, x, y)
     xa = A.PGD(model, eps=0.15, steps=10, grad=grad, seed=0)(x, y)
@@ -183,8 +187,8 @@ def test_pgd_with_every_estimator_breaks_a_trained_deq(grad):
 
 # the trained helper DEQ's 30-iteration solves leave a sample or two above tol: not the subject here
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
-def test_pgd_at_large_eps_drives_a_trained_deq_to_chance():
-    model = trained("mlp_deq", hidden=32)
+def test_pgd_at_large_eps_drives_a_trained_deq_to_chance(digits_test, trained_model):
+    model = trained_model("mlp_deq", hidden=32)
     x, y = digits_test(64)
     assert A.accuracy(model, x, y) > 0.8
     xa = A.PGD(model, eps=0.5, steps=10, seed=0)(x, y)
@@ -192,9 +196,9 @@ def test_pgd_at_large_eps_drives_a_trained_deq_to_chance():
 
 
 @pytest.mark.parametrize("kind", ["ff", "deq"])
-def test_targeted_pgd_moves_predictions_to_the_targets(kind):
-    model = (trained("ff_mlp", hidden=32) if kind == "ff"
-             else trained("mlp_deq", hidden=32, norm="spectral", scale=0.9))
+def test_targeted_pgd_moves_predictions_to_the_targets(kind, digits_test, trained_model):
+    model = (trained_model("ff_mlp", hidden=32) if kind == "ff"
+             else trained_model("mlp_deq", hidden=32, norm="spectral", scale=0.9))
     x, y = digits_test(32)
     target = (y + 3) % 10
     xa = A.PGD(model, eps=0.4, steps=20, targeted=True, seed=0)(x, target)
@@ -203,7 +207,7 @@ def test_targeted_pgd_moves_predictions_to_the_targets(kind):
     assert float((A.predict(model, x) == target).float().mean()) < 0.2
 
 
-def test_l2_pgd_random_start_is_inside_the_ball_and_spread():
+def test_l2_pgd_random_start_is_inside_the_ball_and_spread(batch):
     model = tiny_ff()
     x, y = batch(n=64)
     from robustdeq._tensor import make_generator, random_in_ball
@@ -237,7 +241,7 @@ class ModeProbe(nn.Module):
                            settings={"apgd.n_iter": 2, "apgd.n_restarts": 1}),
     lambda m: A.WorstCase([A.FGSM(m, eps=EPS), A.PGD(m, eps=EPS, steps=2)]),
 ])
-def test_attacks_run_in_eval_mode_and_restore_every_submodule_flag(make):
+def test_attacks_run_in_eval_mode_and_restore_every_submodule_flag(make, batch):
     probe = ModeProbe(tiny_ff())
     probe.train()
     probe.inner.net[1].eval()  # a mix of train and eval submodules
@@ -258,7 +262,7 @@ def test_model_mode_helper_restores_after_an_exception():
     assert all(mod.training for mod in m.modules())
 
 
-def test_predict_and_accuracy_restore_modes():
+def test_predict_and_accuracy_restore_modes(batch):
     m = ModeProbe(tiny_ff())
     x, y = batch()
     with torch.no_grad():
@@ -275,7 +279,7 @@ def test_predict_and_accuracy_restore_modes():
 
 
 # -- errors ----------------------------------------------------------------------------------
-def test_bad_inputs_raise_input_errors():
+def test_bad_inputs_raise_input_errors(batch):
     m = tiny_ff()
     atk = A.PGD(m, eps=EPS, steps=1)
     x, y = batch()
@@ -342,7 +346,7 @@ def test_build_registry():
     assert {"fgsm", "pgd", "state", "autoattack", "torchattack", "jiio"} <= set(ATTACKS.names())
 
 
-def test_eps_zero_returns_the_input():
+def test_eps_zero_returns_the_input(batch):
     m = tiny_ff()
     x, y = batch()
     for atk in (A.PGD(m, eps=0.0, steps=2, seed=0), A.PGD(m, eps=0.0, norm="L2", steps=2, seed=0),
@@ -361,7 +365,7 @@ def test_project_is_a_strict_no_op_inside_and_projects_outside():
 
 
 @pytest.mark.gpu
-def test_pgd_on_cuda_keeps_device_and_matches_cpu():
+def test_pgd_on_cuda_keeps_device_and_matches_cpu(batch):
     model = tiny_deq()
     x, y = batch()
     cpu = A.PGD(model, eps=EPS, steps=3, seed=0)(x, y)

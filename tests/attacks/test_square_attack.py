@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from attack_helpers import check_ball, digits_test, trained
+from helpers.attacks import check_ball
 from robustdeq.attacks import PGD, Square, build
 from robustdeq.attacks.square import p_selection
 from robustdeq.errors import ConfigError
@@ -38,10 +38,10 @@ def _pyautoattack_square(model, x, y, **kw):
 
 @pytest.mark.parametrize("norm,eps,targeted,rescale", [("Linf", 0.1, False, True), ("Linf", 0.1, True, False),
                                                        ("L2", 0.6, False, False)])
-def test_same_examples_as_pyautoattack(norm, eps, targeted, rescale):
+def test_same_examples_as_pyautoattack(norm, eps, targeted, rescale, digits_test, trained_model):
     """On a model without a fixed-point solve the native attack is pyautoattack's algorithm with
     its draws in the same order: the same examples (so robust accuracy within 1 in 200)."""
-    model = trained("ff_mlp")
+    model = trained_model("ff_mlp")
     x, y = digits_test(48)
     yt = (y + 3) % 10 if targeted else y
     atk = Square(model, eps=eps, norm=norm, n_queries=60, seed=7, targeted=targeted,
@@ -69,10 +69,10 @@ def test_p_schedule():
         assert all(p_selection(0.8, it, n, resc) == ref.p_selection(it) for it in range(0, n, 7))
 
 
-def test_gradient_masking_does_not_blind_square():
+def test_gradient_masking_does_not_blind_square(digits_test, trained_model):
     """A model whose input gradient is zero everywhere: PGD (fed only that gradient) breaks few
     samples, Square (scores only) many more."""
-    model = Quantised(trained("ff_mlp"))
+    model = Quantised(trained_model("ff_mlp"))
     x, y = digits_test(48)
     with torch.no_grad():
         ok = model(x).argmax(1) == y
@@ -92,11 +92,11 @@ def test_gradient_masking_does_not_blind_square():
 
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # a sample or two of the tiny model
-def test_warm_started_queries_decide_as_cold_ones_with_fewer_iterations():
+def test_warm_started_queries_decide_as_cold_ones_with_fewer_iterations(digits_test, trained_model):
     """On a converging DEQ solved to a tight tolerance, each query warm-started from the best
     point's fixed point gives the same accept/reject decisions as a cold query, hence the same
     examples, with fewer forward-solver iterations; every example is judged by cold inference."""
-    model = trained("mlp_deq")
+    model = trained_model("mlp_deq")
     model.solver_config = model.solver_config.replace(tol=1e-6, max_iter=200)
     x, y = digits_test(12)
     kw = dict(eps=0.12, n_queries=25, seed=1)
@@ -111,10 +111,10 @@ def test_warm_started_queries_decide_as_cold_ones_with_fewer_iterations():
     assert warm.describe()["warm_start"] is True
 
 
-def test_unconverged_solves_warm_start_nothing():
+def test_unconverged_solves_warm_start_nothing(digits_test, trained_model):
     """Where every solve stops at max_iter (its iterate depends on where it started), no query
     is warm-started: the attack is the cold one, and reports what cold inference judges."""
-    model = trained("mlp_deq")
+    model = trained_model("mlp_deq")
     model.solver_config = model.solver_config.replace(tol=1e-9, max_iter=4)
     model.warn_nonconvergence = False
     x, y = digits_test(16)
@@ -128,8 +128,8 @@ def test_unconverged_solves_warm_start_nothing():
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # a sample or two of the tiny model
 @pytest.mark.parametrize("norm,eps", [("Linf", 0.15), ("L2", 1.0)])
-def test_contract_ball_range_model_untouched_seed(norm, eps):
-    model = trained("mlp_deq")
+def test_contract_ball_range_model_untouched_seed(norm, eps, digits_test, trained_model):
+    model = trained_model("mlp_deq")
     model.train()
     model.head.eval()
     before = copy.deepcopy(model.state_dict())
@@ -146,20 +146,20 @@ def test_contract_ball_range_model_untouched_seed(norm, eps):
     assert d["name"] == "Square" and d["n_queries"] == 25 and d["norm"] == norm
 
 
-def test_bad_options_are_config_errors():
-    model = trained("ff_mlp")
+def test_bad_options_are_config_errors(trained_model):
+    model = trained_model("ff_mlp")
     for kw in ({"loss": "dlr"}, {"p_init": 1.5}, {"p_init": 0.0}, {"n_queries": 0},
                {"n_restarts": 0}, {"warm_start": 1}, {"norm": "L1"}):
         with pytest.raises(ConfigError):
             Square(model, eps=0.1, **kw)
 
 
-def test_warm_claims_are_confirmed_by_cold_inference(monkeypatch):
+def test_warm_claims_are_confirmed_by_cold_inference(monkeypatch, digits_test, trained_model):
     """If warm-started solves lied (their logits negated: every query claims a
     misclassification), each claim is checked by the model's own inference and the search goes
     on with the cold values: the attack returns exactly the cold attack's examples."""
     import robustdeq.deq.warm as warm_mod
-    model = trained("mlp_deq")
+    model = trained_model("mlp_deq")
     x, y = digits_test(12)
     kw = dict(eps=0.1, n_queries=15, seed=4)
     cold = Square(model, warm_start=False, **kw)(x, y)

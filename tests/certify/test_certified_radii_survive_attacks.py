@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 
-from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.certify import certify
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
@@ -28,25 +27,29 @@ def digits():
     return xtr, ytr, xte[:48], yte[:48]
 
 
-def _train(model, x, y, steps=60, lr=1e-2, seed=0):
-    fit_minibatches(model, x, y, steps, lr=lr, seed=seed)
-    model.solver_config = ATTACK_SOLVER
-    model.grad = ImplicitGrad()
-    return model.eval()
+@pytest.fixture(scope="module")
+def train(fit_minibatches):
+    """``train(model, x, y, steps=60, lr=1e-2, seed=0)``: briefly trained, set up for the attacks."""
+    def _train(model, x, y, steps=60, lr=1e-2, seed=0):
+        fit_minibatches(model, x, y, steps, lr=lr, seed=seed)
+        model.solver_config = ATTACK_SOLVER
+        model.grad = ImplicitGrad()
+        return model.eval()
+    return _train
 
 
 @pytest.fixture(scope="module")
-def lip_model(digits):
+def lip_model(digits, train):
     torch.manual_seed(0)
     xtr, ytr, _, _ = digits
-    return _train(zoo.build("mlp_deq", hidden=32, norm="spectral", scale=0.5, **TRAIN), xtr, ytr)
+    return train(zoo.build("mlp_deq", hidden=32, norm="spectral", scale=0.5, **TRAIN), xtr, ytr)
 
 
 @pytest.fixture(scope="module")
-def mon_model(digits):
+def mon_model(digits, train):
     torch.manual_seed(0)
     xtr, ytr, _, _ = digits
-    return _train(zoo.build("mon_deq", hidden=32, **TRAIN), xtr, ytr, steps=80)
+    return train(zoo.build("mon_deq", hidden=32, **TRAIN), xtr, ytr, steps=80)
 
 
 def _margin_loss(logits, y):
@@ -129,13 +132,13 @@ def test_pgd_linf_never_succeeds_on_linf_certified_samples(which, request, digit
     assert float((x_adv - x[cert]).abs().max()) <= eps + 1e-6
 
 
-def test_ibp_certificate_alone_survives_pgd(digits):
+def test_ibp_certificate_alone_survives_pgd(digits, train):
     # a tanh MLP-DEQ with ||W||_inf small: the interval map itself contracts, so IBP (not only the
     # L2 radius) certifies samples
     torch.manual_seed(1)
     xtr, ytr, x, y = digits
     model = zoo.build("mlp_deq", hidden=32, norm="spectral", scale=0.3, **TRAIN)
-    model = _train(model, xtr, ytr, steps=60)
+    model = train(model, xtr, ytr, steps=60)
     rep = certify(model, x, y, eps_l2=(), eps_linf=(0.01,), methods=["ibp"])
     ibp = torch.tensor([r.details["linf"]["0.01"]["ibp"] for r in rep.results])
     assert ibp.float().mean() > 0.2

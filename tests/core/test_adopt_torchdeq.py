@@ -15,16 +15,16 @@ import robustdeq  # noqa: E402
 from robustdeq.errors import ConfigError  # noqa: E402
 from robustdeq.guard import model_snapshot, snapshot_diff  # noqa: E402
 from robustdeq.interop.torchdeq import AdoptedDEQ, AdoptedDEQClassifier  # noqa: E402
-from torchdeq_helpers import TorchDEQConv, TorchDEQMLP, digits, train_torchdeq  # noqa: E402
+from helpers.torchdeq_models import TorchDEQConv, TorchDEQMLP, train_torchdeq  # noqa: E402
 
 TIGHT = dict(tol=1e-7, max_iter=80)
 REF = dict(f_max_iter=100, f_tol=1e-7, ift=True, b_tol=1e-9, b_max_iter=150)
 
 
 @pytest.fixture(scope="module")
-def data():
-    x, y = digits(150)
-    xt, yt = digits(40, 1000)
+def data(torchdeq_digits):
+    x, y = torchdeq_digits(150)
+    xt, yt = torchdeq_digits(40, 1000)
     return x, y, xt, yt
 
 

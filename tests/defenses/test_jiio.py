@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.deq.cells import LinearCell
 from robustdeq.config import SolverConfig
 from robustdeq.data import load_digits
@@ -38,7 +37,7 @@ def tiny64():
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(fit_minibatches):
     """An undefended mlp_deq trained for a few dozen Adam steps on digits (float32)."""
     torch.manual_seed(0)
     m = zoo.build("mlp_deq", hidden=32)

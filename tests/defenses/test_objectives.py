@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.config import SolverConfig
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
@@ -32,7 +31,7 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def trained(digits):
+def trained(digits, fit_minibatches):
     torch.manual_seed(0)
     m = zoo.build("mlp_deq", hidden=24)
     x, y = digits

@@ -47,11 +47,10 @@ def test_solver_stats_converged_fraction():
     assert st.summary()["converged_fraction"] == pytest.approx(st.converged_fraction)
 
 
-def test_autoattack_reports_its_per_attack_robust_accuracies():
+def test_autoattack_reports_its_per_attack_robust_accuracies(digits_subset, trained_mlp):
     from robustdeq.attacks import AutoAttack
     from robustdeq.eval import evaluate
-    from eval_helpers import digits_subset, trained_mlp
-    m = trained_mlp().eval()
+    m = trained_mlp.eval()
     x, y = digits_subset(24)
     atk = AutoAttack(m, eps=0.05, version="custom", attacks=["apgd-ce", "apgd-dlr"],
                      settings={"apgd.n_iter": 5})

@@ -471,8 +471,8 @@ def _scrub(d):
 
 def _eval_setup(out: Path):
     import sys
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from eval_helpers import digits_subset, trained_deq
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # the spawned ranks import the helpers too
+    from helpers.evals import digits_subset, trained_deq
     model = trained_deq()
     x, y = digits_subset(20)  # 3 batches of 8, 8, 4: rank 0 attacks two, rank 1 one
     _save_inputs(out, model, x, y)
@@ -519,12 +519,9 @@ def test_evaluation_resumes_after_a_killed_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_certification_equals_one_process(tmp_path):
-    import sys
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from eval_helpers import digits_subset, trained_contractive_deq
+def test_two_rank_certification_equals_one_process(tmp_path, digits_subset, trained_contractive_deq):
     from robustdeq.certify import certify
-    model = trained_contractive_deq()
+    model = trained_contractive_deq
     x, y = digits_subset(10)
     _save_inputs(tmp_path, model, x, y)
     model, x, y = _eval_inputs(tmp_path)

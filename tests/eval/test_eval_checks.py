@@ -12,25 +12,24 @@ from robustdeq.eval import CHECKS, CheckConfig, evaluate
 from robustdeq.eval import checks as C
 from robustdeq.eval import AttackSpec, trajectory_stats
 
-from eval_helpers import (BudgetModel, NoisyModel, QuantizedModel, ReversedGradModel, SoftmaxModel,
-                          digits_subset, nonconverging_deq, trained_deq, trained_mlp,
-                          unstable_linear_deq)
+from helpers.evals import (BudgetModel, NoisyModel, QuantizedModel, ReversedGradModel, SoftmaxModel,
+                           nonconverging_deq, unstable_linear_deq)
 
 
 
 @pytest.fixture(scope="module")
-def data():
+def data(digits_subset):
     return digits_subset(32)
 
 
 @pytest.fixture(scope="module")
-def deq():
-    return trained_deq()
+def deq(trained_deq):
+    return trained_deq
 
 
 @pytest.fixture(scope="module")
-def mlp():
-    return trained_mlp()
+def mlp(trained_mlp):
+    return trained_mlp
 
 
 @contextlib.contextmanager
@@ -314,12 +313,11 @@ def test_estimators_silent_on_deq_and_skipped_without_deq(deq, mlp, data):
 
 
 # -- all checks silent on a plain DEQ through the harness ---------------------------------------------
-def test_every_check_silent_on_plain_deq():
+def test_every_check_silent_on_plain_deq(digits_subset, trained_contractive_deq):
     # A well-posed (contractive) DEQ attacked with PGD-20: an honest white-box setting. (On a
     # non-contractive DEQ with weak PGD the black-box probe may legitimately win on a few samples:
     # that is the finding of Yang et al. 2022, not a false alarm.)
-    from eval_helpers import trained_contractive_deq
-    deq = trained_contractive_deq()
+    deq = trained_contractive_deq
     x, y = digits_subset(64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMaskingWarning)

@@ -12,7 +12,7 @@ from robustdeq.eval import AttackSpec, CheckConfig, EvalReport, evaluate
 from robustdeq.eval.store import unit_seed
 from robustdeq.eval.report import SCHEMA_VERSION
 
-from eval_helpers import MaskedDefense, digits_subset, trained_deq, trained_mlp
+from helpers.evals import MaskedDefense
 
 
 
@@ -21,17 +21,17 @@ CHEAP_CHECKS = CheckConfig(subset=16, large_eps_steps=5, steps_short=3, steps_lo
 
 
 @pytest.fixture(scope="module")
-def deq():
-    return trained_deq()
+def deq(trained_deq):
+    return trained_deq
 
 
 @pytest.fixture(scope="module")
-def mlp():
-    return trained_mlp()
+def mlp(trained_mlp):
+    return trained_mlp
 
 
 @pytest.fixture(scope="module")
-def data():
+def data(digits_subset):
     return digits_subset(64)
 
 
@@ -423,7 +423,7 @@ def test_bad_arguments_are_loud(mlp, data):
 
 # -- the standard and full suites end to end (AutoAttack on a DEQ is slow) ---------------------------
 @pytest.mark.slow
-def test_standard_suite_end_to_end(deq, tmp_path):
+def test_standard_suite_end_to_end(deq, tmp_path, digits_subset):
     x, y = digits_subset(16)
     rep = evaluate(deq, x, y, eps=0.1, suite="standard", steps=10, out_dir=tmp_path)
     keys = [a.key for a in rep.result().attacks]
@@ -455,7 +455,7 @@ def test_full_suite_composition_and_transfer_unit(deq, data):
 
 
 @pytest.mark.slow
-def test_full_suite_end_to_end_in_cascade_mode(deq):
+def test_full_suite_end_to_end_in_cascade_mode(deq, digits_subset):
     x, y = digits_subset(8)
     rep = evaluate(deq, x, y, eps=0.1, suite="full", steps=5, cascade=True, check_config=CHEAP_CHECKS)
     keys = [a.key for a in rep.result().attacks]

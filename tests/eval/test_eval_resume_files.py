@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-from eval_helpers import digits_subset, trained_mlp
 from robustdeq.eval import evaluate
 
 KW = dict(eps=[0.05, 0.3], suite=["pgd"], steps=3, checks=False)
@@ -19,9 +18,9 @@ class Interrupt(Exception):
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(digits_subset, trained_mlp):
     x, y = digits_subset(32)
-    model = trained_mlp()
+    model = trained_mlp
     return model, x, y, evaluate(model, x, y, **KW)
 
 

@@ -15,7 +15,6 @@ from robustdeq.eval import evaluate
 from robustdeq.eval.card import (clopper_pearson, judge, judge_file, leaderboard, model_card,
                                  tensors_sha256)
 from robustdeq.guard import model_snapshot, snapshot_diff
-from eval_helpers import digits_subset, trained_deq
 
 OPTS = dict(suite=["pgd-ift", "pgd-unrolled"], steps=2, checks=False, seed=0)
 
@@ -27,8 +26,8 @@ def test_clopper_pearson_is_scipys_exact_interval(k, n):
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    model = trained_deq()
+def bench(tmp_path_factory, digits_subset, trained_deq):
+    model = trained_deq
     x, y = digits_subset(12)
     out = tmp_path_factory.mktemp("card")
     snap = model_snapshot(model)
@@ -111,8 +110,8 @@ def test_leaderboard_sorts_by_robust_accuracy_and_needs_one_protocol(bench):
         leaderboard([card, other])
 
 
-def test_benchmark_takes_one_radius():
-    model = trained_deq()
+def test_benchmark_takes_one_radius(digits_subset, trained_deq):
+    model = trained_deq
     x, y = digits_subset(4)
     with pytest.raises(ConfigError, match="one radius"):
         robustdeq.benchmark(model, x, y, eps=[0.1, 0.2])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attack_helpers import digits_test, trained
 from robustdeq.eval import SuiteContext, build_suite, evaluate, trajectory_model
 
 
@@ -16,8 +15,8 @@ def _ctx(model, **kw):
     return SuiteContext(**base)
 
 
-def test_native_units_and_their_budgets():
-    deq = trained("mlp_deq", steps=60, hidden=32)
+def test_native_units_and_their_budgets(trained_model):
+    deq = trained_model("mlp_deq", steps=60, hidden=32)
     specs = {s.name: s for s in build_suite(["apgd-ce", "apgd-t", "apgd-t3", "apgd-dlr"], _ctx(deq))}
     atk = specs["apgd-t"].factory(deq, eps=0.1, norm="Linf", steps=20, seed=0)
     assert (atk.steps, atk.n_target_classes, atk.early_stop) == (100, 9, True)
@@ -34,8 +33,8 @@ def test_native_units_and_their_budgets():
     assert unit.factory(deq, eps=0.1, norm="Linf", steps=20, seed=0).eot_iter == 20
 
 
-def test_report_lists_which_attack_broke_which_sample():
-    deq = trained("mlp_deq", steps=60, hidden=32)
+def test_report_lists_which_attack_broke_which_sample(digits_test, trained_model):
+    deq = trained_model("mlp_deq", steps=60, hidden=32)
     x, y = digits_test(24)
     rep = evaluate(deq, x, y, eps=0.15, suite=["pgd-ift", "apgd-ce"], steps=4, checks=False, cascade=True)
     r = rep.result()
@@ -48,11 +47,11 @@ def test_report_lists_which_attack_broke_which_sample():
 
 
 @pytest.mark.slow
-def test_quick_within_one_point_of_autoattack_on_a_trained_deq():
+def test_quick_within_one_point_of_autoattack_on_a_trained_deq(digits_test, trained_model):
     pytest.importorskip("pyautoattack")
     from robustdeq.attacks import AutoAttack
     from robustdeq.attacks.base import logits_of
-    deq = trained("mlp_deq", steps=60, hidden=32)
+    deq = trained_model("mlp_deq", steps=60, hidden=32)
     x, y = digits_test(100)
     aa = AutoAttack(deq, eps=0.1, version="standard", seed=0)(x, y)
     aa_robust = int((logits_of(deq, aa).argmax(1) == y).sum())

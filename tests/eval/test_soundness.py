@@ -24,12 +24,10 @@ from robustdeq.errors import CertificationWarning, ConfigError, GradientMaskingW
 from robustdeq.eval import AttackSpec, evaluate
 from robustdeq.guard import model_snapshot, preserve_model, snapshot_diff
 
-from eval_helpers import digits_subset, trained_deq
-from train_helpers import fit_minibatches
 
 
 @pytest.fixture(scope="module")
-def spectral_deq():
+def spectral_deq(fit_minibatches):
     """A DEQ with spectral normalisation: its power-iteration buffers change on any train-mode
     forward, so a flag flipped by an evaluation shows up in the buffers too."""
     torch.manual_seed(0)
@@ -40,7 +38,7 @@ def spectral_deq():
 
 
 @pytest.fixture(scope="module")
-def batch():
+def batch(digits_subset):
     x, y = digits_subset(12)
     return x, y
 
@@ -169,8 +167,8 @@ class QuantisedDefense(nn.Module):
         return self.model(torch.round(x * 8) / 8)
 
 
-def test_transfer_view_breaks_a_wrapper_whose_gradients_are_useless():
-    base = trained_deq().eval()
+def test_transfer_view_breaks_a_wrapper_whose_gradients_are_useless(digits_subset, trained_deq):
+    base = trained_deq.eval()
     x, y = digits_subset(48)
     wrapper = QuantisedDefense(base)
     with _quiet():
@@ -193,8 +191,8 @@ def test_transfer_view_breaks_a_wrapper_whose_gradients_are_useless():
     assert transfer.accuracy < own.accuracy - 0.2
 
 
-def test_transfer_from_user_named_models(batch):
-    base = trained_deq().eval()
+def test_transfer_from_user_named_models(batch, trained_deq):
+    base = trained_deq.eval()
     x, y = batch
     surrogate = zoo.build("ff_mlp", hidden=16).eval()
     with _quiet():
@@ -229,8 +227,8 @@ def _pgd_ensemble(judge, steps=100, restarts=5):
     return specs
 
 
-def test_quick_suite_is_within_one_point_of_a_pgd100_ensemble():
-    m = trained_deq().eval()
+def test_quick_suite_is_within_one_point_of_a_pgd100_ensemble(digits_subset, trained_deq):
+    m = trained_deq.eval()
     x, y = digits_subset(64)
     with _quiet():
         quick = evaluate(m, x, y, eps=0.1, suite="quick", checks=False)
@@ -240,8 +238,8 @@ def test_quick_suite_is_within_one_point_of_a_pgd100_ensemble():
     assert "upper bound" in quick.to_markdown() and quick.to_dict()["bound"] == quick.bound_statement
 
 
-def test_pgd_restarts_never_weaker_and_validated(batch):
-    m = trained_deq().eval()
+def test_pgd_restarts_never_weaker_and_validated(batch, trained_deq):
+    m = trained_deq.eval()
     x, y = batch
     with _quiet():
         one = A.PGD(m, eps=0.1, steps=5, seed=3)(x, y)
@@ -260,7 +258,7 @@ def _nonnormal(d=16, c=0.6):
     return 0.5 * torch.eye(d) + c * torch.diag(torch.ones(d - 1), 1)
 
 
-def test_certify_refuses_samples_the_deployed_solve_does_not_reach():
+def test_certify_refuses_samples_the_deployed_solve_does_not_reach(fit_minibatches):
     """The issue's repro: a linear DEQ with A = 0.5 I + 0.6 N whose own solver (unguarded Anderson,
     60 iterations, abs tol 1e-5) does not converge; certify must not certify what the model does
     not compute."""

@@ -6,10 +6,11 @@ import functools
 
 import torch
 
-from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
 from robustdeq.deq.grad import gradient
+
+from .training import fit_minibatches
 
 
 def _cheap_forward(model, xb):

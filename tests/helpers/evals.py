@@ -1,6 +1,6 @@
 """Models shared by the evaluation tests: a plain trained DEQ and models built to trip each check.
 
-Trained models are cached per process (both test_eval*.py files reuse them).
+Trained models are cached per process (tests/conftest.py serves them as session fixtures).
 """
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import functools
 import torch
 from torch import nn
 
-from train_helpers import fit_minibatches  # noqa: E402
 from robustdeq.data import load_digits
 from robustdeq.deq import zoo
 from robustdeq.deq.cells import LinearHead, MLPInjection
 from robustdeq.deq.model import DEQClassifier
+
+from .training import fit_minibatches
 
 
 def _train(model, steps, lr=1e-2, grad=None, seed=0):
