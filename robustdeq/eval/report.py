@@ -204,9 +204,9 @@ class EvalReport:
                 f"case over the attacks of suite {self._suite_name()} ({', '.join(keys)}); a stronger "
                 "attack can only lower it.")
         if self.suite == "quick":
-            text += (" 'quick' is the cheapest suite (PGD, APGD-CE and APGD-T on 3 targets): run "
-                     "'standard' (adds APGD-T on 9 targets, the score-based Square attack and "
-                     "intermediate-state attacks) before reporting a number.")
+            text += (" 'quick' is the cheapest suite (PGD, APGD-CE and APGD-T on 9 targets): run "
+                     "'standard' (adds the score-based Square attack and intermediate-state "
+                     "attacks) before reporting a number.")
         return text
 
     # -- JSON --------------------------------------------------------------------------------------
