@@ -44,7 +44,7 @@ def test_eval_and_certify_write_reports(ckpt, tmp_path, capsys):
 
 
 def test_harden_evaluates_plain_and_wrapped(ckpt, capsys):
-    assert main(["harden", str(ckpt), "--eps", "0.1", "-n", "8", "--steps", "3", "--no-progress",
+    assert main(["harden", str(ckpt), "--eps", "0.1", "-n", "4", "--steps", "1", "--no-progress",
                  "--wrap-options", '{"rounds": 2, "inner_steps": 2}']) == 0
     out = capsys.readouterr().out
     assert "as trained" in out and "+ entropy" in out
