@@ -100,7 +100,7 @@ def test_ibp_at_radius_zero_is_the_clean_cross_entropy():
         with torch.no_grad():
             ce = F.cross_entropy(model(x), y)
         # the worst-case logits of a point box are the logits shifted by logit_y (CE is shift-invariant)
-        assert float(loss) == pytest.approx(float(ce), abs=2e-5)
+        assert float(loss.detach()) == pytest.approx(float(ce.detach()), abs=2e-5)
 
 
 def test_ibp_schedules_and_options():
