@@ -400,11 +400,27 @@ def reference_run(tmp_path_factory):
     return res, out, time.perf_counter() - t0
 
 
-def test_iid_federated_run_matches_centralised_training(reference_run):
+@pytest.fixture(scope="module")
+def inline_reference_run(tmp_path_factory):
+    """The same run through the server loop with the real ClientApp behind an in-process grid
+    (Flower's simulation engine itself is exercised by the slow tests that use ``reference_run``)."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from robustdeq.federated.server import run_rounds
+    out = tmp_path_factory.mktemp("fed_inline")
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        res = run_rounds(_InlineGrid(SIM["clients"]), FederatedConfig.from_dict(SIM), out)
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return res, out, None
+
+
+def test_iid_federated_run_matches_centralised_training(inline_reference_run):
     from robustdeq.data import load_digits
     from robustdeq.federated.local import build_model, client_data
     from robustdeq.train import Trainer, evaluate_clean
-    res, out, _ = reference_run
+    res, out, _ = inline_reference_run
     cfg = FederatedConfig.from_dict(SIM)
     assert [r["round"] for r in res.rounds] == [1, 2, 3, 4, 5]
     assert all(r["clients_fused"] == 3 and not r["clients_dropped"] for r in res.rounds)
