@@ -219,7 +219,7 @@ def test_defense_adaptive_views_are_attacked_and_judged_on_the_defense(deq, data
     x, y = data
     x, y = x[:32], y[:32]
     defense = MaskedDefense(deq)
-    rep = evaluate(defense, x, y, eps=0.1, suite="quick", steps=5, checks=False)
+    rep = evaluate(defense, x, y, eps=0.1, suite="quick", steps=3, checks=False)
     r = rep.result()
     assert [a.key for a in r.attacks] == [f"{p}{v}" for p in ("pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t")
                                           for v in ("", "@bpda", "@transfer-base")]
