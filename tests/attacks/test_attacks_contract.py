@@ -11,15 +11,6 @@ from helpers.attacks import check_ball
 EPS = 0.1
 
 
-@pytest.fixture(scope="module")
-def batch(digits_test):
-    """``batch(dtype=float32, n=8)``: the first ``n`` test digits in ``dtype``."""
-    def make(dtype=torch.float32, n=8):
-        x, y = digits_test(n)
-        return x.to(dtype), y
-    return make
-
-
 # every attack, as a factory (model -> attack); AutoAttack and torchattacks kept small
 FACTORIES = {
     "fgsm": lambda m, s: A.FGSM(m, eps=EPS, seed=s),

@@ -31,15 +31,6 @@ def tiny_ff(dtype=torch.float32):
     return zoo.build("ff_mlp", hidden=16).to(dtype).eval()
 
 
-@pytest.fixture(scope="module")
-def batch(digits_test):
-    """``batch(dtype=float32, n=8)``: the first ``n`` test digits in ``dtype``."""
-    def make(dtype=torch.float32, n=8):
-        x, y = digits_test(n)
-        return x.to(dtype), y
-    return make
-
-
 def test_random_start_depends_on_the_seed(batch):
     model = tiny_deq()
     x, y = batch()

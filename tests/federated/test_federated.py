@@ -404,15 +404,11 @@ def reference_run(tmp_path_factory):
 def inline_reference_run(tmp_path_factory):
     """The same run through the server loop with the real ClientApp behind an in-process grid
     (Flower's simulation engine itself is exercised by the slow tests that use ``reference_run``)."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from helpers.flower import task_identity_set
     from robustdeq.federated.server import run_rounds
     out = tmp_path_factory.mktemp("fed_inline")
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    try:
+    with task_identity_set():
         res = run_rounds(_InlineGrid(SIM["clients"]), FederatedConfig.from_dict(SIM), out)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     return res, out, None
 
 
