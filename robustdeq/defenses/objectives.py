@@ -449,9 +449,8 @@ class JIIOAT(Objective):
     14; ``select`` the iterate it returns, default "next": the map's output at the last iterate,
     so that 14 evaluations make 14 input steps, like PGD-AT's last step; "last" returns the same
     state one evaluation later, "best" the iterate of lowest augmented residual, which with sign
-    steps is no measure of attack strength: 15 "last" iterations trained models at least as robust
-    as 20 "best" ones, the defaults until 2026-12-01, in about 3/4 of the time, see
-    benchmarks/bench_jiio.py);
+    steps is no measure of attack strength ("last" / "next" train models at least as robust as
+    "best" with fewer iterations; ``benchmarks/bench_jiio.py`` compares them);
     ``solver`` "fixed_point" or "anderson", ``direction`` of the input step default sign for Linf
     and normalised for L2, step size ``alpha`` default ``eps/4``);
     the training loss is CE at the fixed point re-solved at ``x + delta*`` (warm-started from the
