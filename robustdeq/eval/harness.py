@@ -4,9 +4,10 @@ For every eps, every spec of the suite (:mod:`robustdeq.eval.suites`) is run on 
 its scope names (the plain model and, for an inference-time defense, each of its
 ``adaptive_views()``; or the underlying DEQ), the examples are always *judged on the model
 itself*, and a sample is robust only if it is classified correctly on the clean input and on the
-example of every attack unit: the per-sample worst case. Then the checks
-(:mod:`robustdeq.eval.checks`) run and the report is assembled; with ``out_dir`` finished units
-are kept and reused (:mod:`robustdeq.eval.store`).
+example of every attack unit: the per-sample worst case. Then the trust checks run on what the
+attacks found (:mod:`robustdeq.eval.audit`, which runs those of :mod:`robustdeq.eval.checks`) and
+the report is assembled; with ``out_dir`` finished units are kept and reused
+(:mod:`robustdeq.eval.store`).
 """
 from __future__ import annotations
 
@@ -22,18 +23,19 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from .._support import progress_reporter, report_progress, user_stacklevel
+from .._support import progress_reporter, report_progress
+from ..attacks.base import global_rng
 from .._tensor import clip_delta
 from ..deq.protocols import is_trajectory_model
-from ..errors import ConfigError, GradientMaskingWarning, InputError, NonConvergenceWarning
+from ..errors import ConfigError, InputError, NonConvergenceWarning
 from ..guard import preserve_model
 from . import _sharding
-from . import checks as _checks
+from . import audit
 from .checks import CheckResult, find_deq, margin
 from .config import EvalProtocol, RunOptions, split_options
 from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport
@@ -62,14 +64,6 @@ def _device(model: nn.Module, fallback: torch.device) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
     return fallback
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 @contextlib.contextmanager
@@ -320,7 +314,7 @@ def _evaluate(ev: "_Evaluation", model: nn.Module, t_start: float) -> EvalReport
             return done
         _open_store(ev)
         _attack_all(ev)
-        check_results = _run_checks(ev) if ev.run.checks else []
+        check_results = audit.run_checks(ev) if ev.run.checks else []
     _warn(ev, check_results)  # outside the warning capture
     report = _report(ev, check_results, t_start)
     _write(ev, report)
@@ -338,7 +332,7 @@ def _begin(model: nn.Module, x: Tensor, y: Tensor, protocol: EvalProtocol, run: 
 def _clean_pass(ev: _Evaluation) -> None:
     """Clean margins and the clean trajectory statistics."""
     t0 = time.perf_counter()
-    with _seeded(derive_seed(ev.protocol.seed, "clean"), ev.device):
+    with global_rng(derive_seed(ev.protocol.seed, "clean"), ev.device):
         logits = _logits(ev.model, ev.x, ev.protocol.batch_size)
         ev.num_classes = int(logits.shape[1])
         ev.clean_margin = margin(logits.float(), ev.y)
@@ -462,7 +456,7 @@ def _compute_unit(ev: _Evaluation, st: _EpsState, ui: int, unit: _Unit, t0: floa
     attacked = st.robust.clone() if ev.protocol.cascade else ev.clean_correct
     status = f"eps {e:g} · {unit.key} · {int(attacked.sum())} samples"
     ev.bar.set_postfix_str(status)
-    with _seeded(useed, ev.device), progress_reporter(_show_progress(ev.bar, status)):
+    with global_rng(useed, ev.device), progress_reporter(_show_progress(ev.bar, status)):
         desc, x_adv, viol = _run_unit(ev, unit, attacked, e, useed)
         margin_u = torch.where(attacked, _margins(ev.model, x_adv, ev.y, ev.protocol.batch_size), ev.clean_margin)
     # samples not attacked (cascade: already broken) count as not broken by it
@@ -524,10 +518,9 @@ def _adversarial_trajectory(ev: _Evaluation, worst_x: Tensor):
 
 
 def _warn(ev: _Evaluation, check_results: List[CheckResult]) -> None:
-    for c in check_results:
-        if c.fired:
-            cat = NonConvergenceWarning if c.name == "non_convergence" else GradientMaskingWarning
-            warnings.warn(f"[{c.name}] {c.message}", cat, stacklevel=user_stacklevel())
+    """The fired checks' warnings, and a note counting the non-convergence warnings that attacks
+    and adjoint solves raised (run outside the warning capture)."""
+    audit.warn_fired(check_results)
     counters = ev.counters
     if ev.dist_ctx is not None:  # the ranks' attack objects warned separately: their total
         counters["nonconvergence_warnings"] = _sharding.sum_int(
@@ -619,7 +612,7 @@ def _run_unit(ev: _Evaluation, unit: _Unit, attacked: Tensor, eps: float, seed: 
     for i in _sharding.owned_batches(range(0, idx.numel(), batch_size), ctx):
         b = idx[i:i + batch_size]
         xb = x[b]
-        with _seeded(seed, x.device):
+        with global_rng(seed, x.device):
             xa = atk(xb, y[b])
         if not isinstance(xa, Tensor) or xa.shape != xb.shape:
             raise ConfigError(f"attack {unit.key!r} returned {type(xa).__name__} "
@@ -655,160 +648,6 @@ def _show_progress(bar, status: str):
             parts.append(f"{info['done']}/{info['total']} samples done")
         bar.set_postfix_str(" · ".join(parts))
     return show
-
-
-# -- the checks -------------------------------------------------------------------------------------
-def _run_checks(ev: _Evaluation) -> List[CheckResult]:
-    """The enabled checks of ``ev.run.check_config`` on the first ``subset`` samples; a check that
-    raises is recorded as skipped (and noted), never loses the evaluation."""
-    t0 = time.perf_counter()
-    cc = ev.run.check_config
-    n_sub = min(cc.subset, ev.x.shape[0])
-    xs, ys = ev.x[:n_sub], ev.y[:n_sub]
-    out: List[CheckResult] = []
-    for name, fn in _check_steps(ev, xs, ys):
-        if name in cc.enabled:
-            _run_check(ev, out, name, fn)
-    ev.timings["checks"] = time.perf_counter() - t0
-    return out
-
-
-def _check_steps(ev: _Evaluation, xs: Tensor, ys: Tensor) -> List[Tuple[str, Callable[[], CheckResult]]]:
-    m, cc, norm, seed, views = ev.model, ev.run.check_config, ev.norm, ev.protocol.seed, ev.views
-    return [
-        ("randomized_output", lambda: _checks.check_randomized(m, xs, cc, warn=False)),
-        ("softmax_output", lambda: _checks.check_softmax(m, xs, cc, warn=False)),
-        ("zero_gradients", lambda: _checks.check_gradients(m, xs, ys, cc, warn=False)),
-        ("black_box_stronger", lambda: _check_black_box(ev, xs, ys)),
-        ("large_eps_not_chance", lambda: _checks.check_large_eps(
-            m, xs, ys, norm=norm, views=views, config=cc, seed=derive_seed(seed, "large_eps"), warn=False)),
-        ("non_monotonic", lambda: _check_monotonic(ev, xs, ys)),
-        ("non_convergence", lambda: _check_convergence(ev)),
-        ("estimator_disagreement", lambda: _checks.check_estimators(m, xs, ys, cc, warn=False)),
-    ]
-
-
-def _run_check(ev: _Evaluation, out: List[CheckResult], name: str, fn: Callable[[], CheckResult]) -> None:
-    t0 = time.perf_counter()
-    try:
-        with _seeded(derive_seed(ev.protocol.seed, "check", name), ev.device):
-            out.append(fn())
-        ev.timings[f"check:{name}"] = time.perf_counter() - t0
-    except Exception as e:  # a check must not lose the evaluation; the failure is recorded
-        logger.exception("check %s failed", name)
-        out.append(CheckResult(name, False, f"skipped: the check raised {type(e).__name__}: {e}",
-                               skipped=True))
-        ev.notes.append(f"check {name} could not run: {type(e).__name__}: {e}")
-
-
-def _check_black_box(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
-    """Per sample: broken by a black-box or transfer unit, or by the score-based stage (Square)
-    of a white-box unit such as AutoAttack, and by no gradient attack (a white-box unit's
-    successes minus its score-based stage's); the worst eps is reported. Without such evidence,
-    a Square probe on the check subset."""
-    cc, n_sub = ev.run.check_config, xs.shape[0]
-    kinds = {u.key: u.kind for u in ev.units}
-    bb_keys = [k for k, kind in kinds.items() if kind in ("black-box", "transfer")]
-    wb_keys = [k for k, kind in kinds.items() if kind == "white-box"]
-    best = None
-    for r in ev.results:
-        fl = ev.success_flags[r.eps]
-        score = {k: v for k, v in _score_based_flags(ev, r).items() if k in wb_keys}
-        if not (bb_keys or score):
-            continue
-        white = _any([fl[k] & ~score[k] if k in score else fl[k] for k in wb_keys], ev.clean_correct)
-        black = _any([fl[k] for k in bb_keys] + [fl[k] & score[k] for k in score], ev.clean_correct)
-        source = " + ".join(bb_keys + [f"Square inside {k}" for k in score])
-        res = _checks.check_black_box(white, black, cc, source=source, warn=False,
-                                      details={"eps": r.eps})
-        if best is None or (res.value or 0) > (best.value or 0):
-            best = res
-    if best is not None:
-        return best
-    inside = _square_inside_autoattack(ev)
-    if inside is not None:  # AutoAttack's Square (thousands of queries) ran: stronger than the probe
-        return inside
-    if cc.black_box_queries <= 0:
-        return _checks.skipped("black_box_stronger", "no black-box or transfer attack in the suite "
-                               "and the Square probe is disabled")
-    e = max(r.eps for r in ev.results)
-    white = _any([ev.success_flags[e][k] for k in wb_keys], ev.clean_correct)[:n_sub]
-    survivors = ev.clean_correct[:n_sub] & ~white  # only these can show a black-box-only success
-    black = torch.zeros_like(white)
-    if bool(survivors.any()):
-        black[survivors] = _checks.square_probe(
-            ev.model, xs[survivors], ys[survivors], eps=e, norm=ev.norm, queries=cc.black_box_queries,
-            seed=derive_seed(ev.protocol.seed, "square"))
-    return _checks.check_black_box(white, black, cc, warn=False,
-                                   source=f"Square ({cc.black_box_queries} queries)", details={"eps": e})
-
-
-def _score_based_flags(ev: _Evaluation, r: EpsResult) -> Dict[str, Tensor]:
-    """Unit key -> (N,) bool: the samples the unit's score-based stage broke (AutoAttack's
-    Square: ``describe["score_based_samples"]``), for the units that record them."""
-    out = {}
-    for a in r.attacks:
-        idx = a.describe.get("score_based_samples") if isinstance(a.describe, dict) else None
-        if idx is None:
-            continue
-        flags = torch.zeros_like(ev.clean_correct)
-        if idx:
-            flags[torch.tensor(idx, dtype=torch.long, device=flags.device)] = True
-        out[a.key] = flags & ev.clean_correct
-    return out
-
-
-def _square_inside_autoattack(ev: _Evaluation) -> Optional[CheckResult]:
-    """The black-box evidence an AutoAttack unit already holds (None if there is none): in a
-    cascade, AutoAttack only attacks the samples every earlier unit left robust, so the samples
-    its Square stage breaks after its gradient-based stages (APGD, FAB) missed them were missed
-    by every white-box attack before. Counted from AutoAttack's own per-stage robust accuracies
-    (``robust_accuracy_after``: cumulative, per batch); the worst eps is reported. Without a
-    cascade another unit may have broken those samples, so nothing is claimed. Used for units
-    that do not record their score-based successes per sample (``score_based_samples``)."""
-    if not ev.protocol.cascade:
-        return None
-    best = None
-    n = int(ev.clean_correct.numel())
-    for r in ev.results:
-        count, seen = 0, False
-        for a in r.attacks:
-            recs = a.describe.get("robust_accuracy_after") if isinstance(a.describe, dict) else None
-            for rec in recs or ():
-                stages = [k for k in rec if k != "n"]
-                if "square" not in stages or stages.index("square") == 0:
-                    continue
-                i = stages.index("square")
-                count += int(round(rec["n"] * (rec[stages[i - 1]] - rec["square"])))
-                seen = True
-        if seen:
-            res = _checks.check_black_box_count(
-                min(max(count, 0), n), n, ev.run.check_config, source="Square inside AutoAttack",
-                warn=False, details={"eps": r.eps})
-            if best is None or (res.value or 0) > (best.value or 0):
-                best = res
-    return best
-
-
-def _check_monotonic(ev: _Evaluation, xs: Tensor, ys: Tensor) -> CheckResult:
-    pick = min(ev.results, key=lambda r: (abs(r.robust_accuracy - 0.5), r.eps))
-    sweep = {r.eps: r.robust_accuracy for r in ev.results} if len(ev.results) > 1 else None
-    return _checks.check_monotonic(ev.model, xs, ys, eps=pick.eps, norm=ev.norm, views=ev.views, sweep=sweep,
-                                   config=ev.run.check_config, seed=derive_seed(ev.protocol.seed, "monotonic"),
-                                   warn=False)
-
-
-def _check_convergence(ev: _Evaluation) -> CheckResult:
-    clean = ev.clean_traj["solver"] if ev.clean_traj else None
-    adv = {r.eps: r.solver["adversarial"] for r in ev.results if r.solver}
-    return _checks.check_convergence(clean, adv, ev.run.check_config, warn=False)
-
-
-def _any(flags: List[Tensor], like: Tensor) -> Tensor:
-    out = torch.zeros_like(like, dtype=torch.bool)
-    for f in flags:
-        out = out | f
-    return out
 
 
 def _provenance(ev: _Evaluation) -> Dict[str, Any]:
