@@ -19,8 +19,7 @@ _LAZY = {
     # objectives.py: adversarial training objectives (JIIO-AT's engine is robustdeq.deq.jiio)
     "PGDAT": ".objectives", "TRADES": ".objectives", "RandomStateObjective": ".objectives",
     "JIIOAT": ".objectives", "CrossEntropy": ".objectives", "make_objective": ".objectives",
-    "OBJECTIVES": ".objectives",
-    "recipe": ".recipes", "RECIPES": ".recipes", "Recipe": ".recipes", "register_recipe": ".recipes",
+    "recipe": ".recipes", "Recipe": ".recipes", "register_recipe": ".recipes",
     "register_objective": ".objectives",
     # certified.py: certified training (IBP, Lipschitz margin)
     "IBPTraining": ".certified", "LipschitzMargin": ".certified",

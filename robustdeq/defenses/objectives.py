@@ -66,7 +66,7 @@ from ..guard import preserve_model
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Objective", "CrossEntropy", "PGDAT", "TRADES", "JIIOAT", "GaussianNoise", "OBJECTIVES", "make_objective",
+    "Objective", "CrossEntropy", "PGDAT", "TRADES", "JIIOAT", "GaussianNoise", "make_objective",
     "register_objective",
     "jacobian_penalty", "ris_forward", "inner_pgd", "preserve_modes", "RandomStateObjective",
 ]

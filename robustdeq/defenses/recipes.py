@@ -38,19 +38,16 @@ class Recipe:
     objective: Callable
 
 
-RECIPES = _registry.RECIPES  # name -> builder(**options) -> Recipe (the built-ins below and registered ones)
-
-
 def register_recipe(name: str, builder: Optional[Callable[..., Recipe]] = None, *, replace: bool = False):
     """Make ``recipe(name, **options)`` (and ``robustdeq train --defense name``) call
     ``builder(**options) -> Recipe``. Without ``builder``, a decorator. Re-registering a name (a
     built-in included) is a ConfigError unless ``replace=True``."""
-    return RECIPES.register(name, builder, replace=replace)
+    return _registry.RECIPES.register(name, builder, replace=replace)
 
 
 def recipe(name: str, **options) -> Recipe:
     """The recipe ``name`` (:data:`robustdeq.registry.RECIPES`) with ``options`` for its objective."""
-    out = RECIPES.get(name)(**options)
+    out = _registry.RECIPES.get(name)(**options)
     if not isinstance(out, Recipe):
         raise ConfigError(f"the recipe builder {name!r} returned {type(out).__name__}, not a Recipe")
     return out
@@ -118,4 +115,4 @@ def _make_objective(spec, **options):
     return make_objective(spec, **options)
 
 
-__all__ = ["Recipe", "RECIPES", "recipe", "register_recipe"]
+__all__ = ["Recipe", "recipe", "register_recipe"]

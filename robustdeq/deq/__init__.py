@@ -23,7 +23,7 @@ import importlib
 #: public name -> the submodule defining it (imported on first use)
 _LAZY = {name: module for module, names in {
     "solvers": ("TrajectoryState", "SolverState", "SolveResult", "Solver", "FixedPointIteration",
-                "Anderson", "Broyden", "SOLVERS", "register_solver", "get_solver", "solve"),
+                "Anderson", "Broyden", "register_solver", "get_solver", "solve"),
     "grad": ("GradientEstimator", "ImplicitGrad", "PhantomGrad", "UnrolledGrad", "FullBackprop",
              "NoGrad", "ESTIMATORS", "make_estimator", "gradient"),
     "cells": ("Normalize", "ScaledLinear", "IntervalScaling", "MLPCell", "MLPInjection", "LinearHead",

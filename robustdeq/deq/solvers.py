@@ -632,9 +632,6 @@ class Broyden(Solver):
         return z - self._matvec(Uu, VTu, g)
 
 
-SOLVERS = _registry.SOLVERS  # name -> Solver subclass: the built-ins (SolverName) and registered ones
-
-
 def register_solver(name: str, cls: type, *, replace: bool = False) -> type:
     """Make the :class:`Solver` subclass ``cls`` available as ``SolverConfig(name=name)`` /
     ``get_solver(name)`` (and so to every DEQ, attack and certificate that takes a solver
@@ -642,7 +639,7 @@ def register_solver(name: str, cls: type, *, replace: bool = False) -> type:
     ``replace=True``. Returns ``cls`` (whose ``name`` is set to ``name`` if it has none)."""
     if not (isinstance(cls, type) and issubclass(cls, Solver)):
         raise ConfigError(f"register_solver({name!r}, ...) needs a Solver subclass, got {cls!r}")
-    SOLVERS.register(name, cls, replace=replace)
+    _registry.SOLVERS.register(name, cls, replace=replace)
     if "name" not in cls.__dict__:
         cls.name = name
     return cls
@@ -651,13 +648,13 @@ def register_solver(name: str, cls: type, *, replace: bool = False) -> type:
 def get_solver(config: Union[SolverConfig, dict, str, None] = None, **overrides) -> Solver:
     """Return a solver for a config, a dict of options, or a solver name (``ConfigError`` if unknown)."""
     if isinstance(config, str):
-        if config not in SOLVERS:
-            raise ConfigError(f"unknown solver {config!r}; expected one of {', '.join(SOLVERS.names())}")
+        if config not in _registry.SOLVERS:
+            raise ConfigError(f"unknown solver {config!r}; expected one of {', '.join(_registry.SOLVERS.names())}")
         config = SolverConfig(name=config)
     cfg = from_dict(SolverConfig, config)
     if overrides:
         cfg = cfg.replace(**overrides)
-    return SOLVERS.get(cfg.name.value)(cfg)
+    return _registry.SOLVERS.get(cfg.name.value)(cfg)
 
 
 def solve(f: Fn, z0: Tensor, config: Union[SolverConfig, dict, str, None] = None,
@@ -667,4 +664,4 @@ def solve(f: Fn, z0: Tensor, config: Union[SolverConfig, dict, str, None] = None
 
 
 __all__ = ["TrajectoryState", "SolverState", "SolveResult", "Solver", "FixedPointIteration",
-           "Anderson", "Broyden", "SOLVERS", "register_solver", "get_solver", "solve"]
+           "Anderson", "Broyden", "register_solver", "get_solver", "solve"]

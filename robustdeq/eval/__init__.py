@@ -22,12 +22,12 @@ from .checks import CHECKS, CheckConfig, CheckResult
 from .config import EvalProtocol, RunOptions
 from .harness import evaluate
 from .store import unit_seed
-from .suites import SUITES, AttackSpec, SuiteContext, build_suite, register_attack_spec, register_suite
+from .suites import AttackSpec, SuiteContext, build_suite, register_attack_spec, register_suite
 from .targets import trajectory_model, trajectory_stats
 from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport
 
 __all__ = [
-    "evaluate", "EvalProtocol", "RunOptions", "AttackSpec", "SuiteContext", "SUITES", "build_suite", "register_attack_spec",
+    "evaluate", "EvalProtocol", "RunOptions", "AttackSpec", "SuiteContext", "build_suite", "register_attack_spec",
     "register_suite", "trajectory_model",
     "trajectory_stats", "unit_seed",
     "EvalReport", "EpsResult", "AttackResult", "SCHEMA_VERSION",

@@ -457,7 +457,7 @@ def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[Att
 
 
 
-__all__ = ["AttackSpec", "SuiteContext", "SUITES", "ATTACK_SPECS", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
+__all__ = ["AttackSpec", "SuiteContext", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
            "APGD_ITERS", "APGD_TARGETS", "QUICK_TARGETS", "apgd_iterations",
            "register_attack_spec", "register_suite", "builtin_spec", "suite_names",
            "build_suite"]

@@ -18,13 +18,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from ..config import Norm, strict_init, coerce_enum, from_dict, to_dict
 from ..errors import ConfigError
 
-__all__ = ["FederatedConfig", "Norm", "FUSIONS", "FAULTS", "EVAL_SUITES", "DEFAULT_MODEL_OPTIONS",
+__all__ = ["FederatedConfig", "Norm", "FUSIONS", "FAULTS", "DEFAULT_MODEL_OPTIONS",
            "parse_partition", "parse_budgets", "client_budget", "config_hash", "resolve_device"]
 
 FUSIONS = ("fedavg", "quality", "tolerance", "accuracy")
 FAULTS = ("raise", "nan", "inf", "shape", "hang")
-EVAL_SUITES = ("none", "quick", "standard", "full")  # the built-ins; registered suites are accepted too
-SOLVERS = ("fixed_point", "anderson", "broyden")  # the built-ins; registered solvers are accepted too
 _MLP_MODELS = ("mlp_deq", "lyadeq")  # the architectures DEFAULT_MODEL_OPTIONS are for
 DEFAULT_MODEL_OPTIONS: Dict[str, Any] = {"hidden": 64, "mean": 0.3, "std": 0.4, "norm": "spectral",
                                          "scale": 0.9}
@@ -192,7 +190,8 @@ class FederatedConfig:
         if not self.client_timeout > 0:
             bad(f"client_timeout must be > 0 seconds, got {self.client_timeout}")
         if self.model_options is None:  # the MLP defaults, for the MLP architectures only
-            from ..defenses.recipes import RECIPES as _recipes, recipe as _recipe
+            from ..defenses.recipes import recipe as _recipe
+            from ..registry import RECIPES as _recipes
             trained = self.model or "mlp_deq"
             if self.defense in _recipes and isinstance(self.defense_options, Mapping):
                 try:

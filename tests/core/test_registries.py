@@ -74,6 +74,24 @@ def test_every_builtin_entry_resolves():
     assert set(BUILTIN_SPECS) == {n for n in spec_names if registry.ATTACK_SPECS.is_builtin(n)}
 
 
+def test_each_registry_has_one_public_name():
+    """A registry is public only as ``robustdeq.registry.<NAME>``: no module exports it again
+    (in ``__all__`` or a package face's lazy table) under another path."""
+    import ast
+    root = Path(registry.__file__).parent
+    names = {n for n in registry.__all__ if isinstance(getattr(registry, n), registry.Registry)}
+    assert {"SOLVERS", "SUITES", "RECIPES", "OBJECTIVES", "ATTACK_SPECS"} <= names
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path == root / "registry.py":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) in ("__all__", "_LAZY") for t in node.targets):
+                strings = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+                found += [f"{path.relative_to(root.parent)}: {n}" for n in sorted(strings & names)]
+    assert not found, found
+
+
 def test_names_are_known_without_torch():
     import subprocess
     import sys
