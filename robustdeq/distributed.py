@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -288,6 +288,25 @@ def gather_sharded(mine: List[Any], failure: Optional[BaseException] = None,
     return [item for part, _ in parts for item in part]
 
 
+def run_on_main(fn: Callable[[], Any], ctx: Optional[DistContext] = None) -> Any:
+    """``fn()`` on rank 0 alone: its result there, None on the other ranks; an exception it
+    raises is raised on every rank (so no rank goes on without what rank 0 failed to do, e.g.
+    take a folder's lock). Without a group: ``fn()``."""
+    ctx = context(auto_init=False) if ctx is None else ctx
+    if ctx is None:
+        return fn()
+    out, failure = None, None
+    if ctx.is_main:
+        try:
+            out = fn()
+        except Exception as e:  # every rank raises it below
+            failure = e
+    failure = broadcast_object(failure)
+    if failure is not None:
+        raise failure
+    return out
+
+
 # -- collectives (the identity in one process) ------------------------------------------------------
 _OPS = ("sum", "max", "min")
 
@@ -474,6 +493,6 @@ def rank_seed(seed: int, rank_: int) -> int:
 
 __all__ = ["DistContext", "ENV_VARS", "env_config", "auto_backend", "init", "check_threads", "context",
            "single_process", "rank", "world_size", "is_main", "barrier", "shard_indices", "claim",
-           "gather_sharded", "all_reduce", "all_gather_object", "broadcast_object", "all_gather_rows",
+           "gather_sharded", "run_on_main", "all_reduce", "all_gather_object", "broadcast_object", "all_gather_rows",
            "reduce_stats", "broadcast_tensors", "broadcast_module", "average_gradients", "rank_seed",
            "check_agreement"]

@@ -196,16 +196,8 @@ def hold_group(folder: Union[str, Path, None], ctx=None, command: Optional[str] 
         with hold(folder, command):
             yield
         return
-    from .distributed import broadcast_object
-    token, failure = None, None
-    if ctx.is_main:
-        try:
-            token = acquire(folder, command)
-        except Exception as exc:  # raised on every rank below
-            failure = exc
-    failure = broadcast_object(failure)
-    if failure is not None:
-        raise failure
+    from .distributed import run_on_main
+    token = run_on_main(lambda: acquire(folder, command), ctx)
     try:
         yield
     finally:

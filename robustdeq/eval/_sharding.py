@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..distributed import DistContext, all_gather_object, all_reduce, broadcast_object, claim, context
+from ..distributed import (DistContext, all_gather_object, all_reduce, broadcast_object, claim, context,
+                           run_on_main)
 from ..errors import ConfigError
 
 
@@ -97,16 +98,7 @@ def open_store(make: Callable[[], Any], out_dir, ctx: Optional[DistContext]):
         return None
     if ctx is None:
         return make()
-    inner, failure = None, None
-    if ctx.is_main:
-        try:
-            inner = make()
-        except Exception as e:  # every rank raises it below
-            failure = e
-    failure = broadcast_object(failure)
-    if failure is not None:
-        raise failure
-    return MainOnlyStore(inner, ctx)
+    return MainOnlyStore(run_on_main(make, ctx), ctx)
 
 
 __all__: List[str] = ["context", "owned_batches", "merge_rows", "sum_int", "check_same_config", "MainOnlyStore",

@@ -73,7 +73,14 @@ def _task_helpers(rank, out):
         failure = None
     except ConfigError as e:
         failure = str(e)
-    return {"a": a.grad, "b": b.grad, "c": c.grad, "extra": extra, "rows": rows, "stats": stats,
+    calls = []  # run_on_main: rank 0 alone runs it; its result there, None elsewhere; its error everywhere
+    on_main = rd.run_on_main(lambda: calls.append(rank) or "made")
+    try:
+        rd.run_on_main(lambda: (_ for _ in ()).throw(ConfigError("rank 0 refused")))
+        main_failure = None
+    except ConfigError as e:
+        main_failure = str(e)
+    return {"on_main": (on_main, calls), "main_failure": main_failure, "a": a.grad, "b": b.grad, "c": c.grad, "extra": extra, "rows": rows, "stats": stats,
             "shard": rd.shard_indices(5), "main": rd.is_main(), "obj": rd.broadcast_object(rank),
             "claimed": claimed, "merged": merged, "failure": failure, "bcast": bcast}
 
@@ -367,6 +374,8 @@ def test_two_rank_helpers(tmp_path):  # the default suite's 2-process smoke test
     assert r0["merged"] == r1["merged"] and sorted(i for i, _ in r0["merged"]) == list(range(7))
     assert all(i in (r0, r1)[owner]["claimed"] for i, owner in r0["merged"])
     assert r0["failure"] == r1["failure"] == "rank 1 broke"
+    assert r0["on_main"] == ("made", [0]) and r1["on_main"] == (None, [])
+    assert r0["main_failure"] == r1["main_failure"] == "rank 0 refused"
     for r in (r0, r1):
         assert [t.tolist() for t in r["bcast"]] == [[[1.0, 1.0]] * 3, [1.0, 1.0], [1]]
 
@@ -472,9 +481,10 @@ def _scrub(d):
 def _eval_setup(out: Path):
     import sys
     sys.path.insert(0, str(Path(__file__).parents[1]))  # the spawned ranks import the helpers too
-    from helpers.evals import digits_subset, trained_deq
+    from helpers.attacks import digits_test
+    from helpers.evals import trained_deq
     model = trained_deq()
-    x, y = digits_subset(20)  # 3 batches of 8, 8, 4: rank 0 attacks two, rank 1 one
+    x, y = digits_test(20)  # 3 batches of 8, 8, 4: rank 0 attacks two, rank 1 one
     _save_inputs(out, model, x, y)
     return _eval_inputs(out)
 
@@ -519,10 +529,10 @@ def test_evaluation_resumes_after_a_killed_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_certification_equals_one_process(tmp_path, digits_subset, trained_contractive_deq):
+def test_two_rank_certification_equals_one_process(tmp_path, digits_test, trained_contractive_deq):
     from robustdeq.certify import certify
     model = trained_contractive_deq
-    x, y = digits_subset(10)
+    x, y = digits_test(10)
     _save_inputs(tmp_path, model, x, y)
     model, x, y = _eval_inputs(tmp_path)
     with warnings.catch_warnings():
