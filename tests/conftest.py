@@ -41,12 +41,6 @@ def digits_test():
 
 
 @pytest.fixture(scope="session")
-def digits_subset():
-    """``digits_subset(n=64)``: the first ``n`` test digits (x, y)."""
-    return evals.digits_subset
-
-
-@pytest.fixture(scope="session")
 def torchdeq_digits():
     """``torchdeq_digits(n=200, offset=0)``: scikit-learn's 8x8 digits for the TorchDEQ models."""
     return torchdeq_models.digits

@@ -47,11 +47,11 @@ def test_solver_stats_converged_fraction():
     assert st.summary()["converged_fraction"] == pytest.approx(st.converged_fraction)
 
 
-def test_autoattack_reports_its_per_attack_robust_accuracies(digits_subset, trained_mlp):
+def test_autoattack_reports_its_per_attack_robust_accuracies(digits_test, trained_mlp):
     from robustdeq.attacks import AutoAttack
     from robustdeq.eval import evaluate
     m = trained_mlp.eval()
-    x, y = digits_subset(24)
+    x, y = digits_test(24)
     atk = AutoAttack(m, eps=0.05, version="custom", attacks=["apgd-ce", "apgd-dlr"],
                      settings={"apgd.n_iter": 5})
     x_adv = atk(x, y)

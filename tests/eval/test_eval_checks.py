@@ -18,8 +18,8 @@ from helpers.evals import (BudgetModel, NoisyModel, QuantizedModel, ReversedGrad
 
 
 @pytest.fixture(scope="module")
-def data(digits_subset):
-    return digits_subset(32)
+def data(digits_test):
+    return digits_test(32)
 
 
 @pytest.fixture(scope="module")
@@ -313,12 +313,12 @@ def test_estimators_silent_on_deq_and_skipped_without_deq(deq, mlp, data):
 
 
 # -- all checks silent on a plain DEQ through the harness ---------------------------------------------
-def test_every_check_silent_on_plain_deq(digits_subset, trained_contractive_deq):
+def test_every_check_silent_on_plain_deq(digits_test, trained_contractive_deq):
     # A well-posed (contractive) DEQ attacked with PGD-20: an honest white-box setting. (On a
     # non-contractive DEQ with weak PGD the black-box probe may legitimately win on a few samples:
     # that is the finding of Yang et al. 2022, not a false alarm.)
     deq = trained_contractive_deq
-    x, y = digits_subset(64)
+    x, y = digits_test(64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradientMaskingWarning)
         warnings.simplefilter("error", NonConvergenceWarning)

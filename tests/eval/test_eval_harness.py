@@ -31,8 +31,8 @@ def mlp(trained_mlp):
 
 
 @pytest.fixture(scope="module")
-def data(digits_subset):
-    return digits_subset(64)
+def data(digits_test):
+    return digits_test(64)
 
 
 @pytest.fixture(scope="module")
@@ -423,8 +423,8 @@ def test_bad_arguments_are_loud(mlp, data):
 
 # -- the standard and full suites end to end (AutoAttack on a DEQ is slow) ---------------------------
 @pytest.mark.slow
-def test_standard_suite_end_to_end(deq, tmp_path, digits_subset):
-    x, y = digits_subset(16)
+def test_standard_suite_end_to_end(deq, tmp_path, digits_test):
+    x, y = digits_test(16)
     rep = evaluate(deq, x, y, eps=0.1, suite="standard", steps=10, out_dir=tmp_path)
     keys = [a.key for a in rep.result().attacks]
     assert keys[:5] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "square"] and keys[-1] == "state-ensemble"
@@ -455,8 +455,8 @@ def test_full_suite_composition_and_transfer_unit(deq, data):
 
 
 @pytest.mark.slow
-def test_full_suite_end_to_end_in_cascade_mode(deq, digits_subset):
-    x, y = digits_subset(8)
+def test_full_suite_end_to_end_in_cascade_mode(deq, digits_test):
+    x, y = digits_test(8)
     rep = evaluate(deq, x, y, eps=0.1, suite="full", steps=5, cascade=True, check_config=CHEAP_CHECKS)
     keys = [a.key for a in rep.result().attacks]
     assert "autoattack-plus" in keys and "transfer-unrolled" in keys

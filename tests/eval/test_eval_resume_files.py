@@ -18,8 +18,8 @@ class Interrupt(Exception):
 
 
 @pytest.fixture(scope="module")
-def setup(digits_subset, trained_mlp):
-    x, y = digits_subset(32)
+def setup(digits_test, trained_mlp):
+    x, y = digits_test(32)
     model = trained_mlp
     return model, x, y, evaluate(model, x, y, **KW)
 

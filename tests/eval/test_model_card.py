@@ -26,9 +26,9 @@ def test_clopper_pearson_is_scipys_exact_interval(k, n):
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, digits_subset, trained_deq):
+def bench(tmp_path_factory, digits_test, trained_deq):
     model = trained_deq
-    x, y = digits_subset(12)
+    x, y = digits_test(12)
     out = tmp_path_factory.mktemp("card")
     snap = model_snapshot(model)
     card = robustdeq.benchmark(model, x, y, eps=0.1, name="tiny", dataset="digits:test", out=out,
@@ -110,8 +110,8 @@ def test_leaderboard_sorts_by_robust_accuracy_and_needs_one_protocol(bench):
         leaderboard([card, other])
 
 
-def test_benchmark_takes_one_radius(digits_subset, trained_deq):
+def test_benchmark_takes_one_radius(digits_test, trained_deq):
     model = trained_deq
-    x, y = digits_subset(4)
+    x, y = digits_test(4)
     with pytest.raises(ConfigError, match="one radius"):
         robustdeq.benchmark(model, x, y, eps=[0.1, 0.2])

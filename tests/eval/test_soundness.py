@@ -38,8 +38,8 @@ def spectral_deq(fit_minibatches):
 
 
 @pytest.fixture(scope="module")
-def batch(digits_subset):
-    x, y = digits_subset(12)
+def batch(digits_test):
+    x, y = digits_test(12)
     return x, y
 
 
@@ -167,9 +167,9 @@ class QuantisedDefense(nn.Module):
         return self.model(torch.round(x * 8) / 8)
 
 
-def test_transfer_view_breaks_a_wrapper_whose_gradients_are_useless(digits_subset, trained_deq):
+def test_transfer_view_breaks_a_wrapper_whose_gradients_are_useless(digits_test, trained_deq):
     base = trained_deq.eval()
-    x, y = digits_subset(48)
+    x, y = digits_test(48)
     wrapper = QuantisedDefense(base)
     with _quiet():
         rep = evaluate(wrapper, x, y, eps=0.15, suite=["pgd"], steps=10, checks=False)
@@ -227,9 +227,9 @@ def _pgd_ensemble(judge, steps=100, restarts=5):
     return specs
 
 
-def test_quick_suite_is_within_one_point_of_a_pgd100_ensemble(digits_subset, trained_deq):
+def test_quick_suite_is_within_one_point_of_a_pgd100_ensemble(digits_test, trained_deq):
     m = trained_deq.eval()
-    x, y = digits_subset(64)
+    x, y = digits_test(64)
     with _quiet():
         quick = evaluate(m, x, y, eps=0.1, suite="quick", checks=False)
         ens = evaluate(m, x, y, eps=0.1, suite=_pgd_ensemble(m), checks=False)

@@ -42,11 +42,6 @@ def trained_mlp():
     return _train(zoo.build("ff_mlp", hidden=32), 80)
 
 
-def digits_subset(n=64):
-    x, y = load_digits("test")
-    return x[:n], y[:n]
-
-
 # -- models built to trip the checks -------------------------------------------------------------
 class Wrapper(nn.Module):
     def __init__(self, net):
