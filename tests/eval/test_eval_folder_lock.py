@@ -49,7 +49,7 @@ def test_eval_on_a_folder_owned_by_a_live_run_is_refused(tmp_path, checkpoint, c
 def test_two_concurrent_eval_processes_on_one_folder(tmp_path, checkpoint, capsys):
     out = tmp_path / "ev"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "robustdeq.cli", "eval", checkpoint, "--out", str(out),
+    first = subprocess.Popen([sys.executable, "-m", "robustdeq", "eval", checkpoint, "--out", str(out),
                               "-n", "32", "--suite", "standard", "--steps", "10", "--eps", "0.1,0.2",
                               "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
