@@ -6,47 +6,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from robustdeq import distributed as rd
 from robustdeq.errors import ConfigError
+
+from helpers import ranks
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 # -- spawning ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, task: str, out: str, kwargs: dict) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    try:
-        result = TASKS[task](rank, Path(out), **kwargs)  # the library initialises the group from the env
-        torch.save(result, Path(out) / f"result{rank}.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def spawn(task: str, out: Path, world: int = 2, **kwargs) -> list:
     """Run ``TASKS[task](rank, out, **kwargs)`` on ``world`` spawned ranks; their results."""
-    out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_worker, args=(world, _free_port(), task, str(out), kwargs), nprocs=world,
-                       join=True, start_method="spawn")
-    return [torch.load(out / f"result{r}.pt", weights_only=False) for r in range(world)]
+    return ranks.spawn(TASKS[task], out, world, **kwargs)
 
 
 # -- tasks run on each rank --------------------------------------------------------------------------
@@ -592,7 +570,7 @@ def _torchrun(args, cwd, nproc=2):
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={nproc}",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--no-python",
+           "--master-addr", "127.0.0.1", "--master-port", str(ranks.free_port()), "--no-python",
            str(Path(sys.executable).parent / "robustdeq"), "--threads", "1"] + args
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 

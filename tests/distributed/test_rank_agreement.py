@@ -2,22 +2,13 @@
 (instead of deadlocking in a collective or writing a report that mixes settings)."""
 from __future__ import annotations
 
-import os
-import socket
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from robustdeq.errors import ConfigError
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import ranks
 
 
 def _task(rank: int, out: str) -> dict:
@@ -49,23 +40,8 @@ def _task(rank: int, out: str) -> dict:
     return found
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    try:
-        torch.save(_task(rank, out), Path(out) / f"result{rank}.pt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_ranks_with_different_options_fail_naming_the_option(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
-    for r in range(2):
-        found = torch.load(tmp_path / f"result{r}.pt", weights_only=False)
+    for found in ranks.spawn(_task, tmp_path):
         assert "batch_size differs (rank 0: 8, rank 1: 4)" in found["train"], found
         assert "n differs (rank 0: 8, rank 1: 16)" in found["certify"], found
         rc, err = found["cli"]
