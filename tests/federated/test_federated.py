@@ -19,6 +19,8 @@ from robustdeq.errors import CheckpointError, ConfigError
 from robustdeq.federated import (ClientUpdate, FederatedConfig, MissingExtraError, check_update,
                                  fuse, fusion_weights, partition_indices, quality_factors)
 
+from helpers.flower import InlineGrid
+
 flwr = pytest.importorskip("flwr", reason="needs the 'federated' extra (flwr)")
 
 
@@ -408,7 +410,7 @@ def inline_reference_run(tmp_path_factory):
     from robustdeq.federated.server import run_rounds
     out = tmp_path_factory.mktemp("fed_inline")
     with task_identity_set():
-        res = run_rounds(_InlineGrid(SIM["clients"]), FederatedConfig.from_dict(SIM), out)
+        res = run_rounds(InlineGrid(SIM["clients"]), FederatedConfig.from_dict(SIM), out)
     return res, out, None
 
 
@@ -462,34 +464,6 @@ def _stop_after(n):
     return cb
 
 
-class _InlineGrid:
-    """A Flower ``Grid`` test double that runs the real ``clientapp`` synchronously in this
-    process (one virtual SuperNode per client), answering like the simulation engine does: a
-    client that raises gives an error reply."""
-
-    def __init__(self, n):
-        from flwr.app import Context, RecordDict
-        self.ctx = {1000 + k: Context(run_id=1, node_id=1000 + k,
-                                      node_config={"partition-id": k, "num-partitions": n},
-                                      state=RecordDict(), run_config={}) for k in range(n)}
-        self.sent = 0
-
-    def get_node_ids(self):
-        return list(self.ctx)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message
-        from robustdeq.federated.apps import clientapp
-        out = []
-        for m in messages:
-            self.sent += 1
-            try:
-                out.append(clientapp(m, self.ctx[m.metadata.dst_node_id]))
-            except Exception as exc:  # noqa: BLE001 - becomes an error reply, as in Flower
-                out.append(Message(Error(code=0, reason=repr(exc)), reply_to=m))
-        return out
-
-
 # budgets [5, 30] are per-client solver iterations: the 5-iteration client never converges, by design,
 # and the 3-round global model leaves some samples above tol in the evaluation: not the subject here
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
@@ -499,10 +473,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, task_ident
     cfg = FederatedConfig.from_dict({**SIM, "rounds": 3, "clients": 2, "budgets": [5, 30],
                                      "fusion": "quality", "eval_suite": "quick", "eval_samples": 16,
                                      "eval_steps": 2})
-    full = run_rounds(_InlineGrid(2), cfg, tmp_path / "full")
+    full = run_rounds(InlineGrid(2), cfg, tmp_path / "full")
     with pytest.raises(_Interrupt):
-        run_rounds(_InlineGrid(2), cfg, tmp_path / "cut", on_round_end=_stop_after(1))
-    grid = _InlineGrid(2)
+        run_rounds(InlineGrid(2), cfg, tmp_path / "cut", on_round_end=_stop_after(1))
+    grid = InlineGrid(2)
     res = run_rounds(grid, cfg, tmp_path / "cut")
     assert grid.sent == 4                      # rounds 2 and 3 only
     assert res.summary["resumed_from"] == 1 and [r["round"] for r in res.rounds] == [1, 2, 3]
@@ -517,9 +491,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, task_ident
     assert c0["quality"] <= c1["quality"]
     # a different experiment in the same folder is refused, not silently mixed
     with pytest.raises(CheckpointError):
-        run_rounds(_InlineGrid(2), cfg.replace(lr=1e-2), tmp_path / "cut")
+        run_rounds(InlineGrid(2), cfg.replace(lr=1e-2), tmp_path / "cut")
     # the same run written again from round 0 when resume=False
-    again = run_rounds(_InlineGrid(2), cfg, tmp_path / "cut", resume=False)
+    again = run_rounds(InlineGrid(2), cfg, tmp_path / "cut", resume=False)
     assert again.summary["resumed_from"] == 0
     assert all(torch.equal(again.state[k], v) for k, v in full.state.items())
 
@@ -527,7 +501,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, task_ident
 def test_client_that_raises_is_dropped_and_round_goes_on(tmp_path, task_identity):
     from robustdeq.federated.server import run_rounds
     cfg = FederatedConfig.from_dict({**SIM, "rounds": 1, "clients": 3, "faults": {"1": "raise", "2": "inf"}})
-    res = run_rounds(_InlineGrid(3), cfg, tmp_path)
+    res = run_rounds(InlineGrid(3), cfg, tmp_path)
     rec = res.final
     assert [c["client"] for c in rec["clients"]] == [0] and rec["fused"]
     assert "injected client fault" in rec["clients_dropped"][0]["reason"]
@@ -536,7 +510,7 @@ def test_client_that_raises_is_dropped_and_round_goes_on(tmp_path, task_identity
     assert "client 2 (" in md and "injected client fault" in md
 
 
-class _SilentGrid(_InlineGrid):
+class _SilentGrid(InlineGrid):
     """Node ``silent`` never answers: as a client past the round's timeout."""
 
     def __init__(self, n, silent):

@@ -13,36 +13,12 @@ import torch
 from robustdeq.errors import ConfigError, TrainingError
 from robustdeq.federated import FederatedConfig
 
+from helpers.flower import InlineGrid
+
 flwr = pytest.importorskip("flwr", reason="needs the 'federated' extra (flwr)")
 
 BASE = {"clients": 2, "rounds": 1, "partition": "iid", "budgets": [30], "eval_suite": "none",
         "local_epochs": 1, "seed": 0}
-
-
-class _Grid:
-    """The real ``clientapp`` run in this process, one virtual SuperNode per client; a client
-    that raises past the ClientApp gives an error reply, as in Flower."""
-
-    def __init__(self, n, reason=None):
-        from flwr.app import Context, RecordDict
-        self.ctx = {1000 + k: Context(run_id=1, node_id=1000 + k,
-                                      node_config={"partition-id": k, "num-partitions": n},
-                                      state=RecordDict(), run_config={}) for k in range(n)}
-        self.reason = reason  # a Flower-level error text for node 1000 (a crashed worker)
-
-    def get_node_ids(self):
-        return list(self.ctx)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message
-        from robustdeq.federated.apps import clientapp
-        out = []
-        for m in messages:
-            if self.reason is not None and m.metadata.dst_node_id == 1000:
-                out.append(Message(Error(code=0, reason=self.reason), reply_to=m))
-                continue
-            out.append(clientapp(m, self.ctx[m.metadata.dst_node_id]))
-        return out
 
 
 @pytest.fixture
@@ -120,7 +96,7 @@ def test_run_whose_clients_all_fail_raises_and_writes_no_checkpoint(tmp_path, ta
             "    raise ValueError\n\x1b[31mValueError: worker exploded\x1b[0m\n")
     cfg = FederatedConfig.from_dict({**BASE, "rounds": 2, "faults": {"1": "raise"}})
     with pytest.raises(TrainingError) as err:
-        run_rounds(_Grid(2, reason=ansi), cfg, tmp_path)
+        run_rounds(InlineGrid(2, reason=ansi), cfg, tmp_path)
     msg = str(err.value)
     assert "round 1" in msg and "never updated" in msg
     assert "node 1000: client error: ValueError: worker exploded" in msg
@@ -135,7 +111,7 @@ def test_run_whose_clients_all_fail_raises_and_writes_no_checkpoint(tmp_path, ta
 def test_dropped_client_is_named_by_partition_id_with_one_line_reason(tmp_path, task_identity):
     from robustdeq.federated.server import run_rounds
     cfg = FederatedConfig.from_dict({**BASE, "clients": 3, "faults": {"1": "raise"}})
-    res = run_rounds(_Grid(3), cfg, tmp_path)
+    res = run_rounds(InlineGrid(3), cfg, tmp_path)
     (drop,) = res.final["clients_dropped"]
     assert drop["client"] == 1
     assert drop["reason"] == "RuntimeError: injected client fault: the client crashed during local training"
