@@ -57,6 +57,8 @@ def _models(shape, mean, std, hidden=64, scale=0.5):
     deq = dict(in_shape=list(shape), hidden=hidden, mean=mean, std=std, solver=SOLVER)
     return {
         "ibp-deq": ("mlp_deq", {**deq, "act": "relu", "norm": "interval", "scale": scale}),
+        "ibp-stem-deq": ("stem_deq", {**deq, "mean": [mean], "std": [std], "channels": 16, "blocks": 1,
+                                      "pool": pool, "act": "relu", "norm": "interval", "scale": scale}),
         "ibp-cnn": ("ff_cnn", {"in_shape": list(shape), "channels": 16, "blocks": 1, "pool": pool,
                                "norm": "none", "hidden": hidden if shape[1] == 28 else 24 * hidden // 64}),
         "lipschitz-margin-deq": ("mlp_deq", {**deq, "act": "tanh", "norm": "spectral", "scale": 0.5}),
@@ -124,13 +126,16 @@ def _bracket(model, x, y, threat, eps, methods, suite):
 
 
 def run(dataset, epochs, suite, n_bracket, smoothing_n, smoothing_images, hidden=64, lr=1e-3, rows=None,
-        scale=0.5):
+        scale=0.5, save_dir=None):
     x, y, xt, yt, shape, mean, std = _data(dataset)
     out = {"dataset": dataset, "epochs": epochs, "hidden": hidden, "lr": lr, "rows": {}}
     for row, (name, opts) in _models(shape, mean, std, hidden, scale).items():
         if rows and row not in rows:
             continue
         model, t_train = _train(row, name, opts, x, y, xt, yt, epochs, lr)
+        if save_dir:
+            from robustdeq.checkpoint import save_checkpoint
+            save_checkpoint(f"{save_dir}/{dataset}-{row}.pt", model, model_config=model.robustdeq_config)
         r = {"model": name, "params": sum(p.numel() for p in model.parameters()), "train_s": t_train,
              "clean": _accuracy(model, xt, yt)}
         if row.startswith("ibp"):
@@ -179,15 +184,16 @@ def main():
     ap.add_argument("--hidden", type=int, default=64, help="DEQ width (and the CNN's hidden layer on MNIST)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--scale", type=float, default=0.5, help="bound on || |W| ||_2 of the IBP DEQ")
+    ap.add_argument("--save-dir", default=None, help="write each trained model there as a checkpoint")
     ap.add_argument("--rows", nargs="+", default=None,
-                    choices=["ibp-deq", "ibp-cnn", "lipschitz-margin-deq", "noise-deq"])
+                    choices=["ibp-deq", "ibp-stem-deq", "ibp-cnn", "lipschitz-margin-deq", "noise-deq"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
     for d in args.datasets:
         res = run(d, args.epochs, args.suite, args.n_bracket, args.smoothing_n, args.smoothing_images,
-                  args.hidden, args.lr, args.rows, args.scale)
+                  args.hidden, args.lr, args.rows, args.scale, args.save_dir)
         print(table(res), flush=True)
     print(f"bench_certified_training took {time.perf_counter() - t0:.0f} s")
 

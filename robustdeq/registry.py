@@ -191,7 +191,7 @@ OBJECTIVES = Registry("objective", {**_refs("robustdeq.defenses.objectives", {
 MODELS = Registry("model", {
     **_refs("robustdeq.deq.zoo", {n: n for n in (
         "mlp_deq", "conv_deq", "mdeq", "mdeq_single", "mon_deq", "weight_tied_mlp",
-        "weight_tied_conv", "ff_mlp", "ff_cnn")}),
+        "weight_tied_conv", "ff_mlp", "ff_cnn", "stem_deq")}),
     "lyadeq": "robustdeq.defenses.lyapunov:lyadeq"},  # the LyaDEQ defense's own builder
     hint="robustdeq.deq.zoo.register adds one")
 

@@ -234,10 +234,10 @@ def _global_certificates(c: _Certification) -> None:
 
 def _ibp_unavailable(model: nn.Module) -> Optional[str]:
     """Why IBP cannot run on ``model`` (its structural needs), or None."""
-    from ..deq.cells import MLPInjection
+    from ..deq.cells import ConvStemInjection, MLPInjection
     from .lipschitz import _head_matrix
-    if not isinstance(getattr(model, "injection", None), MLPInjection):
-        return (f"IBP needs an MLPInjection (Normalize + Linear); the injection is "
+    if not isinstance(getattr(model, "injection", None), (MLPInjection, ConvStemInjection)):
+        return (f"IBP needs an MLPInjection (Normalize + Linear) or a ConvStemInjection; the injection is "
                 f"{type(getattr(model, 'injection', None)).__name__}")
     if _head_matrix(model) is None:
         return f"IBP needs a linear read-out; the head is {type(getattr(model, 'head', None)).__name__}"

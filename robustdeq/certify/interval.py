@@ -38,6 +38,7 @@ b_y - b_j`` over a box is ``(w_y - w_j)^T mu - |w_y - w_j|^T rad + b_y - b_j``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -84,14 +85,23 @@ class IntervalMap:
     inv_std: Tensor       # (n_in,) float64
     Wo: Tensor            # (C, D)
     bo: Tensor            # (C,)
+    stem: Optional[nn.Module] = None   # layers between the normalisation and U (ConvStemInjection)
+    in_shape: Optional[Tuple[int, ...]] = None   # (C, H, W) of the inputs, with a stem
 
     def input_box(self, x: Tensor, eps: float, rounding: bool) -> Tuple[Tensor, Tensor]:
-        """``[u_lo, u_hi]``: the injection's image of ``[x - eps, x + eps] & [0, 1]`` (B, D)."""
+        """``[u_lo, u_hi]``: the injection's image of ``[x - eps, x + eps] & [0, 1]`` (B, D)
+        (through the convolutional ``stem`` first when there is one)."""
         dt = self.U.dtype
         xf = x.flatten(1).to(self.mean.dtype)
         xl, xh = (xf - eps).clamp(0, 1), (xf + eps).clamp(0, 1)
         nl, nh = (xl - self.mean) * self.inv_std, (xh - self.mean) * self.inv_std
         nl, nh = torch.minimum(nl, nh), torch.maximum(nl, nh)
+        if self.stem is not None:
+            shape = (x.shape[0],) + tuple(self.in_shape)
+            nl, nh = outward(nl, nh, rounding)
+            nl, nh = propagate_box(list(self.stem.children()), nl.reshape(shape).to(dt),
+                                   nh.reshape(shape).to(dt), rounding)
+            nl, nh = nl.flatten(1), nh.flatten(1)
         c, r = (0.5 * (nl + nh)).to(dt), (0.5 * (nh - nl)).to(dt)
         u_c = c @ self.U.t() + self.bias
         u_r = r @ self.U.abs().t()
@@ -156,13 +166,23 @@ def interval_map(model: nn.Module, *, differentiable: bool = False) -> IntervalM
     else:
         raise ConfigError(f"interval bounds through {type(cell).__name__} are not supported "
                           "(supported: MLPCell, MonotoneCell, LinearCell)")
+    from ..deq.cells import ConvStemInjection
     inj = getattr(model, "injection", None)
-    if not isinstance(inj, MLPInjection):
-        raise ConfigError("interval bounds need an MLPInjection (Normalize + Linear) and a linear head")
+    stem, in_shape = None, getattr(model, "input_shape", None)
+    if isinstance(inj, ConvStemInjection):
+        if in_shape is None or len(in_shape) != 3:
+            raise ConfigError("interval bounds through a convolutional stem need the model's input_shape (C, H, W)")
+        stem, in_shape = inj.stem, tuple(int(v) for v in in_shape)
+        if not differentiable and any(p.dtype != torch.float64 for p in stem.parameters()):
+            stem = _cast_layer(stem, torch.float64)
+    elif not isinstance(inj, MLPInjection):
+        raise ConfigError("interval bounds need an MLPInjection (Normalize + Linear) or a ConvStemInjection, "
+                          f"and a linear head; the injection is {type(inj).__name__}")
     lin = inj.linear
     U = t(lin.weight)
     bias = t(lin.bias) if lin.bias is not None else torch.zeros(U.shape[0], dtype=U.dtype, device=U.device)
-    aff = input_feature_affine(inj, getattr(model, "input_shape", None), U.shape[1])
+    n_in = int(math.prod(in_shape)) if stem is not None else U.shape[1]
+    aff = input_feature_affine(inj, in_shape, n_in)
     if aff is None:
         raise ConfigError("interval bounds need the injection's Normalize (mean/std)")
     mean, inv_std = (v.to(U.device) for v in aff)
@@ -178,7 +198,7 @@ def interval_map(model: nn.Module, *, differentiable: bool = False) -> IntervalM
         Wo, bo = ab
     else:
         raise ConfigError(f"certified training needs a LinearHead read-out, got {type(head).__name__}")
-    return IntervalMap(kind, M, a, act, U, bias, mean, inv_std, Wo.to(M.device), bo.to(M.device))
+    return IntervalMap(kind, M, a, act, U, bias, mean, inv_std, Wo.to(M.device), bo.to(M.device), stem, in_shape)
 
 
 @dataclass(frozen=True)
@@ -259,6 +279,25 @@ def _cast_layer(layer: nn.Module, dtype) -> nn.Module:
     return layer
 
 
+def propagate_box(layers, lo: Tensor, hi: Tensor, rounding: bool) -> Tuple[Tensor, Tensor]:
+    """The box ``[lo, hi]`` through ``layers`` (Linear, Conv2d, ReLU, Tanh, Flatten, average
+    pooling) by the centre/radius rule; ``rounding`` as in the module (float64 copies of the
+    layers, outward widening after each layer)."""
+    dt = lo.dtype
+    for layer in layers:
+        if isinstance(layer, _PASS):
+            lo, hi = (lo.flatten(1), hi.flatten(1)) if isinstance(layer, nn.Flatten) else (lo, hi)
+            continue
+        if isinstance(layer, (nn.ReLU, nn.Tanh)):
+            lo, hi = activation("relu" if isinstance(layer, nn.ReLU) else "tanh", lo, hi)
+            lo, hi = outward(lo, hi, rounding)
+            continue
+        layer = _cast_layer(layer, dt) if rounding else layer
+        c, r = _affine_box(layer, 0.5 * (lo + hi), 0.5 * (hi - lo))
+        lo, hi = outward(c - r, c + r, rounding)
+    return lo, hi
+
+
 def sequential_box(net: nn.Module, x: Tensor, eps: float, rounding: bool
                    ) -> Tuple[Tensor, Tensor, nn.Linear]:
     """Interval propagation of ``[x - eps, x + eps] & [0, 1]`` through an ``nn.Sequential`` whose
@@ -271,18 +310,7 @@ def sequential_box(net: nn.Module, x: Tensor, eps: float, rounding: bool
     dt = torch.float64 if rounding else next(net.parameters()).dtype
     xd = x.to(dt)
     lo, hi = outward(xd - eps, xd + eps, rounding)
-    lo, hi = lo.clamp(0, 1), hi.clamp(0, 1)
-    for layer in layers[:-1]:
-        if isinstance(layer, _PASS):
-            lo, hi = (lo.flatten(1), hi.flatten(1)) if isinstance(layer, nn.Flatten) else (lo, hi)
-            continue
-        if isinstance(layer, (nn.ReLU, nn.Tanh)):
-            lo, hi = activation("relu" if isinstance(layer, nn.ReLU) else "tanh", lo, hi)
-            lo, hi = outward(lo, hi, rounding)
-            continue
-        layer = _cast_layer(layer, dt) if rounding else layer
-        c, r = _affine_box(layer, 0.5 * (lo + hi), 0.5 * (hi - lo))
-        lo, hi = outward(c - r, c + r, rounding)
+    lo, hi = propagate_box(layers[:-1], lo.clamp(0, 1), hi.clamp(0, 1), rounding)
     return lo.flatten(1), hi.flatten(1), layers[-1]
 
 
@@ -299,7 +327,7 @@ def sequential_margins(net: nn.Module, x: Tensor, y: Tensor, eps: float, roundin
 
 
 __all__ = ["IntervalMap", "interval_map", "elided_margins", "outward", "activation", "AbsContraction",
-           "abs_contraction", "check_interval_condition", "sequential_box", "sequential_margins"]
+           "abs_contraction", "check_interval_condition", "propagate_box", "sequential_box", "sequential_margins"]
 
 
 # ------------------------------------------------------------------- training: the fixed point B*
@@ -376,8 +404,7 @@ def interval_fixed_point(imap: IntervalMap, x: Tensor, eps: float, *, z0: Option
     B, D = ul.shape
     v = ac.v.to(device=ul.device, dtype=dt)
     with torch.no_grad():
-        Md = IntervalMap(imap.kind, imap.M.detach(), imap.a, imap.act, imap.U, imap.bias, imap.mean,
-                         imap.inv_std, imap.Wo, imap.bo)
+        Md = dataclasses.replace(imap, M=imap.M.detach())
         Mabs = Md.M.abs()
         uld, uhd = ul.detach(), uh.detach()
         lo = z0.detach().flatten(1).to(dt).clone() if z0 is not None else torch.zeros(B, D, dtype=dt, device=ul.device)

@@ -200,6 +200,36 @@ class MLPInjection(nn.Module):
         return self.linear(self.normalize(x).flatten(1))
 
 
+class ConvStemInjection(nn.Module):
+    """``u = U flatten(pool(stem(normalize(x)))) + b``: a convolutional feature extractor (3x3
+    convolutions with ReLU, then average pooling to ``pool x pool``) before the affine map into
+    the equilibrium layer, so that a fully connected cell works on convolutional features (as the
+    explicit CNN's hidden layer does). Every layer has an interval rule, so IBP propagates the input
+    box through the stem (:mod:`robustdeq.certify.interval`); the stem is not affine, so no
+    Lipschitz bound of the injection is claimed for it."""
+
+    def __init__(self, in_shape: Sequence[int], hidden: int, channels: int = 16, blocks: int = 1,
+                 pool: int = 7, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,)):
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ConfigError(f"a convolutional stem needs in_shape (C, H, W), got {tuple(in_shape)}")
+        for k, v in (("channels", channels), ("pool", pool), ("hidden", hidden)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{k} must be a positive int, got {v!r}")
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+            raise ConfigError(f"blocks must be an int >= 0, got {blocks!r}")
+        self.normalize = Normalize(tuple(mean), tuple(std))
+        mods: List[nn.Module] = [nn.Conv2d(int(in_shape[0]), channels, 3, padding=1), nn.ReLU()]
+        for _ in range(blocks):
+            mods += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU()]
+        mods += [nn.AdaptiveAvgPool2d(pool), nn.Flatten()]
+        self.stem = nn.Sequential(*mods)
+        self.linear = nn.Linear(channels * pool * pool, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.stem(self.normalize(x)))
+
+
 class LinearHead(nn.Module):
     def __init__(self, hidden: int, num_classes: int):
         super().__init__()
@@ -362,5 +392,5 @@ class LinearCell(nn.Module):
         return []
 
 
-__all__ = ["Normalize", "ScaledLinear", "IntervalScaling", "MLPCell", "MLPInjection", "LinearHead", "ConvCell",
+__all__ = ["Normalize", "ScaledLinear", "IntervalScaling", "MLPCell", "MLPInjection", "ConvStemInjection", "LinearHead", "ConvCell",
            "ConvInjection", "ConvHead", "MonotoneCell", "LinearCell"]

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..errors import ConfigError, reject_unknown
 from ..registry import MODELS
-from .cells import (ConvCell, ConvHead, ConvInjection, LinearHead, MLPCell, MLPInjection,
-                    MonotoneCell)
+from .cells import (ConvCell, ConvHead, ConvInjection, ConvStemInjection, LinearHead, MLPCell,
+                    MLPInjection, MonotoneCell)
 from .model import DEQClassifier
 from .weight_tied import WeightTied
 
@@ -71,6 +71,24 @@ def mlp_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, act="tanh", norm="non
     Lipschitz-constrained (contractive) cell; ``norm="interval", scale<1`` bounds ``|| |W| ||_2``
     (a contractive cell whose interval fixed point is unique: IBP training)."""
     return DEQClassifier(MLPInjection(_n_in(in_shape), hidden, mean, std),
+                         MLPCell(hidden, act=act, norm=norm, scale=scale, init_gain=init_gain),
+                         LinearHead(hidden, num_classes), solver=solver, grad=_grad(grad, grad_options),
+                         input_shape=tuple(in_shape))
+
+
+# built-in: robustdeq.registry.MODELS["stem_deq"]
+def stem_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, channels=16, blocks=1, pool=2, act="relu",
+             norm="interval", scale=0.5, init_gain=0.5, mean=(0.0,), std=(1.0,),
+             solver: Optional[dict] = None, grad="ift", grad_options: Optional[dict] = None) -> DEQClassifier:
+    """A convolutional stem (``ff_cnn``'s layers without GroupNorm: 3x3 convolutions with ReLU,
+    average pooling to ``pool x pool``) feeding a fully connected equilibrium layer
+    ``z = act(W z + U s(x) + b)`` (``MLPCell``; ``norm``/``scale`` as in ``mlp_deq``), read out
+    linearly: the explicit CNN with its hidden layer made implicit. With ``norm="interval"`` and
+    ``scale < 1`` the interval fixed point is unique and IBP covers the whole model (certified
+    training)."""
+    mean = tuple(mean) if isinstance(mean, (list, tuple)) else (mean,)
+    std = tuple(std) if isinstance(std, (list, tuple)) else (std,)
+    return DEQClassifier(ConvStemInjection(tuple(in_shape), hidden, channels, blocks, pool, mean, std),
                          MLPCell(hidden, act=act, norm=norm, scale=scale, init_gain=init_gain),
                          LinearHead(hidden, num_classes), solver=solver, grad=_grad(grad, grad_options),
                          input_shape=tuple(in_shape))
@@ -195,5 +213,5 @@ def ff_cnn(in_shape=(1, 8, 8), num_classes=10, channels=16, blocks=2, groups=4, 
     return FeedForward(nn.Sequential(*mods), in_shape)
 
 
-__all__ = ["build", "register", "FeedForward", "mlp_deq", "conv_deq", "mdeq", "mdeq_single", "mon_deq",
+__all__ = ["build", "register", "FeedForward", "mlp_deq", "stem_deq", "conv_deq", "mdeq", "mdeq_single", "mon_deq",
            "weight_tied_mlp", "weight_tied_conv", "ff_mlp", "ff_cnn"]

@@ -19,8 +19,11 @@ TIGHT = {"name": "fixed_point", "max_iter": 500, "tol": 1e-6, "stop_mode": "abs"
 EXACT = {"name": "fixed_point", "max_iter": 2000, "tol": 1e-13, "stop_mode": "abs"}
 
 
-def _model(act="relu", scale=0.7, hidden=12, seed=0):
+def _model(act="relu", scale=0.7, hidden=12, seed=0, stem=False):
     torch.manual_seed(seed)
+    if stem:  # a convolutional stem before the equilibrium layer (its box propagated layer by layer)
+        return zoo.build("stem_deq", in_shape=(1, 4, 4), hidden=hidden, channels=3, blocks=1, pool=2, act=act,
+                         scale=scale, mean=0.3, std=0.4, solver=TIGHT).eval()
     return zoo.build("mlp_deq", in_shape=(1, 4, 4), hidden=hidden, act=act, norm="interval", scale=scale,
                      mean=0.3, std=0.4, solver=TIGHT).eval()
 
@@ -42,9 +45,9 @@ def _training_box(model, x, eps, tol=1e-7):
     return interval_fixed_point(imap, x, eps, z0=z0, tol=tol)
 
 
-@pytest.mark.parametrize("kind", ["relu", "tanh", "monotone"])
+@pytest.mark.parametrize("kind", ["relu", "tanh", "monotone", "stem"])
 def test_training_fixed_point_equals_certification_enclosure(kind):
-    model = _monotone() if kind == "monotone" else _model(act=kind)
+    model = _monotone() if kind == "monotone" else _model(stem=True) if kind == "stem" else _model(act=kind)
     x = torch.rand(6, 1, 4, 4)
     y = torch.randint(0, 10, (6,))
     eps = 0.05
@@ -57,9 +60,9 @@ def test_training_fixed_point_equals_certification_enclosure(kind):
     assert info["rate"] < 1
 
 
-@pytest.mark.parametrize("kind", ["relu", "tanh"])
+@pytest.mark.parametrize("kind", ["relu", "tanh", "stem"])
 def test_training_box_contains_the_fixed_points_of_sampled_inputs(kind):
-    model = _model(act=kind, scale=0.9, seed=1)
+    model = _model(act="relu" if kind == "stem" else kind, scale=0.9, seed=1, stem=kind == "stem")
     work = float64_copy(model)
     x = torch.rand(3, 1, 4, 4)
     eps = 0.08

@@ -20,6 +20,7 @@ EPS = 0.1
 # small options per model (8x8 inputs, a few channels): every name of the zoo
 SMALL = {
     "conv_deq": dict(channels=4, groups=2), "ff_cnn": dict(channels=4, groups=2),
+    "stem_deq": dict(hidden=16, channels=4),
     "ff_mlp": dict(hidden=16), "lyadeq": dict(hidden=16, icnn_hidden=(16, 16)),
     "mdeq": dict(in_shape=(1, 8, 8), channels=(4, 8), groups=2, stem_stride=1, pool=2),
     "mdeq_single": dict(in_shape=(1, 8, 8), channels=4, groups=2, stem_stride=1, pool=2),
