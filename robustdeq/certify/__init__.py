@@ -9,6 +9,8 @@
 ``certified_radius``         per-sample certified L2 radius from logit margins
 ``ibp_certify``              Linf certificate by interval bounds through the fixed point
 ``certify``                  all of the above that apply -> ``CertReport`` (JSON, Markdown)
+``certify_feedforward``      Linf certificates of a feed-forward network by IBP through its
+                             layers (what ``certify`` does for one) -> ``CertReport``
 ``certify_checkpoint``       load a checkpoint, certify it on a dataset split (``method``:
                              deterministic or smoothing), save the report
 ``smoothing.certify``        Gaussian randomized smoothing (Cohen et al. 2019) and its serialized
@@ -20,6 +22,7 @@ from .api import METHODS, certify, certify_checkpoint
 from .config import CertifyConfig
 from ..deq.contraction import ContractionCertificate, contraction_certificate, solver_guarantees
 from .ibp import IBPResult, ibp_certify
+from .feedforward import certify_feedforward
 from ..deq.linalg import NormBound, spectral_norm_bound
 from .lipschitz import LipschitzBound, RadiusResult, certified_radius, lipschitz_bound
 from .local import LocalStability, jacobian_spectrum, local_stability
@@ -35,7 +38,7 @@ __all__ = [
     "LocalStability", "local_stability", "jacobian_spectrum",
     "LyapunovResult", "lyapunov_decrease", "quadratic_candidate",
     "LipschitzBound", "RadiusResult", "lipschitz_bound", "certified_radius",
-    "IBPResult", "ibp_certify", "NormBound", "spectral_norm_bound",
+    "IBPResult", "ibp_certify", "certify_feedforward", "NormBound", "spectral_norm_bound",
     "linear_deq",
     "smoothing", "SmoothingConfig", "SmoothingReport", "SmoothingResult",
 ]

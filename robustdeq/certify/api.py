@@ -73,7 +73,9 @@ def _model_info(model: nn.Module) -> dict:
 
 def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
             config: Union[CertifyConfig, Mapping[str, Any], None] = None, **options: Any) -> CertReport:
-    """Certify a DEQ on inputs ``x`` (labels ``y`` optional) with every applicable method.
+    """Certify a DEQ on inputs ``x`` (labels ``y`` optional) with every applicable method (a
+    feed-forward network: Linf certificates by IBP through its layers,
+    :func:`robustdeq.certify.feedforward.certify_feedforward`).
 
     Args:
         model: a DEQ (``DEQClassifier`` interface). It is not modified: certificates are computed on
@@ -111,7 +113,14 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     out over the ranks (batch ``j`` on rank ``j % world_size``, the batches of one process) and
     every rank returns the whole report; ``certify_checkpoint`` writes it on rank 0 only.
     """
-    require_deq(model, "certify")
+    from .feedforward import certify_feedforward, is_feedforward
+    if is_feedforward(model):  # the explicit baseline: IBP through the layers
+        return certify_feedforward(model, x, y, config, **options)
+    try:
+        require_deq(model, "certify")
+    except ConfigError as err:
+        raise ConfigError(f"{err}; feed-forward networks (an nn.Sequential, or a module whose .net is one) "
+                          "are certified by IBP through their layers") from None
     cfg = make_certify_config(config, **options)
     methods = _resolve_methods(cfg.methods, model, cfg.V, cfg.eps_linf)
     with preserve_model(model, "eval", who="certify"):
