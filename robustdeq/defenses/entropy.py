@@ -239,11 +239,12 @@ class EntropyDefense(nn.Module):
         return {"through-updates": ThroughUpdatesView(self), "bpda": BPDAView(self)}
 
 
-class ThroughUpdatesView(ModelView):
-    """The defense, differentiated through the whole procedure (solver steps and input updates;
-    the update directions too when ``sign=False``). Same forward value as the defense."""
+class _DefenseView(ModelView):
+    """An adaptive view of an :class:`EntropyDefense` (its mode is the defense's); ``view_name``
+    names it in ``describe()``."""
 
     _viewed = "defense"
+    view_name = ""
 
     def __init__(self, defense: EntropyDefense):
         super().__init__()
@@ -251,26 +252,25 @@ class ThroughUpdatesView(ModelView):
         self.input_shape = defense.input_shape
 
     def describe(self) -> dict:
-        return {"view": "through-updates", **self.defense.describe()}
+        return {"view": self.view_name, **self.defense.describe()}
+
+
+class ThroughUpdatesView(_DefenseView):
+    """The defense, differentiated through the whole procedure (solver steps and input updates;
+    the update directions too when ``sign=False``). Same forward value as the defense."""
+
+    view_name = "through-updates"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.defense.run(x, exact=True).logits
 
 
-class BPDAView(ModelView):
+class BPDAView(_DefenseView):
     """BPDA (Athalye et al. 2018): forward = the defense's logits; backward = the input gradient of
     the undefended model at the purified input ``x_hat``, passed to ``x`` as if ``x_hat = x``.
     The model's own gradient estimator is used (``robustdeq.gradient`` overrides apply)."""
 
-    _viewed = "defense"
-
-    def __init__(self, defense: EntropyDefense):
-        super().__init__()
-        self.defense = defense
-        self.input_shape = defense.input_shape
-
-    def describe(self) -> dict:
-        return {"view": "bpda", **self.defense.describe()}
+    view_name = "bpda"
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
