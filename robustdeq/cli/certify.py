@@ -47,6 +47,23 @@ def add_parser(sub) -> None:
                         "available (auto)")
     c.add_argument("--tolerance", type=float, default=0.05,
                    help="smoothing --mode radius: stop when the radius cannot grow by more than this")
+    c.add_argument("--first-batch", type=int_at_least(1), default=100,
+                   help="smoothing --mode sequential/radius: the first estimation batch; later batches double "
+                        "up to --batch-size (default 100)")
+    c.add_argument("--futility-alpha", type=float, default=0.01,
+                   help="smoothing --mode sequential/radius: level of the upper confidence sequence that stops "
+                        "sampling early for a radius that will not be certified (default 0.01; an error there "
+                        "only loses a certificate)")
+    c.add_argument("--batch-size", type=int_at_least(1), default=400,
+                   help="smoothing: noise samples solved together (default 400)")
+    c.add_argument("--check-alpha-fraction", type=float, default=0.5,
+                   help="smoothing with SRS --srs-check sample: share of --alpha spent on the agreement "
+                        "bound (default 0.5)")
+    c.add_argument("--check-slack", type=float, default=0.1,
+                   help="smoothing with SRS and --check-max: the radius (in units of sigma) the adaptive "
+                        "number of checks may cost (default 0.1)")
+    c.add_argument("--clip", action="store_true",
+                   help="smoothing: smooth f(clip(x + noise, 0, 1)) instead of f(x + noise)")
     c.add_argument("--seed", type=int, default=0, help="smoothing: noise seed")
     c.add_argument("--out", default=None, help="folder for certificate.json / certificate.md")
     c.add_argument("--no-progress", action="store_true")
@@ -57,7 +74,27 @@ def add_parser(sub) -> None:
 SMOOTHING_ONLY = {"noise_n": "--n/--noise-n", "n0": "--n0", "alpha": "--alpha", "srs_steps": "--srs-steps",
                   "check_samples": "--check-samples", "check_max": "--check-max",
                   "srs_start": "--srs-start", "radii": "--radii", "mode": "--mode",
-                  "srs_check": "--srs-check", "tolerance": "--tolerance", "seed": "--seed"}
+                  "srs_check": "--srs-check", "tolerance": "--tolerance", "seed": "--seed",
+                  "first_batch": "--first-batch", "futility_alpha": "--futility-alpha",
+                  "batch_size": "--batch-size", "check_alpha_fraction": "--check-alpha-fraction",
+                  "check_slack": "--check-slack", "clip": "--clip"}
+# option dest -> (flag, the condition under which it applies, said as a flag)
+APPLIES = {"first_batch": ("--first-batch", lambda a: a.mode != "fixed", "--mode sequential or radius"),
+           "futility_alpha": ("--futility-alpha", lambda a: a.mode != "fixed", "--mode sequential or radius"),
+           "tolerance": ("--tolerance", lambda a: a.mode == "radius", "--mode radius"),
+           "check_alpha_fraction": ("--check-alpha-fraction", lambda a: a.srs_steps > 0 and a.srs_check != "proof",
+                                    "--srs-steps > 0 and --srs-check sample/auto"),
+           "check_slack": ("--check-slack", lambda a: a.check_max > 0, "--check-max")}
+
+
+def refuse_inapplicable(args) -> None:
+    """ConfigError naming a smoothing option given where it has no effect (it would be ignored)."""
+    from ..errors import ConfigError
+    from .common import given
+    for dest, (flag, applies, needed) in APPLIES.items():
+        if given(args, dest) and not applies(args):
+            raise ConfigError(f"{flag} only applies with {needed}; here it would be ignored: drop {flag} "
+                              "or change the mode it belongs to")
 
 
 def cmd_certify(args) -> int:
@@ -88,10 +125,14 @@ def _certify_smoothing(args, dataset: str) -> int:
     """``robustdeq certify CHECKPOINT --smoothing SIGMA``: randomized-smoothing certificates."""
     from ..certify import certify_checkpoint
     radii = floats(args.radii, "--radii") if args.radii else None
+    refuse_inapplicable(args)
     opts = {"sigma": args.smoothing, "n": args.noise_n, "n0": args.n0, "alpha": args.alpha,
             "srs_steps": args.srs_steps, "seed": args.seed, "srs_start": args.srs_start,
             "check_max": args.check_max, "mode": args.mode, "srs_check": args.srs_check,
-            "tolerance": args.tolerance}
+            "tolerance": args.tolerance, "first_batch": args.first_batch,
+            "futility_alpha": args.futility_alpha, "batch_size": args.batch_size,
+            "check_alpha_fraction": args.check_alpha_fraction, "check_slack": args.check_slack,
+            "clip": bool(args.clip)}
     opts["check_samples"] = (args.check_samples if args.check_samples is not None
                              else min(400, args.noise_n) if args.noise_n >= 1 else 400)
     if radii:

@@ -27,9 +27,18 @@ def add_parsers(sub) -> None:
     e.add_argument("--smoothing", type=float, default=None, metavar="SIGMA",
                    help="bracket: also certify the Gaussian-smoothed classifier (compared with attacks on it)")
     e.add_argument("--smoothing-n", type=int_at_least(1), default=1000,
-                   help="bracket: smoothing noise samples (default 1000)")
+                   help="bracket: smoothing estimation noise samples (default 1000); the budget with "
+                        "--smoothing-mode sequential or radius")
     e.add_argument("--srs-steps", type=int_at_least(0), default=0,
                    help="bracket: SRS solver steps (default 0: independent)")
+    e.add_argument("--smoothing-mode", default="fixed", choices=["fixed", "sequential", "radius"],
+                   help="bracket: fixed (Cohen et al., --smoothing-n samples), sequential (decide "
+                        "'certified at eps' for every --eps with an anytime-valid test, stopping early; L2 "
+                        "only) or radius (the largest radius with a per-input sample size)")
+    e.add_argument("--smoothing-options", default=None, metavar="JSON",
+                   help="bracket: further randomized-smoothing settings, e.g. '{\"alpha\": 0.01, "
+                        "\"first_batch\": 50, \"futility_alpha\": 0.05, \"srs_check\": \"proof\"}' "
+                        "(any field of SmoothingConfig without a flag of its own; unknown keys are an error)")
     e.add_argument("--solver-options", default=None, metavar="JSON",
                    help="solve the DEQ with this solver config for the whole evaluation instead of its "
                         "own, e.g. '{\"name\": \"anderson\", \"max_iter\": 100, \"tol\": 1e-6}'")
@@ -48,7 +57,9 @@ def add_parsers(sub) -> None:
 def cmd_eval(args) -> int:
     from ..eval import evaluate
     refuse_without(args, "smoothing", "--smoothing SIGMA", {"smoothing_n": "--smoothing-n",
-                                                            "srs_steps": "--srs-steps"})
+                                                            "srs_steps": "--srs-steps",
+                                                            "smoothing_mode": "--smoothing-mode",
+                                                            "smoothing_options": "--smoothing-options"})
     if args.strict and args.certify is None and args.smoothing is None:
         from ..errors import ConfigError
         raise ConfigError("--strict only applies with --certify (or --smoothing): without a certificate "
@@ -110,9 +121,33 @@ def bracket_spec(args):
         from ..errors import ConfigError
         raise ConfigError("--certify smoothing needs --smoothing SIGMA")
     if args.smoothing is not None:
-        spec["smoothing"] = {"sigma": args.smoothing, "n": args.smoothing_n, "n0": min(100, args.smoothing_n),
-                             "srs_steps": args.srs_steps,
-                             "check_samples": min(400, args.smoothing_n), "seed": args.seed}
+        spec["smoothing"] = smoothing_spec(args)
+    return spec
+
+
+# SmoothingConfig fields that have a flag of their own in ``robustdeq eval``
+SMOOTHING_FLAGS = {"sigma": "--smoothing", "n": "--smoothing-n", "srs_steps": "--srs-steps",
+                   "mode": "--smoothing-mode", "seed": "--seed"}
+
+
+def smoothing_spec(args) -> dict:
+    """The smoothing settings of the bracket from ``--smoothing``, ``--smoothing-n``,
+    ``--srs-steps``, ``--smoothing-mode`` and ``--smoothing-options`` (validated here, before
+    anything is loaded: an unknown or ill-typed key is a ConfigError)."""
+    from ..certify.smoothing import make_config
+    from ..errors import ConfigError
+    extra = json_arg(args.smoothing_options, "--smoothing-options")
+    dup = [k for k in extra if k in SMOOTHING_FLAGS]
+    if dup:
+        raise ConfigError("--smoothing-options: " + "; ".join(f"{k!r} has its own flag {SMOOTHING_FLAGS[k]}"
+                                                               for k in dup))
+    spec = {"sigma": args.smoothing, "n": args.smoothing_n, "n0": min(100, args.smoothing_n),
+            "srs_steps": args.srs_steps, "check_samples": min(400, args.smoothing_n), "seed": args.seed,
+            "mode": args.smoothing_mode, **extra}
+    make_config(spec)
+    if args.smoothing_mode == "sequential" and args.norm != "L2":
+        raise ConfigError(f"--smoothing-mode sequential decides fixed L2 radii; the {args.norm} bracket needs "
+                          "a radius per sample: use --smoothing-mode radius or fixed, or --norm L2")
     return spec
 
 

@@ -10,7 +10,9 @@ the attacks' verdict:
   ``FeedForward``) and Linf, interval propagation through its layers
   (:func:`robustdeq.certify.ibp.ibp_certify_feedforward`);
 - optionally randomized smoothing (Cohen, Rosenfeld, Kolter 2019; SRS of Gao, Hou, Xu, Liu 2024
-  with ``srs_steps``): the certificate of the *smoothed* classifier g. It is compared with attacks
+  with ``srs_steps``; any mode of :mod:`robustdeq.certify.smoothing`: fixed n, ``"sequential"``
+  deciding "certified at eps" for every eps of the evaluation with an anytime-valid test (L2
+  threats), or ``"radius"``): the certificate of the *smoothed* classifier g. It is compared with attacks
   on g, not on the base model: PGD on the Monte-Carlo soft smoothed classifier (the SmoothAdv loss
   of Salman et al. 2019, ``-log mean_j softmax(f(x' + e_j))_y``) and the verdict of Cohen et al.'s
   PREDICT at the adversarial input.
@@ -92,6 +94,21 @@ def make_bracket_config(spec: Any) -> BracketConfig:
         return from_dict(BracketConfig, spec)
     raise ConfigError(f"certify must be True, 'auto', a list of certificate names or a mapping of "
                       f"BracketConfig options, got {spec!r}")
+
+
+def _smoothing_config(spec: Mapping[str, Any], threat: str, eps: List[float]):
+    """The :class:`~robustdeq.certify.smoothing.SmoothingConfig` of the bracket. In
+    ``mode="sequential"`` the test decides "certified at eps" for every eps of the evaluation (L2
+    only: a Linf ball's L2 radius differs per sample), besides any radii the spec names."""
+    from ..certify.smoothing import make_config
+    scfg = make_config(spec)
+    if scfg.mode != "sequential":
+        return scfg
+    if threat != "L2":
+        raise ConfigError(f"sequential smoothing decides fixed L2 radii; the {threat} bracket needs a radius "
+                          "per sample: use smoothing mode 'radius' or 'fixed'")
+    given = tuple(scfg.radii) if "radii" in spec else ()
+    return scfg.replace(radii=tuple(sorted(set(given) | {float(e) for e in eps})))
 
 
 def _linf_l2(x: Tensor, e: float) -> Tensor:
@@ -197,8 +214,8 @@ def compute_bracket(model: nn.Module, x: Tensor, y: Tensor, report, config: Any 
     per_sample: Dict[str, Any] = {}
     smooth = None
     if cfg.smoothing is not None:
-        from ..certify.smoothing import ABSTAIN, certify as smooth_certify, make_config, predict
-        scfg = make_config(cfg.smoothing)
+        from ..certify.smoothing import ABSTAIN, certify as smooth_certify, predict
+        scfg = _smoothing_config(cfg.smoothing, threat, eps)
         smooth = smooth_certify(model, x, y, scfg)
         s_rad = smooth.radius()
     for ei, (e, res) in enumerate(zip(eps, report.results)):
@@ -213,8 +230,12 @@ def compute_bracket(model: nn.Module, x: Tensor, y: Tensor, report, config: Any 
                "attacked_base": float(robust.float().mean())}
         entry = {"certified_by": cert_by, "attacked_robust": robust.tolist()}
         if smooth is not None:
-            need = torch.full((n,), e, dtype=torch.float64) if threat == "L2" else _linf_l2(x, e)
-            s_cert = torch.tensor([bool(r.correct) and not r.abstained for r in smooth.results]) & (s_rad > need)
+            if scfg.mode == "sequential":   # the test's decision at eps (its radii include every eps)
+                s_cert = torch.tensor([bool(r.certified_at(e)) for r in smooth.results])
+            else:
+                need = torch.full((n,), e, dtype=torch.float64) if threat == "L2" else _linf_l2(x, e)
+                s_cert = (torch.tensor([bool(r.correct) and not r.abstained for r in smooth.results])
+                          & (s_rad > need))
             x_adv = _soft_smoothed_pgd(model, x, y, e, threat, scfg.sigma, cfg.attack_steps, cfg.attack_samples,
                                        seed + 7919 * (ei + 1), scfg.clip)
             pred = predict(model, x_adv, scfg.replace(srs_steps=0, n=cfg.predict_n, seed=scfg.seed + ei + 1))
@@ -224,7 +245,8 @@ def compute_bracket(model: nn.Module, x: Tensor, y: Tensor, report, config: Any 
                     alarms.append({"eps": e, "index": i, "certificate": "smoothing", "classifier": "smoothed",
                                    "attack": "soft-smoothed PGD + PREDICT", "prediction": int(pred[i])})
             row.update({"certified_smoothed": float(s_cert.float().mean()),
-                        "attacked_smoothed": float(s_ok.float().mean())})
+                        "attacked_smoothed": float(s_ok.float().mean()),
+                        "smoothing_samples_per_image": smooth.summary.get("samples_per_image")})
             entry.update({"smoothing_certified": s_cert.tolist(), "smoothed_attacked_correct": s_ok.tolist()})
         row["alarms"] = sum(1 for a in alarms if a["eps"] == e)
         rows.append(row)
