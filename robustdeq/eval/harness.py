@@ -156,7 +156,9 @@ def _validate_data(model, x, y) -> Tuple[Tensor, Tensor]:
 
 @dataclass
 class _Evaluation:
-    """The state of one :func:`evaluate` call, handed to its steps (instead of long argument lists)."""
+    """The state of one :func:`evaluate` call, handed to its steps (instead of long argument lists);
+    after the attacks, :func:`robustdeq.eval.audit.run_checks` reads what they found (``units``,
+    ``results``, ``success_flags``, ``clean_correct``, ``clean_traj``)."""
 
     model: nn.Module
     x: Tensor
