@@ -1,5 +1,5 @@
-"""Named registries: solvers, attack specs, suites, recipes, objectives, models, attacks, datasets,
-inference-time wrappers.
+"""Named registries: solvers, gradient estimators, attack specs, suites, recipes, objectives,
+models, attacks, datasets, inference-time wrappers.
 
 A :class:`Registry` maps a name to an entry (a class, a builder function, ...). Built-in entries
 are declared here as ``"module:attribute"`` (or ``"module:TABLE[key]"``) references, imported on first use, so that the names
@@ -11,6 +11,8 @@ registry                   entry                                       registere
 =========================  ==========================================  ===========================
 :data:`SOLVERS`            a :class:`~robustdeq.deq.solvers.Solver`    ``register_solver``
                            subclass
+:data:`ESTIMATORS`         a gradient estimator class                  ``ESTIMATORS.register``
+                           (``robustdeq.deq.grad``)
 :data:`ATTACK_SPECS`       ``builder(ctx) -> [AttackSpec]``            ``register_attack_spec``
 :data:`SUITES`             ``suite(ctx) -> [attack spec name]``        ``register_suite``
 :data:`RECIPES`            ``builder(**options) -> Recipe``            ``register_recipe``
@@ -154,6 +156,11 @@ SOLVERS = Registry("solver", _refs("robustdeq.deq.solvers", {
     "fixed_point": "FixedPointIteration", "anderson": "Anderson", "broyden": "Broyden"}),
     hint="robustdeq.deq.solvers.register_solver adds one")
 
+ESTIMATORS = Registry("gradient estimator", _refs("robustdeq.deq.grad", {
+    "ift": "ImplicitGrad", "implicit": "ImplicitGrad", "phantom": "PhantomGrad",
+    "unrolled": "UnrolledGrad", "full": "FullBackprop", "none": "NoGrad"}),
+    hint="robustdeq.registry.ESTIMATORS.register(name, cls) adds one")
+
 # the built-in attack specs of robustdeq.eval.suites (BUILTIN_SPECS) by name; the PGD variants come
 # with the cross-entropy and the CW margin loss (<name>-margin)
 _PGD_SPECS = ("pgd", "pgd-ift", "pgd-exact", "pgd-unrolled", "pgd-phantom")
@@ -214,5 +221,5 @@ WRAPPERS = Registry("inference-time defense", {"none": None,
                                                 "entropy": "robustdeq.defenses.entropy:EntropyDefense"})
 
 
-__all__ = ["Registry", "is_attack_spec_name", "SOLVERS", "ATTACK_SPECS", "SUITES", "RECIPES", "OBJECTIVES", "MODELS",
+__all__ = ["Registry", "is_attack_spec_name", "SOLVERS", "ESTIMATORS", "ATTACK_SPECS", "SUITES", "RECIPES", "OBJECTIVES", "MODELS",
            "ATTACKS", "DATASETS", "WRAPPERS"]

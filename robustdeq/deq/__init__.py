@@ -25,7 +25,7 @@ _LAZY = {name: module for module, names in {
     "solvers": ("TrajectoryState", "SolverState", "SolveResult", "Solver", "FixedPointIteration",
                 "Anderson", "Broyden", "register_solver", "get_solver", "solve"),
     "grad": ("GradientEstimator", "ImplicitGrad", "PhantomGrad", "UnrolledGrad", "FullBackprop",
-             "NoGrad", "ESTIMATORS", "make_estimator", "gradient"),
+             "NoGrad", "make_estimator", "gradient"),
     "cells": ("Normalize", "ScaledLinear", "IntervalScaling", "MLPCell", "MLPInjection", "LinearHead",
               "ConvCell", "ConvInjection", "ConvHead", "MonotoneCell", "LinearCell"),
     "model": ("EquilibriumModel", "DEQClassifier", "Equilibrium", "SolverStats"),

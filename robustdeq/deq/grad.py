@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .._support import user_stacklevel
 from ..config import BACKWARD_DEFAULT, SolverConfig, from_dict
 from ..errors import ConfigError, NonConvergenceWarning
+from ..registry import ESTIMATORS
 
 logger = logging.getLogger(__name__)
 
@@ -181,14 +182,9 @@ class NoGrad(GradientEstimator):
         return z_star.detach()
 
 
-ESTIMATORS = {
-    "ift": ImplicitGrad, "implicit": ImplicitGrad, "phantom": PhantomGrad,
-    "unrolled": UnrolledGrad, "full": FullBackprop, "none": NoGrad,
-}
-
-
 def make_estimator(spec, **options) -> GradientEstimator:
-    """An estimator from an instance or a name (``ift``, ``phantom``, ``unrolled``, ``full``, ``none``)."""
+    """An estimator from an instance or a name of :data:`robustdeq.registry.ESTIMATORS` (``ift``,
+    ``phantom``, ``unrolled``, ``full``, ``none`` or a registered one)."""
     if isinstance(spec, GradientEstimator):
         if options:
             raise ConfigError("options given together with an estimator instance")
@@ -196,7 +192,7 @@ def make_estimator(spec, **options) -> GradientEstimator:
     if not isinstance(spec, str) or spec not in ESTIMATORS:
         raise ConfigError(f"unknown gradient estimator {spec!r}; expected one of {', '.join(ESTIMATORS)}")
     try:
-        return ESTIMATORS[spec](**options)
+        return ESTIMATORS.get(spec)(**options)
     except TypeError as e:
         raise ConfigError(f"bad options for gradient estimator {spec!r}: {e}") from None
 
@@ -219,4 +215,4 @@ def gradient(model: nn.Module, estimator):
 
 
 __all__ = ["GradientEstimator", "ImplicitGrad", "PhantomGrad", "UnrolledGrad", "FullBackprop",
-           "NoGrad", "ESTIMATORS", "make_estimator", "gradient"]
+           "NoGrad", "make_estimator", "gradient"]

@@ -30,7 +30,7 @@ __all__ = ["user_registrations", "install", "REGISTRATIONS_KEY"]
 REGISTRATIONS_KEY = "robustdeq-registrations"
 
 # the registries of robustdeq.registry that clients may look names up in
-_REGISTRIES = ("SOLVERS", "RECIPES", "OBJECTIVES", "MODELS", "ATTACKS", "ATTACK_SPECS", "SUITES",
+_REGISTRIES = ("SOLVERS", "ESTIMATORS", "RECIPES", "OBJECTIVES", "MODELS", "ATTACKS", "ATTACK_SPECS", "SUITES",
                "DATASETS", "WRAPPERS")
 
 
@@ -82,7 +82,7 @@ def _used_names(cfg) -> Dict[str, Set[str]]:
 
     walk(dict(cfg.defense_options))
     walk(dict(cfg.model_options))
-    return {"SOLVERS": {cfg.solver} | strings, "RECIPES": {cfg.defense},
+    return {"SOLVERS": {cfg.solver} | strings, "ESTIMATORS": strings, "RECIPES": {cfg.defense},
             "MODELS": {cfg.model, cfg.recipe_model} | strings, "DATASETS": {cfg.dataset},
             "OBJECTIVES": strings, "ATTACKS": strings, "ATTACK_SPECS": strings, "SUITES": set(),
             "WRAPPERS": strings}

@@ -61,7 +61,7 @@ def test_registry_unknown_duplicate_replace():
 
 def test_every_builtin_entry_resolves():
     """Each built-in "module:attribute" reference names a real object (imported on first use)."""
-    for reg in (registry.SOLVERS, registry.ATTACK_SPECS, registry.SUITES, registry.RECIPES,
+    for reg in (registry.SOLVERS, registry.ESTIMATORS, registry.ATTACK_SPECS, registry.SUITES, registry.RECIPES,
                 registry.OBJECTIVES, registry.MODELS, registry.ATTACKS, registry.DATASETS,
                 registry.WRAPPERS):
         for name in reg.names():
@@ -80,7 +80,7 @@ def test_each_registry_has_one_public_name():
     import ast
     root = Path(registry.__file__).parent
     names = {n for n in registry.__all__ if isinstance(getattr(registry, n), registry.Registry)}
-    assert {"SOLVERS", "SUITES", "RECIPES", "OBJECTIVES", "ATTACK_SPECS"} <= names
+    assert {"SOLVERS", "ESTIMATORS", "SUITES", "RECIPES", "OBJECTIVES", "ATTACK_SPECS"} <= names
     found = []
     for path in sorted(root.rglob("*.py")):
         if path == root / "registry.py":
@@ -180,6 +180,35 @@ def test_registered_model_builds_through_the_zoo(cleanup):
 
 
 # -- solvers ----------------------------------------------------------------------------------------
+def test_registered_gradient_estimator_is_used_by_name(cleanup):
+    """An estimator registered by name is what ``make_estimator`` / ``gradient`` / ``grad=`` use:
+    the input gradient equals the one of the instance it stands for."""
+    from robustdeq.deq import zoo
+    from robustdeq.deq.grad import UnrolledGrad, gradient, make_estimator
+
+    class Unrolled3(UnrolledGrad):
+        def __init__(self):
+            super().__init__(steps=3)
+
+    registry.ESTIMATORS.register("unrolled3", Unrolled3)
+    cleanup.append((registry.ESTIMATORS, "unrolled3"))
+    assert isinstance(make_estimator("unrolled3"), Unrolled3)
+    torch.manual_seed(0)
+    model = zoo.build("mlp_deq", hidden=8, grad="unrolled3").double().eval()
+    assert isinstance(model.grad, Unrolled3)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+
+    def input_grad(est):
+        xr = x.clone().requires_grad_(True)
+        with gradient(model, est):
+            model(xr).logsumexp(1).sum().backward()
+        return xr.grad
+    assert torch.equal(input_grad("unrolled3"), input_grad(UnrolledGrad(steps=3)))
+    assert not torch.equal(input_grad("unrolled3"), input_grad(UnrolledGrad(steps=1)))
+    with pytest.raises(ConfigError, match="unknown gradient estimator 'nope'.*unrolled3"):
+        make_estimator("nope")
+
+
 def test_register_solver_end_to_end(cleanup):
     from robustdeq.deq.solvers import FixedPointIteration, get_solver, register_solver, solve
 
