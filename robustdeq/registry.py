@@ -157,7 +157,7 @@ SOLVERS = Registry("solver", _refs("robustdeq.deq.solvers", {
     hint="robustdeq.deq.solvers.register_solver adds one")
 
 ESTIMATORS = Registry("gradient estimator", _refs("robustdeq.deq.grad", {
-    "ift": "ImplicitGrad", "implicit": "ImplicitGrad", "phantom": "PhantomGrad",
+    "ift": "ImplicitGrad", "phantom": "PhantomGrad",
     "unrolled": "UnrolledGrad", "full": "FullBackprop", "none": "NoGrad"}),
     hint="robustdeq.registry.ESTIMATORS.register(name, cls) adds one")
 
