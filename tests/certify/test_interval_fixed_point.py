@@ -133,6 +133,12 @@ def test_violating_parameterisation_is_refused():
     from robustdeq.defenses.objectives import make_objective
     with pytest.raises(ConfigError, match="norm='interval'"):
         make_objective("ibp", eps=0.1)(model, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
+    # the same cell behind a convolutional stem: refused the same way
+    torch.manual_seed(0)
+    stem = zoo.build("stem_deq", in_shape=(1, 4, 4), hidden=32, channels=3, pool=2, norm="none", init_gain=0.95)
+    assert abs_contraction(interval_map(stem).M).rate > 1
+    with pytest.raises(ConfigError, match="norm='interval'"):
+        make_objective("ibp", eps=0.1)(stem, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
     # a monotone cell whose |M| does not contract is refused as well
     torch.manual_seed(0)
     mon = zoo.build("mon_deq", in_shape=(1, 4, 4), hidden=10, m=0.05).eval()
