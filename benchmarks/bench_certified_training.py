@@ -1,14 +1,16 @@
 """Certified training of DEQs against explicit baselines, on MNIST-5k and digits.
 
     python benchmarks/bench_certified_training.py [--datasets mnist5k digits] [--epochs 10]
-        [--suite quick] [--n-bracket 100] [--smoothing-n 2000] [--smoothing-images 200]
-        [--hidden 64] [--lr 1e-3] [--scale 0.5] [--rows ibp-deq ibp-cnn lipschitz-margin-deq noise-deq]
+        [--suite standard] [--n-bracket 200] [--smoothing-n 2000] [--smoothing-images 200]
+        [--hidden 64] [--lr 1e-3] [--scale 0.5] [--save-dir DIR]
+        [--rows ibp-deq ibp-stem-deq ibp-cnn lipschitz-margin-deq noise-deq]
 
 Per dataset, side by side, every model trained for the same epochs (Adam at ``--lr``, cosine
 schedule, batch 64, seed 0):
 
-- Linf 0.1: ``ibp`` (Gowal et al. 2018) on a DEQ whose interval fixed point is unique
-  (``mlp_deq`` relu, ``norm="interval"``) and on a feed-forward CNN of similar parameter count
+- Linf 0.1: ``ibp`` (Gowal et al. 2018) on two DEQs whose interval fixed point is unique
+  (``mlp_deq`` relu, ``norm="interval"``, on the pixels; ``stem_deq``: the CNN's convolutions
+  feeding the same kind of equilibrium layer) and on a feed-forward CNN of similar parameter count
   (``ff_cnn`` without GroupNorm, one hidden layer); training radius 0.15 after one warm-up epoch,
   ramped over half the epochs, kappa 1 -> 0.5. Certified accuracy by IBP (the DEQ through
   ``robustdeq.certify.certify``, which also checks that the model's own solver reaches the
@@ -177,8 +179,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["mnist5k", "digits"], choices=["mnist5k", "digits"])
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--suite", default="quick")
-    ap.add_argument("--n-bracket", type=int, default=100)
+    ap.add_argument("--suite", default="standard")
+    ap.add_argument("--n-bracket", type=int, default=200)
     ap.add_argument("--smoothing-n", type=int, default=2000)
     ap.add_argument("--smoothing-images", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=64, help="DEQ width (and the CNN's hidden layer on MNIST)")
