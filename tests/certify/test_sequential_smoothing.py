@@ -180,6 +180,33 @@ def test_proven_classes_are_the_classes_of_cold_solves():
         assert bool((cls != cold.logits.argmax(1)).any()) and not bool(ok.all())
 
 
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
+def test_iteration_with_a_proof_after_every_step_proves_only_cold_classes():
+    model = _contractive()
+    proof = EquilibriumClassProof(model)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 1, 4, 4, generator=gen)
+    xn = x + 0.4 * torch.randn((500, 1, 4, 4), generator=gen)
+    tight = model.solver_config.replace(tol=1e-12, stop_mode="abs", max_iter=300)
+    with torch.no_grad():
+        cold = model.run(xn, in_range=False, solver=tight).logits.argmax(1)
+        anchor = model.run(x).z_star.expand(500, -1).contiguous()
+        far = anchor + 2.0 * torch.randn(anchor.shape, generator=gen)
+        for start in (anchor, far, torch.zeros_like(anchor)):
+            for k in (1, 2, 4, 60):
+                cls, ok, steps, z = proof.iterate(xn, start, k)
+                assert bool((cls[ok] == cold[ok]).all()), k
+                assert int(steps.max()) <= k and bool((steps >= 1).all())
+                # a row stops at its first proof: the classes checked one step earlier were not proven
+                if k > 1:
+                    _, ok_before, steps_before, _ = proof.iterate(xn, start, k - 1)
+                    assert bool((steps[ok_before] == steps_before[ok_before]).all())
+            assert ok.float().mean() > 0.99                   # 60 contraction steps prove (almost) all
+        # from a far start some first reads differ from the cold class: the proof has work to do
+        cls1, ok1, _, _ = proof.iterate(xn, far, 1)
+        assert bool((cls1 != cold).any()) and not bool(ok1.all())
+
+
 def test_proven_warm_starts_count_the_same_classes_as_cold_solves_in_certify():
     model = _contractive(solver={"tol": 1e-8, "stop_mode": "abs", "max_iter": 100})
     x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))

@@ -27,7 +27,7 @@ from .statistics import check_count, clopper_pearson_lower, radius_from, srs_low
 
 logger = logging.getLogger(__name__)
 
-PROOF_COUNTS = ("proven_warm", "proven_cold", "resolved", "tightened", "unproven")
+PROOF_COUNTS = ("proven_warm", "proven_cold", "tightened", "unproven")
 
 
 class _Base:
@@ -121,51 +121,61 @@ class _Base:
         pred, warm, _ = self._chain(xn)
         return pred, warm
 
-    def _prove(self, xn: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
-        """The proof's ``(class, proven)`` of states ``z``; its residual evaluation of the cell is
-        counted (one evaluation per row)."""
-        self.f_evals += int(xn.shape[0])
-        self.cell_evals += int(xn.shape[0])
-        return self.proof.classes(self._noisy(xn), z)
-
     def proven(self, xn: Tensor) -> Tuple[Tensor, Tensor]:
         """Proven warm starts on one noise batch: ``(pred, warm)`` where ``pred`` is the exact
-        equilibrium's class of every row (:mod:`.proof`), or -1 where no proof was found even after
-        a re-solve from scratch; ``warm``: rows whose warm-started solve was proven."""
-        pred, warm, z = self._chain(xn)
-        cls, ok = self._prove(xn, z)
+        equilibrium's class of every row (:mod:`.proof`), or -1 where no proof was found;
+        ``warm``: rows whose warm-started iteration was proven.
+
+        Every row iterates ``z <- f(z)`` from its start (the clean input's fixed point, the chain,
+        or the model's initial state where there is no finite warm start) with the proof checked
+        after each step, and leaves at its first proof; the rows still unproven after
+        ``srs_steps`` steps iterate on (counted as ``tightened``) until proven or until the
+        contraction has shrunk their distance to ``z*`` below float64 resolution
+        (:attr:`~.proof.EquilibriumClassProof.max_steps`); what is still unproven then (a near tie
+        at the equilibrium) gets no class."""
+        b = xn.shape[0]
+        z0, warm = self._start(xn)
+        cls, ok, steps, z = self.proof.iterate(self._noisy(xn), z0, self.cfg.srs_steps)
+        n_steps = int(steps.sum())
+        self.f_evals += n_steps
+        self.cell_evals += n_steps
         pc = self.proof_counts
         pc["proven_warm"] += int((ok & warm).sum())
         pc["proven_cold"] += int((ok & ~warm).sum())
-        redo = (~ok & warm).nonzero().flatten()
         out = torch.where(ok, cls, torch.full_like(cls, ABSTAIN))
-        if redo.numel():
-            _, zc, _ = self.full(xn[redo])
-            c2, ok2 = self._prove(xn[redo], zc)
-            out[redo] = torch.where(ok2, c2, torch.full_like(c2, ABSTAIN))
-            pc["resolved"] += int(redo.numel())
-            pc["proven_cold"] += int(ok2.sum())
-            zc = zc.reshape((redo.numel(),) + tuple(z.shape[1:]))
-            z = z.clone()
-            z[redo] = zc.to(z.dtype)
-        # rows still without a proof (the model's solver stopped at its tolerance too far from z*
-        # for this margin): continue their solve to a strict tolerance and prove again
-        left = (out == ABSTAIN).nonzero().flatten()
+        left = (~ok).nonzero().flatten()
         if left.numel():
-            c3, ok3 = self._tight(xn[left], z[left])
-            out[left] = torch.where(ok3, c3, torch.full_like(c3, ABSTAIN))
+            c2, ok2, st2, z2 = self.proof.iterate(self._noisy(xn[left]), z[left], self.proof.max_steps)
+            n2 = int(st2.sum())
+            self.f_evals += n2
+            self.cell_evals += n2
+            out[left] = torch.where(ok2, c2, torch.full_like(c2, ABSTAIN))
+            z[left] = z2
             pc["tightened"] += int(left.numel())
-            pc["proven_cold"] += int(ok3.sum())
+            pc["proven_cold"] += int(ok2.sum())
+        z = z.to(z0.dtype)
         pc["unproven"] += int((out == ABSTAIN).sum())
+        if self.anchor is None:            # the chain: the next batch starts from these states
+            self.z = z.detach()
+            self.ok = torch.isfinite(z.reshape(b, -1)).all(dim=1)
         return out, ok & warm
 
-    def _tight(self, xn: Tensor, z0: Tensor) -> Tuple[Tensor, Tensor]:
-        """The model's solver from ``z0`` to a strict absolute tolerance, then the proof."""
-        from .._util import tight_solver
-        eq = run_noisy(self.model, self._noisy(xn), z0=z0.contiguous(), solver=tight_solver(self.model),
-                        grad="none")
-        self.f_evals += int(eq.stats.steps.sum())
-        return self._prove(xn, eq.z_star)
+    def _start(self, xn: Tensor) -> Tuple[Tensor, Tensor]:
+        """``(z0, warm)``: each row's start (the clean input's fixed point, or the previous
+        batch's states, where finite; else the model's initial state) and whether it is warm."""
+        from ...deq.warm import initial_state_fn, warm_start_rows
+        b = xn.shape[0]
+        init = initial_state_fn(self.model, self._noisy(xn))
+        start = None
+        if self.anchor is not None:
+            za, oka = self.anchor
+            start = warm_start_rows(za.expand((b,) + tuple(za.shape[1:])), oka.expand(b), init, b)
+        elif self.z is not None:
+            idx = torch.arange(b, device=self.z.device) % self.z.shape[0]
+            start = warm_start_rows(self.z[idx], self.ok[idx], init, b)
+        if start is None:
+            return init(), torch.zeros(b, dtype=torch.bool, device=xn.device)
+        return start
 
     def _chain(self, xn: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """:meth:`chain` with the states ``z`` of the rows."""

@@ -31,10 +31,10 @@ class SmoothingResult:
     (DEQs: what was computed -- a batched solve evaluates every row of the batch until its last
     row stops, and the read-out may evaluate the cell once more); decisions: sequential mode, per
     requested radius "certified", "not certified" or "undecided" (budget spent); proof: proven warm
-    starts, the rows whose warm-started solve was proven (proven_warm), solved from scratch and
-    proven (proven_cold), re-solved from scratch after a failed proof (resolved), solved on to a
-    strict tolerance after a second failed proof (tightened), and without a proven class
-    (unproven); samples: noise samples drawn (selection and estimation).
+    starts, the rows whose warm-started iteration was proven (proven_warm), proven from the model's
+    initial state or after being solved on (proven_cold), solved on to a strict tolerance after
+    ``srs_steps`` iterations without a proof (tightened), and without a proven class (unproven);
+    samples: noise samples drawn (selection and estimation).
     """
 
     index: int
@@ -231,9 +231,10 @@ class SmoothingReport:
                      f"the sample budget per input, futility level {c.get('futility_alpha', 0):g}; alpha "
                      "holds for the whole sequential procedure.")
         if c.get("srs_steps") and c.get("srs_check") in ("proof", "auto") and s.get("proof"):
-            L.append(f"Warm-started solves ({c['srs_steps']} solver steps) proven per sample to have the exact "
-                     "equilibrium's class (contraction certificate); unproven ones re-solved from scratch: "
-                     f"{s['proof']['proven_warm']} proven warm, {s['proof']['resolved']} re-solved, "
+            L.append(f"Warm-started fixed-point iterations (at most {c['srs_steps']} steps, the proof checked after "
+                     "each) proven per sample to have the exact equilibrium's class (contraction certificate); "
+                     "the rest solved on to a strict tolerance and proven again: "
+                     f"{s['proof']['proven_warm']} proven warm, {s['proof'].get('tightened', 0)} solved on, "
                      f"{s['proof']['unproven']} without a proven class.")
         elif c.get("srs_steps"):
             start = ("every noise sample from the clean input's fixed point" if c.get("srs_start") == "clean"
