@@ -86,8 +86,9 @@ requested radius with an anytime-valid confidence sequence (a one-sided beta-bin
 ``n`` is spent; ``mode="radius"`` reports the largest radius, stopping when it cannot grow by more
 than ``tolerance``. alpha bounds the failure probability of the whole procedure, over all looks
 and radii. Proven warm starts (:mod:`.proof`, ``srs_check="proof"``): where the cell has a
-contraction certificate and the read-out is affine, each warm-started sample's class is proven to
-be the exact equilibrium's (or the sample is re-solved from scratch), so the counts are binomial
+contraction certificate and the read-out is affine, each sample iterates ``z <- f(z)`` from its
+warm start with the proof checked after every step until its class is proven to be the exact
+equilibrium's (a near tie that cannot be proven counts for no class), so the counts are binomial
 and need no correction.
 """
 from .config import ABSTAIN, DEFAULT_RADII, MODES, SRS_CHECKS, SRS_STARTS, SmoothingConfig, make_config

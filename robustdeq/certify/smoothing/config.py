@@ -26,7 +26,9 @@ class SmoothingConfig:
         n0: selection samples (CERTIFY). n: estimation samples (CERTIFY) / samples (PREDICT).
         alpha: failure probability in (0, 1).
         batch_size: noise samples solved together (the SRS serialisation unit).
-        srs_steps: 0 for independent solves; S > 0 for SRS with S solver steps per warm batch.
+        srs_steps: 0 for independent solves; S > 0 for SRS with S solver steps per warm batch
+            (with ``srs_check="proof"``: the fixed-point steps, each followed by the proof, after
+            which a still unproven sample is reported as solved on; it keeps iterating).
         check_samples: K, estimation samples also solved from scratch (SRS only, 1..n).
         check_alpha_fraction: share of alpha spent on the agreement bound (SRS only, in (0, 1)).
         srs_start: where the warm-started solves start (SRS only): ``"chain"`` (the paper's rule:
@@ -41,8 +43,8 @@ class SmoothingConfig:
         srs_check: how warm-started predictions are made to count (SRS only): ``"sample"`` (the
             check-based correction: ``check_samples`` random positions re-solved from scratch and
             a hypergeometric bound), ``"proof"`` (a per-sample proof from the cell's contraction
-            certificate that the warm-started solve has the exact equilibrium's class, a re-solve
-            from scratch where it fails; needs a certified contractive cell and an affine
+            certificate, checked after every warm-started fixed-point step, that the iterate has
+            the exact equilibrium's class; needs a certified contractive cell and an affine
             read-out), or ``"auto"`` (``"proof"`` where the model admits it, else ``"sample"``).
         clip: smooth ``f(clip(x + e, 0, 1))`` instead of ``f(x + e)``.
         radii: L2 radii at which the report gives certified accuracy; in ``mode="sequential"``
