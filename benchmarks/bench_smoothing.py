@@ -45,7 +45,7 @@ DEFAULT_METHODS = ("plain;srs:S=1,K=400;srs:S=3,K=400;srs:S=5,K=400;srs:S=1,K=40
 
 KEYS = {"n": ("n", int), "B": ("batch_size", int), "S": ("srs_steps", int), "K": ("check_samples", int),
         "kmax": ("check_max", int), "start": ("srs_start", str), "tol": ("tolerance", float),
-        "first": ("first_batch", int)}
+        "first": ("first_batch", int), "fut": ("futility", str)}
 KINDS = {"plain": ("plain (independent solves)", {}),
          "srs": ("SRS", {"srs_check": "sample"}),
          "seq": ("sequential", {"mode": "sequential"}),
@@ -59,7 +59,8 @@ def parse_method(spec: str) -> tuple:
     (check-based SRS; S and K required), seq (anytime-valid decisions at --radii), radius (largest
     radius), proof (fixed n, warm starts proven per sample; S required), seqproof (seq with proven
     warm starts). Keys: n (samples or budget), B (batch), S (warm steps), K, kmax, start
-    (chain/clean), tol (radius mode), first (first sequential batch)."""
+    (chain/clean), tol (radius mode), first (first sequential batch), fut (futility rule: sequence or
+    projected)."""
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     if kind not in KINDS:

@@ -54,6 +54,10 @@ def add_parser(sub) -> None:
                    help="smoothing --mode sequential/radius: level of the upper confidence sequence that stops "
                         "sampling early for a radius that will not be certified (default 0.01; an error there "
                         "only loses a certificate)")
+    c.add_argument("--futility", default="sequence", choices=["sequence", "projected"],
+                   help="smoothing --mode sequential: give a radius up when the upper confidence sequence falls "
+                        "below its threshold (sequence), or also when it would stay uncertified at the end of "
+                        "the budget at that upper rate (projected: fewer samples on borderline inputs)")
     c.add_argument("--batch-size", type=int_at_least(1), default=400,
                    help="smoothing: noise samples solved together (default 400)")
     c.add_argument("--check-alpha-fraction", type=float, default=0.5,
@@ -75,13 +79,14 @@ SMOOTHING_ONLY = {"noise_n": "--n/--noise-n", "n0": "--n0", "alpha": "--alpha", 
                   "check_samples": "--check-samples", "check_max": "--check-max",
                   "srs_start": "--srs-start", "radii": "--radii", "mode": "--mode",
                   "srs_check": "--srs-check", "tolerance": "--tolerance", "seed": "--seed",
-                  "first_batch": "--first-batch", "futility_alpha": "--futility-alpha",
+                  "first_batch": "--first-batch", "futility_alpha": "--futility-alpha", "futility": "--futility",
                   "batch_size": "--batch-size", "check_alpha_fraction": "--check-alpha-fraction",
                   "check_slack": "--check-slack", "clip": "--clip"}
 # option dest -> (flag, the condition under which it applies, said as a flag)
 APPLIES = {"first_batch": ("--first-batch", lambda a: a.mode != "fixed", "--mode sequential or radius"),
            "futility_alpha": ("--futility-alpha", lambda a: a.mode != "fixed", "--mode sequential or radius"),
            "tolerance": ("--tolerance", lambda a: a.mode == "radius", "--mode radius"),
+           "futility": ("--futility", lambda a: a.mode == "sequential", "--mode sequential"),
            "check_alpha_fraction": ("--check-alpha-fraction", lambda a: a.srs_steps > 0 and a.srs_check != "proof",
                                     "--srs-steps > 0 and --srs-check sample/auto"),
            "check_slack": ("--check-slack", lambda a: a.check_max > 0, "--check-max")}
@@ -130,7 +135,7 @@ def _certify_smoothing(args, dataset: str) -> int:
             "srs_steps": args.srs_steps, "seed": args.seed, "srs_start": args.srs_start,
             "check_max": args.check_max, "mode": args.mode, "srs_check": args.srs_check,
             "tolerance": args.tolerance, "first_batch": args.first_batch,
-            "futility_alpha": args.futility_alpha, "batch_size": args.batch_size,
+            "futility_alpha": args.futility_alpha, "futility": args.futility, "batch_size": args.batch_size,
             "check_alpha_fraction": args.check_alpha_fraction, "check_slack": args.check_slack,
             "clip": bool(args.clip)}
     opts["check_samples"] = (args.check_samples if args.check_samples is not None

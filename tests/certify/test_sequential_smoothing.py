@@ -92,6 +92,44 @@ def test_sequential_decision_stops_when_every_radius_is_decided():
     assert set(d.decisions.values()) == {"not certified"} and d.samples < 2000
 
 
+def _run(p, radii, futility, seed, sigma=0.5, budget=100000):
+    rng = np.random.default_rng(seed)
+    d = SequentialDecision(sigma, radii, 0.001, 0.01, budget=budget, futility=futility)
+    while not d.stopped:
+        b = min(400, budget - d.samples)
+        k = int((rng.random(b) < p).sum())
+        d.update(k, b - k)
+    d.finish()
+    return d
+
+
+def test_projected_futility_gives_up_borderline_radii_early_and_only_withholds():
+    # p_A just below Phi(2) = 0.9772 (radius 1.0 at sigma 0.5): the sequence rule spends many
+    # samples; the projected rule stops much sooner with the same (negative) decision
+    p = 0.975
+    for seed in range(3):
+        seq, proj = _run(p, (1.0,), "sequence", seed), _run(p, (1.0,), "projected", seed)
+        assert seq.decisions[1.0] == proj.decisions[1.0] == "not certified"
+        assert proj.samples < seq.samples / 2
+    # clearly certifiable radii: the same certificates, at the same look (the certify test runs first)
+    for seed in range(3):
+        seq, proj = _run(0.995, (0.25, 1.0), "sequence", seed), _run(0.995, (0.25, 1.0), "projected", seed)
+        assert seq.decisions == proj.decisions and seq.looks == proj.looks
+        assert set(proj.decisions.values()) == {"certified"}
+    # the rule only withholds: over many streams at a mean below the threshold it never certifies,
+    # and wherever it certifies, the sequence rule on the same stream certifies too
+    for seed in range(20):
+        for p in (0.975, 0.985):
+            seq, proj = _run(p, (1.0,), "sequence", seed, budget=20000), _run(p, (1.0,), "projected", seed, budget=20000)
+            assert not (proj.decisions[1.0] == "certified" and seq.decisions[1.0] != "certified")
+            if p < norm.cdf(2.0):
+                assert proj.decisions[1.0] != "certified"
+    with pytest.raises(ConfigError, match="futility"):
+        S.make_config(mode="radius", futility="projected")
+    with pytest.raises(ConfigError, match="futility"):
+        S.make_config(mode="sequential", futility="hopeful")
+
+
 # ------------------------------------------------------------------------------- linear oracle
 def _linear_at(radius_over_sigma, sigma, d=6, seed=3):
     """A two-class linear DEQ and an input whose smoothed class-1 probability is

@@ -15,6 +15,7 @@ PLOT_FILE = "certified_accuracy.png"
 SRS_STARTS = ("chain", "clean")
 MODES = ("fixed", "sequential", "radius")
 SRS_CHECKS = ("sample", "proof", "auto")
+FUTILITY_RULES = ("sequence", "projected")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class SmoothingConfig:
             ``batch_size``.
         futility_alpha: sequential modes: the level of the upper confidence sequence that stops
             a radius as "not certified" early (an error there only loses a certificate).
+        futility: sequential mode: when a radius is given up early. ``"sequence"`` (the upper
+            confidence sequence at level ``futility_alpha`` falls below ``Phi(r / sigma)``, or the
+            radius is out of reach even if every remaining sample succeeded) or ``"projected"``
+            (besides those: the radius would stay uncertified at the end of the budget even if the
+            success rate of every remaining sample were that upper confidence limit). Either only
+            ever withholds a certificate.
         tolerance: radius mode: the L2 radius growth below which sampling stops.
         seed: base seed of the noise (per image: derived from seed and the image index).
     """
@@ -80,6 +87,7 @@ class SmoothingConfig:
     mode: str = "fixed"
     first_batch: int = 100
     futility_alpha: float = 0.01
+    futility: str = "sequence"
     tolerance: float = 0.05
 
     def __post_init__(self):
@@ -95,12 +103,15 @@ class SmoothingConfig:
         if not 0 < self.check_alpha_fraction < 1:
             raise ConfigError("SmoothingConfig.check_alpha_fraction must be in (0, 1), got "
                               f"{self.check_alpha_fraction!r}")
-        for name, choices in (("mode", MODES), ("srs_check", SRS_CHECKS)):
+        for name, choices in (("mode", MODES), ("srs_check", SRS_CHECKS), ("futility", FUTILITY_RULES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"SmoothingConfig.{name} must be one of {', '.join(choices)}, got "
                                   f"{getattr(self, name)!r}")
         if not 0 < self.futility_alpha < 1:
             raise ConfigError(f"SmoothingConfig.futility_alpha must be in (0, 1), got {self.futility_alpha!r}")
+        if self.futility == "projected" and self.mode != "sequential":
+            raise ConfigError(f"SmoothingConfig.futility='projected' applies to mode='sequential' only, got "
+                              f"mode={self.mode!r} (radius mode stops by its tolerance)")
         if not (math.isfinite(self.tolerance) and self.tolerance > 0):
             raise ConfigError(f"SmoothingConfig.tolerance must be a finite number > 0, got {self.tolerance!r}")
         if self.mode != "fixed" and self.srs_steps > 0 and self.srs_check == "sample":

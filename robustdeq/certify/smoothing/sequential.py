@@ -20,8 +20,12 @@ has probability at least ``1 - alpha`` (Ville's inequality), whatever rule decid
   is decided *not certified* when it can no longer be reached within the budget (even if every
   remaining sample succeeded, ``M`` would stay below ``1 / alpha``) or when the mirrored upper
   confidence sequence at level ``futility_alpha`` falls below ``Phi(r / sigma)``; sampling stops
-  when every radius is decided or the budget ``n`` is spent (undecided radii abstain). Stopping
-  early for futility only ever withholds a certificate.
+  when every radius is decided or the budget ``n`` is spent (undecided radii abstain). With
+  ``futility="projected"`` a radius is also given up when it would stay uncertified at the end of
+  the budget even if every remaining sample succeeded at the rate ``U_t`` of that upper confidence
+  sequence (the evidence ``M(S + U_t left, F + (1 - U_t) left; Phi(r / sigma))`` stays below
+  ``1 / alpha``): inputs whose ``p_A`` lies just below a threshold stop long before the budget.
+  Stopping early for futility only ever withholds a certificate.
 - **Radius** (``mode="radius"``): the certified radius after each look is
   ``sigma Phi^-1(L_t)`` with ``L_t`` the running maximum of the lower confidence sequence
   ``sup{p0 : M_t(p0) >= 1 / alpha}`` (valid on ``E`` at every time). Sampling stops when the
@@ -58,13 +62,15 @@ class SequentialDecision:
         futility_alpha: level of the upper confidence sequence used to stop early.
         budget: the most estimation samples. mode: ``"sequential"`` or ``"radius"``.
         tolerance: radius mode's stopping tolerance (L2 radius).
+        futility: ``"sequence"`` or ``"projected"`` (see the module docstring).
     """
 
     def __init__(self, sigma: float, radii: Sequence[float], alpha: float, futility_alpha: float,
-                 budget: int, mode: str = "sequential", tolerance: float = 0.05):
+                 budget: int, mode: str = "sequential", tolerance: float = 0.05, futility: str = "sequence"):
         from scipy.stats import norm
         self.sigma, self.alpha, self.beta = float(sigma), float(alpha), float(futility_alpha)
         self.budget, self.mode, self.tolerance = int(budget), mode, float(tolerance)
+        self.futility = futility
         self.radii = sorted(float(r) for r in radii) if mode == "sequential" else []
         self.thresholds = {r: float(norm.cdf(r / self.sigma)) for r in self.radii}
         self.decisions: Dict[float, str] = {}
@@ -87,6 +93,7 @@ class SequentialDecision:
         left = self.budget - self.samples
         if self.mode == "sequential":
             new = False
+            up = cs_upper(s, f, self.beta) if self.futility == "projected" and left > 0 else None
             for r in self.radii:
                 if r in self.decisions:
                     continue
@@ -98,6 +105,8 @@ class SequentialDecision:
                 elif cs_log_evidence(f, s, 1.0 - p0) >= self._log_cf:
                     self.decisions[r] = NOT_CERTIFIED
                 elif cs_log_evidence(s + left, f, p0) < self._log_c:
+                    self.decisions[r] = NOT_CERTIFIED
+                elif up is not None and cs_log_evidence(s + up * left, f + (1.0 - up) * left, p0) < self._log_c:
                     self.decisions[r] = NOT_CERTIFIED
                 else:
                     continue
