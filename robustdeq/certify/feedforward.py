@@ -31,6 +31,12 @@ _NO_L2 = ("a feed-forward network has no certified L2 radius here (IBP through t
           "certifies Linf radii only)")
 
 
+#: settings of :class:`CertifyConfig` that only a DEQ's certificates use (set on a feed-forward
+#: network: ConfigError, not silently ignored)
+_DEQ_ONLY = ("V", "lyapunov_steps", "perturb", "lyapunov_dynamics", "local_method", "local_iters",
+             "dense_max", "ibp_iters", "solver", "fp_tol", "spectral", "deploy_tol")
+
+
 def is_feedforward(model: nn.Module) -> bool:
     """``model`` is a feed-forward classifier whose layers interval propagation can follow: an
     ``nn.Sequential`` or a module whose ``net`` is one, with no DEQ interface."""
@@ -47,7 +53,8 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     ``lower_margin``), in a :class:`CertReport`.
 
     Options as for :func:`robustdeq.certify.certify`; ``eps_linf`` is required, ``methods`` must
-    be ``"auto"`` or ``["ibp"]`` (the other methods need a fixed point: ConfigError), ``eps_l2``
+    be ``"auto"`` or ``["ibp"]`` (the other methods need a fixed point: ConfigError, as is any
+    setting only a DEQ's certificates use, e.g. ``solver`` or ``deploy_tol``), ``eps_l2``
     gets no certificate (said in the report and by a :class:`CertificationWarning`). ``y`` None:
     the predictions are certified instead (certified fractions)."""
     from .ibp import ibp_certify_feedforward
@@ -60,6 +67,11 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
         if other:
             raise ConfigError(f"method(s) {other} need a DEQ's fixed point; a feed-forward network "
                               f"({type(model).__name__}) is certified by 'ibp' alone")
+    default = CertifyConfig()
+    deq_only = [f for f in _DEQ_ONLY if getattr(cfg, f) != getattr(default, f)]
+    if deq_only:
+        raise ConfigError(f"option(s) {deq_only} concern a DEQ's fixed point; a feed-forward network "
+                          f"({type(model).__name__}) has none (certified by IBP through its layers)")
     if not cfg.eps_linf:
         raise ConfigError(f"a feed-forward network ({type(model).__name__}) has no DEQ fixed point for the L2 "
                           "certificates: it is certified by IBP at Linf radii; give eps_linf (--eps-linf)")

@@ -84,6 +84,8 @@ def test_what_a_feedforward_network_cannot_get_is_refused_by_name():
         certify(model, x, eps_l2=(0.1,))
     with pytest.raises(ConfigError, match="fixed point"):
         certify(model, x, eps_linf=(0.1,), methods=["lipschitz"])
+    with pytest.raises(ConfigError, match=r"\['deploy_tol'\].*fixed point"):
+        certify(model, x, eps_linf=(0.1,), deploy_tol=0.1)
     gn = zoo.build("ff_cnn", in_shape=(1, 6, 6), channels=4, blocks=1, pool=3).eval()  # GroupNorm
     with pytest.raises(ConfigError, match="GroupNorm"):
         certify(gn, torch.rand(2, 1, 6, 6), eps_linf=(0.1,), eps_l2=())
