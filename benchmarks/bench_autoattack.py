@@ -26,6 +26,20 @@ suite left, and the reverse)::
 
     python benchmarks/bench_autoattack.py --suites --n 200 --models undefended pgd-at contractive
 
+``--checkpoint NAME=PATH`` (repeatable) adds a trained model read from a robustdeq checkpoint
+(``robustdeq.checkpoint.load_model``: ``weights_only=True``), attacked on the first ``--n``
+images of ``--dataset`` (``mnist5k``: the MNIST-5k test split) at ``--eps``::
+
+    python benchmarks/bench_autoattack.py --suites --dataset mnist5k --eps 0.3 --n 200 \
+        --checkpoint pgd-at=ckpt/mnist-pgd-at/checkpoint.pt --checkpoint trades=ckpt/mnist-trades/checkpoint.pt
+
+pyautoattack's per-sample results (robust flags, the stage that broke each sample, its CPU time)
+are cached in ``--aa-cache`` (a JSON file, keyed by the model, its weights' hash, the data, n,
+eps and seed) so that iterating on the suites does not pay AutoAttack again; a row whose
+reference came from the cache says so (``--aa-cache ''``: always run it). Each suite row also
+reports the black-box-stronger check (run on the suite's own results) and which unit broke how
+many samples.
+
 The solver iterations of each row (forward and adjoint, batch iterations) are counted in one
 extra untimed run per row.
 
@@ -69,8 +83,15 @@ def main(argv=None) -> int:
                     help="JSON dict overriding robustdeq.deq.memory.FAST_OPTIONS for the fast_deq row")
     ap.add_argument("--suites", action="store_true",
                     help="compare robustdeq's quick and standard suites with pyautoattack standard")
-    ap.add_argument("--models", nargs="*", default=["undefended", "pgd-at", "contractive"],
-                    choices=["undefended", "pgd-at", "contractive"])
+    ap.add_argument("--models", nargs="*", default=None,
+                    choices=["undefended", "pgd-at", "contractive"],
+                    help="digits models (default: all three, none when --checkpoint is given)")
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                    help="a model from a robustdeq checkpoint (repeatable)")
+    ap.add_argument("--dataset", choices=("digits", "mnist5k"), default="digits",
+                    help="test images of the --suites rows")
+    ap.add_argument("--aa-cache", default="/tmp/robustdeq_bench_aa_cache.json",
+                    help="JSON cache of pyautoattack's per-sample results ('' : no cache)")
     ap.add_argument("--at-epochs", type=int, default=5)
     ap.add_argument("--suite-names", nargs="*", default=["quick", "standard"])
     args = ap.parse_args(argv)
@@ -180,50 +201,156 @@ def _suite_model(kind: str, args):
     return model.eval()
 
 
+def _suite_models(args):
+    """(name, description, model) of every --suites row: the digits models, then checkpoints."""
+    from robustdeq.checkpoint import load_model
+    from robustdeq.errors import ConfigError
+    kinds = args.models if args.models is not None else ([] if args.checkpoint else
+                                                         ["undefended", "pgd-at", "contractive"])
+    for kind in kinds:
+        yield kind, f"{args.model} hidden {args.hidden}", _suite_model(kind, args)
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            raise ConfigError(f"--checkpoint takes NAME=PATH, got {item!r}")
+        model, ckpt = load_model(path)
+        yield name, f"{ckpt.model_config.get('name')} from {path}", model
+
+
+def _weights_hash(model) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _pyautoattack_reference(model, x, y, args):
+    """pyautoattack standard called directly: (robust flags, stage that broke each sample, CPU s).
+
+    The stage is recorded by wrapping the attacks' ``perturb``: with one batch (batch_size = n)
+    every stage attacks the samples still robust, in index order; a sample counts as broken by a
+    stage where the model's inference misclassifies the stage's output (pyautoattack's own rule).
+    """
+    from pyautoattack import AutoAttack as PyAutoAttack
+    from robustdeq.attacks import predict
+    aa = PyAutoAttack(model, norm="Linf", eps=args.eps, version="standard", seed=args.seed,
+                      device=x.device)
+    first = [None] * x.shape[0]
+    robust = predict(model, x) == y
+    for i in (~robust).nonzero().flatten().tolist():
+        first[i] = "clean"
+
+    def wrap(stage_of, fn):
+        def perturb(xb, yb, *a, **k):
+            out = fn(xb, yb, *a, **k)
+            idx = robust.nonzero().flatten()
+            assert idx.numel() == xb.shape[0], "one batch expected (batch_size = n)"
+            with torch.no_grad():
+                hit = predict(model, out) != yb
+            for i in idx[hit].tolist():
+                first[i] = stage_of()
+            robust[idx[hit]] = False
+            return out
+        return perturb
+
+    aa.apgd.perturb = wrap(lambda: f"apgd-{aa.apgd.loss}", aa.apgd.perturb)
+    aa.apgd_targeted.perturb = wrap(lambda: "apgd-t", aa.apgd_targeted.perturb)
+    aa.fab.perturb = wrap(lambda: "fab-t" if aa.fab.targeted else "fab", aa.fab.perturb)
+    aa.square.perturb = wrap(lambda: "square", aa.square.perturb)
+    c = time.process_time()
+    with torch.random.fork_rng():
+        adv = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])[0]
+    t = time.process_time() - c
+    final = predict(model, adv) == y
+    if not torch.equal(final, robust):
+        raise RuntimeError("pyautoattack's returned examples disagree with its per-stage record")
+    return final, first, t
+
+
+def _cached_reference(name, model, x, y, args):
+    """:func:`_pyautoattack_reference`, through the JSON cache of ``--aa-cache``: (robust, first,
+    CPU s, cached?)."""
+    import hashlib
+    import json
+    from robustdeq.attacks.autoattack import pyautoattack_version
+    data = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
+    key = f"{name}|{_weights_hash(model)}|{data}|n={x.shape[0]}|eps={args.eps}|seed={args.seed}|" \
+          f"pyautoattack {pyautoattack_version()}"
+    path = Path(args.aa_cache) if args.aa_cache else None
+    cache = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    if key in cache:
+        e = cache[key]
+        return torch.tensor(e["robust"]), e["first"], e["cpu_s"], True
+    robust, first, t = _pyautoattack_reference(model, x, y, args)
+    if path is not None:
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        cache[key] = {"robust": robust.tolist(), "first": first, "cpu_s": t}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(path)
+    return robust, first, t, False
+
+
+def _load_data(args):
+    from robustdeq.data import load_digits, load_mnist5k
+    xt, yt = (load_mnist5k if args.dataset == "mnist5k" else load_digits)("test")
+    return xt[:args.n].float(), yt[:args.n]
+
+
+def _count(names) -> dict:
+    out = {}
+    for who in names:
+        if who not in (None, "clean"):
+            out[who] = out.get(who, 0) + 1
+    return out
+
+
 def compare_suites(args) -> int:
     """robustdeq's native suites against pyautoattack standard, per model (module docstring)."""
     import logging
-    from pyautoattack import AutoAttack as PyAutoAttack
     from robustdeq.attacks import predict
     from robustdeq.attacks.autoattack import pyautoattack_version
-    from robustdeq.data import load_digits
     from robustdeq.eval import evaluate
+    from robustdeq.eval.checks import CheckConfig
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
-    xt, yt = load_digits("test")
-    x, y = xt[:args.n].float(), yt[:args.n]
+    x, y = _load_data(args)
     print(f"# native suites vs pyautoattack standard: torch {torch.__version__}, pyautoattack "
           f"{pyautoattack_version()}, {platform.processor() or platform.machine()}, "
-          f"{args.threads} thread(s); {args.model} hidden {args.hidden}, {args.n} test digits, "
-          f"Linf {args.eps}, seed {args.seed}; suites cascaded, checks off; CPU seconds")
+          f"{args.threads} thread(s); first {args.n} {args.dataset} test images, Linf {args.eps}, "
+          f"seed {args.seed}; suites cascaded, only the black-box-stronger check; CPU seconds")
     print()
     print("| model | clean | pyautoattack standard: robust / CPU s | suite | robust | CPU s | "
           "time vs pyautoattack | AA broke, suite left | suite broke, AA left |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for kind in args.models:
-        model = _suite_model(kind, args)
+    notes = []
+    for name, what, model in _suite_models(args):
         clean_ok = predict(model, x) == y
-        c = time.process_time()
-        with torch.random.fork_rng():
-            adv = PyAutoAttack(model, norm="Linf", eps=args.eps, version="standard", seed=args.seed,
-                               device=x.device).run_standard_evaluation(x, y, batch_size=args.n)[0]
-        t_aa = time.process_time() - c
-        aa_robust = (predict(model, adv) == y) & clean_ok
+        aa_robust, aa_first, t_aa, cached = _cached_reference(name, model, x, y, args)
+        aa_robust = aa_robust & clean_ok
+        ref = f"{float(aa_robust.float().mean()):.3f} / {t_aa:.1f}{' (cached)' if cached else ''}"
+        notes.append(f"<!-- {name} ({what}): pyautoattack first broken by {_count(aa_first)}"
+                     f"{'; reference read from ' + args.aa_cache if cached else ''} -->")
         for suite in args.suite_names:
             c = time.process_time()
-            rep = evaluate(model, x, y, eps=args.eps, suite=suite, cascade=True, checks=False,
-                           seed=args.seed)
+            rep = evaluate(model, x, y, eps=args.eps, suite=suite, cascade=True, checks=True,
+                           check_config=CheckConfig(enabled=("black_box_stronger",)), seed=args.seed)
             t = time.process_time() - c
-            robust = torch.tensor(rep.result().robust)
-            print(f"| {kind} | {float(clean_ok.float().mean()):.3f} | "
-                  f"{float(aa_robust.float().mean()):.3f} / {t_aa:.1f} | {suite} | "
+            res = rep.result()
+            robust = torch.tensor(res.robust)
+            missed = (robust & ~aa_robust).nonzero().flatten().tolist()
+            print(f"| {name} | {float(clean_ok.float().mean()):.3f} | {ref} | {suite} | "
                   f"{float(robust.float().mean()):.3f} | {t:.1f} | {t / t_aa:.2f}x | "
-                  f"{int((robust & ~aa_robust).sum())} | {int((~robust & aa_robust).sum())} |",
-                  flush=True)
-            by = {}
-            for who in rep.result().first_success:
-                if who not in (None, "clean"):
-                    by[who] = by.get(who, 0) + 1
-            print(f"<!-- {kind} {suite}: first broken by {by} -->", flush=True)
+                  f"{len(missed)} | {int((~robust & aa_robust).sum())} |", flush=True)
+            check = next((c for c in rep.checks if c.name == "black_box_stronger"), None)
+            notes.append(f"<!-- {name} {suite}: first broken by {_count(res.first_success)}; "
+                         f"AA broke, suite left: {[(i, aa_first[i]) for i in missed]}; "
+                         f"black_box_stronger: {check.fired if check else None} "
+                         f"({check.message if check else ''}) -->")
+            print(notes[-1], flush=True)
+    print()
+    print("\n".join(notes))
     return 0
 
 
