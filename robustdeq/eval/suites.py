@@ -186,10 +186,21 @@ def _torchattacks_square_factory(queries: int):
 SQUARE_QUERIES = 5000
 
 
-def _square_factory(queries: int):
+#: the ``square-quick`` unit's queries are this many times the evaluation's ``steps`` (1,000 at
+#: the default 20): the first part of the standard unit's search (same schedule and draws)
+SQUARE_QUICK_FACTOR = 50
+
+
+def square_quick_queries(steps: int) -> int:
+    """The ``square-quick`` unit's queries for an evaluation with ``steps`` PGD steps."""
+    return SQUARE_QUICK_FACTOR * int(steps)
+
+
+def _square_factory(queries: Optional[int]):
     def factory(target, *, eps, norm, steps, seed):
         from ..attacks.square import Square
-        return Square(target, eps=eps, norm=norm, n_queries=queries, p_init=0.8,
+        n = square_quick_queries(steps) if queries is None else queries
+        return Square(target, eps=eps, norm=norm, n_queries=n, p_init=0.8,
                       rescale_schedule=False, seed=seed)
     return factory
 
@@ -340,6 +351,14 @@ def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
                                    "model's own inference")]
 
 
+def _square_quick_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    return [AttackSpec("square-quick", _square_factory(None), kind="black-box",
+                       description=f"Square attack (score-based), {SQUARE_QUICK_FACTOR} x steps queries "
+                                   "(AutoAttack's settings otherwise: the first part of its search); "
+                                   "on a DEQ warm-started queries, examples judged by the model's own "
+                                   "inference")]
+
+
 def _pyautoattack_square_spec(ctx: SuiteContext) -> List[AttackSpec]:
     return [AttackSpec("pyautoattack-square", _autoattack_factory("custom", attacks=["square"]),
                        kind="black-box", description="pyautoattack's Square stage alone (5000 queries)")]
@@ -370,6 +389,7 @@ def _builtin_specs() -> Dict[str, Callable[[SuiteContext], List[AttackSpec]]]:
                      (f"apgd-t{QUICK_TARGETS}", _apgd_t_builder(f"apgd-t{QUICK_TARGETS}", QUICK_TARGETS)),
                      ("pyautoattack-apgd-ce", _pyautoattack_apgd_ce_spec),
                      ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec),
+                     ("square-quick", _square_quick_spec),
                      ("pyautoattack-square", _pyautoattack_square_spec),
                      ("torchattacks-square", _torchattacks_square_spec)):
         specs[name] = fn
@@ -400,7 +420,7 @@ def _suite_quick(ctx: SuiteContext) -> List[str]:
     pgd = ["pgd-ift", "pgd-unrolled"] if ctx.has_deq else ["pgd"]
     if ctx.randomized:  # AutoAttack's "rand" version's losses, with EOT
         return pgd + ["apgd-ce", "apgd-dlr"]
-    return pgd + ["apgd-ce", "apgd-t"]
+    return pgd + ["apgd-ce", "apgd-t", "square-quick"]
 
 
 def _suite_standard(ctx: SuiteContext) -> List[str]:

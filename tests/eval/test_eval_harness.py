@@ -54,7 +54,8 @@ def test_quick_suite_worst_case_bookkeeping(quick, deq, data):
     assert quick.clean_accuracy == pytest.approx(float(cc.float().mean()))
     assert quick.n_samples == 64 and quick.eps == [0.05, 0.1] and quick.threat == "Linf"
     for r in quick.results:
-        assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t"]
+        assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t",
+                                                                 "square-quick"]
         robust = torch.tensor(r.robust)
         assert r.robust_accuracy == pytest.approx(float(robust.float().mean()))
         assert not bool((robust & ~cc).any())  # robust implies clean-correct
@@ -442,7 +443,8 @@ def test_full_suite_composition_and_transfer_unit(deq, data):
     names = [s.name for s in build_suite("full", ctx)]
     assert names == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "square", "state-2", "state-6",
                      "state-9", "state-ensemble", "autoattack", "autoattack-plus", "transfer-unrolled"]
-    assert [s.name for s in build_suite("quick", ctx)] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t"]
+    assert [s.name for s in build_suite("quick", ctx)] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t",
+                                                                 "square-quick"]
     assert [s.name for s in build_suite("standard", ctx)] == names[:9]
     x, y = data
     with warnings.catch_warnings():  # a 3-step IFT PGD is weaker than the transfer: the check may fire

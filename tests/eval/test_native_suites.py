@@ -58,3 +58,50 @@ def test_quick_within_one_point_of_autoattack_on_a_trained_deq(digits_test, trai
     rep = evaluate(deq, x, y, eps=0.1, suite="quick", cascade=True, checks=False)
     quick_robust = int(torch.tensor(rep.result().robust).sum())
     assert quick_robust <= aa_robust + 1
+
+
+def test_quick_ends_with_a_short_square_unit(trained_model):
+    """quick's black-box unit: the native Square at 50 x steps queries, AutoAttack's settings
+    otherwise (p_init 0.8, absolute p schedule), judged as black-box evidence."""
+    from robustdeq.attacks import Square
+    deq = trained_model("mlp_deq", steps=60, hidden=32)
+    specs = build_suite("quick", _ctx(deq))
+    assert [s.name for s in specs] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "square-quick"]
+    sq = specs[-1]
+    assert sq.kind == "black-box"
+    for steps, queries in ((20, 1000), (3, 150)):
+        atk = sq.factory(deq, eps=0.1, norm="Linf", steps=steps, seed=0)
+        assert isinstance(atk, Square)
+        assert (atk.n_queries, atk.p_init, atk.rescale_schedule) == (queries, 0.8, False)
+    # a randomized model keeps AutoAttack's "rand" version (no Square)
+    assert "square-quick" not in [s.name for s in build_suite("quick", _ctx(deq, randomized=True))]
+
+
+def test_square_quick_is_the_start_of_the_standard_square(trained_mlp, digits_test):
+    """Same seed, same draws, same absolute p schedule: the short unit's examples are the long
+    unit's after as many queries (here: the samples it breaks, the long one breaks too, at the
+    same point)."""
+    from robustdeq.attacks import Square, predict
+    x, y = digits_test(24)
+    short = Square(trained_mlp, eps=0.1, n_queries=60, p_init=0.8, rescale_schedule=False, seed=3)(x, y)
+    long = Square(trained_mlp, eps=0.1, n_queries=200, p_init=0.8, rescale_schedule=False, seed=3)(x, y)
+    hit = predict(trained_mlp, short) != y
+    assert hit.any() and bool((predict(trained_mlp, long) != y)[hit].all())
+    assert torch.equal(short[hit], long[hit])
+
+
+def test_quick_flags_a_model_only_square_breaks(trained_mlp, digits_test):
+    """A model with a zero input gradient (quantised input): quick's Square breaks samples every
+    gradient unit left, and the black-box-stronger check fires on quick's own results."""
+    import warnings
+    from helpers.evals import QuantizedModel
+    from robustdeq.errors import GradientMaskingWarning
+    from robustdeq.eval.checks import CheckConfig
+    x, y = digits_test(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientMaskingWarning)
+        rep = evaluate(QuantizedModel(trained_mlp), x, y, eps=0.1, suite="quick", steps=4, cascade=True,
+                       check_config=CheckConfig(enabled=("black_box_stronger",)))
+    r = rep.check("black_box_stronger")
+    assert r.fired and r.details["source"] == "square-quick"
+    assert r.details["black_box_only"] == rep.result().attack("square-quick").new_successes >= 3
