@@ -204,9 +204,9 @@ class EvalReport:
                 f"case over the attacks of suite {self._suite_name()} ({', '.join(keys)}); a stronger "
                 "attack can only lower it.")
         if self.suite == "quick":
-            text += (" 'quick' is the cheapest suite (PGD, APGD-CE and APGD-T on 9 targets): run "
-                     "'standard' (adds the score-based Square attack and intermediate-state "
-                     "attacks) before reporting a number.")
+            text += (" 'quick' is the cheapest suite (PGD, APGD-CE, APGD-T on 9 targets and a "
+                     "short Square attack): run 'standard' (the full 5,000-query Square attack "
+                     "and intermediate-state attacks) before reporting a number.")
         return text
 
     # -- JSON --------------------------------------------------------------------------------------

@@ -12,9 +12,14 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
   otherwise (3 random restarts, cross-entropy), then robustdeq's native APGD-CE and APGD-T on
   the 9 classes of highest clean logit after the top one, as AutoAttack runs it (Croce & Hein
   2020; on 3 targets it left samples AutoAttack breaks on a trained digits DEQ; on a DEQ whose
-  solves converge their gradients come from the joint forward/adjoint/input iteration); on a
+  solves converge their gradients come from the joint forward/adjoint/input iteration), then
+  ``square-quick``: the native score-based Square attack (Andriushchenko et al. 2020) with
+  ``50 x steps`` queries, AutoAttack's settings otherwise, i.e. the first part of ``standard``'s
+  Square search (at large radii on adversarially trained DEQs gradient attacks leave samples a
+  score-based search breaks; it also gives the black-box-stronger check its evidence); on a
   model that declares ``randomized``, APGD-CE and APGD-DLR with EOT over 20 gradients
-  (AutoAttack's "rand" version). Like every suite, an upper bound on the robust accuracy.
+  (AutoAttack's "rand" version) and no Square. Like every suite, an upper bound on the robust
+  accuracy.
 - ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's),
   the Square attack (score-based; Andriushchenko et al. 2020), intermediate-state attacks (Yang
   et al. 2022) on three states spread over the clean trajectory and their ensemble attack
@@ -26,8 +31,9 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
 
 Other attack names for custom suites include ``pgd-exact``, ``pgd-phantom``, the ``-margin``
 variants of the PGD units (Carlini-Wagner margin loss), ``apgd-dlr``, ``square`` (the native
-score-based Square attack, warm-started on DEQs; ``pyautoattack-square`` and
-``torchattacks-square`` run those libraries' implementations), ``autoattack`` (pyautoattack
+score-based Square attack, warm-started on DEQs; ``square-quick``: its first ``50 x steps``
+queries; ``pyautoattack-square`` and ``torchattacks-square`` run those libraries'
+implementations), ``autoattack`` (pyautoattack
 standard) and ``pyautoattack-apgd-ce`` (pyautoattack's APGD-CE stage alone).
 """
 from __future__ import annotations
@@ -478,6 +484,7 @@ def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[Att
 
 
 __all__ = ["AttackSpec", "SuiteContext", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
-           "APGD_ITERS", "APGD_TARGETS", "QUICK_TARGETS", "apgd_iterations",
+           "APGD_ITERS", "APGD_TARGETS", "QUICK_TARGETS", "apgd_iterations", "SQUARE_QUICK_FACTOR",
+           "square_quick_queries",
            "register_attack_spec", "register_suite", "builtin_spec", "suite_names",
            "build_suite"]
