@@ -189,7 +189,7 @@ def test_weight_tied_model_uses_its_layers_and_own_gradient(data):
     torch.manual_seed(0)
     m = zoo.build("weight_tied_mlp", hidden=16, depth=4).eval()
     rep = evaluate(m, x[:16], y[:16], eps=0.1, suite="quick", steps=3, checks=False)
-    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t"]
+    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t", "square-quick"]
     assert rep.result().attack("pgd").describe["grad"] == "model default"
     ps = rep.clean["per_state"]
     assert ps["steps"] == [0, 1, 2, 3, 4]
@@ -201,7 +201,7 @@ def test_weight_tied_model_uses_its_layers_and_own_gradient(data):
 def test_feedforward_model_skips_deq_parts(mlp, data):
     x, y = data
     rep = evaluate(mlp, x[:32], y[:32], eps=0.1, suite="quick", steps=5, check_config=CHEAP_CHECKS)
-    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t"]
+    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t", "square-quick"]
     assert rep.clean["per_state"] is None and rep.result().per_state is None
     assert rep.check("non_convergence").skipped and rep.check("estimator_disagreement").skipped
     assert any("no trajectory" in n for n in rep.notes)
