@@ -361,7 +361,7 @@ def _suite_context(ev: _Evaluation) -> SuiteContext:
     return SuiteContext(model=ev.model, trajectory_model=tmodel, has_deq=find_deq(ev.model) is not None,
                         solver_model=solver_model, randomized=bool(getattr(ev.model, "randomized", False)),
                         horizon=horizon, max_state=max_state,
-                        num_classes=ev.num_classes)
+                        num_classes=ev.num_classes, threat=ev.norm, input_shape=tuple(ev.x.shape[1:]))
 
 
 def _plan(ev: _Evaluation) -> None:

@@ -18,7 +18,8 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
   Square search (at large radii on adversarially trained DEQs gradient attacks leave samples a
   score-based search breaks; it also gives the black-box-stronger check its evidence); on a
   model that declares ``randomized``, APGD-CE and APGD-DLR with EOT over 20 gradients
-  (AutoAttack's "rand" version) and no Square. Like every suite, an upper bound on the robust
+  (AutoAttack's "rand" version) and no Square (nor under L2 on inputs of height under 5,
+  where the L2 Square attack is not defined). Like every suite, an upper bound on the robust
   accuracy.
 - ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's),
   the Square attack (score-based; Andriushchenko et al. 2020), intermediate-state attacks (Yang
@@ -100,6 +101,8 @@ class SuiteContext:
     horizon: Optional[int]        # states worth attacking: 1..horizon-1
     max_state: Optional[int]      # largest recordable state index
     num_classes: Optional[int] = None  # the model's number of logits (None: unknown)
+    threat: Optional[str] = None       # "Linf" or "L2" (None: unknown)
+    input_shape: Optional[tuple] = None  # one sample's shape (None: unknown)
 
 
 # -- built-in attack specs ------------------------------------------------------------------------
@@ -357,7 +360,20 @@ def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
                                    "model's own inference")]
 
 
+def _square_runs(ctx: SuiteContext) -> bool:
+    """Whether the Square attack is defined for the threat and inputs of ``ctx``: its L2 start
+    tiles the image with squares of side ``height // 5`` (images of height >= 5; flat inputs
+    are one row)."""
+    if ctx.threat != "L2" or ctx.input_shape is None:
+        return True
+    shape = tuple(ctx.input_shape)
+    height = shape[-2] if len(shape) >= 2 else 1
+    return height >= 5
+
+
 def _square_quick_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    if not _square_runs(ctx):
+        return []
     return [AttackSpec("square-quick", _square_factory(None), kind="black-box",
                        description=f"Square attack (score-based), {SQUARE_QUICK_FACTOR} x steps queries "
                                    "(AutoAttack's settings otherwise: the first part of its search); "

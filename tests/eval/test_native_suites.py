@@ -105,3 +105,14 @@ def test_quick_flags_a_model_only_square_breaks(trained_mlp, digits_test):
     r = rep.check("black_box_stronger")
     assert r.fired and r.details["source"] == "square-quick"
     assert r.details["black_box_only"] == rep.result().attack("square-quick").new_successes >= 3
+
+
+def test_quick_leaves_out_square_where_its_l2_version_is_undefined(trained_model):
+    """The L2 Square start tiles the image with squares of side height // 5: on smaller inputs
+    quick has no Square unit; under Linf, or L2 on 28 x 28 images, it has."""
+    deq = trained_model("mlp_deq", steps=60, hidden=32)
+    names = lambda **kw: [s.name for s in build_suite("quick", _ctx(deq, **kw))]  # noqa: E731
+    assert "square-quick" not in names(threat="L2", input_shape=(64,))
+    assert "square-quick" not in names(threat="L2", input_shape=(1, 4, 4))
+    assert "square-quick" in names(threat="L2", input_shape=(1, 28, 28))
+    assert "square-quick" in names(threat="Linf", input_shape=(64,))
