@@ -374,7 +374,9 @@ def _square_runs(ctx: SuiteContext) -> bool:
 def _square_quick_spec(ctx: SuiteContext) -> List[AttackSpec]:
     if not _square_runs(ctx):
         return []
-    return [AttackSpec("square-quick", _square_factory(None), kind="black-box",
+    # scope "model": a score-based attack reads the model's outputs, so it attacks the defense
+    # itself, not its gradient views
+    return [AttackSpec("square-quick", _square_factory(None), kind="black-box", scope="model",
                        description=f"Square attack (score-based), {SQUARE_QUICK_FACTOR} x steps queries "
                                    "(AutoAttack's settings otherwise: the first part of its search); "
                                    "on a DEQ warm-started queries, examples judged by the model's own "

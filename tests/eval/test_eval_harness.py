@@ -223,7 +223,7 @@ def test_defense_adaptive_views_are_attacked_and_judged_on_the_defense(deq, data
     rep = evaluate(defense, x, y, eps=0.1, suite="quick", steps=3, checks=False)
     r = rep.result()
     assert [a.key for a in r.attacks] == [f"{p}{v}" for p in ("pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t")
-                                          for v in ("", "@bpda", "@transfer-base")]
+                                          for v in ("", "@bpda", "@transfer-base")] + ["square-quick"]
     assert r.attack("pgd-ift@bpda").view == "bpda"
     # PGD stops early on the judged model itself, never on a view (a view's success is not the
     # defense's)
@@ -263,7 +263,7 @@ def test_resume_gives_the_same_flags_as_an_uninterrupted_run(deq, data, tmp_path
 
     seen = []
     resumed = evaluate(deq, x, y, out_dir=tmp_path / "b", callback=seen.append, **kw)
-    assert [s["resumed"] for s in seen] == [True] + [False] * 7  # 4 quick units x 2 eps
+    assert [s["resumed"] for s in seen] == [True] + [False] * 9  # 5 quick units x 2 eps
     assert resumed.config_hash == full.config_hash
     for a, b in zip(full.results, resumed.results):
         assert a.robust == b.robust and a.first_success == b.first_success
