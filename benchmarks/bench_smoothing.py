@@ -45,7 +45,8 @@ DEFAULT_METHODS = ("plain;srs:S=1,K=400;srs:S=3,K=400;srs:S=5,K=400;srs:S=1,K=40
 
 KEYS = {"n": ("n", int), "B": ("batch_size", int), "S": ("srs_steps", int), "K": ("check_samples", int),
         "kmax": ("check_max", int), "start": ("srs_start", str), "tol": ("tolerance", float),
-        "first": ("first_batch", int), "fut": ("futility", str)}
+        "first": ("first_batch", int), "fut": ("futility", str),
+        "final": ("final_alpha_fraction", float)}
 KINDS = {"plain": ("plain (independent solves)", {}),
          "srs": ("SRS", {"srs_check": "sample"}),
          "seq": ("sequential", {"mode": "sequential"}),
@@ -60,7 +61,7 @@ def parse_method(spec: str) -> tuple:
     radius), proof (fixed n, warm starts proven per sample; S required), seqproof (seq with proven
     warm starts). Keys: n (samples or budget), B (batch), S (warm steps), K, kmax, start
     (chain/clean), tol (radius mode), first (first sequential batch), fut (futility rule: sequence or
-    projected)."""
+    projected), final (share of alpha for the final fixed-n test; 0 turns it off)."""
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     if kind not in KINDS:

@@ -58,6 +58,10 @@ def add_parser(sub) -> None:
                    help="smoothing --mode sequential: give a radius up when the upper confidence sequence falls "
                         "below its threshold (sequence), or also when it would stay uncertified at the end of "
                         "the budget at that upper rate (projected: fewer samples on borderline inputs)")
+    c.add_argument("--final-alpha-fraction", type=float, default=0.5,
+                   help="smoothing --mode sequential/radius: share of --alpha spent on one Clopper-Pearson test "
+                        "at exactly n samples (the budget) for inputs still undecided there; the confidence "
+                        "sequence gets the rest (union bound; default 0.5, 0 turns the final test off)")
     c.add_argument("--batch-size", type=int_at_least(1), default=400,
                    help="smoothing: noise samples solved together (default 400)")
     c.add_argument("--check-alpha-fraction", type=float, default=0.5,
@@ -80,11 +84,14 @@ SMOOTHING_ONLY = {"noise_n": "--n/--noise-n", "n0": "--n0", "alpha": "--alpha", 
                   "srs_start": "--srs-start", "radii": "--radii", "mode": "--mode",
                   "srs_check": "--srs-check", "tolerance": "--tolerance", "seed": "--seed",
                   "first_batch": "--first-batch", "futility_alpha": "--futility-alpha", "futility": "--futility",
-                  "batch_size": "--batch-size", "check_alpha_fraction": "--check-alpha-fraction",
+                  "final_alpha_fraction": "--final-alpha-fraction", "batch_size": "--batch-size",
+                  "check_alpha_fraction": "--check-alpha-fraction",
                   "check_slack": "--check-slack", "clip": "--clip"}
 # option dest -> (flag, the condition under which it applies, said as a flag)
 APPLIES = {"first_batch": ("--first-batch", lambda a: a.mode != "fixed", "--mode sequential or radius"),
            "futility_alpha": ("--futility-alpha", lambda a: a.mode != "fixed", "--mode sequential or radius"),
+           "final_alpha_fraction": ("--final-alpha-fraction", lambda a: a.mode != "fixed",
+                                    "--mode sequential or radius"),
            "tolerance": ("--tolerance", lambda a: a.mode == "radius", "--mode radius"),
            "futility": ("--futility", lambda a: a.mode == "sequential", "--mode sequential"),
            "check_alpha_fraction": ("--check-alpha-fraction", lambda a: a.srs_steps > 0 and a.srs_check != "proof",
@@ -136,6 +143,7 @@ def _certify_smoothing(args, dataset: str) -> int:
             "check_max": args.check_max, "mode": args.mode, "srs_check": args.srs_check,
             "tolerance": args.tolerance, "first_batch": args.first_batch,
             "futility_alpha": args.futility_alpha, "futility": args.futility, "batch_size": args.batch_size,
+            "final_alpha_fraction": args.final_alpha_fraction,
             "check_alpha_fraction": args.check_alpha_fraction, "check_slack": args.check_slack,
             "clip": bool(args.clip)}
     opts["check_samples"] = (args.check_samples if args.check_samples is not None

@@ -298,3 +298,100 @@ def test_rows_the_models_loose_solver_cannot_prove_are_solved_on_and_count_as_th
     cold = S.certify(exact, x, **kw).results[0]
     assert warm.proof["tightened"] > 0 and warm.proof["unproven"] == 0
     assert (warm.selected, warm.count) == (cold.selected, cold.count)
+
+
+# ------------------------------------------------------------- the final fixed-n test at the budget
+def _final_rule(succ, looks, p0, alpha, phi, budget):
+    """Vectorised over streams: the decision "certified at threshold p0" of the sequential test at
+    level (1 - phi) alpha at every look, plus Clopper-Pearson at level phi alpha on exactly
+    ``budget`` samples for streams not yet certified when they reach it; returns (certified,
+    samples used). The streams stop at the first look that certifies (optional stopping)."""
+    fail = looks[None, :] - succ
+    seq = cs_log_evidence(succ, fail, p0) >= math.log(1 / ((1 - phi) * alpha))
+    seq_any = seq.any(axis=1)
+    k = succ[:, -1]
+    cp = np.where(k > 0, betaincinv(np.maximum(k, 1), budget - k + 1, phi * alpha), 0.0) if phi > 0 else 0 * k
+    cert = seq_any | (cp > p0)
+    used = np.where(seq_any, looks[np.argmax(seq, axis=1)], budget)
+    return cert, used
+
+
+def test_final_fixed_n_test_keeps_the_false_certification_rate_at_most_alpha():
+    """10,000 Bernoulli streams with p_A exactly at the threshold (the worst case for a one-sided
+    test: any certificate is false) and with optional stopping at every look: the union of the
+    sequence at (1 - phi) alpha and Clopper-Pearson at phi alpha on the fixed budget errs at most
+    alpha. The oracle can fail: Clopper-Pearson at level alpha at each stream's stopping time
+    (a data-dependent sample size) errs more often."""
+    alpha, p0, budget, n_streams = 0.05, 0.9, 2000, 10000
+    looks = np.unique(np.concatenate([np.geomspace(20, budget, 10).astype(int), [budget]]))
+    succ = _streams(p0, n_streams, looks, seed=11)
+    for phi in (0.25, 0.5, 0.75):
+        cert, _ = _final_rule(succ, looks, p0, alpha, phi, budget)
+        assert cert.mean() <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n_streams), phi
+    # invalid construction: CP at level alpha at whichever look the data make best
+    fail = looks[None, :] - succ
+    cp_any = (np.where(succ > 0, betaincinv(np.maximum(succ, 1), fail + 1, alpha), 0.0) > p0).any(axis=1)
+    assert cp_any.mean() > 1.5 * alpha
+    # SequentialDecision makes the oracle's decisions on streams it can certify (futility rules off:
+    # levels so small they never fire), one radius at threshold p0, looks as above
+    r = float(norm.ppf(p0))
+    hi = _streams(0.915, 100, looks, seed=12)
+    want, _ = _final_rule(hi, looks, p0, alpha, 0.5, budget)
+    got = []
+    for row in hi:
+        d = SequentialDecision(1.0, (r,), alpha, 1e-12, budget=budget, final_alpha_fraction=0.5)
+        prev_t = prev_s = 0
+        for t, s in zip(looks, row):
+            if d.stopped:
+                break
+            d.update(int(s - prev_s), int((t - prev_t) - (s - prev_s)))
+            prev_t, prev_s = t, s
+        d.finish()
+        got.append(d.decisions[r] == "certified")
+    assert np.array_equal(np.array(got), want) and 0.1 < want.mean() < 0.95
+
+
+def test_final_test_certifies_borderline_inputs_the_sequence_misses_and_never_below_threshold():
+    """p_A just above Phi(2) (radius 1.0 at sigma 0.5), budget 10,000: with the final test more
+    streams are certified than with the sequence alone, and every certificate is at a p_A above the
+    threshold; at p_A below it nothing is certified. The final decision agrees with Clopper-Pearson
+    at phi alpha on the budget (scipy) whenever the stream reached it."""
+    from robustdeq.certify.smoothing.statistics import clopper_pearson_lower
+    p0 = norm.cdf(2.0)
+    wins = {0.0: 0, 0.5: 0}
+    for seed in range(8):
+        for phi in wins:
+            rng = np.random.default_rng(seed)
+            d = SequentialDecision(0.5, (1.0,), 0.001, 0.01, 10000, futility="projected", final_alpha_fraction=phi)
+            while not d.stopped:
+                b = min(400, 10000 - d.samples)
+                k = int((rng.random(b) < 0.983).sum())
+                d.update(k, b - k)
+            d.finish()
+            wins[phi] += d.decisions[1.0] == "certified"
+            if phi and d.samples == 10000:
+                cp = clopper_pearson_lower(d.successes, 10000, 0.0005)
+                seq_only = cs_log_evidence(d.successes, d.failures, p0) >= math.log(1 / 0.0005)
+                assert (d.decisions[1.0] == "certified") == (cp > p0 or seq_only)
+                assert d.p_lower >= cp
+    assert wins[0.5] > wins[0.0]
+    for seed in range(3):
+        rng = np.random.default_rng(100 + seed)
+        d = SequentialDecision(0.5, (1.0,), 0.001, 0.01, 10000, final_alpha_fraction=0.5)
+        while not d.stopped:
+            b = min(400, 10000 - d.samples)
+            k = int((rng.random(b) < 0.975).sum())
+            d.update(k, b - k)
+        d.finish()
+        assert d.decisions[1.0] != "certified"
+
+
+def test_final_alpha_fraction_is_checked():
+    with pytest.raises(ConfigError, match="final_alpha_fraction"):
+        S.make_config(mode="sequential", final_alpha_fraction=1.0)
+    with pytest.raises(ConfigError, match="final_alpha_fraction"):
+        S.make_config(mode="sequential", final_alpha_fraction=-0.1)
+    with pytest.raises(ConfigError, match="final_alpha_fraction"):
+        SequentialDecision(0.5, (0.5,), 0.001, 0.01, 1000, final_alpha_fraction=1.5)
+    with pytest.raises(ConfigError, match="final_alpha"):
+        S.make_config(mode="sequential", final_alpha=0.5)     # unknown option: refused by name

@@ -66,6 +66,11 @@ class SmoothingConfig:
             success rate of every remaining sample were that upper confidence limit). Either only
             ever withholds a certificate.
         tolerance: radius mode: the L2 radius growth below which sampling stops.
+        final_alpha_fraction: sequential modes: the share ``phi`` in [0, 1) of ``alpha`` spent on
+            one Clopper-Pearson test (Cohen et al. 2019) at exactly ``n`` samples, the budget; the
+            confidence sequence runs at ``(1 - phi) alpha``. An input still undecided at the budget
+            certifies a radius when either test does; valid at ``alpha`` by the union bound,
+            because the final test's sample size is fixed in advance. 0 turns it off.
         seed: base seed of the noise (per image: derived from seed and the image index).
     """
 
@@ -89,6 +94,7 @@ class SmoothingConfig:
     futility_alpha: float = 0.01
     futility: str = "sequence"
     tolerance: float = 0.05
+    final_alpha_fraction: float = 0.5
 
     def __post_init__(self):
         if not (math.isfinite(self.sigma) and self.sigma > 0):
@@ -112,6 +118,10 @@ class SmoothingConfig:
         if self.futility == "projected" and self.mode != "sequential":
             raise ConfigError(f"SmoothingConfig.futility='projected' applies to mode='sequential' only, got "
                               f"mode={self.mode!r} (radius mode stops by its tolerance)")
+        if isinstance(self.final_alpha_fraction, bool) or not isinstance(self.final_alpha_fraction, (int, float)) \
+                or not 0 <= self.final_alpha_fraction < 1:
+            raise ConfigError("SmoothingConfig.final_alpha_fraction must be a number in [0, 1) (0: no final "
+                              f"fixed-n test), got {self.final_alpha_fraction!r}")
         if not (math.isfinite(self.tolerance) and self.tolerance > 0):
             raise ConfigError(f"SmoothingConfig.tolerance must be a finite number > 0, got {self.tolerance!r}")
         if self.mode != "fixed" and self.srs_steps > 0 and self.srs_check == "sample":

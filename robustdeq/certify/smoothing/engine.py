@@ -366,7 +366,8 @@ def _certify_sequential(base: _Base, sample, gen: torch.Generator, x1: Tensor, c
     batches of ``first_batch`` doubling up to ``batch_size``, until the decisions are made or the
     budget ``n`` is spent."""
     test = SequentialDecision(cfg.sigma, cfg.radii, cfg.alpha, cfg.futility_alpha, cfg.n, cfg.mode,
-                              cfg.tolerance, futility=cfg.futility)
+                              cfg.tolerance, futility=cfg.futility,
+                              final_alpha_fraction=cfg.final_alpha_fraction)
     size = min(cfg.first_batch, cfg.batch_size)
     while not test.stopped:
         b = min(size, cfg.n - test.samples)

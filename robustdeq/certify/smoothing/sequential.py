@@ -34,6 +34,20 @@ has probability at least ``1 - alpha`` (Ville's inequality), whatever rule decid
   ``futility_alpha``) is at most ``tolerance`` larger in radius. Any stopping rule keeps the
   radius valid; this one only decides the cost.
 
+**Final fixed-n test** (``final_alpha_fraction = phi > 0``): alpha is spent in two parts, the
+confidence sequence above at level ``alpha_seq = (1 - phi) alpha`` and one Clopper-Pearson test
+(Cohen et al. 2019) at level ``alpha_fin = phi alpha`` on the first ``n`` samples, ``n`` the
+budget, fixed before sampling. An input that reaches the budget with a radius still undecided
+certifies it also when ``CP_lower(S_n, n, alpha_fin) > Phi(r / sigma)``. This is valid although
+whether the budget is reached depends on the same samples: let ``G`` be the event that
+``CP_lower(S_n, n, alpha_fin) <= p_A`` for the (hypothetical, always defined) first ``n`` samples of
+the stream; ``P(not G) <= alpha_fin`` whatever the stopping rule does, because ``S_n`` does not
+depend on it. A false certificate needs ``E`` or ``G`` to fail, so the whole procedure errs with
+probability at most ``alpha_seq + alpha_fin = alpha`` (union bound). A Clopper-Pearson bound at a
+sample size chosen by looking at the data would not be valid; here the size is always ``n``. The
+futility rules ask that neither test could still certify (so they keep only withholding), and
+radius mode's lower bound at the budget is the larger of the two bounds.
+
 References: Robbins (1970), "Statistical methods related to the law of the iterated logarithm";
 Howard, Ramdas, McAuliffe, Sekhon (2021), "Time-uniform, nonparametric, nonasymptotic confidence
 sequences"; Cohen, Rosenfeld, Kolter (2019); Voracek & Hein (2024) on sequential certification
@@ -44,7 +58,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Sequence
 
-from .statistics import cs_log_evidence, cs_lower, cs_upper
+from .statistics import clopper_pearson_lower, cs_log_evidence, cs_lower, cs_upper
 
 CERTIFIED, NOT_CERTIFIED, UNDECIDED = "certified", "not certified", "undecided"
 
@@ -63,12 +77,22 @@ class SequentialDecision:
         budget: the most estimation samples. mode: ``"sequential"`` or ``"radius"``.
         tolerance: radius mode's stopping tolerance (L2 radius).
         futility: ``"sequence"`` or ``"projected"`` (see the module docstring).
+        final_alpha_fraction: share ``phi`` in [0, 1) of alpha spent on the final fixed-n
+            Clopper-Pearson test at the budget (0: the confidence sequence alone at level alpha).
     """
 
     def __init__(self, sigma: float, radii: Sequence[float], alpha: float, futility_alpha: float,
-                 budget: int, mode: str = "sequential", tolerance: float = 0.05, futility: str = "sequence"):
+                 budget: int, mode: str = "sequential", tolerance: float = 0.05, futility: str = "sequence",
+                 final_alpha_fraction: float = 0.0):
         from scipy.stats import norm
-        self.sigma, self.alpha, self.beta = float(sigma), float(alpha), float(futility_alpha)
+        from ...errors import ConfigError
+        phi = float(final_alpha_fraction)
+        if not 0.0 <= phi < 1.0:
+            raise ConfigError(f"final_alpha_fraction must be in [0, 1), got {final_alpha_fraction!r}")
+        self.alpha_total = float(alpha)
+        self.final_alpha = phi * self.alpha_total
+        # the confidence sequence's level: what the final test does not spend
+        self.sigma, self.alpha, self.beta = float(sigma), self.alpha_total - self.final_alpha, float(futility_alpha)
         self.budget, self.mode, self.tolerance = int(budget), mode, float(tolerance)
         self.futility = futility
         self.radii = sorted(float(r) for r in radii) if mode == "sequential" else []
@@ -94,25 +118,27 @@ class SequentialDecision:
         if self.mode == "sequential":
             new = False
             up = cs_upper(s, f, self.beta) if self.futility == "projected" and left > 0 else None
+            final = self._final_lower(s) if self.final_alpha > 0 and left <= 0 else 0.0
             for r in self.radii:
                 if r in self.decisions:
                     continue
                 p0 = self.thresholds[r]
                 if p0 >= 1.0:                      # Phi(r / sigma) rounds to 1: never certifiable
                     self.decisions[r] = NOT_CERTIFIED
-                elif cs_log_evidence(s, f, p0) >= self._log_c:
+                elif cs_log_evidence(s, f, p0) >= self._log_c or final > p0:
                     self.decisions[r], new = CERTIFIED, True
                 elif cs_log_evidence(f, s, 1.0 - p0) >= self._log_cf:
                     self.decisions[r] = NOT_CERTIFIED
-                elif cs_log_evidence(s + left, f, p0) < self._log_c:
+                elif cs_log_evidence(s + left, f, p0) < self._log_c and not self._final_reaches(s + left, p0):
                     self.decisions[r] = NOT_CERTIFIED
-                elif up is not None and cs_log_evidence(s + up * left, f + (1.0 - up) * left, p0) < self._log_c:
+                elif up is not None and cs_log_evidence(s + up * left, f + (1.0 - up) * left, p0) < self._log_c \
+                        and not self._final_reaches(s + up * left, p0):
                     self.decisions[r] = NOT_CERTIFIED
                 else:
                     continue
                 self.looks[r] = self.samples
             if new:
-                self.p_lower = max(self.p_lower, cs_lower(s, f, self.alpha))
+                self.p_lower = max(self.p_lower, cs_lower(s, f, self.alpha), final)
                 # evidence is nonincreasing in the threshold: a certified radius certifies every
                 # smaller one at this look (even one stopped earlier for futility)
                 top = max(r for r, d in self.decisions.items() if d == CERTIFIED)
@@ -123,12 +149,38 @@ class SequentialDecision:
             self.stopped = len(self.decisions) == len(self.radii) or left <= 0
         else:
             self.p_lower = max(self.p_lower, cs_lower(s, f, self.alpha))
+            if self.final_alpha > 0 and left <= 0:
+                self.p_lower = max(self.p_lower, self._final_lower(s))
             self.stopped = left <= 0 or self._cannot_grow(left)
         return self.stopped
+
+    def _final_lower(self, successes: int) -> float:
+        """The final test's bound: Clopper-Pearson at level ``final_alpha`` on exactly ``budget``
+        samples (called only when the count has reached the budget)."""
+        if self.samples != self.budget:
+            from ...errors import InputError
+            raise InputError(f"the final test needs exactly budget={self.budget} samples, got {self.samples}")
+        return clopper_pearson_lower(successes, self.budget, self.final_alpha)
+
+    def _final_reaches(self, successes: float, p0: float) -> bool:
+        """Whether the final test could certify ``p0`` with ``successes`` (possibly fractional,
+        a projection) out of the budget; False when the final test is off."""
+        if self.final_alpha <= 0:
+            return False
+        from scipy.stats import beta
+        k = min(float(successes), float(self.budget))
+        if k <= 0:
+            return False
+        return float(beta.ppf(self.final_alpha, k, self.budget - k + 1)) > p0
 
     def _cannot_grow(self, left: int) -> bool:
         up = cs_upper(self.successes, self.failures, self.beta)
         proj = cs_lower(self.successes + up * left, self.failures + (1.0 - up) * left, self.alpha)
+        if self.final_alpha > 0:
+            from scipy.stats import beta
+            k = self.successes + up * left
+            if k > 0:
+                proj = max(proj, float(beta.ppf(self.final_alpha, k, self.budget - k + 1)))
         return self._radius(proj) - self._radius(self.p_lower) <= self.tolerance
 
     def _radius(self, p: float) -> float:
@@ -141,6 +193,8 @@ class SequentialDecision:
             self.decisions.setdefault(r, UNDECIDED)
         if self.samples:
             self.p_lower = max(self.p_lower, cs_lower(self.successes, self.failures, self.alpha))
+        if self.final_alpha > 0 and self.samples == self.budget:
+            self.p_lower = max(self.p_lower, self._final_lower(self.successes))
 
     @property
     def radius(self) -> float:
