@@ -58,10 +58,10 @@ def add_parser(sub) -> None:
                    help="smoothing --mode sequential: give a radius up when the upper confidence sequence falls "
                         "below its threshold (sequence), or also when it would stay uncertified at the end of "
                         "the budget at that upper rate (projected: fewer samples on borderline inputs)")
-    c.add_argument("--final-alpha-fraction", type=float, default=0.5,
+    c.add_argument("--final-alpha-fraction", type=float, default=0.25,
                    help="smoothing --mode sequential/radius: share of --alpha spent on one Clopper-Pearson test "
                         "at exactly n samples (the budget) for inputs still undecided there; the confidence "
-                        "sequence gets the rest (union bound; default 0.5, 0 turns the final test off)")
+                        "sequence gets the rest (union bound; default 0.25, 0 turns the final test off)")
     c.add_argument("--batch-size", type=int_at_least(1), default=400,
                    help="smoothing: noise samples solved together (default 400)")
     c.add_argument("--check-alpha-fraction", type=float, default=0.5,

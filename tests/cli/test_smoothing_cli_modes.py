@@ -109,13 +109,13 @@ def test_certify_cli_exposes_every_sequential_setting(ck, tmp_path):
     out = tmp_path / "c"
     rc = main(["certify", ck, "-n", "3", "--smoothing", "0.25", "--n", "600", "--n0", "20", "--mode", "sequential",
                "--radii", "0.1,0.4", "--first-batch", "30", "--futility-alpha", "0.05", "--batch-size", "60",
-               "--futility", "projected", "--final-alpha-fraction", "0.25",
+               "--futility", "projected", "--final-alpha-fraction", "0.5",
                "--alpha", "0.01", "--clip", "--no-progress", "--out", str(out)])
     assert rc == 0
     rep = json.loads((out / "certificate.json").read_text())
     cfg = rep["config"]
     assert (cfg["first_batch"], cfg["futility_alpha"], cfg["batch_size"], cfg["clip"]) == (30, 0.05, 60, True)
-    assert cfg["futility"] == "projected" and cfg["final_alpha_fraction"] == 0.25
+    assert cfg["futility"] == "projected" and cfg["final_alpha_fraction"] == 0.5
     x, y = load_dataset("digits", "test")
     # the first estimation batch is first_batch: every input drew n0 + 30 * k (k = 1, 3, 7, ...) or the budget
     for r in rep["results"]:

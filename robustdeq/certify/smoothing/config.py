@@ -94,7 +94,7 @@ class SmoothingConfig:
     futility_alpha: float = 0.01
     futility: str = "sequence"
     tolerance: float = 0.05
-    final_alpha_fraction: float = 0.5
+    final_alpha_fraction: float = 0.25
 
     def __post_init__(self):
         if not (math.isfinite(self.sigma) and self.sigma > 0):
