@@ -53,7 +53,8 @@ class CheckConfig:
         random_tol: relative change of the logits between two passes that counts as randomness.
         softmax_tol: tolerance on ``sum(row) == 1`` and ``row >= 0``.
         zero_grad_fraction: share of samples with a zero/non-finite input gradient that fires.
-        black_box_fraction: share of samples broken by black-box attacks only that fires.
+        black_box_fraction: the check fires when the share of samples broken by black-box
+            attacks only exceeds this (default 0: any such sample).
         black_box_queries: queries of the Square probe run when the suite has no black-box or
             transfer attack and no cascaded AutoAttack with its Square stage (whose results the
             check reads instead) (0: no probe, the check is skipped then).
@@ -71,7 +72,7 @@ class CheckConfig:
     random_tol: float = 1e-5
     softmax_tol: float = 1e-4
     zero_grad_fraction: float = 0.05
-    black_box_fraction: float = 0.05
+    black_box_fraction: float = 0.0
     black_box_queries: int = 100
     large_eps_linf: float = 0.5
     large_eps_l2: float = 4.0

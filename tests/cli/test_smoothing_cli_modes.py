@@ -47,6 +47,8 @@ def brackets(monkeypatch):
     return seen
 
 
+# the 2-step L2 attack on this tiny DEQ can leave one adjoint solve short of its tolerance
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 def test_eval_bracket_sequential_mode_decides_each_eps_as_the_library_does(ck, deq, brackets):
     opts = {"first_batch": 40, "futility_alpha": 0.05, "alpha": 0.01}
     rc = main(["eval", ck, "--suite", "pgd-ift", "--norm", "L2", "--eps", "0.1,0.3", "-n", "4", "--steps", "2",
