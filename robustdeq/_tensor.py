@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 #: the zero guard of norms we divide by (see the module docstring)
 NORM_GUARD = 1e-30
 
@@ -142,3 +144,14 @@ def random_in_ball(x: Tensor, eps: float, norm, gen: Optional[torch.Generator], 
 __all__ = ["NORM_GUARD", "bshape", "default_alpha", "per_sample_norm", "ball_factor", "clip_delta",
            "project_ball", "margins", "make_generator", "seeded_generator", "rand_like", "randn_like",
            "random_in_ball", "draw"]
+
+
+def check_labels(y: Optional[Tensor], n: int) -> None:
+    """Labels ``y`` (or None) for ``n`` inputs: a 1-D integer tensor of length ``n``, else :class:`InputError`."""
+    if y is None:
+        return
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != n:
+        raise InputError(f"y must be a 1-D tensor of {n} labels, got "
+                         f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise InputError(f"y must hold integer class labels, got dtype {y.dtype}")

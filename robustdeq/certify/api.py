@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..errors import CertificationWarning, ConfigError, InputError, NonConvergenceWarning
 from ..guard import preserve_model
 from .._support import user_stacklevel
+from .._tensor import check_labels
 from ._util import float64_copy, require_deq, tight_solver
 from .config import METHODS, CertifyConfig, make_certify_config
 from ..deq.contraction import contraction_certificate
@@ -186,19 +187,9 @@ class _Batch:
     ibps: Dict[str, Any] = field(default_factory=dict)
 
 
-def _check_labels(y: Optional[Tensor], n: int) -> None:
-    if y is None:
-        return
-    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != n:
-        raise InputError(f"y must be a 1-D tensor of {n} labels, got "
-                         f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise InputError(f"y must hold integer class labels, got dtype {y.dtype}")
-
-
 def _certify(model, x, y, cfg: CertifyConfig, methods: tuple) -> CertReport:
     x = model.check_input(x)
-    _check_labels(y, x.shape[0])
+    check_labels(y, x.shape[0])
     t_all = time.perf_counter()
     c = _Certification(model=model, work=float64_copy(model), cfg=cfg, methods=methods, x=x, y=y,
                        timing={**{m: 0.0 for m in methods}, "solve": 0.0})

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from ...config import SolverConfig, to_dict
 from ...deq.noisy import base_logits, run_noisy, to_model_dtype
 from ...deq.protocols import SolverModel
-from ...errors import ConfigError, InputError
+from ...errors import ConfigError
 from ...guard import preserve_model
+from ..._tensor import check_labels
 from .config import ABSTAIN, SmoothingConfig, make_config
 from .proof import make_proof
 from .sequential import SequentialDecision
@@ -224,13 +225,7 @@ def _check_x(model: nn.Module, x: Any) -> Tensor:
 
 
 def _check_y(y: Optional[Tensor], n: int) -> Optional[Tensor]:
-    if y is None:
-        return None
-    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != n:
-        raise InputError(f"y must be a 1-D tensor of {n} labels, got "
-                         f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise InputError(f"y must hold integer class labels, got dtype {y.dtype}")
+    check_labels(y, n)
     return y
 
 
