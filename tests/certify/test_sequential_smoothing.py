@@ -194,14 +194,20 @@ def _contractive(seed=0, **kw):
     return zoo.build("mlp_deq", **opts).eval()
 
 
+def _noisy_copies(seed, n):
+    """A contractive DEQ, its proof, a generator, one input, ``n`` noisy copies of it and a
+    solver config that solves them to 1e-12 (the cold-solve oracle)."""
+    model = _contractive()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 1, 4, 4, generator=gen)
+    xn = x + 0.4 * torch.randn((n, 1, 4, 4), generator=gen)
+    tight = model.solver_config.replace(tol=1e-12, stop_mode="abs", max_iter=300)
+    return model, EquilibriumClassProof(model), gen, x, xn, tight
+
+
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 def test_proven_classes_are_the_classes_of_cold_solves():
-    model = _contractive()
-    proof = EquilibriumClassProof(model)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(1, 1, 4, 4, generator=gen)
-    xn = x + 0.4 * torch.randn((600, 1, 4, 4), generator=gen)
-    tight = model.solver_config.replace(tol=1e-12, stop_mode="abs", max_iter=300)
+    model, proof, gen, x, xn, tight = _noisy_copies(0, 600)
     with torch.no_grad():
         cold = model.run(xn, in_range=False, solver=tight)
         anchor = model.run(x).z_star.expand(600, -1).contiguous()
@@ -220,12 +226,7 @@ def test_proven_classes_are_the_classes_of_cold_solves():
 
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
 def test_iteration_with_a_proof_after_every_step_proves_only_cold_classes():
-    model = _contractive()
-    proof = EquilibriumClassProof(model)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(1, 1, 4, 4, generator=gen)
-    xn = x + 0.4 * torch.randn((500, 1, 4, 4), generator=gen)
-    tight = model.solver_config.replace(tol=1e-12, stop_mode="abs", max_iter=300)
+    model, proof, gen, x, xn, tight = _noisy_copies(1, 500)
     with torch.no_grad():
         cold = model.run(xn, in_range=False, solver=tight).logits.argmax(1)
         anchor = model.run(x).z_star.expand(500, -1).contiguous()
