@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..registry import ATTACKS
-from .common import add_eval_args, floats, json_arg, load_for_eval, table
+from .common import add_eval_args, json_arg, load_for_eval, one_radius, table
 
 
 def add_parser(sub) -> None:
@@ -27,18 +27,16 @@ def cmd_attack(args) -> int:
     import torch
     from .. import attacks
     from ..errors import ConfigError
-    eps = floats(args.eps, "--eps")
-    if len(eps) != 1:
-        raise ConfigError(f"attack takes one --eps, got {args.eps!r}")
+    eps = one_radius(args.eps, "attack")
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {args.out} is a folder; attack --out names the file to write")
     options = json_arg(args.options, "--options")
     model, x, y = load_for_eval(args)
     if args.attack == "torchattack":
-        params = torchattack_params(options, eps=eps[0], norm=args.norm, steps=args.steps, seed=args.seed)
+        params = torchattack_params(options, eps=eps, norm=args.norm, steps=args.steps, seed=args.seed)
     else:
-        params = {"eps": eps[0], "norm": args.norm, "seed": args.seed, **options}
+        params = {"eps": eps, "norm": args.norm, "seed": args.seed, **options}
         if args.attack in ("pgd", "state"):
             params.setdefault("steps", args.steps)
     if args.grad:

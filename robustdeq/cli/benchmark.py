@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Norm
-from .common import data_root_hint, floats, int_at_least, out_folder
+from .common import data_root_hint, int_at_least, one_radius, out_folder
 
 
 def add_parser(sub) -> None:
@@ -37,16 +37,13 @@ def add_parser(sub) -> None:
 
 def cmd_benchmark(args) -> int:
     from ..checkpoint import load_checkpoint
-    from ..errors import ConfigError
     from ..eval.card import benchmark_checkpoints
-    eps = floats(args.eps, "--eps")
-    if len(eps) != 1:
-        raise ConfigError(f"--eps takes one radius for a model card, got {args.eps!r}")
+    eps = one_radius(args.eps, "benchmark (one model card per checkpoint)")
     out_folder(args.out)
     dataset = args.dataset or load_checkpoint(args.checkpoints[0]).metadata.get("dataset", "digits")
     with data_root_hint(dataset, args.data_root):
         cards = benchmark_checkpoints(args.checkpoints, args.out, dataset=dataset, split=args.split,
-                                      root=args.data_root, n=args.n, eps=eps[0], threat=args.norm,
+                                      root=args.data_root, n=args.n, eps=eps, threat=args.norm,
                                       suite=args.suite, save_adversarial=args.save_adversarial,
                                       steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                                       checks=not args.no_checks, progress=not args.no_progress)

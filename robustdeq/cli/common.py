@@ -119,6 +119,15 @@ def floats(text: Optional[str], what: str = "--eps") -> tuple:
     return check_radii(vals, what)
 
 
+def one_radius(text: Optional[str], command: str) -> float:
+    """The single radius of ``--eps`` for a command that takes one; a ConfigError otherwise."""
+    from ..errors import ConfigError
+    eps = floats(text, "--eps")
+    if len(eps) != 1:
+        raise ConfigError(f"{command} takes one radius in --eps, got {text!r}")
+    return eps[0]
+
+
 def out_folder(path: Optional[str], flag: str = "--out") -> Optional[Path]:
     """``path`` as an output folder: an existing file there is a ConfigError naming ``flag``."""
     from ..errors import ConfigError

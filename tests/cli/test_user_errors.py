@@ -69,6 +69,11 @@ def test_torchattack_without_options_names_what_is_missing(ckpt, capsys):
     _one_line_error(capsys, "--options", '"attack"')
 
 
+def test_attack_with_several_radii_names_the_one_it_takes(ckpt, capsys):
+    assert main(["attack", str(ckpt), "--eps", "0.1,0.2", "-n", "2", "--no-progress"]) == 2
+    _one_line_error(capsys, "attack takes one radius", "--eps")
+
+
 def test_grad_with_an_attack_that_takes_none_is_an_error(ckpt, capsys):
     assert main(["attack", str(ckpt), "--attack", "state", "--grad", "ift", "-n", "2", "--no-progress"]) == 2
     _one_line_error(capsys, "--grad", "'state'")
