@@ -15,7 +15,7 @@ interleaved ``--repeats`` times:
   end, so the result is never weaker per sample than the plain loop's;
 - ``torchattacks.PGD(steps=20)`` on the model as is (its forward: a cold solve and the implicit
   gradient's adjoint solve per step);
-- ``PGD(steps=20)``, robustdeq's default (``method="auto"``, issue 13): the joint
+- ``PGD(steps=20)``, robustdeq's default (``method="auto"``): the joint
   forward/adjoint/input iteration carrying ``z`` and the adjoint across steps (a few solver
   iterations and adjoint sweeps per step), its final examples judged per sample by the model's
   own cold inference, for the samples whose first solve converges; the exact loop for the others
@@ -25,7 +25,7 @@ interleaved ``--repeats`` times:
   settings as torchattacks'; judged by the robust-accuracy criterion alone).
 
 All with eps=0.1, alpha=0.01, random_start=False. Prints median/min time per attack, robust
-accuracy and the time ratio (issue 13's target: <= 0.33x torchattacks' time, min of repeats,
+accuracy and the time ratio (target: <= 0.33x torchattacks' time, min of repeats,
 robust accuracy <= torchattacks' + 1 point). The joint row's solver counts are those of its loop;
 the final cold evaluations of its candidates (the model's inference) are in its time, not in
 those counts.
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="where the attacks run (training is on the CPU)")
     ap.add_argument("--quick", action="store_true",
-                    help="only the exact warm IFT PGD, torchattacks and the joint PGD (issue 13)")
+                    help="only the exact warm IFT PGD, torchattacks and the joint PGD")
     ap.add_argument("--contractive", action="store_true",
                     help="spectral-normalised cell (||W|| <= 0.9): every solve converges")
     args = ap.parse_args(argv)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
             model, grad=ImplicitGrad(BACKWARD_DEFAULT.replace(tol=1e-3)), **common),
         f"robustdeq PGD-{args.steps} (warm, adj. 1e-3, early stop)*": PGD(
             model, grad=ImplicitGrad(BACKWARD_DEFAULT.replace(tol=1e-3)), early_stop=True, **common),
-        # issue 13: the joint forward/adjoint/input iteration (robustdeq.deq.joint), its final
+        # the joint forward/adjoint/input iteration (robustdeq.deq.joint), its final
         # examples judged by the model's own cold inference
         joint_name: PGD(model, **common),
     }
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         min_ratio = min(cpu[k]) / min(cpu[ref])
         gap = (robust[k] - robust[ref]) * 100
         print(f"{k}: time ratio vs torchattacks CPU median {ratio:.2f}, CPU min-of-repeats "
-              f"{min_ratio:.2f}, wall {wall_ratio:.2f} (issue 13 target <= 0.33: "
+              f"{min_ratio:.2f}, wall {wall_ratio:.2f} (target <= 0.33: "
               f"{'met' if min_ratio <= 0.33 else 'NOT met'}); robust accuracy gap "
               f"{gap:+.1f} points = {round(gap * args.batch / 100):+d} samples "
               f"(target <= +1 point: {'met' if gap <= 1 else 'NOT met'})")

@@ -1,5 +1,5 @@
 """AutoAttack on a DEQ: pyautoattack on the plain model vs robustdeq's adapter with fast_deq and
-with the per-sample warm-start memory (issue 13), side by side in one run.
+with the per-sample warm-start memory, side by side in one run.
 
     python benchmarks/bench_autoattack.py [--repeats 2] [--n 256] [--model mlp_deq] [--hidden 64]
         [--contractive] [--version custom --attacks apgd-ce apgd-t] [--n-iter 100]

@@ -1,4 +1,4 @@
-"""Backbone benchmark (issue 2): printed side by side in one run.
+"""Backbone benchmark: printed side by side in one run.
 
 1. robustdeq Anderson vs torchdeq Anderson: same cell, same batch, same tolerance (relative 1e-3
    per sample for us; torchdeq stops when the batch maximum is below tol), same memory m=5 and
