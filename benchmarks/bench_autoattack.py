@@ -94,6 +94,11 @@ def main(argv=None) -> int:
                     help="JSON cache of pyautoattack's per-sample results ('' : no cache)")
     ap.add_argument("--at-epochs", type=int, default=5)
     ap.add_argument("--suite-names", nargs="*", default=["quick", "standard"])
+    ap.add_argument("--aa-chunk", type=int, default=0,
+                    help="run (and cache) pyautoattack on consecutive chunks of this many images "
+                         "(0: all --n at once)")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="with --suites: only compute (and cache) pyautoattack's reference")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.suites:
@@ -271,7 +276,16 @@ def _pyautoattack_reference(model, x, y, args):
 
 def _cached_reference(name, model, x, y, args):
     """:func:`_pyautoattack_reference`, through the JSON cache of ``--aa-cache``: (robust, first,
-    CPU s, cached?)."""
+    CPU s, cached?). With ``--aa-chunk K`` the reference is run (and cached) on consecutive chunks
+    of K images, each its own pyautoattack standard run; cached? is true if every chunk was."""
+    k = args.aa_chunk if args.aa_chunk > 0 else x.shape[0]
+    parts = [_cached_reference_chunk(name, model, x[i:i + k], y[i:i + k], args)
+             for i in range(0, x.shape[0], k)]
+    return (torch.cat([p[0] for p in parts]), sum((p[1] for p in parts), []),
+            sum(p[2] for p in parts), all(p[3] for p in parts))
+
+
+def _cached_reference_chunk(name, model, x, y, args):
     import hashlib
     import json
     from robustdeq.attacks.autoattack import pyautoattack_version
@@ -329,6 +343,10 @@ def compare_suites(args) -> int:
         clean_ok = predict(model, x) == y
         aa_robust, aa_first, t_aa, cached = _cached_reference(name, model, x, y, args)
         aa_robust = aa_robust & clean_ok
+        if args.reference_only:
+            print(f"<!-- {name}: pyautoattack {float(aa_robust.float().mean()):.3f} robust, "
+                  f"{t_aa:.1f} CPU s, first broken by {_count(aa_first)} -->", flush=True)
+            continue
         ref = f"{float(aa_robust.float().mean()):.3f} / {t_aa:.1f}{' (cached)' if cached else ''}"
         notes.append(f"<!-- {name} ({what}): pyautoattack first broken by {_count(aa_first)}"
                      f"{'; reference read from ' + args.aa_cache if cached else ''} -->")
