@@ -40,6 +40,50 @@ def test_evidence_decreases_in_the_threshold_and_bounds_bracket_the_frequency():
                                                                 rel=1e-9)
 
 
+def test_scalar_bounds_are_rejected_thresholds_within_tolerance_of_the_bisection():
+    """The scalar root search of cs_lower / cs_upper against the vectorised 64-step bisection
+    (an independent computation of the same supremum): never above it by more than rounding,
+    never more than ROOT_TOL below, and always a threshold the evidence rejects."""
+    from robustdeq.certify.smoothing.statistics import ROOT_TOL
+    rng = np.random.default_rng(5)
+    n = (10 ** rng.uniform(0, 5.2, 150)).astype(int)
+    s = rng.binomial(n, rng.uniform(0, 1, 150))
+    cases = [(0, 0), (0, 7), (1, 0), (3, 0), (100000, 0), (99990, 10), (2, 99998), (12.5, 3.25)] + \
+        list(zip(s.tolist(), (n - s).tolist()))
+    ss = np.array([c[0] for c in cases], dtype=float)
+    ff = np.array([c[1] for c in cases], dtype=float)
+    for alpha in (0.001, 0.01, 0.3):
+        ref_lo, ref_up = cs_lower(ss, ff, alpha), cs_upper(ss, ff, alpha)
+        for (a, b), rl, ru in zip(cases, ref_lo, ref_up):
+            lo, up = cs_lower(a, b, alpha), cs_upper(a, b, alpha)
+            assert isinstance(lo, float) and rl - ROOT_TOL - 1e-15 <= lo <= rl + 1e-14
+            assert ru - 1e-14 <= up <= ru + ROOT_TOL + 1e-15
+            if lo > 0:   # rejected (the array formula agrees up to the rounding of large counts)
+                assert cs_log_evidence(a, b, lo) >= math.log(1 / alpha)
+                assert cs_log_evidence(np.array([a]), np.array([b]), lo)[0] >= math.log(1 / alpha) - 1e-9
+            assert up == 1.0 - cs_lower(b, a, alpha)
+    # the scalar evidence is the array formula
+    for a, b, p0 in [(10, 2, 0.6), (0, 5, 0.3), (99990, 10, 0.9772), (5e5, 1, 0.999)]:
+        assert cs_log_evidence(a, b, p0) == pytest.approx(float(cs_log_evidence(np.array([a]), np.array([b]), p0)[0]),
+                                                          rel=1e-12, abs=1e-12)
+    with pytest.raises(Exception, match="p0"):
+        cs_log_evidence(3, 1, 1.0)
+    with pytest.raises(Exception, match="successes"):
+        cs_lower(-1, 3, 0.01)
+
+
+def test_final_test_reach_is_the_clopper_pearson_comparison():
+    """The futility rule's question 'could the final test certify p0 with k successes of n' is
+    answered with the Beta CDF; the oracle is the Clopper-Pearson bound itself (Beta quantile)."""
+    from scipy.stats import beta
+    d = SequentialDecision(0.5, (0.25,), 0.001, 0.01, budget=10000, final_alpha_fraction=0.25)
+    rng = np.random.default_rng(2)
+    for k, p0 in zip(rng.uniform(0, 10500, 400), rng.uniform(0.5, 0.9999, 400)):
+        kk = min(k, 10000.0)
+        want = kk > 0 and beta.ppf(0.00025, kk, 10000 - kk + 1) > p0
+        assert d._final_reaches(k, p0) == want
+
+
 def _streams(p, n_streams, looks, seed):
     """Successes at each look of ``n_streams`` i.i.d. Bernoulli(p) streams (exactly: binomial
     increments between the looks)."""

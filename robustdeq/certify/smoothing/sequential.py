@@ -167,20 +167,22 @@ class SequentialDecision:
         a projection) out of the budget; False when the final test is off."""
         if self.final_alpha <= 0:
             return False
-        from scipy.stats import beta
+        from scipy.special import betainc
         k = min(float(successes), float(self.budget))
         if k <= 0:
             return False
-        return float(beta.ppf(self.final_alpha, k, self.budget - k + 1)) > p0
+        # CP_lower = Beta^-1(final_alpha; k, n - k + 1) > p0  <=>  I_p0(k, n - k + 1) < final_alpha
+        # (the Beta CDF is continuous and increasing): one special-function evaluation
+        return float(betainc(k, self.budget - k + 1, p0)) < self.final_alpha
 
     def _cannot_grow(self, left: int) -> bool:
         up = cs_upper(self.successes, self.failures, self.beta)
         proj = cs_lower(self.successes + up * left, self.failures + (1.0 - up) * left, self.alpha)
         if self.final_alpha > 0:
-            from scipy.stats import beta
+            from scipy.special import betaincinv
             k = self.successes + up * left
             if k > 0:
-                proj = max(proj, float(beta.ppf(self.final_alpha, k, self.budget - k + 1)))
+                proj = max(proj, float(betaincinv(k, self.budget - k + 1, self.final_alpha)))
         return self._radius(proj) - self._radius(self.p_lower) <= self.tolerance
 
     def _radius(self, p: float) -> float:

@@ -162,6 +162,12 @@ def cs_log_evidence(successes, failures, p0):
     most the evidence at ``p``: one test bounds every threshold at or above the true ``p``.
     Underflow of ``I^c`` (far beyond any rejection) gives ``-inf``: never a false rejection.
     """
+    if _is_scalar(successes) and _is_scalar(failures) and _is_scalar(p0):
+        if successes < 0 or failures < 0:
+            raise InputError("cs_log_evidence needs successes >= 0 and failures >= 0")
+        if not 0 < p0 < 1:
+            raise InputError("cs_log_evidence needs thresholds p0 in (0, 1)")
+        return _log_evidence(float(successes), float(failures), float(p0))
     import numpy as np
     from scipy.special import betaincc, betaln
     s = np.asarray(successes, dtype=np.float64)
@@ -181,23 +187,100 @@ def cs_lower(successes, failures, alpha: float, iters: int = 64):
     ``sup {p0 : M_t(p0) >= 1 / alpha}`` (see :func:`cs_log_evidence`; 0 when no threshold is
     rejected). With probability at least ``1 - alpha`` the true mean is at least this bound at
     every time simultaneously (the bound at time t exceeds p only if ``M_t(p) >= 1 / alpha``).
-    Bisection on the monotone evidence; the returned value is a rejected threshold (or 0), so it
-    never exceeds the exact supremum. Numpy-vectorised over the counts."""
+    The returned value is always a rejected threshold (or 0), so it never exceeds the exact
+    supremum. Scalar counts: a bracketing root search on the monotone evidence
+    (:func:`_sup_rejected`, within ``ROOT_TOL`` below the supremum, about a dozen evaluations);
+    arrays: ``iters`` bisection steps, numpy-vectorised over the counts."""
     import numpy as np
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
+    c = math.log(1.0 / alpha)
+    if _is_scalar(successes) and _is_scalar(failures):
+        if successes < 0 or failures < 0:
+            raise InputError("cs_lower needs successes >= 0 and failures >= 0")
+        return _sup_rejected(float(successes), float(failures), c)
     s = np.asarray(successes, dtype=np.float64)
     f = np.asarray(failures, dtype=np.float64)
     s, f = np.broadcast_arrays(s, f)
     lo = np.zeros(s.shape)
     hi = np.ones(s.shape)
-    c = math.log(1.0 / alpha)
     for _ in range(int(iters)):
         mid = 0.5 * (lo + hi)
         ok = cs_log_evidence(s, f, mid) >= c
         lo = np.where(ok, mid, lo)
         hi = np.where(ok, hi, mid)
     return float(lo) if lo.ndim == 0 else lo
+
+
+# absolute precision of the scalar confidence bounds (far below any radius that matters:
+# sigma * dPhi^-1/dp * 1e-13 < 1e-6 sigma for p up to 1 - 1e-12)
+ROOT_TOL = 1e-13
+
+
+def _is_scalar(v) -> bool:
+    import numpy as np
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _log_evidence(s: float, f: float, p0: float) -> float:
+    """:func:`cs_log_evidence` for one (valid) triple, without numpy's array machinery: the same
+    closed form, the same special functions."""
+    from scipy.special import betaincc, betaln
+    tail = float(betaincc(s + 1.0, f + 1.0, p0))
+    if not tail > 0.0:
+        return -math.inf
+    return float(betaln(s + 1.0, f + 1.0)) + math.log(tail) - s * math.log(p0) - (f + 1.0) * math.log1p(-p0)
+
+
+def _sup_rejected(s: float, f: float, c: float, tol: float = ROOT_TOL) -> float:
+    """The largest threshold ``p0`` found with ``log M(p0) >= c`` (0 when there is none), at most
+    ``tol`` below ``sup {p0 : log M(p0) >= c}``.
+
+    ``g(p0) = log M(p0) - c`` is nonincreasing in ``p0`` (:func:`cs_log_evidence`), so the
+    rejected thresholds form an interval ``(0, p*]``. The search keeps a bracket ``lo < hi`` with
+    ``lo`` rejected (or 0) and ``hi`` not rejected (or 1); no threshold at or above the empirical
+    frequency ``s / (s + f)`` is rejected (every likelihood ratio in the mixture is then at most
+    1), so that is the first ``hi``. New points come from the Illinois variant of regula falsi
+    (Dowell & Jarratt 1971) with a bisection step whenever an end is infinite, the point would
+    fall outside the bracket, or the bracket did not halve over two steps; the search stops when
+    ``hi - lo <= tol``. Only evaluated points enter the bracket, so the answer is a rejected
+    threshold whatever the rounding of the interpolation."""
+    lo, glo, hi, ghi = 0.0, math.inf, 1.0, -math.inf
+    if s + f > 0:
+        freq = s / (s + f)
+        if freq <= 0.0:
+            return 0.0
+        if freq < 1.0:
+            hi, ghi = freq, _log_evidence(s, f, freq) - c
+            if ghi >= 0.0:           # cannot happen in exact arithmetic; never trust rounding
+                hi, ghi = 1.0, -math.inf
+    last = 0          # which end the previous step moved: -1 lo, +1 hi
+    width = hi - lo
+    for step in range(400):
+        if hi - lo <= tol:
+            break
+        x = math.nan
+        if math.isfinite(glo) and math.isfinite(ghi) and glo > ghi and (step % 3 != 2 or hi - lo < 0.5 * width):
+            x = hi - ghi * (hi - lo) / (ghi - glo)
+        if step % 3 == 2:
+            width = hi - lo
+        if not lo < x < hi:
+            x = 0.5 * (lo + hi)
+        x = min(max(x, lo + 0.25 * tol), hi - 0.25 * tol)
+        if not 0.0 < x < 1.0:
+            break
+        gx = _log_evidence(s, f, x) - c
+        if gx >= 0.0:
+            lo, glo = x, gx
+            if last == -1 and math.isfinite(ghi):
+                ghi *= 0.5           # Illinois: the end kept twice weighs half
+            last = -1
+        else:
+            hi, ghi = x, gx
+            if last == 1 and math.isfinite(glo):
+                glo *= 0.5
+            last = 1
+    return lo
 
 
 def cs_upper(successes, failures, alpha: float, iters: int = 64):
