@@ -321,6 +321,51 @@ def test_proof_needs_a_contraction_and_auto_falls_back_to_the_sampled_check():
         S.certify(model, x, n=50, mode="sequential", futility_alpha=1.0)
 
 
+def test_selection_solved_with_the_first_estimation_batch_counts_as_separate_solves():
+    """Sequential mode solves the last selection batch together with the first estimation batch.
+    Oracle: the procedure re-run by hand from the same per-input noise stream with every batch
+    solved on its own (selection, then estimation batches doubling from first_batch), decided by
+    SequentialDecision: the same class, counts, samples and decisions; and the model saw one
+    merged batch of n0 + first_batch rows per input."""
+    from robustdeq.certify.smoothing.engine import _derive_seed
+    model = _contractive(seed=2, scale=0.8, init_gain=3.0)
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    seen = []
+    try:
+        orig = model.run
+
+        def run(xb, **kw):
+            seen.append(xb.shape[0])
+            return orig(xb, **kw)
+        model.run = run
+        cfg = dict(sigma=0.5, n0=30, n=3000, alpha=0.001, batch_size=200, first_batch=50, radii=(0.1, 0.3),
+                   mode="sequential", futility="projected", seed=4)
+        rep = S.certify(model, x, **cfg)
+    finally:
+        del model.run
+    assert seen.count(80) == 3                       # n0 + first_batch, once per input
+    with torch.no_grad():
+        for i, r in enumerate(rep.results):
+            gen = torch.Generator().manual_seed(_derive_seed(4, "noise", i))
+
+            def draw(b):
+                e = torch.randn((b, 1, 4, 4), generator=gen)
+                return S.base_logits(model, x[i:i + 1] + 0.5 * e).argmax(1)
+            c_hat = int(torch.bincount(draw(30), minlength=3).argmax())
+            d = SequentialDecision(0.5, (0.1, 0.3), 0.001, 0.01, budget=3000, futility="projected",
+                                   final_alpha_fraction=0.25)
+            size = 50
+            while not d.stopped:
+                b = min(size, 3000 - d.samples)
+                k = int((draw(b) == c_hat).sum())
+                d.update(k, b - k)
+                size = min(2 * size, 200)
+            d.finish()
+            assert (r.selected, r.count, r.n) == (c_hat, d.successes, d.samples)
+            assert r.decisions == d.decision_dict()
+    assert len({r.n for r in rep.results}) > 1      # inputs stopped at different looks
+
+
 def test_sequential_report_round_trip(tmp_path):
     model = _contractive()
     rep = S.certify(model, torch.rand(2, 1, 4, 4), torch.tensor([0, 1]), sigma=0.25, n0=20, n=300,

@@ -301,11 +301,27 @@ def _certify_one(base: _Base, x1: Tensor, index: int, cfg: SmoothingConfig) -> T
     if cfg.srs and cfg.srs_start == "clean":
         base.set_anchor(x1)
     counts0 = None
-    for _, b in _batches(cfg.n0, cfg.batch_size):
-        counts0 = _count(sample(_noise(gen, b, x1, cfg.sigma))[0], counts0)
+    selection = list(_batches(cfg.n0, cfg.batch_size))
+    # sequential modes without warm starts: the last selection batch and the first estimation
+    # batch are drawn in that order (the same noise as two solves) and solved together, one
+    # batched solve instead of two small ones. The base classifier's prediction of a row does not
+    # depend on the other rows of its batch (a DEQ's solver stops and freezes each row on its
+    # own), so the predictions -- and the selection's independence of the estimation samples --
+    # are those of separate solves.
+    first_b = min(cfg.first_batch, cfg.batch_size, cfg.n)
+    merge = cfg.mode != "fixed" and not cfg.srs and selection[-1][1] + first_b <= cfg.batch_size
+    first = None
+    for j, (_, b) in enumerate(selection):
+        xn = _noise(gen, b, x1, cfg.sigma)
+        if merge and j == len(selection) - 1:
+            pred = sample(torch.cat([xn, _noise(gen, first_b, x1, cfg.sigma)]))[0]
+            pred, first = pred[:b], pred[b:]
+        else:
+            pred = sample(xn)[0]
+        counts0 = _count(pred, counts0)
     c_hat = int(counts0.argmax())
     if cfg.mode != "fixed":
-        return _certify_sequential(base, sample, gen, x1, c_hat, cfg)
+        return _certify_sequential(base, sample, gen, x1, c_hat, cfg, first)
     if not cfg.srs or base.proof is not None:
         n_a = 0
         for _, b in _batches(cfg.n, cfg.batch_size):
@@ -356,17 +372,24 @@ def _certify_one(base: _Base, x1: Tensor, index: int, cfg: SmoothingConfig) -> T
 
 
 def _certify_sequential(base: _Base, sample, gen: torch.Generator, x1: Tensor, c_hat: int,
-                        cfg: SmoothingConfig) -> Tuple[int, float, float, int, int, dict]:
+                        cfg: SmoothingConfig, first: Optional[Tensor] = None) -> Tuple[int, float, float, int, int, dict]:
     """The sequential modes for one input after the selection (:mod:`.sequential`): estimation
     batches of ``first_batch`` doubling up to ``batch_size``, until the decisions are made or the
-    budget ``n`` is spent."""
+    budget ``n`` is spent. ``first``: the first batch's predictions where they were solved with
+    the selection (the next draws of ``gen`` after the selection's)."""
     test = SequentialDecision(cfg.sigma, cfg.radii, cfg.alpha, cfg.futility_alpha, cfg.n, cfg.mode,
                               cfg.tolerance, futility=cfg.futility,
                               final_alpha_fraction=cfg.final_alpha_fraction)
     size = min(cfg.first_batch, cfg.batch_size)
     while not test.stopped:
         b = min(size, cfg.n - test.samples)
-        hits = int((sample(_noise(gen, b, x1, cfg.sigma))[0] == c_hat).sum())
+        if first is not None:
+            pred, first = first, None
+            if pred.shape[0] != b:
+                raise RuntimeError(f"first estimation batch of {pred.shape[0]} rows, expected {b}")
+        else:
+            pred = sample(_noise(gen, b, x1, cfg.sigma))[0]
+        hits = int((pred == c_hat).sum())
         test.update(hits, b - hits)
         size = min(2 * size, cfg.batch_size)
     test.finish()
