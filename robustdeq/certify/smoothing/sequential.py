@@ -84,7 +84,7 @@ class SequentialDecision:
     def __init__(self, sigma: float, radii: Sequence[float], alpha: float, futility_alpha: float,
                  budget: int, mode: str = "sequential", tolerance: float = 0.05, futility: str = "sequence",
                  final_alpha_fraction: float = 0.0):
-        from scipy.stats import norm
+        from scipy.special import ndtr
         from ...errors import ConfigError
         phi = float(final_alpha_fraction)
         if not 0.0 <= phi < 1.0:
@@ -96,7 +96,7 @@ class SequentialDecision:
         self.budget, self.mode, self.tolerance = int(budget), mode, float(tolerance)
         self.futility = futility
         self.radii = sorted(float(r) for r in radii) if mode == "sequential" else []
-        self.thresholds = {r: float(norm.cdf(r / self.sigma)) for r in self.radii}
+        self.thresholds = {r: float(ndtr(r / self.sigma)) for r in self.radii}      # Phi(r / sigma)
         self.decisions: Dict[float, str] = {}
         self.looks: Dict[float, int] = {}
         self.p_lower = 0.0
