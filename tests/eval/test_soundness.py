@@ -232,8 +232,15 @@ def test_quick_suite_is_within_one_point_of_a_pgd100_ensemble(digits_test, train
     x, y = digits_test(64)
     with _quiet():
         quick = evaluate(m, x, y, eps=0.1, suite="quick", checks=False)
-        ens = evaluate(m, x, y, eps=0.1, suite=_pgd_ensemble(m), checks=False)
-    assert quick.robust_accuracy() <= ens.robust_accuracy() + 0.01
+        # the ensemble attacks the samples quick left robust (a sample quick broke cannot make
+        # quick optimistic), in cascade: the same worst case over its attacks, each attack run
+        # only on the samples the earlier ones left robust
+        left = torch.tensor(quick.to_dict()["results"][0]["robust"])
+        assert left.any()  # else the comparison below would check nothing
+        ens = evaluate(m, x[left], y[left], eps=0.1, suite=_pgd_ensemble(m), checks=False, cascade=True)
+    # per sample, which implies quick.robust_accuracy() <= (the ensemble's on all 64) + 0.01
+    missed = int(left.sum()) - sum(ens.to_dict()["results"][0]["robust"])
+    assert missed <= 0.01 * len(y), f"the PGD-100 ensemble broke {missed} samples quick left robust"
     assert "upper bound" in quick.bound_statement and "'quick'" in quick.bound_statement
     assert "upper bound" in quick.to_markdown() and quick.to_dict()["bound"] == quick.bound_statement
 
