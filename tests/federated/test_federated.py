@@ -471,8 +471,8 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, task_ident
     """The server loop of the ServerApp, with the real ClientApp behind an in-process grid."""
     from robustdeq.federated.server import run_rounds
     cfg = FederatedConfig.from_dict({**SIM, "rounds": 3, "clients": 2, "budgets": [5, 30],
-                                     "fusion": "quality", "eval_suite": "quick", "eval_samples": 16,
-                                     "eval_steps": 2})
+                                     "fusion": "quality", "eval_suite": "quick", "eval_samples": 8,
+                                     "eval_steps": 2, "batch_size": 128})
     full = run_rounds(InlineGrid(2), cfg, tmp_path / "full")
     with pytest.raises(_Interrupt):
         run_rounds(InlineGrid(2), cfg, tmp_path / "cut", on_round_end=_stop_after(1))
@@ -484,7 +484,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, task_ident
         assert torch.equal(res.state[k], v), k
     for a, b in zip(res.rounds, full.rounds):
         assert (a["accuracy"], a["robust_accuracy"]) == (b["accuracy"], b["robust_accuracy"])
-    assert full.final["robust_accuracy"] is not None and full.final["robust_samples"] == 16
+    assert full.final["robust_accuracy"] is not None and full.final["robust_samples"] == 8
     # the quality rule saw the budget-5 client's larger residual
     c0, c1 = full.final["clients"]
     assert c0["budget"] == 5 and c1["budget"] == 30 and c0["mean_residual"] > c1["mean_residual"]
