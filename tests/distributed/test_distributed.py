@@ -336,8 +336,8 @@ def test_shard_indices_partition_deterministically():
     assert rd.all_gather_object(3) == [3] and rd.broadcast_object("x") == "x"
 
 
-def test_two_rank_helpers(tmp_path):  # the default suite's 2-process smoke test (a few seconds)
-    r0, r1 = spawn("helpers", tmp_path)
+def test_two_rank_helpers(two_rank_smoke):  # the default suite's 2-process smoke test
+    r0, r1 = ranks.results(two_rank_smoke, "helpers")
     for r in (r0, r1):
         assert torch.equal(r["a"], torch.full((3,), 5 / 3))  # (1*1 + 2*2) / 3
         assert torch.equal(r["b"], torch.full((3,), 1 / 3))  # rank 0's 1*1, rank 1 none

@@ -11,7 +11,7 @@ from robustdeq.errors import ConfigError
 from helpers import ranks
 
 
-def _task(rank: int, out: str) -> dict:
+def _task(rank: int, out: Path) -> dict:
     from robustdeq.certify.smoothing import certify
     from robustdeq.deq import zoo
     from robustdeq.train import Trainer
@@ -40,8 +40,8 @@ def _task(rank: int, out: str) -> dict:
     return found
 
 
-def test_ranks_with_different_options_fail_naming_the_option(tmp_path):
-    for found in ranks.spawn(_task, tmp_path):
+def test_ranks_with_different_options_fail_naming_the_option(two_rank_smoke):
+    for found in ranks.results(two_rank_smoke, "agreement"):
         assert "batch_size differs (rank 0: 8, rank 1: 4)" in found["train"], found
         assert "n differs (rank 0: 8, rank 1: 16)" in found["certify"], found
         rc, err = found["cli"]

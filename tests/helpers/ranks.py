@@ -39,3 +39,36 @@ def spawn(task: Callable[..., Any], out: Path, world: int = 2, **kwargs) -> List
     mp.start_processes(_worker, args=(world, free_port(), task, str(out), kwargs), nprocs=world,
                        join=True, start_method="spawn")
     return [torch.load(out / f"result{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _run_tasks(rank: int, out: Path, tasks: dict) -> dict:
+    """Run the tasks ``{name: "module:function"}`` in turn on this rank (each spawned process
+    imports torch: one pair of ranks serves several tests); a task that raises gets the traceback
+    text as its result under ``"error"``, so each test fails on its own."""
+    import importlib
+    import traceback
+    results = {}
+    for name, where in tasks.items():
+        module, fn = where.split(":")
+        try:
+            results[name] = getattr(importlib.import_module(module), fn)(rank, out)
+        except Exception:  # noqa: BLE001 - handed to the test that owns the task
+            results[name] = {"error": traceback.format_exc()}
+    return results
+
+
+def spawn_tasks(tasks: dict, out: Path, world: int = 2) -> dict:
+    """``{name: [result of rank 0, result of rank 1, ...]}`` for the tasks ``{name:
+    "module:function"}`` (``function(rank, out)`` in an importable module), run one after the
+    other by the same ``world`` spawned ranks."""
+    per_rank = spawn(_run_tasks, out, world, tasks=tasks)
+    return {name: [r[name] for r in per_rank] for name in tasks}
+
+
+def results(found: dict, name: str) -> list:
+    """The per-rank results of task ``name`` from :func:`spawn_tasks`; a task that raised on a rank
+    fails the calling test with that rank's traceback."""
+    for rank, r in enumerate(found[name]):
+        if isinstance(r, dict) and set(r) == {"error"}:
+            raise AssertionError(f"task {name!r} failed on rank {rank}:\n{r['error']}")
+    return found[name]
