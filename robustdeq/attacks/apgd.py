@@ -28,7 +28,8 @@ Losses: cross-entropy; DLR ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``; targ
 logit after the top one (the second, third, ...), each run on the samples still robust.
 
 The gradients come from :class:`robustdeq.attacks.oracle.GradientOracle` (``method``): on a DEQ
-whose solves converge, the joint forward/adjoint/input iteration; the warm-started exact solves
+whose solves converge, the joint forward/adjoint/input iteration (with :data:`JOINT_FWD_ITERS`
+forward iterations per step: APGD's steps are long); the warm-started exact solves
 elsewhere (a feed-forward model: plain autograd, so that the attack is the reference
 implementation's under the same seed). ``eot_iter > 1`` averages each gradient over that many
 evaluations of a randomized model (AutoAttack's ``rand`` version: ``eot_iter=20``). On a DEQ the
@@ -52,6 +53,13 @@ from .oracle import POLICIES, GradientOracle
 logger = logging.getLogger(__name__)
 
 LOSSES = ("ce", "dlr")
+
+#: the joint iteration's forward iterations per APGD step (its default for PGD is 3). APGD's
+#: steps start at ``2 eps`` (PGD's are a fraction of eps): after such a step a few iterations
+#: from the carried state leave the loss and logits the attack reads lagging behind the new
+#: point's, and APGD's step-size checkpoints and best-point choice rest on those values; ten
+#: iterations keep them close at a fraction of an exact solve's cost.
+JOINT_FWD_ITERS = 10
 
 
 def checkpoints(n_iter: int) -> list:
@@ -118,7 +126,8 @@ class APGD(Attack):
         eot_iter: gradients averaged per iteration (1; AutoAttack's ``rand`` version: 20).
         seed: seed of the random starts (AutoAttack's default 0).
         method, grad, warm_start, joint_options: the gradient oracle's policy ("auto",
-            "joint" or "exact"), estimator and options (:class:`~robustdeq.attacks.oracle.GradientOracle`).
+            "joint" or "exact"), estimator and options (:class:`~robustdeq.attacks.oracle.GradientOracle`;
+            the joint iteration's ``fwd_iters`` defaults to :data:`JOINT_FWD_ITERS` here).
 
     ``last_stats`` holds the oracle's work counts and ``runs`` (per run: the samples attacked,
     the oracle's method, the samples broken). Only the untargeted threat model (``y`` = true
@@ -147,7 +156,8 @@ class APGD(Attack):
         if method not in POLICIES:
             raise ConfigError(f"method must be one of {', '.join(POLICIES)}, got {method!r}")
         self.oracle = GradientOracle(model, method, grad, warm_start=warm_start,
-                                     joint_options=joint_options, eot_iter=eot_iter)
+                                     joint_options=joint_options, eot_iter=eot_iter,
+                                     joint_defaults={"fwd_iters": JOINT_FWD_ITERS})
         self.method = self.oracle.policy
         self.eot_iter = self.oracle.eot_iter
         self.name = self._base_name() + ("-L2" if self.norm == "L2" else "") + (

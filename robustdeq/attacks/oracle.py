@@ -232,6 +232,9 @@ class GradientOracle:
         joint_options: options of :class:`~robustdeq.deq.joint.JointInputGradient`
             (``fwd_iters``, ``adj_iters``, ``first_adj_iters``, ``fwd_solver``).
         eot_iter: gradients averaged per call (expectation over the model's randomness).
+        joint_defaults: an attack's own defaults for ``joint_options`` (those given override
+            them); unlike ``joint_options`` they are simply unused where the joint iteration
+            does not serve.
 
     Call :meth:`reset` before each run on a new batch and :meth:`select` when the batch of the
     next calls shrinks to some rows of the latest call's. ``stats`` counts the solves' work;
@@ -239,7 +242,8 @@ class GradientOracle:
     """
 
     def __init__(self, model: nn.Module, policy: str = "auto", grad=None, warm_start: bool = True,
-                 joint_options: Optional[Dict[str, object]] = None, eot_iter: int = 1):
+                 joint_options: Optional[Dict[str, object]] = None, eot_iter: int = 1,
+                 joint_defaults: Optional[Dict[str, object]] = None):
         if policy not in POLICIES:
             raise ConfigError(f"method must be one of {', '.join(POLICIES)}, got {policy!r}")
         if not isinstance(warm_start, bool):
@@ -260,7 +264,7 @@ class GradientOracle:
         self.joint = None
         if policy != "exact":
             from ..deq.joint import JointInputGradient
-            self.joint = JointInputGradient(model, **dict(joint_options or {}))
+            self.joint = JointInputGradient(model, **dict(joint_defaults or {}, **(joint_options or {})))
         #: the resolved policy: "auto", "joint" or "exact"
         self.policy = policy
         self.reset()

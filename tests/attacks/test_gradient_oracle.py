@@ -96,3 +96,35 @@ def test_oracle_refuses_bad_options(trained_model):
         GradientOracle(ff, "exact", eot_iter=0)
     with pytest.raises(ConfigError):
         GradientOracle(ff, "auto", joint_options={"fwd_iters": 2})
+
+
+def test_joint_defaults_apply_where_the_joint_iteration_serves(digits_test, trained_model):
+    deq = trained_model("mlp_deq", steps=60, hidden=32)
+    ff = trained_model("ff_mlp", hidden=32)
+    o = GradientOracle(deq, "auto", joint_defaults={"fwd_iters": 10})
+    assert o.joint.fwd_iters == 10
+    o = GradientOracle(deq, "auto", joint_options={"fwd_iters": 4}, joint_defaults={"fwd_iters": 10})
+    assert o.joint.fwd_iters == 4  # given options override an attack's defaults
+    # unused (no error) where the exact computation serves
+    assert GradientOracle(ff, "auto", joint_defaults={"fwd_iters": 10}).policy == "exact"
+    assert GradientOracle(deq, "exact", joint_defaults={"fwd_iters": 10}).joint is None
+
+
+def test_apgd_joint_iteration_tracks_its_large_steps(digits_test, trained_model):
+    """APGD's default of more forward iterations per step: after a step of 2 eps (APGD's first
+    step size) the joint iteration's logits are closer to the model's own at the new point."""
+    from robustdeq.attacks import APGD
+    from robustdeq.attacks.apgd import JOINT_FWD_ITERS
+    from robustdeq.attacks.base import logits_of
+    deq = trained_model("mlp_deq", steps=60, hidden=32)
+    x, y = digits_test(32)
+    assert APGD(deq, eps=0.1).oracle.joint.fwd_iters == JOINT_FWD_ITERS > 3
+    assert APGD(deq, eps=0.1, joint_options={"fwd_iters": 2}).oracle.joint.fwd_iters == 2
+    err = {}
+    for iters in (3, JOINT_FWD_ITERS):
+        oracle = GradientOracle(deq, "joint", joint_options={"fwd_iters": iters})
+        g = oracle(x, y, _per_sample_ce).grad
+        x2 = (x + 0.2 * g.sign()).clamp(0, 1)
+        out = oracle(x2, y, _per_sample_ce)
+        err[iters] = float((out.logits - logits_of(deq, x2)).abs().amax(1).mean())
+    assert err[JOINT_FWD_ITERS] < 0.5 * err[3]
