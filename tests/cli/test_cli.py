@@ -43,11 +43,13 @@ def test_eval_and_certify_write_reports(ckpt, tmp_path, capsys):
     assert (tmp_path / "cert" / "certificate.json").exists()
 
 
-def test_harden_evaluates_plain_and_wrapped(ckpt, capsys):
-    assert main(["harden", str(ckpt), "--eps", "0.1", "-n", "4", "--steps", "1", "--no-progress",
-                 "--wrap-options", '{"rounds": 2, "inner_steps": 2}']) == 0
+def test_harden_evaluates_plain_and_wrapped_and_says_where_its_reports_went(ckpt, tmp_path, capsys):
+    assert main(["harden", str(ckpt), "--eps", "0.1", "-n", "2", "--steps", "1", "--no-progress",
+                 "--wrap-options", '{"rounds": 2, "inner_steps": 1}', "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "as trained" in out and "+ entropy" in out
+    assert str(tmp_path / "as_trained") in out and str(tmp_path / "with_entropy") in out
+    assert (tmp_path / "with_entropy" / "report.json").exists()
 
 
 def test_demo_training_part(tmp_path, capsys):

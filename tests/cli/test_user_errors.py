@@ -307,14 +307,6 @@ def test_evaluation_bar_names_the_running_unit(monkeypatch):
     assert shown == ["eps 0.1 · autoattack@bpda · 7 samples · AutoAttack apgd-t · 3/7 samples done"]
 
 
-def test_harden_says_where_its_reports_went(ckpt, tmp_path, capsys):
-    assert main(["harden", str(ckpt), "--eps", "0.1", "-n", "2", "--steps", "1", "--no-progress",
-                 "--wrap-options", '{"rounds": 2, "inner_steps": 1}', "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert str(tmp_path / "as_trained") in out and str(tmp_path / "with_entropy") in out
-    assert (tmp_path / "with_entropy" / "report.json").exists()
-
-
 def test_demo_announces_both_trainings(tmp_path, capsys, monkeypatch):
     real_train = train.train_model
     monkeypatch.setattr(train, "train_model", lambda name, opts, train, **kw: real_train(

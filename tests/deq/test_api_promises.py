@@ -64,10 +64,11 @@ def test_autoattack_reports_its_per_attack_robust_accuracies(digits_test, traine
     assert acc["clean"] == pytest.approx(clean, abs=1e-4)
     assert acc["apgd-dlr"] == pytest.approx(robust, abs=1e-4)  # cumulative: the last one is final
     assert acc["apgd-dlr"] <= acc["apgd-ce"] <= acc["clean"]
-    # the harness keeps them in the unit's description
+    # the harness keeps them in the unit's description (at this radius APGD-CE breaks every sample:
+    # the standard version then stops, instead of running FAB and Square on the survivors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradientMaskingWarning)
-        rep = evaluate(m, x, y, eps=0.1, suite=["autoattack"], checks=False)
+        rep = evaluate(m, x, y, eps=0.2, suite=["autoattack"], checks=False)
     per = rep.result().attack("autoattack").describe["robust_accuracy_after"]
     assert per and per[0]["n"] == int((m(x).argmax(1) == y).sum()) and "apgd-ce" in per[0]
 

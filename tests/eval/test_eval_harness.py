@@ -247,8 +247,8 @@ class Interrupt(Exception):
 
 def test_resume_gives_the_same_flags_as_an_uninterrupted_run(deq, data, tmp_path):
     x, y = data
-    x, y = x[:32], y[:32]
-    kw = dict(eps=[0.05, 0.1], suite="quick", steps=5, check_config=CHEAP_CHECKS)
+    x, y = x[:16], y[:16]
+    kw = dict(eps=[0.05, 0.1], suite="quick", steps=2, check_config=CHEAP_CHECKS)
     full = evaluate(deq, x, y, out_dir=tmp_path / "a", **kw)
 
     def stop_after_first(info):
