@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -463,8 +463,9 @@ class Anderson(Solver):
             H[:, slot, :n] = row
             H[:, :n, slot] = row
         else:
-            v.rows[slot][n].copy_(row)
-            v.cols[slot][n].copy_(row)
+            h_row, h_col = v.row_col(slot, n)
+            h_row.copy_(row)
+            h_col.copy_(row)
         mem["F"], mem["G"], mem["H"] = F, G, H
         if cfg.safeguard > 0:
             gn2 = row[:, slot]                                              # ||g_k||^2
@@ -544,9 +545,13 @@ class Anderson(Solver):
 class _AndersonViews:
     """Views of Anderson's buffers used at every step, indexed by slot and window size ``n``:
     ``Fs[i]`` slot i of F, ``Fn[n]``/``Gn[n]`` the first n slots, ``Hn[n]`` the n x n Gram
-    block, ``rows[i][n]``/``cols[i][n]`` row and column i of it, ``ones[n]`` the right-hand side."""
+    block, ``row_col(i, n)`` row and column i of it, ``ones[n]`` the right-hand side.
 
-    __slots__ = ("F", "G", "H", "Fs", "Fn", "Gn", "Hn", "rows", "cols", "ones")
+    The row and column views are made on first use (a solve of k steps uses at most
+    ``min(k, 2 m)`` of the ``m (m + 1)`` pairs; short solves, the common case, would otherwise
+    spend more on making views than on the steps)."""
+
+    __slots__ = ("F", "G", "H", "Fs", "Fn", "Gn", "Hn", "rc", "ones")
 
     def __init__(self, F: Tensor, G: Tensor, H: Tensor, ones: Tensor, m: int):
         self.F, self.G, self.H = F, G, H
@@ -557,9 +562,15 @@ class _AndersonViews:
         self.Fn = [F[:n] for n in r]
         self.Gn = [G[:n] for n in r]
         self.Hn = [H[:, :n, :n] for n in r]
-        self.rows = [[H[:, i, :n] for n in r] for i in range(m)]
-        self.cols = [[H[:, :n, i] for n in r] for i in range(m)]
+        self.rc = {}
         self.ones = [ones[:, :n] for n in r]
+
+    def row_col(self, i: int, n: int) -> Tuple[Tensor, Tensor]:
+        """Views of row i and column i of the n x n Gram block (made once per buffer)."""
+        v = self.rc.get((i, n))
+        if v is None:
+            v = self.rc[(i, n)] = (self.H[:, i, :n], self.H[:, :n, i])
+        return v
 
     @classmethod
     def window(cls, F: Tensor, G: Tensor, H: Tensor, ones: Tensor, n: int) -> "_AndersonViews":
