@@ -21,7 +21,7 @@ from robustdeq.deq.grad import UnrolledGrad
 from robustdeq.deq.solvers import get_solver
 from robustdeq.deq.views import TransferView
 from robustdeq.errors import CertificationWarning, ConfigError, GradientMaskingWarning, NonConvergenceWarning
-from robustdeq.eval import AttackSpec, evaluate
+from robustdeq.eval import AttackSpec, CheckConfig, evaluate
 from robustdeq.guard import model_snapshot, preserve_model, snapshot_diff
 
 
@@ -121,9 +121,12 @@ def test_every_attack_leaves_flags_buffers_and_parameters_bit_identical(spectral
 
 def test_every_suite_leaves_the_model_and_a_defense_untouched(spectral_deq, batch):
     x, y = batch
+    x, y = x[:6], y[:6]
     m = spectral_deq
     d = EntropyDefense(m, rounds=2, solver_steps=1, inner_steps=1)
     suite = ["pgd-ift", "pgd-unrolled-margin", "states", "state-ensemble", "transfer-unrolled"]
+    # every check runs, with few iterations (what they compute is not the subject here)
+    cheap = CheckConfig(large_eps_steps=2, steps_short=1, steps_long=2, black_box_queries=5)
     with preserve_model(m):
         for mode in (False, True):
             m.train(mode)
@@ -132,7 +135,7 @@ def test_every_suite_leaves_the_model_and_a_defense_untouched(spectral_deq, batc
                 snap = model_snapshot(target)
                 with _quiet():
                     evaluate(target, x, y, eps=0.1, suite=suite if target is m else "quick", steps=2,
-                             checks=True)
+                             checks=True, check_config=cheap)
                     certify(m, x[:4], y[:4], methods=["contraction", "lipschitz"])
                 assert snapshot_diff(snap) == []
                 assert target.training is mode
