@@ -4,7 +4,8 @@ Exact PGD on a DEQ solves, at every step, the forward fixed point ``z = f(z, u(x
 adjoint ``mu = J_z^T mu + g`` to tolerance. :class:`JointInputGradient` instead carries ``z`` and
 ``mu`` from one PGD step to the next, and per step does only
 
-- ``fwd_iters`` iterations from the carried ``z``: the model's solver restarted from ``z``
+- at most ``fwd_iters`` iterations from the carried ``z`` (fewer once every sample's residual is
+  within the model's solver tolerance): the model's solver restarted from ``z``
   (``fwd_solver="model"``) or plain iterations ``z <- f(z, u)`` (``"picard"``: cheaper per
   iteration on tiny models, where Anderson's bookkeeping is most of the cost, but 1-2 points
   weaker on a conv DEQ whose solves do not converge, benchmarks/bench_attacks.py);
@@ -32,6 +33,15 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _residual(z: Tensor, fz: Tensor, cfg) -> Tensor:
+    """Per-sample residual of ``z`` as the model's solver measures it (``cfg.stop_mode``)."""
+    b = z.shape[0]
+    diff = torch.linalg.vector_norm((fz - z).reshape(b, -1), dim=1)
+    if cfg.stop_mode == "rel":
+        return diff / (torch.linalg.vector_norm(fz.reshape(b, -1), dim=1) + cfg.eps)
+    return diff
 
 
 def supports_joint(model: nn.Module) -> bool:
@@ -108,10 +118,15 @@ class JointInputGradient:
                     if first and self.fwd_solver == "auto":
                         self._picard = bool(conv.all())
                 else:
-                    z_star = z0.detach()
+                    z_star, nfe = z0.detach(), 0
                     for _ in range(self.fwd_iters):
-                        z_star = model.f(z_star, ud)
-                    nfe, conv = self.fwd_iters, torch.zeros(b, dtype=torch.bool, device=x.device)
+                        fz = model.f(z_star, ud)
+                        nfe += 1
+                        done = bool((_residual(z_star, fz, cfg) <= cfg.tol).all())
+                        z_star = fz
+                        if done:
+                            break
+                    conv = torch.zeros(b, dtype=torch.bool, device=x.device)
             self.stats["forward_nfe"] += nfe
             self.stats["forward_work"] += nfe * b
             self.last_converged = conv

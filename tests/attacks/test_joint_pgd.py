@@ -249,3 +249,29 @@ def test_autoattack_with_memory_matches_without(digits_test, trained_model):
     assert abs(int(r_plain.sum()) - int(r_mem.sum())) <= max(1, x.shape[0] // 100)
     assert not mem.memory.active  # forgotten after the run
     assert mem.last_memory_stats["warm"] > 0
+
+
+def test_joint_forward_iterations_stop_at_the_solver_tolerance(deq, digits_test):
+    """``fwd_iters`` is a cap: the plain forward iterations stop once every sample's residual is
+    within the model's tolerance (the carried state of a converged point needs one)."""
+    import torch.nn.functional as F
+    from robustdeq.deq.joint import JointInputGradient
+    x, y = digits_test(16)
+    loss = lambda logits, t: F.cross_entropy(logits, t)  # noqa: E731
+    j = JointInputGradient(deq, fwd_iters=60)
+    j(x, y, loss)
+    assert j._picard  # every first solve converged: plain iterations from here on
+    n0 = j.stats["forward_nfe"]
+    j(x, y, loss)  # the same point: already within tolerance
+    assert j.stats["forward_nfe"] - n0 == 1
+    n1 = j.stats["forward_nfe"]
+    x2 = (x + 0.1).clamp(0, 1)
+    j(x2, y, loss)
+    used = j.stats["forward_nfe"] - n1
+    assert 1 < used < 60
+    # the carried state is then the fixed point at x2 to within the solver's tolerance
+    u = deq.inject(x2)
+    with torch.no_grad():
+        fz = deq.f(j.z, u)
+    res = (fz - j.z).reshape(16, -1).norm(dim=1) / fz.reshape(16, -1).norm(dim=1)
+    assert float(res.max()) <= deq.solver_config.tol
