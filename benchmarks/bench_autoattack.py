@@ -99,6 +99,11 @@ def main(argv=None) -> int:
                          "(0: all --n at once)")
     ap.add_argument("--reference-only", action="store_true",
                     help="with --suites: only compute (and cache) pyautoattack's reference")
+    ap.add_argument("--suite-cache", default="",
+                    help="JSON cache of the suites' per-sample results, keyed by the code's git "
+                         "commit (a tree with uncommitted changes is never cached; '': no cache)")
+    ap.add_argument("--suites-only", action="store_true",
+                    help="with --suites: only run (and cache) the suites, no reference")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.suites:
@@ -307,6 +312,55 @@ def _cached_reference_chunk(name, model, x, y, args):
     return robust, first, t, False
 
 
+def _code_commit():
+    """The git commit of this tree, or None if it has uncommitted changes (or is no checkout)."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return None if dirty else head
+
+
+def _cached_suite(name, model, x, y, suite, args):
+    """One suite in cascade on (x, y), through the JSON cache of ``--suite-cache`` (keyed by the
+    code's commit): (robust flags, unit that broke each sample, CPU s, (check fired, message),
+    cached?)."""
+    import hashlib
+    import json
+    from robustdeq.eval import evaluate
+    from robustdeq.eval.checks import CheckConfig
+    commit = _code_commit() if args.suite_cache else None
+    data = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
+    key = f"{name}|{_weights_hash(model)}|{data}|n={x.shape[0]}|eps={args.eps}|seed={args.seed}|" \
+          f"{suite}|{commit}"
+    path = Path(args.suite_cache) if commit else None
+    cache = json.loads(path.read_text()) if path is not None and path.exists() else {}
+    if key in cache:
+        e = cache[key]
+        return torch.tensor(e["robust"]), e["first"], e["cpu_s"], tuple(e["check"]), True
+    c = time.process_time()
+    rep = evaluate(model, x, y, eps=args.eps, suite=suite, cascade=True, checks=True,
+                   check_config=CheckConfig(enabled=("black_box_stronger",)), seed=args.seed)
+    t = time.process_time() - c
+    res = rep.result()
+    robust = torch.tensor(res.robust)
+    chk = next((c for c in rep.checks if c.name == "black_box_stronger"), None)
+    check = (chk.fired if chk else None, chk.message if chk else "")
+    if path is not None:
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        cache[key] = {"robust": robust.tolist(), "first": list(res.first_success), "cpu_s": t,
+                      "check": list(check)}
+        tmp = path.with_suffix(f".{name}.tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(path)
+    return robust, list(res.first_success), t, check, False
+
+
 def _load_data(args):
     from robustdeq.data import load_digits, load_mnist5k
     xt, yt = (load_mnist5k if args.dataset == "mnist5k" else load_digits)("test")
@@ -326,8 +380,6 @@ def compare_suites(args) -> int:
     import logging
     from robustdeq.attacks import predict
     from robustdeq.attacks.autoattack import pyautoattack_version
-    from robustdeq.eval import evaluate
-    from robustdeq.eval.checks import CheckConfig
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
     x, y = _load_data(args)
     print(f"# native suites vs pyautoattack standard: torch {torch.__version__}, pyautoattack "
@@ -341,6 +393,12 @@ def compare_suites(args) -> int:
     notes = []
     for name, what, model in _suite_models(args):
         clean_ok = predict(model, x) == y
+        runs = {suite: _cached_suite(name, model, x, y, suite, args) for suite in args.suite_names}
+        if args.suites_only:
+            for suite, (robust, first, t, check, cached) in runs.items():
+                print(f"<!-- {name} {suite}: {float(robust.float().mean()):.3f} robust, {t:.1f} CPU s"
+                      f"{' (cached)' if cached else ''}, first broken by {_count(first)} -->", flush=True)
+            continue
         aa_robust, aa_first, t_aa, cached = _cached_reference(name, model, x, y, args)
         aa_robust = aa_robust & clean_ok
         if args.reference_only:
@@ -351,21 +409,14 @@ def compare_suites(args) -> int:
         notes.append(f"<!-- {name} ({what}): pyautoattack first broken by {_count(aa_first)}"
                      f"{'; reference read from ' + args.aa_cache if cached else ''} -->")
         for suite in args.suite_names:
-            c = time.process_time()
-            rep = evaluate(model, x, y, eps=args.eps, suite=suite, cascade=True, checks=True,
-                           check_config=CheckConfig(enabled=("black_box_stronger",)), seed=args.seed)
-            t = time.process_time() - c
-            res = rep.result()
-            robust = torch.tensor(res.robust)
+            robust, first, t, check, s_cached = runs[suite]
             missed = (robust & ~aa_robust).nonzero().flatten().tolist()
             print(f"| {name} | {float(clean_ok.float().mean()):.3f} | {ref} | {suite} | "
-                  f"{float(robust.float().mean()):.3f} | {t:.1f} | {t / t_aa:.2f}x | "
-                  f"{len(missed)} | {int((~robust & aa_robust).sum())} |", flush=True)
-            check = next((c for c in rep.checks if c.name == "black_box_stronger"), None)
-            notes.append(f"<!-- {name} {suite}: first broken by {_count(res.first_success)}; "
+                  f"{float(robust.float().mean()):.3f} | {t:.1f}{' (cached)' if s_cached else ''} | "
+                  f"{t / t_aa:.2f}x | {len(missed)} | {int((~robust & aa_robust).sum())} |", flush=True)
+            notes.append(f"<!-- {name} {suite}: first broken by {_count(first)}; "
                          f"AA broke, suite left: {[(i, aa_first[i]) for i in missed]}; "
-                         f"black_box_stronger: {check.fired if check else None} "
-                         f"({check.message if check else ''}) -->")
+                         f"black_box_stronger: {check[0]} ({check[1]}) -->")
             print(notes[-1], flush=True)
     print()
     print("\n".join(notes))
