@@ -100,8 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-only", action="store_true",
                     help="with --suites: only compute (and cache) pyautoattack's reference")
     ap.add_argument("--suite-cache", default="",
-                    help="JSON cache of the suites' per-sample results, keyed by the code's git "
-                         "commit (a tree with uncommitted changes is never cached; '': no cache)")
+                    help="JSON cache of the suites' per-sample results, keyed by the library's git "
+                         "tree (uncommitted library changes are never cached; '': no cache)")
     ap.add_argument("--suites-only", action="store_true",
                     help="with --suites: only run (and cache) the suites, no reference")
     args = ap.parse_args(argv)
@@ -313,22 +313,24 @@ def _cached_reference_chunk(name, model, x, y, args):
 
 
 def _code_commit():
-    """The git commit of this tree, or None if it has uncommitted changes (or is no checkout)."""
+    """The git tree hash of the library (``robustdeq/`` at HEAD: commits elsewhere keep it), or
+    None if the library has uncommitted changes (or this is no checkout)."""
     import subprocess
     root = Path(__file__).resolve().parents[1]
     try:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "robustdeq"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        tree = subprocess.run(["git", "rev-parse", "HEAD:robustdeq"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return None if dirty else head
+    return None if dirty else tree
 
 
 def _cached_suite(name, model, x, y, suite, args):
     """One suite in cascade on (x, y), through the JSON cache of ``--suite-cache`` (keyed by the
-    code's commit): (robust flags, unit that broke each sample, CPU s, (check fired, message),
+    library's git tree): (robust flags, unit that broke each sample, CPU s, (check fired, message),
     cached?)."""
     import hashlib
     import json
