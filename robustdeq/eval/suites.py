@@ -12,13 +12,18 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
   otherwise (3 random restarts, cross-entropy), then robustdeq's native APGD-CE and APGD-T on
   the 9 classes of highest clean logit after the top one, as AutoAttack runs it (Croce & Hein
   2020; on 3 targets it left samples AutoAttack breaks on a trained digits DEQ; on a DEQ whose
-  solves converge their gradients come from the joint forward/adjoint/input iteration); on a
+  solves converge their gradients come from the joint forward/adjoint/input iteration), and
+  ``apgd-t3x3``: APGD-T again on the 3 likeliest targets, 3 runs each from other random starts
+  (on adversarially trained MDEQs at large radii which samples one APGD-T run breaks depends on
+  its start and on small differences in its gradients; more runs where breaks are likeliest
+  leave fewer of AutoAttack's breaks behind); on a
   model that declares ``randomized``, APGD-CE and APGD-DLR with EOT over 20 gradients
   (AutoAttack's "rand" version). No score-based unit: at large radii on adversarially trained
   DEQs a full Square search breaks samples every gradient attack leaves, but they take it
   hundreds to thousands of queries (``standard`` runs 5,000), so ``quick`` can be optimistic
   there. Like every suite, an upper bound on the robust accuracy.
-- ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's),
+- ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's)
+  and ``apgd-t3x3``,
   the Square attack (score-based; Andriushchenko et al. 2020), intermediate-state attacks (Yang
   et al. 2022) on three states spread over the clean trajectory and their ensemble attack
   (randomized models: APGD-CE and APGD-DLR with EOT instead of APGD-T and Square).
@@ -158,16 +163,23 @@ def apgd_iterations(steps: int) -> int:
     return APGD_STEPS_FACTOR * int(steps)
 
 
-def _apgd_factory(loss: str, *, n_targets: int = APGD_TARGETS, eot_iter: int = 1):
+#: the ``apgd-t3x3`` unit: APGD-T's restarts on each of its 3 likeliest targets
+RESTART_TARGETS, TARGET_RESTARTS = 3, 3
+
+
+def _apgd_factory(loss: str, *, n_targets: int = APGD_TARGETS, eot_iter: int = 1,
+                  restarts: int = 1, seed_offset: int = 0):
     def factory(target, *, eps, norm, steps, seed):
         # early stopping: a sample leaves the run once broken (confirmed by the model's own
         # inference on a DEQ); off a DEQ the samples broken are the plain run's, at a fraction
         # of the cost
         from ..attacks.apgd import APGD, APGDT
         iters = apgd_iterations(steps)
+        if seed is not None:
+            seed = seed + seed_offset
         if loss == "dlr-targeted":
             return APGDT(target, eps=eps, norm=norm, steps=iters, n_target_classes=n_targets,
-                         eot_iter=eot_iter, seed=seed, early_stop=True)
+                         restarts=restarts, eot_iter=eot_iter, seed=seed, early_stop=True)
         return APGD(target, eps=eps, norm=norm, steps=iters, loss=loss, eot_iter=eot_iter, seed=seed,
                     early_stop=True)
     return factory
@@ -342,6 +354,18 @@ def _apgd_t_builder(name: str, targets: int):
     return build
 
 
+def _apgd_t_restarts_spec(ctx: SuiteContext) -> List[AttackSpec]:
+    if ctx.num_classes is not None and ctx.num_classes < 4:
+        return []
+    n = RESTART_TARGETS if ctx.num_classes is None else min(RESTART_TARGETS, ctx.num_classes - 1)
+    # another seed than apgd-t's: its first run on the first target would repeat apgd-t's
+    return [AttackSpec("apgd-t3x3", _apgd_factory("dlr-targeted", n_targets=n, eot_iter=_eot(ctx),
+                                                  restarts=TARGET_RESTARTS, seed_offset=1),
+                       description=_native(f"APGD-T, {TARGET_RESTARTS} runs from other random starts "
+                                           f"on each of the {n} classes of highest clean logit "
+                                           "after the top one", ctx))]
+
+
 def _transfer_unrolled_spec(ctx: SuiteContext) -> List[AttackSpec]:
     if ctx.horizon is None or ctx.max_state is None:
         return []
@@ -409,6 +433,7 @@ def _builtin_specs() -> Dict[str, Callable[[SuiteContext], List[AttackSpec]]]:
                      ("apgd-ce", _apgd_ce_spec), ("apgd-dlr", _apgd_dlr_spec),
                      ("apgd-t", _apgd_t_builder("apgd-t", APGD_TARGETS)),
                      (f"apgd-t{QUICK_TARGETS}", _apgd_t_builder(f"apgd-t{QUICK_TARGETS}", QUICK_TARGETS)),
+                     ("apgd-t3x3", _apgd_t_restarts_spec),
                      ("pyautoattack-apgd-ce", _pyautoattack_apgd_ce_spec),
                      ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec),
                      ("square-quick", _square_quick_spec),
@@ -442,12 +467,12 @@ def _suite_quick(ctx: SuiteContext) -> List[str]:
     pgd = ["pgd-ift", "pgd-unrolled"] if ctx.has_deq else ["pgd"]
     if ctx.randomized:  # AutoAttack's "rand" version's losses, with EOT
         return pgd + ["apgd-ce", "apgd-dlr"]
-    return pgd + ["apgd-ce", "apgd-t"]
+    return pgd + ["apgd-ce", "apgd-t", "apgd-t3x3"]
 
 
 def _suite_standard(ctx: SuiteContext) -> List[str]:
     names = (["pgd-ift", "pgd-unrolled"] if ctx.has_deq else ["pgd"]) + ["apgd-ce"]
-    names += ["apgd-dlr"] if ctx.randomized else ["apgd-t", "square"]
+    names += ["apgd-dlr"] if ctx.randomized else ["apgd-t", "apgd-t3x3", "square"]
     if ctx.trajectory_model is not None:
         names += ["states", "state-ensemble"]
     return names
@@ -500,7 +525,7 @@ def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[Att
 
 
 __all__ = ["AttackSpec", "SuiteContext", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
-           "APGD_ITERS", "APGD_TARGETS", "QUICK_TARGETS", "apgd_iterations", "SQUARE_QUICK_FACTOR",
-           "square_quick_queries",
+           "APGD_ITERS", "APGD_TARGETS", "QUICK_TARGETS", "RESTART_TARGETS", "TARGET_RESTARTS",
+           "apgd_iterations", "SQUARE_QUICK_FACTOR", "square_quick_queries",
            "register_attack_spec", "register_suite", "builtin_spec", "suite_names",
            "build_suite"]

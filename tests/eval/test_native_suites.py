@@ -21,6 +21,11 @@ def test_native_units_and_their_budgets(trained_model):
     atk = specs["apgd-t"].factory(deq, eps=0.1, norm="Linf", steps=20, seed=0)
     assert (atk.steps, atk.n_target_classes, atk.early_stop) == (100, 9, True)
     assert specs["apgd-t3"].factory(deq, eps=0.1, norm="Linf", steps=4, seed=0).steps == 20
+    # apgd-t3x3: 3 runs on each of the 3 likeliest targets, from other starts than apgd-t's
+    (r3,) = build_suite(["apgd-t3x3"], _ctx(deq))
+    atk3 = r3.factory(deq, eps=0.1, norm="Linf", steps=20, seed=0)
+    assert (atk3.steps, atk3.n_target_classes, atk3.restarts) == (100, 3, 3) and atk3.seed != atk.seed
+    assert build_suite(["apgd-t3x3"], _ctx(deq, num_classes=3)) == []
     # fewer classes: fewer targets; under 4 classes no APGD-T (the targeted DLR loss needs 4)
     few = {s.name: s for s in build_suite(["apgd-t"], _ctx(deq, num_classes=5))}
     assert few["apgd-t"].factory(deq, eps=0.1, norm="Linf", steps=20, seed=0).n_target_classes == 4
@@ -66,7 +71,7 @@ def test_square_quick_unit_is_a_short_square_with_autoattacks_settings(trained_m
     holds the gradient units only."""
     from robustdeq.attacks import Square
     deq = trained_model("mlp_deq", steps=60, hidden=32)
-    assert [s.name for s in build_suite("quick", _ctx(deq))] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t"]
+    assert [s.name for s in build_suite("quick", _ctx(deq))] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3"]
     (sq,) = build_suite(["square-quick"], _ctx(deq))
     assert sq.kind == "black-box"
     for steps, queries in ((20, 1000), (3, 150)):
