@@ -32,12 +32,28 @@ def _worker(rank: int, world: int, port: int, task: Callable[..., Any], out: str
             dist.destroy_process_group()
 
 
-def spawn(task: Callable[..., Any], out: Path, world: int = 2, **kwargs) -> List[Any]:
+#: what the fork server imports once, before it forks the ranks
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "robustdeq", "robustdeq.distributed",
+           "robustdeq.train", "robustdeq.cli", "helpers.ranks"]
+
+
+def spawn(task: Callable[..., Any], out: Path, world: int = 2, start_method: str = "spawn",
+          **kwargs) -> List[Any]:
     """Run ``task(rank, out, **kwargs)`` (a module-level function: the spawned ranks import it) on
-    ``world`` ranks; their results, in rank order."""
+    ``world`` ranks; their results, in rank order. ``start_method="forkserver"``: the ranks are
+    forked from a server process that imported :data:`PRELOAD` once (a fresh interpreter, not a
+    copy of this one; torch is imported once instead of once per rank)."""
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_worker, args=(world, free_port(), task, str(out), kwargs), nprocs=world,
-                       join=True, start_method="spawn")
+    if start_method == "forkserver":
+        import multiprocessing
+        multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    try:
+        mp.start_processes(_worker, args=(world, free_port(), task, str(out), kwargs), nprocs=world,
+                           join=True, start_method=start_method)
+    finally:
+        if start_method == "forkserver":  # stop and reap the server (it reaped the ranks), so that
+            from multiprocessing import forkserver  # no process outlives the call and its CPU
+            forkserver._forkserver._stop()          # time counts as this process's children's
     return [torch.load(out / f"result{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -61,7 +77,7 @@ def spawn_tasks(tasks: dict, out: Path, world: int = 2) -> dict:
     """``{name: [result of rank 0, result of rank 1, ...]}`` for the tasks ``{name:
     "module:function"}`` (``function(rank, out)`` in an importable module), run one after the
     other by the same ``world`` spawned ranks."""
-    per_rank = spawn(_run_tasks, out, world, tasks=tasks)
+    per_rank = spawn(_run_tasks, out, world, start_method="forkserver", tasks=tasks)
     return {name: [r[name] for r in per_rank] for name in tasks}
 
 
