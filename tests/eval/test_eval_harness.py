@@ -35,10 +35,13 @@ def data(digits_test):
     return digits_test(64)
 
 
+QUICK_STEPS = 5
+
+
 @pytest.fixture(scope="module")
 def quick(deq, data):
     x, y = data
-    return evaluate(deq, x, y, eps=[0.05, 0.1], suite="quick", steps=10, checks=False)
+    return evaluate(deq, x, y, eps=[0.05, 0.1], suite="quick", steps=QUICK_STEPS, checks=False)
 
 
 def _clean_correct(model, x, y):
@@ -75,7 +78,7 @@ def test_attack_accuracy_matches_a_direct_run(quick, deq, data):
     from robustdeq.attacks import PGD
     x, y = data
     cc = _clean_correct(deq, x, y)
-    e, steps = 0.1, 10
+    e, steps = 0.1, QUICK_STEPS
     atk = PGD(deq, eps=e, alpha=2.5 * e / steps, steps=steps, norm="Linf", grad="ift",
               seed=unit_seed(0, 0.1, "pgd-ift"), restarts=3)
     with warnings.catch_warnings():
