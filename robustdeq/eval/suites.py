@@ -12,16 +12,18 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
   otherwise (3 random restarts, cross-entropy), then robustdeq's native APGD-CE and APGD-T on
   the 9 classes of highest clean logit after the top one, as AutoAttack runs it (Croce & Hein
   2020; on 3 targets it left samples AutoAttack breaks on a trained digits DEQ; on a DEQ whose
-  solves converge their gradients come from the joint forward/adjoint/input iteration); on a
+  solves converge their gradients come from the joint forward/adjoint/input iteration), and
+  ``apgd-t3x3``: APGD-T again on the 3 likeliest targets, 3 runs each from other random starts
+  (on adversarially trained MDEQs at large radii which samples one APGD-T run breaks depends on
+  its start and on small differences in its gradients; more runs where breaks are likeliest
+  leave fewer of AutoAttack's breaks behind); on a
   model that declares ``randomized``, APGD-CE and APGD-DLR with EOT over 20 gradients
   (AutoAttack's "rand" version). No score-based unit: at large radii on adversarially trained
   DEQs a full Square search breaks samples every gradient attack leaves, but they take it
   hundreds to thousands of queries (``standard`` runs 5,000), so ``quick`` can be optimistic
   there. Like every suite, an upper bound on the robust accuracy.
 - ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's)
-  and ``apgd-t3x3`` (APGD-T again on the 3 likeliest targets, 3 runs each from other random
-  starts: on adversarially trained MDEQs at large radii which samples one APGD-T run breaks
-  depends on its start and on small differences in its gradients),
+  and ``apgd-t3x3``,
   the Square attack (score-based; Andriushchenko et al. 2020), intermediate-state attacks (Yang
   et al. 2022) on three states spread over the clean trajectory and their ensemble attack
   (randomized models: APGD-CE and APGD-DLR with EOT instead of APGD-T and Square).
@@ -465,7 +467,7 @@ def _suite_quick(ctx: SuiteContext) -> List[str]:
     pgd = ["pgd-ift", "pgd-unrolled"] if ctx.has_deq else ["pgd"]
     if ctx.randomized:  # AutoAttack's "rand" version's losses, with EOT
         return pgd + ["apgd-ce", "apgd-dlr"]
-    return pgd + ["apgd-ce", "apgd-t"]
+    return pgd + ["apgd-ce", "apgd-t", "apgd-t3x3"]
 
 
 def _suite_standard(ctx: SuiteContext) -> List[str]:

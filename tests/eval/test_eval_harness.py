@@ -57,7 +57,7 @@ def test_quick_suite_worst_case_bookkeeping(quick, deq, data):
     assert quick.clean_accuracy == pytest.approx(float(cc.float().mean()))
     assert quick.n_samples == 64 and quick.eps == [0.05, 0.1] and quick.threat == "Linf"
     for r in quick.results:
-        assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t"]
+        assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3"]
         robust = torch.tensor(r.robust)
         assert r.robust_accuracy == pytest.approx(float(robust.float().mean()))
         assert not bool((robust & ~cc).any())  # robust implies clean-correct
@@ -191,7 +191,7 @@ def test_weight_tied_model_uses_its_layers_and_own_gradient(data):
     torch.manual_seed(0)
     m = zoo.build("weight_tied_mlp", hidden=16, depth=4).eval()
     rep = evaluate(m, x[:16], y[:16], eps=0.1, suite="quick", steps=3, checks=False)
-    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t"]
+    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t", "apgd-t3x3"]
     assert rep.result().attack("pgd").describe["grad"] == "model default"
     ps = rep.clean["per_state"]
     assert ps["steps"] == [0, 1, 2, 3, 4]
@@ -203,7 +203,7 @@ def test_weight_tied_model_uses_its_layers_and_own_gradient(data):
 def test_feedforward_model_skips_deq_parts(mlp, data):
     x, y = data
     rep = evaluate(mlp, x[:32], y[:32], eps=0.1, suite="quick", steps=5, check_config=CHEAP_CHECKS)
-    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t"]
+    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t", "apgd-t3x3"]
     assert rep.clean["per_state"] is None and rep.result().per_state is None
     assert rep.check("non_convergence").skipped and rep.check("estimator_disagreement").skipped
     assert any("no trajectory" in n for n in rep.notes)
@@ -224,7 +224,8 @@ def test_defense_adaptive_views_are_attacked_and_judged_on_the_defense(deq, data
     defense = MaskedDefense(deq)
     rep = evaluate(defense, x, y, eps=0.1, suite="quick", steps=3, checks=False)
     r = rep.result()
-    assert [a.key for a in r.attacks] == [f"{p}{v}" for p in ("pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t")
+    assert [a.key for a in r.attacks] == [f"{p}{v}" for p in ("pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t",
+                                                                   "apgd-t3x3")
                                           for v in ("", "@bpda", "@transfer-base")]
     assert r.attack("pgd-ift@bpda").view == "bpda"
     # PGD stops early on the judged model itself, never on a view (a view's success is not the
@@ -265,7 +266,7 @@ def test_resume_gives_the_same_flags_as_an_uninterrupted_run(deq, data, tmp_path
 
     seen = []
     resumed = evaluate(deq, x, y, out_dir=tmp_path / "b", callback=seen.append, **kw)
-    assert [s["resumed"] for s in seen] == [True] + [False] * 7  # 4 quick units x 2 eps
+    assert [s["resumed"] for s in seen] == [True] + [False] * 9  # 5 quick units x 2 eps
     assert resumed.config_hash == full.config_hash
     for a, b in zip(full.results, resumed.results):
         assert a.robust == b.robust and a.first_success == b.first_success
@@ -446,7 +447,7 @@ def test_full_suite_composition_and_transfer_unit(deq, data):
     assert names == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3", "square", "state-2",
                      "state-6", "state-9", "state-ensemble", "autoattack", "autoattack-plus",
                      "transfer-unrolled"]
-    assert [s.name for s in build_suite("quick", ctx)] == names[:4]
+    assert [s.name for s in build_suite("quick", ctx)] == names[:5]
     assert [s.name for s in build_suite("standard", ctx)] == names[:10]
     x, y = data
     with warnings.catch_warnings():  # a 3-step IFT PGD is weaker than the transfer: the check may fire

@@ -71,7 +71,7 @@ def test_square_quick_unit_is_a_short_square_with_autoattacks_settings(trained_m
     holds the gradient units only."""
     from robustdeq.attacks import Square
     deq = trained_model("mlp_deq", steps=60, hidden=32)
-    assert [s.name for s in build_suite("quick", _ctx(deq))] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t"]
+    assert [s.name for s in build_suite("quick", _ctx(deq))] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3"]
     (sq,) = build_suite(["square-quick"], _ctx(deq))
     assert sq.kind == "black-box"
     for steps, queries in ((20, 1000), (3, 150)):
