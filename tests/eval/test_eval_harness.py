@@ -249,6 +249,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # 1 of 16 samples is 6%
 def test_resume_gives_the_same_flags_as_an_uninterrupted_run(deq, data, tmp_path):
     x, y = data
     x, y = x[:16], y[:16]
