@@ -35,15 +35,6 @@ from ..errors import ConfigError
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _residual(z: Tensor, fz: Tensor, cfg) -> Tensor:
-    """Per-sample residual of ``z`` as the model's solver measures it (``cfg.stop_mode``)."""
-    b = z.shape[0]
-    diff = torch.linalg.vector_norm((fz - z).reshape(b, -1), dim=1)
-    if cfg.stop_mode == "rel":
-        return diff / (torch.linalg.vector_norm(fz.reshape(b, -1), dim=1) + cfg.eps)
-    return diff
-
-
 def supports_joint(model: nn.Module) -> bool:
     """Whether ``model`` exposes the pieces the joint iteration needs (a fixed-point model with
     ``inject``, ``f``, ``readout``, ``init_state``, ``solver_config``)."""
@@ -90,7 +81,7 @@ class JointInputGradient:
             self.mu = self.mu[keep]
 
     def __call__(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
-        from .solvers import get_solver
+        from .solvers import get_solver, residual
         model = self.model
         b = x.shape[0]
         self.stats["calls"] += 1
@@ -122,7 +113,7 @@ class JointInputGradient:
                     for _ in range(self.fwd_iters):
                         fz = model.f(z_star, ud)
                         nfe += 1
-                        done = bool((_residual(z_star, fz, cfg) <= cfg.tol).all())
+                        done = bool((residual(z_star, fz, cfg) <= cfg.tol).all())
                         z_star = fz
                         if done:
                             break

@@ -134,6 +134,17 @@ def _parse_record(record: RecordSpec, max_iter: int) -> Optional[set]:
     return steps
 
 
+def residual(z: Tensor, fz: Tensor, config: SolverConfig, g: Optional[Tensor] = None) -> Tensor:
+    """Per-sample residual ``||f(z) - z||`` of ``(B, ...)`` states as ``config`` measures it
+    (``stop_mode``: absolute, or relative to ``||f(z)||`` with the guard ``eps``); ``g = fz - z``
+    if already computed."""
+    b = z.shape[0]
+    diff = torch.linalg.vector_norm((fz - z if g is None else g).reshape(b, -1), dim=1)
+    if config.stop_mode == StopMode.REL:
+        return diff.div_(torch.linalg.vector_norm(fz.reshape(b, -1), dim=1).add_(config.eps))
+    return diff
+
+
 class Solver:
     """Base class: the bookkeeping shared by all solvers; subclasses implement :meth:`propose`.
 
@@ -229,10 +240,7 @@ class Solver:
 
     def residual(self, z: Tensor, fz: Tensor, g: Optional[Tensor] = None) -> Tensor:
         """Per-sample residual of ``z`` given ``fz = f(z)`` (``g = fz - z`` if already computed)."""
-        diff = torch.linalg.vector_norm(fz - z if g is None else g, dim=1)
-        if self.config.stop_mode == StopMode.REL:
-            return diff.div_(torch.linalg.vector_norm(fz, dim=1).add_(self.config.eps))
-        return diff
+        return residual(z, fz, self.config, g)
 
     def step(self, f: Fn, state: SolverState) -> SolverState:
         """Evaluate ``f(z_k)``, update the per-sample flags and the best iterate, propose z_{k+1}.
@@ -675,4 +683,4 @@ def solve(f: Fn, z0: Tensor, config: Union[SolverConfig, dict, str, None] = None
 
 
 __all__ = ["TrajectoryState", "SolverState", "SolveResult", "Solver", "FixedPointIteration",
-           "Anderson", "Broyden", "register_solver", "get_solver", "solve"]
+           "Anderson", "Broyden", "register_solver", "get_solver", "solve", "residual"]

@@ -343,27 +343,21 @@ def _apgd_dlr_spec(ctx: SuiteContext) -> List[AttackSpec]:
                        description=_native("APGD-DLR (difference-of-logits-ratio loss)", ctx))]
 
 
-def _apgd_t_builder(name: str, targets: int):
+def _apgd_t_builder(name: str, targets: int, restarts: int = 1):
+    # more runs per target start from another seed than apgd-t's: their first run on the first
+    # target would repeat apgd-t's
+    seed_offset = 1 if restarts > 1 else 0
+
     def build(ctx: SuiteContext) -> List[AttackSpec]:
         n = targets if ctx.num_classes is None else min(targets, ctx.num_classes - 1)
         if ctx.num_classes is not None and ctx.num_classes < 4:
             return []  # the targeted DLR loss needs 4 classes
-        return [AttackSpec(name, _apgd_factory("dlr-targeted", n_targets=n, eot_iter=_eot(ctx)),
-                           description=_native(f"APGD-T (targeted DLR loss, the {n} classes of "
+        runs = f"{restarts} runs from other random starts on each of " if restarts > 1 else ""
+        return [AttackSpec(name, _apgd_factory("dlr-targeted", n_targets=n, eot_iter=_eot(ctx),
+                                               restarts=restarts, seed_offset=seed_offset),
+                           description=_native(f"APGD-T (targeted DLR loss, {runs}the {n} classes of "
                                                "highest clean logit after the top one)", ctx))]
     return build
-
-
-def _apgd_t_restarts_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    if ctx.num_classes is not None and ctx.num_classes < 4:
-        return []
-    n = RESTART_TARGETS if ctx.num_classes is None else min(RESTART_TARGETS, ctx.num_classes - 1)
-    # another seed than apgd-t's: its first run on the first target would repeat apgd-t's
-    return [AttackSpec("apgd-t3x3", _apgd_factory("dlr-targeted", n_targets=n, eot_iter=_eot(ctx),
-                                                  restarts=TARGET_RESTARTS, seed_offset=1),
-                       description=_native(f"APGD-T, {TARGET_RESTARTS} runs from other random starts "
-                                           f"on each of the {n} classes of highest clean logit "
-                                           "after the top one", ctx))]
 
 
 def _transfer_unrolled_spec(ctx: SuiteContext) -> List[AttackSpec]:
@@ -433,7 +427,7 @@ def _builtin_specs() -> Dict[str, Callable[[SuiteContext], List[AttackSpec]]]:
                      ("apgd-ce", _apgd_ce_spec), ("apgd-dlr", _apgd_dlr_spec),
                      ("apgd-t", _apgd_t_builder("apgd-t", APGD_TARGETS)),
                      (f"apgd-t{QUICK_TARGETS}", _apgd_t_builder(f"apgd-t{QUICK_TARGETS}", QUICK_TARGETS)),
-                     ("apgd-t3x3", _apgd_t_restarts_spec),
+                     ("apgd-t3x3", _apgd_t_builder("apgd-t3x3", RESTART_TARGETS, TARGET_RESTARTS)),
                      ("pyautoattack-apgd-ce", _pyautoattack_apgd_ce_spec),
                      ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec),
                      ("square-quick", _square_quick_spec),
