@@ -105,6 +105,12 @@ def main(argv=None) -> int:
     ap.add_argument("--suites-only", action="store_true",
                     help="with --suites: only run (and cache) the suites, no reference")
     args = ap.parse_args(argv)
+    if args.n < 1 or args.aa_chunk < 0:
+        ap.error("--n must be >= 1 and --aa-chunk >= 0")
+    if (args.suites_only or args.reference_only) and not args.suites:
+        ap.error("--suites-only and --reference-only go with --suites")
+    if args.suites_only and args.reference_only:
+        ap.error("--suites-only and --reference-only exclude each other")
     torch.set_num_threads(args.threads)
     if args.suites:
         return compare_suites(args)
@@ -290,26 +296,41 @@ def _cached_reference(name, model, x, y, args):
             sum(p[2] for p in parts), all(p[3] for p in parts))
 
 
-def _cached_reference_chunk(name, model, x, y, args):
-    import hashlib
+def _json_cached(path, key, compute):
+    """``compute()`` (a JSON-able dict) through the JSON file ``path`` (None: no cache), keyed by
+    ``key``: (entry, cached?). The file is re-read before writing and replaced atomically, so
+    several processes may share it."""
     import json
-    from robustdeq.attacks.autoattack import pyautoattack_version
-    data = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
-    key = f"{name}|{_weights_hash(model)}|{data}|n={x.shape[0]}|eps={args.eps}|seed={args.seed}|" \
-          f"pyautoattack {pyautoattack_version()}"
-    path = Path(args.aa_cache) if args.aa_cache else None
+    import os
     cache = json.loads(path.read_text()) if path is not None and path.exists() else {}
     if key in cache:
-        e = cache[key]
-        return torch.tensor(e["robust"]), e["first"], e["cpu_s"], True
-    robust, first, t = _pyautoattack_reference(model, x, y, args)
+        return cache[key], True
+    entry = compute()
     if path is not None:
         cache = json.loads(path.read_text()) if path.exists() else {}
-        cache[key] = {"robust": robust.tolist(), "first": first, "cpu_s": t}
-        tmp = path.with_suffix(".tmp")
+        cache[key] = entry
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))
         tmp.replace(path)
-    return robust, first, t, False
+    return entry, False
+
+
+def _data_key(name, model, x, y, args) -> str:
+    import hashlib
+    data = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
+    return f"{name}|{_weights_hash(model)}|{data}|n={x.shape[0]}|eps={args.eps}|seed={args.seed}"
+
+
+def _cached_reference_chunk(name, model, x, y, args):
+    from robustdeq.attacks.autoattack import pyautoattack_version
+
+    def compute():
+        robust, first, t = _pyautoattack_reference(model, x, y, args)
+        return {"robust": robust.tolist(), "first": first, "cpu_s": t}
+    e, cached = _json_cached(Path(args.aa_cache) if args.aa_cache else None,
+                             f"{_data_key(name, model, x, y, args)}|pyautoattack {pyautoattack_version()}",
+                             compute)
+    return torch.tensor(e["robust"]), e["first"], e["cpu_s"], cached
 
 
 def _code_commit():
@@ -332,35 +353,25 @@ def _cached_suite(name, model, x, y, suite, args):
     """One suite in cascade on (x, y), through the JSON cache of ``--suite-cache`` (keyed by the
     library's git tree): (robust flags, unit that broke each sample, CPU s, (check fired, message),
     cached?)."""
-    import hashlib
-    import json
     from robustdeq.eval import evaluate
     from robustdeq.eval.checks import CheckConfig
     commit = _code_commit() if args.suite_cache else None
-    data = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16]
-    key = f"{name}|{_weights_hash(model)}|{data}|n={x.shape[0]}|eps={args.eps}|seed={args.seed}|" \
-          f"{suite}|{commit}"
-    path = Path(args.suite_cache) if commit else None
-    cache = json.loads(path.read_text()) if path is not None and path.exists() else {}
-    if key in cache:
-        e = cache[key]
-        return torch.tensor(e["robust"]), e["first"], e["cpu_s"], tuple(e["check"]), True
-    c = time.process_time()
-    rep = evaluate(model, x, y, eps=args.eps, suite=suite, cascade=True, checks=True,
-                   check_config=CheckConfig(enabled=("black_box_stronger",)), seed=args.seed)
-    t = time.process_time() - c
-    res = rep.result()
-    robust = torch.tensor(res.robust)
-    chk = next((c for c in rep.checks if c.name == "black_box_stronger"), None)
-    check = (chk.fired if chk else None, chk.message if chk else "")
-    if path is not None:
-        cache = json.loads(path.read_text()) if path.exists() else {}
-        cache[key] = {"robust": robust.tolist(), "first": list(res.first_success), "cpu_s": t,
-                      "check": list(check)}
-        tmp = path.with_suffix(f".{name}.tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(path)
-    return robust, list(res.first_success), t, check, False
+    if args.suite_cache and commit is None:
+        print(f"# --suite-cache {args.suite_cache}: not used (robustdeq/ has uncommitted changes, "
+              "or this is no git checkout)", file=sys.stderr, flush=True)
+
+    def compute():
+        c = time.process_time()
+        rep = evaluate(model, x, y, eps=args.eps, suite=suite, cascade=True, checks=True,
+                       check_config=CheckConfig(enabled=("black_box_stronger",)), seed=args.seed)
+        t = time.process_time() - c
+        res = rep.result()
+        chk = next((c for c in rep.checks if c.name == "black_box_stronger"), None)
+        return {"robust": list(res.robust), "first": list(res.first_success), "cpu_s": t,
+                "check": [chk.fired if chk else None, chk.message if chk else ""]}
+    e, cached = _json_cached(Path(args.suite_cache) if commit else None,
+                             f"{_data_key(name, model, x, y, args)}|{suite}|{commit}", compute)
+    return torch.tensor(e["robust"]), e["first"], e["cpu_s"], tuple(e["check"]), cached
 
 
 def _load_data(args):
@@ -395,7 +406,8 @@ def compare_suites(args) -> int:
     notes = []
     for name, what, model in _suite_models(args):
         clean_ok = predict(model, x) == y
-        runs = {suite: _cached_suite(name, model, x, y, suite, args) for suite in args.suite_names}
+        runs = {} if args.reference_only else {
+            suite: _cached_suite(name, model, x, y, suite, args) for suite in args.suite_names}
         if args.suites_only:
             for suite, (robust, first, t, check, cached) in runs.items():
                 print(f"<!-- {name} {suite}: {float(robust.float().mean()):.3f} robust, {t:.1f} CPU s"
