@@ -54,10 +54,11 @@ def add_parser(sub) -> None:
                    help="smoothing --mode sequential/radius: level of the upper confidence sequence that stops "
                         "sampling early for a radius that will not be certified (default 0.01; an error there "
                         "only loses a certificate)")
-    c.add_argument("--futility", default="sequence", choices=["sequence", "projected"],
+    c.add_argument("--futility", default=None, choices=["sequence", "projected"],
                    help="smoothing --mode sequential: give a radius up when the upper confidence sequence falls "
                         "below its threshold (sequence), or also when it would stay uncertified at the end of "
-                        "the budget at that upper rate (projected: fewer samples on borderline inputs)")
+                        "the budget at that upper rate (projected, the default: fewer samples on borderline "
+                        "inputs; either only withholds certificates)")
     c.add_argument("--final-alpha-fraction", type=float, default=0.25,
                    help="smoothing --mode sequential/radius: share of --alpha spent on one Clopper-Pearson test "
                         "at exactly n samples (the budget) for inputs still undecided there; the confidence "

@@ -170,6 +170,11 @@ def test_projected_futility_gives_up_borderline_radii_early_and_only_withholds()
                 assert proj.decisions[1.0] != "certified"
     with pytest.raises(ConfigError, match="futility"):
         S.make_config(mode="radius", futility="projected")
+    # left unset, the rule follows the mode (projected where it applies), and a config changes mode freely
+    seq = S.make_config(mode="sequential")
+    assert (seq.futility, seq.futility_rule) == (None, "projected")
+    assert seq.replace(mode="radius").futility_rule == "sequence"
+    assert S.make_config(mode="sequential", futility="sequence").futility_rule == "sequence"
     with pytest.raises(ConfigError, match="futility"):
         S.make_config(mode="sequential", futility="hopeful")
 
@@ -338,8 +343,9 @@ def test_selection_solved_with_the_first_estimation_batch_counts_as_separate_sol
             seen.append(xb.shape[0])
             return orig(xb, **kw)
         model.run = run
+        # futility left at its default: the sequential mode's default rule is "projected"
         cfg = dict(sigma=0.5, n0=30, n=3000, alpha=0.001, batch_size=200, first_batch=50, radii=(0.1, 0.3),
-                   mode="sequential", futility="projected", seed=4)
+                   mode="sequential", seed=4)
         rep = S.certify(model, x, **cfg)
     finally:
         del model.run
@@ -377,6 +383,7 @@ def test_sequential_report_round_trip(tmp_path):
     assert back.certified_accuracy(0.1) == rep.certified_accuracy(0.1)
     md = (tmp_path / "certificate.md").read_text()
     assert "sequential" in md and "samples / image" in md
+    assert back.config["futility"] == "projected" and "(rule: projected)" in md   # the rule in force
 
 
 def test_rows_the_models_loose_solver_cannot_prove_are_solved_on_and_count_as_the_exact_class():

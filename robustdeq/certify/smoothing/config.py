@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
 from ...config import check_radii, from_dict, to_dict
 from ...errors import ConfigError
@@ -64,7 +64,9 @@ class SmoothingConfig:
             radius is out of reach even if every remaining sample succeeded) or ``"projected"``
             (besides those: the radius would stay uncertified at the end of the budget even if the
             success rate of every remaining sample were that upper confidence limit). Either only
-            ever withholds a certificate.
+            ever withholds a certificate. Left at None: ``"projected"`` in sequential mode (it
+            stops inputs whose ``p_A`` lies just below a threshold long before the budget),
+            ``"sequence"`` in the other modes, where ``"projected"`` does not apply.
         tolerance: radius mode: the L2 radius growth below which sampling stops.
         final_alpha_fraction: sequential modes: the share ``phi`` in [0, 1) of ``alpha`` spent on
             one Clopper-Pearson test (Cohen et al. 2019) at exactly ``n`` samples, the budget; the
@@ -92,7 +94,7 @@ class SmoothingConfig:
     mode: str = "fixed"
     first_batch: int = 100
     futility_alpha: float = 0.01
-    futility: str = "sequence"
+    futility: Optional[str] = None
     tolerance: float = 0.05
     final_alpha_fraction: float = 0.25
 
@@ -110,6 +112,8 @@ class SmoothingConfig:
             raise ConfigError("SmoothingConfig.check_alpha_fraction must be in (0, 1), got "
                               f"{self.check_alpha_fraction!r}")
         for name, choices in (("mode", MODES), ("srs_check", SRS_CHECKS), ("futility", FUTILITY_RULES)):
+            if name == "futility" and self.futility is None:
+                continue
             if getattr(self, name) not in choices:
                 raise ConfigError(f"SmoothingConfig.{name} must be one of {', '.join(choices)}, got "
                                   f"{getattr(self, name)!r}")
@@ -142,6 +146,13 @@ class SmoothingConfig:
             raise ConfigError(f"SmoothingConfig.check_slack must be a finite number > 0, got {self.check_slack!r}")
         radii = check_radii(self.radii, "SmoothingConfig.radii", required=True)
         object.__setattr__(self, "radii", tuple(sorted(set(radii))))
+
+    @property
+    def futility_rule(self) -> str:
+        """The futility rule in force: ``futility``, or the mode's default when it is None."""
+        if self.futility is not None:
+            return self.futility
+        return "projected" if self.mode == "sequential" else "sequence"
 
     @property
     def srs(self) -> bool:

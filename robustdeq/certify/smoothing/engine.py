@@ -378,7 +378,7 @@ def _certify_sequential(base: _Base, sample, gen: torch.Generator, x1: Tensor, c
     budget ``n`` is spent. ``first``: the first batch's predictions where they were solved with
     the selection (the next draws of ``gen`` after the selection's)."""
     test = SequentialDecision(cfg.sigma, cfg.radii, cfg.alpha, cfg.futility_alpha, cfg.n, cfg.mode,
-                              cfg.tolerance, futility=cfg.futility,
+                              cfg.tolerance, futility=cfg.futility_rule,
                               final_alpha_fraction=cfg.final_alpha_fraction)
     size = min(cfg.first_batch, cfg.batch_size)
     while not test.stopped:
@@ -463,7 +463,7 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     from ... import __version__
     prov = {"robustdeq": __version__, "torch": torch.__version__, "total_s": time.perf_counter() - t_all,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    return SmoothingReport(config=to_dict(cfg), results=results, summary=summarize(results, cfg.radii),
+    return SmoothingReport(config={**to_dict(cfg), "futility": cfg.futility_rule}, results=results, summary=summarize(results, cfg.radii),
                            model=_model_info(model), provenance=prov)
 
 

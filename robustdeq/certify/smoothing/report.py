@@ -228,7 +228,9 @@ class SmoothingReport:
             L.append(("Anytime-valid sequential decisions at the radii" if mode == "sequential" else
                       f"Anytime-valid largest radius (tolerance {c.get('tolerance', 0):g})")
                      + f" from a confidence sequence (beta-binomial mixture, Robbins 1970), n = {c['n']} "
-                     f"the sample budget per input, futility level {c.get('futility_alpha', 0):g}; alpha "
+                     f"the sample budget per input, futility level {c.get('futility_alpha', 0):g}"
+                     + (f" (rule: {c['futility']})" if mode == "sequential" and c.get("futility") else "")
+                     + "; alpha "
                      "holds for the whole sequential procedure.")
         if c.get("srs_steps") and c.get("srs_check") in ("proof", "auto") and s.get("proof"):
             L.append(f"Warm-started fixed-point iterations (at most {c['srs_steps']} steps, the proof checked after "
