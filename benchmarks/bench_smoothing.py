@@ -63,7 +63,7 @@ def parse_method(spec: str) -> tuple:
     radius), proof (fixed n, warm starts proven per sample; S required), seqproof (seq with proven
     warm starts). Keys: n (samples or budget), B (batch), S (warm steps), K, kmax, start
     (chain/clean), tol (radius mode), first (first sequential batch), fut (futility rule: sequence or
-    projected), final (share of alpha for the final fixed-n test; 0 turns it off)."""
+    projected; seq defaults to projected), final (share of alpha for the final fixed-n test; 0 turns it off)."""
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     if kind not in KINDS:
