@@ -44,7 +44,9 @@ def test_eval_and_certify_write_reports(ckpt, tmp_path, capsys):
 
 
 def test_harden_evaluates_plain_and_wrapped_and_says_where_its_reports_went(ckpt, tmp_path, capsys):
-    assert main(["harden", str(ckpt), "--eps", "0.1", "-n", "2", "--steps", "1", "--no-progress",
+    # eps 0.3: each unit breaks both samples within its first iterations and stops early on
+    # them, so quick's APGD-T runs (9 targets) finish at once
+    assert main(["harden", str(ckpt), "--eps", "0.3", "-n", "2", "--steps", "1", "--no-progress",
                  "--wrap-options", '{"rounds": 2, "inner_steps": 1}', "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "as trained" in out and "+ entropy" in out
