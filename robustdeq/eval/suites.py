@@ -34,7 +34,7 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
 
 Other attack names for custom suites include ``pgd-exact``, ``pgd-phantom``, the ``-margin``
 variants of the PGD units (Carlini-Wagner margin loss), ``apgd-dlr``, ``square`` (the native
-score-based Square attack, warm-started on DEQs; ``square-quick``: its first ``50 x steps``
+score-based Square attack, each query the model's own inference; ``square-quick``: its first ``50 x steps``
 queries, with the same draws, left out under L2 on inputs of height under 5 where the L2 start
 is undefined; ``pyautoattack-square`` and ``torchattacks-square`` run those libraries'
 implementations), ``autoattack`` (pyautoattack
@@ -371,9 +371,8 @@ def _transfer_unrolled_spec(ctx: SuiteContext) -> List[AttackSpec]:
 def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
     return [AttackSpec("square", _square_factory(SQUARE_QUERIES), kind="black-box",
                        description=f"Square attack (score-based), {SQUARE_QUERIES} queries, AutoAttack's "
-                                   "settings; on a DEQ each query's solve is warm-started from the "
-                                   "best point's converged fixed point, examples judged by the "
-                                   "model's own inference")]
+                                   "settings; each query is the model's own inference (cold solves on "
+                                   "a DEQ)")]
 
 
 def _square_runs(ctx: SuiteContext) -> bool:
@@ -395,8 +394,7 @@ def _square_quick_spec(ctx: SuiteContext) -> List[AttackSpec]:
     return [AttackSpec("square-quick", _square_factory(None), kind="black-box", scope="model",
                        description=f"Square attack (score-based), {SQUARE_QUICK_FACTOR} x steps queries "
                                    "(AutoAttack's settings otherwise: the first part of its search); "
-                                   "on a DEQ warm-started queries, examples judged by the model's own "
-                                   "inference")]
+                                   "each query the model's own inference")]
 
 
 def _pyautoattack_square_spec(ctx: SuiteContext) -> List[AttackSpec]:

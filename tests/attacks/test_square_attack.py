@@ -109,6 +109,9 @@ def test_warm_started_queries_decide_as_cold_ones_with_fewer_iterations(digits_t
     with torch.no_grad():
         assert sw["broken"] == int((model(xw).argmax(1) != y).sum()) > 0
     assert warm.describe()["warm_start"] is True
+    default = Square(model, **kw)            # the default queries the model's own (cold) inference
+    assert default.describe()["warm_start"] is False and torch.equal(default(x, y), xc)
+    assert default.last_stats["warm_started"] == 0
 
 
 def test_unconverged_solves_warm_start_nothing(digits_test, trained_model):
@@ -118,7 +121,7 @@ def test_unconverged_solves_warm_start_nothing(digits_test, trained_model):
     model.solver_config = model.solver_config.replace(tol=1e-9, max_iter=4)
     model.warn_nonconvergence = False
     x, y = digits_test(16)
-    warm = Square(model, eps=0.1, n_queries=20, seed=2)
+    warm = Square(model, eps=0.1, n_queries=20, seed=2, warm_start=True)
     xa = warm(x, y)
     assert warm.last_stats["warm_started"] == 0
     assert torch.equal(xa, Square(model, eps=0.1, n_queries=20, seed=2, warm_start=False)(x, y))
@@ -170,7 +173,7 @@ def test_warm_claims_are_confirmed_by_cold_inference(monkeypatch, digits_test, t
         eq.logits = -eq.logits
         return eq
     monkeypatch.setattr(warm_mod, "run_warm", lying_run_warm)
-    atk = Square(model, **kw)
+    atk = Square(model, warm_start=True, **kw)
     xa = atk(x, y)
     st = atk.last_stats
     assert st["warm_started"] > 0 and st["rejected_by_cold"] > 0
