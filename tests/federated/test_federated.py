@@ -472,7 +472,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, task_ident
     from robustdeq.federated.server import run_rounds
     cfg = FederatedConfig.from_dict({**SIM, "rounds": 3, "clients": 2, "budgets": [5, 30],
                                      "fusion": "quality", "eval_suite": "quick", "eval_samples": 8,
-                                     "eval_steps": 2, "batch_size": 128})
+                                     "eval_steps": 1, "batch_size": 128})
     full = run_rounds(InlineGrid(2), cfg, tmp_path / "full")
     with pytest.raises(_Interrupt):
         run_rounds(InlineGrid(2), cfg, tmp_path / "cut", on_round_end=_stop_after(1))
