@@ -316,9 +316,10 @@ def test_estimators_silent_on_deq_and_skipped_without_deq(deq, mlp, data):
 def test_every_check_silent_on_plain_deq(digits_test, trained_contractive_deq):
     # A well-posed (contractive) DEQ attacked with PGD-20: an honest white-box setting. (On a
     # non-contractive DEQ with weak PGD the black-box probe may legitimately win on a few samples:
-    # that is the finding of Yang et al. 2022, not a false alarm.) The checks read only the units'
-    # per-sample successes, so quick's gradient units without its APGD-T runs (most of its cost)
-    # suffice; fewer white-box units leave the black-box probe more samples to win on, not fewer.
+    # that is the finding of Yang et al. 2022, not a false alarm.) The checks run on what the
+    # units found (per-sample successes, worst-case inputs), whichever units ran: quick's gradient
+    # units without its APGD-T runs (most of its cost) exercise all of them, and fewer white-box
+    # units leave the black-box probe more samples to win on, not fewer.
     deq = trained_contractive_deq
     x, y = digits_test(64)
     with warnings.catch_warnings():
