@@ -463,7 +463,8 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     from ... import __version__
     prov = {"robustdeq": __version__, "torch": torch.__version__, "total_s": time.perf_counter() - t_all,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    return SmoothingReport(config={**to_dict(cfg), "futility": cfg.futility_rule}, results=results, summary=summarize(results, cfg.radii),
+    config = {**to_dict(cfg), "futility": cfg.futility_rule}   # the rule in force, not None
+    return SmoothingReport(config=config, results=results, summary=summarize(results, cfg.radii),
                            model=_model_info(model), provenance=prov)
 
 
