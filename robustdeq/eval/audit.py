@@ -20,6 +20,7 @@ evaluation is done.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -123,8 +124,15 @@ def _check_black_box(ev: "_Evaluation", xs: Tensor, ys: Tensor) -> CheckResult:
         black[survivors] = checks.square_probe(
             ev.model, xs[survivors], ys[survivors], eps=e, norm=ev.norm, queries=cc.black_box_queries,
             seed=derive_seed(ev.protocol.seed, "square"))
-    return checks.check_black_box(white, black, cc, warn=False,
-                                   source=f"Square ({cc.black_box_queries} queries)", details={"eps": e})
+    res = checks.check_black_box(white, black, cc, warn=False,
+                                  source=f"Square ({cc.black_box_queries} queries)",
+                                  details={"eps": e, "probe": True, "probed": int(survivors.sum())})
+    if not res.fired:  # a short probe on a subset: no evidence that a full search finds nothing
+        res = dataclasses.replace(res, message=res.message + (
+            f" (a short probe on {int(survivors.sum())} of the samples left robust: a full "
+            "score-based search, such as the 5,000-query Square in the standard suite, can break "
+            "samples it misses, notably at large radii on adversarially trained models)"))
+    return res
 
 
 def _score_based_flags(ev: "_Evaluation", r: EpsResult) -> Dict[str, Tensor]:

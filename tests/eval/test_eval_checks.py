@@ -140,7 +140,20 @@ def test_black_box_square_probe_fires(mlp, data):
         rep = evaluate(ReversedGradModel(mlp), x, y, eps=0.3, suite=["pgd", "pgd-margin"], steps=5,
                        check_config=CheckConfig(enabled=("black_box_stronger",), black_box_queries=100))
     r = rep.check("black_box_stronger")
-    assert r.fired and "Square" in r.details["source"]
+    assert r.fired and "Square" in r.details["source"] and r.details["probe"]
+
+
+def test_a_silent_square_probe_says_it_is_short(mlp, data):
+    """The probe found nothing on an honest model: its message says how little it searched, so
+    that a quiet check is not read as evidence that a full score-based search finds nothing."""
+    x, y = data
+    rep = evaluate(mlp, x, y, eps=0.05, suite=["pgd"], steps=5,
+                   check_config=CheckConfig(enabled=("black_box_stronger",), black_box_queries=20))
+    r = rep.check("black_box_stronger")
+    assert not r.fired and r.details["probe"] and r.details["black_box_only"] == 0
+    assert r.details["probed"] > 0 and f"short probe on {r.details['probed']} of" in r.message
+    assert "Square (20 queries)" in r.message
+    assert "standard suite" in r.message
 
 
 def _aa_with_square(target, *, eps, norm, steps, seed):
