@@ -154,8 +154,14 @@ class Square(Attack):
         eps, norm: threat model.
         n_queries: iterations per restart (each queries every sample not yet broken once; the
             start costs one more query). AutoAttack's standard version uses 5,000.
-        n_restarts: restarts (each attacks the samples the model's inference still classifies
-            correctly; a fresh start).
+        n_restarts: runs (each attacks the samples the model's inference still classifies
+            correctly; a fresh start with the next draws).
+        restart_fraction: None (every run after the first attacks every sample left, as the
+            reference implementation's restarts), or a fraction in (0, 1]: runs after the first
+            attack only the near misses, the samples whose best margin so far is below this
+            fraction of their clean margin. A run that fails to cross the decision boundary
+            mostly ends far from it; one that ends close is where another start is likeliest to
+            cross it, so the extra runs cost little where nothing is close.
         p_init: initial fraction of features per window (0.8: AutoAttack's setting, Linf and L2).
         loss: "margin" (``z_y - max_{i != y} z_i``, the default) or "ce" (cross-entropy);
             targeted: the margin to the target class with cross-entropy acceptance, as the paper.
@@ -171,8 +177,9 @@ class Square(Attack):
     ``last_stats``: ``queries`` (samples queried, summed over iterations), ``solver_steps``
     (forward-solver iterations summed over queried samples, DEQs), ``warm_started``,
     ``redone_cold`` (warm-started solves that did not converge), ``confirmed_cold`` /
-    ``rejected_by_cold`` (claimed misclassifications checked by the model's inference), and
-    ``broken`` (samples the model's inference misclassifies at the returned examples).
+    ``rejected_by_cold`` (claimed misclassifications checked by the model's inference),
+    ``restarted`` (samples attacked by the runs after the first) and ``broken`` (samples the
+    model's inference misclassifies at the returned examples).
     """
 
     name = "Square"
@@ -181,10 +188,14 @@ class Square(Attack):
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", n_queries: int = 5000,
                  n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",
                  rescale_schedule: bool = True, warm_start: bool = False, targeted: bool = False,
-                 seed: Optional[int] = 0):
+                 seed: Optional[int] = 0, restart_fraction: Optional[float] = None):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
         self.n_queries = check_int(n_queries, "n_queries", low=1)
         self.n_restarts = check_int(n_restarts, "n_restarts", low=1)
+        self.restart_fraction = check_number(restart_fraction, "restart_fraction", strict=True,
+                                             allow_none=True)
+        if self.restart_fraction is not None and self.restart_fraction > 1:
+            raise ConfigError(f"restart_fraction must be in (0, 1], got {restart_fraction!r}")
         self.p_init = check_number(p_init, "p_init", strict=True)
         if self.p_init > 1:
             raise ConfigError(f"p_init must be in (0, 1], got {p_init!r}")
@@ -198,9 +209,12 @@ class Square(Attack):
         self.warm_start = warm_start
 
     def params(self) -> Dict[str, Any]:
-        return {"n_queries": self.n_queries, "n_restarts": self.n_restarts, "p_init": self.p_init,
-                "loss": self.loss, "rescale_schedule": self.rescale_schedule,
-                "warm_start": self.warm_start and warm_queries_supported(self.model)}
+        out = {"n_queries": self.n_queries, "n_restarts": self.n_restarts, "p_init": self.p_init,
+               "loss": self.loss, "rescale_schedule": self.rescale_schedule,
+               "warm_start": self.warm_start and warm_queries_supported(self.model)}
+        if self.restart_fraction is not None:
+            out["restart_fraction"] = self.restart_fraction
+        return out
 
     # -- the search -------------------------------------------------------------------------------
     def _margin_loss(self, logits: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
@@ -234,22 +248,35 @@ class Square(Attack):
             return self.model(xq.reshape((-1,) + tuple(shape[1:])))
 
         with torch.no_grad():
-            broken = judge_logits(model_logits(x4), y)
+            clean = model_logits(x4)
+            broken = judge_logits(clean, y)
+            # restart_fraction's gate: each sample's best margin over the runs so far
+            near = self.restart_fraction * self._margin_loss(clean, y)[0] \
+                if self.restart_fraction is not None else None
+            best = torch.full_like(clean[:, 0], float("inf"))
             adv = x4.clone()
-            for _ in range(self.n_restarts):
-                todo = (~broken).nonzero().flatten()
+            restarted = 0
+            for run in range(self.n_restarts):
+                live = ~broken if run == 0 or near is None else ~broken & (best < near)
+                todo = live.nonzero().flatten()
                 if todo.numel() == 0:
                     break
+                restarted += int(todo.numel()) if run else 0
                 oracle.reset()
-                adv_curr = self._single_run(x4[todo], y[todo], gen, oracle, shape)
+                adv_curr, margin = self._single_run(x4[todo], y[todo], gen, oracle, shape)
+                best[todo] = torch.minimum(best[todo], margin.to(best.dtype))
                 now = judge_logits(model_logits(adv_curr), y[todo])  # the model's own inference
                 hit = todo[now]
                 broken[hit] = True
                 adv[hit] = adv_curr[now]
-        self.last_stats = dict(oracle.stats, broken=int(broken.sum()), n=int(x.shape[0]))
+        self.last_stats = dict(oracle.stats, broken=int(broken.sum()), n=int(x.shape[0]),
+                               restarted=restarted)
         return adv.reshape(shape)
 
-    def _single_run(self, x: Tensor, y: Tensor, gen: torch.Generator, oracle: _Oracle, shape) -> Tensor:
+    def _single_run(self, x: Tensor, y: Tensor, gen: torch.Generator, oracle: _Oracle,
+                    shape) -> Tuple[Tensor, Tensor]:
+        """One run: (the best point of each sample, its margin there; <= 0 where the run
+        succeeded in the search's judgement)."""
         c, h, w = x.shape[1:]
         n_features = c * h * w
         dev, dt = x.device, x.dtype
@@ -279,7 +306,7 @@ class Square(Attack):
             x_best = torch.clamp(x + _normalize_l2(self._l2_start(x, gen, rand, choice)) * eps, 0.0, 1.0)
         margin_min, loss_min, _, _ = query(x_best, all_idx, y)
         if bool((margin_min < 0.0).all()):
-            return x_best
+            return x_best, margin_min
 
         for i_iter in range(self.n_queries):
             idx = (margin_min > 0.0).nonzero().flatten()
@@ -306,7 +333,7 @@ class Square(Attack):
             oracle.accept(idx, improved, z, ok)
             if bool((margin_min <= 0.0).all()):
                 break
-        return x_best
+        return x_best, margin_min
 
     # -- L2: centred squares ----------------------------------------------------------------------
     def _l2_start(self, x, gen, rand, choice) -> Tensor:

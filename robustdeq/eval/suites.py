@@ -203,6 +203,9 @@ def _torchattacks_square_factory(queries: int):
 
 #: the native Square unit's budget and settings: AutoAttack standard's Square stage
 SQUARE_QUERIES = 5000
+#: ... then a second run (fresh start, next draws) on the near misses only: the samples whose
+#: best margin after the first is below this fraction of their clean margin
+SQUARE_RESTART_FRACTION = 0.1
 
 
 #: the ``square-quick`` unit's queries are this many times the evaluation's ``steps`` (1,000 at
@@ -215,12 +218,14 @@ def square_quick_queries(steps: int) -> int:
     return SQUARE_QUICK_FACTOR * int(steps)
 
 
-def _square_factory(queries: Optional[int]):
+def _square_factory(queries: Optional[int], restart_fraction: Optional[float] = None):
     def factory(target, *, eps, norm, steps, seed):
         from ..attacks.square import Square
         n = square_quick_queries(steps) if queries is None else queries
         return Square(target, eps=eps, norm=norm, n_queries=n, p_init=0.8,
-                      rescale_schedule=False, seed=seed)
+                      rescale_schedule=False, seed=seed,
+                      n_restarts=1 if restart_fraction is None else 2,
+                      restart_fraction=restart_fraction)
     return factory
 
 
@@ -369,10 +374,12 @@ def _transfer_unrolled_spec(ctx: SuiteContext) -> List[AttackSpec]:
 
 
 def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
-    return [AttackSpec("square", _square_factory(SQUARE_QUERIES), kind="black-box",
+    return [AttackSpec("square", _square_factory(SQUARE_QUERIES, SQUARE_RESTART_FRACTION),
+                       kind="black-box",
                        description=f"Square attack (score-based), {SQUARE_QUERIES} queries, AutoAttack's "
-                                   "settings; each query is the model's own inference (cold solves on "
-                                   "a DEQ)")]
+                                   "settings, then a second run on the near misses (best margin below "
+                                   f"{SQUARE_RESTART_FRACTION:g} of the clean one); each query is the "
+                                   "model's own inference (cold solves on a DEQ)")]
 
 
 def _square_runs(ctx: SuiteContext) -> bool:
@@ -518,6 +525,7 @@ def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[Att
 
 __all__ = ["AttackSpec", "SuiteContext", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
            "APGD_ITERS", "APGD_TARGETS", "QUICK_TARGETS", "RESTART_TARGETS", "TARGET_RESTARTS",
-           "apgd_iterations", "SQUARE_QUICK_FACTOR", "square_quick_queries",
+           "apgd_iterations", "SQUARE_QUERIES", "SQUARE_RESTART_FRACTION", "SQUARE_QUICK_FACTOR",
+           "square_quick_queries",
            "register_attack_spec", "register_suite", "builtin_spec", "suite_names",
            "build_suite"]

@@ -56,6 +56,57 @@ def test_same_examples_as_pyautoattack(norm, eps, targeted, rescale, digits_test
     assert atk.last_stats["broken"] == int(broken.sum()) > 0
 
 
+def _margins(model, x, y):
+    with torch.no_grad():
+        z = model(x)
+    other = z.scatter(1, y[:, None], float("-inf")).max(1).values
+    return z.gather(1, y[:, None])[:, 0] - other
+
+
+def test_restarts_go_to_near_misses_with_restart_fraction(digits_test, trained_model):
+    """Without ``restart_fraction`` the runs after the first are pyautoattack's restarts (same
+    examples); with it, the second run attacks exactly the samples left whose margin at the
+    first run's best point (recomputed here from the model) is below that fraction of their
+    clean margin."""
+    model = trained_model("ff_mlp")
+    x, y = digits_test(48)
+    kw = dict(eps=0.05, n_queries=30, seed=3)
+    xa = Square(model, n_restarts=2, **kw)(x, y)
+    assert torch.equal(xa, _pyautoattack_square(model, x, y, norm="Linf", n_restarts=2, **kw))
+    one = Square(model, **kw)
+    runs = []
+    orig = one._single_run
+
+    def spy(xs, *a, **k):
+        out = orig(xs, *a, **k)
+        runs.append((xs.clone(), out[0].clone()))
+        return out
+    one._single_run = spy
+    one(x, y)
+    clean = _margins(model, x, y)
+    rows = (clean > 0).nonzero()[:, 0]           # the first run's samples
+    assert torch.equal(runs[0][0], x[rows])
+    best = torch.full_like(clean, float("inf"))
+    best[rows] = _margins(model, runs[0][1], y[rows])
+    left = (clean > 0) & (best > 0)              # not broken by the first run
+    ratio = best[left] / clean[left]
+    frac = float(ratio.median())
+    want = left & (best < frac * clean)
+    assert 0 < int(want.sum()) < int(left.sum())
+    gated = Square(model, n_restarts=2, restart_fraction=frac, **kw)
+    seen = []
+    orig_g = gated._single_run
+
+    def spy_g(xs, *a, **k):
+        seen.append(xs.clone())
+        return orig_g(xs, *a, **k)
+    gated._single_run = spy_g
+    gated(x, y)
+    assert len(seen) == 2 and torch.equal(seen[1], x[want])
+    assert gated.last_stats["restarted"] == int(want.sum())
+    assert gated.params()["restart_fraction"] == frac
+
+
 def test_p_schedule():
     """The schedule halves p_init at 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 iterations
     (of 10,000; rescaled to n_queries when asked), as pyautoattack's ``p_selection``."""
@@ -152,7 +203,8 @@ def test_contract_ball_range_model_untouched_seed(norm, eps, digits_test, traine
 def test_bad_options_are_config_errors(trained_model):
     model = trained_model("ff_mlp")
     for kw in ({"loss": "dlr"}, {"p_init": 1.5}, {"p_init": 0.0}, {"n_queries": 0},
-               {"n_restarts": 0}, {"warm_start": 1}, {"norm": "L1"}):
+               {"n_restarts": 0}, {"warm_start": 1}, {"norm": "L1"}, {"restart_fraction": 0.0},
+               {"restart_fraction": 1.5}, {"restart_fraction": "x"}):
         with pytest.raises(ConfigError):
             Square(model, eps=0.1, **kw)
 
