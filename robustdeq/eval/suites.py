@@ -24,7 +24,8 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
   there. Like every suite, an upper bound on the robust accuracy.
 - ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's)
   and ``apgd-t3x3``,
-  the Square attack (score-based; Andriushchenko et al. 2020), intermediate-state attacks (Yang
+  the Square attack (score-based; Andriushchenko et al. 2020: AutoAttack's Square stage, then a
+  second run from a fresh start on its near misses), intermediate-state attacks (Yang
   et al. 2022) on three states spread over the clean trajectory and their ensemble attack
   (randomized models: APGD-CE and APGD-DLR with EOT instead of APGD-T and Square).
 - ``full``: standard + pyautoattack's AutoAttack standard as an independent reference ("rand"
