@@ -36,6 +36,7 @@ from . import checks
 from .checks import CheckResult
 from .report import EpsResult
 from .store import derive_seed
+from .suites import SQUARE_QUERIES
 
 if TYPE_CHECKING:  # the state of one evaluate() call; only read here
     from .harness import _Evaluation
@@ -124,15 +125,18 @@ def _check_black_box(ev: "_Evaluation", xs: Tensor, ys: Tensor) -> CheckResult:
         black[survivors] = checks.square_probe(
             ev.model, xs[survivors], ys[survivors], eps=e, norm=ev.norm, queries=cc.black_box_queries,
             seed=derive_seed(ev.protocol.seed, "square"))
+    probed = int(survivors.sum())
     res = checks.check_black_box(white, black, cc, warn=False,
                                   source=f"Square ({cc.black_box_queries} queries)",
-                                  details={"eps": e, "probe": True, "probed": int(survivors.sum())})
-    if not res.fired:  # a short probe on a subset: no evidence that a full search finds nothing
-        res = dataclasses.replace(res, message=res.message + (
-            f" (a short probe on {int(survivors.sum())} of the samples left robust: a full "
-            "score-based search, such as the 5,000-query Square in the standard suite, can break "
-            "samples it misses, notably at large radii on adversarially trained models)"))
-    return res
+                                  details={"eps": e, "probe": True, "probed": probed})
+    if res.fired:
+        return res
+    # a short probe on a subset is no evidence that a full search finds nothing
+    note = (f" (a short probe on {probed} of the samples left robust: a full score-based search, "
+            f"such as the {SQUARE_QUERIES:,}-query Square in the standard suite, can break samples "
+            "it misses, notably at large radii on adversarially trained models)" if probed else
+            " (no sample among those checked was left robust, so there was nothing to probe)")
+    return dataclasses.replace(res, message=res.message + note)
 
 
 def _score_based_flags(ev: "_Evaluation", r: EpsResult) -> Dict[str, Tensor]:
