@@ -204,7 +204,9 @@ class DEQClassifier(EquilibriumModel):
                 return slv.solve(lambda z: self.cell(z, u), z0, record=record)
             with torch.no_grad():
                 ud = u.detach()
-                return slv.solve(lambda z: self.cell(z, ud), z0.detach(), record=record)
+                bind = getattr(self.cell, "bind_input", None)
+                f = bind(ud) if callable(bind) else (lambda z: self.cell(z, ud))
+                return slv.solve(f, z0.detach(), record=record)
 
     def iterates(self, u: Tensor, n: Tensor) -> Tensor:
         """Per sample ``b``, the model solver's ``n[b]``-th iterate from ``init_state(u)`` with no

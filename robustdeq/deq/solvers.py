@@ -139,9 +139,11 @@ def residual(z: Tensor, fz: Tensor, config: SolverConfig, g: Optional[Tensor] = 
     (``stop_mode``: absolute, or relative to ``||f(z)||`` with the guard ``eps``); ``g = fz - z``
     if already computed."""
     b = z.shape[0]
-    diff = torch.linalg.vector_norm((fz - z if g is None else g).reshape(b, -1), dim=1)
+    g = fz - z if g is None else g
+    diff = torch.linalg.vector_norm(g if g.dim() == 2 else g.reshape(b, -1), dim=1)
     if config.stop_mode == StopMode.REL:
-        return diff.div_(torch.linalg.vector_norm(fz.reshape(b, -1), dim=1).add_(config.eps))
+        fz2 = fz if fz.dim() == 2 else fz.reshape(b, -1)
+        return diff.div_(torch.linalg.vector_norm(fz2, dim=1).add_(config.eps))
     return diff
 
 
@@ -258,7 +260,9 @@ class Solver:
         if not torch.is_grad_enabled() and fz.dtype == z.dtype and fz.device == z.device:
             out = self.residual_buffer(state, z)
         g = fz - z if out is None else torch.sub(fz, z, out=out)
-        res = self.residual(z, fz, g).detach()
+        res = self.residual(z, fz, g)
+        if res.requires_grad:
+            res = res.detach()
         lo, hi = (float(v) for v in torch.aminmax(res))   # NaN propagates to both
         all_finite = math.isfinite(hi)
         finite = None

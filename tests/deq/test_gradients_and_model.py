@@ -343,3 +343,41 @@ def test_parameter_gradients_of_a_spectral_cell_flow_through_the_cached_solve():
         grads.append(model.cell.W.linear.parametrizations.weight.original.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_bound_cell_map_equals_the_module_call_and_yields_to_hooks_and_subclasses(act):
+    # the solve's map z -> f(z, u) skips the module call per evaluation: the same values, bit for
+    # bit (so a solve is unchanged); a forward hook or a subclass that changes the map gets the
+    # module call (the hook runs at every evaluation)
+    torch.manual_seed(0)
+    cell = MLPCell(6, act=act, norm="spectral", scale=0.9).eval()
+    u, z = torch.randn(3, 6), torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.equal(cell.bind_input(u)(z), cell(z, u))
+        z3 = torch.randn(3, 6, 1)[..., 0]
+        assert torch.equal(cell.bind_input(u[:1])(z3), cell(z3, u[:1]))   # broadcast u: the F.linear path
+    calls = []
+    h = cell.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            assert torch.equal(cell.bind_input(u)(z), cell(z, u))
+        assert len(calls) == 2
+    finally:
+        h.remove()
+
+    class Shifted(MLPCell):
+        def forward(self, z, u):
+            return super().forward(z, u) + 1.0
+    sc = Shifted(6, act=act)
+    with torch.no_grad():
+        assert torch.equal(sc.bind_input(u)(z), sc(z, u))
+    # the model's solve counts each evaluation through a hook: the fast map is not used then
+    model = zoo.build("mlp_deq", hidden=6, solver={"max_iter": 7, "tol": 0.0}).eval()
+    n = []
+    h = model.cell.register_forward_hook(lambda *a: n.append(1))
+    try:
+        res = model.solve(model.inject(torch.rand(2, 1, 8, 8)))
+        assert res.nfe == 7 and len(n) == 7
+    finally:
+        h.remove()
