@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ._support import round_floats, text_table
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -80,24 +81,69 @@ def certificate_note(cert_summary: dict, table: dict) -> str:
     return text
 
 
-def _evaluate(model, x, y, out_dir, progress):
+#: the demo's evaluation protocol (options of :func:`robustdeq.eval.evaluate`)
+DEMO_EVAL = {"threat": "Linf", "eps": list(DEMO_EPS), "suite": "standard", "steps": 20, "seed": 0,
+             "cascade": True}
+
+
+def _evaluate(model, x, y, out_dir, progress, protocol: Optional[dict] = None):
     from .eval import evaluate
-    return evaluate(model, x, y, threat="Linf", eps=list(DEMO_EPS), suite="standard", steps=20, seed=0,
-                    cascade=True, out_dir=out_dir, progress=progress)
+    return evaluate(model, x, y, **(DEMO_EVAL if protocol is None else protocol), out_dir=out_dir,
+                    progress=progress)
+
+
+def _evaluate_checkpoint(checkpoint: str, x, y, out_dir: str, device: Optional[str], threads: int,
+                         protocol: dict) -> None:
+    """The second process of a two-job demo: evaluate the model saved at ``checkpoint`` as
+    :func:`_evaluate` does in the main process (the ``protocol`` it is handed, the same report
+    folder; no progress bars), with ``threads`` intra-op threads."""
+    import torch
+
+    from .checkpoint import load_model
+    torch.set_num_threads(threads)
+    model, _ = load_model(checkpoint, map_location=device or "cpu")
+    _evaluate(model, x, y, Path(out_dir), False, protocol)
+
+
+class _SecondProcess:
+    """One worker process (spawned: no state inherited from the parent's torch) running one call;
+    :meth:`result` waits for it and re-raises its error; :meth:`stop` ends it (the demo failed)."""
+
+    def __init__(self, fn, *args):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self.future = self.pool.submit(fn, *args)
+
+    def result(self) -> None:
+        try:
+            self.future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def stop(self) -> None:
+        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples: int = 100,
              defense: str = "jiio-at", skip_eval: bool = False, progress: bool = True, resume: bool = True,
-             say: Optional[Callable[[str], None]] = None, device: Optional[str] = None) -> dict:
+             say: Optional[Callable[[str], None]] = None, device: Optional[str] = None, jobs: int = 1) -> dict:
     """Run the demo into the folder ``out``: train the undefended DEQ (``out/undefended``), then,
     unless ``skip_eval``, the model hardened with the recipe ``defense`` (``out/<defense>``),
     evaluate both on ``samples`` test digits (``out/eval_<name>``) and certify the undefended one
     (``out/certificate``). ``say`` receives what the demo is doing and its tables (default: the
     log). ``device``: where it trains, evaluates and certifies (None: the CPU, where the zoo
-    builds the models). Writes and returns the summary (``out/summary.json``)."""
+    builds the models). ``jobs=2`` evaluates the undefended model (from its checkpoint) in a
+    second process while this one trains and evaluates the hardened model; the reports are the
+    same as with ``jobs=1`` (the main process then reads the finished evaluation back from its
+    folder). Writes and returns the summary (``out/summary.json``)."""
     from .certify import certify
     from .defenses.recipes import recipe
     from .train import evaluate_clean, train_model
+    if jobs not in (1, 2):
+        raise ConfigError(f"jobs must be 1 or 2 (the demo evaluates two models), got {jobs!r}")
     say = say or logger.info
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,23 +174,46 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
 
     n = min(samples, xt.shape[0])
     xs, ys = xt[:n], yt[:n]
+    rec = recipe(defense, eps=0.1) if defense != "none" else recipe("none")
+    what = "standard suite: native APGD, Square and intermediate-state attacks"
+    second = None
+    if jobs == 2:
+        import torch
+        say(f"\nevaluating the undefended model on {n} test samples ({what}) in a second process")
+        second = _SecondProcess(_evaluate_checkpoint, summary["checkpoint"], xs, ys,
+                                str(out / "eval_undefended"), device, torch.get_num_threads(), dict(DEMO_EVAL))
     if device is not None:
         xs, ys = xs.to(device), ys.to(device)
-    # the hardened model: same architecture, trained with the chosen recipe
-    rec = recipe(defense, eps=0.1) if defense != "none" else recipe("none")
-    hard_opts = dict(DEMO_MODEL["options"]) if rec.model is None else {"hidden": 128, "mean": 0.3, "std": 0.4}
-    say(f"\ntraining the hardened model ({defense}, {train_opts['epochs']} epochs) into {out / defense}")
-    hard, hhist, _ = train_model(rec.model or DEMO_MODEL["name"], hard_opts, train_opts,
-                                 out_dir=out / defense, objective=rec.objective, progress=progress,
-                                 seed=seed, resume=resume)
-    summary["hardened"] = {"defense": defense, "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in hhist),
-                           "test_accuracy": evaluate_clean(hard, xt, yt)["accuracy"],
-                           "checkpoint": str(out / defense / "checkpoint.pt")}
-    reports = {}
-    for name, m in (("undefended", model), (defense, hard)):
-        say(f"\nevaluating the {name} model on {n} test samples (standard suite: native APGD, "
-            "Square and intermediate-state attacks)")
-        reports[name] = _evaluate(m, xs, ys, out / f"eval_{name}", progress)
+    try:
+        # the hardened model: same architecture, trained with the chosen recipe
+        hard_opts = dict(DEMO_MODEL["options"]) if rec.model is None else {"hidden": 128, "mean": 0.3, "std": 0.4}
+        say(f"\ntraining the hardened model ({defense}, {train_opts['epochs']} epochs) into {out / defense}")
+        hard, hhist, _ = train_model(rec.model or DEMO_MODEL["name"], hard_opts, train_opts,
+                                     out_dir=out / defense, objective=rec.objective, progress=progress,
+                                     seed=seed, resume=resume)
+        summary["hardened"] = {"defense": defense, "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in hhist),
+                               "test_accuracy": evaluate_clean(hard, xt, yt)["accuracy"],
+                               "checkpoint": str(out / defense / "checkpoint.pt")}
+        reports = {}
+        for name, m in (("undefended", model), (defense, hard)):
+            if name == "undefended" and second is not None:
+                continue
+            say(f"\nevaluating the {name} model on {n} test samples ({what})")
+            reports[name] = _evaluate(m, xs, ys, out / f"eval_{name}", progress)
+        if second is not None:
+            say("\nwaiting for the undefended model's evaluation in the second process")
+            second.result()
+            # the finished evaluation, read back from its folder (nothing is attacked again)
+            rep = _evaluate(model, xs, ys, out / "eval_undefended", False)
+            redone = [a.key for r in rep.results for a in r.attacks if not a.resumed]
+            if redone:
+                logger.warning("the main process re-ran %s of the undefended model's evaluation",
+                               ", ".join(redone))
+            reports = {"undefended": rep, **reports}
+    except BaseException:
+        if second is not None:
+            second.stop()
+        raise
     tables = {name: demo_rows(rep) for name, rep in reports.items()}
     header = ["attack (accuracy after it, Linf)"] + [f"{name} eps {e}" for name in tables for e in tables[name]]
     labels = ["clean"] + [label for label, _ in DEMO_ROWS] + ["worst case"]
@@ -178,5 +247,5 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
     return summary
 
 
-__all__ = ["DEMO_MODEL", "DEMO_TRAIN", "DEMO_EPS", "DEMO_ROWS", "certificate_note", "default_model_options", "demo_rows", "solver_table",
+__all__ = ["DEMO_MODEL", "DEMO_TRAIN", "DEMO_EPS", "DEMO_EVAL", "DEMO_ROWS", "certificate_note", "default_model_options", "demo_rows", "solver_table",
            "run_demo"]

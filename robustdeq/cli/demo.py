@@ -14,13 +14,22 @@ def add_parser(sub) -> None:
     d.add_argument("--skip-eval", action="store_true", help="only train and report the undefended DEQ")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--no-resume", action="store_true", help="retrain even if a checkpoint exists")
+    d.add_argument("--jobs", type=int, choices=(1, 2), default=None,
+                   help="processes: 2 evaluates the undefended model in a second process while the "
+                        "hardened one trains and is evaluated (same reports); default 2 on a machine "
+                        "with two or more cores, else 1")
     add_device_arg(d)
     d.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
+    import os
+
     from ..demo import run_demo
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = args.jobs if args.jobs is not None else (2 if cores >= 2 else 1)
     run_demo(out_folder(args.out), epochs=args.epochs, seed=args.seed, samples=args.samples,
              defense=args.defense, skip_eval=args.skip_eval, progress=not args.no_progress,
-             resume=not args.no_resume, say=lambda text: print(text, flush=True), device=device_of(args))
+             resume=not args.no_resume, say=lambda text: print(text, flush=True), device=device_of(args),
+             jobs=jobs)
     return 0

@@ -311,9 +311,7 @@ def test_demo_announces_both_trainings(tmp_path, capsys, monkeypatch):
     real_train = train.train_model
     monkeypatch.setattr(train, "train_model", lambda name, opts, train, **kw: real_train(
         name, {**opts, "hidden": 8}, {**train, "epochs": 1}, **kw))
-    from robustdeq.eval import evaluate
-    monkeypatch.setattr(demo, "_evaluate", lambda model, x, y, out_dir, progress: evaluate(
-        model, x, y, eps=[0.1], suite=["pgd"], steps=1, checks=False, out_dir=out_dir))
+    monkeypatch.setattr(demo, "DEMO_EVAL", {"eps": [0.1], "suite": ["pgd"], "steps": 1, "checks": False})
     assert main(["demo", "--out", str(tmp_path), "--samples", "4", "--defense", "none", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "training the undefended DEQ" in out and "training the hardened model (none" in out
