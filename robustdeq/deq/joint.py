@@ -14,7 +14,8 @@ adjoint ``mu = J_z^T mu + g`` to tolerance. :class:`JointInputGradient` instead 
   full solve from its initial state, as its inference starts;
 - ``adj_iters`` adjoint sweeps ``mu <- g + J_z^T mu`` from the carried ``mu``, the last one in the same
   vector-Jacobian product as the input gradient ``J_x^T mu`` (one ``autograd.grad`` call with
-  cotangent ``mu`` on ``f(z, u(x))`` gives both, as in JIIO).
+  cotangent ``mu`` on ``f(z, u(x))`` gives both, as in JIIO); the sweeps before it use the cell's
+  closed-form vector-Jacobian product where it has one (``MLPCell.vjp_at``), else autograd.
 
 This is a different algorithm from exact PGD (a joint iteration over ``(z, mu, x)``, not a
 sequence of converged solves), so its iterates are never taken at face value: the attack that
@@ -99,19 +100,20 @@ class JointInputGradient:
             else:
                 z0 = self.z
             with torch.no_grad():
+                fmap = model.f_bound(ud) if hasattr(model, "f_bound") else (lambda z: model.f(z, ud))
                 if first or not self._picard:
                     key = (cfg, first)
                     if key not in self._solvers:  # building a config costs ~0.5 ms
                         self._solvers = {key: get_solver(cfg if first else
                                                          cfg.replace(max_iter=self.fwd_iters))}
-                    res = self._solvers[key].solve(lambda z: model.f(z, ud), z0.detach())
+                    res = self._solvers[key].solve(fmap, z0.detach())
                     nfe, z_star, conv = res.nfe, res.z.detach(), res.converged.detach()
                     if first and self.fwd_solver == "auto":
                         self._picard = bool(conv.all())
                 else:
                     z_star, nfe = z0.detach(), 0
                     for _ in range(self.fwd_iters):
-                        fz = model.f(z_star, ud)
+                        fz = fmap(z_star)
                         nfe += 1
                         done = bool((residual(z_star, fz, cfg) <= cfg.tol).all())
                         z_star = fz
@@ -128,8 +130,13 @@ class JointInputGradient:
             g = torch.autograd.grad(cost, z_out, retain_graph=True)[0].detach()
             mu = g if first or self.mu is None or self.mu.shape != g.shape else self.mu
             sweeps = self.first_adj_iters if first else self.adj_iters
-            for _ in range(sweeps - 1):
-                mu = g + torch.autograd.grad(z_out, z_leaf, mu, retain_graph=True)[0]
+            if sweeps > 1 and getattr(model, "closed_form_vjp", False):
+                vjp = model.cell.vjp_at(z_star, ud)   # the cell's closed form: no autograd pass
+                for _ in range(sweeps - 1):
+                    mu = vjp(mu, g)
+            else:
+                for _ in range(sweeps - 1):
+                    mu = g + torch.autograd.grad(z_out, z_leaf, mu, retain_graph=True)[0]
             gz, gx = torch.autograd.grad(z_out, (z_leaf, xr), mu)
             self.stats["backward_nfe"] += sweeps
             self.stats["backward_work"] += sweeps * b

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -175,6 +175,20 @@ class DEQClassifier(EquilibriumModel):
 
     def f(self, z: Tensor, u: Tensor) -> Tensor:
         return self.cell(z, u)
+
+    def f_bound(self, u: Tensor) -> Callable[[Tensor], Tensor]:
+        """``z -> f(z, u)`` for the evaluations of one solve without autograd (fixed ``u`` and
+        weights): the cell's ``bind_input(u)`` where the model's map is its cell's (the same
+        values without a module call per evaluation), else ``self.f``."""
+        bind = getattr(self.cell, "bind_input", None)
+        if callable(bind) and type(self).f is DEQClassifier.f:
+            return bind(u)
+        return lambda z: self.f(z, u)
+
+    @property
+    def closed_form_vjp(self) -> bool:
+        """Whether ``cell.vjp_at`` is the vector-Jacobian product of this model's map ``f``."""
+        return bool(getattr(self.cell, "has_vjp", False)) and type(self).f is DEQClassifier.f
 
     def prepare(self) -> None:
         if hasattr(self.cell, "prepare"):

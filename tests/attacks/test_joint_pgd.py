@@ -275,3 +275,55 @@ def test_joint_forward_iterations_stop_at_the_solver_tolerance(deq, digits_test)
         fz = deq.f(j.z, u)
     res = (fz - j.z).reshape(16, -1).norm(dim=1) / fz.reshape(16, -1).norm(dim=1)
     assert float(res.max()) <= deq.solver_config.tol
+
+
+def test_joint_sweeps_use_the_cells_closed_form_vjp_with_autograds_values(deq, digits_test):
+    # the adjoint sweeps before the last take the cell's closed-form J^T mu (no autograd pass);
+    # the same iteration through autograd (a subclass whose map is the cell's, so without the
+    # closed form) gives the same gradients up to float rounding, call after call
+    from robustdeq.deq.cells import MLPCell
+    from robustdeq.deq.joint import JointInputGradient
+    x, y = digits_test(16)
+    plain = copy.deepcopy(deq).double()
+
+    class SameMap(MLPCell):
+        def forward(self, z, u):
+            return super().forward(z, u)
+    other = copy.deepcopy(plain)
+    other.cell.__class__ = SameMap
+    assert plain.closed_form_vjp and not other.closed_form_vjp
+    counts = []
+    h = plain.cell.register_vjp_hook(counts.append)
+    try:
+        grads = []
+        for m in (plain, other):
+            jig = JointInputGradient(m)
+            xs = x.double()
+            out = []
+            for _ in range(4):
+                g = jig(xs, y, lambda logits, yy: torch.nn.functional.cross_entropy(logits, yy, reduction="sum"))
+                out.append(g)
+                xs = (xs + 0.02 * g.sign()).clamp(0, 1)
+            grads.append(torch.stack(out))
+    finally:
+        h.remove()
+    assert counts.count("vjp_at") == 4 and counts.count("vjp") == 7 + 3 * 2   # first call: 8 sweeps
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_f_bound_is_the_models_map(deq):
+    # the bound map equals f; a model that changes f gets its own f
+    u = torch.randn(3, deq.cell.hidden)
+    z = torch.randn(3, deq.cell.hidden)
+    with torch.no_grad():
+        assert torch.equal(deq.f_bound(u)(z), deq.f(z, u))
+    shifted = copy.deepcopy(deq)
+
+    class Shifted(type(deq)):
+        def f(self, z, u):
+            return super().f(z, u) + 1.0
+    shifted.__class__ = Shifted
+    with torch.no_grad():
+        assert torch.equal(shifted.f_bound(u)(z), deq.f(z, u) + 1.0)
+    assert not shifted.closed_form_vjp
