@@ -162,6 +162,10 @@ class Square(Attack):
             fraction of their clean margin. A run that fails to cross the decision boundary
             mostly ends far from it; one that ends close is where another start is likeliest to
             cross it, so the extra runs cost little where nothing is close.
+        restart_while_breaking: a run after the first happens only if the run before it broke at
+            least one sample (the search pays off on this model: its restarts continue; where a
+            full run breaks nothing the gradient attacks' verdict stands and no more queries are
+            spent). ``n_restarts`` is then the most runs.
         p_init: initial fraction of features per window (0.8: AutoAttack's setting, Linf and L2).
         loss: "margin" (``z_y - max_{i != y} z_i``, the default) or "ce" (cross-entropy);
             targeted: the margin to the target class with cross-entropy acceptance, as the paper.
@@ -178,8 +182,8 @@ class Square(Attack):
     (forward-solver iterations summed over queried samples, DEQs), ``warm_started``,
     ``redone_cold`` (warm-started solves that did not converge), ``confirmed_cold`` /
     ``rejected_by_cold`` (claimed misclassifications checked by the model's inference),
-    ``restarted`` (samples attacked by the runs after the first) and ``broken`` (samples the
-    model's inference misclassifies at the returned examples).
+    ``restarted`` (samples attacked by the runs after the first), ``runs`` (the runs made) and
+    ``broken`` (samples the model's inference misclassifies at the returned examples).
     """
 
     name = "Square"
@@ -188,7 +192,8 @@ class Square(Attack):
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", n_queries: int = 5000,
                  n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",
                  rescale_schedule: bool = True, warm_start: bool = False, targeted: bool = False,
-                 seed: Optional[int] = 0, restart_fraction: Optional[float] = None):
+                 seed: Optional[int] = 0, restart_fraction: Optional[float] = None,
+                 restart_while_breaking: bool = False):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
         self.n_queries = check_int(n_queries, "n_queries", low=1)
         self.n_restarts = check_int(n_restarts, "n_restarts", low=1)
@@ -202,11 +207,13 @@ class Square(Attack):
         if loss not in LOSSES:
             raise ConfigError(f"unknown Square loss {loss!r}; expected one of {', '.join(LOSSES)}")
         self.loss = loss
-        for name, v in (("rescale_schedule", rescale_schedule), ("warm_start", warm_start)):
+        for name, v in (("rescale_schedule", rescale_schedule), ("warm_start", warm_start),
+                        ("restart_while_breaking", restart_while_breaking)):
             if not isinstance(v, bool):
                 raise ConfigError(f"{name} must be a bool, got {v!r}")
         self.rescale_schedule = rescale_schedule
         self.warm_start = warm_start
+        self.restart_while_breaking = restart_while_breaking
 
     def params(self) -> Dict[str, Any]:
         out = {"n_queries": self.n_queries, "n_restarts": self.n_restarts, "p_init": self.p_init,
@@ -214,6 +221,8 @@ class Square(Attack):
                "warm_start": self.warm_start and warm_queries_supported(self.model)}
         if self.restart_fraction is not None:
             out["restart_fraction"] = self.restart_fraction
+        if self.restart_while_breaking:
+            out["restart_while_breaking"] = True
         return out
 
     # -- the search -------------------------------------------------------------------------------
@@ -255,8 +264,10 @@ class Square(Attack):
                 if self.restart_fraction is not None else None
             best = torch.full_like(clean[:, 0], float("inf"))
             adv = x4.clone()
-            restarted = 0
+            restarted, runs, broke_last = 0, 0, False
             for run in range(self.n_restarts):
+                if run and self.restart_while_breaking and not broke_last:
+                    break
                 live = ~broken if run == 0 or near is None else ~broken & (best < near)
                 todo = live.nonzero().flatten()
                 if todo.numel() == 0:
@@ -269,8 +280,10 @@ class Square(Attack):
                 hit = todo[now]
                 broken[hit] = True
                 adv[hit] = adv_curr[now]
+                runs += 1
+                broke_last = bool(now.any())
         self.last_stats = dict(oracle.stats, broken=int(broken.sum()), n=int(x.shape[0]),
-                               restarted=restarted)
+                               restarted=restarted, runs=runs)
         return adv.reshape(shape)
 
     def _single_run(self, x: Tensor, y: Tensor, gen: torch.Generator, oracle: _Oracle,

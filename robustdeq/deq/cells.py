@@ -27,6 +27,14 @@ def _has_forward_hooks(module: nn.Module) -> bool:
                 or getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None))
 
 
+def cell_map(cell: nn.Module, u: Tensor) -> Callable[[Tensor], Tensor]:
+    """``z -> cell(z, u)`` for the evaluations of one solve without autograd: the cell's
+    ``bind_input(u)`` where it has one (the same values, cheaper per evaluation), else the
+    module call."""
+    bind = getattr(cell, "bind_input", None)
+    return bind(u) if callable(bind) else (lambda z: cell(z, u))
+
+
 class IntervalScaling(nn.Module):
     """Weight parameterisation ``W = D^{-1/2} V D^{-1/2}``, ``D = diag(max(r_i, c_i))`` with ``r``,
     ``c`` the row and column sums of ``|V|``: by the Schur test (with the vector ``sqrt(d)``)

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError
+from .cells import cell_map
 from .views import ModelView
 
 logger = logging.getLogger(__name__)
@@ -366,7 +367,7 @@ class WarmMemory(ModelView):
 
             def make_f(idx, uu=ud):
                 us = uu if idx is None else uu[idx]
-                return lambda z: model.cell(z, us)
+                return cell_map(model.cell, us)
             z_star, conv, res = self._solve_unless_reused(model.solver_config, make_f, z0, reused,
                                                           reused_res)
             residual = res.residual

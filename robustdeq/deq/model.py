@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from .._support import user_stacklevel
 from ..config import SolverConfig, from_dict
 from ..errors import ConfigError, InputError, NonConvergenceWarning
+from .cells import cell_map
 from .grad import GradientEstimator, ImplicitGrad, make_estimator
 from .solvers import RecordSpec, SolveResult, TrajectoryState, get_solver
 
@@ -180,9 +181,8 @@ class DEQClassifier(EquilibriumModel):
         """``z -> f(z, u)`` for the evaluations of one solve without autograd (fixed ``u`` and
         weights): the cell's ``bind_input(u)`` where the model's map is its cell's (the same
         values without a module call per evaluation), else ``self.f``."""
-        bind = getattr(self.cell, "bind_input", None)
-        if callable(bind) and type(self).f is DEQClassifier.f:
-            return bind(u)
+        if type(self).f is DEQClassifier.f:
+            return cell_map(self.cell, u)
         return lambda z: self.f(z, u)
 
     @property
@@ -218,9 +218,7 @@ class DEQClassifier(EquilibriumModel):
                 return slv.solve(lambda z: self.cell(z, u), z0, record=record)
             with torch.no_grad():
                 ud = u.detach()
-                bind = getattr(self.cell, "bind_input", None)
-                f = bind(ud) if callable(bind) else (lambda z: self.cell(z, ud))
-                return slv.solve(f, z0.detach(), record=record)
+                return slv.solve(cell_map(self.cell, ud), z0.detach(), record=record)
 
     def iterates(self, u: Tensor, n: Tensor) -> Tensor:
         """Per sample ``b``, the model solver's ``n[b]``-th iterate from ``init_state(u)`` with no

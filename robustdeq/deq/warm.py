@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 from ..config import SolverConfig
 from ..errors import ConfigError
 from . import shrink as _shrink
+from .cells import cell_map
 from .grad import GradientEstimator, ImplicitGrad
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -234,7 +235,7 @@ def _implicit_solves(model, x, y, loss_fn, est, warm, check_logits) -> InputGrad
     with torch.no_grad():
         def make_f(idx):
             uu = ud if idx is None else ud[idx]
-            return lambda z: model.cell(z, uu)
+            return cell_map(model.cell, uu)
         res = _shrink.solve_shrinking(fsolver, make_f, z0.detach())
     stats["forward_nfe"] = res.nfe
     stats["forward_work"] = res.work

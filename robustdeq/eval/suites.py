@@ -204,9 +204,11 @@ def _torchattacks_square_factory(queries: int):
 
 #: the native Square unit's budget and settings: AutoAttack standard's Square stage
 SQUARE_QUERIES = 5000
-#: ... then a second run (fresh start, next draws) on the near misses only: the samples whose
-#: best margin after the first is below this fraction of their clean margin
+#: ... then further runs (fresh starts, next draws) on the near misses only: the samples whose
+#: best margin so far is below this fraction of their clean margin ...
 SQUARE_RESTART_FRACTION = 0.1
+#: ... each only if the run before it broke a sample, at most this many runs in all
+SQUARE_MAX_RUNS = 4
 
 
 #: the ``square-quick`` unit's queries are this many times the evaluation's ``steps`` (1,000 at
@@ -225,8 +227,9 @@ def _square_factory(queries: Optional[int], restart_fraction: Optional[float] = 
         n = square_quick_queries(steps) if queries is None else queries
         return Square(target, eps=eps, norm=norm, n_queries=n, p_init=0.8,
                       rescale_schedule=False, seed=seed,
-                      n_restarts=1 if restart_fraction is None else 2,
-                      restart_fraction=restart_fraction)
+                      n_restarts=1 if restart_fraction is None else SQUARE_MAX_RUNS,
+                      restart_fraction=restart_fraction,
+                      restart_while_breaking=restart_fraction is not None)
     return factory
 
 
@@ -526,7 +529,7 @@ def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[Att
 
 __all__ = ["AttackSpec", "SuiteContext", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
            "APGD_ITERS", "APGD_TARGETS", "QUICK_TARGETS", "RESTART_TARGETS", "TARGET_RESTARTS",
-           "apgd_iterations", "SQUARE_QUERIES", "SQUARE_RESTART_FRACTION", "SQUARE_QUICK_FACTOR",
+           "apgd_iterations", "SQUARE_QUERIES", "SQUARE_RESTART_FRACTION", "SQUARE_MAX_RUNS", "SQUARE_QUICK_FACTOR",
            "square_quick_queries",
            "register_attack_spec", "register_suite", "builtin_spec", "suite_names",
            "build_suite"]

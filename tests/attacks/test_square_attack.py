@@ -107,6 +107,40 @@ def test_restarts_go_to_near_misses_with_restart_fraction(digits_test, trained_m
     assert gated.params()["restart_fraction"] == frac
 
 
+def test_restarts_continue_only_while_the_run_before_broke_a_sample(digits_test, trained_model):
+    """With ``restart_while_breaking`` the runs are exactly the first runs of the same attack
+    without it (same draws, same samples, same examples), cut after the first run that breaks
+    nothing."""
+    model = trained_model("ff_mlp")
+    x, y = digits_test(48)
+    kw = dict(eps=0.08, n_queries=10, seed=3, n_restarts=6, restart_fraction=1.0)
+
+    def runs_of(attack):
+        seen = []
+        orig = attack._single_run
+
+        def spy(xs, yy, *a, **k):
+            out = orig(xs, yy, *a, **k)
+            with torch.no_grad():
+                broke = int((model(out[0]).argmax(1) != yy).sum())
+            seen.append((xs.clone(), out[0].clone(), broke))
+            return out
+        attack._single_run = spy
+        xa = attack(x, y)
+        return seen, xa
+    free, _ = runs_of(Square(model, **kw))
+    gated_attack = Square(model, restart_while_breaking=True, **kw)
+    gated, xa = runs_of(gated_attack)
+    broke = [b for _, _, b in free]
+    stop = next(i for i, b in enumerate(broke) if b == 0)
+    assert 0 < stop < len(broke) - 1 and any(broke[stop + 1:])   # a later run would break more
+    assert len(gated) == stop + 1 == gated_attack.last_stats["runs"]
+    for (xs_g, out_g, _), (xs_f, out_f, _) in zip(gated, free):
+        assert torch.equal(xs_g, xs_f) and torch.equal(out_g, out_f)
+    assert gated_attack.params()["restart_while_breaking"] is True
+    check_ball(x, xa, 0.08, "Linf")
+
+
 def test_p_schedule():
     """The schedule halves p_init at 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 iterations
     (of 10,000; rescaled to n_queries when asked), as pyautoattack's ``p_selection``."""
@@ -204,7 +238,7 @@ def test_bad_options_are_config_errors(trained_model):
     model = trained_model("ff_mlp")
     for kw in ({"loss": "dlr"}, {"p_init": 1.5}, {"p_init": 0.0}, {"n_queries": 0},
                {"n_restarts": 0}, {"warm_start": 1}, {"norm": "L1"}, {"restart_fraction": 0.0},
-               {"restart_fraction": 1.5}, {"restart_fraction": "x"}):
+               {"restart_fraction": 1.5}, {"restart_fraction": "x"}, {"restart_while_breaking": 1}):
         with pytest.raises(ConfigError):
             Square(model, eps=0.1, **kw)
 

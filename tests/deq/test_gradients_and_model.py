@@ -372,6 +372,12 @@ def test_bound_cell_map_equals_the_module_call_and_yields_to_hooks_and_subclasse
     sc = Shifted(6, act=act)
     with torch.no_grad():
         assert torch.equal(sc.bind_input(u)(z), sc(z, u))
+    # cell_map: the bound map where the cell has one, else the module call
+    from robustdeq.deq.cells import cell_map
+    lin = LinearCell(torch.eye(6) * 0.5)
+    with torch.no_grad():
+        assert torch.equal(cell_map(cell, u)(z), cell(z, u))
+        assert torch.equal(cell_map(lin, u)(z), lin(z, u))
     # the model's solve counts each evaluation through a hook: the fast map is not used then
     model = zoo.build("mlp_deq", hidden=6, solver={"max_iter": 7, "tol": 0.0}).eval()
     n = []

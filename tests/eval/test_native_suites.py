@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from robustdeq.eval import SuiteContext, build_suite, evaluate, trajectory_model
-from robustdeq.eval.suites import SQUARE_RESTART_FRACTION
+from robustdeq.eval.suites import SQUARE_MAX_RUNS, SQUARE_RESTART_FRACTION
 
 
 def _ctx(model, **kw):
@@ -79,13 +79,15 @@ def test_square_quick_unit_is_a_short_square_with_autoattacks_settings(trained_m
         atk = sq.factory(deq, eps=0.1, norm="Linf", steps=steps, seed=0)
         assert isinstance(atk, Square)
         assert (atk.n_queries, atk.p_init, atk.rescale_schedule) == (queries, 0.8, False)
-        assert (atk.n_restarts, atk.restart_fraction) == (1, None)
-    # the standard unit: AutoAttack's Square stage, then a second run on the near misses
+        assert (atk.n_restarts, atk.restart_fraction, atk.restart_while_breaking) == (1, None, False)
+    # the standard unit: AutoAttack's Square stage, then more runs on the near misses while the
+    # run before broke a sample
     (full,) = build_suite(["square"], _ctx(deq))
     atk = full.factory(deq, eps=0.1, norm="Linf", steps=20, seed=0)
     assert (atk.n_queries, atk.p_init, atk.rescale_schedule) == (5000, 0.8, False)
-    assert (atk.n_restarts, atk.restart_fraction) == (2, SQUARE_RESTART_FRACTION)
-    assert 0 < SQUARE_RESTART_FRACTION < 1
+    assert (atk.n_restarts, atk.restart_fraction, atk.restart_while_breaking) == \
+        (SQUARE_MAX_RUNS, SQUARE_RESTART_FRACTION, True)
+    assert 0 < SQUARE_RESTART_FRACTION < 1 and SQUARE_MAX_RUNS > 1
     # a randomized model gets AutoAttack's "rand" version
     assert [s.name for s in build_suite("quick", _ctx(deq, randomized=True))][-2:] == ["apgd-ce", "apgd-dlr"]
 
