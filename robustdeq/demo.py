@@ -102,6 +102,8 @@ def _evaluate_checkpoint(checkpoint: str, x, y, out_dir: str, device: Optional[s
     from .checkpoint import load_model
     torch.set_num_threads(threads)
     model, _ = load_model(checkpoint, map_location=device or "cpu")
+    if device is not None:
+        x, y = x.to(device), y.to(device)
     _evaluate(model, x, y, Path(out_dir), False, protocol)
 
 

@@ -24,8 +24,9 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
   there. Like every suite, an upper bound on the robust accuracy.
 - ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's)
   and ``apgd-t3x3``,
-  the Square attack (score-based; Andriushchenko et al. 2020: AutoAttack's Square stage, then a
-  second run from a fresh start on its near misses), intermediate-state attacks (Yang
+  the Square attack (score-based; Andriushchenko et al. 2020: AutoAttack's Square stage, then
+  runs from fresh starts on its near misses for as long as the run before broke a sample),
+  intermediate-state attacks (Yang
   et al. 2022) on three states spread over the clean trajectory and their ensemble attack
   (randomized models: APGD-CE and APGD-DLR with EOT instead of APGD-T and Square).
 - ``full``: standard + pyautoattack's AutoAttack standard as an independent reference ("rand"
@@ -381,8 +382,9 @@ def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
     return [AttackSpec("square", _square_factory(SQUARE_QUERIES, SQUARE_RESTART_FRACTION),
                        kind="black-box",
                        description=f"Square attack (score-based), {SQUARE_QUERIES} queries, AutoAttack's "
-                                   "settings, then a second run on the near misses (best margin below "
-                                   f"{SQUARE_RESTART_FRACTION:g} of the clean one); each query is the "
+                                   "settings, then more runs on the near misses (best margin below "
+                                   f"{SQUARE_RESTART_FRACTION:g} of the clean one) while the run before "
+                                   f"broke a sample, at most {SQUARE_MAX_RUNS} runs; each query is the "
                                    "model's own inference (cold solves on a DEQ)")]
 
 
