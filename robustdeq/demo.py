@@ -197,9 +197,8 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
                                "test_accuracy": evaluate_clean(hard, xt, yt)["accuracy"],
                                "checkpoint": str(out / defense / "checkpoint.pt")}
         reports = {}
-        for name, m in (("undefended", model), (defense, hard)):
-            if name == "undefended" and second is not None:
-                continue
+        here = [(defense, hard)] if second is not None else [("undefended", model), (defense, hard)]
+        for name, m in here:
             say(f"\nevaluating the {name} model on {n} test samples ({what})")
             reports[name] = _evaluate(m, xs, ys, out / f"eval_{name}", progress)
         if second is not None:

@@ -27,6 +27,13 @@ def _has_forward_hooks(module: nn.Module) -> bool:
                 or getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None))
 
 
+def _affine(z: Tensor, u: Tensor, W: Tensor) -> Tensor:
+    """``W z + u`` (one fused operation where ``z`` and ``u`` are matching (B, D) batches)."""
+    if z.dim() == 2 and u.shape == z.shape:
+        return torch.addmm(u, z, W.t())
+    return F.linear(z, W) + u
+
+
 def cell_map(cell: nn.Module, u: Tensor) -> Callable[[Tensor], Tensor]:
     """``z -> cell(z, u)`` for the evaluations of one solve without autograd: the cell's
     ``bind_input(u)`` where it has one (the same values, cheaper per evaluation), else the
@@ -139,10 +146,7 @@ class MLPCell(nn.Module):
         self.W = ScaledLinear(hidden, norm=norm, scale=scale, init_gain=init_gain)
 
     def _pre(self, z: Tensor, u: Tensor) -> Tensor:
-        W = self.W.weight
-        if z.dim() == 2 and u.shape == z.shape:
-            return torch.addmm(u, z, W.t())   # W z + u in one fused operation
-        return F.linear(z, W) + u
+        return _affine(z, u, self.W.weight)
 
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
         pre = self._pre(z, u)
@@ -156,14 +160,9 @@ class MLPCell(nn.Module):
         plain module call."""
         if not self.has_vjp or _has_forward_hooks(self):
             return lambda z: self(z, u)
-        Wt = self.W.weight.t()
+        W = self.W.weight
         act = torch.tanh if self.act == "tanh" else F.relu
-
-        def f(z: Tensor) -> Tensor:
-            if z.dim() == 2 and u.shape == z.shape:
-                return act(torch.addmm(u, z, Wt))
-            return act(F.linear(z, Wt.t()) + u)
-        return f
+        return lambda z: act(_affine(z, u, W))
 
     @property
     def has_vjp(self) -> bool:

@@ -181,14 +181,17 @@ class DEQClassifier(EquilibriumModel):
         """``z -> f(z, u)`` for the evaluations of one solve without autograd (fixed ``u`` and
         weights): the cell's ``bind_input(u)`` where the model's map is its cell's (the same
         values without a module call per evaluation), else ``self.f``."""
-        if type(self).f is DEQClassifier.f:
-            return cell_map(self.cell, u)
-        return lambda z: self.f(z, u)
+        return cell_map(self.cell, u) if self._f_is_cell else (lambda z: self.f(z, u))
 
     @property
     def closed_form_vjp(self) -> bool:
         """Whether ``cell.vjp_at`` is the vector-Jacobian product of this model's map ``f``."""
-        return bool(getattr(self.cell, "has_vjp", False)) and type(self).f is DEQClassifier.f
+        return self._f_is_cell and bool(getattr(self.cell, "has_vjp", False))
+
+    @property
+    def _f_is_cell(self) -> bool:
+        """Whether ``f`` is the cell's map (not a subclass's changed one)."""
+        return type(self).f is DEQClassifier.f
 
     def prepare(self) -> None:
         if hasattr(self.cell, "prepare"):
