@@ -25,18 +25,20 @@ fixed-point solve the two return the same examples.
 DEQs. By default every query is the model's own inference (its solver from its initial state,
 as AutoAttack queries it): the search then scores exactly the function whose robustness is
 measured. With ``warm_start=True`` each query's forward solve starts instead from the converged
-fixed point of the sample's current best point (a window change moves the fixed point little),
-through :mod:`robustdeq.deq.warm`: a sample whose best point's solve did not converge starts where
-the model's inference starts, a warm-started solve that does not converge is redone cold, a query
-that claims a misclassification from a warm-started solve is confirmed by the model's own
-inference before the sample stops being attacked, and at the end every example is judged by the
-model's own inference. Warm queries are cheaper, and decide as cold ones where the model's solver
-converges tightly; but where its inference stops at a loose tolerance or an iteration cap, what a
-warm-started solve returns is a different function of the input (closer to the exact equilibrium,
-and tied to the search's path), and a search scored by it can miss examples that the model's own
-inference misclassifies: on adversarially trained multiscale DEQs at Linf 0.3 the warm search
-left samples that the cold search (and AutoAttack's Square) broke, with the same draws. So warm
-queries are opt-in, for a speed/strength trade the user makes knowingly.
+fixed point of the sample's current best point (a window change moves the fixed point little):
+for a ``DEQClassifier`` by plain fixed-point iteration of its map to the solver's tolerance (one
+map evaluation per step, no solver bookkeeping: from a nearby fixed point of a locally
+contracting map few steps are needed; a sample not converged after ``FIXED_POINT_STEPS`` goes on
+with the model's solver), otherwise by the model's solver through :mod:`robustdeq.deq.warm`.
+A sample whose best point's solve did not converge starts where the model's inference starts,
+a warm-started solve that does not converge is redone cold, a query that claims a
+misclassification from a warm-started solve is confirmed by the model's own inference before
+the sample stops being attacked, and at the end every example is judged by the model's own
+inference. Warm queries are cheaper, and decide as cold ones where the model's solver
+converges tightly to a unique fixed point; but where its inference stops at a loose tolerance or
+an iteration cap, or another fixed point lies near, what a warm-started solve returns is a
+different function of the input (tied to the search's path), and a search scored by it can miss
+examples that the model's own inference misclassifies.
 """
 from __future__ import annotations
 
@@ -76,29 +78,109 @@ def warm_queries_supported(model: nn.Module) -> bool:
     return is_deq(model) and getattr(type(model), "forward", None) is EquilibriumModel.forward
 
 
+#: a warm query's plain fixed-point steps before the samples not yet converged go on with the
+#: model's solver
+FIXED_POINT_STEPS = 10
+
+
+def _fixed_point_fast_path(model: nn.Module) -> bool:
+    """Whether a warm query may iterate the model's map directly (``z <- f(z, u)`` from the best
+    point's fixed point, the solver's tolerance and iteration cap): a ``DEQClassifier`` whose
+    ``run``/``forward``/``solve``/``f``/``inject``/``readout`` are the class's own."""
+    from ..deq.model import DEQClassifier
+    cls = type(model)
+    return isinstance(model, DEQClassifier) and all(
+        getattr(cls, n) is getattr(DEQClassifier, n)
+        for n in ("run", "forward", "solve", "f", "inject", "readout"))
+
+
 class _Oracle:
-    """The model's logits at queried points, with each DEQ solve warm-started from the fixed
-    point of the sample's current best point (``z`` and its convergence flags ``ok``)."""
+    """The model's logits at queried points: its own inference (cold), or for a DEQ with warm
+    queries a solve started from the fixed point of the sample's current best point (``z`` and
+    its convergence flags ``ok``)."""
 
     def __init__(self, model: nn.Module, n: int, warm: bool, deq: bool):
         self.model = model
-        self.warm = warm
         self.deq = deq
+        self.warm = warm and deq
+        self.fast = deq and _fixed_point_fast_path(model)
         self.z: Optional[Tensor] = None       # (n, ...) fixed point of each sample's best point
         self.ok = None                        # (n,) bool: that solve converged
         self.n = n
         self.stats = {"queries": 0, "solver_steps": 0, "warm_started": 0, "redone_cold": 0,
-                      "confirmed_cold": 0, "rejected_by_cold": 0}
+                      "confirmed_cold": 0, "rejected_by_cold": 0, "unchanged": 0}
 
     def reset(self) -> None:
         self.z, self.ok = None, None
 
-    def _cold(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    # -- answers -------------------------------------------------------------------------------
+    def cold(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The model's own inference at ``x``: ``(logits, z, ok)`` (z, ok None off DEQs)."""
         if not self.deq:
             return self.model(x), None, None
         eq = self.model.run(x)
         self.stats["solver_steps"] += int(eq.stats.steps.sum())
         return eq.logits, eq.z_star, eq.stats.converged
+
+    def warm_answer(self, x: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(logits, z, ok, started)``: solves of ``x`` started from the fixed points of the
+        samples ``idx``'s best points where those converged (``started``), else from the model's
+        initial state; ``ok``: the solve converged. Nothing is redone or confirmed here."""
+        z0, ok0 = self.z[idx], self.ok[idx]
+        started = ok0 & torch.isfinite(z0.reshape(z0.shape[0], -1)).all(dim=1)
+        self.stats["warm_started"] += int(started.sum())
+        if self.fast:
+            if bool(started.all()):
+                logits, z, ok = self._iterate(x, z0)
+            elif not bool(started.any()):
+                logits, z, ok = self.cold(x)
+            else:       # the others start where the model's inference starts: they are its own
+                lw, zw, okw = self._iterate(x[started], z0[started])
+                lc, zc, okc = self.cold(x[~started])
+                logits = lw.new_empty((x.shape[0],) + tuple(lw.shape[1:]))
+                z = zw.new_empty((x.shape[0],) + tuple(zw.shape[1:]))
+                ok = torch.empty(x.shape[0], dtype=torch.bool, device=okw.device)
+                logits[started], z[started], ok[started] = lw, zw, okw
+                logits[~started], z[~started], ok[~started] = lc.to(lw), zc.to(zw), okc
+            return logits, z, ok, started
+        from ..deq.warm import WarmStart, run_warm
+        ws = WarmStart(adjoint=False)
+        ws.z, ws.z_ok = z0, ok0
+        eq = run_warm(self.model, x, ws)
+        self.stats["solver_steps"] += int(eq.stats.steps.sum())
+        return eq.logits.clone(), eq.z_star.clone(), eq.stats.converged.clone(), started
+
+    def _iterate(self, x: Tensor, z0: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Fixed-point iteration ``z <- f(z, u)`` from ``z0`` until every sample's residual is
+        within the solver's tolerance, at most ``FIXED_POINT_STEPS`` times: a step costs one
+        evaluation of the map, and from a nearby fixed point of a locally contracting map few are
+        needed. The samples still above the tolerance go on with the model's solver from where
+        the iteration left them (the solver's own ``max_iter``). ``ok``: converged and finite."""
+        from torch.nn.utils import parametrize
+        from ..deq.solvers import residual
+        m = self.model
+        cfg = m.solver_config
+        m.prepare()
+        with parametrize.cached():
+            u = m.inject(m.check_input(x))
+            f = m.f_bound(u)
+            z = z0.to(u.dtype)
+            for k in range(min(FIXED_POINT_STEPS, cfg.max_iter)):
+                fz = f(z)
+                r = residual(z, fz, cfg)
+                z = fz
+                if bool((r <= cfg.tol).all()):
+                    break
+            self.stats["solver_steps"] += (k + 1) * int(x.shape[0])
+            ok = r <= cfg.tol
+            if not bool(ok.all()):
+                rows = (~ok).nonzero().flatten()
+                res = m.solve(u[rows], z0=z[rows])
+                self.stats["solver_steps"] += int(res.steps.sum())
+                z = z.index_copy(0, rows, res.z.to(z))
+                ok = ok.index_copy(0, rows, res.converged)
+            ok = ok & torch.isfinite(z.reshape(z.shape[0], -1)).all(dim=1)
+            return m.readout(z), z, ok
 
     def logits(self, x: Tensor, idx: Tensor, judge) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """``(logits, z, ok)`` at ``x`` (the queried points of the samples ``idx``). ``judge``
@@ -106,19 +188,12 @@ class _Oracle:
         confirmed by the model's own inference."""
         self.stats["queries"] += int(x.shape[0])
         if not (self.warm and self.z is not None):
-            logits, z, ok = self._cold(x)
+            logits, z, ok = self.cold(x)
             if self.warm:
                 self._init(z, ok, idx)
             return logits, z, ok
-        from ..deq.warm import WarmStart, run_warm
-        ws = WarmStart(adjoint=False)
-        ws.z, ws.z_ok = self.z[idx], self.ok[idx]
-        started = ws.z_ok & torch.isfinite(ws.z.reshape(ws.z.shape[0], -1)).all(dim=1)
-        eq = run_warm(self.model, x, ws)
-        logits, z, ok = eq.logits.clone(), eq.z_star.clone(), eq.stats.converged.clone()
-        self.stats["solver_steps"] += int(eq.stats.steps.sum())
-        self.stats["warm_started"] += int(started.sum())
-        redo = started & ~ok   # a warm-started solve that stopped at max_iter: redone cold
+        logits, z, ok, started = self.warm_answer(x, idx)
+        redo = started & ~ok   # a warm-started solve that did not converge: redone cold
         if bool(redo.any()):
             self.stats["redone_cold"] += int(redo.sum())
             self._replace(x, redo, logits, z, ok)
@@ -130,7 +205,7 @@ class _Oracle:
         return logits, z, ok
 
     def _replace(self, x, rows, logits, z, ok) -> None:
-        lc, zc, okc = self._cold(x[rows])
+        lc, zc, okc = self.cold(x[rows])
         logits[rows], z[rows], ok[rows] = lc, zc.to(z), okc
 
     def _init(self, z: Tensor, ok: Tensor, idx: Tensor) -> None:
@@ -182,7 +257,8 @@ class Square(Attack):
     (forward-solver iterations summed over queried samples, DEQs), ``warm_started``,
     ``redone_cold`` (warm-started solves that did not converge), ``confirmed_cold`` /
     ``rejected_by_cold`` (claimed misclassifications checked by the model's inference),
-    ``restarted`` (samples attacked by the runs after the first), ``runs`` (the runs made) and
+    ``unchanged`` (proposals equal to the sample's best point, not queried: the model's answer
+    there cannot improve on the best point's), ``restarted`` (samples attacked by the runs after the first), ``runs`` (the runs made) and
     ``broken`` (samples the model's inference misclassifies at the returned examples).
     """
 
@@ -245,9 +321,8 @@ class Square(Attack):
     def _perturb(self, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
         shape = x.shape
         x4 = _as_images(x)
-        warm = self.warm_start and warm_queries_supported(self.model)
         deq = warm_queries_supported(self.model)
-        oracle = _Oracle(self.model, x4.shape[0], warm, deq)
+        oracle = _Oracle(self.model, x4.shape[0], self.warm_start, deq)
 
         def judge_logits(logits: Tensor, yy: Tensor) -> Tensor:
             pred = logits.argmax(dim=1)
@@ -337,7 +412,23 @@ class Square(Attack):
                 x_new = torch.clamp(x_new, 0.0, 1.0)
             else:
                 x_new = self._l2_proposal(x_curr, x_best_curr, p, n_features, gen, rand, choice, randint)
-            margin, loss, z, ok = query(x_new, idx, y_curr)
+            # a proposal equal to the sample's best point (its window already at the drawn vertex,
+            # or clipped back to it) is not queried: the model's answer there is the best point's,
+            # so it cannot improve
+            moved = (x_new != x_best_curr).flatten(1).any(dim=1)
+            n_moved = int(moved.sum())
+            oracle.stats["unchanged"] += int(idx.numel()) - n_moved
+            if n_moved == 0:
+                continue
+            q = None if n_moved == idx.numel() else moved.nonzero().flatten()
+            xq, iq, yq = (x_new, idx, y_curr) if q is None else (x_new[q], idx[q], y_curr[q])
+            margin, loss, z, ok = query(xq, iq, yq)
+            if q is not None:
+                margin = margin_min_curr.clone().index_copy_(0, q, margin.to(margin_min_curr.dtype))
+                loss = loss_min_curr.clone().index_copy_(0, q, loss.to(loss_min_curr.dtype))
+                if z is not None:
+                    z = z.new_zeros((idx.numel(),) + tuple(z.shape[1:])).index_copy_(0, q, z)
+                    ok = ok.new_zeros(idx.numel()).index_copy_(0, q, ok)
             improved = loss < loss_min_curr
             loss_min[idx] = torch.where(improved, loss, loss_min_curr)
             improved = improved | (margin <= 0.0)
