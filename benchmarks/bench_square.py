@@ -10,13 +10,14 @@ then runs, interleaved ``--repeats`` times on the same ``--n`` test digits (Linf
 - ``pyautoattack.square.SquareAttack`` on the model (every query a cold solve);
 - ``robustdeq.attacks.Square(warm_start=False)``: the same algorithm and random draws, cold
   solves (its examples equal pyautoattack's up to the solver's own batch effects);
-- ``robustdeq.attacks.Square`` (default): each query's forward solve warm-started from the
-  converged fixed point of the sample's current best point; claimed misclassifications confirmed
-  by cold inference.
+- ``robustdeq.attacks.Square(warm_start=True)``: each query's forward solve warm-started from
+  the converged fixed point of the sample's current best point (on this ``DEQClassifier`` by plain
+  fixed-point iteration of its map, the model's solver finishing what it leaves); claimed
+  misclassifications confirmed by cold inference.
 
 Robust accuracy is judged by the model's own cold inference on the returned examples. Prints the
-min-of-repeats CPU time, the ratio to pyautoattack and the forward-solver iterations (summed over
-queried samples) of the robustdeq rows.
+min-of-repeats CPU time, the ratio to pyautoattack and the forward iterations (solver or plain
+fixed-point steps, summed over queried samples) of the robustdeq rows.
 """
 from __future__ import annotations
 
