@@ -14,6 +14,7 @@ from helpers.attacks import check_ball
 from robustdeq.attacks import PGD, Square, build
 import robustdeq.attacks.square as square_mod
 from robustdeq.attacks.square import p_selection
+from robustdeq.deq.model import DEQClassifier
 from robustdeq.errors import ConfigError
 
 
@@ -191,15 +192,27 @@ def test_gradient_masking_does_not_blind_square(digits_test, trained_model):
     assert sq_broken >= max(2 * pgd_broken, pgd_broken + 5), (sq_broken, pgd_broken)
 
 
+class _OwnMap(DEQClassifier):
+    """A DEQClassifier whose ``f`` is its own (the same map): warm queries go through the
+    model's solver, not the fixed-point iteration of the cell's map."""
+
+    def f(self, z, u):
+        return self.cell(z, u)
+
+
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # a sample or two of the tiny model
-@pytest.mark.parametrize("fixed_point_steps", [10, 1])
-def test_warm_started_queries_decide_as_cold_ones(fixed_point_steps, monkeypatch, digits_test, trained_model):
+@pytest.mark.parametrize("path", ["fixed-point", "fixed-point, one step", "model solver"])
+def test_warm_started_queries_decide_as_cold_ones(path, monkeypatch, digits_test, trained_model):
     """On a converging DEQ solved to a tight tolerance, each query warm-started from the best
     point's fixed point gives the same accept/reject decisions as a cold query, hence the same
-    examples; every example is judged by cold inference. With a single fixed-point step the
-    samples not yet converged finish with the model's solver, to the same decisions."""
-    monkeypatch.setattr(square_mod, "FIXED_POINT_STEPS", fixed_point_steps)
+    examples; every example is judged by cold inference. The warm solve is the fixed-point
+    iteration of the cell's map (with a single step, the samples not yet converged finish with
+    the model's solver), or for a model with a map of its own the model's solver warm-started."""
+    monkeypatch.setattr(square_mod, "FIXED_POINT_STEPS", 1 if "one step" in path else 10)
     model = trained_model("mlp_deq")
+    if path == "model solver":
+        model.__class__ = _OwnMap
+    assert square_mod._fixed_point_fast_path(model) == (path != "model solver")
     model.solver_config = model.solver_config.replace(tol=1e-6, max_iter=200)
     x, y = digits_test(12)
     kw = dict(eps=0.12, n_queries=25, seed=1)
