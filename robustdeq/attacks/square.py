@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..deq.warm import plain_deq_classifier
 from .base import Attack, check_int, check_number, is_deq
 
 logger = logging.getLogger(__name__)
@@ -83,17 +84,6 @@ def warm_queries_supported(model: nn.Module) -> bool:
 FIXED_POINT_STEPS = 10
 
 
-def _fixed_point_fast_path(model: nn.Module) -> bool:
-    """Whether a warm query may iterate the model's map directly (``z <- f(z, u)`` from the best
-    point's fixed point, the solver's tolerance and iteration cap): a ``DEQClassifier`` whose
-    ``run``/``forward``/``solve``/``f``/``inject``/``readout`` are the class's own."""
-    from ..deq.model import DEQClassifier
-    cls = type(model)
-    return isinstance(model, DEQClassifier) and all(
-        getattr(cls, n) is getattr(DEQClassifier, n)
-        for n in ("run", "forward", "solve", "f", "inject", "readout"))
-
-
 class _Oracle:
     """The model's logits at queried points: its own inference (cold), or for a DEQ with warm
     queries a solve started from the fixed point of the sample's current best point (``z`` and
@@ -103,7 +93,7 @@ class _Oracle:
         self.model = model
         self.deq = deq
         self.warm = warm and deq
-        self.fast = deq and _fixed_point_fast_path(model)
+        self.fast = deq and plain_deq_classifier(model)
         self.z: Optional[Tensor] = None       # (n, ...) fixed point of each sample's best point
         self.ok = None                        # (n,) bool: that solve converged
         self.n = n
@@ -157,21 +147,15 @@ class _Oracle:
         needed. The samples still above the tolerance go on with the model's solver from where
         the iteration left them (the solver's own ``max_iter``). ``ok``: converged and finite."""
         from torch.nn.utils import parametrize
-        from ..deq.solvers import residual
+        from ..deq.solvers import iterate_map
         m = self.model
         cfg = m.solver_config
         m.prepare()
         with parametrize.cached():
             u = m.inject(m.check_input(x))
-            f = m.f_bound(u)
-            z = z0.to(u.dtype)
-            for k in range(min(FIXED_POINT_STEPS, cfg.max_iter)):
-                fz = f(z)
-                r = residual(z, fz, cfg)
-                z = fz
-                if bool((r <= cfg.tol).all()):
-                    break
-            self.stats["solver_steps"] += (k + 1) * int(x.shape[0])
+            z, r, k = iterate_map(m.f_bound(u), z0.to(u.dtype), cfg,
+                                  max(1, min(FIXED_POINT_STEPS, cfg.max_iter)))
+            self.stats["solver_steps"] += k * int(x.shape[0])
             ok = r <= cfg.tol
             if not bool(ok.all()):
                 rows = (~ok).nonzero().flatten()
@@ -258,8 +242,9 @@ class Square(Attack):
     ``redone_cold`` (warm-started solves that did not converge), ``confirmed_cold`` /
     ``rejected_by_cold`` (claimed misclassifications checked by the model's inference),
     ``unchanged`` (proposals equal to the sample's best point, not queried: the model's answer
-    there cannot improve on the best point's), ``restarted`` (samples attacked by the runs after the first), ``runs`` (the runs made) and
-    ``broken`` (samples the model's inference misclassifies at the returned examples).
+    there cannot improve on the best point's), ``restarted`` (samples attacked by the runs after
+    the first), ``runs`` (the runs made) and ``broken`` (samples the model's inference
+    misclassifies at the returned examples).
     """
 
     name = "Square"

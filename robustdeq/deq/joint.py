@@ -82,7 +82,7 @@ class JointInputGradient:
             self.mu = self.mu[keep]
 
     def __call__(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
-        from .solvers import get_solver, residual
+        from .solvers import get_solver, iterate_map
         model = self.model
         b = x.shape[0]
         self.stats["calls"] += 1
@@ -111,14 +111,7 @@ class JointInputGradient:
                     if first and self.fwd_solver == "auto":
                         self._picard = bool(conv.all())
                 else:
-                    z_star, nfe = z0.detach(), 0
-                    for _ in range(self.fwd_iters):
-                        fz = fmap(z_star)
-                        nfe += 1
-                        done = bool((residual(z_star, fz, cfg) <= cfg.tol).all())
-                        z_star = fz
-                        if done:
-                            break
+                    z_star, _, nfe = iterate_map(fmap, z0.detach(), cfg, self.fwd_iters)
                     conv = torch.zeros(b, dtype=torch.bool, device=x.device)
             self.stats["forward_nfe"] += nfe
             self.stats["forward_work"] += nfe * b

@@ -147,6 +147,24 @@ def residual(z: Tensor, fz: Tensor, config: SolverConfig, g: Optional[Tensor] = 
     return diff
 
 
+def iterate_map(f: Fn, z: Tensor, config: SolverConfig,
+                steps: int) -> Tuple[Tensor, Optional[Tensor], int]:
+    """Plain fixed-point steps ``z <- f(z)`` from ``z``, at most ``steps``, stopping once every
+    sample's residual (as ``config`` measures it, of the state a step started from) is within
+    ``config.tol``: one evaluation of ``f`` per step and no solver bookkeeping (the cheap way on
+    from a nearby fixed point of a contracting map). Returns ``(z, residual, steps taken)``; the
+    residual is that of the last step's start (None when no step was taken)."""
+    r: Optional[Tensor] = None
+    k = 0
+    for k in range(1, steps + 1):
+        fz = f(z)
+        r = residual(z, fz, config)
+        z = fz
+        if bool((r <= config.tol).all()):
+            break
+    return z, r, k
+
+
 class Solver:
     """Base class: the bookkeeping shared by all solvers; subclasses implement :meth:`propose`.
 
@@ -687,4 +705,5 @@ def solve(f: Fn, z0: Tensor, config: Union[SolverConfig, dict, str, None] = None
 
 
 __all__ = ["TrajectoryState", "SolverState", "SolveResult", "Solver", "FixedPointIteration",
-           "Anderson", "Broyden", "register_solver", "get_solver", "solve", "residual"]
+           "Anderson", "Broyden", "register_solver", "get_solver", "solve", "residual",
+           "iterate_map"]

@@ -192,15 +192,22 @@ class InputGradientResult:
     stats: Dict[str, int] = field(default_factory=dict)
 
 
-def supports_implicit_input_gradient(model: nn.Module, est) -> bool:
-    """Whether :func:`implicit_input_gradient` computes exactly what ``model.run`` with ``est``
-    computes: the estimator is exactly ``ImplicitGrad`` and the model a ``DEQClassifier`` whose
-    pieces (``run``, ``forward``, ``solve``, ``f``, ``inject``, ``readout``) are its own."""
+def plain_deq_classifier(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``DEQClassifier`` whose pieces (``run``, ``forward``, ``solve``,
+    ``f``, ``inject``, ``readout``) are the class's own: what its inference computes can then be
+    recomposed from them (``inject``, solves of ``f``, ``readout``)."""
     from .model import DEQClassifier
     cls = type(model)
-    return (type(est) is ImplicitGrad and isinstance(model, DEQClassifier)
-            and all(getattr(cls, n) is getattr(DEQClassifier, n)
-                    for n in ("run", "forward", "solve", "f", "inject", "readout")))
+    return isinstance(model, DEQClassifier) and all(
+        getattr(cls, n) is getattr(DEQClassifier, n)
+        for n in ("run", "forward", "solve", "f", "inject", "readout"))
+
+
+def supports_implicit_input_gradient(model: nn.Module, est) -> bool:
+    """Whether :func:`implicit_input_gradient` computes exactly what ``model.run`` with ``est``
+    computes: the estimator is exactly ``ImplicitGrad`` and the model a
+    :func:`plain_deq_classifier`."""
+    return type(est) is ImplicitGrad and plain_deq_classifier(model)
 
 
 def implicit_input_gradient(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, est: ImplicitGrad,
@@ -283,4 +290,5 @@ def _implicit_solves(model, x, y, loss_fn, est, warm, check_logits) -> InputGrad
 
 
 __all__ = ["warm_start_rows", "initial_state_fn", "WarmStartImplicitGrad", "WarmStart", "run_warm",
-           "InputGradientResult", "supports_implicit_input_gradient", "implicit_input_gradient"]
+           "InputGradientResult", "plain_deq_classifier",
+           "supports_implicit_input_gradient", "implicit_input_gradient"]

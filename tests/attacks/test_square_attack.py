@@ -15,6 +15,7 @@ from robustdeq.attacks import PGD, Square, build
 import robustdeq.attacks.square as square_mod
 from robustdeq.attacks.square import p_selection
 from robustdeq.deq.model import DEQClassifier
+from robustdeq.deq.warm import plain_deq_classifier
 from robustdeq.errors import ConfigError
 
 
@@ -212,7 +213,7 @@ def test_warm_started_queries_decide_as_cold_ones(path, monkeypatch, digits_test
     model = trained_model("mlp_deq")
     if path == "model solver":
         model.__class__ = _OwnMap
-    assert square_mod._fixed_point_fast_path(model) == (path != "model solver")
+    assert plain_deq_classifier(model) == (path != "model solver")
     model.solver_config = model.solver_config.replace(tol=1e-6, max_iter=200)
     x, y = digits_test(12)
     kw = dict(eps=0.12, n_queries=25, seed=1)
