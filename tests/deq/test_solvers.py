@@ -192,3 +192,39 @@ def test_select_continues_a_solve_on_a_subset_exactly():
             sub = solver.select(solver.step(f_sub, sub), torch.arange(2))
         torch.testing.assert_close(sub.z, ref.z[keep], rtol=0, atol=1e-12)
         torch.testing.assert_close(sub.last_res, ref.last_res[keep], rtol=1e-9, atol=0)
+
+
+def test_iterate_map_plain_steps_reach_the_closed_form_fixed_point():
+    """``iterate_map`` on the affine contraction ``z -> A z + b`` (``||A||_2 = 0.5``): the steps
+    are exactly ``z <- A z + b``, it stops at the first step whose starting residual is within the
+    tolerance, its result is the closed-form fixed point ``(I - A)^-1 b`` within the contraction
+    bound, and with no steps allowed it returns its start."""
+    from robustdeq.deq.solvers import iterate_map, residual
+    torch.manual_seed(0)
+    d = 6
+    A = torch.randn(d, d, dtype=torch.float64)
+    A *= 0.5 / torch.linalg.matrix_norm(A, ord=2)
+    b = torch.randn(3, d, dtype=torch.float64)
+    f = lambda z: z @ A.T + b  # noqa: E731
+    cfg = SolverConfig(tol=1e-8, stop_mode="abs", max_iter=200)
+    z0 = torch.zeros(3, d, dtype=torch.float64)
+    z, r, k = iterate_map(f, z0, cfg, 200)
+    zs = torch.linalg.solve(torch.eye(d, dtype=torch.float64) - A, b.T).T
+    assert 1 < k < 200 and bool((r <= 1e-8).all())
+    # r = ||z_k - z_{k-1}||, so ||z_k - z*|| <= rho / (1 - rho) r = r for rho = 0.5
+    assert float((z - zs).norm(dim=1).max()) <= float(r.max()) + 1e-12
+    manual = z0
+    for _ in range(k):
+        manual = f(manual)
+    assert torch.equal(z, manual)
+    # one step fewer would not have stopped: the stopping rule is the first step within tol
+    zp = z0
+    for _ in range(k - 1):
+        zp = f(zp)
+    assert float(residual(zp, f(zp), cfg).max()) <= 1e-8
+    zq = z0
+    for _ in range(k - 2):
+        zq = f(zq)
+    assert float(residual(zq, f(zq), cfg).max()) > 1e-8
+    z_none, r_none, k_none = iterate_map(f, z0, cfg, 0)
+    assert z_none is z0 and r_none is None and k_none == 0
