@@ -128,6 +128,16 @@ class APGD(Attack):
         method, grad, warm_start, joint_options: the gradient oracle's policy ("auto",
             "joint" or "exact"), estimator and options (:class:`~robustdeq.attacks.oracle.GradientOracle`;
             the joint iteration's ``fwd_iters`` defaults to :data:`JOINT_FWD_ITERS` here).
+        early_stop: a sample leaves a run once broken (on a DEQ: once the model's own
+            inference confirms it); the samples broken are the plain run's (off a DEQ).
+        parallel_runs: how many runs (restarts; for APGD-T, targets x restarts) go side by side
+            in one batch, a copy of each sample per run (1: one after another, the reference
+            implementation's order and random draws). Each copy runs the same per-sample
+            algorithm, so what one run can break is unchanged; the runs' starts are drawn
+            together (other draws than one after another) and, with ``early_stop``, a sample
+            leaves every run once one breaks it. Far fewer, larger batched steps: on models
+            whose steps cost their per-call overhead (small models, a GPU) several times
+            faster; the batch, and its memory, is up to ``parallel_runs`` times larger.
 
     ``last_stats`` holds the oracle's work counts and ``runs`` (per run: the samples attacked,
     the oracle's method, the samples broken). Only the untargeted threat model (``y`` = true
@@ -140,11 +150,13 @@ class APGD(Attack):
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", steps: int = 100,
                  restarts: int = 1, loss: str = "ce", rho: float = 0.75, eot_iter: int = 1,
                  seed: Optional[int] = 0, method: str = "auto", grad=None, warm_start: bool = True,
-                 joint_options: Optional[Dict[str, Any]] = None, early_stop: bool = False):
+                 joint_options: Optional[Dict[str, Any]] = None, early_stop: bool = False,
+                 parallel_runs: int = 1):
         super().__init__(model, eps=eps, norm=norm, targeted=False, seed=seed)
         if not isinstance(early_stop, bool):
             raise ConfigError(f"early_stop must be a bool, got {early_stop!r}")
         self.early_stop = early_stop
+        self.parallel_runs = check_int(parallel_runs, "parallel_runs", low=1)
         self.steps = check_int(steps, "steps", low=1)
         self.restarts = check_int(restarts, "restarts", low=1)
         self.rho = check_number(rho, "rho")
@@ -172,7 +184,7 @@ class APGD(Attack):
 
     def params(self) -> Dict[str, Any]:
         out = {"steps": self.steps, "restarts": self.restarts, "loss": self.loss, "rho": self.rho,
-               "early_stop": self.early_stop}
+               "early_stop": self.early_stop, "parallel_runs": self.parallel_runs}
         out.update(self.oracle.describe())
         if self.oracle.policy == "exact" and is_deq(self.model):
             out["warm_start"] = self.oracle.warm()
@@ -201,9 +213,12 @@ class APGD(Attack):
         return torch.clamp(x + _normalize(z - x, "L2") * torch.min(eps * torch.ones_like(x), _l2(z - x)),
                            0.0, 1.0)
 
-    def _run(self, x: Tensor, y: Tensor, loss_fn, gen: torch.Generator, y_loss: Tensor):
+    def _run(self, x: Tensor, y: Tensor, loss_fn, gen: torch.Generator, y_loss: Tensor,
+             copies: Optional[Tensor] = None):
         """One run: ``(x_best, acc, loss_best, x_best_adv)`` as the reference implementation's
         single run (``acc`` judged on the oracle's logits; ``y_loss`` is what the loss gets).
+        ``copies`` (parallel runs): the sample each row is a copy of; with ``early_stop`` all
+        copies of a sample leave once one of them is broken.
 
         With ``early_stop``, a sample leaves the run once it is broken (on a DEQ: once the
         model's own inference confirms the oracle's success). Off a DEQ every sample's iterates
@@ -235,7 +250,7 @@ class APGD(Attack):
         reduced_last_check = torch.ones_like(loss_best)
         self.last_halvings = []  # per checkpoint: (iteration, samples halved)
         idx = torch.arange(b, device=x.device)  # the samples still in the run
-        done = self._leave(x_best_adv, ~acc, y) if self.early_stop else None
+        done = self._leave(x_best_adv, ~acc, y, copies) if self.early_stop else None
         if done is not None and bool(done.any()):
             idx = self._select(idx, ~done)
         for i in range(n_iter):
@@ -285,21 +300,28 @@ class APGD(Attack):
                     k = max(k - size_decr, k_min)
                     counter3 = 0
             if done is not None and not bool(pred.all()):
-                left = self._leave(x_best_adv[idx], ~pred, y[idx])
+                left = self._leave(x_best_adv[idx], ~pred, y[idx],
+                                   None if copies is None else copies[idx])
                 if bool(left.any()):
                     idx = self._select(idx, ~left)
         self.last_step_size = step_size.reshape(b)
         return x_best, acc, loss_best, x_best_adv
 
-    def _leave(self, x_adv: Tensor, hit: Tensor, y: Tensor) -> Tensor:
+    def _leave(self, x_adv: Tensor, hit: Tensor, y: Tensor,
+               copies: Optional[Tensor] = None) -> Tensor:
         """(early stopping) Which of the samples ``hit`` (the oracle's success at ``x_adv``)
         leave the run: all of them off a DEQ (the oracle's logits are the model's), those the
-        model's own inference confirms on a DEQ."""
-        if not is_deq(self.model) or not bool(hit.any()):
+        model's own inference confirms on a DEQ; with ``copies`` (parallel runs), every copy
+        of a sample one of whose copies leaves."""
+        if not bool(hit.any()):
             return hit
-        rows = hit.nonzero()[:, 0]
-        out = torch.zeros_like(hit)
-        out[rows] = logits_of(self.model, x_adv[rows]).argmax(1) != y[rows]
+        out = hit
+        if is_deq(self.model):
+            rows = hit.nonzero()[:, 0]
+            out = torch.zeros_like(hit)
+            out[rows] = logits_of(self.model, x_adv[rows]).argmax(1) != y[rows]
+        if copies is not None and bool(out.any()):
+            out = torch.isin(copies, copies[out])
         return out
 
     def _select(self, idx: Tensor, keep: Tensor) -> Tensor:
@@ -328,19 +350,43 @@ class APGD(Attack):
         if self.loss == "dlr":
             self._check_classes(x, 3)
         acc = self._clean_robust(x, y)
+        return self._attack_runs(x, y, acc, loss_fn, gen, [{}] * self.restarts)
+
+    def _y_loss(self, xs: Tensor, ys: Tensor, runs) -> Tensor:
+        """What the loss gets, for the rows ``xs`` in each of ``runs`` (stacked run-major)."""
+        return ys.repeat(len(runs))
+
+    def _attack_runs(self, x: Tensor, y: Tensor, acc: Tensor, loss_fn, gen: torch.Generator,
+                     runs) -> Tensor:
+        """The runs (each a dict describing it for ``last_stats``), each on the samples no
+        earlier run broke; ``parallel_runs`` of them at a time side by side in one batch (a copy
+        of each sample per run, the runs' random starts drawn together). A sample is broken
+        where one of its copies is, with the example of the first such run."""
         adv = x.clone()
         self.last_stats = {"runs": []}
         stats = {}
-        for _ in range(self.restarts):
+        view = (-1,) + (1,) * (x.dim() - 1)
+        for start in range(0, len(runs), self.parallel_runs):
+            group = runs[start:start + self.parallel_runs]
             rows = acc.nonzero()[:, 0]
             if not rows.numel():
                 break
+            c, n = len(group), int(rows.numel())
             xs, ys = x[rows], y[rows]
-            x_best, acc_run, _, x_best_adv = self._run(xs, ys, loss_fn, gen, ys)
-            broken, ex = self._judge(x_best, x_best_adv, acc_run, ys)
+            xc, yc = xs.repeat((c,) + (1,) * (x.dim() - 1)), ys.repeat(c)
+            copies = torch.arange(n, device=x.device).repeat(c) if c > 1 else None
+            x_best, acc_run, _, x_best_adv = self._run(xc, yc, loss_fn, gen,
+                                                       self._y_loss(xs, ys, group), copies)
+            broken, ex = self._judge(x_best, x_best_adv, acc_run, yc)
+            if c > 1:
+                per_run = broken.view(c, n)
+                first = per_run.int().argmax(0)  # the first run that broke the sample
+                broken = per_run.any(0)
+                ex = ex.view((c, n) + tuple(x.shape[1:]))[first, torch.arange(n, device=x.device)]
             acc[rows[broken]] = False
             adv[rows[broken]] = ex[broken]
-            self._account(stats, rows, broken)
+            extra = group[0] if c == 1 else {"runs": list(group)}
+            self._account(stats, rows, broken, **extra)
         self.last_stats.update(stats)
         self.last_robust = acc.clone()
         self.oracle.warn_if_unconverged(self.name)
@@ -375,12 +421,13 @@ class APGDT(APGD):
                  restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
                  eot_iter: int = 1, seed: Optional[int] = 0, method: str = "auto", grad=None,
                  warm_start: bool = True, joint_options: Optional[Dict[str, Any]] = None,
-                 early_stop: bool = False):
+                 early_stop: bool = False, parallel_runs: int = 1):
         self.n_target_classes = check_int(n_target_classes, "n_target_classes", low=1)
         super().__init__(model, eps=eps, norm=norm, steps=steps, restarts=restarts,
                          loss="dlr-targeted", rho=rho, eot_iter=eot_iter, seed=seed,
                          method=method, grad=grad, warm_start=warm_start,
-                         joint_options=joint_options, early_stop=early_stop)
+                         joint_options=joint_options, early_stop=early_stop,
+                         parallel_runs=parallel_runs)
 
     def _losses(self) -> Tuple[str, ...]:
         return ("dlr-targeted",)
@@ -397,26 +444,14 @@ class APGDT(APGD):
         if self._num_classes < need:
             raise InputError(f"{self.name} with n_target_classes={self.n_target_classes} needs a "
                              f"model with at least {need} classes; it outputs {self._num_classes}")
-        adv = x.clone()
-        self.last_stats = {"runs": []}
-        stats = {}
-        for target in range(2, self.n_target_classes + 2):
-            for _ in range(self.restarts):
-                rows = acc.nonzero()[:, 0]
-                if not rows.numel():
-                    break
-                xs, ys = x[rows], y[rows]
-                y_target = logits_of(self.model, xs).sort(dim=1)[1][:, -target]
-                yt = torch.stack([ys, y_target], dim=1)
-                x_best, acc_run, _, x_best_adv = self._run(xs, ys, dlr_targeted_per_sample, gen, yt)
-                broken, ex = self._judge(x_best, x_best_adv, acc_run, ys)
-                acc[rows[broken]] = False
-                adv[rows[broken]] = ex[broken]
-                self._account(stats, rows, broken, target=target)
-        self.last_stats.update(stats)
-        self.last_robust = acc.clone()
-        self.oracle.warn_if_unconverged(self.name)
-        return adv
+        runs = [{"target": t} for t in range(2, self.n_target_classes + 2) for _ in range(self.restarts)]
+        return self._attack_runs(x, y, acc, dlr_targeted_per_sample, gen, runs)
+
+    def _y_loss(self, xs: Tensor, ys: Tensor, runs) -> Tensor:
+        """``(true class, target)`` per row: the run's target is the ``target``-th class by the
+        model's logits on the rows (the second, third, ...), stacked run-major."""
+        order = logits_of(self.model, xs).sort(dim=1)[1]
+        return torch.cat([torch.stack([ys, order[:, -r["target"]]], dim=1) for r in runs])
 
 
 __all__ = ["APGD", "APGDDLR", "APGDT", "checkpoints", "ce_per_sample", "dlr_per_sample",

@@ -167,6 +167,10 @@ def apgd_iterations(steps: int) -> int:
 
 #: the ``apgd-t3x3`` unit: APGD-T's restarts on each of its 3 likeliest targets
 RESTART_TARGETS, TARGET_RESTARTS = 3, 3
+#: the APGD-T units' runs (targets x restarts) side by side in one batch, this many at a time
+#: (``APGDT(parallel_runs=...)``): the same per-sample runs in far fewer batched steps; the
+#: batch is up to this many times the evaluation's
+APGD_PARALLEL_RUNS = 9
 
 
 def _apgd_factory(loss: str, *, n_targets: int = APGD_TARGETS, eot_iter: int = 1,
@@ -181,7 +185,8 @@ def _apgd_factory(loss: str, *, n_targets: int = APGD_TARGETS, eot_iter: int = 1
             seed = seed + seed_offset
         if loss == "dlr-targeted":
             return APGDT(target, eps=eps, norm=norm, steps=iters, n_target_classes=n_targets,
-                         restarts=restarts, eot_iter=eot_iter, seed=seed, early_stop=True)
+                         restarts=restarts, eot_iter=eot_iter, seed=seed, early_stop=True,
+                         parallel_runs=APGD_PARALLEL_RUNS)
         return APGD(target, eps=eps, norm=norm, steps=iters, loss=loss, eot_iter=eot_iter, seed=seed,
                     early_stop=True)
     return factory

@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers.attacks import check_ball
 from robustdeq.attacks import build
-from robustdeq.attacks.apgd import (APGD, APGDT, checkpoints, dlr_per_sample,
+from robustdeq.attacks.apgd import (APGD, APGDT, _normalize, checkpoints, dlr_per_sample,
                                     dlr_targeted_per_sample)
 from robustdeq.attacks.base import logits_of
 from robustdeq.errors import ConfigError, InputError
@@ -160,7 +160,8 @@ def test_apgd_on_a_deq_is_judged_by_the_models_inference_and_leaves_it_untouched
     x, y = digits_test(32)
     before = {k: v.clone() for k, v in deq.state_dict().items()}
     deq.train()
-    for cls, kw in ((APGD, {}), (APGDT, dict(n_target_classes=2))):
+    for cls, kw in ((APGD, {}), (APGDT, dict(n_target_classes=2)),
+                    (APGDT, dict(n_target_classes=3, parallel_runs=3, early_stop=True))):
         atk = cls(deq, eps=0.1, steps=6, **kw)
         x_adv = atk(x, y)
         check_ball(x, x_adv, 0.1, "Linf")
@@ -172,6 +173,37 @@ def test_apgd_on_a_deq_is_judged_by_the_models_inference_and_leaves_it_untouched
     assert exact.last_stats["runs"][0]["method"] == "exact"
 
 
+def _fixed_start(self, x, gen):
+    """A start that is a fixed function of the sample (the same for every run and batch)."""
+    return (x + self.eps * _normalize(torch.sin(37.0 * x + 1.0), self.norm)).clamp(0.0, 1.0)
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_parallel_runs_are_the_runs_one_after_another_side_by_side(early_stop, monkeypatch,
+                                                                    digits_test, trained_model):
+    """Off a DEQ APGD is per sample: with starts that depend on the sample only, APGD-T's runs
+    side by side (all 8 in one batch, or 3 + 3 + 2) break exactly the samples its runs one
+    after another break, and without early stopping give the same examples (a sample's example
+    is its first breaking run's in both)."""
+    model = trained_model("ff_mlp", hidden=32).eval()
+    x, y = digits_test(48)
+    monkeypatch.setattr(APGD, "_random_start", _fixed_start)
+    kw = dict(eps=0.1, steps=10, n_target_classes=4, restarts=2, early_stop=early_stop)
+    seq = APGDT(model, **kw)
+    x_seq = seq(x, y)
+    assert sum(r["broken"] > 0 for r in seq.last_stats["runs"]) >= 2  # more than one run breaks
+    assert 6 <= int((~seq.last_robust).sum()) <= 42
+    for parallel in (8, 3):
+        par = APGDT(model, parallel_runs=parallel, **kw)
+        x_par = par(x, y)
+        check_ball(x, x_par, 0.1, "Linf")
+        assert torch.equal(par.last_robust, seq.last_robust)
+        assert torch.equal(par.last_robust, logits_of(model, x_par).argmax(1) == y)
+        assert len(par.last_stats["runs"]) == (1 if parallel == 8 else 3)
+        if not early_stop:
+            assert torch.allclose(x_par, x_seq, atol=1e-6)
+
+
 def test_apgd_registry_names_and_bad_options(digits_test, trained_model):
     ff = trained_model("ff_mlp", hidden=32)
     assert isinstance(build("apgd-ce", ff, eps=0.1), APGD)
@@ -181,6 +213,8 @@ def test_apgd_registry_names_and_bad_options(digits_test, trained_model):
         APGD(ff, eps=0.1, loss="margin")
     with pytest.raises(ConfigError):
         APGD(ff, eps=0.1, rho=1.5)
+    with pytest.raises(ConfigError):
+        APGDT(ff, eps=0.1, parallel_runs=0)
     with pytest.raises(ConfigError):
         build("apgd-ce", ff, eps=0.1, targeted=True)
     x, y = digits_test(4)
