@@ -98,7 +98,7 @@ class _Oracle:
         self.ok = None                        # (n,) bool: that solve converged
         self.n = n
         self.stats = {"queries": 0, "solver_steps": 0, "warm_started": 0, "redone_cold": 0,
-                      "confirmed_cold": 0, "rejected_by_cold": 0, "unchanged": 0}
+                      "confirmed_cold": 0, "rejected_by_cold": 0, "unchanged": 0, "speculative": 0}
 
     def reset(self) -> None:
         self.z, self.ok = None, None
@@ -236,13 +236,21 @@ class Square(Attack):
             (cheaper; off by default because it scores a function other than the model's
             inference where that inference is inexact, see the module docstring).
         seed: seed of the random draws (pyautoattack's order and stream).
+        speculate: (Linf, cold queries) up to this many of a sample's next proposals per query
+            batch, built as if the earlier ones are rejected; the sample takes them in order up
+            to the first accepted one. The same decisions as one proposal per query (each
+            sample's search depends only on its own answers and the iterations' draws) in fewer,
+            larger batches: cheaper where a query's cost is mostly per batch (small models, a
+            GPU), dearer where it is per row; the proposals after an accepted one are queried
+            for nothing (``last_stats["speculative"]``). 1: one proposal per query.
 
     ``last_stats``: ``queries`` (samples queried, summed over iterations), ``solver_steps``
     (forward-solver iterations summed over queried samples, DEQs), ``warm_started``,
     ``redone_cold`` (warm-started solves that did not converge), ``confirmed_cold`` /
     ``rejected_by_cold`` (claimed misclassifications checked by the model's inference),
     ``unchanged`` (proposals equal to the sample's best point, not queried: the model's answer
-    there cannot improve on the best point's), ``restarted`` (samples attacked by the runs after
+    there cannot improve on the best point's), ``speculative`` (proposals queried after one the
+    search accepted, with ``speculate``), ``restarted`` (samples attacked by the runs after
     the first), ``runs`` (the runs made) and ``broken`` (samples the model's inference
     misclassifies at the returned examples).
     """
@@ -254,8 +262,13 @@ class Square(Attack):
                  n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",
                  rescale_schedule: bool = True, warm_start: bool = False, targeted: bool = False,
                  seed: Optional[int] = 0, restart_fraction: Optional[float] = None,
-                 restart_while_breaking: bool = False):
+                 restart_while_breaking: bool = False, speculate: int = 1):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
+        self.speculate = check_int(speculate, "speculate", low=1)
+        if self.speculate > 1 and (norm != "Linf" or warm_start):
+            raise ConfigError("speculate > 1 is for the Linf search with cold queries (the L2 "
+                              "search's draws depend on how many samples are left, and warm "
+                              "queries start from the current best point's fixed point)")
         self.n_queries = check_int(n_queries, "n_queries", low=1)
         self.n_restarts = check_int(n_restarts, "n_restarts", low=1)
         self.restart_fraction = check_number(restart_fraction, "restart_fraction", strict=True,
@@ -284,6 +297,8 @@ class Square(Attack):
             out["restart_fraction"] = self.restart_fraction
         if self.restart_while_breaking:
             out["restart_while_breaking"] = True
+        if self.speculate > 1:
+            out["speculate"] = self.speculate
         return out
 
     # -- the search -------------------------------------------------------------------------------
@@ -380,6 +395,9 @@ class Square(Attack):
         margin_min, loss_min, _, _ = query(x_best, all_idx, y)
         if bool((margin_min < 0.0).all()):
             return x_best, margin_min
+        if self.norm == "Linf" and self.speculate > 1:
+            return self._speculative_linf(x, x_best, margin_min, loss_min, y, query, oracle, gen,
+                                          choice, randint)
 
         for i_iter in range(self.n_queries):
             idx = (margin_min > 0.0).nonzero().flatten()
@@ -423,6 +441,96 @@ class Square(Attack):
             if bool((margin_min <= 0.0).all()):
                 break
         return x_best, margin_min
+
+    def _speculative_linf(self, x, x_best, margin_min, loss_min, y, query, oracle, gen, choice,
+                          randint) -> Tuple[Tensor, Tensor]:
+        """The Linf search of :meth:`_single_run` with each sample's next proposals queried
+        together: the proposals of its next ``k`` iterations (``k`` at most ``speculate``, see
+        :meth:`_lookahead`), each built from its current best point as the search builds it
+        while no earlier one is accepted, are queried in one batch with the other samples'; the
+        sample then takes them in order up to the first accepted one and goes on from there (the
+        proposals after it were built from a point it left: queried for nothing). A sample's
+        search depends only on its own answers and on the iterations' draws (windows and signs,
+        shared by all samples, drawn in iteration order), so each sample makes the decisions of
+        the one-iteration-at-a-time search, at fewer, larger query batches. Draws made beyond
+        the last iteration that search reaches are undone (the generator is restored), so later
+        runs draw as after it."""
+        n, c, h, w = x.shape
+        dev, dt, eps = x.device, x.dtype, self.eps
+        gen_state = {}                       # generator state before an iteration's draws
+        sizes, rows_at, cols_at, signs = [], [], [], []
+
+        def draw_until(last: int) -> None:
+            while len(sizes) <= last:
+                it = len(sizes)
+                gen_state[it] = gen.get_state()
+                p = p_selection(self.p_init, it, self.n_queries, self.rescale_schedule)
+                sq = min(max(int(round(math.sqrt(p * c * h * w / c))), 1), min(h, w))
+                vh, vw = randint(h - sq), randint(w - sq)
+                sizes.append(sq)
+                rows_at.append(vh)
+                cols_at.append(vw)
+                signs.append(2.0 * eps * choice(c, 1, 1).to(dt).reshape(c))
+
+        t = torch.zeros(n, dtype=torch.long, device=dev)       # each sample's next iteration
+        gap = torch.zeros(n, dtype=torch.long, device=dev)     # iterations since it last moved
+        ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        while True:
+            idx = ((margin_min > 0.0) & (t < self.n_queries)).nonzero().flatten()
+            if idx.numel() == 0:
+                break
+            k = self._lookahead(gap[idx]).clamp(max=self.n_queries - t[idx])     # (A,)
+            kmax = int(k.max())
+            draw_until(int((t[idx] + k).max()) - 1)
+            for it in [i for i in gen_state if i < int(t.max())]:
+                del gen_state[it]
+            steps = torch.arange(kmax, device=dev)
+            valid = steps[None, :] < k[:, None]                                  # (A, K)
+            its = (t[idx][:, None] + steps[None, :]).clamp(max=len(sizes) - 1)
+            sq, vh, vw = (torch.tensor(v, device=dev)[its] for v in (sizes, rows_at, cols_at))
+            in_h = (ar_h >= vh[..., None]) & (ar_h < (vh + sq)[..., None])        # (A, K, h)
+            in_w = (ar_w >= vw[..., None]) & (ar_w < (vw + sq)[..., None])        # (A, K, w)
+            window = in_h[..., :, None] & in_w[..., None, :]                       # (A, K, h, w)
+            sign = torch.stack(signs)[its]                                        # (A, K, c)
+            delta = torch.where(window[:, :, None], sign[..., None, None],
+                                torch.zeros((), device=dev, dtype=dt))
+            x_curr, x_best_curr = x[idx][:, None], x_best[idx][:, None]
+            x_new = torch.clamp(torch.min(torch.max(x_best_curr + delta, x_curr - eps),
+                                          x_curr + eps), 0.0, 1.0)                 # (A, K, c, h, w)
+            moved = valid & (x_new != x_best_curr).flatten(2).any(dim=2)
+            q = moved.nonzero()
+            margin = torch.full((idx.numel(), kmax), float("inf"), device=dev, dtype=margin_min.dtype)
+            loss = margin.clone()
+            if q.numel():
+                mq, lq, _, _ = query(x_new[q[:, 0], q[:, 1]], idx[q[:, 0]], y[idx][q[:, 0]])
+                margin[q[:, 0], q[:, 1]] = mq.to(margin.dtype)
+                loss[q[:, 0], q[:, 1]] = lq.to(loss.dtype)
+            lm, mm = loss_min[idx][:, None], margin_min[idx][:, None]
+            accept = moved & ((loss < lm) | (margin <= 0.0))
+            has = accept.any(dim=1)
+            first = torch.where(has, accept.int().argmax(dim=1), k - 1)   # the last one taken
+            taken = steps[None, :] <= first[:, None]
+            oracle.stats["unchanged"] += int((valid & taken & ~moved).sum())
+            oracle.stats["speculative"] += int((moved & ~taken).sum())
+            rows = has.nonzero().flatten()
+            if rows.numel():
+                kk, s_idx = first[rows], idx[rows]
+                l_new, m_new = loss[rows, kk], margin[rows, kk]
+                loss_min[s_idx] = torch.where(l_new < lm[rows, 0], l_new, lm[rows, 0])
+                margin_min[s_idx] = m_new
+                x_best[s_idx] = x_new[rows, kk]
+            t[idx] += first + 1
+            gap[idx] = torch.where(has, torch.zeros_like(first), gap[idx] + first + 1)
+        end = int(t.max())          # the one-at-a-time search's draws: iterations 0 .. end - 1
+        if len(sizes) > end:
+            gen.set_state(gen_state[end])
+        return x_best, margin_min
+
+    def _lookahead(self, gap: Tensor) -> Tensor:
+        """Proposals per sample in the next query batch: ``min(speculate, 1 + gap // 2)`` for a
+        sample whose last ``gap`` proposals were all rejected (a search that moves often wastes
+        the proposals after a move; one that has not moved for long rarely does)."""
+        return torch.clamp(1 + gap // 2, max=self.speculate)
 
     # -- L2: centred squares ----------------------------------------------------------------------
     def _l2_start(self, x, gen, rand, choice) -> Tensor:

@@ -217,6 +217,11 @@ SQUARE_RESTART_FRACTION = 0.1
 SQUARE_MAX_RUNS = 4
 
 
+#: the Square units' (Linf) queries: up to this many of a sample's next proposals per query
+#: batch (``Square(speculate=...)``: the same decisions as one proposal per query, in fewer,
+#: larger batches)
+SQUARE_SPECULATE = 32
+
 #: the ``square-quick`` unit's queries are this many times the evaluation's ``steps`` (1,000 at
 #: the default 20): the first part of the standard unit's search (same schedule and draws)
 SQUARE_QUICK_FACTOR = 50
@@ -235,7 +240,8 @@ def _square_factory(queries: Optional[int], restart_fraction: Optional[float] = 
                       rescale_schedule=False, seed=seed,
                       n_restarts=1 if restart_fraction is None else SQUARE_MAX_RUNS,
                       restart_fraction=restart_fraction,
-                      restart_while_breaking=restart_fraction is not None)
+                      restart_while_breaking=restart_fraction is not None,
+                      speculate=SQUARE_SPECULATE if norm == "Linf" else 1)
     return factory
 
 

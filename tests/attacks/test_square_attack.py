@@ -39,17 +39,21 @@ def _pyautoattack_square(model, x, y, **kw):
         return ref.perturb(x, y)
 
 
-@pytest.mark.parametrize("norm,eps,targeted,rescale", [("Linf", 0.1, False, True), ("Linf", 0.1, True, False),
-                                                       ("L2", 0.6, False, False)])
-def test_same_examples_as_pyautoattack(norm, eps, targeted, rescale, digits_test, trained_model):
+@pytest.mark.parametrize("norm,eps,targeted,rescale,speculate",
+                         [("Linf", 0.1, False, True, 1), ("Linf", 0.1, True, False, 1),
+                          ("L2", 0.6, False, False, 1), ("Linf", 0.1, False, True, 8),
+                          ("Linf", 0.1, True, False, 3)])
+def test_same_examples_as_pyautoattack(norm, eps, targeted, rescale, speculate, digits_test,
+                                       trained_model):
     """On a model without a fixed-point solve the native attack is pyautoattack's algorithm with
     its draws in the same order: the same examples (so robust accuracy within 1 in 200), though
-    it does not query the proposals equal to a sample's best point (which pyautoattack does)."""
+    it does not query the proposals equal to a sample's best point (which pyautoattack does),
+    and with ``speculate`` queries several of a sample's next proposals at once."""
     model = trained_model("ff_mlp")
     x, y = digits_test(48)
     yt = (y + 3) % 10 if targeted else y
     atk = Square(model, eps=eps, norm=norm, n_queries=60, seed=7, targeted=targeted,
-                 rescale_schedule=rescale)
+                 rescale_schedule=rescale, speculate=speculate)
     rows = []
     hook = model.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     try:
@@ -64,6 +68,7 @@ def test_same_examples_as_pyautoattack(norm, eps, targeted, rescale, digits_test
     assert sum(rows) == x.shape[0] + st["queries"] + n_live
     if norm == "Linf":
         assert st["unchanged"] > 0   # the digits' blank border: many windows change nothing
+    assert (st["speculative"] > 0) == (speculate > 1)
     xr = _pyautoattack_square(model, x, yt, norm=norm, eps=eps, n_queries=60, seed=7,
                               targeted=targeted, resc_schedule=rescale)
     assert torch.equal(xa, xr)
@@ -90,6 +95,9 @@ def test_restarts_go_to_near_misses_with_restart_fraction(digits_test, trained_m
     kw = dict(eps=0.05, n_queries=30, seed=3)
     xa = Square(model, n_restarts=2, **kw)(x, y)
     assert torch.equal(xa, _pyautoattack_square(model, x, y, norm="Linf", n_restarts=2, **kw))
+    # the speculative search undoes the draws made beyond the last iteration it reaches: the
+    # second run draws as pyautoattack's
+    assert torch.equal(xa, Square(model, n_restarts=2, speculate=16, **kw)(x, y))
     one = Square(model, **kw)
     runs = []
     orig = one._single_run
@@ -122,6 +130,26 @@ def test_restarts_go_to_near_misses_with_restart_fraction(digits_test, trained_m
     assert len(seen) == 2 and torch.equal(seen[1], x[want])
     assert gated.last_stats["restarted"] == int(want.sum())
     assert gated.params()["restart_fraction"] == frac
+
+
+def test_speculative_search_leaves_the_draws_as_one_at_a_time(digits_test, trained_model):
+    """A run whose samples are all broken before its last iteration: the speculative search
+    drew windows past the iteration where the one-at-a-time search stops, and undoes those
+    draws (whatever is drawn next, as by a later run, is the same)."""
+    from robustdeq._tensor import make_generator
+    model = trained_model("ff_mlp")
+    x, y = digits_test(16)
+    x4 = x.reshape(x.shape[0], 1, 1, -1)
+    out = {}
+    for k in (1, 16):
+        atk = Square(model, eps=0.3, n_queries=200, seed=0, speculate=k)
+        gen = make_generator(0)
+        with torch.no_grad():
+            xa, margin = atk._single_run(x4, y, gen, square_mod._Oracle(model, 16, False, False), x.shape)
+        out[k] = (xa, margin, gen.get_state())
+        if k > 1:
+            assert atk._lookahead(torch.tensor([40]))[0] == 16 and bool((margin <= 0).all())
+    assert torch.equal(out[1][0], out[16][0]) and torch.equal(out[1][2], out[16][2])
 
 
 def test_restarts_continue_only_while_the_run_before_broke_a_sample(digits_test, trained_model):
@@ -230,6 +258,33 @@ def test_warm_started_queries_decide_as_cold_ones(path, monkeypatch, digits_test
     assert default.last_stats["warm_started"] == 0
 
 
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # a sample or two of the tiny model
+def test_speculative_queries_decide_as_one_at_a_time_on_a_deq(digits_test, trained_model):
+    """On a DEQ solved to a tight tolerance (a batch's solves then do not change its rows'
+    answers beyond that tolerance), querying up to 8 of each sample's next proposals together
+    gives the examples of the one-proposal-per-query search, judged by cold inference."""
+    model = trained_model("mlp_deq")
+    model.solver_config = model.solver_config.replace(tol=1e-6, max_iter=200)
+    x, y = digits_test(12)
+    kw = dict(eps=0.12, n_queries=100, seed=1)
+    one, many = Square(model, **kw), Square(model, speculate=8, **kw)
+    calls, run = [], model.run
+
+    def counted(*a, **k):
+        calls.append(1)
+        return run(*a, **k)
+    model.run = counted                  # the queries are the model's runs
+    xo = one(x, y)
+    n_one = len(calls)
+    xm = many(x, y)
+    del model.run
+    assert torch.equal(xo, xm)
+    assert len(calls) - n_one < n_one      # fewer, larger query batches
+    assert many.last_stats["speculative"] > 0 and many.describe()["speculate"] == 8
+    with torch.no_grad():
+        assert many.last_stats["broken"] == int((model(xm).argmax(1) != y).sum()) > 0
+
+
 def test_unconverged_solves_warm_start_nothing(digits_test, trained_model):
     """Where every solve stops at max_iter (its iterate depends on where it started), no query
     is warm-started: the attack is the cold one, and reports what cold inference judges."""
@@ -269,7 +324,8 @@ def test_bad_options_are_config_errors(trained_model):
     model = trained_model("ff_mlp")
     for kw in ({"loss": "dlr"}, {"p_init": 1.5}, {"p_init": 0.0}, {"n_queries": 0},
                {"n_restarts": 0}, {"warm_start": 1}, {"warm_start": "auto"}, {"norm": "L1"}, {"restart_fraction": 0.0},
-               {"restart_fraction": 1.5}, {"restart_fraction": "x"}, {"restart_while_breaking": 1}):
+               {"restart_fraction": 1.5}, {"restart_fraction": "x"}, {"restart_while_breaking": 1},
+               {"speculate": 0}, {"speculate": 4, "norm": "L2"}, {"speculate": 4, "warm_start": True}):
         with pytest.raises(ConfigError):
             Square(model, eps=0.1, **kw)
 
