@@ -10,6 +10,9 @@ then runs, interleaved ``--repeats`` times on the same ``--n`` test digits (Linf
 - ``pyautoattack.square.SquareAttack`` on the model (every query a cold solve);
 - ``robustdeq.attacks.Square(warm_start=False)``: the same algorithm and random draws, cold
   solves (its examples equal pyautoattack's up to the solver's own batch effects);
+- ``robustdeq.attacks.Square(speculate=32)``: cold solves, each query batch holding up to 32 of
+  a sample's next proposals (the same decisions as one proposal per query, in fewer batches:
+  the suites' setting);
 - ``robustdeq.attacks.Square(warm_start=True)``: each query's forward solve warm-started from
   the converged fixed point of the sample's current best point (on this ``DEQClassifier`` by plain
   fixed-point iteration of its map, the model's solver finishing what it leaves); claimed
@@ -61,6 +64,7 @@ def main(argv=None) -> int:
     kw = dict(eps=args.eps, n_queries=args.n_queries, p_init=0.8, seed=args.seed)
     warm = Square(model, warm_start=True, rescale_schedule=True, **kw)
     cold = Square(model, warm_start=False, rescale_schedule=True, **kw)
+    ahead = Square(model, warm_start=False, rescale_schedule=True, speculate=32, **kw)
 
     def py_run():
         ref = SquareAttack(model, norm="Linf", resc_schedule=True, device=x.device, **kw)
@@ -68,6 +72,7 @@ def main(argv=None) -> int:
             return ref.perturb(x, y)
     runs = {"pyautoattack SquareAttack": py_run,
             "robustdeq Square, cold solves": lambda: cold(x, y),
+            "robustdeq Square, cold solves, speculate 32": lambda: ahead(x, y),
             "robustdeq Square, warm-started solves": lambda: warm(x, y)}
     cpu = {k: [] for k in runs}
     robust = {k: [] for k in runs}
@@ -80,6 +85,7 @@ def main(argv=None) -> int:
             cpu[k].append(time.process_time() - c)
             robust[k].append(accuracy(model, x_adv, y))
     steps["robustdeq Square, cold solves"] = cold.last_stats
+    steps["robustdeq Square, cold solves, speculate 32"] = ahead.last_stats
     steps["robustdeq Square, warm-started solves"] = warm.last_stats
     print(f"# Square benchmark: torch {torch.__version__}, pyautoattack {pyautoattack_version()}, "
           f"{platform.processor() or platform.machine()}, {args.threads} thread(s)")

@@ -20,7 +20,9 @@ An iteration is ``z = P(x_k + eta sign(grad))`` (Linf; L2: ``eta grad / ||grad||
 ``x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))`` with momentum ``a = 0.75`` (1 at
 the first step), ``P`` the projection onto the eps ball and [0, 1]. The start is uniform on the
 ball's surface direction (Linf: ``x + eps t / ||t||_inf``, ``t`` uniform in [-1, 1]; L2: ``t``
-Gaussian). ``restarts`` runs attack only the samples no earlier run broke.
+Gaussian). ``restarts`` runs attack only the samples no earlier run broke; ``parallel_runs``
+of them can go side by side in one batch (a copy of each sample per run: the same per-sample
+algorithm in fewer, larger batched steps).
 
 Losses: cross-entropy; DLR ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)``; targeted DLR
 ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)`` (``pi`` sorts the logits decreasingly), which

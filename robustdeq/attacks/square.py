@@ -22,6 +22,12 @@ Random draws (stripes, window positions, signs) are taken in the same order and 
 kind of stream as pyautoattack's ``SquareAttack`` seeded with ``seed``, so on a model without a
 fixed-point solve the two return the same examples.
 
+Under Linf an iteration's draws (window and sign) are shared by all samples and do not depend on
+the search's state, so a sample's search depends only on its own answers: with ``speculate`` a
+sample's next proposals, built as if the earlier ones are rejected, are queried together and
+taken in order up to the first accepted one (the one-at-a-time search's decisions, in fewer
+query batches).
+
 DEQs. By default every query is the model's own inference (its solver from its initial state,
 as AutoAttack queries it): the search then scores exactly the function whose robustness is
 measured. With ``warm_start=True`` each query's forward solve starts instead from the converged
