@@ -223,10 +223,13 @@ class Square(Attack):
             correctly; a fresh start with the next draws).
         restart_fraction: None (every run after the first attacks every sample left, as the
             reference implementation's restarts), or a fraction in (0, 1]: runs after the first
-            attack only the near misses, the samples whose best margin so far is below this
-            fraction of their clean margin. A run that fails to cross the decision boundary
-            mostly ends far from it; one that ends close is where another start is likeliest to
-            cross it, so the extra runs cost little where nothing is close.
+            ``full_runs`` attack only the near misses, the samples whose best margin so far is
+            below this fraction of their clean margin. A run that fails to cross the decision
+            boundary mostly ends far from it; one that ends close is where another start is
+            likeliest to cross it, so the extra runs cost little where nothing is close.
+        full_runs: with ``restart_fraction``, how many runs (the first ones) attack every sample
+            left (1: only the first). Which samples a run breaks depends on its draws, so
+            another full run finds samples the first missed wherever the search breaks any.
         restart_while_breaking: a run after the first happens only if the run before it broke at
             least one sample (the search pays off on this model: its restarts continue; where a
             full run breaks nothing the gradient attacks' verdict stands and no more queries are
@@ -268,8 +271,9 @@ class Square(Attack):
                  n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",
                  rescale_schedule: bool = True, warm_start: bool = False, targeted: bool = False,
                  seed: Optional[int] = 0, restart_fraction: Optional[float] = None,
-                 restart_while_breaking: bool = False, speculate: int = 1):
+                 restart_while_breaking: bool = False, speculate: int = 1, full_runs: int = 1):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
+        self.full_runs = check_int(full_runs, "full_runs", low=1)
         self.speculate = check_int(speculate, "speculate", low=1)
         if self.speculate > 1 and (norm != "Linf" or warm_start):
             raise ConfigError("speculate > 1 is for the Linf search with cold queries (the L2 "
@@ -301,6 +305,7 @@ class Square(Attack):
                "warm_start": self.warm_start and warm_queries_supported(self.model)}
         if self.restart_fraction is not None:
             out["restart_fraction"] = self.restart_fraction
+            out["full_runs"] = self.full_runs
         if self.restart_while_breaking:
             out["restart_while_breaking"] = True
         if self.speculate > 1:
@@ -349,7 +354,7 @@ class Square(Attack):
             for run in range(self.n_restarts):
                 if run and self.restart_while_breaking and not broke_last:
                     break
-                live = ~broken if run == 0 or near is None else ~broken & (best < near)
+                live = ~broken if run < self.full_runs or near is None else ~broken & (best < near)
                 todo = live.nonzero().flatten()
                 if todo.numel() == 0:
                     break

@@ -24,8 +24,9 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
   there. Like every suite, an upper bound on the robust accuracy.
 - ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's)
   and ``apgd-t3x3``,
-  the Square attack (score-based; Andriushchenko et al. 2020: AutoAttack's Square stage, then
-  runs from fresh starts on its near misses for as long as the run before broke a sample),
+  the Square attack (score-based; Andriushchenko et al. 2020: AutoAttack's Square stage, then,
+  for as long as the run before broke a sample, runs from fresh starts: a second one on every
+  sample left, then on the near misses only),
   intermediate-state attacks (Yang
   et al. 2022) on three states spread over the clean trajectory and their ensemble attack
   (randomized models: APGD-CE and APGD-DLR with EOT instead of APGD-T and Square).
@@ -210,10 +211,13 @@ def _torchattacks_square_factory(queries: int):
 
 #: the native Square unit's budget and settings: AutoAttack standard's Square stage
 SQUARE_QUERIES = 5000
-#: ... then further runs (fresh starts, next draws) on the near misses only: the samples whose
-#: best margin so far is below this fraction of their clean margin ...
+#: ... then, each only if the run before it broke a sample (fresh starts, next draws), a second
+#: run on every sample left ...
+SQUARE_FULL_RUNS = 2
+#: ... and runs on the near misses only: the samples whose best margin so far is below this
+#: fraction of their clean margin ...
 SQUARE_RESTART_FRACTION = 0.1
-#: ... each only if the run before it broke a sample, at most this many runs in all
+#: ... at most this many runs in all
 SQUARE_MAX_RUNS = 4
 
 
@@ -240,6 +244,7 @@ def _square_factory(queries: Optional[int], restart_fraction: Optional[float] = 
                       rescale_schedule=False, seed=seed,
                       n_restarts=1 if restart_fraction is None else SQUARE_MAX_RUNS,
                       restart_fraction=restart_fraction,
+                      full_runs=1 if restart_fraction is None else SQUARE_FULL_RUNS,
                       restart_while_breaking=restart_fraction is not None,
                       speculate=SQUARE_SPECULATE if norm == "Linf" else 1)
     return factory
@@ -393,9 +398,10 @@ def _square_spec(ctx: SuiteContext) -> List[AttackSpec]:
     return [AttackSpec("square", _square_factory(SQUARE_QUERIES, SQUARE_RESTART_FRACTION),
                        kind="black-box",
                        description=f"Square attack (score-based), {SQUARE_QUERIES} queries, AutoAttack's "
-                                   "settings, then more runs on the near misses (best margin below "
-                                   f"{SQUARE_RESTART_FRACTION:g} of the clean one) while the run before "
-                                   f"broke a sample, at most {SQUARE_MAX_RUNS} runs; each query is the "
+                                   "settings, then, while the run before broke a sample, a second "
+                                   "run on every sample left and more on the near misses (best margin "
+                                   f"below {SQUARE_RESTART_FRACTION:g} of the clean one), at most "
+                                   f"{SQUARE_MAX_RUNS} runs; each query is the "
                                    "model's own inference (cold solves on a DEQ)")]
 
 

@@ -130,6 +130,9 @@ def test_restarts_go_to_near_misses_with_restart_fraction(digits_test, trained_m
     assert len(seen) == 2 and torch.equal(seen[1], x[want])
     assert gated.last_stats["restarted"] == int(want.sum())
     assert gated.params()["restart_fraction"] == frac
+    # with full_runs=2 the second run attacks every sample left: pyautoattack's restarts again
+    two = Square(model, n_restarts=2, restart_fraction=frac, full_runs=2, **kw)
+    assert torch.equal(two(x, y), xa) and two.last_stats["restarted"] == int(left.sum())
 
 
 def test_speculative_search_leaves_the_draws_as_one_at_a_time(digits_test, trained_model):
@@ -325,7 +328,7 @@ def test_bad_options_are_config_errors(trained_model):
     for kw in ({"loss": "dlr"}, {"p_init": 1.5}, {"p_init": 0.0}, {"n_queries": 0},
                {"n_restarts": 0}, {"warm_start": 1}, {"warm_start": "auto"}, {"norm": "L1"}, {"restart_fraction": 0.0},
                {"restart_fraction": 1.5}, {"restart_fraction": "x"}, {"restart_while_breaking": 1},
-               {"speculate": 0}, {"speculate": 4, "norm": "L2"}, {"speculate": 4, "warm_start": True}):
+               {"speculate": 0}, {"speculate": 4, "norm": "L2"}, {"full_runs": 0}, {"speculate": 4, "warm_start": True}):
         with pytest.raises(ConfigError):
             Square(model, eps=0.1, **kw)
 
