@@ -469,19 +469,23 @@ class Square(Attack):
         n, c, h, w = x.shape
         dev, dt, eps = x.device, x.dtype, self.eps
         gen_state = {}                       # generator state before an iteration's draws
-        sizes, rows_at, cols_at, signs = [], [], [], []
+        # per iteration drawn so far: window (side, row, column) and the signs times 2 eps
+        windows = torch.zeros((0, 3), dtype=torch.long, device=dev)
+        signs = torch.zeros((0, c), dtype=dt, device=dev)
 
         def draw_until(last: int) -> None:
-            while len(sizes) <= last:
-                it = len(sizes)
+            nonlocal windows, signs
+            new_w, new_s = [], []
+            for it in range(windows.shape[0], last + 1):
                 gen_state[it] = gen.get_state()
                 p = p_selection(self.p_init, it, self.n_queries, self.rescale_schedule)
                 sq = min(max(int(round(math.sqrt(p * c * h * w / c))), 1), min(h, w))
                 vh, vw = randint(h - sq), randint(w - sq)
-                sizes.append(sq)
-                rows_at.append(vh)
-                cols_at.append(vw)
-                signs.append(2.0 * eps * choice(c, 1, 1).to(dt).reshape(c))
+                new_w.append((sq, vh, vw))
+                new_s.append(2.0 * eps * choice(c, 1, 1).to(dt).reshape(c))
+            if new_w:
+                windows = torch.cat([windows, torch.tensor(new_w, dtype=torch.long, device=dev)])
+                signs = torch.cat([signs, torch.stack(new_s)])
 
         t = torch.zeros(n, dtype=torch.long, device=dev)       # each sample's next iteration
         gap = torch.zeros(n, dtype=torch.long, device=dev)     # iterations since it last moved
@@ -497,12 +501,12 @@ class Square(Attack):
                 del gen_state[it]
             steps = torch.arange(kmax, device=dev)
             valid = steps[None, :] < k[:, None]                                  # (A, K)
-            its = (t[idx][:, None] + steps[None, :]).clamp(max=len(sizes) - 1)
-            sq, vh, vw = (torch.tensor(v, device=dev)[its] for v in (sizes, rows_at, cols_at))
+            its = (t[idx][:, None] + steps[None, :]).clamp(max=windows.shape[0] - 1)
+            sq, vh, vw = windows[its].unbind(-1)
             in_h = (ar_h >= vh[..., None]) & (ar_h < (vh + sq)[..., None])        # (A, K, h)
             in_w = (ar_w >= vw[..., None]) & (ar_w < (vw + sq)[..., None])        # (A, K, w)
             window = in_h[..., :, None] & in_w[..., None, :]                       # (A, K, h, w)
-            sign = torch.stack(signs)[its]                                        # (A, K, c)
+            sign = signs[its]                                                     # (A, K, c)
             delta = torch.where(window[:, :, None], sign[..., None, None],
                                 torch.zeros((), device=dev, dtype=dt))
             x_curr, x_best_curr = x[idx][:, None], x_best[idx][:, None]
@@ -533,7 +537,7 @@ class Square(Attack):
             t[idx] += first + 1
             gap[idx] = torch.where(has, torch.zeros_like(first), gap[idx] + first + 1)
         end = int(t.max())          # the one-at-a-time search's draws: iterations 0 .. end - 1
-        if len(sizes) > end:
+        if windows.shape[0] > end:
             gen.set_state(gen_state[end])
         return x_best, margin_min
 
