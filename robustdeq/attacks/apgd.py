@@ -367,7 +367,6 @@ class APGD(Attack):
         adv = x.clone()
         self.last_stats = {"runs": []}
         stats = {}
-        view = (-1,) + (1,) * (x.dim() - 1)
         for start in range(0, len(runs), self.parallel_runs):
             group = runs[start:start + self.parallel_runs]
             rows = acc.nonzero()[:, 0]

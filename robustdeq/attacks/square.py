@@ -467,6 +467,7 @@ class Square(Attack):
         the last iteration that search reaches are undone (the generator is restored), so later
         runs draw as after it."""
         n, c, h, w = x.shape
+        n_features = c * h * w
         dev, dt, eps = x.device, x.dtype, self.eps
         gen_state = {}                       # generator state before an iteration's draws
         # per iteration drawn so far: window (side, row, column) and the signs times 2 eps
@@ -479,7 +480,7 @@ class Square(Attack):
             for it in range(windows.shape[0], last + 1):
                 gen_state[it] = gen.get_state()
                 p = p_selection(self.p_init, it, self.n_queries, self.rescale_schedule)
-                sq = min(max(int(round(math.sqrt(p * c * h * w / c))), 1), min(h, w))
+                sq = min(max(int(round(math.sqrt(p * n_features / c))), 1), min(h, w))
                 vh, vw = randint(h - sq), randint(w - sq)
                 new_w.append((sq, vh, vw))
                 new_s.append(2.0 * eps * choice(c, 1, 1).to(dt).reshape(c))
@@ -520,7 +521,7 @@ class Square(Attack):
                 mq, lq, _, _ = query(x_new[q[:, 0], q[:, 1]], idx[q[:, 0]], y[idx][q[:, 0]])
                 margin[q[:, 0], q[:, 1]] = mq.to(margin.dtype)
                 loss[q[:, 0], q[:, 1]] = lq.to(loss.dtype)
-            lm, mm = loss_min[idx][:, None], margin_min[idx][:, None]
+            lm = loss_min[idx][:, None]
             accept = moved & ((loss < lm) | (margin <= 0.0))
             has = accept.any(dim=1)
             first = torch.where(has, accept.int().argmax(dim=1), k - 1)   # the last one taken
