@@ -374,8 +374,11 @@ class APGD(Attack):
                 break
             c, n = len(group), int(rows.numel())
             xs, ys = x[rows], y[rows]
-            xc, yc = xs.repeat((c,) + (1,) * (x.dim() - 1)), ys.repeat(c)
-            copies = torch.arange(n, device=x.device).repeat(c) if c > 1 else None
+            if c > 1:   # a copy of each sample per run, run-major
+                xc, yc = xs.repeat((c,) + (1,) * (x.dim() - 1)), ys.repeat(c)
+                copies = torch.arange(n, device=x.device).repeat(c)
+            else:
+                xc, yc, copies = xs, ys, None
             x_best, acc_run, _, x_best_adv = self._run(xc, yc, loss_fn, gen,
                                                        self._y_loss(xs, ys, group), copies)
             broken, ex = self._judge(x_best, x_best_adv, acc_run, yc)

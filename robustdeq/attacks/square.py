@@ -274,6 +274,9 @@ class Square(Attack):
                  restart_while_breaking: bool = False, speculate: int = 1, full_runs: int = 1):
         super().__init__(model, eps=eps, norm=norm, targeted=targeted, seed=seed)
         self.full_runs = check_int(full_runs, "full_runs", low=1)
+        if self.full_runs > 1 and restart_fraction is None:
+            raise ConfigError("full_runs is for restart_fraction (without it every run attacks "
+                              "every sample left)")
         self.speculate = check_int(speculate, "speculate", low=1)
         if self.speculate > 1 and (norm != "Linf" or warm_start):
             raise ConfigError("speculate > 1 is for the Linf search with cold queries (the L2 "

@@ -548,8 +548,8 @@ def build_suite(suite: Union[str, Sequence[Any]], ctx: SuiteContext) -> List[Att
 
 __all__ = ["AttackSpec", "SuiteContext", "KINDS", "SCOPES", "NEEDS", "PGD_RESTARTS",
            "APGD_ITERS", "APGD_TARGETS", "QUICK_TARGETS", "RESTART_TARGETS", "TARGET_RESTARTS",
-           "apgd_iterations", "SQUARE_QUERIES", "SQUARE_RESTART_FRACTION", "SQUARE_MAX_RUNS",
-           "SQUARE_QUICK_FACTOR",
+           "apgd_iterations", "APGD_PARALLEL_RUNS", "SQUARE_QUERIES", "SQUARE_RESTART_FRACTION",
+           "SQUARE_MAX_RUNS", "SQUARE_FULL_RUNS", "SQUARE_SPECULATE", "SQUARE_QUICK_FACTOR",
            "square_quick_queries",
            "register_attack_spec", "register_suite", "builtin_spec", "suite_names",
            "build_suite"]

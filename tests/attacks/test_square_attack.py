@@ -328,7 +328,7 @@ def test_bad_options_are_config_errors(trained_model):
     for kw in ({"loss": "dlr"}, {"p_init": 1.5}, {"p_init": 0.0}, {"n_queries": 0},
                {"n_restarts": 0}, {"warm_start": 1}, {"warm_start": "auto"}, {"norm": "L1"}, {"restart_fraction": 0.0},
                {"restart_fraction": 1.5}, {"restart_fraction": "x"}, {"restart_while_breaking": 1},
-               {"speculate": 0}, {"speculate": 4, "norm": "L2"}, {"full_runs": 0}, {"speculate": 4, "warm_start": True}):
+               {"speculate": 0}, {"speculate": 4, "norm": "L2"}, {"full_runs": 0}, {"full_runs": 2}, {"speculate": 4, "warm_start": True}):
         with pytest.raises(ConfigError):
             Square(model, eps=0.1, **kw)
 
