@@ -20,7 +20,14 @@ An iteration is ``z = P(x_k + eta sign(grad))`` (Linf; L2: ``eta grad / ||grad||
 ``x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))`` with momentum ``a = 0.75`` (1 at
 the first step), ``P`` the projection onto the eps ball and [0, 1]. The start is uniform on the
 ball's surface direction (Linf: ``x + eps t / ||t||_inf``, ``t`` uniform in [-1, 1]; L2: ``t``
-Gaussian). ``restarts`` runs attack only the samples no earlier run broke; ``parallel_runs``
+Gaussian). ``start="stripes"`` (Linf) starts instead where the Square attack does (Andriushchenko
+et al., ECCV 2020): every column of every channel shifted by ``+eps`` or ``-eps`` (one random sign
+each; flat inputs: every feature), a vertex of the ball far from the uniform start's region. On
+models whose first layers threshold their input (adversarially trained at large radii), the
+gradient at the clean point and in the uniform start's region is zero along many pixels, so the
+iterates never leave them there; from a vertex with many pixels shifted those units are live and
+the gradient leads to other local maxima: runs from such starts break samples that runs from
+uniform starts miss. ``restarts`` runs attack only the samples no earlier run broke; ``parallel_runs``
 of them can go side by side in one batch (a copy of each sample per run: the same per-sample
 algorithm in fewer, larger batched steps).
 
@@ -55,6 +62,9 @@ from .oracle import POLICIES, GradientOracle
 logger = logging.getLogger(__name__)
 
 LOSSES = ("ce", "dlr")
+#: where a run starts: ``uniform`` (the reference implementation's) or ``stripes`` (the Square
+#: attack's Linf start; module docstring)
+STARTS = ("uniform", "stripes")
 
 #: the joint iteration's forward iterations per APGD step (its default for PGD is 3). APGD's
 #: steps start at ``2 eps`` (PGD's are a fraction of eps): after such a step a few iterations
@@ -140,6 +150,8 @@ class APGD(Attack):
             leaves every run once one breaks it. Far fewer, larger batched steps: on models
             whose steps cost their per-call overhead (small models, a GPU) several times
             faster; the batch, and its memory, is up to ``parallel_runs`` times larger.
+        start: ``"uniform"`` (the reference implementation's random start) or ``"stripes"``
+            (Linf: the Square attack's, a random sign per column and channel; module docstring).
 
     ``last_stats`` holds the oracle's work counts and ``runs`` (per run: the samples attacked,
     the oracle's method, the samples broken). Only the untargeted threat model (``y`` = true
@@ -153,8 +165,14 @@ class APGD(Attack):
                  restarts: int = 1, loss: str = "ce", rho: float = 0.75, eot_iter: int = 1,
                  seed: Optional[int] = 0, method: str = "auto", grad=None, warm_start: bool = True,
                  joint_options: Optional[Dict[str, Any]] = None, early_stop: bool = False,
-                 parallel_runs: int = 1):
+                 parallel_runs: int = 1, start: str = "uniform"):
         super().__init__(model, eps=eps, norm=norm, targeted=False, seed=seed)
+        if start not in STARTS:
+            raise ConfigError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+        if start == "stripes" and self.norm != "Linf":
+            raise ConfigError("start='stripes' is the Linf Square attack's start; "
+                              f"with norm={self.norm!r} use start='uniform'")
+        self.start = start
         if not isinstance(early_stop, bool):
             raise ConfigError(f"early_stop must be a bool, got {early_stop!r}")
         self.early_stop = early_stop
@@ -176,7 +194,8 @@ class APGD(Attack):
         self.eot_iter = self.oracle.eot_iter
         self.name = self._base_name() + ("-L2" if self.norm == "L2" else "") + (
             f"-{self.steps}" if self.steps != 100 else "") + (
-            f" (EOT {self.eot_iter})" if self.eot_iter > 1 else "")
+            f" (EOT {self.eot_iter})" if self.eot_iter > 1 else "") + (
+            " (stripes start)" if start == "stripes" else "")
 
     def _losses(self) -> Tuple[str, ...]:
         return LOSSES
@@ -186,7 +205,8 @@ class APGD(Attack):
 
     def params(self) -> Dict[str, Any]:
         out = {"steps": self.steps, "restarts": self.restarts, "loss": self.loss, "rho": self.rho,
-               "early_stop": self.early_stop, "parallel_runs": self.parallel_runs}
+               "early_stop": self.early_stop, "parallel_runs": self.parallel_runs,
+               "start": self.start}
         out.update(self.oracle.describe())
         if self.oracle.policy == "exact" and is_deq(self.model):
             out["warm_start"] = self.oracle.warm()
@@ -194,6 +214,11 @@ class APGD(Attack):
 
     # -- one run ----------------------------------------------------------------------------------
     def _random_start(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        if self.start == "stripes":
+            # one sign per column and channel (Square's draw: sign(2u - 1), u uniform)
+            shape = tuple(x.shape[:-2]) + (1, x.shape[-1]) if x.dim() >= 3 else tuple(x.shape)
+            s = torch.sign(2 * torch.rand(shape, generator=gen, device=gen.device) - 1).to(x)
+            return (x + self.eps * s).clamp(0.0, 1.0)
         if self.norm == "Linf":
             t = 2 * torch.rand(x.shape, generator=gen, device=gen.device).to(x.device) - 1
         else:
@@ -425,13 +450,13 @@ class APGDT(APGD):
                  restarts: int = 1, n_target_classes: int = 9, rho: float = 0.75,
                  eot_iter: int = 1, seed: Optional[int] = 0, method: str = "auto", grad=None,
                  warm_start: bool = True, joint_options: Optional[Dict[str, Any]] = None,
-                 early_stop: bool = False, parallel_runs: int = 1):
+                 early_stop: bool = False, parallel_runs: int = 1, start: str = "uniform"):
         self.n_target_classes = check_int(n_target_classes, "n_target_classes", low=1)
         super().__init__(model, eps=eps, norm=norm, steps=steps, restarts=restarts,
                          loss="dlr-targeted", rho=rho, eot_iter=eot_iter, seed=seed,
                          method=method, grad=grad, warm_start=warm_start,
                          joint_options=joint_options, early_stop=early_stop,
-                         parallel_runs=parallel_runs)
+                         parallel_runs=parallel_runs, start=start)
 
     def _losses(self) -> Tuple[str, ...]:
         return ("dlr-targeted",)
@@ -458,5 +483,5 @@ class APGDT(APGD):
         return torch.cat([torch.stack([ys, order[:, -r["target"]]], dim=1) for r in runs])
 
 
-__all__ = ["APGD", "APGDDLR", "APGDT", "checkpoints", "ce_per_sample", "dlr_per_sample",
+__all__ = ["APGD", "APGDDLR", "APGDT", "STARTS", "checkpoints", "ce_per_sample", "dlr_per_sample",
            "dlr_targeted_per_sample"]

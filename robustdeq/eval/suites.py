@@ -175,7 +175,7 @@ APGD_PARALLEL_RUNS = 9
 
 
 def _apgd_factory(loss: str, *, n_targets: int = APGD_TARGETS, eot_iter: int = 1,
-                  restarts: int = 1, seed_offset: int = 0):
+                  restarts: int = 1, seed_offset: int = 0, start: str = "uniform"):
     def factory(target, *, eps, norm, steps, seed):
         # early stopping: a sample leaves the run once broken (confirmed by the model's own
         # inference on a DEQ); off a DEQ the samples broken are the plain run's, at a fraction
@@ -184,12 +184,14 @@ def _apgd_factory(loss: str, *, n_targets: int = APGD_TARGETS, eot_iter: int = 1
         iters = apgd_iterations(steps)
         if seed is not None:
             seed = seed + seed_offset
+        # the stripes start is the Linf Square attack's; under L2 the runs start uniformly
+        first = start if norm == "Linf" else "uniform"
         if loss == "dlr-targeted":
             return APGDT(target, eps=eps, norm=norm, steps=iters, n_target_classes=n_targets,
                          restarts=restarts, eot_iter=eot_iter, seed=seed, early_stop=True,
-                         parallel_runs=APGD_PARALLEL_RUNS)
+                         parallel_runs=APGD_PARALLEL_RUNS, start=first)
         return APGD(target, eps=eps, norm=norm, steps=iters, loss=loss, eot_iter=eot_iter, seed=seed,
-                    early_stop=True)
+                    early_stop=True, start=first)
     return factory
 
 

@@ -220,3 +220,71 @@ def test_apgd_registry_names_and_bad_options(digits_test, trained_model):
     x, y = digits_test(4)
     with pytest.raises(InputError):
         APGDT(ff, eps=0.1, n_target_classes=10)(x, y)
+
+
+def test_stripes_start_is_the_square_attacks_start():
+    """start="stripes": the Linf Square attack's start, checked against pyautoattack's
+    SquareAttack drawing from a generator in the same state (its ``random_choice`` on the
+    (B, c, 1, w) shape): one sign per column and channel, the point clipped to [0, 1]."""
+    from pyautoattack.square import SquareAttack
+    torch.manual_seed(0)
+    x = torch.rand(5, 2, 6, 7)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(84, 3))
+    atk = APGD(model, eps=0.25, start="stripes")
+    gen = torch.Generator().manual_seed(11)
+    start = atk._random_start(x, gen)
+    torch.manual_seed(11)
+    ref = SquareAttack(model, eps=0.25, device="cpu")
+    expected = torch.clamp(x + 0.25 * ref.random_choice([5, 2, 1, 7]), 0.0, 1.0)
+    assert torch.equal(start, expected)
+    sign = torch.sign(start - x)
+    moved = (start - x).abs() > 1e-6
+    # one sign per column wherever the pixel could move that way
+    col = torch.where(moved, sign, torch.zeros_like(sign))
+    assert ((col == col.max(dim=2, keepdim=True).values) | ~moved).all()
+    assert ((col == col.min(dim=2, keepdim=True).values) | ~moved).all()
+    full = ((start - x).abs() - 0.25).abs() < 1e-6
+    assert (full | (start == 0) | (start == 1)).all()  # a full eps shift unless clipped
+    # flat inputs: a sign per feature
+    flat = atk._random_start(x.flatten(1), torch.Generator().manual_seed(3))
+    assert flat.shape == (5, 84)
+    assert ((flat - x.flatten(1)).abs() <= 0.25 + 1e-6).all()
+
+
+class _ColumnGate(nn.Module):
+    """(B, 1, 8, 8) images, 2 classes: class 1's logit is ``20 sum_j relu(m_j - 0.25)``, ``m_j``
+    the mean of column j, class 0's is 0.5. On black images with eps = 0.3 the model is wrong
+    once one column has more than 5/6 of its pixels raised by eps; the gradient is zero wherever
+    no column is that bright, as throughout the uniform start's region (a threshold in the first
+    layer, as adversarially trained models learn)."""
+
+    def forward(self, x):
+        h = torch.relu(x.mean(dim=-2) - 0.25).flatten(1).sum(1, keepdim=True)
+        return torch.cat([torch.full_like(h, 0.5), 20 * h], 1)
+
+
+def test_stripes_start_breaks_a_model_whose_gradient_vanishes_at_uniform_starts():
+    """Property: from the uniform start the gradient is exactly zero, so APGD never moves and
+    breaks nothing; from the stripes start (a vertex with whole columns raised) it breaks the
+    samples whose start raises a column (each does with probability 1 - 2^-8)."""
+    x, y = torch.zeros(16, 1, 8, 8), torch.zeros(16, dtype=torch.long)
+    model = _ColumnGate()
+    assert (logits_of(model, x).argmax(1) == 0).all()
+    uniform = APGD(model, eps=0.3, steps=20, restarts=2, seed=0)
+    assert (logits_of(model, uniform(x, y)).argmax(1) == 0).all()
+    stripes = APGD(model, eps=0.3, steps=20, restarts=2, seed=0, start="stripes")
+    adv = stripes(x, y)
+    check_ball(adv, x, 0.3, "Linf")
+    assert int((logits_of(model, adv).argmax(1) == 1).sum()) >= 15
+
+
+def test_start_option_is_checked_and_reported(trained_model):
+    ff = trained_model("ff_mlp", hidden=32)
+    with pytest.raises(ConfigError, match="start"):
+        APGD(ff, eps=0.1, start="corner")
+    with pytest.raises(ConfigError, match="Linf"):
+        APGD(ff, eps=0.5, norm="L2", start="stripes")
+    atk = APGDT(ff, eps=0.1, start="stripes")
+    assert atk.start == "stripes" and atk.params()["start"] == "stripes"
+    assert "stripes" in atk.name
+    assert APGD(ff, eps=0.1).params()["start"] == "uniform"
