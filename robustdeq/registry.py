@@ -168,7 +168,7 @@ ATTACK_SPECS = Registry("attack", {
     name: f"robustdeq.eval.suites:BUILTIN_SPECS[{name}]"
     for name in (*[v for p in _PGD_SPECS for v in (p, f"{p}-margin")], "states", "state-ensemble",
                  "autoattack", "autoattack-plus", "apgd-ce", "apgd-dlr", "apgd-t", "apgd-t3",
-                 "apgd-t3x3", "pyautoattack-apgd-ce", "transfer-unrolled", "square", "square-quick",
+                 "apgd-t3x3", "apgd-t3x3-stripes", "apgd-t-stripes", "pyautoattack-apgd-ce", "transfer-unrolled", "square", "square-quick",
                  "pyautoattack-square",
                  "torchattacks-square")},
     hint="also state-<k> for the intermediate state k; robustdeq.eval.register_attack_spec adds one")

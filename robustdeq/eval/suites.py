@@ -13,17 +13,20 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
   the 9 classes of highest clean logit after the top one, as AutoAttack runs it (Croce & Hein
   2020; on 3 targets it left samples AutoAttack breaks on a trained digits DEQ; on a DEQ whose
   solves converge their gradients come from the joint forward/adjoint/input iteration), and
-  ``apgd-t3x3``: APGD-T again on the 3 likeliest targets, 3 runs each from other random starts
-  (on adversarially trained MDEQs at large radii which samples one APGD-T run breaks depends on
-  its start and on small differences in its gradients; more runs where breaks are likeliest
-  leave fewer of AutoAttack's breaks behind); on a
+  ``apgd-t3x3-stripes``: APGD-T again on the 3 likeliest targets, 3 runs each from the Linf
+  Square attack's start (a random sign per column and channel; ``apgd-t3x3`` under L2: 3 runs
+  from other uniform starts). On adversarially trained MDEQs at large radii which samples one
+  APGD-T run breaks depends on its start; units that threshold their input leave the gradient
+  zero along many pixels around the clean point and the uniform start, and runs from the
+  stripes start, a vertex of the ball with whole columns shifted, break samples runs from
+  uniform starts miss; on a
   model that declares ``randomized``, APGD-CE and APGD-DLR with EOT over 20 gradients
   (AutoAttack's "rand" version). No score-based unit: at large radii on adversarially trained
   DEQs a full Square search breaks samples every gradient attack leaves, but they take it
   hundreds to thousands of queries (``standard`` runs 5,000), so ``quick`` can be optimistic
   there. Like every suite, an upper bound on the robust accuracy.
 - ``standard``: the native ensemble: the PGD units, APGD-CE, APGD-T (9 targets, AutoAttack's)
-  and ``apgd-t3x3``,
+  and ``apgd-t3x3-stripes`` (``apgd-t3x3`` under L2),
   the Square attack (score-based; Andriushchenko et al. 2020: AutoAttack's Square stage, then,
   for as long as the run before broke a sample, runs from fresh starts: a second one on every
   sample left, then on the near misses only),
@@ -36,7 +39,8 @@ units run ``5 x steps`` iterations, AutoAttack's 100 at the default ``steps=20``
   the model.
 
 Other attack names for custom suites include ``pgd-exact``, ``pgd-phantom``, the ``-margin``
-variants of the PGD units (Carlini-Wagner margin loss), ``apgd-dlr``, ``square`` (the native
+variants of the PGD units (Carlini-Wagner margin loss), ``apgd-dlr``, ``apgd-t3x3`` (Linf too),
+``apgd-t-stripes`` (APGD-T on the 9 targets from the stripes start), ``square`` (the native
 score-based Square attack, each query the model's own inference; ``square-quick``: its first ``50 x steps``
 queries, with the same draws, left out under L2 on inputs of height under 5 where the L2 start
 is undefined; ``pyautoattack-square`` and ``torchattacks-square`` run those libraries'
@@ -184,14 +188,12 @@ def _apgd_factory(loss: str, *, n_targets: int = APGD_TARGETS, eot_iter: int = 1
         iters = apgd_iterations(steps)
         if seed is not None:
             seed = seed + seed_offset
-        # the stripes start is the Linf Square attack's; under L2 the runs start uniformly
-        first = start if norm == "Linf" else "uniform"
         if loss == "dlr-targeted":
             return APGDT(target, eps=eps, norm=norm, steps=iters, n_target_classes=n_targets,
                          restarts=restarts, eot_iter=eot_iter, seed=seed, early_stop=True,
-                         parallel_runs=APGD_PARALLEL_RUNS, start=first)
+                         parallel_runs=APGD_PARALLEL_RUNS, start=start)
         return APGD(target, eps=eps, norm=norm, steps=iters, loss=loss, eot_iter=eot_iter, seed=seed,
-                    early_stop=True, start=first)
+                    early_stop=True, start=start)
     return factory
 
 
@@ -371,20 +373,26 @@ def _apgd_dlr_spec(ctx: SuiteContext) -> List[AttackSpec]:
                        description=_native("APGD-DLR (difference-of-logits-ratio loss)", ctx))]
 
 
-def _apgd_t_builder(name: str, targets: int, restarts: int = 1):
-    # more runs per target start from another seed than apgd-t's: their first run on the first
-    # target would repeat apgd-t's
-    seed_offset = 1 if restarts > 1 else 0
+def _apgd_t_builder(name: str, targets: int, restarts: int = 1, start: str = "uniform"):
+    # more runs per target, and runs from another kind of start, draw from another seed than
+    # apgd-t's: the first run on the first target would repeat apgd-t's
+    seed_offset = 1 if restarts > 1 or start != "uniform" else 0
 
     def build(ctx: SuiteContext) -> List[AttackSpec]:
         n = targets if ctx.num_classes is None else min(targets, ctx.num_classes - 1)
         if ctx.num_classes is not None and ctx.num_classes < 4:
             return []  # the targeted DLR loss needs 4 classes
-        runs = f"{restarts} runs from other random starts on each of " if restarts > 1 else ""
+        if start == "stripes" and ctx.threat == "L2":
+            return []  # the stripes start is the Linf Square attack's
+        other = "other random starts" if start == "uniform" else "random starts"
+        runs = f"{restarts} runs from {other} on each of " if restarts > 1 else ""
+        where = (", each run from the Square attack's start (a random sign per column and "
+                 "channel, a vertex of the ball)") if start == "stripes" else ""
         return [AttackSpec(name, _apgd_factory("dlr-targeted", n_targets=n, eot_iter=_eot(ctx),
-                                               restarts=restarts, seed_offset=seed_offset),
+                                               restarts=restarts, seed_offset=seed_offset,
+                                               start=start),
                            description=_native(f"APGD-T (targeted DLR loss, {runs}the {n} classes of "
-                                               "highest clean logit after the top one)", ctx))]
+                                               f"highest clean logit after the top one{where})", ctx))]
     return build
 
 
@@ -458,6 +466,9 @@ def _builtin_specs() -> Dict[str, Callable[[SuiteContext], List[AttackSpec]]]:
                      ("apgd-t", _apgd_t_builder("apgd-t", APGD_TARGETS)),
                      (f"apgd-t{QUICK_TARGETS}", _apgd_t_builder(f"apgd-t{QUICK_TARGETS}", QUICK_TARGETS)),
                      ("apgd-t3x3", _apgd_t_builder("apgd-t3x3", RESTART_TARGETS, TARGET_RESTARTS)),
+                     ("apgd-t3x3-stripes", _apgd_t_builder("apgd-t3x3-stripes", RESTART_TARGETS,
+                                                           TARGET_RESTARTS, start="stripes")),
+                     ("apgd-t-stripes", _apgd_t_builder("apgd-t-stripes", APGD_TARGETS, start="stripes")),
                      ("pyautoattack-apgd-ce", _pyautoattack_apgd_ce_spec),
                      ("transfer-unrolled", _transfer_unrolled_spec), ("square", _square_spec),
                      ("square-quick", _square_quick_spec),
@@ -487,16 +498,22 @@ def builtin_spec(name: str, ctx: SuiteContext) -> List[AttackSpec]:
 
 
 # the built-in suites (robustdeq.registry.SUITES refers to them by name)
+def _more_apgd_t(ctx: SuiteContext) -> str:
+    # APGD-T's second unit: its runs start where the Linf Square attack does (the stripes
+    # start is defined for Linf only)
+    return "apgd-t3x3" if ctx.threat == "L2" else "apgd-t3x3-stripes"
+
+
 def _suite_quick(ctx: SuiteContext) -> List[str]:
     pgd = ["pgd-ift", "pgd-unrolled"] if ctx.has_deq else ["pgd"]
     if ctx.randomized:  # AutoAttack's "rand" version's losses, with EOT
         return pgd + ["apgd-ce", "apgd-dlr"]
-    return pgd + ["apgd-ce", "apgd-t", "apgd-t3x3"]
+    return pgd + ["apgd-ce", "apgd-t", _more_apgd_t(ctx)]
 
 
 def _suite_standard(ctx: SuiteContext) -> List[str]:
     names = (["pgd-ift", "pgd-unrolled"] if ctx.has_deq else ["pgd"]) + ["apgd-ce"]
-    names += ["apgd-dlr"] if ctx.randomized else ["apgd-t", "apgd-t3x3", "square"]
+    names += ["apgd-dlr"] if ctx.randomized else ["apgd-t", _more_apgd_t(ctx), "square"]
     if ctx.trajectory_model is not None:
         names += ["states", "state-ensemble"]
     return names

@@ -57,7 +57,7 @@ def test_quick_suite_worst_case_bookkeeping(quick, deq, data):
     assert quick.clean_accuracy == pytest.approx(float(cc.float().mean()))
     assert quick.n_samples == 64 and quick.eps == [0.05, 0.1] and quick.threat == "Linf"
     for r in quick.results:
-        assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3"]
+        assert [a.key for a in r.attacks] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3-stripes"]
         robust = torch.tensor(r.robust)
         assert r.robust_accuracy == pytest.approx(float(robust.float().mean()))
         assert not bool((robust & ~cc).any())  # robust implies clean-correct
@@ -191,7 +191,7 @@ def test_weight_tied_model_uses_its_layers_and_own_gradient(data):
     torch.manual_seed(0)
     m = zoo.build("weight_tied_mlp", hidden=16, depth=4).eval()
     rep = evaluate(m, x[:16], y[:16], eps=0.1, suite="quick", steps=3, checks=False)
-    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t", "apgd-t3x3"]
+    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t", "apgd-t3x3-stripes"]
     assert rep.result().attack("pgd").describe["grad"] == "model default"
     ps = rep.clean["per_state"]
     assert ps["steps"] == [0, 1, 2, 3, 4]
@@ -203,7 +203,7 @@ def test_weight_tied_model_uses_its_layers_and_own_gradient(data):
 def test_feedforward_model_skips_deq_parts(mlp, data):
     x, y = data
     rep = evaluate(mlp, x[:32], y[:32], eps=0.1, suite="quick", steps=5, check_config=CHEAP_CHECKS)
-    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t", "apgd-t3x3"]
+    assert [a.key for a in rep.result().attacks] == ["pgd", "apgd-ce", "apgd-t", "apgd-t3x3-stripes"]
     assert rep.clean["per_state"] is None and rep.result().per_state is None
     assert rep.check("non_convergence").skipped and rep.check("estimator_disagreement").skipped
     assert any("no trajectory" in n for n in rep.notes)
@@ -227,7 +227,7 @@ def test_defense_adaptive_views_are_attacked_and_judged_on_the_defense(deq, data
     rep = evaluate(defense, x, y, eps=0.1, suite="quick", steps=1, checks=False)
     r = rep.result()
     assert [a.key for a in r.attacks] == [f"{p}{v}" for p in ("pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t",
-                                                                   "apgd-t3x3")
+                                                                   "apgd-t3x3-stripes")
                                           for v in ("", "@bpda", "@transfer-base")]
     assert r.attack("pgd-ift@bpda").view == "bpda"
     # PGD stops early on the judged model itself, never on a view (a view's success is not the
@@ -436,7 +436,7 @@ def test_standard_suite_end_to_end(deq, tmp_path, digits_test):
     x, y = digits_test(16)
     rep = evaluate(deq, x, y, eps=0.1, suite="standard", steps=10, out_dir=tmp_path)
     keys = [a.key for a in rep.result().attacks]
-    assert keys[:6] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3", "square"] and keys[-1] == "state-ensemble"
+    assert keys[:6] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3-stripes", "square"] and keys[-1] == "state-ensemble"
     assert sum(k.startswith("state-") for k in keys) >= 3
     assert rep.result().attack("apgd-t").describe["implementation"] == "robustdeq"
     assert "autoattack" not in keys  # the native ensemble; pyautoattack is full's reference
@@ -449,7 +449,7 @@ def test_full_suite_composition_and_transfer_unit(deq, data):
     ctx = SuiteContext(model=deq, trajectory_model=trajectory_model(deq), has_deq=True, solver_model=True,
                        randomized=False, horizon=10, max_state=deq.solver_config.max_iter - 1)
     names = [s.name for s in build_suite("full", ctx)]
-    assert names == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3", "square", "state-2",
+    assert names == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3-stripes", "square", "state-2",
                      "state-6", "state-9", "state-ensemble", "autoattack", "autoattack-plus",
                      "transfer-unrolled"]
     assert [s.name for s in build_suite("quick", ctx)] == names[:5]

@@ -27,6 +27,19 @@ def test_native_units_and_their_budgets(trained_model):
     atk3 = r3.factory(deq, eps=0.1, norm="Linf", steps=20, seed=0)
     assert (atk3.steps, atk3.n_target_classes, atk3.restarts) == (100, 3, 3) and atk3.seed != atk.seed
     assert build_suite(["apgd-t3x3"], _ctx(deq, num_classes=3)) == []
+    # the stripes units: the same runs from the Linf Square attack's start, under Linf only;
+    # quick and standard run apgd-t3x3-stripes under Linf, apgd-t3x3 under L2
+    for name, (n, r) in (("apgd-t3x3-stripes", (3, 3)), ("apgd-t-stripes", (9, 1))):
+        (unit,) = build_suite([name], _ctx(deq, threat="Linf"))
+        atk_s = unit.factory(deq, eps=0.1, norm="Linf", steps=20, seed=0)
+        assert (atk_s.n_target_classes, atk_s.restarts, atk_s.start) == (n, r, "stripes")
+        assert atk_s.seed != atk.seed and "Square attack's start" in unit.description
+        assert build_suite([name], _ctx(deq, threat="L2")) == []
+    for suite in ("quick", "standard"):
+        assert "apgd-t3x3-stripes" in [s.name for s in build_suite(suite, _ctx(deq, threat="Linf"))]
+        l2 = [s.name for s in build_suite(suite, _ctx(deq, threat="L2"))]
+        assert "apgd-t3x3" in l2 and "apgd-t3x3-stripes" not in l2
+    assert atk.start == "uniform" and atk3.start == "uniform"
     # fewer classes: fewer targets; under 4 classes no APGD-T (the targeted DLR loss needs 4)
     few = {s.name: s for s in build_suite(["apgd-t"], _ctx(deq, num_classes=5))}
     assert few["apgd-t"].factory(deq, eps=0.1, norm="Linf", steps=20, seed=0).n_target_classes == 4
@@ -72,7 +85,7 @@ def test_square_quick_unit_is_a_short_square_with_autoattacks_settings(trained_m
     holds the gradient units only."""
     from robustdeq.attacks import Square
     deq = trained_model("mlp_deq", steps=60, hidden=32)
-    assert [s.name for s in build_suite("quick", _ctx(deq))] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3"]
+    assert [s.name for s in build_suite("quick", _ctx(deq))] == ["pgd-ift", "pgd-unrolled", "apgd-ce", "apgd-t", "apgd-t3x3-stripes"]
     (sq,) = build_suite(["square-quick"], _ctx(deq))
     assert sq.kind == "black-box"
     for steps, queries in ((20, 1000), (3, 150)):
