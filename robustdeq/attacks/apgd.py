@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, InputError
 from .base import Attack, check_int, check_number, is_deq, logits_of
 from .oracle import POLICIES, GradientOracle
+from .square import stripes_start
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +216,7 @@ class APGD(Attack):
     # -- one run ----------------------------------------------------------------------------------
     def _random_start(self, x: Tensor, gen: torch.Generator) -> Tensor:
         if self.start == "stripes":
-            # one sign per column and channel (Square's draw: sign(2u - 1), u uniform)
-            shape = tuple(x.shape[:-2]) + (1, x.shape[-1]) if x.dim() >= 3 else tuple(x.shape)
-            s = torch.sign(2 * torch.rand(shape, generator=gen, device=gen.device) - 1).to(x)
-            return (x + self.eps * s).clamp(0.0, 1.0)
+            return stripes_start(x, self.eps, gen)
         if self.norm == "Linf":
             t = 2 * torch.rand(x.shape, generator=gen, device=gen.device).to(x.device) - 1
         else:

@@ -403,7 +403,7 @@ class Square(Attack):
 
         all_idx = torch.arange(x.shape[0], device=dev)
         if self.norm == "Linf":
-            x_best = torch.clamp(x + eps * choice(x.shape[0], c, 1, w).to(dt), 0.0, 1.0)
+            x_best = stripes_start(x, eps, gen)
         else:
             x_best = torch.clamp(x + _normalize_l2(self._l2_start(x, gen, rand, choice)) * eps, 0.0, 1.0)
         margin_min, loss_min, _, _ = query(x_best, all_idx, y)
@@ -598,6 +598,15 @@ class Square(Attack):
         return torch.clamp(x_curr + _normalize_l2(delta) * eps, 0.0, 1.0)
 
 
+def stripes_start(x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
+    """The Linf Square attack's start: ``x`` shifted by ``+eps`` or ``-eps``, one random sign per
+    column and channel (images ``(..., h, w)``; flat ``(B, D)`` inputs: one per feature), clipped
+    to [0, 1]. The signs are ``sign(2u - 1)`` for ``u`` uniform, drawn from ``gen``."""
+    shape = tuple(x.shape[:-2]) + (1, x.shape[-1]) if x.dim() >= 3 else tuple(x.shape)
+    signs = torch.sign(2 * torch.rand(shape, generator=gen, device=gen.device) - 1).to(x)
+    return torch.clamp(x + eps * signs, 0.0, 1.0)
+
+
 def _as_images(x: Tensor) -> Tensor:
     """``x`` as (B, c, h, w): images as they are, (B, h, w) with one channel, flat features as
     one row (B, 1, 1, D)."""
@@ -641,4 +650,4 @@ def _eta(s: int, rand, like: Tensor) -> Tensor:
     return delta
 
 
-__all__ = ["Square", "p_selection", "warm_queries_supported"]
+__all__ = ["Square", "p_selection", "stripes_start", "warm_queries_supported"]
