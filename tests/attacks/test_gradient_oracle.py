@@ -121,10 +121,11 @@ def test_apgd_joint_iteration_tracks_its_large_steps(digits_test, trained_model)
     assert APGD(deq, eps=0.1).oracle.joint.fwd_iters == JOINT_FWD_ITERS > 3
     assert APGD(deq, eps=0.1, joint_options={"fwd_iters": 2}).oracle.joint.fwd_iters == 2
     err = {}
-    for iters in (3, JOINT_FWD_ITERS):
+    for iters in (3, JOINT_FWD_ITERS, 2 * JOINT_FWD_ITERS):
         oracle = GradientOracle(deq, "joint", joint_options={"fwd_iters": iters})
         g = oracle(x, y, _per_sample_ce).grad
         x2 = (x + 0.2 * g.sign()).clamp(0, 1)
         out = oracle(x2, y, _per_sample_ce)
         err[iters] = float((out.logits - logits_of(deq, x2)).abs().amax(1).mean())
-    assert err[JOINT_FWD_ITERS] < 0.5 * err[3]
+    # the lag shrinks with every iteration (a contraction from the carried state)
+    assert err[2 * JOINT_FWD_ITERS] < err[JOINT_FWD_ITERS] < 0.6 * err[3]
