@@ -73,8 +73,8 @@ STARTS = ("uniform", "stripes")
 #: state leave the loss and logits the attack reads lagging behind the new point's, and APGD's
 #: step-size checkpoints and best-point choice rest on those values; six keep them close at a
 #: fraction of an exact solve's cost. On adversarially trained multiscale DEQs, whose solves
-#: take most of ten iterations to reach the tolerance after a step, ten cost about a third more
-#: than six and broke no more samples in the benchmarks.
+#: take most of ten iterations to reach the tolerance after a step, ten cost more than six and
+#: broke no more samples.
 JOINT_FWD_ITERS = 6
 
 
