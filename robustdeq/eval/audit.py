@@ -10,6 +10,8 @@ every enabled check of the run's :class:`~robustdeq.eval.checks.CheckConfig` on 
 - ``non_monotonic``: PGD with few and many steps at the eps whose robust accuracy is nearest 50 %,
   and the robust accuracy over the eps sweep;
 - ``non_convergence``: the solver statistics of the clean and the worst-case inputs;
+- ``unconverged_breaks``: every sample broken, at its worst-case example (the eps with the most
+  such samples is reported);
 - the others (``randomized_output``, ``softmax_output``, ``zero_gradients``,
   ``large_eps_not_chance``, ``estimator_disagreement``): the model, its adaptive views and the
   subset.
@@ -71,6 +73,7 @@ def _check_steps(ev: "_Evaluation", xs: Tensor, ys: Tensor) -> List[Tuple[str, C
         ("non_monotonic", lambda: _check_monotonic(ev, xs, ys)),
         ("non_convergence", lambda: _check_convergence(ev)),
         ("estimator_disagreement", lambda: checks.check_estimators(m, xs, ys, cc, warn=False)),
+        ("unconverged_breaks", lambda: _check_unconverged_breaks(ev)),
     ]
 
 
@@ -200,6 +203,25 @@ def _check_convergence(ev: "_Evaluation") -> CheckResult:
     return checks.check_convergence(clean, adv, ev.run.check_config, warn=False)
 
 
+def _check_unconverged_breaks(ev: "_Evaluation") -> CheckResult:
+    best = None
+    for r in ev.results:
+        x_adv = getattr(r, "x_adv", None)
+        if x_adv is None:
+            return checks.skipped("unconverged_breaks", "the worst-case examples are not at hand "
+                                   "(a report reloaded from its folder)")
+        robust = torch.as_tensor(r.robust, dtype=torch.bool, device=ev.clean_correct.device)
+        res = checks.check_unconverged_breaks(ev.model, x_adv, ev.y, ev.clean_correct & ~robust,
+                                              ev.run.check_config, batch_size=ev.protocol.batch_size,
+                                              warn=False)
+        res.details["eps"] = r.eps
+        if res.skipped:
+            return res
+        if best is None or (res.value or 0) > (best.value or 0):
+            best = res
+    return best if best is not None else checks.skipped("unconverged_breaks", "no eps was attacked")
+
+
 def _any(flags: List[Tensor], like: Tensor) -> Tensor:
     out = torch.zeros_like(like, dtype=torch.bool)
     for f in flags:
@@ -209,10 +231,12 @@ def _any(flags: List[Tensor], like: Tensor) -> Tensor:
 
 def warn_fired(check_results: List[CheckResult]) -> None:
     """One :class:`~robustdeq.errors.GradientMaskingWarning` per fired check
-    (:class:`~robustdeq.errors.NonConvergenceWarning` for ``non_convergence``)."""
+    (:class:`~robustdeq.errors.NonConvergenceWarning` for ``non_convergence`` and
+    ``unconverged_breaks``)."""
     for c in check_results:
         if c.fired:
-            cat = NonConvergenceWarning if c.name == "non_convergence" else GradientMaskingWarning
+            cat = (NonConvergenceWarning if c.name in ("non_convergence", "unconverged_breaks")
+                   else GradientMaskingWarning)
             warnings.warn(f"[{c.name}] {c.message}", cat, stacklevel=user_stacklevel())
 
 

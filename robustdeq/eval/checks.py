@@ -2,9 +2,9 @@
 
 Each check returns a :class:`CheckResult` (``name``, ``fired``, ``message``, ``value``,
 ``threshold``) and, when it fires, emits a :class:`~robustdeq.errors.GradientMaskingWarning`
-(:class:`~robustdeq.errors.NonConvergenceWarning` for the convergence check). The harness records
+(:class:`~robustdeq.errors.NonConvergenceWarning` for the two convergence checks). The harness records
 every result in the report. The checks are cheap: they work on a subset of ``CheckConfig.subset``
-samples (32 by default).
+samples (32 by default), ``unconverged_breaks`` on the samples broken (two solves each at most).
 
 ==========================  ==========================================================================
 ``randomized_output``       two forward passes on the same input give different logits
@@ -15,6 +15,7 @@ samples (32 by default).
 ``non_monotonic``           robust accuracy rises with more attack steps, or with a larger eps
 ``non_convergence``         share of clean or adversarial inputs whose forward solve did not converge
 ``estimator_disagreement``  mean cosine between IFT and unrolled input gradients is low
+``unconverged_breaks``      samples broken only where the solver stops unconverged (their equilibrium is correct)
 ==========================  ==========================================================================
 
 The idea follows AutoAttack's checks (Croce & Hein 2020); nothing here keeps global state
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 CHECKS = (
     "randomized_output", "softmax_output", "zero_gradients", "black_box_stronger",
     "large_eps_not_chance", "non_monotonic", "non_convergence", "estimator_disagreement",
+    "unconverged_breaks",
 )
 
 
@@ -65,6 +67,11 @@ class CheckConfig:
         nonconvergence_rate: share of unconverged solves (clean or adversarial) that fires.
         cosine_threshold: mean cosine(IFT, unrolled) input gradients below this fires.
         unroll_steps: steps of the unrolled estimator compared with IFT.
+        unconverged_break_fraction: share of the samples broken only where the model's solver
+            stops unconverged (correct at a tight solve) that fires (default 0: any such sample).
+        equilibrium_tol_factor, equilibrium_iter_factor: the tight solve of that check: the
+            model's solver with its tolerance times the first and its iteration budget times
+            the second.
         enabled: the checks to run (default all of :data:`CHECKS`).
     """
 
@@ -84,6 +91,9 @@ class CheckConfig:
     nonconvergence_rate: float = 0.05
     cosine_threshold: float = 0.5
     unroll_steps: int = 8
+    unconverged_break_fraction: float = 0.0
+    equilibrium_tol_factor: float = 0.01
+    equilibrium_iter_factor: int = 10
     enabled: tuple = CHECKS
 
     def __post_init__(self):
@@ -91,11 +101,16 @@ class CheckConfig:
             raise ConfigError(f"CheckConfig.subset must be >= 1, got {self.subset}")
         for name in ("random_tol", "softmax_tol", "zero_grad_fraction", "black_box_fraction",
                      "large_eps_linf", "large_eps_l2", "chance_margin", "monotonic_tol",
-                     "nonconvergence_rate"):
+                     "nonconvergence_rate", "unconverged_break_fraction"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ConfigError(f"CheckConfig.{name} must be a finite number >= 0, got {v!r}")
-        for name in ("large_eps_steps", "steps_short", "steps_long", "unroll_steps"):
+        if not (isinstance(self.equilibrium_tol_factor, (int, float))
+                and 0 < self.equilibrium_tol_factor <= 1):
+            raise ConfigError("CheckConfig.equilibrium_tol_factor must be in (0, 1], got "
+                              f"{self.equilibrium_tol_factor!r}")
+        for name in ("large_eps_steps", "steps_short", "steps_long", "unroll_steps",
+                     "equilibrium_iter_factor"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CheckConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.black_box_queries < 0:
@@ -479,10 +494,98 @@ def check_estimators(model: nn.Module, x: Tensor, y: Tensor, config: Optional[Ch
                    details={"min_cosine": float(cos.min()), "unroll_steps": cfg.unroll_steps,
                             "samples": int(xs.shape[0])})
 
+# -- 9. breaks only where the solver stops unconverged ----------------------------------------------
+def _solve_flags(model: nn.Module, x: Tensor, y: Tensor, batch_size: int):
+    """(correct, converged) per row of ``x`` under ``model``'s own inference."""
+    correct, converged = [], []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)
+        for i in range(0, x.shape[0], batch_size):
+            logits = model(x[i:i + batch_size])
+            stats = getattr(model, "last_stats", None)
+            if stats is None or getattr(stats, "converged", None) is None:
+                raise ConfigError(f"{type(model).__name__} records no per-sample solver statistics "
+                                  "(last_stats.converged) after its forward pass")
+            correct.append(logits.argmax(1) == y[i:i + batch_size])
+            converged.append(stats.converged.to(logits.device).bool())
+    return torch.cat(correct), torch.cat(converged)
+
+
+def check_unconverged_breaks(model: nn.Module, x_adv: Tensor, y: Tensor, broken: Tensor,
+                             config: Optional[CheckConfig] = None, *, batch_size: int = 256,
+                             warn: bool = True) -> CheckResult:
+    """Samples broken only where the model's forward solver stops unconverged: at the example
+    ``x_adv`` the model's own inference (its solver and budget, which is what the attacks judge)
+    misclassifies, its solve did not reach the tolerance, and the same solver run to a tight
+    tolerance (``tol x equilibrium_tol_factor``, up to ``max_iter x equilibrium_iter_factor``
+    iterations) converges to an equilibrium that is classified correctly.
+
+    Such a break is real for the model as deployed, but it is a property of the solver's budget,
+    not of the equilibrium: attacks that follow the equilibrium's (implicit) gradient cannot aim
+    at it, a score-based search can, and another solver budget changes the robust accuracy
+    (``evaluate(..., solver=...)``). Fires when their share of the samples exceeds
+    ``unconverged_break_fraction``. Needs a model that runs a :class:`~robustdeq.config.SolverConfig`
+    solver itself and records ``last_stats`` (a :class:`~robustdeq.DEQClassifier`).
+
+    Args:
+        x_adv: each sample's worst-case example (B, ...); y: labels (B,).
+        broken: (B,) bool, the samples the attacks broke (clean-correct, misclassified at x_adv).
+    """
+    import copy
+    from ..config import SolverConfig
+    cfg = _config(config)
+    name = "unconverged_breaks"
+    solver = getattr(model, "solver_config", None)
+    if not (hasattr(model, "solve") and isinstance(solver, SolverConfig)):
+        return skipped(name, "the model does not run a fixed-point solver of its own")
+    broken = broken.to(torch.bool).reshape(-1)
+    if broken.shape[0] != x_adv.shape[0] or y.shape[0] != x_adv.shape[0]:
+        raise ConfigError(f"x_adv, y and broken disagree on the batch size ({x_adv.shape[0]}, "
+                          f"{y.shape[0]}, {broken.shape[0]})")
+    n = int(broken.shape[0])
+    idx = broken.nonzero().flatten()
+    tight_cfg = solver.replace(tol=solver.tol * cfg.equilibrium_tol_factor,
+                               max_iter=solver.max_iter * cfg.equilibrium_iter_factor)
+    found: list = []
+    not_found: list = []
+    unconverged = 0
+    if idx.numel():
+        xb, yb = x_adv[idx], y[idx]
+        correct, converged = _solve_flags(model, xb, yb, batch_size)
+        suspect = (~correct) & (~converged)
+        unconverged = int(suspect.sum())
+        if unconverged:
+            tight = copy.copy(model)  # shares every parameter; only its solver budget differs
+            tight.solver_config = tight_cfg
+            sel = suspect.nonzero().flatten()
+            t_correct, t_converged = _solve_flags(tight, xb[sel], yb[sel], batch_size)
+            rows = idx[sel].tolist()
+            found = [r for r, c, v in zip(rows, t_correct.tolist(), t_converged.tolist()) if c and v]
+            not_found = [r for r, v in zip(rows, t_converged.tolist()) if not v]
+    share = len(found) / n if n else 0.0
+    fired = share > cfg.unconverged_break_fraction
+    budget = f"tol {tight_cfg.tol:g}, up to {tight_cfg.max_iter} iterations"
+    if fired:
+        msg = (f"{len(found)} of the {int(idx.numel())} samples broken are misclassified only by the "
+               f"solver's unconverged iterate: solved to the equilibrium ({budget}) they are "
+               f"classified correctly. The robust accuracy is that of the model with its solver budget "
+               f"(max_iter {solver.max_iter}, tol {solver.tol:g}); gradient attacks that follow the "
+               "equilibrium cannot aim at such examples, a score-based search can, and another "
+               "budget changes the result (evaluate(..., solver=...))")
+    else:
+        msg = (f"no sample is broken only by an unconverged solve ({unconverged} of "
+               f"{int(idx.numel())} breaks unconverged at their example; equilibria at {budget})")
+    return _result(name, fired, msg, share, cfg.unconverged_break_fraction, warn=warn,
+                   category=NonConvergenceWarning,
+                   details={"samples": found, "broken": int(idx.numel()), "unconverged": unconverged,
+                            "no_equilibrium": not_found, "tight_tol": tight_cfg.tol,
+                            "tight_max_iter": tight_cfg.max_iter})
+
 
 __all__ = [
     "CHECKS", "CheckConfig", "CheckResult", "skipped", "margin", "input_gradients",
     "check_randomized", "check_softmax", "check_gradients", "check_black_box", "check_black_box_count",
     "square_probe",
     "check_large_eps", "check_monotonic", "check_convergence", "check_estimators", "find_deq",
+    "check_unconverged_breaks",
 ]

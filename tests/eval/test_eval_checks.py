@@ -373,3 +373,71 @@ def test_apgd_ce_units_native_and_pyautoattack(mlp, data):
     assert native.describe["implementation"] == "robustdeq" and native.describe["steps"] == 100
     assert abs(native.accuracy - a.accuracy) * n <= 2
     assert a.accuracy < rep.clean_accuracy
+
+
+# -- 9. breaks only where the solver stops unconverged -------------------------------------------------
+def _budget_deq(max_iter):
+    """``z = 0.5 z + x`` (2-d, plain fixed-point iteration from 0): the k-th iterate is
+    ``2 (1 - 0.5^k) x``, the equilibrium ``2 x``; class 1 iff ``z_1 > 0.9``."""
+    from robustdeq import DEQClassifier
+    from robustdeq.deq.cells import LinearCell
+    head = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
+        head.bias.copy_(torch.tensor([0.9, 0.0], dtype=torch.float64))
+    return DEQClassifier(torch.nn.Identity(), LinearCell(0.5 * torch.eye(2, dtype=torch.float64)),
+                         head.double(), solver={"name": "fixed_point", "max_iter": max_iter, "tol": 1e-3})
+
+
+def test_unconverged_breaks_known_answer():
+    model = _budget_deq(2)
+    # the model's answer after 2 iterations: z_1 = 1.5 x_1
+    x = torch.tensor([[0.5, 0.3],    # 0.75 < 0.9: class 0; equilibrium 1.0 > 0.9: class 1 (the solver's break)
+                      [0.4, 0.3],    # 0.6 and 0.8: class 0 both ways (a break of the equilibrium too)
+                      [0.0, 0.0],    # z = 0 at once (converged): class 0 (a converged break)
+                      [0.9, 0.1]],   # 1.35: class 1, correct (not broken)
+                     dtype=torch.float64)
+    y = torch.tensor([1, 1, 1, 1])
+    broken = torch.tensor([True, True, True, False])
+    with pytest.warns(NonConvergenceWarning, match="unconverged_breaks"):
+        r = C.check_unconverged_breaks(model, x, y, broken)
+    assert r.fired and r.details["samples"] == [0] and r.details["unconverged"] == 2
+    assert r.details["broken"] == 3 and r.details["no_equilibrium"] == []
+    assert r.value == pytest.approx(1 / 4)
+    # a tight budget too small to reach the equilibrium proves nothing: not counted
+    r = C.check_unconverged_breaks(model, x, y, broken, CheckConfig(equilibrium_iter_factor=2), warn=False)
+    assert not r.fired and r.details["no_equilibrium"] == [0, 1]
+    # the model with a budget that converges: no such break (the same inputs, nothing unconverged)
+    r = C.check_unconverged_breaks(_budget_deq(40), x, y, broken, warn=False)
+    assert not r.fired and r.details["unconverged"] == 0
+    # the threshold is a share of the samples
+    assert not C.check_unconverged_breaks(model, x, y, broken, CheckConfig(unconverged_break_fraction=0.25),
+                                          warn=False).fired
+
+
+def test_unconverged_breaks_skips_and_rejects(mlp, data):
+    x, y = data
+    assert C.check_unconverged_breaks(mlp, x, y, torch.ones(len(y), dtype=torch.bool)).skipped
+    with pytest.raises(ConfigError, match="batch size"):
+        C.check_unconverged_breaks(_budget_deq(2), torch.zeros(3, 2, dtype=torch.float64),
+                                   torch.zeros(3, dtype=torch.long), torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="equilibrium_tol_factor"):
+        CheckConfig(equilibrium_tol_factor=0.0)
+    with pytest.raises(ConfigError, match="equilibrium_iter_factor"):
+        CheckConfig(equilibrium_iter_factor=0)
+
+
+def test_unconverged_breaks_in_an_evaluation():
+    """Through evaluate(): the worst-case examples of a budget-starved DEQ are re-judged at the
+    equilibrium; the check names the samples and fires with a NonConvergenceWarning."""
+    model = _budget_deq(2)
+    x = torch.tensor([[0.62, 0.3], [0.9, 0.1]], dtype=torch.float64)  # 0.93 and 1.35 at 2 iterations
+    y = torch.tensor([1, 1])
+    with pytest.warns(NonConvergenceWarning, match="unconverged_breaks"):
+        rep = evaluate(model, x, y, eps=0.05, suite=["pgd-ift"], steps=5,
+                       check_config=CheckConfig(enabled=("unconverged_breaks",)))
+    # the first sample falls below 0.9 within the ball at 2 iterations (1.5 x 0.57 = 0.855) but
+    # not at its equilibrium (2 x 0.57 = 1.14); the second is robust either way
+    assert rep.results[0].robust == [False, True]
+    c = rep.check("unconverged_breaks")
+    assert c.fired and c.details["samples"] == [0] and c.details["eps"] == 0.05
