@@ -37,8 +37,9 @@ pyautoattack's per-sample results (robust flags, the stage that broke each sampl
 are cached in ``--aa-cache`` (a JSON file, keyed by the model, its weights' hash, the data, n,
 eps and seed) so that iterating on the suites does not pay AutoAttack again; a row whose
 reference came from the cache says so (``--aa-cache ''``: always run it). Each suite row also
-reports the black-box-stronger check (run on the suite's own results) and which unit broke how
-many samples.
+reports the black-box-stronger check (run on the suite's own results), which unit broke how
+many samples, and the samples the ``unconverged_breaks`` check finds (broken only where the
+model's solver stops unconverged: their equilibrium is classified correctly).
 
 The solver iterations of each row (forward and adjoint, batch iterations) are counted in one
 extra untimed run per row.
@@ -363,15 +364,19 @@ def _cached_suite(name, model, x, y, suite, args):
     def compute():
         c = time.process_time()
         rep = evaluate(model, x, y, eps=args.eps, suite=suite, cascade=True, checks=True,
-                       check_config=CheckConfig(enabled=("black_box_stronger",)), seed=args.seed)
-        t = time.process_time() - c
+                       check_config=CheckConfig(enabled=("black_box_stronger", "unconverged_breaks")),
+                       seed=args.seed)
+        t = time.process_time() - c  # the checks' solves included (a few seconds)
         res = rep.result()
         chk = next((c for c in rep.checks if c.name == "black_box_stronger"), None)
+        ub = next((c for c in rep.checks if c.name == "unconverged_breaks"), None)
         return {"robust": list(res.robust), "first": list(res.first_success), "cpu_s": t,
-                "check": [chk.fired if chk else None, chk.message if chk else ""]}
+                "check": [chk.fired if chk else None, chk.message if chk else ""],
+                "solver_only": None if ub is None or ub.skipped else list(ub.details["samples"])}
     e, cached = _json_cached(Path(args.suite_cache) if commit else None,
                              f"{_data_key(name, model, x, y, args)}|{suite}|{commit}", compute)
-    return torch.tensor(e["robust"]), e["first"], e["cpu_s"], tuple(e["check"]), cached
+    return (torch.tensor(e["robust"]), e["first"], e["cpu_s"], tuple(e["check"]), e.get("solver_only"),
+            cached)
 
 
 def _load_data(args):
@@ -398,7 +403,8 @@ def compare_suites(args) -> int:
     print(f"# native suites vs pyautoattack standard: torch {torch.__version__}, pyautoattack "
           f"{pyautoattack_version()}, {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s); first {args.n} {args.dataset} test images, Linf {args.eps}, "
-          f"seed {args.seed}; suites cascaded, only the black-box-stronger check; CPU seconds")
+          f"seed {args.seed}; suites cascaded, only the black-box-stronger and unconverged-breaks "
+          "checks; CPU seconds")
     print()
     print("| model | clean | pyautoattack standard: robust / CPU s | suite | robust | CPU s | "
           "time vs pyautoattack | AA broke, suite left | suite broke, AA left |")
@@ -409,9 +415,10 @@ def compare_suites(args) -> int:
         runs = {} if args.reference_only else {
             suite: _cached_suite(name, model, x, y, suite, args) for suite in args.suite_names}
         if args.suites_only:
-            for suite, (robust, first, t, check, cached) in runs.items():
+            for suite, (robust, first, t, check, solver_only, cached) in runs.items():
                 print(f"<!-- {name} {suite}: {float(robust.float().mean()):.3f} robust, {t:.1f} CPU s"
-                      f"{' (cached)' if cached else ''}, first broken by {_count(first)} -->", flush=True)
+                      f"{' (cached)' if cached else ''}, first broken by {_count(first)}; broken only "
+                      f"by an unconverged solve: {solver_only} -->", flush=True)
             continue
         aa_robust, aa_first, t_aa, cached = _cached_reference(name, model, x, y, args)
         aa_robust = aa_robust & clean_ok
@@ -423,14 +430,15 @@ def compare_suites(args) -> int:
         notes.append(f"<!-- {name} ({what}): pyautoattack first broken by {_count(aa_first)}"
                      f"{'; reference read from ' + args.aa_cache if cached else ''} -->")
         for suite in args.suite_names:
-            robust, first, t, check, s_cached = runs[suite]
+            robust, first, t, check, solver_only, s_cached = runs[suite]
             missed = (robust & ~aa_robust).nonzero().flatten().tolist()
             print(f"| {name} | {float(clean_ok.float().mean()):.3f} | {ref} | {suite} | "
                   f"{float(robust.float().mean()):.3f} | {t:.1f}{' (cached)' if s_cached else ''} | "
                   f"{t / t_aa:.2f}x | {len(missed)} | {int((~robust & aa_robust).sum())} |", flush=True)
             notes.append(f"<!-- {name} {suite}: first broken by {_count(first)}; "
                          f"AA broke, suite left: {[(i, aa_first[i]) for i in missed]}; "
-                         f"black_box_stronger: {check[0]} ({check[1]}) -->")
+                         f"black_box_stronger: {check[0]} ({check[1]}); broken only by an "
+                         f"unconverged solve (samples): {solver_only} -->")
             print(notes[-1], flush=True)
     print()
     print("\n".join(notes))
