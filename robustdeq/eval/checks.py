@@ -494,6 +494,7 @@ def check_estimators(model: nn.Module, x: Tensor, y: Tensor, config: Optional[Ch
                    details={"min_cosine": float(cos.min()), "unroll_steps": cfg.unroll_steps,
                             "samples": int(xs.shape[0])})
 
+
 # -- 9. breaks only where the solver stops unconverged ----------------------------------------------
 def _solve_flags(model: nn.Module, x: Tensor, y: Tensor, batch_size: int):
     """(correct, converged) per row of ``x`` under ``model``'s own inference."""
@@ -572,6 +573,10 @@ def check_unconverged_breaks(model: nn.Module, x_adv: Tensor, y: Tensor, broken:
                f"(max_iter {solver.max_iter}, tol {solver.tol:g}); gradient attacks that follow the "
                "equilibrium cannot aim at such examples, a score-based search can, and another "
                "budget changes the result (evaluate(..., solver=...))")
+    elif found:
+        msg = (f"{len(found)} of the {int(idx.numel())} samples broken are misclassified only by the "
+               f"solver's unconverged iterate (equilibria at {budget}), a share of {share:.1%}, not "
+               f"above the threshold")
     else:
         msg = (f"no sample is broken only by an unconverged solve ({unconverged} of "
                f"{int(idx.numel())} breaks unconverged at their example; equilibria at {budget})")

@@ -410,9 +410,9 @@ def test_unconverged_breaks_known_answer():
     # the model with a budget that converges: no such break (the same inputs, nothing unconverged)
     r = C.check_unconverged_breaks(_budget_deq(40), x, y, broken, warn=False)
     assert not r.fired and r.details["unconverged"] == 0
-    # the threshold is a share of the samples
-    assert not C.check_unconverged_breaks(model, x, y, broken, CheckConfig(unconverged_break_fraction=0.25),
-                                          warn=False).fired
+    # the threshold is a share of the samples; below it the message still counts them
+    r = C.check_unconverged_breaks(model, x, y, broken, CheckConfig(unconverged_break_fraction=0.25), warn=False)
+    assert not r.fired and r.details["samples"] == [0] and r.message.startswith("1 of the 3")
 
 
 def test_unconverged_breaks_skips_and_rejects(mlp, data):
