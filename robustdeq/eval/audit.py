@@ -57,8 +57,28 @@ def run_checks(ev: "_Evaluation") -> List[CheckResult]:
     for name, fn in _check_steps(ev, xs, ys):
         if name in cc.enabled:
             _run_check(ev, out, name, fn)
+    _note_solver_only_black_box(ev, out)
     ev.timings["checks"] = time.perf_counter() - t0
     return out
+
+
+def _note_solver_only_black_box(ev: "_Evaluation", results: List[CheckResult]) -> None:
+    """Where the black-box-stronger check fired, note how many of the samples only black-box
+    attacks broke are broken only by an unconverged solve: for those the gradient attacks are not
+    blinded by masking, they follow an equilibrium that is classified correctly."""
+    by_name = {c.name: c for c in results}
+    bb, ub = by_name.get("black_box_stronger"), by_name.get("unconverged_breaks")
+    if bb is None or ub is None or not bb.fired or ub.skipped or "only" not in bb.details:
+        return
+    solver_only = {i for e in ub.details.get("by_eps", []) if e["eps"] == bb.details.get("eps")
+                   for i in e["samples"]}
+    both = sorted(solver_only & set(bb.details["only"]))
+    if both:
+        ev.notes.append(
+            f"{len(both)} of the {len(bb.details['only'])} samples that only black-box attacks broke "
+            f"(eps {bb.details.get('eps'):g}) are broken only where the model's solve stops "
+            f"unconverged (samples {both}; unconverged_breaks): for those the gradient attacks are "
+            "not masked, they follow the equilibrium, which classifies them correctly")
 
 
 def _check_steps(ev: "_Evaluation", xs: Tensor, ys: Tensor) -> List[Tuple[str, Callable[[], CheckResult]]]:
@@ -205,6 +225,7 @@ def _check_convergence(ev: "_Evaluation") -> CheckResult:
 
 def _check_unconverged_breaks(ev: "_Evaluation") -> CheckResult:
     best = None
+    by_eps = []  # per eps attacked: the samples broken only by an unconverged solve
     for r in ev.results:
         x_adv = getattr(r, "x_adv", None)
         if x_adv is None:
@@ -217,9 +238,13 @@ def _check_unconverged_breaks(ev: "_Evaluation") -> CheckResult:
         res.details["eps"] = r.eps
         if res.skipped:
             return res
+        by_eps.append({"eps": r.eps, "samples": list(res.details["samples"])})
         if best is None or (res.value or 0) > (best.value or 0):
             best = res
-    return best if best is not None else checks.skipped("unconverged_breaks", "no eps was attacked")
+    if best is None:
+        return checks.skipped("unconverged_breaks", "no eps was attacked")
+    best.details["by_eps"] = by_eps
+    return best
 
 
 def _any(flags: List[Tensor], like: Tensor) -> Tensor:

@@ -294,12 +294,16 @@ def check_black_box(white_success: Tensor, black_success: Tensor,
     Args:
         white_success, black_success: (N,) bool, per sample: some white-box / some black-box
             attack found an adversarial example (clean-misclassified samples: False in both).
+
+    ``details["only"]`` lists the samples broken by black-box attacks only.
     """
     if white_success.shape != black_success.shape:
         raise ConfigError(f"flag shapes differ: {tuple(white_success.shape)} vs {tuple(black_success.shape)}")
     only = black_success.bool() & ~white_success.bool()
+    d = {"only": only.nonzero().flatten().tolist()}
+    d.update(details or {})
     return check_black_box_count(int(only.sum()), int(white_success.numel()), config, source=source,
-                                 warn=warn, details=details)
+                                 warn=warn, details=d)
 
 
 def check_black_box_count(count: int, n: int, config: Optional[CheckConfig] = None, *,

@@ -441,3 +441,41 @@ def test_unconverged_breaks_in_an_evaluation():
     assert rep.results[0].robust == [False, True]
     c = rep.check("unconverged_breaks")
     assert c.fired and c.details["samples"] == [0] and c.details["eps"] == 0.05
+
+
+class _ShiftDown:
+    """A 'black-box' attack for the report test: lowers the first input coordinate by eps."""
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def __call__(self, x, y):
+        return (x - self.eps * torch.tensor([1.0, 0.0], dtype=x.dtype)).clamp(0, 1)
+
+    def describe(self):
+        return {"name": "shift-down", "eps": self.eps}
+
+
+def test_black_box_wins_at_unconverged_solves_are_noted():
+    """Where only a black-box attack breaks a sample and that break exists only at the solver's
+    unconverged iterate, the report says so next to the black-box-stronger check."""
+    model = _budget_deq(2)
+    x = torch.tensor([[0.62, 0.3], [0.9, 0.1]], dtype=torch.float64)
+    y = torch.tensor([1, 1])
+    spec = AttackSpec("shift-down", lambda target, *, eps, norm, steps, seed: _ShiftDown(eps), kind="black-box")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = evaluate(model, x, y, eps=0.05, suite=[spec], steps=5,
+                       check_config=CheckConfig(enabled=("black_box_stronger", "unconverged_breaks")))
+    bb, ub = rep.check("black_box_stronger"), rep.check("unconverged_breaks")
+    assert bb.fired and bb.details["only"] == [0]
+    assert ub.fired and ub.details["by_eps"] == [{"eps": 0.05, "samples": [0]}]
+    assert any("only where the model's solve stops unconverged (samples [0]" in n for n in rep.notes)
+    # a model whose solve converges: the same black-box win is the equilibrium's, and no note
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = evaluate(_budget_deq(40), torch.tensor([[0.47, 0.3]], dtype=torch.float64), y[:1], eps=0.05,
+                       suite=[spec], steps=5,
+                       check_config=CheckConfig(enabled=("black_box_stronger", "unconverged_breaks")))
+    assert rep.check("black_box_stronger").fired and not rep.check("unconverged_breaks").fired
+    assert not any("unconverged_breaks" in n for n in rep.notes)
