@@ -526,8 +526,9 @@ def check_unconverged_breaks(model: nn.Module, x_adv: Tensor, y: Tensor, broken:
     iterations) converges to an equilibrium that is classified correctly.
 
     Such a break is real for the model as deployed, but it is a property of the solver's budget,
-    not of the equilibrium: attacks that follow the equilibrium's (implicit) gradient cannot aim
-    at it, a score-based search can, and another solver budget changes the robust accuracy
+    not of the equilibrium: attacks that follow the equilibrium's (implicit) gradient do not aim
+    at it (they reach it only by chance), a score-based search that queries the model's inference
+    does, and another solver budget changes the robust accuracy
     (``evaluate(..., solver=...)``). Fires when their share of the samples exceeds
     ``unconverged_break_fraction``. Needs a model that runs a :class:`~robustdeq.config.SolverConfig`
     solver itself and records ``last_stats`` (a :class:`~robustdeq.DEQClassifier`).
@@ -575,7 +576,7 @@ def check_unconverged_breaks(model: nn.Module, x_adv: Tensor, y: Tensor, broken:
                f"solver's unconverged iterate: solved to the equilibrium ({budget}) they are "
                f"classified correctly. The robust accuracy is that of the model with its solver budget "
                f"(max_iter {solver.max_iter}, tol {solver.tol:g}); gradient attacks that follow the "
-               "equilibrium cannot aim at such examples, a score-based search can, and another "
+               "equilibrium do not aim at such examples (a score-based search does), and another "
                "budget changes the result (evaluate(..., solver=...))")
     elif found:
         msg = (f"{len(found)} of the {int(idx.numel())} samples broken are misclassified only by the "
