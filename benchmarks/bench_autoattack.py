@@ -372,11 +372,11 @@ def _cached_suite(name, model, x, y, suite, args):
         ub = next((c for c in rep.checks if c.name == "unconverged_breaks"), None)
         return {"robust": list(res.robust), "first": list(res.first_success), "cpu_s": t,
                 "check": [chk.fired if chk else None, chk.message if chk else ""],
-                "solver_only": None if ub is None or ub.skipped else list(ub.details["samples"])}
+                "solver_only": "skipped" if ub is None or ub.skipped else list(ub.details["samples"])}
     e, cached = _json_cached(Path(args.suite_cache) if commit else None,
                              f"{_data_key(name, model, x, y, args)}|{suite}|{commit}", compute)
-    return (torch.tensor(e["robust"]), e["first"], e["cpu_s"], tuple(e["check"]), e.get("solver_only"),
-            cached)
+    return (torch.tensor(e["robust"]), e["first"], e["cpu_s"], tuple(e["check"]),
+            e.get("solver_only", "not recorded (an entry cached before the check)"), cached)
 
 
 def _load_data(args):

@@ -537,8 +537,8 @@ def check_unconverged_breaks(model: nn.Module, x_adv: Tensor, y: Tensor, broken:
         x_adv: each sample's worst-case example (B, ...); y: labels (B,).
         broken: (B,) bool, the samples the attacks broke (clean-correct, misclassified at x_adv).
     """
-    import copy
     from ..config import SolverConfig
+    from .targets import with_solver
     cfg = _config(config)
     name = "unconverged_breaks"
     solver = getattr(model, "solver_config", None)
@@ -561,8 +561,7 @@ def check_unconverged_breaks(model: nn.Module, x_adv: Tensor, y: Tensor, broken:
         suspect = (~correct) & (~converged)
         unconverged = int(suspect.sum())
         if unconverged:
-            tight = copy.copy(model)  # shares every parameter; only its solver budget differs
-            tight.solver_config = tight_cfg
+            tight = with_solver(model, tight_cfg)  # shares every parameter; only the budget differs
             sel = suspect.nonzero().flatten()
             t_correct, t_converged = _solve_flags(tight, xb[sel], yb[sel], batch_size)
             rows = idx[sel].tolist()

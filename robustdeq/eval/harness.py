@@ -41,7 +41,7 @@ from .config import EvalProtocol, RunOptions, split_options
 from .report import SCHEMA_VERSION, AttackResult, EpsResult, EvalReport
 from .store import PartialStore, completed_report, derive_seed, hash_data, hash_model, unit_seed
 from .suites import AttackSpec, SuiteContext, build_suite
-from .targets import adaptive_views, is_solver_model, trajectory_model, trajectory_stats
+from .targets import adaptive_views, is_solver_model, trajectory_model, trajectory_stats, with_solver
 
 logger = logging.getLogger(__name__)
 
@@ -283,25 +283,11 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
     t_start = time.perf_counter()
     x, y = _validate_data(model, x, y)
     protocol, run = split_options(config, **options)
-    model = _with_solver(model, protocol.solver)
+    model = with_solver(model, protocol.solver)
     ev = _begin(model, x, y, protocol, run)
     from .. import runlock
     with runlock.hold_group(ev.run.out_dir, ev.dist_ctx):  # one run per output folder (rank 0 owns it)
         return _evaluate(ev, model, t_start)
-
-
-def _with_solver(model: nn.Module, solver) -> nn.Module:
-    """``model`` solved with ``solver`` (None: the model itself): a shallow copy sharing every
-    parameter, buffer and submodule, whose own ``solver_config`` is ``solver``."""
-    if solver is None:
-        return model
-    if not is_solver_model(model):
-        raise ConfigError(f"solver= is for a model that runs a fixed-point solver (a DEQ); "
-                          f"{type(model).__name__} has none")
-    import copy
-    view = copy.copy(model)
-    view.solver_config = solver
-    return view
 
 
 def _evaluate(ev: "_Evaluation", model: nn.Module, t_start: float) -> EvalReport:

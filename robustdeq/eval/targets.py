@@ -58,6 +58,20 @@ def is_solver_model(m: Optional[nn.Module]) -> bool:
     return m is not None and hasattr(m, "solve") and hasattr(m, "solver_config")
 
 
+def with_solver(model: nn.Module, solver) -> nn.Module:
+    """``model`` solved with ``solver`` (None: the model itself): a shallow copy sharing every
+    parameter, buffer and submodule, whose own ``solver_config`` is ``solver``."""
+    if solver is None:
+        return model
+    if not is_solver_model(model):
+        raise ConfigError(f"solver= is for a model that runs a fixed-point solver (a DEQ); "
+                          f"{type(model).__name__} has none")
+    import copy
+    view = copy.copy(model)
+    view.solver_config = solver
+    return view
+
+
 def _summary(residual: Tensor, steps: Tensor, converged: Tensor, diverged: Tensor) -> Dict[str, float]:
     res = residual.float()
     finite = torch.isfinite(res)
@@ -132,4 +146,4 @@ def trajectory_stats(tmodel: nn.Module, x: Tensor, y: Tensor, batch_size: int) -
     return out
 
 
-__all__ = ["adaptive_views", "trajectory_model", "is_solver_model", "trajectory_stats"]
+__all__ = ["adaptive_views", "trajectory_model", "is_solver_model", "trajectory_stats", "with_solver"]
