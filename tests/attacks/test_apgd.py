@@ -83,21 +83,23 @@ def test_dlr_losses_match_their_closed_forms():
     assert float(dlr_targeted_per_sample(z, yt)) == pytest.approx(-(4 - 0.5) / (4 - 1.5))
 
 
-def _same_as_pyautoattack(model, x, y, norm, eps, steps):
+def _same_as_pyautoattack(model, x, y, norm, eps, steps, same_examples=False, **native):
     """Same seed and budget: APGD-CE (2 restarts), APGD-DLR and APGD-T give pyautoattack's
-    robust flags (within 1 sample in 200: on fewer than 200 samples, the same flags)."""
+    robust flags (within 1 sample in 200: on fewer than 200 samples, the same flags); with
+    ``same_examples``, its examples too. ``native``: options of the native attacks (their
+    gradient oracle's policy)."""
     pytest.importorskip("pyautoattack")
     from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
     pairs = [
         (APGDAttack(model, n_iter=steps, norm=norm, n_restarts=2, eps=eps, seed=0, loss="ce",
                     device=x.device),
-         APGD(model, eps=eps, norm=norm, steps=steps, restarts=2, loss="ce")),
+         APGD(model, eps=eps, norm=norm, steps=steps, restarts=2, loss="ce", **native)),
         (APGDAttack(model, n_iter=steps, norm=norm, n_restarts=1, eps=eps, seed=0, loss="dlr",
                     device=x.device),
-         APGD(model, eps=eps, norm=norm, steps=steps, loss="dlr")),
+         APGD(model, eps=eps, norm=norm, steps=steps, loss="dlr", **native)),
         (APGDAttack_targeted(model, n_iter=steps, norm=norm, eps=eps, seed=0, n_target_classes=3,
                              device=x.device),
-         APGDT(model, eps=eps, norm=norm, steps=steps, n_target_classes=3)),
+         APGDT(model, eps=eps, norm=norm, steps=steps, n_target_classes=3, **native)),
     ]
     for ref, mine in pairs:
         with torch.random.fork_rng():
@@ -106,6 +108,8 @@ def _same_as_pyautoattack(model, x, y, norm, eps, steps):
         check_ball(x, b, eps, norm)
         ra, rb = logits_of(model, a).argmax(1) == y, logits_of(model, b).argmax(1) == y
         assert int((ra != rb).sum()) <= x.shape[0] // 200, mine.name
+        if same_examples:
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=mine.name)
         assert torch.equal(mine.last_robust, rb)
 
 
@@ -113,6 +117,18 @@ def _same_as_pyautoattack(model, x, y, norm, eps, steps):
 def test_apgd_matches_pyautoattack_on_the_feed_forward_baseline(norm, eps, digits_test, trained_model):
     x, y = digits_test(24)
     _same_as_pyautoattack(trained_model("ff_mlp", hidden=32).eval(), x, y, norm, eps, steps=8)
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.1), ("L2", 0.8)])
+def test_apgd_with_cold_solves_matches_pyautoattack_on_a_deq(norm, eps, digits_test, trained_model):
+    """On a DEQ pyautoattack solves the fixed point cold at every step and backpropagates through
+    the model's own gradient; the native attacks with exact cold solves (``method="exact",
+    warm_start=False``) make the same computation, so they return the same examples (with warm
+    starts or the joint iteration the solves stop elsewhere within their tolerance, and the
+    paths part)."""
+    x, y = digits_test(24)
+    _same_as_pyautoattack(trained_model("mlp_deq", hidden=32).eval(), x, y, norm, eps, steps=8,
+                          same_examples=True, method="exact", warm_start=False)
 
 
 @pytest.mark.slow
