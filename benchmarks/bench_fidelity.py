@@ -1,7 +1,7 @@
 """Fidelity of the native attacks: robustdeq's APGD-CE, APGD-T and Square against pyautoattack's
 on a model without a fixed-point solve, each attack separately, side by side in one run.
 
-    python benchmarks/bench_fidelity.py [--n 200] [--epochs 10] [--seed 0]
+    python benchmarks/bench_fidelity.py [--n 200] [--epochs 10] [--seed 0] [--model mlp_deq]
 
 Trains the zoo's feed-forward CNN (``ff_cnn``) on scikit-learn's digits (``--epochs`` epochs of
 Adam, seed ``--seed``), then attacks its first ``--n`` test digits with AutoAttack's standard
@@ -20,6 +20,14 @@ model: robust accuracy of each implementation, the samples on which their verdic
 (target: at most 1 in 200) and the CPU time of each. On a model without a fixed-point solve the
 native attacks are meant to be the same algorithms (same step-size checkpoints, momentum and
 restarts; Square's same random draws), so a difference is a bug, not a draw.
+
+With ``--model mlp_deq`` the model is instead the small digits DEQ of ``bench_attacks.py`` (hidden
+64, 100 training steps, seed ``--seed``), whose every forward is a fixed-point solve. pyautoattack
+solves it cold at every step; the native APGD rows use ``method="exact", warm_start=False`` (the
+same computation: the same verdicts expected), and extra rows show the default policy (the joint
+forward/adjoint/input iteration), a different computation of the same algorithm: its time and
+how many verdicts differ. Square queries the model's own inference by default (cold solves, as
+pyautoattack does).
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -49,26 +58,37 @@ def train_cnn(epochs: int, seed: int):
     return model.eval()
 
 
-def attack_pairs(model, norm: str, eps: float):
-    """(name, pyautoattack's attack, its call, robustdeq's attack) for each attack."""
+def attack_pairs(model, norm: str, eps: float, deq: bool = False):
+    """(name, pyautoattack's attack, robustdeq's attack) for each attack; on a DEQ the native
+    APGD units make pyautoattack's computation (cold exact solves), and the default policy's
+    runs follow as extra rows."""
     from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
     from pyautoattack.square import SquareAttack
     from robustdeq.attacks import APGD, APGDT, Square
-    return [
+    same = {"method": "exact", "warm_start": False} if deq else {}
+    pairs = [
         ("APGD-CE",
          APGDAttack(model, n_iter=100, norm=norm, n_restarts=1, eps=eps, seed=0, loss="ce",
                     rho=0.75, device="cpu"),
-         APGD(model, eps=eps, norm=norm, steps=100, restarts=1, loss="ce", seed=0)),
+         APGD(model, eps=eps, norm=norm, steps=100, restarts=1, loss="ce", seed=0, **same)),
         ("APGD-T",
          APGDAttack_targeted(model, n_iter=100, norm=norm, n_restarts=1, eps=eps, seed=0,
                              n_target_classes=9, rho=0.75, device="cpu"),
-         APGDT(model, eps=eps, norm=norm, steps=100, n_target_classes=9, seed=0)),
+         APGDT(model, eps=eps, norm=norm, steps=100, n_target_classes=9, seed=0, **same)),
         ("Square",
          SquareAttack(model, p_init=0.8, n_queries=5000, eps=eps, norm=norm, n_restarts=1, seed=0,
                       device="cpu", resc_schedule=False),
          Square(model, eps=eps, norm=norm, n_queries=5000, p_init=0.8, rescale_schedule=False,
                 seed=0)),
     ]
+    if deq:  # the default policy: the joint iteration where the solves converge
+        pairs += [
+            ("APGD-CE (joint)", pairs[0][1],
+             APGD(model, eps=eps, norm=norm, steps=100, restarts=1, loss="ce", seed=0)),
+            ("APGD-T (joint)", pairs[1][1],
+             APGDT(model, eps=eps, norm=norm, steps=100, n_target_classes=9, seed=0)),
+        ]
+    return pairs
 
 
 def _timed(fn):
@@ -83,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", choices=("ff_cnn", "mlp_deq"), default="ff_cnn")
     args = ap.parse_args(argv)
     if args.n < 1 or args.epochs < 1:
         ap.error("--n and --epochs must be >= 1")
@@ -91,24 +112,34 @@ def main(argv=None) -> int:
     from robustdeq.attacks.base import logits_of
     from robustdeq.data import load_digits
 
-    model = train_cnn(args.epochs, args.seed)
+    deq = args.model == "mlp_deq"
+    if deq:
+        from bench_attacks import train_model
+        model = train_model(64, 100, args.seed)
+        what = f"mlp_deq hidden 64 on digits, 100 steps (seed {args.seed})"
+    else:
+        model = train_cnn(args.epochs, args.seed)
+        what = f"ff_cnn on digits, {args.epochs} epochs (seed {args.seed})"
     xt, yt = load_digits("test")
     x, y = xt[:args.n].float(), yt[:args.n]
     with torch.no_grad():
         correct = logits_of(model, x).argmax(1) == y
     xc, yc = x[correct], y[correct]
     n = x.shape[0]
-    print(f"ff_cnn on digits, {args.epochs} epochs (seed {args.seed}): clean {float(correct.float().mean()):.1%} "
+    print(f"{what}: clean {float(correct.float().mean()):.1%} "
           f"on the first {n} test digits; each attack on the {int(correct.sum())} correct ones\n")
     print("| threat | attack | pyautoattack: robust / CPU s | robustdeq: robust / CPU s | "
           "verdicts differ | time vs pyautoattack |")
     print("|---|---|---|---|---|---|")
     for norm, eps in THREATS:
-        for name, ref, mine in attack_pairs(model, norm, eps):
+        refs = {}  # pyautoattack's examples per attack object (a joint row reuses its reference)
+        for name, ref, mine in attack_pairs(model, norm, eps, deq):
             def run_ref():
                 with torch.random.fork_rng(), torch.no_grad() if name == "Square" else torch.enable_grad():
                     return ref.perturb(xc, yc)
-            xa, t_ref = _timed(run_ref)
+            if id(ref) not in refs:
+                refs[id(ref)] = _timed(run_ref)
+            xa, t_ref = refs[id(ref)]
             xb, t_mine = _timed(lambda: mine(xc, yc))
             with torch.no_grad():
                 ra = logits_of(model, xa).argmax(1) == yc

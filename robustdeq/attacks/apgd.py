@@ -217,6 +217,26 @@ class APGD(Attack):
         return out
 
     # -- one run ----------------------------------------------------------------------------------
+    def _logits_are_inference(self) -> bool:
+        """Whether the oracle's logits are the model's own inference: off a DEQ, or exact solves
+        from the model's initial state with the model's own gradient (pyautoattack's
+        computation). Otherwise (the joint iteration, warm-started solves) they are an estimate."""
+        o = self.oracle
+        return not is_deq(self.model) or (o.policy == "exact" and not o.exact.warm()
+                                          and o.estimator is None)
+
+    def _wrong(self, x_adv: Tensor, logits: Tensor, y: Tensor) -> Tensor:
+        """Per row: misclassified at ``x_adv``. Where the oracle's logits are an estimate, a
+        misclassification they claim counts only once the model's own inference confirms it, so
+        the run's success flags and its latest misclassified iterate are the model's own (an
+        unconfirmed claim would otherwise replace an earlier, confirmed example)."""
+        wrong = logits.argmax(1) != y
+        if self._confirm and bool(wrong.any()):
+            rows = wrong.nonzero()[:, 0]
+            wrong = wrong.clone()
+            wrong[rows] = logits_of(self.model, x_adv[rows]).argmax(1) != y[rows]
+        return wrong
+
     def _random_start(self, x: Tensor, gen: torch.Generator) -> Tensor:
         if self.start == "stripes":
             return stripes_start(x, self.eps, gen)
@@ -256,6 +276,7 @@ class APGD(Attack):
         shrinking batch can break a few samples more or fewer."""
         oracle = self.oracle
         oracle.reset()
+        self._confirm = not self._logits_are_inference()
         n_iter, b = self.steps, x.shape[0]
         view = (b,) + (1,) * (x.dim() - 1)
         x_adv = self._random_start(x, gen)
@@ -265,7 +286,7 @@ class APGD(Attack):
         out = oracle(x_adv, y_loss, loss_fn)
         grad = out.grad.clone()
         grad_best = grad.clone()
-        acc = out.logits.argmax(1) == y
+        acc = ~self._wrong(x_adv, out.logits, y)
         loss_best = out.loss.detach().clone()
 
         step_size = 2.0 * self.eps * torch.ones(view, device=x.device)
@@ -278,7 +299,7 @@ class APGD(Attack):
         reduced_last_check = torch.ones_like(loss_best)
         self.last_halvings = []  # per checkpoint: (iteration, samples halved)
         idx = torch.arange(b, device=x.device)  # the samples still in the run
-        done = self._leave(x_best_adv, ~acc, y, copies) if self.early_stop else None
+        done = self._leave(~acc, copies) if self.early_stop else None
         if done is not None and bool(done.any()):
             idx = self._select(idx, ~done)
         for i in range(n_iter):
@@ -293,7 +314,7 @@ class APGD(Attack):
                 x_adv[idx] = xa
             out = oracle(xa, y_loss[idx], loss_fn)
             grad[idx] = out.grad
-            pred = out.logits.argmax(1) == y[idx]
+            pred = ~self._wrong(xa, out.logits, y[idx])
             acc[idx] = torch.min(acc[idx], pred)
             hit = idx[~pred]
             x_best_adv[hit] = x_adv[hit]
@@ -328,29 +349,20 @@ class APGD(Attack):
                     k = max(k - size_decr, k_min)
                     counter3 = 0
             if done is not None and not bool(pred.all()):
-                left = self._leave(x_best_adv[idx], ~pred, y[idx],
-                                   None if copies is None else copies[idx])
+                left = self._leave(~pred, None if copies is None else copies[idx])
                 if bool(left.any()):
                     idx = self._select(idx, ~left)
         self.last_step_size = step_size.reshape(b)
         return x_best, acc, loss_best, x_best_adv
 
-    def _leave(self, x_adv: Tensor, hit: Tensor, y: Tensor,
-               copies: Optional[Tensor] = None) -> Tensor:
-        """(early stopping) Which of the samples ``hit`` (the oracle's success at ``x_adv``)
-        leave the run: all of them off a DEQ (the oracle's logits are the model's), those the
-        model's own inference confirms on a DEQ; with ``copies`` (parallel runs), every copy
-        of a sample one of whose copies leaves."""
-        if not bool(hit.any()):
+    @staticmethod
+    def _leave(hit: Tensor, copies: Optional[Tensor] = None) -> Tensor:
+        """(early stopping) Which rows leave the run: those ``hit`` (misclassified by the model's
+        own inference, :meth:`_wrong`) and, with ``copies`` (parallel runs), every copy of a
+        sample one of whose copies is hit."""
+        if copies is None or not bool(hit.any()):
             return hit
-        out = hit
-        if is_deq(self.model):
-            rows = hit.nonzero()[:, 0]
-            out = torch.zeros_like(hit)
-            out[rows] = logits_of(self.model, x_adv[rows]).argmax(1) != y[rows]
-        if copies is not None and bool(out.any()):
-            out = torch.isin(copies, copies[out])
-        return out
+        return torch.isin(copies, copies[hit])
 
     def _select(self, idx: Tensor, keep: Tensor) -> Tensor:
         self.oracle.select(keep.nonzero()[:, 0])

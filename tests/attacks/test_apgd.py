@@ -138,6 +138,58 @@ def test_apgd_matches_pyautoattack_on_a_small_cnn(norm, eps, digits_test, traine
     _same_as_pyautoattack(trained_model("ff_cnn", steps=60).eval(), x, y, norm, eps, steps=25)
 
 
+@pytest.mark.parametrize("targeted", [False, True])
+def test_false_claims_of_an_estimated_oracle_change_nothing(targeted, monkeypatch, digits_test,
+                                                            trained_model):
+    """On a DEQ the joint iteration's logits are an estimate. An oracle whose logits claim every
+    sample misclassified after its first call, with the same losses and gradients, must give
+    the same verdicts: a claim counts only once the model's own inference confirms it, so a
+    run's success flags and its latest misclassified iterate are the model's own (an
+    unconfirmed claim neither marks a sample broken nor replaces a confirmed example)."""
+    from robustdeq.attacks.oracle import GradientOracle
+    model = trained_model("mlp_deq", hidden=32).eval()
+    x, y = digits_test(40)
+    runs = []
+    real_run = APGD._run
+
+    def recorded_run(self, xr, yr, *args, **kw):
+        out = real_run(self, xr, yr, *args, **kw)
+        runs.append((yr, out))
+        return out
+
+    monkeypatch.setattr(APGD, "_run", recorded_run)
+
+    def attack():
+        cls, extra = (APGDT, {"n_target_classes": 3}) if targeted else (APGD, {})
+        atk = cls(model, eps=0.1, steps=20, seed=0, **extra)   # early_stop=False: runs to the end
+        atk(x, y)
+        return atk.last_robust
+
+    honest = attack()
+    assert 0 < int(honest.sum()) < int((logits_of(model, x).argmax(1) == y).sum())
+    real_call = GradientOracle.__call__
+    calls = []
+
+    def lying_call(self, xa, y_loss, loss_fn):
+        out = real_call(self, xa, y_loss, loss_fn)
+        calls.append(1)
+        if len(calls) > 1:   # every row claimed misclassified: the true class's logit lowest
+            true = y_loss[:, 0] if y_loss.dim() == 2 else y_loss
+            logits = out.logits.clone()
+            logits[torch.arange(logits.shape[0]), true] = logits.min(dim=1).values - 1.0
+            out.logits = logits
+        return out
+
+    monkeypatch.setattr(GradientOracle, "__call__", lying_call)
+    runs.clear()
+    lying = attack()
+    assert len(calls) > 1 and runs
+    assert torch.equal(lying, honest)
+    for yr, (_, acc, _, x_best_adv) in runs:   # the run's flags are the model's own
+        wrong = logits_of(model, x_best_adv).argmax(1) != yr
+        assert torch.equal(~acc, wrong & ~acc) and bool(acc.any())
+
+
 def test_eot_beats_single_samples_on_a_randomized_model(digits_test, trained_model):
     """A randomized model whose random term moves the logits little (``0.1 sin(100 r.x) a``
     with ``r`` drawn per call) but dominates a single gradient: APGD with eot_iter=32 averages
