@@ -225,17 +225,22 @@ class APGD(Attack):
         return not is_deq(self.model) or (o.policy == "exact" and not o.exact.warm()
                                           and o.estimator is None)
 
-    def _wrong(self, x_adv: Tensor, logits: Tensor, y: Tensor) -> Tensor:
-        """Per row: misclassified at ``x_adv``. Where the oracle's logits are an estimate, a
-        misclassification they claim counts only once the model's own inference confirms it, so
-        the run's success flags and its latest misclassified iterate are the model's own (an
-        unconfirmed claim would otherwise replace an earlier, confirmed example)."""
+    def _hits(self, x_adv: Tensor, logits: Tensor, y: Tensor, unbroken: Tensor) -> Tensor:
+        """Per row: the run records a success at ``x_adv``. Where the oracle's logits are the
+        model's own inference, every misclassified row (the reference's bookkeeping: a sample's
+        latest misclassified iterate is kept). Where they are an estimate, a misclassification
+        they claim counts only once the model's own inference confirms it, and only for samples
+        not broken yet (``unbroken``), which then keep that first confirmed example: the run's
+        success flags and examples are the model's own, and an unconfirmed claim cannot replace
+        a confirmed example."""
         wrong = logits.argmax(1) != y
-        if self._confirm and bool(wrong.any()):
-            rows = wrong.nonzero()[:, 0]
-            wrong = wrong.clone()
-            wrong[rows] = logits_of(self.model, x_adv[rows]).argmax(1) != y[rows]
-        return wrong
+        if not self._confirm:
+            return wrong
+        claim = wrong & unbroken
+        if bool(claim.any()):
+            rows = claim.nonzero()[:, 0]
+            claim[rows] = logits_of(self.model, x_adv[rows]).argmax(1) != y[rows]
+        return claim
 
     def _random_start(self, x: Tensor, gen: torch.Generator) -> Tensor:
         if self.start == "stripes":
@@ -286,7 +291,7 @@ class APGD(Attack):
         out = oracle(x_adv, y_loss, loss_fn)
         grad = out.grad.clone()
         grad_best = grad.clone()
-        acc = ~self._wrong(x_adv, out.logits, y)
+        acc = ~self._hits(x_adv, out.logits, y, torch.ones_like(y, dtype=torch.bool))
         loss_best = out.loss.detach().clone()
 
         step_size = 2.0 * self.eps * torch.ones(view, device=x.device)
@@ -314,7 +319,7 @@ class APGD(Attack):
                 x_adv[idx] = xa
             out = oracle(xa, y_loss[idx], loss_fn)
             grad[idx] = out.grad
-            pred = ~self._wrong(xa, out.logits, y[idx])
+            pred = ~self._hits(xa, out.logits, y[idx], acc[idx])
             acc[idx] = torch.min(acc[idx], pred)
             hit = idx[~pred]
             x_best_adv[hit] = x_adv[hit]
@@ -358,7 +363,7 @@ class APGD(Attack):
     @staticmethod
     def _leave(hit: Tensor, copies: Optional[Tensor] = None) -> Tensor:
         """(early stopping) Which rows leave the run: those ``hit`` (misclassified by the model's
-        own inference, :meth:`_wrong`) and, with ``copies`` (parallel runs), every copy of a
+        own inference, :meth:`_hits`) and, with ``copies`` (parallel runs), every copy of a
         sample one of whose copies is hit."""
         if copies is None or not bool(hit.any()):
             return hit
