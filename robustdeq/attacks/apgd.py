@@ -41,10 +41,12 @@ whose solves converge, the joint forward/adjoint/input iteration (with :data:`JO
 forward iterations per step: APGD's steps are long); the warm-started exact solves
 elsewhere (a feed-forward model: plain autograd, so that the attack is the reference
 implementation's under the same seed). ``eot_iter > 1`` averages each gradient over that many
-evaluations of a randomized model (AutoAttack's ``rand`` version: ``eot_iter=20``). On a DEQ the
-in-run success judgement is the oracle's (its own solves), so every run's results are judged by
-the model's own (cold) inference: the latest misclassified iterate, else the point of highest
-loss, counts only where the model's inference misclassifies it.
+evaluations of a randomized model (AutoAttack's ``rand`` version: ``eot_iter=20``). On a DEQ,
+unless the oracle makes the model's own computation (``method="exact", warm_start=False``: cold
+solves, the reference implementation's), the oracle's logits are an estimate: a misclassification
+they claim during a run counts only once the model's own (cold) inference confirms it, and the
+sample keeps that first confirmed example; at the end of a run its example (the confirmed one,
+else the point of highest loss) counts only where the model's inference misclassifies it.
 """
 from __future__ import annotations
 
