@@ -97,16 +97,23 @@ def _timed(fn):
     return out, time.process_time() - c
 
 
+def _ratio(t: float, t_ref: float) -> str:
+    return f"{t / t_ref:.2f}x" if t_ref > 0 else "n/a (reference took no measurable CPU time)"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=None, help="ff_cnn's training epochs (10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", choices=("ff_cnn", "mlp_deq"), default="ff_cnn")
     args = ap.parse_args(argv)
-    if args.n < 1 or args.epochs < 1:
-        ap.error("--n and --epochs must be >= 1")
+    if args.model == "mlp_deq" and args.epochs is not None:
+        ap.error("--epochs is for --model ff_cnn (the mlp_deq is trained for 100 steps)")
+    args.epochs = 10 if args.epochs is None else args.epochs
+    if args.n < 1 or args.epochs < 1 or args.threads < 1:
+        ap.error("--n, --epochs and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     from robustdeq.attacks.base import logits_of
@@ -126,6 +133,10 @@ def main(argv=None) -> int:
         correct = logits_of(model, x).argmax(1) == y
     xc, yc = x[correct], y[correct]
     n = x.shape[0]
+    if not bool(correct.any()):
+        print(f"{what}: no test digit among the first {n} is classified correctly; nothing to attack",
+              file=sys.stderr)
+        return 1
     print(f"{what}: clean {float(correct.float().mean()):.1%} "
           f"on the first {n} test digits; each attack on the {int(correct.sum())} correct ones\n")
     print("| threat | attack | pyautoattack: robust / CPU s | robustdeq: robust / CPU s | "
@@ -146,7 +157,7 @@ def main(argv=None) -> int:
                 rb = logits_of(model, xb).argmax(1) == yc
             diff = int((ra != rb).sum())
             print(f"| {norm} {eps:g} | {name} | {int(ra.sum()) / n:.1%} / {t_ref:.1f} | "
-                  f"{int(rb.sum()) / n:.1%} / {t_mine:.1f} | {diff} of {n} | {t_mine / t_ref:.2f}x |",
+                  f"{int(rb.sum()) / n:.1%} / {t_mine:.1f} | {diff} of {n} | {_ratio(t_mine, t_ref)} |",
                   flush=True)
     return 0
 
