@@ -219,14 +219,6 @@ class APGD(Attack):
         return out
 
     # -- one run ----------------------------------------------------------------------------------
-    def _logits_are_inference(self) -> bool:
-        """Whether the oracle's logits are the model's own inference: off a DEQ, or exact solves
-        from the model's initial state with the model's own gradient (pyautoattack's
-        computation). Otherwise (the joint iteration, warm-started solves) they are an estimate."""
-        o = self.oracle
-        return not is_deq(self.model) or (o.policy == "exact" and not o.exact.warm()
-                                          and o.estimator is None)
-
     def _hits(self, x_adv: Tensor, logits: Tensor, y: Tensor, unbroken: Tensor) -> Tensor:
         """Per row: the run records a success at ``x_adv``. Where the oracle's logits are the
         model's own inference, every misclassified row (the reference's bookkeeping: a sample's
@@ -283,7 +275,7 @@ class APGD(Attack):
         shrinking batch can break a few samples more or fewer."""
         oracle = self.oracle
         oracle.reset()
-        self._confirm = not self._logits_are_inference()
+        self._confirm = not oracle.logits_are_inference
         n_iter, b = self.steps, x.shape[0]
         view = (b,) + (1,) * (x.dim() - 1)
         x_adv = self._random_start(x, gen)

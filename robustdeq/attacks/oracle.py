@@ -298,6 +298,15 @@ class GradientOracle:
         return out
 
     @property
+    def logits_are_inference(self) -> bool:
+        """Whether the logits this oracle returns are the model's own inference: off a DEQ, or
+        exact solves from the model's initial state with the model's own gradient (pyautoattack's
+        computation). Otherwise (the joint iteration, warm-started solves, another estimator)
+        they are an estimate, to be confirmed by the model's inference."""
+        return not is_deq(self.model) or (self.policy == "exact" and not self.exact.warm()
+                                          and self.estimator is None)
+
+    @property
     def method(self) -> Optional[str]:
         """What served the run so far: "joint", "exact" or "mixed" (None before the first call)."""
         if self.joint_rows is None:

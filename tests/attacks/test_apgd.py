@@ -127,8 +127,12 @@ def test_apgd_with_cold_solves_matches_pyautoattack_on_a_deq(norm, eps, digits_t
     starts or the joint iteration the solves stop elsewhere within their tolerance, and the
     paths part)."""
     x, y = digits_test(24)
-    _same_as_pyautoattack(trained_model("mlp_deq", hidden=32).eval(), x, y, norm, eps, steps=8,
-                          same_examples=True, method="exact", warm_start=False)
+    model = trained_model("mlp_deq", hidden=32).eval()
+    assert APGD(model, eps=eps, norm=norm, method="exact", warm_start=False).oracle.logits_are_inference
+    assert not APGD(model, eps=eps, norm=norm, method="exact").oracle.logits_are_inference
+    assert not APGD(model, eps=eps, norm=norm).oracle.logits_are_inference   # the joint iteration
+    _same_as_pyautoattack(model, x, y, norm, eps, steps=8, same_examples=True, method="exact",
+                          warm_start=False)
 
 
 @pytest.mark.slow
