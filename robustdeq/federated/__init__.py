@@ -36,7 +36,7 @@ solver early trains on truncated states: its forward pass is not the equilibrium
 gradient assumes, so its update is biased, to first order in the distance ``||z_K - z*||``. For
 an iteration converging linearly at rate ``rho``, ``||z_K - z*|| ~ ||f(z_K) - z_K|| / (1 - rho)``
 (the geometric tail of the remaining steps), relative to the state when the residual is
-relative. Checked against equilibria solved to 1e-12 (``tests/test_federated.py``, spectral
+relative. Checked against equilibria solved to 1e-12 (``tests/federated/test_federated.py``, spectral
 norm 0.5 and 0.9, 2-8 iterations), it bounds the true distance from above within a factor 2.5.
 ``1 - e_k`` discounts the client's update by that relative error (a first-order model: the bias
 of the update grows in proportion to it, with a constant of order one that we do not estimate).
