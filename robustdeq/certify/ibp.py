@@ -75,8 +75,8 @@ def ibp_certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, iters: in
     """Linf certificate at radius ``eps`` by interval bounds of the fixed point (see module).
 
     Args:
-        model: DEQ with an ``MLPInjection`` (Normalize + Linear), an ``MLPCell``/``MonotoneCell``/
-            ``LinearCell`` and a ``LinearHead``.
+        model: DEQ with an ``MLPInjection`` (Normalize + Linear) or a ``ConvStemInjection``, an
+            ``MLPCell``/``MonotoneCell``/``LinearCell`` and a ``LinearHead``.
         x: (B, ...) inputs in [0, 1]; y: (B,) labels (or predictions).
         eps: Linf radius (input units); the box is intersected with [0, 1].
         iters: maximum interval iterations; tol: stop when no bound moves by more than this.
