@@ -280,6 +280,7 @@ class GradientOracle:
         if self.joint is not None:
             self.joint.reset()
         self._mask: Optional[Tensor] = None  # rows of the current batch the joint iteration serves
+        self._labels_checked = False  # the run's labels fit the model's logits (checked once)
         #: (B,) bool over the run's first batch: the rows the joint iteration serves (None
         #: before the first call)
         self.joint_rows: Optional[Tensor] = None
@@ -397,6 +398,9 @@ class GradientOracle:
         seen = {}
 
         def scalar(logits: Tensor, yy: Tensor) -> Tensor:
+            if not self._labels_checked:  # every backend's loss, the joint iteration's included
+                check_num_classes(yy, logits)
+                self._labels_checked = True
             v = loss_fn(logits, yy)
             if v.dim():
                 seen["loss"] = v.detach()
