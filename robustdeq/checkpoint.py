@@ -285,11 +285,27 @@ def load_checkpoint(
     return ck
 
 
+def _check_map_location(map_location: Any) -> None:
+    """ConfigError for a ``map_location`` naming no device of this machine (torch's error would
+    read as a corrupted file); mappings and callables are torch's to check."""
+    if not isinstance(map_location, (str, torch.device)):
+        return
+    from .errors import ConfigError
+    try:
+        dev = torch.device(map_location)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"map_location {map_location!r} is not a device; expected e.g. 'cpu' or "
+                          "'cuda:0'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"map_location {map_location!r}: CUDA is not available on this machine (use 'cpu')")
+
+
 def safe_torch_load(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with a :class:`CheckpointError` that says what the
     file is (empty, JSON, plain pickle, random bytes, truncated, refers to code) instead of torch's
     message, which advises unsafe loading."""
     path = Path(path)
+    _check_map_location(map_location)
     kind, head = _sniff(path)
     if kind == "empty":
         raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted copy?)")

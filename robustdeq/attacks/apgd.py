@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from .base import Attack, check_int, check_number, is_deq, logits_of
+from .base import Attack, check_int, check_num_classes, check_number, is_deq, logits_of
 from .oracle import POLICIES, GradientOracle
 from .square import stripes_start
 
@@ -381,6 +381,7 @@ class APGD(Attack):
 
     def _clean_robust(self, x: Tensor, y: Tensor) -> Tensor:
         logits = logits_of(self.model, x)
+        check_num_classes(y, logits)
         self._num_classes = logits.shape[1]
         return logits.argmax(1) == y
 

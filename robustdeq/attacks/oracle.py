@@ -31,6 +31,7 @@ is differentiated and the values are returned in :attr:`OracleOutput.loss`).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from .._support import user_stacklevel
 from ..deq.warm import (WarmStart, implicit_input_gradient, run_warm,
                         supports_implicit_input_gradient)
-from ..errors import ConfigError, NonConvergenceWarning
+from ..errors import ConfigError, NonConvergenceWarning, reject_unknown
 from .base import check_int, check_num_classes, estimator_name, is_deq
 
 logger = logging.getLogger(__name__)
@@ -264,6 +265,8 @@ class GradientOracle:
         self.joint = None
         if policy != "exact":
             from ..deq.joint import JointInputGradient
+            known = [n for n in inspect.signature(JointInputGradient).parameters if n != "model"]
+            reject_unknown(joint_options or {}, known, "the joint iteration (joint_options)")
             self.joint = JointInputGradient(model, **dict(joint_defaults or {}, **(joint_options or {})))
         #: the resolved policy: "auto", "joint" or "exact"
         self.policy = policy
@@ -280,6 +283,7 @@ class GradientOracle:
         if self.joint is not None:
             self.joint.reset()
         self._mask: Optional[Tensor] = None  # rows of the current batch the joint iteration serves
+        self._labels_checked = False  # the run's labels fit the model's logits (checked once)
         #: (B,) bool over the run's first batch: the rows the joint iteration serves (None
         #: before the first call)
         self.joint_rows: Optional[Tensor] = None
@@ -397,6 +401,9 @@ class GradientOracle:
         seen = {}
 
         def scalar(logits: Tensor, yy: Tensor) -> Tensor:
+            if not self._labels_checked:  # every backend's loss, the joint iteration's included
+                check_num_classes(yy, logits)
+                self._labels_checked = True
             v = loss_fn(logits, yy)
             if v.dim():
                 seen["loss"] = v.detach()

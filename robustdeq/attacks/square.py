@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..deq.warm import plain_deq_classifier
-from .base import Attack, check_int, check_number, is_deq
+from .base import Attack, check_int, check_num_classes, check_number, is_deq
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +347,7 @@ class Square(Attack):
 
         with torch.no_grad():
             clean = model_logits(x4)
+            check_num_classes(y, clean)
             broken = judge_logits(clean, y)
             # restart_fraction's gate: each sample's best margin over the runs so far
             near = self.restart_fraction * self._margin_loss(clean, y)[0] \

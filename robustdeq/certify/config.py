@@ -7,6 +7,7 @@ unknown key is a :class:`~robustdeq.errors.ConfigError` naming the known ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
@@ -46,8 +47,8 @@ class CertifyConfig:
     deploy_tol: float = 1e-2
 
     def __post_init__(self):
-        object.__setattr__(self, "eps_l2", check_radii(self.eps_l2, "eps_l2"))
-        object.__setattr__(self, "eps_linf", check_radii(self.eps_linf, "eps_linf"))
+        object.__setattr__(self, "eps_l2", check_radii(self.eps_l2, "eps_l2", distinct=True))
+        object.__setattr__(self, "eps_linf", check_radii(self.eps_linf, "eps_linf", distinct=True))
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.V is not None and not (callable(self.V) or self.V == "quadratic"):
@@ -57,6 +58,16 @@ class CertifyConfig:
                               "'solver' or 'stable_map'")
         if not self.deploy_tol >= 0:
             raise ConfigError(f"deploy_tol must be a number >= 0, got {self.deploy_tol!r}")
+        if not (self.fp_tol >= 0 and math.isfinite(self.fp_tol)):
+            raise ConfigError(f"fp_tol must be a finite number >= 0, got {self.fp_tol!r}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be an int >= 0, got {self.seed!r}")
+        for name in ("lyapunov_steps", "local_iters", "ibp_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name, allowed in (("local_method", ("auto", "dense", "power")), ("spectral", ("auto", "svd", "gram"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
         object.__setattr__(self, "methods", _methods(self.methods))
 
     def replace(self, **changes) -> "CertifyConfig":

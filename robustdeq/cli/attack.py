@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..registry import ATTACKS
-from .common import add_eval_args, json_arg, load_for_eval, one_radius, table
+from .common import add_eval_args, given, json_arg, load_for_eval, one_radius, table
 
 
 def add_parser(sub) -> None:
@@ -36,9 +36,17 @@ def cmd_attack(args) -> int:
     if args.attack == "torchattack":
         params = torchattack_params(options, eps=eps, norm=args.norm, steps=args.steps, seed=args.seed)
     else:
+        both = [k for k in ("eps", "norm", "seed", "steps") if k in options and given(args, k)]
+        if both:  # the JSON would silently override the flag
+            raise ConfigError("--options: " + "; ".join(f"{k!r} is given by --{k} as well" for k in both))
         params = {"eps": eps, "norm": args.norm, "seed": args.seed, **options}
         if args.attack in ("pgd", "state"):
             params.setdefault("steps", args.steps)
+        elif given(args, "steps"):
+            if not _takes(ATTACKS.get(args.attack), "steps"):
+                raise ConfigError(f"--steps does not apply to --attack {args.attack} (it has no steps "
+                                  "parameter; set its own budget in --options)")
+            params["steps"] = args.steps
     if args.grad:
         if args.attack not in ("pgd", "fgsm"):
             raise ConfigError(f"--grad is for --attack pgd or fgsm, not {args.attack!r}")
@@ -59,6 +67,13 @@ def cmd_attack(args) -> int:
                 ["attack", "clean accuracy", "robust accuracy", "time (s)"]))
     print(f"\nwrote adversarial examples to {out} (load with torch.load(path, weights_only=True))")
     return 0
+
+
+def _takes(cls, name: str) -> bool:
+    """Whether the constructor of ``cls`` (or of a base class it forwards ``**options`` to) has
+    the parameter ``name``."""
+    import inspect
+    return any(name in inspect.signature(k.__init__).parameters for k in cls.__mro__ if "__init__" in vars(k))
 
 
 def torchattack_params(options: dict, *, eps: float, norm: str, steps: int, seed: int) -> dict:

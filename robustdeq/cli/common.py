@@ -51,7 +51,8 @@ def given(args, dest: str) -> bool:
 def refuse_without(args, needed: str, needed_flag: str, options: dict) -> None:
     """ConfigError naming the first option of ``options`` (dest -> flag) given without the
     option ``needed`` (its dest; ``needed_flag`` for the message), which it only applies to."""
-    if getattr(args, needed, None) not in (None, False):
+    value = getattr(args, needed, None)
+    if value is not None and value is not False:  # given, even as 0 (which its own check refuses)
         return
     for dest, flag in options.items():
         if given(args, dest):

@@ -35,15 +35,25 @@ def add_parser(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
+# TrainConfig fields (and train_model's seed) that have a flag of their own in ``robustdeq train``
+TRAIN_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "device": "--device",
+               "seed": "--seed"}
+
+
 def cmd_train(args) -> int:
     from .. import train
     from ..defenses.recipes import recipe
+    from ..errors import ConfigError, TrainingError
+    train_opts = json_arg(args.train_options, "--train-options")
+    dup = [k for k in train_opts if k in TRAIN_FLAGS]
+    if dup:  # the JSON would silently override the flag (or its default)
+        raise ConfigError("--train-options: " + "; ".join(f"{k!r} has its own flag {TRAIN_FLAGS[k]}"
+                                                          for k in dup))
     rec = recipe(args.defense, **json_arg(args.defense_options, "--defense-options"))
     objective = rec.objective
     user_opts = json_arg(args.model_options, "--model-options")
     if rec.model is not None:
         if args.model is not None and args.model != rec.model:
-            from ..errors import ConfigError
             raise ConfigError(f"--defense {args.defense} trains its own architecture ({rec.model}), not "
                               f"--model {args.model}: drop --model or choose another defense")
         args.model = rec.model
@@ -54,10 +64,12 @@ def cmd_train(args) -> int:
         model, hist, _ = train.train_model(
             args.model, model_opts,
             {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "device": device_of(args),
-             **json_arg(args.train_options, "--train-options")},
+             **train_opts},
             dataset=args.dataset, root=args.data_root, out_dir=args.out, objective=objective,
             progress=not args.no_progress, seed=args.seed, resume=not args.no_resume)
-    last = hist[-1] if hist else {}
+    if not hist:
+        raise TrainingError(f"no epoch was trained and {args.out} holds none: no checkpoint was written")
+    last = hist[-1]
     print(f"trained {args.model} on {args.dataset}: test accuracy {last.get('val_accuracy', float('nan')):.4f}; "
           f"checkpoint {Path(args.out) / 'checkpoint.pt'}")
     return 0

@@ -39,9 +39,37 @@ def build(name: str, **options) -> nn.Module:
     fn = MODELS.get(name)
     sig = inspect.signature(fn)
     reject_unknown(options, sig.parameters, f"model {name!r}")
+    _check_sizes(name, options)
     model = fn(**options)
     model.robustdeq_config = {"name": name, "options": _jsonable(options)}
     return model
+
+
+def _positive_ints(value) -> bool:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return bool(values) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+
+
+def _check_sizes(name: str, options: dict) -> None:
+    """ConfigError for a size option of the zoo's meaning that is not one (``in_shape``: positive
+    ints; ``num_classes``: an int >= 2; ``hidden``, ``channels``: positive ints; ``std``:
+    positive numbers), instead of a torch error from a layer or a model with empty layers."""
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"model {name!r}: {key} must be {want}, got {options[key]!r}")
+    if "in_shape" in options and not (isinstance(options["in_shape"], (list, tuple))
+                                      and _positive_ints(options["in_shape"])):
+        raise bad("in_shape", "a list of positive ints (one sample's shape, e.g. [1, 8, 8])")
+    nc = options.get("num_classes", 2)
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 2:
+        raise bad("num_classes", "an int >= 2")
+    for key in ("hidden", "channels"):
+        if key in options and not _positive_ints(options[key]):
+            raise bad(key, "a positive int" + (" (or a list of them)" if key == "channels" else ""))
+    if "std" in options:
+        stds = options["std"] if isinstance(options["std"], (list, tuple)) else [options["std"]]
+        if not stds or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                               and v > 0 for v in stds):
+            raise bad("std", "a finite number > 0 (or a list of them, one per channel)")
 
 
 def _jsonable(o):

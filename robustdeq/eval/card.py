@@ -289,13 +289,21 @@ def judge(model: nn.Module, x_adv: Tensor, y: Tensor, *, x: Tensor, eps: float, 
         raise InputError(f"y must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ConfigError(f"eps must be a number >= 0, got {eps!r}")
+    if x.shape[0] == 0:
+        raise InputError("judge needs at least one adversarial example, got an empty batch")
+    if int(y.min()) < 0:
+        raise InputError(f"y has negative class indices (min {int(y.min())})")
     check_in_ball(x_adv, x, float(eps), norm)
     n = int(x.shape[0])
     correct = 0
     clean_correct = 0
     with preserve_model(model, "eval", who="judge"), torch.no_grad():
         for i in range(0, n, batch_size):
-            correct += int((model(x_adv[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+            logits = model(x_adv[i:i + batch_size])
+            if i == 0:
+                from ..attacks.base import check_num_classes
+                check_num_classes(y, logits)
+            correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
             clean_correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
     return {"n_samples": n, "norm": norm, "eps": float(eps), "accuracy": correct / n,
             "correct": correct, "ci": list(clopper_pearson(correct, n, level)), "ci_level": level,

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .._support import progress_reporter, report_progress
-from ..attacks.base import global_rng
+from ..attacks.base import check_num_classes, global_rng
 from .._tensor import clip_delta
 from ..deq.protocols import is_trajectory_model
 from ..errors import ConfigError, InputError, NonConvergenceWarning
@@ -150,6 +150,8 @@ def _validate_data(model, x, y) -> Tuple[Tensor, Tensor]:
         raise InputError(f"y must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
     if x.shape[0] == 0:
         raise InputError("evaluate needs at least one sample")
+    if int(y.min()) < 0:
+        raise InputError(f"y has negative class indices (min {int(y.min())})")
     from ..data import validate_inputs
     return validate_inputs(x, expected_shape=getattr(model, "input_shape", None)), y
 
@@ -322,6 +324,7 @@ def _clean_pass(ev: _Evaluation) -> None:
     t0 = time.perf_counter()
     with global_rng(derive_seed(ev.protocol.seed, "clean"), ev.device):
         logits = _logits(ev.model, ev.x, ev.protocol.batch_size)
+        check_num_classes(ev.y, logits)
         ev.num_classes = int(logits.shape[1])
         ev.clean_margin = margin(logits.float(), ev.y)
     ev.clean_correct = ev.clean_margin > 0

@@ -1,0 +1,48 @@
+"""robustdeq attack: ``--steps`` with an attack other than pgd or state was silently ignored;
+``--options`` keys that repeat a flag given as well silently overrode it."""
+import json
+
+import pytest
+import torch
+
+from robustdeq.checkpoint import save_checkpoint
+from robustdeq.cli import main
+from robustdeq.deq import zoo
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "checkpoint.pt"
+    torch.manual_seed(0)
+    m = zoo.build("mlp_deq", hidden=8)
+    save_checkpoint(path, m, model_config=m.robustdeq_config, metadata={"dataset": "digits"})
+    return path
+
+
+def _error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.startswith("robustdeq: error: ") and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+@pytest.mark.parametrize("attack", ["apgd-ce", "apgd-dlr"])
+def test_attack_steps_reach_the_apgd_attacks(ckpt, tmp_path, capsys, attack):
+    out = tmp_path / "adv.pt"
+    assert main(["attack", str(ckpt), "--attack", attack, "--steps", "3", "-n", "2", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert json.loads(torch.load(out, weights_only=True)["attack"])["steps"] == 3
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "square"])
+def test_attack_steps_without_a_steps_parameter_is_an_error(ckpt, tmp_path, capsys, attack):
+    assert main(["attack", str(ckpt), "--attack", attack, "--steps", "3", "-n", "2", "--no-progress",
+                 "--out", str(tmp_path / "adv.pt")]) == 2
+    _error(capsys, f"--steps does not apply to --attack {attack}")
+
+
+def test_attack_options_may_not_repeat_a_flag_given(ckpt, tmp_path, capsys):
+    assert main(["attack", str(ckpt), "--eps", "0.1", "--options", '{"eps": 0.5}', "-n", "2",
+                 "--no-progress", "--out", str(tmp_path / "adv.pt")]) == 2
+    _error(capsys, "--options: 'eps' is given by --eps as well")

@@ -1,0 +1,29 @@
+"""zoo.build checks the size options the zoo's builders share: a wrong value gave a torch error
+from inside a layer (a string or negative size) or silently built a model with empty layers
+(hidden=0, in_shape with a zero, num_classes 0 or 1) or dividing by a zero std."""
+import pytest
+
+from robustdeq.deq import zoo
+from robustdeq.errors import ConfigError
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("mlp_deq", {"hidden": "8"}, r"hidden must be a positive int, got '8'"),
+    ("mlp_deq", {"hidden": 0}, r"hidden must be a positive int, got 0"),
+    ("mlp_deq", {"hidden": -3}, r"hidden must be a positive int, got -3"),
+    ("mlp_deq", {"num_classes": 1}, r"num_classes must be an int >= 2, got 1"),
+    ("mlp_deq", {"num_classes": 0}, r"num_classes must be an int >= 2, got 0"),
+    ("mlp_deq", {"in_shape": 64}, r"in_shape must be a list of positive ints"),
+    ("mlp_deq", {"in_shape": [0, 8, 8]}, r"in_shape must be a list of positive ints"),
+    ("mlp_deq", {"std": 0.0}, r"std must be a finite number > 0"),
+    ("conv_deq", {"channels": 0}, r"channels must be a positive int"),
+    ("mdeq", {"channels": [16, 0]}, r"channels must be a positive int \(or a list of them\)"),
+])
+def test_bad_sizes_are_config_errors_naming_the_model_and_option(name, options, match):
+    with pytest.raises(ConfigError, match=rf"model '{name}': " + match):
+        zoo.build(name, **options)
+
+
+def test_valid_sizes_still_build():
+    assert zoo.build("mlp_deq", hidden=4, in_shape=[784], num_classes=2, std=[0.3]) is not None
+    assert zoo.build("mdeq", channels=[4, 8], groups=2, in_shape=(1, 8, 8)) is not None
