@@ -27,6 +27,7 @@ def cmd_attack(args) -> int:
     import torch
     from .. import attacks
     from ..errors import ConfigError
+    from ..eval.card import ADV_SCHEMA
     eps = one_radius(args.eps, "attack")
     out = Path(args.out)
     if out.is_dir():
@@ -61,11 +62,15 @@ def cmd_attack(args) -> int:
     robust_flags = attacks.predict(model, x_adv) == y
     robust = float((robust_flags & (attacks.predict(model, x) == y)).float().mean())
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"x_adv": x_adv.cpu(), "x": x.cpu(), "y": y.cpu(), "robust": robust_flags.cpu(),
+    # the adversarial-examples file `robustdeq judge` reads, with the attack's description and
+    # its per-sample verdicts as metadata
+    torch.save({"schema": ADV_SCHEMA, "x_adv": x_adv.cpu(), "x": x.cpu(), "y": y.cpu(), "eps": float(eps),
+                "norm": args.norm, "robust": robust_flags.cpu(),
                 "attack": json.dumps(atk.describe(), default=str)}, out)
     print(table([[atk.name, f"{clean:.4f}", f"{robust:.4f}", f"{dt:.1f}"]],
                 ["attack", "clean accuracy", "robust accuracy", "time (s)"]))
-    print(f"\nwrote adversarial examples to {out} (load with torch.load(path, weights_only=True))")
+    print(f"\nwrote adversarial examples to {out} (robustdeq judge CHECKPOINT {out} re-judges them; "
+          "load with torch.load(path, weights_only=True))")
     return 0
 
 

@@ -314,15 +314,17 @@ def load_adversarial(path: Union[str, os.PathLike], *, root: Any = None) -> Dict
     """Read an adversarial-examples file (``torch.load(weights_only=True)``): a dict with
     ``x_adv``, ``eps``, ``norm`` and either ``x`` and ``y`` (the clean inputs and labels) or
     ``dataset`` (a registered data set's name), ``split`` (default "test") and optionally
-    ``indices`` (which of its samples, default the first ``len(x_adv)``)."""
+    ``indices`` (which of its samples, default the first ``len(x_adv)``). ``robustdeq attack`` also
+    stores ``attack`` (the attack's description, JSON) and ``robust`` (its per-sample verdicts):
+    metadata, not read here; the model's verdicts are :func:`judge`'s own."""
     from ..checkpoint import safe_torch_load
     from ..errors import CheckpointError
     obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: an adversarial-examples file holds a dict, got {type(obj).__name__}")
     from ..errors import reject_unknown
-    reject_unknown(obj, ("schema", "x_adv", "x", "y", "eps", "norm", "dataset", "split", "indices"),
-                   f"adversarial-examples file {path}")
+    reject_unknown(obj, ("schema", "x_adv", "x", "y", "eps", "norm", "dataset", "split", "indices",
+                         "attack", "robust"), f"adversarial-examples file {path}")
     missing = [k for k in ("x_adv", "eps", "norm") if k not in obj]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)}")

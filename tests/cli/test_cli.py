@@ -32,6 +32,11 @@ def test_attack_saves_examples_in_the_ball(ckpt, tmp_path, capsys):
     assert (d["x_adv"] - d["x"]).abs().max() <= 0.1 + 1e-6
     assert d["x_adv"].min() >= 0 and d["x_adv"].max() <= 1
     assert "robust accuracy" in capsys.readouterr().out
+    # the file is one `robustdeq judge` reads; its verdicts are the attack's own
+    assert main(["judge", str(ckpt), str(out), "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["n_samples"] == 16 and v["eps"] == 0.1 and v["norm"] == "Linf"
+    assert v["correct"] == int(d["robust"].sum())
 
 
 def test_eval_and_certify_write_reports(ckpt, tmp_path, capsys):
