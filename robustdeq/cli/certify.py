@@ -153,8 +153,9 @@ def _certify_smoothing(args, dataset: str) -> int:
             "final_alpha_fraction": args.final_alpha_fraction,
             "check_alpha_fraction": args.check_alpha_fraction, "check_slack": args.check_slack,
             "clip": bool(args.clip)}
-    opts["check_samples"] = (args.check_samples if args.check_samples is not None
-                             else min(400, args.noise_n) if args.noise_n >= 1 else 400)
+    if args.srs_steps > 0 and args.srs_check != "proof":  # re-solved checks, at most n by default
+        opts["check_samples"] = (args.check_samples if args.check_samples is not None
+                                 else min(400, args.noise_n) if args.noise_n >= 1 else 400)
     if radii:
         opts["radii"] = radii
     rep = certify_checkpoint(args.checkpoint, "smoothing", dataset=dataset, split=args.split, root=args.data_root,

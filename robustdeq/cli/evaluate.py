@@ -142,8 +142,10 @@ def smoothing_spec(args) -> dict:
         raise ConfigError("--smoothing-options: " + "; ".join(f"{k!r} has its own flag {SMOOTHING_FLAGS[k]}"
                                                                for k in dup))
     spec = {"sigma": args.smoothing, "n": args.smoothing_n, "n0": min(100, args.smoothing_n),
-            "srs_steps": args.srs_steps, "check_samples": min(400, args.smoothing_n), "seed": args.seed,
-            "mode": args.smoothing_mode, **extra}
+            "srs_steps": args.srs_steps, "seed": args.seed, "mode": args.smoothing_mode}
+    if args.srs_steps > 0 and extra.get("srs_check", "sample") != "proof":
+        spec["check_samples"] = min(400, args.smoothing_n)  # re-solved checks, at most n
+    spec.update(extra)
     make_config(spec)
     if args.smoothing_mode == "sequential" and args.norm != "L2":
         raise ConfigError(f"--smoothing-mode sequential decides fixed L2 radii; the {args.norm} bracket needs "

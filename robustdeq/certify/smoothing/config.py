@@ -1,6 +1,7 @@
 """Settings of randomized-smoothing certification (:class:`SmoothingConfig`) and its constants."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
@@ -146,6 +147,37 @@ class SmoothingConfig:
             raise ConfigError(f"SmoothingConfig.check_slack must be a finite number > 0, got {self.check_slack!r}")
         radii = check_radii(self.radii, "SmoothingConfig.radii", required=True)
         object.__setattr__(self, "radii", tuple(sorted(set(radii))))
+        idle = self._inapplicable()
+        if idle:
+            raise ConfigError("SmoothingConfig: " + "; ".join(
+                f"{name}={getattr(self, name)!r} has no effect {why}" for name, why in idle))
+
+    def _inapplicable(self) -> list:
+        """(field, why) for each field set away from its default where the other settings leave
+        it without effect: refused rather than silently ignored."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        rules = []
+        if self.srs_steps == 0:
+            rules += [(n, "without SRS (srs_steps=0)") for n in
+                      ("check_samples", "check_alpha_fraction", "srs_start", "check_max", "check_slack",
+                       "srs_check")]
+        else:
+            if self.srs_check == "proof":
+                rules += [(n, "with srs_check='proof' (no re-solved checks)") for n in
+                          ("check_samples", "check_alpha_fraction", "check_max", "check_slack")]
+            if self.check_max == 0:
+                rules.append(("check_slack", "without check_max"))
+        if self.mode == "fixed":
+            rules += [(n, "in mode='fixed' (sequential and radius modes only)") for n in
+                      ("first_batch", "futility_alpha", "futility", "tolerance", "final_alpha_fraction")]
+        elif self.mode == "sequential":
+            rules.append(("tolerance", "in mode='sequential' (radius mode only)"))
+        seen, idle = set(), []
+        for name, why in rules:
+            if name not in seen and getattr(self, name) != defaults[name]:
+                seen.add(name)
+                idle.append((name, why))
+        return idle
 
     @property
     def futility_rule(self) -> str:
