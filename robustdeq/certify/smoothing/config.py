@@ -21,7 +21,9 @@ FUTILITY_RULES = ("sequence", "projected")
 
 @dataclass(frozen=True)
 class SmoothingConfig:
-    """Settings of :func:`certify` / :func:`predict`.
+    """Settings of :func:`certify` / :func:`predict`. A field set away from its default where the
+    other settings leave it without effect (an SRS field without ``srs_steps``, a sequential field
+    in fixed mode, ...) is a :class:`~robustdeq.errors.ConfigError`, not ignored.
 
     Attributes:
         sigma: standard deviation of the Gaussian noise (> 0).
