@@ -192,14 +192,14 @@ def _pickle_globals(data: bytes, limit: int = 3) -> list[str]:
     return names
 
 
-def _sniff(path: Path) -> tuple[str, bytes]:
+def _sniff(path: Path, what: str = "checkpoint") -> tuple[str, bytes]:
     """What kind of file ``path`` is, from its first bytes: zip (torch's format), legacy
     (pre-1.6 torch), pickle (plain Python pickle), json, empty or unknown."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(64)
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     if not head:
         return "empty", head
     if head.startswith(_ZIP_MAGIC):
@@ -300,20 +300,21 @@ def _check_map_location(map_location: Any) -> None:
         raise ConfigError(f"map_location {map_location!r}: CUDA is not available on this machine (use 'cpu')")
 
 
-def safe_torch_load(path: str | os.PathLike[str], *, map_location: Any = "cpu") -> Any:
+def safe_torch_load(path: str | os.PathLike[str], *, map_location: Any = "cpu",
+                    what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True)`` with a :class:`CheckpointError` that says what the
     file is (empty, JSON, plain pickle, random bytes, truncated, refers to code) instead of torch's
-    message, which advises unsafe loading."""
+    message, which advises unsafe loading. ``what`` names the kind of file in the messages."""
     path = Path(path)
+    a_what = ("an " if what[:1] in "aeiou" else "a ") + what
     _check_map_location(map_location)
-    kind, head = _sniff(path)
+    kind, head = _sniff(path, what)
     if kind == "empty":
-        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted copy?)")
+        raise CheckpointError(f"{path} is empty (0 bytes): not {a_what} (an interrupted copy?)")
     if kind == "json":
-        raise CheckpointError(f"{path} is a JSON text file, not a checkpoint (robustdeq checkpoints "
-                              "are torch files written by save_checkpoint)")
+        raise CheckpointError(f"{path} is a JSON text file, not {a_what} (robustdeq writes torch files)")
     if kind == "unknown":
-        raise CheckpointError(f"{path} is not a checkpoint: it is neither a torch file nor a pickle "
+        raise CheckpointError(f"{path} is not {a_what}: it is neither a torch file nor a pickle "
                               f"(it starts with bytes {head[:8].hex(' ')})")
     if kind == "pickle":
         code = _pickle_globals(path.read_bytes())

@@ -83,6 +83,9 @@ def _methods(methods: Any):
     if methods == "auto":
         return "auto"
     methods = [methods] if isinstance(methods, str) else list(methods)
+    if not methods:
+        raise ConfigError("methods is empty: name at least one certification method ('auto' or a subset "
+                          f"of {', '.join(METHODS)})")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown certification method(s) {unknown}; expected 'auto' or a subset of "

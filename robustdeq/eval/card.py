@@ -319,7 +319,7 @@ def load_adversarial(path: Union[str, os.PathLike], *, root: Any = None) -> Dict
     metadata, not read here; the model's verdicts are :func:`judge`'s own."""
     from ..checkpoint import safe_torch_load
     from ..errors import CheckpointError
-    obj = safe_torch_load(path)
+    obj = safe_torch_load(path, what="adversarial-examples file")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: an adversarial-examples file holds a dict, got {type(obj).__name__}")
     from ..errors import reject_unknown

@@ -397,6 +397,8 @@ def test_certify_validates_options_and_inputs():
     x = _inputs(2).float()
     with pytest.raises(ConfigError, match="unknown certification method"):
         certify(model, x, methods=["contraction", "magic"])
+    with pytest.raises(ConfigError, match="methods is empty"):  # it reported 0 % certified at every radius
+        certify(model, x, methods=[])
     with pytest.raises(ConfigError):
         certify(model, x, eps_l2=(-0.1,))
     with pytest.raises(ConfigError, match="eps_linf"):

@@ -384,6 +384,9 @@ def test_sequential_report_round_trip(tmp_path):
     md = (tmp_path / "certificate.md").read_text()
     assert "sequential" in md and "samples / image" in md
     assert back.config["futility"] == "projected" and "(rule: projected)" in md   # the rule in force
+    # the inputs' decisions are listed by radius, whatever order they were decided in
+    back.results[0].decisions = {"0.2": "certified", "0.1": "not certified"}
+    assert "| 0.1: not certified, 0.2: certified |" in back.to_markdown()
 
 
 def test_rows_the_models_loose_solver_cannot_prove_are_solved_on_and_count_as_the_exact_class():

@@ -29,3 +29,12 @@ def test_an_empty_file_is_refused(model, tmp_path):
                 "y": torch.zeros(0, dtype=torch.long), "eps": 0.1, "norm": "Linf"}, path)
     with pytest.raises(InputError, match="at least one adversarial example"):
         judge_file(model, path)
+
+
+def test_an_unreadable_file_is_named_for_what_it_is(model, tmp_path):
+    from robustdeq.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="cannot read adversarial-examples file .*missing.pt"):
+        judge_file(model, tmp_path / "missing.pt")
+    (tmp_path / "a.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="JSON text file, not an adversarial-examples file"):
+        judge_file(model, tmp_path / "a.json")

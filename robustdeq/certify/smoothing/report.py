@@ -271,7 +271,7 @@ class SmoothingReport:
                   "|---|---|---|---|---|---|---|---|"]
             for r in self.results[:max_rows]:
                 pred = "abstain" if r.abstained else str(r.prediction)
-                dec = ", ".join(f"{k}: {v}" for k, v in (r.decisions or {}).items())
+                dec = ", ".join(f"{k}: {v}" for k, v in sorted((r.decisions or {}).items(), key=lambda kv: float(kv[0])))
                 L.append(f"| {r.index} | {r.label} | {pred} | {r.radius:.4f} | {r.p_lower:.4f} | "
                          f"{r.count} / {r.n} | {r.seconds:.3f} | {dec} |")
             if len(self.results) > max_rows:
