@@ -53,7 +53,9 @@ def _positive_ints(value) -> bool:
 def _check_sizes(name: str, options: dict) -> None:
     """ConfigError for a size option of the zoo's meaning that is not one (``in_shape``: positive
     ints; ``num_classes``: an int >= 2; ``hidden``, ``channels``: positive ints; ``std``:
-    positive numbers), instead of a torch error from a layer or a model with empty layers."""
+    positive numbers; ``groups``, ``pool``, ``stem_stride``, ``depth``, ``backtrack``: positive
+    ints; ``layers``, ``blocks``, ``seed``: ints >= 0), instead of a torch error from a layer or a
+    model with empty layers."""
     def bad(key: str, want: str) -> ConfigError:
         return ConfigError(f"model {name!r}: {key} must be {want}, got {options[key]!r}")
     if "in_shape" in options and not (isinstance(options["in_shape"], (list, tuple))
@@ -65,6 +67,11 @@ def _check_sizes(name: str, options: dict) -> None:
     for key in ("hidden", "channels"):
         if key in options and not _positive_ints(options[key]):
             raise bad(key, "a positive int" + (" (or a list of them)" if key == "channels" else ""))
+    for key, low in (("groups", 1), ("pool", 1), ("stem_stride", 1), ("depth", 1), ("backtrack", 1),
+                     ("layers", 0), ("blocks", 0), ("seed", 0)):  # 0 layers / blocks: none of them
+        v = options.get(key)
+        if key in options and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise bad(key, "a positive int" if low else "an int >= 0")
     if "std" in options:
         stds = options["std"] if isinstance(options["std"], (list, tuple)) else [options["std"]]
         if not stds or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -225,6 +232,8 @@ def ff_cnn(in_shape=(1, 8, 8), num_classes=10, channels=16, blocks=2, groups=4, 
     ``hidden``: a fully connected ReLU layer of that width before the classifier."""
     if norm not in ("group", "none"):
         raise ConfigError(f"ff_cnn norm must be 'group' or 'none', got {norm!r}")
+    if norm == "group" and channels % groups:
+        raise ConfigError(f"channels ({channels}) must be divisible by groups ({groups})")
     mods = [nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.ReLU()]
     for _ in range(blocks):
         mods += [nn.Conv2d(channels, channels, 3, padding=1)]
