@@ -103,6 +103,10 @@ def main(argv=None) -> int:
     ap.add_argument("--suite-cache", default="",
                     help="JSON cache of the suites' per-sample results, keyed by the library's git "
                          "tree (uncommitted library changes are never cached; '': no cache)")
+    ap.add_argument("--suite-seed", type=int, default=None,
+                    help="--suites: the suites' seed (default --seed, which also seeds the models' "
+                         "training and pyautoattack): the suites' variation over draws against one "
+                         "reference")
     ap.add_argument("--suites-only", action="store_true",
                     help="with --suites: only run (and cache) the suites, no reference")
     args = ap.parse_args(argv)
@@ -350,6 +354,10 @@ def _code_commit():
     return None if dirty else tree
 
 
+def _suite_seed(args) -> int:
+    return args.seed if args.suite_seed is None else args.suite_seed
+
+
 def _cached_suite(name, model, x, y, suite, args):
     """One suite in cascade on (x, y), through the JSON cache of ``--suite-cache`` (keyed by the
     library's git tree): (robust flags, unit that broke each sample, CPU s, (check fired, message),
@@ -365,7 +373,7 @@ def _cached_suite(name, model, x, y, suite, args):
         c = time.process_time()
         rep = evaluate(model, x, y, eps=args.eps, suite=suite, cascade=True, checks=True,
                        check_config=CheckConfig(enabled=("black_box_stronger", "unconverged_breaks")),
-                       seed=args.seed)
+                       seed=_suite_seed(args))
         t = time.process_time() - c  # the checks' solves included (a few seconds)
         res = rep.result()
         chk = next((c for c in rep.checks if c.name == "black_box_stronger"), None)
@@ -374,7 +382,9 @@ def _cached_suite(name, model, x, y, suite, args):
                 "check": [chk.fired if chk else None, chk.message if chk else ""],
                 "solver_only": "skipped" if ub is None or ub.skipped else list(ub.details["samples"])}
     e, cached = _json_cached(Path(args.suite_cache) if commit else None,
-                             f"{_data_key(name, model, x, y, args)}|{suite}|{commit}", compute)
+                             f"{_data_key(name, model, x, y, args)}|{suite}|{commit}"
+                             + ("" if _suite_seed(args) == args.seed else f"|suite seed {_suite_seed(args)}"),
+                             compute)
     return (torch.tensor(e["robust"]), e["first"], e["cpu_s"], tuple(e["check"]),
             e.get("solver_only", "not recorded (an entry cached before the check)"), cached)
 
@@ -403,7 +413,9 @@ def compare_suites(args) -> int:
     print(f"# native suites vs pyautoattack standard: torch {torch.__version__}, pyautoattack "
           f"{pyautoattack_version()}, {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s); first {args.n} {args.dataset} test images, Linf {args.eps}, "
-          f"seed {args.seed}; suites cascaded, only the black-box-stronger and unconverged-breaks "
+          f"seed {args.seed}"
+          f"{'' if _suite_seed(args) == args.seed else f' (the suites: seed {_suite_seed(args)})'}; "
+          "suites cascaded, only the black-box-stronger and unconverged-breaks "
           "checks; CPU seconds")
     print()
     print("| model | clean | pyautoattack standard: robust / CPU s | suite | robust | CPU s | "
