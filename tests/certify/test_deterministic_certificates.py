@@ -342,8 +342,22 @@ def test_ibp_box_contains_fixed_points_of_sampled_inputs(kind):
         with torch.no_grad():
             zp = model.solve(model.inject(xp), solver=TIGHT).z
         assert bool((zp >= r.z_lo - 1e-9).all() and (zp <= r.z_hi + 1e-9).all())
-    # certified samples: logits bounds imply the prediction at every sampled point
+        # certified samples: logits bounds imply the prediction at every sampled point
+        with torch.no_grad():
+            pred_p = model.readout(zp).argmax(1)
+        assert bool((pred_p[r.certified] == pred[r.certified]).all())
     assert r.certified.dtype == torch.bool
+    # the margins against their closed form on the box: the linear head's lowest logit_y - logit_j
+    # over [z_lo, z_hi] is c.mid - |c|.rad + b_y - b_j (c = w_y - w_j); certified iff it is > 0
+    W, b = model.head.linear.weight.detach(), model.head.linear.bias.detach()
+    mid, rad = (r.z_hi + r.z_lo) / 2, (r.z_hi - r.z_lo) / 2
+    c = W[pred][:, None, :] - W[None, :, :]                    # (B, classes, D)
+    low = (c * mid[:, None]).sum(-1) - (c.abs() * rad[:, None]).sum(-1) + (b[pred][:, None] - b[None])
+    low[torch.arange(4), pred] = float("inf")
+    exact = low.min(1).values
+    assert bool((r.lower_margin <= exact + 1e-12).all())      # outward rounding: never above
+    torch.testing.assert_close(r.lower_margin, exact, rtol=0, atol=1e-9)
+    assert torch.equal(r.certified, exact > 0)
 
 
 def test_ibp_not_applicable_for_conv_cell():
