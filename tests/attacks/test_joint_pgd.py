@@ -327,3 +327,30 @@ def test_f_bound_is_the_models_map(deq):
     with torch.no_grad():
         assert torch.equal(shifted.f_bound(u)(z), deq.f(z, u) + 1.0)
     assert not shifted.closed_form_vjp
+
+
+def test_joint_gradient_at_a_fixed_input_converges_to_the_ift_gradient(digits_test):
+    """Oracle: on a contraction (float64, ||W||_2 <= 0.6) repeated calls at the same input carry
+    the state and adjoint to the fixed point and to the solution of mu = J^T mu + g, so the joint
+    gradient converges to the model's IFT input gradient (autograd through a tight solve)."""
+    import torch.nn.functional as F
+    from robustdeq.deq import zoo
+    from robustdeq.deq.grad import ImplicitGrad
+    from robustdeq.deq.joint import JointInputGradient
+    tight = {"name": "anderson", "max_iter": 300, "tol": 1e-13, "stop_mode": "abs"}
+    torch.manual_seed(0)
+    model = zoo.build("mlp_deq", hidden=16, norm="spectral", scale=0.6, init_gain=0.9,
+                      solver=tight).double().eval()
+    model.grad = ImplicitGrad(tight)
+    x, y = digits_test(6)
+    x = x.double()
+    loss = lambda logits, t: F.cross_entropy(logits, t, reduction="sum")  # noqa: E731
+    xr = x.clone().requires_grad_(True)
+    ref = torch.autograd.grad(loss(model(xr), y), xr)[0]
+    j = JointInputGradient(model)
+    errs = []
+    for _ in range(25):
+        errs.append(float((j(x, y, loss) - ref).norm() / ref.norm()))
+    assert errs[0] > 1e-5                      # the first call's 8 sweeps: not yet the IFT gradient
+    assert errs[-1] < 1e-9, errs
+    torch.testing.assert_close(j(x, y, loss), ref, rtol=1e-8, atol=1e-12)
