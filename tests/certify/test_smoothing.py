@@ -383,3 +383,21 @@ def test_gaussian_noise_objective_options():
     loss.backward()
     assert math.isfinite(float(loss.detach())) and "acc_noisy" in scalars
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.parameters())
+    # oracle: CE(model(x + sigma e), y), e the seeded generator's N(0, I) draw; the unclipped noisy
+    # input through the DEQ's own pieces (inject, solve, readout), the clipped one through model(.)
+    for clip in (False, True):
+        obj = make_objective("gaussian_noise", sigma=0.5, clip=clip, seed=3)
+        loss, scalars = obj(model, x, y)
+        xn = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            if clip:
+                logits = model(xn.clamp(0, 1))
+            else:
+                logits = model.readout(model.solve(model.inject(xn)).z)
+        ref = torch.nn.functional.cross_entropy(logits, y)
+        # (rel 1e-3: the two solves stop at different points within the solver tolerance)
+        assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-3), clip
+        assert scalars["acc_noisy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+        with torch.no_grad():   # the noise matters: the clean loss is another number
+            clean = torch.nn.functional.cross_entropy(model(x), y)
+        assert abs(float(clean) - float(ref)) > 1e-3
