@@ -63,6 +63,14 @@ def test_report_lists_which_attack_broke_which_sample(digits_test, trained_model
         assert len(idx) == a.new_successes
         if idx:
             assert f"| {a.key} | {', '.join(map(str, idx))} |" in md
+    # oracle: "clean" exactly on the samples the model misclassifies, None exactly on the robust
+    # ones, and the attacks' new successes account for every other sample
+    from robustdeq.attacks import predict
+    wrong = (predict(deq, x) != y).tolist()
+    assert [w == "clean" for w in r.first_success] == wrong and any(wrong)
+    assert [w is None for w in r.first_success] == list(r.robust)
+    assert sum(a.new_successes for a in r.attacks) == sum(w not in (None, "clean") for w in r.first_success)
+    assert all(a.new_successes > 0 for a in r.attacks)    # both rows of the markdown were checked
 
 
 @pytest.mark.slow
