@@ -545,14 +545,33 @@ class LyapunovStability:
 
 # -------------------------------------------------------------------------------------- zoo
 # zoo.build("lyadeq", ...): robustdeq.registry.MODELS names this builder
-def lyadeq(in_shape=(1, 8, 8), num_classes=10, hidden=64, backbone="mlp", act="tanh", norm="none",
-           scale=1.0, init_gain=0.5, channels=16, groups=4, pool=2, mean=0.0, std=1.0,
+def lyadeq(in_shape=(1, 8, 8), num_classes=10, hidden=None, backbone="mlp", act=None, norm=None,
+           scale=None, init_gain=0.5, channels=None, groups=None, pool=None, mean=0.0, std=1.0,
            icnn_hidden=(64, 64), icnn_act="softplus", alpha=0.01, eps_v=0.01, rehu_d=1.0, step=1.0,
            backtrack=20, armijo=0.5, solver: Optional[dict] = None, grad="ift",
            grad_options: Optional[dict] = None) -> LyaDEQ:
-    """LyaDEQ with an MLP (``z = act(W z + U x + b)``, separation on ``z``) or an MDEQ-style
-    convolutional backbone (separation on the ``pool x pool`` average-pooled state)."""
+    """LyaDEQ with an MLP (``z = act(W z + U x + b)``, separation on ``z``; ``hidden`` 64, ``act``
+    "tanh", ``norm`` "none", ``scale`` 1.0), a convolutional (``channels`` 16, ``groups`` 4,
+    ``norm`` "none") or an MDEQ-style multiscale backbone (``channels`` 16 and 32, ``groups`` 4;
+    separation on the ``pool x pool`` average-pooled state, ``pool`` 2). An option the chosen
+    backbone does not use is a :class:`~robustdeq.errors.ConfigError`."""
     from ..deq.grad import make_estimator
+    uses = {"mlp": ("hidden", "act", "norm", "scale"), "conv": ("channels", "groups", "norm", "pool"),
+            "mdeq": ("channels", "groups", "pool")}
+    given = {"hidden": hidden, "act": act, "norm": norm, "scale": scale, "channels": channels,
+             "groups": groups, "pool": pool}
+    if backbone in uses:
+        idle = [k for k, v in given.items() if v is not None and k not in uses[backbone]]
+        if idle:
+            raise ConfigError(f"LyaDEQ backbone {backbone!r} does not use {', '.join(idle)} (it uses "
+                              f"{', '.join(uses[backbone])})")
+    hidden = 64 if hidden is None else hidden
+    act = "tanh" if act is None else act
+    norm = "none" if norm is None else norm
+    scale = 1.0 if scale is None else scale
+    channels = 16 if channels is None else channels
+    groups = 4 if groups is None else groups
+    pool = 2 if pool is None else pool
     in_shape = tuple(int(s) for s in in_shape)
     estimator = make_estimator(grad, **(grad_options or {}))
     common = dict(icnn_hidden=tuple(icnn_hidden), icnn_act=icnn_act, alpha=alpha, eps_v=eps_v,

@@ -356,3 +356,14 @@ def test_config_errors():
     m = zoo.build("lyadeq", hidden=8, icnn_hidden=[8])
     with pytest.raises(InputError):
         lyapunov_trace(m, torch.rand(2, 1, 8, 8), delta=torch.zeros(2, 7))
+
+
+@pytest.mark.parametrize("backbone,options,idle", [
+    ("mlp", {"channels": 8, "pool": 3}, "channels, pool"),
+    ("conv", {"hidden": 32}, "hidden"),
+    ("mdeq", {"norm": "spectral", "act": "relu"}, "act, norm"),
+])
+def test_lyadeq_refuses_options_its_backbone_does_not_use(backbone, options, idle):
+    # they were ignored: the model built was the same as without them
+    with pytest.raises(ConfigError, match=rf"backbone '{backbone}' does not use {idle}"):
+        zoo.build("lyadeq", backbone=backbone, in_shape=(1, 8, 8), icnn_hidden=[8], **options)
