@@ -303,8 +303,8 @@ class TrainConfig:
         if self.device is not None and not _DEVICE.match(str(self.device)):
             raise ConfigError(f"TrainConfig.device must be 'cpu', 'cuda', 'cuda:K' or 'mps' (or None: "
                               f"where the model is), got {self.device!r}")
-        if self.epochs < 0:
-            raise ConfigError(f"TrainConfig.epochs must be >= 0, got {self.epochs}")
+        if self.epochs < 1:  # 0 epochs would train nothing and return an empty history
+            raise ConfigError(f"TrainConfig.epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"TrainConfig.batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

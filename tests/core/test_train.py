@@ -82,6 +82,8 @@ def test_trainer_errors(data):
         Trainer(zoo.build("mlp_deq", hidden=8), config={"epoch": 1})
     with pytest.raises(ConfigError, match="optimizer"):
         TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="epochs must be >= 1, got 0"):  # it trained nothing, returning []
+        Trainer(zoo.build("mlp_deq", hidden=8), config={"epochs": 0})
     with pytest.raises(InputError):
         Trainer(zoo.build("mlp_deq", hidden=8), config={"epochs": 1}).fit(x * 3, y)
     with pytest.raises(InputError, match="y_train"):
