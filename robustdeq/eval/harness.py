@@ -379,7 +379,39 @@ def _plan(ev: _Evaluation) -> None:
 def _finished_report(ev: _Evaluation) -> Optional[EvalReport]:
     if ev.run.out_dir is None or not ev.run.resume:
         return None
-    return completed_report(Path(ev.run.out_dir), ev.config_hash)
+    rep = completed_report(Path(ev.run.out_dir), ev.config_hash)
+    if rep is None:
+        return None
+    lacks = _report_lacks(ev, rep)
+    if lacks:  # same attacks, but not what this run reports besides them: recomputed
+        logger.warning("%s holds the finished evaluation of this configuration, but %s; recomputing it",
+                       Path(ev.run.out_dir) / "report.json", lacks)
+        return None
+    return rep
+
+
+def _report_lacks(ev: _Evaluation, rep: EvalReport) -> Optional[str]:
+    """What a finished report of this configuration lacks of this run's checks and bracket
+    (None: it is this run's report)."""
+    from ..config import to_dict
+    from .bracket import CHECK_NAME, make_bracket_config
+
+    def norm(v):
+        return json.loads(json.dumps(v, sort_keys=True, default=str))
+    want = (None if ev.run.certify is None or ev.run.certify is False
+            else norm(to_dict(make_bracket_config(ev.run.certify))))
+    have = next((c.details.get("config") for c in rep.checks
+                 if c.name == CHECK_NAME and isinstance(c.details, dict)), None)
+    if norm(have) != want:
+        return ("it has no certificate bracket" if have is None else
+                "its certificate bracket is another one" if want is not None else
+                "it has a certificate bracket this run does not ask for")
+    had_checks = rep.provenance.get("checks", any(c.name != CHECK_NAME for c in rep.checks))
+    if bool(had_checks) != ev.run.checks:
+        return "it was computed without the checks" if ev.run.checks else "it holds checks this run turns off"
+    if ev.run.checks and norm(rep.provenance.get("check_config")) != norm(_provenance_check_config(ev)):
+        return "its checks ran with another check_config"
+    return None
 
 
 def _open_store(ev: _Evaluation) -> None:
@@ -667,9 +699,13 @@ def _provenance(ev: _Evaluation) -> Dict[str, Any]:
             "describe": model.describe() if hasattr(model, "describe") and callable(model.describe) else None,
         },
         "data": {"n": int(ev.x.shape[0]), "shape": list(ev.x.shape[1:]), "sha256": ev.config["data"]},
-        "check_config": {k: (list(v) if isinstance(v, tuple) else v)
-                         for k, v in dataclasses.asdict(ev.run.check_config).items()},
+        "checks": ev.run.checks,
+        "check_config": _provenance_check_config(ev),
     }
+
+
+def _provenance_check_config(ev: _Evaluation) -> Dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(ev.run.check_config).items()}
 
 
 __all__ = ["evaluate"]
