@@ -478,7 +478,10 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
             :func:`robustdeq.certify.smoothing.certify` (``options`` are
             :class:`~robustdeq.certify.smoothing.SmoothingConfig` fields and ``progress``) ->
             :class:`~robustdeq.certify.smoothing.SmoothingReport` (``certificate.json`` / ``.md`` /
-            ``certified_accuracy.png``).
+            ``certified_accuracy.png``). With ``out_dir`` (one process), smoothing keeps every
+            certified input in ``out_dir/partial_smoothing.jsonl`` as it finishes, and a rerun
+            of the same configuration resumes from it
+            (:mod:`robustdeq.certify.smoothing.resume`).
 
     The options are checked before the checkpoint is read. The body of
     ``robustdeq certify CHECKPOINT [--smoothing SIGMA]``.
@@ -502,11 +505,23 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
     x, y = load_dataset(dataset, split, root=root)
     if n_inputs is not None:
         x, y = x[:n_inputs], y[:n_inputs]
-    rep = run(model, x.to(map_location), y.to(map_location), cfg, **kwargs)
+    x, y = x.to(map_location), y.to(map_location)
+    from ..distributed import context, is_main
+    partial = None
+    if method == "smoothing" and out_dir is not None and context() is None:
+        # each certified input is kept as it finishes: a killed run resumes (one process)
+        from .smoothing.resume import PartialResults, config_hash
+        partial = kwargs["partial"] = PartialResults(out_dir, config_hash(cfg, model, x, y), x.shape[0])
+    try:
+        rep = run(model, x, y, cfg, **kwargs)
+    finally:
+        if partial is not None:
+            partial.close()
     rep.provenance.update({"checkpoint": str(path), "dataset": dataset, "split": split})
-    from ..distributed import is_main
     if out_dir is not None and is_main():  # in a process group rank 0 writes
         rep.save(out_dir)
+        if partial is not None:
+            partial.remove()
     return rep
 
 

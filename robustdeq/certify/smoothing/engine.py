@@ -410,7 +410,7 @@ def _model_info(model: nn.Module) -> dict:
 
 def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
             config: Union[SmoothingConfig, Mapping[str, Any], None] = None, *,
-            progress: bool = False, **options) -> SmoothingReport:
+            progress: bool = False, partial=None, **options) -> SmoothingReport:
     """Certify the Gaussian-smoothed ``model`` at every input of ``x`` (CERTIFY; SRS when
     ``srs_steps > 0``). See the module docstring for the exact rule.
 
@@ -420,6 +420,8 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
         config: a :class:`SmoothingConfig` or mapping; ``options`` override its fields
             (``sigma=0.5, n=1000, srs_steps=3``).
         progress: tqdm progress bar over the inputs.
+        partial: a :class:`~robustdeq.certify.smoothing.resume.PartialResults` (one process): its
+            results are reused and each new one is added to it as soon as it is computed.
     Returns:
         :class:`SmoothingReport` (one :class:`SmoothingResult` per input).
 
@@ -443,6 +445,14 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     t_all = time.perf_counter()
     with preserve_model(model, "eval", values=True, who="smoothing"), torch.no_grad(), base.counting():
         def one(i: int) -> SmoothingResult:
+            if partial is not None and i in partial.done:
+                return partial.done[i]
+            r = certify_input(i)
+            if partial is not None:
+                partial.add(r)
+            return r
+
+        def certify_input(i: int) -> SmoothingResult:
             t0 = time.perf_counter()
             pred, radius, p_lower, n_a, c_hat, extra = _certify_one(base, x[i:i + 1], i, cfg)
             seconds = time.perf_counter() - t0
