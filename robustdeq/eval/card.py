@@ -193,10 +193,11 @@ def card_markdown(card: Dict[str, Any]) -> str:
 
 def write_card(card: Dict[str, Any], out: Union[str, os.PathLike]) -> Path:
     """Write ``model_card.json`` and ``model_card.md`` under the folder ``out``; returns it."""
+    from .report import atomic_write_text
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-    (out / "model_card.md").write_text(card_markdown(card))
+    atomic_write_text(out / "model_card.md", card_markdown(card))
+    atomic_write_text(out / "model_card.json", json.dumps(card, indent=2) + "\n")  # last: marks it whole
     return out
 
 
@@ -366,7 +367,9 @@ def benchmark_checkpoints(paths: Sequence[Union[str, os.PathLike]], out: Union[s
                           save_adversarial: bool = False, **options: Any) -> List[Dict[str, Any]]:
     """:func:`benchmark` every checkpoint under one protocol (the same ``n`` samples of one data
     set split, threat model, radius, suite and options): one card per checkpoint under
-    ``out/<checkpoint name>/`` and ``out/leaderboard.md`` / ``.json``; returns the cards."""
+    ``out/<checkpoint name>/`` and ``out/leaderboard.md`` / ``.json``; returns the cards. A card
+    already under ``out/<checkpoint name>/`` from a benchmark of the same checkpoint file, data
+    and settings is reused (a killed benchmark resumes); any other is replaced."""
     from ..checkpoint import load_model
     from ..data import load_dataset
     if not paths:
@@ -382,12 +385,43 @@ def benchmark_checkpoints(paths: Sequence[Union[str, os.PathLike]], out: Union[s
         stem = Path(path).stem
         names[stem] = names.get(stem, 0) + 1
         label = stem if names[stem] == 1 else f"{stem}-{names[stem]}"
-        model, _ = load_model(path)
-        cards.append(benchmark(model, x, y, threat=threat, eps=eps, suite=suite, name=label,
-                               dataset=f"{dataset}:{split}", out=Path(out) / label,
-                               checkpoint=path, save_adversarial=save_adversarial, **options))
+        # what decides the card: a card of the same key already under out/<label> is reused, so a
+        # killed benchmark resumes with the checkpoints it had not finished
+        key = hashlib.sha256(json.dumps(
+            {"checkpoint": file_sha256(path), "data": tensors_sha256(x, y), "dataset": f"{dataset}:{split}",
+             "name": label, "threat": threat, "eps": float(eps), "suite": suite,
+             "save_adversarial": save_adversarial,
+             "options": {k: v for k, v in options.items() if k != "progress"}},
+            sort_keys=True, default=str).encode()).hexdigest()
+        card = _finished_card(Path(out) / label, key, save_adversarial)
+        if card is None:
+            model, _ = load_model(path)
+            card = benchmark(model, x, y, threat=threat, eps=eps, suite=suite, name=label,
+                             dataset=f"{dataset}:{split}", out=Path(out) / label,
+                             checkpoint=path, save_adversarial=save_adversarial, **options)
+            card["benchmark_key"] = key
+            write_card(card, Path(out) / label)  # with its key: the card is finished
+        cards.append(card)
     write_leaderboard(cards, out)
     return cards
+
+
+def _finished_card(folder: Path, key: str, save_adversarial: bool) -> Optional[Dict[str, Any]]:
+    """The card under ``folder`` written by a benchmark of the same key (and its adversarial
+    examples, when asked for), or None (missing, unreadable or of other settings: recomputed)."""
+    try:
+        card = json.loads((folder / "model_card.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logger.warning("cannot read %s (%s); evaluating that checkpoint again", folder / "model_card.json", e)
+        return None
+    if not isinstance(card, dict) or card.get("benchmark_key") != key:
+        return None
+    if save_adversarial and not (folder / "adversarial.pt").is_file():
+        return None
+    logger.info("%s holds the card of this checkpoint under this protocol: reusing it", folder)
+    return card
 
 
 # -- several checkpoints under one protocol -------------------------------------------------------
