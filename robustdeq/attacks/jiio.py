@@ -33,8 +33,10 @@ class JIIO(Attack):
             (default ``round(5 iters / 8)``; default: no change).
         direction: the input step's direction, "sign" (default for Linf), "normalized" (default
             for L2) or "gradient".
-        solver: "fixed_point" (default: plain iteration of the damped augmented map; the stronger
-            attack in our measurements) or "anderson" (memory ``m``, the paper's choice).
+        solver: "fixed_point" (default: plain iteration of the damped augmented map; see
+            :mod:`robustdeq.deq.jiio` for the choice) or "anderson" (memory ``m``, the paper's
+            choice).
+        m: Anderson's memory (``solver="anderson"`` only).
         select: "best" (lowest augmented residual), "last" iterate, or "next" (the map's output
             at the last iterate: one more input step for free).
         random_start: start from a random point of the ball (seeded) instead of ``x``.
