@@ -80,6 +80,8 @@ def ibp_certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, iters: in
         x: (B, ...) inputs in [0, 1]; y: (B,) labels (or predictions).
         eps: Linf radius (input units); the box is intersected with [0, 1].
         iters: maximum interval iterations; tol: stop when no bound moves by more than this.
+        contraction: the model's :class:`ContractionCertificate` (None: computed here), from
+            which the a-priori box of ``z*`` is built.
         lipschitz, z, residual: optionally an available :class:`LipschitzBound`, the solver's
             states ``z`` (B, D) at ``x`` and their residuals ``||f(z) - z||`` (B,): the start box
             is then also intersected with ``z ± (Lip_x(z*) max_{x'} ||x' - x||_2 + e r)``
