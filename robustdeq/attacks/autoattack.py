@@ -1,4 +1,4 @@
-"""AutoAttack (Croce & Hein 2020) through ``pyautoattack`` (the package index's fra31/auto-attack).
+"""AutoAttack (Croce & Hein, ICML 2020) through ``pyautoattack`` (the package index's fra31/auto-attack).
 
 The adapter runs pyautoattack unmodified on the model, or on an
 :func:`~robustdeq.deq.views.attack_view` of a DEQ (``view={"state": k, "grad": "unrolled",

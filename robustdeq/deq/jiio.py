@@ -1,4 +1,4 @@
-"""Joint inference and input optimisation (JIIO; Gurumurthy, Bai, Manchester, Kolter 2021): the
+"""Joint inference and input optimisation (JIIO; Gurumurthy, Bai, Manchester, Kolter, NeurIPS 2021): the
 engine shared by the JIIO attack (:mod:`robustdeq.attacks.jiio`) and JIIO adversarial training
 (``robustdeq.defenses.objectives.JIIOAT``).
 

@@ -1,5 +1,9 @@
 """``DEQClassifier``: injection -> fixed point of a cell -> head.
 
+The deep equilibrium model of Bai, Kolter & Koltun ("Deep Equilibrium Models", NeurIPS 2019): the
+prediction is read out from the fixed point ``z* = f(z*, u(x))`` of one cell, found by a solver
+(:mod:`robustdeq.deq.solvers`) and differentiated by a gradient estimator (:mod:`robustdeq.deq.grad`).
+
 Contract: ``forward(x) -> logits`` in train and eval mode alike, with a
 gradient path to ``x`` whenever the chosen estimator provides one (every estimator but ``NoGrad``);
 ``run(x) -> Equilibrium`` exposes the fixed point, the trajectory and solver statistics;
