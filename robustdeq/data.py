@@ -234,7 +234,7 @@ def _mnist5k_path() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Parse the csv once per process (about 0.5 s) and split it: (x_train, y_train, x_test,
+    """Parse the csv once per process and split it: (x_train, y_train, x_test,
     y_test) as read-only uint8 (N, 28, 28) images and int64 labels."""
     path = _mnist5k_path()
     raw = _read_bytes(path)

@@ -97,7 +97,9 @@ class Trainer:
         out_dir: folder for ``checkpoint.pt``, ``history.json`` and TensorBoard logs (``tb/``);
             ``None`` keeps everything in memory.
         progress: show tqdm progress bars.
+        tensorboard: log scalars to TensorBoard under ``out_dir/tb/`` (with an ``out_dir``).
         model_config: how to rebuild the model (defaults to ``model.robustdeq_config``).
+        metadata: extra entries of the checkpoint's metadata (e.g. the dataset's name).
     """
 
     def __init__(self, model: nn.Module, objective: Optional[Objective] = None,

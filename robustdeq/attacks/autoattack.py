@@ -1,4 +1,4 @@
-"""AutoAttack (Croce & Hein 2020) through ``pyautoattack`` (the package index's fra31/auto-attack).
+"""AutoAttack (Croce & Hein, ICML 2020) through ``pyautoattack`` (the package index's fra31/auto-attack).
 
 The adapter runs pyautoattack unmodified on the model, or on an
 :func:`~robustdeq.deq.views.attack_view` of a DEQ (``view={"state": k, "grad": "unrolled",
@@ -293,7 +293,7 @@ class _StageAccuracies(logging.Handler):
         if self._logger.getEffectiveLevel() > logging.DEBUG:
             self._logger.setLevel(logging.DEBUG)
             self._propagate = self._logger.propagate
-            self._logger.propagate = False  # DEBUG records were not shown before: keep it so
+            self._logger.propagate = False  # the DEBUG records enabled here stay out of the root handlers
         else:
             self._propagate = None
         self._logger.addHandler(self)

@@ -148,7 +148,7 @@ class StateAttack(Attack):
     """PGD on the read-out of intermediate states (Yang, Pang, Liu 2022).
 
     Args:
-        eps, alpha, steps, norm, random_start: as :class:`~robustdeq.attacks.PGD`.
+        eps, alpha, steps, norm, random_start, targeted, seed: as :class:`~robustdeq.attacks.PGD`.
         states: "all" (every state ``1..max_iter-1`` of a DEQ, ``1..depth`` of a weight-tied
             model), an int, or a list of ints.
         ensemble: one PGD on the sum of the states' cross-entropies instead of one per state.

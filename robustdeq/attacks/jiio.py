@@ -1,5 +1,5 @@
 """The JIIO attack (joint-DEQ PGD): the attack's forward fixed point, adjoint and perturbation
-solved as ONE augmented fixed point (Gurumurthy et al. 2021; the engine: robustdeq.deq.jiio).
+solved as ONE augmented fixed point (Gurumurthy et al., NeurIPS 2021; the engine: robustdeq.deq.jiio).
 
 Each iteration costs one evaluation of the cell and one vector-Jacobian product, instead of a
 forward solve plus an adjoint solve per PGD step. ``iters`` iterations therefore cost about
@@ -29,12 +29,17 @@ class JIIO(Attack):
             (``DEQClassifier``); other models are a ``ConfigError``.
         eps, norm: the threat model (``B_eps(x) & [0, 1]``).
         iters: augmented iterations (one f + one VJP each), no early stop.
-        alpha: step on the input (default ``eps / 4``); ``alpha_final`` after ``switch_at``
-            (default ``round(5 iters / 8)``; default: no change).
+        alpha: step on the input (default ``eps / 4``).
+        alpha_final, switch_at: the step after iteration ``switch_at`` (default
+            ``round(5 iters / 8)``); ``alpha_final=None`` (the default): no change of step.
         direction: the input step's direction, "sign" (default for Linf), "normalized" (default
             for L2) or "gradient".
-        solver: "fixed_point" (default: plain iteration of the damped augmented map; the stronger
-            attack in our measurements) or "anderson" (memory ``m``, the paper's choice).
+        solver: "fixed_point" (default: plain iteration of the damped augmented map; see
+            :mod:`robustdeq.deq.jiio` for the choice) or "anderson" (memory ``m``, the paper's
+            choice).
+        m: Anderson's memory (``solver="anderson"`` only).
+        beta_z, beta_mu: damping of the state and adjoint blocks of the augmented map (defaults
+            0.8 and 0.6, JIIO's; :mod:`robustdeq.deq.jiio`).
         select: "best" (lowest augmented residual), "last" iterate, or "next" (the map's output
             at the last iterate: one more input step for free).
         random_start: start from a random point of the ball (seeded) instead of ``x``.

@@ -135,7 +135,7 @@ METHODS = POLICIES
 
 
 class FGSM(Attack):
-    """Fast gradient sign method (Goodfellow et al. 2015); L2: one normalised gradient step of
+    """Fast gradient sign method (Goodfellow et al., ICLR 2015); L2: one normalised gradient step of
     length eps. Same update as ``torchattacks.FGSM`` for Linf."""
 
     def __init__(self, model: nn.Module, *, eps: float, norm: str = "Linf", targeted: bool = False,
@@ -164,7 +164,7 @@ class FGSM(Attack):
 
 
 class PGD(Attack):
-    """Projected gradient descent (Madry et al. 2018), Linf or L2, on any ``x -> logits`` model.
+    """Projected gradient descent (Madry et al., ICLR 2018), Linf or L2, on any ``x -> logits`` model.
 
     Args:
         eps, alpha, steps, random_start, norm: torchattacks' names; ``alpha`` defaults to

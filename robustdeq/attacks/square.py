@@ -213,7 +213,7 @@ class _Oracle:
 
 
 class Square(Attack):
-    """Square attack (Andriushchenko et al. 2020), Linf and L2, untargeted or targeted.
+    """Square attack (Andriushchenko et al., ECCV 2020), Linf and L2, untargeted or targeted.
 
     Args:
         eps, norm: threat model.

@@ -48,9 +48,12 @@ class WorstCaseResult:
 
     @property
     def robust_accuracy(self) -> float:
+        """Fraction of the samples that are ``robust`` (NaN for an empty batch)."""
         return float(self.robust.float().mean()) if self.robust.numel() else float("nan")
 
     def summary(self) -> Dict[str, Any]:
+        """Clean and robust accuracy, cumulative robust accuracy after each attack and the number
+        of samples each attack broke first, as a JSON-ready dict."""
         n = max(self.robust.numel(), 1)
         return {"clean_accuracy": float(self.clean.float().sum()) / n,
                 "robust_accuracy": float(self.robust.float().sum()) / n,
@@ -105,6 +108,7 @@ class WorstCase:
         self.name = "WorstCase[" + ", ".join(self.names) + "]"
 
     def describe(self) -> Dict[str, Any]:
+        """The name, cascade flag and each attack's :meth:`~Attack.describe`."""
         return {"name": self.name, "implementation": "robustdeq", "cascade": self.cascade,
                 "attacks": [a.describe() for a in self.attacks]}
 
@@ -112,6 +116,7 @@ class WorstCase:
         return self.run(x, y).x_adv
 
     def run(self, x: Tensor, y: Tensor) -> WorstCaseResult:
+        """Attack ``x`` (inputs in [0, 1]) with labels ``y``; the per-sample worst case."""
         x = check_inputs(x, self.judge)
         y = check_labels(y, x)
         b = x.shape[0]

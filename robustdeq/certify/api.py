@@ -472,6 +472,7 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
     default) and, with ``out_dir``, save the report there (rank 0 alone in a process group).
 
     Args:
+        path: the checkpoint file (:func:`robustdeq.checkpoint.load_model`).
         method: ``"deterministic"``: :func:`certify` (every certificate that applies to the model's
             exact fixed point; ``options`` are :class:`CertifyConfig` fields) -> :class:`CertReport`
             (``certificate.json`` / ``.md``). ``"smoothing"``: Gaussian randomized smoothing,
@@ -482,6 +483,11 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
             certified input in ``out_dir/partial_smoothing.jsonl`` as it finishes, and a rerun
             of the same configuration resumes from it
             (:mod:`robustdeq.certify.smoothing.resume`).
+        dataset, split, root: the data (:func:`robustdeq.data.load_dataset`; ``root`` is
+            required for ``mnist`` and ``cifar10``).
+        n_inputs: certify the first ``n_inputs`` samples (None: all).
+        out_dir: folder to write the report to (None: not written).
+        map_location: the device the model is loaded to and certified on.
 
     The options are checked before the checkpoint is read. The body of
     ``robustdeq certify CHECKPOINT [--smoothing SIGMA]``.

@@ -1,4 +1,4 @@
-"""Interval bound propagation (IBP) through the fixed point, for Linf certificates.
+"""Interval bound propagation (IBP; Gowal et al. 2018) through the fixed point, for Linf certificates.
 
 Soundness argument (no contraction of the interval map needed): let ``B_0`` be a box known to
 contain ``z*(x')`` for **every** ``x'`` in the input box ``X = [x - eps, x + eps] ∩ [0, 1]``, and
@@ -7,7 +7,7 @@ contain ``z*(x')`` for **every** ``x'`` in the input box ``X = [x - eps, x + eps
 activation maps the end points). Since ``z* = f(z*, u)``, ``z* ∈ B_k`` implies
 ``z* ∈ f(B_k, U) ⊆ F(B_k)``; by induction every ``B_{k+1} = B_k ∩ F(B_k)`` contains ``z*(x')``
 for all ``x' ∈ X``. The iteration is stopped after ``iters`` steps or when the box stops shrinking;
-the final box is an enclosure whatever its size (Wei & Kolter 2022 iterate the same interval
+the final box is an enclosure whatever its size (Wei & Kolter, ICLR 2022 iterate the same interval
 map; it shrinks to a small box when ``|W|`` is itself contractive, e.g. ``rho(|W|) < 1``).
 
 Starting boxes:
@@ -80,6 +80,8 @@ def ibp_certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, iters: in
         x: (B, ...) inputs in [0, 1]; y: (B,) labels (or predictions).
         eps: Linf radius (input units); the box is intersected with [0, 1].
         iters: maximum interval iterations; tol: stop when no bound moves by more than this.
+        contraction: the model's :class:`ContractionCertificate` (None: computed here), from
+            which the a-priori box of ``z*`` is built.
         lipschitz, z, residual: optionally an available :class:`LipschitzBound`, the solver's
             states ``z`` (B, D) at ``x`` and their residuals ``||f(z) - z||`` (B,): the start box
             is then also intersected with ``z ± (Lip_x(z*) max_{x'} ||x' - x||_2 + e r)``

@@ -6,7 +6,7 @@ Bounds on ``Lip_x(z*)`` (L2):
 
 - contraction (rate ``L < 1``, see :mod:`.contraction`):
   ``Lip_x(z*) <= Lip_u(f) Lip_x(inj) / (1 - L)`` (from ``||dz|| <= L ||dz|| + Lip_u ||du||``);
-- monotone cell (Pabbaraju, Winston & Kolter 2021): ``Lip_u(z*) <= 1 / m`` with ``I - W >= m I``;
+- monotone cell (Pabbaraju, Winston & Kolter, ICLR 2021): ``Lip_u(z*) <= 1 / m`` with ``I - W >= m I``;
   the smaller of that and the splitting-map bound ``a / (1 - L)`` is used;
 - linear cell ``A z + u``: exact, ``z* = (I - A)^{-1} u``.
 

@@ -105,6 +105,11 @@ def jacobian_spectrum(f: Fn, z: Tensor, *, method: str = "auto", iters: int = 10
         f: batched map ``(B, ...) -> (B, ...)`` (samples independent, as every cell here).
         z: (B, ...) the point (a fixed point).
         method: ``"auto"``, ``"dense"`` or ``"power"`` (see module).
+        iters: power iterations (each of the two estimates; ``"power"`` only).
+        tol: relative change of the ``||J||_2`` estimate below which its power iteration stops
+            (after at least 7 iterations).
+        dense_max: ``"auto"`` takes ``"dense"`` when a sample's state has at most this many entries.
+        seed: seed of the power iteration's random start vector.
     """
     if method not in ("auto", "dense", "power"):
         raise ConfigError(f"unknown local-stability method {method!r}; expected 'auto', 'dense' or 'power'")
@@ -158,6 +163,7 @@ def local_stability(model, x: Tensor = None, *, u: Optional[Tensor] = None, z: O
             injection) and optionally ``z`` (a fixed point; solved when omitted).
         solver: solver config of the solve (default: the model's).
         tol: absolute residual ``||f(z) - z||`` below which the state counts as a fixed point.
+        method, iters, dense_max, seed: as :func:`jacobian_spectrum`.
     """
     from ._util import require_deq
     require_deq(model, "local_stability")

@@ -119,6 +119,11 @@ def lyapunov_decrease(model, x: Tensor, V: Optional[Union[Candidate, str]] = Non
             a tensor added to ``z*``, or a callable ``z* -> z0``.
         z_ref: the equilibrium (default: solved with ``solver``, else the model's solver made
             strict by :func:`tight_solver`).
+        dynamics: ``"iteration"``, ``"solver"`` or ``"stable_map"`` (see module).
+        solver: solver config of the ``z_ref`` solve (and of ``dynamics="solver"``).
+        v_tol, v_rel: the numerical floor ``max(v_tol, v_rel * V_0)`` below which a step is not
+            checked (see module).
+        seed: seed of the random perturbation (``perturb`` a std).
     """
     require_deq(model, "lyapunov_decrease")
     if not isinstance(steps, int) or steps < 1:

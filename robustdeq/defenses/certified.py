@@ -7,7 +7,7 @@ certificates of :mod:`robustdeq.certify` hold on many samples of the trained mod
                        logit_j`` over ``[x - eps, x + eps] & [0, 1]`` (last layer folded in),
                        through the DEQ's interval fixed point (Wei & Kolter, ICLR 2022) or a
                        feed-forward network's layers
-``LipschitzMargin``    Lipschitz-margin training (Tsuzuku, Sato, Sugiyama 2018): CE on the logits
+``LipschitzMargin``    Lipschitz-margin training (Tsuzuku, Sato, Sugiyama, NeurIPS 2018): CE on the logits
 (``"lipschitz_margin"``, with ``sqrt(2) eps L`` added to every logit but the label's, ``L`` the
 L2)                    certified Lipschitz bound of ``x -> logits`` (``pairwise``: ``eps P_yj`` with
                        the per-pair bounds ``certify`` uses)

@@ -2,9 +2,9 @@
 
 =================  =====================================================================================
 ``CrossEntropy``   standard training: CE on ``model(x)``
-``PGDAT``          PGD adversarial training (Madry et al. 2018): CE on PGD examples of the model itself
+``PGDAT``          PGD adversarial training (Madry et al., ICLR 2018): CE on PGD examples of the model itself
 ``TRADES``         CE(h(x), y) + beta KL(softmax h(x) || softmax h(x')), x' from ``steps`` sign steps
-                   on the KL from x + 0.001 N(0, I) (Zhang et al. 2019; as in Yang et al. 2023)
+                   on the KL from x + 0.001 N(0, I) (Zhang et al., ICML 2019; as in Yang et al. 2023)
 ``JIIOAT``         inner maximisation by the JIIO augmented fixed point (robustdeq.deq.jiio),
                    CE at the fixed point re-solved at x + delta*, implicit backward warm-started
                    from the attack's adjoint mu*
@@ -379,10 +379,11 @@ class PGDAT(Objective):
 
 @dataclass
 class TRADES(Objective):
-    """TRADES: ``CE(h(x), y) + beta * KL(softmax h(x) || softmax h(x'))`` (KL summed over classes,
-    averaged over the batch, gradient through both terms), ``x'`` from ``steps`` ascent steps on the
-    KL (to the detached clean prediction, eval mode) starting at ``clip(x + 0.001 N(0, I), 0, 1)``;
-    step ``alpha`` default ``2.5 eps / steps`` (= 2/255 at 8/255 and 10 steps)."""
+    """TRADES (Zhang et al., ICML 2019): ``CE(h(x), y) + beta * KL(softmax h(x) || softmax h(x'))``
+    (KL summed over classes, averaged over the batch, gradient through both terms), ``x'`` from
+    ``steps`` ascent steps on the KL (to the detached clean prediction, eval mode) starting at
+    ``clip(x + 0.001 N(0, I), 0, 1)``; step ``alpha`` default ``2.5 eps / steps`` (= 2/255 at 8/255
+    and 10 steps)."""
 
     beta: float = 6.0
     eps: float = 0.1
@@ -444,7 +445,7 @@ class TRADES(Objective):
 
 @dataclass
 class JIIOAT(Objective):
-    """JIIO adversarial training (Gurumurthy et al. 2021): the inner maximisation is the JIIO
+    """JIIO adversarial training (Gurumurthy et al., NeurIPS 2021): the inner maximisation is the JIIO
     augmented solve of :mod:`robustdeq.deq.jiio` (``iters`` iterations of one f + one VJP, default
     14; ``select`` the iterate it returns, default "next": the map's output at the last iterate,
     so that 14 evaluations make 14 input steps, like PGD-AT's last step; "last" returns the same

@@ -263,6 +263,8 @@ class ConvStemInjection(nn.Module):
 
 
 class LinearHead(nn.Module):
+    """Flatten, linear: ``z -> logits``."""
+
     def __init__(self, hidden: int, num_classes: int):
         super().__init__()
         self.linear = nn.Linear(hidden, num_classes)
@@ -309,6 +311,8 @@ class ConvCell(nn.Module):
 
 
 class ConvInjection(nn.Module):
+    """Normalise, then one 3x3 convolution to ``channels``: ``x -> u``."""
+
     def __init__(self, in_channels: int, channels: int, mean: Sequence[float] = (0.0,),
                  std: Sequence[float] = (1.0,)):
         super().__init__()
@@ -332,7 +336,7 @@ class ConvHead(nn.Module):
 
 
 class MonotoneCell(nn.Module):
-    """Monotone operator DEQ cell (Winston & Kolter 2020), fully connected.
+    """Monotone operator DEQ cell (Winston & Kolter, NeurIPS 2020), fully connected.
 
     The equilibrium is ``z = relu(W z + u)`` with ``W = (1 - m) I - A^T A + B - B^T`` so that
     ``I - W >= m I``: the fixed point exists and is unique for every ``u``. The cell's map is the

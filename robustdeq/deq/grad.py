@@ -62,7 +62,7 @@ class GradientEstimator:
 
 
 class ImplicitGrad(GradientEstimator):
-    """Implicit-function-theorem gradient.
+    """Implicit-function-theorem gradient (Bai, Kolter & Koltun, NeurIPS 2019).
 
     The output is ``f(z*, u)`` (one extra evaluation, carrying the graph to ``u`` and the
     parameters); a backward hook replaces its upstream gradient ``g`` by the solution ``a`` of the
@@ -123,7 +123,8 @@ class ImplicitGrad(GradientEstimator):
 
 
 class PhantomGrad(GradientEstimator):
-    """Phantom gradient (Geng et al. 2021): ``k`` damped steps from detached z*, backpropagated."""
+    """Phantom gradient (Geng et al., "On Training Implicit Models", NeurIPS 2021): ``k`` damped
+    steps from detached z*, backpropagated."""
 
     def __init__(self, k: int = 5, tau: float = 0.5):
         if k < 1:

@@ -1,4 +1,4 @@
-"""Joint inference and input optimisation (JIIO; Gurumurthy, Bai, Manchester, Kolter 2021): the
+"""Joint inference and input optimisation (JIIO; Gurumurthy, Bai, Manchester, Kolter, NeurIPS 2021): the
 engine shared by the JIIO attack (:mod:`robustdeq.attacks.jiio`) and JIIO adversarial training
 (``robustdeq.defenses.objectives.JIIOAT``).
 
@@ -38,10 +38,10 @@ discontinuous: interior coordinates with a non-zero gradient never settle, as in
 solved with the backbone's solver on the stacked, flattened vector, ``iters`` iterations with no
 early stop (``tol=0``): Anderson (memory 20, the paper's choice, and the default of
 :func:`optimize_inputs`) or plain fixed-point iteration of the damped map (the default of the
-attack and of JIIO-AT: with sign or normalised input steps Anderson's extrapolation made the
-attack markedly weaker in our measurements, while on smooth problems it converges fast). ``x`` is
-projected at the start of every evaluation so Anderson's affine extrapolations never leave ``C``.
-The plain iteration runs on the three blocks directly (no packing into one vector, the bounds of
+attack and of JIIO-AT: with sign or normalised input steps Anderson's extrapolation can make the
+attack weaker, benchmarks/bench_jiio.py compares them, while on smooth problems it converges
+fast). ``x`` is projected at the start of every evaluation so Anderson's affine extrapolations
+never leave ``C``. The plain iteration runs on the three blocks directly (no packing into one vector, the bounds of
 box-like constraints computed once, no per-iteration synchronisation): the same iterates,
 selection and per-sample stopping as the generic fixed-point solver on the stacked vector, with
 fewer tensor operations per iteration (which dominate on small models).
@@ -683,10 +683,10 @@ def jiio_attack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: Uni
 
     ``alpha`` (the step size) defaults to ``eps / 4``; ``direction`` to "sign" for Linf and
     "normalized" for L2.
-    ``solver`` defaults to "fixed_point" (plain iteration of the damped augmented map): on our
-    digits DEQs Anderson on the stacked vector made the attack markedly weaker with sign or
-    normalised steps (its affine extrapolation fights the projected, discontinuous input step;
-    see benchmarks/bench_jiio.py), while it does accelerate smooth problems (``direction="gradient"``).
+    ``solver`` defaults to "fixed_point" (plain iteration of the damped augmented map): Anderson
+    on the stacked vector can make the attack weaker with sign or normalised steps (its affine
+    extrapolation fights the projected, discontinuous input step; benchmarks/bench_jiio.py
+    compares them), while it does accelerate smooth problems (``direction="gradient"``).
     Returns the :class:`InputOptResult` (``x`` is the adversarial input, ``mu`` the adjoint of
     ``-CE``).
     """

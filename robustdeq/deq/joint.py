@@ -7,8 +7,8 @@ adjoint ``mu = J_z^T mu + g`` to tolerance. :class:`JointInputGradient` instead 
 - at most ``fwd_iters`` iterations from the carried ``z`` (fewer once every sample's residual is
   within the model's solver tolerance): the model's solver restarted from ``z``
   (``fwd_solver="model"``) or plain iterations ``z <- f(z, u)`` (``"picard"``: cheaper per
-  iteration on tiny models, where Anderson's bookkeeping is most of the cost, but 1-2 points
-  weaker on a conv DEQ whose solves do not converge, benchmarks/bench_attacks.py);
+  iteration on tiny models, where Anderson's bookkeeping is most of the cost, but weaker on a
+  conv DEQ whose solves do not converge; benchmarks/bench_attacks.py compares them);
   ``"auto"`` (the default) takes plain iterations when the first call's full solve converged
   for every sample of the batch, the model's solver otherwise; the first call is the model's
   full solve from its initial state, as its inference starts;
@@ -103,7 +103,7 @@ class JointInputGradient:
                 fmap = model.f_bound(ud) if hasattr(model, "f_bound") else (lambda z: model.f(z, ud))
                 if first or not self._picard:
                     key = (cfg, first)
-                    if key not in self._solvers:  # building a config costs ~0.5 ms
+                    if key not in self._solvers:  # reuse the solver while (config, first) is unchanged
                         self._solvers = {key: get_solver(cfg if first else
                                                          cfg.replace(max_iter=self.fwd_iters))}
                     res = self._solvers[key].solve(fmap, z0.detach())

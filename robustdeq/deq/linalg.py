@@ -115,6 +115,8 @@ def spectral_norm_bound(W: Tensor, method: str = "auto", *, squarings: int = 8,
         W: (m, n) matrix (any float dtype; converted to float64).
         method: ``"auto"`` (SVD up to :data:`SVD_MAX` rows/cols, else ``"gram"``), ``"svd"`` or
             ``"gram"`` (power-iteration lower bound + Gram-squaring upper bound).
+        squarings: Gram squarings of the ``"gram"`` upper bound (:func:`gram_upper`).
+        power_iters: power iterations of the ``"gram"`` lower bound (:func:`power_lower`).
     """
     if method not in ("auto", "svd", "gram"):
         raise ConfigError(f"unknown spectral-norm method {method!r}; expected 'auto', 'svd' or 'gram'")

@@ -1,5 +1,9 @@
 """``DEQClassifier``: injection -> fixed point of a cell -> head.
 
+The deep equilibrium model of Bai, Kolter & Koltun ("Deep Equilibrium Models", NeurIPS 2019): the
+prediction is read out from the fixed point ``z* = f(z*, u(x))`` of one cell, found by a solver
+(:mod:`robustdeq.deq.solvers`) and differentiated by a gradient estimator (:mod:`robustdeq.deq.grad`).
+
 Contract: ``forward(x) -> logits`` in train and eval mode alike, with a
 gradient path to ``x`` whenever the chosen estimator provides one (every estimator but ``NoGrad``);
 ``run(x) -> Equilibrium`` exposes the fixed point, the trajectory and solver statistics;
@@ -121,6 +125,7 @@ class EquilibriumModel(nn.Module):
         return x
 
     def inject(self, x: Tensor) -> Tensor:
+        """The input injection ``u`` of ``x`` (cast to the model's dtype)."""
         return self.injection(self.as_model_dtype(x))
 
     def readout(self, z: Tensor) -> Tensor:
@@ -128,6 +133,7 @@ class EquilibriumModel(nn.Module):
         return self.head(z)
 
     def init_state(self, u: Tensor) -> Tensor:
+        """The state the solve starts from (the cell's ``init_state``)."""
         return self.cell.init_state(u)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,10 +177,12 @@ class DEQClassifier(EquilibriumModel):
 
     # -- pieces -----------------------------------------------------------------------------------
     def check_estimator(self, est: GradientEstimator) -> None:
+        """``ConfigError`` unless ``est`` is a gradient estimator this model can use."""
         if not isinstance(est, GradientEstimator):
             raise ConfigError(f"not a gradient estimator: {est!r}")
 
     def f(self, z: Tensor, u: Tensor) -> Tensor:
+        """The equilibrium map ``f(z, u)`` (the cell)."""
         return self.cell(z, u)
 
     def f_bound(self, u: Tensor) -> Callable[[Tensor], Tensor]:
@@ -194,6 +202,8 @@ class DEQClassifier(EquilibriumModel):
         return type(self).f is DEQClassifier.f
 
     def prepare(self) -> None:
+        """Let the cell recompute what depends on its weights (e.g. the step size of a
+        ``MonotoneCell``) before solves."""
         if hasattr(self.cell, "prepare"):
             self.cell.prepare()
 
@@ -317,6 +327,7 @@ class DEQClassifier(EquilibriumModel):
         return True
 
     def reset_warnings(self) -> None:
+        """Let the next non-convergence warn again and zero ``nonconvergence_events``."""
         self._warned = False
         self.nonconvergence_events = 0
 

@@ -1,5 +1,5 @@
-"""Multiscale convolutional DEQ cells in the style of MDEQ (Bai, Koltun, Kolter 2020, "Multiscale
-Deep Equilibrium Models", NeurIPS), with a packed state that every solver and gradient estimator
+"""Multiscale convolutional DEQ cells in the style of MDEQ (Bai, Koltun, Kolter, "Multiscale
+Deep Equilibrium Models", NeurIPS 2020), with a packed state that every solver and gradient estimator
 of :mod:`robustdeq.deq` handles unchanged.
 
 The state

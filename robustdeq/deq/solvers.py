@@ -413,7 +413,8 @@ def _sanitize(z: Tensor, fz: Tensor, g: Tensor, finite: Tensor):
 
 
 class Anderson(Solver):
-    """Anderson acceleration (type II) with memory m, Tikhonov regularisation lam, mixing beta.
+    """Anderson acceleration (type II) with memory m, Tikhonov regularisation lam, mixing beta
+    (Anderson, J. ACM 1965; Walker & Ni, SIAM J. Numer. Anal. 2011).
 
     Solves, per sample, ``min_a ||sum_i a_i G_i||^2 + lam s ||a||^2`` s.t. ``sum_i a_i = 1`` (``s``
     the mean squared residual in memory, which makes lam scale-free): ``a = c / sum(c)`` with
@@ -428,7 +429,8 @@ class Anderson(Solver):
     iteration of the cell is much slower); growth after a plain step is
     the map's own (transient growth of non-normal maps, or an unstable fixed point that only
     Anderson can find) and triggers nothing. Restarting Anderson on residual growth is the usual
-    safeguard (Fang & Saad 2009; Zhang, O'Donoghue & Boyd 2020 fall back to the plain step).
+    safeguard (Fang & Saad, Numer. Linear Algebra Appl. 2009; Zhang, O'Donoghue & Boyd, SIAM J. Optim.
+    2020 fall back to the plain step).
     Unguarded Anderson can diverge on non-normal contractions such as ``A = 0.5 I + 0.6 N``
     (``N`` the shift) where the plain iteration converges; guarded, it converges there too.
     ``safeguard=0`` turns it off.
@@ -620,7 +622,8 @@ def _combine(alpha: Tensor, M: Tensor) -> Tensor:
 
 
 class Broyden(Solver):
-    """Broyden's (good) method on g(z) = f(z) - z with a low-rank inverse-Jacobian estimate.
+    """Broyden's (good) method (Broyden, Math. Comp. 1965) on g(z) = f(z) - z with a low-rank
+    inverse-Jacobian estimate.
 
     ``B = -I + U V^T`` (B approximates (J_f - I)^{-1}); the step is ``z <- z - B g(z)``; the update
     ``B += (dz - B dg) dz^T B / (dz^T B dg)`` is stored as rank-one factors in a ring buffer of size

@@ -52,6 +52,17 @@ class ModelView(nn.Module):
 
 
 class AttackView(ModelView):
+    """``x -> logits`` over a DEQ with a chosen gradient, state or solver (see module; built by
+    :func:`attack_view`).
+
+    Args:
+        model: a model with ``run`` (a DEQ or a weight-tied model); it is not changed.
+        state: None (the final state) or the index ``k`` of the intermediate state read out.
+        grad: gradient estimator for the final state (None: the model's own).
+        unroll: steps of ``f`` the gradient of an intermediate state unrolls.
+        solver: a :class:`~robustdeq.config.SolverConfig` (or dict) used instead of the model's.
+    """
+
     def __init__(self, model: nn.Module, *, state: Optional[int] = None,
                  grad: Union[GradientEstimator, str, None] = None, unroll: int = 5,
                  solver: Union[SolverConfig, dict, None] = None):
@@ -74,6 +85,7 @@ class AttackView(ModelView):
         self.input_shape = getattr(model, "input_shape", None)
 
     def describe(self) -> dict:
+        """The view's settings (state, unroll, gradient, solver) as a JSON-ready dict."""
         from ..config import to_dict
         return {"state": self.state, "unroll": self.unroll,
                 "grad": self.grad.describe() if self.grad is not None else "model default",

@@ -21,6 +21,19 @@ from .solvers import TrajectoryState
 
 
 class WeightTied(EquilibriumModel):
+    """The cell applied ``depth`` times explicitly, layer ``l`` with its own sparse mask (see module).
+
+    Args:
+        injection, cell, head: as :class:`~robustdeq.deq.model.DEQClassifier`; the cell's
+            ``maskable()`` parameters are masked.
+        depth: number of layers (applications of the cell).
+        sparsity: fraction of zeros of each layer's mask, in [0, 1).
+        seed: seed of the masks, drawn once here.
+        input_shape, validate_inputs: as :class:`~robustdeq.deq.model.DEQClassifier`.
+        grad: ``FullBackprop`` (None, the default) or ``NoGrad``; other estimators are a
+            ``ConfigError``.
+    """
+
     def __init__(self, injection: nn.Module, cell: nn.Module, head: nn.Module, *, depth: int = 8,
                  sparsity: float = 0.0, seed: int = 0, input_shape: Optional[Tuple[int, ...]] = None,
                  validate_inputs: bool = True, grad: Union[GradientEstimator, str, None] = None):
@@ -51,6 +64,7 @@ class WeightTied(EquilibriumModel):
         return f"mask_{layer}__" + name.replace(".", "__")
 
     def mask(self, layer: int, name: str) -> Tensor:
+        """The binary mask of layer ``layer`` over the cell parameter ``name``."""
         return getattr(self, self._buf(layer, name))
 
     def check_estimator(self, est: GradientEstimator) -> None:
@@ -80,6 +94,10 @@ class WeightTied(EquilibriumModel):
 
     def run(self, x: Tensor, *, record=None, z0: Optional[Tensor] = None, grad=None,
             solver=None) -> Equilibrium:
+        """The ``depth`` layers from ``z0`` (default ``init_state(u)``) as an :class:`Equilibrium`:
+        ``record`` ("none", "all", a layer index or a list of them) picks the layer outputs kept in
+        the trajectory; ``stats.residual`` is the last layer's relative change; ``solver`` must be
+        None (there is no solver)."""
         if solver is not None:
             raise ConfigError("a weight-tied model has no solver to configure")
         x = self.check_input(x)

@@ -159,7 +159,7 @@ def _multiscale(in_shape, num_classes, channels, groups, stem_stride, init_gain,
 def mdeq(in_shape=(1, 28, 28), num_classes=10, channels=(16, 32), groups=4, stem_stride=2,
          init_gain=0.5, mean=(0.1307,), std=(0.3081,), pool=4, solver: Optional[dict] = None,
          grad="ift", grad_options: Optional[dict] = None) -> DEQClassifier:
-    """Multiscale convolutional DEQ in the MDEQ style (Bai, Koltun, Kolter 2020): one branch per
+    """Multiscale convolutional DEQ in the MDEQ style (Bai, Koltun, Kolter, NeurIPS 2020): one branch per
     entry of ``channels`` (each at half the previous resolution), cross-resolution fusion,
     GroupNorm, weight-normalised convolutions; the state is packed (see ``deq.multiscale``)."""
     if not isinstance(channels, (list, tuple)) or len(channels) < 2:
@@ -180,7 +180,8 @@ def mdeq_single(in_shape=(1, 28, 28), num_classes=10, channels=16, groups=4, ste
 def mon_deq(in_shape=(1, 8, 8), num_classes=10, hidden=64, m=1.0, alpha: Optional[float] = None,
             mean=0.0, std=1.0, solver: Optional[dict] = None, grad="ift",
             grad_options: Optional[dict] = None) -> DEQClassifier:
-    """Fully connected monotone operator DEQ (unique fixed point for every input)."""
+    """Fully connected monotone operator DEQ (Winston & Kolter, NeurIPS 2020; unique fixed point for
+    every input)."""
     return DEQClassifier(MLPInjection(_n_in(in_shape), hidden, mean, std),
                          MonotoneCell(hidden, m=m, alpha=alpha), LinearHead(hidden, num_classes),
                          solver=solver or {"max_iter": 50}, grad=_grad(grad, grad_options),
@@ -197,6 +198,8 @@ def weight_tied_mlp(in_shape=(1, 8, 8), num_classes=10, hidden=64, depth=8, spar
 
 def weight_tied_conv(in_shape=(1, 8, 8), num_classes=10, channels=16, groups=4, depth=6,
                      sparsity=0.5, seed=0, init_gain=0.5, pool=2) -> WeightTied:
+    """Weight-tied convolutional model (the ``ConvCell`` of ``conv_deq``) with a distinct random
+    sparse mask per depth (Song et al. 2023)."""
     return WeightTied(ConvInjection(in_shape[0], channels), ConvCell(channels, groups, init_gain=init_gain),
                       ConvHead(channels, num_classes, pool), depth=depth, sparsity=sparsity, seed=seed,
                       input_shape=tuple(in_shape))
@@ -216,6 +219,7 @@ class FeedForward(nn.Module):
 
 
 def ff_mlp(in_shape=(1, 8, 8), num_classes=10, hidden=64, layers=2) -> FeedForward:
+    """A feed-forward ReLU MLP with ``layers`` hidden layers of width ``hidden`` (baseline)."""
     mods = [nn.Flatten()]
     d = _n_in(in_shape)
     for _ in range(layers):

@@ -191,6 +191,7 @@ class EvalReport:
         return [c.name for c in self.checks if c.fired]
 
     def check(self, name: str) -> CheckResult:
+        """The result of the check ``name`` (``ConfigError`` if the report has none)."""
         for c in self.checks:
             if c.name == name:
                 return c

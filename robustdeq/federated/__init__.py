@@ -49,14 +49,13 @@ principle.
 
 A client with a small budget (a few Anderson iterations) typically stops at a residual well above
 the tolerance but converges at a good rate, so ``e_k`` is small and ``q_k`` near 1: its update is
-mostly right. The first rule of this package,
-``q_k = sqrt(tol_k / r_k)`` (``fusion="tolerance"``, kept for comparison), gave those clients
-``q_k`` of about 0.12, i.e. weighed the residual against the tolerance instead of against the
-state; under label skew that removed most of their labels from the average and cost accuracy.
-The quality rule matches FedAvg on average there (not round by round). With 1-iteration clients
-(solver output = initial state, ``e_k = 1``) it weighs them down to ``q_min`` and is *less*
-accurate than FedAvg: they still train the input injection and the head, which the first-order
-model does not credit. FedAvg stays the default (``FederatedConfig.fusion``).
+mostly right. The tolerance rule
+``q_k = sqrt(tol_k / r_k)`` (``fusion="tolerance"``, kept for comparison) weighs the residual
+against the tolerance instead of against the state and gives those clients small weights; under
+label skew that removes much of their labels from the average. With 1-iteration clients (solver
+output = initial state, ``e_k = 1``) the quality rule weighs them down to ``q_min`` and can be
+*less* accurate than FedAvg: they still train the input injection and the head, which the
+first-order model does not credit. FedAvg stays the default (``FederatedConfig.fusion``).
 ``fusion="accuracy"`` uses the local validation accuracy instead, and any callable can be given.
 
 After every fusion the power-iteration buffers of spectral normalisations are recomputed for the

@@ -67,6 +67,7 @@ def federate(config: Union[FederatedConfig, Mapping[str, Any], None] = None,
         progress: tqdm bar over rounds. resume: continue a run found in ``out_dir``.
         cpus: cores the simulation engine may use (one client trains per core at a time).
         on_round_end: called in the server with every finished round's record.
+        flower_log_level: level of the ``flwr`` logger during the run (default ``logging.ERROR``).
 
     Returns:
         :class:`~robustdeq.federated.server.FederatedResult`.

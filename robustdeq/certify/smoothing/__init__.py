@@ -1,7 +1,7 @@
 """Randomized-smoothing certificates for any robustdeq model, and Serialized Randomized Smoothing.
 
-Gaussian smoothing (Cohen, Rosenfeld, Kolter 2019, "Certified Adversarial Robustness via
-Randomized Smoothing"): for a base classifier ``f`` (here ``argmax`` of the model's logits) the
+Gaussian smoothing (Cohen, Rosenfeld, Kolter, "Certified Adversarial Robustness via Randomized
+Smoothing", ICML 2019): for a base classifier ``f`` (here ``argmax`` of the model's logits) the
 smoothed classifier is ``g(x) = argmax_c P(f(x + e) = c)``, ``e ~ N(0, sigma^2 I)``. If the top
 class has probability ``p_A >= p_lower > 1/2`` then ``g`` is constant on the L2 ball of radius
 ``R = sigma * Phi^-1(p_lower)`` around ``x`` (in R^d: the certificate does not use the [0, 1] box).
