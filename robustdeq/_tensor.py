@@ -5,6 +5,7 @@
   already inside);
 - the step rule of PGD-style loops: :func:`default_alpha` (``2.5 * eps / steps``);
 - margins: :func:`margins` (``z_y - max_{i != y} z_i``);
+- identities: :func:`tensors_sha256` (of data), :func:`model_sha256` (of a model's weights);
 - seeded randomness: :func:`make_generator`, :func:`rand_like`, :func:`randn_like`,
   :func:`random_in_ball` (a local ``torch.Generator``; ``None`` draws from the global RNG where
   the caller documents that).
@@ -19,6 +20,7 @@ every factor in float64 and makes points at distance eps (within 1e-12) come out
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Optional, Tuple
 
 import torch
@@ -155,3 +157,27 @@ def check_labels(y: Optional[Tensor], n: int) -> None:
                          f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
     if y.is_floating_point() or y.dtype == torch.bool:
         raise InputError(f"y must hold integer class labels, got dtype {y.dtype}")
+
+
+def tensors_sha256(*tensors: Tensor) -> str:
+    """SHA-256 over the dtype, shape and bytes of each tensor (the data's identity)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's class name and its state dict (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        if isinstance(v, Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

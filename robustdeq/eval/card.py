@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .._tensor import tensors_sha256
 from ..errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -56,17 +57,6 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()
-
-
-def tensors_sha256(*tensors: Tensor) -> str:
-    """sha256 over dtype, shape and bytes of each tensor (the data's identity)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

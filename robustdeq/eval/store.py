@@ -18,35 +18,21 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from .._tensor import model_sha256, tensors_sha256
 from ..errors import ConfigError
 from .report import SCHEMA_VERSION, EvalReport, _json_safe, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 
-def hash_model(model: nn.Module) -> str:
-    """SHA-256 of the model's class name and its state dict (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    h.update(type(model).__name__.encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        if isinstance(v, Tensor):
-            t = v.detach().cpu().contiguous()
-            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+hash_model = model_sha256  # SHA-256 of the model's class name and state dict
 
 
 def hash_data(x: Tensor, y: Tensor) -> str:
     """SHA-256 of the inputs and labels (dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for t in (x, y):
-        t = t.detach().cpu().contiguous()
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_sha256(x, y)
 
 
 def derive_seed(seed: int, *parts: Any) -> int:

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from ..._tensor import model_sha256, tensors_sha256
 from ...config import to_dict
 from .config import SmoothingConfig
 from .report import SmoothingResult, _json_safe
@@ -34,9 +35,8 @@ PARTIAL_FILE = "partial_smoothing.jsonl"
 
 def config_hash(cfg: SmoothingConfig, model: nn.Module, x: Tensor, y: Optional[Tensor]) -> str:
     """SHA-256 of the settings, the model's parameters and the data."""
-    from ...eval.store import hash_data, hash_model
-    data = hash_data(x, y if y is not None else torch.empty(0, dtype=torch.long))
-    text = json.dumps({"config": to_dict(cfg), "model": hash_model(model), "data": data,
+    data = tensors_sha256(x, y if y is not None else torch.empty(0, dtype=torch.long))
+    text = json.dumps({"config": to_dict(cfg), "model": model_sha256(model), "data": data,
                        "labels": y is not None}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
