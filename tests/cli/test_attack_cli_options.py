@@ -7,6 +7,7 @@ import torch
 
 from robustdeq.checkpoint import save_checkpoint
 from robustdeq.cli import main
+from helpers.cli import cli_error
 from robustdeq.deq import zoo
 
 
@@ -17,14 +18,6 @@ def ckpt(tmp_path_factory):
     m = zoo.build("mlp_deq", hidden=8)
     save_checkpoint(path, m, model_config=m.robustdeq_config, metadata={"dataset": "digits"})
     return path
-
-
-def _error(capsys, *words):
-    err = capsys.readouterr().err
-    assert err.startswith("robustdeq: error: ") and "Traceback" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 @pytest.mark.parametrize("attack", ["apgd-ce", "apgd-dlr"])
@@ -39,10 +32,10 @@ def test_attack_steps_reach_the_apgd_attacks(ckpt, tmp_path, capsys, attack):
 def test_attack_steps_without_a_steps_parameter_is_an_error(ckpt, tmp_path, capsys, attack):
     assert main(["attack", str(ckpt), "--attack", attack, "--steps", "3", "-n", "2", "--no-progress",
                  "--out", str(tmp_path / "adv.pt")]) == 2
-    _error(capsys, f"--steps does not apply to --attack {attack}")
+    cli_error(capsys, f"--steps does not apply to --attack {attack}")
 
 
 def test_attack_options_may_not_repeat_a_flag_given(ckpt, tmp_path, capsys):
     assert main(["attack", str(ckpt), "--eps", "0.1", "--options", '{"eps": 0.5}', "-n", "2",
                  "--no-progress", "--out", str(tmp_path / "adv.pt")]) == 2
-    _error(capsys, "--options: 'eps' is given by --eps as well")
+    cli_error(capsys, "--options: 'eps' is given by --eps as well")

@@ -7,14 +7,7 @@ import pytest
 
 from robustdeq import train
 from robustdeq.cli import main
-
-
-def _error(capsys, *words):
-    err = capsys.readouterr().err
-    assert err.startswith("robustdeq: error: ") and "Traceback" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
+from helpers.cli import cli_error
 
 
 @pytest.mark.parametrize("key,flag", [("epochs", "--epochs"), ("lr", "--lr"), ("seed", "--seed"),
@@ -23,10 +16,10 @@ def test_train_options_may_not_repeat_a_flag(monkeypatch, tmp_path, capsys, key,
     monkeypatch.setattr(train, "train_model", lambda *a, **k: pytest.fail("trained"))
     opts = json.dumps({key: 0 if key == "epochs" else 1})
     assert main(["train", "--out", str(tmp_path), "--train-options", opts, "--no-progress"]) == 2
-    _error(capsys, f"--train-options: '{key}' has its own flag {flag}")
+    cli_error(capsys, f"--train-options: '{key}' has its own flag {flag}")
 
 
 def test_a_run_that_trained_nothing_is_an_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(train, "train_model", lambda *a, **k: (None, [], None))
     assert main(["train", "--out", str(tmp_path), "--no-progress"]) == 2
-    _error(capsys, "no epoch was trained", "no checkpoint was written")
+    cli_error(capsys, "no epoch was trained", "no checkpoint was written")
