@@ -246,6 +246,11 @@ class Trainer:
             self.optimizer.load_state_dict(ck.optimizer_state)
         self.history = json.loads(extra.get("history", "[]"))
         self.start_epoch = int(extra.get("epoch", -1)) + 1
+        if self.start_epoch > self.config.epochs:  # its model is trained past what is asked
+            raise CheckpointError(
+                f"{path} holds a run of {self.start_epoch} epochs, more than the {self.config.epochs} "
+                f"asked for; use another out_dir (--out), resume=False (--no-resume) to overwrite it, "
+                f"or epochs >= {self.start_epoch}")
         if self.scheduler is not None and "scheduler" in extra:
             if int(saved.get("epochs", -1)) == self.config.epochs:
                 self.scheduler.load_state_dict(json.loads(extra["scheduler"]))

@@ -44,6 +44,9 @@ def test_resume_refuses_a_different_config(tmp_path, data):
     # a different config must not silently resume
     with pytest.raises(CheckpointError, match="different training config"):
         Trainer(zoo.build("mlp_deq", hidden=16), config={**cfg, "lr": 0.5}, out_dir=tmp_path).fit(x, y)
+    # nor return a model trained for more epochs than asked (it returned the 2-epoch run)
+    with pytest.raises(CheckpointError, match="holds a run of 2 epochs, more than the 1 asked for"):
+        Trainer(zoo.build("mlp_deq", hidden=16), config={**cfg, "epochs": 1}, out_dir=tmp_path).fit(x, y)
 
 
 def test_resume_after_interrupt_equals_straight_run(tmp_path, data):
