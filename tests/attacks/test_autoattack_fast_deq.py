@@ -1,4 +1,4 @@
-"""Issue 13, AutoAttack on DEQs: the model side made cheaper (``AutoAttack(fast_deq=...)``,
+"""AutoAttack on DEQs: the model side made cheaper (``AutoAttack(fast_deq=...)``,
 :class:`robustdeq.deq.memory.WarmMemory` with the attack-grade, warm-started adjoint, forward
 warm starts only on certified-contractive cells, shrinking solves and reuse of repeated points)."""
 from __future__ import annotations

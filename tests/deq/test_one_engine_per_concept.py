@@ -1,4 +1,4 @@
-"""One engine per concept (issue 14): the PGD engine, warm starts in deq/, the JIIO engine,
+"""One engine per concept: the PGD engine, warm starts in deq/, the JIIO engine,
 tensor helpers, explicit hooks and protocols."""
 import subprocess
 import sys
