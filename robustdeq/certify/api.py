@@ -23,6 +23,7 @@ from .lipschitz import certified_radius, lipschitz_bound
 from .local import local_stability
 from .lyapunov import lyapunov_decrease, model_candidate, quadratic_candidate
 from .report import CertReport, CertResult, _eps_key, summarize
+from .resume import BatchResults
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def _model_info(model: nn.Module) -> dict:
 
 
 def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
-            config: Union[CertifyConfig, Mapping[str, Any], None] = None, **options: Any) -> CertReport:
+            config: Union[CertifyConfig, Mapping[str, Any], None] = None, *, partial=None,
+            **options: Any) -> CertReport:
     """Certify a DEQ on inputs ``x`` (labels ``y`` optional) with every applicable method (a
     feed-forward network: Linf certificates by IBP through its layers,
     :func:`robustdeq.certify.feedforward.certify_feedforward`).
@@ -107,6 +109,12 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
             differs, gets no robustness certificate (radius 0, no eps certified), with its reason
             in ``details["deployed"]`` and a ``CertificationWarning``. The deployed solve is
             checked at the clean input only.
+
+    ``partial``: a :class:`~robustdeq.certify.resume.PartialResults` of
+    :class:`~robustdeq.certify.resume.BatchResults` (:func:`~robustdeq.certify.resume.certify_partial`;
+    one process): the batches it holds are taken from it and each batch computed is added to it as
+    soon as it is done, so a killed run resumes with the results of an uninterrupted one.
+
     Returns:
         :class:`CertReport` with one :class:`CertResult` per sample.
 
@@ -116,7 +124,7 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     """
     from .feedforward import certify_feedforward, is_feedforward
     if is_feedforward(model):  # the explicit baseline: IBP through the layers
-        return certify_feedforward(model, x, y, config, **options)
+        return certify_feedforward(model, x, y, config, partial=partial, **options)
     try:
         require_deq(model, "certify")
     except ConfigError as err:
@@ -125,7 +133,7 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     cfg = make_certify_config(config, **options)
     methods = _resolve_methods(cfg.methods, model, cfg.V, cfg.eps_linf)
     with preserve_model(model, "eval", who="certify"):
-        return _certify(model, x, y, cfg, methods)
+        return _certify(model, x, y, cfg, methods, partial)
 
 
 def _deployed(model: nn.Module, xb: Tensor, z_star: Tensor, pred: Tensor, deploy_tol: float) -> dict:
@@ -185,9 +193,10 @@ class _Batch:
     loc: Any = None
     lya: Any = None
     ibps: Dict[str, Any] = field(default_factory=dict)
+    ibp_reason: Optional[str] = None
 
 
-def _certify(model, x, y, cfg: CertifyConfig, methods: tuple) -> CertReport:
+def _certify(model, x, y, cfg: CertifyConfig, methods: tuple, partial=None) -> CertReport:
     x = model.check_input(x)
     check_labels(y, x.shape[0])
     t_all = time.perf_counter()
@@ -196,8 +205,15 @@ def _certify(model, x, y, cfg: CertifyConfig, methods: tuple) -> CertReport:
     _global_certificates(c)
     from ..distributed import context as _dist_context
     dist_ctx = _dist_context()
+    if partial is not None and dist_ctx is not None:
+        raise ConfigError("certify: partial results (resuming) are for one process, not a process group")
     for s in _batch_starts(c, dist_ctx):
-        _certify_batch(c, s)
+        batch = partial.done.get(s) if partial is not None else None
+        if batch is None:
+            batch = _certify_batch(c, s)
+            if partial is not None:
+                partial.add(batch)
+        _merge_batch(c, batch)
     if dist_ctx is not None:
         c.results, c.n_unconverged, c.n_refused, c.ibp_reason, local = _gather_shards(
             c.results, c.n_unconverged, c.n_refused, c.ibp_reason, c.glob.get("local"))
@@ -294,13 +310,26 @@ def _solve_batch(c: _Certification, s: int) -> _Batch:
     return _Batch(s=s, xb=xb, yb=yb, z=z, u=u, residual=residual, logits=logits, pred=pred)
 
 
-def _certify_batch(c: _Certification, s: int) -> None:
+def _merge_batch(c: _Certification, batch: BatchResults) -> None:
+    """Add a batch's results and counts to the certification (computed or read back)."""
+    c.results.extend(batch.results)
+    c.n_unconverged += batch.unconverged
+    c.n_refused += batch.refused
+    if batch.ibp_reason is not None:
+        c.ibp_reason = batch.ibp_reason
+    if batch.local is not None:
+        c.glob.setdefault("local", batch.local)
+
+
+def _certify_batch(c: _Certification, s: int) -> BatchResults:
+    """The certificates of the batch starting at input ``s`` (it changes only the timings of ``c``)."""
     cfg, work, methods = c.cfg, c.work, c.methods
     bt = _solve_batch(c, s)
     lab = bt.yb if bt.yb is not None else bt.pred
-    c.n_unconverged += int((bt.residual > cfg.fp_tol).sum())
+    unconverged = int((bt.residual > cfg.fp_tol).sum())
     bt.dep = _deployed(c.model, c.x[s:s + cfg.batch_size], bt.z, bt.pred, cfg.deploy_tol)
-    c.n_refused += int((~bt.dep["ok"]).sum())
+    refused = int((~bt.dep["ok"]).sum())
+    local = None
     if c.bound is not None and c.bound.available:
         t = time.perf_counter()
         bt.rad = certified_radius(c.bound, bt.logits, lab, bt.residual)
@@ -310,8 +339,7 @@ def _certify_batch(c: _Certification, s: int) -> None:
         bt.loc = local_stability(work, u=bt.u, z=bt.z, tol=cfg.fp_tol, method=cfg.local_method,
                                  iters=cfg.local_iters, dense_max=cfg.dense_max, seed=cfg.seed)
         c.clock("local", t)
-        c.glob.setdefault("local", {"method": bt.loc.method, "exact": bt.loc.exact, "note": bt.loc.describe(),
-                                    "fp_tol": cfg.fp_tol})
+        local = {"method": bt.loc.method, "exact": bt.loc.exact, "note": bt.loc.describe(), "fp_tol": cfg.fp_tol}
     if "lyapunov" in methods:
         t = time.perf_counter()
         bt.lya = lyapunov_decrease(work, bt.xb, c.V_used, steps=cfg.lyapunov_steps, perturb=cfg.perturb,
@@ -321,8 +349,8 @@ def _certify_batch(c: _Certification, s: int) -> None:
         t = time.perf_counter()
         _ibp_batch(c, bt, lab)
         c.clock("ibp", t)
-    for b in range(bt.xb.shape[0]):
-        c.results.append(_sample_result(c, bt, b))
+    return BatchResults(start=s, results=[_sample_result(c, bt, b) for b in range(bt.xb.shape[0])],
+                        unconverged=unconverged, refused=refused, ibp_reason=bt.ibp_reason, local=local)
 
 
 def _ibp_batch(c: _Certification, bt: _Batch, lab: Tensor) -> None:
@@ -333,7 +361,7 @@ def _ibp_batch(c: _Certification, bt: _Batch, lab: Tensor) -> None:
         dx = torch.maximum(xf - (xf - e).clamp(0, 1), (xf + e).clamp(0, 1) - xf).norm(dim=1)
         bt.ibps[_eps_key(e)] = (r, dx)
         if not r.applicable:
-            c.ibp_reason = r.reason
+            bt.ibp_reason = r.reason
 
 
 def _sample_result(c: _Certification, bt: _Batch, b: int) -> CertResult:
@@ -479,15 +507,22 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
             :func:`robustdeq.certify.smoothing.certify` (``options`` are
             :class:`~robustdeq.certify.smoothing.SmoothingConfig` fields and ``progress``) ->
             :class:`~robustdeq.certify.smoothing.SmoothingReport` (``certificate.json`` / ``.md`` /
-            ``certified_accuracy.png``). With ``out_dir`` (one process), smoothing keeps every
-            certified input in ``out_dir/partial_smoothing.jsonl`` as it finishes, and a rerun
-            of the same configuration resumes from it
-            (:mod:`robustdeq.certify.smoothing.resume`).
+            ``certified_accuracy.png``).
         dataset, split, root: the data (:func:`robustdeq.data.load_dataset`; ``root`` is
             required for ``mnist`` and ``cifar10``).
         n_inputs: certify the first ``n_inputs`` samples (None: all).
         out_dir: folder to write the report to (None: not written).
         map_location: the device the model is loaded to and certified on.
+
+    With ``out_dir`` in one process the run is resumable: the deterministic certificates keep
+    each batch of ``batch_size`` inputs in ``out_dir/partial_certify.jsonl`` as it finishes
+    (:mod:`robustdeq.certify.resume`), smoothing each certified input in
+    ``out_dir/partial_smoothing.jsonl`` (:mod:`robustdeq.certify.smoothing.resume`). A rerun of
+    the same configuration (settings, model, data) takes what the file holds and computes the
+    rest, ending with the report of an uninterrupted run (timings aside); a file of another
+    configuration is discarded with a warning, and the file is removed once the report is
+    written. Deterministic settings holding code (a callable ``V`` or ``perturb``) are not
+    resumed. In a process group the run starts again.
 
     The options are checked before the checkpoint is read. The body of
     ``robustdeq certify CHECKPOINT [--smoothing SIGMA]``.
@@ -514,10 +549,17 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
     x, y = x.to(map_location), y.to(map_location)
     from ..distributed import context, is_main
     partial = None
-    if method == "smoothing" and out_dir is not None and context() is None:
-        # each certified input is kept as it finishes: a killed run resumes (one process)
-        from .smoothing.resume import PartialResults, config_hash
-        partial = kwargs["partial"] = PartialResults(out_dir, config_hash(cfg, model, x, y), x.shape[0])
+    if out_dir is not None and context() is None:
+        # each certified input (smoothing) or batch (deterministic) is kept as it finishes: a
+        # killed run resumes (one process)
+        if method == "smoothing":
+            from .smoothing.resume import config_hash, smoothing_partial
+            partial = smoothing_partial(out_dir, config_hash(cfg, model, x, y), x.shape[0])
+        else:
+            from .resume import certify_partial
+            partial = certify_partial(out_dir, cfg, model, x, y)
+        if partial is not None:
+            kwargs["partial"] = partial
     try:
         rep = run(model, x, y, cfg, **kwargs)
     finally:

@@ -26,6 +26,7 @@ from ..guard import preserve_model
 from .._support import user_stacklevel
 from .config import CertifyConfig, make_certify_config
 from .report import CertReport, CertResult, _eps_key, summarize
+from .resume import BatchResults
 
 _NO_L2 = ("a feed-forward network has no certified L2 radius here (IBP through the layers "
           "certifies Linf radii only)")
@@ -46,8 +47,8 @@ def is_feedforward(model: nn.Module) -> bool:
 
 
 def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
-                        config: Union[CertifyConfig, Mapping[str, Any], None] = None,
-                        **options: Any) -> CertReport:
+                        config: Union[CertifyConfig, Mapping[str, Any], None] = None, *,
+                        partial=None, **options: Any) -> CertReport:
     """Linf certificates of a feed-forward classifier by IBP through its layers (see the module),
     one :class:`CertResult` per sample (``details["linf"][eps]``: ``certified``, ``ibp``,
     ``lower_margin``), in a :class:`CertReport`.
@@ -56,8 +57,8 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     be ``"auto"`` or ``["ibp"]`` (the other methods need a fixed point: ConfigError, as is any
     setting only a DEQ's certificates use, e.g. ``solver`` or ``deploy_tol``), ``eps_l2``
     gets no certificate (said in the report and by a :class:`CertificationWarning`). ``y`` None:
-    the predictions are certified instead (certified fractions)."""
-    from .ibp import ibp_certify_feedforward
+    the predictions are certified instead (certified fractions). ``partial``: batches kept on
+    disk, as for :func:`robustdeq.certify.certify`."""
     cfg = make_certify_config(config, **options)
     if not is_feedforward(model):
         raise ConfigError(f"certify_feedforward needs a feed-forward network (an nn.Sequential, or a module "
@@ -84,30 +85,15 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
                              f"{tuple(y.shape)} and dtype {y.dtype}")
     t_all = time.perf_counter()
     results = []
-    t_ibp = 0.0
+    t_ibp = [0.0]
     with preserve_model(model, "eval", who="certify"), torch.no_grad():
         for s in range(0, n, cfg.batch_size):
-            xb = x[s:s + cfg.batch_size]
-            pred = model(xb).argmax(1)
-            lab = y[s:s + cfg.batch_size].to(pred.device) if y is not None else pred
-            per_eps = {}
-            t0 = time.perf_counter()
-            for e in cfg.eps_linf:
-                r = ibp_certify_feedforward(model, xb, lab, float(e))
-                if not r.applicable:
-                    raise ConfigError(f"IBP does not apply to {type(model).__name__}: {r.reason}")
-                per_eps[_eps_key(e)] = r
-            t_ibp += time.perf_counter() - t0
-            for b in range(xb.shape[0]):
-                correct = bool(pred[b] == lab[b]) if y is not None else None
-                d = {"index": s + b, "label": int(lab[b]) if y is not None else None, "pred": int(pred[b]),
-                     "correct": correct, "stability": {}, "stability_basis": ["feed-forward network"],
-                     "l2_certified": {_eps_key(e): False for e in cfg.eps_l2},
-                     "linf": {k: {"certified": bool(r.certified[b]) and correct is not False,
-                                  "ibp": bool(r.certified[b]), "via_l2_radius": False,
-                                  "lower_margin": float(r.lower_margin[b])} for k, r in per_eps.items()}}
-                results.append(CertResult(stable=True, bound=None, radius=0.0,
-                                          method="feed-forward network; Linf: IBP through the layers", details=d))
+            batch = partial.done.get(s) if partial is not None else None
+            if batch is None:
+                batch = _feedforward_batch(model, x, y, cfg, s, t_ibp)
+                if partial is not None:
+                    partial.add(batch)
+            results.extend(batch.results)
     if cfg.eps_l2:
         warnings.warn(f"certify: {type(model).__name__} gets no certified L2 radius ({_NO_L2})",
                       CertificationWarning, stacklevel=user_stacklevel())
@@ -126,10 +112,39 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
                              "cell": "feed-forward", "solver": None},
                       settings=settings, global_certificates=glob, results=results,
                       summary=summarize(results, cfg.eps_l2, cfg.eps_linf),
-                      timing={"ibp_s": t_ibp, "total_s": total, "per_sample_s": total / max(n, 1)},
+                      timing={"ibp_s": t_ibp[0], "total_s": total, "per_sample_s": total / max(n, 1)},
                       provenance={"robustdeq": __version__, "torch": torch.__version__,
                                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                                       timespec="seconds")})
+
+
+def _feedforward_batch(model: nn.Module, x: Tensor, y: Optional[Tensor], cfg: CertifyConfig, s: int,
+                       t_ibp: list) -> BatchResults:
+    """The certificates of the batch starting at input ``s`` (IBP's seconds added to ``t_ibp[0]``)."""
+    from .ibp import ibp_certify_feedforward
+    xb = x[s:s + cfg.batch_size]
+    pred = model(xb).argmax(1)
+    lab = y[s:s + cfg.batch_size].to(pred.device) if y is not None else pred
+    per_eps = {}
+    t0 = time.perf_counter()
+    for e in cfg.eps_linf:
+        r = ibp_certify_feedforward(model, xb, lab, float(e))
+        if not r.applicable:
+            raise ConfigError(f"IBP does not apply to {type(model).__name__}: {r.reason}")
+        per_eps[_eps_key(e)] = r
+    t_ibp[0] += time.perf_counter() - t0
+    results = []
+    for b in range(xb.shape[0]):
+        correct = bool(pred[b] == lab[b]) if y is not None else None
+        d = {"index": s + b, "label": int(lab[b]) if y is not None else None, "pred": int(pred[b]),
+             "correct": correct, "stability": {}, "stability_basis": ["feed-forward network"],
+             "l2_certified": {_eps_key(e): False for e in cfg.eps_l2},
+             "linf": {k: {"certified": bool(r.certified[b]) and correct is not False,
+                          "ibp": bool(r.certified[b]), "via_l2_radius": False,
+                          "lower_margin": float(r.lower_margin[b])} for k, r in per_eps.items()}}
+        results.append(CertResult(stable=True, bound=None, radius=0.0,
+                                  method="feed-forward network; Linf: IBP through the layers", details=d))
+    return BatchResults(start=s, results=results)
 
 
 __all__ = ["is_feedforward", "certify_feedforward"]
