@@ -80,7 +80,12 @@ def _load_resume(path: Path, cfg: FederatedConfig):
             f"{path} belongs to a federated run with different settings (config hash "
             f"{extra.get('config_hash')!r}, this run {config_hash(cfg)!r}); use another output "
             "folder or resume=False")
-    return ck.state_dict, int(extra.get("round", 0)), json.loads(extra.get("history", "[]"))
+    done = int(extra.get("round", 0))
+    if done > cfg.rounds:  # its global model is trained past what is asked
+        raise CheckpointError(
+            f"{path} holds a federated run of {done} rounds, more than the {cfg.rounds} asked for; "
+            f"use another out_dir, resume=False to overwrite it, or rounds >= {done}")
+    return ck.state_dict, done, json.loads(extra.get("history", "[]"))
 
 
 def _fail_round(r: int, outcome, history, summary, out: Optional[Path], seconds: float) -> None:

@@ -498,6 +498,21 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, task_ident
     assert all(torch.equal(again.state[k], v) for k, v in full.state.items())
 
 
+def test_resume_with_fewer_rounds_than_done_is_refused(tmp_path, task_identity):
+    """A finished run is not returned as if it had the fewer rounds asked for."""
+    from robustdeq.federated.server import run_rounds
+    cfg = FederatedConfig.from_dict({**SIM, "rounds": 2, "clients": 2, "batch_size": 128,
+                                     "model_options": {"hidden": 8}})
+    run_rounds(InlineGrid(2), cfg, tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    grid = InlineGrid(2)
+    with pytest.raises(CheckpointError, match="2 rounds, more than the 1 asked for"):
+        run_rounds(grid, cfg.replace(rounds=1), tmp_path)
+    assert grid.sent == 0 and (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert len(run_rounds(InlineGrid(2), cfg, tmp_path).rounds) == 2       # the same rounds resume
+    assert len(run_rounds(InlineGrid(2), cfg.replace(rounds=1), tmp_path, resume=False).rounds) == 1
+
+
 def test_client_that_raises_is_dropped_and_round_goes_on(tmp_path, task_identity):
     from robustdeq.federated.server import run_rounds
     cfg = FederatedConfig.from_dict({**SIM, "rounds": 1, "clients": 3, "faults": {"1": "raise", "2": "inf"}})
