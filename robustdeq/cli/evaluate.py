@@ -51,6 +51,8 @@ def add_parsers(sub) -> None:
     h.set_defaults(wrap="entropy")
     h.add_argument("--suite", default="quick", choices=SUITES.names())
     h.add_argument("--out", default=None)
+    h.add_argument("--no-resume", action="store_true",
+                   help="evaluate again even if --out holds the reports (of other settings: overwritten)")
     h.set_defaults(func=cmd_harden)
 
 
@@ -171,7 +173,8 @@ def cmd_harden(args) -> int:
         if out is not None:
             written.append(str(out))
         rep = evaluate(m, x, y, threat=args.norm, eps=list(floats(args.eps)), suite=args.suite,
-                       steps=args.steps, seed=args.seed, out_dir=out, progress=not args.no_progress)
+                       steps=args.steps, seed=args.seed, out_dir=out, resume=not args.no_resume,
+                       progress=not args.no_progress)
         rows.append([name, f"{rep.clean_accuracy:.4f}"] + [f"{r.robust_accuracy:.4f}" for r in rep.results]
                     + [", ".join(rep.fired) or "-"])
     eps_cols = [f"robust @ {args.norm} {e:g}" for e in floats(args.eps)]

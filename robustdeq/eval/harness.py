@@ -373,6 +373,9 @@ def _plan(ev: _Evaluation) -> None:
         "transfer_sources": {k: hash_model(v.model) for k, v in ev.views.items()
                              if getattr(v, "view_kind", None) == "transfer"},
     }
+    describe = getattr(ev.model, "describe", None)
+    if callable(describe):  # an inference-time defense's settings are not in its state dict
+        ev.config["describe"] = json.loads(json.dumps(describe(), sort_keys=True, default=str))
     ev.config_hash = hashlib.sha256(json.dumps(ev.config, sort_keys=True).encode()).hexdigest()
 
 

@@ -84,8 +84,8 @@ class PartialStore:
             if old_hash and old_hash != config_hash:
                 raise ConfigError(
                     f"{done} is the report of a different configuration (hash {old_hash[:12]} vs "
-                    f"{config_hash[:12]}: model parameters, data, threat, eps, suite, steps, seed or batch "
-                    "size changed); use another out_dir or resume=False to overwrite it")
+                    f"{config_hash[:12]}: model parameters or defense settings, data, threat, eps, suite, "
+                    "steps, seed or batch size changed); use another out_dir or resume=False to overwrite it")
         self.config_hash = config_hash
         if self.manifest.is_file():
             try:
@@ -100,9 +100,9 @@ class PartialStore:
             if resume and not same and old:
                 raise ConfigError(
                     f"{self.dir} holds a partial evaluation of a different configuration (hash "
-                    f"{str(old.get('config_hash'))[:12]} vs {config_hash[:12]}: model parameters, data, "
-                    "threat, eps, suite, steps, seed or batch size changed); use another out_dir or "
-                    "resume=False to overwrite it")
+                    f"{str(old.get('config_hash'))[:12]} vs {config_hash[:12]}: model parameters or defense "
+                    "settings, data, threat, eps, suite, steps, seed or batch size changed); use another "
+                    "out_dir or resume=False to overwrite it")
             if not resume or not same:
                 self.clear()
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,14 @@ def test_harden_evaluates_plain_and_wrapped_and_says_where_its_reports_went(ckpt
     assert "as trained" in out and "+ entropy" in out
     assert str(tmp_path / "as_trained") in out and str(tmp_path / "with_entropy") in out
     assert (tmp_path / "with_entropy" / "report.json").exists()
+    # the same folder with other defense settings: refused (not the stored report), or redone
+    args = ["harden", str(ckpt), "--eps", "0.3", "-n", "2", "--steps", "1", "--no-progress",
+            "--wrap-options", '{"rounds": 3, "inner_steps": 1}', "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "with_entropy" in capsys.readouterr().err
+    assert main(args + ["--no-resume"]) == 0
+    rep = json.loads((tmp_path / "with_entropy" / "report.json").read_text())
+    assert rep["provenance"]["model"]["describe"]["rounds"] == 3
 
 
 def test_demo_training_part(tmp_path, capsys):

@@ -36,3 +36,23 @@ def test_checks_asked_on_a_finished_report_without_them_are_run(digits_test, tra
     rep = evaluate(trained_mlp, x, y, out_dir=tmp_path, checks=True, **KW)
     assert rep.checks, "the checks asked for were silently left out"
     assert [r.robust for r in rep.results] == [r.robust for r in first.results]
+
+
+def test_a_defense_with_other_settings_is_not_given_the_finished_report(digits_test, trained_deq, tmp_path):
+    """An inference-time defense's settings (not in its state dict) are part of the configuration:
+    the report of the same defense with other settings is refused, not returned."""
+    import pytest
+
+    from robustdeq.defenses import EntropyDefense
+    from robustdeq.errors import ConfigError
+    x, y = digits_test(8)
+    kw = dict(KW, steps=1, checks=False)
+    evaluate(EntropyDefense(trained_deq, rounds=2, inner_steps=2), x, y, out_dir=tmp_path, **kw)
+    again = evaluate(EntropyDefense(trained_deq, rounds=2, inner_steps=2), x, y, out_dir=tmp_path, **kw)
+    assert all(a.resumed for r in again.results for a in r.attacks)
+    with pytest.raises(ConfigError, match="different configuration"):
+        evaluate(EntropyDefense(trained_deq, rounds=3, inner_steps=2), x, y, out_dir=tmp_path, **kw)
+    other = evaluate(EntropyDefense(trained_deq, rounds=3, inner_steps=2), x, y, out_dir=tmp_path,
+                     resume=False, **kw)
+    assert other.provenance["model"]["describe"]["rounds"] == 3
+    assert not any(a.resumed for r in other.results for a in r.attacks)
