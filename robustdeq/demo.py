@@ -86,17 +86,17 @@ DEMO_EVAL = {"threat": "Linf", "eps": list(DEMO_EPS), "suite": "standard", "step
              "cascade": True}
 
 
-def _evaluate(model, x, y, out_dir, progress, protocol: Optional[dict] = None):
+def _evaluate(model, x, y, out_dir, progress, protocol: Optional[dict] = None, resume: bool = True):
     from .eval import evaluate
     return evaluate(model, x, y, **(DEMO_EVAL if protocol is None else protocol), out_dir=out_dir,
-                    progress=progress)
+                    progress=progress, resume=resume)
 
 
 def _evaluate_checkpoint(checkpoint: str, x, y, out_dir: str, device: Optional[str], threads: int,
-                         protocol: dict) -> None:
+                         protocol: dict, resume: bool = True) -> None:
     """The second process of a two-job demo: evaluate the model saved at ``checkpoint`` as
     :func:`_evaluate` does in the main process (the ``protocol`` it is handed, the same report
-    folder; no progress bars), with ``threads`` intra-op threads."""
+    folder, ``resume``; no progress bars), with ``threads`` intra-op threads."""
     import torch
 
     from .checkpoint import load_model
@@ -104,7 +104,7 @@ def _evaluate_checkpoint(checkpoint: str, x, y, out_dir: str, device: Optional[s
     model, _ = load_model(checkpoint, map_location=device or "cpu")
     if device is not None:
         x, y = x.to(device), y.to(device)
-    _evaluate(model, x, y, Path(out_dir), False, protocol)
+    _evaluate(model, x, y, Path(out_dir), False, protocol, resume)
 
 
 class _SecondProcess:
@@ -140,7 +140,8 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
     builds the models). ``jobs=2`` evaluates the undefended model (from its checkpoint) in a
     second process while this one trains and evaluates the hardened model; the reports are the
     same as with ``jobs=1`` (the main process then reads the finished evaluation back from its
-    folder). Writes and returns the summary (``out/summary.json``)."""
+    folder). ``resume``: continue the trainings and evaluations found in ``out`` (False: train
+    and evaluate again). Writes and returns the summary (``out/summary.json``)."""
     from .certify import certify
     from .defenses.recipes import recipe
     from .train import evaluate_clean, train_model
@@ -183,7 +184,8 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
         import torch
         say(f"\nevaluating the undefended model on {n} test samples ({what}) in a second process")
         second = _SecondProcess(_evaluate_checkpoint, summary["checkpoint"], xs, ys,
-                                str(out / "eval_undefended"), device, torch.get_num_threads(), dict(DEMO_EVAL))
+                                str(out / "eval_undefended"), device, torch.get_num_threads(), dict(DEMO_EVAL),
+                                resume)
     if device is not None:
         xs, ys = xs.to(device), ys.to(device)
     try:
@@ -200,7 +202,7 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
         here = [(defense, hard)] if second is not None else [("undefended", model), (defense, hard)]
         for name, m in here:
             say(f"\nevaluating the {name} model on {n} test samples ({what})")
-            reports[name] = _evaluate(m, xs, ys, out / f"eval_{name}", progress)
+            reports[name] = _evaluate(m, xs, ys, out / f"eval_{name}", progress, None, resume)
         if second is not None:
             say("\nwaiting for the undefended model's evaluation in the second process")
             second.result()

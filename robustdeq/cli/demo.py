@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     d.add_argument("--defense", default="jiio-at", help="training recipe of the hardened model (see robustdeq train)")
     d.add_argument("--skip-eval", action="store_true", help="only train and report the undefended DEQ")
     d.add_argument("--no-progress", action="store_true")
-    d.add_argument("--no-resume", action="store_true", help="retrain even if a checkpoint exists")
+    d.add_argument("--no-resume", action="store_true", help="train and evaluate again even if the folder holds them")
     d.add_argument("--jobs", type=int, choices=(1, 2), default=None,
                    help="processes: 2 evaluates the undefended model in a second process while the "
                         "hardened one trains and is evaluated (same reports); default 2 on a machine "

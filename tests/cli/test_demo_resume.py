@@ -1,0 +1,35 @@
+"""The demo rerun on its folder: ``resume=False`` (``--no-resume``) trains and evaluates again,
+evaluations included."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from robustdeq import demo, train
+from robustdeq.errors import ConfigError
+
+SMALL_EVAL = {"threat": "Linf", "eps": [0.1], "suite": ["pgd-ift"], "steps": 2, "seed": 0,
+              "cascade": True, "checks": False}
+
+
+@pytest.fixture
+def small_demo(monkeypatch):
+    real_train = train.train_model
+    monkeypatch.setattr(train, "train_model", lambda name, opts, t, **kw: real_train(
+        name, {**opts, "hidden": 8}, {**t, "epochs": 1}, **kw))
+    monkeypatch.setattr(demo, "DEMO_EVAL", SMALL_EVAL)
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_no_resume_evaluates_again(tmp_path, small_demo, jobs):
+    kw = dict(defense="none", progress=False, say=lambda s: None, jobs=jobs)
+    demo.run_demo(tmp_path, samples=8, **kw)
+    again = demo.run_demo(tmp_path, samples=6, resume=False, **kw)
+    assert again["robustness"]["samples"] == 6 and _summary(tmp_path)["robustness"]["samples"] == 6
+    for name in ("eval_undefended", "eval_none"):
+        assert json.loads((tmp_path / name / "report.json").read_text())["n_samples"] == 6
