@@ -129,6 +129,21 @@ class _SecondProcess:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _write_training_summary(path: Path, summary: dict) -> None:
+    """``summary.json`` once the undefended model is trained: ``summary``, unless the file already
+    holds the summary of this same training (a finished demo's, rerun), whose evaluation and
+    certificate still describe the folder: a rerun refused later (another ``samples``) or killed
+    does not wipe them."""
+    new = json.loads(json.dumps(round_floats(summary)))
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and all(old.get(k) == v for k, v in new.items()):
+        return
+    path.write_text(json.dumps(new, indent=2))
+
+
 def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples: int = 100,
              defense: str = "jiio-at", skip_eval: bool = False, progress: bool = True, resume: bool = True,
              say: Optional[Callable[[str], None]] = None, device: Optional[str] = None, jobs: int = 1) -> dict:
@@ -170,7 +185,7 @@ def run_demo(out: Path, *, epochs: Optional[int] = None, seed: int = 0, samples:
     }
     say("== robustdeq demo: DEQ on scikit-learn digits ==")
     say(solver_table(summary))
-    (out / "summary.json").write_text(json.dumps(round_floats(summary), indent=2))
+    _write_training_summary(out / "summary.json", summary)
     if skip_eval:
         say(f"\nwrote {out / 'summary.json'}, {summary['checkpoint']}, TensorBoard log {summary['tensorboard']}")
         return summary

@@ -1,5 +1,5 @@
-"""The demo rerun on its folder: ``resume=False`` (``--no-resume``) trains and evaluates again,
-evaluations included."""
+"""The demo rerun on its folder: other settings are refused without wiping the finished summary,
+and ``resume=False`` (``--no-resume``) trains and evaluates again, evaluations included."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,16 @@ def small_demo(monkeypatch):
 
 def _summary(out):
     return json.loads((out / "summary.json").read_text())
+
+
+def test_other_samples_are_refused_and_the_finished_summary_kept(tmp_path, small_demo):
+    kw = dict(defense="none", progress=False, say=lambda s: None, jobs=1)
+    demo.run_demo(tmp_path, samples=8, **kw)
+    finished = _summary(tmp_path)
+    assert finished["robustness"]["samples"] == 8 and "certificate" in finished
+    with pytest.raises(ConfigError, match="different configuration"):
+        demo.run_demo(tmp_path, samples=6, **kw)
+    assert _summary(tmp_path) == finished
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
