@@ -280,9 +280,9 @@ class APGD(Attack):
         view = (b,) + (1,) * (x.dim() - 1)
         x_adv = self._random_start(x, gen)
         x_best, x_best_adv = x_adv.clone(), x_adv.clone()
-        loss_steps = torch.zeros(n_iter, b, device=x.device)
 
         out = oracle(x_adv, y_loss, loss_fn)
+        loss_steps = torch.zeros(n_iter, b, device=x.device, dtype=out.loss.dtype)  # a float64 model's losses
         grad = out.grad.clone()
         grad_best = grad.clone()
         acc = ~self._hits(x_adv, out.logits, y, torch.ones_like(y, dtype=torch.bool))

@@ -1,0 +1,32 @@
+"""User models of the kinds docs/bring-your-own-model.md supports, beyond the guide's example:
+a float64 model, a forward that returns a tuple or a dict, an adopted TorchDEQ model copied after
+an attack."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import robustdeq
+from robustdeq.attacks import APGD, PGD
+from robustdeq.errors import ConfigError
+from robustdeq.eval import evaluate
+
+
+def _x_y(n=4):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 8, 8, generator=g), torch.arange(n) % 3
+
+
+def test_apgd_runs_on_a_float64_model():
+    """A float64 model's losses are float64; the attack's per-step loss record was float32 and
+    every step's write into it failed."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).double().eval()
+    x, y = _x_y()
+    x = x.double()
+    x_adv = APGD(model, eps=0.1, steps=3, seed=0)(x, y)
+    assert x_adv.dtype == x.dtype and float((x_adv - x).abs().max()) <= 0.1 + 1e-6
+    assert next(model.parameters()).dtype == torch.float64
