@@ -89,13 +89,17 @@ def check_input_gradient(model: nn.Module, x: Tensor, *, who: str = "the attack"
 
     One forward and one backward pass on one sample; the gradient's values are not judged (a
     zero gradient is a property of the model that the evaluation checks look at), only its
-    existence."""
+    existence. A model whose output is not a tensor (a tuple, a dict) is a
+    :class:`~robustdeq.errors.ConfigError`."""
     x1 = x[:1].detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        out = model(x1)
-        logits = out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor) else out
+        logits = model(x1)
         if not isinstance(logits, Tensor):
-            return  # not a logits tensor: the attack reports its own error
+            raise ConfigError(
+                f"{who}: {type(model).__name__}.forward returns {type(logits).__name__}, not a logits "
+                "tensor; attacks and evaluations need a model whose forward(x) returns the logits "
+                "(B, num_classes): wrap it in a module whose forward returns the logits part of the "
+                "output")
         g = (torch.autograd.grad(logits.float().sum(), x1, allow_unused=True)[0]
              if logits.requires_grad else None)
     if g is None:

@@ -30,3 +30,28 @@ def test_apgd_runs_on_a_float64_model():
     x_adv = APGD(model, eps=0.1, steps=3, seed=0)(x, y)
     assert x_adv.dtype == x.dtype and float((x_adv - x).abs().max()) <= 0.1 + 1e-6
     assert next(model.parameters()).dtype == torch.float64
+
+
+class _TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 3)
+
+    def forward(self, x):
+        logits = self.lin(x.flatten(1))
+        return logits, logits.softmax(1)
+
+
+class _DictOut(_TupleOut):
+    def forward(self, x):
+        return {"logits": self.lin(x.flatten(1))}
+
+
+@pytest.mark.parametrize("cls, kind", [(_TupleOut, "tuple"), (_DictOut, "dict")])
+def test_a_forward_that_does_not_return_a_tensor_is_refused_with_its_type(cls, kind):
+    model = cls().eval()
+    x, y = _x_y()
+    with pytest.raises(ConfigError, match=rf"_\w+Out.forward returns {kind}, not a logits tensor"):
+        evaluate(model, x, y, eps=0.1, suite="quick", steps=2)
+    with pytest.raises(ConfigError, match=rf"returns {kind}"):
+        PGD(model, eps=0.1, steps=2, seed=0)(x, y)
