@@ -299,6 +299,13 @@ class AdoptedDEQClassifier(DEQClassifier):
     def deq(self) -> AdoptedDEQ:
         return self.net.get_submodule(self.deq_name)
 
+    def __getstate__(self):
+        # the latest input and captured closure are per-call caches: a copy (deepcopy, pickle)
+        # starts without them (a non-leaf input of an attack cannot be deep-copied)
+        state = super().__getstate__()
+        state["_u"], state["_cap"] = None, None
+        return state
+
     def _call_net(self, x: Tensor, hook: Callable) -> Any:
         deq = self.deq
         deq._hook = hook

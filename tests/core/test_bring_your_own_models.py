@@ -55,3 +55,22 @@ def test_a_forward_that_does_not_return_a_tensor_is_refused_with_its_type(cls, k
         evaluate(model, x, y, eps=0.1, suite="quick", steps=2)
     with pytest.raises(ConfigError, match=rf"returns {kind}"):
         PGD(model, eps=0.1, steps=2, seed=0)(x, y)
+
+
+def test_an_adopted_model_can_be_copied_and_certified_after_an_attack():
+    """The adopted classifier keeps the latest input for its read-out; after a call on a
+    non-leaf input (what attacks pass) a deep copy (certify's working copy) must still work."""
+    pytest.importorskip("torchdeq")
+    from helpers.torchdeq_models import TorchDEQMLP
+    from robustdeq.certify import certify
+    adopted = robustdeq.adopt(TorchDEQMLP(width=8).eval())
+    x, y = _x_y()
+    delta = torch.zeros_like(x, requires_grad=True)
+    adopted(x + delta).sum().backward()
+    twin = copy.deepcopy(adopted)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), adopted(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = certify(adopted, x, y, eps_l2=(0.05,), methods=["local"])
+    assert len(rep.results) == x.shape[0]
