@@ -125,6 +125,11 @@ def check_labels(y: Any, x: Tensor, *, name: str = "y") -> Tensor:
 
 
 def check_num_classes(y: Tensor, logits: Tensor, name: str = "y") -> None:
+    """``logits`` are (B, num_classes) and every label of ``y`` indexes one of them."""
+    if logits.dim() != 2:
+        raise ConfigError(f"the model outputs logits of shape {tuple(logits.shape)}; attacks and "
+                          "evaluations need (B, num_classes) (a binary classifier with one logit s: "
+                          "return torch.stack([-s, s], 1) / 2)")
     if y.numel() and int(y.max()) >= logits.shape[-1]:
         raise InputError(f"{name} has class index {int(y.max())} but the model outputs "
                          f"{logits.shape[-1]} logits")

@@ -74,3 +74,21 @@ def test_an_adopted_model_can_be_copied_and_certified_after_an_attack():
         warnings.simplefilter("ignore")
         rep = certify(adopted, x, y, eps_l2=(0.05,), methods=["local"])
     assert len(rep.results) == x.shape[0]
+
+
+class _OneLogit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 1)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)).squeeze(1)
+
+
+def test_one_dimensional_logits_are_refused_with_their_shape():
+    model = _OneLogit().eval()
+    x, y = _x_y()
+    with pytest.raises(ConfigError, match=r"logits of shape \(4,\).*\(B, num_classes\)"):
+        evaluate(model, x, y % 2, eps=0.1, suite="quick", steps=2)
+    with pytest.raises(ConfigError, match=r"logits of shape \(4,\)"):
+        APGD(model, eps=0.1, steps=2, seed=0)(x, y % 2)
