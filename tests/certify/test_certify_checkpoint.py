@@ -1,22 +1,15 @@
 """certify_checkpoint(path, method=...): one entry point for a checkpoint's certificates; each method
 gives the report its direct call gives on the same samples."""
 import pytest
-import torch
 
 from robustdeq.certify import CertReport, certify, certify_checkpoint, smoothing
-from robustdeq.checkpoint import save_checkpoint
 from robustdeq.data import load_digits
-from robustdeq.deq import zoo
 from robustdeq.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = zoo.build("mlp_deq", hidden=8, norm="spectral", scale=0.5)
-    path = tmp_path_factory.mktemp("ck") / "m.pt"
-    save_checkpoint(path, model, model_config=model.robustdeq_config)
-    return path, model
+def ckpt(contractive_checkpoint):
+    return contractive_checkpoint
 
 
 def test_smoothing_method_equals_the_direct_call(ckpt, tmp_path):

@@ -25,12 +25,8 @@ class Interrupt(Exception):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = zoo.build("mlp_deq", hidden=8, norm="spectral", scale=0.5)
-    path = tmp_path_factory.mktemp("ck") / "m.pt"
-    save_checkpoint(path, model, model_config=model.robustdeq_config)
-    return path
+def ckpt(contractive_checkpoint):
+    return contractive_checkpoint[0]
 
 
 def _counting(monkeypatch, module, name):

@@ -4,13 +4,10 @@ certificate of an uninterrupted run; a file of other settings or a torn line is 
 import json
 
 import pytest
-import torch
 
 from robustdeq.certify import certify_checkpoint
 from robustdeq.certify.smoothing import engine
 from robustdeq.certify.smoothing.resume import PARTIAL_FILE
-from robustdeq.checkpoint import save_checkpoint
-from robustdeq.deq import zoo
 
 N = 4
 
@@ -20,12 +17,8 @@ class Interrupt(Exception):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = zoo.build("mlp_deq", hidden=8, norm="spectral", scale=0.5)
-    path = tmp_path_factory.mktemp("ck") / "m.pt"
-    save_checkpoint(path, model, model_config=model.robustdeq_config)
-    return path
+def ckpt(contractive_checkpoint):
+    return contractive_checkpoint[0]
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from robustdeq import demo, train
+from helpers.training import shrink_demo
+from robustdeq import demo
 from robustdeq.errors import ConfigError
 from robustdeq.eval.report import EvalReport
 
@@ -15,10 +16,7 @@ SMALL_EVAL = {"threat": "Linf", "eps": [0.1], "suite": ["pgd-ift", "apgd-ce"], "
 
 @pytest.fixture
 def small_demo(monkeypatch):
-    real_train = train.train_model
-    monkeypatch.setattr(train, "train_model", lambda name, opts, t, **kw: real_train(
-        name, {**opts, "hidden": 8}, {**t, "epochs": 1}, **kw))
-    monkeypatch.setattr(demo, "DEMO_EVAL", SMALL_EVAL)
+    shrink_demo(monkeypatch, SMALL_EVAL)
     returned = []
     real_eval = demo._evaluate
     monkeypatch.setattr(demo, "_evaluate", lambda *a: returned.append((a[3].name, real_eval(*a))) or returned[-1][1])

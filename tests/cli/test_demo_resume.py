@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from robustdeq import demo, train
+from helpers.training import shrink_demo
+from robustdeq import demo
 from robustdeq.errors import ConfigError
 
 SMALL_EVAL = {"threat": "Linf", "eps": [0.1], "suite": ["pgd-ift"], "steps": 2, "seed": 0,
@@ -15,10 +16,7 @@ SMALL_EVAL = {"threat": "Linf", "eps": [0.1], "suite": ["pgd-ift"], "steps": 2, 
 
 @pytest.fixture
 def small_demo(monkeypatch):
-    real_train = train.train_model
-    monkeypatch.setattr(train, "train_model", lambda name, opts, t, **kw: real_train(
-        name, {**opts, "hidden": 8}, {**t, "epochs": 1}, **kw))
-    monkeypatch.setattr(demo, "DEMO_EVAL", SMALL_EVAL)
+    shrink_demo(monkeypatch, SMALL_EVAL)
 
 
 def _summary(out):

@@ -26,3 +26,13 @@ def fit_minibatches(model, x, y, steps, *, lr=1e-2, grad=None, seed=0, batch=128
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def shrink_demo(monkeypatch, protocol: dict) -> None:
+    """Make ``robustdeq demo`` tiny: its trainings at hidden 8 for one epoch, its evaluations
+    under ``protocol`` (an ``evaluate`` protocol dict)."""
+    from robustdeq import demo, train
+    real_train = train.train_model
+    monkeypatch.setattr(train, "train_model", lambda name, opts, t, **kw: real_train(
+        name, {**opts, "hidden": 8}, {**t, "epochs": 1}, **kw))
+    monkeypatch.setattr(demo, "DEMO_EVAL", protocol)
