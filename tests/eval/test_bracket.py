@@ -1,5 +1,4 @@
 """The robustness bracket (robustdeq.eval.bracket): certified <= robust <= attacked, alarms."""
-import copy
 import json
 
 import pytest
