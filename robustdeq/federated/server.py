@@ -224,13 +224,16 @@ def _run_rounds(grid, cfg: FederatedConfig, out_dir, *, strategy, progress, resu
             if out is not None:
                 from ..checkpoint import save_checkpoint
                 from .report import write_outputs
+                # the reports first, the checkpoint last: a run killed in between redoes the round
+                # and rewrites them (the other way round, a rerun finding the last round's
+                # checkpoint would have nothing to do and leave the reports a round behind)
+                write_outputs(out, summary)
                 save_checkpoint(ck_path, state, model_config=mcfg,
                                 metadata={"dataset": cfg.dataset, "federated": True, "round": r,
                                           "metrics": {"accuracy": ev["accuracy"],
                                                       "robust_accuracy": ev["robust_accuracy"]}},
                                 extra_state={"round": r, "history": json.dumps(history, default=float),
                                              "config_hash": config_hash(cfg), "config": cfg.to_json()})
-                write_outputs(out, summary)
             logger.info("round %d: accuracy %.4f robust %s fused %d dropped %d rejected %d",
                         r, ev["accuracy"], ev["robust_accuracy"], len(outcome.clients),
                         len(outcome.dropped), len(outcome.rejected))

@@ -498,6 +498,31 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, task_ident
     assert all(torch.equal(again.state[k], v) for k, v in full.state.items())
 
 
+def test_a_run_killed_between_a_rounds_outputs_ends_with_them_whole(tmp_path, task_identity, monkeypatch):
+    """Killed while the last round's reports are written, a rerun redoes that round: the reports
+    are never left a round behind the checkpoint (with the checkpoint written first, the rerun
+    found nothing to do and left summary.json at round 1)."""
+    from robustdeq.federated import report
+    from robustdeq.federated.server import run_rounds
+    cfg = FederatedConfig.from_dict({**SIM, "rounds": 2, "clients": 2, "batch_size": 128,
+                                     "model_options": {"hidden": 8}})
+    real = report.write_outputs
+
+    def killed_at_round_2(out, summary):
+        if len(summary["rounds"]) == 2:
+            raise _Interrupt()
+        return real(out, summary)
+    monkeypatch.setattr(report, "write_outputs", killed_at_round_2)
+    with pytest.raises(_Interrupt):
+        run_rounds(InlineGrid(2), cfg, tmp_path)
+    monkeypatch.setattr(report, "write_outputs", real)
+    grid = InlineGrid(2)
+    res = run_rounds(grid, cfg, tmp_path)
+    assert grid.sent == 2                      # round 2 again
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2] == [r["round"] for r in res.rounds]
+
+
 def test_resume_with_fewer_rounds_than_done_is_refused(tmp_path, task_identity):
     """A finished run is not returned as if it had the fewer rounds asked for."""
     from robustdeq.federated.server import run_rounds
