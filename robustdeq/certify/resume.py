@@ -9,12 +9,19 @@ same configuration takes the units it finds and computes only the others; the un
 independent and deterministic, so it ends with the results of an uninterrupted run. A file of
 another configuration is discarded with a warning (the run starts clean); a line that cannot be
 read (a torn last line of a killed run, a damaged file) is dropped with a warning and its unit
-computed again. The file is removed once the report is written. One process only.
+computed again. The file is removed once the report is written.
 
 Deterministic certificates (:func:`robustdeq.certify.certify_checkpoint` with ``out_dir``) keep
 each batch of ``batch_size`` inputs in ``out_dir/partial_certify.jsonl`` (:func:`certify_partial`,
 one :class:`BatchResults` per line); smoothing keeps each input in ``partial_smoothing.jsonl``
 (:mod:`robustdeq.certify.smoothing.resume`).
+
+In a process group (``torchrun``; :mod:`robustdeq.distributed`) each rank keeps the units it
+computes in its own file, ``partial_certify.rank<R>-of-<W>.jsonl`` (``partial_smoothing....``;
+:func:`partial_file`), whose hash also covers the world size ``W``: a rerun of the same command
+reads each rank's own file back and computes only the missing units, so the gathered report is
+that of an uninterrupted run. Files of another world size are discarded with a warning
+(:func:`discard_other_worlds`); each rank removes its own file once rank 0 has written the report.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Generic, List, Mapping, Optional, Tuple, TypeVar
@@ -39,6 +47,32 @@ logger = logging.getLogger(__name__)
 PARTIAL_FILE = "partial_certify.jsonl"
 
 T = TypeVar("T")
+
+
+def partial_file(file: str, ctx) -> str:
+    """The partial file's name: ``file`` itself in one process (``ctx`` None), else
+    ``<stem>.rank<R>-of-<W><suffix>`` for rank ``R`` of ``W`` (a
+    :class:`~robustdeq.distributed.DistContext`)."""
+    if ctx is None:
+        return file
+    stem, suffix = os.path.splitext(file)
+    return f"{stem}.rank{ctx.rank}-of-{ctx.world_size}{suffix}"
+
+
+def discard_other_worlds(out_dir, file: str, ctx) -> None:
+    """In a process group, on rank 0: remove (with a warning) the per-rank partial files of
+    ``file`` in ``out_dir`` written by a run of another world size (their units were shared out
+    otherwise; they are computed again). Nothing in one process."""
+    if ctx is None or not ctx.is_main or not Path(out_dir).is_dir():
+        return
+    stem, suffix = os.path.splitext(file)
+    pattern = re.compile(re.escape(stem) + r"\.rank\d+-of-(\d+)" + re.escape(suffix) + r"(\.tmp)?")
+    for p in sorted(Path(out_dir).iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m and int(m.group(1)) != ctx.world_size and p.is_file():
+            logger.warning("%s holds partial results of a run on %s processes (this run has %d); they are "
+                           "discarded", p, m.group(1), ctx.world_size)
+            p.unlink(missing_ok=True)
 
 
 def run_hash(settings: Mapping[str, Any], model: nn.Module, x: Tensor, y: Optional[Tensor]) -> str:
@@ -197,19 +231,25 @@ def resumable_settings(cfg) -> Optional[dict]:
     return d
 
 
-def certify_partial(out_dir, cfg, model: nn.Module, x: Tensor, y: Optional[Tensor]
+def certify_partial(out_dir, cfg, model: nn.Module, x: Tensor, y: Optional[Tensor], ctx=None
                     ) -> Optional[PartialResults[BatchResults]]:
     """``out_dir/partial_certify.jsonl`` for the deterministic certification of ``model`` on
     ``(x, y)`` with the :class:`~robustdeq.certify.config.CertifyConfig` ``cfg`` (one
     :class:`BatchResults` a line), or None when the settings hold code
-    (:func:`resumable_settings`): that run starts again if killed."""
+    (:func:`resumable_settings`): that run starts again if killed. ``ctx``: the process group's
+    :class:`~robustdeq.distributed.DistContext` (None: one process); in a group this rank's
+    file, :func:`partial_file`, under a hash that also covers the world size."""
     settings = resumable_settings(cfg)
     if settings is None:
         logger.info("certify: V or perturb is a callable; the run keeps no partial results (not resumable)")
         return None
     bs = cfg.batch_size
-    return PartialResults(out_dir, run_hash({"certify": "deterministic", **settings}, model, x, y), x.shape[0],
-                          file=PARTIAL_FILE, encode=BatchResults.to_dict,
+    settings = {"certify": "deterministic", **settings}
+    if ctx is not None:
+        settings["world_size"] = ctx.world_size
+    discard_other_worlds(out_dir, PARTIAL_FILE, ctx)
+    return PartialResults(out_dir, run_hash(settings, model, x, y), x.shape[0],
+                          file=partial_file(PARTIAL_FILE, ctx), encode=BatchResults.to_dict,
                           decode=lambda d, n: _keyed(BatchResults.from_dict(d, n, bs)),
                           units="batches", settings="certification settings")
 
@@ -218,4 +258,5 @@ def _keyed(b: Optional[BatchResults]) -> Optional[Tuple[int, BatchResults]]:
     return None if b is None else (b.start, b)
 
 
-__all__ = ["PartialResults", "BatchResults", "run_hash", "certify_partial", "resumable_settings", "PARTIAL_FILE"]
+__all__ = ["PartialResults", "BatchResults", "run_hash", "certify_partial", "resumable_settings", "PARTIAL_FILE",
+           "partial_file", "discard_other_worlds"]
