@@ -112,15 +112,17 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
 
     ``partial``: a :class:`~robustdeq.certify.resume.PartialResults` of
     :class:`~robustdeq.certify.resume.BatchResults` (:func:`~robustdeq.certify.resume.certify_partial`;
-    one process): the batches it holds are taken from it and each batch computed is added to it as
-    soon as it is done, so a killed run resumes with the results of an uninterrupted one.
+    in a process group, this rank's): the batches it holds are taken from it and each batch
+    computed is added to it as soon as it is done, so a killed run resumes with the results of an
+    uninterrupted one.
 
     Returns:
         :class:`CertReport` with one :class:`CertResult` per sample.
 
     Inside a process group (``torchrun``; :mod:`robustdeq.distributed`) the batches are shared
     out over the ranks (batch ``j`` on rank ``j % world_size``, the batches of one process) and
-    every rank returns the whole report; ``certify_checkpoint`` writes it on rank 0 only.
+    every rank returns the whole report; ``certify_checkpoint`` writes it on rank 0 only. An
+    exception on one rank is raised on every rank.
     """
     from .feedforward import certify_feedforward, is_feedforward
     if is_feedforward(model):  # the explicit baseline: IBP through the layers
@@ -205,18 +207,22 @@ def _certify(model, x, y, cfg: CertifyConfig, methods: tuple, partial=None) -> C
     _global_certificates(c)
     from ..distributed import context as _dist_context
     dist_ctx = _dist_context()
-    if partial is not None and dist_ctx is not None:
-        raise ConfigError("certify: partial results (resuming) are for one process, not a process group")
-    for s in _batch_starts(c, dist_ctx):
-        batch = partial.done.get(s) if partial is not None else None
-        if batch is None:
-            batch = _certify_batch(c, s)
-            if partial is not None:
-                partial.add(batch)
-        _merge_batch(c, batch)
+    failure: Optional[BaseException] = None
+    try:
+        for s in _batch_starts(c, dist_ctx):
+            batch = partial.done.get(s) if partial is not None else None
+            if batch is None:
+                batch = _certify_batch(c, s)
+                if partial is not None:
+                    partial.add(batch)
+            _merge_batch(c, batch)
+    except Exception as e:
+        if dist_ctx is None:
+            raise
+        failure = e  # raised on every rank by _gather_shards (no rank waits for this one)
     if dist_ctx is not None:
         c.results, c.n_unconverged, c.n_refused, c.ibp_reason, local = _gather_shards(
-            c.results, c.n_unconverged, c.n_refused, c.ibp_reason, c.glob.get("local"))
+            c.results, c.n_unconverged, c.n_refused, c.ibp_reason, c.glob.get("local"), failure)
         if local is not None:
             c.glob["local"] = local
     return _report(c, t_all)
@@ -514,15 +520,19 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
         out_dir: folder to write the report to (None: not written).
         map_location: the device the model is loaded to and certified on.
 
-    With ``out_dir`` in one process the run is resumable: the deterministic certificates keep
-    each batch of ``batch_size`` inputs in ``out_dir/partial_certify.jsonl`` as it finishes
+    With ``out_dir`` the run is resumable: the deterministic certificates keep each batch of
+    ``batch_size`` inputs in ``out_dir/partial_certify.jsonl`` as it finishes
     (:mod:`robustdeq.certify.resume`), smoothing each certified input in
     ``out_dir/partial_smoothing.jsonl`` (:mod:`robustdeq.certify.smoothing.resume`). A rerun of
     the same configuration (settings, model, data) takes what the file holds and computes the
     rest, ending with the report of an uninterrupted run (timings aside); a file of another
     configuration is discarded with a warning, and the file is removed once the report is
     written. Deterministic settings holding code (a callable ``V`` or ``perturb``) are not
-    resumed. In a process group the run starts again.
+    resumed. In a process group each rank keeps its own file
+    (``partial_certify.rank<R>-of-<W>.jsonl``, ``partial_smoothing.rank<R>-of-<W>.jsonl``) under a
+    hash that also covers the world size, a rerun of the same command resumes from them (files
+    of another world size are discarded with a warning), and each rank removes its own once
+    rank 0 has written the report.
 
     The options are checked before the checkpoint is read. The body of
     ``robustdeq certify CHECKPOINT [--smoothing SIGMA]``.
@@ -547,17 +557,18 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
     if n_inputs is not None:
         x, y = x[:n_inputs], y[:n_inputs]
     x, y = x.to(map_location), y.to(map_location)
-    from ..distributed import context, is_main
+    from ..distributed import context, run_on_main
+    ctx = context()
     partial = None
-    if out_dir is not None and context() is None:
+    if out_dir is not None:
         # each certified input (smoothing) or batch (deterministic) is kept as it finishes: a
-        # killed run resumes (one process)
+        # killed run resumes (in a process group each rank keeps its own file)
         if method == "smoothing":
             from .smoothing.resume import config_hash, smoothing_partial
-            partial = smoothing_partial(out_dir, config_hash(cfg, model, x, y), x.shape[0])
+            partial = smoothing_partial(out_dir, config_hash(cfg, model, x, y, ctx), x.shape[0], ctx)
         else:
             from .resume import certify_partial
-            partial = certify_partial(out_dir, cfg, model, x, y)
+            partial = certify_partial(out_dir, cfg, model, x, y, ctx)
         if partial is not None:
             kwargs["partial"] = partial
     try:
@@ -566,17 +577,19 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
         if partial is not None:
             partial.close()
     rep.provenance.update({"checkpoint": str(path), "dataset": dataset, "split": split})
-    if out_dir is not None and is_main():  # in a process group rank 0 writes
-        rep.save(out_dir)
+    if out_dir is not None:
+        # rank 0 writes; its failure is raised on every rank, so no partial file goes before the report
+        run_on_main(lambda: rep.save(out_dir), ctx)
         if partial is not None:
             partial.remove()
     return rep
 
 
-def _gather_shards(results, n_unconverged, n_refused, ibp_reason, local):
-    """Every rank's per-sample results (in sample order) and counts, on every rank."""
-    from ..distributed import all_gather_object
-    parts = all_gather_object((results, n_unconverged, n_refused, ibp_reason, local))
+def _gather_shards(results, n_unconverged, n_refused, ibp_reason, local, failure=None):
+    """Every rank's per-sample results (in sample order) and counts, on every rank; ``failure``
+    (the exception that stopped this rank's batches) or another rank's is raised on every rank."""
+    from ..distributed import gather_sharded
+    parts = gather_sharded([(results, n_unconverged, n_refused, ibp_reason, local)], failure)
     merged = sorted((r for p in parts for r in p[0]), key=lambda r: r.details["index"])
     reason = next((p[3] for p in parts if p[3]), None)
     loc = next((p[4] for p in parts if p[4] is not None), None)

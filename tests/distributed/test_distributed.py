@@ -255,9 +255,64 @@ def _task_smoothing(rank, out):
     return {"reports": reps, "calls": calls, "predict": pred}
 
 
+class _Stop(Exception):
+    """The interruption of a certification (raised by the patched per-batch / per-input function)."""
+
+
+#: certify_checkpoint's options, the per-unit function and the position of its unit's index
+RESUME_CASES = {"deterministic": ({"n_inputs": 8, "batch_size": 2, "local_method": "power", "local_iters": 5},
+                                  "robustdeq.certify.api", "_certify_batch", 1),
+                "smoothing": ({"n_inputs": 6, **SMOOTHING_OPTIONS["plain"]},
+                              "robustdeq.certify.smoothing.engine", "_certify_one", 2)}
+
+
+def _task_certify_resume(rank, out):
+    """certify_checkpoint interrupted on both ranks after one unit each (a batch, an input), then
+    rerun on the same folder: the units each run computed, the files left, the reports."""
+    import importlib
+    from robustdeq.certify import certify_checkpoint
+    res = {}
+    for method, (opts, module, name, at) in RESUME_CASES.items():
+        mod = importlib.import_module(module)
+        orig = getattr(mod, name)
+        folder = out / method
+        runs = {"cut": [], "rerun": []}
+        stop = [True]
+
+        def patched(*args, runs=runs, stop=stop, orig=orig, at=at):
+            calls = runs["cut" if stop[0] else "rerun"]
+            if stop[0] and len(calls) == 1:  # this rank's second unit
+                raise _Stop(f"rank {rank}")
+            calls.append(int(args[at]))
+            return orig(*args)
+        setattr(mod, name, patched)
+        try:
+            try:
+                certify_checkpoint(out / "model.pt", method, out_dir=folder, **opts)
+                raise AssertionError("not interrupted")
+            except _Stop:
+                pass
+            left = sorted(p.name for p in folder.iterdir())
+            dist.barrier()
+            if rank == 0:  # a file of a run on 3 processes: discarded
+                stem = "partial_certify" if method == "deterministic" else "partial_smoothing"
+                (folder / f"{stem}.rank2-of-3.jsonl").write_text('{"config_hash": "x"}\n')
+            dist.barrier()
+            stop[0] = False
+            rep = certify_checkpoint(out / "model.pt", method, out_dir=folder, **opts).to_dict()
+        finally:
+            setattr(mod, name, orig)
+        dist.barrier()
+        uninterrupted = certify_checkpoint(out / "model.pt", method, **opts).to_dict()
+        res[method] = {"runs": runs, "left": left, "after": sorted(p.name for p in folder.iterdir()),
+                       "report": rep, "uninterrupted": uninterrupted,
+                       "saved": json.loads((folder / "certificate.json").read_text())}
+    return res
+
+
 TASKS = {"helpers": _task_helpers, "smoothing": _task_smoothing, "train_killed": _task_train_killed,
          "eval_killed": _task_eval_killed, "train": _task_train, "train_resume": _task_train_resume,
-         "eval": _task_eval, "certify": _task_certify}
+         "eval": _task_eval, "certify": _task_certify, "certify_resume": _task_certify_resume}
 
 
 # -- fast tests ---------------------------------------------------------------------------------------
@@ -521,8 +576,9 @@ def test_two_rank_certification_equals_one_process(tmp_path, digits_test, traine
     for r in (r0, r1):
         assert _scrub(r) == _scrub(ref)
     assert [d["details"]["index"] for d in r0["results"]] == list(range(10))
-    # certify_checkpoint: rank 0 alone wrote the certificate
-    assert (tmp_path / "cert0" / "certificate.json").is_file() and not (tmp_path / "cert1").exists()
+    # certify_checkpoint: rank 0 alone wrote the certificate (rank 1 removed its partial file)
+    assert (tmp_path / "cert0" / "certificate.json").is_file()
+    assert not (tmp_path / "cert1").exists() or not any((tmp_path / "cert1").iterdir())
     assert len(json.loads((tmp_path / "cert0" / "certificate.json").read_text())["results"]) == 4
 
 
@@ -559,7 +615,7 @@ def test_two_rank_smoothing_equals_one_process_input_for_input(tmp_path):
     # rank 0 alone wrote the certificate files
     assert (tmp_path / "smooth0" / "certificate.json").is_file()
     assert (tmp_path / "smooth0" / "certified_accuracy.png").is_file()
-    assert not (tmp_path / "smooth1").exists()
+    assert not (tmp_path / "smooth1").exists() or not any((tmp_path / "smooth1").iterdir())
     saved = json.loads((tmp_path / "smooth0" / "certificate.json").read_text())
     assert [e["index"] for e in saved["results"]] == [0, 1, 2, 3]
 
@@ -610,3 +666,41 @@ def test_cli_train_and_eval_under_torchrun(tmp_path):
     drop = ("seconds",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
         [{k: v for k, v in r.items() if k not in drop} for r in b]
+
+
+@pytest.mark.slow
+def test_two_rank_certification_resumes_after_an_interruption(tmp_path, trained_contractive_deq):
+    """Deterministic and smoothing certify_checkpoint on 2 ranks, stopped on both ranks after one
+    unit each: each rank kept its unit in its own file; the rerun computes only the other units
+    (a file of another world size discarded) and gives the report of an uninterrupted run, on 2
+    ranks and in one process; the partial files are gone."""
+    from robustdeq.certify import certify_checkpoint
+    from robustdeq.checkpoint import save_checkpoint
+    model = trained_contractive_deq
+    save_checkpoint(tmp_path / "model.pt", model, model_config=model.robustdeq_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refs = {m: certify_checkpoint(tmp_path / "model.pt", m, **opts).to_dict()
+                for m, (opts, *_) in RESUME_CASES.items()}
+    r0, r1 = spawn("certify_resume", tmp_path)
+    for method, (opts, *_) in RESUME_CASES.items():
+        a, b = r0[method], r1[method]
+        n, unit = opts["n_inputs"], opts["batch_size"] if method == "deterministic" else 1
+        stem = "partial_certify" if method == "deterministic" else "partial_smoothing"
+        # the interrupted run: one unit on each rank, each in the rank's own file
+        assert len(a["runs"]["cut"]) == len(b["runs"]["cut"]) == 1, method
+        assert a["left"] == b["left"] == [f"{stem}.rank0-of-2.jsonl", f"{stem}.rank1-of-2.jsonl"], method
+        # the rerun: every other unit once, none of those finished
+        cut = a["runs"]["cut"] + b["runs"]["cut"]
+        rerun = a["runs"]["rerun"] + b["runs"]["rerun"]
+        assert sorted(cut + rerun) == list(range(0, n, unit)), method
+        if method == "deterministic":  # batch j on rank j % 2, in the interrupted run and the rerun
+            assert all((s // unit) % 2 == 0 for s in a["runs"]["cut"] + a["runs"]["rerun"])
+            assert all((s // unit) % 2 == 1 for s in b["runs"]["cut"] + b["runs"]["rerun"])
+        scrub = _scrub if method == "deterministic" else _smoothing_scrub
+        for r in (a, b):
+            assert scrub(r["report"]) == scrub(r["uninterrupted"]) == scrub(refs[method]), method
+        assert scrub(a["saved"]) == scrub(refs[method]), method
+        # the partial files are gone (that of the 3-process run too), the report written
+        assert not [f for f in a["after"] if f.startswith("partial")], (method, a["after"])
+        assert "certificate.json" in a["after"], method

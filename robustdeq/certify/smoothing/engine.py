@@ -420,8 +420,9 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
         config: a :class:`SmoothingConfig` or mapping; ``options`` override its fields
             (``sigma=0.5, n=1000, srs_steps=3``).
         progress: tqdm progress bar over the inputs.
-        partial: a :class:`~robustdeq.certify.smoothing.resume.PartialResults` (one process): its
-            results are reused and each new one is added to it as soon as it is computed.
+        partial: a :class:`~robustdeq.certify.smoothing.resume.PartialResults` (in a process
+            group, this rank's): its results are reused and each new one is added to it as soon as
+            it is computed; in a group no rank certifies an input that any rank's file holds.
     Returns:
         :class:`SmoothingReport` (one :class:`SmoothingResult` per input).
 
@@ -445,8 +446,6 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     t_all = time.perf_counter()
     with preserve_model(model, "eval", values=True, who="smoothing"), torch.no_grad(), base.counting():
         def one(i: int) -> SmoothingResult:
-            if partial is not None and i in partial.done:
-                return partial.done[i]
             r = certify_input(i)
             if partial is not None:
                 partial.add(r)
@@ -469,7 +468,8 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
                 selected=c_hat, correct=(pred == label) if label is not None else None, seconds=seconds,
                 f_evals=f_evals, srs=extra or None, cell_evals=cell_evals, decisions=decisions, proof=proof,
                 samples=cfg.n0 + n)
-        results = _per_input(x.shape[0], one, ctx, "certify (smoothing)" if progress else None)
+        results = _per_input(x.shape[0], one, ctx, "certify (smoothing)" if progress else None,
+                             done=partial.done if partial is not None else None)
     from ... import __version__
     prov = {"robustdeq": __version__, "torch": torch.__version__, "total_s": time.perf_counter() - t_all,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -511,24 +511,33 @@ def predict(model: nn.Module, x: Tensor, config: Union[SmoothingConfig, Mapping[
     return torch.tensor(out, dtype=torch.long, device=x.device)
 
 
-def _per_input(n: int, one, ctx, desc: Optional[str]) -> list:
-    """``[one(i) for i in range(n)]``. Inside a process group (``torchrun``;
-    :mod:`robustdeq.distributed`) the inputs are shared out over the ranks (each claims the next
+def _per_input(n: int, one, ctx, desc: Optional[str], done: Optional[Mapping[int, Any]] = None) -> list:
+    """``[one(i) for i in range(n)]``, where ``done`` (input index -> result, e.g. read back from
+    a partial file) gives the results it holds instead. Inside a process group (``torchrun``;
+    :mod:`robustdeq.distributed`) the ranks first share which inputs their ``done`` hold (none of
+    them is computed again), the other inputs are shared out over the ranks (each claims the next
     input as it becomes free) and every rank returns the whole list: the noise of input ``i`` is
     drawn from seeds derived from ``i`` alone, so the list does not depend on the sharding. A
     failure on any rank is raised on every rank."""
-    from ...distributed import claim, gather_sharded
+    from ...distributed import all_gather_object, claim, gather_sharded
+    kept = dict(done or {})
+    finished = set(kept)
+    if ctx is not None:  # every rank calls it (also with nothing kept), before the claims
+        finished = set().union(*(set(keys) for keys in all_gather_object(sorted(kept))))
+    todo = [i for i in range(n) if i not in finished]
     bar = None
     if desc is not None and (ctx is None or ctx.is_main):
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=desc, unit="input")
-    done: list = []
+        bar.update(n - len(todo))
+    done_now: list = list(kept.items())
     failure: Optional[BaseException] = None
     try:
-        for i in claim(range(n), ctx):
-            done.append((i, one(i)))
+        for k in claim(range(len(todo)), ctx):
+            i = todo[k]
+            done_now.append((i, one(i)))
             if bar is not None:  # in a group: the inputs claimed so far by all ranks
-                bar.update(max(0, i + 1 - bar.n))
+                bar.update(max(0, n - len(todo) + k + 1 - bar.n))
     except Exception as e:
         if ctx is None:
             raise
@@ -537,6 +546,7 @@ def _per_input(n: int, one, ctx, desc: Optional[str]) -> list:
         if bar is not None:
             bar.close()
     if ctx is not None:
-        logger.debug("rank %d of %d: %d of %d inputs", ctx.rank, ctx.world_size, len(done), n)
-        done = gather_sharded(done, failure, ctx)
-    return [v for _, v in sorted(done, key=lambda t: t[0])]
+        logger.debug("rank %d of %d: %d of %d inputs", ctx.rank, ctx.world_size, len(done_now), n)
+        done_now = gather_sharded(done_now, failure, ctx)
+    by_index = dict(done_now)  # an input two ranks' files both hold counts once
+    return [by_index[i] for i in sorted(by_index)]
