@@ -175,7 +175,8 @@ def _run_rounds(grid, cfg: FederatedConfig, out_dir, *, strategy, progress, resu
     writer = None
     if out is not None:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
+        # a resumed run hides the events a killed one logged for rounds it redoes (all are per round)
+        writer = SummaryWriter(str(out / "tb"), purge_step=start if start > 1 else None)
     known_clients: Dict[int, int] = {}
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.rounds, initial=start - 1, desc="federated rounds", disable=not progress)

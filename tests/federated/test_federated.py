@@ -523,6 +523,30 @@ def test_a_run_killed_between_a_rounds_outputs_ends_with_them_whole(tmp_path, ta
     assert [r["round"] for r in summary["rounds"]] == [1, 2] == [r["round"] for r in res.rounds]
 
 
+def test_a_resumed_run_logs_each_round_once_to_tensorboard(tmp_path, task_identity, monkeypatch):
+    """Killed after round 2 was logged but before its checkpoint, the rerun redoes round 2: its
+    TensorBoard events of the killed run are purged, so every round has one point."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from robustdeq import checkpoint
+    from robustdeq.federated.server import run_rounds
+    cfg = FederatedConfig.from_dict({**SIM, "rounds": 2, "clients": 2, "batch_size": 128,
+                                     "model_options": {"hidden": 8}})
+    real = checkpoint.save_checkpoint
+
+    def killed_at_round_2(path, state, **kw):
+        if kw["extra_state"]["round"] == 2:
+            raise _Interrupt()
+        return real(path, state, **kw)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", killed_at_round_2)
+    with pytest.raises(_Interrupt):
+        run_rounds(InlineGrid(2), cfg, tmp_path)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
+    run_rounds(InlineGrid(2), cfg, tmp_path)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("round/accuracy")] == [1, 2]
+
+
 def test_resume_with_fewer_rounds_than_done_is_refused(tmp_path, task_identity):
     """A finished run is not returned as if it had the fewer rounds asked for."""
     from robustdeq.federated.server import run_rounds
