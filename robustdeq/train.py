@@ -275,7 +275,11 @@ class Trainer:
             return
         if self._writer is None and self.tensorboard and self.out_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(str(self.out_dir / "tb"))
+            # a resumed run hides the events a killed one logged from its restart on (the steps of
+            # the epoch it redoes); the epoch/ tags' steps (epochs) stay below that step
+            start = getattr(self, "start_epoch", 0)
+            purge = start * self._steps_per_epoch if start > 0 else None
+            self._writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=purge)
         if self._writer is not None:
             self._writer.add_scalar(tag, value, step)
 

@@ -77,6 +77,13 @@ def test_resume_after_interrupt_equals_straight_run(tmp_path, data):
     assert [h["epoch"] for h in hist] == [0, 1, 2]
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(m2.state_dict()[k], v, atol=1e-5, rtol=1e-5)
+    # TensorBoard shows every step once: the killed epoch's steps logged before the crash are purged
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == [0, 4, 8], steps            # one point per epoch (log_every), none twice
+    assert [e.step for e in acc.Scalars("epoch/loss")] == [0, 1, 2]
 
 
 def test_trainer_errors(data):
