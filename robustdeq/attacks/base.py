@@ -125,11 +125,14 @@ def check_labels(y: Any, x: Tensor, *, name: str = "y") -> Tensor:
 
 
 def check_num_classes(y: Tensor, logits: Tensor, name: str = "y") -> None:
-    """``logits`` are (B, num_classes) and every label of ``y`` indexes one of them."""
+    """``logits`` are (B, num_classes) and every label of ``y`` indexes one of them (none is
+    negative, none is num_classes or more)."""
     if logits.dim() != 2:
         raise ConfigError(f"the model outputs logits of shape {tuple(logits.shape)}; attacks and "
                           "evaluations need (B, num_classes) (a binary classifier with one logit s: "
                           "return torch.stack([-s, s], 1) / 2)")
+    if y.numel() and int(y.min()) < 0:
+        raise InputError(f"{name} has negative class indices (min {int(y.min())})")
     if y.numel() and int(y.max()) >= logits.shape[-1]:
         raise InputError(f"{name} has class index {int(y.max())} but the model outputs "
                          f"{logits.shape[-1]} logits")

@@ -150,8 +150,6 @@ def _validate_data(model, x, y) -> Tuple[Tensor, Tensor]:
         raise InputError(f"y must be int64 of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
     if x.shape[0] == 0:
         raise InputError("evaluate needs at least one sample")
-    if int(y.min()) < 0:
-        raise InputError(f"y has negative class indices (min {int(y.min())})")
     from ..data import validate_inputs
     return validate_inputs(x, expected_shape=getattr(model, "input_shape", None)), y
 
