@@ -66,6 +66,15 @@ def setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def refuse_flag_keys(options: dict, flags: dict, what: str) -> None:
+    """ConfigError naming the keys of the JSON ``options`` (given as ``what``) that have a flag of
+    their own (``flags``: key -> flag): the JSON would silently override the flag or its default."""
+    from ..errors import ConfigError
+    dup = [k for k in options if k in flags]
+    if dup:
+        raise ConfigError(f"{what}: " + "; ".join(f"{k!r} has its own flag {flags[k]}" for k in dup))
+
+
 def json_arg(text: Optional[str], what: str) -> dict:
     """The JSON object ``text`` (``{}`` if empty); a ConfigError naming ``what`` otherwise."""
     from ..errors import ConfigError

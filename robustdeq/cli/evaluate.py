@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..registry import SUITES
-from .common import (add_eval_args, floats, int_at_least, json_arg, load_for_eval, out_folder, refuse_without,
-                     table, wrap_flagged)
+from .common import (add_eval_args, floats, int_at_least, json_arg, load_for_eval, out_folder, refuse_flag_keys,
+                     refuse_without, table, wrap_flagged)
 
 
 def add_parsers(sub) -> None:
@@ -139,10 +139,7 @@ def smoothing_spec(args) -> dict:
     from ..certify.smoothing import make_config
     from ..errors import ConfigError
     extra = json_arg(args.smoothing_options, "--smoothing-options")
-    dup = [k for k in extra if k in SMOOTHING_FLAGS]
-    if dup:
-        raise ConfigError("--smoothing-options: " + "; ".join(f"{k!r} has its own flag {SMOOTHING_FLAGS[k]}"
-                                                               for k in dup))
+    refuse_flag_keys(extra, SMOOTHING_FLAGS, "--smoothing-options")
     spec = {"sigma": args.smoothing, "n": args.smoothing_n, "n0": min(100, args.smoothing_n),
             "srs_steps": args.srs_steps, "seed": args.seed, "mode": args.smoothing_mode}
     if args.srs_steps > 0 and extra.get("srs_check", "sample") != "proof":

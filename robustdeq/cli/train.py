@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..demo import DEMO_MODEL, DEMO_TRAIN, default_model_options
 from ..registry import DATASETS, MODELS, RECIPES
-from .common import add_device_arg, data_root_hint, device_of, int_at_least, json_arg, out_folder, positive_float
+from .common import (add_device_arg, data_root_hint, device_of, int_at_least, json_arg, out_folder,
+                     positive_float, refuse_flag_keys)
 
 
 def add_parser(sub) -> None:
@@ -45,10 +46,7 @@ def cmd_train(args) -> int:
     from ..defenses.recipes import recipe
     from ..errors import ConfigError, TrainingError
     train_opts = json_arg(args.train_options, "--train-options")
-    dup = [k for k in train_opts if k in TRAIN_FLAGS]
-    if dup:  # the JSON would silently override the flag (or its default)
-        raise ConfigError("--train-options: " + "; ".join(f"{k!r} has its own flag {TRAIN_FLAGS[k]}"
-                                                          for k in dup))
+    refuse_flag_keys(train_opts, TRAIN_FLAGS, "--train-options")
     rec = recipe(args.defense, **json_arg(args.defense_options, "--defense-options"))
     objective = rec.objective
     user_opts = json_arg(args.model_options, "--model-options")
