@@ -68,6 +68,8 @@ def cmd_train(args) -> int:
     if not hist:
         raise TrainingError(f"no epoch was trained and {args.out} holds none: no checkpoint was written")
     last = hist[-1]
-    print(f"trained {args.model} on {args.dataset}: test accuracy {last.get('val_accuracy', float('nan')):.4f}; "
+    acc = last.get("val_accuracy")  # train_model validates on the test split every epoch
+    acc_text = "not measured" if acc is None else f"{acc:.4f}"
+    print(f"trained {args.model} on {args.dataset}: test accuracy {acc_text}; "
           f"checkpoint {Path(args.out) / 'checkpoint.pt'}")
     return 0
