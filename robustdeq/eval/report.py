@@ -205,9 +205,10 @@ class EvalReport:
                 f"case over the attacks of suite {self._suite_name()} ({', '.join(keys)}); a stronger "
                 "attack can only lower it.")
         if self.suite == "quick":
-            text += (" 'quick' is the cheapest suite (PGD, APGD-CE, APGD-T on 9 targets and a "
-                     "short Square attack): run 'standard' (the full 5,000-query Square attack "
-                     "and intermediate-state attacks) before reporting a number.")
+            text += (" 'quick' is the cheapest suite (gradient attacks only: PGD, APGD-CE, APGD-T; "
+                     "no score-based attack, so it can be optimistic at large radii): run "
+                     "'standard' (adds the 5,000-query Square attack and intermediate-state "
+                     "attacks) before reporting a number.")
         return text
 
     # -- JSON --------------------------------------------------------------------------------------

@@ -248,6 +248,10 @@ def test_quick_suite_is_within_one_point_of_a_pgd100_ensemble(digits_test, train
     missed = int(left.sum()) - sum(ens.to_dict()["results"][0]["robust"])
     assert missed <= 0.01 * len(y), f"the PGD-100 ensemble broke {missed} samples quick left robust"
     assert "upper bound" in quick.bound_statement and "'quick'" in quick.bound_statement
+    # the statement describes what quick ran: no score-based unit, and it says so
+    keys = {a.key for a in quick.results[0].attacks}
+    assert not any("square" in k for k in keys)
+    assert "no score-based attack" in quick.bound_statement and "short Square" not in quick.bound_statement
     assert "upper bound" in quick.to_markdown() and quick.to_dict()["bound"] == quick.bound_statement
 
 
