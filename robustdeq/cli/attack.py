@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                    "(pgd on a DEQ with ift: the joint iteration where solves converge; "
                    "--options '{\"method\": \"exact\"}' for exact solves at every step)")
     a.add_argument("--options", default=None, help="JSON, other attack parameters")
-    a.add_argument("--out", default="adversarial.pt")
+    a.add_argument("--out", default="adversarial.pt",
+                   help="file for the adversarial examples, the input of robustdeq judge (default adversarial.pt)")
     a.set_defaults(func=cmd_attack)
 
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..registry import DATASETS
-from .common import add_device_arg, device_of, floats, int_at_least, load_data, out_folder, refuse_without
+from .common import (add_device_arg, device_of, floats, int_at_least, load_data, out_folder, refuse_without,
+                     HELP_CHECKPOINT, HELP_DATA_ROOT, HELP_NO_PROGRESS, HELP_SPLIT)
 
 
 def add_parser(sub) -> None:
     c = sub.add_parser("certify", help="certify stability and robustness of a checkpoint")
-    c.add_argument("checkpoint")
+    c.add_argument("checkpoint", help=HELP_CHECKPOINT)
     c.add_argument("--dataset", default=None, choices=DATASETS.names(),
                    help="default: the checkpoint's dataset")
-    c.add_argument("--data-root", default=None)
-    c.add_argument("--split", default="test")
+    c.add_argument("--data-root", default=None, help=HELP_DATA_ROOT)
+    c.add_argument("--split", default="test", help=HELP_SPLIT)
     c.add_argument("-n", type=int_at_least(1), default=None, help="number of samples (default: the whole split)")
     c.add_argument("--eps-l2", default="0.1,0.25,0.5", help="comma-separated L2 radii")
     c.add_argument("--eps-linf", default="", help="comma-separated Linf radii (IBP)")
@@ -75,7 +76,7 @@ def add_parser(sub) -> None:
                    help="smoothing: smooth f(clip(x + noise, 0, 1)) instead of f(x + noise)")
     c.add_argument("--seed", type=int, default=0, help="smoothing: noise seed")
     c.add_argument("--out", default=None, help="folder for certificate.json / certificate.md")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true", help=HELP_NO_PROGRESS)
     add_device_arg(c)
     c.set_defaults(func=cmd_certify)
 

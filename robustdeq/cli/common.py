@@ -235,20 +235,34 @@ def load_for_eval(args):
     return model, x, y
 
 
+#: help texts of the options several commands share
+HELP_CHECKPOINT = "a checkpoint file written by robustdeq train, federate or robustdeq.checkpoint.save_checkpoint"
+HELP_DATA_ROOT = ("folder with the MNIST idx / CIFAR-10 binary files (--dataset mnist or cifar10; "
+                  "nothing is downloaded)")
+HELP_SPLIT = "the dataset split used (train or test; default test)"
+HELP_NORM = "threat model: Linf or L2 (default Linf)"
+HELP_SEED = "random seed (default 0; the same seed gives the same run)"
+HELP_NO_PROGRESS = "no progress bars"
+HELP_NO_RESUME = "start again, discarding what --out holds from an earlier run"
+
+
 def add_eval_args(p, *, eps_default: str) -> None:
     """The arguments of the commands that attack a checkpoint (attack, eval, harden)."""
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help=HELP_CHECKPOINT)
     p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--split", default="test")
+    p.add_argument("--data-root", default=None, help=HELP_DATA_ROOT)
+    p.add_argument("--split", default="test", help=HELP_SPLIT)
     p.add_argument("-n", type=int_at_least(1), default=200, help="number of samples (default 200)")
-    p.add_argument("--norm", default="Linf", choices=[n.value for n in Norm])
-    p.add_argument("--eps", default=eps_default)
-    p.add_argument("--steps", type=int_at_least(1), default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--norm", default="Linf", choices=[n.value for n in Norm], help=HELP_NORM)
+    p.add_argument("--eps", default=eps_default,
+                   help=("the radius" if "," not in eps_default else "comma-separated radii")
+                   + f" (default {eps_default})")
+    p.add_argument("--steps", type=int_at_least(1), default=20,
+                   help="attack iterations (default 20; an evaluation's native APGD units run 5x)")
+    p.add_argument("--seed", type=int, default=0, help=HELP_SEED)
     p.add_argument("--wrap", default="none", choices=WRAPPERS.names(), help="inference-time defense")
     p.add_argument("--wrap-options", default=None, help="JSON options of the inference-time defense")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=HELP_NO_PROGRESS)
     add_device_arg(p)
 
 

@@ -1,18 +1,18 @@
 """``robustdeq demo`` (the default command): the demo recipe of :mod:`robustdeq.demo`."""
 from __future__ import annotations
 
-from .common import add_device_arg, device_of, int_at_least, out_folder
+from .common import add_device_arg, device_of, int_at_least, out_folder, HELP_NO_PROGRESS, HELP_SEED
 
 
 def add_parser(sub) -> None:
     d = sub.add_parser("demo", help="train a DEQ on the bundled digits and report (default job)")
     d.add_argument("--out", default="robustdeq-demo", help="output folder (default ./robustdeq-demo)")
     d.add_argument("--epochs", type=int_at_least(1), default=None, help="override the number of training epochs")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help=HELP_SEED)
     d.add_argument("--samples", type=int_at_least(1), default=100, help="test samples for the evaluation and certificate")
     d.add_argument("--defense", default="jiio-at", help="training recipe of the hardened model (see robustdeq train)")
     d.add_argument("--skip-eval", action="store_true", help="only train and report the undefended DEQ")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-progress", action="store_true", help=HELP_NO_PROGRESS)
     d.add_argument("--no-resume", action="store_true", help="train and evaluate again even if the folder holds them")
     d.add_argument("--jobs", type=int, choices=(1, 2), default=None,
                    help="processes: 2 evaluates the undefended model in a second process while the "

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..registry import SUITES
-from .common import (add_eval_args, floats, int_at_least, json_arg, load_for_eval, out_folder, refuse_flag_keys,
-                     refuse_without, table, wrap_flagged)
+from .common import (add_eval_args, floats, int_at_least, json_arg, load_for_eval, out_folder,
+                     refuse_flag_keys, refuse_without, table, wrap_flagged, HELP_NO_RESUME)
 
 
 def add_parsers(sub) -> None:
@@ -18,7 +18,7 @@ def add_parsers(sub) -> None:
                    help=f"a suite ({', '.join(SUITES.names())}) or a comma list of attack names, e.g. "
                         "pgd-ift,pgd-unrolled,apgd-ce (default standard)")
     e.add_argument("--out", default=None, help="folder for report.json, report.md, plots, partial results")
-    e.add_argument("--no-resume", action="store_true")
+    e.add_argument("--no-resume", action="store_true", help=HELP_NO_RESUME)
     e.add_argument("--batch-size", type=int_at_least(1), default=128,
                    help="attack batch size (default 128); under torchrun the processes share out these batches")
     e.add_argument("--certify", nargs="?", const="auto", default=None,
@@ -49,8 +49,8 @@ def add_parsers(sub) -> None:
     h = sub.add_parser("harden", help="wrap a checkpoint in an inference-time defense and evaluate both")
     add_eval_args(h, eps_default="0.1,0.2")
     h.set_defaults(wrap="entropy")
-    h.add_argument("--suite", default="quick", choices=SUITES.names())
-    h.add_argument("--out", default=None)
+    h.add_argument("--suite", default="quick", choices=SUITES.names(), help="the suite (default quick)")
+    h.add_argument("--out", default=None, help="folder for the reports of both models (default: none written)")
     h.add_argument("--no-resume", action="store_true",
                    help="evaluate again even if --out holds the reports (of other settings: overwritten)")
     h.set_defaults(func=cmd_harden)

@@ -2,30 +2,33 @@
 from __future__ import annotations
 
 from ..registry import DATASETS, MODELS, SOLVERS, SUITES
-from .common import add_device_arg, device_of, int_at_least, json_arg, out_folder, positive_float, table
+from .common import (add_device_arg, device_of, int_at_least, json_arg, out_folder, positive_float, table,
+                     HELP_DATA_ROOT, HELP_NO_PROGRESS, HELP_SEED)
 
 
 def add_parser(sub) -> None:
     f = sub.add_parser("federate", help="federated DEQ training on Flower (needs the 'federated' extra)")
-    f.add_argument("--clients", type=int_at_least(1), default=8)
-    f.add_argument("--rounds", type=int_at_least(1), default=20)
+    f.add_argument("--clients", type=int_at_least(1), default=8, help="number of simulated clients (default 8)")
+    f.add_argument("--rounds", type=int_at_least(1), default=20, help="federated rounds (default 20)")
     f.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (label skew)")
     f.add_argument("--budgets", default="30", help="solver iteration budgets, cycled over the clients (e.g. 5,10,30)")
-    f.add_argument("--solver", default="anderson", choices=SOLVERS.names())
+    f.add_argument("--solver", default="anderson", choices=SOLVERS.names(), help="the clients' forward solver (default anderson)")
     f.add_argument("--tol", type=positive_float, default=1e-3, help="the clients' solver tolerance")
     f.add_argument("--defense", default="none", help="local objective: a training recipe (see robustdeq train)")
     f.add_argument("--defense-options", default=None, help="JSON options of the local objective")
     f.add_argument("--fusion", default="fedavg", choices=["fedavg", "quality", "tolerance", "accuracy"],
                    help="fusion weights: n_k (fedavg) or n_k * q_k (quality: estimated distance from the "
                    "equilibrium; tolerance: residual vs tolerance; accuracy: local validation accuracy)")
-    f.add_argument("--local-epochs", type=int_at_least(1), default=1)
-    f.add_argument("--batch-size", type=int_at_least(1), default=32)
-    f.add_argument("--lr", type=positive_float, default=3e-3)
+    f.add_argument("--local-epochs", type=int_at_least(1), default=1,
+                   help="epochs each client trains per round (default 1)")
+    f.add_argument("--batch-size", type=int_at_least(1), default=32, help="the clients' batch size (default 32)")
+    f.add_argument("--lr", type=positive_float, default=3e-3, help="the clients' learning rate (default 0.003)")
     f.add_argument("--model", default=None, help=f"zoo name ({', '.join(MODELS.names())}; default: mlp_deq, "
                    "or the architecture of a --defense that has its own, such as lyadeq)")
     f.add_argument("--model-options", default=None, help="JSON model options")
-    f.add_argument("--dataset", default="digits", choices=[d for d in DATASETS.names() if d != "mnist5k"])
-    f.add_argument("--data-root", default=None)
+    f.add_argument("--dataset", default="digits", choices=[d for d in DATASETS.names() if d != "mnist5k"],
+                   help="the data partitioned over the clients (default digits)")
+    f.add_argument("--data-root", default=None, help=HELP_DATA_ROOT)
     f.add_argument("--eval-suite", default="quick", choices=["none"] + SUITES.names(),
                    help="attacks run on the global model after every round (none: clean accuracy only)")
     f.add_argument("--eval-samples", type=int_at_least(0), default=200, help="test samples attacked (0: all)")
@@ -33,10 +36,10 @@ def add_parser(sub) -> None:
     f.add_argument("--steps", type=int_at_least(1), default=10, help="attack steps of the per-round evaluation")
     f.add_argument("--timeout", type=positive_float, default=600.0, help="seconds to wait for a round's replies")
     f.add_argument("--cpus", type=int_at_least(1), default=1, help="cores of the simulation engine (default 1)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help=HELP_SEED)
     add_device_arg(f)
     f.add_argument("--out", required=True, help="output folder (summary.json, report.md, accuracy.png, checkpoint.pt, tb/)")
-    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--no-progress", action="store_true", help=HELP_NO_PROGRESS)
     f.add_argument("--no-resume", action="store_true", help="start again even if the folder holds a run")
     f.set_defaults(func=cmd_federate)
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 
+from .common import HELP_CHECKPOINT
+
 
 def add_parser(sub) -> None:
     j = sub.add_parser("judge", help="a checkpoint's accuracy on adversarial examples produced elsewhere "
                                      "(refusing any outside the eps ball or [0, 1])")
-    j.add_argument("checkpoint")
+    j.add_argument("checkpoint", help=HELP_CHECKPOINT)
     j.add_argument("adversarial", metavar="ADV.pt",
                    help="a torch file (read with weights_only=True) holding x_adv, eps, norm and either x "
                         "and y (clean inputs, labels) or dataset (+ split, indices)")

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..demo import DEMO_MODEL, DEMO_TRAIN, default_model_options
 from ..registry import DATASETS, MODELS, RECIPES
 from .common import (add_device_arg, data_root_hint, device_of, int_at_least, json_arg, out_folder,
-                     positive_float, refuse_flag_keys)
+                     positive_float, refuse_flag_keys, HELP_DATA_ROOT, HELP_NO_PROGRESS, HELP_NO_RESUME, HELP_SEED)
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                         + json.dumps(DEMO_MODEL["options"]))
     t.add_argument("--dataset", default="digits", choices=DATASETS.names(),
                    help="mnist5k: 5,000 real MNIST images (needs the 'data' extra)")
-    t.add_argument("--data-root", default=None, help="folder with MNIST idx / CIFAR-10 binary files")
+    t.add_argument("--data-root", default=None, help=HELP_DATA_ROOT)
     t.add_argument("--defense", default="none", help=", ".join(RECIPES.names()))
     t.add_argument("--defense-options", default=None, help="JSON options of the training objective")
     t.add_argument("--epochs", type=int_at_least(1), default=DEMO_TRAIN["epochs"],
@@ -30,9 +30,9 @@ def add_parser(sub) -> None:
                    help=f"learning rate (default {DEMO_TRAIN['lr']:g})")
     t.add_argument("--train-options", default=None, help="JSON, other TrainConfig options")
     t.add_argument("--out", required=True, help="output folder (checkpoint.pt, history.json, tb/)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--seed", type=int, default=0, help=HELP_SEED)
+    t.add_argument("--no-progress", action="store_true", help=HELP_NO_PROGRESS)
+    t.add_argument("--no-resume", action="store_true", help=HELP_NO_RESUME)
     t.set_defaults(func=cmd_train)
 
 
