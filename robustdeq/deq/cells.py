@@ -53,6 +53,7 @@ class IntervalScaling(nn.Module):
     norm instead, so that plain interval iteration converges."""
 
     def forward(self, V: Tensor) -> Tensor:
+        """The rescaled weight ``D^{-1/2} V D^{-1/2}`` of the raw parameter ``V`` (square)."""
         A = V.abs()
         d = torch.maximum(A.sum(1), A.sum(0)).clamp_min(1e-12)
         s = d.rsqrt()
@@ -81,6 +82,8 @@ class Normalize(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(x - mean) / std`` per channel for an image batch (B, C, H, W); for inputs of any
+        other rank the first channel's ``mean`` and ``std`` are applied to every entry."""
         if x.dim() == 4:
             return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return (x - self.mean.flatten()[0].to(x.dtype)) / self.std.flatten()[0].to(x.dtype)
@@ -121,10 +124,12 @@ class ScaledLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
+        """The effective weight ``scale * W`` (after the normalisation, if any)."""
         w = self.linear.weight
         return w if self.scale == 1.0 else self.scale * w
 
     def forward(self, z: Tensor) -> Tensor:
+        """``scale * W z`` for a batch ``z`` (B, dim)."""
         return F.linear(z, self.weight)
 
 
@@ -149,6 +154,7 @@ class MLPCell(nn.Module):
         return _affine(z, u, self.W.weight)
 
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        """``act(W z + u)`` for a state ``z`` and an injection ``u``, both (B, hidden)."""
         pre = self._pre(z, u)
         return torch.tanh(pre) if self.act == "tanh" else F.relu(pre)
 
@@ -210,9 +216,11 @@ class MLPCell(nn.Module):
         return vjp
 
     def init_state(self, u: Tensor) -> Tensor:
+        """The zero state (B, hidden) in the dtype and on the device of ``u``."""
         return torch.zeros(u.shape[0], self.hidden, dtype=u.dtype, device=u.device)
 
     def maskable(self) -> List[str]:
+        """The names of the cell's matrix-shaped parameters (the masks of weight-tied models)."""
         return [n for n, p in self.named_parameters() if p.dim() >= 2]
 
     def weight_matrix(self) -> Tensor:
@@ -229,6 +237,7 @@ class MLPInjection(nn.Module):
         self.linear = nn.Linear(in_features, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``u`` (B, hidden) of an input batch ``x`` (flattened after normalisation)."""
         return self.linear(self.normalize(x).flatten(1))
 
 
@@ -259,6 +268,7 @@ class ConvStemInjection(nn.Module):
         self.linear = nn.Linear(channels * pool * pool, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``u`` (B, hidden) of an image batch ``x`` (B, C, H, W)."""
         return self.linear(self.stem(self.normalize(x)))
 
 
@@ -270,6 +280,7 @@ class LinearHead(nn.Module):
         self.linear = nn.Linear(hidden, num_classes)
 
     def forward(self, z: Tensor) -> Tensor:
+        """Logits (B, num_classes) of a state ``z`` (flattened first)."""
         return self.linear(z.flatten(1))
 
 
@@ -299,14 +310,17 @@ class ConvCell(nn.Module):
         self.channels = channels
 
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        """The residual block above applied to ``z`` with injection ``u`` (both (B, C, H, W))."""
         h = F.relu(self.gn1(self.conv1(z)))
         h = self.gn2(self.conv2(h) + u)
         return self.gn3(F.relu(z + h))
 
     def init_state(self, u: Tensor) -> Tensor:
+        """The zero state, shaped like ``u``."""
         return torch.zeros_like(u)
 
     def maskable(self) -> List[str]:
+        """The names of the cell's convolution weights (4-D parameters)."""
         return [n for n, p in self.named_parameters() if p.dim() == 4]
 
 
@@ -320,6 +334,7 @@ class ConvInjection(nn.Module):
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``u`` (B, channels, H, W) of an image batch ``x`` (B, in_channels, H, W)."""
         return self.conv(self.normalize(x))
 
 
@@ -332,6 +347,7 @@ class ConvHead(nn.Module):
         self.linear = nn.Linear(channels * pool * pool, num_classes)
 
     def forward(self, z: Tensor) -> Tensor:
+        """Logits (B, num_classes) of a state ``z`` (B, channels, H, W)."""
         return self.linear(F.adaptive_avg_pool2d(z, self.pool).flatten(1))
 
 
@@ -359,6 +375,8 @@ class MonotoneCell(nn.Module):
         self._alpha: Optional[float] = alpha
 
     def W(self) -> Tensor:
+        """The matrix ``W = (1 - m) I - A^T A + B - B^T`` (``I - W >= m I`` for every ``A``,
+        ``B``), with autograd to ``A`` and ``B``."""
         eye = torch.eye(self.hidden, dtype=self.A.dtype, device=self.A.device)
         return (1 - self.m) * eye - self.A.t() @ self.A + self.B - self.B.t()
 
@@ -369,6 +387,9 @@ class MonotoneCell(nn.Module):
             return float(torch.linalg.matrix_norm(eye - self.W(), ord=2))
 
     def prepare(self) -> None:
+        """Recompute the splitting step ``alpha = m / ||I - W||_2^2`` from the current weights
+        (the fixed ``alpha`` given to the constructor, if any, is kept). Call it after the
+        weights change; ``DEQClassifier.solve`` does before every solve."""
         if self.fixed_alpha is None:
             L = self.operator_norm()
             self._alpha = self.m / (L * L)
@@ -377,6 +398,8 @@ class MonotoneCell(nn.Module):
 
     @property
     def alpha(self) -> float:
+        """The step ``a`` of the splitting map, computed by :meth:`prepare` on first use (it is
+        not refreshed automatically when the weights change)."""
         if self._alpha is None:
             self.prepare()
         return self._alpha
@@ -387,14 +410,17 @@ class MonotoneCell(nn.Module):
         return math.sqrt(max(0.0, 1 - 2 * a * self.m + a * a * L * L))
 
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        """One forward-backward splitting step ``relu((1 - a) z + a (W z + u))``."""
         a = self.alpha
         W = self.W().to(z.dtype)
         return F.relu((1 - a) * z + a * (F.linear(z, W) + u))
 
     def init_state(self, u: Tensor) -> Tensor:
+        """The zero state (B, hidden) in the dtype and on the device of ``u``."""
         return torch.zeros(u.shape[0], self.hidden, dtype=u.dtype, device=u.device)
 
     def maskable(self) -> List[str]:
+        """``["A", "B"]``: the parameters ``W`` is built from."""
         return ["A", "B"]
 
 
@@ -416,15 +442,19 @@ class LinearCell(nn.Module):
             self.register_buffer("A", A.clone())
 
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        """``A z + u`` (``A`` cast to the dtype of ``z``)."""
         return torch.nn.functional.linear(z, self.A.to(z.dtype)) + u
 
     def weight_matrix(self) -> Tensor:
+        """The matrix ``A`` (for certificates)."""
         return self.A
 
     def init_state(self, u: Tensor) -> Tensor:
+        """The zero state (B, D) in the dtype and on the device of ``u``."""
         return torch.zeros(u.shape[0], self.hidden, dtype=u.dtype, device=u.device)
 
     def maskable(self) -> List[str]:
+        """No maskable parameters (``[]``): ``A`` is fixed or a single matrix."""
         return []
 
 

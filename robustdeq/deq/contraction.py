@@ -62,6 +62,7 @@ class ContractionCertificate:
 
     @property
     def rate(self) -> Optional[float]:
+        """The certified contraction rate ``lip_z``, or None when not certified."""
         return self.lip_z if self.certified else None
 
     def error_factor(self) -> Optional[float]:
@@ -82,10 +83,12 @@ class ContractionCertificate:
         return max(0, math.ceil(need))
 
     def to_dict(self) -> dict:
+        """The certificate as a JSON-ready dict (every field)."""
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> "ContractionCertificate":
+        """The certificate of a dict written by :meth:`to_dict`."""
         return ContractionCertificate(**d)
 
 

@@ -48,9 +48,22 @@ class GradientEstimator:
 
     def attach(self, f: CellFn, u: Tensor, z_star: Tensor,
                trajectory: Optional[list] = None) -> Tensor:  # pragma: no cover
+        """The state handed to the read-out: the value of the equilibrium ``z_star`` (computed
+        without autograd) with this estimator's gradient path to ``u`` and the parameters of
+        ``f``.
+
+        Args:
+            f: the cell ``f(z, u)``.
+            u: the input injection (carries the graph to ``x``).
+            z_star: the solver's output, detached or not.
+            trajectory: the recorded :class:`~robustdeq.deq.solvers.TrajectoryState` list of the
+                forward solve (what :meth:`required_record` asked for).
+        """
         raise NotImplementedError
 
     def describe(self) -> dict:
+        """The estimator's name and public settings as a JSON-ready dict (a solver config is
+        given by its solver's name)."""
         d = {"name": type(self).__name__}
         d.update({k: (v if not isinstance(v, SolverConfig) else v.name.value)
                   for k, v in vars(self).items() if not k.startswith(("_", "last_"))})
@@ -77,6 +90,8 @@ class ImplicitGrad(GradientEstimator):
         self._warned = False
 
     def attach(self, f, u, z_star, trajectory=None):
+        """``f(z*, u)`` with a backward hook that solves the adjoint fixed point (see the class);
+        without autograd (or when the output needs no gradient) the plain evaluation."""
         z_star = z_star.detach()
         z_out = f(z_star, u)
         if not (torch.is_grad_enabled() and z_out.requires_grad):
@@ -134,6 +149,7 @@ class PhantomGrad(GradientEstimator):
         self.k, self.tau = int(k), float(tau)
 
     def attach(self, f, u, z_star, trajectory=None):
+        """``k`` damped steps of ``f(., u)`` from the detached ``z_star``, with autograd."""
         z = z_star.detach()
         for _ in range(self.k):
             z = (1 - self.tau) * z + self.tau * f(z, u) if self.tau != 1 else f(z, u)
@@ -152,9 +168,13 @@ class UnrolledGrad(GradientEstimator):
         self.steps, self.from_state = int(steps), from_state
 
     def required_record(self):
+        """``[from_state]`` when set (that state must be recorded), else ``[]``."""
         return [] if self.from_state is None else [self.from_state]
 
     def attach(self, f, u, z_star, trajectory=None):
+        """``steps`` steps of ``f(., u)`` with autograd from the detached recorded state
+        ``from_state`` (from ``z_star`` when it is None); a ``ConfigError`` if that state is not
+        in ``trajectory``."""
         if self.from_state is None:
             z = z_star.detach()
         else:
@@ -173,6 +193,7 @@ class FullBackprop(GradientEstimator):
     full_graph = True
 
     def attach(self, f, u, z_star, trajectory=None):
+        """``z_star`` itself: the forward solve kept the graph of every iteration."""
         return z_star
 
 
@@ -180,6 +201,7 @@ class NoGrad(GradientEstimator):
     """No gradient: the equilibrium is detached from ``u`` and the parameters."""
 
     def attach(self, f, u, z_star, trajectory=None):
+        """``z_star`` detached."""
         return z_star.detach()
 
 

@@ -93,6 +93,7 @@ class Constraint:
     """
 
     def project(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
+        """The projection of ``x`` onto ``C`` (batched, same shape as ``x``)."""
         raise NotImplementedError
 
     def bounds(self, x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
@@ -108,6 +109,7 @@ class Constraint:
         return Intersection(self, other)
 
     def describe(self) -> dict:
+        """The constraint's type and settings as a JSON-ready dict."""
         return {"type": type(self).__name__}
 
 
@@ -115,9 +117,11 @@ class Unconstrained(Constraint):
     """``C = R^d``."""
 
     def project(self, x):
+        """``x`` unchanged."""
         return x
 
     def bounds(self, x):
+        """``(-inf, +inf)`` everywhere."""
         inf = torch.full_like(x, float("inf"))
         return -inf, inf
 
@@ -131,15 +135,18 @@ class Box(Constraint):
         self.lo, self.hi = lo, hi
 
     def bounds(self, x):
+        """``(lo, hi)`` broadcast to the shape of ``x`` (in its dtype and on its device)."""
         lo = self.lo if isinstance(self.lo, Tensor) else torch.full_like(x, float(self.lo))
         hi = self.hi if isinstance(self.hi, Tensor) else torch.full_like(x, float(self.hi))
         return lo.to(x).expand_as(x), hi.to(x).expand_as(x)
 
     def project(self, x):
+        """``x`` clamped to ``[lo, hi]`` coordinatewise."""
         lo, hi = self.bounds(x)
         return torch.maximum(torch.minimum(x, hi), lo)
 
     def describe(self):
+        """``{"type": "Box", "lo", "hi"}`` (a tensor bound is reported as ``"tensor"``)."""
         f = lambda v: float(v) if not isinstance(v, Tensor) else "tensor"  # noqa: E731
         return {"type": "Box", "lo": f(self.lo), "hi": f(self.hi)}
 
@@ -151,14 +158,17 @@ class LinfBall(Constraint):
         self.center, self.eps = center.detach(), check_radius(eps, "LinfBall.eps")
 
     def bounds(self, x):
+        """``(center - eps, center + eps)``."""
         c = self.center.to(x)
         return c - self.eps, c + self.eps
 
     def project(self, x):
+        """``x`` clamped to within ``eps`` of ``center`` coordinatewise."""
         c = self.center.to(x)
         return c + (x - c).clamp(-self.eps, self.eps)
 
     def describe(self):
+        """``{"type": "LinfBall", "eps"}``."""
         return {"type": "LinfBall", "eps": self.eps}
 
 
@@ -169,11 +179,14 @@ class L2Ball(Constraint):
         self.center, self.eps = center.detach(), check_radius(eps, "L2Ball.eps")
 
     def project(self, x):
+        """``x`` radially scaled towards ``center`` where it lies outside the ball (per sample),
+        else unchanged."""
         c = self.center.to(x)
         d = x - c
         return c + d * ball_factor(per_sample_norm(d), self.eps).view(bshape(d))
 
     def describe(self):
+        """``{"type": "L2Ball", "eps"}``."""
         return {"type": "L2Ball", "eps": self.eps}
 
 
@@ -187,14 +200,17 @@ class Mask(Constraint):
         self.mask, self.values = mask.bool(), values.detach()
 
     def bounds(self, x):
+        """``values`` as both bounds where ``mask`` is true, ``(-inf, +inf)`` elsewhere."""
         v = self.values.to(x)
         inf = torch.full_like(x, float("inf"))
         return torch.where(self.mask, v, -inf), torch.where(self.mask, v, inf)
 
     def project(self, x):
+        """``x`` with the known coordinates set to ``values``."""
         return torch.where(self.mask, self.values.to(x), x)
 
     def describe(self):
+        """``{"type": "Mask", "known_fraction"}``: the fraction of fixed coordinates."""
         return {"type": "Mask", "known_fraction": float(self.mask.float().mean())}
 
 
@@ -215,6 +231,8 @@ class Intersection(Constraint):
         self.members = flat
 
     def bounds(self, x):
+        """The intersected bounds (the largest ``lo`` and smallest ``hi`` over the members) when
+        every member is box-like, else None."""
         bs = [m.bounds(x) for m in self.members]
         if any(b is None for b in bs):
             return None
@@ -223,6 +241,8 @@ class Intersection(Constraint):
         return lo, hi
 
     def project(self, x):
+        """One clamp to the intersected bounds when every member is box-like (an ``InputError``
+        if they are empty somewhere), else the members' projections in turn (see the class)."""
         b = self.bounds(x)
         if b is not None:
             lo, hi = b
@@ -236,6 +256,7 @@ class Intersection(Constraint):
         return x
 
     def describe(self):
+        """``{"type": "Intersection", "members": [...]}`` with each member's description."""
         return {"type": "Intersection", "members": [m.describe() for m in self.members]}
 
 
@@ -321,9 +342,13 @@ class JIIOConfig:
 
     @property
     def switch(self) -> int:
+        """The iteration after which the input step becomes ``alpha_final``."""
         return self.switch_at if self.switch_at is not None else int(round(5 * self.iters / 8))
 
     def solver_config(self) -> SolverConfig:
+        """The :class:`~robustdeq.config.SolverConfig` of the augmented solve: ``iters``
+        iterations with no early stop (``tol=0``), ``m`` and ``lam`` for Anderson, relative
+        residuals."""
         return SolverConfig(name=self.solver, max_iter=self.iters, tol=0.0, m=self.m, lam=self.lam,
                             select="best" if self.select == "best" else "last", stop_mode="rel")
 
@@ -363,6 +388,9 @@ class InputOptResult:
 
 # ============================================================================== helpers
 def check_jiio_model(model: nn.Module) -> None:
+    """Raise a ``ConfigError`` naming the missing members unless ``model`` is a fixed-point model
+    (:class:`~robustdeq.deq.protocols.FixedPointModel`: ``inject``, ``run``, ``f``, ``readout``,
+    ``init_state``, ``solve``)."""
     if not isinstance(model, FixedPointModel):
         missing = [a for a in ("inject", "f", "readout", "init_state", "solve") if not hasattr(model, a)]
         raise ConfigError(
@@ -746,6 +774,7 @@ class CostCounter:
 
     @property
     def total(self) -> int:
+        """``forward + backward``: cell evaluations and VJPs counted so far."""
         return self.forward + self.backward
 
     def _hook(self, module, inputs, output):

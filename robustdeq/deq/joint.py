@@ -66,6 +66,8 @@ class JointInputGradient:
         self.reset()
 
     def reset(self) -> None:
+        """Forget the carried ``z`` and ``mu`` and zero the statistics: the next call starts with
+        the model's full solve (call it for every new batch)."""
         self.z: Optional[Tensor] = None
         self.mu: Optional[Tensor] = None
         self._picard = self.fwd_solver == "picard"
@@ -76,6 +78,8 @@ class JointInputGradient:
                                       "forward_unconverged": 0, "backward_unconverged": 0}
 
     def select(self, keep: Tensor) -> None:
+        """Keep only the samples ``keep`` (indices or a bool mask into the current batch) of the
+        carried ``z`` and ``mu``."""
         if self.z is not None:
             self.z = self.z[keep]
         if self.mu is not None:

@@ -37,6 +37,7 @@ class NormBound:
     exact: bool
 
     def to_dict(self) -> dict:
+        """The bound as a JSON-ready dict (``upper``, ``lower``, ``method``, ``exact``)."""
         return {"upper": self.upper, "lower": self.lower, "method": self.method, "exact": self.exact}
 
 

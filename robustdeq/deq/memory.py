@@ -179,6 +179,7 @@ class WarmMemory(ModelView):
 
     @property
     def active(self) -> bool:
+        """Whether a :meth:`begin` / :meth:`end` bracket is open."""
         return self.clean is not None
 
     # -- keys -------------------------------------------------------------------------------------
@@ -200,6 +201,8 @@ class WarmMemory(ModelView):
 
     # -- the model --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        """Logits of ``x``: the model's own call outside a bracket; inside one, solves started
+        and recorded per the memory's options (see the module)."""
         if not self.active:
             return self.model(x)
         self.stats["calls"] += 1

@@ -50,9 +50,13 @@ class SolverStats:
 
     @property
     def mean_steps(self) -> float:
+        """Mean number of evaluations of ``f`` per sample (nan for an empty batch)."""
         return float(self.steps.float().mean()) if self.steps.numel() else float("nan")
 
     def summary(self) -> dict:
+        """Batch means of the statistics as a JSON-ready dict: ``mean_steps``,
+        ``converged_fraction``, ``diverged_fraction``, ``mean_residual``, ``max_residual``,
+        ``nfe``."""
         return {
             "mean_steps": float(self.steps.float().mean()),
             "converged_fraction": float(self.converged.float().mean()),
@@ -64,6 +68,7 @@ class SolverStats:
 
     @staticmethod
     def from_result(res: SolveResult) -> "SolverStats":
+        """The statistics of a solver's :class:`~robustdeq.deq.solvers.SolveResult`."""
         return SolverStats(res.residual.detach(), res.steps, res.converged, res.diverged, res.nfe)
 
 
@@ -80,6 +85,8 @@ class Equilibrium:
     u: Optional[Tensor] = None
 
     def state(self, step: int) -> TrajectoryState:
+        """The recorded trajectory state with step index ``step``; a ``ConfigError`` naming the
+        recorded steps if it was not recorded (pass ``record=`` to ``run``)."""
         for t in self.trajectory:
             if t.step == step:
                 return t
@@ -137,6 +144,7 @@ class EquilibriumModel(nn.Module):
         return self.cell.init_state(u)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits of a batch ``x``: ``run(x).logits``."""
         return self.run(x).logits
 
 

@@ -71,6 +71,8 @@ class PackedShape:
         self.dim = int(sum(self.sizes))
 
     def unpack(self, z: Tensor) -> List[Tensor]:
+        """The branches ``[z_1, ..., z_n]`` (views of shape (B, C_i, H_i, W_i)) of a packed
+        state; an ``InputError`` if ``z`` does not have ``dim`` features per sample."""
         b = z.shape[0]
         flat = z.reshape(b, -1)
         if flat.shape[1] != self.dim:
@@ -79,6 +81,8 @@ class PackedShape:
         return [p.view(b, *s) for p, s in zip(torch.split(flat, self.sizes, dim=1), self.shapes)]
 
     def pack(self, parts: Sequence[Tensor]) -> Tensor:
+        """The packed state (B, D) of the branches ``parts``; an ``InputError`` if their number
+        or per-sample shapes do not match the layout."""
         if len(parts) != len(self.shapes):
             raise InputError(f"expected {len(self.shapes)} branches, got {len(parts)}")
         b = parts[0].shape[0]
@@ -142,6 +146,7 @@ class MultiscaleInjection(nn.Module):
         self.down_norm = nn.ModuleList(nn.GroupNorm(groups, chans[i + 1]) for i in range(len(chans) - 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        """The packed injection ``u`` (B, D) of an image batch ``x``."""
         u = self.stem_norm(self.stem(self.normalize(x)))
         parts = [u]
         for conv, gn in zip(self.down, self.down_norm):
@@ -208,6 +213,7 @@ class MultiscaleCell(nn.Module):
             self.fuse.append(row)
 
     def forward(self, z: Tensor, u: Tensor) -> Tensor:
+        """``f(z, u)`` on packed states (see the module); the output has the shape of ``z``."""
         zs, us = self.layout.unpack(z), self.layout.unpack(u)
         bs = [self.conv2[i](F.relu(self.gn1[i](self.conv1[i](zs[i]) + us[i])))
               for i in range(self.n_branches)]
@@ -221,9 +227,11 @@ class MultiscaleCell(nn.Module):
         return self.layout.pack(out).view(z.shape)
 
     def init_state(self, u: Tensor) -> Tensor:
+        """The zero state, shaped like ``u``."""
         return torch.zeros_like(u)
 
     def maskable(self) -> List[str]:
+        """The names of the cell's convolution weights (4-D parameters)."""
         return [n for n, p in self.named_parameters() if p.dim() == 4]
 
 
@@ -237,5 +245,6 @@ class MultiscaleHead(nn.Module):
         self.linear = nn.Linear(feats, num_classes)
 
     def forward(self, z: Tensor) -> Tensor:
+        """Logits (B, num_classes) of a packed state ``z``."""
         parts = self.layout.unpack(z)
         return self.linear(torch.cat([F.adaptive_avg_pool2d(p, self.pool).flatten(1) for p in parts], dim=1))

@@ -19,24 +19,58 @@ from torch import Tensor
 
 @runtime_checkable
 class TrajectoryModel(Protocol):
-    def inject(self, x: Tensor) -> Tensor: ...
-    def run(self, x: Tensor, **kwargs: Any) -> Any: ...
-    def unroll(self, u: Tensor, z: Tensor, steps: int, **kwargs: Any) -> Tensor: ...
-    def readout(self, z: Tensor) -> Tensor: ...
+    """A model with a state trajectory (a DEQ or a weight-tied network)."""
+
+    def inject(self, x: Tensor) -> Tensor:
+        """The input injection ``u`` of ``x``."""
+        ...
+
+    def run(self, x: Tensor, **kwargs: Any) -> Any:
+        """The forward pass with its state, trajectory and statistics."""
+        ...
+
+    def unroll(self, u: Tensor, z: Tensor, steps: int, **kwargs: Any) -> Tensor:
+        """``steps`` applications of the map from the state ``z``."""
+        ...
+
+    def readout(self, z: Tensor) -> Tensor:
+        """Logits of a state ``z``."""
+        ...
 
 
 @runtime_checkable
 class FixedPointModel(Protocol):
-    def inject(self, x: Tensor) -> Tensor: ...
-    def run(self, x: Tensor, **kwargs: Any) -> Any: ...
-    def readout(self, z: Tensor) -> Tensor: ...
-    def f(self, z: Tensor, u: Tensor) -> Tensor: ...
-    def solve(self, u: Tensor, **kwargs: Any) -> Any: ...
-    def init_state(self, u: Tensor) -> Tensor: ...
+    """A model whose state is the fixed point of ``f(., u)``, found by a solve."""
+
+    def inject(self, x: Tensor) -> Tensor:
+        """The input injection ``u`` of ``x``."""
+        ...
+
+    def run(self, x: Tensor, **kwargs: Any) -> Any:
+        """The forward pass with its fixed point, trajectory and statistics."""
+        ...
+
+    def readout(self, z: Tensor) -> Tensor:
+        """Logits of a state ``z``."""
+        ...
+
+    def f(self, z: Tensor, u: Tensor) -> Tensor:
+        """The equilibrium map ``f(z, u)``."""
+        ...
+
+    def solve(self, u: Tensor, **kwargs: Any) -> Any:
+        """The solve of ``z = f(z, u)``."""
+        ...
+
+    def init_state(self, u: Tensor) -> Tensor:
+        """The state the solve starts from."""
+        ...
 
 
 @runtime_checkable
 class SolverModel(FixedPointModel, Protocol):
+    """A fixed-point model that also exposes its ``cell``, ``solver_config`` and ``estimator``."""
+
     cell: Any
     solver_config: Any
     estimator: Any
@@ -48,7 +82,9 @@ class IteratingModel(FixedPointModel, Protocol):
 
     solver_config: Any
 
-    def iterates(self, u: Tensor, n: Tensor) -> Tensor: ...
+    def iterates(self, u: Tensor, n: Tensor) -> Tensor:
+        """Per sample ``b``, the solver's ``n[b]``-th iterate from the initial state."""
+        ...
 
 
 def is_fixed_point_model(model: Any) -> bool:

@@ -90,6 +90,7 @@ class SolverState:
 
     @property
     def batch_size(self) -> int:
+        """Number of samples ``B``."""
         return self.z.shape[0]
 
 
@@ -111,6 +112,7 @@ class SolveResult:
 
     @property
     def converged_fraction(self) -> float:
+        """Fraction of the batch that reached the tolerance (1.0 for an empty batch)."""
         return float(self.converged.float().mean()) if self.converged.numel() else 1.0
 
 
@@ -401,6 +403,7 @@ class FixedPointIteration(Solver):
     name = "fixed_point"
 
     def propose(self, state, z, fz, g):
+        """The damped step ``(1 - tau) z + tau f(z)`` (``f(z)`` itself when ``tau = 1``)."""
         tau = self.config.damping
         return fz if tau == 1.0 else (1 - tau) * z + tau * fz
 
@@ -443,6 +446,8 @@ class Anderson(Solver):
                          "backoff": 0}
 
     def residual_buffer(self, state, z):
+        """The memory slot the next ``g`` is stored in (so ``g`` is written there directly), or
+        None before the memory exists or when its shape differs."""
         mem = state.memory
         G = mem.get("G")
         if G is None or G.shape[1:] != z.shape:
@@ -647,6 +652,8 @@ class Broyden(Solver):
     per_sample_memory = {"U": 0, "VT": 0, "prev_z": 0, "prev_g": 0}
 
     def propose(self, state, z, fz, g):
+        """The quasi-Newton step ``z - B g(z)`` after the rank-one update of ``B`` from the
+        previous step (skipped per sample where its denominator vanishes)."""
         cfg = self.config
         mem = state.memory
         b, d = z.shape

@@ -38,14 +38,18 @@ class ModelView(nn.Module):
 
     @property
     def training(self) -> bool:  # type: ignore[override]
+        """The viewed model's ``training`` flag (False when there is none yet); read-only."""
         inner = self.__dict__.get("_modules", {}).get(self._viewed)
         return bool(inner.training) if inner is not None else False
 
     @training.setter
     def training(self, value: bool) -> None:
+        """Ignored: the flag mirrors the viewed module."""
         pass  # mirrors the viewed module; nn.Module.__init__ and mode restorers assign it
 
     def train(self, mode: bool = True) -> "ModelView":
+        """Does nothing (the viewed model keeps its mode; see the class) and returns the view;
+        a ``ValueError`` if ``mode`` is not a bool, as ``nn.Module.train``."""
         if not isinstance(mode, bool):
             raise ValueError("training mode is expected to be boolean")
         return self
@@ -92,6 +96,8 @@ class AttackView(ModelView):
                 "solver": to_dict(self.solver) if self.solver is not None else "model default"}
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits of ``x``: the final state with the view's gradient or solver, or the read-out
+        of the intermediate state (:func:`state_logits`)."""
         if self.state is None:
             if self.solver is not None:
                 return self.model.run(x, grad=self.grad, solver=self.solver).logits
@@ -119,9 +125,11 @@ class TransferView(ModelView):
         self.input_shape = getattr(source, "input_shape", None)
 
     def describe(self) -> dict:
+        """``{"view": "transfer", "source", "source_type"}``: the surrogate's name and class."""
         return {"view": "transfer", "source": self.source_name, "source_type": type(self.model).__name__}
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits of the source model on ``x``."""
         return self.model(x)
 
 

@@ -92,9 +92,13 @@ class WarmStartImplicitGrad(ImplicitGrad):
                               f"{tuple(self.ok.shape)} {self.ok.dtype}")
 
     def describe(self) -> dict:
+        """The estimator's name and its adjoint solver's name."""
         return {"name": type(self).__name__, "solver": self.solver.name.value}
 
     def initial_adjoint(self, grad: Tensor) -> Tensor:
+        """``a0`` for the samples flagged ``ok`` (all when ``ok`` is None) where it is finite, the
+        upstream gradient for the others (:func:`warm_start_rows`); the upstream gradient alone
+        when ``a0`` is None or of another shape."""
         a0 = self.a0
         if a0 is None or a0.shape != grad.shape:
             return grad.detach()
@@ -118,6 +122,7 @@ class WarmStart:
         self.reset()
 
     def reset(self) -> None:
+        """Forget the recorded solutions and adjoints: the next call starts cold."""
         self.z: Optional[Tensor] = None
         self.z_ok: Optional[Tensor] = None
         self.a: Optional[Tensor] = None
@@ -159,9 +164,11 @@ class WarmStart:
         return est
 
     def record_forward(self, z: Tensor, converged: Tensor) -> None:
+        """Record a forward solution ``z`` and its per-sample convergence flags (detached)."""
         self.z, self.z_ok = z.detach(), converged.detach()
 
     def record_adjoint(self, a: Tensor, converged: Tensor) -> None:
+        """Record an adjoint ``a`` and its per-sample convergence flags (detached)."""
         self._est = None
         self.a, self.a_ok = a.detach(), converged.detach()
 

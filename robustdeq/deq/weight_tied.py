@@ -68,6 +68,7 @@ class WeightTied(EquilibriumModel):
         return getattr(self, self._buf(layer, name))
 
     def check_estimator(self, est: GradientEstimator) -> None:
+        """``ConfigError`` unless ``est`` is ``FullBackprop`` or ``NoGrad``."""
         if not isinstance(est, (FullBackprop, NoGrad)):
             raise ConfigError(
                 f"{type(est).__name__} does not apply to an explicit weight-tied model: its gradient "

@@ -214,6 +214,7 @@ class FeedForward(nn.Module):
         self.input_shape = tuple(input_shape)
 
     def forward(self, x):
+        """Logits of a batch ``x`` (shape, dtype, finiteness and [0, 1] checked first)."""
         from ..data import validate_inputs
         return self.net(validate_inputs(x, expected_shape=self.input_shape))
 
