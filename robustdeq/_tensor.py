@@ -109,6 +109,9 @@ def seeded_generator(seed: Optional[int]) -> Optional[torch.Generator]:
 
 
 def draw(kind: str, shape, like: Tensor, gen: Optional[torch.Generator]) -> Tensor:
+    """Noise of ``shape`` in the dtype of ``like`` on its device: U[0, 1) for ``kind="uniform"``,
+    N(0, 1) otherwise; from ``gen`` (drawn on the CPU, then moved) or, when ``gen`` is None,
+    from the global RNG on the device."""
     fn = torch.rand if kind == "uniform" else torch.randn
     if gen is None:  # the global RNG, on the tensor's device
         return fn(shape, dtype=like.dtype, device=like.device)

@@ -210,6 +210,9 @@ class APGD(Attack):
         return {"ce": "APGD-CE", "dlr": "APGD-DLR"}[self.loss]
 
     def params(self) -> Dict[str, Any]:
+        """The settings reported by :meth:`describe`: steps, restarts, loss, rho, early stop,
+        parallel runs, start, the gradient oracle's method and, for a DEQ under the exact
+        policy, whether its solves are warm-started."""
         out = {"steps": self.steps, "restarts": self.restarts, "loss": self.loss, "rho": self.rho,
                "early_stop": self.early_stop, "parallel_runs": self.parallel_runs,
                "start": self.start}
@@ -478,6 +481,7 @@ class APGDT(APGD):
         return "APGD-T"
 
     def params(self) -> Dict[str, Any]:
+        """APGD's settings (:meth:`APGD.params`) and ``n_target_classes``."""
         return dict(super().params(), n_target_classes=self.n_target_classes)
 
     def _perturb(self, x, y, gen):

@@ -39,6 +39,7 @@ VIEW_KEYS = ("state", "grad", "unroll")
 
 
 def pyautoattack_version() -> str:
+    """The installed pyautoattack's version ("unknown" without package metadata)."""
     try:
         from importlib.metadata import version
         return version("pyautoattack")
@@ -59,6 +60,8 @@ def make_view(model: nn.Module, view: Optional[Dict[str, Any]]) -> nn.Module:
 
 
 def describe_view(view: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A JSON-ready copy of the ``view`` options (an estimator instance given as ``grad`` is
+    replaced by its short name), or None."""
     if view is None:
         return None
     out = dict(view)
@@ -175,14 +178,20 @@ class AutoAttack(Attack):
         self.last_adversary = None
 
     def params(self) -> Dict[str, Any]:
+        """The settings reported by :meth:`describe`: version, custom attack list, view, batch
+        size, component settings, and whether the warm-start memory or the fast DEQ mode is in
+        force."""
         return {"version": self.version, "attacks": self.attacks, "view": describe_view(self.view),
                 "batch_size": self.batch_size, "settings": self.settings,
                 "warm_memory": self.warm_memory, "fast_deq": self.fast_deq}
 
     def guarded_models(self) -> List[nn.Module]:
+        """The model and, when it differs, the module pyautoattack attacks (view or memory)."""
         return [self.model, self.target] if self.target is not self.model else [self.model]
 
     def gradient_probe(self) -> nn.Module:
+        """The module whose input gradient is checked before attacking: the attack view, or the
+        model itself."""
         return self.view_target
 
     @property

@@ -55,12 +55,14 @@ def check_number(value: Any, name: str, *, low: float = 0.0, strict: bool = Fals
 
 
 def check_int(value: Any, name: str, *, low: int = 0) -> int:
+    """An int ``>= low`` (bools refused); ``ConfigError`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
         raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
 
 
 def check_seed(seed: Any) -> Optional[int]:
+    """A non-negative int seed, or None; ``ConfigError`` otherwise (bools included)."""
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or int(seed) < 0:
@@ -195,6 +197,8 @@ LOSSES = {"ce": cross_entropy, "dlr": dlr_loss, "margin": margin_loss}
 
 
 def get_loss(name: str):
+    """The loss ``(logits, y) -> scalar`` named ``name`` in :data:`LOSSES` ("ce", "dlr",
+    "margin"); ``ConfigError`` for an unknown name."""
     if name not in LOSSES:
         raise ConfigError(f"unknown loss {name!r}; expected one of {', '.join(LOSSES)}")
     return LOSSES[name]
@@ -237,6 +241,8 @@ _EST_NAMES = {"ImplicitGrad": "ift", "PhantomGrad": "phantom", "UnrolledGrad": "
 
 
 def estimator_name(est) -> str:
+    """The short name of a gradient estimator (``ift``, ``phantom``, ``unrolled``, ``full``,
+    ``none``; the class name for another one), ``"default"`` for None."""
     if est is None:
         return "default"
     return _EST_NAMES.get(type(est).__name__, type(est).__name__)
@@ -293,6 +299,8 @@ class Attack:
         raise NotImplementedError
 
     def params(self) -> Dict[str, Any]:
+        """The attack's own settings, merged into :meth:`describe` (none here; subclasses
+        override)."""
         return {}
 
     def guarded_models(self) -> List[nn.Module]:

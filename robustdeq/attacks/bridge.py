@@ -33,11 +33,19 @@ _NOT_MODEL_FIRST = ("MultiAttack",)
 
 
 def torchattacks_version() -> str:
+    """The installed torchattacks' ``__version__`` (imports torchattacks)."""
     import torchattacks
     return getattr(torchattacks, "__version__", "unknown")
 
 
 def resolve_class(attack: Union[str, type]) -> type:
+    """The torchattacks attack class named ``attack`` (or ``attack`` itself when it is one).
+
+    Raises:
+        ConfigError: an unknown name (the message lists the available ones), an object that is
+            not a torchattacks attack class, or ``MultiAttack`` (use
+            :class:`~robustdeq.attacks.WorstCase`).
+    """
     import torchattacks
     base = torchattacks.attack.Attack
     if isinstance(attack, str):
@@ -119,11 +127,14 @@ class TorchAttack(Attack):
             self.name += f" (z_{view['state']})"
 
     def params(self) -> Dict[str, Any]:
+        """The settings reported by :meth:`describe`: the class name, the view, the training
+        mode and the class's own parameters (as ``param.<name>``)."""
         shown = {k: v for k, v in self.params_.items()}
         return {"attack": self.cls.__name__, "view": describe_view(self.view),
                 "training_mode": self.training_mode, **{f"param.{k}": v for k, v in shown.items()}}
 
     def guarded_models(self) -> List[nn.Module]:
+        """The model and, when it differs, the attack view torchattacks attacks."""
         return [self.model, self.target] if self.target is not self.model else [self.model]
 
     @property

@@ -225,12 +225,15 @@ class StateAttack(Attack):
         return ks
 
     def params(self) -> Dict[str, Any]:
+        """The settings reported by :meth:`describe`: step size, steps, random start, states,
+        ensemble, gradient mode, unroll, the adjoint dampings and the judge."""
         return {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
                 "states": self.states_spec, "ensemble": self.ensemble, "mode": self.mode,
                 "unroll": self.unroll, "beta_z": self.beta_z, "beta_mu": self.beta_mu,
                 "judge": "model" if self.judge is self.model else type(self.judge).__name__}
 
     def guarded_models(self) -> List[nn.Module]:
+        """The model and, when another one judges success, the judge."""
         return [self.model] if self.judge is self.model else [self.model, self.judge]
 
     # -- gradients --------------------------------------------------------------------------------

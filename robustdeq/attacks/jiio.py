@@ -72,6 +72,9 @@ class JIIO(Attack):
         self.last_result = None
 
     def params(self) -> Dict[str, Any]:
+        """The settings reported by :meth:`describe`: iterations, step sizes (and the switch
+        iteration when ``alpha_final`` is set), direction, solver, memory, selection, the
+        dampings and the random start."""
         c = self.config
         return {"iters": c.iters, "alpha": c.alpha, "alpha_final": c.alpha_final,
                 "switch_at": c.switch if c.alpha_final is not None else None,

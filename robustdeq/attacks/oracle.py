@@ -97,6 +97,8 @@ class InputGradient:
         self.reset()
 
     def reset(self) -> None:
+        """Start a new run: forget the warm-start states, the latest logits and convergence
+        flags, and zero the statistics."""
         self.state.reset()
         self.last_logits: Optional[Tensor] = None  # logits at the latest call's inputs (detached)
         #: (B,) bool: the latest call's forward solve converged per sample (True off a DEQ)
@@ -114,6 +116,8 @@ class InputGradient:
         self.state.select(keep)
 
     def current_estimator(self):
+        """The estimator in force: the one given to the constructor, else the model's own (None
+        off a DEQ)."""
         if self.estimator is not None:
             return self.estimator
         return getattr(self.model, "estimator", None)
@@ -172,6 +176,8 @@ class InputGradient:
             self._checked = True
 
     def warn_if_unconverged(self, who: str) -> None:
+        """Emit a :class:`~robustdeq.errors.NonConvergenceWarning` naming ``who`` if some forward
+        or adjoint solve of the run missed its tolerance."""
         _warn_unconverged(self.stats, who)
 
 
@@ -295,6 +301,8 @@ class GradientOracle:
 
     @property
     def stats(self) -> Dict[str, int]:
+        """The run's counters: the exact computation's, plus the joint iteration's where it
+        runs."""
         out = dict(self.exact.stats)
         if self.joint is not None:
             for k, v in self.joint.stats.items():
@@ -319,6 +327,7 @@ class GradientOracle:
         return "joint" if n == self.joint_rows.numel() else "exact" if n == 0 else "mixed"
 
     def warm(self) -> bool:
+        """Whether the exact computation warm-starts its solves (:meth:`InputGradient.warm`)."""
         return self.exact.warm()
 
     def select(self, keep: Tensor) -> None:
@@ -418,6 +427,8 @@ class GradientOracle:
                             joint=torch.full((x.shape[0],), joint, dtype=torch.bool, device=x.device))
 
     def describe(self) -> Dict[str, object]:
+        """The oracle's settings as a dict: ``method`` (the policy), the joint iteration's
+        options where it has one, and ``eot_iter`` when above 1."""
         out: Dict[str, object] = {"method": self.policy}
         if self.joint is not None:
             o = self.joint

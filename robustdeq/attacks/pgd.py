@@ -148,6 +148,7 @@ class FGSM(Attack):
         self.name = "FGSM" + (" L2" if self.norm == "L2" else "") + (f" ({g})" if g else "")
 
     def params(self) -> Dict[str, Any]:
+        """The settings reported by :meth:`describe`: the gradient estimator's name."""
         return {"grad": estimator_name(self.grad) if self.grad is not None else "model default"}
 
     def _perturb(self, x, y, gen):
@@ -277,6 +278,9 @@ class PGD(Attack):
         return self.oracle.joint
 
     def params(self) -> Dict[str, Any]:
+        """The settings reported by :meth:`describe`: step size, steps, random start, loss,
+        restarts, method, gradient, the joint iteration's options where it runs, whether the
+        exact solves are warm-started, and early stopping."""
         out = {"alpha": self.alpha, "steps": self.steps, "random_start": self.random_start,
                "loss": self.loss, "restarts": self.restarts, "method": self.method,
                "grad": ("joint" if self.joint else estimator_name(self.grad) if self.grad is not None

@@ -303,6 +303,9 @@ class Square(Attack):
         self.restart_while_breaking = restart_while_breaking
 
     def params(self) -> Dict[str, Any]:
+        """The settings reported by :meth:`describe`: queries, restarts, ``p_init``, loss, the
+        rescaling schedule, whether queries are warm-started on this model, and the restart
+        and speculation options where set."""
         out = {"n_queries": self.n_queries, "n_restarts": self.n_restarts, "p_init": self.p_init,
                "loss": self.loss, "rescale_schedule": self.rescale_schedule,
                "warm_start": self.warm_start and warm_queries_supported(self.model)}
