@@ -26,6 +26,8 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def get_cell(model_or_cell: nn.Module) -> nn.Module:
+    """The model's ``cell`` attribute, or ``model_or_cell`` itself when it has none (a bare
+    cell)."""
     return getattr(model_or_cell, "cell", model_or_cell)
 
 
@@ -95,6 +97,8 @@ def input_feature_scale(injection: nn.Module, input_shape, n_features: int) -> O
 
 
 def to_float(x) -> Optional[float]:
+    """``x`` as a float, with None and nan mapped to None and an infinity kept as
+    ``float("inf")`` / ``float("-inf")``."""
     if x is None:
         return None
     v = float(x)

@@ -71,6 +71,8 @@ class CertifyConfig:
         object.__setattr__(self, "methods", _methods(self.methods))
 
     def replace(self, **changes) -> "CertifyConfig":
+        """A copy with the fields ``changes`` replaced, checked again (an unknown field or a bad
+        value is a ``ConfigError``)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

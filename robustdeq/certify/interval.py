@@ -210,6 +210,7 @@ class AbsContraction:
 
     @property
     def holds(self) -> bool:
+        """Whether the certified rate is below 1: the interval map is a contraction."""
         return self.rate < 1.0
 
 

@@ -64,6 +64,8 @@ class LipschitzBound:
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The bound as a JSON-ready dict (the per-pair tensors ``pair`` and ``pair_err`` are
+        left out)."""
         return {"available": self.available, "method": self.method, "reason": self.reason,
                 "lip_x_z": self.lip_x_z, "lip_logits": self.lip_logits, "exact": self.exact,
                 "details": self.details}

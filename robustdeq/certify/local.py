@@ -44,6 +44,8 @@ class LocalStability:
     iters: int
 
     def describe(self) -> str:
+        """One sentence on how ``sigma`` and ``rho`` were computed and whether they are exact
+        values or estimates."""
         if self.exact:
             return "dense Jacobian: ||J||_2 by SVD and rho(J) by eigenvalues (float64)"
         return ("power iteration with JVP/VJP: ||J||_2 is an estimate from below (not an upper "

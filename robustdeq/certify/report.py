@@ -62,11 +62,14 @@ class CertResult:
     details: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The result as a JSON-ready dict (non-finite floats as strings)."""
         return _enc({"stable": bool(self.stable), "bound": self.bound, "radius": float(self.radius),
                      "method": self.method, "details": self.details})
 
     @staticmethod
     def from_dict(d: dict) -> "CertResult":
+        """The result of a dict written by :meth:`to_dict`; a ``ConfigError`` for an unknown
+        field."""
         d = _dec(d)
         unknown = set(d) - {"stable", "bound", "radius", "method", "details"}
         if unknown:
@@ -148,16 +151,24 @@ class CertReport:
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict (non-finite floats as strings, see the module)."""
         return _enc({"schema": self.schema, "model": self.model, "settings": self.settings,
                      "global_certificates": self.global_certificates, "summary": self.summary,
                      "timing": self.timing, "provenance": self.provenance,
                      "results": [r.to_dict() for r in self.results]})
 
     def to_json(self, indent: Optional[int] = 2) -> str:
+        """The report as strict JSON text (:meth:`to_dict`), indented by ``indent``."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @staticmethod
     def from_dict(d: dict) -> "CertReport":
+        """The report of a dict written by :meth:`to_dict`.
+
+        Raises:
+            ConfigError: ``d`` is not a dict of this schema (``robustdeq.certify/1``) or has an
+                unknown field.
+        """
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise ConfigError(f"not a robustdeq certificate report (schema {d.get('schema') if isinstance(d, dict) else None!r}, "
                               f"expected {SCHEMA!r})")
@@ -174,10 +185,13 @@ class CertReport:
 
     @staticmethod
     def from_json(text: str) -> "CertReport":
+        """The report of JSON text written by :meth:`to_json` (see :meth:`from_dict`)."""
         return CertReport.from_dict(json.loads(text))
 
     @staticmethod
     def load(path) -> "CertReport":
+        """The report saved at ``path``: a ``certificate.json`` file, or a directory holding one
+        (:meth:`save`)."""
         p = Path(path)
         if p.is_dir():
             p = p / "certificate.json"
@@ -216,6 +230,8 @@ class CertReport:
         return "\n".join(lines)
 
     def to_markdown(self, max_rows: int = 20) -> str:
+        """The report in Markdown: the global certificates, the summary table, what is a bound
+        and what an estimate, and the first ``max_rows`` per-sample results."""
         s, g = self.summary, self.global_certificates
         name = self.model.get("name") or self.model.get("class", "model")
         L = [f"# Certificate report: {name}", ""]

@@ -190,9 +190,12 @@ class SmoothingConfig:
 
     @property
     def srs(self) -> bool:
+        """Whether serialized randomized smoothing is on (``srs_steps > 0``)."""
         return self.srs_steps > 0
 
     def replace(self, **changes) -> "SmoothingConfig":
+        """A copy with the fields ``changes`` replaced, checked again (unknown fields and bad or
+        inapplicable values are a ``ConfigError``)."""
         return make_config({**to_dict(self), **changes})
 
 

@@ -56,6 +56,7 @@ class SmoothingResult:
 
     @property
     def abstained(self) -> bool:
+        """Whether the smoothed classifier abstained on this input."""
         return self.prediction == ABSTAIN
 
     def certified_at(self, r: float) -> bool:
@@ -141,6 +142,7 @@ class SmoothingReport:
 
     @property
     def radii(self) -> List[float]:
+        """The radii the report was asked about (the config's, else the default radii)."""
         return [float(r) for r in self.config.get("radii", DEFAULT_RADII)]
 
     def radius(self) -> Tensor:
@@ -148,22 +150,33 @@ class SmoothingReport:
         return torch.tensor([r.radius for r in self.results], dtype=torch.float64)
 
     def prediction(self) -> Tensor:
+        """(N,) int64 predictions of the smoothed classifier (-1 where it abstained)."""
         return torch.tensor([r.prediction for r in self.results], dtype=torch.long)
 
     def certified_accuracy(self, r: float) -> float:
+        """Fraction of inputs certified (and correct when labelled) at L2 radius ``r``
+        (:meth:`SmoothingResult.certified_at`); 0.0 for an empty report."""
         return _frac(s.certified_at(r) for s in self.results) or 0.0
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict (non-finite floats as None)."""
         return _json_safe({"schema": self.schema, "kind": "randomized_smoothing", "model": self.model,
                            "config": self.config, "summary": self.summary, "provenance": self.provenance,
                            "results": [dataclasses.asdict(r) for r in self.results]})
 
     def to_json(self, indent: Optional[int] = 2) -> str:
+        """The report as strict JSON text (:meth:`to_dict`), indented by ``indent``."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "SmoothingReport":
+        """The report of a dict written by :meth:`to_dict`.
+
+        Raises:
+            InputError: ``d`` is not a mapping of this schema, has an unknown field, or holds
+                malformed per-input results.
+        """
         if not isinstance(d, Mapping) or d.get("schema") != SCHEMA:
             raise InputError(f"not a robustdeq smoothing certificate (schema "
                              f"{d.get('schema') if isinstance(d, Mapping) else None!r}, expected {SCHEMA!r})")
@@ -180,6 +193,8 @@ class SmoothingReport:
 
     @staticmethod
     def load(path) -> "SmoothingReport":
+        """The report saved at ``path``: a ``certificate.json`` file, or a directory holding one
+        (:meth:`save`); an ``InputError`` if there is none."""
         p = Path(path)
         if p.is_dir():
             p = p / "certificate.json"
@@ -200,6 +215,8 @@ class SmoothingReport:
         return "certified_accuracy" if "certified_accuracy" in self.summary else "certified_fraction"
 
     def brief(self) -> str:
+        """A few lines for a terminal: the settings, certified accuracy at the radii, the abstain
+        rate and the time per image."""
         s, c = self.summary, self.config
         mode = f"SRS, {c['srs_steps']} solver steps per warm batch" if c.get("srs_steps") else "independent solves"
         if c.get("mode", "fixed") != "fixed":
@@ -216,6 +233,8 @@ class SmoothingReport:
         return "\n".join(lines)
 
     def to_markdown(self, max_rows: int = 20) -> str:
+        """The report in Markdown: the method and its settings, the summary table and the first
+        ``max_rows`` per-input results."""
         s, c = self.summary, self.config
         name = self.model.get("name") or self.model.get("class", "model")
         acc = s.get(self._acc_key(), {})

@@ -64,6 +64,7 @@ CERTIFIED, NOT_CERTIFIED, UNDECIDED = "certified", "not certified", "undecided"
 
 
 def radius_key(r: float) -> str:
+    """The dict key of radius ``r`` in reports (``f"{r:g}"``)."""
     return f"{float(r):g}"
 
 
@@ -107,6 +108,7 @@ class SequentialDecision:
 
     @property
     def samples(self) -> int:
+        """Estimation samples counted so far."""
         return self.successes + self.failures
 
     def update(self, successes: int, failures: int) -> bool:
@@ -206,6 +208,7 @@ class SequentialDecision:
         return max([self._radius(self.p_lower)] + done)
 
     def decision_dict(self) -> Dict[str, str]:
+        """The decisions keyed by :func:`radius_key`."""
         return {radius_key(r): d for r, d in self.decisions.items()}
 
 
