@@ -11,6 +11,7 @@ from .common import add_eval_args, given, json_arg, load_for_eval, one_radius, t
 
 
 def add_parser(sub) -> None:
+    """Add the ``attack`` command and its options to the subparsers ``sub``."""
     a = sub.add_parser("attack", help="run one attack on a checkpoint and save the adversarial examples")
     add_eval_args(a, eps_default="0.1")
     a.add_argument("--attack", default="pgd", choices=ATTACKS.names(),
@@ -25,6 +26,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_attack(args) -> int:
+    """``robustdeq attack``: run one attack on a checkpoint's evaluation samples, print clean
+    and robust accuracy, and save the adversarial examples (with the attack's description and
+    per-sample verdicts) to ``--out`` for ``robustdeq judge``. Returns the exit status (0)."""
     import torch
     from .. import attacks
     from ..errors import ConfigError

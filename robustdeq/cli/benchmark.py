@@ -9,6 +9,7 @@ from .common import (data_root_hint, int_at_least, one_radius, out_folder, HELP_
 
 
 def add_parser(sub) -> None:
+    """Add the ``benchmark`` command and its options to the subparsers ``sub``."""
     from .evaluate import suite_arg
     b = sub.add_parser("benchmark", help="model cards of checkpoints evaluated under one protocol, "
                                          "and their leaderboard")
@@ -38,6 +39,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_benchmark(args) -> int:
+    """``robustdeq benchmark``: evaluate every checkpoint under one protocol, write a model
+    card per checkpoint and the leaderboard under ``--out``, and print the leaderboard.
+    Returns the exit status (0)."""
     from ..checkpoint import load_checkpoint
     from ..eval.card import benchmark_checkpoints
     eps = one_radius(args.eps, "benchmark (one model card per checkpoint)")

@@ -9,6 +9,7 @@ from .common import (add_device_arg, device_of, floats, int_at_least, load_data,
 
 
 def add_parser(sub) -> None:
+    """Add the ``certify`` command and its options to the subparsers ``sub``."""
     c = sub.add_parser("certify", help="certify stability and robustness of a checkpoint")
     c.add_argument("checkpoint", help=HELP_CHECKPOINT)
     c.add_argument("--dataset", default=None, choices=DATASETS.names(),
@@ -118,6 +119,9 @@ def refuse_inapplicable(args) -> None:
 
 
 def cmd_certify(args) -> int:
+    """``robustdeq certify``: the deterministic certificates of a checkpoint on a dataset split
+    (or, with ``--smoothing SIGMA``, randomized-smoothing certificates), printed in Markdown
+    and saved under ``--out``. Returns the exit status (0)."""
     from ..certify import certify_checkpoint
     refuse_without(args, "smoothing", "--smoothing SIGMA", SMOOTHING_ONLY)
     device_of(args)  # a device that is not there: said before anything is loaded

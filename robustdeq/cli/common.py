@@ -24,10 +24,14 @@ class Parser(argparse.ArgumentParser):
     apply can be refused instead of silently ignored (:func:`refuse_without`)."""
 
     def error(self, message: str):  # noqa: D401 - argparse's hook
+        """Print ``robustdeq: error: <message>`` with a pointer to ``--help`` and exit with
+        status 2."""
         hint = f" (see '{self.prog} --help')"
         self.exit(2, f"robustdeq: error: {message}{hint}\n")
 
     def add_argument(self, *args, **kwargs):
+        """argparse's ``add_argument``; an option's action also records its dest in
+        ``namespace._given`` when the user gives it (:func:`given`)."""
         action = super().add_argument(*args, **kwargs)
         if action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             base = type(action)
@@ -62,6 +66,7 @@ def refuse_without(args, needed: str, needed_flag: str, options: dict) -> None:
 
 
 def setup_logging(verbose: int) -> None:
+    """Configure the root logger: warnings at ``verbose <= 0``, info at 1, debug from 2."""
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 

@@ -5,6 +5,7 @@ from .common import add_device_arg, device_of, int_at_least, out_folder, HELP_NO
 
 
 def add_parser(sub) -> None:
+    """Add the ``demo`` command and its options to the subparsers ``sub``."""
     d = sub.add_parser("demo", help="train a DEQ on the bundled digits and report (default job)")
     d.add_argument("--out", default="robustdeq-demo", help="output folder (default ./robustdeq-demo)")
     d.add_argument("--epochs", type=int_at_least(1), default=None, help="override the number of training epochs")
@@ -23,6 +24,10 @@ def add_parser(sub) -> None:
 
 
 def cmd_demo(args) -> int:
+    """``robustdeq demo``: on the bundled digits, train an undefended DEQ and one hardened with
+    ``--defense``, evaluate both and certify the undefended one (:func:`robustdeq.demo.run_demo`;
+    two jobs at a time by default where two cores are available). Returns the exit status
+    (0)."""
     import os
 
     from ..demo import run_demo

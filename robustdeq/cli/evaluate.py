@@ -12,6 +12,7 @@ from .common import (add_eval_args, floats, int_at_least, json_arg, load_for_eva
 
 
 def add_parsers(sub) -> None:
+    """Add the ``eval`` and ``harden`` commands and their options to the subparsers ``sub``."""
     e = sub.add_parser("eval", help="run an evaluation suite on a checkpoint and write the report")
     add_eval_args(e, eps_default="0.1,0.2")
     e.add_argument("--suite", default="standard", type=suite_arg,
@@ -57,6 +58,9 @@ def add_parsers(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    """``robustdeq eval``: run an evaluation suite on a checkpoint, print the report and write
+    it under ``--out``. Returns the exit status: 0, or 3 when ``--strict`` and a certified
+    sample was broken by an attack."""
     from ..eval import evaluate
     refuse_without(args, "smoothing", "--smoothing SIGMA", {"smoothing_n": "--smoothing-n",
                                                             "srs_steps": "--srs-steps",

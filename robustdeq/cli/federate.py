@@ -7,6 +7,7 @@ from .common import (add_device_arg, device_of, int_at_least, json_arg, out_fold
 
 
 def add_parser(sub) -> None:
+    """Add the ``federate`` command and its options to the subparsers ``sub``."""
     f = sub.add_parser("federate", help="federated DEQ training on Flower (needs the 'federated' extra)")
     f.add_argument("--clients", type=int_at_least(1), default=8, help="number of simulated clients (default 8)")
     f.add_argument("--rounds", type=int_at_least(1), default=20, help="federated rounds (default 20)")

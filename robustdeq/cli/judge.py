@@ -7,6 +7,7 @@ from .common import HELP_CHECKPOINT
 
 
 def add_parser(sub) -> None:
+    """Add the ``judge`` command and its options to the subparsers ``sub``."""
     j = sub.add_parser("judge", help="a checkpoint's accuracy on adversarial examples produced elsewhere "
                                      "(refusing any outside the eps ball or [0, 1])")
     j.add_argument("checkpoint", help=HELP_CHECKPOINT)
@@ -19,6 +20,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_judge(args) -> int:
+    """``robustdeq judge``: a checkpoint's accuracy on a file of adversarial examples (with a
+    95 % confidence interval), printed as a line or, with ``--json``, as JSON. Returns the exit
+    status (0)."""
     from ..checkpoint import load_model
     from ..eval.card import judge_file
     model, _ = load_model(args.checkpoint)

@@ -10,6 +10,7 @@ from .common import Parser, int_at_least, setup_logging
 
 
 def build_parser() -> Parser:
+    """The ``robustdeq`` argument parser with every command's subparser."""
     from .. import __version__
     p = Parser(prog="robustdeq", description="Adversarial robustness of deep equilibrium models. "
                "Without a command, runs the demo (robustdeq demo).")

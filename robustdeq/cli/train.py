@@ -11,6 +11,7 @@ from .common import (add_device_arg, data_root_hint, device_of, int_at_least, js
 
 
 def add_parser(sub) -> None:
+    """Add the ``train`` command and its options to the subparsers ``sub``."""
     t = sub.add_parser("train", help="train a model from the zoo")
     t.add_argument("--model", default=None, help=f"zoo name ({', '.join(MODELS.names())})")
     t.add_argument("--model-options", default=None,
@@ -42,6 +43,9 @@ TRAIN_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
 
 
 def cmd_train(args) -> int:
+    """``robustdeq train``: train a zoo model (or a recipe's own architecture) with a training
+    recipe, write the checkpoint under ``--out`` and print the test accuracy. Returns the exit
+    status (0); a ``TrainingError`` when no epoch was trained."""
     from .. import train
     from ..defenses.recipes import recipe
     from ..errors import ConfigError, TrainingError
