@@ -93,6 +93,7 @@ class _Scheduled(Objective):
 
     @property
     def current_eps(self) -> float:
+        """The radius of this training step: ``eps`` times :attr:`progress`."""
         return float(self.eps) * self.progress
 
     def _finish(self, scalars: dict) -> dict:
@@ -139,6 +140,8 @@ class IBPTraining(_Scheduled):
 
     @property
     def current_kappa(self) -> float:
+        """The weight of the clean cross-entropy at this step: ``kappa_start`` moved linearly to
+        ``kappa`` along the radius ramp (:attr:`progress`)."""
         return self.kappa_start + (self.kappa - self.kappa_start) * self.progress
 
     def margins(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, z0=None) -> Tuple[Tensor, dict]:

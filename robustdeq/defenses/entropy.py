@@ -144,6 +144,8 @@ class EntropyDefense(nn.Module):
         self.training = model.training
 
     def describe(self) -> dict:
+        """The defense's settings as a JSON-ready dict: rounds, solver and inner steps, step
+        size, radius, read-out, sign, memory option and the solver's name."""
         return {"name": "input_entropy_reduction", "rounds": self.rounds, "solver_steps": self.solver_steps,
                 "inner_steps": self.inner_steps, "step_size": self.step_size, "radius": self.radius,
                 "readout": self.readout_mode, "sign": self.sign, "memory": self.memory,
@@ -227,6 +229,7 @@ class EntropyDefense(nn.Module):
                              entropy_before=before, entropy_after=after)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The defended logits of ``x``: ``run(x).logits``."""
         return self.run(x).logits
 
     @torch.no_grad()
@@ -262,6 +265,7 @@ class ThroughUpdatesView(_DefenseView):
     view_name = "through-updates"
 
     def forward(self, x: Tensor) -> Tensor:
+        """The defense's logits of ``x``, differentiated through the whole procedure."""
         return self.defense.run(x, exact=True).logits
 
 
@@ -273,6 +277,8 @@ class BPDAView(_DefenseView):
     view_name = "bpda"
 
     def forward(self, x: Tensor) -> Tensor:
+        """The defense's logits of ``x``, with the undefended model's input gradient at the
+        purified input as gradient (straight-through)."""
         with torch.no_grad():
             res = self.defense.run(x)
         x_st = x + (res.x_hat - x).detach()

@@ -119,6 +119,7 @@ class ICNN(nn.Module):
         return F.softplus(t) if self.act == "softplus" else F.relu(t)
 
     def forward(self, e: Tensor) -> Tensor:
+        """``g(e)`` (B,) of flattened states ``e`` (B, D)."""
         h = self._act(self.W[0](e))
         for i in range(1, len(self.W)):
             pre = self.W[i](e) + F.linear(h, F.softplus(self.U[i - 1])) / h.shape[1]
@@ -140,6 +141,8 @@ class LyapunovFunction(nn.Module):
         self.eps, self.d, self.dim = float(eps), float(d), int(dim)
 
     def forward(self, e: Tensor) -> Tensor:
+        """``V(e)`` (B,) of states ``e`` (flattened to (B, D)); an ``InputError`` if they do not
+        have ``dim`` features."""
         e = e.flatten(1)
         if e.shape[1] != self.dim:
             raise InputError(f"Lyapunov function expects states with {self.dim} features, got {e.shape[1]}")
@@ -183,6 +186,7 @@ class SeparationHead(nn.Module):
         self.classifier = nn.Linear(dim, num_classes)
 
     def forward(self, z: Tensor) -> Tensor:
+        """Logits of a state ``z``: ``classifier(Q features(z))``."""
         return self.classifier(self.separation(self.features(z)))
 
 
@@ -327,6 +331,8 @@ class LyapunovTrace:
 
     @property
     def relative_margins(self) -> Tensor:
+        """(steps, B) decrease relative to the value before the step,
+        ``(V_k - V_{k+1}) / V_k``."""
         return self.margins / self.values[:-1].clamp_min(torch.finfo(self.values.dtype).tiny)
 
     @property
@@ -335,6 +341,10 @@ class LyapunovTrace:
         return (self.margins > 0).all(0)
 
     def summary(self) -> dict:
+        """The trace reduced to a JSON-ready dict: whether (and for which fraction of samples) V
+        decreased at every step, the smallest absolute, relative and flow margins, the mean step
+        size, the number of zero steps, the largest ``V_final / V_0`` and the fraction of
+        converged solves."""
         tiny = torch.finfo(self.values.dtype).tiny
         flow_scale = self.values[:-1].abs().max().clamp_min(tiny)
         return {
@@ -490,6 +500,10 @@ class LyapunovStability:
             set_step(step)
 
     def penalty(self, model: LyaDEQ, x: Tensor) -> Tuple[Tensor, Dict[str, float]]:
+        """The Lyapunov penalty of ``model`` (a :class:`LyaDEQ`) on a batch ``x`` (see the class)
+        and its scalars: ``(penalty, {"lyap_penalty", "lyap_violating", "lyap_samples"})``, with
+        the fraction of sampled states violating the condition and the number of states counted.
+        A ``ConfigError`` for another model."""
         model = _as_lyadeq(model)
         x = model.check_input(x)
         u = model.inject(x)
@@ -536,6 +550,8 @@ class LyapunovStability:
         return loss, scalars
 
     def describe(self) -> dict:
+        """The objective's settings as a JSON-ready dict, with the base objective's description
+        (and the seed when one was given)."""
         d = getattr(self.base, "describe", None)
         base = d() if callable(d) else ({"name": "standard"} if self.base is None else type(self.base).__name__)
         return {"name": self.name, "weight": self.weight, "radius": self.radius,

@@ -279,6 +279,7 @@ class Objective:
         return scalars
 
     def describe(self) -> dict:
+        """The objective's name and constructor settings as a JSON-ready dict (enums by value)."""
         d = {"name": self.name}
         for f in dataclasses.fields(self):
             if f.init:
@@ -345,6 +346,8 @@ class PGDAT(Objective):
 
     @property
     def step_size(self) -> float:
+        """The attack's step: ``alpha``, or by default ``2.5 * eps / steps`` at this step's
+        radius (:attr:`current_eps`)."""
         return self.alpha if self.alpha is not None else default_alpha(self.current_eps, self.steps)
 
     def generate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -402,9 +405,14 @@ class TRADES(Objective):
 
     @property
     def step_size(self) -> float:
+        """The inner ascent's step: ``alpha``, or by default ``2.5 * eps / steps`` at this step's
+        radius (:attr:`current_eps`)."""
         return self.alpha if self.alpha is not None else default_alpha(self.current_eps, self.steps)
 
     def generate(self, model: nn.Module, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """``x'``: ``steps`` ascent steps on ``KL(softmax h(x) || softmax h(x'))`` from the start
+        described in the class, in ``B_eps(x) & [0, 1]`` (model in eval mode with frozen
+        parameters, modes restored). ``y`` is unused (TRADES needs no labels for ``x'``)."""
         from ..attacks.pgd import pgd_loop
         x = x.detach()
         with preserve_modes(model, eval=True, freeze=True):
