@@ -50,6 +50,7 @@ def merge_rows(x_adv: Tensor, mine: Tensor, ctx: Optional[DistContext]) -> Tenso
 
 
 def sum_int(value: int, ctx: Optional[DistContext], device) -> int:
+    """``value`` summed over the ranks of ``ctx`` (``value`` itself without a group)."""
     if ctx is None:
         return int(value)
     return int(all_reduce(torch.tensor([int(value)], dtype=torch.long, device=device), "sum"))
@@ -78,14 +79,17 @@ class MainOnlyStore:
         self.ctx = ctx
 
     def load(self, ei: int, ui: int, key: str, **expect):
+        """Rank 0's stored unit ``(ei, ui)`` (or None), broadcast to every rank."""
         found = self.inner.load(ei, ui, key, **expect) if self.ctx.is_main else None
         return broadcast_object(found)
 
     def save(self, *args, **kwargs) -> None:
+        """Save a finished unit (on rank 0 only)."""
         if self.ctx.is_main:
             self.inner.save(*args, **kwargs)
 
     def remove(self) -> None:
+        """Delete the store's folder (on rank 0 only)."""
         if self.ctx.is_main:
             self.inner.remove()
 

@@ -53,6 +53,7 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> Tuple[float, float]:
 
 # -- provenance -------------------------------------------------------------------------------------
 def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """The SHA-256 hex digest of the file at ``path`` (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -87,6 +88,7 @@ def architecture(model: nn.Module) -> Dict[str, Any]:
 
 
 def parameter_count(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (a parameter shared by several modules counted once)."""
     return int(sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
 
 
@@ -442,6 +444,8 @@ def leaderboard(cards: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], str]
 
 
 def write_leaderboard(cards: List[Dict[str, Any]], out: Union[str, os.PathLike]) -> Path:
+    """Write ``leaderboard.json`` (the rows) and ``leaderboard.md`` of ``cards``
+    (:func:`leaderboard`) into the folder ``out``, created if needed; returns the folder."""
     rows, md = leaderboard(cards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

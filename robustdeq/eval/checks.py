@@ -139,6 +139,7 @@ class CheckResult:
     details: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The result as a JSON-ready dict (a non-finite ``value`` or ``threshold`` as None)."""
         d = asdict(self)
         d["value"] = _finite_or_none(self.value)
         d["threshold"] = _finite_or_none(self.threshold)
@@ -146,6 +147,7 @@ class CheckResult:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "CheckResult":
+        """The result of a dict written by :meth:`to_dict`; a ``ConfigError`` for an unknown key."""
         known = {"name", "fired", "message", "value", "threshold", "skipped", "details"}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -73,6 +73,8 @@ class EvalProtocol:
                 **({"solver": to_dict(self.solver)} if self.solver is not None else {})}
 
     def replace(self, **changes) -> "EvalProtocol":
+        """A copy with the fields ``changes`` replaced, checked again (an unknown field or a bad
+        value is a ``ConfigError``)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -119,6 +121,8 @@ class RunOptions:
             object.__setattr__(self, "certify", tuple(self.certify))
 
     def replace(self, **changes) -> "RunOptions":
+        """A copy with the fields ``changes`` replaced, checked again (an unknown field or a bad
+        value is a ``ConfigError``)."""
         return dataclasses.replace(self, **changes)
 
 

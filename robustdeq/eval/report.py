@@ -133,6 +133,8 @@ class EpsResult:
     seconds: float = 0.0
 
     def attack(self, key: str) -> AttackResult:
+        """The result of the attack ``key`` at this radius; a ``ConfigError`` naming the
+        attacks run if there is none."""
         for a in self.attacks:
             if a.key == key:
                 return a
@@ -213,6 +215,8 @@ class EvalReport:
 
     # -- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The report as a JSON-ready dict (versioned by ``schema_version``; non-finite floats as
+        None), including the :attr:`bound_statement`."""
         d = {
             "schema_version": self.schema_version,
             "clean_accuracy": self.clean_accuracy, "n_samples": self.n_samples,
@@ -226,10 +230,17 @@ class EvalReport:
         return _json_safe(d)
 
     def to_json(self, indent: Optional[int] = 2) -> str:
+        """The report as strict JSON text (:meth:`to_dict`), indented by ``indent``."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "EvalReport":
+        """The report of a dict written by :meth:`to_dict`.
+
+        Raises:
+            InputError: ``d`` is not a mapping, has another ``schema_version``, lacks a required
+                key or holds malformed results.
+        """
         if not isinstance(d, Mapping):
             raise InputError(f"a report must be a JSON object, got {type(d).__name__}")
         version = d.get("schema_version")

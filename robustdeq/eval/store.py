@@ -110,6 +110,7 @@ class PartialStore:
             {"schema_version": SCHEMA_VERSION, "config_hash": config_hash, "config": config}, indent=2))
 
     def clear(self) -> None:
+        """Delete every stored unit and the manifest (the folder itself stays)."""
         for p in list(self.dir.glob("e*_u*.pt")) + list(self.dir.glob("e*_u*.json")) + [self.manifest]:
             if p.is_file():
                 p.unlink()
@@ -124,6 +125,7 @@ class PartialStore:
 
     @staticmethod
     def stem(ei: int, ui: int) -> str:
+        """The file name stem of unit ``(ei, ui)``: ``e{ei:03d}_u{ui:03d}``."""
         return f"e{ei:03d}_u{ui:03d}"
 
     def load(self, ei: int, ui: int, key: str, *, eps: Optional[float] = None,
@@ -183,6 +185,9 @@ class PartialStore:
         return None
 
     def save(self, ei: int, ui: int, meta: dict, tensors: Dict[str, Tensor]) -> None:
+        """Store the finished unit ``(ei, ui)``: its tensors (with the unit's key, eps and the
+        configuration hash, which :meth:`load` checks) atomically, then its JSON ``meta``, whose
+        presence marks the unit finished."""
         pt_p = self.dir / (self.stem(ei, ui) + ".pt")
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=pt_p.name + ".", suffix=".tmp")
         os.close(fd)
