@@ -248,6 +248,7 @@ class FederatedConfig:
         return from_dict(cls, data)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The configuration as a JSON-ready dict (:meth:`from_dict` rebuilds it)."""
         out = to_dict(self)
         out["defense_options"] = dict(self.defense_options)
         out["model_options"] = dict(self.model_options)
@@ -255,10 +256,13 @@ class FederatedConfig:
         return out
 
     def to_json(self) -> str:
+        """The configuration as JSON text with sorted keys."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "FederatedConfig":
+        """The configuration of JSON text written by :meth:`to_json`; a ``ConfigError`` for
+        invalid JSON or settings."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -266,6 +270,8 @@ class FederatedConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes) -> "FederatedConfig":
+        """A copy with the fields ``changes`` replaced, checked again (an unknown field or a bad
+        value is a ``ConfigError``)."""
         return FederatedConfig.from_dict({**self.to_dict(), **changes})
 
     @property

@@ -109,6 +109,8 @@ def _has_solver(name: str, options_json: str) -> bool:
 
 
 def build_model(cfg: FederatedConfig, **budget) -> nn.Module:
+    """A fresh model built from the zoo as :func:`model_config` describes it (``budget``,
+    ``solver``, ``tol``: a client's solver budget)."""
     from ..deq import zoo
     mc = model_config(cfg, **budget)
     return zoo.build(mc["name"], **mc["options"])

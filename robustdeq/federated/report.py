@@ -50,6 +50,8 @@ def _who(rows: List[Dict[str, Any]]) -> str:
 
 
 def markdown(summary: Dict[str, Any]) -> str:
+    """The run's ``report.md``: the settings, one row per round (accuracy, robust accuracy,
+    traffic, clients fused, dropped and rejected) and the clients of the last round."""
     cfg = summary["config"]
     rounds = summary["rounds"]
     lines = [
@@ -124,6 +126,8 @@ def plot(summary: Dict[str, Any], path: Path) -> Optional[Path]:
 
 
 def write_outputs(out_dir: Path, summary: Dict[str, Any]) -> None:
+    """Write ``summary.json``, ``report.md`` and ``accuracy.png`` into ``out_dir`` (created if
+    needed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1, default=float))
     _atomic_write(out_dir / "report.md", markdown(summary))

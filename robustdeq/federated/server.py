@@ -43,6 +43,7 @@ class FederatedResult:
 
     @property
     def final(self) -> Dict[str, Any]:
+        """The record of the last completed round (``{}`` when none completed)."""
         return self.rounds[-1] if self.rounds else {}
 
 

@@ -96,6 +96,7 @@ class DEQFusion(Strategy):
         self._reference: Optional[Dict[str, Any]] = None
 
     def summary(self) -> None:
+        """Log the strategy's settings (Flower calls it when the run starts)."""
         logger.info("DEQFusion: fusion=%s quality_floor=%g min_nodes=%d",
                     self.fusion if isinstance(self.fusion, str) else "custom", self.quality_floor,
                     self.min_nodes)
@@ -103,6 +104,9 @@ class DEQFusion(Strategy):
     # -- training ----------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """The training messages of round ``server_round``: the global ``arrays`` and the
+        config (with ``server-round``) sent to every connected node, once ``min_nodes`` are
+        connected (a ``ConfigError`` after ``node_wait`` seconds otherwise)."""
         nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait)
         self._reference = arrays.to_torch_state_dict()
         cfg = ConfigRecord({**self.config, **dict(config), "server-round": server_round})
@@ -136,6 +140,10 @@ class DEQFusion(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        """The fused global model and the weighted client metrics of round ``server_round``, or
+        ``(None, None)`` when no update is acceptable. Replies with an error are recorded as
+        dropped, updates that fail :func:`~robustdeq.federated.fusion.check_update` as rejected
+        (in ``last_round``); the rest are fused with the strategy's weights in a fixed order."""
         replies = list(replies)
         out = self.last_round if (self.last_round is not None
                                   and self.last_round.server_round == server_round) \
@@ -210,7 +218,9 @@ class DEQFusion(Strategy):
     # -- evaluation: central, by the server loop -----------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """No client-side evaluation: the server loop evaluates the global model itself."""
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        """None: there is no client-side evaluation to aggregate."""
         return None
