@@ -159,17 +159,22 @@ class AdoptedDEQ(nn.Module):
 
     @property
     def estimator(self) -> GradientEstimator:
+        """The estimator in force (innermost ``gradient`` override, else ``grad``)."""
         return self._grad_stack[-1] if self._grad_stack else self.grad
 
     def check_estimator(self, est) -> None:
+        """``ConfigError`` unless ``est`` is a gradient estimator."""
         if not isinstance(est, GradientEstimator):
             raise ConfigError(f"not a gradient estimator: {est!r}")
 
     def extra_repr(self) -> str:
+        """The solver's name, budget and tolerance and the estimator's class."""
         return f"solver={self.solver_config.name.value}, max_iter={self.solver_config.max_iter}, " \
                f"tol={self.solver_config.tol:g}, grad={type(self.estimator).__name__}"
 
     def config_for(self, solver_kwargs: Optional[dict]) -> SolverConfig:
+        """The solver config of one call: ``solver_config`` with ``max_iter`` set to
+        ``solver_kwargs["f_max_iter"]`` when given; any other key is a ``ConfigError``."""
         cfg = self.solver_config
         if solver_kwargs:
             unknown = sorted(set(solver_kwargs) - {"f_max_iter"})
@@ -181,6 +186,9 @@ class AdoptedDEQ(nn.Module):
 
     def forward(self, func: Callable, z_init, solver_kwargs: Optional[dict] = None,
                 sradius_mode: bool = False, backward_writer: Any = None, **kwargs):
+        """TorchDEQ's call ``deq(func, z_init) -> ([z], info)``: solve ``z = func(z)`` from
+        ``z_init`` and attach the estimator's gradient (see the class); unknown keywords are a
+        ``ConfigError``."""
         if kwargs:
             raise ConfigError(f"unknown keyword(s) for the adopted DEQ call: {', '.join(sorted(kwargs))}")
         pack = _Packing(z_init)
@@ -231,6 +239,7 @@ class AdoptedDEQ(nn.Module):
                       NonConvergenceWarning, stacklevel=user_stacklevel())
 
     def reset_warnings(self) -> None:
+        """Let the next non-convergence warn again and zero ``nonconvergence_events``."""
         self._warned = False
         self.nonconvergence_events = 0
 
@@ -297,6 +306,7 @@ class AdoptedDEQClassifier(DEQClassifier):
 
     @property
     def deq(self) -> AdoptedDEQ:
+        """The :class:`AdoptedDEQ` inside ``net`` (at ``deq_name``)."""
         return self.net.get_submodule(self.deq_name)
 
     def __getstate__(self):
@@ -335,11 +345,20 @@ class AdoptedDEQClassifier(DEQClassifier):
         return got[0]
 
     def inject(self, x: Tensor) -> Tensor:
+        """The identity injection ``u = x`` (cast to the model's dtype); kept for
+        :meth:`read_out`."""
         u = self.injection(self.as_model_dtype(x))
         self.__dict__["_u"] = u
         return u
 
     def read_out(self, z: Tensor) -> Tensor:
+        """``net.forward`` on the input of the latest :meth:`inject`, with the DEQ call
+        returning ``[z]``: the logits of the state ``z``.
+
+        Raises:
+            ConfigError: no input of ``z``'s batch size was injected, the net calls its DEQ
+                module more than once, or its forward does not return a logits tensor.
+        """
         u = self.__dict__.get("_u")
         if u is None or u.shape[0] != z.shape[0]:
             raise ConfigError("readout(z) of an adopted TorchDEQ model needs the input of the same "
@@ -360,6 +379,8 @@ class AdoptedDEQClassifier(DEQClassifier):
         return out
 
     def solve(self, u: Tensor, **kwargs):
+        """:meth:`DEQClassifier.solve`, whose statistics also become the DEQ module's
+        ``last_info`` (what the user's forward sees at read-out)."""
         res = super().solve(u, **kwargs)
         cfg = self.solver_config if kwargs.get("solver") is None else from_dict(SolverConfig, kwargs["solver"])
         # the DEQ module's info dict (what read-outs hand to the user's forward) describes this solve
@@ -367,6 +388,8 @@ class AdoptedDEQClassifier(DEQClassifier):
         return res
 
     def run(self, x: Tensor, **kwargs):
+        """:meth:`DEQClassifier.run`; the captured closure of the input is dropped afterwards
+        (it would keep the input's graph alive)."""
         try:
             return super().run(x, **kwargs)
         finally:
