@@ -48,6 +48,7 @@ class RegisteredSolverName(str):
 
     @property
     def value(self) -> str:
+        """The name itself, as a plain ``str``."""
         return str(self)
 
 
@@ -275,6 +276,8 @@ class SolverConfig:
             raise ConfigError(f"SolverConfig.memory must be >= 0, got {self.memory}")
 
     def replace(self, **changes) -> "SolverConfig":
+        """A copy with the fields ``changes`` replaced, checked again (an unknown field or a bad
+        value is a ``ConfigError``)."""
         return from_dict(SolverConfig, {**to_dict(self), **changes})
 
 

@@ -107,6 +107,7 @@ class Registry:
         return list(self._entries)
 
     def is_builtin(self, name: str) -> bool:
+        """Whether ``name`` is one of the package's own entries."""
         return name in self._builtin
 
     def unknown(self, name: Any) -> ConfigError:
@@ -136,12 +137,16 @@ class Registry:
         return len(self._entries)
 
     def keys(self) -> List[str]:
+        """Every name (:meth:`names`)."""
         return self.names()
 
     def values(self) -> List[Any]:
+        """Every entry, in the order of :meth:`names` (lazy built-ins are imported now)."""
         return [self.get(k) for k in self.names()]
 
     def items(self):
+        """``(name, entry)`` pairs in the order of :meth:`names` (lazy built-ins are imported
+        now)."""
         return [(k, self.get(k)) for k in self.names()]
 
     def __repr__(self) -> str:

@@ -133,6 +133,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Optional[Path]:
+        """``out_dir/checkpoint.pt``, or None without an ``out_dir``."""
         return self.out_dir / "checkpoint.pt" if self.out_dir is not None else None
 
     def _objective_name(self) -> str:
@@ -140,6 +141,10 @@ class Trainer:
         return json.dumps(d() if callable(d) else {"name": type(self.objective).__name__}, sort_keys=True, default=str)
 
     def save(self, epoch: int) -> None:
+        """Write the checkpoint of epoch ``epoch`` to :attr:`checkpoint_path` (nothing without an
+        ``out_dir``): the model, the optimizer and scheduler states, the history, the training
+        settings and the random generators' states, so that :meth:`fit` can resume. :meth:`fit`
+        calls it after every epoch; a ``CheckpointError`` without ``model_config``."""
         from .checkpoint import save_checkpoint
         if self.checkpoint_path is None:
             return
