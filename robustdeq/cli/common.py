@@ -37,6 +37,8 @@ class Parser(argparse.ArgumentParser):
             base = type(action)
 
             class Recorded(base):  # type: ignore[misc, valid-type]
+                """The option's own action, which also records its dest in ``_given``."""
+
                 def __call__(self, parser, namespace, values, option_string=None):
                     given = set(getattr(namespace, "_given", ()))
                     given.add(self.dest)

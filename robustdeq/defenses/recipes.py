@@ -33,6 +33,9 @@ from ..errors import ConfigError
 
 @dataclass
 class Recipe:
+    """A hardening recipe: its ``name``, the zoo architecture it requires (``model``; None keeps
+    the user's) and its training ``objective`` ``(model, x, y) -> (loss, scalars)``."""
+
     name: str
     model: Optional[str]          # zoo architecture the recipe requires (None: keep the user's)
     objective: Callable

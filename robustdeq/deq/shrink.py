@@ -24,6 +24,9 @@ MakeF = Callable[[Optional[Tensor]], Callable[[Tensor], Tensor]]
 
 @dataclass
 class ShrinkResult:
+    """What :func:`solve_shrinking` returns: per-sample results as ``Solver.solve`` gives them,
+    with the cost (``nfe`` batch evaluations, ``work`` sample evaluations)."""
+
     z: Tensor            # (B, ...) returned iterate (shape of z0)
     residual: Tensor     # (B,)
     converged: Tensor    # (B,) bool

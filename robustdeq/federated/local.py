@@ -39,6 +39,9 @@ def derive_seed(*parts) -> int:
 
 @dataclass
 class ClientData:
+    """A client's shard: its training samples and its local validation samples (None without
+    a validation share)."""
+
     x_train: Tensor
     y_train: Tensor
     x_val: Optional[Tensor]
@@ -176,6 +179,9 @@ def state_error(model: nn.Module, x: Tensor, tol: float, batch_size: int = 256) 
 
 @dataclass
 class ClientResult:
+    """What :func:`train_client` returns: the client's id, its number of training samples, its
+    trained state (on the CPU) and the metrics it reports to the server."""
+
     client: int
     num_examples: int
     state: Dict[str, Tensor]
