@@ -129,6 +129,7 @@ class Trainer:
             self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = None  # built in fit(), once the number of steps is known
         self._writer = None
+        self._rng_states: Dict[str, Tensor] = {}  # every rank's generator states, set by fit()
 
     # -- checkpoints ----------------------------------------------------------------------------
     @property
@@ -153,7 +154,7 @@ class Trainer:
                                   "or pass model_config={'name': ..., 'options': {...}})")
         extra = {"epoch": epoch, "history": json.dumps(self.history),
                  "train_config": json.dumps(to_dict(self.config)), "objective": self._objective_name()}
-        extra.update(self._rng_states)
+        extra.update(self._rng_states or self._own_rng())  # outside fit(): this process's
         if self.scheduler is not None:
             extra["scheduler"] = json.dumps(self.scheduler.state_dict())
         meta = dict(self.metadata)

@@ -78,3 +78,11 @@ def test_extended_cosine_run_restarts_its_schedule(tmp_path):
     # a fresh cosine over the 2 added epochs: from lr at their start to 0 at their end
     assert t.scheduler.T_max == 2 * steps and t.scheduler.last_epoch == 2 * steps
     assert t.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_save_outside_fit_writes_a_checkpoint_with_this_process_generator_state(tmp_path):
+    from robustdeq.checkpoint import load_checkpoint
+    t = _trainer(tmp_path, "none", {}, 1)
+    t.save(0)                                   # before any fit(): used to raise AttributeError
+    ck = load_checkpoint(t.checkpoint_path)
+    assert torch.equal(ck.extra_state["rng_torch"], torch.get_rng_state())
