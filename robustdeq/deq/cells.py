@@ -106,6 +106,19 @@ def _apply_norm(layer: nn.Module, norm: str, name: str = "weight") -> nn.Module:
     return layer
 
 
+def _weight_norm_magnitudes(module: nn.Module) -> set:
+    """Names of the magnitude parameters ``g`` of ``module``'s weight-normalised layers
+    (``parametrizations.weight.original0``, Salimans & Kingma 2016's ``w = g v / ||v||``)."""
+    out = set()
+    for name, mod in module.named_modules():
+        plist = getattr(mod, "parametrizations", None)
+        if plist is not None and "weight" in plist and any(
+                type(p).__name__ == "_WeightNorm" for p in plist["weight"]):
+            out.add(f"{name}.parametrizations.weight.original0" if name else
+                    "parametrizations.weight.original0")
+    return out
+
+
 class ScaledLinear(nn.Module):
     """``y = scale * W x`` with an optional spectral normalisation of W.
 
@@ -220,8 +233,11 @@ class MLPCell(nn.Module):
         return torch.zeros(u.shape[0], self.hidden, dtype=u.dtype, device=u.device)
 
     def maskable(self) -> List[str]:
-        """The names of the cell's matrix-shaped parameters (the masks of weight-tied models)."""
-        return [n for n, p in self.named_parameters() if p.dim() >= 2]
+        """The names of the cell's matrix-shaped parameters (the masks of weight-tied models);
+        under weight normalisation the direction ``v``, not the magnitude ``g`` (a mask over
+        ``g`` would switch off whole rows of ``W``)."""
+        skip = _weight_norm_magnitudes(self)
+        return [n for n, p in self.named_parameters() if p.dim() >= 2 and n not in skip]
 
     def weight_matrix(self) -> Tensor:
         """The effective W (for certificates)."""
@@ -320,8 +336,10 @@ class ConvCell(nn.Module):
         return torch.zeros_like(u)
 
     def maskable(self) -> List[str]:
-        """The names of the cell's convolution weights (4-D parameters)."""
-        return [n for n, p in self.named_parameters() if p.dim() == 4]
+        """The names of the cell's convolution weights (4-D parameters); under weight
+        normalisation the direction ``v``, not the per-filter magnitude ``g``."""
+        skip = _weight_norm_magnitudes(self)
+        return [n for n, p in self.named_parameters() if p.dim() == 4 and n not in skip]
 
 
 class ConvInjection(nn.Module):

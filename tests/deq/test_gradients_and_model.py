@@ -280,6 +280,29 @@ def test_weight_tied_masks_and_interface():
     torch.testing.assert_close(v(x), m.readout(eq.state(2).z))
 
 
+def test_weight_tied_masks_of_a_weight_normalised_cell_cover_the_direction_not_the_magnitude():
+    # w = g v / ||v|| (weight norm): masking g would switch off whole rows of W at a layer
+    from robustdeq.deq import MLPCell, WeightTied
+    from robustdeq.deq.cells import ConvCell, LinearHead, MLPInjection
+    torch.manual_seed(0)
+    cell = MLPCell(16, norm="weight")
+    m = WeightTied(MLPInjection(64, 16), cell, LinearHead(16, 10), depth=3, sparsity=0.5, seed=1)
+    assert m.masked_names == ["W.linear.parametrizations.weight.original1"]
+    x = torch.rand(2, 1, 8, 8)
+    u, z = m.inject(x), torch.zeros(2, 16)
+    g = cell.W.linear.parametrizations.weight.original0
+    v = cell.W.linear.parametrizations.weight.original1
+    for l in range(3):
+        vm = v * m.mask(l, m.masked_names[0])
+        W = g * vm / vm.norm(dim=1, keepdim=True)
+        assert bool((W.abs().sum(1) > 0).all())       # no row switched off
+        z = torch.tanh(z @ W.T + u)
+    torch.testing.assert_close(m.run(x).z, z)
+    assert ConvCell(8, norm="weight").maskable() == ["conv1.parametrizations.weight.original1",
+                                                     "conv2.parametrizations.weight.original1"]
+    assert MLPCell(8, norm="spectral").maskable() == ["W.linear.parametrizations.weight.original"]
+
+
 @pytest.mark.integration
 def test_fixed_point_and_ift_gradient_agree_with_torchdeq():
     torchdeq = pytest.importorskip("torchdeq")
