@@ -239,7 +239,7 @@ class EvalReport:
 
         Raises:
             InputError: ``d`` is not a mapping, has another ``schema_version``, lacks a required
-                key or holds malformed results.
+                key or holds malformed results or checks.
         """
         if not isinstance(d, Mapping):
             raise InputError(f"a report must be a JSON object, got {type(d).__name__}")
@@ -259,11 +259,14 @@ class EvalReport:
                 results.append(EpsResult(**r))
         except TypeError as e:
             raise InputError(f"malformed report results: {e}") from None
+        try:
+            checks = [CheckResult.from_dict(c) for c in d.get("checks", [])]
+        except (ConfigError, KeyError, TypeError, ValueError) as e:
+            raise InputError(f"malformed report checks: {e}") from None
         return EvalReport(
             clean_accuracy=d["clean_accuracy"], n_samples=d["n_samples"], threat=d["threat"],
             eps=list(d["eps"]), suite=d["suite"], results=results, clean=dict(d.get("clean") or {}),
-            checks=[CheckResult.from_dict(c) for c in d.get("checks", [])],
-            timings=dict(d.get("timings") or {}), provenance=dict(d.get("provenance") or {}),
+            checks=checks, timings=dict(d.get("timings") or {}), provenance=dict(d.get("provenance") or {}),
             notes=list(d.get("notes") or []), config_hash=d.get("config_hash", ""),
             schema_version=version)
 

@@ -351,6 +351,12 @@ def test_report_json_roundtrip_markdown_and_plots(quick, tmp_path):
         EvalReport.load(tmp_path)
     with pytest.raises(InputError):
         EvalReport.load(tmp_path / "missing")
+    # a malformed check entry is a malformed report too (InputError, like malformed results)
+    d["schema_version"] = 1
+    for bad in ({"name": "x", "fired": False, "message": "", "colour": 1}, {"fired": False}, "x"):
+        d["checks"] = [bad]
+        with pytest.raises(InputError, match="malformed report checks"):
+            EvalReport.from_dict(d)
 
 
 def test_tensorboard_scalars_read_back(quick, tmp_path):
