@@ -6,7 +6,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -206,25 +206,8 @@ def _certify(model, x, y, cfg: CertifyConfig, methods: tuple, partial=None) -> C
                        timing={**{m: 0.0 for m in methods}, "solve": 0.0})
     _global_certificates(c)
     from ..distributed import context as _dist_context
-    dist_ctx = _dist_context()
-    failure: Optional[BaseException] = None
-    try:
-        for s in _batch_starts(c, dist_ctx):
-            batch = partial.done.get(s) if partial is not None else None
-            if batch is None:
-                batch = _certify_batch(c, s)
-                if partial is not None:
-                    partial.add(batch)
-            _merge_batch(c, batch)
-    except Exception as e:
-        if dist_ctx is None:
-            raise
-        failure = e  # raised on every rank by _gather_shards (no rank waits for this one)
-    if dist_ctx is not None:
-        c.results, c.n_unconverged, c.n_refused, c.ibp_reason, local = _gather_shards(
-            c.results, c.n_unconverged, c.n_refused, c.ibp_reason, c.glob.get("local"), failure)
-        if local is not None:
-            c.glob["local"] = local
+    for batch in _run_batches(x.shape[0], cfg, _dist_context(), lambda s: _certify_batch(c, s), partial):
+        _merge_batch(c, batch)
     return _report(c, t_all)
 
 
@@ -287,14 +270,44 @@ def _announce_availability(c: _Certification) -> None:
                       CertificationWarning, stacklevel=user_stacklevel())
 
 
-def _batch_starts(c: _Certification, dist_ctx):
-    it = range(0, c.x.shape[0], c.cfg.batch_size)
-    if dist_ctx is not None:  # batch j on rank j % world (the same batches as one process)
+def _batch_starts(n: int, batch_size: int, progress: bool, dist_ctx):
+    """The starts of the batches of ``n`` inputs this process certifies: every one in one process
+    (``dist_ctx`` None), batch ``j`` on rank ``j % world_size`` in a process group (the batches of
+    one process); with a tqdm bar (on rank 0 alone) when ``progress``."""
+    it = range(0, n, batch_size)
+    if dist_ctx is not None:
         it = it[dist_ctx.rank::dist_ctx.world_size]
-    if c.cfg.progress and (dist_ctx is None or dist_ctx.is_main):
+    if progress and (dist_ctx is None or dist_ctx.is_main):
         from tqdm.auto import tqdm
         it = tqdm(it, desc="certify", unit="batch")
     return it
+
+
+def _run_batches(n: int, cfg: CertifyConfig, dist_ctx, compute: Callable[[int], BatchResults],
+                 partial=None) -> List[BatchResults]:
+    """The :class:`BatchResults` of every batch of ``n`` inputs (``cfg.batch_size`` each), in
+    input order, on every rank: this process's batches (:func:`_batch_starts`) are taken from
+    ``partial`` where it holds them, else computed by ``compute(start)`` and added to it at once.
+    In a process group (``dist_ctx``) the ranks' batches are then gathered, and an exception that
+    stopped one rank's batches is raised on every rank (no rank waits for a rank that failed)."""
+    mine: List[BatchResults] = []
+    failure: Optional[BaseException] = None
+    try:
+        for s in _batch_starts(n, cfg.batch_size, cfg.progress, dist_ctx):
+            batch = partial.done.get(s) if partial is not None else None
+            if batch is None:
+                batch = compute(s)
+                if partial is not None:
+                    partial.add(batch)
+            mine.append(batch)
+    except Exception as e:
+        if dist_ctx is None:
+            raise
+        failure = e  # raised on every rank by gather_sharded
+    if dist_ctx is None:
+        return mine
+    from ..distributed import gather_sharded
+    return sorted(gather_sharded(mine, failure, dist_ctx), key=lambda b: b.start)
 
 
 def _solve_batch(c: _Certification, s: int) -> _Batch:
@@ -317,7 +330,8 @@ def _solve_batch(c: _Certification, s: int) -> _Batch:
 
 
 def _merge_batch(c: _Certification, batch: BatchResults) -> None:
-    """Add a batch's results and counts to the certification (computed or read back)."""
+    """Add a batch's results and counts to the certification (computed, read back or gathered
+    from another rank), in input order."""
     c.results.extend(batch.results)
     c.n_unconverged += batch.unconverged
     c.n_refused += batch.refused
@@ -583,17 +597,6 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
         if partial is not None:
             partial.remove()
     return rep
-
-
-def _gather_shards(results, n_unconverged, n_refused, ibp_reason, local, failure=None):
-    """Every rank's per-sample results (in sample order) and counts, on every rank; ``failure``
-    (the exception that stopped this rank's batches) or another rank's is raised on every rank."""
-    from ..distributed import gather_sharded
-    parts = gather_sharded([(results, n_unconverged, n_refused, ibp_reason, local)], failure)
-    merged = sorted((r for p in parts for r in p[0]), key=lambda r: r.details["index"])
-    reason = next((p[3] for p in parts if p[3]), None)
-    loc = next((p[4] for p in parts if p[4] is not None), None)
-    return merged, sum(p[1] for p in parts), sum(p[2] for p in parts), reason, loc
 
 
 def _solver_dict(cfg) -> dict:

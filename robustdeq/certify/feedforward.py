@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..errors import CertificationWarning, ConfigError, InputError
 from ..guard import preserve_model
 from .._support import user_stacklevel
+from .api import _run_batches
 from .config import CertifyConfig, make_certify_config
 from .report import CertReport, CertResult, _eps_key, summarize
 from .resume import BatchResults
@@ -58,7 +59,11 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     setting only a DEQ's certificates use, e.g. ``solver`` or ``deploy_tol``), ``eps_l2``
     gets no certificate (said in the report and by a :class:`CertificationWarning`). ``y`` None:
     the predictions are certified instead (certified fractions). ``partial``: batches kept on
-    disk, as for :func:`robustdeq.certify.certify`."""
+    disk, as for :func:`robustdeq.certify.certify`.
+
+    Inside a process group the batches are shared out as by :func:`robustdeq.certify.certify`
+    (batch ``j`` on rank ``j % world_size``; ``partial`` is this rank's file) and every rank
+    returns the whole report; an exception on one rank is raised on every rank."""
     cfg = make_certify_config(config, **options)
     if not is_feedforward(model):
         raise ConfigError(f"certify_feedforward needs a feed-forward network (an nn.Sequential, or a module "
@@ -84,16 +89,13 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
             raise InputError(f"labels must be a 1-D integer tensor of length {n}, got shape "
                              f"{tuple(y.shape)} and dtype {y.dtype}")
     t_all = time.perf_counter()
-    results = []
     t_ibp = [0.0]
+    from ..distributed import context
+    dist_ctx = context()
     with preserve_model(model, "eval", who="certify"), torch.no_grad():
-        for s in range(0, n, cfg.batch_size):
-            batch = partial.done.get(s) if partial is not None else None
-            if batch is None:
-                batch = _feedforward_batch(model, x, y, cfg, s, t_ibp)
-                if partial is not None:
-                    partial.add(batch)
-            results.extend(batch.results)
+        batches = _run_batches(n, cfg, dist_ctx, lambda s: _feedforward_batch(model, x, y, cfg, s, t_ibp),
+                               partial)
+    results = [r for batch in batches for r in batch.results]
     if cfg.eps_l2:
         warnings.warn(f"certify: {type(model).__name__} gets no certified L2 radius ({_NO_L2})",
                       CertificationWarning, stacklevel=user_stacklevel())

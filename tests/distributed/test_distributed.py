@@ -310,9 +310,54 @@ def _task_certify_resume(rank, out):
     return res
 
 
+#: certify(ff_mlp) on 10 inputs (batches 0, 4, 8: rank 0 certifies two, rank 1 one) and
+#: certify_checkpoint on 8 (batches 0, 2, 4, 6)
+FF_OPTIONS = {"eps_linf": (0.001, 0.05), "eps_l2": ()}
+FF_CHECKPOINT_OPTIONS = {"n_inputs": 8, "batch_size": 2, **FF_OPTIONS}
+
+
+def _task_certify_feedforward(rank, out):
+    """certify on a feed-forward network (the batches this rank computed), then certify_checkpoint
+    interrupted on both ranks after one batch each and rerun: the batches each run computed, the
+    files left, the reports."""
+    from robustdeq.checkpoint import load_model
+    from robustdeq.certify import certify, certify_checkpoint, feedforward
+    model, _ = load_model(out / "ff.pt")
+    x, y = torch.load(out / "ff_data.pt")
+    folder = out / "ffcert"
+    orig = feedforward._feedforward_batch
+    runs = {"certify": [], "cut": [], "rerun": []}
+    phase = ["certify"]
+
+    def counted(*args):
+        calls = runs[phase[0]]
+        if phase[0] == "cut" and len(calls) == 1:  # this rank's second batch
+            raise _Stop(f"rank {rank}")
+        calls.append(int(args[4]))
+        return orig(*args)
+    feedforward._feedforward_batch = counted
+    try:
+        rep = certify(model.eval(), x, y, batch_size=4, **FF_OPTIONS).to_dict()
+        phase[0] = "cut"
+        try:
+            certify_checkpoint(out / "ff.pt", out_dir=folder, **FF_CHECKPOINT_OPTIONS)
+            raise AssertionError("not interrupted")
+        except _Stop:
+            pass
+        left = sorted(p.name for p in folder.iterdir())
+        phase[0] = "rerun"
+        resumed = certify_checkpoint(out / "ff.pt", out_dir=folder, **FF_CHECKPOINT_OPTIONS).to_dict()
+    finally:
+        feedforward._feedforward_batch = orig
+    dist.barrier()  # both ranks removed their files
+    return {"report": rep, "runs": runs, "left": left, "resumed": resumed,
+            "after": sorted(p.name for p in folder.iterdir())}
+
+
 TASKS = {"helpers": _task_helpers, "smoothing": _task_smoothing, "train_killed": _task_train_killed,
          "eval_killed": _task_eval_killed, "train": _task_train, "train_resume": _task_train_resume,
-         "eval": _task_eval, "certify": _task_certify, "certify_resume": _task_certify_resume}
+         "eval": _task_eval, "certify": _task_certify, "certify_resume": _task_certify_resume,
+         "certify_feedforward": _task_certify_feedforward}
 
 
 # -- fast tests ---------------------------------------------------------------------------------------
@@ -704,3 +749,35 @@ def test_two_rank_certification_resumes_after_an_interruption(tmp_path, trained_
         # the partial files are gone (that of the 3-process run too), the report written
         assert not [f for f in a["after"] if f.startswith("partial")], (method, a["after"])
         assert "certificate.json" in a["after"], method
+
+
+@pytest.mark.slow
+def test_two_rank_feedforward_certification_is_shared_out(tmp_path, trained_model, digits_test):
+    """certify on a feed-forward network under 2 ranks: batch j on rank j % 2 alone, and every
+    rank returns the one-process report; certify_checkpoint stopped after one batch on each rank
+    keeps each rank's batch in its own file, and the rerun computes only the others."""
+    from robustdeq.certify import certify, certify_checkpoint
+    from robustdeq.checkpoint import load_model, save_checkpoint
+    trained = trained_model("ff_mlp", hidden=32)
+    save_checkpoint(tmp_path / "ff.pt", trained, model_config=trained.robustdeq_config)
+    model, _ = load_model(tmp_path / "ff.pt")
+    x, y = digits_test(10)
+    torch.save((x, y), tmp_path / "ff_data.pt")
+    ref = certify(model.eval(), x, y, batch_size=4, **FF_OPTIONS).to_dict()
+    flags = [[r["details"]["linf"][k]["certified"] for k in ("0.001", "0.05")] for r in ref["results"]]
+    assert any(any(f) for f in flags) and not all(all(f) for f in flags)  # a mixed, telling case
+    saved_ref = certify_checkpoint(tmp_path / "ff.pt", **FF_CHECKPOINT_OPTIONS).to_dict()
+    r0, r1 = spawn("certify_feedforward", tmp_path)
+    assert r0["runs"]["certify"] == [0, 8] and r1["runs"]["certify"] == [4]  # each batch once
+    for r in (r0, r1):
+        assert _scrub(r["report"]) == _scrub(ref)
+        assert [d["details"]["index"] for d in r["report"]["results"]] == list(range(10))
+        assert r["report"]["summary"] == ref["summary"]
+    # certify_checkpoint: one batch in each rank's own file, then only the other batches
+    assert r0["runs"]["cut"] == [0] and r1["runs"]["cut"] == [2]
+    assert r0["left"] == r1["left"] == ["partial_certify.rank0-of-2.jsonl", "partial_certify.rank1-of-2.jsonl"]
+    assert r0["runs"]["rerun"] == [4] and r1["runs"]["rerun"] == [6]
+    for r in (r0, r1):
+        assert _scrub(r["resumed"]) == _scrub(saved_ref)
+    assert _scrub(json.loads((tmp_path / "ffcert" / "certificate.json").read_text())) == _scrub(saved_ref)
+    assert r0["after"] == ["certificate.json", "certificate.md"]
