@@ -544,9 +544,11 @@ def certify_checkpoint(path, method: str = "deterministic", *, dataset: str = "d
     written. Deterministic settings holding code (a callable ``V`` or ``perturb``) are not
     resumed. In a process group each rank keeps its own file
     (``partial_certify.rank<R>-of-<W>.jsonl``, ``partial_smoothing.rank<R>-of-<W>.jsonl``) under a
-    hash that also covers the world size, a rerun of the same command resumes from them (files
-    of another world size are discarded with a warning), and each rank removes its own once
-    rank 0 has written the report.
+    hash that also covers the world size, a rerun of the same command resumes from them, and each
+    rank removes its own once rank 0 has written the report. Partial files of another process
+    layout, which the run would never read, are removed with a warning before any rank reads its
+    own (by rank 0 in a group): under a process group the one-process file and the per-rank files
+    of another world size, in one process the per-rank files.
 
     The options are checked before the checkpoint is read. The body of
     ``robustdeq certify CHECKPOINT [--smoothing SIGMA]``.

@@ -20,8 +20,10 @@ In a process group (``torchrun``; :mod:`robustdeq.distributed`) each rank keeps 
 computes in its own file, ``partial_certify.rank<R>-of-<W>.jsonl`` (``partial_smoothing....``;
 :func:`partial_file`), whose hash also covers the world size ``W``: a rerun of the same command
 reads each rank's own file back and computes only the missing units, so the gathered report is
-that of an uninterrupted run. Files of another world size are discarded with a warning
-(:func:`discard_other_worlds`); each rank removes its own file once rank 0 has written the report.
+that of an uninterrupted run. Each rank removes its own file once rank 0 has written the report.
+Files of another process layout, which a run would never read, are discarded with a warning
+before any rank reads its own file (:func:`discard_other_worlds`): under torchrun the one-process
+file and the per-rank files of another world size, in one process the per-rank files.
 """
 from __future__ import annotations
 
@@ -60,19 +62,42 @@ def partial_file(file: str, ctx) -> str:
 
 
 def discard_other_worlds(out_dir, file: str, ctx) -> None:
-    """In a process group, on rank 0: remove (with a warning) the per-rank partial files of
-    ``file`` in ``out_dir`` written by a run of another world size (their units were shared out
-    otherwise; they are computed again). Nothing in one process."""
-    if ctx is None or not ctx.is_main or not Path(out_dir).is_dir():
+    """Remove (with a warning naming each file and why) the partial files of ``file`` in
+    ``out_dir`` that a run of another process layout wrote, whose units this run never reads
+    (they were shared out otherwise; they are computed again): in a process group (``ctx``, a
+    :class:`~robustdeq.distributed.DistContext`) the one-process file and the per-rank files of
+    another world size, in one process (``ctx`` None) the per-rank files of any process group.
+    In a group rank 0 alone removes them and every rank waits until it has (an error there is
+    raised on every rank), so no rank reads its own file before: every rank must call it."""
+    if ctx is None:
+        _discard_other_layouts(out_dir, file, None)
+        return
+    from ..distributed import run_on_main
+    run_on_main(lambda: _discard_other_layouts(out_dir, file, ctx), ctx)
+
+
+def _discard_other_layouts(out_dir, file: str, ctx) -> None:
+    """The removal of :func:`discard_other_worlds` (in a group: rank 0's part)."""
+    if not Path(out_dir).is_dir():
         return
     stem, suffix = os.path.splitext(file)
-    pattern = re.compile(re.escape(stem) + r"\.rank\d+-of-(\d+)" + re.escape(suffix) + r"(\.tmp)?")
+    per_rank = re.compile(re.escape(stem) + r"\.rank(\d+)-of-(\d+)" + re.escape(suffix) + r"(\.tmp)?")
     for p in sorted(Path(out_dir).iterdir()):
-        m = pattern.fullmatch(p.name)
-        if m and int(m.group(1)) != ctx.world_size and p.is_file():
+        if not p.is_file():
+            continue
+        m = per_rank.fullmatch(p.name)
+        if m and ctx is None:
+            logger.warning("%s holds partial results of rank %s of a run on %s processes (this run is one "
+                           "process, which reads %s alone); they are discarded", p, m.group(1), m.group(2), file)
+        elif m and int(m.group(2)) != ctx.world_size:
             logger.warning("%s holds partial results of a run on %s processes (this run has %d); they are "
-                           "discarded", p, m.group(1), ctx.world_size)
-            p.unlink(missing_ok=True)
+                           "discarded", p, m.group(2), ctx.world_size)
+        elif ctx is not None and p.name in (file, file + ".tmp"):
+            logger.warning("%s holds partial results of a run in one process (this run has %d processes, "
+                           "each of which reads its own per-rank file); they are discarded", p, ctx.world_size)
+        else:
+            continue
+        p.unlink(missing_ok=True)
 
 
 def run_hash(settings: Mapping[str, Any], model: nn.Module, x: Tensor, y: Optional[Tensor]) -> str:
@@ -238,7 +263,10 @@ def certify_partial(out_dir, cfg, model: nn.Module, x: Tensor, y: Optional[Tenso
     :class:`BatchResults` a line), or None when the settings hold code
     (:func:`resumable_settings`): that run starts again if killed. ``ctx``: the process group's
     :class:`~robustdeq.distributed.DistContext` (None: one process); in a group this rank's
-    file, :func:`partial_file`, under a hash that also covers the world size."""
+    file, :func:`partial_file`, under a hash that also covers the world size. The partial files
+    of another process layout are discarded first, in either case (:func:`discard_other_worlds`:
+    in a group every rank must call this function)."""
+    discard_other_worlds(out_dir, PARTIAL_FILE, ctx)
     settings = resumable_settings(cfg)
     if settings is None:
         logger.info("certify: V or perturb is a callable; the run keeps no partial results (not resumable)")
@@ -247,7 +275,6 @@ def certify_partial(out_dir, cfg, model: nn.Module, x: Tensor, y: Optional[Tenso
     settings = {"certify": "deterministic", **settings}
     if ctx is not None:
         settings["world_size"] = ctx.world_size
-    discard_other_worlds(out_dir, PARTIAL_FILE, ctx)
     return PartialResults(out_dir, run_hash(settings, model, x, y), x.shape[0],
                           file=partial_file(PARTIAL_FILE, ctx), encode=BatchResults.to_dict,
                           decode=lambda d, n: _keyed(BatchResults.from_dict(d, n, bs)),

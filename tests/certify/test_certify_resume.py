@@ -10,10 +10,11 @@ import torch
 
 from robustdeq.certify import api, certify_checkpoint, feedforward
 from robustdeq.certify.report import CertResult
-from robustdeq.certify.resume import PARTIAL_FILE, BatchResults, certify_partial
+from robustdeq.certify.resume import PARTIAL_FILE, BatchResults, certify_partial, discard_other_worlds
 from robustdeq.checkpoint import save_checkpoint
 from robustdeq.config import SolverConfig
 from robustdeq.deq import zoo
+from robustdeq.distributed import DistContext
 
 N, BS = 5, 2  # three batches, the last one short
 KW = dict(n_inputs=N, batch_size=BS, eps_l2=(0.05, 0.1), eps_linf=(0.01,), local_method="dense",
@@ -156,6 +157,48 @@ def test_feedforward_certification_resumes(tmp_path, monkeypatch):
     _cut_and_resume(path, tmp_path / "cut", calls, stop_after, 2, **kw)
     assert _same(certify_checkpoint(path, out_dir=tmp_path / "cut", **kw), full) and calls == [4]
     assert not (tmp_path / "cut" / PARTIAL_FILE).exists()
+
+
+def test_a_one_process_run_discards_the_files_of_a_process_group(ckpt, tmp_path, counted, caplog):
+    """Per-rank files of a killed torchrun run in the folder: a one-process run never reads them;
+    it removes them, with a warning naming each, and certifies every batch itself."""
+    calls, stop_after = counted
+    full = certify_checkpoint(ckpt, **KW)
+    _cut_and_resume(ckpt, tmp_path, calls, stop_after, 2, **KW)
+    kept = (tmp_path / PARTIAL_FILE).read_text()
+    (tmp_path / PARTIAL_FILE).unlink()
+    stale = ["partial_certify.rank0-of-2.jsonl", "partial_certify.rank1-of-2.jsonl.tmp"]
+    for name in stale:
+        (tmp_path / name).write_text(kept)
+    (tmp_path / "partial_smoothing.rank0-of-2.jsonl").write_text("{}\n")  # smoothing's: not this run's
+    with caplog.at_level("WARNING", logger="robustdeq.certify.resume"):
+        rep = certify_checkpoint(ckpt, out_dir=tmp_path, **KW)
+    assert calls == [0, 2, 4] and _same(rep, full)
+    for name in stale:
+        assert f"{tmp_path / name} holds partial results of rank" in caplog.text
+    assert "this run is one process" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["certificate.json", "certificate.md",
+                                                          "partial_smoothing.rank0-of-2.jsonl"]
+
+
+def test_rank_0_discards_the_files_no_rank_of_its_group_reads(tmp_path, caplog):
+    """In a group of 2 (rank 0's part, without the collective): the one-process file and the
+    files of 3 processes go, with a warning naming each; the group's own files stay."""
+    names = ["partial_certify.jsonl", "partial_certify.jsonl.tmp", "partial_certify.rank0-of-2.jsonl",
+             "partial_certify.rank1-of-2.jsonl", "partial_certify.rank2-of-3.jsonl", "partial_smoothing.jsonl",
+             "certificate.json"]
+    for name in names:
+        (tmp_path / name).write_text('{"config_hash": "x"}\n')
+    with caplog.at_level("WARNING", logger="robustdeq.certify.resume"):
+        discard_other_worlds(tmp_path, PARTIAL_FILE, DistContext(rank=1, world_size=2, local_rank=1, backend="gloo"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # rank 1 leaves it to rank 0
+        discard_other_worlds(tmp_path, PARTIAL_FILE, DistContext(rank=0, world_size=2, local_rank=0, backend="gloo"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "certificate.json", "partial_certify.rank0-of-2.jsonl", "partial_certify.rank1-of-2.jsonl",
+        "partial_smoothing.jsonl"]
+    for name in ("partial_certify.jsonl", "partial_certify.jsonl.tmp"):
+        assert f"{tmp_path / name} holds partial results of a run in one process (this run has 2" in caplog.text
+    assert f"{tmp_path / 'partial_certify.rank2-of-3.jsonl'} holds partial results of a run on 3" in caplog.text
 
 
 def test_a_batch_round_trips_exactly_through_the_file(tmp_path):

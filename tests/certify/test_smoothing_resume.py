@@ -85,3 +85,22 @@ def test_other_settings_or_a_torn_line_are_not_reused(ckpt, tmp_path, counted, c
     assert calls == list(range(N)) and "another configuration" in caplog.text
     assert json.loads((tmp_path / "certificate.json").read_text())["config"]["seed"] == 4
     assert other.config["seed"] == 4 and len(rep.results) == N
+
+
+def test_a_one_process_run_discards_the_files_of_a_process_group(ckpt, tmp_path, counted, caplog):
+    """Per-rank files of a killed torchrun run: removed with a warning, every input certified."""
+    calls, stop_after = counted
+    kw = dict(sigma=0.25, n0=10, n=60, batch_size=30, seed=3, n_inputs=N)
+    full = certify_checkpoint(ckpt, "smoothing", **kw)
+    stop_after[0] = 2
+    with pytest.raises(Interrupt):
+        certify_checkpoint(ckpt, "smoothing", out_dir=tmp_path, **kw)
+    stale = tmp_path / "partial_smoothing.rank1-of-2.jsonl"
+    (tmp_path / PARTIAL_FILE).rename(stale)
+    calls.clear()
+    stop_after[0] = None
+    with caplog.at_level("WARNING", logger="robustdeq.certify.resume"):
+        rep = certify_checkpoint(ckpt, "smoothing", out_dir=tmp_path, **kw)
+    assert calls == list(range(N)) and _rows(rep) == _rows(full)
+    assert f"{stale} holds partial results of rank 1 of a run on 2 processes" in caplog.text
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("partial")]

@@ -4,7 +4,9 @@ run by default; the 2-rank training / evaluation / certification (deterministic 
 smoothing) equivalences are marked slow."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -259,6 +261,19 @@ class _Stop(Exception):
     """The interruption of a certification (raised by the patched per-batch / per-input function)."""
 
 
+@contextlib.contextmanager
+def _resume_warnings():
+    """The messages ``robustdeq.certify.resume`` logs as warnings inside the block."""
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("robustdeq.certify.resume").addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger("robustdeq.certify.resume").removeHandler(handler)
+
+
 #: certify_checkpoint's options, the per-unit function and the position of its unit's index
 RESUME_CASES = {"deterministic": ({"n_inputs": 8, "batch_size": 2, "local_method": "power", "local_iters": 5},
                                   "robustdeq.certify.api", "_certify_batch", 1),
@@ -268,7 +283,8 @@ RESUME_CASES = {"deterministic": ({"n_inputs": 8, "batch_size": 2, "local_method
 
 def _task_certify_resume(rank, out):
     """certify_checkpoint interrupted on both ranks after one unit each (a batch, an input), then
-    rerun on the same folder: the units each run computed, the files left, the reports."""
+    rerun on the same folder: the units each run computed, the files left, the reports, the
+    warnings about files of other process layouts."""
     import importlib
     from robustdeq.certify import certify_checkpoint
     res = {}
@@ -287,25 +303,26 @@ def _task_certify_resume(rank, out):
             return orig(*args)
         setattr(mod, name, patched)
         try:
-            try:
-                certify_checkpoint(out / "model.pt", method, out_dir=folder, **opts)
-                raise AssertionError("not interrupted")
-            except _Stop:
-                pass
-            left = sorted(p.name for p in folder.iterdir())
-            dist.barrier()
-            if rank == 0:  # a file of a run on 3 processes: discarded
-                stem = "partial_certify" if method == "deterministic" else "partial_smoothing"
-                (folder / f"{stem}.rank2-of-3.jsonl").write_text('{"config_hash": "x"}\n')
-            dist.barrier()
-            stop[0] = False
-            rep = certify_checkpoint(out / "model.pt", method, out_dir=folder, **opts).to_dict()
+            with _resume_warnings() as warned:
+                try:  # the folder holds a killed one-process run's file: discarded
+                    certify_checkpoint(out / "model.pt", method, out_dir=folder, **opts)
+                    raise AssertionError("not interrupted")
+                except _Stop:
+                    pass
+                left = sorted(p.name for p in folder.iterdir())
+                dist.barrier()
+                if rank == 0:  # a file of a run on 3 processes: discarded
+                    stem = "partial_certify" if method == "deterministic" else "partial_smoothing"
+                    (folder / f"{stem}.rank2-of-3.jsonl").write_text('{"config_hash": "x"}\n')
+                dist.barrier()
+                stop[0] = False
+                rep = certify_checkpoint(out / "model.pt", method, out_dir=folder, **opts).to_dict()
         finally:
             setattr(mod, name, orig)
         dist.barrier()
         uninterrupted = certify_checkpoint(out / "model.pt", method, **opts).to_dict()
         res[method] = {"runs": runs, "left": left, "after": sorted(p.name for p in folder.iterdir()),
-                       "report": rep, "uninterrupted": uninterrupted,
+                       "report": rep, "uninterrupted": uninterrupted, "warnings": warned,
                        "saved": json.loads((folder / "certificate.json").read_text())}
     return res
 
@@ -318,16 +335,19 @@ FF_CHECKPOINT_OPTIONS = {"n_inputs": 8, "batch_size": 2, **FF_OPTIONS}
 
 def _task_certify_feedforward(rank, out):
     """certify on a feed-forward network (the batches this rank computed), then certify_checkpoint
-    interrupted on both ranks after one batch each and rerun: the batches each run computed, the
-    files left, the reports."""
+    interrupted on both ranks after one batch each (its folder holding a killed one-process run's
+    file) and rerun: the batches each run computed, the files left, the reports, the warnings,
+    the folder as each rank found it when it opened its own file (rank 0 discards slowly)."""
+    import time
     from robustdeq.checkpoint import load_model
-    from robustdeq.certify import certify, certify_checkpoint, feedforward
+    from robustdeq.certify import certify, certify_checkpoint, feedforward, resume
     model, _ = load_model(out / "ff.pt")
     x, y = torch.load(out / "ff_data.pt")
     folder = out / "ffcert"
-    orig = feedforward._feedforward_batch
+    orig, discard, open_file = feedforward._feedforward_batch, resume._discard_other_layouts, \
+        resume.PartialResults.__init__
     runs = {"certify": [], "cut": [], "rerun": []}
-    phase = ["certify"]
+    phase, opened = ["certify"], []
 
     def counted(*args):
         calls = runs[phase[0]]
@@ -335,23 +355,34 @@ def _task_certify_feedforward(rank, out):
             raise _Stop(f"rank {rank}")
         calls.append(int(args[4]))
         return orig(*args)
-    feedforward._feedforward_batch = counted
+
+    def slow_discard(*args):  # the other rank must wait for it
+        time.sleep(0.5)
+        discard(*args)
+
+    def opening(self, out_dir, *args, **kwargs):
+        opened.append(sorted(p.name for p in Path(out_dir).iterdir()))
+        open_file(self, out_dir, *args, **kwargs)
+    feedforward._feedforward_batch, resume._discard_other_layouts = counted, slow_discard
+    resume.PartialResults.__init__ = opening
     try:
-        rep = certify(model.eval(), x, y, batch_size=4, **FF_OPTIONS).to_dict()
-        phase[0] = "cut"
-        try:
-            certify_checkpoint(out / "ff.pt", out_dir=folder, **FF_CHECKPOINT_OPTIONS)
-            raise AssertionError("not interrupted")
-        except _Stop:
-            pass
-        left = sorted(p.name for p in folder.iterdir())
-        phase[0] = "rerun"
-        resumed = certify_checkpoint(out / "ff.pt", out_dir=folder, **FF_CHECKPOINT_OPTIONS).to_dict()
+        with _resume_warnings() as warned:
+            rep = certify(model.eval(), x, y, batch_size=4, **FF_OPTIONS).to_dict()
+            phase[0] = "cut"
+            try:
+                certify_checkpoint(out / "ff.pt", out_dir=folder, **FF_CHECKPOINT_OPTIONS)
+                raise AssertionError("not interrupted")
+            except _Stop:
+                pass
+            left = sorted(p.name for p in folder.iterdir())
+            phase[0] = "rerun"
+            resumed = certify_checkpoint(out / "ff.pt", out_dir=folder, **FF_CHECKPOINT_OPTIONS).to_dict()
     finally:
-        feedforward._feedforward_batch = orig
+        feedforward._feedforward_batch, resume._discard_other_layouts = orig, discard
+        resume.PartialResults.__init__ = open_file
     dist.barrier()  # both ranks removed their files
-    return {"report": rep, "runs": runs, "left": left, "resumed": resumed,
-            "after": sorted(p.name for p in folder.iterdir())}
+    return {"report": rep, "runs": runs, "left": left, "resumed": resumed, "warnings": warned,
+            "after": sorted(p.name for p in folder.iterdir()), "opened": opened}
 
 
 TASKS = {"helpers": _task_helpers, "smoothing": _task_smoothing, "train_killed": _task_train_killed,
@@ -714,11 +745,12 @@ def test_cli_train_and_eval_under_torchrun(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_certification_resumes_after_an_interruption(tmp_path, trained_contractive_deq):
+def test_two_rank_certification_resumes_after_an_interruption(tmp_path, trained_contractive_deq, monkeypatch):
     """Deterministic and smoothing certify_checkpoint on 2 ranks, stopped on both ranks after one
-    unit each: each rank kept its unit in its own file; the rerun computes only the other units
-    (a file of another world size discarded) and gives the report of an uninterrupted run, on 2
-    ranks and in one process; the partial files are gone."""
+    unit each: each rank kept its unit in its own file (a killed one-process run's file discarded
+    by rank 0); the rerun computes only the other units (a file of another world size discarded)
+    and gives the report of an uninterrupted run, on 2 ranks and in one process; the partial files
+    are gone."""
     from robustdeq.certify import certify_checkpoint
     from robustdeq.checkpoint import save_checkpoint
     model = trained_contractive_deq
@@ -727,6 +759,9 @@ def test_two_rank_certification_resumes_after_an_interruption(tmp_path, trained_
         warnings.simplefilter("ignore")
         refs = {m: certify_checkpoint(tmp_path / "model.pt", m, **opts).to_dict()
                 for m, (opts, *_) in RESUME_CASES.items()}
+    for method, (opts, module, name, _) in RESUME_CASES.items():
+        _killed_one_process_run(monkeypatch, tmp_path / "model.pt", tmp_path / method, module, name, method,
+                                **opts)
     r0, r1 = spawn("certify_resume", tmp_path)
     for method, (opts, *_) in RESUME_CASES.items():
         a, b = r0[method], r1[method]
@@ -749,12 +784,43 @@ def test_two_rank_certification_resumes_after_an_interruption(tmp_path, trained_
         # the partial files are gone (that of the 3-process run too), the report written
         assert not [f for f in a["after"] if f.startswith("partial")], (method, a["after"])
         assert "certificate.json" in a["after"], method
+        # rank 0 discarded the files of the other process layouts, each with a warning
+        folder = tmp_path / method
+        assert [w.split(" holds partial results of ")[0] for w in a["warnings"]] == \
+            [str(folder / f"{stem}.jsonl"), str(folder / f"{stem}.rank2-of-3.jsonl")], a["warnings"]
+        assert "a run in one process (this run has 2 processes" in a["warnings"][0]
+        assert b["warnings"] == [], method
+
+
+def _killed_one_process_run(monkeypatch, path: Path, folder: Path, module: str, name: str,
+                            method: str = "deterministic", **opts) -> None:
+    """certify_checkpoint(path, method, out_dir=folder) in this process, stopped in its second unit
+    (the per-unit function ``module.name`` raises): the partial file of a killed one-process run."""
+    import importlib
+    from robustdeq.certify import certify_checkpoint
+    mod = importlib.import_module(module)
+    real = getattr(mod, name)
+    done = []
+
+    def once(*args):
+        if done:
+            raise _Stop("one process")
+        done.append(True)
+        return real(*args)
+    with monkeypatch.context() as m, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.setattr(mod, name, once)
+        with pytest.raises(_Stop):
+            certify_checkpoint(path, method, out_dir=folder, **opts)
+    stem = "partial_certify" if method == "deterministic" else "partial_smoothing"
+    assert [p.name for p in folder.iterdir()] == [f"{stem}.jsonl"]
 
 
 @pytest.mark.slow
-def test_two_rank_feedforward_certification_is_shared_out(tmp_path, trained_model, digits_test):
+def test_two_rank_feedforward_certification_is_shared_out(tmp_path, monkeypatch, trained_model, digits_test):
     """certify on a feed-forward network under 2 ranks: batch j on rank j % 2 alone, and every
     rank returns the one-process report; certify_checkpoint stopped after one batch on each rank
+    (in a folder holding a killed one-process run's file, which rank 0 discards with a warning)
     keeps each rank's batch in its own file, and the rerun computes only the others."""
     from robustdeq.certify import certify, certify_checkpoint
     from robustdeq.checkpoint import load_model, save_checkpoint
@@ -767,6 +833,8 @@ def test_two_rank_feedforward_certification_is_shared_out(tmp_path, trained_mode
     flags = [[r["details"]["linf"][k]["certified"] for k in ("0.001", "0.05")] for r in ref["results"]]
     assert any(any(f) for f in flags) and not all(all(f) for f in flags)  # a mixed, telling case
     saved_ref = certify_checkpoint(tmp_path / "ff.pt", **FF_CHECKPOINT_OPTIONS).to_dict()
+    _killed_one_process_run(monkeypatch, tmp_path / "ff.pt", tmp_path / "ffcert", "robustdeq.certify.feedforward",
+                            "_feedforward_batch", **FF_CHECKPOINT_OPTIONS)
     r0, r1 = spawn("certify_feedforward", tmp_path)
     assert r0["runs"]["certify"] == [0, 8] and r1["runs"]["certify"] == [4]  # each batch once
     for r in (r0, r1):
@@ -781,3 +849,9 @@ def test_two_rank_feedforward_certification_is_shared_out(tmp_path, trained_mode
         assert _scrub(r["resumed"]) == _scrub(saved_ref)
     assert _scrub(json.loads((tmp_path / "ffcert" / "certificate.json").read_text())) == _scrub(saved_ref)
     assert r0["after"] == ["certificate.json", "certificate.md"]
+    stale = tmp_path / "ffcert" / "partial_certify.jsonl"
+    assert r0["warnings"] == [f"{stale} holds partial results of a run in one process (this run has 2 processes, "
+                              "each of which reads its own per-rank file); they are discarded"]
+    assert r1["warnings"] == []
+    for r in (r0, r1):  # no rank opened its own file before the one-process file was gone
+        assert len(r["opened"]) == 2 and not [names for names in r["opened"] if "partial_certify.jsonl" in names]
