@@ -71,7 +71,10 @@ def float64_copy(model: nn.Module) -> nn.Module:
 def input_feature_affine(injection: nn.Module, input_shape, n_features: int):
     """``(mean, 1/std)`` per flattened input feature (float64) of an injection's ``Normalize``,
     following ``Normalize.forward`` (per channel for (C, H, W) inputs, else the first entry), or
-    None when the injection has no recognised normalisation."""
+    None when the injection has no recognised normalisation -- also when its statistics differ
+    per channel and ``input_shape`` does not say how ``Normalize.forward`` applies them (no
+    ``input_shape``: a 4-D batch is normalised per channel, any other the first entry; the
+    channel count not matching the statistics)."""
     norm = getattr(injection, "normalize", None)
     if norm is None or not hasattr(norm, "std") or not hasattr(norm, "mean"):
         return None
@@ -87,6 +90,13 @@ def input_feature_affine(injection: nn.Module, input_shape, n_features: int):
         m_c = mean.expand(c) if mean.numel() == 1 else mean
         if s_c.numel() == c and m_c.numel() == c:
             return m_c.repeat_interleave(per), (1.0 / s_c).repeat_interleave(per)
+        return None  # per-channel statistics that do not match the channels: not recognised
+    uniform = bool((std == std[0]).all()) and bool((mean == mean[0]).all())
+    if not uniform and (input_shape is None or len(input_shape) == 3):
+        # per-channel statistics, but the rank of the inputs (which decides whether
+        # Normalize.forward applies them per channel or its first entry everywhere) is not
+        # known: no sound per-feature factor
+        return None
     return mean[0].expand(n).clone(), (1.0 / std[0]).expand(n).clone()
 
 

@@ -184,7 +184,9 @@ def interval_map(model: nn.Module, *, differentiable: bool = False) -> IntervalM
     n_in = int(math.prod(in_shape)) if stem is not None else U.shape[1]
     aff = input_feature_affine(inj, in_shape, n_in)
     if aff is None:
-        raise ConfigError("interval bounds need the injection's Normalize (mean/std)")
+        raise ConfigError("interval bounds need the injection's Normalize (mean/std) applied per input feature "
+                          "in a known way (per-channel statistics need the model's input_shape (C, H, W) "
+                          "with as many channels)")
     mean, inv_std = (v.to(U.device) for v in aff)
     head = getattr(model, "head", None)
     if isinstance(head, LinearHead):
@@ -260,8 +262,11 @@ def _affine_box(layer: nn.Module, mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tens
     if isinstance(layer, nn.Linear):
         return F.linear(mu, layer.weight, layer.bias), F.linear(rad, layer.weight.abs())
     if isinstance(layer, nn.Conv2d):
-        c = F.conv2d(mu, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-        r = F.conv2d(rad, layer.weight.abs(), None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        # the layer's own padding (zeros, or a reflect / replicate / circular copy of the input):
+        # every padded entry is 0 or a copy of one input entry, so padding the centre and the
+        # (nonnegative) radius the same way encloses the padded input box exactly
+        c = layer._conv_forward(mu, layer.weight, layer.bias)
+        r = layer._conv_forward(rad, layer.weight.abs(), None)
         return c, r
     if isinstance(layer, nn.AdaptiveAvgPool2d):
         return F.adaptive_avg_pool2d(mu, layer.output_size), F.adaptive_avg_pool2d(rad, layer.output_size)

@@ -117,6 +117,14 @@ def _injection_matrix(model: nn.Module) -> Optional[Tensor]:
     return U * scale.to(U.device)[None, :]
 
 
+def _per_channel_unknown(model: nn.Module) -> bool:
+    """An ``MLPInjection`` whose normalisation :func:`input_feature_scale` does not recognise
+    (per-channel statistics without a matching (C, H, W) ``input_shape``)."""
+    from ..deq.cells import MLPInjection
+    inj = getattr(model, "injection", None)
+    return isinstance(inj, MLPInjection) and hasattr(getattr(inj, "normalize", None), "std")
+
+
 def head_affine(model: nn.Module):
     """``(W_o (C, D), b_o (C,))`` in float64 when the read-out is affine in the flattened state:
     ``LinearHead``, ``nn.Linear``, or a separation head ``classifier(Q flatten(z))`` (LyaDEQ's MLP
@@ -163,6 +171,10 @@ def lipschitz_bound(model: nn.Module, contraction: Optional[ContractionCertifica
         cert = contraction if contraction is not None else contraction_certificate(model, spectral=spectral)
         Up = _injection_matrix(model)
         Wo = _head_matrix(model)
+        if Up is None and _per_channel_unknown(model):
+            return LipschitzBound(False, "none", "no Lipschitz bound for the injection: its Normalize has "
+                                  "per-channel statistics and the model's input_shape (C, H, W) does not "
+                                  "say how they apply to the inputs")
         if Up is None:
             return LipschitzBound(False, "none", f"no Lipschitz bound for the injection "
                                   f"{type(getattr(model, 'injection', None)).__name__} (needs an MLPInjection, or Linear / Conv / Flatten layers with a "
@@ -237,6 +249,9 @@ def logit_lipschitz(model: nn.Module):
                           f"LinearHead, got {type(inj).__name__} and {type(head).__name__}")
     U = inj.linear.weight
     scale = input_feature_scale(inj, getattr(model, "input_shape", None), U.shape[1])
+    if scale is None:
+        raise ConfigError("Lipschitz-margin training needs the injection's Normalize applied per input "
+                          "feature in a known way: per-channel statistics need the model's input_shape (C, H, W)")
     Up = U * scale.to(device=U.device, dtype=U.dtype)[None, :]
     Wo = head.linear.weight
     C = Wo.shape[0]

@@ -1,0 +1,98 @@
+"""Certificates that once claimed more than holds (red-team findings), each with a tiny model."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from robustdeq.certify import certify
+from robustdeq.certify.interval import propagate_box
+from robustdeq.certify.lipschitz import lipschitz_bound
+from robustdeq.deq.cells import LinearHead, MLPCell, MLPInjection, Normalize
+from robustdeq.deq.model import DEQClassifier
+from robustdeq.deq.zoo import FeedForward
+
+
+def _quiet_certify(*args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return certify(*args, **kw)
+
+
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+def test_ibp_follows_the_convolutions_padding_mode(mode):
+    """IBP through a Conv2d with a non-zero padding mode enclosed the zero-padded network, and
+    certified a sample that a perturbation inside eps breaks."""
+    conv = nn.Conv2d(1, 1, 3, padding=1, padding_mode=mode, bias=False)
+    lin = nn.Linear(9, 2)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0, 0] = 1.0             # out(0, 0) reads the padding at (-1, -1)
+        lin.weight.zero_()
+        lin.bias.zero_()
+        lin.weight[1, 0] = 1.0
+        lin.bias[0] = 0.5                         # logit0 - logit1 = 0.5 - out(0, 0)
+    model = FeedForward(nn.Sequential(conv, nn.ReLU(), nn.Flatten(), lin), (1, 3, 3))
+    x = torch.zeros(1, 1, 3, 3)
+    src = {"circular": (2, 2), "reflect": (1, 1), "replicate": (0, 0)}[mode]
+    x[0, 0, src[0], src[1]] = 0.45                # out(0, 0) = 0.45: class 0, margin 0.05
+    y = torch.tensor([0])
+    assert int(model(x).argmax()) == 0
+    xa = x.clone()
+    xa[0, 0, src[0], src[1]] = 0.55               # Linf distance 0.1: class 1
+    assert int(model(xa).argmax()) == 1
+    rep = _quiet_certify(model, x, y, eps_linf=[0.1])
+    assert rep.results[0].details["linf"]["0.1"]["certified"] is False
+
+
+def test_ibp_box_of_padded_convolutions_contains_the_activations():
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+              nn.Conv2d(3, 2, 3, padding="same", padding_mode="circular"), nn.Tanh()]
+    x = torch.rand(4, 2, 5, 5, dtype=torch.float64)
+    eps = 0.05
+    lo, hi = propagate_box(layers, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1), rounding=True)
+    net = nn.Sequential(*layers).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(20):
+            xp = (x + (2 * torch.rand(x.shape, generator=g, dtype=torch.float64) - 1) * eps).clamp(0, 1)
+            h = net(xp)
+            assert bool((h >= lo).all()) and bool((h <= hi).all())
+
+
+def _per_channel_model(input_shape):
+    torch.manual_seed(0)
+    inj = MLPInjection(3 * 4 * 4, 8)
+    inj.normalize = Normalize((0.5, 0.5, 0.5), (1.0, 1.0, 0.05))   # the last channel scaled by 20
+    return DEQClassifier(inj, MLPCell(8, norm="spectral", scale=0.5), LinearHead(8, 3),
+                         solver={"name": "fixed_point", "max_iter": 200, "tol": 1e-10, "stop_mode": "abs"},
+                         input_shape=input_shape).eval()
+
+
+def test_per_channel_normalisation_without_input_shape_gets_no_radius():
+    """Without input_shape the Lipschitz bound took the first channel's std for every feature
+    (too small a constant here): L2 radii that a perturbation of the last channel broke."""
+    model = _per_channel_model(None)
+    x = torch.rand(6, 3, 4, 4)
+    bound = lipschitz_bound(model)
+    assert not bound.available and "per-channel" in bound.reason
+    rep = _quiet_certify(model, x, None, eps_l2=[0.01], eps_linf=[0.002])
+    for r in rep.results:
+        assert r.radius == 0.0
+        assert r.details["linf"]["0.002"]["certified"] is False
+
+
+def test_per_channel_normalisation_with_input_shape_bounds_every_channel():
+    """With input_shape (C, H, W) the per-channel std is used: the logit Lipschitz bound covers
+    the gain of a perturbation of the last channel alone."""
+    model = _per_channel_model((3, 4, 4))
+    bound = lipschitz_bound(model)
+    assert bound.available
+    x = torch.rand(1, 3, 4, 4, dtype=torch.float64)
+    work = model.double()
+    d = torch.zeros_like(x)
+    d[0, 2] = 1e-4 * torch.randn(4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        ratio = (work(x + d) - work(x)).norm() / d.norm()
+    assert float(ratio) <= bound.lip_logits
