@@ -146,7 +146,9 @@ def _base_certificates(model, x, y, eps, threat, methods, notes) -> Dict[float, 
                     out[e][i] = "lipschitz"
             else:
                 lin = (r.details.get("linf") or {}).get(key, {})
-                if "ibp" in methods and lin.get("ibp"):
+                # "certified" also holds the refusals of certify() (a deployed solve that does not
+                # reach the certified fixed point): the raw IBP verdict alone is not a certificate
+                if "ibp" in methods and lin.get("ibp") and lin.get("certified"):
                     out[e][i] = "ibp"
                 elif "lipschitz" in methods and r.radius > float(dx[e][i]):
                     out[e][i] = "lipschitz"

@@ -96,3 +96,24 @@ def test_per_channel_normalisation_with_input_shape_bounds_every_channel():
     with torch.no_grad():
         ratio = (work(x + d) - work(x)).norm() / d.norm()
     assert float(ratio) <= bound.lip_logits
+
+
+def test_bracket_does_not_count_ibp_verdicts_that_certify_refused():
+    """The robustness bracket took the raw IBP verdict (``linf[eps]["ibp"]``) as a certificate,
+    also where certify() refused it because the model's own solve does not reach the certified
+    fixed point: certified <= robust then claimed a lower bound for a computation no
+    certificate covers."""
+    from robustdeq.deq import zoo
+    from robustdeq.eval.bracket import _base_certificates
+    torch.manual_seed(0)
+    model = zoo.build("mlp_deq", hidden=8, norm="interval", scale=0.5,
+                      solver={"name": "fixed_point", "max_iter": 1, "tol": 1e-12, "stop_mode": "abs"}).eval()
+    x = torch.rand(4, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = model(x).argmax(1)
+        rep = certify(model, x, y, eps_linf=[1e-4], methods=["lipschitz", "ibp"])
+        base = _base_certificates(model, x, y, [1e-4], "Linf", ("lipschitz", "ibp"), [])
+    assert all(r.details["linf"]["0.0001"]["ibp"] for r in rep.results)          # IBP alone holds
+    assert not any(r.details["linf"]["0.0001"]["certified"] for r in rep.results)  # refused
+    assert base[1e-4] == [None] * 4
