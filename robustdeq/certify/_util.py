@@ -31,14 +31,95 @@ def get_cell(model_or_cell: nn.Module) -> nn.Module:
     return getattr(model_or_cell, "cell", model_or_cell)
 
 
+#: the DEQClassifier interface the certificates of a fixed point need
+DEQ_INTERFACE = ("inject", "cell", "readout", "solve", "f")
+
+
+def has_deq_interface(model: nn.Module) -> bool:
+    """Whether ``model`` has every attribute of :data:`DEQ_INTERFACE`."""
+    return all(hasattr(model, n) for n in DEQ_INTERFACE)
+
+
 def require_deq(model: nn.Module, what: str = "certify") -> None:
     """Raise a ConfigError unless ``model`` has the DEQClassifier interface certificates need."""
-    needed = ("inject", "cell", "readout", "solve", "f")
+    needed = DEQ_INTERFACE
     missing = [n for n in needed if not hasattr(model, n)]
     if missing:
         raise ConfigError(
             f"{what} needs a DEQ model with {', '.join(needed)} (a DEQClassifier); "
             f"{type(model).__name__} lacks {', '.join(missing)}")
+
+
+def _plain_sequential(net) -> bool:
+    """``net`` is an ``nn.Sequential`` whose forward is ``nn.Sequential``'s own (its layers in
+    order, nothing else)."""
+    return isinstance(net, nn.Sequential) and type(net).forward is nn.Sequential.forward
+
+
+def feedforward_net(model: nn.Module) -> Optional[nn.Sequential]:
+    """The ``nn.Sequential`` whose layers interval propagation follows for the feed-forward
+    classifier ``model``, or None when ``model`` is not one whose output is exactly that
+    Sequential's.
+
+    Accepted: a plain ``nn.Sequential`` (itself), or robustdeq's
+    :class:`~robustdeq.deq.zoo.FeedForward` (what the zoo's ``ff_mlp`` / ``ff_cnn`` build; its
+    forward checks the inputs and returns ``self.net(x)``) with a plain ``nn.Sequential`` as
+    ``net``, also a subclass that keeps ``FeedForward.forward``. Anything else -- a module that
+    merely has a ``.net``, a ``Sequential`` or ``FeedForward`` subclass overriding ``forward``, a
+    model with the DEQ interface -- is None: its forward may do more than the layers (normalise,
+    rescale), which interval bounds of the layers alone would not cover."""
+    if has_deq_interface(model):
+        return None
+    if _plain_sequential(model):
+        return model
+    from ..deq.zoo import FeedForward
+    if isinstance(model, FeedForward) and type(model).forward is FeedForward.forward \
+            and _plain_sequential(getattr(model, "net", None)):
+        return model.net
+    return None
+
+
+def is_feedforward(model: nn.Module) -> bool:
+    """``model`` is a feed-forward classifier whose layers interval propagation can follow
+    (:func:`feedforward_net` finds its ``nn.Sequential``)."""
+    return feedforward_net(model) is not None
+
+
+def meant_as_feedforward(model: nn.Module) -> bool:
+    """``model`` is not a DEQ but looks like a feed-forward network (an ``nn.Sequential``, a
+    ``FeedForward``, or a module with a ``Sequential`` ``.net``), accepted or not by
+    :func:`feedforward_net`: a refusal should then say what to pass instead."""
+    from ..deq.zoo import FeedForward
+    return not has_deq_interface(model) and (
+        isinstance(model, (nn.Sequential, FeedForward)) or isinstance(getattr(model, "net", None), nn.Sequential))
+
+
+#: what a feed-forward network passed to the certificates must be (the refusals say it)
+FEEDFORWARD_KINDS = ("a plain nn.Sequential, or robustdeq.deq.zoo.FeedForward(net, input_shape) around one "
+                     "(what the zoo's ff_mlp / ff_cnn build)")
+
+
+def require_feedforward(model: nn.Module, what: str) -> nn.Sequential:
+    """The ``nn.Sequential`` of :func:`feedforward_net`, or a ConfigError saying what to pass."""
+    net = feedforward_net(model)
+    if net is not None:
+        return net
+    from ..deq.zoo import FeedForward
+    name = type(model).__name__
+    if isinstance(model, nn.Sequential):
+        why = (f"{name} overrides nn.Sequential.forward, so interval bounds of its layers would not cover "
+               "what it computes")
+    elif isinstance(model, FeedForward) and type(model).forward is FeedForward.forward:
+        why = (f"the .net of {name} is a {type(model.net).__name__}, not a plain nn.Sequential (one whose "
+               "forward is nn.Sequential's)")
+    elif hasattr(model, "net"):
+        why = (f"{name}'s forward is not that of nn.Sequential or FeedForward, so interval bounds of its "
+               ".net's layers would not cover what it computes (e.g. a normalisation before them)")
+    else:
+        why = f"got {name}"
+    raise ConfigError(f"{what} needs a feed-forward network: {FEEDFORWARD_KINDS}; {why}. Pass the "
+                      "nn.Sequential itself, or FeedForward(net, input_shape), with whatever the model "
+                      "computes besides as layers of net")
 
 
 def float64_copy(model: nn.Module) -> nn.Module:
@@ -125,4 +206,5 @@ def tight_solver(model: nn.Module, tol: float = 1e-10, max_iter: int = 500):
     cfg = getattr(model, "solver_config", None) or SolverConfig()
     return cfg.replace(tol=float(tol), stop_mode="abs", select="best",
                        max_iter=max(int(max_iter), cfg.max_iter))
-__all__ = ["eval_mode", "get_cell", "require_deq", "float64_copy", "input_feature_scale", "input_feature_affine", "tight_solver"]
+__all__ = ["eval_mode", "get_cell", "require_deq", "has_deq_interface", "feedforward_net", "is_feedforward", "meant_as_feedforward", "require_feedforward",
+           "FEEDFORWARD_KINDS", "float64_copy", "input_feature_scale", "input_feature_affine", "tight_solver"]

@@ -15,7 +15,8 @@ from ..errors import CertificationWarning, ConfigError, InputError, NonConvergen
 from ..guard import preserve_model
 from .._support import user_stacklevel
 from .._tensor import check_labels
-from ._util import float64_copy, require_deq, tight_solver
+from ._util import (FEEDFORWARD_KINDS, float64_copy, is_feedforward, meant_as_feedforward, require_deq,
+                    require_feedforward, tight_solver)
 from .config import METHODS, CertifyConfig, make_certify_config
 from ..deq.contraction import contraction_certificate
 from .ibp import ibp_certify
@@ -124,14 +125,16 @@ def certify(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     every rank returns the whole report; ``certify_checkpoint`` writes it on rank 0 only. An
     exception on one rank is raised on every rank.
     """
-    from .feedforward import certify_feedforward, is_feedforward
+    from .feedforward import certify_feedforward
     if is_feedforward(model):  # the explicit baseline: IBP through the layers
         return certify_feedforward(model, x, y, config, partial=partial, **options)
+    if meant_as_feedforward(model):
+        require_feedforward(model, "certify")  # not one certify() takes: says why, and what to pass
     try:
         require_deq(model, "certify")
     except ConfigError as err:
-        raise ConfigError(f"{err}; feed-forward networks (an nn.Sequential, or a module whose .net is one) "
-                          "are certified by IBP through their layers") from None
+        raise ConfigError(f"{err}; feed-forward networks ({FEEDFORWARD_KINDS}) are certified by IBP "
+                          "through their layers") from None
     cfg = make_certify_config(config, **options)
     methods = _resolve_methods(cfg.methods, model, cfg.V, cfg.eps_linf)
     with preserve_model(model, "eval", who="certify"):

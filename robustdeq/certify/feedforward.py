@@ -1,10 +1,11 @@
 """Certificates of a feed-forward classifier (the explicit baseline of certified training) in the
 report format of :func:`robustdeq.certify.certify`.
 
-A feed-forward network (the zoo's ``ff_cnn`` / ``ff_mlp``, or a ``FeedForward`` wrapping an
-``nn.Sequential`` of Linear, Conv2d, ReLU, Tanh, Flatten and average pooling, ending in Linear)
-has no fixed point, so the DEQ certificates (contraction, local stability, the Lipschitz radius of
-the equilibrium, the deployed-solve check) do not apply. What applies is interval bound
+A feed-forward network (a plain ``nn.Sequential`` of Linear, Conv2d, ReLU, Tanh, Flatten and
+average pooling, ending in Linear, or robustdeq's ``FeedForward`` around one, as the zoo's
+``ff_cnn`` / ``ff_mlp`` build; :func:`is_feedforward`) has no fixed point, so the DEQ
+certificates (contraction, local stability, the Lipschitz radius of the equilibrium, the
+deployed-solve check) do not apply. What applies is interval bound
 propagation through its layers (Gowal et al. 2018): for each Linf radius the box
 ``[x - eps, x + eps] & [0, 1]`` is propagated layer by layer in float64 with outward rounding
 (:func:`robustdeq.certify.ibp.ibp_certify_feedforward`), the last layer folded into the bounds of
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from ..errors import CertificationWarning, ConfigError, InputError
 from ..guard import preserve_model
 from .._support import user_stacklevel
+from ._util import is_feedforward, meant_as_feedforward, require_feedforward
 from .api import _run_batches
 from .config import CertifyConfig, make_certify_config
 from .report import CertReport, CertResult, _eps_key, summarize
@@ -37,14 +39,6 @@ _NO_L2 = ("a feed-forward network has no certified L2 radius here (IBP through t
 #: network: ConfigError, not silently ignored)
 _DEQ_ONLY = ("V", "lyapunov_steps", "perturb", "lyapunov_dynamics", "local_method", "local_iters",
              "dense_max", "ibp_iters", "solver", "fp_tol", "spectral", "deploy_tol")
-
-
-def is_feedforward(model: nn.Module) -> bool:
-    """``model`` is a feed-forward classifier whose layers interval propagation can follow: an
-    ``nn.Sequential`` or a module whose ``net`` is one, with no DEQ interface."""
-    if all(hasattr(model, n) for n in ("inject", "cell", "readout", "solve", "f")):
-        return False
-    return isinstance(getattr(model, "net", model), nn.Sequential)
 
 
 def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
@@ -65,9 +59,7 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
     (batch ``j`` on rank ``j % world_size``; ``partial`` is this rank's file) and every rank
     returns the whole report; an exception on one rank is raised on every rank."""
     cfg = make_certify_config(config, **options)
-    if not is_feedforward(model):
-        raise ConfigError(f"certify_feedforward needs a feed-forward network (an nn.Sequential, or a module "
-                          f"whose .net is one); got {type(model).__name__}")
+    require_feedforward(model, "certify_feedforward")
     if cfg.methods != "auto":
         other = [m for m in cfg.methods if m != "ibp"]
         if other:
@@ -149,4 +141,4 @@ def _feedforward_batch(model: nn.Module, x: Tensor, y: Optional[Tensor], cfg: Ce
     return BatchResults(start=s, results=results)
 
 
-__all__ = ["is_feedforward", "certify_feedforward"]
+__all__ = ["is_feedforward", "meant_as_feedforward", "require_feedforward", "certify_feedforward"]

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ._util import eval_mode, require_deq
+from ._util import eval_mode, require_deq, require_feedforward
 from ..deq.contraction import ContractionCertificate, contraction_certificate
 
 
@@ -148,15 +148,18 @@ def ibp_certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, iters: in
 
 
 def ibp_certify_feedforward(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> IBPResult:
-    """Linf certificate at radius ``eps`` of a feed-forward classifier (``FeedForward`` of the zoo,
-    or any ``nn.Sequential`` of Linear, Conv2d, ReLU, Tanh, Flatten, average pooling ending in
-    Linear) by interval propagation layer by layer, float64 with outward rounding
+    """Linf certificate at radius ``eps`` of a feed-forward classifier (a plain ``nn.Sequential``
+    of Linear, Conv2d, ReLU, Tanh, Flatten, average pooling ending in Linear, or the zoo's
+    ``FeedForward`` around one; see :func:`robustdeq.certify.feedforward.is_feedforward`) by interval
+    propagation layer by layer, float64 with outward rounding
     (:func:`robustdeq.certify.interval.sequential_margins`): the explicit-network baseline of IBP
-    training. Certified when every lower bound of ``logit_y - logit_j`` is ``> 0``."""
+    training. Certified when every lower bound of ``logit_y - logit_j`` is ``> 0``. Any other
+    module (one that only has a ``.net``, or overrides ``forward``) is a ConfigError; a layer
+    interval bounds cannot follow gives a result that is not ``applicable``."""
     from .interval import sequential_margins
     if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
         raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
-    net = getattr(model, "net", model)
+    net = require_feedforward(model, "ibp_certify_feedforward")
     with eval_mode(model), torch.no_grad():
         check = getattr(model, "check_input", None)
         if callable(check):

@@ -109,8 +109,9 @@ def _is_deq(model: nn.Module) -> bool:
 @dataclass
 class IBPTraining(_Scheduled):
     """IBP training (Gowal et al. 2018) of a DEQ through its interval fixed point, or of a
-    feed-forward ``nn.Sequential`` (``FeedForward.net``: Linear, Conv2d, ReLU, Tanh, Flatten,
-    average pooling) layer by layer. Linf radius ``eps`` (inputs in [0, 1]).
+    feed-forward network (a plain ``nn.Sequential`` of Linear, Conv2d, ReLU, Tanh, Flatten,
+    average pooling, or the zoo's ``FeedForward`` around one, as
+    :func:`robustdeq.certify.feedforward.is_feedforward` accepts) layer by layer. Linf radius ``eps`` (inputs in [0, 1]).
 
     Options: ``eps``; ``warmup``/``ramp`` (training steps; see the module); ``kappa`` (final
     weight of the clean CE, default 0.5) and ``kappa_start`` (1.0); ``iters``/``tol``: the interval
@@ -155,7 +156,8 @@ class IBPTraining(_Scheduled):
                                                 adjoint_iters=self.adjoint_iters,
                                                 adjoint_tol=self.adjoint_tol, contraction=ac)
             return imap.margins(lo, hi, y, rounding=False), info
-        net = getattr(model, "net", model)
+        from ..certify.feedforward import require_feedforward
+        net = require_feedforward(model, "IBP training")  # the same networks certify() takes
         return sequential_margins(net, x, y, eps, rounding=False), {}
 
     def __call__(self, model, x, y):

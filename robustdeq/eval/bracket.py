@@ -6,8 +6,9 @@ the attacks' verdict:
 - deterministic certificates of the base model (:func:`robustdeq.certify.certify`, DEQs):
   the Lipschitz L2 radius (Pabbaraju, Winston, Kolter 2021 style bounds), and for Linf threats
   interval bound propagation through the fixed point (Wei & Kolter 2022) or the L2 radius of the
-  Linf ball intersected with [0, 1]; for a feed-forward ``nn.Sequential`` (the zoo's
-  ``FeedForward``) and Linf, interval propagation through its layers
+  Linf ball intersected with [0, 1]; for a feed-forward network (a plain ``nn.Sequential`` or
+  the zoo's ``FeedForward`` around one, :func:`robustdeq.certify.feedforward.is_feedforward`) and
+  Linf, interval propagation through its layers
   (:func:`robustdeq.certify.ibp.ibp_certify_feedforward`);
 - optionally randomized smoothing (Cohen, Rosenfeld, Kolter 2019; SRS of Gao, Hou, Xu, Liu 2024
   with ``srs_steps``; any mode of :mod:`robustdeq.certify.smoothing`: fixed n, ``"sequential"``
@@ -120,15 +121,23 @@ def _linf_l2(x: Tensor, e: float) -> Tensor:
 def _base_certificates(model, x, y, eps, threat, methods, notes) -> Dict[float, List[Optional[str]]]:
     """Per eps and sample: the name of the deterministic certificate that holds, or None."""
     from ..certify import require_deq
+    from ..certify.feedforward import is_feedforward, meant_as_feedforward, require_feedforward
     out = {e: [None] * x.shape[0] for e in eps}
     if not methods:
         return out
     try:
         require_deq(model, "the bracket")
     except ConfigError as err:
-        if threat == "Linf" and "ibp" in methods and isinstance(getattr(model, "net", None), nn.Sequential):
-            return _feedforward_ibp(model, x, y, eps, out, notes)
-        notes.append(f"bracket: no deterministic certificate applies ({err})")
+        why = err
+        if threat == "Linf" and "ibp" in methods:
+            if is_feedforward(model):   # the networks certify() takes, by the same predicate
+                return _feedforward_ibp(model, x, y, eps, out, notes)
+            if meant_as_feedforward(model):
+                try:
+                    require_feedforward(model, "the bracket's IBP")
+                except ConfigError as ff_err:
+                    why = ff_err
+        notes.append(f"bracket: no deterministic certificate applies ({why})")
         return out
     from ..certify import certify
     use = ["lipschitz"] + (["ibp"] if "ibp" in methods and threat == "Linf" else [])

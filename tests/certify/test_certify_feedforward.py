@@ -95,3 +95,66 @@ def test_what_a_feedforward_network_cannot_get_is_refused_by_name():
             return x.flatten(1)[:, :4]
     with pytest.raises(ConfigError, match="feed-forward"):
         certify(Other(), x, eps_linf=(0.1,))
+
+
+class _Normalising(nn.Module):
+    """A wrapper whose forward does more than its ``.net`` (normalises first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(1, 2))
+        with torch.no_grad():
+            self.net[1].weight.copy_(torch.tensor([[0.0], [1.0]]))
+            self.net[1].bias.copy_(torch.tensor([0.5, 0.0]))
+
+    def forward(self, x):
+        return self.net((x - 0.45) / 0.01)   # logit_1 - logit_0 = 100 (x - 0.45) - 0.5
+
+
+class _ScaledFeedForward(FeedForward):
+    def forward(self, x):
+        return 100 * self.net(x)
+
+
+class _DoubledSequential(nn.Sequential):
+    def forward(self, x):
+        return super().forward(2 * x)
+
+
+def test_a_module_that_only_has_a_sequential_net_is_refused_not_certified_through_it():
+    """IBP of .net alone certified the wrapper at Linf 0.01 though x + 0.01 flips its class."""
+    model = _Normalising().eval()
+    x, y = torch.full((1, 1), 0.45), torch.tensor([0])
+    assert model(x + 0.01).argmax(1).item() == 1              # broken inside the ball
+    for call in (lambda: certify(model, x, y, eps_linf=[0.01]),
+                 lambda: certify_feedforward(model, x, y, eps_linf=[0.01]),
+                 lambda: ibp_certify_feedforward(model, x, y, 0.01)):
+        with pytest.raises(ConfigError, match=r"_Normalising's forward is not that of nn.Sequential or "
+                                              r"FeedForward.*Pass the nn.Sequential itself, or FeedForward"):
+            call()
+    inner = nn.Sequential(nn.Flatten(), nn.Linear(9, 2))
+    x3 = torch.rand(2, 1, 3, 3)
+    for bad, why in ((_ScaledFeedForward(inner, (1, 3, 3)), "_ScaledFeedForward's forward is not that of"),
+                     (_DoubledSequential(nn.Flatten(), nn.Linear(9, 2)), "overrides nn.Sequential.forward"),
+                     (FeedForward(_DoubledSequential(nn.Flatten(), nn.Linear(9, 2)), (1, 3, 3)),
+                      "the .net of FeedForward is a _DoubledSequential"),
+                     (FeedForward(nn.ModuleList([nn.Linear(9, 2)]), (1, 3, 3)),
+                      "the .net of FeedForward is a ModuleList")):
+        with pytest.raises(ConfigError, match=why):
+            certify(bad, x3, eps_linf=[0.01], eps_l2=())
+    with pytest.raises(ConfigError, match="IBP training needs a feed-forward network"):
+        from robustdeq.defenses import make_objective
+        make_objective("ibp", eps=0.1, kappa=0.0, kappa_start=0.0)(_Normalising(), torch.rand(2, 1), torch.tensor([0, 1]))
+
+
+def test_the_sequential_and_feedforward_around_it_are_certified_alike():
+    from robustdeq.certify.feedforward import is_feedforward
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(9, 3))
+    x = torch.rand(6, 1, 3, 3)
+    with torch.no_grad():
+        y = seq(x).argmax(1)
+    assert is_feedforward(seq) and is_feedforward(FeedForward(seq, (1, 3, 3)))
+    assert not is_feedforward(_Normalising()) and not is_feedforward(zoo.build("mlp_deq", hidden=4))
+    a = ibp_certify_feedforward(seq, x, y, 0.01)
+    b = ibp_certify_feedforward(FeedForward(seq, (1, 3, 3)), x, y, 0.01)
+    assert torch.equal(a.lower_margin, b.lower_margin)

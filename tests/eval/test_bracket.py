@@ -118,3 +118,29 @@ def test_cli_eval_certify_and_strict(tmp_path, monkeypatch, capsys):
         rc = main(["eval", ck, "--suite", "quick", "--norm", "L2", "--eps", "3", "-n", "8", "--steps", "5",
                    "--certify", "--strict", "--no-progress"])
     assert rc == 3
+
+
+def test_bracket_takes_the_feedforward_networks_certify_takes():
+    """A wrapper whose forward normalises before its Sequential .net gets no IBP of .net alone
+    (the same predicate as certify()); FeedForward around the same Sequential does."""
+    from torch import nn
+    from robustdeq.deq.zoo import FeedForward
+
+    class Normalising(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net((x - 0.45) / 0.01)
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    x = torch.rand(3, 1, 2, 2)
+    y = seq(x).argmax(1)
+    notes = []
+    out = B._base_certificates(Normalising(seq), x, y, [0.0], "Linf", ("ibp",), notes)
+    assert out == {0.0: [None] * 3}
+    assert "Normalising's forward is not that of nn.Sequential or FeedForward" in notes[0]
+    out = B._base_certificates(FeedForward(seq, (1, 2, 2)), x, y, [0.0], "Linf", ("ibp",), [])
+    assert out == {0.0: ["ibp"] * 3}            # eps 0, own predictions: certified
