@@ -19,7 +19,7 @@ from ._util import (FEEDFORWARD_KINDS, float64_copy, is_feedforward, meant_as_fe
                     require_feedforward, tight_solver)
 from .config import METHODS, CertifyConfig, make_certify_config
 from ..deq.contraction import contraction_certificate
-from .ibp import ibp_certify
+from .ibp import ibp_certify, ibp_unavailable
 from .lipschitz import certified_radius, lipschitz_bound
 from .local import local_stability
 from .lyapunov import lyapunov_decrease, model_candidate, quadratic_candidate
@@ -240,18 +240,6 @@ def _global_certificates(c: _Certification) -> None:
                               (perturb if isinstance(perturb, (int, float)) else type(perturb).__name__)}
 
 
-def _ibp_unavailable(model: nn.Module) -> Optional[str]:
-    """Why IBP cannot run on ``model`` (its structural needs), or None."""
-    from ..deq.cells import ConvStemInjection, MLPInjection
-    from .lipschitz import _head_matrix
-    if not isinstance(getattr(model, "injection", None), (MLPInjection, ConvStemInjection)):
-        return (f"IBP needs an MLPInjection (Normalize + Linear) or a ConvStemInjection; the injection is "
-                f"{type(getattr(model, 'injection', None)).__name__}")
-    if _head_matrix(model) is None:
-        return f"IBP needs a linear read-out; the head is {type(getattr(model, 'head', None)).__name__}"
-    return None
-
-
 def _announce_availability(c: _Certification) -> None:
     """Before any per-sample work: which certificates the model can get and why not the others
     (``global_certificates["available"]`` of the report, and one CertificationWarning naming the missing
@@ -262,7 +250,7 @@ def _announce_availability(c: _Certification) -> None:
     if "lipschitz" in c.methods:
         avail["lipschitz"] = "yes" if c.bound.available else f"no: {c.bound.reason}"
     if "ibp" in c.methods:
-        why = _ibp_unavailable(c.work)
+        why = ibp_unavailable(c.work, c.cert)
         avail["ibp"] = "yes" if why is None else f"no: {why}"
     c.glob["available"] = avail
     missing = {k: v[4:] for k, v in avail.items() if k in ("lipschitz", "ibp") and v.startswith("no")}

@@ -69,6 +69,31 @@ def _start_box(model: nn.Module, cert: ContractionCertificate, kind: str, act: s
     return ("relu" if act == "relu" else "identity"), 1.0 / (1.0 - cert.lip_z)
 
 
+def _interval_setup(model: nn.Module, cert: ContractionCertificate):
+    """``(interval map, start, scale)`` of ``model`` for :func:`ibp_certify`; a ConfigError with
+    the reason IBP does not apply."""
+    from .interval import interval_map
+    imap = interval_map(model, differentiable=False)
+    start, scale = _start_box(model, cert, imap.kind, imap.act)
+    return imap, start, scale
+
+
+def ibp_unavailable(model: nn.Module, contraction: Optional[ContractionCertificate] = None) -> Optional[str]:
+    """Why :func:`ibp_certify` would return a result that is not ``applicable`` for ``model``
+    (its interval map: the cell, the injection and its normalisation, the read-out; the a-priori
+    box), or None when IBP applies. The same test :func:`ibp_certify` makes, so that what a
+    report announces as available is what IBP then does."""
+    with eval_mode(model), torch.no_grad():
+        if hasattr(model, "prepare"):
+            model.prepare()
+        cert = contraction if contraction is not None else contraction_certificate(model)
+        try:
+            _interval_setup(model, cert)
+        except ConfigError as e:
+            return str(e)
+    return None
+
+
 def ibp_certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, iters: int = 200,
                 tol: float = 1e-9, contraction: Optional[ContractionCertificate] = None,
                 lipschitz=None, z: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> IBPResult:
@@ -92,14 +117,13 @@ def ibp_certify(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, iters: in
         raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
     if iters < 1:
         raise ConfigError(f"iters must be >= 1, got {iters}")
-    from .interval import abs_contraction, interval_map
+    from .interval import abs_contraction
     with eval_mode(model), torch.no_grad():
         if hasattr(model, "prepare"):
             model.prepare()
         cert = contraction if contraction is not None else contraction_certificate(model)
         try:
-            imap = interval_map(model, differentiable=False)
-            start, scale = _start_box(model, cert, imap.kind, imap.act)
+            imap, start, scale = _interval_setup(model, cert)
         except ConfigError as e:
             return IBPResult(float(eps), False, str(e))
         x = model.check_input(x).detach()
@@ -177,4 +201,4 @@ def ibp_certify_feedforward(model: nn.Module, x: Tensor, y: Tensor, eps: float) 
                      details={"network": type(net).__name__})
 
 
-__all__ = ["IBPResult", "ibp_certify", "ibp_certify_feedforward"]
+__all__ = ["IBPResult", "ibp_certify", "ibp_unavailable", "ibp_certify_feedforward"]

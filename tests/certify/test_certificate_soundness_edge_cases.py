@@ -11,6 +11,7 @@ from robustdeq.certify.lipschitz import lipschitz_bound
 from robustdeq.deq.cells import LinearHead, MLPCell, MLPInjection, Normalize
 from robustdeq.deq.model import DEQClassifier
 from robustdeq.deq.zoo import FeedForward
+from robustdeq.errors import CertificationWarning
 
 
 def _quiet_certify(*args, **kw):
@@ -81,6 +82,22 @@ def test_per_channel_normalisation_without_input_shape_gets_no_radius():
     for r in rep.results:
         assert r.radius == 0.0
         assert r.details["linf"]["0.002"]["certified"] is False
+
+
+def test_ibp_is_announced_unavailable_where_it_then_does_not_apply():
+    """Per-channel statistics without a (C, H, W) input_shape: IBP returns "not applicable", and
+    global_certificates["available"]["ibp"] said "yes" (and no warning named it)."""
+    model = _per_channel_model(None)
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.warns(CertificationWarning, match=r"no certified radius from .*ibp \(interval bounds need"):
+        rep = certify(model, x, None, eps_l2=[], eps_linf=[0.002], methods=["ibp"])
+    avail = rep.global_certificates["available"]["ibp"]
+    assert avail.startswith("no: ") and "per-channel statistics need the model's input_shape" in avail
+    assert rep.global_certificates["ibp"].startswith("not applicable")
+    # with the input shape IBP applies, and is announced so
+    rep = _quiet_certify(_per_channel_model((3, 4, 4)), x, None, eps_l2=[], eps_linf=[0.002], methods=["ibp"])
+    assert rep.global_certificates["available"]["ibp"] == "yes"
+    assert not rep.global_certificates["ibp"].startswith("not applicable")
 
 
 def test_per_channel_normalisation_with_input_shape_bounds_every_channel():
