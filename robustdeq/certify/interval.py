@@ -101,7 +101,9 @@ class IntervalMap:
             nl, nh = outward(nl, nh, rounding)
             nl, nh = propagate_box(list(self.stem.children()), nl.reshape(shape).to(dt),
                                    nh.reshape(shape).to(dt), rounding)
-            nl, nh = nl.flatten(1), nh.flatten(1)
+            if nl.dim() != 2:
+                raise ConfigError(f"interval bounds through a convolutional stem need it to end in (batch, "
+                                  f"features) for the injection's Linear; it ends in {tuple(nl.shape)}")
         c, r = (0.5 * (nl + nh)).to(dt), (0.5 * (nh - nl)).to(dt)
         u_c = c @ self.U.t() + self.bias
         u_r = r @ self.U.abs().t()
@@ -288,11 +290,23 @@ def _cast_layer(layer: nn.Module, dtype) -> nn.Module:
 def propagate_box(layers, lo: Tensor, hi: Tensor, rounding: bool) -> Tuple[Tensor, Tensor]:
     """The box ``[lo, hi]`` through ``layers`` (Linear, Conv2d, ReLU, Tanh, Flatten, average
     pooling) by the centre/radius rule; ``rounding`` as in the module (float64 copies of the
-    layers, outward widening after each layer)."""
+    layers, outward widening after each layer). ``nn.Flatten`` reshapes both end points as it
+    reshapes an input (its ``start_dim`` / ``end_dim``); one that would flatten the batch dimension
+    is a ConfigError."""
     dt = lo.dtype
     for layer in layers:
+        if isinstance(layer, nn.Flatten):
+            # a reshape: applied to both end points it is exact, whatever start_dim / end_dim
+            # flatten, as long as the batch dimension stays apart
+            start = layer.start_dim + lo.dim() if layer.start_dim < 0 else layer.start_dim
+            if start < 1:
+                raise ConfigError(f"interval bounds through nn.Flatten(start_dim={layer.start_dim}, "
+                                  f"end_dim={layer.end_dim}) on a {lo.dim()}-D batch: it flattens the batch "
+                                  "dimension into the features, so the samples are no longer separate; "
+                                  "use start_dim >= 1")
+            lo, hi = layer(lo), layer(hi)
+            continue
         if isinstance(layer, _PASS):
-            lo, hi = (lo.flatten(1), hi.flatten(1)) if isinstance(layer, nn.Flatten) else (lo, hi)
             continue
         if isinstance(layer, (nn.ReLU, nn.Tanh)):
             lo, hi = activation("relu" if isinstance(layer, nn.ReLU) else "tanh", lo, hi)
@@ -317,7 +331,11 @@ def sequential_box(net: nn.Module, x: Tensor, eps: float, rounding: bool
     xd = x.to(dt)
     lo, hi = outward(xd - eps, xd + eps, rounding)
     lo, hi = propagate_box(layers[:-1], lo.clamp(0, 1), hi.clamp(0, 1), rounding)
-    return lo.flatten(1), hi.flatten(1), layers[-1]
+    if lo.dim() != 2:
+        raise ConfigError(f"interval bounds of a feed-forward network need its last nn.Linear to map (batch, "
+                          f"features) to the logits; its input here has {lo.dim()} dimensions "
+                          f"{tuple(lo.shape)} (flatten it first, e.g. nn.Flatten())")
+    return lo, hi, layers[-1]
 
 
 def sequential_margins(net: nn.Module, x: Tensor, y: Tensor, eps: float, rounding: bool) -> Tensor:

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from robustdeq.certify import certify
-from robustdeq.certify.interval import propagate_box
+from robustdeq.certify.interval import propagate_box, sequential_margins
 from robustdeq.certify.lipschitz import lipschitz_bound
 from robustdeq.deq.cells import LinearHead, MLPCell, MLPInjection, Normalize
 from robustdeq.deq.model import DEQClassifier
 from robustdeq.deq.zoo import FeedForward
-from robustdeq.errors import CertificationWarning
+from robustdeq.errors import CertificationWarning, ConfigError
 
 
 def _quiet_certify(*args, **kw):
@@ -60,6 +60,35 @@ def test_ibp_box_of_padded_convolutions_contains_the_activations():
             xp = (x + (2 * torch.rand(x.shape, generator=g, dtype=torch.float64) - 1) * eps).clamp(0, 1)
             h = net(xp)
             assert bool((h >= lo).all()) and bool((h <= hi).all())
+
+
+def test_ibp_follows_flatten_start_and_end_dims():
+    """propagate_box flattened from dimension 1 whatever nn.Flatten's start_dim / end_dim said: a
+    network flattening to (C, H*W) and mixing H*W by a Linear failed on a shape mismatch (a
+    RuntimeError, neither a certificate nor a ConfigError)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(start_dim=2), nn.Linear(16, 3),
+                        nn.ReLU(), nn.Flatten(start_dim=-2), nn.Linear(6, 2)).double()
+    x = torch.rand(5, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        logits = net(x)
+    y = logits.argmax(1)
+    exact = (logits.gather(1, y[:, None]) - logits.gather(1, 1 - y[:, None])).squeeze(1)
+    low = sequential_margins(net, x, y, 0.0, rounding=True).min(1).values
+    assert torch.allclose(low, exact, rtol=1e-8, atol=1e-9) and bool((low <= exact).all())
+    eps = 0.05
+    low = sequential_margins(net, x, y, eps, rounding=True).min(1).values
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(20):
+            xp = (x + (2 * torch.rand(x.shape, generator=g, dtype=torch.float64) - 1) * eps).clamp(0, 1)
+            lp = net(xp)
+            assert bool(((lp.gather(1, y[:, None]) - lp.gather(1, 1 - y[:, None])).squeeze(1) >= low).all())
+    # flattening the batch dimension into the features, or a last Linear not on (batch, features)
+    for bad, why in ((nn.Sequential(nn.Flatten(start_dim=0), nn.Linear(80, 2)), "flattens the batch dimension"),
+                     (nn.Sequential(nn.Flatten(start_dim=2), nn.Linear(16, 2)), "last nn.Linear")):
+        with pytest.raises(ConfigError, match=why):
+            sequential_margins(bad.double(), x, y, eps, rounding=True)
 
 
 def _per_channel_model(input_shape):
