@@ -174,6 +174,9 @@ def interval_map(model: nn.Module, *, differentiable: bool = False) -> IntervalM
     if isinstance(inj, ConvStemInjection):
         if in_shape is None or len(in_shape) != 3:
             raise ConfigError("interval bounds through a convolutional stem need the model's input_shape (C, H, W)")
+        if not (isinstance(inj.stem, nn.Sequential) and type(inj.stem).forward is nn.Sequential.forward):
+            raise ConfigError("interval bounds through a convolutional stem need it to be a plain nn.Sequential "
+                              f"(its layers in order); the stem is a {type(inj.stem).__name__}")
         stem, in_shape = inj.stem, tuple(int(v) for v in in_shape)
         if not differentiable and any(p.dtype != torch.float64 for p in stem.parameters()):
             stem = _cast_layer(stem, torch.float64)
@@ -260,6 +263,24 @@ def check_interval_condition(imap: IntervalMap, who: str = "IBP training") -> Ab
 _PASS = (nn.Flatten, nn.Identity, nn.Dropout)
 
 
+#: the layers with an interval rule (each followed only where its forward is torch's own)
+_RULES = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Tanh, nn.Flatten, nn.Identity, nn.Dropout, nn.AvgPool2d,
+          nn.AdaptiveAvgPool2d)
+
+
+def _check_rule(layer: nn.Module) -> None:
+    """A ConfigError when ``layer`` subclasses a layer with an interval rule but overrides its
+    ``forward``: the rule reads the weights as torch's layer uses them and need not enclose what
+    the subclass computes. (A parametrised layer keeps the forward of its class.)"""
+    for base in _RULES:
+        if isinstance(layer, base):
+            if type(layer).forward is not base.forward:
+                raise ConfigError(f"interval bounds through {type(layer).__name__}: it subclasses nn.{base.__name__} "
+                                  f"but overrides forward, so the interval rule of nn.{base.__name__} need not "
+                                  f"enclose what it computes; use nn.{base.__name__} itself")
+            return
+
+
 def _affine_box(layer: nn.Module, mu: Tensor, rad: Tensor) -> Tuple[Tensor, Tensor]:
     if isinstance(layer, nn.Linear):
         return F.linear(mu, layer.weight, layer.bias), F.linear(rad, layer.weight.abs())
@@ -295,6 +316,7 @@ def propagate_box(layers, lo: Tensor, hi: Tensor, rounding: bool) -> Tuple[Tenso
     is a ConfigError."""
     dt = lo.dtype
     for layer in layers:
+        _check_rule(layer)
         if isinstance(layer, nn.Flatten):
             # a reshape: applied to both end points it is exact, whatever start_dim / end_dim
             # flatten, as long as the batch dimension stays apart
@@ -327,6 +349,7 @@ def sequential_box(net: nn.Module, x: Tensor, eps: float, rounding: bool
     layers = list(net.children()) if isinstance(net, nn.Sequential) else [net]
     if not layers or not isinstance(layers[-1], nn.Linear):
         raise ConfigError("interval bounds of a feed-forward network need an nn.Sequential ending in nn.Linear")
+    _check_rule(layers[-1])
     dt = torch.float64 if rounding else next(net.parameters()).dtype
     xd = x.to(dt)
     lo, hi = outward(xd - eps, xd + eps, rounding)

@@ -163,3 +163,46 @@ def test_bracket_does_not_count_ibp_verdicts_that_certify_refused():
     assert all(r.details["linf"]["0.0001"]["ibp"] for r in rep.results)          # IBP alone holds
     assert not any(r.details["linf"]["0.0001"]["certified"] for r in rep.results)  # refused
     assert base[1e-4] == [None] * 4
+
+
+def test_ibp_refuses_a_layer_subclass_that_overrides_forward():
+    """IBP matched layers by isinstance and read their weights: a subclass overriding forward (a
+    Linear scaling its output, a ReLU shifting its input) was bounded as the plain layer, whose
+    box need not enclose what the subclass computes."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 100 * super().forward(x)
+
+    class Shifted(nn.ReLU):
+        def forward(self, x):
+            return super().forward(x - 0.5)
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 2, 2)
+    for net, name in ((nn.Sequential(nn.Flatten(), Scaled(4, 2)), "Scaled: it subclasses nn.Linear"),
+                      (nn.Sequential(nn.Flatten(), nn.Linear(4, 4), Shifted(), nn.Linear(4, 2)),
+                       "Shifted: it subclasses nn.ReLU")):
+        with pytest.raises(ConfigError, match=name + " but overrides forward"):
+            _quiet_certify(FeedForward(net, (1, 2, 2)), x, torch.zeros(3, dtype=torch.long), eps_linf=[0.01])
+    # a parametrised layer keeps its class's forward: followed as before
+    lin = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 2))
+    rep = _quiet_certify(FeedForward(nn.Sequential(nn.Flatten(), lin), (1, 2, 2)).eval(), x, None, eps_linf=[0.0])
+    assert all(r.details["linf"]["0"]["certified"] for r in rep.results)
+
+
+def test_ibp_refuses_a_stem_that_is_not_a_plain_sequential():
+    from robustdeq.certify import ibp_certify
+    from robustdeq.deq import zoo
+
+    class Doubled(nn.Sequential):
+        def forward(self, x):
+            return super().forward(2 * x)
+
+    torch.manual_seed(0)
+    model = zoo.build("stem_deq", in_shape=(1, 4, 4), num_classes=2, hidden=4, channels=2, pool=1).eval()
+    x = torch.rand(2, 1, 4, 4)
+    y = model(x).argmax(1)
+    assert ibp_certify(model, x, y, 0.01).applicable
+    model.injection.stem = Doubled(*model.injection.stem)
+    r = ibp_certify(model, x, y, 0.01)
+    assert not r.applicable and "plain nn.Sequential" in r.reason and "Doubled" in r.reason
