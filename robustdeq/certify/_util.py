@@ -206,5 +206,6 @@ def tight_solver(model: nn.Module, tol: float = 1e-10, max_iter: int = 500):
     cfg = getattr(model, "solver_config", None) or SolverConfig()
     return cfg.replace(tol=float(tol), stop_mode="abs", select="best",
                        max_iter=max(int(max_iter), cfg.max_iter))
-__all__ = ["eval_mode", "get_cell", "require_deq", "has_deq_interface", "feedforward_net", "is_feedforward", "meant_as_feedforward", "require_feedforward",
-           "FEEDFORWARD_KINDS", "float64_copy", "input_feature_scale", "input_feature_affine", "tight_solver"]
+__all__ = ["eval_mode", "get_cell", "require_deq", "has_deq_interface", "DEQ_INTERFACE", "feedforward_net",
+           "is_feedforward", "meant_as_feedforward", "require_feedforward", "FEEDFORWARD_KINDS", "float64_copy",
+           "input_feature_scale", "input_feature_affine", "tight_solver"]

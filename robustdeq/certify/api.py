@@ -301,16 +301,42 @@ def _run_batches(n: int, cfg: CertifyConfig, dist_ctx, compute: Callable[[int], 
     return sorted(gather_sharded(mine, failure, dist_ctx), key=lambda b: b.start)
 
 
+def _tight_solve(work: nn.Module, xb: Tensor, solver):
+    """``(u, z, residual, logits)`` of the float64 copy ``work`` at ``xb`` by the certification
+    solve ``solver``: the exact fixed point the certificates speak of, its residual
+    ``||f(z) - z||`` per sample measured."""
+    with torch.no_grad():
+        u = work.inject(xb)
+        z = work.solve(u, solver=solver).z
+        residual = (work.f(z, u) - z).flatten(1).norm(dim=1)
+        logits = work.readout(z)
+    return u, z, residual, logits
+
+
+def exact_logits(model: nn.Module, x: Tensor, *, solver=None, batch_size: int = 256):
+    """``(logits, residual)`` (float64, per row of ``x``) of a DEQ's exact fixed point: the
+    float64 tight solve of :func:`certify` (an eval-mode float64 copy of ``model``, its solver
+    made strict by :func:`~robustdeq.certify._util.tight_solver` unless ``solver`` is given), not
+    the model's own solver. What the certificates hold for; used to re-judge a certified sample
+    at an attack's example (:mod:`robustdeq.eval.bracket`)."""
+    require_deq(model, "exact_logits")
+    work = float64_copy(model)
+    solver = tight_solver(work) if solver is None else solver
+    x = model.check_input(x).detach()
+    logits, residual = [], []
+    for s in range(0, x.shape[0], batch_size):
+        _, _, r, lg = _tight_solve(work, x[s:s + batch_size].to(torch.float64), solver)
+        logits.append(lg)
+        residual.append(r)
+    return torch.cat(logits), torch.cat(residual)
+
+
 def _solve_batch(c: _Certification, s: int) -> _Batch:
     """The tight float64 solve of one batch (and its labels, checked against the classes)."""
     bs, work = c.cfg.batch_size, c.work
     xb = c.x[s:s + bs].detach().to(torch.float64)
     t = time.perf_counter()
-    with torch.no_grad():
-        u = work.inject(xb)
-        z = work.solve(u, solver=c.solver).z
-        residual = (work.f(z, u) - z).flatten(1).norm(dim=1)
-        logits = work.readout(z)
+    u, z, residual, logits = _tight_solve(work, xb, c.solver)
     c.clock("solve", t)
     pred = logits.argmax(dim=1)
     yb = c.y[s:s + bs].to(pred.device) if c.y is not None else None
@@ -597,4 +623,4 @@ def _solver_dict(cfg) -> dict:
     return to_dict(from_dict(SolverConfig, cfg))
 
 
-__all__ = ["certify", "certify_checkpoint", "CertifyConfig", "METHODS", "CHECKPOINT_METHODS"]
+__all__ = ["certify", "certify_checkpoint", "exact_logits", "CertifyConfig", "METHODS", "CHECKPOINT_METHODS"]

@@ -44,7 +44,9 @@ def add_parsers(sub) -> None:
                    help="solve the DEQ with this solver config for the whole evaluation instead of its "
                         "own, e.g. '{\"name\": \"anderson\", \"max_iter\": 100, \"tol\": 1e-6}'")
     e.add_argument("--strict", action="store_true",
-                   help="exit with status 3 when a certified sample is broken by an attack (soundness alarm)")
+                   help="exit with status 3 when a certified sample is broken by an attack (soundness alarm; a "
+                        "break of the DEQ's own solver, where the exact fixed point the certificate covers "
+                        "stays correct, is reported but does not fail)")
     e.set_defaults(func=cmd_eval)
 
     h = sub.add_parser("harden", help="wrap a checkpoint in an inference-time defense and evaluate both")
@@ -60,7 +62,8 @@ def add_parsers(sub) -> None:
 def cmd_eval(args) -> int:
     """``robustdeq eval``: run an evaluation suite on a checkpoint, print the report and write
     it under ``--out``. Returns the exit status: 0, or 3 when ``--strict`` and a certified
-    sample was broken by an attack."""
+    sample was broken by an attack (the ``certified_but_broken`` alarm; a break of the deployed
+    solver alone is not one, see :mod:`robustdeq.eval.bracket`)."""
     from ..eval import evaluate
     refuse_without(args, "smoothing", "--smoothing SIGMA", {"smoothing_n": "--smoothing-n",
                                                             "srs_steps": "--srs-steps",

@@ -21,13 +21,26 @@ the attacks' verdict:
 A sample certified at eps yet broken by an attack within eps is a soundness alarm: the check
 ``certified_but_broken`` fires, lists every such (eps, sample, certificate, attack), warns with
 :class:`~robustdeq.errors.CertificateSoundnessWarning`, and ``robustdeq eval --strict`` fails. For
-base-model certificates an alarm is a contradiction (a bug in the certificate, the solver or the
-attack's threat model). For smoothing, PREDICT errs with probability <= alpha per call, so an alarm
-is a statistical contradiction at that level (still never averaged away).
+base-model certificates an alarm is a contradiction (a bug in the certificate or the attack's
+threat model). For smoothing, PREDICT errs with probability <= alpha per call, so an alarm is a
+statistical contradiction at that level (still never averaged away).
+
+A DEQ's certificates hold for its exact fixed point; the model deployed computes its own solver's
+iterate, checked against the exact one by :func:`~robustdeq.certify.certify` at the clean input
+only. So a certified sample of a DEQ that an attack broke is re-judged at the attack's example
+(``EpsResult.x_adv``) by the float64 tight solve of ``certify``
+(:func:`robustdeq.certify.api.exact_logits`): where that solve converges (residual <= the
+``fp_tol`` of :class:`~robustdeq.certify.config.CertifyConfig`) to a fixed point classified
+correctly, the certificate holds and the break is the deployed solver's. Such breaks are listed
+apart (``details["deployed_solver_breaks"]``, a note per eps, a
+:class:`~robustdeq.errors.NonConvergenceWarning`), not as alarms. A break the exact fixed point
+confirms (or that cannot be re-judged: a feed-forward network has no solver, a report read back
+has no examples) stays an alarm.
 """
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -36,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import from_dict, to_dict
-from ..errors import CertificateSoundnessWarning, ConfigError
+from ..errors import CertificateSoundnessWarning, ConfigError, NonConvergenceWarning
 from .._support import user_stacklevel
 from .checks import CheckResult
 
@@ -178,6 +191,40 @@ def _feedforward_ibp(model, x, y, eps, out, notes):
     return out
 
 
+def _rejudge_at_exact_fixed_point(model, y, candidates, x_adv_by_eps, notes):
+    """Split the base-model alarm candidates (certified at eps, broken by an attack) into
+    ``(alarms, deployed_solver_breaks)`` by the exact fixed point at each one's attack example
+    (see the module). Each entry gains ``exact_pred`` / ``exact_residual`` where re-judged."""
+    from ..certify import require_deq
+    from ..certify.api import exact_logits
+    from ..certify.config import CertifyConfig
+    if not candidates:
+        return [], []
+    try:
+        require_deq(model, "the bracket's re-judgement")
+    except ConfigError:
+        return list(candidates), []      # no solver of its own (feed-forward): every break is the model's
+    if any(x_adv_by_eps.get(c["eps"]) is None for c in candidates):
+        notes.append("bracket: the attacks' examples are not at hand (e.g. a report read back from disk), so "
+                     "the certified samples broken could not be re-judged at the exact fixed point: they stay "
+                     "alarms")
+        return list(candidates), []
+    fp_tol = CertifyConfig().fp_tol
+    rows = torch.stack([x_adv_by_eps[c["eps"]][c["index"]] for c in candidates])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)
+        logits, residual = exact_logits(model, rows)
+    pred = logits.argmax(dim=1).cpu()
+    alarms, deployed = [], []
+    for c, p, r in zip(candidates, pred.tolist(), residual.cpu().tolist()):
+        c = dict(c, exact_pred=int(p), exact_residual=float(r) if math.isfinite(r) else None)
+        if math.isfinite(r) and r <= fp_tol and int(p) == int(y[c["index"]]):
+            deployed.append(c)
+        else:
+            alarms.append(c)
+    return alarms, deployed
+
+
 def _soft_smoothed_pgd(model, x, y, eps, norm, sigma, steps, m, seed, clip) -> Tensor:
     """PGD (no random start) on ``-log mean_j softmax(f(x' + sigma e_j))_y`` in B_eps(x) & [0, 1];
     the same ``m`` noise draws per sample at every step."""
@@ -220,6 +267,12 @@ def compute_bracket(model: nn.Module, x: Tensor, y: Tensor, report, config: Any 
     if len(report.results) != len(eps) or any(len(r.robust) != n for r in report.results):
         raise ConfigError("the report was not computed on these inputs (per-sample flags do not match)")
     base = _base_certificates(model, x, y, eps, threat, cfg.methods, notes)
+    candidates = [{"eps": e, "index": i, "certificate": base[e][i], "classifier": "base model",
+                   "attack": res.first_success[i]}
+                  for e, res in zip(eps, report.results) for i in range(n)
+                  if base[e][i] is not None and not bool(res.robust[i])]
+    base_alarms, deployed = _rejudge_at_exact_fixed_point(
+        model, y, candidates, {e: getattr(res, "x_adv", None) for e, res in zip(eps, report.results)}, notes)
     alarms: List[Dict[str, Any]] = []
     rows: List[Dict[str, Any]] = []
     per_sample: Dict[str, Any] = {}
@@ -233,12 +286,10 @@ def compute_bracket(model: nn.Module, x: Tensor, y: Tensor, report, config: Any 
         key = f"{e:g}"
         robust = torch.tensor([bool(v) for v in res.robust])
         cert_by = list(base[e])
-        for i in range(n):
-            if cert_by[i] is not None and not bool(robust[i]):
-                alarms.append({"eps": e, "index": i, "certificate": cert_by[i], "classifier": "base model",
-                               "attack": res.first_success[i]})
+        alarms.extend(a for a in base_alarms if a["eps"] == e)
+        here = [d for d in deployed if d["eps"] == e]
         row = {"eps": e, "certified_base": sum(c is not None for c in cert_by) / n,
-               "attacked_base": float(robust.float().mean())}
+               "attacked_base": float(robust.float().mean()), "deployed_solver_breaks": len(here)}
         entry = {"certified_by": cert_by, "attacked_robust": robust.tolist()}
         if smooth is not None:
             if scfg.mode == "sequential":   # the test's decision at eps (its radii include every eps)
@@ -270,6 +321,10 @@ def compute_bracket(model: nn.Module, x: Tensor, y: Tensor, report, config: Any 
                      "smoothed classifier, not the base model)")
         if row["alarms"]:
             line += f"; {row['alarms']} SOUNDNESS ALARM(S)"
+        if here:
+            line += (f"; {len(here)} certified sample(s) broken by the deployed solver only (samples "
+                     f"{', '.join(str(d['index']) for d in here)}: the exact fixed point at the attack's example "
+                     "classifies them correctly, so the certificate holds; the model's solver does not reach it)")
         notes.append(line)
     fired = bool(alarms)
     if fired:
@@ -279,7 +334,14 @@ def compute_bracket(model: nn.Module, x: Tensor, y: Tensor, report, config: Any 
                + (" ..." if len(alarms) > 5 else ""))
     else:
         msg = "no certified sample was broken by an attack (certified <= robust <= attacked holds per sample)"
+    if deployed:
+        msg = (("no certificate was contradicted" if not fired else msg)
+               + f"; {len(deployed)} certified sample(s) were broken by the deployed solver only (the exact "
+               "fixed point at the attack's example classifies them correctly): "
+               + "; ".join(f"eps {d['eps']:g} sample {d['index']} ({d['attack']})" for d in deployed[:5])
+               + (" ..." if len(deployed) > 5 else ""))
     details = {"bracket": rows, "alarms": alarms, "per_sample": per_sample, "config": to_dict(cfg),
+               "deployed_solver_breaks": deployed,
                "smoothing_note": ("smoothing certifies the smoothed classifier; it is compared with attacks "
                                   "on the smoothed classifier (PREDICT errs with probability <= alpha)")
                if smooth is not None else None}
@@ -295,6 +357,16 @@ def attach_bracket(report, model: nn.Module, x: Tensor, y: Tensor, config: Any =
     report.notes.extend(notes)
     if check.fired:
         warnings.warn(f"[{CHECK_NAME}] {check.message}", CertificateSoundnessWarning, stacklevel=user_stacklevel())
+    deployed = check.details.get("deployed_solver_breaks") or []
+    if deployed:
+        warnings.warn(f"[{CHECK_NAME}] {len(deployed)} certified sample(s) broken by the model's own solver, not "
+                      "at the exact fixed point the certificates cover (the deployed solve is checked at the "
+                      "clean input only): "
+                      + "; ".join(f"eps {d['eps']:g} sample {d['index']}" for d in deployed[:5])
+                      + (" ..." if len(deployed) > 5 else "")
+                      + ". They count against the deployed model's robust accuracy, which depends on its "
+                        "solver budget",
+                      NonConvergenceWarning, stacklevel=user_stacklevel())
     return check
 
 

@@ -267,7 +267,9 @@ def evaluate(model: nn.Module, x: Union[Tensor, Tuple[Tensor, Tensor]], y: Optio
         certify: the robustness bracket (:mod:`robustdeq.eval.bracket`): ``True``/``"auto"``
             (Lipschitz and IBP certificates), a list of names (``"smoothing"`` included) or a
             mapping of :class:`~robustdeq.eval.bracket.BracketConfig` options; adds the check
-            ``certified_but_broken`` (certified yet attacked samples) and one note per eps.
+            ``certified_but_broken`` (certified yet attacked samples; for a DEQ those whose exact
+            fixed point at the attack's example is still correct are listed apart as breaks of
+            the deployed solver) and one note per eps.
 
     The model (every training flag, ``requires_grad`` flag, parameter and buffer) is the same after
     the evaluation as before it.

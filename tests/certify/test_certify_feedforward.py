@@ -144,7 +144,8 @@ def test_a_module_that_only_has_a_sequential_net_is_refused_not_certified_throug
             certify(bad, x3, eps_linf=[0.01], eps_l2=())
     with pytest.raises(ConfigError, match="IBP training needs a feed-forward network"):
         from robustdeq.defenses import make_objective
-        make_objective("ibp", eps=0.1, kappa=0.0, kappa_start=0.0)(_Normalising(), torch.rand(2, 1), torch.tensor([0, 1]))
+        objective = make_objective("ibp", eps=0.1, kappa=0.0, kappa_start=0.0)
+        objective(_Normalising(), torch.rand(2, 1), torch.tensor([0, 1]))
 
 
 def test_the_sequential_and_feedforward_around_it_are_certified_alike():

@@ -144,3 +144,92 @@ def test_bracket_takes_the_feedforward_networks_certify_takes():
     assert "Normalising's forward is not that of nn.Sequential or FeedForward" in notes[0]
     out = B._base_certificates(FeedForward(seq, (1, 2, 2)), x, y, [0.0], "Linf", ("ibp",), [])
     assert out == {0.0: ["ibp"] * 3}            # eps 0, own predictions: certified
+
+
+def _short_solver_deq():
+    """A 1-D linear DEQ ``z = z / 2 + x`` read out as ``logit_0 - logit_1 = 50 z - 50`` whose own
+    solver stops after 8 fixed-point steps, ``(1 - 2^-8)`` of the way to ``z* = 2 x``: within
+    ``deploy_tol`` of z* at the clean inputs (certified), yet misclassifying just right of the
+    exact decision boundary ``x = 0.5`` where z* is still class 0."""
+    from robustdeq.certify.oracles import linear_deq
+    model = linear_deq(torch.tensor([[0.5]]), in_shape=(1, 1, 1), num_classes=2,
+                       solver={"name": "fixed_point", "max_iter": 8, "tol": 1e-12, "stop_mode": "abs"})
+    with torch.no_grad():
+        model.injection.linear.weight.fill_(1.0)
+        model.injection.linear.bias.zero_()
+        model.head.linear.weight.copy_(torch.tensor([[50.0], [0.0]]))
+        model.head.linear.bias.copy_(torch.tensor([-50.0, 0.0]))
+    return model.eval(), torch.tensor([0.9, 0.95]).view(2, 1, 1, 1), torch.tensor([0, 0])
+
+
+def _evaluate_short_solver_deq(model, x, y, **kw):
+    import warnings
+    from robustdeq.errors import CertificationWarning, NonConvergenceWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NonConvergenceWarning)
+        warnings.simplefilter("ignore", CertificationWarning)
+        return evaluate(model, x, y, threat="L2", eps=[0.399], suite="quick", steps=10, checks=False, **kw)
+
+
+def test_a_break_of_the_deployed_solver_alone_is_reported_apart_not_as_an_alarm():
+    """Sample 0 (x = 0.9) is certified at radius ~0.4 (> 0.399) for the exact fixed point; PGD
+    reaches x' = 0.501 where the 8-step solve predicts class 1 but z*(x') = 1.002 is class 0. The
+    bracket raised its soundness alarm for what is the solver's break, not the certificate's."""
+    from robustdeq.errors import NonConvergenceWarning
+    model, x, y = _short_solver_deq()
+    rep = _evaluate_short_solver_deq(model, x, y)
+    assert rep.results[0].robust == [False, True]                    # the deployed model is broken
+    with pytest.warns(NonConvergenceWarning, match=r"broken by the model's own solver.*eps 0.399 sample 0"):
+        check = B.attach_bracket(rep, model, x, y, True)
+    assert not check.fired and check.value == 0 and B.CHECK_NAME not in rep.fired   # --strict passes
+    (brk,) = check.details["deployed_solver_breaks"]
+    assert (brk["eps"], brk["index"], brk["certificate"], brk["exact_pred"]) == (0.399, 0, "lipschitz", 0)
+    assert check.details["bracket"][0]["deployed_solver_breaks"] == 1
+    assert check.details["per_sample"]["0.399"]["certified_by"][0] == "lipschitz"
+    assert any("broken by the deployed solver only (samples 0" in n for n in rep.notes)
+    again = json.loads(rep.to_json())
+    saved = next(c for c in again["checks"] if c["name"] == B.CHECK_NAME)
+    assert saved["details"]["deployed_solver_breaks"][0]["index"] == 0
+
+
+def test_a_break_the_exact_fixed_point_confirms_still_alarms(monkeypatch):
+    """A deliberately wrong certificate (sample 1 "certified" at a radius where the exact map is
+    broken too) keeps the alarm, next to sample 0's deployed-solver break."""
+    from robustdeq.errors import NonConvergenceWarning
+    model, x, y = _short_solver_deq()
+    x = torch.tensor([0.9, 0.6]).view(2, 1, 1, 1)                    # 0.6 - 0.399 < 0.5: truly broken
+    rep = _evaluate_short_solver_deq(model, x, y)
+    assert rep.results[0].robust == [False, False]
+    real = B._base_certificates
+
+    def wrong(model, x, y, eps, threat, methods, notes):             # certify sample 1 as well
+        out = real(model, x, y, eps, threat, methods, notes)
+        return {e: [c if i != 1 else "wrong" for i, c in enumerate(v)] for e, v in out.items()}
+    monkeypatch.setattr(B, "_base_certificates", wrong)
+    with pytest.warns(NonConvergenceWarning, match="sample 0"), \
+            pytest.warns(CertificateSoundnessWarning, match="eps 0.399 sample 1 \\(wrong"):
+        check = B.attach_bracket(rep, model, x, y, True)
+    assert check.fired and B.CHECK_NAME in rep.fired
+    (alarm,) = check.details["alarms"]
+    assert (alarm["index"], alarm["certificate"], alarm["exact_pred"]) == (1, "wrong", 1)
+    assert [d["index"] for d in check.details["deployed_solver_breaks"]] == [0]
+    # without the attacks' examples (a report read back) nothing can be re-judged: both alarm
+    for r in rep.results:
+        del r.x_adv
+    rep.checks = [c for c in rep.checks if c.name != B.CHECK_NAME]
+    with pytest.warns(CertificateSoundnessWarning):
+        check = B.attach_bracket(rep, model, x, y, True)
+    assert sorted(a["index"] for a in check.details["alarms"]) == [0, 1]
+    assert any("could not be re-judged at the exact fixed point" in n for n in rep.notes)
+
+
+def test_cli_strict_passes_a_deployed_solver_break(monkeypatch, capsys):
+    from robustdeq.cli import evaluate as cli_eval
+    from robustdeq.cli import main
+    model, x, y = _short_solver_deq()
+    monkeypatch.setattr(cli_eval, "load_for_eval", lambda args: (model, x, y))
+    with pytest.warns(Warning):
+        rc = main(["eval", "unused.pt", "--suite", "quick", "--norm", "L2", "--eps", "0.399", "--steps", "10",
+                   "--certify", "--strict", "--no-progress"])
+    assert rc == 0
+    assert "broken by the deployed solver only" in capsys.readouterr().out
