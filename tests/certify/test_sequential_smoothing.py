@@ -495,3 +495,16 @@ def test_final_alpha_fraction_is_checked():
         SequentialDecision(0.5, (0.5,), 0.001, 0.01, 1000, final_alpha_fraction=1.5)
     with pytest.raises(ConfigError, match="final_alpha"):
         S.make_config(mode="sequential", final_alpha=0.5)     # unknown option: refused by name
+
+
+@pytest.mark.parametrize("mode", ["sequential", "radius"])
+def test_auto_without_a_proof_is_refused_in_the_sequential_modes(mode):
+    """srs_check="auto" on a model without a contraction certificate fell back to no correction
+    at all in the sequential modes: the warm-started counts (here started from the clean input's
+    fixed point with one step, so nearly every sample read the clean class) were counted as draws
+    of the base classifier and certified radii far beyond the exact one."""
+    model = _contractive(norm="none", scale=1.0, init_gain=3.0)
+    x = torch.rand(1, 1, 4, 4)
+    with pytest.raises(ConfigError, match="admits none"):
+        S.certify(model, x, n=50, srs_steps=1, srs_check="auto", srs_start="clean", check_samples=10,
+                  mode=mode)

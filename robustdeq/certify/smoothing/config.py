@@ -49,7 +49,8 @@ class SmoothingConfig:
             a hypergeometric bound), ``"proof"`` (a per-sample proof from the cell's contraction
             certificate, checked after every warm-started fixed-point step, that the iterate has
             the exact equilibrium's class; needs a certified contractive cell and an affine
-            read-out), or ``"auto"`` (``"proof"`` where the model admits it, else ``"sample"``).
+            read-out), or ``"auto"`` (``"proof"`` where the model admits it, else ``"sample"``;
+            the sequential modes, which cannot use ``"sample"``, refuse a model without the proof).
         clip: smooth ``f(clip(x + e, 0, 1))`` instead of ``f(x + e)``.
         radii: L2 radii at which the report gives certified accuracy; in ``mode="sequential"``
             the radii decided per input.

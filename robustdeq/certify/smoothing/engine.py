@@ -50,6 +50,16 @@ class _Base:
         self.ok: Optional[Tensor] = None
         self.anchor: Optional[Tuple[Tensor, Tensor]] = None   # clean start: (z*(x), ok)
         self.proof = make_proof(model, cfg.srs_check, cfg.clip) if cfg.srs and self.deq else None
+        if cfg.srs and cfg.mode != "fixed" and self.proof is None:
+            # srs_check="auto" without a proof falls back to the check-based correction, which
+            # bounds a fixed number n of samples: in the sequential modes the warm-started counts
+            # would be counted uncorrected (they are not draws of the base classifier)
+            from .proof import proof_support
+            raise ConfigError(f"mode={cfg.mode!r} with warm starts (srs_steps > 0) needs per-sample "
+                              f"proofs, and {type(model).__name__} admits none "
+                              f"({proof_support(model)[1]}): srs_check={cfg.srs_check!r} would fall back "
+                              "to the check-based correction, which applies to mode='fixed' only; use "
+                              "mode='fixed' or srs_steps=0")
         self.proof_counts = dict.fromkeys(PROOF_COUNTS, 0)
         if self.deq:
             self.est = model.estimator
