@@ -695,6 +695,7 @@ def _provenance(ev: _Evaluation) -> Dict[str, Any]:
             "class": type(model).__name__,
             "config": getattr(model, "robustdeq_config", None),
             "parameters_sha256": ev.config["model"],
+            "randomized": bool(getattr(model, "randomized", False)),
             "defense": ({"randomized": getattr(model, "randomized", None),
                          "dynamic": getattr(model, "dynamic", None),
                          "differentiable": getattr(model, "differentiable", None),

@@ -203,9 +203,21 @@ class EvalReport:
     def bound_statement(self) -> str:
         """What the robust accuracy of this report is: an upper bound, from which attacks."""
         keys = sorted({a.key for r in self.results for a in r.attacks})
-        text = (f"Robust accuracy is an upper bound on the true robust accuracy: the per-sample worst "
-                f"case over the attacks of suite {self._suite_name()} ({', '.join(keys)}); a stronger "
-                "attack can only lower it.")
+        if self._randomized():
+            # every unit's examples are judged with a fresh draw of the model's randomness and a
+            # sample counts as broken when any judgement misclassifies it: the worst of several
+            # draws, which the model's own (single-draw or expected) accuracy can exceed even
+            # with no perturbation at all
+            text = (f"The model's output is random: robust accuracy is the share of samples classified "
+                    f"correctly by every judgement (one random draw each) of the per-sample worst case "
+                    f"over the attacks of suite {self._suite_name()} ({', '.join(keys)}). That is the "
+                    "worst of several draws, not an upper bound on the model's expected robust "
+                    "accuracy (it can lie below it even at a tiny radius), and judging the stored "
+                    "examples again gives other numbers.")
+        else:
+            text = (f"Robust accuracy is an upper bound on the true robust accuracy: the per-sample worst "
+                    f"case over the attacks of suite {self._suite_name()} ({', '.join(keys)}); a stronger "
+                    "attack can only lower it.")
         if self.suite == "quick":
             text += (" 'quick' is the cheapest suite (gradient attacks only: PGD, APGD-CE, APGD-T; "
                      "no score-based attack, so it can be optimistic at large radii): run "
@@ -361,6 +373,13 @@ class EvalReport:
             lines.extend(f"- {n}" for n in self.notes)
             lines.append("")
         return "\n".join(lines)
+
+    def _randomized(self) -> bool:
+        """Whether the evaluated model declares ``randomized`` or was found randomised (the check
+        ``randomized_output`` fired)."""
+        model = self.provenance.get("model") or {}
+        defense = model.get("defense") or {}
+        return bool(model.get("randomized") or defense.get("randomized")) or "randomized_output" in self.fired
 
     def _suite_name(self) -> str:
         return self.suite if isinstance(self.suite, str) else "custom [" + ", ".join(self.suite) + "]"

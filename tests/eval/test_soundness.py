@@ -366,3 +366,36 @@ def test_train_refuses_a_model_the_defense_replaces(tmp_path):
     else:
         assert rc != 0
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+class _CoinModel(nn.Module):
+    """Two classes; the logit of class 1 is ``0.5 + 0.01 mean(x) + N(0, 1)`` per call: correct on
+    label 1 with probability about 0.69 whatever the (small) perturbation."""
+
+    randomized = True
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        s = 0.5 + 0.01 * self.w * x.flatten(1).mean(1) + torch.randn(x.shape[0], device=x.device)
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def test_a_randomized_model_is_not_reported_as_an_upper_bound():
+    """Each unit judges its examples with a fresh draw and a sample counts as broken when any
+    judgement misclassifies it: on a randomised model the robust accuracy is the worst of several
+    draws, far below the model's expected accuracy at a radius too small to matter. The report
+    called it an upper bound on the true robust accuracy."""
+    torch.manual_seed(0)
+    x = torch.full((300, 1, 2, 2), 0.5)
+    y = torch.ones(300, dtype=torch.long)
+    with _quiet():
+        rep = evaluate(_CoinModel(), x, y, threat="Linf", eps=1e-3, suite=["pgd", "pgd-margin"], steps=2,
+                       checks=False, seed=0)
+    expected = float(torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(0.5)))   # about 0.69
+    assert rep.robust_accuracy() < expected - 0.2
+    assert "upper bound on the true robust accuracy" not in rep.bound_statement
+    assert "random" in rep.bound_statement and "not an upper bound" in rep.bound_statement
+    assert rep.to_dict()["bound"] == rep.bound_statement
