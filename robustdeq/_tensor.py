@@ -65,6 +65,13 @@ def clip_delta(delta: Tensor, eps: float, norm) -> Tensor:
     return delta * ball_factor(per_sample_norm(delta), eps).view(bshape(delta))
 
 
+def ball_slack(eps: float) -> float:
+    """How far beyond ``eps`` an example may lie and still count as inside the threat model
+    (float rounding of a projection: relative ``1e-5`` plus absolute ``1e-6``). The evaluation's
+    check of the attacks' examples and :func:`robustdeq.eval.card.judge` use this one rule."""
+    return float(eps) * 1e-5 + 1e-6
+
+
 def project_ball(x_adv: Tensor, x: Tensor, eps: float, norm) -> Tensor:
     """Project ``x_adv`` on the eps ball around ``x`` intersected with [0, 1]; samples already
     inside are returned bit for bit (so projecting a library's output is a strict no-op there)."""
@@ -146,7 +153,7 @@ def random_in_ball(x: Tensor, eps: float, norm, gen: Optional[torch.Generator], 
     return (direction * r * eps).view_as(x)
 
 
-__all__ = ["NORM_GUARD", "bshape", "default_alpha", "per_sample_norm", "ball_factor", "clip_delta",
+__all__ = ["NORM_GUARD", "bshape", "default_alpha", "per_sample_norm", "ball_factor", "clip_delta", "ball_slack",
            "project_ball", "margins", "make_generator", "seeded_generator", "rand_like", "randn_like",
            "random_in_ball", "draw"]
 

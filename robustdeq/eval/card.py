@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._tensor import tensors_sha256
+from .._tensor import ball_slack, margins, tensors_sha256
 from ..errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -237,9 +237,12 @@ def benchmark(model: nn.Module, x: Tensor, y: Tensor, *, threat: str = "Linf", e
 
 
 # -- judging adversarial examples produced elsewhere ---------------------------------------------
-def check_in_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, *, tol: float = 1e-6) -> None:
+def check_in_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, *, tol: Optional[float] = None) -> None:
     """Raise an :class:`InputError` naming how many examples lie outside the ``norm`` ball of
-    radius ``eps`` around ``x`` or outside [0, 1] (non-finite ones included), and by how much."""
+    radius ``eps`` around ``x`` or outside [0, 1] (non-finite ones included), and by how much.
+    ``tol``: the float rounding allowed beyond the ball (default
+    :func:`robustdeq._tensor.ball_slack`, the evaluation's own rule) and beyond [0, 1] (default
+    ``1e-6``)."""
     if x_adv.shape != x.shape:
         raise InputError(f"x_adv has shape {tuple(x_adv.shape)} but x has {tuple(x.shape)}")
     b = x.shape[0]
@@ -255,14 +258,15 @@ def check_in_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str, *, tol: float
         dist = delta.norm(dim=1)
     else:
         raise ConfigError(f"norm must be 'Linf' or 'L2', got {norm!r}")
-    out_ball = finite & (dist > eps + tol)
+    out_ball = finite & (dist > eps + (ball_slack(eps) if tol is None else tol))
     if bool(out_ball.any()):
         problems.append(f"{int(out_ball.sum())} lie outside the {norm} ball of radius {eps:g} "
                         f"(largest distance {float(dist[out_ball].max()):.6g}, over by "
                         f"{float(dist[out_ball].max()) - eps:.3g})")
     below = (-flat.amin(dim=1)).clamp(min=0)
     above = (flat.amax(dim=1) - 1).clamp(min=0)
-    out_range = finite & ((below > tol) | (above > tol))
+    range_tol = 1e-6 if tol is None else tol
+    out_range = finite & ((below > range_tol) | (above > range_tol))
     if bool(out_range.any()):
         problems.append(f"{int(out_range.sum())} have values outside [0, 1] (by up to "
                         f"{float(torch.maximum(below, above)[out_range].max()):.3g})")
@@ -274,7 +278,9 @@ def judge(model: nn.Module, x_adv: Tensor, y: Tensor, *, x: Tensor, eps: float, 
           batch_size: int = 256, level: float = 0.95) -> Dict[str, Any]:
     """The model's accuracy on adversarial examples produced elsewhere, after checking that every
     one lies in the ``norm`` ball of radius ``eps`` around its clean input ``x`` and in [0, 1]
-    (:func:`check_in_ball`). The model runs in eval mode and is left as it was."""
+    (:func:`check_in_ball`). A sample counts as correct where its true class's logit is strictly
+    above every other (a tie is wrong, as in :func:`~robustdeq.eval.evaluate`). The model runs in
+    eval mode and is left as it was."""
     from ..guard import preserve_model
     if not isinstance(x_adv, Tensor) or not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise InputError("judge needs tensors x_adv, x and y")
@@ -294,8 +300,10 @@ def judge(model: nn.Module, x_adv: Tensor, y: Tensor, *, x: Tensor, eps: float, 
             if i == 0:
                 from ..attacks.base import check_num_classes
                 check_num_classes(y, logits)
-            correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
-            clean_correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+            # correct: the true class's logit strictly above every other (a tie counts as wrong,
+            # as in the evaluation's own judgement)
+            correct += int((margins(logits, y[i:i + batch_size]) > 0).sum())
+            clean_correct += int((margins(model(x[i:i + batch_size]), y[i:i + batch_size]) > 0).sum())
     return {"n_samples": n, "norm": norm, "eps": float(eps), "accuracy": correct / n,
             "correct": correct, "ci": list(clopper_pearson(correct, n, level)), "ci_level": level,
             "clean_accuracy": clean_correct / n}

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .._support import progress_reporter, report_progress
 from ..attacks.base import check_num_classes, global_rng
-from .._tensor import clip_delta
+from .._tensor import ball_slack, clip_delta
 from ..deq.protocols import is_trajectory_model
 from ..errors import ConfigError, InputError, NonConvergenceWarning
 from ..guard import preserve_model
@@ -105,9 +105,9 @@ def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tuple[Tensor
     b = x.shape[0]
     delta = (x_adv - x).reshape(b, -1)
     if norm == "Linf":
-        bad = delta.abs().amax(dim=1) > eps * (1 + 1e-5) + 1e-6
+        bad = delta.abs().amax(dim=1) > eps + ball_slack(eps)
     else:
-        bad = delta.norm(dim=1) > eps * (1 + 1e-5) + 1e-6
+        bad = delta.norm(dim=1) > eps + ball_slack(eps)
     bad = bad | (x_adv.reshape(b, -1).amin(dim=1) < -1e-6) | (x_adv.reshape(b, -1).amax(dim=1) > 1 + 1e-6)
     bad = bad | ~torch.isfinite(x_adv.reshape(b, -1)).all(dim=1)
     nbad = int(bad.sum())

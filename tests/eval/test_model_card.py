@@ -87,6 +87,32 @@ def test_judge_refuses_examples_outside_the_ball_or_the_unit_box(bench):
         judge(model, d["x_adv"], d["y"], x=d["x"], eps=0.1, norm="L2")
 
 
+def test_judge_and_the_evaluation_share_the_ball_tolerance_and_the_tie_rule():
+    from robustdeq.eval.harness import _check_ball
+    torch.manual_seed(0)
+    x = torch.full((2, 1, 20, 20), 0.5)
+    d = torch.randn_like(x)
+    d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    eps = 1.0
+    inside = x + d * eps * (1 + 5e-6)        # past eps by float rounding only
+    outside = x + d * eps * (1 + 5e-4)
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(400, 3))
+    y = torch.zeros(2, dtype=torch.long)
+    # the evaluation keeps `inside` as it is; judge accepts it too
+    assert _check_ball(inside, x, eps, "L2")[1] == 0
+    judge(lin, inside, y, x=x, eps=eps, norm="L2")
+    assert _check_ball(outside, x, eps, "L2")[1] == 2
+    with pytest.raises(InputError, match="outside the L2 ball"):
+        judge(lin, outside, y, x=x, eps=eps, norm="L2")
+
+    class Tie(torch.nn.Module):             # class 0 ties with class 1 on every input
+        def forward(self, x):
+            s = x.flatten(1).sum(dim=1)
+            return torch.stack([s, s, s - 1], dim=1)
+    assert judge(Tie(), x, y, x=x, eps=0.1)["accuracy"] == 0.0
+    assert evaluate(Tie(), x, y, eps=0.1, suite=["pgd"], checks=False).clean_accuracy == 0.0
+
+
 def test_judge_reads_a_file_that_refers_to_a_dataset(bench, tmp_path):
     model, x, y, out, card = bench
     d = torch.load(out / "adversarial.pt", weights_only=True)
