@@ -50,6 +50,38 @@ def require_deq(model: nn.Module, what: str = "certify") -> None:
             f"{type(model).__name__} lacks {', '.join(missing)}")
 
 
+def changed_deq_part(model: nn.Module, *, cell: bool = True) -> Optional[str]:
+    """Why the certificates of a DEQ, which recognise its parts by class and bound them by their
+    weights, would certify another function than ``model`` computes, or None.
+
+    The shared test of the interval map, the Lipschitz bounds and (through
+    :func:`robustdeq.deq.cells.changed_part`) the contraction certificate: ``model`` a
+    ``DEQClassifier`` subclass overriding ``forward``, ``run``, ``inject``, ``f``, ``readout`` or
+    ``solve`` (:func:`robustdeq.deq.model.changed_composition`); or one of its parts -- the cell
+    (unless ``cell`` is False), the injection or the head, or a module inside those two (its
+    ``Normalize``, its ``Linear`` layers, a stem's layers) -- an instance of a class the bounds
+    recognise (:data:`robustdeq.deq.cells.CERTIFIED_PARTS`) whose subclass overrides the
+    class's ``forward`` or a method the bound reads (``MLPCell._pre``, ``weight_matrix``, ...).
+    The reason names the part, its class and the overridden methods."""
+    from ..deq.cells import changed_part
+    from ..deq.model import changed_composition
+    why = changed_composition(model)
+    if why is not None:
+        return why
+    parts = []
+    if cell:
+        parts.append(("cell", getattr(model, "cell", None)))
+    for attr in ("injection", "head"):
+        part = getattr(model, attr, None)
+        if isinstance(part, nn.Module):
+            parts += [(f"{attr}.{name}" if name else attr, m) for name, m in part.named_modules()]
+    for where, m in parts:
+        why = changed_part(m) if isinstance(m, nn.Module) else None
+        if why is not None:
+            return f"model.{where}: {why}"
+    return None
+
+
 def _plain_sequential(net) -> bool:
     """``net`` is an ``nn.Sequential`` whose forward is ``nn.Sequential``'s own (its layers in
     order, nothing else)."""
@@ -208,4 +240,4 @@ def tight_solver(model: nn.Module, tol: float = 1e-10, max_iter: int = 500):
                        max_iter=max(int(max_iter), cfg.max_iter))
 __all__ = ["eval_mode", "get_cell", "require_deq", "has_deq_interface", "DEQ_INTERFACE", "feedforward_net",
            "is_feedforward", "meant_as_feedforward", "require_feedforward", "FEEDFORWARD_KINDS", "float64_copy",
-           "input_feature_scale", "input_feature_affine", "tight_solver"]
+           "input_feature_scale", "input_feature_affine", "tight_solver", "changed_deq_part"]

@@ -146,10 +146,15 @@ def interval_map(model: nn.Module, *, differentiable: bool = False) -> IntervalM
 
     ``differentiable=False``: detached float64 (certification); True: the model's own weights
     in its dtype, with autograd (training). The monotone cell's step ``a`` is a number (the
-    cell's ``alpha``, as its forward uses it)."""
+    cell's ``alpha``, as its forward uses it). A part that subclasses its class but overrides
+    what the map is built from, or a ``DEQClassifier`` subclass overriding its composition, is a
+    ConfigError naming it (:func:`robustdeq.certify._util.changed_deq_part`)."""
     from ..deq.cells import LinearHead, MLPCell, MLPInjection, MonotoneCell
-    from ._util import input_feature_affine
+    from ._util import changed_deq_part, input_feature_affine
     from ..deq.cells import LinearCell
+    changed = changed_deq_part(model)
+    if changed is not None:
+        raise ConfigError(f"interval bounds of the parts' classes would not cover this model: {changed}")
     cell = getattr(model, "cell", None)
 
     def t(w: Tensor) -> Tensor:
@@ -177,6 +182,8 @@ def interval_map(model: nn.Module, *, differentiable: bool = False) -> IntervalM
         if not (isinstance(inj.stem, nn.Sequential) and type(inj.stem).forward is nn.Sequential.forward):
             raise ConfigError("interval bounds through a convolutional stem need it to be a plain nn.Sequential "
                               f"(its layers in order); the stem is a {type(inj.stem).__name__}")
+        for layer in inj.stem:
+            _check_rule(layer)
         stem, in_shape = inj.stem, tuple(int(v) for v in in_shape)
         if not differentiable and any(p.dtype != torch.float64 for p in stem.parameters()):
             stem = _cast_layer(stem, torch.float64)
@@ -270,14 +277,17 @@ _RULES = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Tanh, nn.Flatten, nn.Identity, nn.Dr
 
 def _check_rule(layer: nn.Module) -> None:
     """A ConfigError when ``layer`` subclasses a layer with an interval rule but overrides its
-    ``forward``: the rule reads the weights as torch's layer uses them and need not enclose what
-    the subclass computes. (A parametrised layer keeps the forward of its class.)"""
+    ``forward`` (a convolution also its ``_conv_forward``): the rule reads the weights as torch's
+    layer uses them and need not enclose what the subclass computes. (A parametrised layer keeps
+    the forward of its class.)"""
+    from ..deq.cells import CERTIFIED_PARTS, overridden
     for base in _RULES:
         if isinstance(layer, base):
-            if type(layer).forward is not base.forward:
+            bad = overridden(layer, base, CERTIFIED_PARTS.get(base, ("forward",)))
+            if bad:
                 raise ConfigError(f"interval bounds through {type(layer).__name__}: it subclasses nn.{base.__name__} "
-                                  f"but overrides forward, so the interval rule of nn.{base.__name__} need not "
-                                  f"enclose what it computes; use nn.{base.__name__} itself")
+                                  f"but overrides {', '.join(bad)}, so the interval rule of nn.{base.__name__} need "
+                                  f"not enclose what it computes; use nn.{base.__name__} itself")
             return
 
 

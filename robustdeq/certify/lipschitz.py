@@ -22,6 +22,11 @@ reported). It is never smaller than the global-constant radius ``M / (sqrt(2) L_
 ``L_logits = ||W_o||_2 Lip_x(z*)`` (reported as ``radius_global``), since
 ``||w_y - w_j|| <= sqrt(2) ||W_o||_2``.
 
+Each part is bounded as its class only where it computes that class's map: a subclass overriding
+``forward`` (or a method the bound reads), or a ``DEQClassifier`` subclass overriding its
+composition, gets no bound (:func:`robustdeq.certify._util.changed_deq_part`; the cell through
+the contraction certificate).
+
 Solver error: the radius is certified for the exact equilibrium map. The margin is measured at the
 solver's ``z``, not at ``z*``; with residual ``r = ||f(z) - z||`` the certificate subtracts
 ``|(w_y - w_j)^T (z - z*)| <= ||w_y - w_j|| r / (1 - L)`` (linear: ``||(w_y-w_j)^T (I-A)^{-1}|| r``)
@@ -39,7 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..deq import linalg
-from ._util import eval_mode, input_feature_scale, require_deq
+from ._util import changed_deq_part, eval_mode, input_feature_scale, require_deq
 from ..deq.contraction import ContractionCertificate, contraction_certificate
 from ..deq.cells import LinearCell
 
@@ -78,10 +83,14 @@ AFFINE_MAX_INPUTS = 4096
 
 
 def is_affine_injection(inj: Optional[nn.Module]) -> bool:
-    """``inj`` is one of :data:`AFFINE_MODULES` or an ``nn.Sequential`` of them (an affine map)."""
+    """``inj`` is one of :data:`AFFINE_MODULES` or an ``nn.Sequential`` of them (an affine map),
+    each computing its class's map (no subclass overriding ``forward``:
+    :func:`robustdeq.deq.cells.changed_part`)."""
+    from ..deq.cells import changed_part
+    from ._util import _plain_sequential
     if isinstance(inj, nn.Sequential):
-        return len(inj) > 0 and all(is_affine_injection(m) for m in inj)
-    return isinstance(inj, AFFINE_MODULES)
+        return _plain_sequential(inj) and len(inj) > 0 and all(is_affine_injection(m) for m in inj)
+    return isinstance(inj, AFFINE_MODULES) and changed_part(inj) is None
 
 
 def _affine_matrix(inj: nn.Module, input_shape) -> Optional[Tensor]:
@@ -125,13 +134,27 @@ def _per_channel_unknown(model: nn.Module) -> bool:
     return isinstance(inj, MLPInjection) and hasattr(getattr(inj, "normalize", None), "std")
 
 
+#: the forward of LyaDEQ's separation head, ``classifier(separation(features(z)))``, by module and
+#: qualified name (certify does not import the defenses)
+_SEPARATION_FORWARD = ("robustdeq.defenses.lyapunov", "SeparationHead.forward")
+
+
+def _separation_forward(head: nn.Module) -> bool:
+    """``head``'s forward is ``SeparationHead.forward`` itself (no subclass's override)."""
+    fwd = getattr(type(head), "forward", None)
+    return (getattr(fwd, "__module__", None), getattr(fwd, "__qualname__", None)) == _SEPARATION_FORWARD
+
+
 def head_affine(model: nn.Module):
     """``(W_o (C, D), b_o (C,))`` in float64 when the read-out is affine in the flattened state:
-    ``LinearHead``, ``nn.Linear``, or a separation head ``classifier(Q flatten(z))`` (LyaDEQ's MLP
-    head: ``features`` a Flatten/Identity, ``separation`` a bias-free Linear, ``classifier`` a
-    Linear). None otherwise."""
-    from ..deq.cells import LinearHead
+    ``LinearHead``, ``nn.Linear``, or LyaDEQ's separation head ``classifier(Q flatten(z))``
+    (``SeparationHead`` with ``features`` a Flatten/Identity, ``separation`` a bias-free Linear,
+    ``classifier`` a Linear). Each of them must compute its class's map (no subclass overriding
+    ``forward``: :func:`robustdeq.deq.cells.changed_part`). None otherwise."""
+    from ..deq.cells import LinearHead, changed_part
     head = getattr(model, "head", None)
+    if isinstance(head, nn.Module) and any(changed_part(m) is not None for m in head.modules()):
+        return None
     lin = None
     if isinstance(head, LinearHead):
         lin = head.linear
@@ -142,8 +165,8 @@ def head_affine(model: nn.Module):
         b = lin.bias.detach().to(torch.float64) if lin.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
         return W, b
     feats, sep, cls = (getattr(head, k, None) for k in ("features", "separation", "classifier"))
-    if isinstance(feats, (nn.Flatten, nn.Identity)) and isinstance(sep, nn.Linear) and sep.bias is None \
-            and isinstance(cls, nn.Linear):
+    if _separation_forward(head) and isinstance(feats, (nn.Flatten, nn.Identity)) and isinstance(sep, nn.Linear) \
+            and sep.bias is None and isinstance(cls, nn.Linear):
         W = cls.weight.detach().to(torch.float64) @ sep.weight.detach().to(torch.float64)
         b = cls.bias.detach().to(torch.float64) if cls.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
         return W, b
@@ -165,6 +188,12 @@ def lipschitz_bound(model: nn.Module, contraction: Optional[ContractionCertifica
                     spectral: str = "auto") -> LipschitzBound:
     """Sound Lipschitz bounds of ``x -> z*`` and ``x -> logits`` of a DEQ (see module)."""
     require_deq(model, "lipschitz_bound")
+    from ..deq.cells import changed_part
+    # the cell is judged by the contraction certificate (a changed cell may declare lipschitz_z())
+    changed = changed_deq_part(model, cell=False)
+    if changed is not None:
+        return LipschitzBound(False, "none", f"no Lipschitz bound: the bounds of the parts' classes would "
+                              f"not cover this model: {changed}")
     with eval_mode(model), torch.no_grad():
         if hasattr(model, "prepare"):
             model.prepare()
@@ -187,7 +216,7 @@ def lipschitz_bound(model: nn.Module, contraction: Optional[ContractionCertifica
         head_norm = linalg.spectral_norm_bound(Wo, spectral)
         details = {"lip_injection": lip_inj.to_dict(), "head_norm": head_norm.to_dict(),
                    "contraction": {"certified": cert.certified, "lip_z": cert.lip_z, "reason": cert.reason}}
-        if isinstance(cell, LinearCell):
+        if isinstance(cell, LinearCell) and changed_part(cell) is None:
             A = cell.weight_matrix().detach().to(torch.float64)
             eye = torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
             rho = linalg.spectral_radius(A)
@@ -243,6 +272,10 @@ def logit_lipschitz(model: nn.Module):
     ConfigError naming it."""
     from ..deq.cells import LinearHead, MLPCell, MLPInjection, MonotoneCell
     require_deq(model, "Lipschitz-margin training")
+    changed = changed_deq_part(model)
+    if changed is not None:
+        raise ConfigError(f"Lipschitz-margin training: the bounds of the parts' classes would not cover "
+                          f"this model: {changed}")
     inj, head, cell = getattr(model, "injection", None), getattr(model, "head", None), model.cell
     if not isinstance(inj, MLPInjection) or not isinstance(head, LinearHead):
         raise ConfigError("Lipschitz-margin training needs an MLPInjection (Normalize + Linear) and a "

@@ -476,5 +476,52 @@ class LinearCell(nn.Module):
         return []
 
 
+#: The classes certificates recognise a part as (and bound by its weights), each with the methods
+#: whose computation such a bound stands for: the map itself, and what the bound reads instead of
+#: calling it (``weight_matrix``, ``W``, ``alpha``) or the solves call instead (``bind_input``). A
+#: subclass overriding one of them computes another function, which the bound of its base class
+#: need not cover. (A parametrised layer, e.g. a spectrally normalised Linear, keeps its class's
+#: methods.) The feed-forward interval rules check torch's layers the same way.
+CERTIFIED_PARTS = {
+    MLPCell: ("forward", "_pre", "bind_input", "weight_matrix"),
+    MonotoneCell: ("forward", "bind_input", "W", "alpha"),
+    LinearCell: ("forward", "bind_input", "weight_matrix"),
+    ConvCell: ("forward", "bind_input"),
+    MLPInjection: ("forward",),
+    ConvStemInjection: ("forward",),
+    LinearHead: ("forward",),
+    Normalize: ("forward",),
+    nn.Linear: ("forward",),
+    nn.Conv1d: ("forward", "_conv_forward"),
+    nn.Conv2d: ("forward", "_conv_forward"),
+    nn.Conv3d: ("forward", "_conv_forward"),
+    nn.Flatten: ("forward",),
+    nn.Identity: ("forward",),
+}
+
+
+def overridden(module: nn.Module, base: type, names: Sequence[str]) -> List[str]:
+    """The methods (or properties) among ``names`` that ``type(module)`` does not take from
+    ``base`` (``MLPCell.has_vjp``'s test of "not a changed map", by name)."""
+    cls = type(module)
+    return [n for n in names if getattr(cls, n, None) is not getattr(base, n, None)]
+
+
+def changed_part(module: nn.Module) -> Optional[str]:
+    """Why ``module``, an instance of a class of :data:`CERTIFIED_PARTS`, does not compute that
+    class's map (a subclass overriding one of its methods there, named), or None when it does
+    (or is not such an instance). The certificates recognise a part by this test, not by
+    ``isinstance`` alone: a bound of the base class would be a certificate for another function."""
+    for base, names in CERTIFIED_PARTS.items():
+        if isinstance(module, base):
+            bad = overridden(module, base, names)
+            if not bad:
+                return None
+            mod = "nn." if base.__module__.startswith("torch.") else ""
+            return (f"{type(module).__name__} subclasses {mod}{base.__name__} but overrides {', '.join(bad)}, "
+                    f"so a bound of {mod}{base.__name__} need not hold for what it computes")
+    return None
+
+
 __all__ = ["Normalize", "ScaledLinear", "IntervalScaling", "MLPCell", "MLPInjection", "ConvStemInjection", "LinearHead", "ConvCell",
-           "ConvInjection", "ConvHead", "MonotoneCell", "LinearCell"]
+           "ConvInjection", "ConvHead", "MonotoneCell", "LinearCell", "CERTIFIED_PARTS", "overridden", "changed_part"]

@@ -23,6 +23,12 @@ Per cell (``robustdeq/deq/cells.py``):
   is unbounded as the variance of a group goes to 0: no global bound; local stability still applies.
 - any other cell: certified only if it declares ``lipschitz_z()`` (and optionally
   ``lipschitz_u()``) returning sound upper bounds (its author's responsibility).
+
+A cell is taken as one of the classes above only when it computes that class's map: a subclass
+overriding ``forward`` or a method the bound reads (:data:`~robustdeq.deq.cells.CERTIFIED_PARTS`,
+e.g. ``MLPCell._pre`` or ``weight_matrix``) is an unknown cell (certified only by a declared
+``lipschitz_z()``), and a ``DEQClassifier`` subclass whose ``f`` is not its cell's gets no
+certificate: the class's bound would be of another map.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..guard import preserve_model
 from . import linalg
-from .cells import ConvCell, LinearCell, MLPCell, MonotoneCell
+from .cells import ConvCell, LinearCell, MLPCell, MonotoneCell, changed_part
 
 
 @dataclass
@@ -127,6 +133,11 @@ def contraction_certificate(model_or_cell: nn.Module, *, spectral: str = "auto"
     if spectral not in ("auto", "svd", "gram"):
         raise ConfigError(f"unknown spectral-norm method {spectral!r}; expected 'auto', 'svd' or 'gram'")
     cell = getattr(model_or_cell, "cell", model_or_cell)
+    if model_or_cell is not cell:
+        from .model import changed_composition
+        why = changed_composition(model_or_cell, ("f",))
+        if why is not None:
+            return _not_certified(cell, f"the model's map is not its cell's: {why}")
     # eval mode: a spectrally normalised weight is then the fixed weight inference uses (in
     # train mode every access runs a power iteration); flags come back as they were
     with preserve_model(cell, "eval", values=False, who="a certificate"), torch.no_grad():
@@ -153,6 +164,29 @@ def _model_solver_claim(cert: ContractionCertificate, cfg) -> str:
 
 def _certify_cell(cell: nn.Module, spectral: str) -> ContractionCertificate:
     name = type(cell).__name__
+    changed = changed_part(cell)   # a subclass computing another map: not the class's bound
+    if changed is None:
+        known = _certify_known_cell(cell, name, spectral)
+        if known is not None:
+            return known
+    if callable(getattr(cell, "lipschitz_z", None)):
+        L = float(cell.lipschitz_z())
+        Lu = float(cell.lipschitz_u()) if callable(getattr(cell, "lipschitz_u", None)) else None
+        if L < 1.0:
+            return ContractionCertificate(True, name, L, Lu, False, "declared by the cell",
+                                          f"{name}.lipschitz_z() = {L:.6g} < 1",
+                                          solvers=solver_guarantees(L))
+        return _not_certified(cell, f"{name}.lipschitz_z() = {L:.6g} >= 1", lip_z=L, lip_u=Lu,
+                              method="declared by the cell")
+    if changed is not None:
+        return _not_certified(cell, f"{changed} (a cell that declares lipschitz_z() is certified by it)")
+    return _not_certified(cell, f"no global Lipschitz bound is known for {name} "
+                                "(local stability at z* still applies)")
+
+
+def _certify_known_cell(cell: nn.Module, name: str, spectral: str) -> Optional[ContractionCertificate]:
+    """The certificate of a cell of a known class computing that class's map, or None for
+    another cell."""
     if isinstance(cell, LinearCell):
         A = cell.weight_matrix().detach().to(torch.float64)
         nb = linalg.spectral_norm_bound(A, spectral)
@@ -217,17 +251,7 @@ def _certify_cell(cell: nn.Module, spectral: str) -> ContractionCertificate:
             cell, "not certifiable globally: GroupNorm divides by a data-dependent standard deviation "
                   "whose Lipschitz constant is unbounded as a group's variance goes to 0 "
                   "(local stability at z* still applies)")
-    if callable(getattr(cell, "lipschitz_z", None)):
-        L = float(cell.lipschitz_z())
-        Lu = float(cell.lipschitz_u()) if callable(getattr(cell, "lipschitz_u", None)) else None
-        if L < 1.0:
-            return ContractionCertificate(True, name, L, Lu, False, "declared by the cell",
-                                          f"{name}.lipschitz_z() = {L:.6g} < 1",
-                                          solvers=solver_guarantees(L))
-        return _not_certified(cell, f"{name}.lipschitz_z() = {L:.6g} >= 1", lip_z=L, lip_u=Lu,
-                              method="declared by the cell")
-    return _not_certified(cell, f"no global Lipschitz bound is known for {name} "
-                                "(local stability at z* still applies)")
+    return None
 
 
 __all__ = ["ContractionCertificate", "contraction_certificate", "solver_guarantees"]

@@ -340,4 +340,24 @@ class DEQClassifier(EquilibriumModel):
         self.nonconvergence_events = 0
 
 
-__all__ = ["EquilibriumModel", "DEQClassifier", "Equilibrium", "SolverStats"]
+#: the methods of :class:`DEQClassifier` that make up what it computes: ``forward(x)`` is
+#: ``readout(z*)``, ``z*`` a ``solve`` of ``f(., inject(x))`` (``run``), and ``f`` its cell
+COMPOSITION = ("forward", "run", "inject", "f", "readout", "solve")
+
+
+def changed_composition(model: nn.Module, names: Sequence[str] = COMPOSITION) -> Optional[str]:
+    """Why ``model``, a :class:`DEQClassifier`, does not compute what its injection, cell and head
+    compose (a subclass overriding one of ``names``, named), or None when it does or is not a
+    ``DEQClassifier``: certificates bound the parts, so a changed composition is another function."""
+    from .cells import overridden
+    if not isinstance(model, DEQClassifier):
+        return None
+    bad = overridden(model, DEQClassifier, names)
+    if not bad:
+        return None
+    return (f"{type(model).__name__} subclasses DEQClassifier but overrides {', '.join(bad)}, so what it "
+            "computes need not be its injection, cell and head composed, which the certificates bound")
+
+
+__all__ = ["EquilibriumModel", "DEQClassifier", "Equilibrium", "SolverStats", "COMPOSITION",
+           "changed_composition"]
