@@ -82,6 +82,47 @@ def changed_deq_part(model: nn.Module, *, cell: bool = True) -> Optional[str]:
     return None
 
 
+def forward_hooks(model: nn.Module) -> dict:
+    """The forward hooks and forward pre-hooks that calling ``model`` runs: ``{"modules":
+    {name: [kinds]}, "global": [kinds]}`` (``name`` "" for ``model`` itself; the global ones
+    are torch's ``register_module_forward_hook`` / ``register_module_forward_pre_hook``). Empty
+    lists when there are none."""
+    from torch.nn.modules import module as _m
+    mods = {}
+    for name, m in model.named_modules():
+        kinds = [k for k, d in (("forward pre-hook", m._forward_pre_hooks), ("forward hook", m._forward_hooks)) if d]
+        if kinds:
+            mods[name] = kinds
+    glob = [k for k, d in (("global forward pre-hook", getattr(_m, "_global_forward_pre_hooks", None)),
+                           ("global forward hook", getattr(_m, "_global_forward_hooks", None))) if d]
+    return {"modules": mods, "global": glob}
+
+
+#: what the certificates say of forward hooks (the report's entry and the warning)
+HOOKS_NOTE = ("the certificates (IBP, the Lipschitz bounds, the contraction certificate) read the "
+              "weights and cover the model's computation without its forward hooks; a hook that changes "
+              "an output is not covered")
+
+
+def check_forward_hooks(model: nn.Module, who: str = "certify") -> Optional[dict]:
+    """None when calling ``model`` runs no forward (pre-)hook; else the report's entry (the
+    hooks of :func:`forward_hooks` and :data:`HOOKS_NOTE`) after a
+    :class:`~robustdeq.errors.CertificationWarning` naming the modules that carry them. Hooks
+    are not refused (an observing hook changes nothing), only said."""
+    import warnings
+    from .._support import user_stacklevel
+    from ..errors import CertificationWarning
+    hooks = forward_hooks(model)
+    if not hooks["modules"] and not hooks["global"]:
+        return None
+    where = [f"{name or type(model).__name__ + ' itself'} ({', '.join(k)})" for name, k in hooks["modules"].items()]
+    where += [f"every module ({k})" for k in hooks["global"]]
+    warnings.warn(f"{who}: {type(model).__name__} runs forward hooks: {'; '.join(where)}; {HOOKS_NOTE}",
+                  CertificationWarning, stacklevel=user_stacklevel())
+    return {"modules": {k: list(v) for k, v in hooks["modules"].items()}, "global": list(hooks["global"]),
+            "note": HOOKS_NOTE}
+
+
 def _plain_sequential(net) -> bool:
     """``net`` is an ``nn.Sequential`` whose forward is ``nn.Sequential``'s own (its layers in
     order, nothing else)."""
@@ -240,4 +281,5 @@ def tight_solver(model: nn.Module, tol: float = 1e-10, max_iter: int = 500):
                        max_iter=max(int(max_iter), cfg.max_iter))
 __all__ = ["eval_mode", "get_cell", "require_deq", "has_deq_interface", "DEQ_INTERFACE", "feedforward_net",
            "is_feedforward", "meant_as_feedforward", "require_feedforward", "FEEDFORWARD_KINDS", "float64_copy",
-           "input_feature_scale", "input_feature_affine", "tight_solver", "changed_deq_part"]
+           "input_feature_scale", "input_feature_affine", "tight_solver", "changed_deq_part", "forward_hooks",
+           "check_forward_hooks", "HOOKS_NOTE"]

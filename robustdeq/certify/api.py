@@ -15,8 +15,8 @@ from ..errors import CertificationWarning, ConfigError, InputError, NonConvergen
 from ..guard import preserve_model
 from .._support import user_stacklevel
 from .._tensor import check_labels
-from ._util import (FEEDFORWARD_KINDS, float64_copy, is_feedforward, meant_as_feedforward, require_deq,
-                    require_feedforward, tight_solver)
+from ._util import (FEEDFORWARD_KINDS, check_forward_hooks, float64_copy, is_feedforward, meant_as_feedforward,
+                    require_deq, require_feedforward, tight_solver)
 from .config import METHODS, CertifyConfig, make_certify_config
 from ..deq.contraction import contraction_certificate
 from .ibp import ibp_certify, ibp_unavailable
@@ -217,6 +217,9 @@ def _certify(model, x, y, cfg: CertifyConfig, methods: tuple, partial=None) -> C
 def _global_certificates(c: _Certification) -> None:
     """Contraction (always), Lipschitz bound and Lyapunov candidate: once per model."""
     cfg, work = c.cfg, c.work
+    hooks = check_forward_hooks(c.model, "certify")   # warned; the bounds do not see them
+    if hooks is not None:
+        c.glob["hooks"] = hooks
     t = time.perf_counter()
     c.cert = contraction_certificate(work, spectral=cfg.spectral)
     c.clock("contraction", t)

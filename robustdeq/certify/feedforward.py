@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import CertificationWarning, ConfigError, InputError
 from ..guard import preserve_model
 from .._support import user_stacklevel
-from ._util import is_feedforward, meant_as_feedforward, require_feedforward
+from ._util import check_forward_hooks, is_feedforward, meant_as_feedforward, require_feedforward
 from .api import _run_batches
 from .config import CertifyConfig, make_certify_config
 from .report import CertReport, CertResult, _eps_key, summarize
@@ -80,6 +80,7 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
         if y.dim() != 1 or y.shape[0] != n or y.dtype in (torch.float16, torch.float32, torch.float64):
             raise InputError(f"labels must be a 1-D integer tensor of length {n}, got shape "
                              f"{tuple(y.shape)} and dtype {y.dtype}")
+    hooks = check_forward_hooks(model, "certify")   # warned; interval bounds do not see them
     t_all = time.perf_counter()
     t_ibp = [0.0]
     from ..distributed import context
@@ -98,6 +99,8 @@ def certify_feedforward(model: nn.Module, x: Tensor, y: Optional[Tensor] = None,
             "lipschitz": {"available": False, "reason": _NO_L2},
             "ibp": "interval propagation through the layers (float64, outward-rounded)",
             "available": {"ibp": "yes", "lipschitz": f"no: {_NO_L2}"}}
+    if hooks is not None:
+        glob["hooks"] = hooks
     settings = {"eps_l2": list(cfg.eps_l2), "eps_linf": list(cfg.eps_linf), "methods": ["ibp"],
                 "dtype": "float64", "batch_size": cfg.batch_size,
                 "notes": ["IBP boxes enclose the network's activations for every x' in the Linf ball "

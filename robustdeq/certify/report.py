@@ -268,6 +268,11 @@ class CertReport:
         ib = g.get("ibp")
         if ib:
             L.append(f"- IBP (Linf): {ib}")
+        hk = g.get("hooks")
+        if hk:
+            where = [f"`{k or self.model.get('class', 'model')}`" for k in (hk.get("modules") or {})]
+            where += list(hk.get("global") or [])
+            L.append(f"- Forward hooks ({', '.join(where)}): {hk.get('note')}")
         L += ["", "## Summary", ""]
         acc_key = "certified_accuracy_l2" if "certified_accuracy_l2" in s else "certified_fraction_l2"
         l2 = s.get(acc_key, {})

@@ -156,6 +156,8 @@ def _base_certificates(model, x, y, eps, threat, methods, notes) -> Dict[float, 
     use = ["lipschitz"] + (["ibp"] if "ibp" in methods and threat == "Linf" else [])
     rep = certify(model, x, y, eps_l2=tuple(eps) if threat == "L2" else (),
                   eps_linf=tuple(eps) if threat == "Linf" and "ibp" in use else (), methods=use)
+    if rep.global_certificates.get("hooks"):
+        notes.append(_hooks_note(rep.global_certificates["hooks"]))
     dx = {e: _linf_l2(x, e) for e in eps} if threat == "Linf" else {}
     for i, r in enumerate(rep.results):
         correct = r.details.get("correct") is not False
@@ -177,9 +179,19 @@ def _base_certificates(model, x, y, eps, threat, methods, notes) -> Dict[float, 
     return out
 
 
+def _hooks_note(hooks: dict) -> str:
+    """The bracket's note of the forward hooks certify found (``global_certificates["hooks"]``)."""
+    where = [k or "the model" for k in hooks.get("modules", {})] + list(hooks.get("global", []))
+    return f"bracket: forward hooks ({', '.join(where)}): {hooks.get('note')}"
+
+
 def _feedforward_ibp(model, x, y, eps, out, notes):
     """IBP through the layers of a feed-forward network (the explicit baseline of IBP training)."""
+    from ..certify._util import check_forward_hooks
     from ..certify.ibp import ibp_certify_feedforward
+    hooks = check_forward_hooks(model, "the bracket")   # warned; interval bounds do not see them
+    if hooks is not None:
+        notes.append(_hooks_note(hooks))
     for e in eps:
         r = ibp_certify_feedforward(model, x, y, e)
         if not r.applicable:

@@ -1,6 +1,7 @@
 """Certificates recognise a DEQ's parts by what they compute, not by isinstance alone: a subclass
 of a recognised class that overrides its forward (or a method the bound reads) gets no
-certificate of the base class (a certificate for another function)."""
+certificate of the base class (a certificate for another function), and forward hooks, which the
+bounds do not see, are said (a CertificationWarning and a report entry)."""
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ from robustdeq.certify.interval import interval_map
 from robustdeq.deq import zoo
 from robustdeq.deq.cells import LinearCell, LinearHead, MLPCell, MLPInjection
 from robustdeq.deq.model import DEQClassifier
+from robustdeq.deq.zoo import FeedForward
 from robustdeq.errors import CertificationWarning, ConfigError
 
 TIGHT = {"name": "fixed_point", "max_iter": 400, "tol": 1e-12, "stop_mode": "abs"}
@@ -237,3 +239,79 @@ def test_a_separation_head_is_affine_only_with_its_own_forward():
     assert head_affine(M(SeparationHead(nn.Flatten(), 4, 2))) is not None
     assert head_affine(M(Loud(nn.Flatten(), 4, 2))) is None
     assert head_affine(M(Lookalike())) is None
+
+
+# ------------------------------------------------------------------------------- forward hooks
+def test_forward_hooks_are_warned_and_recorded_in_the_report():
+    model = _linear_deq(None)
+    x = torch.full((2, 1, 2, 2), 0.5, dtype=torch.float64)
+    seen = []
+    h1 = model.head.linear.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    h2 = model.register_forward_pre_hook(lambda m, a: None)
+    try:
+        with pytest.warns(CertificationWarning, match=r"runs forward hooks: .*head\.linear \(forward hook\)"):
+            rep = certify(model, x, None, eps_l2=[0.01])
+    finally:
+        h1.remove()
+        h2.remove()
+    hooks = rep.global_certificates["hooks"]
+    assert hooks["modules"] == {"": ["forward pre-hook"], "head.linear": ["forward hook"]}
+    assert hooks["global"] == [] and "without its forward hooks" in hooks["note"]
+    assert "- Forward hooks (`DEQClassifier`, `head.linear`): " in rep.to_markdown()
+    assert rep.global_certificates["available"]["lipschitz"] == "yes"   # observing hooks: not refused
+    assert seen
+    rep = _quiet_certify(model, x, None, eps_l2=[0.01])
+    assert "hooks" not in rep.global_certificates
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CertificationWarning)
+        certify(model, x, None, eps_l2=[])                            # no hook, no warning
+
+
+def test_global_module_hooks_are_warned_and_recorded():
+    from torch.nn.modules.module import register_module_forward_hook
+    model = _linear_deq(None)
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    handle = register_module_forward_hook(lambda m, a, out: None)
+    try:
+        with pytest.warns(CertificationWarning, match=r"every module \(global forward hook\)"):
+            rep = certify(model, x, None, eps_l2=[0.01])
+    finally:
+        handle.remove()
+    assert rep.global_certificates["hooks"]["global"] == ["global forward hook"]
+
+
+def test_forward_hooks_on_a_feedforward_network_are_warned_and_recorded():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    model = FeedForward(net, (1, 2, 2))
+    h = net[1].register_forward_hook(lambda m, a, out: None)
+    try:
+        with pytest.warns(CertificationWarning, match=r"net\.1 \(forward hook\)"):
+            rep = certify(model, torch.rand(2, 1, 2, 2), None, eps_l2=[], eps_linf=[0.01])
+    finally:
+        h.remove()
+    assert rep.global_certificates["hooks"]["modules"] == {"net.1": ["forward hook"]}
+
+
+def test_the_bracket_notes_forward_hooks():
+    from robustdeq.eval.bracket import _base_certificates
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    model = FeedForward(net, (1, 2, 2))
+    x = torch.rand(3, 1, 2, 2)
+    y = model(x).argmax(1)
+    h = net[1].register_forward_hook(lambda m, a, out: None)
+    notes = []
+    try:
+        with pytest.warns(CertificationWarning, match=r"the bracket: FeedForward runs forward hooks: net\.1"):
+            out = _base_certificates(model, x, y, [0.0], "Linf", ("ibp",), notes)
+        deq = _linear_deq(None)
+        xd = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+        h2 = deq.head.register_forward_hook(lambda m, a, out: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _base_certificates(deq, xd, deq(xd).argmax(1), [0.01], "L2", ("lipschitz",), notes)
+        h2.remove()
+    finally:
+        h.remove()
+    assert out == {0.0: ["ibp"] * 3}                   # observing hooks: certified as before
+    assert notes[0].startswith("bracket: forward hooks (net.1): ") and "without its forward hooks" in notes[0]
+    assert notes[1].startswith("bracket: forward hooks (head): ")
