@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..certify._util import has_deq_interface
 from ..config import check_radius
 from ..errors import ConfigError
 from .objectives import Objective, _acc
@@ -102,10 +103,6 @@ class _Scheduled(Objective):
         return scalars
 
 
-def _is_deq(model: nn.Module) -> bool:
-    return all(hasattr(model, n) for n in ("inject", "cell", "readout", "solve", "f"))
-
-
 @dataclass
 class IBPTraining(_Scheduled):
     """IBP training (Gowal et al. 2018) of a DEQ through its interval fixed point, or of a
@@ -149,7 +146,7 @@ class IBPTraining(_Scheduled):
         """(B, C) differentiable lower bounds of ``logit_y - logit_j`` over the Linf box."""
         from ..certify.interval import check_interval_condition, interval_fixed_point, interval_map, \
             sequential_margins
-        if _is_deq(model):
+        if has_deq_interface(model):
             imap = interval_map(model, differentiable=True)
             ac = check_interval_condition(imap, "IBP training")
             lo, hi, info = interval_fixed_point(imap, x, eps, z0=z0, iters=self.iters, tol=self.tol,
@@ -163,7 +160,7 @@ class IBPTraining(_Scheduled):
     def __call__(self, model, x, y):
         self._begin()
         eps, kappa = self.current_eps, self.current_kappa
-        if _is_deq(model):
+        if has_deq_interface(model):
             eq = model.run(x)
             logits, z0 = eq.logits, eq.z_star.detach()
         else:
@@ -218,7 +215,7 @@ class LipschitzMargin(_Scheduled):
     def __call__(self, model, x, y):
         self._begin()
         eps = self.current_eps
-        if not _is_deq(model):
+        if not has_deq_interface(model):
             raise ConfigError("Lipschitz-margin training needs a DEQ (its certified Lipschitz bound); "
                               f"{type(model).__name__} is not one")
         logits = model(x)

@@ -91,6 +91,20 @@ def test_lipschitz_margin_refuses_a_model_without_a_bound():
         make_objective("lipschitz_margin", eps=0.5)(zoo.build("ff_mlp"), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]))
 
 
+def test_certified_training_recognises_a_deq_by_certifys_own_interface(monkeypatch):
+    """The objectives kept their own copy of the DEQ interface; they now ask certify's one
+    (:func:`robustdeq.certify._util.has_deq_interface`), so the two cannot drift apart: a model
+    certify would not take as a DEQ is not trained as one."""
+    from robustdeq.certify import _util
+    model, x, y = _interval_deq(), torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    make_objective("ibp", eps=0.01, kappa=0.5, kappa_start=0.5)(model, x, y)          # a DEQ
+    monkeypatch.setattr(_util, "DEQ_INTERFACE", _util.DEQ_INTERFACE + ("not_an_attribute",))
+    with pytest.raises(ConfigError, match="needs a feed-forward network"):
+        make_objective("ibp", eps=0.01, kappa=0.5, kappa_start=0.5)(model, x, y)
+    with pytest.raises(ConfigError, match="needs a DEQ"):
+        make_objective("lipschitz_margin", eps=0.5)(model, x, y)
+
+
 def test_ibp_at_radius_zero_is_the_clean_cross_entropy():
     x = torch.rand(6, 1, 8, 8)
     y = torch.randint(0, 10, (6,))
