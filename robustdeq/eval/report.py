@@ -219,7 +219,7 @@ class EvalReport:
                     f"case over the attacks of suite {self._suite_name()} ({', '.join(keys)}); a stronger "
                     "attack can only lower it.")
         if self.suite == "quick":
-            text += (" 'quick' is the cheapest suite (gradient attacks only: PGD, APGD-CE, APGD-T; "
+            text += (" 'quick' is the cheapest suite (gradient attacks only: PGD and APGD; "
                      "no score-based attack, so it can be optimistic at large radii): run "
                      "'standard' (adds the 5,000-query Square attack and intermediate-state "
                      "attacks) before reporting a number.")
