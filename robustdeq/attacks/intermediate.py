@@ -28,6 +28,7 @@ from .._tensor import default_alpha
 from ..errors import ConfigError
 from .base import (Attack, check_int, check_labels, check_num_classes, check_number,
                    cross_entropy, has_trajectory, is_deq)
+from ..deq.views import unroll_solver_steps
 from .pgd import pgd_loop
 
 logger = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ def states_logits(model: nn.Module, x: Tensor, states: Sequence[int], unroll: in
                   ) -> Dict[int, Tensor]:
     """``{k: readout(z_k)}`` for every ``k`` in ``states`` from ONE solve (or one pass of a
     weight-tied model), each with the straight-through gradient of
-    :func:`robustdeq.deq.views.state_logits` (unroll ``min(unroll, k)`` steps from
-    ``z_{k - unroll}``)."""
+    :func:`robustdeq.deq.views.state_logits` (unroll ``min(unroll, k)`` of the solver's steps
+    from ``z_{k - unroll}``, :func:`robustdeq.deq.views.unroll_solver_steps`)."""
     states = sorted(set(int(k) for k in states))
     x = model.check_input(x)
     u = model.inject(x)
@@ -62,7 +63,7 @@ def states_logits(model: nn.Module, x: Tensor, states: Sequence[int], unroll: in
     for k in states:
         s = starts[k]
         if hasattr(model, "solve"):
-            z_hat = model.unroll(u, traj[s].detach(), k - s)
+            z_hat = unroll_solver_steps(model, u, traj[s], s, k, res)
         else:
             z_hat = model.unroll(u, traj[s].detach(), k - s, start=s)
         z = traj[k].detach() + (z_hat - z_hat.detach())

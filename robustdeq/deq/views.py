@@ -5,7 +5,8 @@
 ``k`` (the early-exit read-out of Yang et al. 2022). Its value is exactly ``readout(z_k)`` of the
 recorded raw iterate; its gradient unrolls ``unroll`` steps of ``f`` from the recorded state
 ``z_{k-unroll}`` (straight-through: value of the solver's state, gradient of the unroll; exact for
-fixed-point iteration and for weight-tied models). ``attack_view(model, solver=...)`` solves
+fixed-point iteration, whose steps the unroll takes with the solver's damping and up to each
+sample's own stop, and for weight-tied models). ``attack_view(model, solver=...)`` solves
 with another :class:`~robustdeq.config.SolverConfig` than the model's own (the model is not
 changed).
 """
@@ -133,10 +134,36 @@ class TransferView(ModelView):
         return self.model(x)
 
 
+def unroll_solver_steps(model: nn.Module, u: Tensor, z_from: Tensor, start: int, state: int,
+                        res=None, solver: Union[SolverConfig, dict, None] = None) -> Tensor:
+    """The solver's iterates from the recorded state ``z_from`` (step ``start``) to step
+    ``state``, recomputed with autograd by ``model.unroll``: the steps of fixed-point iteration
+    (its ``damping`` when the solve's config, ``solver`` or the model's, is ``fixed_point``; plain
+    steps ``f`` otherwise), and, given the solve's result ``res``, a sample that stopped at step
+    ``s < state`` (``res.steps = s + 1``: converged or diverged, so its recorded states after
+    ``s`` are its frozen iterate ``z_s``) takes only its steps up to ``s``. For fixed-point
+    iteration the value is the recorded state ``z_state`` itself (up to float rounding)."""
+    n = state - start
+    cfg = getattr(model, "solver_config", None) if solver is None else from_dict(SolverConfig, solver)
+    damping = float(cfg.damping) if cfg is not None and cfg.name.value == "fixed_point" else 1.0
+    z = z_from.detach()
+    steps = None if res is None else getattr(res, "steps", None)
+    if steps is None or n <= 0 or bool((steps > state).all()):
+        return model.unroll(u, z, n, damping=damping) if damping != 1.0 else model.unroll(u, z, n)
+    # per sample: the steps the solver took from ``start`` before the sample stopped
+    todo = (torch.clamp(steps.to(z.device) - 1, max=state) - start).clamp(min=0)
+    view = (-1,) + (1,) * (z.dim() - 1)
+    for i in range(int(todo.max())):
+        z_next = model.unroll(u, z, 1, damping=damping) if damping != 1.0 else model.unroll(u, z, 1)
+        z = torch.where((todo > i).view(view), z_next, z)
+    return z
+
+
 def state_logits(model: nn.Module, x: Tensor, state: int, unroll: int = 5,
                  solver: Union[SolverConfig, dict, None] = None) -> Tensor:
     """``readout(z_state)`` with the straight-through unrolled gradient described in the module
-    (``solver``: the solve's config, default the model's)."""
+    (``solver``: the solve's config, default the model's; the unroll takes the solver's steps,
+    :func:`unroll_solver_steps`)."""
     x = model.check_input(x)
     u = model.inject(x)
     start = max(state - unroll, 0)
@@ -146,7 +173,7 @@ def state_logits(model: nn.Module, x: Tensor, state: int, unroll: int = 5,
         if state not in traj:
             raise ConfigError(f"state {state} is beyond the solver's max_iter")
         z_k, z_from = traj[state], traj[start]
-        z_hat = model.unroll(u, z_from.detach(), state - start)
+        z_hat = unroll_solver_steps(model, u, z_from, start, state, res, solver)
     else:  # weight-tied: layers are the trajectory
         with torch.no_grad():
             eq = model.run(x, record=sorted({start, state}), grad="none")
@@ -168,4 +195,5 @@ def attack_view(model: nn.Module, *, state: Optional[int] = None,
     return AttackView(model, state=state, grad=grad, unroll=unroll, solver=solver)
 
 
-__all__ = ["ModelView", "AttackView", "TransferView", "attack_view", "state_logits"]
+__all__ = ["ModelView", "AttackView", "TransferView", "attack_view", "state_logits",
+           "unroll_solver_steps"]

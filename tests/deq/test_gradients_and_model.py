@@ -230,6 +230,40 @@ def test_trajectory_states_and_readout():
     torch.testing.assert_close(g_view, g_ref)
 
 
+@pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")
+@pytest.mark.parametrize("damping,tol", [(0.5, 0.0), (1.0, 1e-3), (0.5, 1e-3)])
+def test_state_view_unrolls_the_solvers_own_steps(damping, tol):
+    # fixed-point iteration with damping, and samples that stop (converge) before state k: the
+    # straight-through unroll takes the solver's damped steps up to each sample's own stop, so
+    # with unroll = k its gradient is that of the explicit iteration that gives z_k
+    from robustdeq.attacks.intermediate import states_logits
+    from robustdeq.deq.views import state_logits
+    torch.manual_seed(0)
+    model = zoo.build("mlp_deq", in_shape=[1, 3, 3], hidden=6, num_classes=3, init_gain=0.9,
+                      solver={"name": "fixed_point", "max_iter": 30, "tol": tol, "stop_mode": "abs",
+                              "damping": damping}).double().eval()
+    x = torch.rand(3, 1, 3, 3, dtype=torch.float64)
+    steps = model.run(x).stats.steps
+    k = int(steps.min()) + 1 if tol > 0 else 12   # with tol: some sample stops before state k
+    assert k < 30
+    xr = x.clone().requires_grad_(True)
+    u = model.inject(xr)
+    z, zs = model.init_state(u), []
+    for _ in range(k + 1):
+        zs.append(z)
+        z = (1 - damping) * z + damping * model.cell(z, u)
+    z_k = torch.stack([zs[min(k, int(s) - 1)][b] for b, s in enumerate(steps)])
+    g_ref = torch.autograd.grad(model.readout(z_k).pow(2).sum(), xr)[0]
+    for logits_of in (lambda xx: attack_view(model, state=k, unroll=k)(xx),
+                      lambda xx: state_logits(model, xx, k, unroll=k),
+                      lambda xx: states_logits(model, xx, [k], unroll=k)[k]):
+        xr2 = x.clone().requires_grad_(True)
+        out = logits_of(xr2)
+        torch.testing.assert_close(out, model.readout(z_k).detach(), atol=1e-12, rtol=0)
+        g = torch.autograd.grad(out.pow(2).sum(), xr2)[0]
+        torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.filterwarnings("ignore::robustdeq.errors.NonConvergenceWarning")  # k plain steps, on purpose
 def test_attack_view_solves_with_its_own_solver_and_leaves_the_model_alone():
     model = linear_deq()
