@@ -166,13 +166,26 @@ class Trainer:
     # -- random number generators ----------------------------------------------------------------
     def _own_rng(self) -> Dict[str, Tensor]:
         """This process's generator states: torch's global CPU generator (and CUDA's, when used)
-        and the objective's private generator, if it has one."""
+        and the private generators of the objective and of the objectives it wraps
+        (:meth:`_objective_chain`), where they have one."""
         out = {"rng_torch": torch.get_rng_state()}
-        gen = getattr(self.objective, "_gen", None)
-        if isinstance(gen, torch.Generator):
-            out["rng_objective"] = gen.get_state()
+        for key, obj in self._objective_chain():
+            gen = getattr(obj, "_gen", None)
+            if isinstance(gen, torch.Generator):
+                out[key] = gen.get_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             out["rng_cuda"] = torch.cuda.get_rng_state()
+        return out
+
+    def _objective_chain(self) -> List[Tuple[str, object]]:
+        """``(checkpoint key, objective)`` for the objective and every objective it wraps through
+        ``base`` (e.g. :class:`~robustdeq.defenses.lyapunov.LyapunovStability` around PGD-AT):
+        ``rng_objective``, ``rng_objective_base``, ... Each may draw from a private generator."""
+        out, obj, key, seen = [], self.objective, "rng_objective", set()
+        while obj is not None and id(obj) not in seen:
+            seen.add(id(obj))
+            out.append((key, obj))
+            obj, key = getattr(obj, "base", None), key + "_base"
         return out
 
     def _collect_rng(self) -> None:
@@ -204,9 +217,10 @@ class Trainer:
             return
         if f"rng_torch{suffix}" in states:
             torch.set_rng_state(states[f"rng_torch{suffix}"])
-        gen = getattr(self.objective, "_gen", None)
-        if isinstance(gen, torch.Generator) and f"rng_objective{suffix}" in states:
-            gen.set_state(states[f"rng_objective{suffix}"])
+        for key, obj in self._objective_chain():
+            gen = getattr(obj, "_gen", None)
+            if isinstance(gen, torch.Generator) and f"{key}{suffix}" in states:
+                gen.set_state(states[f"{key}{suffix}"])
         if f"rng_cuda{suffix}" in states and torch.cuda.is_available():
             torch.cuda.set_rng_state(states[f"rng_cuda{suffix}"])
 
@@ -431,9 +445,10 @@ class Trainer:
         if ctx is not None:
             self._sync_from_main(failure)
         torch.manual_seed(cfg.seed if ctx is None else rank_seed(cfg.seed, ctx.rank))
-        if ctx is not None and ctx.rank > 0 and getattr(self.objective, "seed", None) is not None \
-                and hasattr(self.objective, "reseed_generator"):
-            self.objective.reseed_generator(rank_seed(self.objective.seed, ctx.rank))
+        if ctx is not None and ctx.rank > 0:  # each seeded objective (a wrapped one too) per rank
+            for _, obj in self._objective_chain():
+                if getattr(obj, "seed", None) is not None and hasattr(obj, "reseed_generator"):
+                    obj.reseed_generator(rank_seed(obj.seed, ctx.rank))
         if ctx is not None:
             resumed = self._resumed_rng if ctx.is_main else None
             from .distributed import broadcast_object

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -471,16 +472,16 @@ class LyapunovStability:
         if condition not in ("flow", "map"):
             raise ConfigError(f"unknown condition {condition!r}; expected 'flow' or 'map'")
         self.condition = condition
-        if not weight >= 0:
-            raise ConfigError(f"weight must be >= 0, got {weight}")
-        if not radius > 0:
-            raise ConfigError(f"radius must be > 0, got {radius}")
-        if samples < 1:
-            raise ConfigError(f"samples must be >= 1, got {samples}")
-        if steps < 1:
-            raise ConfigError(f"steps must be >= 1, got {steps}")
-        if not floor >= 0:
-            raise ConfigError(f"floor must be >= 0, got {floor}")
+        # a value of the wrong type is a ConfigError too (the recipes pass JSON options through)
+        for name, v, positive in (("weight", weight, False), ("radius", radius, True), ("floor", floor, False)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+                    or not (v > 0 if positive else v >= 0):
+                raise ConfigError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {v!r}")
+        for name, v in (("samples", samples), ("steps", steps)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ConfigError(f"seed must be an int or None, got {seed!r}")
         self.steps, self.floor = int(steps), float(floor)
         self.base, self.weight, self.radius, self.samples = base, float(weight), float(radius), int(samples)
         if seed is not None and generator is not None:

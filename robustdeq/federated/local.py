@@ -90,7 +90,8 @@ def check_shards(cfg: FederatedConfig) -> None:
 def model_config(cfg: FederatedConfig, *, budget: Optional[int] = None, solver: Optional[str] = None,
                  tol: Optional[float] = None) -> dict:
     """``{"name", "options"}`` of the model; with ``budget`` the solver (and the implicit
-    gradient's adjoint solver) is capped at ``budget`` iterations."""
+    gradient's adjoint solver, also one set in ``model_options``' ``grad_options``) is capped at
+    ``budget`` iterations."""
     from ..data import dataset_info
     info = dataset_info(cfg.dataset)
     name = cfg.recipe_model
@@ -98,8 +99,17 @@ def model_config(cfg: FederatedConfig, *, budget: Optional[int] = None, solver: 
     if budget is not None and _has_solver(name, json.dumps(opts, sort_keys=True)):
         opts["solver"] = {"name": solver or cfg.solver, "max_iter": int(budget),
                           "tol": float(cfg.tol if tol is None else tol)}
-        if opts.get("grad", "ift") == "ift" and not opts.get("grad_options"):
-            opts["grad_options"] = {"solver": {"max_iter": int(budget), "tol": 1e-6}}
+        if opts.get("grad", "ift") == "ift":
+            # the budget caps the adjoint solve too, whatever adjoint solver the options name
+            gopts = dict(opts.get("grad_options") or {})
+            given = gopts.get("solver")
+            if given:  # the adjoint solver's own max_iter (its default when not set), capped
+                from ..config import SolverConfig, from_dict
+                adj = dict(given)
+                adj["max_iter"] = min(int(from_dict(SolverConfig, adj).max_iter), int(budget))
+            else:
+                adj = {"max_iter": int(budget), "tol": 1e-6}
+            opts["grad_options"] = {**gopts, "solver": adj}
     return {"name": name, "options": opts}
 
 

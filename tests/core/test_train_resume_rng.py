@@ -86,3 +86,25 @@ def test_save_outside_fit_writes_a_checkpoint_with_this_process_generator_state(
     t.save(0)                                   # before any fit(): used to raise AttributeError
     ck = load_checkpoint(t.checkpoint_path)
     assert torch.equal(ck.extra_state["rng_torch"], torch.get_rng_state())
+
+
+def test_resume_restores_the_generator_of_a_wrapped_objective(tmp_path):
+    """lyadeq-at: the recipe's seed seeds the PGD-AT objective inside LyapunovStability; its
+    generator is checkpointed and restored too (it was not: the resumed run drew other random
+    starts than an uninterrupted one)."""
+    x, y = _data(32)
+
+    def make(out, cls=Trainer):
+        torch.manual_seed(0)
+        model = zoo.build("lyadeq", hidden=8, icnn_hidden=[8], solver={"max_iter": 5})
+        obj = recipe("lyadeq-at", eps=0.1, steps=2, seed=5).objective
+        return cls(model, obj, {"epochs": 2, "batch_size": 16, "lr": 1e-2}, out_dir=out, tensorboard=False)
+
+    full = make(tmp_path / "full")
+    full.fit(x, y)
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path / "cut", _Interrupted).fit(x, y)
+    resumed = make(tmp_path / "cut")
+    resumed.fit(x, y)
+    assert resumed.start_epoch == 1
+    assert _same(resumed.model, full.model)

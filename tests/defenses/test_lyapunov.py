@@ -358,6 +358,18 @@ def test_config_errors():
         lyapunov_trace(m, torch.rand(2, 1, 8, 8), delta=torch.zeros(2, 7))
 
 
+@pytest.mark.parametrize("options", [{"weight": "abc"}, {"radius": [1.0]}, {"weight": None},
+                                     {"radius": float("nan")}, {"condition": "map", "weight": True}])
+def test_penalty_options_of_the_wrong_type_are_config_errors(options):
+    """The lyadeq recipes pass JSON options to LyapunovStability: a value of the wrong type is a
+    ConfigError (the CLI's one-line error), not a TypeError from a comparison."""
+    from robustdeq.defenses.recipes import recipe
+    with pytest.raises(ConfigError, match="weight|radius"):
+        recipe("lyadeq", **options)
+    with pytest.raises(ConfigError, match="samples"):
+        LyapunovStability(samples=1.5)
+
+
 @pytest.mark.parametrize("backbone,options,idle", [
     ("mlp", {"channels": 8, "pool": 3}, "channels, pool"),
     ("conv", {"hidden": 32}, "hidden"),

@@ -388,6 +388,20 @@ def test_client_budget_caps_the_solver():
     assert set(full.state_dict()) == set(m.state_dict())
 
 
+
+def test_client_budget_caps_an_adjoint_solver_given_in_the_model_options():
+    """grad_options naming the adjoint solver do not lift the budget's cap on the adjoint solve
+    (they did: the client's backward ran up to the options' max_iter, or the solver's default)."""
+    from robustdeq.federated.local import build_model
+    for solver in ({"name": "anderson", "max_iter": 100}, {"tol": 1e-8}):
+        cfg = FederatedConfig(clients=2, budgets=(3,), model_options={"hidden": 8, "grad_options": {"solver": solver}})
+        m = build_model(cfg, budget=3)
+        assert m.solver_config.max_iter == 3 and m.grad.solver.max_iter == 3
+        if "tol" in solver:
+            assert m.grad.solver.tol == 1e-8  # the rest of the adjoint solver's options are kept
+    cfg = FederatedConfig(clients=2, budgets=(30,), model_options={"hidden": 8, "grad_options": {"solver": {"max_iter": 7}}})
+    assert build_model(cfg, budget=30).grad.solver.max_iter == 7  # a cap, not a floor
+
 # ------------------------------------------------------- simulation engine (Flower + ray, 1 CPU)
 SIM = {"clients": 3, "rounds": 5, "partition": "iid", "budgets": [30], "eval_suite": "none",
        "local_epochs": 1, "seed": 0}
