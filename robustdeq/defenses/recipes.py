@@ -1,8 +1,11 @@
 """Named hardening recipes for the CLI and the benchmarks: ``recipe(name, **options)``.
 
 A recipe is the pair (architecture override, training objective). ``options`` go to the
-objective (the adversarial ones take ``eps``, ``steps``, ``norm``...); unknown names or options are
-``ConfigError``s.
+objective (the adversarial ones take ``eps``, ``steps``, ``norm``...); in the lyadeq recipes
+``weight``, ``radius``, ``condition``, ``samples``, ``floor`` and ``penalty_steps`` (its
+``steps``) go to the Lyapunov-stability penalty, the others to its base objective (``steps``:
+PGD-AT's), and ``seed`` seeds both. Unknown
+names or options are ``ConfigError``s.
 
 ===========================  ===============================================================
 ``none``                     cross-entropy on the model as given
@@ -65,9 +68,18 @@ def _gaussian_noise(**options) -> Recipe:
     return Recipe("gaussian-noise", None, _make_objective("gaussian_noise", **options))
 
 
+#: the lyadeq recipes' options of the Lyapunov-stability penalty -> its parameter (the others go
+#: to the base objective, whose ``steps`` are PGD-AT's; ``seed`` seeds both: the penalty's draws
+#: and the base's attack starts)
+_LYAPUNOV_OPTIONS = {"weight": "weight", "radius": "radius", "condition": "condition",
+                     "samples": "samples", "penalty_steps": "steps", "floor": "floor"}
+
+
 def _lyadeq_recipe(name: str, base: str, options: dict) -> Recipe:
     from .lyapunov import LyapunovStability
-    lya = {k: options.pop(k) for k in ("weight", "radius", "condition") if k in options}
+    lya = {param: options.pop(k) for k, param in _LYAPUNOV_OPTIONS.items() if k in options}
+    if options.get("seed") is not None:
+        lya["seed"] = options["seed"]
     return Recipe(name, "lyadeq", LyapunovStability(_make_objective(base, **options), **lya))
 
 
@@ -81,6 +93,10 @@ def _lyadeq_at(**options) -> Recipe:
 
 def _adversarial(name: str, objective: str, random_state: bool, options: dict) -> Recipe:
     if random_state:
+        if options.get("state", "random") != "random":
+            raise ConfigError(f"recipe {name!r} trains on random intermediate states (state='random'); "
+                              f"got state={options['state']!r}: use {name.replace('-random-state', '')!r} "
+                              "for the loss at the fixed point")
         options = {"state": "random", **options}
     return Recipe(name, None, _make_objective(objective, **options))
 

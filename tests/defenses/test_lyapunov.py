@@ -379,3 +379,17 @@ def test_lyadeq_refuses_options_its_backbone_does_not_use(backbone, options, idl
     # they were ignored: the model built was the same as without them
     with pytest.raises(ConfigError, match=rf"backbone '{backbone}' does not use {idle}"):
         zoo.build("lyadeq", backbone=backbone, in_shape=(1, 8, 8), icnn_hidden=[8], **options)
+
+
+def test_lyadeq_recipes_route_every_penalty_option_and_seed_the_penalty():
+    from robustdeq.defenses.recipes import recipe
+    r = recipe("lyadeq-at", eps=0.1, steps=2, samples=3, penalty_steps=4, floor=5.0, weight=0.5, seed=7)
+    pen, base = r.objective, r.objective.base
+    assert (pen.samples, pen.steps, pen.floor, pen.weight) == (3, 4, 5.0, 0.5)
+    assert base.steps == 2 and base.seed == 7
+    # the penalty draws from its own seeded generator (restored on resume), not torch's global one
+    assert isinstance(pen._gen, torch.Generator)
+    again = recipe("lyadeq", seed=7).objective
+    assert torch.equal(pen._gen.get_state(), again._gen.get_state())
+    with pytest.raises(ConfigError, match="random intermediate states"):
+        recipe("pgd-at-random-state", state=None)
