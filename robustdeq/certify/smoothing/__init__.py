@@ -91,7 +91,7 @@ warm start with the proof checked after every step until its class is proven to 
 equilibrium's (a near tie that cannot be proven counts for no class), so the counts are binomial
 and need no correction.
 """
-from .config import ABSTAIN, DEFAULT_RADII, MODES, SRS_CHECKS, SRS_STARTS, SmoothingConfig, make_config
+from .config import ABSTAIN, SmoothingConfig, make_config
 from .engine import base_logits, certify, predict
 from .report import SmoothingReport, SmoothingResult, summarize
 from .proof import EquilibriumClassProof, proof_support
