@@ -249,7 +249,12 @@ class StateAttack(Attack):
                 check_num_classes(ya, next(iter(logits.values())))
                 checked.append(True)
             cost = sum(loss_fn(lg, ya) for lg in logits.values())
-            return torch.autograd.grad(cost, xr)[0]
+            g = (torch.autograd.grad(cost, xr, allow_unused=True)[0] if cost.requires_grad
+                 else None)
+            # None: every sample's solve stopped at or before the unroll's start z_{k - unroll},
+            # so no unrolled step depends on x and the straight-through gradient is zero
+            # (robustdeq.deq.views.unroll_solver_steps), not an autograd error
+            return torch.zeros_like(xr) if g is None else g
 
         def adjoint_grad(xa: Tensor, ya: Tensor) -> Tensor:
             if not checked:

@@ -156,6 +156,22 @@ def test_adjoint_mode_attack_breaks_a_trained_deq(digits_test, trained_model):
     assert atk.describe()["mode"] == "adjoint" and "adjoint" in atk.name
 
 
+def test_states_past_every_samples_stop_are_attacked_without_error(digits_test):
+    """A state ``k`` whose unroll window starts after every sample's solve stopped (the default
+    ``states="all"`` reaches up to ``max_iter - 1``): the unrolled steps are none, the gradient is
+    zero, and the attack runs (it failed with autograd's "not used in the graph" error)."""
+    torch.manual_seed(0)
+    model = zoo.build("mlp_deq", hidden=8).eval()
+    x, y = digits_test(4)
+    res = model.solve(model.inject(model.check_input(x)))
+    k = model.solver_config.max_iter - 1
+    assert int(res.steps.max()) + 5 < k
+    xa = A.StateAttack(model, eps=0.1, steps=2, states=[k], random_start=False)(x, y)
+    assert torch.equal(xa, x)
+    xa = A.StateAttack(model, eps=0.1, steps=2, seed=0)(x, y)  # states="all"
+    assert float((xa - x).abs().max()) <= 0.1 + 1e-6
+
+
 def test_state_attack_on_a_weight_tied_model(digits_test, trained_model):
     model = trained_model("weight_tied_mlp", hidden=32, depth=6)
     x, y = digits_test(32)
