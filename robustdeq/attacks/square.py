@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..deq.warm import plain_deq_classifier
+from .._tensor import margins
 from .base import Attack, check_int, check_num_classes, check_number, is_deq
 
 logger = logging.getLogger(__name__)
@@ -261,7 +262,8 @@ class Square(Attack):
     there cannot improve on the best point's), ``speculative`` (proposals queried after one the
     search accepted, with ``speculate``), ``restarted`` (samples attacked by the runs after
     the first), ``runs`` (the runs made) and ``broken`` (samples the model's inference
-    misclassifies at the returned examples).
+    misclassifies at the returned examples; untargeted, a tie with the true class is wrong, as
+    in the evaluation and in the search's own success test ``margin <= 0``).
     """
 
     name = "Square"
@@ -342,8 +344,12 @@ class Square(Attack):
         oracle = _Oracle(self.model, x4.shape[0], self.warm_start, deq)
 
         def judge_logits(logits: Tensor, yy: Tensor) -> Tensor:
-            pred = logits.argmax(dim=1)
-            return pred == yy if self.targeted else pred != yy
+            if self.targeted:
+                return logits.argmax(dim=1) == yy
+            # broken unless the true class's logit is strictly above every other: the search's
+            # own success test (margin <= 0) and the evaluation's rule (a tie is wrong), so a
+            # search that stops at a tie keeps its example
+            return margins(logits, yy) <= 0
 
         def model_logits(xq: Tensor) -> Tensor:
             return self.model(xq.reshape((-1,) + tuple(shape[1:])))

@@ -353,3 +353,28 @@ def test_warm_claims_are_confirmed_by_cold_inference(monkeypatch, digits_test, t
     assert st["warm_started"] > 0 and st["rejected_by_cold"] > 0
     assert st["confirmed_cold"] == st["warm_started"] - st["redone_cold"]
     assert torch.equal(xa, cold)
+
+
+class _TieAtBest(nn.Module):
+    """Two classes: logits ``[1, min(6 mean(x), 1)]``. From inputs of mean 0.1 a Linf attack of
+    radius 0.1 can raise the second logit only up to a tie with the first (the true class 0),
+    never above it."""
+
+    def forward(self, x):
+        z1 = torch.clamp(6 * x.flatten(1).mean(1), max=1.0)
+        return torch.stack([torch.ones_like(z1), z1], 1)
+
+
+def test_a_search_that_reaches_a_tie_keeps_its_example():
+    """A tie is wrong (the evaluation's rule, and the search's own success test: margin <= 0):
+    a sample whose search stops at a tie keeps that example and counts as broken (it was
+    discarded, the clean input returned, because argmax on the tie picks the true class)."""
+    model = _TieAtBest().eval()
+    x = torch.full((3, 1, 8, 8), 0.1)
+    y = torch.zeros(3, dtype=torch.long)
+    atk = Square(model, eps=0.1, n_queries=300, seed=0)
+    x_adv = atk(x, y)
+    check_ball(x, x_adv, 0.1, "Linf")
+    m = model(x_adv)
+    assert torch.equal(m[:, 1], m[:, 0])            # the best the threat model allows: a tie
+    assert atk.last_stats["broken"] == 3
