@@ -142,7 +142,13 @@ def unroll_solver_steps(model: nn.Module, u: Tensor, z_from: Tensor, start: int,
     steps ``f`` otherwise), and, given the solve's result ``res``, a sample that stopped at step
     ``s < state`` (``res.steps = s + 1``: converged or diverged, so its recorded states after
     ``s`` are its frozen iterate ``z_s``) takes only its steps up to ``s``. For fixed-point
-    iteration the value is the recorded state ``z_state`` itself (up to float rounding)."""
+    iteration the value is the recorded state ``z_state`` itself (up to float rounding).
+
+    A sample that stopped at or before ``start`` has no solver step in the window: its state is
+    its final iterate, in which the window's straight-through gradient would see no dependence
+    on the input at all. It takes the window's ``state - start`` steps from that iterate instead
+    (the fixed point's unrolled gradient, as for a sample that had not stopped): a surrogate
+    gradient whose value is that iterate up to the solver's tolerance."""
     n = state - start
     cfg = getattr(model, "solver_config", None) if solver is None else from_dict(SolverConfig, solver)
     damping = float(cfg.damping) if cfg is not None and cfg.name.value == "fixed_point" else 1.0
@@ -152,6 +158,7 @@ def unroll_solver_steps(model: nn.Module, u: Tensor, z_from: Tensor, start: int,
         return model.unroll(u, z, n, damping=damping) if damping != 1.0 else model.unroll(u, z, n)
     # per sample: the steps the solver took from ``start`` before the sample stopped
     todo = (torch.clamp(steps.to(z.device) - 1, max=state) - start).clamp(min=0)
+    todo = torch.where(todo == 0, torch.full_like(todo, n), todo)   # stopped before the window
     view = (-1,) + (1,) * (z.dim() - 1)
     for i in range(int(todo.max())):
         z_next = model.unroll(u, z, 1, damping=damping) if damping != 1.0 else model.unroll(u, z, 1)

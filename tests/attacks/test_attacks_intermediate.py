@@ -156,18 +156,30 @@ def test_adjoint_mode_attack_breaks_a_trained_deq(digits_test, trained_model):
     assert atk.describe()["mode"] == "adjoint" and "adjoint" in atk.name
 
 
-def test_states_past_every_samples_stop_are_attacked_without_error(digits_test):
+def test_states_past_every_samples_stop_are_attacked_through_the_fixed_point(digits_test):
     """A state ``k`` whose unroll window starts after every sample's solve stopped (the default
-    ``states="all"`` reaches up to ``max_iter - 1``): the unrolled steps are none, the gradient is
-    zero, and the attack runs (it failed with autograd's "not used in the graph" error)."""
+    ``states="all"`` reaches up to ``max_iter - 1``): the state is the final iterate, and its
+    gradient is the window's steps unrolled from it (the fixed point's unrolled gradient, as
+    before the solver stopped), so the attack moves the input (with no steps in the window the
+    gradient was zero: autograd's "not used in the graph" error, or an attack that never moved)."""
+    from robustdeq.deq.views import state_logits
     torch.manual_seed(0)
     model = zoo.build("mlp_deq", hidden=8).eval()
     x, y = digits_test(4)
-    res = model.solve(model.inject(model.check_input(x)))
+    u = model.inject(model.check_input(x))
+    res = model.solve(u)
     k = model.solver_config.max_iter - 1
     assert int(res.steps.max()) + 5 < k
+    xg = x.clone().requires_grad_(True)
+    g = torch.autograd.grad(state_logits(model, xg, k, unroll=5).sum(), xg)[0]
+    # the reference: five plain steps of f from the final iterate, with autograd through u
+    xr = x.clone().requires_grad_(True)
+    ur = model.inject(model.check_input(xr))
+    ref = torch.autograd.grad(model.readout(model.unroll(ur, res.z.detach(), 5)).sum(), xr)[0]
+    torch.testing.assert_close(g, ref)
+    assert bool((g.flatten(1).abs().sum(1) > 0).all())
     xa = A.StateAttack(model, eps=0.1, steps=2, states=[k], random_start=False)(x, y)
-    assert torch.equal(xa, x)
+    assert float((xa - x).abs().max()) > 0
     xa = A.StateAttack(model, eps=0.1, steps=2, seed=0)(x, y)  # states="all"
     assert float((xa - x).abs().max()) <= 0.1 + 1e-6
 
