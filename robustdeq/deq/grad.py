@@ -82,6 +82,13 @@ class ImplicitGrad(GradientEstimator):
     adjoint fixed point ``a = J^T a + g``, ``J = df/dz`` at z*, solved with ``solver`` (vector-
     Jacobian products from the cell's closed form ``vjp_at`` where it has one, else through one
     retained call of ``f``). Memory does not grow with iterations.
+
+    The vector-Jacobian products are built in :meth:`attach`, at the forward, from the weights in
+    force there (the closed form captures the cell's weight; the autograd path a retained call of
+    ``f``): the backward, which runs after the forward returned, computes no weight of its own.
+    ``DEQClassifier.run`` computes each parametrised weight once per call, so the solve, ``f(z*,
+    u)`` and the adjoint all use one weight (one power-iteration step of a spectral
+    normalisation in train mode).
     """
 
     def __init__(self, solver: SolverConfig | dict | None = None):

@@ -11,10 +11,11 @@ gradient path to ``x`` whenever the chosen estimator provides one (every estimat
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -100,6 +101,23 @@ def _merge_record(record: RecordSpec, extra: Sequence[int]) -> RecordSpec:
         return record
     base = [] if record is None or record == "none" else ([record] if isinstance(record, int) else list(record))
     return sorted(set(base) | set(extra))
+
+
+@contextlib.contextmanager
+def parametrized_once(module: nn.Module) -> Iterator[None]:
+    """Within the block, every parametrised tensor (``torch.nn.utils.parametrize``: spectral or
+    weight normalisation, ...) is computed at most once and reused (``parametrize.cached()``);
+    those of ``module`` (all its submodules) are computed on entry, under the caller's grad
+    mode, so that a later first use without autograd (a solve) does not cache a weight without
+    the graph to its parameters. In train mode a spectrally normalised weight then takes one
+    power-iteration step per block, as a plain module's forward does. Inside a caller's own
+    ``parametrize.cached()`` the weights already cached there are the ones used."""
+    with parametrize.cached():
+        for m in module.modules():
+            if parametrize.is_parametrized(m):
+                for name in m.parametrizations:
+                    getattr(m, name)
+        yield
 
 
 class EquilibriumModel(nn.Module):
@@ -273,34 +291,42 @@ class DEQClassifier(EquilibriumModel):
         previous solve converged (the initial state for the others), the implicit backward from
         the previous adjoint (``WarmStart(adjoint=True)`` and an ``ImplicitGrad`` estimator), and
         ``warm`` records this call's solutions. ``z0`` and ``warm`` are exclusive.
+
+        One call computes each parametrised weight once (:func:`parametrized_once`): the solve,
+        the estimator's ``f(z*, u)``, the read-out and the implicit backward's vector-Jacobian
+        products (built here, at the forward, and applied when the backward runs) all use the
+        same weights, with their autograd graph. In train mode a spectrally normalised weight
+        thus takes one power-iteration step per call, and ``z*`` is the fixed point of the
+        weight the logits are computed with (``stats.residual`` is its residual there).
         """
         x = self.check_input(x, in_range=in_range)
         est = make_estimator(grad) if grad is not None else self.estimator
         self.check_estimator(est)
-        u = self.inject(x)
-        if warm is not None:
-            if z0 is not None:
-                raise ConfigError("run(): pass z0 or warm, not both")
-            est = warm.estimator(est)
-            ud = u.detach()
+        with parametrized_once(self):
+            u = self.inject(x)
+            if warm is not None:
+                if z0 is not None:
+                    raise ConfigError("run(): pass z0 or warm, not both")
+                est = warm.estimator(est)
+                ud = u.detach()
 
-            def cold() -> Tensor:
-                with torch.no_grad():
-                    return self.init_state(ud)
-            start = warm.forward_start(cold, u.shape[0])
-            z0 = None if start is None else start[0]
-        rec = _merge_record(record, est.required_record())
-        result = self.solve(u, z0=z0, record=rec, solver=solver,
-                            keep_graph=est.full_graph and torch.is_grad_enabled())
-        z = est.attach(self.cell, u, result.z, result.trajectory)
-        logits = self.readout(z)
-        stats = SolverStats.from_result(result)
-        if warm is not None:
-            warm.record_forward(result.z, stats.converged)
-        self.last_stats = stats
-        self._maybe_warn(stats)
-        return Equilibrium(logits=logits, z=z, z_star=result.z, trajectory=result.trajectory,
-                           stats=stats, u=u)
+                def cold() -> Tensor:
+                    with torch.no_grad():
+                        return self.init_state(ud)
+                start = warm.forward_start(cold, u.shape[0])
+                z0 = None if start is None else start[0]
+            rec = _merge_record(record, est.required_record())
+            result = self.solve(u, z0=z0, record=rec, solver=solver,
+                                keep_graph=est.full_graph and torch.is_grad_enabled())
+            z = est.attach(self.cell, u, result.z, result.trajectory)
+            logits = self.readout(z)
+            stats = SolverStats.from_result(result)
+            if warm is not None:
+                warm.record_forward(result.z, stats.converged)
+            self.last_stats = stats
+            self._maybe_warn(stats)
+            return Equilibrium(logits=logits, z=z, z_star=result.z, trajectory=result.trajectory,
+                               stats=stats, u=u)
 
     def _maybe_warn(self, stats: SolverStats) -> None:
         """Warn (once per model until :meth:`reset_warnings`) when samples did not converge.

@@ -214,3 +214,35 @@ def test_missing_torchdeq_names_the_extra(monkeypatch, trained):
 def test_adopt_refuses_a_model_without_torchdeq_modules():
     with pytest.raises(ConfigError, match="no TorchDEQ DEQ module"):
         robustdeq.adopt(nn.Linear(3, 2))
+
+
+def test_parameter_gradients_reach_a_parametrised_layer_of_the_adopted_map():
+    """A spectrally normalised layer inside the user's f: the call computes its weight once, with
+    the graph to its parameters (a weight first computed inside the solve, without autograd,
+    would have cut the parameter gradient), so the implicit gradient equals backpropagation
+    through the solve; in train mode the call takes one power-iteration step."""
+    from torch.nn.utils.parametrizations import spectral_norm
+    torch.manual_seed(0)
+    net = TorchDEQMLP(width=8)
+    net.W = spectral_norm(net.W)
+    net = net.double()
+    tight = dict(tol=1e-12, max_iter=200, stop_mode="abs")
+    m = robustdeq.adopt(net, solver=tight, grad=robustdeq.ImplicitGrad(tight)).eval()
+    V = m.net.W.parametrizations.weight.original
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    grads = []
+    for est in (m.grad, "full"):   # the model's tight ImplicitGrad, backpropagation
+        m.zero_grad()
+        with robustdeq.gradient(m, est):
+            m(x).pow(2).sum().backward()
+        grads.append(V.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+    calls = []
+    h = m.net.W.parametrizations.weight[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        m.train()
+        m(x).pow(2).sum().backward()
+        assert len(calls) == 1
+    finally:
+        h.remove()

@@ -402,6 +402,105 @@ def test_parameter_gradients_of_a_spectral_cell_flow_through_the_cached_solve():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
 
 
+def _spectral_deq_in_train_mode(hidden=6, seed=0, cell="mlp"):
+    """A float64 DEQ with a spectrally normalised cell in train mode whose power-iteration vectors
+    are reset to random ones, so that each power-iteration step changes the weight visibly.
+    ``cell="autograd"``: a subclass of the cell without its closed-form VJP (the adjoint's VJPs
+    go through autograd)."""
+    torch.manual_seed(seed)
+
+    class AutogradMLPCell(MLPCell):
+        def forward(self, z, u):
+            return super().forward(z, u)
+    cls = MLPCell if cell == "mlp" else AutogradMLPCell
+    model = DEQClassifier(MLPInjection(64, hidden), cls(hidden, norm="spectral", scale=0.8), LinearHead(hidden, 3),
+                          solver=TIGHT, grad=ImplicitGrad(TIGHT_BWD), input_shape=(1, 8, 8)).double().train()
+    assert model.cell.has_vjp == (cell == "mlp")
+    sns = [model.cell.W.linear.parametrizations.weight[0]]
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for sn in sns:
+            sn._u.copy_(torch.nn.functional.normalize(torch.randn(sn._u.shape, generator=g, dtype=sn._u.dtype), dim=0))
+            sn._v.copy_(torch.nn.functional.normalize(torch.randn(sn._v.shape, generator=g, dtype=sn._v.dtype), dim=0))
+    return model, sns
+
+
+@pytest.mark.parametrize("est", ["ift", "phantom", "full"])
+@pytest.mark.parametrize("cell", ["mlp", "autograd"])
+def test_a_train_mode_call_of_a_spectral_cell_uses_one_weight(est, cell):
+    # in train mode every computation of a spectrally normalised weight takes a power-iteration
+    # step: one call (forward and backward) computes it once, as a plain module's forward does,
+    # and z* is the fixed point of the weight the logits are read with
+    import copy
+    model, sns = _spectral_deq_in_train_mode(cell=cell)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    one_step = [copy.deepcopy(sn) for sn in sns]
+    for ref, sn in zip(one_step, sns):   # one plain train-mode computation of the weight
+        ref(model.get_parameter(_original_name(model, sn)).detach())
+    calls = []
+    handles = [sn.register_forward_hook(lambda *a: calls.append(1)) for sn in sns]
+    try:
+        est_ = {"ift": ImplicitGrad(TIGHT_BWD), "phantom": PhantomGrad(k=3), "full": FullBackprop()}[est]
+        eq = model.run(x, grad=est_)
+        torch.nn.functional.cross_entropy(eq.logits, torch.tensor([0, 1, 2])).backward()
+        assert len(calls) == len(sns)
+    finally:
+        for h in handles:
+            h.remove()
+    for ref, sn in zip(one_step, sns):  # the power iteration advanced exactly one step
+        assert torch.equal(ref._u, sn._u) and torch.equal(ref._v, sn._v)
+    # the weight of the call is the one computed from the advanced vectors (eval mode: no step)
+    model.eval()
+    with torch.no_grad():
+        u = model.inject(x)
+        fz = model.cell(eq.z_star, u)
+        res = (fz - eq.z_star).flatten(1).norm(dim=1)
+        assert float(res.max()) <= TIGHT["tol"], res
+        torch.testing.assert_close(eq.stats.residual, res, atol=1e-13, rtol=0)
+        if est == "ift":
+            torch.testing.assert_close(model.readout(fz), eq.logits.detach(), atol=1e-12, rtol=0)
+
+
+def _original_name(model, sn):
+    for name, mod in model.named_modules():
+        plist = getattr(mod, "parametrizations", None)
+        if plist is not None and any(p is sn for p in plist["weight"]):
+            return f"{name}.parametrizations.weight.original"
+    raise AssertionError("not found")
+
+
+def test_train_mode_parameter_gradients_of_a_spectral_cell_are_those_of_its_single_weight():
+    # the implicit gradient of a train-mode call is the gradient of the function computed with
+    # the call's one weight (the power-iteration vectors after its step): equal to an eval-mode
+    # call with those vectors, and to finite differences of it
+    model, (sn,) = _spectral_deq_in_train_mode(hidden=4)
+    V = model.cell.W.linear.parametrizations.weight.original
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+
+    def loss():
+        return torch.nn.functional.cross_entropy(model(x), y)
+    loss().backward()
+    g_train = V.grad.clone()
+    assert g_train.abs().sum() > 0
+    model.eval()                  # the same weight: the vectors after the train-mode step
+    model.zero_grad()
+    loss().backward()
+    g_eval = V.grad.clone()
+    torch.testing.assert_close(g_train, g_eval, atol=1e-10, rtol=1e-8)
+    eps, fd = 1e-6, torch.zeros_like(V)
+    base = V.detach().clone()
+    with torch.no_grad():
+        for i in range(V.shape[0]):
+            for j in range(V.shape[1]):
+                for sgn in (1, -1):
+                    V.copy_(base)
+                    V[i, j] += sgn * eps
+                    fd[i, j] += sgn * loss() / (2 * eps)
+        V.copy_(base)
+    torch.testing.assert_close(g_eval, fd, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 def test_bound_cell_map_equals_the_module_call_and_yields_to_hooks_and_subclasses(act):
     # the solve's map z -> f(z, u) skips the module call per evaluation: the same values, bit for
