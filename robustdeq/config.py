@@ -238,7 +238,7 @@ class SolverConfig:
     """
 
     name: Union[SolverName, str] = SolverName.ANDERSON  # a built-in, or a registered solver's name
-    max_iter: int = 30
+    max_iter: int = 30          # evaluations of f at most: iterates z_0 .. z_{max_iter-1} (solvers' docstring)
     tol: float = 1e-3
     stop_mode: StopMode = StopMode.REL
     select: Select = Select.BEST

@@ -133,8 +133,9 @@ def ris_forward(model: nn.Module, x: Tensor, *, max_state: int, sampling: str = 
 
     Returns ``(logits (B, C), z (state the logits are read from), u, n (B,) int64)``.
     ``n ~ U{1..max_state}``, one draw shared by the batch (``"batch"``) or one per sample
-    (``"sample"``); ``z_n`` is the model solver's n-th iterate from ``init_state`` (no early stop),
-    then ``phantom_steps`` damped steps with autograd.
+    (``"sample"``); ``z_n`` is the model solver's n-th iterate from ``z_0 = init_state`` (``n``
+    solver steps, no early stop: :meth:`~robustdeq.deq.model.DEQClassifier.iterates`), then
+    ``phantom_steps`` damped steps with autograd.
     """
     if not isinstance(model, IteratingModel):
         raise ConfigError(f"random intermediate states need a DEQ with a solver; {type(model).__name__} has none")

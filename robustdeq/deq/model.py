@@ -260,9 +260,13 @@ class DEQClassifier(EquilibriumModel):
                 return slv.solve(cell_map(self.cell, ud), z0.detach(), record=record)
 
     def iterates(self, u: Tensor, n: Tensor) -> Tensor:
-        """Per sample ``b``, the model solver's ``n[b]``-th iterate from ``init_state(u)`` with no
-        early stop (``max_iter = max(n)``, ``tol = 0``), without autograd: the random
-        intermediate states of RIS training (``n`` (B,) int64 >= 1)."""
+        """Per sample ``b``, the model solver's ``n[b]``-th iterate ``z_n`` from
+        ``z_0 = init_state(u)`` with no early stop, without autograd: the random intermediate
+        states of RIS training (``n`` (B,) int64 >= 1). ``z_n`` is the state after ``n`` solver
+        steps (``n`` evaluations of ``f``, at ``z_0 .. z_{n-1}``; ``z_n`` itself is not
+        evaluated): the recorded trajectory state ``n`` of a solve with ``tol = 0``, and what a
+        solve with ``max_iter = n + 1``, ``tol = 0``, ``select="last"`` returns (one with
+        ``max_iter = n`` returns its last evaluated iterate, ``z_{n-1}``)."""
         self.prepare()
         cfg = self.solver_config.replace(max_iter=int(n.max()), tol=0.0)
         slv = get_solver(cfg)

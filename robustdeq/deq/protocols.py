@@ -83,7 +83,8 @@ class IteratingModel(FixedPointModel, Protocol):
     solver_config: Any
 
     def iterates(self, u: Tensor, n: Tensor) -> Tensor:
-        """Per sample ``b``, the solver's ``n[b]``-th iterate from the initial state."""
+        """Per sample ``b``, the solver's ``n[b]``-th iterate ``z_n`` from the initial state
+        ``z_0`` (after ``n`` steps, no early stop; see :meth:`DEQClassifier.iterates`)."""
         ...
 
 

@@ -19,9 +19,13 @@ Semantics, stated once:
 - a sample whose residual reaches the tolerance is *frozen* at that iterate (per-sample convergence
   mask); a sample whose residual is non-finite or grows by ``divergence_factor`` is marked
   ``diverged`` and frozen at its last iterate; neither ever raises;
-- ``max_iter`` bounds the number of evaluations of ``f``; every returned iterate has a measured
-  residual; ``select="best"`` returns the lowest-residual iterate per sample, ``"last"`` the last
-  evaluated one;
+- ``max_iter`` bounds the number of evaluations of ``f`` (steps): a solve evaluates at most
+  ``f(z_0), ..., f(z_{max_iter - 1})``. Every returned iterate has a measured residual;
+  ``select="best"`` returns the lowest-residual iterate per sample, ``"last"`` the last
+  evaluated one: without an early stop (``tol=0``) that is ``z_{max_iter - 1}``, not the last
+  step's proposal ``z_{max_iter}`` (which is never evaluated, so never returned). ``k`` steps
+  from ``z_0`` lead to ``z_k`` (``DEQClassifier.iterates(u, n)`` returns ``z_n``: what a solve
+  with ``max_iter = n + 1``, ``tol = 0``, ``select="last"`` returns);
 - a recorded trajectory state ``k`` holds, for each sample, what the solver holds at step ``k``: the
   raw iterate ``z_k`` (never a best-so-far estimate), or the frozen iterate for samples that stopped
   earlier (``TrajectoryState.active`` says which).
@@ -368,7 +372,8 @@ class Solver:
 
     def solve(self, f: Fn, z0: Tensor, record: RecordSpec = None,
               callback: Optional[Callable[[SolverState], None]] = None) -> SolveResult:
-        """Iterate until every sample converged or diverged, or ``max_iter`` evaluations.
+        """Iterate until every sample converged or diverged, or ``max_iter`` evaluations (the
+        last evaluated iterate is then ``z_{max_iter - 1}``; see the module's semantics).
 
         ``record``: ``None``/"none", "all", or step indices (ints < max_iter). Requested steps after
         the whole batch stopped are filled with the frozen iterates (no extra evaluations).

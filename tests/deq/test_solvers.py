@@ -228,3 +228,33 @@ def test_iterate_map_plain_steps_reach_the_closed_form_fixed_point():
     assert float(residual(zq, f(zq), cfg).max()) > 1e-8
     z_none, r_none, k_none = iterate_map(f, z0, cfg, 0)
     assert z_none is z0 and r_none is None and k_none == 0
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_max_iter_counts_evaluations_and_iterates_counts_steps(name):
+    # a solve of max_iter = k evaluates f at z_0 .. z_{k-1}; select="last" returns z_{k-1} (the
+    # last evaluated iterate), while DEQClassifier.iterates(u, n) returns z_n: the recorded
+    # state n, and the result of a solve with max_iter = n + 1
+    from torch import nn
+    from robustdeq.deq.cells import LinearCell
+    from robustdeq.deq.model import DEQClassifier
+    _, c, _ = linear_problem(b=3, d=5, rho=0.9)
+    A = torch.randn(5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    A = 0.9 * A / torch.linalg.matrix_norm(A, ord=2)
+    cfg = SolverConfig(name=name, max_iter=12, tol=0.0, select="last", damping=0.7)
+    model = DEQClassifier(nn.Identity(), LinearCell(A), nn.Identity(), solver=cfg, validate_inputs=False)
+    u = c
+    f = lambda z: model.f(z, u)  # noqa: E731
+    rec = solve(f, torch.zeros_like(u), cfg, record="all")
+    assert rec.nfe == 12 and [t.step for t in rec.trajectory] == list(range(12))
+    torch.testing.assert_close(rec.z, rec.trajectory[11].z, atol=0, rtol=0)   # z_{max_iter - 1}
+    for n in (1, 4, 11):
+        zn = model.iterates(u, torch.full((3,), n))
+        torch.testing.assert_close(zn, rec.trajectory[n].z, atol=1e-13, rtol=0)
+        torch.testing.assert_close(zn, solve(f, torch.zeros_like(u), cfg.replace(max_iter=n + 1)).z,
+                                   atol=1e-13, rtol=0)
+        torch.testing.assert_close(solve(f, torch.zeros_like(u), cfg.replace(max_iter=n)).z,
+                                   rec.trajectory[n - 1].z, atol=1e-13, rtol=0)
+    mixed = model.iterates(u, torch.tensor([2, 7, 5]))   # per-sample n
+    for b, n in enumerate((2, 7, 5)):
+        torch.testing.assert_close(mixed[b], rec.trajectory[n].z[b], atol=1e-13, rtol=0)
