@@ -75,9 +75,16 @@ class FederatedConfig:
 
     Local objective:
         defense: a recipe name of :mod:`robustdeq.defenses.recipes` (``none``, ``pgd-at``,
-        ``trades``, ``jiio-at``, ``lyadeq``...). defense_options: its options (``eps``...).
-        local_epochs, batch_size, lr, optimizer: local training of each round (fresh optimizer
-        every round, constant learning rate).
+        ``trades``, ``jiio-at``, ``lyadeq``...). defense_options: its options (``eps``...); a
+        ``seed`` there seeds the objective's own draws (attack starts, sampled states) with a
+        stream per client and round, derived from that seed, the client and the round
+        (:func:`~robustdeq.federated.local.seed_objectives`): rounds draw differently, and a
+        resumed run draws as an uninterrupted one. local_epochs, batch_size, lr, optimizer: local
+        training of each round (fresh optimizer every round, constant learning rate).
+
+    seed: the data partition, the initial global model, the evaluation's attacks, and each
+        client's local training in each round (data order, and the draws of an objective without
+        a seed of its own: a seed derived from it, the client and the round).
 
     Model:
         model: a zoo name; ``None`` (the default) trains the recipe's own architecture if it has

@@ -26,7 +26,7 @@ from .partition import partition_indices, split_validation
 logger = logging.getLogger(__name__)
 
 __all__ = ["ClientData", "ClientResult", "client_data", "check_shards", "build_model", "model_config",
-           "train_client", "derive_seed", "transferable_state", "state_error"]
+           "train_client", "derive_seed", "seed_objectives", "transferable_state", "state_error"]
 
 _MAX_RATE = 0.99  # cap of the estimated contraction rate (the error estimate is then <= 100 r)
 
@@ -35,6 +35,25 @@ def derive_seed(*parts) -> int:
     """A 31-bit seed derived from ``parts`` (stable across processes and Python versions)."""
     h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def seed_objectives(objective, server_round: int, client: int) -> None:
+    """Give each seeded objective (``seed`` set, e.g. ``defense_options={"seed": 7}``), and each
+    objective it wraps through ``base``, its own random stream for client ``client`` in round
+    ``server_round``: its generator restarts from ``derive_seed(seed, "objective", server_round,
+    client)``. The recipe is built afresh every round, so without this every round (and every
+    client) drew the same attack starts and sampled states from ``seed`` itself; derived from the
+    seed, the client and the round only, the draws of a round are those of an uninterrupted run
+    after a resume. Objectives without a seed draw from torch's global generator, which the
+    client's trainer seeds per (client, round)."""
+    seen = set()
+    obj = objective
+    while obj is not None and id(obj) not in seen:
+        seen.add(id(obj))
+        seed = getattr(obj, "seed", None)
+        if seed is not None and callable(getattr(obj, "reseed_generator", None)):
+            obj.reseed_generator(derive_seed(int(seed), "objective", int(server_round), int(client)))
+        obj = getattr(obj, "base", None)
 
 
 @dataclass
@@ -249,6 +268,7 @@ def train_client(cfg: FederatedConfig, client: int, global_state: Dict[str, Tens
                           f"architecture ({sorted(missing)[:5]})")
     model.load_state_dict(global_state, strict=True)
     rec = recipe(cfg.defense, **dict(cfg.defense_options))
+    seed_objectives(rec.objective, server_round, client)  # a seeded objective: its own stream per round
     seed = derive_seed(cfg.seed, "train", server_round, client)
     train_cfg = {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                  "optimizer": cfg.optimizer, "schedule": "constant", "seed": seed,

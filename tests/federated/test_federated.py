@@ -402,6 +402,56 @@ def test_client_budget_caps_an_adjoint_solver_given_in_the_model_options():
     cfg = FederatedConfig(clients=2, budgets=(30,), model_options={"hidden": 8, "grad_options": {"solver": {"max_iter": 7}}})
     assert build_model(cfg, budget=30).grad.solver.max_iter == 7  # a cap, not a floor
 
+class _Drawn(Exception):
+    pass
+
+
+@pytest.mark.parametrize("defense", ["pgd-at", "lyadeq-at"])
+def test_a_seeded_defense_draws_its_own_starts_per_client_and_round(monkeypatch, defense):
+    """defense_options' seed gives each (client, round) its own stream, derived from the seed, the
+    client and the round: two rounds draw different attack starts, a rerun the same ones (every
+    round restarted the objective's generator from the seed itself and drew the same starts)."""
+    import robustdeq.attacks.pgd as pgd
+    from robustdeq.federated.local import build_model, train_client, transferable_state
+
+    def first_start(seed, server_round, client):
+        cfg = FederatedConfig(clients=4, budgets=(5,), eval_suite="none", defense=defense,
+                              defense_options={"eps": 0.1, "steps": 1, "seed": seed},
+                              model_options=None if defense == "pgd-at" else {"hidden": 8})
+        drawn = []
+
+        def spy(*args, gen=None, **kw):   # the generator the attack draws its start from
+            g = torch.Generator().manual_seed(0)
+            g.set_state(gen.get_state())
+            drawn.append(torch.rand(8, generator=g))
+            raise _Drawn
+        monkeypatch.setattr(pgd, "pgd_loop", spy)
+        torch.manual_seed(0)
+        with pytest.raises(_Drawn):
+            train_client(cfg, client, transferable_state(build_model(cfg)), server_round)
+        return drawn[0]
+
+    r1 = first_start(7, 1, 0)
+    assert not torch.equal(r1, first_start(7, 2, 0))     # another round: other starts
+    assert not torch.equal(r1, first_start(7, 1, 1))     # another client: other starts
+    assert not torch.equal(r1, first_start(8, 1, 0))     # another seed: other starts
+    assert torch.equal(r1, first_start(7, 1, 0))         # the same (seed, client, round): the same
+    # every seeded objective of the chain (lyadeq-at: the penalty's draws and PGD-AT's starts)
+    from robustdeq.defenses.recipes import recipe
+    from robustdeq.federated.local import seed_objectives
+
+    def states(server_round, client):
+        obj = recipe(defense, eps=0.1, seed=7).objective
+        seed_objectives(obj, server_round, client)
+        out = []
+        while obj is not None:
+            out.append(obj._gen.get_state())
+            obj = getattr(obj, "base", None)
+        return out
+    for a, b, c in zip(states(1, 0), states(2, 0), states(1, 0)):
+        assert not torch.equal(a, b) and torch.equal(a, c)
+
+
 # ------------------------------------------------------- simulation engine (Flower + ray, 1 CPU)
 SIM = {"clients": 3, "rounds": 5, "partition": "iid", "budgets": [30], "eval_suite": "none",
        "local_epochs": 1, "seed": 0}
