@@ -1,4 +1,4 @@
-"""Certificates that once claimed more than holds (red-team findings), each with a tiny model."""
+"""Certificates that once claimed more than holds, each reduced to a tiny model with a known answer."""
 import warnings
 
 import pytest
