@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import SolverConfig, check_radius, from_dict
+from ..deq.model import one_weight
 from ..deq.solvers import get_solver
 from ..deq.views import ModelView
 from ..errors import ConfigError
@@ -180,9 +181,18 @@ class EntropyDefense(nn.Module):
 
         ``exact``: differentiate the update directions too (the through-updates view).
         ``record``: also compute the per-round entropies before/after the input updates.
+
+        The solver steps, the input updates and the read-out use one weight of the model
+        (:func:`~robustdeq.deq.model.one_weight`: in train mode a spectrally normalised cell takes
+        one power-iteration step per call, not one per evaluation of ``f``).
         """
         m = self.model
         x = m.check_input(x)
+        with one_weight(m):
+            return self._run(x, exact, record)
+
+    def _run(self, x: Tensor, exact: bool, record: bool) -> EntropyResult:
+        m = self.model
         if hasattr(m, "prepare"):
             m.prepare()
         solver = get_solver(self.solver_config)
@@ -279,11 +289,12 @@ class BPDAView(_DefenseView):
     def forward(self, x: Tensor) -> Tensor:
         """The defense's logits of ``x``, with the undefended model's input gradient at the
         purified input as gradient (straight-through)."""
-        with torch.no_grad():
-            res = self.defense.run(x)
-        x_st = x + (res.x_hat - x).detach()
-        surrogate = self.defense.model(x_st)
-        return res.logits.detach() + (surrogate - surrogate.detach())
+        with one_weight(self.defense.model):  # the defense and the surrogate: one weight
+            with torch.no_grad():
+                res = self.defense.run(x)
+            x_st = x + (res.x_hat - x).detach()
+            surrogate = self.defense.model(x_st)
+            return res.logits.detach() + (surrogate - surrogate.detach())
 
 
 __all__ = ["EntropyDefense", "EntropyResult", "ThroughUpdatesView", "BPDAView", "prediction_entropy"]

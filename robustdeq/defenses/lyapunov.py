@@ -77,7 +77,7 @@ from torch.nn.utils import parametrizations
 from .._tensor import seeded_generator
 from ..config import SolverConfig
 from ..deq.cells import ConvCell, ConvInjection, MLPCell, MLPInjection
-from ..deq.model import DEQClassifier
+from ..deq.model import DEQClassifier, one_weight, shared_weights
 from ..errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -504,9 +504,16 @@ class LyapunovStability:
         """The Lyapunov penalty of ``model`` (a :class:`LyaDEQ`) on a batch ``x`` (see the class)
         and its scalars: ``(penalty, {"lyap_penalty", "lyap_violating", "lyap_samples"})``, with
         the fraction of sampled states violating the condition and the number of states counted.
-        A ``ConfigError`` for another model."""
+        A ``ConfigError`` for another model. The solve and every evaluation of ``f`` use one weight
+        (:func:`~robustdeq.deq.model.one_weight`; in train mode one power-iteration step of a
+        spectrally normalised cell per penalty, and ``z*`` is the fixed point of the map the
+        penalty differentiates)."""
         model = _as_lyadeq(model)
         x = model.check_input(x)
+        with one_weight(model, join=True):
+            return self._penalty(model, x)
+
+    def _penalty(self, model: LyaDEQ, x: Tensor) -> Tuple[Tensor, Dict[str, float]]:
         u = model.inject(x)
         with torch.no_grad():
             z_star = model.solve(u).z
@@ -542,12 +549,15 @@ class LyapunovStability:
             base = CrossEntropy()
         else:
             base = self.base
-        loss, scalars = base(model, x, y)
-        scalars = dict(scalars)
-        if self.weight > 0:
-            pen, ps = self.penalty(model, x)
-            loss = loss + self.weight * pen
-            scalars.update(ps)
+        # the base objective's loss and the penalty use one weight (the cache opens at the base's
+        # loss, after its attack: robustdeq.deq.model.shared_weights)
+        with shared_weights():
+            loss, scalars = base(model, x, y)
+            scalars = dict(scalars)
+            if self.weight > 0:
+                pen, ps = self.penalty(model, x)
+                loss = loss + self.weight * pen
+                scalars.update(ps)
         return loss, scalars
 
     def describe(self) -> dict:

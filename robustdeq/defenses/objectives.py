@@ -39,6 +39,14 @@ ramp); an objective used on its own counts its calls. The radius in use is the s
 Every inner attack runs with the model in eval mode and its parameters frozen; the modes of all
 submodules and the ``requires_grad`` flags are restored afterwards, and the training forward uses
 the mode the model had when the objective was called.
+
+One weight per evaluation: an objective computes its loss (every training forward, RIS iterates
+and phantom steps included, and the Jacobian penalty) in one
+:func:`~robustdeq.deq.model.one_weight` block, so each parametrised weight of a DEQ is computed
+once there, with its graph: in train mode a spectrally normalised cell takes one power-iteration
+step per evaluation, and the loss and its gradient are those of one map (not of a weight that moves
+at every evaluation of ``f``). The inner attack runs before, in eval mode (no power-iteration step),
+with the weights of its own forwards.
 """
 from __future__ import annotations
 
@@ -55,6 +63,7 @@ from torch import Tensor, nn
 from .._tensor import draw, default_alpha, seeded_generator
 from ..config import Norm, check_radius, coerce_enum, from_dict
 from ..deq.grad import ImplicitGrad
+from ..deq.model import one_weight
 from ..deq.regularizers import jacobian_penalty
 from ..deq.protocols import FixedPointModel, IteratingModel
 from ..deq.jiio import (JIIOConfig, cross_entropy_objective, default_direction, jiio_attack,
@@ -135,12 +144,13 @@ def ris_forward(model: nn.Module, x: Tensor, *, max_state: int, sampling: str = 
     ``n ~ U{1..max_state}``, one draw shared by the batch (``"batch"``) or one per sample
     (``"sample"``); ``z_n`` is the model solver's n-th iterate from ``z_0 = init_state`` (``n``
     solver steps, no early stop: :meth:`~robustdeq.deq.model.DEQClassifier.iterates`), then
-    ``phantom_steps`` damped steps with autograd.
+    ``phantom_steps`` damped steps with autograd. The injection, the iterates, the phantom steps
+    and the read-out use one weight (:func:`~robustdeq.deq.model.one_weight`: in train mode a
+    spectrally normalised cell takes one power-iteration step per call).
     """
     if not isinstance(model, IteratingModel):
         raise ConfigError(f"random intermediate states need a DEQ with a solver; {type(model).__name__} has none")
     x = model.check_input(x)
-    u = model.inject(x)
     b = x.shape[0]
     count = 1 if sampling == "batch" else b
     if generator is None:
@@ -148,11 +158,13 @@ def ris_forward(model: nn.Module, x: Tensor, *, max_state: int, sampling: str = 
     else:
         n = torch.randint(1, max_state + 1, (count,), generator=generator)
     n = n.expand(b).clone() if count == 1 else n
-    z = model.iterates(u, n)  # the solver's n-th iterate per sample (no autograd)
-    for _ in range(phantom_steps):
-        fz = model.f(z, u)
-        z = fz if phantom_tau == 1.0 else (1 - phantom_tau) * z + phantom_tau * fz
-    return model.readout(z), z, u, n
+    with one_weight(model):
+        u = model.inject(x)
+        z = model.iterates(u, n)  # the solver's n-th iterate per sample (no autograd)
+        for _ in range(phantom_steps):
+            fz = model.f(z, u)
+            z = fz if phantom_tau == 1.0 else (1 - phantom_tau) * z + phantom_tau * fz
+        return model.readout(z), z, u, n
 
 
 # ============================================================================== base class
@@ -305,10 +317,11 @@ class CrossEntropy(Objective):
 
     def __call__(self, model, x, y):
         self._begin()
-        logits, z, u = self.forward_full(model, x)
-        ce = F.cross_entropy(logits, y)
-        scalars = {"ce": float(ce.detach()), "acc": _acc(logits, y)}
-        loss = self._penalty(model, z, u, ce, scalars)
+        with one_weight(model, join=True):
+            logits, z, u = self.forward_full(model, x)
+            ce = F.cross_entropy(logits, y)
+            scalars = {"ce": float(ce.detach()), "acc": _acc(logits, y)}
+            loss = self._penalty(model, z, u, ce, scalars)
         scalars["loss"] = float(loss.detach())
         return loss, self._state_scalars(scalars)
 
@@ -366,11 +379,13 @@ class PGDAT(Objective):
                              generator=self._gen)
 
     def loss_at(self, model, x_adv, y):
-        """The outer loss on a given adversarial batch: ``(loss, scalars)``."""
-        logits, z, u = self.forward_full(model, x_adv)
-        ce = F.cross_entropy(logits, y)
-        scalars = {"ce_adv": float(ce.detach()), "acc_adv": _acc(logits, y)}
-        loss = self._penalty(model, z, u, ce, scalars)
+        """The outer loss on a given adversarial batch: ``(loss, scalars)`` (one weight for the
+        forward and the penalty: :func:`~robustdeq.deq.model.one_weight`)."""
+        with one_weight(model, join=True):
+            logits, z, u = self.forward_full(model, x_adv)
+            ce = F.cross_entropy(logits, y)
+            scalars = {"ce_adv": float(ce.detach()), "acc_adv": _acc(logits, y)}
+            loss = self._penalty(model, z, u, ce, scalars)
         scalars["loss"] = float(loss.detach())
         return loss, scalars
 
@@ -432,16 +447,18 @@ class TRADES(Objective):
         return x_adv.detach()
 
     def loss_at(self, model, x, x_adv, y):
-        """The outer TRADES loss for a given ``x'``: ``(loss, scalars)``."""
-        logits_nat, z, u = self.forward_full(model, x)
-        logits_adv = self.forward(model, x_adv)
-        ce = F.cross_entropy(logits_nat, y)
-        kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
-                      reduction="sum") / x.shape[0]
-        loss = ce + self.beta * kl
-        scalars = {"ce": float(ce.detach()), "kl": float(kl.detach()), "acc": _acc(logits_nat, y),
-                   "acc_adv": _acc(logits_adv, y)}
-        loss = self._penalty(model, z, u, loss, scalars)
+        """The outer TRADES loss for a given ``x'``: ``(loss, scalars)`` (the clean and the
+        adversarial forward and the penalty use one weight: :func:`~robustdeq.deq.model.one_weight`)."""
+        with one_weight(model, join=True):
+            logits_nat, z, u = self.forward_full(model, x)
+            logits_adv = self.forward(model, x_adv)
+            ce = F.cross_entropy(logits_nat, y)
+            kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1),
+                          reduction="sum") / x.shape[0]
+            loss = ce + self.beta * kl
+            scalars = {"ce": float(ce.detach()), "kl": float(kl.detach()), "acc": _acc(logits_nat, y),
+                       "acc_adv": _acc(logits_adv, y)}
+            loss = self._penalty(model, z, u, loss, scalars)
         scalars["loss"] = float(loss.detach())
         return loss, scalars
 
@@ -547,12 +564,13 @@ class JIIOAT(Objective):
             # the implicit backward starts from the attack's adjoint (see the class docstring)
             west = WarmStartImplicitGrad(-r.mu / x.shape[0], solver=est.solver)
             self.last_backward = west
-        eq = model.run(x_adv, z0=r.z_joint, grad=west)
-        logits, z_star, u = eq.logits, eq.z_star, eq.u
-        ce = F.cross_entropy(logits, y)
-        scalars = {"ce_adv": float(ce.detach()), "acc_adv": _acc(logits, y), "jiio_nfe": float(r.nfe),
-                   "jiio_residual": float(r.residual.mean())}
-        loss = self._penalty(model, z_star, u, ce, scalars)
+        with one_weight(model, join=True):
+            eq = model.run(x_adv, z0=r.z_joint, grad=west)
+            logits, z_star, u = eq.logits, eq.z_star, eq.u
+            ce = F.cross_entropy(logits, y)
+            scalars = {"ce_adv": float(ce.detach()), "acc_adv": _acc(logits, y), "jiio_nfe": float(r.nfe),
+                       "jiio_residual": float(r.residual.mean())}
+            loss = self._penalty(model, z_star, u, ce, scalars)
         scalars["loss"] = float(loss.detach())
         return loss, self._end_step(scalars)
 

@@ -12,6 +12,7 @@ gradient path to ``x`` whenever the chosen estimator provides one (every estimat
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import warnings
 from dataclasses import dataclass
@@ -118,6 +119,56 @@ def parametrized_once(module: nn.Module) -> Iterator[None]:
                 for name in m.parametrizations:
                     getattr(m, name)
         yield
+
+
+#: the weight scope of the evaluation in progress (:func:`shared_weights`): an ExitStack that
+#: holds the parametrisation cache of its first :func:`one_weight` block open until the scope ends
+_SHARED: contextvars.ContextVar = contextvars.ContextVar("robustdeq_shared_weights", default=None)
+
+
+@contextlib.contextmanager
+def one_weight(model: nn.Module, *, join: bool = False) -> Iterator[None]:
+    """The block computes each parametrised weight of ``model`` once (:func:`parametrized_once`)
+    when ``model`` is a :class:`DEQClassifier` (one cell, one weight at every evaluation of its
+    map); for any other model a no-op: a weight-tied model substitutes masked parameters per
+    layer (a cache would reuse one layer's weight in every layer), a plain module computes its
+    weights in its own forward. Nested in another block (any ``parametrize.cached()``) it uses
+    the weights cached there.
+
+    ``join=True`` (a training objective's loss): inside a :func:`shared_weights` scope the cache
+    opened by the scope's first such block stays open until the scope ends, so that the later
+    blocks use the same weights. Training objectives compute their loss in such a block: in train
+    mode a spectrally normalised weight then takes one power-iteration step per objective
+    evaluation. Blocks that may run inside an attack (in eval mode, with frozen parameters, whose
+    weights have no graph to the parameters) must not join."""
+    if not isinstance(model, DEQClassifier):
+        yield
+        return
+    stack = _SHARED.get() if join else None
+    if stack is not None and not getattr(stack, "opened", False):
+        stack.enter_context(parametrized_once(model))
+        stack.opened = True
+    with parametrized_once(model):
+        yield
+
+
+@contextlib.contextmanager
+def shared_weights() -> Iterator[None]:
+    """Within the block every ``one_weight(..., join=True)`` block uses the weights computed by the
+    first one (a composite objective: a base objective's loss and a penalty added to it, e.g.
+    :class:`~robustdeq.defenses.lyapunov.LyapunovStability`). The cache opens at the first
+    ``one_weight(..., join=True)`` block, not on entry: a base objective's attack, which runs
+    before its loss in eval mode with frozen parameters, computes its own weights. Nested scopes
+    join the outer one."""
+    if _SHARED.get() is not None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        token = _SHARED.set(stack)
+        try:
+            yield
+        finally:
+            _SHARED.reset(token)
 
 
 class EquilibriumModel(nn.Module):
@@ -266,20 +317,23 @@ class DEQClassifier(EquilibriumModel):
         steps (``n`` evaluations of ``f``, at ``z_0 .. z_{n-1}``; ``z_n`` itself is not
         evaluated): the recorded trajectory state ``n`` of a solve with ``tol = 0``, and what a
         solve with ``max_iter = n + 1``, ``tol = 0``, ``select="last"`` returns (one with
-        ``max_iter = n`` returns its last evaluated iterate, ``z_{n-1}``)."""
-        self.prepare()
+        ``max_iter = n`` returns its last evaluated iterate, ``z_{n-1}``). All ``n`` steps use one
+        weight (:func:`parametrized_once`: in train mode a spectral normalisation takes one
+        power-iteration step per call, not one per step, so the iterates are of one map)."""
         cfg = self.solver_config.replace(max_iter=int(n.max()), tol=0.0)
         slv = get_solver(cfg)
-        with torch.no_grad():
-            ud = u.detach()
-            f = lambda z: self.f(z, ud)  # noqa: E731
-            state = slv.init(f, self.init_state(ud))
-            zn = state.z.clone()
-            n_dev = n.to(state.z.device)
-            for k in range(1, int(n.max()) + 1):
-                state = slv.step(f, state)
-                zn = torch.where((n_dev == k)[:, None], state.z, zn)
-            return zn.view(state.shape)
+        with parametrized_once(self):
+            self.prepare()
+            with torch.no_grad():
+                ud = u.detach()
+                f = lambda z: self.f(z, ud)  # noqa: E731
+                state = slv.init(f, self.init_state(ud))
+                zn = state.z.clone()
+                n_dev = n.to(state.z.device)
+                for k in range(1, int(n.max()) + 1):
+                    state = slv.step(f, state)
+                    zn = torch.where((n_dev == k)[:, None], state.z, zn)
+                return zn.view(state.shape)
 
     def run(self, x: Tensor, *, record: RecordSpec = None, z0: Optional[Tensor] = None,
             grad: Union[GradientEstimator, str, None] = None,
