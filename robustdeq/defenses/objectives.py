@@ -16,13 +16,22 @@
 Random intermediate states (RIS, Yang, Li, Pang, Liu 2023; ``state="random"``): in EVERY forward of
 the objective (the clean one, the adversarial one and every forward inside the attack generator)
 a budget ``n ~ U{1..N}`` is drawn (one per forward call shared by the batch, ``state_sampling=
-"batch"``, as in the paper's code; or one per sample, ``"sample"``), the model's solver runs exactly
-``n`` steps from ``z_0`` (``max_iter=n``, ``tol=0``: no early stop; ``z_n`` is the solver's n-th
-iterate), then ``phantom_steps`` damped steps ``z <- (1 - tau) z + tau f(z, u)`` with autograd
+"batch"``, as in the paper's code; or one per sample, ``"sample"``), the model's solver takes exactly
+``n`` steps from ``z_0`` with no early stop (``tol=0``) to its n-th iterate ``z_n`` (what a solve
+with ``max_iter = n + 1``, ``select="last"`` returns: ``max_iter`` counts evaluations of ``f``), then
+``phantom_steps`` damped steps ``z <- (1 - tau) z + tau f(z, u)`` with autograd
 (5 and 0.5 by default), and the loss is taken on ``readout(z)`` (the paper's code applies one
 undamped step ``f(z_n)`` before the damped ones; we follow the paper's Eq. for RIS and apply only the
 damped steps). The draws of the latest call are kept in ``objective.sampled_states`` (a list of
 (B,) int tensors, one per forward) and summarised in the scalars ``state_mean/min/max``.
+
+``N`` (``max_state``) defaults to the forward solver's ``max_iter - 1``: the states ``z_1 ..
+z_{max_iter-1}`` are those the deployed solve evaluates and can return (a solve with ``max_iter``
+evaluations never returns ``z_{max_iter}``). The paper's code draws the forward threshold ``T ~
+U{1..f_thres}`` and evaluates with ``T = f_thres``; its Broyden takes ``T`` steps (``T + 1``
+evaluations of ``f``, ``z_0 .. z_T``) and returns one of ``z_1 .. z_T``, so its training states
+are those its deployed solver visits: ``f_thres`` is our ``max_iter - 1``. (Its state is the
+lowest-residual of ``z_1 .. z_T``; ours is ``z_n`` itself.)
 
 Jacobian regularisation (``jac_reg > 0``; Bai et al. 2021): ``jac_reg * mean_b ||eps_b^T J_b||^2 / d``
 with ``eps ~ N(0, I)`` (``jac_probes`` probes), a Hutchinson estimate of ``||J||_F^2 / d`` with
@@ -178,7 +187,8 @@ class Objective:
 
     Common options: ``state`` (None: the final state / fixed point; "random": RIS),
     ``state_sampling`` ("batch" | "sample"), ``max_state`` (N; default the model's forward
-    ``max_iter``, or 8), ``phantom_steps``/``phantom_tau``, ``jac_reg``/``jac_probes``, ``seed``
+    ``max_iter - 1``, the last iterate a forward solve evaluates, or 8 for a model without a
+    ``solver_config``), ``phantom_steps``/``phantom_tau``, ``jac_reg``/``jac_probes``, ``seed``
     (a private generator for every random draw of the objective; None: the global RNG).
     """
 
@@ -216,10 +226,17 @@ class Objective:
 
     # -- forwards --------------------------------------------------------------------------------
     def _n_states(self, model) -> int:
+        """``N`` of the RIS draws ``n ~ U{1..N}``: ``max_state``, or the forward solver's
+        ``max_iter - 1`` (its last evaluated iterate ``z_{max_iter-1}``; see the module)."""
         if self.max_state is not None:
             return self.max_state
         cfg = getattr(model, "solver_config", None)
-        return int(cfg.max_iter) if cfg is not None else 8
+        if cfg is None:
+            return 8
+        if int(cfg.max_iter) < 2:
+            raise ConfigError(f"random intermediate states: the forward solver's max_iter is {cfg.max_iter}, "
+                              "so a solve returns only the initial state z_0; raise max_iter or pass max_state")
+        return int(cfg.max_iter) - 1
 
     def forward_full(self, model: nn.Module, x: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """``(logits, z, u)``: logits in the objective's read-out (final state or RIS), with the

@@ -89,8 +89,28 @@ def test_ris_per_sample_sampling_is_uniform_and_independent():
     torch.manual_seed(5)
     obj2(m, x, y)
     assert torch.equal(a, obj2.sampled_states[0])
-    assert int(a.max()) <= m.solver_config.max_iter
+    assert int(a.max()) <= m.solver_config.max_iter - 1
     assert int(torch.cat([obj2.sampled_states[0]]).max()) > 5
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_ris_default_states_are_those_a_forward_solve_can_return(solver):
+    # max_iter counts evaluations of f: a forward solve evaluates z_0 .. z_{max_iter-1} and never
+    # returns z_{max_iter}; the default draws n ~ U{1..max_iter-1} (the paper's f_thres steps)
+    torch.manual_seed(0)
+    m = zoo.build("mlp_deq", hidden=8, solver={"name": solver, "max_iter": 4, "tol": 0.0,
+                                               "select": "last"}).double()
+    x = torch.rand(64, 1, 8, 8, dtype=torch.float64)
+    obj = CrossEntropy(state="random", state_sampling="sample", seed=0)
+    obj(m, x, torch.arange(64) % 10)
+    assert set(obj.sampled_states[0].tolist()) == {1, 2, 3}
+    with torch.no_grad():   # the deepest drawn state is the deployed solve's output
+        u = m.inject(x[:2])
+        torch.testing.assert_close(m.iterates(u, torch.full((2,), 3)), m.solve(u).z, rtol=0, atol=0)
+    one = zoo.build("mlp_deq", hidden=8, solver={"name": solver, "max_iter": 1})
+    with pytest.raises(ConfigError, match="max_iter"):
+        CrossEntropy(state="random")(one, x[:2].float(), torch.arange(2))
+    CrossEntropy(state="random", max_state=1)(one, x[:2].float(), torch.arange(2))  # explicit N
 
 
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
