@@ -40,8 +40,11 @@ def _rows(rep):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rep.to_dict()["results"]]
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(mode="sequential", radii=(0.1, 0.2), first_batch=20)],
-                         ids=["fixed", "sequential"])
+@pytest.mark.parametrize("opts", [dict(), dict(mode="sequential", radii=(0.1, 0.2), first_batch=20),
+                                  dict(mode="radius", first_batch=20),
+                                  dict(srs_steps=2, check_samples=10, check_max=30),
+                                  dict(mode="radius", first_batch=20, srs_steps=2, srs_check="proof")],
+                         ids=["fixed", "sequential", "radius", "srs", "srs-radius-proof"])
 def test_interrupted_smoothing_resumes_to_the_uninterrupted_certificate(ckpt, tmp_path, counted, opts):
     calls, stop_after = counted
     kw = dict(sigma=0.25, n0=10, n=60, batch_size=30, seed=3, n_inputs=N, **opts)
