@@ -4,7 +4,9 @@
   into the ball), :func:`project_ball` (a point into ``B_eps(x) & [0, 1]``, exact no-op on points
   already inside);
 - the step rule of PGD-style loops: :func:`default_alpha` (``2.5 * eps / steps``);
-- margins: :func:`margins` (``z_y - max_{i != y} z_i``);
+- margins: :func:`margins` (``z_y - max_{i != y} z_i``); the one rule of an untargeted verdict,
+  :func:`verdict_margins` and :func:`correct` (correct iff the margin is strictly positive: a tie
+  between the true class and another is wrong; computed in the logits' own precision);
 - identities: :func:`tensors_sha256` (of data), :func:`model_sha256` (of a model's weights);
 - seeded randomness: :func:`make_generator`, :func:`rand_like`, :func:`randn_like`,
   :func:`random_in_ball` (a local ``torch.Generator``; ``None`` draws from the global RNG where
@@ -95,6 +97,27 @@ def margins(logits: Tensor, y: Tensor) -> Tensor:
     return z_y - others.max(dim=1)[0]
 
 
+def verdict_margins(logits: Tensor, y: Tensor) -> Tensor:
+    """The margins an untargeted verdict reads: :func:`margins` in the logits' own precision
+    (float64 stays float64: a margin below float32's resolution is not rounded to a tie; float16,
+    bfloat16 and integer logits are upcast to float32), ``-inf`` for rows with a non-finite logit.
+    Correct iff ``> 0`` (:func:`correct`)."""
+    if not logits.is_floating_point() or logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    m = margins(logits, y)
+    bad = ~torch.isfinite(logits).all(dim=1)
+    return torch.where(bad, torch.full_like(m, float("-inf")), m)
+
+
+def correct(logits: Tensor, y: Tensor) -> Tensor:
+    """(B,) bool, the one rule of an untargeted verdict (the evaluation's, :func:`~robustdeq.eval.card.judge`'s
+    and every attack's): correct iff the true class's logit is strictly above every other
+    (``verdict_margins > 0``). A tie between the true class and another counts as wrong, whatever
+    the classes' order (``argmax`` would resolve it to the lower index); a non-finite logit too.
+    Targeted verdicts are ``argmax == target`` instead (the attacks document it)."""
+    return verdict_margins(logits, y) > 0
+
+
 # -- randomness -----------------------------------------------------------------------------------
 def make_generator(seed: Optional[int]) -> torch.Generator:
     """A CPU generator: seeded, or with a fresh non-deterministic seed (never the global RNG).
@@ -154,7 +177,7 @@ def random_in_ball(x: Tensor, eps: float, norm, gen: Optional[torch.Generator], 
 
 
 __all__ = ["NORM_GUARD", "bshape", "default_alpha", "per_sample_norm", "ball_factor", "clip_delta", "ball_slack",
-           "project_ball", "margins", "make_generator", "seeded_generator", "rand_like", "randn_like",
+           "project_ball", "margins", "verdict_margins", "correct", "make_generator", "seeded_generator", "rand_like", "randn_like",
            "random_in_ball", "draw"]
 
 

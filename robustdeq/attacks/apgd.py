@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._tensor import correct
 from ..errors import ConfigError, InputError
 from .base import Attack, check_int, check_num_classes, check_number, is_deq, logits_of
 from .oracle import POLICIES, GradientOracle
@@ -161,7 +162,9 @@ class APGD(Attack):
 
     ``last_stats`` holds the oracle's work counts and ``runs`` (per run: the samples attacked,
     the oracle's method, the samples broken). Only the untargeted threat model (``y`` = true
-    labels); :class:`APGDT` picks its targets itself.
+    labels); :class:`APGDT` picks its targets itself. A sample counts as broken where the true
+    class's logit is not strictly above every other (the evaluation's rule: an exact tie is
+    broken; the reference implementation's ``argmax`` differs only there).
     """
 
     supports_targeted = False
@@ -229,14 +232,16 @@ class APGD(Attack):
         they claim counts only once the model's own inference confirms it, and only for samples
         not broken yet (``unbroken``), which then keep that first confirmed example: the run's
         success flags and examples are the model's own, and an unconfirmed claim cannot replace
-        a confirmed example."""
-        wrong = logits.argmax(1) != y
+        a confirmed example. Misclassified: the true class's logit not strictly above every
+        other (:func:`robustdeq._tensor.correct`; a tie is wrong, the evaluation's rule; the
+        reference's ``argmax != y`` differs only at exact ties)."""
+        wrong = ~correct(logits, y)
         if not self._confirm:
             return wrong
         claim = wrong & unbroken
         if bool(claim.any()):
             rows = claim.nonzero()[:, 0]
-            claim[rows] = logits_of(self.model, x_adv[rows]).argmax(1) != y[rows]
+            claim[rows] = ~correct(logits_of(self.model, x_adv[rows]), y[rows])
         return claim
 
     def _random_start(self, x: Tensor, gen: torch.Generator) -> Tensor:
@@ -377,8 +382,8 @@ class APGD(Attack):
         misclassified iterate, else the point of highest loss."""
         if not is_deq(self.model):
             return ~acc, x_best_adv
-        wrong_adv = logits_of(self.model, x_best_adv).argmax(1) != y
-        wrong_best = logits_of(self.model, x_best).argmax(1) != y
+        wrong_adv = ~correct(logits_of(self.model, x_best_adv), y)
+        wrong_best = ~correct(logits_of(self.model, x_best), y)
         ex = torch.where(wrong_adv.view((-1,) + (1,) * (x_best.dim() - 1)), x_best_adv, x_best)
         return wrong_adv | wrong_best, ex
 
@@ -386,7 +391,7 @@ class APGD(Attack):
         logits = logits_of(self.model, x)
         check_num_classes(y, logits)
         self._num_classes = logits.shape[1]
-        return logits.argmax(1) == y
+        return correct(logits, y)  # a tie is wrong (the evaluation's rule)
 
     def _perturb(self, x, y, gen):
         loss_fn = ce_per_sample if self.loss == "ce" else dlr_per_sample

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..config import Norm, check_radius, coerce_enum
 from ..errors import ConfigError, InputError, NoInputGradientError
-from .._tensor import make_generator, margins
+from .._tensor import correct, make_generator, margins
 from ..deq.protocols import FixedPointModel, TrajectoryModel
 from ..guard import preserve_model
 
@@ -228,11 +228,22 @@ def logits_of(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
-    """Fraction of ``x`` classified as ``y`` (no grad, eval mode, modes restored)."""
+    """Fraction of ``x`` classified as ``y`` (no grad, eval mode, modes restored): the true
+    class's logit strictly above every other (a tie is wrong, the evaluation's rule,
+    :func:`robustdeq._tensor.correct`)."""
     if x.shape[0] == 0:
         raise InputError("accuracy of an empty batch is undefined")
     y = check_labels(y, x)
-    return float((predict(model, x, batch_size) == y).float().mean())
+    return float(correct_flags(model, x, y, batch_size).float().mean())
+
+
+def correct_flags(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> Tensor:
+    """(B,) bool: ``model`` classifies each row of ``x`` as ``y`` by the one untargeted rule (the
+    true class's logit strictly above every other; :func:`robustdeq._tensor.correct`), without
+    gradient, in eval mode (modes restored)."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device)
+    return correct(logits_of(model, x, max(1, int(batch_size))), y)
 
 
 # -- gradient estimator names ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._tensor import default_alpha
+from .._tensor import correct, default_alpha
 from ..errors import ConfigError
 from .base import (Attack, check_int, check_labels, check_num_classes, check_number,
                    cross_entropy, has_trajectory, is_deq)
@@ -276,11 +276,10 @@ class StateAttack(Attack):
         """(fooled (B,) bool, judge cost (B,)) under the judge, without gradient."""
         with torch.no_grad():
             logits = self.judge(x_adv)
-            pred = logits.argmax(dim=1)
             ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-        if self.targeted:
-            return pred == y, -ce
-        return pred != y, ce
+        if self.targeted:  # targeted: the prediction (argmax) is the target
+            return logits.argmax(dim=1) == y, -ce
+        return ~correct(logits, y), ce  # untargeted: a tie is wrong (the evaluation's rule)
 
     def _perturb(self, x, y, gen):
         if self.ensemble or len(self.states) == 1:

@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from .._tensor import bshape, clip_delta, default_alpha, margins, per_sample_norm, random_in_ball
+from .._tensor import (bshape, clip_delta, correct, default_alpha, per_sample_norm, random_in_ball,
+                       verdict_margins)
 from ..errors import ConfigError
 from .base import (Attack, check_int, check_number, cross_entropy, estimator_name, get_loss,
                    is_deq, logits_of)
@@ -124,9 +125,13 @@ def pgd_loop(x: Tensor, y: Tensor, grad_fn: GradFn, *, eps: float, alpha: float,
 
 
 def succeeded(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
-    """(B,) bool: the prediction is wrong (untargeted) or the target (targeted)."""
-    pred = logits.argmax(dim=1)
-    return pred == y if targeted else pred != y
+    """(B,) bool: untargeted, the true class's logit is not strictly above every other (a tie
+    between it and another class is a success: the evaluation's rule,
+    :func:`robustdeq._tensor.correct`); targeted, the prediction ``argmax`` is the target (a
+    tie resolves to the lower index, as ``argmax`` does)."""
+    if targeted:
+        return logits.argmax(dim=1) == y
+    return ~correct(logits, y)
 
 
 
@@ -322,8 +327,11 @@ class PGD(Attack):
 
     def _margin(self, x_adv, y, batch_size: int = 256):
         """Per-sample success margin on the attacked module's own inference (<= 0: success)."""
-        m = margins(logits_of(self.model, x_adv, batch_size=max(1, batch_size)).float(), y)
-        return -m if self.targeted else m
+        logits = logits_of(self.model, x_adv, batch_size=max(1, batch_size))
+        if self.targeted:
+            return -verdict_margins(logits, y)
+        # in the logits' own precision (a float64 margin below float32's resolution stays)
+        return verdict_margins(logits, y)
 
     def _once(self, x, y, gen):
         """One run from one random start: ``(x_adv, cold margins or None)``; the margins are
@@ -479,7 +487,7 @@ class _Judge:
         if self.n_recent > 0:
             self.recent.append((pos, xa.detach()))
             del self.recent[:-self.n_recent]
-        m = margins(logits.float(), ya)
+        m = verdict_margins(logits, ya)
         m = -m if self.targeted else m
         if self.best_m is None:
             self.best_m, self.best_x = m, xa.detach().clone()

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..deq.warm import plain_deq_classifier
-from .._tensor import margins
+from .._tensor import correct
 from .base import Attack, check_int, check_num_classes, check_number, is_deq
 
 logger = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ class Square(Attack):
             # broken unless the true class's logit is strictly above every other: the search's
             # own success test (margin <= 0) and the evaluation's rule (a tie is wrong), so a
             # search that stops at a tie keeps its example
-            return margins(logits, yy) <= 0
+            return ~correct(logits, yy)
 
         def model_logits(xq: Tensor) -> Tensor:
             return self.model(xq.reshape((-1,) + tuple(shape[1:])))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .._tensor import margins
+from .._tensor import verdict_margins
 from .base import Attack, check_inputs, check_labels, logits_of, model_mode
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,9 @@ class WorstCase:
 
     Args:
         attacks: robustdeq :class:`Attack` objects (untargeted), all with the same threat model.
-        judge: the model whose argmax decides correctness (default ``attacks[0].model``).
+        judge: the model whose logits decide correctness (default ``attacks[0].model``): correct
+            where the true class's logit is strictly above every other (a tie is wrong, the
+            evaluation's rule, :func:`robustdeq._tensor.correct`).
         cascade: run each attack only on the samples still robust (default); with False every
             attack runs on every clean-correct sample, so ``per_attack`` is exact everywhere.
         batch_size: batch size of the judge's predictions.
@@ -128,8 +130,8 @@ class WorstCase:
                                    robust_after={n: empty for n in self.names})
         with model_mode(self.judge, "keep"):  # restore whatever the attacks/judge touch
             logits = logits_of(self.judge, x, self.batch_size)
-            clean = logits.argmax(1) == y  # argmax decides (ties resolve as argmax does)
-            m_clean = margins(logits, y)
+            m_clean = verdict_margins(logits, y)
+            clean = m_clean > 0  # strict margin decides (a tie is wrong, as in the evaluation)
             robust = clean.clone()
             x_adv = x.clone()
             best = torch.where(clean, m_clean, torch.full_like(m_clean, float("-inf")))
@@ -144,8 +146,8 @@ class WorstCase:
                 if todo.numel():
                     xa = atk(x[todo], y[todo])
                     logits = logits_of(self.judge, xa, self.batch_size)
-                    ok = logits.argmax(1) == y[todo]
-                    m = margins(logits, y[todo])
+                    m = verdict_margins(logits, y[todo])
+                    ok = m > 0
                     alone[todo] = ok
                     newly = todo[~ok & robust[todo]]
                     for i in newly.tolist():

@@ -31,6 +31,7 @@ def cmd_attack(args) -> int:
     per-sample verdicts) to ``--out`` for ``robustdeq judge``. Returns the exit status (0)."""
     import torch
     from .. import attacks
+    from ..attacks.base import correct_flags
     from ..errors import ConfigError
     from ..eval.card import ADV_SCHEMA
     eps = one_radius(args.eps, "attack")
@@ -64,8 +65,9 @@ def cmd_attack(args) -> int:
     x_adv = _run_attack(atk, x, y, progress=not args.no_progress)
     dt = time.perf_counter() - t0
     clean = attacks.accuracy(model, x, y)
-    robust_flags = attacks.predict(model, x_adv) == y
-    robust = float((robust_flags & (attacks.predict(model, x) == y)).float().mean())
+    # the one untargeted rule (a tie is wrong), as `robustdeq judge` and the evaluation
+    robust_flags = correct_flags(model, x_adv, y)
+    robust = float((robust_flags & correct_flags(model, x, y)).float().mean())
     out.parent.mkdir(parents=True, exist_ok=True)
     # the adversarial-examples file `robustdeq judge` reads, with the attack's description and
     # its per-sample verdicts as metadata
