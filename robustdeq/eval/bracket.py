@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ..config import from_dict, to_dict
 from ..errors import CertificateSoundnessWarning, ConfigError, NonConvergenceWarning
 from .._support import user_stacklevel
+from .._tensor import correct as is_correct
 from .checks import CheckResult
 
 logger = logging.getLogger(__name__)
@@ -227,10 +228,14 @@ def _rejudge_at_exact_fixed_point(model, y, candidates, x_adv_by_eps, notes):
         warnings.simplefilter("ignore", NonConvergenceWarning)
         logits, residual = exact_logits(model, rows)
     pred = logits.argmax(dim=1).cpu()
+    ys = torch.as_tensor([int(y[c["index"]]) for c in candidates], device=logits.device)
+    # correct at the exact fixed point: the true class's logit strictly above every other (a tie
+    # is wrong, the evaluation's rule; argmax would resolve it to the lower index)
+    ok = is_correct(logits, ys).cpu()
     alarms, deployed = [], []
-    for c, p, r in zip(candidates, pred.tolist(), residual.cpu().tolist()):
+    for c, p, good, r in zip(candidates, pred.tolist(), ok.tolist(), residual.cpu().tolist()):
         c = dict(c, exact_pred=int(p), exact_residual=float(r) if math.isfinite(r) else None)
-        if math.isfinite(r) and r <= fp_tol and int(p) == int(y[c["index"]]):
+        if math.isfinite(r) and r <= fp_tol and good:
             deployed.append(c)
         else:
             alarms.append(c)

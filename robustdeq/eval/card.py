@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .._tensor import ball_slack, margins, tensors_sha256
+from .._tensor import ball_slack, correct as is_correct, tensors_sha256
 from ..errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -302,8 +302,8 @@ def judge(model: nn.Module, x_adv: Tensor, y: Tensor, *, x: Tensor, eps: float, 
                 check_num_classes(y, logits)
             # correct: the true class's logit strictly above every other (a tie counts as wrong,
             # as in the evaluation's own judgement)
-            correct += int((margins(logits, y[i:i + batch_size]) > 0).sum())
-            clean_correct += int((margins(model(x[i:i + batch_size]), y[i:i + batch_size]) > 0).sum())
+            correct += int(is_correct(logits, y[i:i + batch_size]).sum())
+            clean_correct += int(is_correct(model(x[i:i + batch_size]), y[i:i + batch_size]).sum())
     return {"n_samples": n, "norm": norm, "eps": float(eps), "accuracy": correct / n,
             "correct": correct, "ci": list(clopper_pearson(correct, n, level)), "ci_level": level,
             "clean_accuracy": clean_correct / n}

@@ -196,11 +196,10 @@ def _norm(norm) -> str:
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:
     """``z_y - max_{i != y} z_i`` per sample (B,); negative when misclassified, -inf for rows
-    with non-finite logits."""
-    from .._tensor import margins
-    m = margins(logits, y)
-    bad = ~torch.isfinite(logits).all(dim=1)
-    return torch.where(bad, torch.full_like(m, float("-inf")), m)
+    with non-finite logits; in the logits' own precision (float16/bfloat16 upcast to float32).
+    Correct iff ``> 0`` (a tie is wrong): :func:`robustdeq._tensor.verdict_margins`."""
+    from .._tensor import verdict_margins
+    return verdict_margins(logits, y)
 
 
 def _subset(x: Tensor, y: Optional[Tensor], n: int):
@@ -513,7 +512,7 @@ def _solve_flags(model: nn.Module, x: Tensor, y: Tensor, batch_size: int):
             if stats is None or getattr(stats, "converged", None) is None:
                 raise ConfigError(f"{type(model).__name__} records no per-sample solver statistics "
                                   "(last_stats.converged) after its forward pass")
-            correct.append(logits.argmax(1) == y[i:i + batch_size])
+            correct.append(margin(logits, y[i:i + batch_size]) > 0)  # a tie is wrong
             converged.append(stats.converged.to(logits.device).bool())
     return torch.cat(correct), torch.cat(converged)
 

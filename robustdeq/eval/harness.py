@@ -97,7 +97,8 @@ def _logits(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
 
 
 def _margins(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
-    return margin(_logits(model, x, batch_size).float(), y)
+    # in the logits' own precision (a float64 model's margin below float32's resolution stays)
+    return margin(_logits(model, x, batch_size), y)
 
 
 def _check_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tuple[Tensor, int]:
@@ -326,7 +327,7 @@ def _clean_pass(ev: _Evaluation) -> None:
         logits = _logits(ev.model, ev.x, ev.protocol.batch_size)
         check_num_classes(ev.y, logits)
         ev.num_classes = int(logits.shape[1])
-        ev.clean_margin = margin(logits.float(), ev.y)
+        ev.clean_margin = margin(logits, ev.y)
     ev.clean_correct = ev.clean_margin > 0
     ev.timings["clean"] = time.perf_counter() - t0
     t0 = time.perf_counter()

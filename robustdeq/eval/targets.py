@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..deq.protocols import is_trajectory_model
+from .._tensor import correct as is_correct
 from ..errors import ConfigError
 
 def adaptive_views(model: nn.Module, transfer_from: Any = None) -> Dict[str, nn.Module]:
@@ -115,7 +116,8 @@ def trajectory_stats(tmodel: nn.Module, x: Tensor, y: Tensor, batch_size: int) -
             elif idx != steps_idx:  # cannot happen with explicit records; be safe
                 raise RuntimeError(f"recorded states differ between batches: {idx} vs {steps_idx}")
             for j, t in enumerate(states):
-                correct[j] += float((tmodel.readout(t.z).argmax(dim=1) == yb).sum())
+                # a tie is wrong (the evaluation's rule, robustdeq._tensor.correct)
+                correct[j] += float(is_correct(tmodel.readout(t.z), yb).sum())
             if solver:
                 R = torch.stack([t.residual.float() for t in states]).cpu()  # (K, B)
                 for k in range(1, R.shape[0]):  # forward-fill unevaluated steps
