@@ -118,6 +118,17 @@ def correct(logits: Tensor, y: Tensor) -> Tensor:
     return verdict_margins(logits, y) > 0
 
 
+def targeted_margins(logits: Tensor, target: Tensor) -> Tensor:
+    """How far a targeted attack is from success, per sample: ``max_{i != t} z_i - z_t`` in the
+    logits' own precision (as :func:`verdict_margins`), ``<= 0`` exactly where the targeted
+    verdict holds, ``argmax == target``: at a tie between the target and a class of lower index
+    (which ``argmax`` picks) it is the dtype's smallest positive number instead of 0. ``+inf``
+    for rows with a non-finite logit (no success)."""
+    m = -verdict_margins(logits, target)
+    miss = (m == 0) & (logits.argmax(dim=1) != target)
+    return torch.where(miss, torch.full_like(m, torch.finfo(m.dtype).tiny), m)
+
+
 # -- randomness -----------------------------------------------------------------------------------
 def make_generator(seed: Optional[int]) -> torch.Generator:
     """A CPU generator: seeded, or with a fresh non-deterministic seed (never the global RNG).
@@ -177,7 +188,7 @@ def random_in_ball(x: Tensor, eps: float, norm, gen: Optional[torch.Generator], 
 
 
 __all__ = ["NORM_GUARD", "bshape", "default_alpha", "per_sample_norm", "ball_factor", "clip_delta", "ball_slack",
-           "project_ball", "margins", "verdict_margins", "correct", "make_generator", "seeded_generator", "rand_like", "randn_like",
+           "project_ball", "margins", "verdict_margins", "correct", "targeted_margins", "make_generator", "seeded_generator", "rand_like", "randn_like",
            "random_in_ball", "draw"]
 
 

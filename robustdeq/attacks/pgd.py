@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .._tensor import (bshape, clip_delta, correct, default_alpha, per_sample_norm, random_in_ball,
-                       verdict_margins)
+                       targeted_margins, verdict_margins)
 from ..errors import ConfigError
 from .base import (Attack, check_int, check_number, cross_entropy, estimator_name, get_loss,
                    is_deq, logits_of)
@@ -328,8 +328,8 @@ class PGD(Attack):
     def _margin(self, x_adv, y, batch_size: int = 256):
         """Per-sample success margin on the attacked module's own inference (<= 0: success)."""
         logits = logits_of(self.model, x_adv, batch_size=max(1, batch_size))
-        if self.targeted:
-            return -verdict_margins(logits, y)
+        if self.targeted:  # <= 0 exactly where argmax == target
+            return targeted_margins(logits, y)
         # in the logits' own precision (a float64 margin below float32's resolution stays)
         return verdict_margins(logits, y)
 
@@ -487,8 +487,7 @@ class _Judge:
         if self.n_recent > 0:
             self.recent.append((pos, xa.detach()))
             del self.recent[:-self.n_recent]
-        m = verdict_margins(logits, ya)
-        m = -m if self.targeted else m
+        m = targeted_margins(logits, ya) if self.targeted else verdict_margins(logits, ya)
         if self.best_m is None:
             self.best_m, self.best_x = m, xa.detach().clone()
         elif pos is None:

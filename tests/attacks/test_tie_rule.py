@@ -145,3 +145,21 @@ def test_a_float64_models_tiny_margin_is_judged_in_float64():
     assert judge(model, x, y, x=x, eps=EPS)["accuracy"] == 1.0
     rep = evaluate(model, x, y, eps=EPS, suite=["pgd"], steps=3, checks=False)
     assert rep.clean_accuracy == 1.0 and rep.robust_accuracy(EPS) == 1.0
+
+
+def test_targeted_margins_agree_with_argmax_at_ties():
+    from robustdeq._tensor import targeted_margins
+    logits = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    t = torch.tensor([0, 1, 2])
+    m = targeted_margins(logits, t)
+    assert ((m <= 0) == succeeded(logits, t, targeted=True)).all()
+    assert (m <= 0).tolist() == [True, False, False]
+
+
+def test_targeted_pgd_does_not_count_a_tie_the_argmax_resolves_elsewhere():
+    """Target class 1 ties with class 0 everywhere (argmax: 0): no targeted success."""
+    model = CleanTie().eval()
+    t = torch.ones(3, dtype=torch.long)
+    pgd = PGD(model, eps=EPS, steps=3, restarts=2, seed=0, targeted=True)
+    pgd(X, t)
+    assert bool(pgd.last_robust.all())
