@@ -13,7 +13,9 @@ from .common import add_eval_args, given, json_arg, load_for_eval, one_radius, t
 def add_parser(sub) -> None:
     """Add the ``attack`` command and its options to the subparsers ``sub``."""
     a = sub.add_parser("attack", help="run one attack on a checkpoint and save the adversarial examples")
-    add_eval_args(a, eps_default="0.1")
+    add_eval_args(a, eps_default="0.1", steps_help=(
+        "iterations: pgd and state take 20 by default; the other attacks their own budget (apgd-ce "
+        "100, ...) unless --steps is given"))
     a.add_argument("--attack", default="pgd", choices=ATTACKS.names(),
                    help="an attack of robustdeq.registry.ATTACKS (default pgd)")
     a.add_argument("--grad", default=None, help="gradient for pgd/fgsm: ift, phantom, unrolled, full "
@@ -46,6 +48,10 @@ def cmd_attack(args) -> int:
         both = [k for k in ("eps", "norm", "seed", "steps") if k in options and given(args, k)]
         if both:  # the JSON would silently override the flag
             raise ConfigError("--options: " + "; ".join(f"{k!r} is given by --{k} as well" for k in both))
+        threat = [k for k in ("eps", "norm") if k in options]
+        if threat:  # the file records the flags' threat model, which `robustdeq judge` checks
+            raise ConfigError("--options: " + "; ".join(f"set {k!r} with --{k} (the examples file records "
+                                                         f"--{k} for robustdeq judge)" for k in threat))
         params = {"eps": eps, "norm": args.norm, "seed": args.seed, **options}
         if args.attack in ("pgd", "state"):
             params.setdefault("steps", args.steps)

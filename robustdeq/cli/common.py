@@ -253,7 +253,7 @@ HELP_NO_PROGRESS = "no progress bars"
 HELP_NO_RESUME = "start again, discarding what --out holds from an earlier run"
 
 
-def add_eval_args(p, *, eps_default: str) -> None:
+def add_eval_args(p, *, eps_default: str, steps_help: Optional[str] = None) -> None:
     """The arguments of the commands that attack a checkpoint (attack, eval, harden)."""
     p.add_argument("checkpoint", help=HELP_CHECKPOINT)
     p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset")
@@ -265,7 +265,7 @@ def add_eval_args(p, *, eps_default: str) -> None:
                    help=("the radius" if "," not in eps_default else "comma-separated radii")
                    + f" (default {eps_default})")
     p.add_argument("--steps", type=int_at_least(1), default=20,
-                   help="attack iterations (default 20; an evaluation's native APGD units run 5x)")
+                   help=steps_help or "attack iterations (default 20; an evaluation's native APGD units run 5x)")
     p.add_argument("--seed", type=int, default=0, help=HELP_SEED)
     p.add_argument("--wrap", default="none", choices=WRAPPERS.names(), help="inference-time defense")
     p.add_argument("--wrap-options", default=None, help="JSON options of the inference-time defense")
