@@ -31,7 +31,9 @@ only. So a certified sample of a DEQ that an attack broke is re-judged at the at
 (``EpsResult.x_adv``) by the float64 tight solve of ``certify``
 (:func:`robustdeq.certify.api.exact_logits`): where that solve converges (residual <= the
 ``fp_tol`` of :class:`~robustdeq.certify.config.CertifyConfig`) to a fixed point classified
-correctly, the certificate holds and the break is the deployed solver's. Such breaks are listed
+correctly, by more than the read-out can move within that residual (the Lipschitz bound's margin
+correction of :func:`~robustdeq.certify.lipschitz.certified_radius`; without a bound the break
+stays an alarm), the certificate holds and the break is the deployed solver's. Such breaks are listed
 apart (``details["deployed_solver_breaks"]``, a note per eps, a
 :class:`~robustdeq.errors.NonConvergenceWarning`), not as alarms. A break the exact fixed point
 confirms (or that cannot be re-judged: a feed-forward network has no solver, a report read back
@@ -231,7 +233,16 @@ def _rejudge_at_exact_fixed_point(model, y, candidates, x_adv_by_eps, notes):
     ys = torch.as_tensor([int(y[c["index"]]) for c in candidates], device=logits.device)
     # correct at the exact fixed point: the true class's logit strictly above every other (a tie
     # is wrong, the evaluation's rule; argmax would resolve it to the lower index)
-    ok = is_correct(logits, ys).cpu()
+    ok = is_correct(logits, ys)
+    # the tight solve's iterate is within its residual of z*: where the Lipschitz bound of the
+    # read-out exists, the true class must win by more than the logits can move over that
+    # distance (certified_radius's margin_lower); without one, a tiny margin proves nothing
+    from ..certify._util import float64_copy
+    from ..certify.lipschitz import certified_radius, lipschitz_bound
+    bound = lipschitz_bound(float64_copy(model))
+    if bound.available:
+        ok = ok & (certified_radius(bound, logits, ys, residual).margin_lower > 0)
+    ok = ok.cpu()
     alarms, deployed = [], []
     for c, p, good, r in zip(candidates, pred.tolist(), ok.tolist(), residual.cpu().tolist()):
         c = dict(c, exact_pred=int(p), exact_residual=float(r) if math.isfinite(r) else None)

@@ -63,3 +63,9 @@ def test_a_tie_at_the_exact_fixed_point_keeps_the_alarm(monkeypatch):
     alarms, deployed = B._rejudge_at_exact_fixed_point(model, torch.tensor([0]), cand,
                                                        {0.1: torch.zeros(1, 1, 1, 1)}, [])
     assert alarms == [] and [d["index"] for d in deployed] == [0]
+    # a win smaller than the logits can move within the tight solve's residual proves nothing
+    monkeypatch.setattr(api, "exact_logits", lambda m, rows: (
+        torch.tensor([[1.0, 1.0 - 1e-9]], dtype=torch.float64), torch.full((1,), 1e-7, dtype=torch.float64)))
+    alarms, deployed = B._rejudge_at_exact_fixed_point(model, torch.tensor([0]), cand,
+                                                       {0.1: torch.zeros(1, 1, 1, 1)}, [])
+    assert deployed == [] and [a["index"] for a in alarms] == [0]
