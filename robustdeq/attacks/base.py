@@ -243,7 +243,9 @@ def correct_flags(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256)
     gradient, in eval mode (modes restored)."""
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=x.device)
-    return correct(logits_of(model, x, max(1, int(batch_size))), y)
+    logits = logits_of(model, x, check_int(batch_size, "batch_size", low=1))
+    check_num_classes(y, logits)   # a label outside the classes: an InputError naming it
+    return correct(logits, y)
 
 
 # -- gradient estimator names ---------------------------------------------------------------------

@@ -323,6 +323,8 @@ def exact_logits(model: nn.Module, x: Tensor, *, solver=None, batch_size: int = 
     the model's own solver. What the certificates hold for; used to re-judge a certified sample
     at an attack's example (:mod:`robustdeq.eval.bracket`)."""
     require_deq(model, "exact_logits")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"exact_logits: batch_size must be an integer >= 1, got {batch_size!r}")
     work = float64_copy(model)
     solver = tight_solver(work) if solver is None else solver
     x = model.check_input(x).detach()

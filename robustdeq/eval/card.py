@@ -379,6 +379,7 @@ def benchmark_checkpoints(paths: Sequence[Union[str, os.PathLike]], out: Union[s
         x, y = x[:n], y[:n]
     names: Dict[str, int] = {}
     cards = []
+    data_sha = tensors_sha256(x, y)   # the same samples for every checkpoint
     for path in paths:
         stem = Path(path).stem
         names[stem] = names.get(stem, 0) + 1
@@ -386,7 +387,7 @@ def benchmark_checkpoints(paths: Sequence[Union[str, os.PathLike]], out: Union[s
         # what decides the card: a card of the same key already under out/<label> is reused, so a
         # killed benchmark resumes with the checkpoints it had not finished
         key = hashlib.sha256(json.dumps(
-            {"checkpoint": file_sha256(path), "data": tensors_sha256(x, y), "dataset": f"{dataset}:{split}",
+            {"checkpoint": file_sha256(path), "data": data_sha, "dataset": f"{dataset}:{split}",
              "name": label, "threat": threat, "eps": float(eps), "suite": suite,
              "save_adversarial": save_adversarial,
              "options": {k: v for k, v in options.items() if k != "progress"}},

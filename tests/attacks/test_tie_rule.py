@@ -163,3 +163,14 @@ def test_targeted_pgd_does_not_count_a_tie_the_argmax_resolves_elsewhere():
     pgd = PGD(model, eps=EPS, steps=3, restarts=2, seed=0, targeted=True)
     pgd(X, t)
     assert bool(pgd.last_robust.all())
+
+
+def test_correct_flags_refuses_labels_outside_the_classes_and_a_bad_batch_size():
+    from robustdeq.attacks.base import correct_flags
+    from robustdeq.errors import ConfigError, InputError
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.rand(2, 1, 2, 2)
+    with pytest.raises(InputError):
+        correct_flags(model, x, torch.tensor([0, 5]))
+    with pytest.raises(ConfigError):
+        correct_flags(model, x, torch.tensor([0, 1]), batch_size=0)
