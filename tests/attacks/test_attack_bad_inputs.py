@@ -1,6 +1,6 @@
-"""Labels outside the model's classes are an InputError naming them in every attack: on a DEQ
-PGD's joint iteration failed with an IndexError, and APGD and Square returned the clean inputs
-as if every sample were misclassified. An unknown ``joint_options`` key is a ConfigError naming
+"""Labels outside the model's classes are an InputError naming them in every attack (PGD's joint
+iteration on a DEQ, APGD and Square included), never an index error or clean inputs returned as
+if every sample were misclassified. An unknown ``joint_options`` key is a ConfigError naming
 the known ones (a TypeError from the joint iteration's constructor before)."""
 import pytest
 import torch

@@ -1,5 +1,6 @@
-"""robustdeq attack: ``--steps`` with an attack other than pgd or state was silently ignored;
-``--options`` keys that repeat a flag given as well silently overrode it."""
+"""robustdeq attack: ``--steps`` reaches every attack that has steps and is an error for one that
+has none; ``--options`` may not repeat a flag given as well, nor set the threat model the
+examples file records."""
 import json
 
 import pytest

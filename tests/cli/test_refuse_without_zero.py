@@ -1,6 +1,5 @@
-"""An option given as 0 counts as given: ``--smoothing 0`` with a smoothing option was reported as
-"--n/--noise-n only applies with --smoothing SIGMA" (0 compared equal to False) instead of the
-error about the 0 itself."""
+"""An option given as 0 counts as given: ``--smoothing 0`` with a smoothing option gets the error
+about the 0 itself, not "--n/--noise-n only applies with --smoothing SIGMA"."""
 
 from robustdeq.checkpoint import save_checkpoint
 from robustdeq.cli import main

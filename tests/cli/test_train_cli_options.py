@@ -1,6 +1,5 @@
-"""robustdeq train: ``--train-options`` keys that have a flag of their own silently overrode
-the flag (or its default); a run that trained nothing exited 0 naming a checkpoint that was not
-written."""
+"""robustdeq train: ``--train-options`` keys that have a flag of their own are refused (the flag
+decides); a run that trains nothing exits with an error, never 0."""
 import json
 
 import pytest

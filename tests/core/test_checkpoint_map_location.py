@@ -1,5 +1,5 @@
-"""A map_location that names no device of this machine is a ConfigError naming it; torch's own
-error was reported as a truncated or corrupted checkpoint."""
+"""A map_location that names no device of this machine is a ConfigError naming it, not a report
+of a truncated or corrupted checkpoint."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
-"""zoo.build checks the size options the zoo's builders share: a wrong value gave a torch error
-from inside a layer (a string or negative size) or silently built a model with empty layers
-(hidden=0, in_shape with a zero, num_classes 0 or 1) or dividing by a zero std."""
+"""zoo.build checks the size options the zoo's builders share: a string or negative size, hidden=0,
+an in_shape with a zero, num_classes 0 or 1 or a zero std is a ConfigError naming the option,
+not a torch error from inside a layer or a model with empty layers."""
 import pytest
 
 from robustdeq.deq import zoo

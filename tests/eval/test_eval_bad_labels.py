@@ -1,5 +1,4 @@
-"""evaluate refuses labels outside the model's classes with an InputError naming them (before,
-an IndexError or RuntimeError from deep inside the clean pass)."""
+"""evaluate refuses labels outside the model's classes with an InputError naming them."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
-"""judge refuses labels outside the model's classes (they counted as wrong answers, a silently
-lower accuracy) and an empty batch (a RuntimeError from reshaping zero rows)."""
+"""judge refuses labels outside the model's classes (not counted as wrong answers) and an empty
+batch, each with an InputError."""
 import pytest
 import torch
 
