@@ -231,8 +231,11 @@ class MultiscaleCell(nn.Module):
         return torch.zeros_like(u)
 
     def maskable(self) -> List[str]:
-        """The names of the cell's convolution weights (4-D parameters)."""
-        return [n for n, p in self.named_parameters() if p.dim() == 4]
+        """The names of the cell's convolution weights (4-D parameters); under weight
+        normalisation the direction ``v``, not the per-filter magnitude ``g``."""
+        from .cells import _weight_norm_magnitudes
+        skip = _weight_norm_magnitudes(self)
+        return [n for n, p in self.named_parameters() if p.dim() == 4 and n not in skip]
 
 
 class MultiscaleHead(nn.Module):

@@ -335,6 +335,9 @@ def test_weight_tied_masks_of_a_weight_normalised_cell_cover_the_direction_not_t
     assert ConvCell(8, norm="weight").maskable() == ["conv1.parametrizations.weight.original1",
                                                      "conv2.parametrizations.weight.original1"]
     assert MLPCell(8, norm="spectral").maskable() == ["W.linear.parametrizations.weight.original"]
+    from robustdeq.deq import zoo
+    names = zoo.build("mdeq").cell.maskable()
+    assert names and not any(n.endswith("original0") for n in names)
 
 
 @pytest.mark.integration
